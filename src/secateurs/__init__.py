@@ -1,0 +1,22 @@
+"""secateurs: prune large language models and measure honestly what it cost and what it won."""
+
+from .api import PruneConfig, PruneReport, evaluate_perplexity, prune, save
+from .data.calib import CalibConfig
+from .engine.sequential import EngineOptions
+from .errors import NumericalError, SecateursError, UsageError
+from .model.load import LoadedModel, load_model
+
+__all__ = [
+    "CalibConfig",
+    "EngineOptions",
+    "LoadedModel",
+    "NumericalError",
+    "PruneConfig",
+    "PruneReport",
+    "SecateursError",
+    "UsageError",
+    "evaluate_perplexity",
+    "load_model",
+    "prune",
+    "save",
+]

@@ -1,0 +1,159 @@
+"""The Python API: one verb per stage, the same objects the CLI builds.
+
+>>> import secateurs
+>>> loaded = secateurs.load_model("smollm2-135m")
+>>> report = secateurs.prune(loaded, secateurs.PruneConfig("magnitude", 0.5))
+>>> secateurs.evaluate_perplexity(loaded, ["wikitext2"], seq_len=512, limit_windows=8)
+>>> secateurs.save(loaded, "out", stages=[report.stage_record()])
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.calib import CalibConfig, calibration_ids, tokenize
+from .data.sources import load_text
+from .engine.sequential import EngineOptions, run_blocks
+from .errors import SecateursError, UsageError
+from .evaluate.perplexity import Perplexity, perplexity
+from .model.linear import weight_matrix
+from .model.load import LoadedModel
+from .model.save import previous_stages, save_model
+from .record import build_record, peak_memory_mb
+from .sparsity.base import SparsityTarget, build_options
+from .sparsity.masks import sparsity_of
+from .sparsity.registry import method_class
+
+
+@dataclass
+class PruneConfig:
+    """An unstructured / N:M pruning request. ``sparsity`` may be one value or one per block."""
+
+    method: str = "magnitude"
+    sparsity: float | list[float] | None = None
+    pattern: str = "unstructured"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PruneReport:
+    """What a prune did: the request, the achieved sparsity per linear, time and peak memory."""
+
+    config: PruneConfig
+    target: SparsityTarget
+    calibration: CalibConfig | None
+    per_layer: dict[str, float]
+    seconds: float
+    peak_memory_mb: float
+    device: str
+
+    @property
+    def achieved(self) -> float:
+        return sum(self.per_layer.values()) / max(len(self.per_layer), 1)
+
+    def stage_record(self) -> dict:
+        return {
+            "stage": "prune",
+            "method": self.config.method,
+            "pattern": str(self.target.pattern),
+            "sparsity": list(self.target.per_block),
+            "options": self.config.options,
+            "calibration": asdict(self.calibration) if self.calibration else None,
+            "seed": self.calibration.seed if self.calibration else None,
+            "achieved_sparsity": {"mean": self.achieved, "per_layer": self.per_layer},
+            "seconds": round(self.seconds, 3),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "device": self.device,
+        }
+
+
+def prunable_linears(loaded: LoadedModel) -> dict[str, torch.nn.Module]:
+    """Every prunable linear of the model by its full module path."""
+    spec = loaded.spec
+    found = {}
+    for i, block in enumerate(spec.blocks_of(loaded.model)):
+        for name, module in spec.linears(block).items():
+            found[f"{spec.blocks}.{i}.{name}"] = module
+    return found
+
+
+def layer_sparsity(loaded: LoadedModel) -> dict[str, float]:
+    return {name: sparsity_of(weight_matrix(m)) for name, m in prunable_linears(loaded).items()}
+
+
+def prune(
+    loaded: LoadedModel,
+    config: PruneConfig,
+    calib: CalibConfig | None = None,
+    engine: EngineOptions | None = None,
+) -> PruneReport:
+    """Prune ``loaded.model`` in place with an unstructured / N:M method, block by block."""
+    engine = engine or EngineOptions()
+    device = engine.torch_device()
+    n_blocks = loaded.spec.num_layers(loaded.model.config)
+    cls = method_class(config.method)
+    method = cls(SparsityTarget.build(config.sparsity, config.pattern, n_blocks), build_options(cls.Options, config.options))
+    for name, module in prunable_linears(loaded).items():
+        method.target.pattern.check_fits(weight_matrix(module).shape[1], name)
+    if cls.needs_calibration and calib is None:
+        raise UsageError(f"method {config.method} needs calibration data: pass --calib (e.g. wikitext2 or self)")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    ids = None
+    if calib is not None and (cls.needs_calibration or cls.statistics):
+        ids = calibration_ids(calib, loaded.tokenizer, loaded.model)
+    run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks")
+    return PruneReport(
+        config=config,
+        target=method.target,
+        calibration=calib if ids is not None else None,
+        per_layer=layer_sparsity(loaded),
+        seconds=time.perf_counter() - start,
+        peak_memory_mb=peak_memory_mb(device),
+        device=str(device),
+    )
+
+
+def evaluate_perplexity(
+    loaded: LoadedModel,
+    datasets: list[str],
+    seq_len: int = 2048,
+    limit_windows: int | None = None,
+    data_dir: str | None = None,
+    device: str = "auto",
+    batch_size: int = 1,
+) -> dict[str, Perplexity | str]:
+    """Perplexity per dataset; a dataset that cannot be read maps to the reason, the rest still run."""
+    torch_device = EngineOptions(device=device).torch_device()
+    home = next(loaded.model.parameters()).device
+    loaded.model.to(torch_device)
+    results: dict[str, Perplexity | str] = {}
+    try:
+        for name in datasets:
+            try:
+                ids = tokenize(loaded.tokenizer, load_text(name, "test", data_dir))
+            except SecateursError as exc:
+                results[name] = str(exc)
+                continue
+            results[name] = perplexity(loaded.model, ids, seq_len, limit_windows, torch_device, batch_size)
+    finally:
+        loaded.model.to(home)
+    return results
+
+
+def save(
+    loaded: LoadedModel,
+    out: str | Path,
+    stages: list[dict],
+    results: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save as an HF folder with ``secateurs.json`` (earlier stages of the input are kept)."""
+    record = build_record(loaded.source, previous_stages(loaded.local_path) + stages, results)
+    return save_model(loaded, out, record, overwrite)

@@ -1,0 +1,80 @@
+"""``secateurs prune``: unstructured / N:M sparsity, block by block, saved as an HF folder."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..api import PruneConfig, evaluate_perplexity, prune, save
+from ..data.calib import CalibConfig
+from ..engine.sequential import EngineOptions
+from ..model.load import load_model
+from ..model.save import check_out
+from ..sparsity.registry import method_names
+from . import app
+from .common import BatchSize, DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, parse_sparsity, table
+
+
+@app.command("prune")
+@friendly
+def prune_command(
+    model: Annotated[str, typer.Argument(help="HF folder, hub id, .gguf file, or smollm2-135m.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder (written atomically).")],
+    method: Annotated[str, typer.Option(help=f"One of: {', '.join(method_names())}.")] = "magnitude",
+    sparsity: Annotated[
+        str | None,
+        typer.Option(help="Fraction of weights to remove in [0, 1), or one value per block, comma-separated. Default 0.5; N:M implies 1-N/M."),
+    ] = None,
+    pattern: Annotated[str, typer.Option(help="unstructured, 2:4, 4:8 or any N:M.")] = "unstructured",
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Method option key=value (repeatable).")
+    ] = None,
+    calib: Annotated[
+        str | None,
+        typer.Option(help="Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path. Methods that need data require it."),
+    ] = None,
+    n_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    data_dir: DataDir = None,
+    ppl: Annotated[
+        str | None, typer.Option(help="After pruning, measure perplexity on these datasets (comma-separated) and record it.")
+    ] = None,
+    limit_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
+    eval_seq_len: Annotated[int, typer.Option(help="Window length for --ppl.")] = 2048,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    batch_size: BatchSize = 1,
+    offload_activations: Annotated[
+        bool, typer.Option(help="Keep calibration activations in host memory between blocks.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
+    config = PruneConfig(method, parse_sparsity(sparsity), pattern, parse_options(option))
+    calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir) if calib else None
+    engine = EngineOptions(device=device, batch_size=batch_size, offload_activations=offload_activations)
+    engine.torch_device()
+    check_out(out, None, overwrite)
+    loaded = load_model(model, dtype)
+    check_out(out, loaded.local_path, overwrite)
+    report = prune(loaded, config, calib_config, engine)
+    results = {}
+    rows = [
+        ["method", method],
+        ["pattern", str(report.target.pattern)],
+        ["target sparsity (mean)", f"{report.target.mean:.4f}"],
+        ["achieved sparsity (mean)", f"{report.achieved:.4f}"],
+        ["time (s)", f"{report.seconds:.1f}"],
+        ["peak memory (MiB)", f"{report.peak_memory_mb:.0f}"],
+    ]
+    datasets = csv_list(ppl)
+    if datasets:
+        measured = evaluate_perplexity(loaded, datasets, eval_seq_len, limit_windows, data_dir, device, batch_size)
+        for name, value in measured.items():
+            rows.append([f"{name} perplexity", f"{value.ppl:.3f}" if not isinstance(value, str) else "unavailable"])
+            results[f"ppl_{name}"] = value.to_dict() if not isinstance(value, str) else {"error": value}
+    path = save(loaded, out, [report.stage_record()], results, overwrite)
+    rows.append(["saved to", str(path)])
+    out_console.print(table("secateurs prune", ["", "value"], rows))

@@ -1,0 +1,255 @@
+"""Sequential block-by-block calibration, the loop SparseGPT and Wanda run, shared by every method.
+
+1. Capture: run the model once per calibration batch with every block replaced by a recorder, so
+   we get block 0's input hidden states and, for every block, the exact keyword arguments the model
+   passes it (attention mask, rotary embeddings, per-layer-type masks as in Gemma or Qwen).
+2. For each block: move it to the accelerator; run the calibration batches through it with hooks
+   that feed the method's statistics; let the method act on the block; run the batches again
+   through the (now pruned) block to produce the next block's inputs; move it back.
+
+Only one block and the calibration activations are on the accelerator at a time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import NumericalError, UsageError
+from ..model.arch import ArchSpec
+from ..model.linear import in_features, weight_matrix
+from ..progress import track
+from .stats import Accumulator
+
+Stats = dict[str, dict[str, Accumulator]]
+
+
+class BlockMethod:
+    """What a method tells the engine, and the one decision it makes per block.
+
+    ``statistics`` maps a name to an Accumulator class collected on the input of every prunable
+    linear of the block; ``process_block`` gets them and edits the block in place.
+    ``modifies_weights = False`` marks an observe-only pass: the engine then reuses the first pass's
+    outputs instead of running the block twice.
+    """
+
+    needs_calibration: bool = False
+    modifies_weights: bool = True
+    statistics: dict[str, type[Accumulator]] = {}
+
+    def process_block(
+        self, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats
+    ) -> None:
+        raise NotImplementedError
+
+    def observe(self, index: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Called per calibration batch with a block's input and (pre-edit) output hidden states."""
+
+
+@dataclass
+class EngineOptions:
+    """Where the work runs. ``device='auto'`` picks CUDA when present."""
+
+    device: str = "auto"
+    batch_size: int = 1
+    offload_activations: bool = False
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise UsageError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return device
+
+
+@dataclass
+class Captured:
+    """Block 0's inputs per batch, and the keyword arguments every block receives per batch."""
+
+    hidden: list[torch.Tensor]
+    block_kwargs: list[list[dict]] = field(default_factory=list)  # [block][batch] -> kwargs
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder so the capture pass never computes the LM head."""
+
+
+_DROP = ("past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions")
+
+
+def _record_kwargs(kwargs: dict) -> dict:
+    kept = {k: v for k, v in kwargs.items() if k not in _DROP}
+    kept["use_cache"] = False
+    return kept
+
+
+def capture_inputs(
+    model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], store: torch.device
+) -> Captured:
+    """Block 0's input hidden states and every block's kwargs, for each calibration batch."""
+    blocks = spec.blocks_of(model)
+    n_blocks = len(blocks)
+    captured = Captured(hidden=[], block_kwargs=[[] for _ in range(n_blocks)])
+    by_shape: dict[tuple[int, ...], list[dict]] = {}
+    current: list[dict] = []
+
+    def recorder(index: int) -> Callable:
+        # Some blocks (GPT-2) get arguments positionally: name them from the real signature.
+        names = list(inspect.signature(type(blocks[index]).forward).parameters)[2:]
+
+        def forward(hidden_states, *args, **kwargs):
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            if index == 0:
+                captured.hidden.append(hidden_states.detach().to(store))
+            current.append(_record_kwargs(kwargs))
+            if index == n_blocks - 1:
+                raise _StopForward
+            return hidden_states
+
+        return forward
+
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)
+        home = _model_input_device(model, spec)
+        with torch.no_grad():
+            for batch in batches:
+                current = []
+                try:
+                    model(input_ids=batch.to(home), use_cache=False)
+                except _StopForward:
+                    pass
+                shape = tuple(batch.shape)
+                per_block = by_shape.setdefault(shape, current)
+                for i in range(n_blocks):
+                    captured.block_kwargs[i].append(per_block[i])
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+    return captured
+
+
+def _model_input_device(model: nn.Module, spec: ArchSpec) -> torch.device:
+    return model.get_submodule(spec.embeddings[0]).weight.device
+
+
+def _to(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _check_weights(index: int, linears: dict[str, nn.Module]) -> None:
+    for name, module in linears.items():
+        if not torch.isfinite(weight_matrix(module)).all():
+            raise NumericalError(f"block {index}: weights of {name} contain NaN or inf")
+
+
+def _check_activations(index: int, out: torch.Tensor, stage: str) -> None:
+    if not torch.isfinite(out).all():
+        raise NumericalError(f"block {index}: NaN or inf in the block's output {stage}")
+
+
+def _stat_hooks(linears: dict[str, nn.Module], kinds: dict[str, type[Accumulator]], device) -> tuple[Stats, list]:
+    stats: Stats = {}
+    handles = []
+    for name, module in linears.items():
+        stats[name] = {kind: cls(in_features(module), device) for kind, cls in kinds.items()}
+
+        def hook(_module, args, _output, accumulators=stats[name]):
+            for acc in accumulators.values():
+                acc.update(args[0])
+
+        handles.append(module.register_forward_hook(hook))
+    return stats, handles
+
+
+def run_blocks(
+    model: nn.Module,
+    spec: ArchSpec,
+    method: BlockMethod,
+    calib_ids: torch.Tensor | None,
+    options: EngineOptions | None = None,
+    description: str = "pruning",
+) -> list[float]:
+    """Apply ``method`` to every block in order; returns the seconds spent on each block."""
+    options = options or EngineOptions()
+    device = options.torch_device()
+    blocks = spec.blocks_of(model)
+    if method.needs_calibration and calib_ids is None:
+        raise UsageError(f"{type(method).__name__} needs calibration data: pass --calib")
+    captured = None
+    if calib_ids is not None and (method.statistics or method.needs_calibration):
+        store = torch.device("cpu") if options.offload_activations else device
+        batches = list(calib_ids.split(max(options.batch_size, 1)))
+        captured = capture_inputs(model, spec, batches, store)
+    seconds = []
+    for index in track(range(len(blocks)), description, total=len(blocks)):
+        start = time.perf_counter()
+        block = blocks[index]
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = spec.linears(block)
+        _check_weights(index, linears)
+        if captured is None:
+            method.process_block(index, block, linears, {})
+        else:
+            _calibrate_block(index, block, linears, method, captured, device)
+        block.to(home)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _calibrate_block(
+    index: int,
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    method: BlockMethod,
+    captured: Captured,
+    device: torch.device,
+) -> None:
+    """Statistics pass, method decision, propagation pass for one block (in place in ``captured``)."""
+    stats, handles = _stat_hooks(linears, method.statistics, device)
+    outputs: list[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for b, hidden in enumerate(captured.hidden):
+                x = hidden.to(device)
+                out = _block_output(block(x, **_to(captured.block_kwargs[index][b], device)))
+                _check_activations(index, out, "during calibration")
+                method.observe(index, x, out)
+                if not method.modifies_weights:
+                    outputs.append(out.to(hidden.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    method.process_block(index, block, linears, stats)
+    del stats
+    if not method.modifies_weights:
+        captured.hidden = outputs
+        return
+    _check_weights(index, linears)
+    with torch.no_grad():
+        for b, hidden in enumerate(captured.hidden):
+            out = _block_output(block(hidden.to(device), **_to(captured.block_kwargs[index][b], device)))
+            _check_activations(index, out, "after pruning")
+            captured.hidden[b] = out.to(hidden.device)

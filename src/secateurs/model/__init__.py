@@ -1,0 +1,1 @@
+"""Loading models, describing their architecture, and changing their structure."""

@@ -1,0 +1,156 @@
+"""ArchSpec: the one place that knows where each architecture keeps its blocks and linears.
+
+Methods, the engine and surgery ask the spec (``spec.blocks_of(model)``, ``spec.linears(block)``),
+never ``model.model.layers`` directly, so supporting a new architecture is one entry in ``SPECS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the parts of one decoder-only architecture live, as dotted module paths.
+
+    ``attention`` and ``mlp`` are paths relative to a block, in data-flow order, the output
+    projection last. ``qkv_layout`` tells structured pruning how heads sit in the projections:
+    ``separate`` (q/k/v linears), ``fused`` (one linear, rows [q; k; v], Phi-3),
+    ``conv1d_fused`` (GPT-2 Conv1D, output columns [q | k | v]) or ``interleaved``
+    (GPT-NeoX, rows grouped per head as [q_h, k_h, v_h]). ``mlp_layout`` is ``gated``
+    (gate/up/down), ``gated_fused`` (gate_up/down, Phi-3) or ``plain`` (fc/proj).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+    norms: tuple[str, ...]
+    final_norm: str | None
+    embeddings: tuple[str, ...]
+    lm_head: str
+    num_layers_key: str = "num_hidden_layers"
+    qkv_layout: str = "separate"
+    mlp_layout: str = "gated"
+
+    def blocks_of(self, model: nn.Module) -> nn.ModuleList:
+        """The ModuleList of decoder blocks."""
+        return model.get_submodule(self.blocks)
+
+    def linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        """Prunable linears of one block (attention first, then MLP), by path relative to it."""
+        return {path: block.get_submodule(path) for path in (*self.attention, *self.mlp)}
+
+    def num_layers(self, config) -> int:
+        return int(getattr(config, self.num_layers_key))
+
+
+_LLAMA_LIKE = dict(
+    blocks="model.layers",
+    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    norms=("input_layernorm", "post_attention_layernorm"),
+    final_norm="model.norm",
+    embeddings=("model.embed_tokens",),
+    lm_head="lm_head",
+)
+_GEMMA_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+
+SPECS: tuple[ArchSpec, ...] = (
+    ArchSpec(name="llama", model_types=("llama",), **_LLAMA_LIKE),
+    ArchSpec(name="mistral", model_types=("mistral",), **_LLAMA_LIKE),
+    ArchSpec(name="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),
+    ArchSpec(name="qwen3", model_types=("qwen3",), **_LLAMA_LIKE),
+    ArchSpec(name="gemma2", model_types=("gemma2",), **{**_LLAMA_LIKE, "norms": _GEMMA_NORMS}),
+    ArchSpec(
+        name="gemma3", model_types=("gemma3_text",), **{**_LLAMA_LIKE, "norms": _GEMMA_NORMS}
+    ),
+    ArchSpec(
+        name="gemma3-multimodal",
+        model_types=("gemma3",),
+        **{
+            **_LLAMA_LIKE,
+            "norms": _GEMMA_NORMS,
+            "blocks": "model.language_model.layers",
+            "final_norm": "model.language_model.norm",
+            "embeddings": ("model.language_model.embed_tokens",),
+        },
+    ),
+    ArchSpec(
+        name="phi3",
+        model_types=("phi3",),
+        **{
+            **_LLAMA_LIKE,
+            "attention": ("self_attn.qkv_proj", "self_attn.o_proj"),
+            "mlp": ("mlp.gate_up_proj", "mlp.down_proj"),
+        },
+        qkv_layout="fused",
+        mlp_layout="gated_fused",
+    ),
+    ArchSpec(
+        name="gpt2",
+        model_types=("gpt2",),
+        blocks="transformer.h",
+        attention=("attn.c_attn", "attn.c_proj"),
+        mlp=("mlp.c_fc", "mlp.c_proj"),
+        norms=("ln_1", "ln_2"),
+        final_norm="transformer.ln_f",
+        embeddings=("transformer.wte", "transformer.wpe"),
+        lm_head="lm_head",
+        num_layers_key="n_layer",
+        qkv_layout="conv1d_fused",
+        mlp_layout="plain",
+    ),
+    ArchSpec(
+        name="opt",
+        model_types=("opt",),
+        blocks="model.decoder.layers",
+        attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+        mlp=("fc1", "fc2"),
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+        final_norm="model.decoder.final_layer_norm",
+        embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        lm_head="lm_head",
+        mlp_layout="plain",
+    ),
+    ArchSpec(
+        name="gpt-neox",
+        model_types=("gpt_neox",),
+        blocks="gpt_neox.layers",
+        attention=("attention.query_key_value", "attention.dense"),
+        mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        norms=("input_layernorm", "post_attention_layernorm"),
+        final_norm="gpt_neox.final_layer_norm",
+        embeddings=("gpt_neox.embed_in",),
+        lm_head="lm_head",
+        qkv_layout="interleaved",
+        mlp_layout="plain",
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in SPECS for t in spec.model_types)
+
+
+def spec_for(model_or_config) -> ArchSpec:
+    """The ArchSpec of a model (or its config); a clear error for an unknown architecture."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for spec in SPECS:
+        if model_type in spec.model_types:
+            return spec
+    raise UsageError(
+        f"architecture {model_type!r} is not supported; supported model_type values: "
+        f"{', '.join(supported_model_types())}"
+    )

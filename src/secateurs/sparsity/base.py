@@ -1,0 +1,113 @@
+"""The base every unstructured / N:M method derives from: per-block target, mask, apply.
+
+A method subclass only says how it scores (and, for SparseGPT, how it updates) one weight matrix;
+iteration over blocks and linears, per-block sparsity, N:M validation and applying the mask live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..engine.sequential import BlockMethod, Stats
+from ..engine.stats import Accumulator
+from ..errors import UsageError
+from ..model.linear import weight_matrix
+from .masks import Pattern
+
+
+@dataclass(frozen=True)
+class SparsityTarget:
+    """Sparsity per block and the pattern; N:M fixes the sparsity at 1 − N/M."""
+
+    per_block: tuple[float, ...]
+    pattern: Pattern
+
+    @classmethod
+    def build(cls, sparsity: float | list[float] | None, pattern: str, n_blocks: int) -> SparsityTarget:
+        parsed = Pattern.parse(pattern)
+        implied = parsed.implied_sparsity
+        if sparsity is None:
+            sparsity = 0.5 if implied is None else implied
+        values = [float(v) for v in sparsity] if isinstance(sparsity, (list, tuple)) else [float(sparsity)]
+        for value in values:
+            if not 0.0 <= value < 1.0:
+                raise UsageError(f"--sparsity must be in [0, 1), got {value:g}")
+        if implied is not None and any(abs(v - implied) > 1e-9 for v in values):
+            raise UsageError(
+                f"pattern {parsed} fixes the sparsity at {implied:g}; drop --sparsity or use unstructured"
+            )
+        if len(values) == 1:
+            values = values * n_blocks
+        if len(values) != n_blocks:
+            raise UsageError(
+                f"a per-block --sparsity schedule needs one value per block: the model has {n_blocks} "
+                f"blocks, got {len(values)} values"
+            )
+        return cls(tuple(values), parsed)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.per_block) / len(self.per_block)
+
+
+class SparsityMethod(BlockMethod):
+    """Prune every linear of every block to the target; subclasses implement :meth:`prune_matrix`."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    statistics: ClassVar[dict[str, type[Accumulator]]] = {}
+
+    def __init__(self, target: SparsityTarget, options: Any = None) -> None:
+        self.target = target
+        self.options = options if options is not None else self.Options()
+
+    def process_block(
+        self, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats
+    ) -> None:
+        sparsity = self.target.per_block[index]
+        for name, module in linears.items():
+            weight = weight_matrix(module)
+            keep = self.prune_matrix(weight, stats.get(name, {}), sparsity)
+            weight.mul_(keep.to(weight.dtype))
+
+    def prune_matrix(
+        self, weight: torch.Tensor, stats: dict[str, Accumulator], sparsity: float
+    ) -> torch.Tensor:
+        """Return the keep-mask of one (out, in) weight; may also update ``weight`` in place."""
+        raise NotImplementedError
+
+
+def build_options(options_cls: type, values: dict[str, str]) -> Any:
+    """Instantiate a method's Options dataclass from ``key=value`` strings, typed by its fields."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        field = fields.get(key.replace("-", "_"))
+        if field is None:
+            known = ", ".join(sorted(fields)) or "none"
+            raise UsageError(f"unknown option {key!r} for this method; known options: {known}")
+        kwargs[field.name] = _coerce(raw, field.type, key)
+    return options_cls(**kwargs)
+
+
+def _coerce(raw: Any, annotation: Any, key: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    kind = str(annotation)
+    try:
+        if kind in ("bool", "<class 'bool'>"):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if kind in ("int", "<class 'int'>"):
+            return int(raw)
+        if kind in ("float", "<class 'float'>"):
+            return float(raw)
+    except ValueError as exc:
+        raise UsageError(f"option {key}={raw!r}: expected {kind}") from exc
+    return raw

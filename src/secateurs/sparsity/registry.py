@@ -1,0 +1,23 @@
+"""Names of the unstructured / N:M methods, resolved lazily so each method stays its own file."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UsageError
+from .base import SparsityMethod
+
+METHODS: dict[str, str] = {
+    "magnitude": "secateurs.sparsity.magnitude:Magnitude",
+}
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def method_class(name: str) -> type[SparsityMethod]:
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
+    module, attr = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), attr)

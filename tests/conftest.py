@@ -1,0 +1,30 @@
+"""Offline test setup: local data from ../shared/data, no progress bars, shared model fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+os.environ.setdefault("SECATEURS_DATA", str(SHARED_DATA))
+os.environ["SECATEURS_PROGRESS"] = "0"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The cached plain-HF copy of SmolLM2-135M (built from the packaged GGUF on first use)."""
+    from secateurs.model.load import _shortcut_folder
+
+    return _shortcut_folder("smollm2-135m")

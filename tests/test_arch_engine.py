@@ -1,0 +1,166 @@
+"""Every architecture's tiny model: ArchSpec finds its parts, the engine reproduces the full model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import ARCHS, random_ids, tiny_model
+
+from secateurs.api import PruneConfig, prune
+from secateurs.data.calib import CalibConfig
+from secateurs.engine.sequential import BlockMethod, EngineOptions, run_blocks
+from secateurs.engine.stats import Hessian, InputSqNorm
+from secateurs.errors import UsageError
+from secateurs.model.arch import spec_for
+from secateurs.model.linear import weight_matrix
+
+
+class Recorder(BlockMethod):
+    """Observe-only method: keeps every block's input and output, and the statistics it saw."""
+
+    needs_calibration = True
+    modifies_weights = False
+    statistics = {"norm": InputSqNorm, "hessian": Hessian}
+
+    def __init__(self) -> None:
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        self.outputs: dict[int, list[torch.Tensor]] = {}
+        self.stats = {}
+
+    def observe(self, index, inputs, outputs):
+        self.inputs.setdefault(index, []).append(inputs.clone())
+        self.outputs.setdefault(index, []).append(outputs.clone())
+
+    def process_block(self, index, block, linears, stats):
+        self.stats[index] = stats
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_spec_finds_blocks_and_linears(arch):
+    loaded = tiny_model(arch)
+    spec = loaded.spec
+    blocks = spec.blocks_of(loaded.model)
+    assert len(blocks) == spec.num_layers(loaded.model.config) == 3
+    linears = spec.linears(blocks[0])
+    assert len(linears) >= 4
+    for path in spec.norms:
+        blocks[0].get_submodule(path)
+    for name, module in linears.items():
+        assert weight_matrix(module).ndim == 2, name
+    loaded.model.get_submodule(spec.lm_head)
+    if spec.final_norm:
+        loaded.model.get_submodule(spec.final_norm)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_by_block_equals_full_model(arch):
+    loaded = tiny_model(arch)
+    ids = random_ids(3, 24)
+    with torch.no_grad():
+        full = loaded.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    recorder = Recorder()
+    run_blocks(loaded.model, loaded.spec, recorder, ids, EngineOptions(device="cpu", batch_size=2))
+    n = len(loaded.spec.blocks_of(loaded.model))
+    for i in range(n):
+        got_in = torch.cat(recorder.inputs[i])
+        torch.testing.assert_close(got_in, full[i], rtol=1e-5, atol=1e-5)
+    for i in range(n - 1):
+        torch.testing.assert_close(torch.cat(recorder.outputs[i]), full[i + 1], rtol=1e-5, atol=1e-5)
+    stats = recorder.stats[0]
+    name, first = next(iter(stats.items()))
+    assert first["norm"].n_tokens == 3 * 24
+    x = torch.cat(recorder.inputs[0]).reshape(-1, first["norm"].in_features)
+    assert first["norm"].sum_sq.shape[0] == first["hessian"].xtx.shape[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_sparsity_prune_leaves_outputs_unchanged(arch):
+    loaded = tiny_model(arch)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids, use_cache=False).logits
+    report = prune(loaded, PruneConfig("magnitude", 0.0), None, EngineOptions(device="cpu"))
+    with torch.no_grad():
+        after = loaded.model(input_ids=ids, use_cache=False).logits
+    assert report.achieved < 0.05
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_magnitude_reaches_exact_sparsity_and_changes_outputs(arch):
+    loaded = tiny_model(arch)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids, use_cache=False).logits
+    report = prune(loaded, PruneConfig("magnitude", 0.5, options={"per": "row"}), None, EngineOptions(device="cpu"))
+    for name, value in report.per_layer.items():
+        assert value == pytest.approx(0.5, abs=1e-9), name
+    with torch.no_grad():
+        after = loaded.model(input_ids=ids, use_cache=False).logits
+    assert not torch.allclose(before, after)
+    assert torch.isfinite(after).all()
+
+
+def test_statistics_are_exact_sums():
+    loaded = tiny_model("llama")
+    ids = random_ids(4, 8)
+    whole, halves = Recorder(), [Recorder(), Recorder()]
+    run_blocks(loaded.model, loaded.spec, whole, ids, EngineOptions(device="cpu"))
+    for half, part in zip(halves, ids.split(2), strict=True):
+        run_blocks(loaded.model, loaded.spec, half, part, EngineOptions(device="cpu"))
+    for name, accs in whole.stats[1].items():
+        merged = halves[0].stats[1][name]
+        for kind, acc in merged.items():
+            acc.merge(halves[1].stats[1][name][kind])
+            for a, b in zip(acc.tensors(), accs[kind].tensors(), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        x_norm = merged["norm"]
+        torch.testing.assert_close(x_norm.sum_sq, torch.diagonal(merged["hessian"].xtx), rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_architecture_names_supported():
+    class Config:
+        model_type = "mamba"
+
+    with pytest.raises(UsageError, match="supported model_type values: .*llama"):
+        spec_for(Config())
+
+
+def test_nan_weights_reported_with_block():
+    from secateurs.errors import NumericalError
+
+    loaded = tiny_model("llama")
+    blocks = loaded.spec.blocks_of(loaded.model)
+    blocks[2].mlp.up_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="block 2"):
+        prune(loaded, PruneConfig("magnitude", 0.5), None, EngineOptions(device="cpu"))
+
+
+def test_nan_activations_reported_with_block():
+    from secateurs.errors import NumericalError
+
+    loaded = tiny_model("llama")
+    blocks = loaded.spec.blocks_of(loaded.model)
+    blocks[1].post_attention_layernorm.weight.data[:] = float("inf")
+    with pytest.raises(NumericalError, match="block 1"):
+        run_blocks(loaded.model, loaded.spec, Recorder(), random_ids(2, 8), EngineOptions(device="cpu"))
+
+
+def test_method_needing_data_says_so():
+    loaded = tiny_model("llama")
+    with pytest.raises(UsageError, match="calibration"):
+        run_blocks(loaded.model, loaded.spec, Recorder(), None, EngineOptions(device="cpu"))
+
+
+def test_text_calibration_is_seeded(tmp_path):
+    loaded = tiny_model("llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    a = CalibConfig(str(text), n_samples=4, seq_len=16, seed=3)
+    from secateurs.data.calib import calibration_ids
+
+    first, again = calibration_ids(a, loaded.tokenizer), calibration_ids(a, loaded.tokenizer)
+    other = calibration_ids(CalibConfig(str(text), 4, 16, seed=4), loaded.tokenizer)
+    assert first.shape == (4, 16)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)

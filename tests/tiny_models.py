@@ -1,0 +1,53 @@
+"""Tiny randomly initialised models of every supported architecture, for fast offline tests.
+
+Right for testing mechanics (shapes, masks, surgery, round trips); never for quality claims.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from secateurs.model.arch import spec_for
+from secateurs.model.load import LoadedModel
+
+VOCAB = 320
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "opt", "gpt_neox")
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=3,
+               max_position_embeddings=256, tie_word_embeddings=False)
+_OVERRIDES: dict[str, dict] = {
+    "llama": dict(num_key_value_heads=2, intermediate_size=128, head_dim=16),
+    "mistral": dict(num_key_value_heads=2, intermediate_size=128, head_dim=16, sliding_window=None),
+    "qwen2": dict(num_key_value_heads=2, intermediate_size=128),
+    "qwen3": dict(num_key_value_heads=2, intermediate_size=128, head_dim=16),
+    "gemma2": dict(num_key_value_heads=2, intermediate_size=128, head_dim=16, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "gemma3_text": dict(num_key_value_heads=2, intermediate_size=128, head_dim=16, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "phi3": dict(num_key_value_heads=2, intermediate_size=128, pad_token_id=0),
+    "gpt2": dict(n_embd=64, n_head=4, n_layer=3, n_positions=256),
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1),
+    "gpt_neox": dict(intermediate_size=128),
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer small enough to build in milliseconds."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=VOCAB - 8,
+                            min_frequency=1, show_progress=False, special_tokens=["<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> LoadedModel:
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **_OVERRIDES[model_type], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tiny_tokenizer(), spec_for(model), f"tiny-{model_type}", None)
+
+
+def random_ids(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
