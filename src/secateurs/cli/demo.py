@@ -65,9 +65,12 @@ def demo_command(
         ["pruning time (s)", "", f"{report.seconds:.1f}"],
         ["peak memory (MiB)", "", f"{report.peak_memory_mb:.0f}"],
     ]
+    calibration = (
+        f"{n_samples}×{seq_len} self-generated tokens" if report.calibration else "none needed"
+    )
     title = (
         f"{model}: {method} {report.target.pattern} "
-        f"(calibration: {n_samples}×{seq_len} self-generated tokens; held-out: {eval_samples}×{seq_len})"
+        f"(calibration: {calibration}; held-out: {eval_samples}×{seq_len} self-generated tokens)"
     )
     out_console.print(table(title, ["", "dense", "pruned"], rows))
     if out:

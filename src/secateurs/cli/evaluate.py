@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..api import evaluate_perplexity
+from ..data.sources import check_name
 from ..errors import UsageError
 from ..model.load import load_model
 from . import app
@@ -32,6 +33,8 @@ def eval_command(
     datasets = csv_list(ppl)
     if not datasets:
         raise UsageError("--ppl needs at least one dataset, e.g. --ppl wikitext2")
+    for name in datasets:
+        check_name(name)
     loaded = load_model(model, dtype)
     results = evaluate_perplexity(loaded, datasets, seq_len, limit_windows, data_dir, device, batch_size)
     rows = []

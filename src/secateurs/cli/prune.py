@@ -8,6 +8,7 @@ import typer
 
 from ..api import PruneConfig, evaluate_perplexity, prune, save
 from ..data.calib import CalibConfig
+from ..data.sources import check_name
 from ..engine.sequential import EngineOptions
 from ..model.load import load_model
 from ..model.save import check_out
@@ -56,6 +57,10 @@ def prune_command(
     calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir) if calib else None
     engine = EngineOptions(device=device, batch_size=batch_size, offload_activations=offload_activations)
     engine.torch_device()
+    if calib_config:
+        calib_config.validate()
+    for name in csv_list(ppl):
+        check_name(name)
     check_out(out, None, overwrite)
     loaded = load_model(model, dtype)
     check_out(out, loaded.local_path, overwrite)

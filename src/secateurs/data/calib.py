@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .sources import load_text
+from .sources import check_name, load_text
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class CalibConfig:
             raise UsageError(f"--n-samples must be at least 1, got {self.n_samples}")
         if self.seq_len < 2:
             raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
+        check_name(self.source, allow_self=True)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -61,17 +61,28 @@ def is_text_path(name: str) -> bool:
     return name.endswith((".txt", ".jsonl"))
 
 
+def check_name(name: str, allow_self: bool = False) -> None:
+    """Fail fast, before any model is loaded, on a dataset name or path that cannot work."""
+    if is_text_path(name):
+        if not Path(name).expanduser().is_file():
+            raise UsageError(f"data file not found: {name}")
+        return
+    if name in DATASETS or (allow_self and name == "self"):
+        return
+    extra = ", 'self'" if allow_self else ""
+    raise UsageError(
+        f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}{extra}, "
+        "or a path to a .txt or .jsonl file"
+    )
+
+
 def load_text(name: str, split: str, data_dir: str | Path | None = None) -> str:
     """The text of dataset ``name`` (or a .txt/.jsonl path) for ``split`` ('train' or 'test')."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
+    check_name(name)
     if is_text_path(name):
         return _read_text_file(Path(name).expanduser())
-    if name not in DATASETS:
-        raise UsageError(
-            f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}, 'self', "
-            "or a path to a .txt or .jsonl file"
-        )
     folder = data_dir_from(data_dir)
     local = LOCAL_FILES.get((name, split))
     if folder is not None and local is not None and (folder / local.relpath).is_file():
