@@ -18,7 +18,7 @@ from ..engine.sequential import EngineOptions
 from ..evaluate.agreement import agreement
 from ..evaluate.perplexity import perplexity
 from ..model.load import load_model
-from ..model.save import check_out
+from ..model.save import check_out, local_input
 from ..sparsity.registry import method_names
 from . import app
 from .common import Device, friendly, out_console, parse_sparsity, table
@@ -43,7 +43,7 @@ def demo_command(
 ) -> None:
     """Prune SmolLM2-135M on self-generated data and print a before / after table."""
     if out:
-        check_out(out, None, overwrite)
+        check_out(out, local_input(model), overwrite)
     engine = EngineOptions(device=device)
     torch_device = engine.torch_device()
     loaded = load_model(model)

@@ -11,7 +11,7 @@ from ..data.calib import CalibConfig
 from ..data.sources import check_name
 from ..engine.sequential import EngineOptions
 from ..model.load import load_model
-from ..model.save import check_out
+from ..model.save import check_out, local_input
 from ..sparsity.registry import method_names
 from . import app
 from .common import BatchSize, DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, parse_sparsity, table
@@ -61,7 +61,7 @@ def prune_command(
         calib_config.validate()
     for name in csv_list(ppl):
         check_name(name)
-    check_out(out, None, overwrite)
+    check_out(out, local_input(model), overwrite)
     loaded = load_model(model, dtype)
     check_out(out, loaded.local_path, overwrite)
     report = prune(loaded, config, calib_config, engine)

@@ -32,6 +32,12 @@ def check_out(out: str | Path, input_path: Path | None, overwrite: bool) -> Path
     return target
 
 
+def local_input(source: str) -> Path | None:
+    """The input model's path when MODEL names something on disk (for the overlap check)."""
+    path = Path(source).expanduser()
+    return path if path.exists() else None
+
+
 def previous_stages(input_path: Path | None) -> list[dict]:
     """The stages recorded in the input's ``secateurs.json``, so chained runs keep their history."""
     if input_path is None or not (input_path / RECORD).is_file():
