@@ -164,3 +164,25 @@ def test_text_calibration_is_seeded(tmp_path):
     assert first.shape == (4, 16)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_engine_in_half_precision_matches_full_model(dtype):
+    loaded = tiny_model("llama")
+    loaded.model.to(dtype)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        full = loaded.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    recorder = Recorder()
+    run_blocks(loaded.model, loaded.spec, recorder, ids, EngineOptions(device="cpu"))
+    assert recorder.outputs[0][0].dtype == dtype
+    torch.testing.assert_close(torch.cat(recorder.outputs[1]), full[2])
+    assert recorder.stats[0]["self_attn.q_proj"]["hessian"].xtx.dtype == torch.float32
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    from secateurs.model.load import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="without a network pass a local folder"):
+        load_model("someorg/some-model-that-is-not-cached")
