@@ -1,0 +1,132 @@
+"""Swap a pruned model's linears for ``SparseLinear`` and bring them back from a saved folder.
+
+The export is a normal HF folder whose safetensors hold, for each swapped linear, its compressed
+tensors (``<name>.values``, ``.meta`` / ``.bits`` / ``.offsets``) instead of ``<name>.weight``; the
+``export`` stage in ``secateurs.json`` lists them. ``secateurs.load_model`` restores them; a plain
+``from_pretrained`` would warn that those weights are missing, so load such a folder through secateurs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import UsageError
+from ..model.arch import ArchSpec
+from ..model.linear import weight_matrix
+from .formats import FORMATS, choose_format, from_tensors
+from .linear import SparseLinear
+
+EXPORT_STAGE = "export"
+DEFAULT_MIN_SPARSITY = 0.5
+
+
+@dataclass
+class SparsifyReport:
+    """Which linears became sparse (and in which format), which stayed dense and why, and the bytes."""
+
+    swapped: dict[str, dict] = field(default_factory=dict)
+    kept_dense: dict[str, str] = field(default_factory=dict)
+    dense_bytes: int = 0
+    sparse_bytes: int = 0
+
+    def stage_record(self) -> dict:
+        return {
+            "stage": EXPORT_STAGE,
+            "format": "sparse",
+            "layers": self.swapped,
+            "kept_dense": self.kept_dense,
+            "weight_bytes": {"dense": self.dense_bytes, "compressed": self.sparse_bytes},
+        }
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def block_linears(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    return {f"{spec.blocks}.{i}.{name}": module
+            for i, block in enumerate(spec.blocks_of(model))
+            for name, module in spec.linears(block).items()}
+
+
+def sparsify(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN_SPARSITY) -> SparsifyReport:
+    """Replace every block linear that is 2:4 (or at least ``min_sparsity`` zeros) by a SparseLinear.
+
+    The 50% default is where a bitmap stops being larger than the dense fp16 weight would be worth
+    reading (values + 1 bit per weight + offsets ≈ 0.58 of dense at 50%).
+    """
+    if not 0.0 <= min_sparsity < 1.0:
+        raise UsageError(f"min sparsity {min_sparsity} must be in [0, 1)")
+    report = SparsifyReport()
+    for name, module in block_linears(model, spec).items():
+        if isinstance(module, SparseLinear):
+            raise UsageError(f"{name} is already sparse; sparsify a dense (pruned) model")
+        weight = weight_matrix(module)
+        fmt_cls, why = choose_format(weight, min_sparsity)
+        if fmt_cls is None:
+            report.kept_dense[name] = why
+            continue
+        sparse = SparseLinear.from_module(weight, getattr(module, "bias", None), fmt_cls)
+        report.swapped[name] = {"kind": sparse.kind, "shape": [sparse.out_features, sparse.in_features], "why": why}
+        report.dense_bytes += weight.numel() * weight.element_size()
+        report.sparse_bytes += sparse.format().nbytes()
+        _set_module(model, name, sparse)
+    if not report.swapped:
+        raise UsageError(
+            "no linear is sparse enough to store compressed (needs 2:4, or at least "
+            f"{min_sparsity:.0%} zeros); prune it first, e.g. secateurs prune --pattern 2:4"
+        )
+    return report
+
+
+def export_stage(folder: Path) -> dict | None:
+    """The last ``export`` stage recorded in ``folder/secateurs.json`` with format sparse, if any."""
+    record = folder / "secateurs.json"
+    if not record.is_file():
+        return None
+    try:
+        stages = json.loads(record.read_text()).get("stages", [])
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    found = [s for s in stages if isinstance(s, dict) and s.get("stage") == EXPORT_STAGE and s.get("format") == "sparse"]
+    return found[-1] if found else None
+
+
+def restore_sparse(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
+    """Put the SparseLinears of a sparse export back into a freshly built ``model``; returns how many."""
+    stage = export_stage(folder)
+    if stage is None:
+        return 0
+    layers: dict[str, dict] = stage.get("layers", {})
+    wanted = {f"{name}.{part}" for name, info in layers.items()
+              for part in ("values", "meta", "bits", "offsets", "bias")}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key in wanted:
+                    tensors[key] = handle.get_tensor(key)
+    for name, info in layers.items():
+        kind = info["kind"]
+        if kind not in FORMATS:
+            raise UsageError(f"{folder} stores {name} in unknown format {kind!r}; upgrade secateurs")
+        parts = ("values", "meta") if kind == "2:4" else ("values", "bits", "offsets")
+        missing = [p for p in parts if f"{name}.{p}" not in tensors]
+        if missing:
+            raise UsageError(f"{folder} is a sparse export but lacks {name}.{missing[0]}; re-export it")
+        found = {p: tensors[f"{name}.{p}"] for p in parts}
+        found["values"] = found["values"].to(dtype)
+        bias = tensors.get(f"{name}.bias")
+        _set_module(model, name, SparseLinear(from_tensors(kind, found, info["shape"]), bias.to(dtype) if bias is not None else None))
+    return len(layers)
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
