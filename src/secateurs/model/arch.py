@@ -23,6 +23,12 @@ class ArchSpec:
     ``conv1d_fused`` (GPT-2 Conv1D, output columns [q | k | v]) or ``interleaved``
     (GPT-NeoX, rows grouped per head as [q_h, k_h, v_h]). ``mlp_layout`` is ``gated``
     (gate/up/down), ``gated_fused`` (gate_up/down, Phi-3) or ``plain`` (fc/proj).
+
+    Width pruning also needs the config keys that size those parts: ``heads_key`` and
+    ``kv_heads_key`` (None where every head has its own K/V), ``intermediate_key`` (the MLP width;
+    GPT-2's ``n_inner`` may be None, meaning 4 × hidden) and ``head_dim_key``, the key the modeling
+    code reads the head size from; where it instead derives it as hidden / heads (GPT-2, OPT,
+    GPT-NeoX) it is None, and heads cannot be removed without breaking the reload.
     """
 
     name: str
@@ -37,6 +43,10 @@ class ArchSpec:
     num_layers_key: str = "num_hidden_layers"
     qkv_layout: str = "separate"
     mlp_layout: str = "gated"
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str | None = "num_key_value_heads"
+    intermediate_key: str = "intermediate_size"
+    head_dim_key: str | None = "head_dim"
 
     def blocks_of(self, model: nn.Module) -> nn.ModuleList:
         """The ModuleList of decoder blocks."""
@@ -110,6 +120,10 @@ SPECS: tuple[ArchSpec, ...] = (
         num_layers_key="n_layer",
         qkv_layout="conv1d_fused",
         mlp_layout="plain",
+        heads_key="n_head",
+        kv_heads_key=None,
+        intermediate_key="n_inner",
+        head_dim_key=None,
     ),
     ArchSpec(
         name="opt",
@@ -122,6 +136,9 @@ SPECS: tuple[ArchSpec, ...] = (
         embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
         lm_head="lm_head",
         mlp_layout="plain",
+        kv_heads_key=None,
+        intermediate_key="ffn_dim",
+        head_dim_key=None,
     ),
     ArchSpec(
         name="gpt-neox",
@@ -135,6 +152,8 @@ SPECS: tuple[ArchSpec, ...] = (
         lm_head="lm_head",
         qkv_layout="interleaved",
         mlp_layout="plain",
+        kv_heads_key=None,
+        head_dim_key=None,
     ),
 )
 

@@ -1,0 +1,262 @@
+"""Physical width surgery: keep given heads / MLP channels per block, shrink the weights, fix the config.
+
+Give :func:`apply_widths` the kept group indices per block (``{"heads": idx, "channels": idx}``, a
+missing kind is left whole) and it slices every coupled row and column in place
+(:mod:`secateurs.structured.groups` says which), then updates the config:
+
+* Uniform widths: the config's head / KV-head / intermediate sizes are set, so the saved folder
+  loads with plain ``AutoModelForCausalLM.from_pretrained`` and no custom code.
+* Different widths per block (or parameters the stock config cannot express, such as an output
+  bias added by FLAP's compensation): the config keeps the largest widths and records the exact
+  shape of every parameter that differs in ``secateurs_shapes``; ``auto_map`` points to a small
+  ``modeling_secateurs.py`` saved beside the weights, a subclass of the original model class that
+  builds the stock model and then resizes exactly those parameters. It loads with
+  ``from_pretrained(folder, trust_remote_code=True)`` and needs nothing but ``transformers``.
+  Per-layer sizes rather than zero-padding keep the parameters and the speed that were won.
+
+:func:`mask_groups` zeroes groups without changing shapes: the reference every surgery is tested
+against, and what methods that keep shapes (LoRAPrune) use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import UsageError
+from ..structured.groups import GroupSet, block_groups, check_target, head_geometry
+from .arch import ArchSpec
+
+REMOTE_MODULE = "modeling_secateurs"
+SHAPES_KEY = "secateurs_shapes"
+
+Widths = dict[str, torch.Tensor]
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+def keep_linear(module: nn.Module, axis: str, keep: torch.Tensor) -> None:
+    """Keep only the rows (``axis='out'``, with the bias) or columns (``'in'``) ``keep`` of a linear."""
+    keep = keep.to(module.weight.device)
+    conv = isinstance(module, Conv1D)
+    dim = (1 if conv else 0) if axis == "out" else (0 if conv else 1)
+    _set_param(module, "weight", module.weight.data.index_select(dim, keep))
+    if axis == "out" and getattr(module, "bias", None) is not None:
+        _set_param(module, "bias", module.bias.data.index_select(0, keep))
+    if conv:
+        module.nf = module.weight.shape[1]
+    else:
+        module.out_features, module.in_features = module.weight.shape
+
+
+def _positions(slot_index: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Sorted rows / columns that the given groups own in one slot."""
+    return slot_index[groups].reshape(-1).sort().values
+
+
+def slice_groups(block: nn.Module, group_set: GroupSet, keep: torch.Tensor) -> None:
+    """Keep only groups ``keep`` of one group set, in every linear it couples."""
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    for slot in group_set.slots:
+        keep_linear(block.get_submodule(slot.path), slot.axis, _positions(slot.index, keep))
+
+
+def mask_groups(block: nn.Module, group_set: GroupSet, remove: torch.Tensor) -> None:
+    """Zero groups ``remove`` (weights and producer biases) without changing any shape."""
+    remove = torch.as_tensor(remove, dtype=torch.long)
+    with torch.no_grad():
+        for slot in group_set.slots:
+            module = block.get_submodule(slot.path)
+            where = _positions(slot.index, remove).to(module.weight.device)
+            conv = isinstance(module, Conv1D)
+            dim = (1 if conv else 0) if slot.axis == "out" else (0 if conv else 1)
+            module.weight.data.index_fill_(dim, where, 0.0)
+            if slot.axis == "out" and getattr(module, "bias", None) is not None:
+                module.bias.data.index_fill_(0, where, 0.0)
+
+
+def _check_keep(index: int, kind: str, keep: torch.Tensor, count: int) -> None:
+    if keep.numel() == 0:
+        raise UsageError(f"block {index} would lose every one of its {kind}; use a smaller --ratio")
+    if keep.unique().numel() != keep.numel() or int(keep.min()) < 0 or int(keep.max()) >= count:
+        raise UsageError(f"block {index}: kept {kind} indices must be distinct and in [0, {count})")
+
+
+def apply_widths(model: PreTrainedModel, spec: ArchSpec, keep: list[Widths]) -> None:
+    """Slice every block to its kept heads / channels and make the config describe the result.
+
+    Validates every block before touching any weight, so a bad request leaves the model unchanged.
+    """
+    blocks = spec.blocks_of(model)
+    if len(keep) != len(blocks):
+        raise UsageError(f"need kept widths for each of the {len(blocks)} blocks, got {len(keep)}")
+    kinds = tuple(sorted({kind for widths in keep for kind in widths}))
+    check_target(spec, kinds)
+    plans = []
+    for index, (block, widths) in enumerate(zip(blocks, keep)):
+        groups = block_groups(spec, model.config, block, kinds)
+        for kind, kept in widths.items():
+            kept = torch.as_tensor(kept, dtype=torch.long)
+            _check_keep(index, kind, kept, groups[kind].count)
+        plans.append((block, groups, widths))
+    head_counts = {len(widths["heads"]) for widths in keep if "heads" in widths}
+    if len(head_counts) > 1 and spec.qkv_layout != "separate":
+        raise UsageError(
+            f"{spec.name}: its fused q/k/v split reads the head count from the config, so every layer "
+            "must keep the same number of heads; use --mode uniform or --target channels"
+        )
+    heads_before = [head_geometry(spec, model.config, block) for block in blocks] if "heads" in kinds else []
+    for block, groups, widths in plans:
+        for kind, kept in widths.items():
+            slice_groups(block, groups[kind], kept)
+    if "heads" in kinds:
+        for block, before in zip(blocks, heads_before):
+            _set_head_attributes(block, spec, before)
+    update_config(model, spec)
+
+
+def _set_head_attributes(block: nn.Module, spec: ArchSpec, before) -> None:
+    """Keep attention modules' own head counts (when they store them) in line with the weights."""
+    attention = block.get_submodule(spec.attention[-1].rsplit(".", 1)[0])
+    heads = block.get_submodule(spec.attention[-1]).in_features // before.head_dim
+    for name, value in (("num_heads", heads), ("num_key_value_heads", heads // before.per_group)):
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, value)
+
+
+def update_config(model: PreTrainedModel, spec: ArchSpec) -> None:
+    """Set the config's sizes to the blocks' (largest) widths; record shapes it cannot express."""
+    config = model.config
+    blocks = spec.blocks_of(model)
+    if hasattr(config, SHAPES_KEY):
+        delattr(config, SHAPES_KEY)
+    if spec.head_dim_key is not None:
+        geometries = [head_geometry(spec, config, block) for block in blocks]
+        widest = max(geometries, key=lambda geo: geo.heads)
+        setattr(config, spec.head_dim_key, widest.head_dim)
+        setattr(config, spec.heads_key, widest.heads)
+        if spec.kv_heads_key:
+            setattr(config, spec.kv_heads_key, widest.kv_heads)
+    down = spec.mlp[-1]
+    widths = [block.get_submodule(down).weight.shape[0 if isinstance(block.get_submodule(down), Conv1D) else 1]
+              for block in blocks]
+    setattr(config, spec.intermediate_key, max(widths))
+    differing = _differing_shapes(model)
+    auto_map = dict(getattr(config, "auto_map", None) or {})
+    if differing:
+        setattr(config, SHAPES_KEY, differing)
+        auto_map["AutoModelForCausalLM"] = f"{REMOTE_MODULE}.{_remote_class_name(model)}"
+        config.auto_map = auto_map
+    elif auto_map.get("AutoModelForCausalLM", "").startswith(f"{REMOTE_MODULE}."):
+        del auto_map["AutoModelForCausalLM"]
+        config.auto_map = auto_map or None
+
+
+def _stock_class(model: PreTrainedModel) -> type[PreTrainedModel]:
+    """The transformers class the model is (or, for a reloaded secateurs model, derives from)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and issubclass(cls, PreTrainedModel):
+            return cls
+    raise UsageError(f"{type(model).__name__} is not a transformers model class")
+
+
+def _remote_class_name(model: PreTrainedModel) -> str:
+    """The stock class's own name, so transformers' per-class checkpoint renamings still apply."""
+    return _stock_class(model).__name__
+
+
+def _differing_shapes(model: PreTrainedModel) -> dict[str, dict[str, list[int]]]:
+    """Parameters whose shape (or existence) differs from what the stock class builds from the config."""
+    config = model.config.__class__.from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k not in (SHAPES_KEY, "auto_map")}
+    )
+    with torch.device("meta"):
+        stock = _stock_class(model)(config)
+    expected = {name: tuple(p.shape) for name, p in stock.named_parameters()}
+    differing: dict[str, dict[str, list[int]]] = {}
+    for name, param in model.named_parameters():
+        if expected.get(name) != tuple(param.shape):
+            module, _, leaf = name.rpartition(".")
+            differing.setdefault(module, {})[leaf] = list(param.shape)
+    return differing
+
+
+REMOTE_CODE = '''"""{stock} with per-layer widths, written by secateurs (structured width pruning).
+
+Builds the stock transformers model from the config, then resizes the parameters listed in
+``config.{shapes}`` (module path -> parameter name -> shape) before the weights are loaded:
+different numbers of heads or MLP channels per layer, or a bias the stock layer lacks.
+Load with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+"""
+
+import torch
+import transformers
+from torch import nn
+
+
+class {name}(transformers.{stock}):
+    @classmethod
+    def is_custom_code(cls):
+        # Same modules and weight names as the stock class, so its checkpoint renamings apply.
+        return False
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        for path, params in getattr(config, "{shapes}", {{}}).items():
+            module = self.get_submodule(path)
+            for leaf, shape in params.items():
+                old = getattr(module, leaf, None)
+                like = old if isinstance(old, torch.Tensor) else module.weight
+                setattr(module, leaf, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
+            weight = getattr(module, "weight", None)
+            if hasattr(module, "nf"):
+                module.nf = weight.shape[1]
+            elif isinstance(module, nn.Linear):
+                module.out_features, module.in_features = weight.shape
+'''
+
+
+def remote_code_files(model: PreTrainedModel) -> dict[str, str]:
+    """Files to save beside the weights: ``modeling_secateurs.py`` when the config needs it, else none."""
+    if not getattr(model.config, SHAPES_KEY, None):
+        return {}
+    stock = _stock_class(model).__name__
+    source = REMOTE_CODE.format(stock=stock, name=_remote_class_name(model), shapes=SHAPES_KEY)
+    return {f"{REMOTE_MODULE}.py": source}
+
+
+def reload_kwargs(folder: str | Path) -> dict:
+    """``from_pretrained`` arguments for a folder saved by secateurs (trusting only our own file)."""
+    return {"trust_remote_code": True} if _is_ours(folder) else {}
+
+
+def _is_ours(folder: str | Path) -> bool:
+    config = Path(folder) / "config.json"
+    if not (Path(folder) / f"{REMOTE_MODULE}.py").is_file() or not config.is_file():
+        return False
+    auto_map = json.loads(config.read_text()).get("auto_map") or {}
+    return bool(auto_map) and all(str(v).startswith(f"{REMOTE_MODULE}.") for v in auto_map.values())
+
+
+def load_sliced(folder: str | Path, **kwargs) -> PreTrainedModel:
+    """Reload a width-pruned folder (uniform or per-layer) with plain transformers."""
+    return AutoModelForCausalLM.from_pretrained(folder, **reload_kwargs(folder), **kwargs)
+
+
+__all__ = [
+    "apply_widths",
+    "keep_linear",
+    "load_sliced",
+    "mask_groups",
+    "reload_kwargs",
+    "remote_code_files",
+    "slice_groups",
+    "update_config",
+]

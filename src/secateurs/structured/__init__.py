@@ -1,0 +1,1 @@
+"""Structured width pruning: dependency groups, importance scores, selection, methods."""
