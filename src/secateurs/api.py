@@ -157,3 +157,27 @@ def save(
     """Save as an HF folder with ``secateurs.json`` (earlier stages of the input are kept)."""
     record = build_record(loaded.source, previous_stages(loaded.local_path) + stages, results)
     return save_model(loaded, out, record, overwrite)
+
+
+def export_sparse(loaded: LoadedModel, min_sparsity: float = 0.5) -> dict:
+    """Swap the pruned linears for SparseLinear (2:4 or bitmap) in place; returns the stage to record,
+    so that ``save`` writes the compressed format and ``load_model`` brings it back."""
+    from .kernels import sparsify
+
+    return sparsify(loaded.model, loaded.spec, min_sparsity).stage_record()
+
+
+def bench(
+    model: str,
+    baseline: str | None = None,
+    sparse: bool = True,
+    min_sparsity: float = 0.5,
+    device: str = "auto",
+    dtype: str = "auto",
+    config: Any = None,
+) -> dict:
+    """Speed and memory of MODEL (and of its sparse-kernel form) beside a dense ``baseline``, in one run."""
+    from .evaluate.speed import SpeedConfig, compare
+
+    torch_device = EngineOptions(device=device).torch_device()
+    return compare(model, baseline, sparse, min_sparsity, torch_device, dtype, config or SpeedConfig())

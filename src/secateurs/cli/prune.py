@@ -6,15 +6,16 @@ from typing import Annotated
 
 import typer
 
-from ..api import PruneConfig, evaluate_perplexity, prune, save
+from ..api import PruneConfig, evaluate_perplexity, export_sparse, prune, save
 from ..data.calib import CalibConfig
 from ..data.sources import check_name
 from ..engine.sequential import EngineOptions
+from ..errors import UsageError
 from ..model.load import load_model
 from ..model.save import check_out, local_input
 from ..sparsity.registry import method_names
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, parse_sparsity, table
+from .common import BatchSize, DataDir, Device, Dtype, csv_list, err_console, friendly, out_console, parse_options, parse_sparsity, table
 
 
 @app.command("prune")
@@ -51,6 +52,9 @@ def prune_command(
         bool, typer.Option(help="Keep calibration activations in host memory between blocks.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    export: Annotated[
+        str, typer.Option(help="dense: a plain HF folder; sparse: pruned linears stored compressed (2:4 / bitmap), load with secateurs.")
+    ] = "dense",
 ) -> None:
     """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
     config = PruneConfig(method, parse_sparsity(sparsity), pattern, parse_options(option))
@@ -61,6 +65,8 @@ def prune_command(
         calib_config.validate()
     for name in csv_list(ppl):
         check_name(name)
+    if export not in ("dense", "sparse"):
+        raise UsageError(f"--export {export!r} is not known; use dense or sparse")
     check_out(out, local_input(model), overwrite)
     loaded = load_model(model, dtype)
     check_out(out, loaded.local_path, overwrite)
@@ -80,6 +86,15 @@ def prune_command(
         for name, value in measured.items():
             rows.append([f"{name} perplexity", f"{value.ppl:.3f}" if not isinstance(value, str) else "unavailable"])
             results[f"ppl_{name}"] = value.to_dict() if not isinstance(value, str) else {"error": value}
-    path = save(loaded, out, [report.stage_record()], results, overwrite)
+    stages = [report.stage_record()]
+    if export == "sparse":
+        try:
+            stages.append(export_sparse(loaded))
+        except UsageError as exc:
+            err_console.print(f"[yellow]saving dense:[/] {exc}", highlight=False, soft_wrap=True)
+        else:
+            sizes = stages[-1]["weight_bytes"]
+            rows.append(["export", f"sparse, {len(stages[-1]['layers'])} linears at {sizes['compressed'] / sizes['dense']:.3f} of dense bytes"])
+    path = save(loaded, out, stages, results, overwrite)
     rows.append(["saved to", str(path)])
     out_console.print(table("secateurs prune", ["", "value"], rows))

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import UsageError
+from ..kernels.swap import export_stage, restore_sparse
 from .arch import ArchSpec, spec_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,11 +101,21 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(folder)
         spec_for(config)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        sparse_export = export_stage(folder) is not None
+        hf_logger = logging.getLogger("transformers")
+        level = hf_logger.level
+        if sparse_export:  # its compressed linears have no .weight on purpose: silence the "missing" warning
+            hf_logger.setLevel(logging.ERROR)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        finally:
+            hf_logger.setLevel(level)
     except UsageError:
         raise
     except Exception as exc:  # transformers raises many types for a broken folder
         raise UsageError(f"could not load the model in {folder}: {_first_line(exc)}") from exc
+    if sparse_export:
+        restore_sparse(model, folder, dtype)
     tokenizer = _try_tokenizer(folder)
     return _finish(model, tokenizer, source, folder.resolve())
 

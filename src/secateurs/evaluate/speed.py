@@ -1,0 +1,307 @@
+"""Speed and memory of a model as it will be served: prefill latency, time to first token, decode
+tokens/s, peak memory and checkpoint size, measured the same way for every model so they compare.
+
+Protocol (fixed so dense and pruned runs are comparable): seeded random token ids; ``warmup``
+untimed runs, then the median of ``repeats`` timed runs; CUDA work timed with CUDA events,
+CPU work with ``perf_counter``. Decode runs greedily on a ``StaticCache`` (fixed shapes), and on
+CUDA the one-token step is captured once in a CUDA graph and replayed, because eager decode of a
+small batch is launch-bound and would hide any kernel's speed (FIELD.md: HF eager 22–33 tokens/s vs
+108–131 with a static cache and graphs on a Llama-2-7B shape). If capture fails the step runs
+eagerly and the result says so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import StaticCache
+
+from ..errors import UsageError
+
+
+@dataclass
+class SpeedConfig:
+    """What to measure. Defaults: three prompt lengths up to 2048 (the papers' context), batch 1 and 8."""
+
+    prompt_lengths: tuple[int, ...] = (128, 512, 2048)
+    decode_batches: tuple[int, ...] = (1, 8)
+    decode_prompt: int = 32
+    new_tokens: int = 64
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+    cuda_graphs: bool = True
+
+    def check(self) -> None:
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise UsageError("--prompt-lengths needs positive lengths, e.g. 128,512,2048")
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise UsageError("--batches needs positive batch sizes, e.g. 1,8")
+        if self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
+            raise UsageError("--new-tokens and --repeats must be at least 1, --warmup at least 0")
+
+
+@dataclass
+class SpeedResult:
+    """One model's numbers; times in milliseconds, memory in MiB."""
+
+    label: str
+    device: str
+    prefill_ms: dict[int, float] = field(default_factory=dict)
+    ttft_ms: dict[int, float] = field(default_factory=dict)
+    decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
+    decode_mode: str = "eager"
+    weight_mib: float = 0.0
+    peak_mib: float | None = None
+    checkpoint_mib: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ids(batch: int, length: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """A function that runs ``work`` once and returns its duration in ms (events on CUDA)."""
+    if device.type == "cuda":
+
+        def timed(work: Callable[[], object]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            work()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return timed
+
+    def timed_cpu(work: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        work()
+        return (time.perf_counter() - start) * 1000
+
+    return timed_cpu
+
+
+def _median(work: Callable[[], object], timer, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        work()
+    return statistics.median(timer(work) for _ in range(repeats))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (compressed sparse weights count as what they store)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def folder_bytes(path: Path | None) -> int | None:
+    if path is None or not path.exists():
+        return None
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@torch.inference_mode()
+def prefill(model, config: SpeedConfig, device: torch.device, timer) -> tuple[dict[int, float], dict[int, float]]:
+    """Median forward time of one prompt per length, and time to first token (forward + argmax + copy to host)."""
+    vocab = model.config.get_text_config().vocab_size
+    prefill_ms, ttft_ms = {}, {}
+    for length in config.prompt_lengths:
+        ids = _ids(1, length, vocab, config.seed, device)
+        prefill_ms[length] = _median(lambda: model(ids, use_cache=False), timer, config.warmup, config.repeats)
+
+        def first_token() -> int:
+            start = time.perf_counter()
+            int(model(ids, use_cache=True).logits[0, -1].argmax())
+            return (time.perf_counter() - start) * 1000
+
+        for _ in range(config.warmup):
+            first_token()
+        ttft_ms[length] = statistics.median(first_token() for _ in range(config.repeats))
+    return prefill_ms, ttft_ms
+
+
+class _Decoder:
+    """Greedy decode of ``batch`` sequences on a StaticCache; one step is replayable as a CUDA graph."""
+
+    def __init__(self, model, batch: int, config: SpeedConfig, device: torch.device) -> None:
+        self.model = model
+        self.config = config
+        self.device = device
+        self.cache = StaticCache(config=model.config, max_cache_len=config.decode_prompt + config.new_tokens + 1)
+        self.prompt = _ids(batch, config.decode_prompt, model.config.get_text_config().vocab_size, config.seed, device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def start(self) -> None:
+        self.cache.reset()
+        n = self.prompt.shape[1]
+        logits = self.model(self.prompt, past_key_values=self.cache, cache_position=torch.arange(n, device=self.device),
+                            use_cache=True).logits
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.fill_(n)
+
+    def _step(self) -> None:
+        logits = self.model(self.token, past_key_values=self.cache, cache_position=self.position, use_cache=True).logits
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.add_(1)
+
+    def capture(self) -> bool:
+        """Record one step as a CUDA graph; False (and eager steps) if this model cannot be captured."""
+        self.start()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step()
+        except Exception:  # an op that syncs with the host or allocates oddly: fall back to eager steps
+            torch.cuda.synchronize(self.device)
+            return False
+        self.graph = graph
+        return True
+
+    def run(self) -> None:
+        step = self.graph.replay if self.graph is not None else self._step
+        for _ in range(self.config.new_tokens):
+            step()
+
+
+@torch.inference_mode()
+def decode(model, config: SpeedConfig, device: torch.device, timer) -> tuple[dict[int, float], str]:
+    """Tokens/s per batch size over ``new_tokens`` greedy steps after a short prompt (the prompt is not timed)."""
+    rates, mode = {}, "eager"
+    for batch in config.decode_batches:
+        decoder = _Decoder(model, batch, config, device)
+        if device.type == "cuda" and config.cuda_graphs and decoder.capture():
+            mode = "cuda-graph"
+        times = []
+        for i in range(config.warmup + config.repeats):
+            decoder.start()
+            ms = timer(decoder.run)
+            if i >= config.warmup:
+                times.append(ms)
+        rates[batch] = batch * config.new_tokens / (statistics.median(times) / 1000)
+        del decoder
+    return rates, mode
+
+
+def measure(model, label: str, device: torch.device, config: SpeedConfig, checkpoint: Path | None = None) -> SpeedResult:
+    """All speed and memory numbers of one model on ``device`` (the model is moved there and left there)."""
+    config.check()
+    model.to(device)
+    result = SpeedResult(label=label, device=str(device))
+    result.weight_mib = weight_bytes(model) / 2**20
+    size = folder_bytes(checkpoint)
+    result.checkpoint_mib = None if size is None else size / 2**20
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(config.seed)
+    timer = _timer(device)
+    result.prefill_ms, result.ttft_ms = prefill(model, config, device, timer)
+    result.decode_tokens_per_s, result.decode_mode = decode(model, config, device, timer)
+    if device.type == "cuda":
+        result.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def ratios(base: SpeedResult, other: SpeedResult) -> dict[str, dict]:
+    """``other`` relative to ``base`` as speedups (>1 = faster) and memory fractions (<1 = smaller)."""
+    out: dict[str, dict] = {
+        "prefill_speedup": {k: base.prefill_ms[k] / v for k, v in other.prefill_ms.items() if k in base.prefill_ms},
+        "ttft_speedup": {k: base.ttft_ms[k] / v for k, v in other.ttft_ms.items() if k in base.ttft_ms},
+        "decode_speedup": {k: v / base.decode_tokens_per_s[k] for k, v in other.decode_tokens_per_s.items()
+                           if k in base.decode_tokens_per_s},
+        "weight_fraction": {"all": other.weight_mib / base.weight_mib},
+    }
+    if base.peak_mib and other.peak_mib:
+        out["peak_fraction"] = {"all": other.peak_mib / base.peak_mib}
+    if base.checkpoint_mib and other.checkpoint_mib:
+        out["checkpoint_fraction"] = {"all": other.checkpoint_mib / base.checkpoint_mib}
+    return out
+
+
+def _move_away(model: torch.nn.Module, device: torch.device) -> None:
+    """Free the accelerator for the next model: one model on the device at a time."""
+    model.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compare(
+    model: str,
+    baseline: str | None,
+    sparse: bool,
+    min_sparsity: float,
+    device: torch.device,
+    dtype: str,
+    config: SpeedConfig,
+) -> dict:
+    """Measure the baseline, MODEL as stored and MODEL on sparse kernels, one after another, same protocol.
+
+    A model without sparse layers is still measured dense, with a note instead of a sparse column;
+    on CPU (or without Triton) sparse layers run the exact reference path, and a note says so.
+    """
+    from ..kernels import HAVE_TRITON, sparse_layers, sparsify
+    from ..model.load import load_model
+
+    config.check()
+    dtype = ("float16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype
+    results: list[SpeedResult] = []
+    notes: list[str] = []
+    swapped = None
+    if baseline is not None:
+        loaded = load_model(baseline, dtype)
+        results.append(measure(loaded.model, "baseline", device, config, loaded.local_path))
+        _move_away(loaded.model, device)
+        del loaded
+    loaded = load_model(model, dtype)
+    if sparse_layers(loaded.model):
+        results.append(measure(loaded.model, "sparse", device, config, loaded.local_path))
+    else:
+        results.append(measure(loaded.model, "pruned" if baseline else "model", device, config, loaded.local_path))
+        if sparse:
+            _move_away(loaded.model, device)
+            try:
+                swapped = sparsify(loaded.model, loaded.spec, min_sparsity)
+            except UsageError as exc:
+                notes.append(f"no sparse run: {exc}")
+            else:
+                results.append(measure(loaded.model, "sparse", device, config))
+    if len(results) > 1 and any(r.label == "sparse" for r in results):
+        if device.type != "cuda":
+            notes.append("on CPU sparse layers run the exact PyTorch reference (expand, then dense matmul): no speedup expected")
+        elif not HAVE_TRITON:
+            notes.append("triton is not installed: sparse layers run the PyTorch reference path (pip install triton)")
+    first = results[0]
+    return {
+        "device": str(device),
+        "dtype": dtype,
+        "config": asdict(config),
+        "results": [r.to_dict() for r in results],
+        "ratios": {r.label: ratios(first, r) for r in results[1:]},
+        "notes": notes,
+        "sparsify": None if swapped is None else swapped.stage_record(),
+    }
