@@ -1,0 +1,1 @@
+"""Depth pruning: criteria that rank decoder layers, removal, and projection compensation."""
