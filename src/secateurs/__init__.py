@@ -2,6 +2,7 @@
 
 from .api import PruneConfig, PruneReport, evaluate_perplexity, prune, save
 from .data.calib import CalibConfig
+from .depth.prune import LayerConfig, LayerReport, prune_layers
 from .engine.sequential import EngineOptions
 from .errors import NumericalError, SecateursError, UsageError
 from .model.load import LoadedModel, load_model
@@ -9,6 +10,8 @@ from .model.load import LoadedModel, load_model
 __all__ = [
     "CalibConfig",
     "EngineOptions",
+    "LayerConfig",
+    "LayerReport",
     "LoadedModel",
     "NumericalError",
     "PruneConfig",
@@ -18,5 +21,6 @@ __all__ = [
     "evaluate_perplexity",
     "load_model",
     "prune",
+    "prune_layers",
     "save",
 ]

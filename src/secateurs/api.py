@@ -18,6 +18,7 @@ import torch
 
 from .data.calib import CalibConfig, calibration_ids, tokenize
 from .data.sources import load_text
+from .depth.prune import LayerConfig, LayerReport, prune_layers
 from .engine.sequential import EngineOptions, run_blocks
 from .errors import SecateursError, UsageError
 from .evaluate.perplexity import Perplexity, perplexity
@@ -153,10 +154,11 @@ def save(
     stages: list[dict],
     results: dict | None = None,
     overwrite: bool = False,
+    extras: dict[str, bytes] | None = None,
 ) -> Path:
-    """Save as an HF folder with ``secateurs.json`` (earlier stages of the input are kept)."""
+    """Save as an HF folder with ``secateurs.json`` (earlier stages of the input are kept) and ``extras``."""
     record = build_record(loaded.source, previous_stages(loaded.local_path) + stages, results)
-    return save_model(loaded, out, record, overwrite)
+    return save_model(loaded, out, record, overwrite, extras)
 
 
 def export_sparse(loaded: LoadedModel, min_sparsity: float = 0.5) -> dict:

@@ -48,8 +48,11 @@ def previous_stages(input_path: Path | None) -> list[dict]:
         return []
 
 
-def save_model(loaded: LoadedModel, out: str | Path, record: dict, overwrite: bool = False) -> Path:
-    """Write model, tokenizer and ``secateurs.json`` to OUT via a temporary folder and a rename."""
+def save_model(
+    loaded: LoadedModel, out: str | Path, record: dict, overwrite: bool = False, extras: dict[str, bytes] | None = None
+) -> Path:
+    """Write model, tokenizer, ``secateurs.json`` and ``extras`` (file name → bytes, e.g. a plot) to
+    OUT via a temporary folder and a rename, so they appear together or not at all."""
     target = check_out(out, loaded.local_path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -58,6 +61,8 @@ def save_model(loaded: LoadedModel, out: str | Path, record: dict, overwrite: bo
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        for name, data in (extras or {}).items():
+            (tmp / name).write_bytes(data)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             old.rmdir()
