@@ -1,0 +1,403 @@
+"""Recipes: a YAML chain of CLI stages (layers, width, prune, shear, recover, eval, bench), validated
+before any work starts, each stage's output kept and reused when nothing it depends on changed.
+
+A stage's key is a ``secateurs`` subcommand and its fields are exactly that command's flags (with
+``_`` or ``-``): the recipe runner reads the command's own signature to validate the fields and then
+calls the command's own function, so a recipe and a CLI call cannot drift apart.
+
+.. code-block:: yaml
+
+    model: smollm2-135m
+    calib: {source: wikitext2, n_samples: 32, seq_len: 512, seed: 0}
+    stages:
+      - layers: {method: gradmap, remove: 3, compensate: true}
+      - prune:  {method: sparsegpt, sparsity: 0.5, pattern: "2:4"}
+      - recover: {method: lora, steps: 50}
+      - eval:   {ppl: [wikitext2], tasks: [piqa]}
+    out: runs/smollm2-d3-24-lora
+
+``calib`` gives defaults for every stage whose command takes calibration flags (``calib``,
+``n_samples``, ``seq_len``, ``seed``, ``data_dir``); a stage's own fields win. ``model`` and ``out``
+are set by the runner: stage *i* reads stage *i−1*'s output and writes ``OUT/stages/NN-name``.
+Measuring stages (``eval``, ``bench``) read the current model and write their results into their
+stage folder. The final model is linked into OUT itself, with a ``secateurs.json`` holding every
+stage's config, timing and results.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SecateursError, UsageError
+from .model.save import RECORD
+from .record import build_record
+
+STAGE_COMMANDS = ("layers", "width", "prune", "shear", "recover", "eval", "bench")
+RUNNER_FIELDS = ("model", "out", "overwrite")
+CALIB_KEYS = {"source": "calib", "n_samples": "n_samples", "seq_len": "seq_len", "seed": "seed", "data_dir": "data_dir"}
+TOP_LEVEL = ("model", "calib", "stages", "out")
+STAGE_MARKER = "stage.json"
+RESULT_FILES = {"eval": "json_out", "bench": "json_out"}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of a subcommand: its Python name, the type it takes, and its default."""
+
+    name: str
+    kind: str  # "str" | "int" | "float" | "bool" | "list"
+    default: Any
+    required: bool
+
+
+@dataclass
+class Stage:
+    """A validated stage: command name, its resolved flag values, and where it writes."""
+
+    index: int
+    command: str
+    fields: dict[str, Any]
+    produces_model: bool
+    folder: str = ""
+    key: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.index + 1} ({self.command})"
+
+
+@dataclass
+class Recipe:
+    model: str
+    stages: list[Stage]
+    out: Path
+    calib: dict[str, Any] = field(default_factory=dict)
+
+
+def _commands() -> dict[str, Callable]:
+    """The raw (not error-wrapped) function of every registered stage subcommand."""
+    from .cli import app
+
+    found = {}
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__
+        if name in STAGE_COMMANDS:
+            found[name] = inspect.unwrap(info.callback)
+    return found
+
+
+def _kind(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _kind(args[0])
+    if typing.get_origin(annotation) is list:
+        return "list"
+    if args and len(args) == 1:
+        return _kind(args[0])
+    return {bool: "bool", int: "int", float: "float"}.get(annotation, "str")
+
+
+def flags_of(function: Callable) -> dict[str, Flag]:
+    """The flags a subcommand takes, read from its signature (the CLI's own definition)."""
+    hints = typing.get_type_hints(function, include_extras=True)
+    flags = {}
+    for name, parameter in inspect.signature(function).parameters.items():
+        default = parameter.default
+        default = getattr(default, "default", default)  # typer.Option(...) style defaults
+        required = parameter.default is inspect.Parameter.empty or default is ...
+        flags[name] = Flag(name, _kind(hints.get(name, str)), None if required else default, required)
+    return flags
+
+
+def _coerce(stage: str, key: str, value: Any, flag: Flag) -> Any:
+    where = f"{stage}: {key}"
+    if flag.kind == "bool":
+        if not isinstance(value, bool):
+            raise UsageError(f"{where} must be true or false, got {value!r}")
+        return value
+    if flag.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{where} must be an integer, got {value!r}")
+        return value
+    if flag.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if flag.kind == "list":
+        if isinstance(value, dict):
+            return [f"{k}={v}" for k, v in value.items()]
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+        raise UsageError(f"{where} must be a list or a mapping, got {value!r}")
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UsageError(f"{where} must be a string, a number or a list, got {value!r}")
+
+
+def _did_you_mean(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(choices))}"
+
+
+def load_recipe(source: str | Path | dict, out: str | Path | None = None) -> Recipe:
+    """Parse and validate a recipe (a YAML path or a dict); every error names the stage and key."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"recipe not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise UsageError("a recipe is a mapping with keys model, stages and out")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise UsageError(f"recipe: unknown key {key!r}{_did_you_mean(key, list(TOP_LEVEL))}")
+    if not isinstance(raw.get("model"), str):
+        raise UsageError("recipe: 'model' must name the input model (folder, hub id, .gguf or shortcut)")
+    target = out or raw.get("out")
+    if not target:
+        raise UsageError("recipe: no output folder; set 'out' in the recipe or pass --out")
+    calib = raw.get("calib") or {}
+    if not isinstance(calib, dict):
+        raise UsageError("recipe: 'calib' must be a mapping like {source: wikitext2, n_samples: 32}")
+    for key in calib:
+        if key not in CALIB_KEYS:
+            raise UsageError(f"recipe calib: unknown key {key!r}{_did_you_mean(key, list(CALIB_KEYS))}")
+    entries = raw.get("stages")
+    if not isinstance(entries, list) or not entries:
+        raise UsageError("recipe: 'stages' must be a non-empty list of {command: {flags}}")
+    commands = _commands()
+    stages = [_stage(i, entry, commands, calib) for i, entry in enumerate(entries)]
+    recipe = Recipe(raw["model"], stages, Path(target).expanduser(), calib)
+    _check_sequence(recipe)
+    _assign_keys(recipe)
+    return recipe
+
+
+def _stage(index: int, entry: Any, commands: dict[str, Callable], calib: dict) -> Stage:
+    label = f"stage {index + 1}"
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise UsageError(f"{label}: each stage is one mapping like 'prune: {{method: wanda}}'")
+    command, given = next(iter(entry.items()))
+    if command not in STAGE_COMMANDS:
+        raise UsageError(f"{label}: unknown stage {command!r}{_did_you_mean(str(command), list(STAGE_COMMANDS))}")
+    if command not in commands:
+        raise UsageError(f"{label}: stage {command!r} is not available in this installation of secateurs")
+    label = f"{label} ({command})"
+    given = given or {}
+    if not isinstance(given, dict):
+        raise UsageError(f"{label}: its fields must be a mapping of flag: value")
+    flags = flags_of(commands[command])
+    fields: dict[str, Any] = {}
+    if "calib" in flags:
+        for recipe_key, flag_name in CALIB_KEYS.items():
+            if recipe_key in calib and flag_name in flags:
+                fields[flag_name] = _coerce(f"{label} calib", recipe_key, calib[recipe_key], flags[flag_name])
+    settable = [name for name in flags if name not in RUNNER_FIELDS]
+    for key, value in given.items():
+        name = str(key).replace("-", "_")
+        if name in RUNNER_FIELDS:
+            raise UsageError(f"{label}: {key!r} is set by the recipe runner; remove it")
+        if name not in flags:
+            raise UsageError(f"{label}: unknown key {key!r}{_did_you_mean(name, settable)}")
+        fields[name] = _coerce(label, key, value, flags[name])
+    for name, flag in flags.items():
+        if name in RUNNER_FIELDS:
+            continue
+        if flag.required and name not in fields:
+            raise UsageError(f"{label}: missing required key {name!r}")
+        fields.setdefault(name, flag.default)
+    return Stage(index, command, fields, produces_model="out" in flags)
+
+
+def _check_sequence(recipe: Recipe) -> None:
+    """Reject chains that would silently undo an earlier stage."""
+    sparse_before = None
+    for stage in recipe.stages:
+        if stage.command == "prune":
+            sparse_before = stage
+        if stage.command in ("width", "shear") and sparse_before is not None:
+            raise UsageError(
+                f"{stage.label}: structured pruning after {sparse_before.label} would discard its sparsity "
+                "masks' layout; put width/shear stages before prune"
+            )
+        if stage.command == "recover" and sparse_before is not None and stage.fields.get("keep_sparsity") is False:
+            raise UsageError(
+                f"{stage.label}: keep_sparsity false would densify the model pruned in {sparse_before.label}; "
+                "drop keep_sparsity or move recover before prune"
+            )
+    _check_nm_after_width(recipe)
+
+
+def _check_nm_after_width(recipe: Recipe) -> None:
+    """A width stage's MLP width must stay divisible by a later N:M pattern's M."""
+    from .sparsity.masks import Pattern
+
+    width = None
+    for stage in recipe.stages:
+        if stage.command == "width":
+            width = stage
+        if stage.command == "prune" and width is not None:
+            pattern = Pattern.parse(str(stage.fields.get("pattern", "unstructured")))
+            multiple = width.fields.get("round_to")
+            if pattern.is_nm and isinstance(multiple, int) and multiple % pattern.m:
+                raise UsageError(
+                    f"{width.label}: round_to {multiple} is not a multiple of {pattern.m}, so the pruned widths "
+                    f"break the {pattern} pattern of {stage.label}; use round_to {pattern.m * max(1, multiple // pattern.m)}"
+                )
+
+
+def _input_identity(model: str) -> str:
+    """What the first stage's content hash depends on: the source, and for local files their stats."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return model + "|" + "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def _assign_keys(recipe: Recipe) -> None:
+    """Content hash per stage: its command and fields, chained on the previous stage's hash."""
+    previous = hashlib.sha256(_input_identity(recipe.model).encode()).hexdigest()
+    for stage in recipe.stages:
+        payload = json.dumps({"command": stage.command, "fields": stage.fields}, sort_keys=True, default=str)
+        stage.key = hashlib.sha256((previous + payload).encode()).hexdigest()
+        stage.folder = f"{stage.index + 1:02d}-{stage.command}"
+        previous = stage.key
+
+
+def _is_done(folder: Path, stage: Stage) -> bool:
+    marker = folder / STAGE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("key") == stage.key
+    except json.JSONDecodeError:
+        return False
+
+
+def estimate(recipe: Recipe) -> list[dict]:
+    """The plan: per stage whether it would run or be reused, and a rough token count it processes."""
+    stages_dir = recipe.out / "stages"
+    plan = []
+    for stage in recipe.stages:
+        f = stage.fields
+        tokens = 0
+        if f.get("calib") and f.get("n_samples") and f.get("seq_len"):
+            tokens += 2 * int(f["n_samples"]) * int(f["seq_len"])
+        if f.get("steps"):
+            tokens += 3 * int(f["steps"]) * int(f.get("batch_size") or 1) * int(f.get("seq_len") or 512)
+        plan.append({
+            "stage": stage.folder,
+            "action": "reuse" if _is_done(stages_dir / stage.folder, stage) else "run",
+            "fields": {k: v for k, v in f.items() if v not in (None, False, [], "")},
+            "forward_token_equivalents": tokens or None,
+        })
+    return plan
+
+
+def run(
+    recipe: str | Path | dict | Recipe,
+    out: str | Path | None = None,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Run (or, with ``dry_run``, only plan) a recipe; returns the final ``secateurs.json`` record."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, out)
+    if dry_run:
+        return {"plan": estimate(recipe)}
+    commands = _commands()
+    stages_dir = recipe.out / "stages"
+    if recipe.out.is_file() or (recipe.out.is_dir() and any(recipe.out.iterdir()) and not stages_dir.is_dir()):
+        raise UsageError(f"--out {recipe.out} exists and is not a recipe output folder; choose another")
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    current = recipe.model
+    history: list[dict] = []
+    for stage in recipe.stages:
+        folder = stages_dir / stage.folder
+        if _is_done(folder, stage):
+            echo(f"{stage.label}: unchanged, reusing {folder}")
+            done = json.loads((folder / STAGE_MARKER).read_text())
+        else:
+            echo(f"{stage.label}: running")
+            done = _run_stage(commands[stage.command], stage, current, folder)
+        history.append(done)
+        if stage.produces_model:
+            current = str(folder / "model")
+    record = build_record(recipe.model, history, {"final_model": current})
+    _publish(recipe.out, current if current != recipe.model else None, record)
+    return record
+
+
+def _run_stage(function: Callable, stage: Stage, model: str, folder: Path) -> dict:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    kwargs = dict(stage.fields)
+    kwargs["model"] = model
+    if stage.produces_model:
+        kwargs["out"] = str(folder / "model")
+        if "overwrite" in inspect.signature(function).parameters:
+            kwargs["overwrite"] = False
+    result_flag = RESULT_FILES.get(stage.command)
+    if result_flag and result_flag in kwargs:
+        kwargs[result_flag] = str(folder / "results.json")
+    start = time.perf_counter()
+    try:
+        function(**kwargs)
+    except SecateursError as exc:
+        raise type(exc)(f"{stage.label}: {exc}") from exc
+    done = {
+        "stage": stage.command,
+        "folder": stage.folder,
+        "key": stage.key,
+        "config": stage.fields,
+        "seconds": round(time.perf_counter() - start, 2),
+        "input": model,
+    }
+    model_record = folder / "model" / RECORD
+    if model_record.is_file():
+        written = json.loads(model_record.read_text())
+        done["record"] = (written.get("stages") or [{}])[-1]
+        done["results"] = written.get("results", {})
+    results = folder / "results.json"
+    if results.is_file():
+        done["results"] = json.loads(results.read_text())
+    (folder / STAGE_MARKER).write_text(json.dumps(done, indent=2, default=str) + "\n")
+    return done
+
+
+def _publish(out: Path, final_model: str | None, record: dict) -> None:
+    """Link the final model's files into OUT (so OUT loads with transformers) and write the record."""
+    if final_model is not None:
+        for old in out.iterdir():
+            if old.is_file():
+                old.unlink()
+        for source in Path(final_model).iterdir():
+            if source.is_file() and source.name != RECORD:
+                try:
+                    os.link(source, out / source.name)
+                except OSError:
+                    shutil.copy2(source, out / source.name)
+    tmp = out / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(out / RECORD)
