@@ -1,0 +1,37 @@
+"""``secateurs report``: report.md and PNG plots from the runs given (output folders or records)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+from ..report import load_run, results_table, write_report
+from . import app
+from .common import friendly, out_console
+
+
+@app.command("report")
+@friendly
+def report_command(
+    runs: Annotated[
+        list[str],
+        typer.Argument(help="secateurs output folders, their secateurs.json, or `secateurs eval --json` files."),
+    ],
+    out: Annotated[
+        str | None,
+        typer.Option("--out", help="Folder for report.md and the plots (default: the run's folder when one is given)."),
+    ] = None,
+    title: Annotated[str, typer.Option(help="Heading of report.md.")] = "secateurs report",
+) -> None:
+    """Tabulate perplexity, zero-shot accuracy, size and speed of runs, and plot them against what was removed."""
+    if out is None:
+        if len(runs) != 1 or not Path(runs[0]).is_dir():
+            raise UsageError("pass --out DIR for the report (it defaults to the run's folder only for one folder)")
+        out = runs[0]
+    loaded = [load_run(path) for path in runs]
+    report = write_report(loaded, out, title)
+    out_console.print(results_table(loaded), markup=False, highlight=False, soft_wrap=True)
+    out_console.print(f"wrote {report} (and its plots)", highlight=False)
