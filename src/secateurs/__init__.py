@@ -5,7 +5,9 @@ from .data.calib import CalibConfig
 from .depth.prune import LayerConfig, LayerReport, prune_layers
 from .engine.sequential import EngineOptions
 from .errors import NumericalError, SecateursError, UsageError
+from .evaluate.zeroshot import ZeroShot, zero_shot
 from .model.load import LoadedModel, load_model
+from .report import load_run, write_report
 
 __all__ = [
     "CalibConfig",
@@ -18,9 +20,13 @@ __all__ = [
     "PruneReport",
     "SecateursError",
     "UsageError",
+    "ZeroShot",
     "evaluate_perplexity",
     "load_model",
+    "load_run",
     "prune",
     "prune_layers",
     "save",
+    "write_report",
+    "zero_shot",
 ]
