@@ -28,6 +28,7 @@ from .model.save import previous_stages, save_model
 from .record import build_record, peak_memory_mb
 from .sparsity.base import SparsityTarget, build_options
 from .sparsity.masks import sparsity_of
+from .sparsity.owl import ALLOCATIONS, OwlOptions, owl_target
 from .sparsity.registry import method_class
 
 
@@ -39,6 +40,10 @@ class PruneConfig:
     sparsity: float | list[float] | None = None
     pattern: str = "unstructured"
     options: dict[str, Any] = field(default_factory=dict)
+    # How one --sparsity value is spread over blocks: "uniform", or "owl" (outlier-weighted, with
+    # allocation_options m / lam, see sparsity/owl.py).
+    allocation: str = "uniform"
+    allocation_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +69,8 @@ class PruneReport:
             "pattern": str(self.target.pattern),
             "sparsity": list(self.target.per_block),
             "options": self.config.options,
+            "allocation": self.config.allocation,
+            "allocation_options": self.config.allocation_options,
             "calibration": asdict(self.calibration) if self.calibration else None,
             "seed": self.calibration.seed if self.calibration else None,
             "achieved_sparsity": {"mean": self.achieved, "per_layer": self.per_layer},
@@ -103,12 +110,20 @@ def prune(
         method.target.pattern.check_fits(weight_matrix(module).shape[1], name)
     if cls.needs_calibration and calib is None:
         raise UsageError(f"method {config.method} needs calibration data: pass --calib (e.g. wikitext2 or self)")
+    if config.allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation {config.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+    owl = config.allocation == "owl"
+    owl_options = build_options(OwlOptions, config.allocation_options) if owl else None
+    if owl and calib is None:
+        raise UsageError("--allocation owl measures outliers on calibration data: pass --calib")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     ids = None
-    if calib is not None and (cls.needs_calibration or cls.statistics):
+    if calib is not None and (cls.needs_calibration or cls.statistics or owl):
         ids = calibration_ids(calib, loaded.tokenizer, loaded.model)
+    if owl:
+        method.target = owl_target(loaded.model, loaded.spec, method.target, ids, engine, owl_options)
     run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks")
     return PruneReport(
         config=config,

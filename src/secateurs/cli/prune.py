@@ -32,6 +32,11 @@ def prune_command(
     option: Annotated[
         list[str] | None, typer.Option("--option", "-o", help="Method option key=value (repeatable).")
     ] = None,
+    allocation: Annotated[
+        str, typer.Option(help="Spread --sparsity over blocks: uniform, or owl (outlier-weighted, needs --calib).")
+    ] = "uniform",
+    owl_m: Annotated[float, typer.Option(help="OWL: a weight is an outlier above M × its block's mean Wanda score.")] = 5.0,
+    owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities stay within target ± lambda.")] = 0.08,
     calib: Annotated[
         str | None,
         typer.Option(help="Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path. Methods that need data require it."),
@@ -57,7 +62,10 @@ def prune_command(
     ] = "dense",
 ) -> None:
     """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
-    config = PruneConfig(method, parse_sparsity(sparsity), pattern, parse_options(option))
+    config = PruneConfig(
+        method, parse_sparsity(sparsity), pattern, parse_options(option),
+        allocation=allocation, allocation_options={"m": owl_m, "lam": owl_lambda},
+    )
     calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir) if calib else None
     engine = EngineOptions(device=device, batch_size=batch_size, offload_activations=offload_activations)
     engine.torch_device()

@@ -12,6 +12,7 @@ Only one block and the calibration activations are on the accelerator at a time.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Callable
@@ -58,6 +59,9 @@ class EngineOptions:
     device: str = "auto"
     batch_size: int = 1
     offload_activations: bool = False
+    # Seconds per engine stage (capture, statistics, solve, propagate, transfer), summed over
+    # blocks and runs; CUDA is synchronised at each stage boundary so the split is honest.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -169,18 +173,71 @@ def _check_activations(index: int, out: torch.Tensor, stage: str) -> None:
         raise NumericalError(f"block {index}: NaN or inf in the block's output {stage}")
 
 
-def _stat_hooks(linears: dict[str, nn.Module], kinds: dict[str, type[Accumulator]], device) -> tuple[Stats, list]:
-    stats: Stats = {}
-    handles = []
-    for name, module in linears.items():
-        stats[name] = {kind: cls(in_features(module), device) for kind, cls in kinds.items()}
+class _StatHooks:
+    """Forward hooks that feed each linear's accumulators with its input.
 
-        def hook(_module, args, _output, accumulators=stats[name]):
-            for acc in accumulators.values():
-                acc.update(args[0])
+    Linears that receive the very same input tensor in a forward pass (q/k/v, gate/up) are fed
+    once: the first of them accumulates and the others get a copy of its sums after the pass, so
+    every linear still owns its own accumulators while the work is done once per distinct input.
+    """
 
-        handles.append(module.register_forward_hook(hook))
-    return stats, handles
+    def __init__(self, linears: dict[str, nn.Module], kinds: dict[str, type[Accumulator]], device) -> None:
+        self.stats: Stats = {
+            name: {kind: cls(in_features(module), device) for kind, cls in kinds.items()}
+            for name, module in linears.items()
+        }
+        self._owner: dict[str, str] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = [
+            module.register_forward_hook(functools.partial(self._hook, name)) for name, module in linears.items()
+        ]
+
+    def _hook(self, name: str, _module: nn.Module, args: tuple, _output) -> None:
+        x = args[0]
+        seen = self._seen.get(id(x))
+        shared = seen is not None and seen[0] is x
+        owner = self._owner.setdefault(name, seen[1] if shared else name)
+        if owner != name:
+            if not (shared and seen[1] == owner):
+                raise RuntimeError(f"{name} stopped sharing its input with {owner} between batches")
+            return
+        self._seen[id(x)] = (x, name)
+        for acc in self.stats[name].values():
+            acc.update(x)
+
+    def next_batch(self) -> None:
+        """Forget the inputs of the last forward pass (sharing is judged within one pass)."""
+        self._seen.clear()
+
+    def finish(self) -> Stats:
+        """Remove the hooks and give every sharing linear a copy of its owner's sums."""
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+        for name, owner in self._owner.items():
+            if owner != name:
+                for kind, acc in self.stats[name].items():
+                    source = self.stats[owner][kind]
+                    for mine, theirs in zip(acc.tensors(), source.tensors(), strict=True):
+                        mine.copy_(theirs)
+                    acc.n_tokens = source.n_tokens
+        return self.stats
+
+
+class _StageClock:
+    """Adds wall seconds per stage into ``EngineOptions.stage_seconds``."""
+
+    def __init__(self, seconds: dict[str, float], device: torch.device) -> None:
+        self.seconds = seconds
+        self.device = device
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
 
 
 def run_blocks(
@@ -197,11 +254,13 @@ def run_blocks(
     blocks = spec.blocks_of(model)
     if method.needs_calibration and calib_ids is None:
         raise UsageError(f"{type(method).__name__} needs calibration data: pass --calib")
+    clock = _StageClock(options.stage_seconds, device)
     captured = None
     if calib_ids is not None and (method.statistics or method.needs_calibration):
         store = torch.device("cpu") if options.offload_activations else device
         batches = list(calib_ids.split(max(options.batch_size, 1)))
         captured = capture_inputs(model, spec, batches, store)
+        clock.lap("capture")
     seconds = []
     for index in track(range(len(blocks)), description, total=len(blocks)):
         start = time.perf_counter()
@@ -210,11 +269,14 @@ def run_blocks(
         block.to(device)
         linears = spec.linears(block)
         _check_weights(index, linears)
+        clock.lap("transfer")
         if captured is None:
             method.process_block(index, block, linears, {})
+            clock.lap("solve")
         else:
-            _calibrate_block(index, block, linears, method, captured, device)
+            _calibrate_block(index, block, linears, method, captured, device, clock)
         block.to(home)
+        clock.lap("transfer")
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -226,13 +288,15 @@ def _calibrate_block(
     method: BlockMethod,
     captured: Captured,
     device: torch.device,
+    clock: _StageClock,
 ) -> None:
     """Statistics pass, method decision, propagation pass for one block (in place in ``captured``)."""
-    stats, handles = _stat_hooks(linears, method.statistics, device)
+    hooks = _StatHooks(linears, method.statistics, device)
     outputs: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             for b, hidden in enumerate(captured.hidden):
+                hooks.next_batch()
                 x = hidden.to(device)
                 out = _block_output(block(x, **_to(captured.block_kwargs[index][b], device)))
                 _check_activations(index, out, "during calibration")
@@ -240,10 +304,11 @@ def _calibrate_block(
                 if not method.modifies_weights:
                     outputs.append(out.to(hidden.device))
     finally:
-        for handle in handles:
-            handle.remove()
+        stats = hooks.finish()
+    clock.lap("statistics")
     method.process_block(index, block, linears, stats)
-    del stats
+    del stats, hooks
+    clock.lap("solve")
     if not method.modifies_weights:
         captured.hidden = outputs
         return
@@ -253,3 +318,4 @@ def _calibrate_block(
             out = _block_output(block(hidden.to(device), **_to(captured.block_kwargs[index][b], device)))
             _check_activations(index, out, "after pruning")
             captured.hidden[b] = out.to(hidden.device)
+    clock.lap("propagate")

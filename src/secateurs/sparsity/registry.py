@@ -9,6 +9,8 @@ from .base import SparsityMethod
 
 METHODS: dict[str, str] = {
     "magnitude": "secateurs.sparsity.magnitude:Magnitude",
+    "wanda": "secateurs.sparsity.wanda:Wanda",
+    "sparsegpt": "secateurs.sparsity.sparsegpt:SparseGPT",
 }
 
 

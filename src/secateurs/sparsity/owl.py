@@ -1,0 +1,95 @@
+"""OWL: outlier-weighted layerwise sparsity — blocks with more outlier weights are pruned less.
+
+Yin et al., "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce for Pruning LLMs to
+High Sparsity" (2024). A dense pass over the blocks measures each block's outlier ratio D: the share
+of its Wanda scores |W_ij|·‖X_j‖₂ above M times the block's mean score. Ratios are rescaled to
+[0, 2λ], and block i gets sparsity S − (D'_i − mean D'), so the mean sparsity equals the target S
+and every block stays within S ± λ. Paper defaults: M = 5, λ = 0.08. The schedule then drives any
+unstructured method (magnitude, Wanda, SparseGPT) through the same per-block target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..engine.sequential import BlockMethod, EngineOptions, Stats, run_blocks
+from ..engine.stats import InputSqNorm
+from ..errors import UsageError
+from ..model.arch import ArchSpec
+from ..model.linear import weight_matrix
+from .base import SparsityTarget
+from .wanda import wanda_scores
+
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass(frozen=True)
+class OwlOptions:
+    m: float = 5.0
+    lam: float = 0.08
+
+
+class OutlierRatios(BlockMethod):
+    """Observe-only pass: each block's share of Wanda scores above ``m`` × the block's mean score."""
+
+    needs_calibration = True
+    modifies_weights = False
+    statistics = {"norm": InputSqNorm}
+
+    def __init__(self, m: float) -> None:
+        self.m = m
+        self.ratios: list[float] = []
+
+    def process_block(self, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats) -> None:
+        # Two sweeps (mean, then count) so the block's scores never sit in memory all at once.
+        total, count = 0.0, 0
+        for name, module in linears.items():
+            scores = wanda_scores(weight_matrix(module), stats[name]["norm"])
+            total += float(scores.sum(dtype=torch.float64))
+            count += scores.numel()
+        threshold = self.m * total / count
+        above = sum(
+            int((wanda_scores(weight_matrix(module), stats[name]["norm"]) > threshold).sum())
+            for name, module in linears.items()
+        )
+        self.ratios.append(above / count)
+
+
+def owl_schedule(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """Per-block sparsities with mean ``sparsity``, lower where the outlier ratio is higher."""
+    low, high = min(ratios), max(ratios)
+    if high == low:
+        return [sparsity] * len(ratios)
+    scaled = [(r - low) / (high - low) * 2 * lam for r in ratios]
+    mean = sum(scaled) / len(scaled)
+    schedule = [sparsity - (s - mean) for s in scaled]
+    for i, value in enumerate(schedule):
+        if not 0.0 <= value < 1.0:
+            raise UsageError(
+                f"OWL with lambda {lam:g} gives block {i} sparsity {value:.3f}, outside [0, 1); "
+                "lower --owl-lambda or the sparsity"
+            )
+    return schedule
+
+
+def owl_target(
+    model: nn.Module,
+    spec: ArchSpec,
+    target: SparsityTarget,
+    calib_ids: torch.Tensor,
+    engine: EngineOptions,
+    options: OwlOptions,
+) -> SparsityTarget:
+    """Replace a uniform unstructured target by OWL's per-block schedule (one dense pass)."""
+    if target.pattern.is_nm:
+        raise UsageError(f"--allocation owl sets unstructured per-block sparsity; {target.pattern} fixes it, use --pattern unstructured")
+    if len(set(target.per_block)) != 1:
+        raise UsageError("--allocation owl spreads one --sparsity value over the blocks; pass a single value")
+    if options.m <= 0 or options.lam < 0:
+        raise UsageError(f"OWL needs --owl-m > 0 and --owl-lambda ≥ 0, got {options.m:g} and {options.lam:g}")
+    observer = OutlierRatios(options.m)
+    run_blocks(model, spec, observer, calib_ids, engine, "OWL outlier ratios")
+    return SparsityTarget(tuple(owl_schedule(observer.ratios, target.per_block[0], options.lam)), target.pattern)
