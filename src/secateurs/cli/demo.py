@@ -30,7 +30,7 @@ HELD_OUT_SEED_OFFSET = 1000
 @friendly
 def demo_command(
     model: Annotated[str, typer.Option(help="Model to prune.")] = "smollm2-135m",
-    method: Annotated[str, typer.Option(help=f"One of: {', '.join(method_names())}.")] = "magnitude",
+    method: Annotated[str, typer.Option(help=f"One of: {', '.join(method_names())}.")] = "wanda",
     sparsity: Annotated[str | None, typer.Option(help="Fraction to remove (default 0.5).")] = None,
     pattern: Annotated[str, typer.Option(help="unstructured or N:M.")] = "unstructured",
     n_samples: Annotated[int, typer.Option(help="Self-generated calibration sequences.")] = 16,
