@@ -168,8 +168,8 @@ def bitmap_matmul(x: torch.Tensor, fmt: Bitmap, config: Config) -> torch.Tensor:
 def candidates(kind: str, m: int) -> list[Config]:
     """The launch configurations tried for ``m`` rows of activations; the tuner times each."""
     if m <= 16:
-        bk = (256, 128) if kind == "2:4" else (SEGMENT,)
-        return [Config(16, bn, k, split, 4, 4) for bn in (32, 64) for k in bk for split in (1, 2, 4)][:8]
+        ks = (256, 128) if kind == "2:4" else (SEGMENT,)
+        return [Config(16, bn, k, split, 4, 4) for k in ks for bn in (32, 64) for split in (1, 2, 4)]
     if m <= 128:
         return [Config(bm, bn, 128 if kind == "2:4" else SEGMENT, split, 4, 3)
                 for bm in (32, 64) for bn in (64, 128) for split in (1, 2)][: 6 if m > 32 else 4]
