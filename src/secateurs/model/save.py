@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .load import LoadedModel
+from .slice import remote_code_files
 
 RECORD = "secateurs.json"
 
@@ -58,6 +59,8 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         loaded.model.save_pretrained(tmp)
+        for name, source in remote_code_files(loaded.model).items():  # per-layer widths: see slice.py
+            (tmp / name).write_text(source)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -140,10 +141,22 @@ def update_config(model: PreTrainedModel, spec: ArchSpec) -> None:
     if spec.head_dim_key is not None:
         geometries = [head_geometry(spec, config, block) for block in blocks]
         widest = max(geometries, key=lambda geo: geo.heads)
+        keys = [key for key in (spec.head_dim_key, spec.heads_key, spec.kv_heads_key) if key]
+        previous = {key: getattr(config, key, None) for key in keys}
         setattr(config, spec.head_dim_key, widest.head_dim)
         setattr(config, spec.heads_key, widest.heads)
         if spec.kv_heads_key:
             setattr(config, spec.kv_heads_key, widest.kv_heads)
+        try:
+            _stock_config(model)
+        except (ValueError, StrictDataclassClassValidationError):
+            # Llama / Gemma configs insist that hidden_size be a multiple of the head count; keep
+            # the old (valid) counts and let the recorded shapes carry the real ones.
+            for key, value in previous.items():
+                if value is None:
+                    delattr(config, key)
+                else:
+                    setattr(config, key, value)
     down = spec.mlp[-1]
     widths = [block.get_submodule(down).weight.shape[0 if isinstance(block.get_submodule(down), Conv1D) else 1]
               for block in blocks]
@@ -172,11 +185,16 @@ def _remote_class_name(model: PreTrainedModel) -> str:
     return _stock_class(model).__name__
 
 
-def _differing_shapes(model: PreTrainedModel) -> dict[str, dict[str, list[int]]]:
-    """Parameters whose shape (or existence) differs from what the stock class builds from the config."""
-    config = model.config.__class__.from_dict(
+def _stock_config(model: PreTrainedModel):
+    """The model's config rebuilt by its own class (so its validation runs), without our additions."""
+    return model.config.__class__.from_dict(
         {k: v for k, v in model.config.to_dict().items() if k not in (SHAPES_KEY, "auto_map")}
     )
+
+
+def _differing_shapes(model: PreTrainedModel) -> dict[str, dict[str, list[int]]]:
+    """Parameters whose shape (or existence) differs from what the stock class builds from the config."""
+    config = _stock_config(model)
     with torch.device("meta"):
         stock = _stock_class(model)(config)
     expected = {name: tuple(p.shape) for name, p in stock.named_parameters()}
