@@ -1,12 +1,13 @@
 """secateurs: prune large language models and measure honestly what it cost and what it won."""
 
-from .api import PruneConfig, PruneReport, evaluate_perplexity, prune, save
+from .api import PruneConfig, PruneReport, evaluate_perplexity, prune, save, width
 from .data.calib import CalibConfig
 from .depth.prune import LayerConfig, LayerReport, prune_layers
 from .engine.sequential import EngineOptions
 from .errors import NumericalError, SecateursError, UsageError
 from .evaluate.zeroshot import ZeroShot, zero_shot
 from .model.load import LoadedModel, load_model
+from .structured.base import WidthConfig, WidthReport
 from .report import load_run, write_report
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "PruneReport",
     "SecateursError",
     "UsageError",
+    "WidthConfig",
+    "WidthReport",
     "ZeroShot",
     "evaluate_perplexity",
     "load_model",

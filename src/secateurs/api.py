@@ -30,6 +30,7 @@ from .sparsity.base import SparsityTarget, build_options
 from .sparsity.masks import sparsity_of
 from .sparsity.owl import ALLOCATIONS, OwlOptions, owl_target
 from .sparsity.registry import method_class
+from .structured.base import WidthConfig, WidthReport, prune_width
 
 
 @dataclass
@@ -134,6 +135,19 @@ def prune(
         peak_memory_mb=peak_memory_mb(device),
         device=str(device),
     )
+
+
+def width(
+    loaded: LoadedModel,
+    config: WidthConfig,
+    calib: CalibConfig | None = None,
+    engine: EngineOptions | None = None,
+) -> WidthReport:
+    """Remove attention heads / MLP channels physically (LLM-Pruner, Wanda-SP, FLAP, magnitude).
+
+    The model shrinks in place to a smaller dense model; see ``secateurs.structured``.
+    """
+    return prune_width(loaded, config, calib, engine)
 
 
 def evaluate_perplexity(

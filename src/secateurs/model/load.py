@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from ..errors import UsageError
 from ..kernels.swap import export_stage, restore_sparse
 from .arch import ArchSpec, spec_for
+from .slice import reload_kwargs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,7 +108,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str) -> LoadedModel:
         if sparse_export:  # its compressed linears have no .weight on purpose: silence the "missing" warning
             hf_logger.setLevel(logging.ERROR)
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **reload_kwargs(folder))
         finally:
             hf_logger.setLevel(level)
     except UsageError:
