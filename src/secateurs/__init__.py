@@ -31,5 +31,6 @@ __all__ = [
     "prune_layers",
     "save",
     "write_report",
+    "width",
     "zero_shot",
 ]
