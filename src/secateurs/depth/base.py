@@ -13,6 +13,7 @@ default per-batch mode), and block inputs/outputs observed through the shared en
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -51,7 +52,8 @@ class ScoringContext:
 class Selection:
     """Which layers (original indices) a criterion removes, in removal order, and its scores per round.
 
-    ``rounds[k]`` maps original layer index to score in round k (layers still present then);
+    ``round_seconds[k]`` is the time from the start to the end of round k (iterative criteria),
+    so one run to n removals also times every smaller count. ``rounds[k]`` maps original layer index to score in round k (layers still present then);
     one-shot criteria have a single round. A criterion that scores spans of consecutive layers
     (angular distance) keys its round by the span's first layer.
     """
@@ -59,6 +61,7 @@ class Selection:
     order: list[int]
     rounds: list[dict[int, float]]
     passes: dict[str, int] = field(default_factory=dict)
+    round_seconds: list[float] = field(default_factory=list)
 
     @property
     def removed(self) -> list[int]:
@@ -100,12 +103,15 @@ class LayerScorer:
             return Selection(order, [dict(enumerate(scores.tolist()))], dict(self.passes))
         order: list[int] = []
         rounds = []
+        elapsed = []
+        start = time.perf_counter()
         for _ in range(n_remove):
             with layers_removed(ctx.model, ctx.spec, order) as kept:
                 scores = self.score(ctx)
             rounds.append(dict(zip(kept, scores.tolist())))
             order.append(kept[int(torch.argmin(scores))])
-        return Selection(order, rounds, dict(self.passes))
+            elapsed.append(time.perf_counter() - start)
+        return Selection(order, rounds, dict(self.passes), elapsed)
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
