@@ -42,6 +42,10 @@ class BlockMethod:
     needs_calibration: bool = False
     modifies_weights: bool = True
     statistics: dict[str, type[Accumulator]] = {}
+    # True when ``process_block`` may be called on any subset of the block's linears that keeps
+    # linears fed the same input together (each linear's edit depends only on its own weight and
+    # statistics): ranks can then split a block's solves between them.
+    splits_by_linear: bool = False
 
     def process_block(
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats
@@ -50,6 +54,36 @@ class BlockMethod:
 
     def observe(self, index: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         """Called per calibration batch with a block's input and (pre-edit) output hidden states."""
+
+
+class EngineHooks:
+    """Extension points of :func:`run_blocks` for running the same loop elsewhere; the defaults keep
+    the plain in-memory, one-process behaviour.
+
+    Streaming (``engine/stream.py``) materialises each block's weights from safetensors shards when
+    it is reached and writes it out when done; several ranks (``engine/distributed.py``) split the
+    calibration samples, sum statistics across ranks and share out the solves.
+    """
+
+    def local_samples(self, calib_ids: torch.Tensor) -> torch.Tensor:
+        """The calibration samples this process runs (all of them in one process)."""
+        return calib_ids
+
+    def load_block(self, index: int, block: nn.Module, method: BlockMethod) -> bool:
+        """Make the block's weights present; True means it was finished by an earlier, interrupted
+        run and must only propagate the calibration activations."""
+        return False
+
+    def reduce_stats(self, index: int, stats: Stats) -> None:
+        """Combine statistics gathered on this process's samples with the other processes' (in place)."""
+
+    def process_block(
+        self, method: BlockMethod, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats
+    ) -> None:
+        method.process_block(index, block, linears, stats)
+
+    def release_block(self, index: int, block: nn.Module, method: BlockMethod, resumed: bool) -> None:
+        """Called once the block is done and back on its home device."""
 
 
 @dataclass
@@ -62,6 +96,8 @@ class EngineOptions:
     # Seconds per engine stage (capture, statistics, solve, propagate, transfer), summed over
     # blocks and runs; CUDA is synchronised at each stage boundary so the split is honest.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Streaming and multi-process runs plug in here; None is the plain in-memory loop.
+    hooks: EngineHooks | None = None
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -210,10 +246,18 @@ class _StatHooks:
         self._seen.clear()
 
     def finish(self) -> Stats:
-        """Remove the hooks and give every sharing linear a copy of its owner's sums."""
+        """Remove the hooks; :meth:`share` then gives every sharing linear a copy of its owner's sums."""
         for handle in self._handles:
             handle.remove()
         self._seen.clear()
+        return self.stats
+
+    def owners(self) -> list[str]:
+        """Linears whose accumulators hold their own sums (the others copy an owner's in :meth:`share`)."""
+        return [name for name in self.stats if self._owner.get(name, name) == name]
+
+    def share(self) -> None:
+        """Give every linear that shared its input a copy of its owner's (possibly reduced) sums."""
         for name, owner in self._owner.items():
             if owner != name:
                 for kind, acc in self.stats[name].items():
@@ -221,7 +265,6 @@ class _StatHooks:
                     for mine, theirs in zip(acc.tensors(), source.tensors(), strict=True):
                         mine.copy_(theirs)
                     acc.n_tokens = source.n_tokens
-        return self.stats
 
 
 class _StageClock:
@@ -250,6 +293,7 @@ def run_blocks(
 ) -> list[float]:
     """Apply ``method`` to every block in order; returns the seconds spent on each block."""
     options = options or EngineOptions()
+    hooks = options.hooks or EngineHooks()
     device = options.torch_device()
     blocks = spec.blocks_of(model)
     if method.needs_calibration and calib_ids is None:
@@ -258,25 +302,28 @@ def run_blocks(
     captured = None
     if calib_ids is not None and (method.statistics or method.needs_calibration):
         store = torch.device("cpu") if options.offload_activations else device
-        batches = list(calib_ids.split(max(options.batch_size, 1)))
+        batches = list(hooks.local_samples(calib_ids).split(max(options.batch_size, 1)))
         captured = capture_inputs(model, spec, batches, store)
         clock.lap("capture")
     seconds = []
     for index in track(range(len(blocks)), description, total=len(blocks)):
         start = time.perf_counter()
         block = blocks[index]
+        resumed = hooks.load_block(index, block, method)
         home = next(block.parameters()).device
         block.to(device)
         linears = spec.linears(block)
         _check_weights(index, linears)
         clock.lap("transfer")
         if captured is None:
-            method.process_block(index, block, linears, {})
+            if not resumed:
+                hooks.process_block(method, index, block, linears, {})
             clock.lap("solve")
         else:
-            _calibrate_block(index, block, linears, method, captured, device, clock)
+            _calibrate_block(index, block, linears, method, captured, device, clock, hooks, resumed)
         block.to(home)
         clock.lap("transfer")
+        hooks.release_block(index, block, method, resumed)
         seconds.append(time.perf_counter() - start)
     return seconds
 
@@ -289,8 +336,17 @@ def _calibrate_block(
     captured: Captured,
     device: torch.device,
     clock: _StageClock,
+    engine_hooks: EngineHooks,
+    resumed: bool = False,
 ) -> None:
-    """Statistics pass, method decision, propagation pass for one block (in place in ``captured``)."""
+    """Statistics pass, method decision, propagation pass for one block (in place in ``captured``).
+
+    A ``resumed`` block is already pruned: only the propagation pass runs.
+    """
+    if resumed:
+        _propagate(index, block, captured, device)
+        clock.lap("propagate")
+        return
     hooks = _StatHooks(linears, method.statistics, device)
     outputs: list[torch.Tensor] = []
     try:
@@ -305,17 +361,24 @@ def _calibrate_block(
                     outputs.append(out.to(hidden.device))
     finally:
         stats = hooks.finish()
+    engine_hooks.reduce_stats(index, {name: stats[name] for name in hooks.owners()})
+    hooks.share()
     clock.lap("statistics")
-    method.process_block(index, block, linears, stats)
+    engine_hooks.process_block(method, index, block, linears, stats)
     del stats, hooks
     clock.lap("solve")
     if not method.modifies_weights:
         captured.hidden = outputs
         return
     _check_weights(index, linears)
+    _propagate(index, block, captured, device)
+    clock.lap("propagate")
+
+
+def _propagate(index: int, block: nn.Module, captured: Captured, device: torch.device) -> None:
+    """Replace the captured activations by this (pruned) block's outputs: the next block's inputs."""
     with torch.no_grad():
         for b, hidden in enumerate(captured.hidden):
             out = _block_output(block(hidden.to(device), **_to(captured.block_kwargs[index][b], device)))
             _check_activations(index, out, "after pruning")
             captured.hidden[b] = out.to(hidden.device)
-    clock.lap("propagate")

@@ -61,6 +61,7 @@ class SparsityMethod(BlockMethod):
     name: ClassVar[str]
     Options: ClassVar[type]
     statistics: ClassVar[dict[str, type[Accumulator]]] = {}
+    splits_by_linear: ClassVar[bool] = True  # each linear is pruned from its own weight and statistics
 
     def __init__(self, target: SparsityTarget, options: Any = None) -> None:
         self.target = target
