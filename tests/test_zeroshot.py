@@ -8,6 +8,7 @@ wiring into lm-eval differ.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -138,3 +139,22 @@ def test_bad_requests_are_usage_errors(data_dir):
     loaded.tokenizer = None
     with pytest.raises(UsageError, match="tokenizer"):
         zero_shot(loaded, ["piqa"], limit=1, data_dir=data_dir)
+
+
+def test_eval_command_tasks(data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from secateurs.api import save
+    from secateurs.cli import app
+
+    folder = save(tiny_model("llama"), tmp_path / "tiny", [])
+    out = tmp_path / "eval.json"
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(folder), "--tasks", "winogrande", "--limit", "2",
+                                 "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["perplexity"] == {}  # --tasks alone measures no perplexity
+    assert document["zeroshot"]["tasks"]["winogrande"]["samples"] == 2
+    empty = runner.invoke(app, ["eval", str(folder), "--tasks", ","])
+    assert empty.exit_code == 2 and "--tasks" in empty.output
