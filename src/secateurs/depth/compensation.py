@@ -2,7 +2,8 @@
 
 GradMAP as described in the abstract: find the layer whose output mean drifts most once layers are
 removed, and correct that drift in one step with a projection matrix folded into existing weights.
-Our reading, with the unknowns as options (defaults chosen by measurement on SmolLM2-135M):
+Our reading, with the unknowns as options (defaults are readings, not yet measured: see
+benchmarks/sections/layer_pruning.md):
 
 1. Run the calibration batches through the full model and through the model without the removed
    layers; compare the mean hidden state (over all calibration tokens) leaving each kept layer with

@@ -3,14 +3,16 @@
 GradMAP as described in the abstract: a global layer-importance metric built from gradient
 magnitudes, one backward pass per pruning decision, layers removed one by one with the metric
 refreshed on the smaller model. The paper body (equations, hyper-parameters) was not available, so
-the unknown details are options whose defaults were chosen by measurement on SmolLM2-135M
-(benchmarks/layer_pruning.py, BENCHMARKS.md):
+the unknown details are options. Their defaults are our readings of the abstract, not yet confirmed
+by measurement: benchmarks/layer_pruning.py compares them on SmolLM2-135M (see
+benchmarks/sections/layer_pruning.md for what has been measured):
 
 - ``target="weights"``: the magnitude of ∂L/∂W over every linear weight of the layer, for the
   causal-LM loss on the calibration windows; ``reduce`` is ``mean_abs`` (mean |g|, which normalises
   by parameter count) or ``l2`` (‖g‖₂). ``target="gate"``: |∂L/∂α| for a scalar α = 1 scaling the
   layer's residual update (x + α·(f(x) − x)), the gradient that says how the loss moves as the layer
-  is faded out; a layer that is an exact identity scores 0.
+  is faded out; a layer that is an exact identity scores 0 (default: under ``weights`` a zeroed
+  output projection still has a non-zero gradient, so an identity layer is not ranked last).
 - ``per_batch``: each batch's gradient is reduced as soon as it exists and freed (default), so a
   7B model's gradient is never held whole.
 - Lower score = removed first; ``one_shot=True`` ranks once instead of refreshing after each removal.
