@@ -1,6 +1,8 @@
 """secateurs: prune large language models and measure honestly what it cost and what it won."""
 
-from .api import PruneConfig, PruneReport, evaluate_perplexity, prune, save, width
+from .api import PruneConfig, PruneReport, evaluate_perplexity, loraprune, prune, prune_iterative, recover, save, width
+from .recover.lora import RecoverConfig, RecoverReport
+from .recover.loraprune import LoRAPruneConfig
 from .data.calib import CalibConfig
 from .depth.prune import LayerConfig, LayerReport, prune_layers
 from .engine.sequential import EngineOptions
@@ -15,10 +17,13 @@ __all__ = [
     "EngineOptions",
     "LayerConfig",
     "LayerReport",
+    "LoRAPruneConfig",
     "LoadedModel",
     "NumericalError",
     "PruneConfig",
     "PruneReport",
+    "RecoverConfig",
+    "RecoverReport",
     "SecateursError",
     "UsageError",
     "WidthConfig",
@@ -26,9 +31,12 @@ __all__ = [
     "ZeroShot",
     "evaluate_perplexity",
     "load_model",
+    "loraprune",
     "load_run",
     "prune",
+    "prune_iterative",
     "prune_layers",
+    "recover",
     "save",
     "write_report",
     "width",

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,12 @@ import torch
 from .data.calib import CalibConfig, calibration_ids, tokenize
 from .data.sources import load_text
 from .depth.prune import LayerConfig, LayerReport, prune_layers
+from .engine.distributed import RankGroup
 from .engine.sequential import EngineOptions, run_blocks
+from .engine.stream import StreamSession
 from .errors import SecateursError, UsageError
 from .evaluate.perplexity import Perplexity, perplexity
+from .model.drop_layers import drop_layers
 from .model.linear import weight_matrix
 from .model.load import LoadedModel
 from .model.save import previous_stages, save_model
@@ -92,7 +95,8 @@ def prunable_linears(loaded: LoadedModel) -> dict[str, torch.nn.Module]:
 
 
 def layer_sparsity(loaded: LoadedModel) -> dict[str, float]:
-    return {name: sparsity_of(weight_matrix(m)) for name, m in prunable_linears(loaded).items()}
+    """Achieved sparsity per linear; weights not in memory (a streamed model) are measured as they are written."""
+    return {name: sparsity_of(weight_matrix(m)) for name, m in prunable_linears(loaded).items() if not weight_matrix(m).is_meta}
 
 
 def prune(
@@ -135,6 +139,48 @@ def prune(
         peak_memory_mb=peak_memory_mb(device),
         device=str(device),
     )
+
+
+def prune_streamed(
+    source: str | Path,
+    out: str | Path,
+    config: PruneConfig,
+    calib: CalibConfig | None = None,
+    engine: EngineOptions | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    group: RankGroup | None = None,
+) -> tuple[PruneReport, Path | None]:
+    """``prune`` + ``save`` for a model folder that need not fit in memory: blocks are read from its
+    safetensors shards one at a time and written to OUT's shards as they finish (engine/stream.py).
+
+    A rerun with the same arguments resumes after the last finished block. ``engine.hooks`` (e.g. a
+    multi-process :class:`~secateurs.engine.distributed.DistributedHooks`) keeps its role; only rank 0
+    writes and gets the path back.
+    """
+    engine = engine or EngineOptions()
+    if calib is not None and calib.source == "self":
+        raise UsageError("--calib self generates text with the whole model; pass a dataset with --stream")
+    request = {"config": asdict(config), "calibration": asdict(calib) if calib else None}
+    session = StreamSession(source, out, dtype, request, overwrite, group, engine.hooks).open()
+    report = prune(session.loaded, config, calib, replace(engine, hooks=session))
+    report.per_layer = dict(session.per_layer)
+    record = build_record(session.loaded.source, previous_stages(session.folder) + [report.stage_record()])
+    return report, session.finish(record)
+
+
+def drop_layers_streamed(
+    source: str | Path, out: str | Path, removed: list[int], dtype: str = "float32", overwrite: bool = False
+) -> Path | None:
+    """Remove the decoder layers ``removed`` (original indices) of a model folder without loading it
+    whole: kept blocks are copied shard by shard under their new numbers, the config is cut to match."""
+    session = StreamSession(source, out, dtype, {"removed": sorted(set(removed))}, overwrite)
+    n_before = len(session.source_index)
+    session.source_index = drop_layers(session.loaded.model, session.spec, removed)
+    session.open().copy_unchanged()
+    stage = {"stage": "layers", "method": "given", "removed_layers": sorted(set(removed)),
+             "layers_before": n_before, "layers_after": len(session.source_index)}
+    return session.finish(build_record(session.loaded.source, previous_stages(session.folder) + [stage]))
 
 
 def width(

@@ -308,6 +308,16 @@ def _load_checkpoint(folder: Path, digest: str) -> dict | None:
     return state
 
 
+def remove_checkpoints(folder: str | Path) -> None:
+    """Delete the checkpoints a finished run left (``folder`` and its ``round-N`` subfolders), and
+    the folders if nothing else is in them."""
+    folder = Path(folder).expanduser()
+    for sub in [*sorted(folder.glob("round-*")), folder]:
+        (sub / CHECKPOINT).unlink(missing_ok=True)
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+
+
 def _bar() -> Progress | None:
     if not enabled():
         return None

@@ -1,0 +1,365 @@
+"""Prune a model that never sits in memory whole: read each block from the input safetensors shards
+when the engine reaches it, write it to the output shards when it is done.
+
+The model is built as a skeleton whose parameters live on the meta device (no memory); only the
+embeddings are read up front, because capturing block 0's inputs needs them. Then, per block:
+
+1. :meth:`StreamSession.load_block` reads its tensors from the input shards (``safe_open`` maps the
+   file; each shard is opened only while a block is read, so mapped pages never pile up),
+2. the shared engine calibrates and prunes it exactly as in memory,
+3. :meth:`StreamSession.release_block` writes it as its own output shard and returns its parameters
+   to the meta device.
+
+Peak host memory is therefore the embeddings, one block and the calibration activations, whatever
+the depth. Output shards go to a folder beside OUT (``.OUT.partial``) with ``progress.json``; a rerun
+with the same arguments finds the finished blocks there, propagates the calibration activations
+through them (recomputed, so bit for bit the same as an uninterrupted run) and carries on. The last
+step writes the remaining tensors, the index, config, tokenizer and ``secateurs.json``, and renames
+the folder to OUT, so OUT is complete or absent. In a multi-process run only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from ..errors import UsageError
+from ..model.arch import ArchSpec, spec_for
+from ..model.linear import weight_matrix
+from ..model.load import LoadedModel, _try_tokenizer, resolve_dtype
+from ..model.save import RECORD, check_out
+from ..sparsity.masks import sparsity_of
+from .distributed import RankGroup
+from .sequential import BlockMethod, EngineHooks, Stats
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PROGRESS = "progress.json"
+_META = {"format": "pt"}
+
+
+class ShardReader:
+    """Tensor names → shard files of an HF folder, checked before any work starts."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        if (folder / INDEX).is_file():
+            try:
+                weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UsageError(f"{folder / INDEX} is not a valid safetensors index ({exc}); re-download the model") from None
+        elif (folder / SINGLE).is_file():
+            weight_map = {}
+        else:
+            raise UsageError(f"{folder} has no {SINGLE} or {INDEX}: streaming reads safetensors; convert the model or drop --stream")
+        files = sorted(set(weight_map.values())) or [SINGLE]
+        self.keys: dict[str, str] = {}
+        self.shapes: dict[str, list[int]] = {}
+        for name in files:
+            header = read_header(folder / name, folder)
+            for key, info in header.items():
+                self.keys[key] = name
+                self.shapes[key] = info["shape"]
+        missing = [k for k, f in weight_map.items() if self.keys.get(k) != f]
+        if missing:
+            raise UsageError(
+                f"{INDEX} lists {len(missing)} tensors its shards do not hold (e.g. {missing[0]}); re-download the model"
+            )
+        self.files = files
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of ``keys`` out of the mapped shards (each shard mapped only during this call)."""
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.keys[key], []).append(key)
+        out = {}
+        for name, names in by_file.items():
+            with safe_open(self.folder / name, framework="pt") as handle:
+                for key in names:
+                    out[key] = handle.get_tensor(key)
+        return out
+
+    def fingerprint(self) -> list:
+        return [[name, (self.folder / name).stat().st_size, (self.folder / name).stat().st_mtime_ns] for name in self.files]
+
+
+def read_header(path: Path, folder: Path) -> dict[str, dict]:
+    """The tensor table of one safetensors file, after checking the file holds all the bytes it names."""
+    if not path.is_file():
+        raise UsageError(f"shard {path.name} is missing from {folder}; re-download or re-copy the model")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UsageError(f"shard {path.name} is truncated ({size} bytes); re-download or re-copy the model")
+        n = struct.unpack("<Q", head)[0]
+        raw = f.read(n) if n <= size else b""
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"shard {path.name} is truncated or corrupt (unreadable header); re-download or re-copy the model") from None
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if size < 8 + n + end:
+        raise UsageError(
+            f"shard {path.name} is truncated ({size} of {8 + n + end} bytes); re-download or re-copy the model"
+        )
+    return header
+
+
+def _set_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    path, _, leaf = key.rpartition(".")
+    module = root.get_submodule(path) if path else root
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary name and rename; a full disk becomes a one-line error."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise UsageError(
+                f"disk full while writing {path.name} in {path.parent}; free space and rerun the same command to resume"
+            ) from None
+        raise
+
+
+class StreamSession(EngineHooks):
+    """A streamed model: meta skeleton, input shards, resumable output shards (see module docstring).
+
+    ``source_index[i]`` is the input block that becomes output block ``i`` (layer removal renumbers);
+    ``inner`` receives the hooks streaming does not own (multi-process statistics and solves).
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        out: str | Path,
+        dtype: str = "float32",
+        request: dict | None = None,
+        overwrite: bool = False,
+        group: RankGroup | None = None,
+        inner: EngineHooks | None = None,
+    ) -> None:
+        self.folder = Path(source).expanduser().resolve()
+        if not (self.folder / "config.json").is_file():
+            raise UsageError(f"--stream reads a Hugging Face folder with safetensors shards; {source} is not one")
+        self.out = check_out(out, self.folder, overwrite)
+        self.overwrite = overwrite
+        self.dtype = resolve_dtype(dtype)
+        self.group = group
+        self.inner = inner or EngineHooks()
+        self.reader = ShardReader(self.folder)
+        config = AutoConfig.from_pretrained(self.folder)
+        if getattr(config, "auto_map", None):
+            raise UsageError(f"{source} needs its own modeling code (auto_map); prune it without --stream")
+        spec = spec_for(config)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        model.eval()
+        model.requires_grad_(False)
+        self.loaded = LoadedModel(model, _try_tokenizer(self.folder), spec, str(source), self.folder)
+        self.spec: ArchSpec = spec
+        self.source_index = list(range(len(spec.blocks_of(model))))
+        self._check_keys()
+        self._load_embeddings()
+        self.partial = self.out.parent / f".{self.out.name}.partial"
+        self.fingerprint = {
+            "source": str(self.folder),
+            "shards": self.reader.fingerprint(),
+            "dtype": dtype,
+            "request": request or {},
+        }
+        self.done: dict[str, dict] = {}
+        self.per_layer: dict[str, float] = {}
+
+    @property
+    def writes(self) -> bool:
+        return self.group is None or self.group.is_main
+
+    def _block_key(self, index: int, name: str) -> str:
+        return f"{self.spec.blocks}.{index}.{name}"
+
+    def _check_keys(self) -> None:
+        blocks = self.spec.blocks_of(self.loaded.model)
+        for i, block in enumerate(blocks):
+            for name in block.state_dict():
+                key = self._block_key(i, name)
+                if key not in self.reader.keys:
+                    raise UsageError(
+                        f"the shards of {self.folder} have no tensor {key}; this checkpoint names its weights "
+                        "differently from the model code, so prune it without --stream"
+                    )
+
+    def _load_embeddings(self) -> None:
+        model = self.loaded.model
+        keys = [k for k in self.reader.keys if k.startswith(tuple(f"{e}." for e in self.spec.embeddings))]
+        for key, value in self.reader.read(keys).items():
+            _set_tensor(model, key, value.to(self.dtype))
+
+    # --- resumable output --------------------------------------------------------------------
+
+    def open(self) -> StreamSession:
+        """Create or resume the partial output; every rank then reads the same progress."""
+        if self.writes:
+            progress = self.partial / PROGRESS
+            if self.partial.exists():
+                saved = self._read_progress()
+                if saved.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
+                    raise UsageError(
+                        f"{self.partial} holds an interrupted run with other arguments or another input; "
+                        "rerun that command to resume it, or delete the folder"
+                    )
+                if saved["done"]:
+                    print(f"secateurs: resuming after {len(saved['done'])} finished blocks in {self.partial}", file=sys.stderr)
+            else:
+                self.partial.mkdir(parents=True)
+                _write_atomic(progress, lambda p: p.write_text(json.dumps({"fingerprint": self.fingerprint, "done": {}})))
+        self._barrier()
+        if self.partial.exists():
+            self.done = self._read_progress()["done"]
+        return self
+
+    def _read_progress(self) -> dict:
+        try:
+            return json.loads((self.partial / PROGRESS).read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UsageError(f"{self.partial} is an unreadable partial output; delete it and rerun") from None
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            torch.distributed.barrier()
+
+    def _shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{len(self.source_index) + 1:05d}.safetensors"
+
+    # --- engine hooks ------------------------------------------------------------------------
+
+    def local_samples(self, calib_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.local_samples(calib_ids)
+
+    def reduce_stats(self, index: int, stats: Stats) -> None:
+        self.inner.reduce_stats(index, stats)
+
+    def process_block(
+        self, method: BlockMethod, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats
+    ) -> None:
+        self.inner.process_block(method, index, block, linears, stats)
+
+    def load_block(self, index: int, block: nn.Module, method: BlockMethod) -> bool:
+        names = list(block.state_dict())
+        resumed = method.modifies_weights and str(index) in self.done
+        if resumed:
+            entry = self.done[str(index)]
+            with safe_open(self.partial / entry["file"], framework="pt") as handle:
+                tensors = {name: handle.get_tensor(self._block_key(index, name)) for name in names}
+            self.per_layer.update(entry["sparsity"])
+        else:
+            source = self.source_index[index]
+            read = self.reader.read([self._block_key(source, name) for name in names])
+            tensors = {name: read[self._block_key(source, name)] for name in names}
+        for name, value in tensors.items():
+            _set_tensor(block, name, value.to(self.dtype))
+        return resumed
+
+    def release_block(self, index: int, block: nn.Module, method: BlockMethod, resumed: bool) -> None:
+        if method.modifies_weights and not resumed:
+            sparsity = {
+                f"{self.spec.blocks}.{index}.{name}": sparsity_of(weight_matrix(module))
+                for name, module in self.spec.linears(block).items()
+            }
+            self.per_layer.update(sparsity)
+            if self.writes:
+                self._write_block(index, block, sparsity)
+        for name, value in block.state_dict().items():
+            _set_tensor(block, name, torch.empty_like(value, device="meta"))
+
+    def _write_block(self, index: int, block: nn.Module, sparsity: dict[str, float]) -> None:
+        name = self._shard_name(index + 1)
+        tensors = {self._block_key(index, k): v.detach().contiguous() for k, v in block.state_dict().items()}
+        _write_atomic(self.partial / name, lambda p: save_file(tensors, p, metadata=_META))
+        self.done[str(index)] = {"file": name, "sparsity": sparsity}
+        state = {"fingerprint": self.fingerprint, "done": self.done}
+        _write_atomic(self.partial / PROGRESS, lambda p: p.write_text(json.dumps(state)))
+
+    def copy_unchanged(self) -> None:
+        """Stream every block through untouched (layer removal): load, and write under its new index."""
+        method = BlockMethod()  # the base method counts as modifying weights, so blocks are written
+        for index, block in enumerate(self.spec.blocks_of(self.loaded.model)):
+            resumed = self.load_block(index, block, method)
+            self.release_block(index, block, method, resumed)
+
+    # --- the end -----------------------------------------------------------------------------
+
+    def finish(self, record: dict, extras: dict[str, bytes] | None = None) -> Path | None:
+        """Write what is not a block, the index, config, tokenizer and record; rename to OUT (rank 0)."""
+        self._barrier()
+        if not self.writes:
+            return None
+        n = len(self.source_index)
+        missing = [i for i in range(n) if str(i) not in self.done]
+        if missing:
+            raise UsageError(f"blocks {missing} were never written; rerun the same command to finish them")
+        prefix = f"{self.spec.blocks}."
+        rest = [k for k in self.reader.keys if not k.startswith(prefix)]
+        tensors = {k: v.to(self.dtype).contiguous() for k, v in self.reader.read(rest).items()}
+        last = self._shard_name(n + 1)
+        _write_atomic(self.partial / last, lambda p: save_file(tensors, p, metadata=_META))
+        weight_map, total = {}, 0
+        for name in [self.done[str(i)]["file"] for i in range(n)] + [last]:
+            for key, info in read_header(self.partial / name, self.partial).items():
+                weight_map[key] = name
+                total += info["data_offsets"][1] - info["data_offsets"][0]
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        try:
+            (self.partial / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            self.loaded.model.config.save_pretrained(self.partial)
+            if (self.folder / "generation_config.json").is_file():
+                GenerationConfig.from_pretrained(self.folder).save_pretrained(self.partial)
+            if self.loaded.tokenizer is not None:
+                self.loaded.tokenizer.save_pretrained(self.partial)
+            (self.partial / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            for name, data in (extras or {}).items():
+                (self.partial / name).write_bytes(data)
+            (self.partial / PROGRESS).unlink()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise UsageError(f"disk full while finishing {self.partial}; free space and rerun the same command") from None
+            raise
+        return self._rename()
+
+    def _rename(self) -> Path:
+        target = self.out
+        if target.exists():
+            if not self.overwrite:
+                raise UsageError(f"--out {target} appeared while pruning; pass --overwrite or choose another folder")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old.rmdir()
+            target.rename(old)
+            self.partial.rename(target)
+            shutil.rmtree(old)
+        else:
+            self.partial.rename(target)
+        return target
+
