@@ -29,6 +29,9 @@ from .model.linear import weight_matrix
 from .model.load import LoadedModel
 from .model.save import previous_stages, save_model
 from .record import build_record, peak_memory_mb
+from .recover.iterative import IterativeReport, prune_iterative as _prune_iterative
+from .recover.lora import RecoverConfig, RecoverReport, recover_lora
+from .recover.loraprune import LoRAPruneConfig, loraprune as _loraprune
 from .sparsity.base import SparsityTarget, build_options
 from .sparsity.masks import sparsity_of
 from .sparsity.owl import ALLOCATIONS, OwlOptions, owl_target
@@ -194,6 +197,31 @@ def width(
     The model shrinks in place to a smaller dense model; see ``secateurs.structured``.
     """
     return prune_width(loaded, config, calib, engine)
+
+
+def recover(loaded: LoadedModel, config: RecoverConfig, device: str = "auto") -> RecoverReport:
+    """Fine-tune LoRA adapters on language-modelling text and merge them, in place; every pruned
+    (zero) weight of a sparse model stays exactly zero (masked adapters). See ``secateurs.recover``."""
+    return recover_lora(loaded, config, EngineOptions(device=device).torch_device())
+
+
+def loraprune(
+    loaded: LoadedModel, config: LoRAPruneConfig, train: RecoverConfig, device: str = "auto"
+) -> RecoverReport:
+    """LoRAPrune: prune progressively while LoRA fine-tunes, scored by the adapters; in place."""
+    return _loraprune(loaded, config, train, EngineOptions(device=device).torch_device())
+
+
+def prune_iterative(
+    loaded: LoadedModel,
+    config: PruneConfig,
+    rounds: int,
+    recover_config: RecoverConfig,
+    calib: CalibConfig | None = None,
+    engine: EngineOptions | None = None,
+) -> IterativeReport:
+    """Reach ``config``'s sparsity in ``rounds`` one-shot prunes, each followed by a LoRA recovery."""
+    return _prune_iterative(loaded, config, rounds, recover_config, calib, engine)
 
 
 def evaluate_perplexity(
