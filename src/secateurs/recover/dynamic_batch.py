@@ -343,9 +343,9 @@ def train(
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 scheduler.step()
-                losses.append(float(lm))
+                losses.append(lm.item())
                 if bar:
-                    bar.update(task, completed=step + 1, loss=f"{float(lm):.3f}", status=extra.status())
+                    bar.update(task, completed=step + 1, loss=f"{losses[-1]:.3f}", status=extra.status())
                 done = step + 1
                 if path and (done % settings.checkpoint_every == 0 or done == settings.steps):
                     save_checkpoint(path, {

@@ -47,7 +47,7 @@ from ..model.arch import ArchSpec
 from ..model.drop_layers import check_removal, drop_layers
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
-from ..model.slice import _set_param, apply_widths, keep_linear
+from ..model.slice import apply_widths, keep_linear
 from ..record import peak_memory_mb
 from ..recover.dynamic_batch import Domains, TrainExtra, TrainLog, TrainSettings, held_out_losses, train
 from .groups import GroupSet, block_groups, check_target, head_geometry
@@ -188,14 +188,15 @@ def plan_for(loaded: LoadedModel, target: ShearTarget) -> Plan:
             f"{spec.name}: pruning the hidden size is supported for {', '.join(HIDDEN_ARCHS)}; leave hidden= out"
         )
     _check_config(model, spec, resolved, geo.per_group)
-    head_set = block_groups(spec, config, first, ("heads",) if spec.head_dim_key else ())
-    group_params = head_set["heads"].params_per_group(first) if "heads" in head_set else 0
+    group_params = block_groups(spec, config, first, ("heads",))["heads"].params_per_group(first)
     return Plan(source, resolved, geo.per_group, group_params, groups["channels"].params_per_group(first))
 
 
 def _check_config(model: PreTrainedModel, spec: ArchSpec, counts: dict[str, int], per_group: int) -> None:
     """Refuse a target shape the model's own config class would reject on reload."""
     values = model.config.to_dict()
+    if spec.head_dim_key and not values.get(spec.head_dim_key):
+        values[spec.head_dim_key] = values["hidden_size"] // values[spec.heads_key]
     values["hidden_size"] = counts["hidden"]
     values[spec.num_layers_key] = counts["layers"]
     if spec.head_dim_key:
@@ -252,13 +253,6 @@ class ShearMasks(nn.Module):
         at_zero = math.log(-LIMIT_LOW / LIMIT_HIGH)
         return {kind: 1 - torch.sigmoid(at_zero * TEMPERATURE - logit).clamp(EPS, 1 - EPS)
                 for kind, logit in self.logits.items()}
-
-    def expected_counts(self) -> dict[str, torch.Tensor]:
-        """Expected surviving units: a count per kind, per block (averaged) for heads and channels."""
-        counts = {k: torch.tensor(float(v)) for k, v in self.plan.source.items()}
-        for kind, score in self.expected().items():
-            counts[kind] = score.sum(-1).mean() if score.ndim == 2 else score.sum()
-        return counts
 
     def expected_params(self) -> torch.Tensor:
         """Expected attention + MLP weights under the masks (the paper's expected size)."""
@@ -387,14 +381,22 @@ class MaskedForward:
         self.z = {}
 
 
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
 def slice_hidden(model: PreTrainedModel, spec: ArchSpec, keep: torch.Tensor) -> None:
     """Keep residual dimensions ``keep`` everywhere they appear: embeddings, norms, every projection."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    config = model.config
+    if spec.head_dim_key and not getattr(config, spec.head_dim_key, None):
+        # Qwen2 / Phi-3 derive the head size from hidden_size when the config has none: pin it.
+        setattr(config, spec.head_dim_key, config.hidden_size // getattr(config, spec.heads_key))
     head = model.get_submodule(spec.lm_head)
     embeddings = [model.get_submodule(path) for path in spec.embeddings]
     tied = any(head.weight is e.weight for e in embeddings)
     for embedding in embeddings:
-        _set_param(embedding, "weight", embedding.weight.data.index_select(1, keep.to(embedding.weight.device)))
+        _replace(embedding, "weight", embedding.weight.data.index_select(1, keep.to(embedding.weight.device)))
         embedding.embedding_dim = len(keep)
     if tied:
         head.weight = embeddings[0].weight
@@ -409,10 +411,10 @@ def slice_hidden(model: PreTrainedModel, spec: ArchSpec, keep: torch.Tensor) -> 
         for path in (spec.attention[-1], spec.mlp[-1]):
             keep_linear(block.get_submodule(path), "out", keep)
     for norm in norms:
-        _set_param(norm, "weight", norm.weight.data.index_select(0, keep.to(norm.weight.device)))
+        _replace(norm, "weight", norm.weight.data.index_select(0, keep.to(norm.weight.device)))
         if getattr(norm, "bias", None) is not None:
-            _set_param(norm, "bias", norm.bias.data.index_select(0, keep.to(norm.bias.device)))
-    model.config.hidden_size = len(keep)
+            _replace(norm, "bias", norm.bias.data.index_select(0, keep.to(norm.bias.device)))
+    config.hidden_size = len(keep)
 
 
 def apply_keep(loaded: LoadedModel, plan: Plan, keep: dict[str, torch.Tensor]) -> None:
