@@ -1,6 +1,6 @@
 """secateurs: prune large language models and measure honestly what it cost and what it won."""
 
-from .api import PruneConfig, PruneReport, evaluate_perplexity, loraprune, prune, prune_iterative, recover, save, width
+from .api import PruneConfig, PruneReport, evaluate_perplexity, loraprune, prune, prune_iterative, recover, save, shear, width
 from .recover.lora import RecoverConfig, RecoverReport
 from .recover.loraprune import LoRAPruneConfig
 from .data.calib import CalibConfig
@@ -9,8 +9,9 @@ from .engine.sequential import EngineOptions
 from .errors import NumericalError, SecateursError, UsageError
 from .evaluate.zeroshot import ZeroShot, zero_shot
 from .model.load import LoadedModel, load_model
-from .structured.base import WidthConfig, WidthReport
 from .report import load_run, write_report
+from .structured.base import WidthConfig, WidthReport
+from .structured.shearing import ShearConfig, ShearReport, ShearTarget
 
 __all__ = [
     "CalibConfig",
@@ -25,20 +26,24 @@ __all__ = [
     "RecoverConfig",
     "RecoverReport",
     "SecateursError",
+    "ShearConfig",
+    "ShearReport",
+    "ShearTarget",
     "UsageError",
+    "ZeroShot",
     "WidthConfig",
     "WidthReport",
-    "ZeroShot",
     "evaluate_perplexity",
     "load_model",
-    "loraprune",
     "load_run",
+    "loraprune",
     "prune",
     "prune_iterative",
     "prune_layers",
     "recover",
     "save",
+    "shear",
     "write_report",
-    "width",
     "zero_shot",
+    "width",
 ]

@@ -37,6 +37,7 @@ from .sparsity.masks import sparsity_of
 from .sparsity.owl import ALLOCATIONS, OwlOptions, owl_target
 from .sparsity.registry import method_class
 from .structured.base import WidthConfig, WidthReport, prune_width
+from .structured.shearing import ShearConfig, ShearReport, shear as _shear
 
 
 @dataclass
@@ -223,6 +224,12 @@ def prune_iterative(
     """Reach ``config``'s sparsity in ``rounds`` one-shot prunes, each followed by a LoRA recovery."""
     return _prune_iterative(loaded, config, rounds, recover_config, calib, engine)
 
+
+
+def shear(loaded: LoadedModel, config: ShearConfig, engine: EngineOptions | None = None) -> ShearReport:
+    """Prune to the target shape with learned L0 masks (LLM-Shearing), in place, then continue
+    pretraining with dynamic batch loading; see ``secateurs.structured.shearing``."""
+    return _shear(loaded, config, engine)
 
 def evaluate_perplexity(
     loaded: LoadedModel,

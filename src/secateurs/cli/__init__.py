@@ -16,9 +16,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import bench, demo, evaluate, layers, prune, recover, report, width  # noqa: E402  (each registers its command on `app`)
+from . import bench, demo, evaluate, layers, prune, recover, report, run, shear, width  # noqa: E402  (each registers its command on `app`)
 
-__all__ = ["app", "main", "bench", "demo", "evaluate", "layers", "prune", "recover", "report", "width"]
+__all__ = ["app", "main", "bench", "demo", "evaluate", "layers", "prune", "recover", "report", "run", "shear", "width"]
 
 
 def main() -> None:
