@@ -14,6 +14,7 @@ from __future__ import annotations
 import bz2
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,15 @@ _HUB = {
 _HUB_DOC_LIMIT = {("c4", "test"): 1100, ("c4", "train"): 20000}
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connect to the hub, so an offline machine fails at once instead of after retries."""
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _from_hub(name: str, split: str, folder: Path | None, local: LocalFile | None) -> str:
     where = (
         f"no local copy ({folder / local.relpath} not found)"
@@ -151,6 +161,8 @@ def _from_hub(name: str, split: str, folder: Path | None, local: LocalFile | Non
     )
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UsageError(f"{name} ({split}) is unavailable: {where} and the hub is set offline")
+    if not _hub_reachable():
+        raise UsageError(f"{name} ({split}) is unavailable: {where} and huggingface.co cannot be reached")
     try:
         import datasets
     except ImportError as exc:
