@@ -106,7 +106,9 @@ def _hellaswag(folder: Path) -> list[dict]:
     The copy keeps ``ctx = ctx_a + " " + ctx_b`` whole, but lm-eval's query capitalises ``ctx_b``,
     so the split matters: for ActivityNet items ctx_b is the unfinished phrase after the last
     sentence end; WikiHow items have an empty ctx_b. lm-eval's own ``process_docs`` then builds the
-    query and cleans the text exactly as it does for the hub data.
+    query and cleans the text. The copy was already cleaned of the WikiHow ``[title]``-style tags;
+    cleaning again changes nothing except bracketed text the copy kept (18 items), which lm-eval
+    removes just as it would from the hub text.
     """
     lines = _lines(folder / "hellaswag/hellaswag_val_full.txt.bz2")
     if lines and not lines[-1]:
