@@ -221,8 +221,9 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
         bias="none",
         task_type="CAUSAL_LM",
     )
-    torch.manual_seed(config.seed)
-    peft_model = get_peft_model(loaded.model, lora)
+    with torch.random.fork_rng(devices=[]):  # seeded adapter init without touching the caller's RNG
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(loaded.model, lora)
     adapters = Adapters(peft_model, {key: loaded.model.get_submodule(path) for key, path in paths.items()})
     for key, layer in adapters.layers.items():
         weight = base_weight(layer)
