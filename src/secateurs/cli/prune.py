@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
-from ..api import PruneConfig, evaluate_perplexity, export_sparse, prune, save
+from ..api import PruneConfig, PruneReport, evaluate_perplexity, export_sparse, prune, prune_streamed, save
 from ..data.calib import CalibConfig
 from ..data.sources import check_name
+from ..engine.distributed import DistributedHooks, init_from_env, launched_by_torchrun, relaunch, shutdown
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import load_model
@@ -60,6 +62,13 @@ def prune_command(
     export: Annotated[
         str, typer.Option(help="dense: a plain HF folder; sparse: pruned linears stored compressed (2:4 / bitmap), load with secateurs.")
     ] = "dense",
+    stream: Annotated[
+        bool,
+        typer.Option(help="Never hold the whole model: read each block from MODEL's safetensors shards, write it to OUT's when done. Resumable: rerun the same command."),
+    ] = False,
+    nproc: Annotated[
+        int, typer.Option(help="Processes to split calibration over (one per GPU); launches torchrun. Under torchrun its world size is used.")
+    ] = 1,
 ) -> None:
     """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
     config = PruneConfig(
@@ -76,18 +85,28 @@ def prune_command(
     if export not in ("dense", "sparse"):
         raise UsageError(f"--export {export!r} is not known; use dense or sparse")
     check_out(out, local_input(model), overwrite)
+    if nproc != 1 and not launched_by_torchrun():
+        relaunch(nproc, sys.argv[1:])
+        return
+    group = init_from_env(engine.torch_device())
+    if group is not None:
+        engine.hooks = DistributedHooks(group)
+    if stream:
+        if csv_list(ppl) or export != "dense":
+            raise UsageError("--stream writes OUT block by block: drop --ppl / --export sparse, then run secateurs eval on OUT")
+        report, path = prune_streamed(model, out, config, calib_config, engine, dtype, overwrite, group)
+        if path is not None:
+            out_console.print(table("secateurs prune", ["", "value"], _summary(method, report) + [["saved to", str(path)]]))
+        shutdown()
+        return
     loaded = load_model(model, dtype)
     check_out(out, loaded.local_path, overwrite)
     report = prune(loaded, config, calib_config, engine)
+    shutdown()
+    if group is not None and not group.is_main:
+        return  # every rank holds the same weights; rank 0 evaluates and writes
     results = {}
-    rows = [
-        ["method", method],
-        ["pattern", str(report.target.pattern)],
-        ["target sparsity (mean)", f"{report.target.mean:.4f}"],
-        ["achieved sparsity (mean)", f"{report.achieved:.4f}"],
-        ["time (s)", f"{report.seconds:.1f}"],
-        ["peak memory (MiB)", f"{report.peak_memory_mb:.0f}"],
-    ]
+    rows = _summary(method, report)
     datasets = csv_list(ppl)
     if datasets:
         measured = evaluate_perplexity(loaded, datasets, eval_seq_len, limit_windows, data_dir, device, batch_size)
@@ -106,3 +125,14 @@ def prune_command(
     path = save(loaded, out, stages, results, overwrite)
     rows.append(["saved to", str(path)])
     out_console.print(table("secateurs prune", ["", "value"], rows))
+
+
+def _summary(method: str, report: PruneReport) -> list[list[str]]:
+    return [
+        ["method", method],
+        ["pattern", str(report.target.pattern)],
+        ["target sparsity (mean)", f"{report.target.mean:.4f}"],
+        ["achieved sparsity (mean)", f"{report.achieved:.4f}"],
+        ["time (s)", f"{report.seconds:.1f}"],
+        ["peak memory (MiB)", f"{report.peak_memory_mb:.0f}"],
+    ]

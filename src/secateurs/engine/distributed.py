@@ -17,6 +17,7 @@ so a multi-node launch through torchrun's rendezvous needs no change here. Only 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -170,3 +171,34 @@ class DistributedHooks(EngineHooks):
         for names, owner in zip(groups, owners, strict=True):
             for name in names:
                 dist.broadcast(linears[name].weight.data, src=owner)
+
+
+def torchrun_args(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (torchrun's ranks must not relaunch)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def relaunch(nproc: int, argv: list[str]) -> None:
+    """Run this same ``secateurs`` command under torchrun with ``nproc`` processes on this machine.
+
+    For several machines run ``torchrun --nnodes … -m secateurs prune …`` yourself: the ranks read
+    everything they need from torchrun's environment.
+    """
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "secateurs", *torchrun_args(argv)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    code = subprocess.run(command, env=env, check=False).returncode
+    if code:
+        raise UsageError(f"the {nproc}-process run failed (torchrun exit code {code}); the failing rank's message is above")
