@@ -210,6 +210,8 @@ def _stage(index: int, entry: Any, commands: dict[str, Callable], calib: dict) -
     fields: dict[str, Any] = {}
     if "calib" in flags:
         for recipe_key, flag_name in CALIB_KEYS.items():
+            if flag_name == "seq_len" and "calib_seq_len" in flags:  # recover: seq_len is the training length
+                flag_name = "calib_seq_len"
             if recipe_key in calib and flag_name in flags:
                 fields[flag_name] = _coerce(f"{label} calib", recipe_key, calib[recipe_key], flags[flag_name])
     settable = [name for name in flags if name not in RUNNER_FIELDS]
@@ -230,40 +232,80 @@ def _stage(index: int, entry: Any, commands: dict[str, Callable], calib: dict) -
 
 
 def _check_sequence(recipe: Recipe) -> None:
-    """Reject chains that would silently undo an earlier stage."""
+    """Reject chains that would silently undo or break an earlier or later stage."""
     sparse_before = None
     for stage in recipe.stages:
         if stage.command == "prune":
             sparse_before = stage
         if stage.command in ("width", "shear") and sparse_before is not None:
             raise UsageError(
-                f"{stage.label}: structured pruning after {sparse_before.label} would discard its sparsity "
-                "masks' layout; put width/shear stages before prune"
+                f"{stage.label}: structured pruning after {sparse_before.label} would break its sparsity "
+                "pattern (weights are re-sliced and re-trained); put width/shear stages before prune"
             )
-        if stage.command == "recover" and sparse_before is not None and stage.fields.get("keep_sparsity") is False:
-            raise UsageError(
-                f"{stage.label}: keep_sparsity false would densify the model pruned in {sparse_before.label}; "
-                "drop keep_sparsity or move recover before prune"
-            )
+        if stage.command == "recover" and sparse_before is not None:
+            _check_recover_keeps_sparsity(stage, sparse_before)
     _check_nm_after_width(recipe)
 
 
+def _options(stage: Stage) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in stage.fields.get("option") or [] if "=" in item)
+
+
+def _check_recover_keeps_sparsity(stage: Stage, prune: Stage) -> None:
+    """A recovery masks only linears at least ``mask_min_sparsity`` sparse; the rest it densifies."""
+    raw = _options(stage).get("mask_min_sparsity")
+    if raw is None:
+        return
+    from .sparsity.masks import Pattern
+
+    pattern = Pattern.parse(str(prune.fields.get("pattern") or "unstructured"))
+    sparsity = pattern.implied_sparsity or min(float(v) for v in str(prune.fields.get("sparsity") or "0.5").split(","))
+    if float(raw) > sparsity:
+        raise UsageError(
+            f"{stage.label}: option mask_min_sparsity={raw} is above the {sparsity:g} sparsity of {prune.label}, "
+            "so the recovery would densify it; drop the option or lower it"
+        )
+
+
+def _mlp_width(model: str) -> int | None:
+    """The input model's MLP width, when its config can be read without loading weights."""
+    from transformers import AutoConfig
+
+    from .model.arch import spec_for
+    from .model.load import SHORTCUTS, _shortcut_folder
+
+    try:
+        folder = _shortcut_folder(model) if model in SHORTCUTS else Path(model).expanduser()
+        config = AutoConfig.from_pretrained(folder)
+        return int(getattr(config, spec_for(config).intermediate_key) or 4 * config.hidden_size)
+    except Exception:  # a hub id offline, or an unusual folder: the stage itself will check
+        return None
+
+
 def _check_nm_after_width(recipe: Recipe) -> None:
-    """A width stage's MLP width must stay divisible by a later N:M pattern's M."""
+    """A uniform width stage must leave an MLP width that a later N:M pattern's M divides."""
     from .sparsity.masks import Pattern
 
     width = None
     for stage in recipe.stages:
-        if stage.command == "width":
+        if stage.command == "width" and stage.fields.get("mode") == "uniform" and stage.fields.get("target") in (
+            "channels", "both"
+        ):
             width = stage
-        if stage.command == "prune" and width is not None:
-            pattern = Pattern.parse(str(stage.fields.get("pattern", "unstructured")))
-            multiple = width.fields.get("round_to")
-            if pattern.is_nm and isinstance(multiple, int) and multiple % pattern.m:
-                raise UsageError(
-                    f"{width.label}: round_to {multiple} is not a multiple of {pattern.m}, so the pruned widths "
-                    f"break the {pattern} pattern of {stage.label}; use round_to {pattern.m * max(1, multiple // pattern.m)}"
-                )
+        if stage.command != "prune" or width is None:
+            continue
+        pattern = Pattern.parse(str(stage.fields.get("pattern") or "unstructured"))
+        count = _mlp_width(recipe.model) if pattern.is_nm else None
+        if count is None:
+            continue
+        kept = count - int(round(float(width.fields["ratio"]) * count))
+        if kept % pattern.m:
+            good = [r / count for r in range(count) if (count - r) % pattern.m == 0]
+            nearest = min(good, key=lambda r: abs(r - float(width.fields["ratio"])))
+            raise UsageError(
+                f"{width.label}: ratio {width.fields['ratio']:g} leaves {kept} MLP channels, not a multiple of "
+                f"{pattern.m}, so the {pattern} pattern of {stage.label} cannot apply; use ratio {nearest:.4f}"
+            )
 
 
 def _input_identity(model: str) -> str:
