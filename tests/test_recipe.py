@@ -109,13 +109,10 @@ def test_cli_run_dry_run_and_errors(tmp_path, setup):
     assert result.exit_code == 2 and "did you mean 'stages'" in result.output
 
 
-def test_width_ratio_breaking_nm_and_densifying_recovery(tmp_path, setup):
+def test_width_ratio_breaking_nm(tmp_path, setup):
     folder, text = setup
     stages = [{"width": {"ratio": 0.3, "target": "channels"}}, {"prune": {"pattern": "2:4"}}]
     with pytest.raises(UsageError, match=r"stage 1 \(width\): ratio 0.3 leaves 90 MLP channels, not a multiple of 4"):
         load_recipe(recipe_dict(folder, text, tmp_path / "o", stages))
     stages = [{"width": {"ratio": 0.25, "target": "channels"}}, {"prune": {"pattern": "2:4"}}]
     load_recipe(recipe_dict(folder, text, tmp_path / "o", stages))
-    stages = [{"prune": {"sparsity": 0.5}}, {"recover": {"option": {"mask_min_sparsity": 0.9}}}]
-    with pytest.raises(UsageError, match=r"stage 2 \(recover\).*would densify"):
-        load_recipe(recipe_dict(folder, text, tmp_path / "o", stages))

@@ -232,7 +232,11 @@ def _stage(index: int, entry: Any, commands: dict[str, Callable], calib: dict) -
 
 
 def _check_sequence(recipe: Recipe) -> None:
-    """Reject chains that would silently undo or break an earlier or later stage."""
+    """Reject chains that would silently undo or break an earlier or later stage.
+
+    (Recovery needs no check here: LoRA recovery always gives sparse linears masked adapters, so no
+    recover configuration can densify a pruned model.)
+    """
     sparse_before = None
     for stage in recipe.stages:
         if stage.command == "prune":
@@ -242,29 +246,7 @@ def _check_sequence(recipe: Recipe) -> None:
                 f"{stage.label}: structured pruning after {sparse_before.label} would break its sparsity "
                 "pattern (weights are re-sliced and re-trained); put width/shear stages before prune"
             )
-        if stage.command == "recover" and sparse_before is not None:
-            _check_recover_keeps_sparsity(stage, sparse_before)
     _check_nm_after_width(recipe)
-
-
-def _options(stage: Stage) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in stage.fields.get("option") or [] if "=" in item)
-
-
-def _check_recover_keeps_sparsity(stage: Stage, prune: Stage) -> None:
-    """A recovery masks only linears at least ``mask_min_sparsity`` sparse; the rest it densifies."""
-    raw = _options(stage).get("mask_min_sparsity")
-    if raw is None:
-        return
-    from .sparsity.masks import Pattern
-
-    pattern = Pattern.parse(str(prune.fields.get("pattern") or "unstructured"))
-    sparsity = pattern.implied_sparsity or min(float(v) for v in str(prune.fields.get("sparsity") or "0.5").split(","))
-    if float(raw) > sparsity:
-        raise UsageError(
-            f"{stage.label}: option mask_min_sparsity={raw} is above the {sparsity:g} sparsity of {prune.label}, "
-            "so the recovery would densify it; drop the option or lower it"
-        )
 
 
 def _mlp_width(model: str) -> int | None:
