@@ -71,6 +71,7 @@ class Stage:
     command: str
     fields: dict[str, Any]
     produces_model: bool
+    explicit: tuple[str, ...] = ()
     folder: str = ""
     key: str = ""
 
@@ -222,13 +223,14 @@ def _stage(index: int, entry: Any, commands: dict[str, Callable], calib: dict) -
         if name not in flags:
             raise UsageError(f"{label}: unknown key {key!r}{_did_you_mean(name, settable)}")
         fields[name] = _coerce(label, key, value, flags[name])
+    explicit = tuple(name for name in fields if name in flags)
     for name, flag in flags.items():
         if name in RUNNER_FIELDS:
             continue
         if flag.required and name not in fields:
             raise UsageError(f"{label}: missing required key {name!r}")
         fields.setdefault(name, flag.default)
-    return Stage(index, command, fields, produces_model="out" in flags)
+    return Stage(index, command, fields, produces_model="out" in flags, explicit=explicit)
 
 
 def _check_sequence(recipe: Recipe) -> None:
@@ -333,7 +335,7 @@ def estimate(recipe: Recipe) -> list[dict]:
         plan.append({
             "stage": stage.folder,
             "action": "reuse" if _is_done(stages_dir / stage.folder, stage) else "run",
-            "fields": {k: v for k, v in f.items() if v not in (None, False, [], "")},
+            "fields": {k: f[k] for k in stage.explicit},
             "forward_token_equivalents": tokens or None,
         })
     return plan
