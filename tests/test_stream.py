@@ -153,20 +153,20 @@ def test_truncated_or_missing_shard(sharded, tmp_path):
 def test_disk_full_is_one_line_and_resumable(sharded, tmp_path, monkeypatch):
     import secateurs.engine.stream as stream
 
-    real = stream.save_file
+    real = stream.write_tensors
     written: list[str] = []
 
-    def fills_up(tensors, path, metadata=None):
+    def fills_up(path, entries):
         if len(written) == 2:
             raise OSError(28, "No space left on device")
         written.append(str(path))
-        real(tensors, path, metadata=metadata)
+        real(path, entries)
 
-    monkeypatch.setattr(stream, "save_file", fills_up)
+    monkeypatch.setattr(stream, "write_tensors", fills_up)
     with pytest.raises(UsageError, match="disk full"):
         prune_streamed(sharded, tmp_path / "out", PruneConfig("magnitude", 0.5))
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(stream, "save_file", real)
+    monkeypatch.setattr(stream, "write_tensors", real)
     _, path = prune_streamed(sharded, tmp_path / "out", PruneConfig("magnitude", 0.5))
     in_memory(sharded, tmp_path / "memory", PruneConfig("magnitude", 0.5), None)
     assert_same_folder(tmp_path / "memory", path)
@@ -175,3 +175,11 @@ def test_disk_full_is_one_line_and_resumable(sharded, tmp_path, monkeypatch):
 def test_stream_rejects_self_calibration(sharded, tmp_path):
     with pytest.raises(UsageError, match="--calib self"):
         prune_streamed(sharded, tmp_path / "out", PruneConfig("wanda", 0.5), CalibConfig("self", 2, 8))
+
+
+def test_activations_fit_leaves_half_the_free_memory():
+    from secateurs.engine.stream import activations_fit
+
+    # 128 × 2048 tokens of hidden 8192 in fp16 are 4 GiB: they fit beside a block in 10 GiB free, not in 6.
+    assert activations_fit(128, 2048, 8192, 2, 10 * 2**30)
+    assert not activations_fit(128, 2048, 8192, 2, 6 * 2**30)

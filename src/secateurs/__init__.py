@@ -1,6 +1,7 @@
 """secateurs: prune large language models and measure honestly what it cost and what it won."""
 
 from .api import PruneConfig, PruneReport, evaluate_perplexity, loraprune, prune, prune_iterative, recover, save, shear, width
+from .api import drop_layers_streamed, prune_streamed
 from .recover.lora import RecoverConfig, RecoverReport
 from .recover.loraprune import LoRAPruneConfig
 from .data.calib import CalibConfig
@@ -33,6 +34,7 @@ __all__ = [
     "ZeroShot",
     "WidthConfig",
     "WidthReport",
+    "drop_layers_streamed",
     "evaluate_perplexity",
     "load_model",
     "load_run",
@@ -40,6 +42,7 @@ __all__ = [
     "prune",
     "prune_iterative",
     "prune_layers",
+    "prune_streamed",
     "recover",
     "save",
     "shear",

@@ -167,6 +167,8 @@ def prune_streamed(
         raise UsageError("--calib self generates text with the whole model; pass a dataset with --stream")
     request = {"config": asdict(config), "calibration": asdict(calib) if calib else None}
     session = StreamSession(source, out, dtype, request, overwrite, group, engine.hooks).open()
+    if calib is not None:
+        engine = session.place_activations(engine, calib.n_samples, calib.seq_len)
     report = prune(session.loaded, config, calib, replace(engine, hooks=session))
     report.per_layer = dict(session.per_layer)
     record = build_record(session.loaded.source, previous_stages(session.folder) + [report.stage_record()])

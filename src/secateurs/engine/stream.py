@@ -4,11 +4,12 @@ when the engine reaches it, write it to the output shards when it is done.
 The model is built as a skeleton whose parameters live on the meta device (no memory); only the
 embeddings are read up front, because capturing block 0's inputs needs them. Then, per block:
 
-1. :meth:`StreamSession.load_block` reads its tensors from the input shards (``safe_open`` maps the
-   file; each shard is opened only while a block is read, so mapped pages never pile up),
+1. :meth:`StreamSession.load_block` reads its tensors from the input shards, straight into the
+   block's new tensors at the offsets the safetensors header gives (a memory map would be simpler,
+   but its pages count as resident while mapped and would double a block's footprint),
 2. the shared engine calibrates and prunes it exactly as in memory,
-3. :meth:`StreamSession.release_block` writes it as its own output shard and returns its parameters
-   to the meta device.
+3. :meth:`StreamSession.release_block` writes it as its own output shard (tensor by tensor, no
+   serialised copy) and returns its parameters to the meta device.
 
 Peak host memory is therefore the embeddings, one block and the calibration activations, whatever
 the depth. Output shards go to a folder beside OUT (``.OUT.partial``) with ``progress.json``; a rerun
@@ -28,12 +29,11 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -44,7 +44,7 @@ from ..model.load import LoadedModel, _try_tokenizer, resolve_dtype
 from ..model.save import RECORD, check_out
 from ..sparsity.masks import sparsity_of
 from .distributed import RankGroup
-from .sequential import BlockMethod, EngineHooks, Stats
+from .sequential import BlockMethod, EngineHooks, EngineOptions, Stats
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -69,11 +69,13 @@ class ShardReader:
         files = sorted(set(weight_map.values())) or [SINGLE]
         self.keys: dict[str, str] = {}
         self.shapes: dict[str, list[int]] = {}
+        self.dtypes: dict[str, str] = {}
         for name in files:
-            header = read_header(folder / name, folder)
+            header, _ = read_header(folder / name, folder)
             for key, info in header.items():
                 self.keys[key] = name
                 self.shapes[key] = info["shape"]
+                self.dtypes[key] = info["dtype"]
         missing = [k for k, f in weight_map.items() if self.keys.get(k) != f]
         if missing:
             raise UsageError(
@@ -82,23 +84,75 @@ class ShardReader:
         self.files = files
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Copies of ``keys`` out of the mapped shards (each shard mapped only during this call)."""
+        """``keys`` read from their shards into fresh tensors."""
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.keys[key], []).append(key)
         out = {}
         for name, names in by_file.items():
-            with safe_open(self.folder / name, framework="pt") as handle:
-                for key in names:
-                    out[key] = handle.get_tensor(key)
+            out.update(read_tensors(self.folder / name, names))
         return out
 
     def fingerprint(self) -> list:
         return [[name, (self.folder / name).stat().st_size, (self.folder / name).stat().st_mtime_ns] for name in self.files]
 
 
-def read_header(path: Path, folder: Path) -> dict[str, dict]:
-    """The tensor table of one safetensors file, after checking the file holds all the bytes it names."""
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+def _bytes_of(tensor: torch.Tensor):
+    """A writable byte view of a contiguous CPU tensor (no copy)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Read ``keys`` of one safetensors file with positional reads into new tensors."""
+    header, start = read_header(path, path.parent)
+    out = {}
+    with path.open("rb", buffering=0) as f:
+        for key in keys:
+            info = header[key]
+            if info["dtype"] not in _DTYPES:
+                raise UsageError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which streaming cannot read")
+            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            if tensor.numel():
+                f.seek(start + begin)
+                if f.readinto(_bytes_of(tensor)) != end - begin:
+                    raise UsageError(f"shard {path.name} is truncated; re-download or re-copy the model")
+            out[key] = tensor
+    return out
+
+
+def write_tensors(path: Path, entries: list[tuple[str, torch.dtype, list[int], Callable[[], torch.Tensor]]]) -> None:
+    """Write a safetensors file one tensor at a time: ``entries`` are (name, dtype, shape, producer),
+    and each producer is called only when its bytes are due, so at most one tensor is held."""
+    table, offset = {"__metadata__": _META}, 0
+    for key, dtype, shape, _ in entries:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        table[key] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(table, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for key, dtype, shape, produce in entries:
+            tensor = produce().detach().to("cpu", dtype).contiguous()
+            if list(tensor.shape) != list(shape):
+                raise RuntimeError(f"{key}: shape {list(tensor.shape)} differs from the header's {list(shape)}")
+            if tensor.numel():
+                f.write(_bytes_of(tensor))
+
+
+def read_header(path: Path, folder: Path) -> tuple[dict[str, dict], int]:
+    """The tensor table of one safetensors file and where its data starts, after checking the file
+    holds all the bytes the table names."""
     if not path.is_file():
         raise UsageError(f"shard {path.name} is missing from {folder}; re-download or re-copy the model")
     size = path.stat().st_size
@@ -118,7 +172,13 @@ def read_header(path: Path, folder: Path) -> dict[str, dict]:
         raise UsageError(
             f"shard {path.name} is truncated ({size} of {8 + n + end} bytes); re-download or re-copy the model"
         )
-    return header
+    return header, 8 + n
+
+
+def activations_fit(n_samples: int, seq_len: int, hidden: int, itemsize: int, free_bytes: int) -> bool:
+    """Whether one rank's block inputs fit in half the free GPU memory (the other half is left for
+    the block's weights, its statistics and the forward pass's workspace)."""
+    return n_samples * seq_len * hidden * itemsize <= free_bytes // 2
 
 
 def _set_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -198,6 +258,13 @@ class StreamSession(EngineHooks):
     def writes(self) -> bool:
         return self.group is None or self.group.is_main
 
+    def _cast_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """Floating tensors take the requested dtype, as ``from_pretrained(dtype=…)`` does; others keep theirs."""
+        return self.dtype if stored.is_floating_point else stored
+
+    def _cast(self, value: torch.Tensor) -> torch.Tensor:
+        return value.to(self._cast_dtype(value.dtype))
+
     def _block_key(self, index: int, name: str) -> str:
         return f"{self.spec.blocks}.{index}.{name}"
 
@@ -216,7 +283,21 @@ class StreamSession(EngineHooks):
         model = self.loaded.model
         keys = [k for k in self.reader.keys if k.startswith(tuple(f"{e}." for e in self.spec.embeddings))]
         for key, value in self.reader.read(keys).items():
-            _set_tensor(model, key, value.to(self.dtype))
+            _set_tensor(model, key, self._cast(value))
+
+    def place_activations(self, engine: EngineOptions, n_samples: int, seq_len: int) -> EngineOptions:
+        """Keep the calibration activations in host memory when they would not fit beside a block
+        on the GPU (``--offload-activations`` forces it); returns the options to run with."""
+        device = engine.torch_device()
+        if engine.offload_activations or device.type != "cuda":
+            return engine
+        world = self.group.world if self.group else 1
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        free, _ = torch.cuda.mem_get_info(device)
+        if activations_fit(-(-n_samples // world), seq_len, self.loaded.model.config.hidden_size, itemsize, free):
+            return engine
+        print("secateurs: calibration activations do not fit on the GPU; keeping them in host memory", file=sys.stderr)
+        return replace(engine, offload_activations=True)
 
     # --- resumable output --------------------------------------------------------------------
 
@@ -272,15 +353,15 @@ class StreamSession(EngineHooks):
         resumed = method.modifies_weights and str(index) in self.done
         if resumed:
             entry = self.done[str(index)]
-            with safe_open(self.partial / entry["file"], framework="pt") as handle:
-                tensors = {name: handle.get_tensor(self._block_key(index, name)) for name in names}
+            read = read_tensors(self.partial / entry["file"], [self._block_key(index, name) for name in names])
+            tensors = {name: read[self._block_key(index, name)] for name in names}
             self.per_layer.update(entry["sparsity"])
         else:
             source = self.source_index[index]
             read = self.reader.read([self._block_key(source, name) for name in names])
             tensors = {name: read[self._block_key(source, name)] for name in names}
         for name, value in tensors.items():
-            _set_tensor(block, name, value.to(self.dtype))
+            _set_tensor(block, name, self._cast(value))
         return resumed
 
     def release_block(self, index: int, block: nn.Module, method: BlockMethod, resumed: bool) -> None:
@@ -297,8 +378,8 @@ class StreamSession(EngineHooks):
 
     def _write_block(self, index: int, block: nn.Module, sparsity: dict[str, float]) -> None:
         name = self._shard_name(index + 1)
-        tensors = {self._block_key(index, k): v.detach().contiguous() for k, v in block.state_dict().items()}
-        _write_atomic(self.partial / name, lambda p: save_file(tensors, p, metadata=_META))
+        entries = [(self._block_key(index, k), v.dtype, list(v.shape), lambda v=v: v) for k, v in block.state_dict().items()]
+        _write_atomic(self.partial / name, lambda p: write_tensors(p, entries))
         self.done[str(index)] = {"file": name, "sparsity": sparsity}
         state = {"fingerprint": self.fingerprint, "done": self.done}
         _write_atomic(self.partial / PROGRESS, lambda p: p.write_text(json.dumps(state)))
@@ -323,12 +404,18 @@ class StreamSession(EngineHooks):
             raise UsageError(f"blocks {missing} were never written; rerun the same command to finish them")
         prefix = f"{self.spec.blocks}."
         rest = [k for k in self.reader.keys if not k.startswith(prefix)]
-        tensors = {k: v.to(self.dtype).contiguous() for k, v in self.reader.read(rest).items()}
+        for name, value in list(self.loaded.model.state_dict().items()):  # the embeddings, no longer needed
+            if not value.is_meta and name in self.reader.keys:
+                _set_tensor(self.loaded.model, name, torch.empty_like(value, device="meta"))
+        entries = [
+            (k, self._cast_dtype(_DTYPES[self.reader.dtypes[k]]), self.reader.shapes[k], lambda k=k: self._cast(self.reader.read([k])[k]))
+            for k in rest
+        ]
         last = self._shard_name(n + 1)
-        _write_atomic(self.partial / last, lambda p: save_file(tensors, p, metadata=_META))
+        _write_atomic(self.partial / last, lambda p: write_tensors(p, entries))
         weight_map, total = {}, 0
         for name in [self.done[str(i)]["file"] for i in range(n)] + [last]:
-            for key, info in read_header(self.partial / name, self.partial).items():
+            for key, info in read_header(self.partial / name, self.partial)[0].items():
                 weight_map[key] = name
                 total += info["data_offsets"][1] - info["data_offsets"][0]
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
