@@ -183,3 +183,18 @@ def test_activations_fit_leaves_half_the_free_memory():
     # 128 × 2048 tokens of hidden 8192 in fp16 are 4 GiB: they fit beside a block in 10 GiB free, not in 6.
     assert activations_fit(128, 2048, 8192, 2, 10 * 2**30)
     assert not activations_fit(128, 2048, 8192, 2, 6 * 2**30)
+
+
+def test_cli_prune_stream(sharded, tmp_path):
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    runner = CliRunner()
+    args = ["prune", str(sharded), "--method", "magnitude", "--device", "cpu", "--stream"]
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--ppl", "wikitext2"])
+    assert bad.exit_code == 2 and "--stream writes OUT block by block" in bad.output
+    done = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    in_memory(sharded, tmp_path / "memory", PruneConfig("magnitude", 0.5), None)
+    assert_same_folder(tmp_path / "memory", tmp_path / "out")
