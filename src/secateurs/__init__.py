@@ -8,6 +8,7 @@ from .data.calib import CalibConfig
 from .depth.prune import LayerConfig, LayerReport, prune_layers
 from .engine.sequential import EngineOptions
 from .errors import NumericalError, SecateursError, UsageError
+from .recipe import run
 from .evaluate.zeroshot import ZeroShot, zero_shot
 from .model.load import LoadedModel, load_model
 from .report import load_run, write_report
@@ -44,6 +45,7 @@ __all__ = [
     "prune_layers",
     "prune_streamed",
     "recover",
+    "run",
     "save",
     "shear",
     "write_report",
