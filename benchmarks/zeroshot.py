@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=10, help="first N documents per zero-shot task (0: all)")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--limit-windows", type=int, default=10)
+    parser.add_argument("--limit-windows", type=int, default=10, help="first N perplexity windows (0: all)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from saved records")
     args = parser.parse_args()
     args.limit = args.limit or None
+    args.limit_windows = args.limit_windows or None
     OUT.mkdir(parents=True, exist_ok=True)
     calib = CalibConfig("wikitext2", args.calib_samples, args.seq_len, 0)
     engine = EngineOptions(device=args.device)
