@@ -60,18 +60,27 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_me
 """
 
 
-def random_llama(folder: Path, layers: int, seed: int = 0) -> Path:
+def random_llama(folder: Path, layers: int) -> Path:
     """A TinyLlama-1.1B-shaped Llama with random bfloat16 weights, one safetensors shard per block."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    if (folder / "model.safetensors.index.json").is_file():
-        return folder
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
                          dtype="bfloat16")
+    return random_llama_folder(folder, config, torch.bfloat16)
+
+
+def random_llama_folder(folder: Path, config, dtype: torch.dtype, seed: int = 0) -> Path:
+    """Write a random-weight model of ``config`` as one safetensors shard per block (plus one for the
+    rest) with its index, never holding more than one block; reused by benchmarks/scale.py."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".random-llama-", dir=folder.parent))
     config.save_pretrained(tmp)
     generator = torch.Generator().manual_seed(seed)
@@ -86,12 +95,13 @@ def random_llama(folder: Path, layers: int, seed: int = 0) -> Path:
         tensors = {}
         for key in keys:
             if key.endswith("norm.weight"):
-                tensors[key] = torch.ones(shapes[key], dtype=torch.bfloat16)
+                tensors[key] = torch.ones(shapes[key], dtype=dtype)
             else:
-                tensors[key] = (torch.randn(shapes[key], generator=generator) * 0.02).to(torch.bfloat16)
+                tensors[key] = (torch.randn(shapes[key], generator=generator) * 0.02).to(dtype)
             weight_map[key] = file
-            total += tensors[key].numel() * 2
+            total += tensors[key].numel() * tensors[key].element_size()
         save_file(tensors, tmp / file, metadata={"format": "pt"})
+        del tensors
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     tmp.rename(folder)
     return folder

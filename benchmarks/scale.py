@@ -1,0 +1,206 @@
+"""Scale past one device: multi-GPU calibration and streamed 70B-shape pruning (issue 11's GPU numbers).
+
+Two parts, each writing benchmarks/results/scale_<part>.json and printing its table:
+
+``--part ranks`` (run once per process count, under torchrun): a random fp16 model of Llama-2-7B's
+shape, identical on every rank (seeded), pruned in memory by Wanda 50% and SparseGPT 50% on 128 ×
+2048 random calibration tokens split over the ranks. Records wall seconds, per-stage seconds and
+peak GPU memory per rank, and a fingerprint of every mask so runs with 1 and N ranks can be
+compared (equal up to floating-point reduction order)::
+
+    torchrun --nproc-per-node 1 benchmarks/scale.py --part ranks
+    torchrun --nproc-per-node 2 benchmarks/scale.py --part ranks
+    python benchmarks/scale.py --part compare     # ratios and mask agreement of the two runs
+
+``--part stream``: a random fp16 model of Llama-3-70B's shape (hidden 8192, 64 / 8 heads, MLP 28672,
+vocabulary 128256) written as safetensors shards for a subset of its 80 layers, then pruned by
+``prune_streamed`` (one block in memory) with Wanda 50% and SparseGPT 50% on 128 × 2048 WikiText-2
+tokens, each in its own subprocess: seconds per layer, peak host RSS, peak GPU memory, and the time
+extrapolated to 80 layers::
+
+    SECATEURS_DATA=shared/data python benchmarks/scale.py --part stream --layers 6,12
+
+``--shape tiny --device cpu`` runs either part on a toy shape, to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=32, vocab_size=32000),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                       num_hidden_layers=80, vocab_size=128256),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=4, vocab_size=49152),
+}
+
+
+def peak_rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def llama_config(shape: str, layers: int | None = None):
+    from transformers import LlamaConfig
+
+    values = dict(SHAPES[shape])
+    if layers is not None:
+        values["num_hidden_layers"] = layers
+    return LlamaConfig(**values, max_position_embeddings=4096, tie_word_embeddings=False, dtype="float16")
+
+
+def part_ranks(args) -> None:
+    """One process count, in memory: every rank builds the same random model and prunes its share."""
+    from transformers import AutoModelForCausalLM
+
+    from secateurs.engine.distributed import DistributedHooks, init_from_env
+    from secateurs.engine.sequential import EngineOptions, run_blocks
+    from secateurs.model.arch import spec_for
+    from secateurs.sparsity.base import SparsityTarget
+    from secateurs.sparsity.registry import method_class
+
+    device = torch.device(args.device)
+    group = init_from_env(device)
+    world, rank = (group.world, group.rank) if group else (1, 0)
+    config = llama_config(args.shape)
+    ids = torch.randint(0, config.vocab_size, (args.n_samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for method in ("wanda", "sparsegpt"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if device.type == "cuda" else torch.float32).eval()
+        model.requires_grad_(False)
+        spec = spec_for(model)
+        engine = EngineOptions(device=str(device), hooks=DistributedHooks(group) if group else None)
+        pruner = method_class(method)(SparsityTarget.build(0.5, "unstructured", config.num_hidden_layers))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run_blocks(model, spec, pruner, ids, engine, method)
+        seconds = time.perf_counter() - start
+        masks = {}
+        for i, block in enumerate(spec.blocks_of(model)):
+            for name, module in spec.linears(block).items():
+                zero = (module.weight == 0).cpu().numpy().tobytes()
+                masks[f"{i}.{name}"] = hashlib.sha256(zero).hexdigest()[:16]
+        rows.append({"method": method, "world": world, "seconds": seconds, "stages": engine.stage_seconds,
+                     "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                     "peak_rss_mib": peak_rss_mib(), "masks": masks})
+        del model
+    if rank == 0:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"scale_ranks_{world}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        for r in rows:
+            print(f"{r['method']}: {world} rank(s) {r['seconds']:.1f} s, peak GPU {r['peak_gpu_gib']} GiB")
+
+
+def part_compare(_args) -> None:
+    one = {r["method"]: r for r in json.loads((RESULTS / "scale_ranks_1.json").read_text())}
+    many_files = sorted(p for p in RESULTS.glob("scale_ranks_*.json") if p.stem != "scale_ranks_1")
+    print("| method | ranks | seconds | vs 1 rank | peak GPU GiB/rank | masks equal to 1 rank |")
+    print("|---|---|---|---|---|---|")
+    out = []
+    for path in many_files:
+        for r in json.loads(path.read_text()):
+            base = one[r["method"]]
+            equal = sum(r["masks"][k] == v for k, v in base["masks"].items()) / len(base["masks"])
+            row = {"method": r["method"], "world": r["world"], "seconds": r["seconds"], "speedup": base["seconds"] / r["seconds"],
+                   "peak_gpu_gib": r["peak_gpu_gib"], "masks_equal_fraction": equal}
+            out.append(row)
+            print(f"| {r['method']} | {r['world']} | {r['seconds']:.1f} | {row['speedup']:.2f}× | {r['peak_gpu_gib']} | {equal:.3f} |")
+    (RESULTS / "scale_compare.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def write_random_model(folder: Path, shape: str, layers: int) -> Path:
+    """Random fp16 shards for ``layers`` layers of ``shape``, one shard per block, plus SmolLM2's tokenizer."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from streaming import random_llama_folder
+
+    from secateurs.model.load import _shortcut_folder, _try_tokenizer
+
+    if not (folder / "model.safetensors.index.json").is_file():
+        random_llama_folder(folder, llama_config(shape, layers), torch.float16)
+        _try_tokenizer(_shortcut_folder("smollm2-135m")).save_pretrained(folder)
+    return folder
+
+
+STREAM_CHILD = """
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[5])
+from scale import peak_rss_mib
+from secateurs.api import PruneConfig, prune_streamed
+from secateurs.data.calib import CalibConfig
+from secateurs.engine.sequential import EngineOptions
+folder, out, method, device, _, n, seq = sys.argv[1:8]
+engine = EngineOptions(device=device)
+start = time.perf_counter()
+report, _ = prune_streamed(folder, out, PruneConfig(method, 0.5), CalibConfig("wikitext2", int(n), int(seq), 0), engine,
+                           "float16" if device.startswith("cuda") else "float32")
+gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+print(json.dumps({"seconds": time.perf_counter() - start, "stages": engine.stage_seconds, "peak_gpu_gib": gpu,
+                  "peak_rss_mib": peak_rss_mib()}))
+"""
+
+
+def part_stream(args) -> None:
+    work = Path(args.work or tempfile.mkdtemp(prefix="secateurs-scale-"))
+    rows = []
+    for layers in [int(x) for x in args.layers.split(",")]:
+        folder = write_random_model(work / f"{args.shape}-{layers}", args.shape, layers)
+        for method in ("wanda", "sparsegpt"):
+            out = work / f"out-{method}-{layers}"
+            command = [sys.executable, "-c", STREAM_CHILD, str(folder), str(out), method, args.device,
+                       str(Path(__file__).parent), str(args.n_samples), str(args.seq_len)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env=os.environ)
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            total_layers = SHAPES[args.shape]["num_hidden_layers"]
+            r.update(method=method, layers=layers, per_layer_s=r["seconds"] / layers,
+                     extrapolated_full_min=r["seconds"] / layers * total_layers / 60)
+            rows.append(r)
+            print(f"{method} {layers} layers: {r['per_layer_s']:.1f} s/layer, peak GPU {r['peak_gpu_gib']} GiB, "
+                  f"RSS {r['peak_rss_mib']:.0f} MiB, {total_layers} layers ≈ {r['extrapolated_full_min']:.1f} min", flush=True)
+    # Fixed costs (start-up, capture, the last shard) cancel in the difference between two depths.
+    for method in ("wanda", "sparsegpt"):
+        runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["layers"])
+        if len(runs) > 1 and runs[-1]["layers"] > runs[0]["layers"]:
+            marginal = (runs[-1]["seconds"] - runs[0]["seconds"]) / (runs[-1]["layers"] - runs[0]["layers"])
+            full = runs[0]["seconds"] + marginal * (SHAPES[args.shape]["num_hidden_layers"] - runs[0]["layers"])
+            print(f"{method}: marginal {marginal:.1f} s/layer, full model ≈ {full / 60:.1f} min")
+            runs[-1].update(marginal_s_per_layer=marginal, extrapolated_full_min=full / 60)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"scale_stream_{args.shape}.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("ranks", "compare", "stream"), required=True)
+    parser.add_argument("--shape", choices=tuple(SHAPES), default=None)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layers", default="6,12")
+    parser.add_argument("--n-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--work", default=None, help="scratch folder for the streamed shards")
+    args = parser.parse_args()
+    args.shape = args.shape or ("llama3-70b" if args.part == "stream" else "llama2-7b")
+    {"ranks": part_ranks, "compare": part_compare, "stream": part_stream}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
