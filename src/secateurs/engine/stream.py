@@ -121,10 +121,15 @@ def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
                 raise UsageError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which streaming cannot read")
             tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
             begin, end = info["data_offsets"]
-            if tensor.numel():
-                f.seek(start + begin)
-                if f.readinto(_bytes_of(tensor)) != end - begin:
+            view, done = memoryview(_bytes_of(tensor)) if tensor.numel() else memoryview(b""), 0
+            if view.nbytes != end - begin:
+                raise UsageError(f"shard {path.name}: tensor {key} has {end - begin} bytes for shape {info['shape']}; the file is corrupt")
+            f.seek(start + begin)
+            while done < end - begin:  # one read returns at most ~2 GiB on Linux: loop
+                got = f.readinto(view[done:])
+                if not got:
                     raise UsageError(f"shard {path.name} is truncated; re-download or re-copy the model")
+                done += got
             out[key] = tensor
     return out
 
