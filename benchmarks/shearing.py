@@ -45,11 +45,8 @@ def _ppl(loaded, args) -> float:
     return result.ppl
 
 
-def _train_baseline(loaded, args, device) -> dict:
-    """The same loop and tokens as shearing's two phases together."""
-    domains = Domains.load(args.data, loaded.tokenizer, args.seq_len, args.eval_windows)
-    if domains.dynamic:
-        domains.reference = held_out_losses(loaded.model, domains, device)
+def _train_baseline(loaded, args, device, domains: Domains) -> dict:
+    """The same loop and tokens as shearing's two phases together, the same dense reference losses."""
     settings = TrainSettings(steps=args.prune_steps + args.continue_steps, batch_size=args.batch_size,
                              seq_len=args.seq_len, update_every=args.update_every, seed=args.seed)
     return train(loaded.model, domains, settings, device, description="train").to_dict()
@@ -84,6 +81,9 @@ def run_arm(arm: str, args) -> dict:
     else:
         fraction = plan.target_params / plan.source_params
         calib = CalibConfig("wikitext2", args.calib_samples, args.seq_len, args.seed)
+        domains = Domains.load(args.data, loaded.tokenizer, args.seq_len, args.eval_windows)
+        if domains.dynamic:  # as in shearing: the source (dense) model's held-out losses
+            domains.reference = held_out_losses(loaded.model, domains, device)
         if arm == "llm-pruner":
             width(loaded, WidthConfig("llm-pruner", ratio=1 - fraction, target="both", mode="global"), calib,
                   EngineOptions(device=args.device))
@@ -95,7 +95,7 @@ def run_arm(arm: str, args) -> dict:
         else:
             raise SystemExit(f"unknown arm {arm}")
         row["ppl_pruned"] = _ppl(loaded, args)
-        row["train"] = _train_baseline(loaded, args, device)
+        row["train"] = _train_baseline(loaded, args, device, domains)
     row["ppl_trained"] = _ppl(loaded, args)
     row["params_after"] = non_embedding_params(loaded)
     row["tokens"] = (args.prune_steps + args.continue_steps) * args.batch_size * args.seq_len

@@ -443,7 +443,9 @@ class ShearConfig:
     continued pretraining of the sliced model. ``mask_lr`` is the paper's ``lag_lr`` (1.0) for
     mask logits and multipliers; ``lagrangian_warmup`` the fraction of ``steps`` over which the target
     ramps in (the paper: 20%). ``reference_loss``: per-domain reference for dynamic batch loading
-    (default: the source model's held-out loss).
+    (default: the source model's held-out loss). The Lagrangian game needs hundreds of steps or more to
+    settle: with tens, the masks overshoot the target together and the cut is close to random
+    (benchmarks/sections/shearing.md).
     """
 
     target: ShearTarget
