@@ -96,7 +96,9 @@ def shear_command(
     plan = report.plan
     weights = (report.continue_log or report.prune_log).domain_weights[-1]
     rows = [
-        *[[kind, f"{plan.source[kind]} → {plan.target[kind]}"] for kind in ("layers", "hidden", "heads", "channels")],
+        *[[label, f"{plan.source[kind]} → {plan.target[kind]}"] for kind, label in
+          (("layers", "layers"), ("hidden", "hidden"), ("heads", "KV heads"), ("channels", "intermediate"))],
+        ["query heads", f"{plan.source['heads'] * plan.per_group} → {plan.target['heads'] * plan.per_group}"],
         ["block parameters", f"{report.params_before:,} → {report.params_after:,} ({report.params_after / report.params_before:.1%})"],
         ["tokens (mask learning + continued)", f"{report.prune_log.tokens:,} + {report.continue_log.tokens if report.continue_log else 0:,}"],
         ["final domain weights", ", ".join(f"{n}={w:.3f}" for n, w in zip(datasets, weights))],
