@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default=None, help="Comma-separated case numbers (1-5) to run.")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write (rows are merged into it).")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     calib = CalibConfig("wikitext2", args.calib_samples, args.calib_seq_len, args.seed)
@@ -129,7 +130,7 @@ def main() -> None:
         "5": ("LoRAPrune", None),
     }
     wanted = args.only.split(",") if args.only else list(cases)
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() and args.only else {}
+    previous = json.loads(args.results.read_text()) if args.results.is_file() and args.only else {}
     rows = {row["case"]: row for row in previous.get("rows", [])}
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -143,8 +144,9 @@ def main() -> None:
             continue
         row["total_seconds"] = round(time.perf_counter() - start, 1)
         rows[row["case"]] = row
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"args": vars(args), "machine": machine, "rows": list(rows.values())}, indent=2) + "\n")
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.results.write_text(json.dumps({"args": settings, "machine": machine, "rows": list(rows.values())}, indent=2) + "\n")
         pruned = f"{row['pruned_ppl']:.2f}" if row["pruned_ppl"] is not None else "-"
         print(
             f"{row['case']}: ppl {pruned} -> {row['recovered_ppl']:.2f} "
