@@ -73,3 +73,9 @@ def test_target_schedule_and_nm_implied():
         SparsityTarget.build([0.1, 0.2], "unstructured", 3)
     with pytest.raises(UsageError, match="fixes the sparsity"):
         SparsityTarget.build(0.7, "2:4", 3)
+
+
+def test_per_layer_mask_of_a_transposed_view():
+    s = scores().t()  # non-contiguous, as for a GPT-2 Conv1D weight
+    keep = unstructured_mask(s, 0.5, "layer")
+    assert (~keep).sum() == s.numel() // 2 and s[~keep].max() <= s[keep].min()

@@ -58,7 +58,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per: str = "row") -
     """Drop the ``sparsity`` fraction of lowest scores in each output row, or in the whole layer."""
     if per not in COMPARISON_GROUPS:
         raise UsageError(f"unknown comparison group {per!r}; use row or layer")
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if per == "row":
         k = int(scores.shape[1] * sparsity)
         if k:
