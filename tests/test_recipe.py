@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from secateurs.cli import app
 from secateurs.errors import UsageError
 from secateurs.recipe import load_recipe, run
+from secateurs.report import load_chain
 
 runner = CliRunner()
 
@@ -53,6 +54,12 @@ def test_recipe_end_to_end_and_resume(tmp_path, setup):
     weights = load_file(out / "model.safetensors")
     q = weights["model.layers.0.self_attn.q_proj.weight"]
     assert (q == 0).float().mean().item() == pytest.approx(0.5)
+
+    chain = load_chain(out)
+    assert [r.label for r in chain] == ["01-layers", "02-prune", "03-eval"]
+    assert chain[1].method == "magnitude 2:4" and chain[1].removed == pytest.approx(0.5)
+    assert chain[2].perplexity[str(text)] == final["stages"][2]["results"]["perplexity"][str(text)]["ppl"]
+    assert chain[0].params is not None and chain[0].params == chain[1].params
 
     lines: list[str] = []
     run(recipe_dict(folder, text, out), echo=lines.append)

@@ -15,6 +15,7 @@ with a marker per kind, so the plot compares like with like only within a kind.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -160,6 +161,39 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if run.params is None and folder is not None:
         run.params = count_parameters(folder)
     return run
+
+
+def is_recipe_record(data: dict) -> bool:
+    """A ``secateurs run`` record: its stages carry the recipe's stage folder and content hash."""
+    stages = data.get("stages") or []
+    return bool(stages) and all(isinstance(s, dict) and "key" in s and "folder" in s for s in stages)
+
+
+def load_chain(out: str | Path) -> list[Run]:
+    """One Run per stage of a recipe output: the model's state and metrics after each stage."""
+    out = Path(out).expanduser()
+    data = _read_json(out / RECORD)
+    if not is_recipe_record(data):
+        raise UsageError(f"{out} is not a `secateurs run` output folder")
+    runs: list[Run] = []
+    state = Run(label="input", source=str(data.get("input", "")))
+    for stage in data["stages"]:
+        state = copy.deepcopy(state)
+        state.label, state.source = stage["folder"], str(out / "stages" / stage["folder"])
+        if stage.get("record"):
+            _apply_stage(state, stage["record"])
+        results = stage.get("results") or {}
+        if "perplexity" in results or "zeroshot" in results:  # an eval stage's --json output
+            flat = {f"ppl_{k}": v for k, v in results.get("perplexity", {}).items()}
+            if "zeroshot" in results:
+                flat["zeroshot"] = results["zeroshot"]
+            results = flat
+        _apply_results(state, results)
+        model = out / "stages" / stage["folder"] / "model"
+        if model.is_dir():
+            state.params = count_parameters(model)
+        runs.append(state)
+    return runs
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

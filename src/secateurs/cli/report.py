@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import UsageError
-from ..report import load_run, results_table, write_report
+from ..model.save import RECORD
+from ..report import is_recipe_record, load_chain, load_run, results_table, write_report
 from . import app
 from .common import friendly, out_console
 
@@ -26,12 +28,19 @@ def report_command(
     ] = None,
     title: Annotated[str, typer.Option(help="Heading of report.md.")] = "secateurs report",
 ) -> None:
-    """Tabulate perplexity, zero-shot accuracy, size and speed of runs, and plot them against what was removed."""
+    """Tabulate perplexity, zero-shot accuracy, size and speed of runs, and plot them against what was removed.
+
+    A `secateurs run` output folder is rendered as its chain: one row per stage, with the metrics
+    measured after it."""
     if out is None:
         if len(runs) != 1 or not Path(runs[0]).is_dir():
             raise UsageError("pass --out DIR for the report (it defaults to the run's folder only for one folder)")
         out = runs[0]
-    loaded = [load_run(path) for path in runs]
+    loaded = []
+    for path in runs:
+        record = Path(path) / RECORD
+        chain = record.is_file() and is_recipe_record(json.loads(record.read_text()))
+        loaded.extend(load_chain(path) if chain else [load_run(path)])
     report = write_report(loaded, out, title)
     out_console.print(results_table(loaded), markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"wrote {report} (and its plots)", highlight=False)
