@@ -21,6 +21,7 @@ the folder to OUT, so OUT is complete or absent. In a multi-process run only ran
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -178,6 +179,25 @@ def read_header(path: Path, folder: Path) -> tuple[dict[str, dict], int]:
             f"shard {path.name} is truncated ({size} of {8 + n + end} bytes); re-download or re-copy the model"
         )
     return header, 8 + n
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc). A block's tensors are below glibc's largest
+    mmap threshold, so once freed they stay in the heap, fragmented, and resident memory would creep
+    up block after block instead of staying flat."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc() if sys.platform.startswith("linux") else None
 
 
 def activations_fit(n_samples: int, seq_len: int, hidden: int, itemsize: int, free_bytes: int) -> bool:
@@ -380,6 +400,7 @@ class StreamSession(EngineHooks):
                 self._write_block(index, block, sparsity)
         for name, value in block.state_dict().items():
             _set_tensor(block, name, torch.empty_like(value, device="meta"))
+        _trim_heap()
 
     def _write_block(self, index: int, block: nn.Module, sparsity: dict[str, float]) -> None:
         name = self._shard_name(index + 1)
