@@ -1,0 +1,73 @@
+"""Magnitude vs Wanda vs SparseGPT (50%, 2:4) and uniform vs OWL at 70%, secateurs only, one run.
+
+The quality half of the one-shot comparison, cheap enough for a CPU: every variant prunes a fresh
+copy of SmolLM2-135M with the same calibration windows and is scored on the same WikiText-2 test
+windows. Prints a table and writes benchmarks/results/one_shot_quality.json.
+
+    SECATEURS_DATA=../shared/data python benchmarks/one_shot_quality.py --n-samples 8 --seq-len 512 --windows 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import secateurs
+from secateurs.data.calib import CalibConfig
+
+VARIANTS = (
+    ("magnitude", "unstructured", 0.5, "uniform"),
+    ("wanda", "unstructured", 0.5, "uniform"),
+    ("sparsegpt", "unstructured", 0.5, "uniform"),
+    ("magnitude", "2:4", None, "uniform"),
+    ("wanda", "2:4", None, "uniform"),
+    ("sparsegpt", "2:4", None, "uniform"),
+    ("wanda", "unstructured", 0.7, "uniform"),
+    ("wanda", "unstructured", 0.7, "owl"),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    calib = CalibConfig("wikitext2", args.n_samples, args.seq_len, args.seed)
+    engine = secateurs.EngineOptions(device="cpu")
+
+    def ppl(loaded) -> float:
+        return secateurs.evaluate_perplexity(loaded, ["wikitext2"], args.seq_len, args.windows, device="cpu")["wikitext2"].ppl
+
+    rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-",
+             "ppl": ppl(secateurs.load_model("smollm2-135m")), "prune_s": 0.0}]
+    for method, pattern, sparsity, allocation in VARIANTS:
+        loaded = secateurs.load_model("smollm2-135m")
+        config = secateurs.PruneConfig(method, sparsity, pattern, allocation=allocation)
+        start = time.perf_counter()
+        report = secateurs.prune(loaded, config, calib, engine)
+        rows.append({"method": method, "pattern": pattern, "sparsity": round(report.achieved, 4),
+                     "allocation": allocation, "ppl": ppl(loaded), "prune_s": round(time.perf_counter() - start, 1)})
+        print(rows[-1], flush=True)
+    dense = rows[0]["ppl"]
+    print(f"\nSmolLM2-135M, WikiText-2 first {args.windows}×{args.seq_len} windows; calibration "
+          f"{args.n_samples}×{args.seq_len} WikiText-2 (validation file), seed {args.seed}")
+    print(f"{'method':10s} {'pattern':13s} {'alloc':8s} {'sparsity':>8s} {'ppl':>10s} {'÷dense':>7s} {'prune s':>8s}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['pattern']:13s} {r['allocation']:8s} {r['sparsity']:8.4f} {r['ppl']:10.3f} "
+              f"{r['ppl'] / dense:7.2f} {r['prune_s']:8.1f}")
+    out = Path(__file__).parent / "results" / "one_shot_quality.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                               "args": vars(args), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
