@@ -66,6 +66,16 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
+def perplexity_rows(measured: dict, label: str = "", key_suffix: str = "") -> tuple[list[list[str]], dict]:
+    """Table rows and ``secateurs.json`` results for ``evaluate_perplexity`` output (shared by every stage)."""
+    rows, results = [], {}
+    for name, value in measured.items():
+        failed = isinstance(value, str)
+        rows.append([f"{name} perplexity{label}", "unavailable" if failed else f"{value.ppl:.3f}"])
+        results[f"ppl_{name}{key_suffix}"] = {"error": value} if failed else value.to_dict()
+    return rows, results
+
+
 def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     t = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):

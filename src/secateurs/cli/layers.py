@@ -15,7 +15,7 @@ from ..engine.sequential import EngineOptions
 from ..model.load import load_model
 from ..model.save import check_out
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, table
+from .common import BatchSize, DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, perplexity_rows, table
 
 
 @app.command("layers")
@@ -67,9 +67,9 @@ def layers_command(
         ["peak memory (MiB)", f"{report.peak_memory_mb:.0f}"],
     ]
     results = {}
-    for name, value in evaluate_perplexity(loaded, csv_list(ppl), eval_seq_len, limit_windows, data_dir, device, batch_size).items():
-        rows.append([f"{name} perplexity", f"{value.ppl:.3f}" if not isinstance(value, str) else "unavailable"])
-        results[f"ppl_{name}"] = value.to_dict() if not isinstance(value, str) else {"error": value}
+    new_rows, new_results = perplexity_rows(evaluate_perplexity(loaded, csv_list(ppl), eval_seq_len, limit_windows, data_dir, device, batch_size))
+    rows += new_rows
+    results.update(new_results)
     plot = score_plot({method: report.first_scores()}, {method: report.removed}, report.n_layers_before)
     path = save(loaded, out, [report.stage_record()], results, overwrite, extras={"layer_scores.png": plot})
     rows.append(["saved to", str(path)])

@@ -17,7 +17,7 @@ from ..model.load import load_model
 from ..model.save import check_out, local_input
 from ..sparsity.registry import method_names
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, csv_list, err_console, friendly, out_console, parse_options, parse_sparsity, table
+from .common import BatchSize, DataDir, Device, Dtype, csv_list, err_console, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
 
 
 @app.command("prune")
@@ -110,9 +110,9 @@ def prune_command(
     datasets = csv_list(ppl)
     if datasets:
         measured = evaluate_perplexity(loaded, datasets, eval_seq_len, limit_windows, data_dir, device, batch_size)
-        for name, value in measured.items():
-            rows.append([f"{name} perplexity", f"{value.ppl:.3f}" if not isinstance(value, str) else "unavailable"])
-            results[f"ppl_{name}"] = value.to_dict() if not isinstance(value, str) else {"error": value}
+        new_rows, new_results = perplexity_rows(measured)
+        rows += new_rows
+        results.update(new_results)
     stages = [report.stage_record()]
     if export == "sparse":
         try:

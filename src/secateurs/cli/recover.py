@@ -18,7 +18,7 @@ from ..recover.lora import PRECISIONS, RecoverConfig, remove_checkpoints
 from ..recover.loraprune import MODES, LoRAPruneConfig
 from ..sparsity.registry import method_names
 from . import app
-from .common import DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, parse_sparsity, table
+from .common import DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
 
 METHODS = ("lora", "loraprune", "iterative")
 
@@ -93,9 +93,9 @@ def recover_command(
     if method == "loraprune":
         lp_config.layers(loaded.spec.num_layers(loaded.model.config))
     results, rows = {}, [["method", method]]
-    for name, value in evaluate_perplexity(loaded, datasets, eval_seq_len, limit_windows, data_dir, device).items():
-        rows.append([f"{name} perplexity before", f"{value.ppl:.3f}" if not isinstance(value, str) else "unavailable"])
-        results[f"ppl_{name}_before"] = value.to_dict() if not isinstance(value, str) else {"error": value}
+    new_rows, new_results = perplexity_rows(evaluate_perplexity(loaded, datasets, eval_seq_len, limit_windows, data_dir, device), " before", "_before")
+    rows += new_rows
+    results.update(new_results)
     if method == "lora":
         report = recover(loaded, config, device)
     elif method == "loraprune":
@@ -118,9 +118,9 @@ def recover_command(
         if "params" in record:
             rows.append(["parameters", f"{record['params']['before']:,} → {record['params']['after']:,}"])
     rows.append(["time (s)", f"{report.seconds:.1f}"])
-    for name, value in evaluate_perplexity(loaded, datasets, eval_seq_len, limit_windows, data_dir, device).items():
-        rows.append([f"{name} perplexity after", f"{value.ppl:.3f}" if not isinstance(value, str) else "unavailable"])
-        results[f"ppl_{name}"] = value.to_dict() if not isinstance(value, str) else {"error": value}
+    new_rows, new_results = perplexity_rows(evaluate_perplexity(loaded, datasets, eval_seq_len, limit_windows, data_dir, device), " after", "")
+    rows += new_rows
+    results.update(new_results)
     path = save(loaded, out, [record], results, overwrite)
     remove_checkpoints(checkpoints)
     rows.append(["saved to", str(path)])

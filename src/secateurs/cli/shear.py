@@ -15,7 +15,7 @@ from ..model.load import load_model
 from ..model.save import check_out
 from ..structured.shearing import ShearConfig, ShearTarget
 from . import app
-from .common import DataDir, Device, Dtype, csv_list, friendly, out_console, table
+from .common import DataDir, Device, Dtype, csv_list, friendly, out_console, perplexity_rows, table
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -106,9 +106,9 @@ def shear_command(
         ["peak memory (MiB)", f"{report.peak_memory_mb:.0f}"],
     ]
     results = {}
-    for name, value in evaluate_perplexity(loaded, csv_list(ppl), eval_seq_len, limit_windows, data_dir, device).items():
-        rows.append([f"{name} perplexity", f"{value.ppl:.3f}" if not isinstance(value, str) else "unavailable"])
-        results[f"ppl_{name}"] = value.to_dict() if not isinstance(value, str) else {"error": value}
+    new_rows, new_results = perplexity_rows(evaluate_perplexity(loaded, csv_list(ppl), eval_seq_len, limit_windows, data_dir, device))
+    rows += new_rows
+    results.update(new_results)
     path = save(loaded, out, [report.stage_record()], results, overwrite)
     rows.append(["saved to", str(path)])
     out_console.print(table("secateurs shear", ["", "value"], rows))
