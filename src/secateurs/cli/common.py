@@ -23,6 +23,13 @@ DataDir = Annotated[
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
 BatchSize = Annotated[int, typer.Option(help="Sequences per forward pass.")]
+Seed = Annotated[int, typer.Option(help="Seed for calibration sampling.")]
+EvalPpl = Annotated[
+    str | None, typer.Option(help="After pruning, measure perplexity on these datasets (comma-separated) and record it.")
+]
+LimitWindows = Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")]
+EvalSeqLen = Annotated[int, typer.Option(help="Window length for --ppl.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
 
 
 def friendly(command: Callable) -> Callable:

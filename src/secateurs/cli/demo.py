@@ -21,7 +21,7 @@ from ..model.load import load_model
 from ..model.save import check_out, local_input
 from ..sparsity.registry import method_names
 from . import app
-from .common import Device, friendly, out_console, parse_sparsity, table
+from .common import Device, Overwrite, friendly, out_console, parse_sparsity, table
 
 HELD_OUT_SEED_OFFSET = 1000
 
@@ -39,7 +39,7 @@ def demo_command(
     seed: Annotated[int, typer.Option(help="Seed for generation and sampling.")] = 0,
     device: Device = "auto",
     out: Annotated[str | None, typer.Option(help="Also save the pruned model here.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Prune SmolLM2-135M on self-generated data and print a before / after table."""
     if out:

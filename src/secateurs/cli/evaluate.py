@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..evaluate.zeroshot import PAPER_TASKS, ZeroShot, zero_shot
 from ..model.load import load_model
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, csv_list, err_console, friendly, out_console, table
+from .common import BatchSize, DataDir, Device, Dtype, LimitWindows, csv_list, err_console, friendly, out_console, table
 
 
 @app.command("eval")
@@ -31,7 +31,7 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N documents of each zero-shot task.")] = None,
     seq_len: Annotated[int, typer.Option(help="Window length (papers use 2048 or the model's context).")] = 2048,
-    limit_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
+    limit_windows: LimitWindows = None,
     data_dir: DataDir = None,
     device: Device = "auto",
     dtype: Dtype = "float32",

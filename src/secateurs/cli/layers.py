@@ -15,7 +15,7 @@ from ..engine.sequential import EngineOptions
 from ..model.load import load_model
 from ..model.save import check_out
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, perplexity_rows, table
+from .common import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, LimitWindows, Overwrite, Seed, csv_list, friendly, out_console, parse_options, perplexity_rows, table
 
 
 @app.command("layers")
@@ -37,17 +37,15 @@ def layers_command(
     calib: Annotated[str, typer.Option(help="Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.")] = "wikitext2",
     n_samples: Annotated[int, typer.Option(help="Calibration sequences (GradMAP: 128).")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    seed: Seed = 0,
     data_dir: DataDir = None,
-    ppl: Annotated[
-        str | None, typer.Option(help="After pruning, measure perplexity on these datasets (comma-separated) and record it.")
-    ] = None,
-    limit_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
-    eval_seq_len: Annotated[int, typer.Option(help="Window length for --ppl.")] = 2048,
+    ppl: EvalPpl = None,
+    limit_windows: LimitWindows = None,
+    eval_seq_len: EvalSeqLen = 2048,
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 1,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Remove N decoder layers chosen by a criterion; the result is a smaller model that plain transformers loads."""
     config = LayerConfig(method, remove, compensate, parse_options(option), parse_options(compensation_option))

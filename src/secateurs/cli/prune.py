@@ -17,7 +17,7 @@ from ..model.load import load_model
 from ..model.save import check_out, local_input
 from ..sparsity.registry import method_names
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, csv_list, err_console, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
+from .common import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, LimitWindows, Overwrite, Seed, csv_list, err_console, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
 
 
 @app.command("prune")
@@ -45,20 +45,18 @@ def prune_command(
     ] = None,
     n_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    seed: Seed = 0,
     data_dir: DataDir = None,
-    ppl: Annotated[
-        str | None, typer.Option(help="After pruning, measure perplexity on these datasets (comma-separated) and record it.")
-    ] = None,
-    limit_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
-    eval_seq_len: Annotated[int, typer.Option(help="Window length for --ppl.")] = 2048,
+    ppl: EvalPpl = None,
+    limit_windows: LimitWindows = None,
+    eval_seq_len: EvalSeqLen = 2048,
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 1,
     offload_activations: Annotated[
         bool, typer.Option(help="Keep calibration activations in host memory between blocks.")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Overwrite = False,
     export: Annotated[
         str, typer.Option(help="dense: a plain HF folder; sparse: pruned linears stored compressed (2:4 / bitmap), load with secateurs.")
     ] = "dense",

@@ -18,7 +18,7 @@ from ..recover.lora import PRECISIONS, RecoverConfig, remove_checkpoints
 from ..recover.loraprune import MODES, LoRAPruneConfig
 from ..sparsity.registry import method_names
 from . import app
-from .common import DataDir, Device, Dtype, csv_list, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
+from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, csv_list, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
 
 METHODS = ("lora", "loraprune", "iterative")
 
@@ -59,11 +59,11 @@ def recover_command(
     n_samples: Annotated[int, typer.Option(help="iterative: calibration sequences.")] = 128,
     calib_seq_len: Annotated[int, typer.Option(help="iterative: tokens per calibration sequence.")] = 2048,
     ppl: Annotated[str | None, typer.Option(help="Measure perplexity on these datasets before and after.")] = None,
-    limit_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
-    eval_seq_len: Annotated[int, typer.Option(help="Window length for --ppl.")] = 2048,
+    limit_windows: LimitWindows = None,
+    eval_seq_len: EvalSeqLen = 2048,
     device: Device = "auto",
     dtype: Dtype = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Recover quality after pruning with LoRA (sparsity kept exactly), or prune while tuning."""
     if method not in METHODS:

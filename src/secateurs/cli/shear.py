@@ -15,7 +15,7 @@ from ..model.load import load_model
 from ..model.save import check_out
 from ..structured.shearing import ShearConfig, ShearTarget
 from . import app
-from .common import DataDir, Device, Dtype, csv_list, friendly, out_console, perplexity_rows, table
+from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, csv_list, friendly, out_console, perplexity_rows, table
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -65,11 +65,11 @@ def shear_command(
     seed: Annotated[int, typer.Option(help="Seed for batches and mask sampling.")] = 0,
     data_dir: DataDir = None,
     ppl: Annotated[str | None, typer.Option(help="After shearing, measure perplexity on these datasets.")] = None,
-    limit_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
-    eval_seq_len: Annotated[int, typer.Option(help="Window length for --ppl.")] = 2048,
+    limit_windows: LimitWindows = None,
+    eval_seq_len: EvalSeqLen = 2048,
     device: Device = "auto",
     dtype: Dtype = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Prune to a chosen architecture with learned L0 masks; save a plain, smaller transformers model."""
     if (target is None) == (target_config is None):

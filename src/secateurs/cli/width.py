@@ -13,7 +13,7 @@ from ..model.load import load_model
 from ..model.save import check_out
 from ..structured.base import WidthConfig, method_class, method_names
 from . import app
-from .common import DataDir, Device, Dtype, csv_list, friendly, out_console, perplexity_rows, table
+from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, Seed, csv_list, friendly, out_console, perplexity_rows, table
 
 
 @app.command("width")
@@ -38,14 +38,14 @@ def width_command(
     calib: Annotated[str, typer.Option(help="Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.")] = "wikitext2",
     n_samples: Annotated[int | None, typer.Option(help="Calibration sequences (default: the method's paper default).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sequence (default 128, as in the papers).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    seed: Seed = 0,
     data_dir: DataDir = None,
     ppl: Annotated[str | None, typer.Option(help="After pruning, measure perplexity on these datasets.")] = None,
-    limit_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
-    eval_seq_len: Annotated[int, typer.Option(help="Window length for --ppl.")] = 2048,
+    limit_windows: LimitWindows = None,
+    eval_seq_len: EvalSeqLen = 2048,
     device: Device = "auto",
     dtype: Dtype = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Remove whole attention heads and MLP channels; save a smaller dense model."""
     config = WidthConfig(method, ratio, importance, aggregate, target, mode, keep_first, keep_last, bias_compensation)
