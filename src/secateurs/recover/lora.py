@@ -52,6 +52,7 @@ from ..model.load import LoadedModel
 from ..progress import console, enabled
 from ..record import peak_memory_mb
 from ..sparsity.masks import sparsity_of
+from .dynamic_batch import load_checkpoint, save_checkpoint
 
 ADAPTER = "default"
 KEEP = "secateurs_keep"
@@ -288,27 +289,6 @@ def _digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _save_checkpoint(folder: Path, state: dict) -> None:
-    """Write atomically: a stopped run leaves the previous checkpoint or the new one, never half of one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
-
-
-def _load_checkpoint(folder: Path, digest: str) -> dict | None:
-    path = folder / CHECKPOINT
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("digest") != digest:
-        raise UsageError(
-            f"the checkpoint in {folder} was made with other settings or another model; "
-            "delete it or choose another --checkpoint-dir"
-        )
-    return state
-
-
 def remove_checkpoints(folder: str | Path) -> None:
     """Delete the checkpoints a finished run left (``folder`` and its ``round-N`` subfolders), and
     the folders if nothing else is in them."""
@@ -363,7 +343,7 @@ def train(
     digest = _digest({"config": config.fingerprint(), "hook": hook.fingerprint(), "model": identity or {}})
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     start, losses = 0, []
-    state = _load_checkpoint(folder, digest) if folder else None
+    state = load_checkpoint(folder / CHECKPOINT, digest) if folder else None
     if state is not None:
         with torch.no_grad():
             for name, p in zip(names, params):
@@ -409,7 +389,7 @@ def train(
                 if bar:
                     bar.update(task, completed=step + 1, loss=f"{total:.4f}")
                 if folder and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
-                    _save_checkpoint(folder, {
+                    save_checkpoint(folder / CHECKPOINT, {
                         "digest": digest,
                         "step": step + 1,
                         "losses": losses,
