@@ -157,7 +157,8 @@ _INTERPRETER_CHECK = textwrap.dedent("""
         f24, f70 = Sparse24.compress(w24), Bitmap.compress(w70)
         for m in (1, 7, 33):
             x = torch.randn(m, k, generator=gen)
-            for c in (triton_ops.Config(16, 32, 128, 1), triton_ops.Config(16, 16, 256, 3), triton_ops.Config(32, 64, 64, 2)):
+            for c in (triton_ops.Config(16, 32, 128, 1), triton_ops.Config(16, 16, 256, 3), triton_ops.Config(32, 64, 64, 2),
+                      triton_ops.Config(1, 16, 128, 1, gemv=True), triton_ops.Config(1, 8, 256, 3, gemv=True)):
                 key = f"{n}x{k} m={m} {c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}"
                 for name, fmt, ref in (("2:4", f24, w24), ("bitmap", f70, w70)):
                     y = triton_ops.run(x, fmt, c)
@@ -173,5 +174,5 @@ def test_triton_kernels_match_the_reference_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(errors) == 2 * 3 * 3 * 2
+    assert len(errors) == 2 * 3 * 5 * 2
     assert max(errors.values()) < 1e-5, {k: v for k, v in errors.items() if v >= 1e-5}
