@@ -113,6 +113,23 @@ def test_sparsity_zero_leaves_model_bit_identical(method):
         assert torch.equal(value, before[name]), name
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_nm_on_a_subset_of_blocks(method):
+    """A per-block schedule of 0 and 1 − N/M puts 2:4 on some blocks and leaves the others bit-identical."""
+    loaded = tiny_model("llama")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    report = _prune(loaded, PruneConfig(method, [0.0, 0.5, 0.0], "2:4"), random_ids(4, 16))
+    for name, module in api.prunable_linears(loaded).items():
+        weight = weight_matrix(module)
+        if name.startswith("model.layers.1."):
+            assert is_nm(weight, 2, 4) and sparsity_of(weight) == pytest.approx(0.5), name
+        else:
+            assert torch.equal(weight, before[f"{name}.weight"]), name
+    assert report.target.mean == pytest.approx(0.5 / 3)
+    with pytest.raises(UsageError, match="fixes the sparsity"):
+        SparsityTarget.build([0.0, 0.3, 0.5], "2:4", 3)
+
+
 def test_sparsity_near_one_and_out_of_range():
     loaded = tiny_model("llama")
     report = _prune(loaded, PruneConfig("sparsegpt", 0.97), random_ids(2, 16))

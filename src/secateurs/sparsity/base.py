@@ -22,7 +22,12 @@ from .masks import Pattern
 
 @dataclass(frozen=True)
 class SparsityTarget:
-    """Sparsity per block and the pattern; N:M fixes the sparsity at 1 − N/M."""
+    """Sparsity per block and the pattern; N:M fixes the sparsity at 1 − N/M.
+
+    Under N:M a per-block schedule may also hold 0 for a block left dense, so that 2:4 can cover only
+    some blocks (the only way to reach a parameter budget between 50% and 100% with a pattern that
+    sparse kernels accelerate).
+    """
 
     per_block: tuple[float, ...]
     pattern: Pattern
@@ -37,9 +42,10 @@ class SparsityTarget:
         for value in values:
             if not 0.0 <= value < 1.0:
                 raise UsageError(f"--sparsity must be in [0, 1), got {value:g}")
-        if implied is not None and any(abs(v - implied) > 1e-9 for v in values):
+        if implied is not None and any(abs(v - implied) > 1e-9 and v != 0.0 for v in values):
             raise UsageError(
-                f"pattern {parsed} fixes the sparsity at {implied:g}; drop --sparsity or use unstructured"
+                f"pattern {parsed} fixes the sparsity at {implied:g} (or 0 per block, to leave a block dense); "
+                "drop --sparsity or use unstructured"
             )
         if len(values) == 1:
             values = values * n_blocks
@@ -71,6 +77,8 @@ class SparsityMethod(BlockMethod):
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats
     ) -> None:
         sparsity = self.target.per_block[index]
+        if sparsity == 0.0:  # a block left dense (an N:M mask would otherwise prune it to N/M)
+            return
         for name, module in linears.items():
             weight = weight_matrix(module)
             keep = self.prune_matrix(weight, stats.get(name, {}), sparsity)

@@ -58,7 +58,7 @@ class SparseGPT(SparsityMethod):
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats
     ) -> None:
         sparsity = self.target.per_block[index]
-        if sparsity == 0.0 and not self.target.pattern.is_nm:
+        if sparsity == 0.0:  # a block left dense, also under N:M
             return
         for names in shared_hessian_groups(stats):
             weights = [weight_matrix(linears[name]) for name in names]
