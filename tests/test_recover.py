@@ -196,3 +196,35 @@ def test_cli_recover_writes_record_and_clears_checkpoint(text_file, tmp_path):
     assert not Path(f"{out}.ckpt").exists()
     bad = runner.invoke(app, ["recover", str(tmp_path / "pruned"), "--out", str(tmp_path / "o2"), "--method", "nope"])
     assert bad.exit_code == 2
+
+
+def test_checkpointing_switch_works_with_old_and_new_transformers_names():
+    """transformers 5.17 (GPU images) has only gradient_checkpointing_*; 5.2x prefers activation_checkpointing_*."""
+    from torch import nn
+
+    from secateurs.recover.dynamic_batch import enable_checkpointing
+
+    class Old(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+            self.calls.append(f"on {gradient_checkpointing_kwargs}")
+
+        def gradient_checkpointing_disable(self) -> None:
+            self.calls.append("off")
+
+    class New(Old):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None) -> None:
+            self.calls.append(f"new on {activation_checkpointing_kwargs}")
+
+        def activation_checkpointing_disable(self) -> None:
+            self.calls.append("new off")
+
+    old, new = Old(), New()
+    for model in (old, new):
+        enable_checkpointing(model)
+        enable_checkpointing(model, on=False)
+    assert old.calls == ["on {'use_reentrant': False}", "off"]
+    assert new.calls == ["new on {'use_reentrant': False}", "new off"]

@@ -131,7 +131,8 @@ class Domains:
 
 @torch.no_grad()
 def held_out_losses(model: nn.Module, domains: Domains, device: torch.device, autocast=None) -> torch.Tensor:
-    """Mean next-token loss of ``model`` on each domain's held-out windows."""
+    """Mean next-token loss of ``model`` on each domain's held-out windows (the model moves to ``device``)."""
+    model.to(device)
     losses = []
     for windows in domains.held_out:
         total = 0.0
@@ -274,6 +275,22 @@ def _bar() -> Progress | None:
     )
 
 
+def enable_checkpointing(model: nn.Module, on: bool = True) -> None:
+    """Turn activation checkpointing on or off under either name: transformers 5.2x renamed
+    ``gradient_checkpointing_*`` (kept as deprecated aliases) to ``activation_checkpointing_*``, and
+    5.17 (still common on GPU images) has only the old names."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def train(
     model: nn.Module,
     domains: Domains,
@@ -291,6 +308,7 @@ def train(
     """
     settings.validate()
     extra = extra or TrainExtra()
+    model.to(device)
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -313,7 +331,7 @@ def train(
         generator.set_state(state["generator"])
         start, losses, counts = state["step"], list(state["losses"]), state["counts"]
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     clock = time.perf_counter()
     bar = _bar()
     task = bar.add_task(description, total=settings.steps, completed=start, loss="-", status="") if bar else None
@@ -357,7 +375,7 @@ def train(
     finally:
         model.eval()
         if settings.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            enable_checkpointing(model, on=False)
         optimizer.zero_grad(set_to_none=True)
         model.requires_grad_(False)
     return TrainLog(

@@ -52,7 +52,7 @@ from ..model.load import LoadedModel
 from ..progress import console, enabled
 from ..record import peak_memory_mb
 from ..sparsity.masks import sparsity_of
-from .dynamic_batch import load_checkpoint, save_checkpoint
+from .dynamic_batch import enable_checkpointing, load_checkpoint, save_checkpoint
 
 ADAPTER = "default"
 KEEP = "secateurs_keep"
@@ -357,7 +357,7 @@ def train(
     model.to(device)
     base = model.get_base_model()
     if config.gradient_checkpointing:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     clock = time.perf_counter()
     bar = _bar()
     task = bar.add_task(description, total=config.steps, completed=start, loss="-") if bar else None
@@ -402,7 +402,7 @@ def train(
     finally:
         model.eval()
         if config.gradient_checkpointing:
-            base.activation_checkpointing_disable()
+            enable_checkpointing(base, on=False)
         optimizer.zero_grad(set_to_none=True)
         model.to(home)
     return TrainLog(config.steps, start, losses, time.perf_counter() - clock, precision)
