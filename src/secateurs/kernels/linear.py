@@ -1,9 +1,7 @@
 """``SparseLinear``: a drop-in for a pruned ``nn.Linear`` that keeps only the compressed weight.
 
 On each call it picks the fastest correct way to multiply for this many activation rows:
-our Triton kernel, cuSPARSELt (2:4 only, wins on long prompts; called directly through
-``torch._cslt_sparse_mm``, because the ``torch.sparse`` tensor subclass adds a Python dispatch of
-about 0.1 ms to every call), or
+our Triton kernel, cuSPARSELt through ``torch.sparse`` (2:4 only, wins on long prompts), or
 expanding the weight and calling dense ``F.linear`` (the fallback where both kernels lose). The
 choice is timed once per (format, shape, power-of-two row bucket, dtype, device) with CUDA events
 and cached, so no shape runs slower than the measured alternatives. Without CUDA or without Triton
@@ -96,15 +94,14 @@ class SparseLinear(nn.Module):
         if path == "triton":
             return triton_ops.run(x, fmt, config)
         if path == "cusparselt":
-            return _cusparselt_linear(x, self._cusparselt_weight(x))
+            return nn.functional.linear(x, self._semi_structured(x))
         return reference_matmul(x, fmt)
 
-    def _cusparselt_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight in cuSPARSELt's compressed layout, built on first use (an extra 0.56 of the
-        dense bytes, kept only while a row bucket's plan uses it)."""
+    def _semi_structured(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in torch's 2:4 semi-structured (cuSPARSELt) layout, built on first use."""
         if self._semi is None or self._semi[0] != x.device or self._semi[1] != x.dtype:
             dense = self.dense_weight().to(device=x.device, dtype=x.dtype)
-            self._semi = (x.device, x.dtype, torch._cslt_compress(dense))
+            self._semi = (x.device, x.dtype, torch.sparse.to_sparse_semi_structured(dense))
         return self._semi[2]
 
     def _tune(self, x: torch.Tensor, fmt: SparseFormat, rows: int) -> tuple[str, triton_ops.Config | None]:
@@ -120,9 +117,9 @@ class SparseLinear(nn.Module):
             options.append((("triton", config), lambda c=config: triton_ops.run(probe, fmt, c)))
         if self.kind == "2:4" and rows >= 64:
             try:
-                packed = self._cusparselt_weight(probe)
-                options.append((("cusparselt", None), lambda: _cusparselt_linear(probe, packed)))
-            except (RuntimeError, NotImplementedError, AttributeError):
+                self._semi_structured(probe)
+                options.append((("cusparselt", None), lambda: nn.functional.linear(probe, self._semi[2])))
+            except (RuntimeError, NotImplementedError):
                 self._semi = None
         best, best_ms = ("dense", None), float("inf")
         for plan, call in options:
@@ -138,15 +135,6 @@ class SparseLinear(nn.Module):
         if best[0] != "cusparselt":
             self._semi = None
         return best
-
-
-def _cusparselt_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` for a cuSPARSELt-compressed ``W``: rows padded to the library's multiple of 8."""
-    m = x.shape[0]
-    pad = (-m) % 8
-    padded = nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
-    y = torch._cslt_sparse_mm(packed, padded.t(), transpose_result=True)
-    return y[:m] if pad else y
 
 
 def _median_ms(call: Callable[[], torch.Tensor], repeats: int = 20) -> float:
