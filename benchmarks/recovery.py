@@ -6,7 +6,8 @@ pruning kinds, and LoRAPrune against one-shot LLM-Pruner + the same LoRA at an e
 
 Rows (each from a fresh copy of the model): SparseGPT 2:4, LLM-Pruner 30% width, GradMAP minus
 6 layers, each then LoRA; LLM-Pruner 20% width + LoRA and LoRAPrune 20% width with the same steps,
-tokens, learning rate and data. Training text is WikiText-2 "train" (locally the validation file);
+tokens, learning rate and data; Wanda 60% one-shot + LoRA against iterative Wanda 60% in 3 rounds
+(20%, 40%, 60%), each round followed by a third of the same LoRA steps (equal training tokens). Training text is WikiText-2 "train" (locally the validation file);
 perplexity is on the first ``--windows`` windows of the WikiText-2 test split, so the two never
 overlap. Every row writes to benchmarks/results/recovery.json as it finishes.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from secateurs.api import PruneConfig, evaluate_perplexity, loraprune, prune, recover, width
+from secateurs.api import PruneConfig, evaluate_perplexity, loraprune, prune, prune_iterative, recover, width
 from secateurs.data.calib import CalibConfig
 from secateurs.depth.prune import LayerConfig, prune_layers
 from secateurs.model.load import load_model
@@ -85,6 +86,28 @@ def run_loraprune(args, dense: float) -> dict:
     }
 
 
+def run_iterative(args, dense: float, calib: CalibConfig, rounds: int) -> dict:
+    """Wanda 60% reached in ``rounds`` prune + LoRA steps, with the one-shot row's total steps split evenly."""
+    loaded = load_model(args.model)
+    params_before = count_parameters(loaded.model)
+    config = recover_config(args)
+    config.steps = max(1, args.steps // rounds)
+    report = prune_iterative(loaded, PruneConfig("wanda", 0.6), rounds, config, calib)
+    after = ppl(loaded, args)
+    first = report.recoveries[0].loss_start_end(5)[0]
+    last = report.recoveries[-1].loss_start_end(5)[1]
+    return {
+        "case": f"iterative Wanda 60% ({rounds} rounds of prune + LoRA)", "dense_ppl": dense, "pruned_ppl": None,
+        "recovered_ppl": after, "ratio_after_over_before": None, "steps": config.steps * rounds, "tokens": report.tokens,
+        "recover_seconds": round(sum(r.seconds for r in report.recoveries), 1),
+        "prune_seconds": round(sum(r["prune_seconds"] for r in report.rounds), 1),
+        "loss_first5": first, "loss_last5": last, "masked_linears": report.recoveries[-1].masked_linears,
+        "sparsity_before": report.recoveries[-1].sparsity_before, "sparsity_after": report.sparsity,
+        "zeros_kept": all(r.zeros_kept for r in report.recoveries), "params_before": params_before,
+        "params_after": count_parameters(loaded.model), "detail": {"rounds": report.rounds},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -99,7 +122,7 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", default=None, help="Comma-separated case numbers (1-5) to run.")
+    parser.add_argument("--only", default=None, help="Comma-separated case numbers (1-7) to run.")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write (rows are merged into it).")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -118,6 +141,10 @@ def main() -> None:
             return {"groups_removed": report.achieved(), "param_reduction": report.reduction}
         return step
 
+    def wanda60(loaded):
+        report = prune(loaded, PruneConfig("wanda", 0.6), calib)
+        return {"achieved_sparsity": report.achieved}
+
     def gradmap(loaded):
         report = prune_layers(loaded, LayerConfig("gradmap", remove=6), calib)
         return {"removed_layers": report.removed}
@@ -128,6 +155,8 @@ def main() -> None:
         "3": ("GradMAP -6 layers + LoRA", gradmap),
         "4": ("LLM-Pruner 20% width + LoRA", llm_pruner(0.2)),
         "5": ("LoRAPrune", None),
+        "6": ("Wanda 60% one-shot + LoRA", wanda60),
+        "7": ("iterative Wanda 60%", None),
     }
     wanted = args.only.split(",") if args.only else list(cases)
     previous = json.loads(args.results.read_text()) if args.results.is_file() and args.only else {}
@@ -138,7 +167,12 @@ def main() -> None:
     for key in wanted:
         name, step = cases[key]
         start = time.perf_counter()
-        row = run_loraprune(args, dense) if key == "5" else pruned_then_lora(name, step, args, dense) if step else None
+        if key == "5":
+            row = run_loraprune(args, dense)
+        elif key == "7":
+            row = run_iterative(args, dense, calib, rounds=3)
+        else:
+            row = pruned_then_lora(name, step, args, dense) if step else None
         if row is None:
             print(f"{name}: method not registered, skipped", flush=True)
             continue
