@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from secateurs.cli import app
 from secateurs.data.calib import CalibConfig
 from secateurs.depth.base import ScoringContext
-from secateurs.depth.compensation import compensate, fit_projection, fold_projection
+from secateurs.depth.compensation import CompensationOptions, compensate, fit_projection, fold_projection
 from secateurs.depth.prune import LayerConfig, prune_layers
 from secateurs.depth.registry import scorer_class, scorer_names
 from secateurs.errors import UsageError
@@ -134,6 +134,37 @@ def test_compensation_reduces_the_drift_it_targets(trained_with_identity):
     result = compensate(model, loaded.spec, [1, 2], list(ids.split(2)))
     assert result["layer"] in (0, 3, 4)
     assert result["drift_sq_after"] < result["drift_sq_before"]
+
+
+def test_drift_from_moments_equals_the_direct_sum():
+    from secateurs.depth.compensation import _Moments
+
+    gen = torch.Generator().manual_seed(4)
+    d, r, p = torch.randn(50, 8, generator=gen), torch.randn(50, 8, generator=gen), torch.randn(8, 8, generator=gen)
+    moments = _Moments()
+    moments.add(d[:20], r[:20])
+    moments.add(d[20:], r[20:])
+    assert moments.drift(p.double()) == pytest.approx(float((d @ p.T - r).pow(2).sum()), rel=1e-5)
+    assert moments.identity == pytest.approx(float((r - d).pow(2).sum()), rel=1e-6)
+
+
+def test_compensation_folds_only_what_helps_on_held_out_tokens(trained_with_identity):
+    """Eight small batches: the fit sees six, two are held out; a projection that does not lower the
+    held-out drift below leaving the layer alone must not be folded."""
+    loaded, _ = trained_with_identity
+    model = copy.deepcopy(loaded.model)
+    weights = [b.mlp.down_proj.weight.clone() for b in loaded.spec.blocks_of(model)]
+    result = compensate(model, loaded.spec, [1, 2], list(random_ids(8, 8, seed=5).split(1)))
+    held = result["held_out_drift"]
+    assert set(held) == {"identity", "0.01", "0.1", "1", "10"}
+    changed = [i for i, b in enumerate(loaded.spec.blocks_of(model)) if not torch.equal(b.mlp.down_proj.weight, weights[i])]
+    if result["folded"]:
+        assert held[f"{result['alpha']:g}"] < held["identity"] and changed == [result["layer"]]
+    else:
+        assert min(v for k, v in held.items() if k != "identity") >= held["identity"] and changed == []
+    no_select = compensate(copy.deepcopy(loaded.model), loaded.spec, [1, 2], list(random_ids(8, 8, seed=5).split(1)),
+                           CompensationOptions(select=False))
+    assert no_select["folded"] and no_select["held_out_drift"] is None and no_select["alpha"] == 0.01
 
 
 def _tiny_folder(tmp_path):

@@ -15,6 +15,13 @@ benchmarks/sections/layer_pruning.md):
    with λ = ``alpha`` × mean diagonal of DᵀD.
 3. Fold: W_out ← P·W_out (and b ← P·b) in float32, so the pruned model has no new module.
 
+The full (hidden × hidden) P can fit the calibration tokens and still generalise badly: removing 9
+consecutive layers of SmolLM2 by angular distance, the unguarded fit took WikiText-2 perplexity from
+286 to 1,592 while lowering the calibration drift. So when there are two or more batches the last
+quarter of them is held out (``select=True``, the default): P is fitted on the rest for λ = ``alpha``
+× 1, 10, 100, 1000, the λ with the lowest held-out drift is kept and refitted on every batch, and if
+no λ beats leaving the layer alone (P = I) on the held-out tokens, nothing is folded.
+
 Works on the result of any criterion; it must run while the removed layers still exist (the full
 model's activations are its target), i.e. before :func:`~secateurs.model.drop_layers.drop_layers`.
 """
@@ -37,6 +44,35 @@ from ..model.linear import weight_matrix
 class CompensationOptions:
     shift: str = "relative"
     alpha: float = 1e-2
+    select: bool = True
+
+
+ALPHA_STEPS = (1.0, 10.0, 100.0, 1000.0)
+
+
+@dataclass
+class _Moments:
+    """DᵀD, DᵀR and ‖R‖², ‖R − D‖² over some tokens: enough to score any P on them."""
+
+    dtd: torch.Tensor | None = None
+    dtr: torch.Tensor | None = None
+    rr: float = 0.0
+    identity: float = 0.0
+
+    def add(self, d: torch.Tensor, r: torch.Tensor) -> None:
+        self.dtd = d.T @ d if self.dtd is None else self.dtd + d.T @ d
+        self.dtr = d.T @ r if self.dtr is None else self.dtr + d.T @ r
+        self.rr += float(r.pow(2).sum())
+        self.identity += float((r - d).pow(2).sum())
+
+    def merged(self, other: _Moments) -> _Moments:
+        return _Moments(self.dtd + other.dtd, self.dtr + other.dtr, self.rr + other.rr, self.identity + other.identity)
+
+    def drift(self, p: torch.Tensor) -> float:
+        """‖P·D − R‖² over these tokens, from the moments alone."""
+        p = p.to(self.dtd.device)
+        dtd, dtr = self.dtd.double(), self.dtr.double()
+        return max(self.rr - 2 * float((p * dtr.T).sum()) + float((p @ dtd @ p.T).trace()), 0.0)
 
 
 def _output(out) -> torch.Tensor:
@@ -107,31 +143,39 @@ def compensate(
     position = int(torch.argmax(shifts))
     target_layer = kept[position]
     out_linear = spec.blocks_of(model)[target_layer].get_submodule(spec.mlp[-1])
-    dtd = dtr = None
-    before = after_terms = 0.0
-    for batch in batches:
+    held_from = len(batches) - max(1, len(batches) // 4) if options.select and len(batches) >= 2 else len(batches)
+    fit, held = _Moments(), _Moments()
+    for i, batch in enumerate(batches):
         full_out = _capture(model, spec.blocks_of(model)[target_layer], batch)
         with layers_removed(model, spec, removed):
             block = spec.blocks_of(model)[position]
             pruned_out, down = _capture(model, block, batch, out_linear)
         d = down.reshape(-1, down.shape[-1]).float()
         r = d + (full_out - pruned_out).reshape(d.shape).float()
-        dtd = d.T @ d if dtd is None else dtd + d.T @ d
-        dtr = d.T @ r if dtr is None else dtr + d.T @ r
-        before += float((r - d).pow(2).sum())
-        after_terms += float(r.pow(2).sum())
-    projection = fit_projection(dtd, dtr, options.alpha)
-    p = projection.to(dtd.device)
-    after = after_terms - 2 * float((p * dtr.double().T).sum()) + float((p @ dtd.double() @ p.T).trace())
-    fold_projection(out_linear, projection)
+        (fit if i < held_from else held).add(d, r)
+    alpha, held_scores = options.alpha, {}
+    if held.dtd is not None:
+        held_scores = {a: held.drift(fit_projection(fit.dtd, fit.dtr, a)) for a in (options.alpha * k for k in ALPHA_STEPS)}
+        alpha = min(held_scores, key=held_scores.get)
+        if held_scores[alpha] >= held.identity:
+            alpha = None
+        fit = fit.merged(held)
+    if alpha is not None:
+        projection = fit_projection(fit.dtd, fit.dtr, alpha)
+        fold_projection(out_linear, projection)
+        after = fit.drift(projection)
+    else:
+        after = fit.identity
     return {
         "layer": target_layer,
         "layer_in_pruned_model": position,
         "shift": options.shift,
-        "alpha": options.alpha,
+        "alpha": alpha,
+        "folded": alpha is not None,
+        "held_out_drift": {"identity": held.identity, **{f"{a:g}": v for a, v in held_scores.items()}} if held_scores else None,
         "shifts": {int(k): round(float(s), 6) for k, s in zip(kept, shifts)},
-        "drift_sq_before": before,
-        "drift_sq_after": max(after, 0.0),
+        "drift_sq_before": fit.identity,
+        "drift_sq_after": after,
     }
 
 
