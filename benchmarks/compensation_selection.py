@@ -7,7 +7,8 @@ Reads the removed layers of each (criterion, count) from benchmarks/results/laye
 it needs that run first), uses the same calibration (16 × 256 WikiText-2 tokens, batches of 4) and
 evaluation windows, and prints WikiText-2 perplexity: plain removal, compensation fitted on every
 batch with the fixed α (``select=false``, what layer_pruning.json records), and with the held-out
-selection (the default). Writes benchmarks/results/compensation_selection.json.
+selection (the default: λ scored by the held-out next-token loss, nothing folded when no λ beats
+leaving the layer alone). Writes benchmarks/results/compensation_selection.json.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> None:
             info = compensate(work, spec, removed, batches, CompensationOptions(select=select))
             with layers_removed(work, spec, removed):
                 row[name] = {"ppl": ppl(work), "alpha": info["alpha"], "layer": info["layer"],
-                             "held_out_drift": info["held_out_drift"]}
+                             "held_out_loss": info["held_out_loss"]}
             del work
         rows.append(row)
         print(json.dumps(row), flush=True)

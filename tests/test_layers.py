@@ -150,21 +150,24 @@ def test_drift_from_moments_equals_the_direct_sum():
 
 def test_compensation_folds_only_what_helps_on_held_out_tokens(trained_with_identity):
     """Eight small batches: the fit sees six, two are held out; a projection that does not lower the
-    held-out drift below leaving the layer alone must not be folded."""
+    held-out loss below leaving the layer alone must not be folded, and the loss it reports is real."""
+    from secateurs.depth.compensation import _loss
+
     loaded, _ = trained_with_identity
     model = copy.deepcopy(loaded.model)
     weights = [b.mlp.down_proj.weight.clone() for b in loaded.spec.blocks_of(model)]
-    result = compensate(model, loaded.spec, [1, 2], list(random_ids(8, 8, seed=5).split(1)))
-    held = result["held_out_drift"]
+    batches = list(random_ids(8, 8, seed=5).split(1))
+    result = compensate(model, loaded.spec, [1, 2], batches)
+    held = result["held_out_loss"]
     assert set(held) == {"identity", "0.01", "0.1", "1", "10"}
+    assert held["identity"] == pytest.approx(_loss(loaded.model, loaded.spec, [1, 2], batches[6:]), rel=1e-6)
     changed = [i for i, b in enumerate(loaded.spec.blocks_of(model)) if not torch.equal(b.mlp.down_proj.weight, weights[i])]
     if result["folded"]:
-        assert held[f"{result['alpha']:g}"] < held["identity"] and changed == [result["layer"]]
+        assert held[f"{result['alpha']:g}"] == min(held.values()) < held["identity"] and changed == [result["layer"]]
     else:
-        assert min(v for k, v in held.items() if k != "identity") >= held["identity"] and changed == []
-    no_select = compensate(copy.deepcopy(loaded.model), loaded.spec, [1, 2], list(random_ids(8, 8, seed=5).split(1)),
-                           CompensationOptions(select=False))
-    assert no_select["folded"] and no_select["held_out_drift"] is None and no_select["alpha"] == 0.01
+        assert min(held.values()) == held["identity"] and changed == []
+    no_select = compensate(copy.deepcopy(loaded.model), loaded.spec, [1, 2], batches, CompensationOptions(select=False))
+    assert no_select["folded"] and no_select["held_out_loss"] is None and no_select["alpha"] == 0.01
 
 
 def _tiny_folder(tmp_path):
