@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=os.environ.get("SECATEURS_DATA"))
     parser.add_argument("--only", default="", help="Comma-separated methods to run (default: all).")
+    parser.add_argument("--patterns", default="", help="Comma-separated patterns to run, e.g. 2:4,4:8 (default: all).")
     parser.add_argument("--table", action="store_true", help="Print the table of the saved JSON and exit.")
     parser.add_argument("--worker", choices=["secateurs", "llmcompressor"], help=argparse.SUPPRESS)
     for name in ("--method", "--pattern", "--allocation", "--model", "--calib-ids", "--state-out", "--sparsity"):
@@ -200,7 +201,10 @@ def compare(args: argparse.Namespace) -> None:
     ids = calibration_ids(calib, loaded.tokenizer)
     dense_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     wanted = set(filter(None, args.only.split(",")))
+    patterns = set(filter(None, args.patterns.split(",")))
     out = RESULTS / "compare_llmcompressor.json"
+    # A filtered run adds to (and replaces matching rows of) the saved table instead of starting over.
+    kept = json.loads(out.read_text())["rows"] if (wanted or patterns) and out.is_file() else []
     record = {
         "model": "smollm2-135m",
         "calibration": {"source": "wikitext2 (validation text)", "n_samples": args.n_samples,
@@ -208,8 +212,15 @@ def compare(args: argparse.Namespace) -> None:
         "evaluation": {"dataset": "wikitext2 test", "seq_len": args.seq_len, "windows": args.windows},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "cores": os.cpu_count(), "torch": torch.__version__},
-        "rows": [],
+        "rows": list(kept),
     }
+
+    def save(row: dict) -> None:
+        same = ("method", "pattern", "sparsity", "allocation", "tool")
+        others = [r for r in kept if any(r[k] != row[k] for k in same)]
+        kept[:] = others + [row]
+        record["rows"] = list(kept)
+        out.write_text(json.dumps(record, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="secateurs-llmc-") as tmp_name:
         tmp = Path(tmp_name)
@@ -218,7 +229,7 @@ def compare(args: argparse.Namespace) -> None:
         record["dense_ppl"] = evaluate(loaded, dense_state, None, args)
         print(f"dense: wikitext2 ppl {record['dense_ppl']:.3f}", flush=True)
         for run in RUNS:
-            if wanted and run[0] not in wanted:
+            if (wanted and run[0] not in wanted) or (patterns and run[1] not in patterns):
                 continue
             for tool in run[4]:
                 python = sys.executable if tool == "secateurs" else str(llmc_python)
@@ -227,8 +238,7 @@ def compare(args: argparse.Namespace) -> None:
                     result["ppl"] = evaluate(loaded, dense_state, result.pop("state"), args)
                 row = {"method": run[0], "pattern": run[1], "sparsity": run[2], "allocation": run[3],
                        "tool": tool, **result}
-                record["rows"].append(row)
-                out.write_text(json.dumps(record, indent=2))
+                save(row)
                 print(json.dumps(row), flush=True)
     print_table(record)
     print(f"wrote {out}")
