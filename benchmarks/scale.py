@@ -126,8 +126,12 @@ def part_compare(_args) -> None:
     (RESULTS / "scale_compare.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
-def write_random_model(folder: Path, shape: str, layers: int) -> Path:
-    """Random fp16 shards for ``layers`` layers of ``shape``, one shard per block, plus SmolLM2's tokenizer."""
+def write_random_model(folder: Path, shape: str, layers: int, tokenizer: str | None) -> Path:
+    """Random fp16 shards for ``layers`` layers of ``shape``, one shard per block, plus a tokenizer.
+
+    The tokenizer is SmolLM2's (from the packaged GGUF) unless ``tokenizer`` names a folder holding one,
+    so a GPU machine without the GGUF can run this part.
+    """
     sys.path.insert(0, str(Path(__file__).parent))
     from streaming import random_llama_folder
 
@@ -135,7 +139,7 @@ def write_random_model(folder: Path, shape: str, layers: int) -> Path:
 
     if not (folder / "model.safetensors.index.json").is_file():
         random_llama_folder(folder, llama_config(shape, layers), torch.float16)
-        _try_tokenizer(_shortcut_folder("smollm2-135m")).save_pretrained(folder)
+        _try_tokenizer(Path(tokenizer) if tokenizer else _shortcut_folder("smollm2-135m")).save_pretrained(folder)
     return folder
 
 
@@ -146,8 +150,8 @@ from scale import peak_rss_mib
 from secateurs.api import PruneConfig, prune_streamed
 from secateurs.data.calib import CalibConfig
 from secateurs.engine.sequential import EngineOptions
-folder, out, method, device, _, n, seq = sys.argv[1:8]
-engine = EngineOptions(device=device)
+folder, out, method, device, _, n, seq = sys.argv[1:8]  # argv[8]: "1" keeps activations in host memory
+engine = EngineOptions(device=device, offload_activations=sys.argv[8] == "1")
 start = time.perf_counter()
 report, _ = prune_streamed(folder, out, PruneConfig(method, 0.5), CalibConfig("wikitext2", int(n), int(seq), 0), engine,
                            "float16" if device.startswith("cuda") else "float32")
@@ -161,17 +165,17 @@ def part_stream(args) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="secateurs-scale-"))
     rows = []
     for layers in [int(x) for x in args.layers.split(",")]:
-        folder = write_random_model(work / f"{args.shape}-{layers}", args.shape, layers)
-        for method in ("wanda", "sparsegpt"):
+        folder = write_random_model(work / f"{args.shape}-{layers}", args.shape, layers, args.tokenizer)
+        for method in args.methods.split(","):
             out = work / f"out-{method}-{layers}"
             command = [sys.executable, "-c", STREAM_CHILD, str(folder), str(out), method, args.device,
-                       str(Path(__file__).parent), str(args.n_samples), str(args.seq_len)]
-            done = subprocess.run(command, capture_output=True, text=True, check=False, env=os.environ)
+                       str(Path(__file__).parent), str(args.n_samples), str(args.seq_len), str(int(args.offload_activations))]
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False, env=os.environ)
             if done.returncode:
-                raise SystemExit(done.stderr[-3000:])
+                raise SystemExit(f"{method} on {layers} layers failed (its stderr is above)")
             r = json.loads(done.stdout.strip().splitlines()[-1])
             total_layers = SHAPES[args.shape]["num_hidden_layers"]
-            r.update(method=method, layers=layers, per_layer_s=r["seconds"] / layers,
+            r.update(method=method, layers=layers, offload_activations=args.offload_activations, per_layer_s=r["seconds"] / layers,
                      extrapolated_full_min=r["seconds"] / layers * total_layers / 60)
             rows.append(r)
             print(f"{method} {layers} layers: {r['per_layer_s']:.1f} s/layer, peak GPU {r['peak_gpu_gib']} GiB, "
@@ -194,8 +198,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=tuple(SHAPES), default=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", default="6,12")
+    parser.add_argument("--methods", default="wanda,sparsegpt", help="streamed methods, in order (--part stream)")
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--offload-activations", action="store_true", help="keep calibration activations in host memory")
+    parser.add_argument("--tokenizer", default=None, help="folder with a tokenizer (default: SmolLM2's)")
     parser.add_argument("--work", default=None, help="scratch folder for the streamed shards")
     args = parser.parse_args()
     args.shape = args.shape or ("llama3-70b" if args.part == "stream" else "llama2-7b")
