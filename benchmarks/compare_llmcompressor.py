@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("SECATEURS_DATA"))
     parser.add_argument("--only", default="", help="Comma-separated methods to run (default: all).")
     parser.add_argument("--patterns", default="", help="Comma-separated patterns to run, e.g. 2:4,4:8 (default: all).")
+    parser.add_argument("--results", type=Path, default=RESULTS / "compare_llmcompressor.json",
+                        help="JSON table to write (a filtered run adds to it).")
     parser.add_argument("--table", action="store_true", help="Print the table of the saved JSON and exit.")
     parser.add_argument("--worker", choices=["secateurs", "llmcompressor"], help=argparse.SUPPRESS)
     for name in ("--method", "--pattern", "--allocation", "--model", "--calib-ids", "--state-out", "--sparsity"):
@@ -181,7 +183,7 @@ def main() -> None:
         setup_llmcompressor()
         return
     if args.table:
-        print_table(json.loads((RESULTS / "compare_llmcompressor.json").read_text()))
+        print_table(json.loads(args.results.read_text()))
         return
     if args.worker:
         work = worker_secateurs if args.worker == "secateurs" else worker_llmcompressor
@@ -207,7 +209,7 @@ def compare(args: argparse.Namespace) -> None:
     dense_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     wanted = set(filter(None, args.only.split(",")))
     patterns = set(filter(None, args.patterns.split(",")))
-    out = RESULTS / "compare_llmcompressor.json"
+    out = args.results
     # A filtered run adds to (and replaces matching rows of) the saved table instead of starting over.
     kept = json.loads(out.read_text())["rows"] if (wanted or patterns) and out.is_file() else []
     record = {
@@ -226,7 +228,7 @@ def compare(args: argparse.Namespace) -> None:
         kept[:] = others + [row]
         record["rows"] = list(kept)
         out.write_text(json.dumps(record, indent=2))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="secateurs-llmc-") as tmp_name:
         tmp = Path(tmp_name)
         calib_path = tmp / "calib_ids.pt"

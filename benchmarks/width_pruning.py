@@ -5,7 +5,15 @@ channels``; SmolLM2 has only 3 KV groups per layer, so heads come in 33% steps),
 parameter counts at each ratio. Torch-Pruning (the library LLM-Pruner is built on) runs beside ours
 on the same model, calibration samples and ratio, with its group Taylor importance.
 
+Latency is paired: each pruned model's forward passes alternate with the dense model's in the same
+loop, and the ratio of the two medians is reported, so load from other processes on a shared machine
+falls on both sides. ``--round-to 1,16`` also prunes every method with its kept MLP channels rounded
+to a multiple of 16 (``secateurs width --round-to``), because an odd width can make the smaller model
+slower than the dense one on a CPU.
+
     SECATEURS_DATA=/work/shared/data nice -n 10 python benchmarks/width_pruning.py
+    SECATEURS_DATA=/work/shared/data python benchmarks/width_pruning.py --methods llm-pruner,flap \
+        --round-to 1,16 --out benchmarks/results/width_pruning_round.json
 """
 
 from __future__ import annotations
@@ -32,16 +40,19 @@ from secateurs.structured.select import select_uniform
 METHODS = ("llm-pruner", "wanda-sp", "flap", "magnitude")
 
 
-def latency(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward pass (batch 1) on the CPU, after one warm-up."""
-    times = []
+def paired_latency(model: torch.nn.Module, dense: torch.nn.Module, ids: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of one forward pass (batch 1) of ``model`` and of ``dense``, timed alternately
+    after one warm-up each, so both medians see the same machine load."""
+    times: dict[int, list[float]] = {0: [], 1: []}
     with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
+        for m in (model, dense):
+            m(input_ids=ids, use_cache=False)
         for _ in range(repeats):
-            start = time.perf_counter()
-            model(input_ids=ids, use_cache=False)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for key, m in enumerate((model, dense)):
+                start = time.perf_counter()
+                m(input_ids=ids, use_cache=False)
+                times[key].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def torch_pruning_model(dense: LoadedModel, ratio: float, calib: torch.Tensor) -> torch.nn.Module:
@@ -75,6 +86,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="samples (128 tokens) for wanda-sp / flap")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS), help="our methods to run (torch-pruning always runs)")
+    parser.add_argument("--round-to", default="1", help="comma-separated channel multiples; 1 = no rounding")
     parser.add_argument("--out", default="benchmarks/results/width_pruning.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,14 +99,16 @@ def main() -> None:
 
     def measure(name: str, ratio: float, model: torch.nn.Module, seconds: float) -> None:
         ppl = perplexity(model, test_ids, args.seq_len, args.windows).ppl
-        row = {"method": name, "ratio": ratio, "params": count_parameters(model), "ppl": ppl,
-               "latency_s": latency(model, timing_ids, args.repeats), "prune_seconds": seconds}
+        pruned_s, dense_s = paired_latency(model, dense.model, timing_ids, args.repeats)
+        mlp = dense.spec.blocks_of(model)[0].get_submodule(dense.spec.mlp[-1]).in_features
+        row = {"method": name, "ratio": ratio, "params": count_parameters(model), "mlp_width_layer0": mlp,
+               "ppl": ppl, "latency_s": pruned_s, "dense_latency_s": dense_s, "prune_seconds": seconds}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     measure("dense", 0.0, dense.model, 0.0)
     llm_calib = None
-    for name in METHODS:
+    for name in args.methods.split(","):
         cls = method_class(name)
         config = WidthConfig(name, ratios[0], target="channels")
         method = cls(config)
@@ -109,12 +124,14 @@ def main() -> None:
         scores = method.scores(scored, groups, calib, torch.device("cpu"))
         score_seconds = time.perf_counter() - start
         for ratio in ratios:
-            start = time.perf_counter()
-            pruned = LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, dense.spec, "smollm2-135m", None)
-            keep = select_uniform(scores, ratio, list(range(len(groups))))
-            method.before_slice(pruned, groups, keep)
-            apply_widths(pruned.model, pruned.spec, keep)
-            measure(name, ratio, pruned.model, score_seconds + time.perf_counter() - start)
+            for round_to in [int(r) for r in args.round_to.split(",")]:
+                start = time.perf_counter()
+                pruned = LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, dense.spec, "smollm2-135m", None)
+                keep = select_uniform(scores, ratio, list(range(len(groups))), round_to)
+                method.before_slice(pruned, groups, keep)
+                apply_widths(pruned.model, pruned.spec, keep)
+                label = name if round_to == 1 else f"{name} (round to {round_to})"
+                measure(label, ratio, pruned.model, score_seconds + time.perf_counter() - start)
     for ratio in ratios:
         start = time.perf_counter()
         try:
@@ -128,15 +145,15 @@ def main() -> None:
     for row in rows:
         if "ppl" in row:
             row["ppl_ratio_vs_dense"] = row["ppl"] / base["ppl"]
-            row["latency_ratio_vs_dense"] = row["latency_s"] / base["latency_s"]
+            row["latency_ratio_vs_dense"] = row["latency_s"] / row["dense_latency_s"]
             row["param_reduction"] = 1 - row["params"] / base["params"]
-    print(f"\n| method | channel ratio | params | param reduction | ppl (wt2, {args.windows}×{args.seq_len}) | ppl / dense | latency (ms) | latency / dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| method | channel ratio | MLP width | params | param reduction | ppl (wt2, {args.windows}×{args.seq_len}) | ppl / dense | latency (ms) | latency / dense (paired) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "ppl" not in row:
-            print(f"| {row['method']} | {row['ratio']} | failed: {row['error']} | | | | | |")
+            print(f"| {row['method']} | {row['ratio']} | failed: {row['error']} | | | | | | |")
             continue
-        print(f"| {row['method']} | {row['ratio']:.1f} | {row['params']:,} | {row['param_reduction']:.1%} | "
+        print(f"| {row['method']} | {row['ratio']:.2f} | {row['mlp_width_layer0']} | {row['params']:,} | {row['param_reduction']:.1%} | "
               f"{row['ppl']:.2f} | {row['ppl_ratio_vs_dense']:.3f} | {row['latency_s'] * 1e3:.0f} | "
               f"{row['latency_ratio_vs_dense']:.3f} |")
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "args": vars(args),

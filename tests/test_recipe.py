@@ -123,3 +123,5 @@ def test_width_ratio_breaking_nm(tmp_path, setup):
         load_recipe(recipe_dict(folder, text, tmp_path / "o", stages))
     stages = [{"width": {"ratio": 0.25, "target": "channels"}}, {"prune": {"pattern": "2:4"}}]
     load_recipe(recipe_dict(folder, text, tmp_path / "o", stages))
+    stages = [{"width": {"ratio": 0.3, "target": "channels", "round_to": 4}}, {"prune": {"pattern": "2:4"}}]
+    load_recipe(recipe_dict(folder, text, tmp_path / "o", stages))

@@ -14,7 +14,7 @@ from secateurs.errors import UsageError
 from secateurs.model.slice import apply_widths, load_sliced, mask_groups
 from secateurs.structured import base
 from secateurs.structured.base import WidthConfig, model_groups
-from secateurs.structured.select import select_global, select_uniform
+from secateurs.structured.select import kept_count, select_global, select_uniform
 from tiny_models import random_ids, tiny_model
 
 # 8 query heads in 4 KV groups, so layers can keep different head counts.
@@ -164,7 +164,22 @@ def test_selection_rules():
     assert all(k["heads"].numel() >= 1 and k["channels"].numel() >= 1 for k in kept)
 
 
+def test_round_to_keeps_a_multiple_of_channels():
+    scores = [{"heads": torch.tensor([3.0, 1.0, 2.0]), "channels": torch.arange(100.0).flip(0)}]
+    keep = select_uniform(scores, 0.3, [0], round_to=16)
+    assert keep[0]["channels"].tolist() == list(range(64))  # 70 rounds to 64: the 64 best scores
+    assert keep[0]["heads"].tolist() == [0, 2]  # heads are whole KV groups already: not rounded
+    assert kept_count(100, 0.3) == 70 and kept_count(100, 0.3, 8) == 72 and kept_count(10, 0.9, 8) == 8
+    loaded = tiny_model("llama", **WIDE["llama"])
+    config = WidthConfig("magnitude", 0.3, target="channels", round_to=8)
+    secateurs.width(loaded, config, None, secateurs.EngineOptions(device="cpu"))
+    widths = {b.mlp.down_proj.in_features for b in loaded.model.model.layers}
+    assert all(w % 8 == 0 for w in widths), widths
+
+
 @pytest.mark.parametrize("config,match", [
+    (WidthConfig("magnitude", 0.2, round_to=0), "round-to"),
+    (WidthConfig("magnitude", 0.2, mode="global", round_to=8), "round-to"),
     (WidthConfig("magnitude", 1.0), "ratio"),
     (WidthConfig("magnitude", 0.2, target="rows"), "target"),
     (WidthConfig("magnitude", 0.2, keep_first=2, keep_last=1), "leave none"),

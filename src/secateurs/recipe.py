@@ -269,6 +269,7 @@ def _mlp_width(model: str) -> int | None:
 def _check_nm_after_width(recipe: Recipe) -> None:
     """A uniform width stage must leave an MLP width that a later N:M pattern's M divides."""
     from .sparsity.masks import Pattern
+    from .structured.select import kept_count
 
     width = None
     for stage in recipe.stages:
@@ -282,13 +283,13 @@ def _check_nm_after_width(recipe: Recipe) -> None:
         count = _mlp_width(recipe.model) if pattern.is_nm else None
         if count is None:
             continue
-        kept = count - int(round(float(width.fields["ratio"]) * count))
+        kept = kept_count(count, float(width.fields["ratio"]), int(width.fields.get("round_to") or 1))
         if kept % pattern.m:
             good = [r / count for r in range(count) if (count - r) % pattern.m == 0]
             nearest = min(good, key=lambda r: abs(r - float(width.fields["ratio"])))
             raise UsageError(
                 f"{width.label}: ratio {width.fields['ratio']:g} leaves {kept} MLP channels, not a multiple of "
-                f"{pattern.m}, so the {pattern} pattern of {stage.label} cannot apply; use ratio {nearest:.4f}"
+                f"{pattern.m}, so the {pattern} pattern of {stage.label} cannot apply; use ratio {nearest:.4f} or round_to: {pattern.m}"
             )
 
 

@@ -35,6 +35,9 @@ def width_command(
     keep_first: Annotated[int, typer.Option(help="Leave the first N layers whole (LLM-Pruner uses 4 on LLaMA-7B).")] = 0,
     keep_last: Annotated[int, typer.Option(help="Leave the last N layers whole (LLM-Pruner uses 2 on LLaMA-7B).")] = 0,
     bias_compensation: Annotated[bool, typer.Option(help="FLAP: fold removed features' mean into the output bias.")] = True,
+    round_to: Annotated[
+        int, typer.Option(help="Keep a multiple of N MLP channels per layer (8 or 16: faster matrix products; uniform mode).")
+    ] = 1,
     calib: Annotated[str, typer.Option(help="Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.")] = "wikitext2",
     n_samples: Annotated[int | None, typer.Option(help="Calibration sequences (default: the method's paper default).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sequence (default 128, as in the papers).")] = None,
@@ -48,7 +51,9 @@ def width_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Remove whole attention heads and MLP channels; save a smaller dense model."""
-    config = WidthConfig(method, ratio, importance, aggregate, target, mode, keep_first, keep_last, bias_compensation)
+    config = WidthConfig(
+        method, ratio, importance, aggregate, target, mode, keep_first, keep_last, bias_compensation, round_to
+    )
     cls = method_class(method)
     cls(config)
     calib_config = None

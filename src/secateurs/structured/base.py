@@ -45,6 +45,7 @@ class WidthConfig:
     targeted parameters removed overall. ``importance`` picks the score where a method has several
     (None: the method's paper default). ``keep_first`` / ``keep_last`` leave layers whole
     (LLM-Pruner prunes layers 4–30 of LLaMA-7B's 32, i.e. keep_first=4, keep_last=2).
+    ``round_to``: keep a multiple of this many MLP channels per layer (uniform mode), for fast kernels.
     """
 
     method: str = "llm-pruner"
@@ -56,6 +57,7 @@ class WidthConfig:
     keep_first: int = 0
     keep_last: int = 0
     bias_compensation: bool = True
+    round_to: int = 1
 
     def kinds(self) -> tuple[str, ...]:
         if self.target not in TARGETS:
@@ -70,6 +72,10 @@ class WidthConfig:
             raise UsageError(f"unknown --mode {self.mode!r}; use uniform or global")
         if self.aggregate not in AGGREGATES:
             raise UsageError(f"unknown --aggregate {self.aggregate!r}; use one of {', '.join(AGGREGATES)}")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.round_to > 1 and self.mode != "uniform":
+            raise UsageError("--round-to applies to --mode uniform; drop it or use --mode uniform")
         if self.keep_first < 0 or self.keep_last < 0:
             raise UsageError("--keep-first and --keep-last must be at least 0")
         layers = list(range(self.keep_first, n_layers - self.keep_last))
@@ -211,7 +217,7 @@ def prune_width(
     before = _widths(loaded, kinds)
     scores = method.scores(loaded, groups, ids, device)
     if config.mode == "uniform":
-        keep = select_uniform(scores, config.ratio, layers)
+        keep = select_uniform(scores, config.ratio, layers, config.round_to)
     else:
         keep = select_global(scores, group_costs(loaded, groups), config.ratio, layers)
     method.before_slice(loaded, groups, keep)

@@ -3,6 +3,9 @@
 * Uniform (the default, as in LLM-Pruner): in every prunable layer remove ``round(ratio × count)``
   groups of each kind, the lowest-scoring ones. Heads come in coarse steps (a 3-KV-group model can
   only lose 0, 1/3 or 2/3 of its heads), so the ratio is rounded and the achieved ratio reported.
+  ``round_to`` > 1 rounds each layer's kept MLP channels to the nearest multiple of it: matrix
+  products on an odd width run slower than on a nearby multiple of 8 or 16 (measured on SmolLM2's
+  MLP in BENCHMARKS.md), so a smaller model that is not faster defeats the purpose of pruning it.
 * Global (non-uniform): scores are standardised per kind over all prunable layers (FLAP, An et al.
   2024, §3.3, which makes heads and channels comparable), then groups are removed lowest first until
   ``ratio`` of the targeted parameters are gone. A layer always keeps at least one group of each kind.
@@ -23,14 +26,26 @@ def _keep_of(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     return order[n_remove:].sort().values
 
 
-def select_uniform(scores: Scores, ratio: float, layers: list[int]) -> list[dict[str, torch.Tensor]]:
-    """Kept groups per block: the same fraction removed from every prunable layer, per kind."""
+def kept_count(count: int, ratio: float, round_to: int = 1) -> int:
+    """Groups of one kind a layer keeps when ``ratio`` of its ``count`` are removed, rounded to whole
+    groups and, with ``round_to`` > 1, to the nearest non-zero multiple of ``round_to``."""
+    kept = count - int(round(ratio * count))
+    if round_to > 1:
+        kept = min(count, max(round_to, int(round(kept / round_to)) * round_to))
+    return kept
+
+
+def select_uniform(
+    scores: Scores, ratio: float, layers: list[int], round_to: int = 1
+) -> list[dict[str, torch.Tensor]]:
+    """Kept groups per block: the same fraction removed from every prunable layer, per kind
+    (``round_to`` applies to MLP channels; heads already move in whole KV groups)."""
     keep: list[dict[str, torch.Tensor]] = [{} for _ in scores]
     removed_any = False
     for index in layers:
         for kind, values in scores[index].items():
             count = values.numel()
-            n_remove = int(round(ratio * count))
+            n_remove = count - kept_count(count, ratio, round_to if kind == "channels" else 1)
             if n_remove >= count:
                 raise UsageError(
                     f"--ratio {ratio:g} removes all {count} {kind} of layer {index}; use a smaller --ratio"
