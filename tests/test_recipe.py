@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -125,3 +126,10 @@ def test_width_ratio_breaking_nm(tmp_path, setup):
     load_recipe(recipe_dict(folder, text, tmp_path / "o", stages))
     stages = [{"width": {"ratio": 0.3, "target": "channels", "round_to": 4}}, {"prune": {"pattern": "2:4"}}]
     load_recipe(recipe_dict(folder, text, tmp_path / "o", stages))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_recipes_validate(path, tmp_path):
+    """The shipped examples use only keys and values the CLI accepts (they are checked, not just run once)."""
+    recipe = load_recipe(path, out=tmp_path / "o")
+    assert recipe.stages and all(stage.command for stage in recipe.stages)
