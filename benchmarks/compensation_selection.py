@@ -1,4 +1,4 @@
-"""Projection compensation with and without held-out selection of λ, on layer sets already chosen.
+"""Projection compensation with and without selection of λ on unseen calibration batches, on layer sets already chosen.
 
     SECATEURS_DATA=/work/shared/data python benchmarks/compensation_selection.py \
         --cases "angular (Gromov):9,block-influence (ShortGPT):3,gradmap:3"
@@ -6,9 +6,9 @@
 Reads the removed layers of each (criterion, count) from benchmarks/results/layer_pruning.json (so
 it needs that run first), uses the same calibration (16 × 256 WikiText-2 tokens, batches of 4) and
 evaluation windows, and prints WikiText-2 perplexity: plain removal, compensation fitted on every
-batch with the fixed α (``select=false``, what layer_pruning.json records), and with the held-out
-selection (the default: λ scored by the held-out next-token loss, nothing folded when no λ beats
-leaving the layer alone). Writes benchmarks/results/compensation_selection.json.
+batch with the fixed α (``select=false``, what layer_pruning.json records), and with the default
+selection (λ scored by cross-validated next-token loss on the calibration batches, nothing folded
+when no λ beats leaving the layer alone). Writes benchmarks/results/compensation_selection.json.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         (RESULTS / "compensation_selection.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n| criterion | removed | ppl | + compensation, fixed α | + compensation, held-out λ (chosen α) |")
+    print("\n| criterion | removed | ppl | + compensation, fixed α | + compensation, selected λ (chosen α) |")
     print("|---|---|---|---|---|")
     for r in rows:
         chosen = r["held_out_selection"]

@@ -43,6 +43,9 @@ VARIANTS = [
     ("gradmap weights mean|g|", "gradmap", {"target": "weights"}),
     ("gradmap one-shot", "gradmap", {"one_shot": True}),
     ("gradmap weights l2", "gradmap", {"target": "weights", "reduce": "l2"}),
+    ("gradmap gate per batch", "gradmap", {"grain": "batch"}),
+    ("gradmap gate per sequence", "gradmap", {"grain": "sequence"}),
+    ("gradmap gate per token, squared", "gradmap", {"grain": "token", "reduce": "l2"}),
     ("ppl one-shot (Shortened LLaMA)", "ppl", {"one_shot": True}),
     ("ppl iterative (SLEB)", "ppl", {}),
 ]

@@ -113,6 +113,20 @@ def test_each_scorer_ranks_an_identity_layer_least_important(method, trained_wit
     assert scorer.choose(ctx, 1).order == [2]
 
 
+def test_gradmap_gate_grains_are_one_gradient_split_finer(trained_with_identity):
+    """One batch: the scalar gate's gradient is the sum of the per-sequence and per-token ones, so
+    |batch| ≤ Σ|sequence| ≤ Σ|token| for every layer, with equality only when no signs cancel."""
+    loaded, ids = trained_with_identity
+    cls = scorer_class("gradmap")
+    ctx = ScoringContext(loaded.model, loaded.spec, [ids[:4]], CPU)
+    scores = {grain: cls(build_options(cls.Options, {"grain": grain})).score(ctx) for grain in ("batch", "sequence", "token")}
+    assert torch.all(scores["batch"] <= scores["sequence"] * (1 + 1e-6) + 1e-12)
+    assert torch.all(scores["sequence"] <= scores["token"] * (1 + 1e-6) + 1e-12)
+    assert float((scores["token"] - scores["batch"]).sum()) > 0
+    with pytest.raises(UsageError, match="grain"):
+        cls(build_options(cls.Options, {"grain": "layer"})).check(ctx)
+
+
 def test_folded_projection_equals_explicit_matrix():
     loaded = tiny_model("llama", num_hidden_layers=3)
     ids = random_ids(2, 16)
@@ -131,7 +145,7 @@ def test_folded_projection_equals_explicit_matrix():
 def test_compensation_reduces_the_drift_it_targets(trained_with_identity):
     loaded, ids = trained_with_identity
     model = copy.deepcopy(loaded.model)
-    result = compensate(model, loaded.spec, [1, 2], list(ids.split(2)))
+    result = compensate(model, loaded.spec, [1, 2], list(ids.split(2)), CompensationOptions(select=False))
     assert result["layer"] in (0, 3, 4)
     assert result["drift_sq_after"] < result["drift_sq_before"]
 
@@ -149,8 +163,8 @@ def test_drift_from_moments_equals_the_direct_sum():
 
 
 def test_compensation_folds_only_what_helps_on_held_out_tokens(trained_with_identity):
-    """Eight small batches: the fit sees six, two are held out; a projection that does not lower the
-    held-out loss below leaving the layer alone must not be folded, and the loss it reports is real."""
+    """Eight small batches in four folds, each held out once; a projection that does not lower the
+    cross-validated loss below leaving the layer alone must not be folded, and the loss it reports is real."""
     from secateurs.depth.compensation import _loss
 
     loaded, _ = trained_with_identity
@@ -160,7 +174,7 @@ def test_compensation_folds_only_what_helps_on_held_out_tokens(trained_with_iden
     result = compensate(model, loaded.spec, [1, 2], batches)
     held = result["held_out_loss"]
     assert set(held) == {"identity", "0.01", "0.1", "1", "10"}
-    assert held["identity"] == pytest.approx(_loss(loaded.model, loaded.spec, [1, 2], batches[6:]), rel=1e-6)
+    assert held["identity"] == pytest.approx(_loss(loaded.model, loaded.spec, [1, 2], batches), rel=1e-6)
     changed = [i for i, b in enumerate(loaded.spec.blocks_of(model)) if not torch.equal(b.mlp.down_proj.weight, weights[i])]
     if result["folded"]:
         assert held[f"{result['alpha']:g}"] == min(held.values()) < held["identity"] and changed == [result["layer"]]
