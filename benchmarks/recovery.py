@@ -68,16 +68,18 @@ def pruned_then_lora(name: str, prune_step, args, dense: float) -> dict:
     }
 
 
-def run_loraprune(args, dense: float) -> dict:
+def run_loraprune(args, dense: float, cooldown: float) -> dict:
+    """LoRAPrune to 20% width; ``cooldown`` is the fraction of the steps tuned at the final shape."""
     loaded = load_model(args.model)
     params_before = count_parameters(loaded.model)
-    config = LoRAPruneConfig(ratio=0.2, target="both", keep_first=0, keep_last=0)
+    config = LoRAPruneConfig(ratio=0.2, target="both", keep_first=0, keep_last=0, cooldown=cooldown)
     report = loraprune(loaded, config, recover_config(args), args.device)
     after = ppl(loaded, args)
     record = report.stage_record()
     first, last = report.loss_start_end(5)
     return {
-        "case": "LoRAPrune 20% width (prunes while tuning)", "dense_ppl": dense, "pruned_ppl": None,
+        "case": "LoRAPrune 20% width (prunes while tuning)" + ("" if cooldown == LoRAPruneConfig.cooldown else f", cooldown {cooldown:g}"),
+        "dense_ppl": dense, "pruned_ppl": None,
         "recovered_ppl": after, "ratio_after_over_before": None, "steps": report.log.steps, "tokens": report.tokens,
         "recover_seconds": round(report.seconds, 1), "prune_seconds": 0.0, "loss_first5": first, "loss_last5": last,
         "masked_linears": report.masked_linears, "sparsity_before": report.sparsity_before,
@@ -122,6 +124,8 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--loraprune-cooldown", default=str(LoRAPruneConfig.cooldown),
+                        help="Comma-separated fractions of the steps LoRAPrune tunes at the final shape (one row each).")
     parser.add_argument("--only", default=None, help="Comma-separated case numbers (1-7) to run.")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write (rows are merged into it).")
     args = parser.parse_args()
@@ -164,11 +168,12 @@ def main() -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     )
-    for key in wanted:
+    jobs = [(key, float(c)) for key in wanted for c in (args.loraprune_cooldown.split(",") if key == "5" else [0])]
+    for key, cooldown in jobs:
         name, step = cases[key]
         start = time.perf_counter()
         if key == "5":
-            row = run_loraprune(args, dense)
+            row = run_loraprune(args, dense, cooldown)
         elif key == "7":
             row = run_iterative(args, dense, calib, rounds=3)
         else:

@@ -198,6 +198,18 @@ def test_cli_recover_writes_record_and_clears_checkpoint(text_file, tmp_path):
     assert bad.exit_code == 2
 
 
+def test_loraprune_cooldown_moves_the_end_of_the_schedule(tmp_path):
+    """The schedule reaches the full ratio exactly when the cool-down starts; a bad value is a one-line error."""
+    for cooldown in (0.1, 0.5):
+        config = LoRAPruneConfig(0.2, cooldown=cooldown)
+        reached = [step for step in range(100) if config.ratio_at(step, 100) == 0.2]
+        assert reached[0] == round(100 * (1 - cooldown))
+        assert all(config.ratio_at(s, 100) < 0.2 for s in range(reached[0]))
+    result = CliRunner().invoke(app, ["recover", "smollm2-135m", "--method", "loraprune", "--cooldown", "0.95",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--cooldown" in result.output and not (tmp_path / "o").exists()
+
+
 def test_checkpointing_switch_works_with_old_and_new_transformers_names():
     """transformers 5.17 (GPU images) has only gradient_checkpointing_*; 5.2x prefers activation_checkpointing_*."""
     from torch import nn

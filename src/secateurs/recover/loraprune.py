@@ -11,8 +11,10 @@ channels). Unstructured: the element scores themselves, compared within each out
 
 Progressive pruning (§3.3): scores are smoothed by a moving average Ī ← 0.9·Ī + 0.1·I every step;
 every ``prune_every`` (10) steps the target ratio follows a cubic schedule from ``initial_ratio``
-(0) to ``ratio`` between the first 10% (warm-up) and the last 10% (cool-down) of the steps, and
-the lowest-scoring live groups of every prunable layer are removed up to that ratio. Removal
+(0) to ``ratio`` between the first 10% (warm-up) and the last ``cooldown`` (10%) of the steps, and
+the lowest-scoring live groups of every prunable layer are removed up to that ratio. The cool-down
+is recovery at the final shape: on SmolLM2 at 300 steps, 30% or 50% of the steps there recovered
+better than 10% (benchmarks/sections/recovery.md), so it is an option. Removal
 during training is a mask: the group's weights and producer biases are zeroed and its adapter
 update masked (the masked LoRA of :mod:`.lora`), so training sees the pruned model; once the
 adapters are merged, structured groups are cut out physically by :mod:`secateurs.model.slice`,
@@ -62,8 +64,8 @@ class LoRAPruneConfig:
     def structured(self) -> bool:
         return self.target != "unstructured"
 
-    def layers(self, n_layers: int) -> list[int]:
-        """Validate against the model; returns the prunable layer indices."""
+    def validate(self) -> None:
+        """The checks that need no model, so a command fails before it loads one."""
         if self.target not in MODES:
             raise UsageError(f"unknown --target {self.target!r}; use one of {', '.join(MODES)}")
         if not 0.0 < self.ratio < 1.0:
@@ -73,9 +75,13 @@ class LoRAPruneConfig:
         if self.prune_every < 1:
             raise UsageError(f"--prune-every must be at least 1, got {self.prune_every}")
         if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown >= 1:
-            raise UsageError("warm-up and cool-down fractions must be non-negative and sum to less than 1")
+            raise UsageError(f"warm-up ({self.warmup:g}) and --cooldown ({self.cooldown:g}) must be non-negative and sum to less than 1")
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"ema must be in [0, 1), got {self.ema:g}")
+
+    def layers(self, n_layers: int) -> list[int]:
+        """Validate against the model; returns the prunable layer indices."""
+        self.validate()
         first = int(0.1 * n_layers) if self.keep_first is None else self.keep_first
         last = 1 if self.keep_last is None else self.keep_last
         if first < 0 or last < 0:
