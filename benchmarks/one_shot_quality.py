@@ -30,6 +30,8 @@ VARIANTS = (
     ("sparsegpt", "2:4", None, "uniform"),
     ("wanda", "unstructured", 0.7, "uniform"),
     ("wanda", "unstructured", 0.7, "owl"),
+    ("sparsegpt", "unstructured", 0.7, "uniform"),
+    ("sparsegpt", "unstructured", 0.7, "owl"),
 )
 
 
@@ -39,7 +41,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default=None,
+                        help="Comma-separated rows to run, as method:pattern:sparsity:allocation (e.g. wanda:unstructured:0.7:owl).")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "one_shot_quality.json")
     args = parser.parse_args()
+    wanted = set(args.only.split(",")) if args.only else None
     calib = CalibConfig("wikitext2", args.n_samples, args.seq_len, args.seed)
     engine = secateurs.EngineOptions(device="cpu")
 
@@ -49,6 +55,8 @@ def main() -> None:
     rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-",
              "ppl": ppl(secateurs.load_model("smollm2-135m")), "prune_s": 0.0}]
     for method, pattern, sparsity, allocation in VARIANTS:
+        if wanted is not None and f"{method}:{pattern}:{sparsity}:{allocation}" not in wanted:
+            continue
         loaded = secateurs.load_model("smollm2-135m")
         config = secateurs.PruneConfig(method, sparsity, pattern, allocation=allocation)
         start = time.perf_counter()
@@ -63,10 +71,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['method']:10s} {r['pattern']:13s} {r['allocation']:8s} {r['sparsity']:8.4f} {r['ppl']:10.3f} "
               f"{r['ppl'] / dense:7.2f} {r['prune_s']:8.1f}")
-    out = Path(__file__).parent / "results" / "one_shot_quality.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-                               "args": vars(args), "rows": rows}, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.results.write_text(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                                        "args": settings, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
