@@ -168,7 +168,8 @@ def main() -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, " + (
         torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     )
-    jobs = [(key, float(c)) for key in wanted for c in (args.loraprune_cooldown.split(",") if key == "5" else [0])]
+    cooldowns = [float(c) for c in args.loraprune_cooldown.split(",")]
+    jobs = [(key, cooldown) for key in wanted for cooldown in (cooldowns if key == "5" else [None])]
     for key, cooldown in jobs:
         name, step = cases[key]
         start = time.perf_counter()

@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 from torch import nn
@@ -158,7 +159,7 @@ def compensate(
         d = down.reshape(-1, down.shape[-1]).float()
         r = d + (full_out - pruned_out).reshape(d.shape).float()
         folds[i % n_folds].add(d, r)
-    fit = _merge(folds)
+    fit = reduce(_Moments.merged, folds)
     alpha, held_losses = options.alpha, {}
     if n_folds > 1:
         fold_batches = [batches[f::n_folds] for f in range(n_folds)]
@@ -166,7 +167,7 @@ def compensate(
         for candidate in (options.alpha * k for k in ALPHA_STEPS):
             total = 0.0
             for f in range(n_folds):
-                others = _merge(folds[:f] + folds[f + 1:])
+                others = reduce(_Moments.merged, folds[:f] + folds[f + 1:])
                 with _folded(out_linear, fit_projection(others.dtd, others.dtr, candidate)):
                     total += _loss(model, spec, removed, fold_batches[f]) * len(fold_batches[f])
             held_losses[candidate] = total / len(batches)
@@ -189,13 +190,6 @@ def compensate(
         "drift_sq_before": fit.identity,
         "drift_sq_after": after,
     }
-
-
-def _merge(parts: Sequence[_Moments]) -> _Moments:
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = merged.merged(part)
-    return merged
 
 
 @contextmanager

@@ -105,7 +105,7 @@ class GradMAP(LayerScorer):
                 self.passes["forward"] += 1
                 self.passes["backward"] += 1
                 grad = gates.grad.detach().double().cpu()
-                per_batch.append(grad if grad.dim() == 1 else torch.stack([reduce(g, None) for g in grad]))
+                per_batch.append(grad if self.options.grain == "batch" else torch.stack([reduce(g, None) for g in grad]))
                 gates.grad = None
         finally:
             for handle in handles:
