@@ -171,7 +171,7 @@ def test_compensation_folds_only_what_helps_on_held_out_tokens(trained_with_iden
     model = copy.deepcopy(loaded.model)
     weights = [b.mlp.down_proj.weight.clone() for b in loaded.spec.blocks_of(model)]
     batches = list(random_ids(8, 8, seed=5).split(1))
-    result = compensate(model, loaded.spec, [1, 2], batches)
+    result = compensate(model, loaded.spec, [1, 2], batches, CompensationOptions(accept="mean"))
     held = result["held_out_loss"]
     assert set(held) == {"identity", "0.01", "0.1", "1", "10"}
     assert held["identity"] == pytest.approx(_loss(loaded.model, loaded.spec, [1, 2], batches), rel=1e-6)
@@ -182,6 +182,33 @@ def test_compensation_folds_only_what_helps_on_held_out_tokens(trained_with_iden
         assert min(held.values()) == held["identity"] and changed == []
     no_select = compensate(copy.deepcopy(loaded.model), loaded.spec, [1, 2], batches, CompensationOptions(select=False))
     assert no_select["folded"] and no_select["held_out_loss"] is None and no_select["alpha"] == 0.01
+
+
+@pytest.mark.parametrize("accept, folded", [("mean", True), ("every_fold", False)])
+def test_compensation_every_fold_rule_refuses_a_gain_one_fold_contradicts(trained_with_identity, monkeypatch, accept, folded):
+    """A projection that lowers the held-out loss on three folds and raises it on the fourth, with a
+    lower mean: the mean rule folds it, the default per-fold rule leaves the model untouched."""
+    import secateurs.depth.compensation as compensation
+
+    loaded, _ = trained_with_identity
+    model = copy.deepcopy(loaded.model)
+    originals = [b.mlp.down_proj.weight.clone() for b in loaded.spec.blocks_of(model)]
+    batches = list(random_ids(8, 8, seed=5).split(1))
+    fold_of = {id(b): i % 4 for i, b in enumerate(batches)}
+
+    def scripted_loss(model, spec, removed, fold_batches):
+        projected = any(not torch.equal(b.mlp.down_proj.weight, w) for b, w in zip(spec.blocks_of(model), originals))
+        if not projected:
+            return 1.0
+        return 1.1 if fold_of[id(fold_batches[0])] == 3 else 0.5
+
+    monkeypatch.setattr(compensation, "_loss", scripted_loss)
+    result = compensate(model, loaded.spec, [1, 2], batches, CompensationOptions(accept=accept))
+    assert result["held_out_loss"]["identity"] == pytest.approx(1.0)
+    assert result["held_out_loss"]["0.01"] == pytest.approx(0.65)
+    assert result["folded"] is folded
+    changed = [not torch.equal(b.mlp.down_proj.weight, w) for b, w in zip(loaded.spec.blocks_of(model), originals)]
+    assert any(changed) is folded
 
 
 def _tiny_folder(tmp_path):

@@ -32,7 +32,7 @@ def layers_command(
         list[str] | None, typer.Option("--option", "-o", help="Criterion option key=value (repeatable).")
     ] = None,
     compensation_option: Annotated[
-        list[str] | None, typer.Option("--compensation-option", help="Compensation option key=value (shift, alpha, select).")
+        list[str] | None, typer.Option("--compensation-option", help="Compensation option key=value (shift, alpha, select, accept).")
     ] = None,
     calib: Annotated[str, typer.Option(help="Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.")] = "wikitext2",
     n_samples: Annotated[int, typer.Option(help="Calibration sequences (GradMAP: 128).")] = 128,

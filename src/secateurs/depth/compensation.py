@@ -21,10 +21,11 @@ layers of SmolLM2 by angular distance, the fit cut the held-out drift 4× and st
 perplexity from 286 to 1,300–1,600. So when there are two or more batches, λ is chosen by
 cross-validation (``select=True``, the default): the batches are dealt into up to four folds; for
 λ = ``alpha`` × 1, 10, 100, 1000, P is fitted without each fold, folded in turn and scored by the
-pruned model's next-token loss on that fold, so every batch is held out once. The best λ is refitted
-on every batch and kept only if its cross-validated loss beats leaving the layer alone; otherwise
-nothing is folded. (A single held-out quarter was used before: on one held-out batch it folded
-projections that raised test perplexity by 1–2%.)
+pruned model's next-token loss on that fold, so every batch is held out once. The λ with the lowest
+mean held-out loss is refitted on every batch and folded only if it beats leaving the layer alone on
+every fold (``accept="every_fold"``, the default; ``"mean"`` asks only that the mean be lower);
+otherwise nothing is folded. (A single held-out quarter, then the mean rule, each folded projections
+that raised test perplexity by 1–2%.)
 
 Works on the result of any criterion; it must run while the removed layers still exist (the full
 model's activations are its target), i.e. before :func:`~secateurs.model.drop_layers.drop_layers`.
@@ -51,6 +52,7 @@ class CompensationOptions:
     shift: str = "relative"
     alpha: float = 1e-2
     select: bool = True
+    accept: str = "every_fold"
 
 
 ALPHA_STEPS = (1.0, 10.0, 100.0, 1000.0)
@@ -139,6 +141,8 @@ def compensate(
         raise UsageError(f"compensation shift={options.shift!r}: use relative or absolute")
     if options.alpha < 0:
         raise UsageError(f"compensation alpha must be >= 0, got {options.alpha}")
+    if options.accept not in ("every_fold", "mean"):
+        raise UsageError(f"compensation accept={options.accept!r}: use every_fold or mean")
     full_means = mean_outputs(model, spec, batches)
     with layers_removed(model, spec, removed) as kept:
         pruned_means = mean_outputs(model, spec, batches)
@@ -160,19 +164,9 @@ def compensate(
         r = d + (full_out - pruned_out).reshape(d.shape).float()
         folds[i % n_folds].add(d, r)
     fit = reduce(_Moments.merged, folds)
-    alpha, held_losses = options.alpha, {}
+    alpha, held_losses, per_fold = options.alpha, {}, {}
     if n_folds > 1:
-        fold_batches = [batches[f::n_folds] for f in range(n_folds)]
-        held_losses["identity"] = _loss(model, spec, removed, batches)
-        for candidate in (options.alpha * k for k in ALPHA_STEPS):
-            total = 0.0
-            for f in range(n_folds):
-                others = reduce(_Moments.merged, folds[:f] + folds[f + 1:])
-                with _folded(out_linear, fit_projection(others.dtd, others.dtr, candidate)):
-                    total += _loss(model, spec, removed, fold_batches[f]) * len(fold_batches[f])
-            held_losses[candidate] = total / len(batches)
-        alpha = min(held_losses, key=held_losses.get)
-        alpha = None if alpha == "identity" else alpha
+        alpha, held_losses, per_fold = _select_alpha(model, spec, removed, batches, folds, out_linear, options)
     if alpha is not None:
         projection = fit_projection(fit.dtd, fit.dtr, alpha)
         fold_projection(out_linear, projection)
@@ -184,12 +178,50 @@ def compensate(
         "layer_in_pruned_model": position,
         "shift": options.shift,
         "alpha": alpha,
+        "accept": options.accept,
         "folded": alpha is not None,
         "held_out_loss": {(k if isinstance(k, str) else f"{k:g}"): v for k, v in held_losses.items()} or None,
+        "held_out_loss_per_fold": {(k if isinstance(k, str) else f"{k:g}"): v for k, v in per_fold.items()} or None,
         "shifts": {int(k): round(float(s), 6) for k, s in zip(kept, shifts)},
         "drift_sq_before": fit.identity,
         "drift_sq_after": after,
     }
+
+
+def _select_alpha(
+    model: nn.Module,
+    spec: ArchSpec,
+    removed: Sequence[int],
+    batches: Sequence[torch.Tensor],
+    folds: list[_Moments],
+    out_linear: nn.Module,
+    options: CompensationOptions,
+) -> tuple[float | None, dict, dict]:
+    """λ with the lowest cross-validated loss (or None when folding should be skipped), the mean
+    held-out loss per candidate and the per-fold losses behind it.
+
+    Each fold's batches are scored with P fitted on the other folds. ``accept="every_fold"`` folds
+    only if that λ beats leaving the layer alone on every fold, not just on their mean: a gain that
+    one fold contradicts did not carry over to unseen text (SLEB at 3 layers on SmolLM2: a 0.3%
+    lower mean calibration loss, +1.4% test perplexity).
+    """
+    n_folds = len(folds)
+    fold_batches = [batches[f::n_folds] for f in range(n_folds)]
+    per_fold = {"identity": [_loss(model, spec, removed, fb) for fb in fold_batches]}
+    for candidate in (options.alpha * k for k in ALPHA_STEPS):
+        per_fold[candidate] = []
+        for f in range(n_folds):
+            others = reduce(_Moments.merged, folds[:f] + folds[f + 1:])
+            with _folded(out_linear, fit_projection(others.dtd, others.dtr, candidate)):
+                per_fold[candidate].append(_loss(model, spec, removed, fold_batches[f]))
+    weights = [len(fb) / len(batches) for fb in fold_batches]
+    held_losses = {k: sum(w * v for w, v in zip(weights, losses)) for k, losses in per_fold.items()}
+    best = min(held_losses, key=held_losses.get)
+    if best == "identity":
+        return None, held_losses, per_fold
+    if options.accept == "every_fold" and any(c >= i for c, i in zip(per_fold[best], per_fold["identity"])):
+        return None, held_losses, per_fold
+    return best, held_losses, per_fold
 
 
 @contextmanager

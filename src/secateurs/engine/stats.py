@@ -50,6 +50,19 @@ class InputSqNorm(Accumulator):
     def _add(self, x: torch.Tensor) -> None:
         self.sum_sq += x.square().sum(dim=0)
 
+    def update(self, x: torch.Tensor) -> None:
+        """Half-precision CUDA inputs are reduced in one float32-accumulating pass over the input.
+
+        Casting first would write and re-read two float32 copies of every input (the down projection's
+        is tokens × intermediate); the norm kernel reads the half values once and accumulates in float32.
+        """
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
+            self.sum_sq += torch.linalg.vector_norm(flat, 2, dim=0, dtype=torch.float32).square()
+            self.n_tokens += flat.shape[0]
+            return
+        super().update(x)
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.sum_sq]
 

@@ -88,13 +88,23 @@ def shared_hessian_groups(stats: Stats) -> list[list[str]]:
 
 
 def inverse_cholesky(hessian: torch.Tensor, options: SparseGPTOptions, where: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean diag(H), raised ×10 on failure."""
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean diag(H), raised ×10 on failure.
+
+    Each intermediate (damped H, its factor, the inverse) is freed as soon as the next exists, so at
+    most two in×in float32 matrices live beside H: for a 7B down projection (in = 11008) that is the
+    difference between ~1.4 and ~2.7 GiB on top of the model at the solve's peak.
+    """
     damp = options.dampening * hessian.diagonal().mean()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for _ in range(options.retries + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        damped = hessian.clone()
+        damped.diagonal().add_(damp)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper
         damp = damp * 10
