@@ -257,6 +257,24 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--compensation-option", "accept=bogus"], "accept='bogus'"),
+        (["--compensation-option", "alpha=-1"], "alpha must be >= 0"),
+        (["--method", "nope"], "unknown layer-pruning method"),
+    ],
+)
+def test_cli_bad_options_fail_before_the_model_loads(tmp_path, args, message):
+    """A model path that does not exist would be the error if the options were checked after loading."""
+    out = tmp_path / "out"
+    base = ["layers", str(tmp_path / "no-such-model"), "--remove", "1", "--compensate", "--out", str(out), *CALIB]
+    result = CliRunner().invoke(app, base + args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_api_refuses_compensation_it_cannot_fold():
     loaded = tiny_model("gemma2", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
     with pytest.raises(UsageError, match="--compensate"):

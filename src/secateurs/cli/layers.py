@@ -49,6 +49,7 @@ def layers_command(
 ) -> None:
     """Remove N decoder layers chosen by a criterion; the result is a smaller model that plain transformers loads."""
     config = LayerConfig(method, remove, compensate, parse_options(option), parse_options(compensation_option))
+    config.validate()
     calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir)
     engine = EngineOptions(device=device, batch_size=batch_size)
     engine.torch_device()

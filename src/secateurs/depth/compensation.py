@@ -54,6 +54,15 @@ class CompensationOptions:
     select: bool = True
     accept: str = "every_fold"
 
+    def validate(self) -> None:
+        """One-line errors for bad values, before any model is loaded or layer scored."""
+        if self.shift not in ("relative", "absolute"):
+            raise UsageError(f"compensation shift={self.shift!r}: use relative or absolute")
+        if self.alpha < 0:
+            raise UsageError(f"compensation alpha must be >= 0, got {self.alpha}")
+        if self.accept not in ("every_fold", "mean"):
+            raise UsageError(f"compensation accept={self.accept!r}: use every_fold or mean")
+
 
 ALPHA_STEPS = (1.0, 10.0, 100.0, 1000.0)
 
@@ -137,12 +146,7 @@ def compensate(
 ) -> dict:
     """Fit and fold the projection for the kept layer that drifts most; returns what was done."""
     options = options or CompensationOptions()
-    if options.shift not in ("relative", "absolute"):
-        raise UsageError(f"compensation shift={options.shift!r}: use relative or absolute")
-    if options.alpha < 0:
-        raise UsageError(f"compensation alpha must be >= 0, got {options.alpha}")
-    if options.accept not in ("every_fold", "mean"):
-        raise UsageError(f"compensation accept={options.accept!r}: use every_fold or mean")
+    options.validate()
     full_means = mean_outputs(model, spec, batches)
     with layers_removed(model, spec, removed) as kept:
         pruned_means = mean_outputs(model, spec, batches)

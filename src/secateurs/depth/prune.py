@@ -35,6 +35,12 @@ class LayerConfig:
     options: dict[str, Any] = field(default_factory=dict)
     compensation: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """Criterion name, option keys and compensation values: checked before the model loads."""
+        cls = scorer_class(self.method)
+        build_options(cls.Options, self.options)
+        build_options(CompensationOptions, self.compensation).validate()
+
 
 @dataclass
 class LayerReport:
