@@ -120,19 +120,19 @@ def worker_llmcompressor(args: argparse.Namespace, name: str, pattern: str) -> d
 
     device = torch.device(args.device)
     model = build(args, args.device if args.placement == "gpu" else "cpu")
-    config_dir = tempfile.mkdtemp()
-    model.config.save_pretrained(config_dir)
-    model.config._name_or_path = config_dir  # oneshot re-reads the config from the model's source folder
     ids = calibration(args)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     modifier = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[name]
     recipe = modifier(sparsity=0.5, mask_structure="0:0" if pattern == "unstructured" else pattern,
                       targets=["Linear"], ignore=["re:.*lm_head"])
-    start = start_clock(device)
-    oneshot(model=model, dataset=dataset, recipe=recipe, processor=placeholder_tokenizer(), num_calibration_samples=len(ids),
-            max_seq_length=args.seq_len, shuffle_calibration_samples=False, batch_size=args.llmc_batch_size,
-            sequential_offload_device=args.device if args.placement == "gpu" else "cpu")
-    seconds, peak = stop_clock(device, start)
+    with tempfile.TemporaryDirectory() as config_dir:
+        model.config.save_pretrained(config_dir)
+        model.config._name_or_path = config_dir  # oneshot re-reads the config from the model's source folder
+        start = start_clock(device)
+        oneshot(model=model, dataset=dataset, recipe=recipe, processor=placeholder_tokenizer(),
+                num_calibration_samples=len(ids), max_seq_length=args.seq_len, shuffle_calibration_samples=False,
+                batch_size=args.llmc_batch_size, sequential_offload_device=args.device if args.placement == "gpu" else "cpu")
+        seconds, peak = stop_clock(device, start)
     return {"seconds": seconds, "peak_gib": peak, "batch_size": args.llmc_batch_size, "achieved": achieved_sparsity(model)}
 
 
