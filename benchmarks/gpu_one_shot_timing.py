@@ -146,6 +146,10 @@ def run_case(args: argparse.Namespace, tool: str, name: str, pattern: str) -> di
         return json.loads(Path(out.name).read_text())
 
 
+def num(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
 def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
     print(f"\n{args.layers} layers of a {args.hidden}/{args.intermediate} Llama shape, {args.dtype}, "
           f"{args.n_samples} × {args.seq_len} calibration tokens, secateurs batch {args.batch_size}, "
@@ -156,10 +160,6 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
     for row in rows:
         ours, theirs = row.get("secateurs", {}), row.get("llmcompressor", {})
         st = ours.get("stages", {})
-
-        def num(value, fmt: str) -> str:
-            return "—" if value is None else format(value, fmt)
-
         speed = theirs["seconds"] / ours["seconds"] if "seconds" in ours and "seconds" in theirs else None
         print(f"| {row['method']} {row['pattern']} | {num(ours.get('seconds'), '.1f')} | {num(theirs.get('seconds'), '.1f')} "
               f"| {num(row['llmc_issue_s'], '.0f')} | {num(speed, '.1f')}{'×' if speed else ''} | {num(ours.get('peak_gib'), '.1f')} "

@@ -244,3 +244,13 @@ def test_cli_allocation_flag(tmp_path):
     assert result.exit_code == 0, result.output
     bad = CliRunner().invoke(app, ["prune", *common, "--out", str(tmp_path / "b"), "--allocation", "spread"])
     assert bad.exit_code == 2 and not (tmp_path / "b").exists()
+
+
+def test_half_precision_norm_path_equals_the_float32_sums():
+    """The CUDA fp16/bf16 shortcut of Wanda's norms (run here on CPU tensors) adds what the float32 path adds."""
+    x = (_inputs(512, 64) * 4).to(torch.bfloat16)
+    direct, cast = InputSqNorm(64, x.device), InputSqNorm(64, x.device)
+    assert direct._add_half(x)
+    cast.update(x)
+    torch.testing.assert_close(direct.sum_sq, cast.sum_sq, rtol=1e-5, atol=0)
+    assert cast.n_tokens == 512

@@ -185,12 +185,17 @@ def compensate(
         "alpha": alpha,
         "accept": options.accept,
         "folded": alpha is not None,
-        "held_out_loss": {(k if isinstance(k, str) else f"{k:g}"): v for k, v in held_losses.items()} or None,
-        "held_out_loss_per_fold": {(k if isinstance(k, str) else f"{k:g}"): v for k, v in per_fold.items()} or None,
+        "held_out_loss": _by_label(held_losses),
+        "held_out_loss_per_fold": _by_label(per_fold),
         "shifts": {int(k): round(float(s), 6) for k, s in zip(kept, shifts)},
         "drift_sq_before": fit.identity,
         "drift_sq_after": after,
     }
+
+
+def _by_label(losses: dict) -> dict | None:
+    """Candidate keys as the record writes them ("identity", "0.01", …); None when nothing was scored."""
+    return {(k if isinstance(k, str) else f"{k:g}"): v for k, v in losses.items()} or None
 
 
 def _select_alpha(

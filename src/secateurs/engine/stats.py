@@ -28,9 +28,17 @@ class Accumulator(ABC):
     def tensors(self) -> list[torch.Tensor]:
         """The summed tensors (for merging and all-reduce)."""
 
+    def _add_half(self, x: torch.Tensor) -> bool:
+        """Add a half-precision CUDA batch straight from its fp16/bf16 values, accumulating in float32.
+
+        Returns False when this kind has no such path; the batch is then cast to float32 first.
+        """
+        return False
+
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self._add(flat)
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if not (flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16) and self._add_half(flat)):
+            self._add(flat.to(torch.float32))
         self.n_tokens += flat.shape[0]
 
     def merge(self, other: Accumulator) -> None:
@@ -50,18 +58,11 @@ class InputSqNorm(Accumulator):
     def _add(self, x: torch.Tensor) -> None:
         self.sum_sq += x.square().sum(dim=0)
 
-    def update(self, x: torch.Tensor) -> None:
-        """Half-precision CUDA inputs are reduced in one float32-accumulating pass over the input.
-
-        Casting first would write and re-read two float32 copies of every input (the down projection's
-        is tokens × intermediate); the norm kernel reads the half values once and accumulates in float32.
-        """
-        flat = x.detach().reshape(-1, x.shape[-1])
-        if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
-            self.sum_sq += torch.linalg.vector_norm(flat, 2, dim=0, dtype=torch.float32).square()
-            self.n_tokens += flat.shape[0]
-            return
-        super().update(x)
+    def _add_half(self, x: torch.Tensor) -> bool:
+        """One float32-accumulating norm pass over the half values: casting first would write and
+        re-read two float32 copies of every input (the down projection's is tokens × intermediate)."""
+        self.sum_sq += torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).square()
+        return True
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.sum_sq]
@@ -86,18 +87,11 @@ class Hessian(Accumulator):
     def _add(self, x: torch.Tensor) -> None:
         self.xtx.addmm_(x.t(), x)
 
-    def update(self, x: torch.Tensor) -> None:
-        """Half-precision CUDA inputs go straight to a tensor-core product with float32 output.
-
-        The product of two fp16/bf16 numbers is exact in float32 and the accumulation is float32,
-        so this is the float32 Hessian, computed several times faster than casting first.
-        """
-        flat = x.detach().reshape(-1, x.shape[-1])
-        if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
-            self.xtx.add_(torch.mm(flat.t(), flat, out_dtype=torch.float32))
-            self.n_tokens += flat.shape[0]
-            return
-        super().update(x)
+    def _add_half(self, x: torch.Tensor) -> bool:
+        """A tensor-core product with float32 output: the product of two fp16/bf16 numbers is exact in
+        float32 and the accumulation is float32, so this is the float32 Hessian, several times faster."""
+        self.xtx.add_(torch.mm(x.t(), x, out_dtype=torch.float32))
+        return True
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.xtx]
