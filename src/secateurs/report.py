@@ -27,7 +27,6 @@ from pathlib import Path
 from .errors import UsageError
 from .model.save import RECORD
 
-KINDS = {"prune": "sparsity", "layers": "layers removed", "width": "width removed"}
 MARKERS = {"dense": "*", "sparsity": "o", "layers removed": "s", "width removed": "^"}
 
 
@@ -90,31 +89,91 @@ def _per_block(per_linear: dict[str, float]) -> dict[int, float]:
     return {i: sum(v) / len(v) for i, v in sorted(sums.items())}
 
 
+def _fraction_of_params(params: dict | None) -> float | None:
+    """1 - after/before from a ``{"before": n, "after": m}`` record, or None when either is missing."""
+    if not params or not params.get("before") or params.get("after") is None:
+        return None
+    return 1.0 - float(params["after"]) / float(params["before"])
+
+
+def _apply_prune(run: Run, stage: dict) -> str:
+    pattern = stage.get("pattern", "unstructured")
+    run.method = stage.get("method", "?") + ("" if pattern == "unstructured" else f" {pattern}")
+    achieved = stage.get("achieved_sparsity") or {}
+    run.removed = float(achieved.get("mean", 0.0))
+    run.layers["sparsity"] = _per_block(achieved.get("per_layer", {}))
+    return "sparsity"
+
+
+def _apply_layers(run: Run, stage: dict) -> str:
+    run.method = stage.get("method", "?")
+    run.removed_layers = list(stage.get("removed_layers", []))
+    run.removed = len(run.removed_layers) / max(int(stage.get("layers_before", 1)), 1)
+    if stage.get("scores"):
+        run.layers["importance"] = {int(k): float(v) for k, v in stage["scores"][0].items()}
+    return "layers removed"
+
+
+def _apply_width(run: Run, stage: dict) -> str:
+    run.method = stage.get("method", "?")
+    run.removed = float((stage.get("achieved") or {}).get("param_reduction", 0.0))
+    params = stage.get("params") or {}
+    run.params = params.get("after", run.params)
+    widths = stage.get("widths") or []
+    if widths and isinstance(widths[0], dict):
+        run.layers["width (groups kept)"] = {i: float(sum(w.values())) for i, w in enumerate(widths)}
+    return "width removed"
+
+
+def _apply_shear(run: Run, stage: dict) -> str:
+    run.method = stage.get("method", "llm-shearing")
+    removed = _fraction_of_params({"before": stage.get("params_before"), "after": stage.get("params_after")})
+    run.removed = removed if removed is not None else 0.0
+    run.params = stage.get("params_after", run.params)
+    return "width removed"
+
+
+def _apply_iterative(run: Run, stage: dict) -> str:
+    run.method = f"{stage.get('method', '?')} iterative"
+    run.removed = float(stage.get("achieved_sparsity", 0.0))
+    return "sparsity"
+
+
+def _apply_recover(run: Run, stage: dict) -> str | None:
+    """LoRA keeps the earlier stage's label and kind (a suffix says it was tuned); LoRAPrune prunes."""
+    method = stage.get("method", "lora")
+    if method != "loraprune":
+        if run.kind == "dense":
+            return None
+        run.method = f"{run.method} + {method}"
+        return run.kind
+    options = stage.get("loraprune") or {}
+    run.method = "loraprune"
+    if options.get("target") == "unstructured":
+        run.removed = float((stage.get("sparsity") or {}).get("after", 0.0))
+        return "sparsity"
+    removed = _fraction_of_params(stage.get("params"))
+    run.removed = removed if removed is not None else 0.0
+    run.params = (stage.get("params") or {}).get("after", run.params)
+    return "width removed"
+
+
+STAGE_READERS = {
+    "prune": _apply_prune,
+    "layers": _apply_layers,
+    "width": _apply_width,
+    "shear": _apply_shear,
+    "prune_iterative": _apply_iterative,
+    "recover": _apply_recover,
+}
+"""Every stage kind a secateurs command writes; ``export`` (storage format only) changes nothing shown."""
+
+
 def _apply_stage(run: Run, stage: dict) -> None:
-    kind = stage.get("stage")
-    if kind == "prune":
-        pattern = stage.get("pattern", "unstructured")
-        run.method = stage.get("method", "?") + ("" if pattern == "unstructured" else f" {pattern}")
-        achieved = stage.get("achieved_sparsity") or {}
-        run.removed = float(achieved.get("mean", 0.0))
-        run.layers["sparsity"] = _per_block(achieved.get("per_layer", {}))
-    elif kind == "layers":
-        run.method = stage.get("method", "?")
-        run.removed_layers = list(stage.get("removed_layers", []))
-        run.removed = len(run.removed_layers) / max(int(stage.get("layers_before", 1)), 1)
-        if stage.get("scores"):
-            run.layers["importance"] = {int(k): float(v) for k, v in stage["scores"][0].items()}
-    elif kind == "width":
-        run.method = stage.get("method", "?")
-        run.removed = float((stage.get("achieved") or {}).get("param_reduction", 0.0))
-        params = stage.get("params") or {}
-        run.params = params.get("after", run.params)
-        widths = stage.get("widths") or []
-        if widths and isinstance(widths[0], dict):
-            run.layers["width (groups kept)"] = {i: float(sum(w.values())) for i, w in enumerate(widths)}
-    else:
-        return
-    run.kind = KINDS[kind]
+    reader = STAGE_READERS.get(stage.get("stage", ""))
+    kind = reader(run, stage) if reader is not None else None
+    if kind is not None:
+        run.kind = kind
 
 
 def _apply_results(run: Run, results: dict) -> None:

@@ -1,0 +1,95 @@
+"""Every stage kind a command writes is read back by ``secateurs report`` under its own label and kind:
+a sheared, LoRAPrune, iterative or LoRA-recovered output is never shown as the dense baseline."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import secateurs
+from secateurs.api import PruneConfig, prune, save, shear
+from secateurs.recover.iterative import prune_iterative
+from secateurs.recover.lora import RecoverConfig, recover_lora
+from secateurs.recover.loraprune import LoRAPruneConfig, loraprune
+from secateurs.report import STAGE_READERS, load_run
+from secateurs.structured.shearing import ShearConfig, ShearTarget
+from tiny_models import tiny_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over the lazy dog".split()
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    return str(path)
+
+
+def _train(text_file: str, steps: int = 4) -> RecoverConfig:
+    return RecoverConfig(steps=steps, lr=1e-2, seq_len=16, batch_size=2, data=text_file, warmup_steps=0)
+
+
+def _shear(loaded, text_file):
+    config = ShearConfig(ShearTarget(layers=2, intermediate=64), datasets=[text_file], steps=2, batch_size=2,
+                         seq_len=16, eval_windows=1, update_every=1)
+    return [shear(loaded, config).stage_record()]
+
+
+def _loraprune_heads(loaded, text_file):
+    return [loraprune(loaded, LoRAPruneConfig(0.5, "both", 0, 0, prune_every=2), _train(text_file), CPU).stage_record()]
+
+
+def _loraprune_unstructured(loaded, text_file):
+    config = LoRAPruneConfig(0.5, "unstructured", 0, 0, prune_every=2)
+    return [loraprune(loaded, config, _train(text_file), CPU).stage_record()]
+
+
+def _iterative(loaded, text_file):
+    config = PruneConfig("magnitude", 0.5, options={"per": "row"})
+    return [prune_iterative(loaded, config, 2, _train(text_file, steps=2)).stage_record()]
+
+
+def _prune_then_lora(loaded, text_file):
+    first = prune(loaded, PruneConfig("magnitude", 0.5, options={"per": "row"})).stage_record()
+    return [first, recover_lora(loaded, _train(text_file, steps=2), CPU).stage_record()]
+
+
+CASES = {
+    "shear": (_shear, "llm-shearing", "width removed"),
+    "loraprune-structured": (_loraprune_heads, "loraprune", "width removed"),
+    "loraprune-unstructured": (_loraprune_unstructured, "loraprune", "sparsity"),
+    "prune_iterative": (_iterative, "magnitude iterative", "sparsity"),
+    "recover": (_prune_then_lora, "magnitude + lora", "sparsity"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_stage_kind_is_labelled_by_its_method(case, text_file, tmp_path):
+    write, method, kind = CASES[case]
+    loaded = tiny_model("llama")
+    out = save(loaded, tmp_path / case, write(loaded, text_file))
+    run = load_run(out)
+    assert (run.method, run.kind) == (method, kind)
+    assert 0.05 < run.removed < 0.95
+
+
+def test_every_written_stage_kind_has_a_reader():
+    """The writers' stage names (``"stage": ...`` in their records) each have a reader, export excepted."""
+    written = set()
+    for path in Path(secateurs.__file__).parent.rglob("*.py"):
+        written.update(re.findall(r'"stage": "([a-z_]+)"', path.read_text()))
+    assert written - {"export"} <= set(STAGE_READERS), written - set(STAGE_READERS)
