@@ -256,7 +256,7 @@ class StreamSession(EngineHooks):
         self.group = group
         self.inner = inner or EngineHooks()
         self.reader = ShardReader(self.folder)
-        config = AutoConfig.from_pretrained(self.folder)
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
         if getattr(config, "auto_map", None):
             raise UsageError(f"{source} needs its own modeling code (auto_map); prune it without --stream")
         spec = spec_for(config)

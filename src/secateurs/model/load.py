@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from ..errors import UsageError
 from ..kernels.swap import export_stage, restore_sparse
 from .arch import ArchSpec, spec_for
-from .slice import reload_kwargs
+from .slice import load_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,8 +64,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(source: str, dtype: str = "float32") -> LoadedModel:
-    """Load MODEL (folder, hub id, .gguf file or shortcut) as a plain float model on the CPU."""
+def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    """Load MODEL (folder, hub id, .gguf file or shortcut) as a plain float model on the CPU.
+
+    No code from a model folder or hub repository runs unless ``trust_remote_code`` is set (the
+    user's explicit choice): secateurs' own per-layer-width folders are rebuilt by the package.
+    """
     torch_dtype = resolve_dtype(dtype)
     if source in SHORTCUTS:
         folder = _shortcut_folder(source)
@@ -82,9 +86,9 @@ def load_model(source: str, dtype: str = "float32") -> LoadedModel:
                 f"{path} is not a Hugging Face model folder (no config.json); pass a model folder, "
                 f"a .gguf file, a hub id or one of: {', '.join(SHORTCUTS)}"
             )
-        return _load_folder(path, torch_dtype, source)
+        return _load_folder(path, torch_dtype, source, trust_remote_code)
     if source.count("/") == 1 and not source.startswith((".", "/")):
-        return _load_hub(source, torch_dtype)
+        return _load_hub(source, torch_dtype, trust_remote_code)
     raise UsageError(
         f"model {source!r} not found: pass a model folder, a .gguf file, a hub id (org/name) "
         f"or one of: {', '.join(SHORTCUTS)}"
@@ -98,9 +102,9 @@ def _finish(model: PreTrainedModel, tokenizer, source: str, path: Path | None) -
     return LoadedModel(model, tokenizer, spec, source, path)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, source: str) -> LoadedModel:
+def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_code: bool = False) -> LoadedModel:
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         spec_for(config)
         sparse_export = export_stage(folder) is not None
         hf_logger = logging.getLogger("transformers")
@@ -108,7 +112,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str) -> LoadedModel:
         if sparse_export:  # its compressed linears have no .weight on purpose: silence the "missing" warning
             hf_logger.setLevel(logging.ERROR)
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **reload_kwargs(folder))
+            model = load_pretrained(folder, None if trust_remote_code else config, trust_remote_code, dtype=dtype)
         finally:
             hf_logger.setLevel(level)
     except UsageError:
@@ -117,14 +121,14 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str) -> LoadedModel:
         raise UsageError(f"could not load the model in {folder}: {_first_line(exc)}") from exc
     if sparse_export:
         restore_sparse(model, folder, dtype)
-    tokenizer = _try_tokenizer(folder)
+    tokenizer = _try_tokenizer(folder, trust_remote_code)
     return _finish(model, tokenizer, source, folder.resolve())
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> LoadedModel:
+def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(repo_id)
+        model = load_pretrained(repo_id, None, trust_remote_code, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise UsageError(
             f"could not load {repo_id!r} from the Hugging Face hub ({_first_line(exc)}); "
@@ -198,9 +202,9 @@ def _packaged_file(shortcut: Shortcut) -> Path:
     return path
 
 
-def _try_tokenizer(folder: Path):
+def _try_tokenizer(folder: Path, trust_remote_code: bool = False):
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception:  # a weights-only folder is still prunable; evaluation will ask for text ids
         return None
 

@@ -10,9 +10,11 @@ missing kind is left whole) and it slices every coupled row and column in place
   bias added by FLAP's compensation): the config keeps the largest widths and records the exact
   shape of every parameter that differs in ``secateurs_shapes``; ``auto_map`` points to a small
   ``modeling_secateurs.py`` saved beside the weights, a subclass of the original model class that
-  builds the stock model and then resizes exactly those parameters. It loads with
-  ``from_pretrained(folder, trust_remote_code=True)`` and needs nothing but ``transformers``.
-  Per-layer sizes rather than zero-padding keep the parameters and the speed that were won.
+  builds the stock model and then resizes exactly those parameters. Plain ``transformers`` users
+  load it with ``from_pretrained(folder, trust_remote_code=True)`` (their choice to run that file).
+  secateurs itself never runs code from a model folder: :func:`load_pretrained` rebuilds the same
+  subclass from the package's own :func:`resize_parameters` and reads only the config and the
+  weights. Per-layer sizes rather than zero-padding keep the parameters and the speed that were won.
 
 :func:`mask_groups` zeroes groups without changing shapes: the reference every surgery is tested
 against, and what methods that keep shapes (LoRAPrune) use.
@@ -20,13 +22,16 @@ against, and what methods that keep shapes (LoRAPrune) use.
 
 from __future__ import annotations
 
-import json
+import functools
+import inspect
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UsageError
@@ -206,18 +211,38 @@ def _differing_shapes(model: PreTrainedModel) -> dict[str, dict[str, list[int]]]
     return differing
 
 
+def resize_parameters(model: nn.Module, shapes: dict[str, dict[str, list[int]]]) -> None:
+    """Give every parameter listed in ``shapes`` (module path -> parameter name -> shape) that shape,
+    creating it if the stock module lacks it (FLAP's output bias), before the weights are loaded."""
+    for path, params in shapes.items():
+        module = model.get_submodule(path)
+        for leaf, shape in params.items():
+            old = getattr(module, leaf, None)
+            like = old if isinstance(old, torch.Tensor) else module.weight
+            setattr(module, leaf, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "nf"):
+            module.nf = weight.shape[1]
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = weight.shape
+
+
+# The saved file embeds resize_parameters' own source, so the package and the file cannot drift.
 REMOTE_CODE = '''"""{stock} with per-layer widths, written by secateurs (structured width pruning).
 
 Builds the stock transformers model from the config, then resizes the parameters listed in
 ``config.{shapes}`` (module path -> parameter name -> shape) before the weights are loaded:
 different numbers of heads or MLP channels per layer, or a bias the stock layer lacks.
-Load with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+Load with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` (secateurs
+itself loads such a folder without this file).
 """
 
 import torch
 import transformers
 from torch import nn
 
+
+{resize}
 
 class {name}(transformers.{stock}):
     @classmethod
@@ -227,17 +252,7 @@ class {name}(transformers.{stock}):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        for path, params in getattr(config, "{shapes}", {{}}).items():
-            module = self.get_submodule(path)
-            for leaf, shape in params.items():
-                old = getattr(module, leaf, None)
-                like = old if isinstance(old, torch.Tensor) else module.weight
-                setattr(module, leaf, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
-            weight = getattr(module, "weight", None)
-            if hasattr(module, "nf"):
-                module.nf = weight.shape[1]
-            elif isinstance(module, nn.Linear):
-                module.out_features, module.in_features = weight.shape
+        resize_parameters(self, getattr(config, "{shapes}", {{}}))
 '''
 
 
@@ -246,35 +261,80 @@ def remote_code_files(model: PreTrainedModel) -> dict[str, str]:
     if not getattr(model.config, SHAPES_KEY, None):
         return {}
     stock = _stock_class(model).__name__
-    source = REMOTE_CODE.format(stock=stock, name=_remote_class_name(model), shapes=SHAPES_KEY)
+    source = REMOTE_CODE.format(
+        stock=stock, name=_remote_class_name(model), shapes=SHAPES_KEY, resize=inspect.getsource(resize_parameters)
+    )
     return {f"{REMOTE_MODULE}.py": source}
 
 
-def reload_kwargs(folder: str | Path) -> dict:
-    """``from_pretrained`` arguments for a folder saved by secateurs (trusting only our own file)."""
-    return {"trust_remote_code": True} if _is_ours(folder) else {}
+@functools.cache
+def per_layer_class(stock: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The package's own per-layer-width subclass of ``stock`` (what ``modeling_secateurs.py`` defines),
+    named like the stock class so transformers' per-class checkpoint renamings still apply."""
 
+    def __init__(self, config, *args, **kwargs):
+        stock.__init__(self, config, *args, **kwargs)
+        resize_parameters(self, getattr(config, SHAPES_KEY, None) or {})
 
-def _is_ours(folder: str | Path) -> bool:
-    config = Path(folder) / "config.json"
-    if not (Path(folder) / f"{REMOTE_MODULE}.py").is_file() or not config.is_file():
+    def is_custom_code(cls) -> bool:
         return False
-    auto_map = json.loads(config.read_text()).get("auto_map") or {}
-    return bool(auto_map) and all(str(v).startswith(f"{REMOTE_MODULE}.") for v in auto_map.values())
+
+    return type(stock.__name__, (stock,), {"__init__": __init__, "is_custom_code": classmethod(is_custom_code)})
+
+
+def _config_stock_class(config) -> type[PreTrainedModel] | None:
+    """The transformers class a saved config names (``architectures``), else its causal-LM class."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def load_pretrained(
+    folder: str | Path, config=None, trust_remote_code: bool = False, **kwargs
+) -> PreTrainedModel:
+    """``from_pretrained`` for any folder, running code from it only if ``trust_remote_code`` is set.
+
+    A folder saved by secateurs with per-layer widths (``secateurs_shapes`` in its config) is rebuilt
+    by :func:`per_layer_class` from the installed package; ``auto_map`` and any ``.py`` file in the
+    folder are ignored. A folder whose config asks for its own code and has no stock class is refused
+    unless the user passed ``trust_remote_code``.
+    """
+    if trust_remote_code:
+        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)
+    config = config if config is not None else AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    stock = _config_stock_class(config)
+    if getattr(config, SHAPES_KEY, None):
+        if stock is None:
+            raise UsageError(f"{folder}: its config names no transformers model class to rebuild the per-layer widths on")
+        return per_layer_class(stock).from_pretrained(folder, config=config, **kwargs)
+    auto_map = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if auto_map and stock is None:
+        raise UsageError(
+            f"{folder} asks to run its own Python code ({auto_map}); secateurs never runs code from a model "
+            "folder unless you pass --trust-remote-code (trust_remote_code=True) after reading that code"
+        )
+    return AutoModelForCausalLM.from_pretrained(folder, config=config, trust_remote_code=False, **kwargs)
 
 
 def load_sliced(folder: str | Path, **kwargs) -> PreTrainedModel:
-    """Reload a width-pruned folder (uniform or per-layer) with plain transformers."""
-    return AutoModelForCausalLM.from_pretrained(folder, **reload_kwargs(folder), **kwargs)
+    """Reload a width-pruned folder (uniform or per-layer) with the package's code, never the folder's."""
+    return load_pretrained(folder, **kwargs)
 
 
 __all__ = [
     "apply_widths",
     "keep_linear",
+    "load_pretrained",
     "load_sliced",
     "mask_groups",
-    "reload_kwargs",
+    "per_layer_class",
     "remote_code_files",
+    "resize_parameters",
     "slice_groups",
     "update_config",
 ]
