@@ -14,6 +14,7 @@ from secateurs.cli import app
 from secateurs.errors import UsageError
 from secateurs.model.linear import weight_matrix
 from secateurs.model.slice import mask_groups
+from secateurs.recover.checkpoint import read_checkpoint
 from secateurs.recover.iterative import prune_iterative
 from secateurs.recover.lora import CHECKPOINT, RecoverConfig, TrainHook, attach, recover_lora, train, train_ids
 from secateurs.recover.loraprune import LoRAPruneConfig, LoRAPruneHook, group_importance, loraprune
@@ -157,7 +158,7 @@ def test_resume_after_interruption_continues_from_the_saved_step(text_file, tmp_
     with pytest.raises(KeyboardInterrupt):
         recover_lora(stopped, cfg, CPU, hook=StopAt(4))
     assert all(torch.equal(a, b) for a, b in zip(original, linears(stopped)))
-    assert torch.load(tmp_path / "ckpt" / CHECKPOINT, weights_only=False)["step"] == 4
+    assert read_checkpoint(tmp_path / "ckpt" / CHECKPOINT)["step"] == 4
     resumed = pruned()
     report = recover_lora(resumed, cfg, CPU)
     assert report.log.resumed_from == 4 and len(report.log.losses) == 6

@@ -14,7 +14,8 @@ from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import load_model
 from ..model.save import check_out, local_input
-from ..recover.lora import PRECISIONS, RecoverConfig, remove_checkpoints
+from ..recover.checkpoint import check_checkpoints
+from ..recover.lora import PRECISIONS, RecoverConfig, checkpoint_files, remove_checkpoints
 from ..recover.loraprune import MODES, LoRAPruneConfig
 from ..sparsity.registry import method_names
 from . import app
@@ -93,6 +94,7 @@ def recover_command(
         calib_config = CalibConfig(calib, n_samples, calib_seq_len, seed, data_dir)
         calib_config.validate()
     check_out(out, local_input(model), overwrite)
+    check_checkpoints(checkpoint_files(checkpoints))
     loaded = load_model(model, dtype)
     check_out(out, loaded.local_path, overwrite)
     if method == "loraprune":

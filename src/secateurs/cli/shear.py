@@ -3,6 +3,7 @@ pretraining with dynamic batch loading."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,7 +14,8 @@ from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import load_model
 from ..model.save import check_out
-from ..structured.shearing import ShearConfig, ShearTarget
+from ..recover.checkpoint import check_checkpoints
+from ..structured.shearing import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT, ShearConfig, ShearTarget
 from . import app
 from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, csv_list, friendly, out_console, perplexity_rows, table
 
@@ -90,6 +92,9 @@ def shear_command(
     engine = EngineOptions(device=device)
     engine.torch_device()
     check_out(out, None, overwrite)
+    if checkpoint_dir:
+        folder = Path(checkpoint_dir).expanduser()
+        check_checkpoints([folder / PRUNE_CHECKPOINT, folder / CONTINUE_CHECKPOINT])
     loaded = load_model(model, dtype)
     check_out(out, loaded.local_path, overwrite)
     report = shear(loaded, config, engine)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -38,9 +37,9 @@ from ..data.calib import tokenize
 from ..data.sources import load_text
 from ..errors import NumericalError, UsageError
 from ..progress import console, enabled
+from .checkpoint import load_checkpoint, restoring, save_checkpoint
 
 SMOOTHING = 1e-4  # the paper's c (following DoReMi)
-CHECKPOINT = "state.pt"
 
 
 def update_weights(
@@ -239,27 +238,6 @@ def _digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: an interrupted run leaves the previous checkpoint or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, digest: str) -> dict | None:
-    """The checkpoint at ``path`` if one exists; a clear error if it belongs to another run."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("digest") != digest:
-        raise UsageError(
-            f"the checkpoint {path} was made with other settings or another model; "
-            "delete it or choose another --checkpoint-dir"
-        )
-    return state
-
-
 def _bar() -> Progress | None:
     if not enabled():
         return None
@@ -323,13 +301,14 @@ def train(
     counts = torch.zeros(len(domains.names), dtype=torch.long)
     state = load_checkpoint(path, digest) if path else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        extra.load_state_dict(state["extra"])
-        domains.load_state_dict(state["domains"])
-        generator.set_state(state["generator"])
-        start, losses, counts = state["step"], list(state["losses"]), state["counts"]
+        with restoring(path):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            extra.load_state_dict(state["extra"])
+            domains.load_state_dict(state["domains"])
+            generator.set_state(state["generator"])
+            start, losses, counts = int(state["step"]), [float(x) for x in state["losses"]], state["counts"].long()
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     clock = time.perf_counter()

@@ -52,12 +52,13 @@ from ..model.load import LoadedModel
 from ..progress import console, enabled
 from ..record import peak_memory_mb
 from ..sparsity.masks import sparsity_of
-from .dynamic_batch import enable_checkpointing, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restoring, save_checkpoint
+from .dynamic_batch import enable_checkpointing
 
 ADAPTER = "default"
 KEEP = "secateurs_keep"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHECKPOINT = "recover_state.pt"
+CHECKPOINT = "recover_state.safetensors"
 
 
 @dataclass
@@ -289,14 +290,18 @@ def _digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def remove_checkpoints(folder: str | Path) -> None:
-    """Delete the checkpoints a finished run left (``folder`` and its ``round-N`` subfolders), and
-    the folders if nothing else is in them."""
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """Where a run in ``folder`` checkpoints: ``folder`` itself and its ``round-N`` subfolders (iterative)."""
     folder = Path(folder).expanduser()
-    for sub in [*sorted(folder.glob("round-*")), folder]:
-        (sub / CHECKPOINT).unlink(missing_ok=True)
-        if sub.is_dir() and not any(sub.iterdir()):
-            sub.rmdir()
+    return [sub / CHECKPOINT for sub in [*sorted(folder.glob("round-*")), folder]]
+
+
+def remove_checkpoints(folder: str | Path) -> None:
+    """Delete the checkpoints a finished run left, and their folders if nothing else is in them."""
+    for path in checkpoint_files(folder):
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir() and not any(path.parent.iterdir()):
+            path.parent.rmdir()
 
 
 def _bar() -> Progress | None:
@@ -345,14 +350,14 @@ def train(
     start, losses = 0, []
     state = load_checkpoint(folder / CHECKPOINT, digest) if folder else None
     if state is not None:
-        with torch.no_grad():
+        with restoring(folder / CHECKPOINT), torch.no_grad():
             for name, p in zip(names, params):
                 p.copy_(state["adapters"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        hook.load_state_dict(state["hook"])
-        start, losses = state["step"], list(state["losses"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            hook.load_state_dict(state["hook"])
+            start, losses = int(state["step"]), [float(x) for x in state["losses"]]
     home = next(model.parameters()).device
     model.to(device)
     base = model.get_base_model()

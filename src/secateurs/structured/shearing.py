@@ -58,6 +58,9 @@ INIT_LOGIT = 5.0
 LOGIT_RANGE = (math.log(1e-2), math.log(1e2))
 EPS = 1e-6
 MASK_KINDS = ("layers", "hidden", "heads", "channels")
+# Resume checkpoints of the two phases in --checkpoint-dir (safetensors + JSON, never pickle).
+PRUNE_CHECKPOINT = "prune.safetensors"
+CONTINUE_CHECKPOINT = "continue.safetensors"
 # Architectures whose residual stream can lose dimensions: RMSNorm everywhere, no embedding scale
 # (Gemma multiplies embeddings by sqrt(hidden_size), which changes when hidden shrinks).
 HIDDEN_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -616,13 +619,13 @@ def shear(loaded: LoadedModel, config: ShearConfig, engine: EngineOptions | None
         with MaskedForward(loaded, plan) as forward:
             extra = ShearTraining(masks, forward, config)
             prune_log = train(model, domains, config.settings(config.steps, 0), device, extra,
-                              "prune.pt", fingerprint, "shear: learn masks")
+                              PRUNE_CHECKPOINT, fingerprint, "shear: learn masks")
         keep = masks.keep()
         apply_keep(loaded, plan, keep)
         continue_log = None
         if config.continue_steps:
             continue_log = train(model, domains, config.settings(config.continue_steps, 1), device, None,
-                                 "continue.pt", fingerprint, "shear: continue pretraining")
+                                 CONTINUE_CHECKPOINT, fingerprint, "shear: continue pretraining")
     finally:
         model.to(home)
         model.requires_grad_(False)
