@@ -42,9 +42,9 @@ RUNS = [
     ("sparsegpt", "unstructured", 0.5, "uniform", BOTH),
     ("wanda", "2:4", None, "uniform", BOTH),
     ("sparsegpt", "2:4", None, "uniform", BOTH),
-    ("wanda", "unstructured", 0.7, "uniform", ("secateurs",)),
+    ("wanda", "unstructured", 0.7, "uniform", BOTH),
     ("wanda", "unstructured", 0.7, "owl", ("secateurs",)),
-    ("sparsegpt", "unstructured", 0.7, "uniform", ("secateurs",)),
+    ("sparsegpt", "unstructured", 0.7, "uniform", BOTH),
     ("sparsegpt", "unstructured", 0.7, "owl", ("secateurs",)),
     ("magnitude", "unstructured", 0.5, "uniform", ("secateurs",)),
     ("magnitude", "2:4", None, "uniform", ("secateurs",)),
@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("SECATEURS_DATA"))
     parser.add_argument("--only", default="", help="Comma-separated methods to run (default: all).")
     parser.add_argument("--patterns", default="", help="Comma-separated patterns to run, e.g. 2:4,4:8 (default: all).")
+    parser.add_argument("--sparsities", default="", help="Comma-separated sparsities of unstructured rows to run, e.g. 0.7 (default: all).")
+    parser.add_argument("--tools", default="secateurs,llmcompressor", help="Comma-separated tools to run.")
     parser.add_argument("--results", type=Path, default=RESULTS / "compare_llmcompressor.json",
                         help="JSON table to write (a filtered run adds to it).")
     parser.add_argument("--table", action="store_true", help="Print the table of the saved JSON and exit.")
@@ -209,9 +211,12 @@ def compare(args: argparse.Namespace) -> None:
     dense_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     wanted = set(filter(None, args.only.split(",")))
     patterns = set(filter(None, args.patterns.split(",")))
+    sparsities = {float(v) for v in filter(None, args.sparsities.split(","))}
+    tools = set(filter(None, args.tools.split(",")))
     out = args.results
     # A filtered run adds to (and replaces matching rows of) the saved table instead of starting over.
-    kept = json.loads(out.read_text())["rows"] if (wanted or patterns) and out.is_file() else []
+    filtered = wanted or patterns or sparsities or tools != set(BOTH)
+    kept = json.loads(out.read_text())["rows"] if filtered and out.is_file() else []
     record = {
         "model": "smollm2-135m",
         "calibration": {"source": "wikitext2 (validation text)", "n_samples": args.n_samples,
@@ -238,7 +243,9 @@ def compare(args: argparse.Namespace) -> None:
         for run in RUNS:
             if (wanted and run[0] not in wanted) or (patterns and run[1] not in patterns):
                 continue
-            for tool in run[4]:
+            if sparsities and run[2] is not None and run[2] not in sparsities:
+                continue
+            for tool in (t for t in run[4] if t in tools):
                 python = sys.executable if tool == "secateurs" else str(llmc_python)
                 result = run_worker(python, tool, run, args, tmp, calib_path)
                 if "error" not in result:

@@ -43,6 +43,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=None,
                         help="Comma-separated rows to run, as method:pattern:sparsity:allocation (e.g. wanda:unstructured:0.7:owl).")
+    parser.add_argument("--config", action="append", default=[],
+                        help="Run this PruneConfig instead of the fixed rows: a JSON object of its fields, e.g. "
+                             '\'{"method": "wanda", "pattern": "2:4", "reconstruct": {"steps": 32}}\' (repeatable).')
+    parser.add_argument("--no-dense", action="store_true", help="Skip the dense row.")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "one_shot_quality.json")
     args = parser.parse_args()
     wanted = set(args.only.split(",")) if args.only else None
@@ -52,24 +56,32 @@ def main() -> None:
     def ppl(loaded) -> float:
         return secateurs.evaluate_perplexity(loaded, ["wikitext2"], args.seq_len, args.windows, device="cpu")["wikitext2"].ppl
 
-    rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-",
-             "ppl": ppl(secateurs.load_model("smollm2-135m")), "prune_s": 0.0}]
-    for method, pattern, sparsity, allocation in VARIANTS:
-        if wanted is not None and f"{method}:{pattern}:{sparsity}:{allocation}" not in wanted:
-            continue
+    rows = [] if args.no_dense else [{"method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-",
+                                      "ppl": ppl(secateurs.load_model("smollm2-135m")), "prune_s": 0.0}]
+    configs = [secateurs.PruneConfig(**json.loads(text)) for text in args.config] or [
+        secateurs.PruneConfig(method, sparsity, pattern, allocation=allocation)
+        for method, pattern, sparsity, allocation in VARIANTS
+        if wanted is None or f"{method}:{pattern}:{sparsity}:{allocation}" in wanted
+    ]
+    for config in configs:
         loaded = secateurs.load_model("smollm2-135m")
-        config = secateurs.PruneConfig(method, sparsity, pattern, allocation=allocation)
         start = time.perf_counter()
         report = secateurs.prune(loaded, config, calib, engine)
-        rows.append({"method": method, "pattern": pattern, "sparsity": round(report.achieved, 4),
-                     "allocation": allocation, "ppl": ppl(loaded), "prune_s": round(time.perf_counter() - start, 1)})
+        seconds = time.perf_counter() - start
+        rows.append({"method": config.method, "pattern": config.pattern, "sparsity": round(report.achieved, 4),
+                     "allocation": config.allocation, "options": config.options, "reconstruct": config.reconstruct,
+                     "permute": config.permute, "ppl": ppl(loaded), "prune_s": round(seconds, 1),
+                     "stages": {k: round(v, 1) for k, v in engine.stage_seconds.items()}})
+        engine.stage_seconds.clear()
         print(rows[-1], flush=True)
-    dense = rows[0]["ppl"]
+    dense = rows[0]["ppl"] if rows and rows[0]["method"] == "dense" else float("nan")
     print(f"\nSmolLM2-135M, WikiText-2 first {args.windows}×{args.seq_len} windows; calibration "
           f"{args.n_samples}×{args.seq_len} WikiText-2 (validation file), seed {args.seed}")
-    print(f"{'method':10s} {'pattern':13s} {'alloc':8s} {'sparsity':>8s} {'ppl':>10s} {'÷dense':>7s} {'prune s':>8s}")
+    print(f"{'method':10s} {'pattern':13s} {'alloc':8s} {'steps':28s} {'sparsity':>8s} {'ppl':>10s} {'÷dense':>7s} {'prune s':>8s}")
     for r in rows:
-        print(f"{r['method']:10s} {r['pattern']:13s} {r['allocation']:8s} {r['sparsity']:8.4f} {r['ppl']:10.3f} "
+        steps = " ".join(filter(None, [f"reconstruct={r['reconstruct']}" if r.get("reconstruct") is not None else "",
+                                       "permute" if r.get("permute") else "", str(r.get("options") or "")]))
+        print(f"{r['method']:10s} {r['pattern']:13s} {r['allocation']:8s} {steps:28s} {r['sparsity']:8.4f} {r['ppl']:10.3f} "
               f"{r['ppl'] / dense:7.2f} {r['prune_s']:8.1f}")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -33,8 +33,10 @@ from .recover.iterative import IterativeReport, prune_iterative as _prune_iterat
 from .recover.lora import RecoverConfig, RecoverReport, recover_lora
 from .recover.loraprune import LoRAPruneConfig, loraprune as _loraprune
 from .sparsity.base import SparsityTarget, build_options
-from .sparsity.masks import sparsity_of
+from .sparsity.masks import Pattern, sparsity_of
 from .sparsity.owl import ALLOCATIONS, OwlOptions, owl_target
+from .sparsity.permute import ChannelPermutation
+from .sparsity.reconstruct import BlockReconstruction, ReconstructOptions
 from .sparsity.registry import method_class
 from .structured.base import WidthConfig, WidthReport, prune_width
 from .structured.shearing import ShearConfig, ShearReport, shear as _shear
@@ -52,6 +54,23 @@ class PruneConfig:
     # allocation_options m / lam, see sparsity/owl.py).
     allocation: str = "uniform"
     allocation_options: dict[str, Any] = field(default_factory=dict)
+    # Block-level steps around the method. ``reconstruct``: None (off) or the options of the
+    # reconstruction that trains each pruned block to reproduce the dense one ({} = the measured
+    # defaults; keys steps / lr / batch, see sparsity/reconstruct.py). ``permute``: reorder the MLP's
+    # hidden channels before N:M masks are chosen (N:M only, see sparsity/permute.py).
+    reconstruct: dict[str, Any] | None = None
+    permute: bool = False
+
+    def reconstruct_options(self, calib: CalibConfig | None) -> ReconstructOptions | None:
+        """The validated block-level steps' settings; needs no model, so the CLI checks them before loading."""
+        if self.permute and not Pattern.parse(self.pattern).is_nm:
+            raise UsageError("--permute reorders channels to choose better N:M groups; use it with --pattern N:M (e.g. 2:4)")
+        if self.reconstruct is None:
+            return None
+        options = ReconstructOptions.build(self.reconstruct)
+        if calib is None:
+            raise UsageError("--reconstruct trains each pruned block on calibration activations: pass --calib (e.g. wikitext2)")
+        return options
 
 
 @dataclass
@@ -65,6 +84,9 @@ class PruneReport:
     seconds: float
     peak_memory_mb: float
     device: str
+    # Per block: reconstruction's relative output error (first step, last step) and the score the
+    # permuted N:M groups keep (before, after the permutation).
+    steps: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def achieved(self) -> float:
@@ -79,6 +101,10 @@ class PruneReport:
             "options": self.config.options,
             "allocation": self.config.allocation,
             "allocation_options": self.config.allocation_options,
+            "reconstruct": self.config.reconstruct,
+            "permute": self.config.permute,
+            "block_steps": {kind: {str(i): [round(a, 6), round(b, 6)] for i, (a, b) in per.items()}
+                            for kind, per in self.steps.items()},
             "calibration": asdict(self.calibration) if self.calibration else None,
             "seed": self.calibration.seed if self.calibration else None,
             "achieved_sparsity": {"mean": self.achieved, "per_layer": self.per_layer},
@@ -114,11 +140,19 @@ def prune(
     device = engine.torch_device()
     n_blocks = loaded.spec.num_layers(loaded.model.config)
     cls = method_class(config.method)
+    reconstruct = config.reconstruct_options(calib)
     method = cls(SparsityTarget.build(config.sparsity, config.pattern, n_blocks), build_options(cls.Options, config.options))
     for name, module in prunable_linears(loaded).items():
         method.target.pattern.check_fits(weight_matrix(module).shape[1], name)
     if cls.needs_calibration and calib is None:
         raise UsageError(f"method {config.method} needs calibration data: pass --calib (e.g. wikitext2 or self)")
+    if reconstruct is not None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise UsageError("--reconstruct runs in one process (its optimiser steps are not shared between ranks); drop --nproc")
+        method.reconstruction = BlockReconstruction(reconstruct)
+    if config.permute:
+        method.permutation = ChannelPermutation(loaded.spec, method.target.pattern)
+        method.splits_by_linear = False  # the permutation spans the MLP's linears: one rank does the block
     if config.allocation not in ALLOCATIONS:
         raise UsageError(f"unknown allocation {config.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     owl = config.allocation == "owl"
@@ -129,11 +163,16 @@ def prune(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     ids = None
-    if calib is not None and (cls.needs_calibration or cls.statistics or owl):
+    if calib is not None and (cls.needs_calibration or cls.statistics or owl or reconstruct is not None):
         ids = calibration_ids(calib, loaded.tokenizer, loaded.model)
     if owl:
         method.target = owl_target(loaded.model, loaded.spec, method.target, ids, engine, owl_options)
     run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks")
+    steps = {}
+    if method.reconstruction is not None:
+        steps["reconstruct"] = method.reconstruction.errors
+    if method.permutation is not None:
+        steps["permute"] = method.permutation.kept
     return PruneReport(
         config=config,
         target=method.target,
@@ -142,6 +181,7 @@ def prune(
         seconds=time.perf_counter() - start,
         peak_memory_mb=peak_memory_mb(device),
         device=str(device),
+        steps=steps,
     )
 
 

@@ -15,6 +15,7 @@ from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import load_model
 from ..model.save import check_out, local_input
+from ..sparsity.reconstruct import parse_reconstruct
 from ..sparsity.registry import method_names
 from . import app
 from .common import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, LimitWindows, Overwrite, Seed, csv_list, err_console, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
@@ -39,6 +40,13 @@ def prune_command(
     ] = "uniform",
     owl_m: Annotated[float, typer.Option(help="OWL: a weight is an outlier above M × its block's mean Wanda score.")] = 5.0,
     owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities stay within target ± lambda.")] = 0.08,
+    reconstruct: Annotated[
+        str | None,
+        typer.Option(help="After each block's masks are fixed, train its kept weights to reproduce the dense block (needs --calib): on, or steps=N,lr=X,batch=B."),
+    ] = None,
+    permute: Annotated[
+        bool, typer.Option(help="N:M only: permute the MLP's hidden channels before choosing groups (folded back: a plain N:M model).")
+    ] = False,
     calib: Annotated[
         str | None,
         typer.Option(help="Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path. Methods that need data require it."),
@@ -72,8 +80,12 @@ def prune_command(
     config = PruneConfig(
         method, parse_sparsity(sparsity), pattern, parse_options(option),
         allocation=allocation, allocation_options={"m": owl_m, "lam": owl_lambda},
+        reconstruct=parse_reconstruct(reconstruct), permute=permute,
     )
     calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir) if calib else None
+    config.reconstruct_options(calib_config)
+    if config.reconstruct is not None and nproc != 1:
+        raise UsageError("--reconstruct runs in one process (its optimiser steps are not shared between ranks); drop --nproc")
     engine = EngineOptions(device=device, batch_size=batch_size, offload_activations=offload_activations)
     engine.torch_device()
     if calib_config:

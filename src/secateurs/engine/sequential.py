@@ -55,6 +55,31 @@ class BlockMethod:
     def observe(self, index: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         """Called per calibration batch with a block's input and (pre-edit) output hidden states."""
 
+    # True when :meth:`refine` should run: the engine then keeps the block's pre-edit outputs of the
+    # statistics pass (the dense block applied to the pruned model's own inputs) as its targets.
+    keeps_dense_outputs: bool = False
+
+    def refine(self, index: int, block: nn.Module, linears: dict[str, nn.Module], data: BlockData) -> None:
+        """Called after :meth:`process_block` with the block's calibration inputs and dense outputs."""
+
+
+@dataclass
+class BlockData:
+    """One block's calibration batches, for a step that trains the edited block (reconstruction).
+
+    ``inputs[b]`` is what the block receives from the already-pruned blocks before it, ``targets[b]``
+    what the dense block made of it; ``kwargs[b]`` the exact keyword arguments the model passes.
+    """
+
+    inputs: list[torch.Tensor]
+    kwargs: list[dict]
+    targets: list[torch.Tensor]
+    device: torch.device
+
+    def output(self, block: nn.Module, b: int) -> torch.Tensor:
+        """The block's output hidden states for batch ``b`` on ``device`` (differentiable)."""
+        return _block_output(block(self.inputs[b].to(self.device), **_to(self.kwargs[b], self.device)))
+
 
 class EngineHooks:
     """Extension points of :func:`run_blocks` for running the same loop elsewhere; the defaults keep
@@ -300,7 +325,7 @@ def run_blocks(
         raise UsageError(f"{type(method).__name__} needs calibration data: pass --calib")
     clock = _StageClock(options.stage_seconds, device)
     captured = None
-    if calib_ids is not None and (method.statistics or method.needs_calibration):
+    if calib_ids is not None and (method.statistics or method.needs_calibration or method.keeps_dense_outputs):
         store = torch.device("cpu") if options.offload_activations else device
         batches = list(hooks.local_samples(calib_ids).split(max(options.batch_size, 1)))
         captured = capture_inputs(model, spec, batches, store)
@@ -349,6 +374,7 @@ def _calibrate_block(
         return
     hooks = _StatHooks(linears, method.statistics, device)
     outputs: list[torch.Tensor] = []
+    keep_outputs = not method.modifies_weights or method.keeps_dense_outputs
     try:
         with torch.no_grad():
             for b, hidden in enumerate(captured.hidden):
@@ -357,7 +383,7 @@ def _calibrate_block(
                 out = _block_output(block(x, **_to(captured.block_kwargs[index][b], device)))
                 _check_activations(index, out, "during calibration")
                 method.observe(index, x, out)
-                if not method.modifies_weights:
+                if keep_outputs:
                     outputs.append(out.to(hidden.device))
     finally:
         stats = hooks.finish()
@@ -370,6 +396,10 @@ def _calibrate_block(
     if not method.modifies_weights:
         captured.hidden = outputs
         return
+    if method.keeps_dense_outputs:
+        method.refine(index, block, linears, BlockData(captured.hidden, captured.block_kwargs[index], outputs, device))
+        del outputs
+        clock.lap("refine")
     _check_weights(index, linears)
     _propagate(index, block, captured, device)
     clock.lap("propagate")

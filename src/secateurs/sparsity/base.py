@@ -7,13 +7,14 @@ iteration over blocks and linears, per-block sparsity, N:M validation and applyi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..engine.sequential import BlockMethod, Stats
+from ..engine.sequential import BlockData, BlockMethod, Stats
 from ..engine.stats import Accumulator
 from ..errors import UsageError
 from ..model.linear import weight_matrix
@@ -72,6 +73,19 @@ class SparsityMethod(BlockMethod):
     def __init__(self, target: SparsityTarget, options: Any = None) -> None:
         self.target = target
         self.options = options if options is not None else self.Options()
+        # Optional block-level steps around the method's own decision, set by ``api.prune``: a
+        # permutation of the MLP's hidden channels before N:M masks are chosen (sparsity/permute.py)
+        # and a reconstruction of the pruned block after them (sparsity/reconstruct.py).
+        self.permutation: Callable[[int, nn.Module, dict[str, nn.Module], Stats, Callable], None] | None = None
+        self.reconstruction: Callable[[int, nn.Module, dict[str, nn.Module], BlockData], None] | None = None
+
+    @property
+    def keeps_dense_outputs(self) -> bool:  # type: ignore[override]
+        return self.reconstruction is not None
+
+    def refine(self, index: int, block: nn.Module, linears: dict[str, nn.Module], data: BlockData) -> None:
+        if self.reconstruction is not None and self.target.per_block[index] != 0.0:
+            self.reconstruction(index, block, linears, data)
 
     def process_block(
         self, index: int, block: nn.Module, linears: dict[str, nn.Module], stats: Stats
@@ -79,6 +93,8 @@ class SparsityMethod(BlockMethod):
         sparsity = self.target.per_block[index]
         if sparsity == 0.0:  # a block left dense (an N:M mask would otherwise prune it to N/M)
             return
+        if self.permutation is not None:
+            self.permutation(index, block, linears, stats, self.score_matrix)
         for name, module in linears.items():
             weight = weight_matrix(module)
             keep = self.prune_matrix(weight, stats.get(name, {}), sparsity)
@@ -89,6 +105,17 @@ class SparsityMethod(BlockMethod):
     ) -> torch.Tensor:
         """Return the keep-mask of one (out, in) weight; may also update ``weight`` in place."""
         raise NotImplementedError
+
+    def score_matrix(self, weight: torch.Tensor, stats: dict[str, Accumulator]) -> torch.Tensor:
+        """Importance of each weight (higher = keep), used to choose a channel permutation before
+        N:M masks. Methods with a fixed score return it; the default is Wanda's |W|·‖X_j‖₂, with
+        ‖X_j‖₂² read from the input norms or the Hessian's diagonal, else |W|."""
+        magnitude = weight.abs().to(torch.float32)
+        if "norm" in stats:
+            return magnitude * stats["norm"].norm.to(weight.device).unsqueeze(0)
+        if "hessian" in stats:
+            return magnitude * stats["hessian"].xtx.diagonal().sqrt().to(weight.device).unsqueeze(0)
+        return magnitude
 
 
 def build_options(options_cls: type, values: dict[str, str]) -> Any:

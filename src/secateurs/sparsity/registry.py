@@ -11,6 +11,7 @@ METHODS: dict[str, str] = {
     "magnitude": "secateurs.sparsity.magnitude:Magnitude",
     "wanda": "secateurs.sparsity.wanda:Wanda",
     "sparsegpt": "secateurs.sparsity.sparsegpt:SparseGPT",
+    "ria": "secateurs.sparsity.ria:RIA",
 }
 
 

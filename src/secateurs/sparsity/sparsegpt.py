@@ -60,6 +60,8 @@ class SparseGPT(SparsityMethod):
         sparsity = self.target.per_block[index]
         if sparsity == 0.0:  # a block left dense, also under N:M
             return
+        if self.permutation is not None:
+            self.permutation(index, block, linears, stats, self.score_matrix)
         for names in shared_hessian_groups(stats):
             weights = [weight_matrix(linears[name]) for name in names]
             stacked = torch.cat([w.to(torch.float32) for w in weights])
