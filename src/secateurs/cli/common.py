@@ -1,17 +1,30 @@
-"""Pieces every subcommand shares: option types, one-line errors, tables."""
+"""Pieces every subcommand shares: option types, one-line errors, tables, and the checks every
+command runs before it loads a model (flags, the output location, the model's shapes).
+
+A command checks everything it can, then calls :func:`ready` just before the first real work. A
+recipe validates a stage by calling the command itself under :func:`check_only`, where ``ready``
+stops it: the checks a recipe runs are the command's own, so they cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..data.sources import check_name
 from ..errors import SecateursError, UsageError
+from ..model.load import LoadedModel, load_skeleton, model_bytes
+from ..model.save import check_output, check_output_file
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -30,6 +43,119 @@ EvalPpl = Annotated[
 LimitWindows = Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")]
 EvalSeqLen = Annotated[int, typer.Option(help="Window length for --ppl.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(help="Let transformers run Python code shipped in the model folder or hub repo (never needed for secateurs outputs). Read that code first."),
+]
+
+# Under check_only(): model paths a recipe's earlier stages will write (checked without a model).
+_CHECK_ONLY: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("check_only", default=None)
+
+
+class Checked(Exception):
+    """Raised by :func:`ready` under :func:`check_only`: every check passed and no work was done."""
+
+
+@contextmanager
+def check_only(pending: frozenset[str] = frozenset()) -> Iterator[None]:
+    """Run commands up to :func:`ready` only; ``pending`` models do not exist yet (recipe stages)."""
+    token = _CHECK_ONLY.set(frozenset(pending))
+    try:
+        yield
+    finally:
+        _CHECK_ONLY.reset(token)
+
+
+def ready() -> None:
+    """Every check of the command passed; under :func:`check_only` stop here, before any work."""
+    if _CHECK_ONLY.get() is not None:
+        raise Checked
+
+
+def preflight(model: str, trust_remote_code: bool = False) -> LoadedModel | None:
+    """MODEL with weights on the meta device (config only), to check flags against its shapes; None
+    for a recipe stage whose input an earlier stage has yet to write."""
+    pending = _CHECK_ONLY.get()
+    if pending is not None and model in pending:
+        return None
+    return load_skeleton(model, trust_remote_code)
+
+
+def check_out_folder(out: str, model: str, overwrite: bool, dtype: str = "float32") -> None:
+    """OUT before any work: not over MODEL, free (or --overwrite), creatable, writable, and room for
+    the model's size in ``dtype`` (an upper bound: pruned outputs are the same size or smaller)."""
+    pending = _CHECK_ONLY.get()
+    if pending is not None:
+        overwrite = True  # the runner removes a stage's old output before it reruns the stage
+    check_output(out, model, overwrite, None if pending and model in pending else model_bytes(model, dtype))
+
+
+def check_json_out(path: str | None, flag: str = "--json") -> None:
+    if path is not None:
+        check_output_file(path, flag)
+
+
+def check_at_least(minimum: int, **flags: int | None) -> None:
+    """Integer flags (given as flag_name=value; None = not given) must be at least ``minimum``."""
+    for name, value in flags.items():
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def check_eval_flags(datasets: list[str], limit_windows: int | None, seq_len: int, seq_flag: str = "--eval-seq-len") -> None:
+    """Perplexity flags, before any work (a prune must not run only for its evaluation to fail)."""
+    for name in datasets:
+        check_name(name)
+    check_at_least(1, limit_windows=limit_windows)
+    if seq_len < 2:
+        raise UsageError(f"{seq_flag} must be at least 2, got {seq_len}")
+
+
+def context_length(loaded: LoadedModel) -> int | None:
+    config = loaded.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_context(loaded: LoadedModel | None, **lengths: int | None) -> None:
+    """Sequence lengths (flag_name=value) must fit the model's context (known from its config)."""
+    limit = context_length(loaded) if loaded is not None else None
+    for name, value in lengths.items():
+        if limit and value is not None and value > limit:
+            raise UsageError(
+                f"--{name.replace('_', '-')} {value} is longer than the model's context of {limit} tokens; use at most {limit}"
+            )
+
+
+def cpu_cost_note(loaded: LoadedModel | None, device: str, n_samples: int, seq_len: int, passes: int = 2) -> None:
+    """On a CPU, say up front what calibration will cost (tokens, activation memory, a rough time
+    from a short matrix-product measurement), so a paper-size default is not a silent hours-long run."""
+    if loaded is None or n_samples * seq_len < 65_536 or _resolved_device(device) != "cpu":
+        return
+    import torch
+
+    blocks = loaded.spec.blocks_of(loaded.model)
+    block_params = sum(p.numel() for p in blocks[0].parameters()) * len(blocks)
+    hidden = loaded.model.config.get_text_config().hidden_size
+    tokens = n_samples * seq_len
+    a = torch.randn(512, 512)
+    start = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    flops_per_s = 8 * 2 * 512**3 / (time.perf_counter() - start)
+    seconds = passes * 2 * block_params * tokens / flops_per_s
+    err_console.print(
+        f"[yellow]note:[/] calibration on the CPU: {n_samples} × {seq_len} = {tokens:,} tokens, "
+        f"{tokens * hidden * 4 / 2**30:.1f} GiB of activations, roughly {seconds / 60:.0f} min or more of block "
+        f"passes on this CPU; --n-samples 32 --seq-len 512 is {tokens // 16_384}× less work",
+        highlight=False, soft_wrap=True,
+    )
+
+
+def _resolved_device(device: str) -> str:
+    from ..engine.sequential import EngineOptions
+
+    return EngineOptions(device=device).torch_device().type
 
 
 def friendly(command: Callable) -> Callable:
@@ -41,6 +167,10 @@ def friendly(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except SecateursError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a disk that filled or went read-only mid-run: one line, not a traceback
+            where = f" ({exc.filename})" if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

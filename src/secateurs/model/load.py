@@ -8,23 +8,28 @@ rebuilt copy is cached as an ordinary HF folder so later loads take a second, no
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import math
 import os
+import socket
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import UsageError
 from ..kernels.swap import export_stage, restore_sparse
 from .arch import ArchSpec, spec_for
-from .slice import load_pretrained
+from .slice import load_pretrained, skeleton_class
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,6 +69,31 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _resolve(source: str) -> tuple[str, Path | str]:
+    """What MODEL names: ("shortcut", name), ("gguf", file), ("folder", path) or ("hub", repo id)."""
+    if source in SHORTCUTS:
+        return "shortcut", source
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"GGUF file not found: {path}")
+        return "gguf", path
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(
+                f"{path} is not a Hugging Face model folder (no config.json); pass a model folder, "
+                f"a .gguf file, a hub id or one of: {', '.join(SHORTCUTS)}"
+            )
+        return "folder", path
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        check_hub(source)
+        return "hub", source
+    raise UsageError(
+        f"model {source!r} not found: pass a model folder, a .gguf file, a hub id (org/name) "
+        f"or one of: {', '.join(SHORTCUTS)}"
+    )
+
+
 def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
     """Load MODEL (folder, hub id, .gguf file or shortcut) as a plain float model on the CPU.
 
@@ -71,28 +101,107 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     user's explicit choice): secateurs' own per-layer-width folders are rebuilt by the package.
     """
     torch_dtype = resolve_dtype(dtype)
-    if source in SHORTCUTS:
-        folder = _shortcut_folder(source)
-        return _load_folder(folder, torch_dtype, source)
+    kind, where = _resolve(source)
+    if kind == "shortcut":
+        return _load_folder(_shortcut_folder(source), torch_dtype, source)
+    if kind == "gguf":
+        model, tokenizer = _load_gguf(where, torch_dtype)
+        return LoadedModel(model, tokenizer, spec_for(model), source, where.resolve())
+    if kind == "folder":
+        return _load_folder(where, torch_dtype, source, trust_remote_code)
+    return _load_hub(source, torch_dtype, trust_remote_code)
+
+
+def load_config(source: str, trust_remote_code: bool = False):
+    """MODEL's config without its weights (a shortcut's folder is built once, as loading would)."""
+    kind, where = _resolve(source)
+    try:
+        if kind == "gguf":
+            config = AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
+        else:
+            folder = _shortcut_folder(source) if kind == "shortcut" else where
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except UsageError:
+        raise
+    except Exception as exc:  # transformers raises many types for a broken config
+        raise UsageError(f"could not read the config of {source}: {_first_line(exc)}") from exc
+    spec_for(config)
+    return config
+
+
+def load_skeleton(source: str, trust_remote_code: bool = False) -> LoadedModel | None:
+    """MODEL's architecture with every weight on the meta device (no memory, nothing read but the
+    config), so each flag can be checked against its real shapes before the weights load; None when
+    only code from the model folder could build it."""
+    config = load_config(source, trust_remote_code)
+    if hasattr(config, "quantization_config"):  # a GGUF's: the loaded model is plain float
+        del config.quantization_config
+    cls = skeleton_class(config)
+    if cls is None:
+        return None
+    with torch.device("meta"):
+        model = cls(config)
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UsageError(f"GGUF file not found: {path}")
-        model, tokenizer = _load_gguf(path, torch_dtype)
-        return LoadedModel(model, tokenizer, spec_for(model), source, path.resolve())
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UsageError(
-                f"{path} is not a Hugging Face model folder (no config.json); pass a model folder, "
-                f"a .gguf file, a hub id or one of: {', '.join(SHORTCUTS)}"
-            )
-        return _load_folder(path, torch_dtype, source, trust_remote_code)
-    if source.count("/") == 1 and not source.startswith((".", "/")):
-        return _load_hub(source, torch_dtype, trust_remote_code)
-    raise UsageError(
-        f"model {source!r} not found: pass a model folder, a .gguf file, a hub id (org/name) "
-        f"or one of: {', '.join(SHORTCUTS)}"
-    )
+    return LoadedModel(model.eval(), None, spec_for(model), source, path.resolve() if path.exists() else None)
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (one TCP connection)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub(repo_id: str) -> None:
+    """Fail in seconds, not after a minute of retries, when a hub id can be neither downloaded nor
+    found in the local Hugging Face cache."""
+    if hub_reachable():
+        return
+    try:
+        AutoConfig.from_pretrained(repo_id, local_files_only=True, trust_remote_code=False)
+    except Exception:
+        raise UsageError(
+            f"{repo_id!r} looks like a hub id, but the Hugging Face hub is not reachable (offline or "
+            "HF_HUB_OFFLINE=1) and it is not in the local cache; pass a local folder or .gguf file"
+        ) from None
+
+
+def local_folder(source: str) -> Path | None:
+    """The HF folder MODEL names on this machine without loading or building anything (a folder, or a
+    shortcut already cached), else None."""
+    if source in SHORTCUTS:
+        folder = cache_dir() / "models" / source
+        return folder if (folder / "config.json").is_file() else None
+    path = Path(source).expanduser()
+    return path if (path / "config.json").is_file() else None
+
+
+def model_bytes(source: str, dtype: str = "float32") -> int | None:
+    """Bytes of MODEL's tensors once loaded in ``dtype``, read from its safetensors headers (no
+    weights read); None when that is not known before loading (hub id, .gguf, .bin weights)."""
+    folder = local_folder(source)
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    if not files:
+        return None
+    itemsize = resolve_dtype(dtype).itemsize
+    total = 0
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    tensor = f.get_slice(name)
+                    size = math.prod(tensor.get_shape())
+                    stored = tensor.get_dtype()
+                    total += size * (itemsize if stored.startswith(("F", "BF")) else int(stored.lstrip("IUBOL") or 8) // 8 or 1)
+    except (OSError, SafetensorError):
+        return None  # the load itself will name the broken shard
+    return total
 
 
 def _finish(model: PreTrainedModel, tokenizer, source: str, path: Path | None) -> LoadedModel:
@@ -126,9 +235,10 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedModel:
+    offline = not hub_reachable()  # then only the local cache is read (check_hub found it there)
     try:
-        model = load_pretrained(repo_id, None, trust_remote_code, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
+        model = load_pretrained(repo_id, None, trust_remote_code, dtype=dtype, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code, local_files_only=offline)
     except Exception as exc:
         raise UsageError(
             f"could not load {repo_id!r} from the Hugging Face hub ({_first_line(exc)}); "

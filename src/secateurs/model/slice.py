@@ -294,6 +294,14 @@ def _config_stock_class(config) -> type[PreTrainedModel] | None:
         return None
 
 
+def skeleton_class(config) -> type[PreTrainedModel] | None:
+    """The class :func:`load_pretrained` builds for ``config`` without running folder code; None if none."""
+    stock = _config_stock_class(config)
+    if stock is None:
+        return None
+    return per_layer_class(stock) if getattr(config, SHAPES_KEY, None) else stock
+
+
 def load_pretrained(
     folder: str | Path, config=None, trust_remote_code: bool = False, **kwargs
 ) -> PreTrainedModel:
@@ -306,7 +314,10 @@ def load_pretrained(
     """
     if trust_remote_code:
         return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)
-    config = config if config is not None else AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    if config is None:
+        config = AutoConfig.from_pretrained(
+            folder, trust_remote_code=False, local_files_only=kwargs.get("local_files_only", False)
+        )
     stock = _config_stock_class(config)
     if getattr(config, SHAPES_KEY, None):
         if stock is None:
@@ -335,6 +346,7 @@ __all__ = [
     "per_layer_class",
     "remote_code_files",
     "resize_parameters",
+    "skeleton_class",
     "slice_groups",
     "update_config",
 ]
