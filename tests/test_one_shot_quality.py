@@ -217,12 +217,12 @@ def test_new_options_are_one_line_errors_before_the_model_loads(tiny_folder, tmp
 
 def test_api_validates_the_new_options():
     with pytest.raises(UsageError, match="lr must be in"):
-        PruneConfig("wanda", reconstruct={"lr": 5.0}).reconstruct_options(CalibConfig("wikitext2", 2, 16))
+        PruneConfig("wanda", reconstruct={"lr": 5.0}).check(CalibConfig("wikitext2", 2, 16))
     with pytest.raises(UsageError, match="pass --calib"):
-        PruneConfig("magnitude", reconstruct={}).reconstruct_options(None)
+        PruneConfig("magnitude", reconstruct={}).check(None)
     with pytest.raises(UsageError, match="N:M"):
-        PruneConfig("ria", 0.5, permute=True).reconstruct_options(None)
-    assert PruneConfig("ria", None, "2:4", permute=True).reconstruct_options(None) is None
+        PruneConfig("ria", 0.5, permute=True).check(None)
+    assert PruneConfig("ria", None, "2:4", permute=True).check(None) is None
 
 
 def test_cli_reconstruct_and_permute_end_to_end(tiny_folder, tmp_path):
@@ -234,3 +234,40 @@ def test_cli_reconstruct_and_permute_end_to_end(tiny_folder, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     spec = tiny_model("llama").spec
     assert all(is_nm(weight_matrix(m), 2, 4) for block in spec.blocks_of(reloaded) for m in spec.linears(block).values())
+
+
+def test_atp_schedule_rises_with_depth_at_the_target_mean():
+    from secateurs.sparsity.atp import atp_schedule
+
+    schedule = atp_schedule(0.7, 30, 0.2)
+    assert abs(sum(schedule) / 30 - 0.7) < 1e-9 and abs(schedule[-1] - schedule[0] - 0.2) < 1e-9
+    assert all(b > a for a, b in zip(schedule, schedule[1:]))
+    with pytest.raises(UsageError, match="lower --atp-spread"):
+        atp_schedule(0.9, 30, 0.5)
+
+
+def test_atp_search_restores_the_dense_weights_and_keeps_the_mean():
+    from secateurs.sparsity.atp import AtpOptions, atp_target
+    from secateurs.sparsity.base import SparsityTarget
+
+    loaded = tiny_model("llama")
+    before = {n: weight_matrix(m).clone() for n, m in api.prunable_linears(loaded).items()}
+    target = SparsityTarget.build(0.6, "unstructured", 3)
+    chosen, losses = atp_target(loaded.model, loaded.spec, target, random_ids(4, 16), CPU, AtpOptions())
+    assert len(losses) >= 3 and chosen.per_block == tuple(sorted(chosen.per_block))
+    assert abs(chosen.mean - 0.6) < 1e-9
+    spread = chosen.per_block[-1] - chosen.per_block[0]
+    assert min(losses, key=losses.get) == pytest.approx(spread)
+    assert all(torch.equal(weight_matrix(m), before[n]) for n, m in api.prunable_linears(loaded).items())
+    report = _prune(loaded, PruneConfig("wanda", 0.6, allocation="atp", allocation_options={"spread": 0.1}), random_ids(4, 16))
+    assert report.target.per_block[0] == pytest.approx(0.55) and report.target.per_block[-1] == pytest.approx(0.65)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "wanda", "--sparsity", "0.7", "--allocation", "atp"], "pass --calib or --atp-spread"),
+    (["--calib", "CALIB", "--pattern", "2:4", "--allocation", "atp"], "use --pattern unstructured"),
+    (["--calib", "CALIB", "--sparsity", "0.7", "--allocation", "atp", "--atp-spread", "1.5"], "--atp-spread must be in"),
+    (["--calib", "CALIB", "--allocation", "evenly"], "unknown allocation"),
+])
+def test_allocation_options_are_errors_before_the_model_loads(tiny_folder, tmp_path, flags, message):
+    test_new_options_are_one_line_errors_before_the_model_loads(tiny_folder, tmp_path, flags, message)

@@ -34,6 +34,7 @@ from .recover.lora import RecoverConfig, RecoverReport, recover_lora
 from .recover.loraprune import LoRAPruneConfig, loraprune as _loraprune
 from .sparsity.base import SparsityTarget, build_options
 from .sparsity.masks import Pattern, sparsity_of
+from .sparsity.atp import AtpOptions, atp_target
 from .sparsity.owl import ALLOCATIONS, OwlOptions, owl_target
 from .sparsity.permute import ChannelPermutation
 from .sparsity.reconstruct import BlockReconstruction, ReconstructOptions
@@ -50,8 +51,9 @@ class PruneConfig:
     sparsity: float | list[float] | None = None
     pattern: str = "unstructured"
     options: dict[str, Any] = field(default_factory=dict)
-    # How one --sparsity value is spread over blocks: "uniform", or "owl" (outlier-weighted, with
-    # allocation_options m / lam, see sparsity/owl.py).
+    # How one --sparsity value is spread over blocks: "uniform", "owl" (outlier-weighted, with
+    # allocation_options m / lam, see sparsity/owl.py) or "atp" (rising with depth, allocation_options
+    # spread / search_samples, see sparsity/atp.py).
     allocation: str = "uniform"
     allocation_options: dict[str, Any] = field(default_factory=dict)
     # Block-level steps around the method. ``reconstruct``: None (off) or the options of the
@@ -61,8 +63,17 @@ class PruneConfig:
     reconstruct: dict[str, Any] | None = None
     permute: bool = False
 
-    def reconstruct_options(self, calib: CalibConfig | None) -> ReconstructOptions | None:
-        """The validated block-level steps' settings; needs no model, so the CLI checks them before loading."""
+    def check(self, calib: CalibConfig | None) -> ReconstructOptions | None:
+        """Validate what needs no model (allocation, permutation, reconstruction), so the CLI can do it
+        before loading; returns the reconstruction's settings (None when off)."""
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "atp":
+            atp = build_options(AtpOptions, self.allocation_options).validate()
+            if Pattern.parse(self.pattern).is_nm:
+                raise UsageError(f"--allocation atp sets unstructured per-block sparsity; {self.pattern} fixes it, use --pattern unstructured")
+            if atp.spread is None and calib is None:
+                raise UsageError("--allocation atp searches its spread on calibration data: pass --calib or --atp-spread")
         if self.permute and not Pattern.parse(self.pattern).is_nm:
             raise UsageError("--permute reorders channels to choose better N:M groups; use it with --pattern N:M (e.g. 2:4)")
         if self.reconstruct is None:
@@ -87,6 +98,8 @@ class PruneReport:
     # Per block: reconstruction's relative output error (first step, last step) and the score the
     # permuted N:M groups keep (before, after the permutation).
     steps: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    # ATP's search: calibration loss per candidate spread (empty when the spread was given).
+    allocation_search: dict[float, float] = field(default_factory=dict)
 
     @property
     def achieved(self) -> float:
@@ -103,6 +116,7 @@ class PruneReport:
             "allocation_options": self.config.allocation_options,
             "reconstruct": self.config.reconstruct,
             "permute": self.config.permute,
+            "allocation_search": {f"{k:g}": round(v, 6) for k, v in self.allocation_search.items()},
             "block_steps": {kind: {str(i): [round(a, 6), round(b, 6)] for i, (a, b) in per.items()}
                             for kind, per in self.steps.items()},
             "calibration": asdict(self.calibration) if self.calibration else None,
@@ -129,6 +143,29 @@ def layer_sparsity(loaded: LoadedModel) -> dict[str, float]:
     return {name: sparsity_of(weight_matrix(m)) for name, m in prunable_linears(loaded).items() if not weight_matrix(m).is_meta}
 
 
+def check_prune(loaded: LoadedModel, config: PruneConfig, calib: CalibConfig | None = None):
+    """Every value of a prune request checked against the model's shapes; returns the built method.
+
+    Needs only shapes, so the CLI, recipes and ``prune_streamed`` run it on a weightless (meta)
+    skeleton before any weight is read or any output folder is made.
+    """
+    n_blocks = loaded.spec.num_layers(loaded.model.config)
+    cls = method_class(config.method)
+    config.check(calib)
+    method = cls(SparsityTarget.build(config.sparsity, config.pattern, n_blocks), build_options(cls.Options, config.options))
+    for name, module in prunable_linears(loaded).items():
+        method.target.pattern.check_fits(weight_matrix(module).shape[1], name)
+    if cls.needs_calibration and calib is None:
+        raise UsageError(f"method {config.method} needs calibration data: pass --calib (e.g. wikitext2 or self)")
+    if config.allocation == "owl":
+        build_options(OwlOptions, config.allocation_options)
+        if calib is None:
+            raise UsageError("--allocation owl measures outliers on calibration data: pass --calib")
+    if calib is not None:
+        calib.validate()
+    return method
+
+
 def prune(
     loaded: LoadedModel,
     config: PruneConfig,
@@ -138,14 +175,9 @@ def prune(
     """Prune ``loaded.model`` in place with an unstructured / N:M method, block by block."""
     engine = engine or EngineOptions()
     device = engine.torch_device()
-    n_blocks = loaded.spec.num_layers(loaded.model.config)
-    cls = method_class(config.method)
-    reconstruct = config.reconstruct_options(calib)
-    method = cls(SparsityTarget.build(config.sparsity, config.pattern, n_blocks), build_options(cls.Options, config.options))
-    for name, module in prunable_linears(loaded).items():
-        method.target.pattern.check_fits(weight_matrix(module).shape[1], name)
-    if cls.needs_calibration and calib is None:
-        raise UsageError(f"method {config.method} needs calibration data: pass --calib (e.g. wikitext2 or self)")
+    method = check_prune(loaded, config, calib)
+    cls = type(method)
+    reconstruct = config.check(calib)
     if reconstruct is not None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise UsageError("--reconstruct runs in one process (its optimiser steps are not shared between ranks); drop --nproc")
@@ -153,9 +185,8 @@ def prune(
     if config.permute:
         method.permutation = ChannelPermutation(loaded.spec, method.target.pattern)
         method.splits_by_linear = False  # the permutation spans the MLP's linears: one rank does the block
-    if config.allocation not in ALLOCATIONS:
-        raise UsageError(f"unknown allocation {config.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     owl = config.allocation == "owl"
+    atp = config.allocation == "atp"
     owl_options = build_options(OwlOptions, config.allocation_options) if owl else None
     if owl and calib is None:
         raise UsageError("--allocation owl measures outliers on calibration data: pass --calib")
@@ -163,10 +194,14 @@ def prune(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     ids = None
-    if calib is not None and (cls.needs_calibration or cls.statistics or owl or reconstruct is not None):
+    if calib is not None and (cls.needs_calibration or cls.statistics or owl or atp or reconstruct is not None):
         ids = calibration_ids(calib, loaded.tokenizer, loaded.model)
     if owl:
         method.target = owl_target(loaded.model, loaded.spec, method.target, ids, engine, owl_options)
+    search = {}
+    if atp:
+        options = build_options(AtpOptions, config.allocation_options)
+        method.target, search = atp_target(loaded.model, loaded.spec, method.target, ids, engine, options)
     run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks")
     steps = {}
     if method.reconstruction is not None:
@@ -182,6 +217,7 @@ def prune(
         peak_memory_mb=peak_memory_mb(device),
         device=str(device),
         steps=steps,
+        allocation_search=search,
     )
 
 
@@ -206,7 +242,9 @@ def prune_streamed(
     if calib is not None and calib.source == "self":
         raise UsageError("--calib self generates text with the whole model; pass a dataset with --stream")
     request = {"config": asdict(config), "calibration": asdict(calib) if calib else None}
-    session = StreamSession(source, out, dtype, request, overwrite, group, engine.hooks).open()
+    session = StreamSession(source, out, dtype, request, overwrite, group, engine.hooks)
+    check_prune(session.loaded, config, calib)  # before .OUT.partial exists: a bad request leaves nothing
+    session.open()
     if calib is not None:
         engine = session.place_activations(engine, calib.n_samples, calib.seq_len)
     report = prune(session.loaded, config, calib, replace(engine, hooks=session))

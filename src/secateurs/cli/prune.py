@@ -7,18 +7,17 @@ from typing import Annotated
 
 import typer
 
-from ..api import PruneConfig, PruneReport, evaluate_perplexity, export_sparse, prune, prune_streamed, save
+from ..api import PruneConfig, PruneReport, check_prune, evaluate_perplexity, export_sparse, prune, prune_streamed, save
 from ..data.calib import CalibConfig
-from ..data.sources import check_name
 from ..engine.distributed import DistributedHooks, init_from_env, launched_by_torchrun, relaunch, shutdown
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import load_model
-from ..model.save import check_out, local_input
+from ..model.save import check_out
 from ..sparsity.reconstruct import parse_reconstruct
 from ..sparsity.registry import method_names
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, LimitWindows, Overwrite, Seed, csv_list, err_console, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
+from .common import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, LimitWindows, Overwrite, Seed, TrustRemoteCode, check_at_least, check_context, check_eval_flags, check_out_folder, cpu_cost_note, csv_list, err_console, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, preflight, ready, table
 
 
 @app.command("prune")
@@ -36,10 +35,14 @@ def prune_command(
         list[str] | None, typer.Option("--option", "-o", help="Method option key=value (repeatable).")
     ] = None,
     allocation: Annotated[
-        str, typer.Option(help="Spread --sparsity over blocks: uniform, or owl (outlier-weighted, needs --calib).")
+        str, typer.Option(help="Spread --sparsity over blocks: uniform, owl (outlier-weighted, needs --calib) or atp (rising with depth).")
     ] = "uniform",
     owl_m: Annotated[float, typer.Option(help="OWL: a weight is an outlier above M × its block's mean Wanda score.")] = 5.0,
     owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities stay within target ± lambda.")] = 0.08,
+    atp_spread: Annotated[
+        float | None,
+        typer.Option(help="ATP: last block's sparsity minus the first's; default: searched on the calibration loss."),
+    ] = None,
     reconstruct: Annotated[
         str | None,
         typer.Option(help="After each block's masks are fixed, train its kept weights to reproduce the dense block (needs --calib): on, or steps=N,lr=X,batch=B."),
@@ -75,26 +78,37 @@ def prune_command(
     nproc: Annotated[
         int, typer.Option(help="Processes to split calibration over (one per GPU); launches torchrun. Under torchrun its world size is used.")
     ] = 1,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
     config = PruneConfig(
         method, parse_sparsity(sparsity), pattern, parse_options(option),
-        allocation=allocation, allocation_options={"m": owl_m, "lam": owl_lambda},
+        allocation=allocation,
+        allocation_options={"spread": atp_spread} if allocation == "atp" else {"m": owl_m, "lam": owl_lambda},
         reconstruct=parse_reconstruct(reconstruct), permute=permute,
     )
     calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir) if calib else None
-    config.reconstruct_options(calib_config)
+    config.check(calib_config)
     if config.reconstruct is not None and nproc != 1:
         raise UsageError("--reconstruct runs in one process (its optimiser steps are not shared between ranks); drop --nproc")
     engine = EngineOptions(device=device, batch_size=batch_size, offload_activations=offload_activations)
     engine.torch_device()
     if calib_config:
         calib_config.validate()
-    for name in csv_list(ppl):
-        check_name(name)
+    check_eval_flags(csv_list(ppl), limit_windows, eval_seq_len)
+    check_at_least(1, batch_size=batch_size, nproc=nproc)
     if export not in ("dense", "sparse"):
         raise UsageError(f"--export {export!r} is not known; use dense or sparse")
-    check_out(out, local_input(model), overwrite)
+    if stream and (csv_list(ppl) or export != "dense"):
+        raise UsageError("--stream writes OUT block by block: drop --ppl / --export sparse, then run secateurs eval on OUT")
+    check_out_folder(out, model, overwrite, dtype)
+    skeleton = preflight(model, trust_remote_code)
+    if skeleton is not None:
+        check_prune(skeleton, config, calib_config)
+        check_context(skeleton, seq_len=seq_len if calib_config else None, eval_seq_len=eval_seq_len if ppl else None)
+        if calib_config is not None:
+            cpu_cost_note(skeleton, device, n_samples, seq_len)
+    ready()
     if nproc != 1 and not launched_by_torchrun():
         relaunch(nproc, sys.argv[1:])
         return
@@ -102,14 +116,12 @@ def prune_command(
     if group is not None:
         engine.hooks = DistributedHooks(group)
     if stream:
-        if csv_list(ppl) or export != "dense":
-            raise UsageError("--stream writes OUT block by block: drop --ppl / --export sparse, then run secateurs eval on OUT")
         report, path = prune_streamed(model, out, config, calib_config, engine, dtype, overwrite, group)
         if path is not None:
             out_console.print(table("secateurs prune", ["", "value"], _summary(method, report) + [["saved to", str(path)]]))
         shutdown()
         return
-    loaded = load_model(model, dtype)
+    loaded = load_model(model, dtype, trust_remote_code)
     check_out(out, loaded.local_path, overwrite)
     report = prune(loaded, config, calib_config, engine)
     shutdown()

@@ -23,7 +23,7 @@ from ..model.linear import weight_matrix
 from .base import SparsityTarget
 from .wanda import wanda_scores
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "atp")  # atp: sparsity/atp.py
 
 
 @dataclass(frozen=True)
