@@ -176,3 +176,118 @@ def test_triton_kernels_match_the_reference_in_the_interpreter():
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(errors) == 2 * 3 * 5 * 2
     assert max(errors.values()) < 1e-5, {k: v for k, v in errors.items() if v >= 1e-5}
+
+
+# ---- CUDA C++ GEMVs (kernels/cuda_ops.py): what CPU can check of them ----
+# The kernels themselves need a GPU (benchmarks/sparse_kernels.py --part kernels checks them against float64
+# there); these tests pin down, on CPU, the layout reading and the arithmetic the kernels do.
+
+
+def _byte_perm(lo, hi, sel):
+    """CUDA's __byte_perm(lo, hi, sel) (default mode) on numpy uint64 arrays holding 32-bit words."""
+    import numpy as np
+
+    raw = (lo & 0xFFFFFFFF) | ((hi & 0xFFFFFFFF) << np.uint64(32))
+    out = np.zeros(np.broadcast(raw, sel).shape, dtype=np.uint64)
+    for i in range(4):
+        index = (sel >> np.uint64(4 * i)) & np.uint64(7)
+        out |= ((raw >> (np.uint64(8) * index)) & np.uint64(0xFF)) << np.uint64(8 * i)
+    return out
+
+
+def _halves(words):
+    import numpy as np
+
+    lo = (words & np.uint64(0xFFFF)).astype(np.uint16).view(np.float16).astype(np.float64)
+    hi = (words >> np.uint64(16)).astype(np.uint16).view(np.float16).astype(np.float64)
+    return lo, hi
+
+
+def _emulate_gemv24(x: torch.Tensor, fmt: Sparse24) -> torch.Tensor:
+    """The 2:4 GEMV's arithmetic, step for step: positions read as 16-bit words (4 bits a group), the two
+    activations of a group picked from its two 32-bit words by one byte-permute, products summed."""
+    import numpy as np
+
+    n, k = fmt.shape
+    xw = x.contiguous().view(torch.int32).numpy().astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)
+    words = fmt.meta.view(torch.int16).numpy().astype(np.int64).astype(np.uint64) & np.uint64(0xFFFF)
+    values = fmt.values.double().numpy()
+    y = np.zeros((x.shape[0], n))
+    for g in range(k // 4):
+        code = (words[:, g // 4] >> np.uint64(4 * (g % 4))) & np.uint64(15)
+        sel = (code & np.uint64(3)) * np.uint64(0x22) + ((code >> np.uint64(2)) & np.uint64(3)) * np.uint64(0x2200) + np.uint64(0x1010)
+        a, b = _halves(_byte_perm(xw[:, 2 * g][:, None], xw[:, 2 * g + 1][:, None], sel[None, :]))
+        y += a * values[:, 2 * g] + b * values[:, 2 * g + 1]
+    return torch.from_numpy(y)
+
+
+def test_cuda_gemv24_byte_permute_selection_equals_the_dense_product():
+    w = _w24(12, 96, seed=3).half()
+    w[2, :8] = 0.0  # groups with fewer than two non-zeros
+    fmt = Sparse24.compress(w)
+    words = fmt.meta.view(torch.int16).to(torch.int64) & 0xFFFF  # the kernel's (N, K/16) view
+    nibbles = torch.stack([(words >> (4 * q)) & 15 for q in range(4)], dim=2).reshape(12, 24)
+    assert torch.equal(torch.stack([nibbles & 3, nibbles >> 2], dim=2), fmt.positions())
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)).half()
+    expected = x.double() @ w.double().T
+    torch.testing.assert_close(_emulate_gemv24(x, fmt), expected, rtol=1e-12, atol=1e-12)
+
+
+def _emulate_bitmap_gemv(x: torch.Tensor, fmt: Bitmap, tile: int = 4096) -> torch.Tensor:
+    """The bitmap GEMV's walk: a lane owns a 32-input word, finds its first value from the segment offset plus
+    the popcounts of the words before it in the segment, walks its set bits, and reads x from the tile staged
+    transposed (input b of word w at (w // 32) * 1024 + b * 32 + w % 32, so lane w % 32 always hits bank w % 32)."""
+    n, k = fmt.shape
+    bits = fmt.bits.to(torch.int64) & 0xFFFFFFFF
+    y = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    for k0 in range(0, k, tile):
+        width = min(tile, k - k0)
+        staged = torch.zeros(x.shape[0], tile, dtype=torch.float64)
+        for w in range(width // 32):
+            for b in range(32):
+                staged[:, (w >> 5) * 1024 + b * 32 + (w & 31)] = x[:, k0 + w * 32 + b].double()
+        for row in range(n):
+            for w in range(width // 32):
+                gw = k0 // 32 + w
+                start = int(fmt.offsets[row, gw >> 2]) + sum(bin(int(bits[row, g])).count("1") for g in range(gw & ~3, gw))
+                word = int(bits[row, gw])
+                while word:
+                    b = (word & -word).bit_length() - 1
+                    word &= word - 1
+                    y[:, row] += float(fmt.values[start]) * staged[:, (w >> 5) * 1024 + b * 32 + (w & 31)]
+                    start += 1
+    return y
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_cuda_bitmap_gemv_walk_equals_the_dense_product(sparsity):
+    w = _wu(6, 2 * SEGMENT + 4096, sparsity, seed=5).half()  # a full 4096-input tile and a partial one
+    w[1] = 0.0
+    fmt = Bitmap.compress(w)
+    x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(6)).half()
+    torch.testing.assert_close(_emulate_bitmap_gemv(x, fmt), x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
+
+
+def test_cuda_ops_have_fake_implementations_for_graphs_and_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from secateurs.kernels import cuda_ops  # noqa: F401  (registers the ops)
+
+    with FakeTensorMode():
+        x = torch.empty(2, 64, dtype=torch.float16)
+        y24 = torch.ops.secateurs.sparse24_gemv(x, torch.empty(16, 32, dtype=torch.float16),
+                                                torch.empty(16, 8, dtype=torch.uint8), 1, 1)
+        ybm = torch.ops.secateurs.bitmap_gemv(x[:1], torch.empty(100, dtype=torch.float16),
+                                              torch.empty(24, 2, dtype=torch.int32), torch.empty(24, 1, dtype=torch.int32), 2, 4)
+    assert (tuple(y24.shape), y24.dtype) == ((2, 16), torch.float16)
+    assert tuple(ybm.shape) == (1, 24)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_cuda_ops_say_why_they_are_off_and_offer_nothing_on_cpu():
+    from secateurs.kernels import cuda_ops
+
+    why = cuda_ops.status()
+    assert isinstance(why, str) and "\n" not in why and "CUDA" in why
+    assert cuda_ops.candidates(Sparse24.compress(_w24(16, 64).half()), 1) == {}
+    assert cuda_ops.candidates(Bitmap.compress(_wu(16, SEGMENT, 0.7).half()), 1) == {}

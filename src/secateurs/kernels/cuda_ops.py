@@ -1,0 +1,267 @@
+"""CUDA C++ sparse GEMV kernels for decode, compiled at run time through NVRTC: no CUDA toolkit needed.
+
+The source (``kernels/cuda/sparse_gemv.cu``, shipped as package data) is compiled on first use for the
+GPU's architecture by NVRTC through NVIDIA's ``cuda-python`` bindings (``pip install 'secateurs[kernels]'``;
+NVRTC itself comes with PyTorch's CUDA wheels) and the binary is cached on disk under
+``~/.cache/secateurs/kernels`` (``SECATEURS_KERNEL_CACHE`` overrides), keyed by the source and options
+hash, the target architecture and the NVRTC version. Kernels launch on PyTorch's current stream.
+
+Why CUDA C++ and not Triton: at one token a Hopper SM receives 13-18 bytes from memory per clock, so a
+sparse GEMV must spend very few instructions per weight. The 2:4 kernel spends one byte-permute per group
+of four inputs to pick the two activations (no gather, no per-value decode) and reads 16-byte weight
+vectors with an evict-first hint; see the source for both kernels' designs.
+
+Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers against dense):
+
+- ``status()``: None when the kernels can run on the current GPU, else one line saying why not.
+- ``candidates(fmt, m)``: name -> callable ``x (m, K) -> y (m, N)`` for a ``Sparse24`` or ``Bitmap``
+  weight on the GPU, in the order to try them (the first is the untimed default); ``{}`` where no
+  kernel applies. No derived weight layout is needed: both GEMVs read the stored tensors as they are
+  (2:4 positions are read as the little-endian 16-bit words that their byte pairs form).
+- Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``secateurs::bitmap_gemv``)
+  with a fake implementation, so CUDA graphs and ``torch.compile`` run over it without graph breaks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .formats import SEGMENT, Bitmap, Sparse24, SparseFormat
+
+SOURCE = Path(__file__).with_name("cuda") / "sparse_gemv.cu"
+OPTIONS = ("-std=c++17",)
+WARPS = 8  # warps per block, as #defined in the source
+MIN_CAPABILITY = (8, 0)  # cvt.rn.bf16.f32 and the L2 cache hints the kernels use
+TOKENS_24 = (1, 2, 4)  # token counts the 2:4 kernel is instantiated for (m = 3 runs the 4 variant)
+TOKENS_BITMAP = (1, 2)
+SPLITS = (1, 2, 4, 8)  # warps sharing one output row group (split-K inside a block)
+_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+_STATUS: dict[int, str | None] = {}
+_MODULES: dict[int, object] = {}
+_FUNCTIONS: dict[tuple[int, str], object] = {}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SECATEURS_KERNEL_CACHE"):
+        return Path(os.environ["SECATEURS_KERNEL_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "secateurs" / "kernels"
+
+
+def _bindings():
+    from cuda.bindings import driver, nvrtc
+
+    return driver, nvrtc
+
+
+def _check(result, what: str):
+    """cuda-python returns (error, *values); raise on a non-zero error, else return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {getattr(err, 'name', err)}")
+    return values[0] if len(values) == 1 else values
+
+
+def status(device: torch.device | int | None = None) -> str | None:
+    """None when the CUDA kernels can run on ``device`` (default: the current GPU), else why not, in one line."""
+    if os.environ.get("SECATEURS_CUDA_KERNELS", "1") == "0":
+        return "the CUDA sparse kernels are turned off (SECATEURS_CUDA_KERNELS=0)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: the CUDA sparse kernels are off"
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+    if device.type != "cuda":
+        return f"{device} is not a CUDA device: the CUDA sparse kernels are off"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _STATUS:
+        _STATUS[index] = _probe(index)
+    return _STATUS[index]
+
+
+def _probe(index: int) -> str | None:
+    try:
+        _bindings()
+    except ImportError:
+        return "cuda-python is not installed (pip install 'secateurs[kernels]'): the CUDA sparse kernels are off"
+    capability = torch.cuda.get_device_capability(index)
+    if capability < MIN_CAPABILITY:
+        return (f"{torch.cuda.get_device_name(index)} has compute capability {capability[0]}.{capability[1]}; "
+                f"the CUDA sparse kernels need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
+    try:
+        _module(index)
+    except Exception as exc:  # no NVRTC library, a driver too old for the binary, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"the CUDA sparse kernels could not be built or loaded ({first[:200]})"
+    return None
+
+
+def _compile(capability: tuple[int, int]) -> bytes:
+    """NVRTC: a cubin for this architecture, or PTX for the newest one NVRTC knows if the GPU is newer."""
+    driver, nvrtc = _bindings()
+    arch = capability[0] * 10 + capability[1]
+    version = ".".join(map(str, _check(nvrtc.nvrtcVersion(), "nvrtcVersion")))
+    supported = list(_check(nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
+    target = max((a for a in supported if a <= arch), default=None)
+    if target is None:
+        raise RuntimeError(f"NVRTC {version} cannot target sm_{arch}")
+    native = target == arch
+    source = SOURCE.read_bytes()
+    options = (f"--gpu-architecture={'sm' if native else 'compute'}_{target}", *OPTIONS)
+    digest = hashlib.sha256(source + "\0".join(options).encode()).hexdigest()[:16]
+    path = cache_dir() / f"sparse_gemv-{digest}-{'sm' if native else 'compute'}{target}-nvrtc{version}.{'cubin' if native else 'ptx'}"
+    if path.exists():
+        return path.read_bytes()
+    program = _check(nvrtc.nvrtcCreateProgram(source, SOURCE.name.encode(), 0, [], []), "nvrtcCreateProgram")
+    try:
+        encoded = [o.encode() for o in options]
+        err, = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)
+        if int(err) != 0:
+            size = _check(nvrtc.nvrtcGetProgramLogSize(program), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(program, log)
+            raise RuntimeError(f"NVRTC {version} failed to compile {SOURCE.name}: {log.decode(errors='replace').strip()}")
+        if native:
+            size = _check(nvrtc.nvrtcGetCUBINSize(program), "nvrtcGetCUBINSize")
+            binary = b" " * size
+            _check(nvrtc.nvrtcGetCUBIN(program, binary), "nvrtcGetCUBIN")
+        else:
+            size = _check(nvrtc.nvrtcGetPTXSize(program), "nvrtcGetPTXSize")
+            binary = b" " * size
+            _check(nvrtc.nvrtcGetPTX(program, binary), "nvrtcGetPTX")
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+    try:  # the cache is an optimisation: a read-only home still runs
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(binary)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return binary
+
+
+def _module(index: int):
+    if index not in _MODULES:
+        driver, _ = _bindings()
+        binary = _compile(torch.cuda.get_device_capability(index))
+        with torch.cuda.device(index):
+            torch.empty(1, device=f"cuda:{index}")  # PyTorch makes the primary context current
+            _check(driver.cuInit(0), "cuInit")
+            _MODULES[index] = _check(driver.cuModuleLoadData(binary), "cuModuleLoadData")
+    return _MODULES[index]
+
+
+def _function(index: int, name: str):
+    key = (index, name)
+    if key not in _FUNCTIONS:
+        driver, _ = _bindings()
+        _FUNCTIONS[key] = _check(driver.cuModuleGetFunction(_module(index), name.encode()), f"loading kernel {name}")
+    return _FUNCTIONS[key]
+
+
+def _launch(name: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...]) -> None:
+    driver, _ = _bindings()
+    device = tensors[0].device
+    params = (tuple(t.data_ptr() for t in tensors) + ints,
+              (ctypes.c_void_p,) * len(tensors) + (ctypes.c_int,) * len(ints))
+    stream = torch.cuda.current_stream(device).cuda_stream
+    _check(driver.cuLaunchKernel(_function(device.index, name), grid, 1, 1, WARPS * 32, 1, 1, 0, stream, params, 0),
+           f"launching {name}")
+
+
+def _tokens(m: int, instantiated: tuple[int, ...]) -> int:
+    return next(t for t in instantiated if t >= m)
+
+
+def _grid(n: int, rows: int, split: int) -> int:
+    per_block = (WARPS // split) * rows
+    return (n + per_block - 1) // per_block
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read x in 16-byte vectors; a view at an odd offset is copied once."""
+    if not x.is_contiguous():
+        return x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+@torch.library.custom_op("secateurs::sparse24_gemv", mutates_args=())
+def sparse24_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, rows: int, split: int) -> torch.Tensor:
+    """``x @ W.T`` for a 2:4 weight (values (N, K/2), meta (N, K/8) uint8) and 1-4 rows of x."""
+    x = _aligned(x)
+    m, k = x.shape
+    n = values.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    name = f"gemv24_{_SUFFIX[x.dtype]}_t{_tokens(m, TOKENS_24)}_r{rows}"
+    _launch(name, _grid(n, rows, split), (x, values, meta, y), (m, n, k, split))
+    return y
+
+
+@sparse24_gemv.register_fake
+def _(x, values, meta, rows, split):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@torch.library.custom_op("secateurs::bitmap_gemv", mutates_args=())
+def bitmap_gemv(x: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, rows: int,
+                split: int) -> torch.Tensor:
+    """``x @ W.T`` for a bitmap weight (values, bits (N, K/32) int32, offsets (N, K/128) int32), 1-2 rows of x."""
+    x = _aligned(x)
+    m, k = x.shape
+    n = bits.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    name = f"gemvbm_{_SUFFIX[x.dtype]}_t{_tokens(m, TOKENS_BITMAP)}_r{rows}"
+    _launch(name, _grid(n, rows, split), (x, values, bits, offsets, y), (m, n, k, split))
+    return y
+
+
+@bitmap_gemv.register_fake
+def _(x, values, bits, offsets, rows, split):
+    return x.new_empty(x.shape[0], bits.shape[0])
+
+
+def _splits(n: int, steps: int) -> list[int]:
+    """Split-K choices, the heuristic first: enough warps to fill every SM (about 8192 row-warps),
+    while each lane keeps at least one K step (``steps`` = K steps per row for a whole warp)."""
+    usable = [s for s in SPLITS if s == 1 or steps >= s]
+    preferred = next((s for s in usable if n * s >= 8192), usable[-1])
+    return [preferred] + [s for s in usable if s != preferred]
+
+
+def _on_gpu(fmt: SparseFormat) -> bool:
+    return fmt.values.is_cuda and fmt.values.dtype in _SUFFIX and status(fmt.values.device) is None
+
+
+def candidates(fmt: SparseFormat, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The CUDA kernel paths for this weight and ``m`` activation rows (name -> ``x -> y``), first = default."""
+    if not _on_gpu(fmt):
+        return {}
+    n, k = fmt.shape
+    paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if isinstance(fmt, Sparse24):
+        if not 1 <= m <= TOKENS_24[-1] or k % 16 or not _ready(fmt.values, 16, n, k // 2) or not _ready(fmt.meta, 2, n, k // 8):
+            return {}
+        for split in _splits(n, k // 16 // 32):
+            for rows in (1, 2):
+                paths[f"cuda_gemv24_r{rows}_s{split}"] = (
+                    lambda x, r=rows, s=split: sparse24_gemv(x, fmt.values, fmt.meta, r, s))
+    elif isinstance(fmt, Bitmap):
+        if not 1 <= m <= TOKENS_BITMAP[-1] or k % SEGMENT or not _ready(fmt.bits, 4, n, k // 32) \
+                or not _ready(fmt.offsets, 4, n, k // SEGMENT) or fmt.bits.dtype != torch.int32 \
+                or fmt.offsets.dtype != torch.int32 or not fmt.values.is_contiguous():
+            return {}
+        for split in _splits(n, k // 32 // 32):
+            for rows in (1, 2):
+                paths[f"cuda_gemv_bitmap_r{rows}_s{split}"] = (
+                    lambda x, r=rows, s=split: bitmap_gemv(x, fmt.values, fmt.bits, fmt.offsets, r, s))
+    return paths
+
+
+def _ready(t: torch.Tensor, alignment: int, rows: int, cols: int) -> bool:
+    return t.is_contiguous() and tuple(t.shape) == (rows, cols) and t.data_ptr() % alignment == 0
