@@ -191,7 +191,37 @@ def load_recipe(source: str | Path | dict, out: str | Path | None = None) -> Rec
     recipe = Recipe(raw["model"], stages, Path(target).expanduser(), calib)
     _check_sequence(recipe)
     _assign_keys(recipe)
+    _check_values(recipe)
     return recipe
+
+
+def _check_values(recipe: Recipe) -> None:
+    """Every value of every stage, checked by the stage's own command before any stage runs.
+
+    Each command is called with the arguments it will get, under ``check_only``: it runs all of its
+    checks (flags, output location, the input model's shapes where the input already exists) and
+    stops at its ``ready()`` call, before loading anything. Inputs that earlier stages will write
+    are marked pending, so their stages check everything that does not need the model.
+    """
+    from .cli.common import Checked, check_only
+
+    commands = _commands()
+    stages_dir = recipe.out / "stages"
+    pending = frozenset(str(stages_dir / stage.folder / "model") for stage in recipe.stages if stage.produces_model)
+    current = recipe.model
+    with check_only(pending):
+        for stage in recipe.stages:
+            folder = stages_dir / stage.folder
+            try:
+                commands[stage.command](**_stage_kwargs(commands[stage.command], stage, current, folder))
+            except Checked:
+                pass
+            except SecateursError as exc:
+                raise type(exc)(f"{stage.label}: {exc}") from None
+            else:
+                raise RuntimeError(f"secateurs {stage.command} ran without calling ready() after its checks")
+            if stage.produces_model:
+                current = str(folder / "model")
 
 
 def _stage(index: int, entry: Any, commands: dict[str, Callable], calib: dict) -> Stage:
@@ -260,7 +290,7 @@ def _mlp_width(model: str) -> int | None:
 
     try:
         folder = _shortcut_folder(model) if model in SHORTCUTS else Path(model).expanduser()
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         return int(getattr(config, spec_for(config).intermediate_key) or 4 * config.hidden_size)
     except Exception:  # a hub id offline, or an unusual folder: the stage itself will check
         return None
@@ -375,10 +405,8 @@ def run(
     return record
 
 
-def _run_stage(function: Callable, stage: Stage, model: str, folder: Path) -> dict:
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+def _stage_kwargs(function: Callable, stage: Stage, model: str, folder: Path) -> dict[str, Any]:
+    """The arguments a stage's command is called with: its fields, its input and where it writes."""
     kwargs = dict(stage.fields)
     kwargs["model"] = model
     if stage.produces_model:
@@ -388,9 +416,16 @@ def _run_stage(function: Callable, stage: Stage, model: str, folder: Path) -> di
     result_flag = RESULT_FILES.get(stage.command)
     if result_flag and result_flag in kwargs:
         kwargs[result_flag] = str(folder / "results.json")
+    return kwargs
+
+
+def _run_stage(function: Callable, stage: Stage, model: str, folder: Path) -> dict:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        function(**kwargs)
+        function(**_stage_kwargs(function, stage, model, folder))
     except SecateursError as exc:
         raise type(exc)(f"{stage.label}: {exc}") from exc
     done = {

@@ -16,7 +16,7 @@ from ..api import bench
 from ..errors import UsageError
 from ..evaluate.speed import SpeedConfig
 from . import app
-from .common import Device, csv_list, err_console, friendly, out_console, table
+from .common import Device, check_json_out, csv_list, err_console, friendly, out_console, ready, table
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -59,6 +59,8 @@ def bench_command(
     config = SpeedConfig(_ints(prompt_lengths, "--prompt-lengths"), _ints(batches, "--batches"), new_tokens=new_tokens,
                          warmup=warmup, repeats=repeats, seed=seed, cuda_graphs=cuda_graphs)
     config.check()
+    check_json_out(json_out)
+    ready()
     report = bench(model, baseline, sparse=sparse, min_sparsity=min_sparsity, device=device, dtype=dtype, config=config)
     for note in report["notes"]:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

@@ -12,16 +12,15 @@ from typing import Annotated
 
 import typer
 
-from ..api import PruneConfig, prune, save
+from ..api import PruneConfig, check_prune, prune, save
 from ..data.calib import CalibConfig, self_generated
 from ..engine.sequential import EngineOptions
 from ..evaluate.agreement import agreement
 from ..evaluate.perplexity import perplexity
 from ..model.load import load_model
-from ..model.save import check_out, local_input
 from ..sparsity.registry import method_names
 from . import app
-from .common import Device, Overwrite, friendly, out_console, parse_sparsity, table
+from .common import Device, Overwrite, check_at_least, check_context, check_out_folder, friendly, out_console, parse_sparsity, preflight, ready, table
 
 HELD_OUT_SEED_OFFSET = 1000
 
@@ -42,18 +41,25 @@ def demo_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Prune SmolLM2-135M on self-generated data and print a before / after table."""
-    if out:
-        check_out(out, local_input(model), overwrite)
     engine = EngineOptions(device=device)
     torch_device = engine.torch_device()
+    check_at_least(1, n_samples=n_samples, eval_samples=eval_samples)
+    config = PruneConfig(method, parse_sparsity(sparsity), pattern)
+    calib = CalibConfig("self", n_samples, seq_len, seed)
+    if out:
+        check_out_folder(out, model, overwrite)
+    skeleton = preflight(model)
+    if skeleton is not None:
+        check_prune(skeleton, config, calib)
+        check_context(skeleton, seq_len=seq_len)
+    ready()
     loaded = load_model(model)
     loaded.model.to(torch_device)
     held_out = self_generated(loaded.model, loaded.tokenizer, eval_samples, seq_len, seed + HELD_OUT_SEED_OFFSET)
     dense = copy.deepcopy(loaded.model)
     dense_ppl = perplexity(dense, held_out.flatten(), seq_len, device=torch_device)
     loaded.model.to("cpu")
-    calib = CalibConfig("self", n_samples, seq_len, seed)
-    report = prune(loaded, PruneConfig(method, parse_sparsity(sparsity), pattern), calib, engine)
+    report = prune(loaded, config, calib, engine)
     loaded.model.to(torch_device)
     pruned_ppl = perplexity(loaded.model, held_out.flatten(), seq_len, device=torch_device)
     agree = agreement(loaded.model, dense, held_out, torch_device)

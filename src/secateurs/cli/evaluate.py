@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..api import evaluate_perplexity
-from ..data.sources import check_name
 from ..errors import UsageError
-from ..evaluate.zeroshot import PAPER_TASKS, ZeroShot, zero_shot
+from ..evaluate.zeroshot import PAPER_TASKS, ZeroShot, check_tasks, zero_shot
 from ..model.load import load_model
+from ..model.save import write_output_file
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, LimitWindows, csv_list, err_console, friendly, out_console, table
+from .common import BatchSize, DataDir, Device, Dtype, LimitWindows, TrustRemoteCode, check_at_least, check_context, check_eval_flags, check_json_out, csv_list, err_console, friendly, out_console, preflight, ready, table
 
 
 @app.command("eval")
@@ -37,6 +36,7 @@ def eval_command(
     dtype: Dtype = "float32",
     batch_size: BatchSize = 1,
     json_out: Annotated[str | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Measure perplexity (non-overlapping windows over the joined test split) and zero-shot accuracy."""
     task_names = csv_list(tasks)
@@ -45,9 +45,15 @@ def eval_command(
     datasets = csv_list(ppl) if ppl is not None else [] if task_names else ["wikitext2"]
     if ppl is not None and not datasets:
         raise UsageError("--ppl needs at least one dataset, e.g. --ppl wikitext2")
-    for name in datasets:
-        check_name(name)
-    loaded = load_model(model, dtype)
+    check_eval_flags(datasets, limit_windows, seq_len, "--seq-len")
+    check_at_least(1, batch_size=batch_size)
+    if task_names:
+        check_tasks(task_names, limit)
+    check_json_out(json_out)
+    skeleton = preflight(model, trust_remote_code)
+    check_context(skeleton, seq_len=seq_len if datasets else None)
+    ready()
+    loaded = load_model(model, dtype, trust_remote_code)
     results = evaluate_perplexity(loaded, datasets, seq_len, limit_windows, data_dir, device, batch_size)
     scores = zero_shot(loaded, task_names, limit, data_dir, device, batch_size) if task_names else None
     rows = []
@@ -66,7 +72,7 @@ def eval_command(
         document = {"model": model, "perplexity": payload}
         if scores is not None:
             document["zeroshot"] = scores.to_dict()
-        Path(json_out).write_text(json.dumps(document, indent=2) + "\n")
+        write_output_file(json_out, json.dumps(document, indent=2) + "\n", "--json")
     if all(isinstance(v, str) for v in results.values()) and (scores is None or not scores.results):
         raise typer.Exit(2)
 

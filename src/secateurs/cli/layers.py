@@ -12,10 +12,11 @@ from ..depth.plot import score_plot
 from ..depth.prune import LayerConfig, prune_layers
 from ..depth.registry import scorer_names
 from ..engine.sequential import EngineOptions
+from ..errors import UsageError
 from ..model.load import load_model
 from ..model.save import check_out
 from . import app
-from .common import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, LimitWindows, Overwrite, Seed, csv_list, friendly, out_console, parse_options, perplexity_rows, table
+from .common import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, LimitWindows, Overwrite, Seed, TrustRemoteCode, check_at_least, check_context, check_eval_flags, check_out_folder, cpu_cost_note, csv_list, friendly, out_console, parse_options, perplexity_rows, preflight, ready, table
 
 
 @app.command("layers")
@@ -46,15 +47,27 @@ def layers_command(
     dtype: Dtype = "float32",
     batch_size: BatchSize = 1,
     overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Remove N decoder layers chosen by a criterion; the result is a smaller model that plain transformers loads."""
     config = LayerConfig(method, remove, compensate, parse_options(option), parse_options(compensation_option))
     config.validate()
     calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir)
+    calib_config.validate()
     engine = EngineOptions(device=device, batch_size=batch_size)
     engine.torch_device()
-    check_out(out, None, overwrite)
-    loaded = load_model(model, dtype)
+    check_eval_flags(csv_list(ppl), limit_windows, eval_seq_len)
+    check_at_least(1, batch_size=batch_size)
+    check_out_folder(out, model, overwrite, dtype)
+    skeleton = preflight(model, trust_remote_code)
+    if skeleton is not None:
+        n_layers = skeleton.spec.num_layers(skeleton.model.config)
+        if remove >= n_layers:
+            raise UsageError(f"--remove {remove} would leave no layers: the model has {n_layers}; remove at most {n_layers - 1}")
+        check_context(skeleton, seq_len=seq_len, eval_seq_len=eval_seq_len if ppl else None)
+        cpu_cost_note(skeleton, device, n_samples, seq_len)
+    ready()
+    loaded = load_model(model, dtype, trust_remote_code)
     check_out(out, loaded.local_path, overwrite)
     report = prune_layers(loaded, config, calib_config, engine)
     rows = [

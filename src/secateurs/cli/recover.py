@@ -7,19 +7,18 @@ from typing import Annotated
 
 import typer
 
-from ..api import PruneConfig, evaluate_perplexity, loraprune, prune_iterative, recover, save
+from ..api import PruneConfig, check_prune, evaluate_perplexity, loraprune, prune_iterative, recover, save
 from ..data.calib import CalibConfig
-from ..data.sources import check_name
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import load_model
-from ..model.save import check_out, local_input
+from ..model.save import check_out
 from ..recover.checkpoint import check_checkpoints
 from ..recover.lora import PRECISIONS, RecoverConfig, checkpoint_files, remove_checkpoints
 from ..recover.loraprune import MODES, LoRAPruneConfig
 from ..sparsity.registry import method_names
 from . import app
-from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, csv_list, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, table
+from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, TrustRemoteCode, check_at_least, check_context, check_eval_flags, check_out_folder, csv_list, friendly, out_console, parse_options, parse_sparsity, perplexity_rows, preflight, ready, table
 
 METHODS = ("lora", "loraprune", "iterative")
 
@@ -68,13 +67,14 @@ def recover_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Recover quality after pruning with LoRA (sparsity kept exactly), or prune while tuning."""
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
     datasets = csv_list(ppl)
-    for name in datasets:
-        check_name(name)
+    check_eval_flags(datasets, limit_windows, eval_seq_len)
+    check_at_least(1, batch_size=batch_size, grad_accum=grad_accum, save_every=save_every, rounds=rounds, prune_every=prune_every)
     checkpoints = checkpoint_dir or f"{Path(out).expanduser().resolve()}.ckpt"
     config = RecoverConfig(
         steps=steps, rank=rank, alpha=alpha, dropout=dropout, lr=lr or (3e-4 if method == "loraprune" else 1e-4),
@@ -93,9 +93,18 @@ def recover_command(
     if method == "iterative":
         calib_config = CalibConfig(calib, n_samples, calib_seq_len, seed, data_dir)
         calib_config.validate()
-    check_out(out, local_input(model), overwrite)
+    check_out_folder(out, model, overwrite, dtype)
     check_checkpoints(checkpoint_files(checkpoints))
-    loaded = load_model(model, dtype)
+    skeleton = preflight(model, trust_remote_code)
+    if skeleton is not None:
+        check_context(skeleton, seq_len=seq_len, calib_seq_len=calib_seq_len if method == "iterative" else None,
+                      eval_seq_len=eval_seq_len if datasets else None)
+        if method == "loraprune":
+            lp_config.layers(skeleton.spec.num_layers(skeleton.model.config))
+        if method == "iterative":
+            check_prune(skeleton, iterative_config, calib_config)
+    ready()
+    loaded = load_model(model, dtype, trust_remote_code)
     check_out(out, loaded.local_path, overwrite)
     if method == "loraprune":
         lp_config.layers(loaded.spec.num_layers(loaded.model.config))

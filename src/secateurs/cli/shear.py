@@ -17,7 +17,7 @@ from ..model.save import check_out
 from ..recover.checkpoint import check_checkpoints
 from ..structured.shearing import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT, ShearConfig, ShearTarget
 from . import app
-from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, csv_list, friendly, out_console, perplexity_rows, table
+from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, TrustRemoteCode, check_context, check_eval_flags, check_out_folder, csv_list, friendly, out_console, perplexity_rows, preflight, ready, table
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -72,6 +72,7 @@ def shear_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Prune to a chosen architecture with learned L0 masks; save a plain, smaller transformers model."""
     if (target is None) == (target_config is None):
@@ -91,11 +92,16 @@ def shear_command(
     config.validate()
     engine = EngineOptions(device=device)
     engine.torch_device()
-    check_out(out, None, overwrite)
+    check_eval_flags(csv_list(ppl), limit_windows, eval_seq_len)
+    check_out_folder(out, model, overwrite, dtype)
     if checkpoint_dir:
         folder = Path(checkpoint_dir).expanduser()
         check_checkpoints([folder / PRUNE_CHECKPOINT, folder / CONTINUE_CHECKPOINT])
-    loaded = load_model(model, dtype)
+    skeleton = preflight(model, trust_remote_code)
+    if skeleton is not None:
+        check_context(skeleton, seq_len=seq_len, eval_seq_len=eval_seq_len if ppl else None)
+    ready()
+    loaded = load_model(model, dtype, trust_remote_code)
     check_out(out, loaded.local_path, overwrite)
     report = shear(loaded, config, engine)
     plan = report.plan

@@ -13,7 +13,7 @@ from ..model.load import load_model
 from ..model.save import check_out
 from ..structured.base import WidthConfig, method_class, method_names
 from . import app
-from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, Seed, csv_list, friendly, out_console, perplexity_rows, table
+from .common import DataDir, Device, Dtype, EvalSeqLen, LimitWindows, Overwrite, Seed, TrustRemoteCode, check_at_least, check_context, check_eval_flags, check_out_folder, cpu_cost_note, csv_list, friendly, out_console, perplexity_rows, preflight, ready, table
 
 
 @app.command("width")
@@ -49,6 +49,7 @@ def width_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Remove whole attention heads and MLP channels; save a smaller dense model."""
     config = WidthConfig(
@@ -64,8 +65,17 @@ def width_command(
         calib_config.validate()
     engine = EngineOptions(device=device)
     engine.torch_device()
-    check_out(out, None, overwrite)
-    loaded = load_model(model, dtype)
+    check_eval_flags(csv_list(ppl), limit_windows, eval_seq_len)
+    check_at_least(0, keep_first=keep_first, keep_last=keep_last)
+    check_at_least(1, round_to=round_to)
+    check_out_folder(out, model, overwrite, dtype)
+    skeleton = preflight(model, trust_remote_code)
+    if skeleton is not None:
+        check_context(skeleton, seq_len=calib_config.seq_len if calib_config else None, eval_seq_len=eval_seq_len if ppl else None)
+        if calib_config is not None:
+            cpu_cost_note(skeleton, device, calib_config.n_samples, calib_config.seq_len)
+    ready()
+    loaded = load_model(model, dtype, trust_remote_code)
     check_out(out, loaded.local_path, overwrite)
     report = width(loaded, config, calib_config, engine)
     achieved = report.achieved()

@@ -252,6 +252,21 @@ def _why(task: str, data_dir: str | Path | None, exc: BaseException) -> str:
     return f"{task} is unavailable: {where} and lm-eval could not load it ({reason})"
 
 
+def check_tasks(tasks: list[str], limit: int | None = None) -> None:
+    """Before the model loads: lm-eval is installed, ``limit`` is positive and every task name exists."""
+    _require_lm_eval()
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    unknown = [name for name in tasks if name not in LOCAL_TASKS]
+    if unknown:
+        from lm_eval.tasks import TaskManager
+
+        known = TaskManager().all_tasks
+        for name in unknown:
+            if name not in known:
+                raise UsageError(f"unknown lm-eval task {name!r}; e.g. --tasks {','.join(PAPER_TASKS)}")
+
+
 def zero_shot(
     loaded: LoadedModel,
     tasks: list[str] | tuple[str, ...] = PAPER_TASKS,

@@ -124,7 +124,7 @@ def load_config(source: str, trust_remote_code: bool = False):
     except UsageError:
         raise
     except Exception as exc:  # transformers raises many types for a broken config
-        raise UsageError(f"could not read the config of {source}: {_first_line(exc)}") from exc
+        raise UsageError(f"could not load the model in {source}: {_first_line(exc)}") from exc
     spec_for(config)
     return config
 
