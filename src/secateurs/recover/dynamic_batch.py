@@ -30,13 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from ..data.calib import tokenize
 from ..data.sources import load_text
 from ..errors import NumericalError, UsageError
-from ..progress import console, enabled
+from ..progress import meter
 from .checkpoint import load_checkpoint, restoring, save_checkpoint
 
 SMOOTHING = 1e-4  # the paper's c (following DoReMi)
@@ -238,20 +237,6 @@ def _digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _bar() -> Progress | None:
-    if not enabled():
-        return None
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]} {task.fields[status]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
 
 def enable_checkpointing(model: nn.Module, on: bool = True) -> None:
     """Turn activation checkpointing on or off under either name: transformers 5.2x renamed
@@ -312,10 +297,9 @@ def train(
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     clock = time.perf_counter()
-    bar = _bar()
-    task = bar.add_task(description, total=settings.steps, completed=start, loss="-", status="") if bar else None
+    bar = meter(description, settings.steps, completed=start, loss="-", status="")
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar or nullcontext():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar as update:
             torch.manual_seed(settings.seed + start)
             for step in range(start, settings.steps):
                 if domains.dynamic and step > 0 and step % settings.update_every == 0:
@@ -341,8 +325,7 @@ def train(
                     opt.zero_grad(set_to_none=True)
                 scheduler.step()
                 losses.append(lm.item())
-                if bar:
-                    bar.update(task, completed=step + 1, loss=f"{losses[-1]:.3f}", status=extra.status())
+                update(step + 1, loss=f"{losses[-1]:.3f}", status=extra.status())
                 done = step + 1
                 if path and (done % settings.checkpoint_every == 0 or done == settings.steps):
                     save_checkpoint(path, {

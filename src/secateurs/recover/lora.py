@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -49,7 +48,7 @@ from ..data.sources import check_name, load_text
 from ..errors import NumericalError, UsageError
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
-from ..progress import console, enabled
+from ..progress import meter
 from ..record import peak_memory_mb
 from ..sparsity.masks import sparsity_of
 from .checkpoint import load_checkpoint, restoring, save_checkpoint
@@ -304,20 +303,6 @@ def remove_checkpoints(folder: str | Path) -> None:
             path.parent.rmdir()
 
 
-def _bar() -> Progress | None:
-    if not enabled():
-        return None
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
 
 def train(
     adapters: Adapters,
@@ -364,11 +349,10 @@ def train(
     if config.gradient_checkpointing:
         enable_checkpointing(base)
     clock = time.perf_counter()
-    bar = _bar()
-    task = bar.add_task(description, total=config.steps, completed=start, loss="-") if bar else None
+    bar = meter(description, config.steps, completed=start, loss="-")
     model.train()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar or nullcontext():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar as update:
             for step in range(start, config.steps):
                 total = 0.0
                 for micro in range(config.grad_accum):
@@ -391,8 +375,7 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(total)
-                if bar:
-                    bar.update(task, completed=step + 1, loss=f"{total:.4f}")
+                update(step + 1, loss=f"{total:.4f}")
                 if folder and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
                     save_checkpoint(folder / CHECKPOINT, {
                         "digest": digest,
