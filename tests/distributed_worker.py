@@ -2,7 +2,7 @@
 
 Each case prunes a fresh tiny model on this rank's share of the calibration samples and saves the
 resulting weights (and OWL's schedule) to OUT/rank<r>.pt, so the test can compare ranks with each
-other and with a one-process run. ``die`` makes rank 1 exit abruptly in the middle of the loop.
+other and with a one-process run. ``die`` makes rank 1 exit abruptly in the middle of the loop; ``one`` runs only the Wanda case.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def main(out: str, mode: str) -> None:
             original(self, index, stats)
 
         DistributedHooks.reduce_stats = dies
-    results = {f"{a}-{m}-{n}": run_case(a, m, n, engine) for a, m, n in CASES}
-    results["owl"] = owl_schedule(engine)
+    cases = CASES if mode != "one" else [("llama", "wanda", 2)]
+    results = {f"{a}-{m}-{n}": run_case(a, m, n, engine) for a, m, n in cases}
+    if mode != "one":
+        results["owl"] = owl_schedule(engine)
     torch.save(results, os.path.join(out, f"rank{group.rank}.pt"))
 
 

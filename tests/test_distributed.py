@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,42 @@ def test_cli_nproc_wanda_smollm2_equals_one_process(smollm2_folder, data_dir, tm
         assert torch.equal(value, state[name]), name
     stages = json.loads((tmp_path / "two" / "secateurs.json").read_text())["stages"]
     assert stages[0]["method"] == "wanda" and abs(stages[0]["achieved_sparsity"]["mean"] - 0.5) < 0.01
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_joined_through_a_tcp_rendezvous(tmp_path):
+    """Multi-node with no code change: two torchrun launches (one per "node"), joined through a c10d
+    rendezvous on a TCP endpoint, give the one-process weights bit for bit (one sample per rank)."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=secateurs-test",
+               str(HERE / "distributed_worker.py"), str(tmp_path), "one"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    single = run_case("llama", "wanda", 2, EngineOptions(device="cpu"))
+    for rank in (0, 1):
+        joined = torch.load(tmp_path / f"rank{rank}.pt")["llama-wanda-2"]
+        for name in single:
+            assert torch.equal(single[name], joined[name]), name
+
+
+def test_rendezvous_that_never_completes_is_one_line():
+    """A rank whose peers never start fails after the timeout with one line, not a hang or a traceback."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "SECATEURS_DIST_TIMEOUT": "3"}
+    code = "import torch\nfrom secateurs.engine.distributed import init_from_env\ninit_from_env(torch.device('cpu'))"
+    wrapped = ("from secateurs.errors import UsageError\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines())
+               + "except UsageError as exc:\n    print(exc)\n    raise SystemExit(2)\n")
+    done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = done.stdout.strip()
+    assert "\n" not in message and "could not join the 2-process job" in message and "SECATEURS_DIST_TIMEOUT" in message

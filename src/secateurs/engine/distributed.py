@@ -78,9 +78,17 @@ def init_from_env(device: torch.device) -> RankGroup | None:
             )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        timeout = timedelta(seconds=int(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        seconds = int(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         backend = choose_backend(device)
-        dist.init_process_group(backend, timeout=timeout)
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
+        except dist.DistError as exc:
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise UsageError(
+                f"rank {os.environ.get('RANK', '?')} could not join the {os.environ.get('WORLD_SIZE')}-process job "
+                f"at {where} within {seconds} s ({str(exc).splitlines()[0]}); start every process, check that "
+                f"the address is reachable, or raise {TIMEOUT_ENV}"
+            ) from exc
     return RankGroup(dist.get_rank(), dist.get_world_size(), dist.get_backend())
 
 
