@@ -186,3 +186,235 @@ def test_checkpoint_round_trip_keeps_every_kind_of_state(tmp_path):
     fresh.load_state_dict(back["optimizer"])
     for key, value in optimizer.state_dict()["state"][0].items():
         assert torch.equal(fresh.state_dict()["state"][0][key], value)
+
+
+# --- checks before loading -------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    loaded = tiny_model("llama")
+    folder = tmp_path / "tiny"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if any command gets as far as loading weights."""
+    import secateurs.cli.demo
+    import secateurs.cli.evaluate
+    import secateurs.cli.layers
+    import secateurs.cli.prune
+    import secateurs.cli.recover
+    import secateurs.cli.shear
+    import secateurs.cli.width
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    for module in (secateurs.cli.prune, secateurs.cli.width, secateurs.cli.layers, secateurs.cli.recover,
+                   secateurs.cli.shear, secateurs.cli.evaluate, secateurs.cli.demo):
+        monkeypatch.setattr(module, "load_model", refuse)
+
+
+def _commands(model: str, out: str) -> dict[str, list[str]]:
+    return {
+        "prune": ["prune", model, "--out", out, "--device", "cpu"],
+        "width": ["width", model, "--out", out, "--device", "cpu", "--method", "magnitude"],
+        "layers": ["layers", model, "--out", out, "--device", "cpu", "--remove", "1", "--method", "block-influence"],
+        "recover": ["recover", model, "--out", out, "--device", "cpu", "--steps", "1"],
+        "shear": ["shear", model, "--out", out, "--device", "cpu", "--target", "layers=2"],
+    }
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    # transformers' own weight-loading bar may precede an error raised after the model loaded
+    text = "\n".join(line for line in result.output.strip().splitlines() if "Loading weights" not in line)
+    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("error:"), text
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.mark.parametrize("command", ["prune", "width", "layers", "recover", "shear"])
+def test_out_under_a_file_fails_before_loading(tmp_path, tiny_folder, no_loading, command):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(app, _commands(str(tiny_folder), str(blocker / "out"))[command])
+    _one_line_error(result, "is a file")
+
+
+def test_read_only_and_full_disk_fail_before_loading(tmp_path, tiny_folder, no_loading, monkeypatch):
+    import errno
+    import shutil
+    import tempfile
+    from collections import namedtuple
+
+    from secateurs.model import save as save_module
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "TemporaryFile", read_only)
+        result = runner.invoke(app, _commands(str(tiny_folder), str(tmp_path / "out"))["prune"])
+    _one_line_error(result, "Read-only file system")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    result = runner.invoke(app, _commands(str(tiny_folder), str(tmp_path / "out"))["prune"])
+    _one_line_error(result, "GiB free")
+    assert save_module.check_output  # the one shared check every command uses
+    assert not (tmp_path / "out").exists()
+
+
+def test_late_disk_full_during_save_is_one_line_and_leaves_nothing(tmp_path, tiny_folder, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    result = runner.invoke(app, _commands(str(tiny_folder), str(tmp_path / "out"))["prune"])
+    _one_line_error(result, "No space left on device", "nothing was written")
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--limit-windows", "-1", "--ppl", "wikitext2"], "--limit-windows must be at least 1"),
+    (["--eval-seq-len", "1", "--ppl", "wikitext2"], "--eval-seq-len must be at least 2"),
+    (["--ppl", "wikitxt2"], "unknown dataset"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--calib", "wikitext2", "--seq-len", "512"], "longer than the model's context of 256"),
+    (["--sparsity", "1.5"], "[0, 1)"),
+    (["--pattern", "3:7"], "multiple of 7"),
+])
+def test_prune_flags_fail_before_loading(tmp_path, tiny_folder, no_loading, args, message):
+    result = runner.invoke(app, _commands(str(tiny_folder), str(tmp_path / "out"))["prune"] + args)
+    _one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["width", "layers"])
+def test_ppl_typo_on_width_and_layers_fails_before_work(tmp_path, tiny_folder, no_loading, command):
+    result = runner.invoke(app, _commands(str(tiny_folder), str(tmp_path / "out"))[command] + ["--ppl", "wikitxt2"])
+    _one_line_error(result, "unknown dataset 'wikitxt2'")
+
+
+def test_eval_json_checked_first_and_written_into_a_new_folder(tmp_path, tiny_folder, no_loading, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["eval", str(tiny_folder), "--json", str(blocker / "r.json"), "--device", "cpu"])
+    _one_line_error(result, "is a file")
+    result = runner.invoke(app, ["eval", str(tiny_folder), "--json", str(tmp_path), "--device", "cpu"])
+    _one_line_error(result, "is a folder")
+    monkeypatch.undo()
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    target = tmp_path / "new" / "deeper" / "r.json"
+    result = runner.invoke(app, ["eval", str(tiny_folder), "--ppl", str(text), "--seq-len", "16", "--device", "cpu",
+                                 "--json", str(target)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(target.read_text())["perplexity"][str(text)]["windows"] >= 1
+
+
+def test_output_beside_a_gguf_input_is_not_overlapping(tmp_path):
+    from secateurs.model.save import check_output
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "x.gguf").write_bytes(b"GGUF")
+    assert check_output(models / "x-pruned", str(models / "x.gguf"), False) == (models / "x-pruned").resolve()
+    for bad in (models / "x.gguf", models):
+        with pytest.raises(UsageError, match="overlaps the input"):
+            check_output(bad, str(models / "x.gguf"), True)
+
+
+def test_offline_hub_id_fails_fast(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from secateurs.model import load as load_module
+
+    load_module.hub_reachable.cache_clear()
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match="not reachable"):
+        secateurs.load_model("no-such-org/no-such-model")
+    assert time.perf_counter() - start < 10
+    load_module.hub_reachable.cache_clear()
+
+
+def test_cpu_calibration_cost_is_stated_before_work(tiny_folder, capsys):
+    from secateurs.cli.common import cpu_cost_note, preflight
+
+    cpu_cost_note(preflight(str(tiny_folder)), "cpu", 128, 2048)
+    note = capsys.readouterr().err
+    assert "262,144 tokens" in note and "GiB of activations" in note and "min" in note
+
+
+# --- debris ----------------------------------------------------------------------------------
+
+
+def test_bad_stream_call_leaves_no_partial(tmp_path, tiny_folder):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", str(tiny_folder), "--out", str(out), "--stream", "--sparsity", "1.0",
+                                 "--device", "cpu"])
+    _one_line_error(result, "[0, 1)")
+    assert not list(tmp_path.glob(".out*")) and not out.exists()
+    # Through the Python API too: the request is checked before .OUT.partial is made.
+    with pytest.raises(UsageError):
+        secateurs.prune_streamed(str(tiny_folder), out, secateurs.PruneConfig("magnitude", 1.0))
+    assert not list(tmp_path.glob(".out*"))
+    result = runner.invoke(app, ["prune", str(tiny_folder), "--out", str(out), "--stream", "--sparsity", "0.5",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+
+
+def test_abandoned_temporary_folders_are_removed_by_a_later_save(tmp_path, tiny_folder):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from secateurs.model.save import OWNER_SUFFIX
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def planted(name: str, pid: int, host: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"0" * 100)
+        (tmp_path / (name + OWNER_SUFFIX)).write_text(json.dumps({"secateurs_temporary": name, "pid": pid, "host": host}))
+
+    planted(".out.tmp-killed", dead.pid, socket.gethostname())
+    planted(".out.tmp-running", os.getpid(), socket.gethostname())
+    planted(".out.tmp-elsewhere", dead.pid, "another-host")
+    (tmp_path / ".unmarked").mkdir()
+    loaded = secateurs.load_model(str(tiny_folder))
+    secateurs.save(loaded, tmp_path / "out", [])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert ".out.tmp-killed" not in left and ".out.tmp-killed" + OWNER_SUFFIX not in left
+    assert {".out.tmp-running", ".out.tmp-elsewhere", ".unmarked", "out"} <= set(left)
+    assert not [n for n in left if n.startswith(".out.tmp-") and n not in (".out.tmp-running", ".out.tmp-elsewhere")
+                and not n.endswith(OWNER_SUFFIX)]
+
+
+# --- recipes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage2", [{"pattern": "3:2"}, {"sparsity": 1.5}, {"method": "bogus"}])
+def test_recipe_value_error_in_a_later_stage_fails_before_any_work(tmp_path, tiny_folder, stage2):
+    import yaml
+
+    out = tmp_path / "run"
+    recipe = {"model": str(tiny_folder), "stages": [{"prune": {"sparsity": 0.3, "device": "cpu"}},
+                                                      {"prune": {"device": "cpu", **stage2}}], "out": str(out)}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    for extra in (["--dry-run"], []):
+        result = runner.invoke(app, ["run", str(path), *extra])
+        _one_line_error(result, "stage 2 (prune)")
+        assert not out.exists()

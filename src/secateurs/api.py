@@ -143,17 +143,19 @@ def layer_sparsity(loaded: LoadedModel) -> dict[str, float]:
     return {name: sparsity_of(weight_matrix(m)) for name, m in prunable_linears(loaded).items() if not weight_matrix(m).is_meta}
 
 
-def check_prune(loaded: LoadedModel, config: PruneConfig, calib: CalibConfig | None = None):
+def check_prune(loaded: LoadedModel | None, config: PruneConfig, calib: CalibConfig | None = None):
     """Every value of a prune request checked against the model's shapes; returns the built method.
 
     Needs only shapes, so the CLI, recipes and ``prune_streamed`` run it on a weightless (meta)
-    skeleton before any weight is read or any output folder is made.
+    skeleton before any weight is read or any output folder is made. With ``loaded`` None (a recipe
+    stage whose input an earlier stage has yet to write) every check that needs no shapes still runs.
     """
-    n_blocks = loaded.spec.num_layers(loaded.model.config)
+    schedule = config.sparsity if isinstance(config.sparsity, (list, tuple)) else [config.sparsity]
+    n_blocks = loaded.spec.num_layers(loaded.model.config) if loaded is not None else len(schedule)
     cls = method_class(config.method)
     config.check(calib)
     method = cls(SparsityTarget.build(config.sparsity, config.pattern, n_blocks), build_options(cls.Options, config.options))
-    for name, module in prunable_linears(loaded).items():
+    for name, module in prunable_linears(loaded).items() if loaded is not None else ():
         method.target.pattern.check_fits(weight_matrix(module).shape[1], name)
     if cls.needs_calibration and calib is None:
         raise UsageError(f"method {config.method} needs calibration data: pass --calib (e.g. wikitext2 or self)")

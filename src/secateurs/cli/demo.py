@@ -49,9 +49,8 @@ def demo_command(
     if out:
         check_out_folder(out, model, overwrite)
     skeleton = preflight(model)
-    if skeleton is not None:
-        check_prune(skeleton, config, calib)
-        check_context(skeleton, seq_len=seq_len)
+    check_prune(skeleton, config, calib)
+    check_context(skeleton, seq_len=seq_len)
     ready()
     loaded = load_model(model)
     loaded.model.to(torch_device)

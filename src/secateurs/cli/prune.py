@@ -103,8 +103,8 @@ def prune_command(
         raise UsageError("--stream writes OUT block by block: drop --ppl / --export sparse, then run secateurs eval on OUT")
     check_out_folder(out, model, overwrite, dtype)
     skeleton = preflight(model, trust_remote_code)
+    check_prune(skeleton, config, calib_config)
     if skeleton is not None:
-        check_prune(skeleton, config, calib_config)
         check_context(skeleton, seq_len=seq_len if calib_config else None, eval_seq_len=eval_seq_len if ppl else None)
         if calib_config is not None:
             cpu_cost_note(skeleton, device, n_samples, seq_len)

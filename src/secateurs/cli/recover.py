@@ -101,8 +101,8 @@ def recover_command(
                       eval_seq_len=eval_seq_len if datasets else None)
         if method == "loraprune":
             lp_config.layers(skeleton.spec.num_layers(skeleton.model.config))
-        if method == "iterative":
-            check_prune(skeleton, iterative_config, calib_config)
+    if method == "iterative":
+        check_prune(skeleton, iterative_config, calib_config)
     ready()
     loaded = load_model(model, dtype, trust_remote_code)
     check_out(out, loaded.local_path, overwrite)

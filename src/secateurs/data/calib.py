@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..progress import track
 from .sources import check_name, load_text
 
 
@@ -63,7 +64,7 @@ def self_generated(model, tokenizer, n: int, seq_len: int, seed: int, batch_size
     device = next(model.parameters()).device
     bos = getattr(model.config, "bos_token_id", None)
     out = []
-    for start in range(0, n, batch_size):
+    for start in track(range(0, n, batch_size), "generating calibration text", total=-(-n // batch_size)):
         size = min(batch_size, n - start)
         first = torch.randint(0, vocab, (size, 1), generator=generator)
         prompt = first if bos is None else torch.cat([torch.full((size, 1), bos), first], dim=1)

@@ -25,6 +25,7 @@ from ..engine.sequential import BlockMethod, EngineOptions, run_blocks
 from ..errors import UsageError
 from ..model.arch import ArchSpec
 from ..model.drop_layers import layers_removed
+from ..progress import track
 
 # A gradient over fewer tokens than this is too noisy to rank layers: an error, not a bad result.
 MIN_GRADIENT_TOKENS = 256
@@ -157,7 +158,7 @@ def gradient_scores(ctx: ScoringContext, scorer: LayerScorer, reduce: GradientRe
         if per_batch:
             handles.append(param.register_post_accumulate_grad_hook(lambda p, layer=layer: add(layer, p)))
     try:
-        for batch in ctx.batches:
+        for batch in track(ctx.batches, f"{scorer.name}: layer scores (gradients)"):
             causal_lm_loss(ctx.model, batch).backward()
             scorer.passes["forward"] += 1
             scorer.passes["backward"] += 1
