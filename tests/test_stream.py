@@ -198,3 +198,28 @@ def test_cli_prune_stream(sharded, tmp_path):
     assert done.exit_code == 0, done.output
     in_memory(sharded, tmp_path / "memory", PruneConfig("magnitude", 0.5), None)
     assert_same_folder(tmp_path / "memory", tmp_path / "out")
+
+
+def test_overlapped_reads_and_writes_equal_sequential(sharded, tmp_path, monkeypatch):
+    """Reading block i+1 and writing block i in the background changes nothing in the output."""
+    import threading
+
+    import secateurs.engine.stream as stream
+
+    threads: list[str] = []
+    real_read = stream.ShardReader.read
+
+    def read(self, keys):
+        threads.append(threading.current_thread().name)
+        return real_read(self, keys)
+
+    monkeypatch.setattr(stream.ShardReader, "read", read)
+    config, calib = PruneConfig("sparsegpt", 0.5), calib_for(sharded)
+    _, overlapped = prune_streamed(sharded, tmp_path / "overlap", config, calib, EngineOptions(device="cpu"))
+    assert sum(name.startswith("secateurs-read") for name in threads) == 3  # blocks 1-3 read ahead
+    defaults = stream.StreamSession.__init__.__defaults__
+    monkeypatch.setattr(stream.StreamSession.__init__, "__defaults__", (*defaults[:-1], False))
+    threads.clear()
+    _, plain = prune_streamed(sharded, tmp_path / "plain", config, calib, EngineOptions(device="cpu"))
+    assert not any(name.startswith("secateurs-read") for name in threads)
+    assert_same_folder(plain, overlapped)

@@ -110,6 +110,9 @@ class EngineHooks:
     def release_block(self, index: int, block: nn.Module, method: BlockMethod, resumed: bool) -> None:
         """Called once the block is done and back on its home device."""
 
+    def settle(self) -> None:
+        """Called when the block loop ends, normally or not: finish any work left in the background."""
+
 
 @dataclass
 class EngineOptions:
@@ -331,25 +334,28 @@ def run_blocks(
         captured = capture_inputs(model, spec, batches, store)
         clock.lap("capture")
     seconds = []
-    for index in track(range(len(blocks)), description, total=len(blocks)):
-        start = time.perf_counter()
-        block = blocks[index]
-        resumed = hooks.load_block(index, block, method)
-        home = next(block.parameters()).device
-        block.to(device)
-        linears = spec.linears(block)
-        _check_weights(index, linears)
-        clock.lap("transfer")
-        if captured is None:
-            if not resumed:
-                hooks.process_block(method, index, block, linears, {})
-            clock.lap("solve")
-        else:
-            _calibrate_block(index, block, linears, method, captured, device, clock, hooks, resumed)
-        block.to(home)
-        clock.lap("transfer")
-        hooks.release_block(index, block, method, resumed)
-        seconds.append(time.perf_counter() - start)
+    try:
+        for index in track(range(len(blocks)), description, total=len(blocks)):
+            start = time.perf_counter()
+            block = blocks[index]
+            resumed = hooks.load_block(index, block, method)
+            home = next(block.parameters()).device
+            block.to(device)
+            linears = spec.linears(block)
+            _check_weights(index, linears)
+            clock.lap("transfer")
+            if captured is None:
+                if not resumed:
+                    hooks.process_block(method, index, block, linears, {})
+                clock.lap("solve")
+            else:
+                _calibrate_block(index, block, linears, method, captured, device, clock, hooks, resumed)
+            block.to(home)
+            clock.lap("transfer")
+            hooks.release_block(index, block, method, resumed)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        hooks.settle()
     return seconds
 
 

@@ -11,7 +11,10 @@ embeddings are read up front, because capturing block 0's inputs needs them. The
 3. :meth:`StreamSession.release_block` writes it as its own output shard (tensor by tensor, no
    serialised copy) and returns its parameters to the meta device.
 
-Peak host memory is therefore the embeddings, one block and the calibration activations, whatever
+Reading and writing overlap the compute: while block *i* is calibrated, block *i+1* is read on a
+background thread, and block *i*'s shard is written on another while block *i+1* computes (one
+write in flight; the next waits for it, so a failed write stops the run at the following block).
+Peak host memory is therefore the embeddings, three blocks and the calibration activations, whatever
 the depth. Output shards go to a folder beside OUT (``.OUT.partial``) with ``progress.json``; a rerun
 with the same arguments finds the finished blocks there, propagates the calibration activations
 through them (recomputed, so bit for bit the same as an uninterrupted run) and carries on. The last
@@ -30,6 +33,7 @@ import struct
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -246,6 +250,7 @@ class StreamSession(EngineHooks):
         overwrite: bool = False,
         group: RankGroup | None = None,
         inner: EngineHooks | None = None,
+        overlap: bool = True,
     ) -> None:
         self.folder = Path(source).expanduser().resolve()
         if not (self.folder / "config.json").is_file():
@@ -278,6 +283,11 @@ class StreamSession(EngineHooks):
         }
         self.done: dict[str, dict] = {}
         self.per_layer: dict[str, float] = {}
+        self.overlap = overlap
+        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="secateurs-read") if overlap else None
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="secateurs-write") if overlap else None
+        self._ahead: tuple[int, Future] | None = None
+        self._pending: Future | None = None
 
     @property
     def writes(self) -> bool:
@@ -383,11 +393,32 @@ class StreamSession(EngineHooks):
             self.per_layer.update(entry["sparsity"])
         else:
             source = self.source_index[index]
-            read = self.reader.read([self._block_key(source, name) for name in names])
+            keys = [self._block_key(source, name) for name in names]
+            ahead, self._ahead = self._ahead, None
+            read = ahead[1].result() if ahead is not None and ahead[0] == index else self.reader.read(keys)
             tensors = {name: read[self._block_key(source, name)] for name in names}
+        self._read_ahead(index + 1, method)
         for name, value in tensors.items():
             _set_tensor(block, name, self._cast(value))
         return resumed
+
+    def _read_ahead(self, index: int, method: BlockMethod) -> None:
+        """Start reading block ``index`` from the input shards while the current one computes."""
+        blocks = self.spec.blocks_of(self.loaded.model)
+        if self._reader_thread is None or index >= len(blocks) or (method.modifies_weights and str(index) in self.done):
+            return
+        keys = [self._block_key(self.source_index[index], name) for name in blocks[index].state_dict()]
+        self._ahead = (index, self._reader_thread.submit(self.reader.read, keys))
+
+    def settle(self) -> None:
+        self._drain()
+        self.inner.settle()
+
+    def _drain(self) -> None:
+        """Wait for the shard write in flight; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def release_block(self, index: int, block: nn.Module, method: BlockMethod, resumed: bool) -> None:
         if method.modifies_weights and not resumed:
@@ -397,14 +428,19 @@ class StreamSession(EngineHooks):
             }
             self.per_layer.update(sparsity)
             if self.writes:
-                self._write_block(index, block, sparsity)
+                self._drain()
+                state = dict(block.state_dict())
+                if self._writer_thread is None:
+                    self._write_block(index, state, sparsity)
+                else:
+                    self._pending = self._writer_thread.submit(self._write_block, index, state, sparsity)
         for name, value in block.state_dict().items():
             _set_tensor(block, name, torch.empty_like(value, device="meta"))
         _trim_heap()
 
-    def _write_block(self, index: int, block: nn.Module, sparsity: dict[str, float]) -> None:
+    def _write_block(self, index: int, state: dict[str, torch.Tensor], sparsity: dict[str, float]) -> None:
         name = self._shard_name(index + 1)
-        entries = [(self._block_key(index, k), v.dtype, list(v.shape), lambda v=v: v) for k, v in block.state_dict().items()]
+        entries = [(self._block_key(index, k), v.dtype, list(v.shape), lambda v=v: v) for k, v in state.items()]
         _write_atomic(self.partial / name, lambda p: write_tensors(p, entries))
         self.done[str(index)] = {"file": name, "sparsity": sparsity}
         state = {"fingerprint": self.fingerprint, "done": self.done}
@@ -413,14 +449,18 @@ class StreamSession(EngineHooks):
     def copy_unchanged(self) -> None:
         """Stream every block through untouched (layer removal): load, and write under its new index."""
         method = BlockMethod()  # the base method counts as modifying weights, so blocks are written
-        for index, block in enumerate(self.spec.blocks_of(self.loaded.model)):
-            resumed = self.load_block(index, block, method)
-            self.release_block(index, block, method, resumed)
+        try:
+            for index, block in enumerate(self.spec.blocks_of(self.loaded.model)):
+                resumed = self.load_block(index, block, method)
+                self.release_block(index, block, method, resumed)
+        finally:
+            self.settle()
 
     # --- the end -----------------------------------------------------------------------------
 
     def finish(self, record: dict, extras: dict[str, bytes] | None = None) -> Path | None:
         """Write what is not a block, the index, config, tokenizer and record; rename to OUT (rank 0)."""
+        self._drain()
         self._barrier()
         if not self.writes:
             return None
