@@ -418,3 +418,35 @@ def test_recipe_value_error_in_a_later_stage_fails_before_any_work(tmp_path, tin
         result = runner.invoke(app, ["run", str(path), *extra])
         _one_line_error(result, "stage 2 (prune)")
         assert not out.exists()
+
+
+def test_sigkill_during_the_final_save_leaves_debris_the_next_save_removes(tmp_path, tiny_folder):
+    """A real SIGKILL while the weights are being written, then a second save into the same folder."""
+    import signal
+    import subprocess
+    import sys
+
+    script = f"""
+import time
+import secateurs
+from transformers import PreTrainedModel
+original = PreTrainedModel.save_pretrained
+def slow(self, folder, *args, **kwargs):
+    original(self, folder, *args, **kwargs)
+    print("written", flush=True)
+    time.sleep(60)
+PreTrainedModel.save_pretrained = slow
+secateurs.save(secateurs.load_model({str(tiny_folder)!r}), {str(tmp_path / "out")!r}, [])
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "written"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    debris = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert debris and not (tmp_path / "out").exists()
+    secateurs.save(secateurs.load_model(str(tiny_folder)), tmp_path / "out", [])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert (tmp_path / "out" / "config.json").is_file()

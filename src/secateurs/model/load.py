@@ -17,7 +17,6 @@ import socket
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -276,14 +275,23 @@ def _shortcut_folder(name: str) -> Path:
     shortcut = SHORTCUTS[name]
     gguf = _packaged_file(shortcut)
     model, tokenizer = _load_gguf(gguf, torch.float32)
+    from .save import make_temporary, remove_abandoned  # save imports this module
+
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(folder)
+    remove_abandoned(folder.parent)
+    tmp, owner = make_temporary(folder.parent, f".{name}-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        owner.unlink(missing_ok=True)
     return folder
 
 
