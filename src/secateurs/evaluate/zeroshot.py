@@ -30,6 +30,7 @@ from typing import Any
 from ..data.sources import data_dir_from
 from ..errors import UsageError
 from ..model.load import LoadedModel
+from ..progress import track
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 """The seven zero-shot tasks of the pruning papers (e.g. Wanda Table 2, LLM-Pruner Table 1)."""
@@ -307,7 +308,8 @@ def _run(loaded: LoadedModel, tasks: list[str], limit: int | None, data_dir: str
 
     built, sources, unavailable = [], {}, {}
     hub_manager = None
-    for name in tasks:
+    # lm-eval draws its own bar over the scoring requests; building tasks (hub downloads) has none.
+    for name in track(tasks, "zero-shot: preparing tasks"):
         docs = local_docs(name, data_dir)
         if docs is not None and limit:
             # lm-eval's limit scores the first N documents; cutting them here is the same
