@@ -178,7 +178,7 @@ def test_stream_rejects_self_calibration(sharded, tmp_path):
 
 
 def test_activations_fit_leaves_half_the_free_memory():
-    from secateurs.engine.stream import activations_fit
+    from secateurs.engine.sequential import activations_fit
 
     # 128 × 2048 tokens of hidden 8192 in fp16 are 4 GiB: they fit beside a block in 10 GiB free, not in 6.
     assert activations_fit(128, 2048, 8192, 2, 10 * 2**30)
@@ -223,3 +223,20 @@ def test_overlapped_reads_and_writes_equal_sequential(sharded, tmp_path, monkeyp
     _, plain = prune_streamed(sharded, tmp_path / "plain", config, calib, EngineOptions(device="cpu"))
     assert not any(name.startswith("secateurs-read") for name in threads)
     assert_same_folder(plain, overlapped)
+
+
+def test_activations_spill_to_host_when_the_gpu_is_short(monkeypatch, capsys):
+    """The engine picks host memory by itself when the activations would not fit, and says so."""
+    from secateurs.engine.sequential import activation_store
+
+    loaded = tiny_model("llama")
+    ids = torch.zeros(4, 16, dtype=torch.long)
+    need = 4 * 16 * loaded.model.config.hidden_size * 4
+    cuda = torch.device("cuda")
+    for free, expected in ((4 * need, "cuda"), (need, "cpu")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 8 * need))
+        options = EngineOptions(device="cuda")
+        assert activation_store(loaded.model, loaded.spec, ids, options, cuda).type == expected
+        assert options.offload_activations == (expected == "cpu")
+    assert "keeping them in pinned host memory" in capsys.readouterr().err
+    assert activation_store(loaded.model, loaded.spec, ids, EngineOptions(device="cuda", offload_activations=True), cuda).type == "cpu"

@@ -247,8 +247,6 @@ def prune_streamed(
     session = StreamSession(source, out, dtype, request, overwrite, group, engine.hooks)
     check_prune(session.loaded, config, calib)  # before .OUT.partial exists: a bad request leaves nothing
     session.open()
-    if calib is not None:
-        engine = session.place_activations(engine, calib.n_samples, calib.seq_len)
     report = prune(session.loaded, config, calib, replace(engine, hooks=session))
     report.per_layer = dict(session.per_layer)
     record = build_record(session.loaded.source, previous_stages(session.folder) + [report.stage_record()])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,6 +161,38 @@ def _record_kwargs(kwargs: dict) -> dict:
     return kept
 
 
+def activations_fit(n_samples: int, seq_len: int, hidden: int, itemsize: int, free_bytes: int) -> bool:
+    """Whether one rank's block inputs fit in half the free GPU memory (the other half is left for
+    the block's weights, its statistics and the forward pass's workspace)."""
+    return n_samples * seq_len * hidden * itemsize <= free_bytes // 2
+
+
+def activation_store(
+    model: nn.Module, spec: ArchSpec, calib_ids: torch.Tensor, options: EngineOptions, device: torch.device
+) -> torch.device:
+    """Where the calibration activations live: on the accelerator when they fit beside a block,
+    else in (pinned) host memory, chosen from the free memory and said on stderr;
+    ``offload_activations`` forces host memory."""
+    if options.offload_activations or device.type != "cuda":
+        return torch.device("cpu") if options.offload_activations else device
+    embedding = model.get_submodule(spec.embeddings[0]).weight
+    n, seq_len = calib_ids.shape
+    free, _ = torch.cuda.mem_get_info(device)
+    if activations_fit(n, seq_len, embedding.shape[1], embedding.element_size(), free):
+        return device
+    need = n * seq_len * embedding.shape[1] * embedding.element_size()
+    print(f"secateurs: the calibration activations ({need / 2**30:.1f} GiB) do not fit beside a block in the "
+          f"GPU's free memory ({free / 2**30:.1f} GiB); keeping them in pinned host memory", file=sys.stderr)
+    options.offload_activations = True
+    return torch.device("cpu")
+
+
+def _stored(hidden: torch.Tensor, store: torch.device) -> torch.Tensor:
+    """``hidden`` moved to ``store``; host copies of GPU activations are pinned (faster transfers)."""
+    moved = hidden.detach().to(store)
+    return moved.pin_memory() if store.type == "cpu" and hidden.is_cuda else moved
+
+
 def capture_inputs(
     model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], store: torch.device
 ) -> Captured:
@@ -177,7 +210,7 @@ def capture_inputs(
         def forward(hidden_states, *args, **kwargs):
             kwargs = {**dict(zip(names, args)), **kwargs}
             if index == 0:
-                captured.hidden.append(hidden_states.detach().to(store))
+                captured.hidden.append(_stored(hidden_states, store))
             current.append(_record_kwargs(kwargs))
             if index == n_blocks - 1:
                 raise _StopForward
@@ -329,9 +362,9 @@ def run_blocks(
     clock = _StageClock(options.stage_seconds, device)
     captured = None
     if calib_ids is not None and (method.statistics or method.needs_calibration or method.keeps_dense_outputs):
-        store = torch.device("cpu") if options.offload_activations else device
-        batches = list(hooks.local_samples(calib_ids).split(max(options.batch_size, 1)))
-        captured = capture_inputs(model, spec, batches, store)
+        local = hooks.local_samples(calib_ids)
+        store = activation_store(model, spec, local, options, device)
+        captured = capture_inputs(model, spec, list(local.split(max(options.batch_size, 1))), store)
         clock.lap("capture")
     seconds = []
     try:
@@ -385,7 +418,7 @@ def _calibrate_block(
         with torch.no_grad():
             for b, hidden in enumerate(captured.hidden):
                 hooks.next_batch()
-                x = hidden.to(device)
+                x = hidden.to(device, non_blocking=True)
                 out = _block_output(block(x, **_to(captured.block_kwargs[index][b], device)))
                 _check_activations(index, out, "during calibration")
                 method.observe(index, x, out)
@@ -415,6 +448,9 @@ def _propagate(index: int, block: nn.Module, captured: Captured, device: torch.d
     """Replace the captured activations by this (pruned) block's outputs: the next block's inputs."""
     with torch.no_grad():
         for b, hidden in enumerate(captured.hidden):
-            out = _block_output(block(hidden.to(device), **_to(captured.block_kwargs[index][b], device)))
+            out = _block_output(block(hidden.to(device, non_blocking=True), **_to(captured.block_kwargs[index][b], device)))
             _check_activations(index, out, "after pruning")
-            captured.hidden[b] = out.to(hidden.device)
+            if hidden.is_pinned():
+                hidden.copy_(out)  # back into the same pinned buffer
+            else:
+                captured.hidden[b] = out.to(hidden.device)

@@ -34,7 +34,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ from ..model.load import LoadedModel, _try_tokenizer, resolve_dtype
 from ..model.save import RECORD, check_out
 from ..sparsity.masks import sparsity_of
 from .distributed import RankGroup
-from .sequential import BlockMethod, EngineHooks, EngineOptions, Stats
+from .sequential import BlockMethod, EngineHooks, Stats
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -204,12 +203,6 @@ def _load_libc():
 _LIBC = _load_libc() if sys.platform.startswith("linux") else None
 
 
-def activations_fit(n_samples: int, seq_len: int, hidden: int, itemsize: int, free_bytes: int) -> bool:
-    """Whether one rank's block inputs fit in half the free GPU memory (the other half is left for
-    the block's weights, its statistics and the forward pass's workspace)."""
-    return n_samples * seq_len * hidden * itemsize <= free_bytes // 2
-
-
 def _set_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
     path, _, leaf = key.rpartition(".")
     module = root.get_submodule(path) if path else root
@@ -319,20 +312,6 @@ class StreamSession(EngineHooks):
         keys = [k for k in self.reader.keys if k.startswith(tuple(f"{e}." for e in self.spec.embeddings))]
         for key, value in self.reader.read(keys).items():
             _set_tensor(model, key, self._cast(value))
-
-    def place_activations(self, engine: EngineOptions, n_samples: int, seq_len: int) -> EngineOptions:
-        """Keep the calibration activations in host memory when they would not fit beside a block
-        on the GPU (``--offload-activations`` forces it); returns the options to run with."""
-        device = engine.torch_device()
-        if engine.offload_activations or device.type != "cuda":
-            return engine
-        world = self.group.world if self.group else 1
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        free, _ = torch.cuda.mem_get_info(device)
-        if activations_fit(-(-n_samples // world), seq_len, self.loaded.model.config.hidden_size, itemsize, free):
-            return engine
-        print("secateurs: calibration activations do not fit on the GPU; keeping them in host memory", file=sys.stderr)
-        return replace(engine, offload_activations=True)
 
     # --- resumable output --------------------------------------------------------------------
 
