@@ -9,7 +9,7 @@ import torch
 from tiny_models import random_ids, tiny_model
 from typer.testing import CliRunner
 
-from secateurs import load_model, save
+from secateurs import UsageError, load_model, save
 from secateurs.cli import app
 from secateurs.evaluate.speed import SpeedConfig, measure, ratios
 from secateurs.kernels import sparse_layers
@@ -111,3 +111,28 @@ def test_prune_export_unknown_value_exits_2_before_work(folders, tmp_path):
     done = CliRunner().invoke(app, ["prune", str(folders[0]), "--out", str(tmp_path / "x"), "--export", "csr"])
     assert done.exit_code == 2 and "--export" in done.output
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_of_a_sparse_export_reports_its_stored_bytes_and_decode_method(folders, tmp_path):
+    dense, _ = folders
+    exported = tmp_path / "s"
+    done = CliRunner().invoke(app, ["prune", str(dense), "--pattern", "2:4", "--device", "cpu", "--out", str(exported),
+                                    "--export", "sparse"])
+    assert done.exit_code == 0, done.output
+    out = tmp_path / "bench.json"
+    done = CliRunner().invoke(app, ["bench", str(exported), "--baseline", str(dense), "--device", "cpu", *SMALL,
+                                    "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    report = json.loads(out.read_text())
+    assert [r["label"] for r in report["results"]] == ["baseline", "sparse"]
+    sparse = report["results"][1]
+    assert sparse["extra_mib"] == 0 and sparse["decode_mode"] == "eager" and set(sparse["decode_by_method"]) == {"eager"}
+    assert report["ratios"]["sparse"]["weight_fraction"]["all"] < 1.0
+    assert "run-time copies" in done.output and "decode by" in done.output
+
+
+def test_bench_unknown_decode_method_exits_2(folders):
+    done = CliRunner().invoke(app, ["bench", str(folders[0]), "--device", "cpu", "--decode-methods", "cuda-graph,warp"])
+    assert done.exit_code == 2 and "--decode-methods" in done.output
+    with pytest.raises(UsageError, match="decode-methods"):
+        SpeedConfig(decode_methods=()).check()

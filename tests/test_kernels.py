@@ -291,3 +291,161 @@ def test_cuda_ops_say_why_they_are_off_and_offer_nothing_on_cpu():
     assert isinstance(why, str) and "\n" not in why and "CUDA" in why
     assert cuda_ops.candidates(Sparse24.compress(_w24(16, 64).half()), 1) == {}
     assert cuda_ops.candidates(Bitmap.compress(_wu(16, SEGMENT, 0.7).half()), 1) == {}
+
+
+def _fresh_notes(monkeypatch):
+    from secateurs.kernels import linear
+
+    monkeypatch.setattr(linear, "_NOTES", {})
+    return linear
+
+
+class _FakeCudaOps:
+    """Stands in for kernels.cuda_ops: the dispatcher must only use status() and candidates()."""
+
+    def __init__(self, reason, paths=None):
+        self.reason, self.paths, self.asked = reason, paths or {}, 0
+
+    def status(self):
+        return self.reason
+
+    def candidates(self, fmt, m):
+        self.asked += 1
+        return self.paths
+
+
+def test_dispatch_says_once_which_path_runs_when_cuda_kernels_cannot(monkeypatch):
+    linear = _fresh_notes(monkeypatch)
+    fake = _FakeCudaOps("NVRTC not found")
+    monkeypatch.setattr(linear, "cuda_ops", fake)
+    fmt = Sparse24.compress(_w24(8, 32))
+    assert linear.cuda_candidates(fmt, 1) == {} and linear.cuda_candidates(fmt, 2) == {}
+    assert fake.asked == 0
+    notes = linear.fallback_notes()
+    assert len(notes) == 1 and "NVRTC not found" in notes[0] and "Triton, cuSPARSELt or dense" in notes[0]
+    monkeypatch.setattr(linear, "cuda_ops", None)
+    assert linear.cuda_candidates(fmt, 1) == {} and "not installed" in linear.fallback_notes()[-1]
+
+
+def test_dispatch_offers_the_cuda_kernels_when_they_can_run(monkeypatch):
+    linear = _fresh_notes(monkeypatch)
+    kernel = lambda x: x  # noqa: E731
+    monkeypatch.setattr(linear, "cuda_ops", _FakeCudaOps(None, {"gemv": kernel}))
+    assert linear.cuda_candidates(Sparse24.compress(_w24(8, 32)), 1) == {"gemv": kernel}
+    assert linear.fallback_notes() == []
+
+
+def test_choose_takes_the_fastest_correct_path_and_dense_when_sparse_loses():
+    from secateurs.kernels.linear import choose
+
+    expected = torch.randn(4, 8)
+
+    def boom():
+        raise RuntimeError("the device refused this launch configuration")
+
+    options = [(("cuda:wrong", None), lambda: expected + 1), (("cuda:crash", None), boom),
+               (("cuda:gemv", None), lambda: expected.clone()), (("dense", None), lambda: expected.clone())]
+    times = {"cuda:wrong": 0.1, "cuda:crash": 0.1, "cuda:gemv": 2.0, "dense": 1.0}
+    plan, timings = choose(options, expected, lambda p: times[p[0]])
+    assert plan == ("dense", None) and set(timings) == {"cuda:gemv", "dense"}
+    times["cuda:gemv"] = 0.5
+    assert choose(options, expected, lambda p: times[p[0]])[0] == ("cuda:gemv", None)
+    assert choose(options[:2], expected, lambda p: times[p[0]])[0] == ("reference", None)
+
+
+def test_sparse_linear_on_cpu_runs_the_reference_and_says_so(monkeypatch):
+    linear = _fresh_notes(monkeypatch)
+    w = _wu(24, 256, 0.7)
+    layer = SparseLinear(Bitmap.compress(w))
+    x = torch.randn(3, 5, 256)
+    torch.testing.assert_close(layer(x), F.linear(x, w))
+    assert layer(x[:, :0]).shape == (3, 0, 24)
+    assert any("no CUDA device" in n and "reference" in n for n in linear.fallback_notes())
+    assert layer.extra_bytes() == 0
+
+
+def test_copy_policy_names_the_fallback_for_an_unknown_value(monkeypatch):
+    linear = _fresh_notes(monkeypatch)
+    monkeypatch.setenv("SECATEURS_SPARSE_COPIES", "sparse")
+    assert linear.copy_policy() == "sparse"
+    monkeypatch.setenv("SECATEURS_SPARSE_COPIES", "lots")
+    assert linear.copy_policy() == "dense" and "'lots'" in linear.fallback_notes()[-1]
+
+
+@pytest.mark.parametrize("kind", ["2:4", "bitmap"])
+def test_sparse_linear_traces_whole_under_torch_compile(kind):
+    w = _w24(16, 256) if kind == "2:4" else _wu(16, 256, 0.7)
+    layer = SparseLinear(Sparse24.compress(w) if kind == "2:4" else Bitmap.compress(w), torch.randn(16))
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fullgraph: a graph break is an error
+    x = torch.randn(2, 3, 256)
+    torch.testing.assert_close(compiled(x), F.linear(x, w, layer.bias))
+
+
+def test_unstructured_sparse_export_reloads_with_the_same_logits(tmp_path):
+    loaded = tiny_model("llama")
+    for module in block_linears(loaded.model, loaded.spec).values():
+        w = weight_matrix(module)
+        w.mul_(unstructured_mask(w.abs(), 0.7))
+    ids = random_ids(2, 9)
+    expected = loaded.model(ids).logits
+    stage = export_sparse(loaded)
+    assert "bitmap" in {info["kind"] for info in stage["layers"].values()}
+    reloaded = load_model(str(save(loaded, tmp_path / "u70", stages=[stage])))
+    assert set(sparse_layers(reloaded.model)) == set(stage["layers"])
+    torch.testing.assert_close(reloaded.model(ids).logits, expected)
+
+
+def _emulate_mma24(x: torch.Tensor, fmt: Sparse24) -> torch.Tensor:
+    """The tensor-core 2:4 kernel's data flow, lane by lane, through mma.sp.m16n8k32 as PTX defines it: lane
+    (g, t) holds A = (row g, slot group t), (row g+8, slot t), (row g, slot 4+t), (row g+8, slot 4+t), B rows
+    2t, 2t+8, 2t+16, 2t+24 (and +1) of token g, and lanes t = 2s, 2s+1 give selector s's metadata for slot
+    groups 0-3 and 4-7 (row g low 16 bits, row g+8 high). Checks the fragment-order table and the K permutation."""
+    import numpy as np
+
+    from secateurs.kernels.cuda_ops import fragment_metadata
+
+    n, k = fmt.shape
+    table = fragment_metadata(fmt.meta, fmt.shape).numpy().astype(np.int64) & 0xFFFFFFFF
+    values = fmt.values.double().numpy()
+    xs = x.double().numpy()
+    y = np.zeros((x.shape[0], n))
+    for tile in range(table.shape[0]):
+        rows = [min(tile * 16 + r, n - 1) for r in range(16)]
+        for kb in range(k // 64):
+            base_v, base_x = kb * 32, kb * 64
+            for mma, selector in ((0, 0), (1, 1)):
+                a = np.zeros((16, 16))  # compressed A as the MMA sees it: [row][2 * slot group + v]
+                meta = np.zeros((16, 8), dtype=np.int64)  # nibble per (row, slot group)
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    for half, row in ((0, g), (1, g + 8)):
+                        regs = values[rows[row], base_v + 8 * t: base_v + 8 * t + 8].reshape(4, 2)
+                        a[row, 2 * t: 2 * t + 2] = regs[2 * mma]  # slot t
+                        a[row, 8 + 2 * t: 8 + 2 * t + 2] = regs[2 * mma + 1]  # slot 4 + t
+                        if t in (2 * selector, 2 * selector + 1):
+                            word = (int(table[tile, kb, lane]) >> (16 * half)) & 0xFFFF
+                            for j in range(4):
+                                meta[row, 4 * (t - 2 * selector) + j] = (word >> (4 * j)) & 15
+                for token in range(x.shape[0]):
+                    b = np.zeros(32)
+                    for t in range(4):
+                        h, odd = t >> 1, t & 1
+                        pairs = [base_x + 16 * h + 8 * mma + 2 * odd + off for off in (0, 32, 4, 36)]
+                        for reg, col in enumerate(pairs):
+                            b[8 * reg + 2 * t: 8 * reg + 2 * t + 2] = xs[token, col: col + 2]
+                    for row in range(16):
+                        if tile * 16 + row >= n:
+                            continue
+                        for j in range(8):
+                            for v in range(2):
+                                index = (meta[row, j] >> (2 * v)) & 3
+                                y[token, tile * 16 + row] += a[row, 2 * j + v] * b[4 * j + index]
+    return torch.from_numpy(y)
+
+
+def test_cuda_mma24_fragment_metadata_and_k_permutation_equal_the_dense_product():
+    w = _w24(20, 128, seed=7).half()  # 20 rows: a partial second tile
+    w[3, :16] = 0.0
+    fmt = Sparse24.compress(w)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(8)).half()
+    torch.testing.assert_close(_emulate_mma24(x, fmt), x.double() @ w.double().T, rtol=1e-12, atol=1e-12)

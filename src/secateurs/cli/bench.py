@@ -52,12 +52,16 @@ def bench_command(
     warmup: Annotated[int, typer.Option(help="Untimed runs before each measurement.")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed runs; the median is reported.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the random prompt ids.")] = 0,
-    cuda_graphs: Annotated[bool, typer.Option(help="Replay the decode step as a CUDA graph (CUDA only).")] = True,
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay the decode step as a CUDA graph (CUDA only; off = eager).")] = True,
+    decode_methods: Annotated[str, typer.Option(
+        help="Decode methods timed on CUDA, fastest reported: cuda-graph (static cache, step in a CUDA graph), "
+             "compile (the step through torch.compile, then a CUDA graph).")] = "cuda-graph,compile",
     json_out: Annotated[str | None, typer.Option("--json", help="Also write every number to this JSON file.")] = None,
 ) -> None:
     """Measure speed and memory: dense vs pruned vs pruned-on-sparse-kernels, as ratios to the first."""
     config = SpeedConfig(_ints(prompt_lengths, "--prompt-lengths"), _ints(batches, "--batches"), new_tokens=new_tokens,
-                         warmup=warmup, repeats=repeats, seed=seed, cuda_graphs=cuda_graphs)
+                         warmup=warmup, repeats=repeats, seed=seed, cuda_graphs=cuda_graphs,
+                         decode_methods=tuple(csv_list(decode_methods)))
     config.check()
     check_json_out(json_out)
     ready()
@@ -82,10 +86,12 @@ def bench_command(
     for batch in config.decode_batches:
         add(f"decode batch {batch} (tok/s)", [r["decode_tokens_per_s"][batch] for r in results],
             [r["decode_tokens_per_s"][batch] / first["decode_tokens_per_s"][batch] for r in results[1:]])
-    for key, name in (("weight_mib", "weights (MiB)"), ("peak_mib", "peak memory (MiB)"), ("checkpoint_mib", "checkpoint (MiB)")):
+    for key, name in (("weight_mib", "weights stored (MiB)"), ("extra_mib", "run-time copies (MiB)"),
+                      ("peak_mib", "peak memory (MiB)"), ("checkpoint_mib", "checkpoint (MiB)")):
         values = [r[key] for r in results]
         add(name, values, [v / first[key] if v is not None and first[key] else None for v in values[1:]], "{:.0f}")
-    title = f"secateurs bench on {report['device']} ({report['dtype']}, decode: {results[-1]['decode_mode']})"
+    modes = "; ".join(f"{r['label']}: {r['decode_mode']}" for r in results)
+    title = f"secateurs bench on {report['device']} ({report['dtype']}; decode by {modes})"
     out_console.print(table(title, columns, rows))
     if json_out:
         _write_json(Path(json_out), report)

@@ -3,11 +3,19 @@ tokens/s, peak memory and checkpoint size, measured the same way for every model
 
 Protocol (fixed so dense and pruned runs are comparable): seeded random token ids; ``warmup``
 untimed runs, then the median of ``repeats`` timed runs; CUDA work timed with CUDA events,
-CPU work with ``perf_counter``. Decode runs greedily on a ``StaticCache`` (fixed shapes), and on
-CUDA the one-token step is captured once in a CUDA graph and replayed, because eager decode of a
-small batch is launch-bound and would hide any kernel's speed (FIELD.md: HF eager 22–33 tokens/s vs
-108–131 with a static cache and graphs on a Llama-2-7B shape). If capture fails the step runs
-eagerly and the result says so.
+CPU work with ``perf_counter``. Decode runs greedily on a ``StaticCache`` (fixed shapes). On CUDA
+it is timed with every method in ``decode_methods`` and the fastest is reported with its name,
+for every model alike, so a ratio is against what a user would otherwise run: ``cuda-graph``, the
+one-token step captured once in a CUDA graph and replayed (eager decode of a small batch is
+launch-bound and would hide any kernel's speed: FIELD.md, HF eager 22–33 tokens/s vs 108–131 with
+a static cache and graphs on a Llama-2-7B shape), and ``compile``, the same step through
+``torch.compile`` and then captured (fuses the norms, rotary and activation ops between the
+matmuls). A method that fails falls back to the next, down to eager, and the result says so.
+
+Before timing, one untimed forward per prompt length and decode batch lets sparse layers pick
+their kernels (timing happens outside graph capture), so peak memory is the steady state's, and
+``extra_mib`` reports the copies (dense or cuSPARSELt) they chose to keep beside their
+compressed weights.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from transformers import StaticCache
 
 from ..errors import UsageError
 
+DECODE_METHODS = ("cuda-graph", "compile")
+
 
 @dataclass
 class SpeedConfig:
@@ -36,6 +46,7 @@ class SpeedConfig:
     repeats: int = 5
     seed: int = 0
     cuda_graphs: bool = True
+    decode_methods: tuple[str, ...] = ("cuda-graph", "compile")
 
     def check(self) -> None:
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
@@ -44,6 +55,9 @@ class SpeedConfig:
             raise UsageError("--batches needs positive batch sizes, e.g. 1,8")
         if self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
             raise UsageError("--new-tokens and --repeats must be at least 1, --warmup at least 0")
+        unknown = set(self.decode_methods) - set(DECODE_METHODS)
+        if unknown or not self.decode_methods:
+            raise UsageError(f"--decode-methods takes some of {', '.join(DECODE_METHODS)} (got {', '.join(self.decode_methods)})")
 
 
 @dataclass
@@ -56,7 +70,9 @@ class SpeedResult:
     ttft_ms: dict[int, float] = field(default_factory=dict)
     decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
     decode_mode: str = "eager"
+    decode_by_method: dict[str, dict[int, float]] = field(default_factory=dict)
     weight_mib: float = 0.0
+    extra_mib: float = 0.0
     peak_mib: float | None = None
     checkpoint_mib: float | None = None
 
@@ -140,8 +156,9 @@ def prefill(model, config: SpeedConfig, device: torch.device, timer) -> tuple[di
 class _Decoder:
     """Greedy decode of ``batch`` sequences on a StaticCache; one step is replayable as a CUDA graph."""
 
-    def __init__(self, model, batch: int, config: SpeedConfig, device: torch.device) -> None:
+    def __init__(self, model, batch: int, config: SpeedConfig, device: torch.device, step_model=None) -> None:
         self.model = model
+        self.step_model = model if step_model is None else step_model
         self.config = config
         self.device = device
         self.cache = StaticCache(config=model.config, max_cache_len=config.decode_prompt + config.new_tokens + 1)
@@ -159,7 +176,7 @@ class _Decoder:
         self.position.fill_(n)
 
     def _step(self) -> None:
-        logits = self.model(self.token, past_key_values=self.cache, cache_position=self.position, use_cache=True).logits
+        logits = self.step_model(self.token, past_key_values=self.cache, cache_position=self.position, use_cache=True).logits
         self.token.copy_(logits[:, -1:].argmax(-1))
         self.position.add_(1)
 
@@ -188,23 +205,66 @@ class _Decoder:
             step()
 
 
-@torch.inference_mode()
-def decode(model, config: SpeedConfig, device: torch.device, timer) -> tuple[dict[int, float], str]:
-    """Tokens/s per batch size over ``new_tokens`` greedy steps after a short prompt (the prompt is not timed)."""
-    rates, mode = {}, "eager"
-    for batch in config.decode_batches:
-        decoder = _Decoder(model, batch, config, device)
-        if device.type == "cuda" and config.cuda_graphs and decoder.capture():
-            mode = "cuda-graph"
+def _decode_rate(model, batch: int, config: SpeedConfig, device: torch.device, timer, method: str) -> float | None:
+    """Tokens/s of one method at one batch size, or None if the method cannot run this model."""
+    step_model = None
+    if method == "compile":
+        torch._dynamo.reset()
+        step_model = torch.compile(model, dynamic=False)
+    decoder = _Decoder(model, batch, config, device, step_model)
+    try:
+        if method != "eager" and not decoder.capture():
+            return None
         times = []
         for i in range(config.warmup + config.repeats):
             decoder.start()
             ms = timer(decoder.run)
             if i >= config.warmup:
                 times.append(ms)
-        rates[batch] = batch * config.new_tokens / (statistics.median(times) / 1000)
+    except Exception:  # e.g. a model torch.compile cannot trace: the other methods still report
+        if method == "eager":
+            raise
+        return None
+    finally:
         del decoder
-    return rates, mode
+    return batch * config.new_tokens / (statistics.median(times) / 1000)
+
+
+@torch.inference_mode()
+def decode(model, config: SpeedConfig, device: torch.device, timer) -> tuple[dict[int, float], str, dict[str, dict[int, float]]]:
+    """Tokens/s per batch size over ``new_tokens`` greedy steps after a short prompt (the prompt is not timed),
+    by the fastest of ``config.decode_methods`` (eager on CPU or when every method fails); also every method's rates."""
+    methods = [m for m in config.decode_methods if device.type == "cuda" and config.cuda_graphs] or ["eager"]
+    by_method: dict[str, dict[int, float]] = {}
+    rates, modes = {}, {}
+    for batch in config.decode_batches:
+        for method in methods:
+            rate = _decode_rate(model, batch, config, device, timer, method)
+            if rate is not None:
+                by_method.setdefault(method, {})[batch] = rate
+        if not any(batch in r for r in by_method.values()):
+            by_method.setdefault("eager", {})[batch] = _decode_rate(model, batch, config, device, timer, "eager")
+        best = max((m for m in by_method if batch in by_method[m]), key=lambda m: by_method[m][batch])
+        rates[batch], modes[batch] = by_method[best][batch], best
+    mode = next(iter(set(modes.values()))) if len(set(modes.values())) == 1 else ", ".join(
+        f"batch {b}: {m}" for b, m in modes.items())
+    return rates, mode, by_method
+
+
+@torch.inference_mode()
+def warm(model, config: SpeedConfig, device: torch.device) -> None:
+    """One untimed forward at every row count the measurement will use, so sparse layers pick their
+    kernels (and build any copy they keep) before timing, graph capture and the peak-memory reset."""
+    vocab = model.config.get_text_config().vocab_size
+    shapes = [(1, n) for n in config.prompt_lengths]
+    shapes += [s for b in config.decode_batches for s in ((b, config.decode_prompt), (b, 1))]
+    for batch, length in shapes:
+        model(_ids(batch, length, vocab, config.seed, device), use_cache=False)
+
+
+def extra_bytes(model: torch.nn.Module) -> int:
+    """Bytes that sparse layers keep at run time beside their compressed weights (0 for a dense model)."""
+    return sum(m.extra_bytes() for m in model.modules() if hasattr(m, "extra_bytes"))
 
 
 def measure(model, label: str, device: torch.device, config: SpeedConfig, checkpoint: Path | None = None) -> SpeedResult:
@@ -215,13 +275,16 @@ def measure(model, label: str, device: torch.device, config: SpeedConfig, checkp
     result.weight_mib = weight_bytes(model) / 2**20
     size = folder_bytes(checkpoint)
     result.checkpoint_mib = None if size is None else size / 2**20
+    warm(model, config, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(config.seed)
     timer = _timer(device)
     result.prefill_ms, result.ttft_ms = prefill(model, config, device, timer)
-    result.decode_tokens_per_s, result.decode_mode = decode(model, config, device, timer)
+    result.decode_tokens_per_s, result.decode_mode, result.decode_by_method = decode(model, config, device, timer)
+    result.extra_mib = extra_bytes(model) / 2**20
     if device.type == "cuda":
         result.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
     return result
@@ -265,6 +328,7 @@ def compare(
     on CPU (or without Triton) sparse layers run the exact reference path, and a note says so.
     """
     from ..kernels import HAVE_TRITON, sparse_layers, sparsify
+    from ..kernels.linear import fallback_notes
     from ..model.load import load_model
 
     config.check()
@@ -290,11 +354,16 @@ def compare(
                 notes.append(f"no sparse run: {exc}")
             else:
                 results.append(measure(loaded.model, "sparse", device, config))
-    if len(results) > 1 and any(r.label == "sparse" for r in results):
+    if any(r.label == "sparse" for r in results):
         if device.type != "cuda":
             notes.append("on CPU sparse layers run the exact PyTorch reference (expand, then dense matmul): no speedup expected")
         elif not HAVE_TRITON:
             notes.append("triton is not installed: sparse layers run the PyTorch reference path (pip install triton)")
+        notes.extend(n for n in fallback_notes() if n not in notes and "no CUDA device" not in n)
+        sparse_run = next(r for r in results if r.label == "sparse")
+        if sparse_run.extra_mib:
+            notes.append(f"sparse layers keep {sparse_run.extra_mib:.0f} MiB of dense/cuSPARSELt copies where no kernel "
+                         "on the stored format beat them (counted in peak memory; SECATEURS_SPARSE_COPIES=sparse or none limits them)")
     first = results[0]
     return {
         "device": str(device),

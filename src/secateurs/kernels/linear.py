@@ -1,44 +1,154 @@
-"""``SparseLinear``: a drop-in for a pruned ``nn.Linear`` that keeps only the compressed weight.
+"""``SparseLinear``: a drop-in for a pruned ``nn.Linear`` that stores only the compressed weight,
+and the dispatcher that makes it never slower than the dense layer it replaces.
 
-On each call it picks the fastest correct way to multiply for this many activation rows:
-our Triton kernel, cuSPARSELt through ``torch.sparse`` (2:4 only, wins on long prompts), or
-expanding the weight and calling dense ``F.linear`` (the fallback where both kernels lose). The
-choice is timed once per (format, shape, power-of-two row bucket, dtype, device) with CUDA events
-and cached, so no shape runs slower than the measured alternatives. Without CUDA or without Triton
-it takes the pure-PyTorch reference path: slower, never wrong.
+For each (format, shape, power-of-two row bucket, dtype, device) the first call times every path
+that can compute the product and caches the fastest correct one:
+
+- ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV and ``mma.sp``,
+  bitmap), when ``cuda_ops.status()`` says they can run here;
+- ``triton``: our Triton kernels, one entry per launch configuration;
+- ``cusparselt``: cuSPARSELt through ``torch.sparse.to_sparse_semi_structured`` (2:4 only); its
+  packed copy is built once per weight, and the call is timed inside a CUDA graph, where its
+  per-call host cost is gone (decode and ``bench`` replay graphs; long prompts hide it anyway);
+- ``dense``: cuBLAS ``F.linear`` on a dense copy of the weight, expanded once per layer.
+
+Every candidate is timed as a CUDA graph of calls over enough weight copies to overflow L2 (the
+way the weight is read while decoding), median of replays. ``dense`` is always a candidate, so no
+bucket runs slower than dense; the price is memory: a layer keeps a dense (or cuSPARSELt) copy
+only where a bucket chose it, and ``extra_bytes`` / ``bench`` report those bytes.
+``SECATEURS_SPARSE_COPIES`` sets what copies are allowed (``copy_policy``): ``sparse`` keeps only
+cuSPARSELt copies, ``none`` only the stored format; a bucket that no allowed path wins then runs
+the fastest stored-format path, slower than dense but at the stored size.
+
+Timing never runs inside CUDA-graph capture: warm up (one eager call per shape) first. A bucket
+met for the first time during capture runs an untimed default and is not cached. Given the cache
+(``plans()``) the choice is deterministic. Without CUDA, or for an input whose dtype differs from
+the weight's, the exact PyTorch reference runs; every such fallback says so once, in one line
+(``fallback_notes()``, and the ``secateurs.kernels`` logger).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import statistics
+import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import triton_ops
 from .formats import SparseFormat, from_tensors, reference_matmul
 
-_PLANS: dict[tuple, tuple[str, triton_ops.Config | None]] = {}
+try:  # written by the CUDA-kernel work; the package runs without it
+    from . import cuda_ops
+except ImportError:
+    cuda_ops = None
+
+LOG = logging.getLogger("secateurs.kernels")
+Plan = tuple[str, "triton_ops.Config | None"]
+_PLANS: dict[tuple, Plan] = {}
+_NOTES: dict[str, None] = {}
+_STATIC: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # shared in/out buffers of the cuSPARSELt graphs
+_POOL: list = []
+_LAYERS: weakref.WeakValueDictionary[int, SparseLinear] = weakref.WeakValueDictionary()
 
 
 def tuning_enabled() -> bool:
-    """Timing candidates costs a few seconds per new shape; SECATEURS_KERNEL_TUNE=0 turns it off."""
+    """Timing candidates costs seconds per new shape; SECATEURS_KERNEL_TUNE=0 takes the untimed default."""
     return os.environ.get("SECATEURS_KERNEL_TUNE", "1") != "0"
+
+
+COPY_POLICIES = ("dense", "sparse", "none")
+
+
+def copy_policy() -> str:
+    """Which run-time copies a layer may keep beside its compressed weight (SECATEURS_SPARSE_COPIES):
+    ``dense`` (default) a dense or a cuSPARSELt copy, so no bucket is slower than dense; ``sparse`` only a
+    cuSPARSELt copy (0.56 of the dense bytes, so weights stay below dense); ``none`` the stored format only."""
+    policy = os.environ.get("SECATEURS_SPARSE_COPIES", "dense")
+    if policy not in COPY_POLICIES:
+        note(f"SECATEURS_SPARSE_COPIES={policy!r} is not one of {', '.join(COPY_POLICIES)}: using dense")
+        return "dense"
+    return policy
 
 
 def clear_plans() -> None:
     _PLANS.clear()
 
 
-def plans() -> dict[tuple, tuple[str, triton_ops.Config | None]]:
+def plans() -> dict[tuple, Plan]:
     """The cached choices, for reports: key -> (path, Triton config or None)."""
     return dict(_PLANS)
 
 
+def note(message: str) -> None:
+    """Say once, in one line, which path runs instead of the one that cannot."""
+    if message not in _NOTES:
+        _NOTES[message] = None
+        LOG.warning(message)
+
+
+def fallback_notes() -> list[str]:
+    return list(_NOTES)
+
+
+def _graph_pool():
+    """One memory pool for every layer's cuSPARSELt graph: each capture frees all it allocates, so they can share it."""
+    if not _POOL:
+        _POOL.append(torch.cuda.graph_pool_handle())
+    return _POOL[0]
+
+
 def bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
+
+
+def cuda_candidates(fmt: SparseFormat, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The run-time-compiled CUDA kernels for this weight and row count; {} (and a note) where they cannot run."""
+    if cuda_ops is None:
+        note("CUDA sparse kernels not installed (secateurs.kernels.cuda_ops missing): "
+             "sparse layers use Triton, cuSPARSELt or dense instead")
+        return {}
+    reason = cuda_ops.status()
+    if reason is not None:
+        note(f"CUDA sparse kernels unavailable ({reason}): sparse layers use Triton, cuSPARSELt or dense instead")
+        return {}
+    return cuda_ops.candidates(fmt, m)
+
+
+def choose(options: list[tuple[Plan, Callable[[], torch.Tensor]]], expected: torch.Tensor,
+           timer: Callable[[Plan], float]) -> tuple[Plan, dict[str, float]]:
+    """The fastest option whose result matches ``expected``; a crash or a wrong result is no candidate.
+
+    Returns the plan and every timing (ms by path label), for reports. Options are tried in order
+    and ties keep the earlier one, so the result depends only on the timings.
+    """
+    scale = expected.abs().max().clamp_min(1e-3)
+    best, best_ms, timings = None, math.inf, {}
+    for plan, call in options:
+        try:
+            got = call().float()
+        except Exception:  # a config the compiler or the device refuses is simply not a candidate
+            continue
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(scale)):
+            continue
+        ms = timer(plan)
+        timings[label(plan)] = ms
+        if ms < best_ms:
+            best, best_ms = plan, ms
+    return (best or ("reference", None)), timings
+
+
+def label(plan: Plan) -> str:
+    path, config = plan
+    if config is None:
+        return path
+    return f"triton {config.block_m}x{config.block_n}x{config.block_k}/s{config.split_k}/w{config.num_warps}" + (
+        " gemv" if config.gemv else "")
 
 
 class SparseLinear(nn.Module):
@@ -52,15 +162,22 @@ class SparseLinear(nn.Module):
         for name, tensor in fmt.tensors().items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self._semi: tuple[torch.device, torch.dtype, torch.Tensor] | None = None
+        self._dense: torch.Tensor | None = None
+        self._semi: torch.Tensor | None = None
+        self._semi_graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor, torch.Tensor]] = {}
+        _LAYERS[self.values.data_ptr()] = self
 
     @classmethod
     def from_module(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt_cls) -> SparseLinear:
         return cls(fmt_cls.compress(weight.detach()), bias)
 
+    def parts(self) -> list[torch.Tensor]:
+        names = ("values", "meta") if self.kind == "2:4" else ("values", "bits", "offsets")
+        return [getattr(self, n) for n in names]
+
     def format(self) -> SparseFormat:
         names = ("values", "meta") if self.kind == "2:4" else ("values", "bits", "offsets")
-        return from_tensors(self.kind, {n: getattr(self, n) for n in names}, (self.out_features, self.in_features))
+        return from_tensors(self.kind, dict(zip(names, self.parts())), (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.kind}"
@@ -68,84 +185,230 @@ class SparseLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.format().to_dense()
 
+    def extra_bytes(self) -> int:
+        """Bytes of the run-time copies this layer keeps beside its compressed weight (dense, cuSPARSELt)."""
+        total = 0
+        if self._dense is not None:
+            total += self._dense.numel() * self._dense.element_size()
+        if self._semi is not None:
+            total += _semi_bytes(self._semi)
+        return total
+
+    def release(self) -> None:
+        """Drop the run-time copies (they are rebuilt where a plan needs them)."""
+        self._dense = self._semi = None
+        self._semi_graphs = {}
+
+    def _apply(self, fn, recurse=True):
+        self.release()  # a copy on the old device or in the old dtype is stale
+        moved = super()._apply(fn, recurse)
+        _LAYERS[self.values.data_ptr()] = self  # the compiled op finds its layer by where its values live
+        return moved
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        fmt = self.format()
-        if not (x2.is_cuda and triton_ops.HAVE_TRITON) or x2.dtype != fmt.values.dtype or x2.shape[0] == 0:
-            y = reference_matmul(x2, fmt)
+        if torch.compiler.is_compiling():
+            y = torch.ops.secateurs.sparse_linear(x2, self.parts())
         else:
-            y = self._dispatch(x2.contiguous(), fmt)
+            y = self.matmul(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def _dispatch(self, x: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for a 2-D ``x`` through the cached plan of its bucket (tuned on first sight)."""
+        fmt = self.format()
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.out_features)
+        if not x.is_cuda:
+            note("no CUDA device: sparse layers run the exact PyTorch reference (expand, then dense matmul)")
+            return reference_matmul(x, fmt)
+        if x.dtype != fmt.values.dtype:
+            note(f"input dtype {x.dtype} differs from the sparse weight's {fmt.values.dtype}: "
+                 "those calls run the PyTorch reference (load the model in the weight's dtype)")
+            return reference_matmul(x, fmt)
+        x = x.contiguous()
         m = x.shape[0]
-        key = (self.kind, self.out_features, self.in_features, bucket(m), x.dtype, x.device)
+        key = (self.kind, self.out_features, self.in_features, bucket(m), x.dtype, x.device, copy_policy())
         plan = _PLANS.get(key)
         if plan is None:
-            if tuning_enabled() and not torch.cuda.is_current_stream_capturing():
-                plan = self._tune(x, fmt, bucket(m))
-                _PLANS[key] = plan
-            else:
-                plan = ("triton", triton_ops.default_config(self.kind, m))
+            if torch.cuda.is_current_stream_capturing():
+                note("a sparse layer met a new token count inside CUDA-graph capture: it runs untimed there "
+                     "(warm up with one eager call per shape first)")
+                return self._run(self._default_plan(fmt, m), x, fmt)
+            plan = self._tune(fmt, bucket(m), x) if tuning_enabled() else self._default_plan(fmt, m)
+            _PLANS[key] = plan
+        return self._run(plan, x, fmt)
+
+    def _default_plan(self, fmt: SparseFormat, m: int) -> Plan:
+        """The untimed choice: a CUDA kernel if one applies, else Triton's first configuration, else the reference."""
+        found = cuda_candidates(fmt, m)
+        if found:
+            return (f"cuda:{next(iter(found))}", None)
+        if triton_ops.HAVE_TRITON:
+            return ("triton", triton_ops.default_config(self.kind, m))
+        return ("reference", None)
+
+    def _run(self, plan: Plan, x: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
         path, config = plan
-        if path == "triton":
+        capturing = torch.cuda.is_current_stream_capturing()
+        if path.startswith("cuda:"):
+            call = cuda_candidates(fmt, x.shape[0]).get(path[5:])
+            if call is not None:
+                return call(x)
+        elif path == "triton":
             return triton_ops.run(x, fmt, config)
-        if path == "cusparselt":
-            return nn.functional.linear(x, self._semi_structured(x))
+        elif path == "dense" and (self._dense is not None or not capturing):
+            return F.linear(x, self._dense_copy(x))
+        elif path == "cusparselt" and capturing and self._semi is not None:
+            return F.linear(x, self._semi)
+        elif path == "cusparselt" and not capturing:
+            return self._semi_replay(x)
+        if path != "reference":
+            note(f"sparse path {path} could not run for {x.shape[0]} rows here: the PyTorch reference runs instead")
         return reference_matmul(x, fmt)
 
-    def _semi_structured(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight in torch's 2:4 semi-structured (cuSPARSELt) layout, built on first use."""
-        if self._semi is None or self._semi[0] != x.device or self._semi[1] != x.dtype:
-            dense = self.dense_weight().to(device=x.device, dtype=x.dtype)
-            self._semi = (x.device, x.dtype, torch.sparse.to_sparse_semi_structured(dense))
-        return self._semi[2]
+    def _dense_copy(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is None or self._dense.device != x.device or self._dense.dtype != x.dtype:
+            self._dense = self.dense_weight().to(device=x.device, dtype=x.dtype)
+        return self._dense
 
-    def _tune(self, x: torch.Tensor, fmt: SparseFormat, rows: int) -> tuple[str, triton_ops.Config | None]:
-        """Time every candidate on ``rows`` random activation rows; keep the fastest that is correct."""
+    def _semi_replay(self, x: torch.Tensor) -> torch.Tensor:
+        """cuSPARSELt outside a caller's graph: a CUDA graph of this layer's call, captured once per row
+        bucket and replayed, so the library's per-call plan set-up (milliseconds of host time) is paid once."""
+        rows = bucket(x.shape[0])
+        if rows not in self._semi_graphs:
+            semi = self._semi_copy(x)
+            key = (x.device, x.dtype, self.in_features, self.out_features, rows)
+            if key not in _STATIC:
+                _STATIC[key] = (x.new_zeros(rows, self.in_features), x.new_empty(rows, self.out_features))
+            x_in, y_out = _STATIC[key]
+            F.linear(x_in, semi)  # set the library up outside capture
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=_graph_pool()):
+                    y_out.copy_(F.linear(x_in, semi))
+            except Exception as exc:  # a library build that refuses capture: plain calls, host cost included
+                torch.cuda.synchronize()
+                note(f"cuSPARSELt could not be captured in a CUDA graph ({str(exc).splitlines()[0]}): plain calls instead")
+                graph = None
+            self._semi_graphs[rows] = (graph, x_in, y_out)
+        graph, x_in, y_out = self._semi_graphs[rows]
+        if graph is None:
+            return F.linear(x, self._semi_copy(x))
+        m = x.shape[0]
+        x_in[:m].copy_(x)
+        graph.replay()
+        return y_out[:m].clone()
+
+    def _semi_copy(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in torch's 2:4 semi-structured (cuSPARSELt) layout, packed once per layer."""
+        if self._semi is None or self._semi.device != x.device or self._semi.dtype != x.dtype:
+            self._semi = torch.sparse.to_sparse_semi_structured(self.dense_weight().to(device=x.device, dtype=x.dtype))
+        return self._semi
+
+    def _tune(self, fmt: SparseFormat, rows: int, x: torch.Tensor) -> Plan:
+        """Time every path on ``rows`` seeded random rows, over weight copies that overflow L2; keep the fastest correct one."""
         probe = torch.randn(rows, self.in_features, device=x.device, dtype=x.dtype,
                             generator=torch.Generator(x.device).manual_seed(0))
         expected = reference_matmul(probe, fmt).float()
-        scale = expected.abs().max().clamp_min(1e-3)
-        options: list[tuple[tuple[str, triton_ops.Config | None], Callable[[], torch.Tensor]]] = [
-            (("dense", None), lambda: reference_matmul(probe, fmt))
-        ]
-        for config in triton_ops.candidates(self.kind, rows):
-            options.append((("triton", config), lambda c=config: triton_ops.run(probe, fmt, c)))
-        if self.kind == "2:4" and rows >= 64:
-            try:
-                self._semi_structured(probe)
-                options.append((("cusparselt", None), lambda: nn.functional.linear(probe, self._semi[2])))
-            except (RuntimeError, NotImplementedError):
-                self._semi = None
-        best, best_ms = ("dense", None), float("inf")
-        for plan, call in options:
-            try:
-                got = call().float()
-            except Exception:  # a config the compiler or the device refuses is simply not a candidate
-                continue
-            if not torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(scale)):
-                continue
-            ms = _median_ms(call)
-            if ms < best_ms:
-                best, best_ms = plan, ms
-        if best[0] != "cusparselt":
-            self._semi = None
-        return best
+        dense = fmt.to_dense()
+        # Each path reads one representation of the weight; calls are made from one copy of it.
+        clone = lambda: from_tensors(fmt.kind, {k: v.clone() for k, v in fmt.tensors().items()}, fmt.shape)  # noqa: E731
+        sources: dict[str, tuple[object, Callable[[], object], int]] = {"stored": (fmt, clone, fmt.nbytes())}
+        options: list[tuple[Plan, str, Callable[[object], Callable[[], torch.Tensor]]]] = []
+        for name in cuda_candidates(fmt, rows):
+            options.append(((f"cuda:{name}", None), "stored", lambda f, n=name: (lambda: cuda_candidates(f, rows)[n](probe))))
+        if triton_ops.HAVE_TRITON:
+            for config in triton_ops.candidates(self.kind, rows):
+                options.append((("triton", config), "stored", lambda f, c=config: (lambda: triton_ops.run(probe, f, c))))
+        policy = copy_policy()
+        if policy != "none":
+            if self.kind == "2:4":
+                try:
+                    semi = torch.sparse.to_sparse_semi_structured(dense)
+                except (RuntimeError, NotImplementedError, ValueError) as exc:
+                    note(f"cuSPARSELt unavailable for {self.out_features}x{self.in_features} "
+                         f"({str(exc).splitlines()[0]}): not a candidate")
+                else:
+                    sources["semi"] = (semi, lambda: torch.sparse.to_sparse_semi_structured(dense.clone()), _semi_bytes(semi))
+                    staged = torch.empty_like(probe)
+                    options.append((("cusparselt", None), "semi",
+                                    lambda s: (lambda: F.linear(staged.copy_(probe), s).clone())))
+        if policy == "dense":
+            sources["dense"] = (dense, dense.clone, dense.numel() * dense.element_size())
+            options.append((("dense", None), "dense", lambda w: (lambda: F.linear(probe, w))))
+        else:
+            options.append((("reference", None), "stored", lambda f: (lambda: reference_matmul(probe, f))))
+        rotations: dict[str, list[object]] = {}
+
+        def timer(plan: Plan) -> float:
+            source, make = next((s, mk) for p, s, mk in options if p == plan)
+            if source not in rotations:
+                first, build, size = sources[source]
+                rotations[source] = [first, *(build() for _ in range(_copies(size, x.device) - 1))]
+            return _graph_ms([make(w) for w in rotations[source]])
+
+        plan, _ = choose([(p, mk(sources[s][0])) for p, s, mk in options], expected, timer)
+        return plan
 
 
-def _median_ms(call: Callable[[], torch.Tensor], repeats: int = 20) -> float:
-    for _ in range(3):
+def _copies(size: int, device: torch.device) -> int:
+    """How many copies of a ``size``-byte weight make a rotation that overflows L2 twice over."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return max(2, min(16, math.ceil(2 * l2 / max(size, 1))))
+
+
+def _semi_bytes(semi) -> int:
+    return sum(t.numel() * t.element_size() for t in (getattr(semi, "packed", None), getattr(semi, "meta", None))
+               if t is not None)
+
+
+def _graph_ms(calls: list[Callable[[], torch.Tensor]], replays: int = 7) -> float:
+    """Median ms per call of a CUDA graph that runs ``calls`` in turn (plain events if capture fails)."""
+    for call in calls:
         call()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        run = graph.replay
+    except Exception:  # a library path that refuses capture is timed eagerly, host cost included
+        torch.cuda.synchronize()
+
+        def run() -> None:
+            for call in calls:
+                call()
     times = []
-    for _ in range(repeats):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        call()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        times.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(times[1:])
+
+
+@torch.library.custom_op("secateurs::sparse_linear", mutates_args=())
+def _sparse_linear_op(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The dispatcher as one opaque op, so ``torch.compile`` traces a SparseLinear without graph breaks."""
+    layer = _LAYERS.get(parts[0].data_ptr())
+    if layer is not None and layer.values.data_ptr() == parts[0].data_ptr():
+        return layer.matmul(x)
+    kind, names = ("2:4", ("values", "meta")) if len(parts) == 2 else ("bitmap", ("values", "bits", "offsets"))
+    width = parts[1].shape[1] * (8 if kind == "2:4" else 32)
+    return reference_matmul(x, from_tensors(kind, dict(zip(names, parts)), (parts[1].shape[0], width)))
+
+
+@_sparse_linear_op.register_fake
+def _(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], parts[1].shape[0])
