@@ -12,9 +12,9 @@ from ..data.calib import CalibConfig
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import load_model
-from ..model.save import check_out
+from ..model.save import check_out, check_writable
 from ..recover.checkpoint import check_checkpoints
-from ..recover.lora import PRECISIONS, RecoverConfig, checkpoint_files, remove_checkpoints
+from ..recover.lora import CHECKPOINT, PRECISIONS, RecoverConfig, checkpoint_files, remove_checkpoints
 from ..recover.loraprune import MODES, LoRAPruneConfig
 from ..sparsity.registry import method_names
 from . import app
@@ -95,6 +95,7 @@ def recover_command(
         calib_config.validate()
     check_out_folder(out, model, overwrite, dtype)
     check_checkpoints(checkpoint_files(checkpoints))
+    check_writable(Path(checkpoints).expanduser().resolve() / CHECKPOINT, f"--checkpoint-dir {checkpoints}")
     skeleton = preflight(model, trust_remote_code)
     if skeleton is not None:
         check_context(skeleton, seq_len=seq_len, calib_seq_len=calib_seq_len if method == "iterative" else None,

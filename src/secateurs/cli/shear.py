@@ -13,7 +13,7 @@ from ..data.sources import check_name
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import load_model
-from ..model.save import check_out
+from ..model.save import check_out, check_writable
 from ..recover.checkpoint import check_checkpoints
 from ..structured.shearing import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT, ShearConfig, ShearTarget
 from . import app
@@ -97,6 +97,7 @@ def shear_command(
     if checkpoint_dir:
         folder = Path(checkpoint_dir).expanduser()
         check_checkpoints([folder / PRUNE_CHECKPOINT, folder / CONTINUE_CHECKPOINT])
+        check_writable(folder.resolve() / PRUNE_CHECKPOINT, f"--checkpoint-dir {checkpoint_dir}")
     skeleton = preflight(model, trust_remote_code)
     if skeleton is not None:
         check_context(skeleton, seq_len=seq_len, eval_seq_len=eval_seq_len if ppl else None)

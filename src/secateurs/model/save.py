@@ -145,7 +145,7 @@ def save_model(
             tmp.rename(target)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"could not write --out {out}: {_os_reason(exc)}; nothing was written") from None
+        raise UsageError(f"could not write --out {out}: {os_reason(exc)}; nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -191,7 +191,7 @@ def remove_abandoned(parent: Path) -> list[Path]:
     return removed
 
 
-def _os_reason(exc: BaseException) -> str:
+def os_reason(exc: BaseException) -> str:
     """The operating system's reason in a few words (safetensors wraps it in its own message)."""
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import UsageError
+from ..model.save import os_reason
 
 STATE_KEY = "secateurs_state"
 FORMAT = 1
@@ -82,6 +83,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     try:
         save_file(tensors, str(tmp), metadata={STATE_KEY: document})
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(
+            f"could not write the checkpoint {path}: {os_reason(exc)}; the previous one is kept, rerun the same command to resume from it"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
