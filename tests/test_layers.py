@@ -34,9 +34,10 @@ def _layers(arch: str, n: int) -> dict:
     return {"n_layer": n, "num_hidden_layers": n} if arch == "gpt2" else {"num_hidden_layers": n}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3", "gpt2", "opt", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "qwen3", "gpt2", "opt", "gpt_neox"])
 def test_dropped_model_matches_reference_and_generates(arch, tmp_path):
-    layer_types = {"layer_types": ["sliding_attention", "full_attention"] * 2} if arch == "gemma2" else {}
+    gemma = arch in ("gemma2", "gemma3")
+    layer_types = {"layer_types": ["sliding_attention", "full_attention"] * 2} if gemma else {}
     loaded = tiny_model(arch, **_layers(arch, 4), **layer_types)
     reference = copy.deepcopy(loaded.model)
     for i in (1, 2):
@@ -46,8 +47,8 @@ def test_dropped_model_matches_reference_and_generates(arch, tmp_path):
     model = loaded.model
     assert kept == [0, 3] and len(loaded.spec.blocks_of(model)) == 2
     assert loaded.spec.num_layers(model.config) == 2
-    if arch == "gemma2":
-        assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    if gemma:
+        assert loaded.spec.text_config(model.config).layer_types == ["sliding_attention", "full_attention"]
     with torch.no_grad():
         expected = reference(input_ids=ids, use_cache=False).logits
         got = model(input_ids=ids, use_cache=False).logits

@@ -21,10 +21,10 @@ from tiny_models import random_ids, tiny_model
 GQA = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
 WIDE = {
     "llama": GQA, "mistral": GQA, "qwen2": dict(num_attention_heads=8, num_key_value_heads=4),
-    "qwen3": GQA, "gemma2": GQA, "phi3": dict(num_attention_heads=8, num_key_value_heads=4),
+    "qwen3": GQA, "gemma2": GQA, "gemma3": GQA, "phi3": dict(num_attention_heads=8, num_key_value_heads=4),
     "gpt2": dict(n_head=8), "opt": dict(num_attention_heads=8), "gpt_neox": dict(num_attention_heads=8),
 }
-HEADS_OK = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+HEADS_OK = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 def _random_keep(loaded, kinds, uniform: bool, seed: int = 0):
@@ -51,7 +51,7 @@ def _masked(loaded, kinds, removed):
     return ref
 
 
-CASES = [(arch, False) for arch in WIDE] + [(arch, True) for arch in ("llama", "qwen2", "phi3", "gpt2")]
+CASES = [(arch, False) for arch in WIDE] + [(arch, True) for arch in ("llama", "qwen2", "gemma3", "phi3", "gpt2")]
 
 
 @pytest.mark.parametrize("arch,uniform", CASES)

@@ -13,7 +13,7 @@ from secateurs.model.arch import spec_for
 from secateurs.model.load import LoadedModel
 
 VOCAB = 320
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "opt", "gpt_neox")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt2", "opt", "gpt_neox")
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=3,
                max_position_embeddings=256, tie_word_embeddings=False)
@@ -27,6 +27,11 @@ _OVERRIDES: dict[str, dict] = {
     "gemma3_text": dict(num_key_value_heads=2, intermediate_size=128, head_dim=16, sliding_window=8,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "phi3": dict(num_key_value_heads=2, intermediate_size=128, pad_token_id=0),
+    # Gemma 3's multimodal model: the text model above inside, a one-layer vision tower beside it.
+    "gemma3": dict(mm_tokens_per_image=4, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+                   image_token_index=VOCAB - 1,
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14)),
     "gpt2": dict(n_embd=64, n_head=4, n_layer=3, n_positions=256),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1),
     "gpt_neox": dict(intermediate_size=128),
@@ -42,7 +47,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> LoadedModel:
-    config = AutoConfig.for_model(model_type, **{**_COMMON, **_OVERRIDES[model_type], **overrides})
+    if model_type == "gemma3":
+        text = {**_COMMON, **_OVERRIDES["gemma3_text"], **overrides}
+        config = AutoConfig.for_model(model_type, text_config=text, **_OVERRIDES[model_type])
+    else:
+        config = AutoConfig.for_model(model_type, **{**_COMMON, **_OVERRIDES[model_type], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.requires_grad_(False)

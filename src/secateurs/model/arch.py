@@ -56,8 +56,14 @@ class ArchSpec:
         """Prunable linears of one block (attention first, then MLP), by path relative to it."""
         return {path: block.get_submodule(path) for path in (*self.attention, *self.mlp)}
 
+    @staticmethod
+    def text_config(config):
+        """The (sub-)config holding the decoder's keys (layers, widths, heads): a multimodal model's
+        ``text_config``, else the config itself."""
+        return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
     def num_layers(self, config) -> int:
-        return int(getattr(config, self.num_layers_key))
+        return int(getattr(self.text_config(config), self.num_layers_key))
 
 
 _LLAMA_LIKE = dict(

@@ -28,7 +28,7 @@ def check_removal(model: nn.Module, spec: ArchSpec, removed: Sequence[int]) -> l
     blocks = spec.blocks_of(model)
     if not isinstance(blocks, nn.ModuleList):
         raise UsageError(f"{spec.blocks} of this {spec.name} model is not a list of layers; it cannot be depth-pruned")
-    config = model.config
+    config = spec.text_config(model.config)
     for key in _CROSS_LAYER_KEYS:
         if getattr(config, key, None):
             raise UsageError(f"this model shares state across layers ({key}); its layers cannot be dropped one by one")
@@ -58,7 +58,7 @@ def _layer_idx_modules(block: nn.Module) -> list[nn.Module]:
 
 def _apply(model: nn.Module, spec: ArchSpec, kept: list[int]) -> None:
     blocks = spec.blocks_of(model)
-    config = model.config
+    config = spec.text_config(model.config)
     n = len(blocks)
     for key in _per_layer_keys(config, n):
         value = getattr(config, key)
@@ -84,7 +84,7 @@ def drop_layers(model: nn.Module, spec: ArchSpec, removed: Sequence[int]) -> lis
 def layers_removed(model: nn.Module, spec: ArchSpec, removed: Sequence[int]) -> Iterator[list[int]]:
     """The model without ``removed`` inside the ``with``, restored exactly afterwards (no weight copies)."""
     blocks = spec.blocks_of(model)
-    config = model.config
+    config = spec.text_config(model.config)
     saved_config = {key: getattr(config, key) for key in _per_layer_keys(config, len(blocks))}
     saved_config[spec.num_layers_key] = getattr(config, spec.num_layers_key)
     saved_idx = [(m, m.layer_idx) for block in blocks for m in _layer_idx_modules(block)]

@@ -139,10 +139,10 @@ def _set_head_attributes(block: nn.Module, spec: ArchSpec, before) -> None:
 
 def update_config(model: PreTrainedModel, spec: ArchSpec) -> None:
     """Set the config's sizes to the blocks' (largest) widths; record shapes it cannot express."""
-    config = model.config
+    top, config = model.config, spec.text_config(model.config)  # sizes live in a multimodal model's text config
     blocks = spec.blocks_of(model)
-    if hasattr(config, SHAPES_KEY):
-        delattr(config, SHAPES_KEY)
+    if hasattr(top, SHAPES_KEY):
+        delattr(top, SHAPES_KEY)
     if spec.head_dim_key is not None:
         geometries = [head_geometry(spec, config, block) for block in blocks]
         widest = max(geometries, key=lambda geo: geo.heads)
@@ -167,14 +167,14 @@ def update_config(model: PreTrainedModel, spec: ArchSpec) -> None:
               for block in blocks]
     setattr(config, spec.intermediate_key, max(widths))
     differing = _differing_shapes(model)
-    auto_map = dict(getattr(config, "auto_map", None) or {})
+    auto_map = dict(getattr(top, "auto_map", None) or {})
     if differing:
-        setattr(config, SHAPES_KEY, differing)
+        setattr(top, SHAPES_KEY, differing)
         auto_map["AutoModelForCausalLM"] = f"{REMOTE_MODULE}.{_remote_class_name(model)}"
-        config.auto_map = auto_map
+        top.auto_map = auto_map
     elif auto_map.get("AutoModelForCausalLM", "").startswith(f"{REMOTE_MODULE}."):
         del auto_map["AutoModelForCausalLM"]
-        config.auto_map = auto_map or None
+        top.auto_map = auto_map or None
 
 
 def _stock_class(model: PreTrainedModel) -> type[PreTrainedModel]:

@@ -77,6 +77,7 @@ class HeadGeometry:
 
 def head_geometry(spec: ArchSpec, config, block: nn.Module) -> HeadGeometry:
     """The block's attention sizes, read from its output projection (so already-pruned blocks work)."""
+    config = spec.text_config(config)
     config_heads = int(getattr(config, spec.heads_key))
     config_kv = int(getattr(config, spec.kv_heads_key) or config_heads) if spec.kv_heads_key else config_heads
     head_dim = getattr(config, spec.head_dim_key, None) if spec.head_dim_key else None
