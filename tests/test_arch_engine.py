@@ -11,7 +11,7 @@ from secateurs.data.calib import CalibConfig
 from secateurs.engine.sequential import BlockMethod, EngineOptions, run_blocks
 from secateurs.engine.stats import Hessian, InputSqNorm
 from secateurs.errors import UsageError
-from secateurs.model.arch import spec_for
+from secateurs.model.arch import SPECS, spec_for
 from secateurs.model.linear import weight_matrix
 
 
@@ -186,3 +186,9 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UsageError, match="without a network pass a local folder"):
         load_model("someorg/some-model-that-is-not-cached")
+
+
+def test_every_arch_spec_has_a_tiny_model():
+    """Each ArchSpec entry is exercised by the engine and surgery tests above through a tiny model."""
+    covered = {spec_for(tiny_model(arch).model).name for arch in ARCHS}
+    assert covered == {spec.name for spec in SPECS}
