@@ -13,6 +13,7 @@ unstructured. Results go to benchmarks/results/sparse_kernels_<part>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -268,7 +269,7 @@ def linear_step(model, spec, batch: int) -> dict:
 
 def _paths(model) -> dict:
     """Which path each (format, shape, token bucket) took: the dispatcher's cached plans."""
-    return {f"{k[0]} {k[1]}x{k[2]} rows<={k[3]}": label(v) for k, v in plans().items()}
+    return {f"{k[0]} {k[1]}x{k[2]} rows<={k[3]} copies={k[-1]}": label(v) for k, v in plans().items()}
 
 
 def _print_speed(results: list[SpeedResult], steps: dict) -> None:
@@ -348,6 +349,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
         os.environ["SECATEURS_SPARSE_COPIES"] = policy or "dense"
         if results[-1].label != "dense":
             del model
+            gc.collect()
             torch.cuda.empty_cache()
             model, spec = build()
         _prune(model, spec, pattern)

@@ -20,6 +20,7 @@ compressed weights.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -227,6 +228,8 @@ def _decode_rate(model, batch: int, config: SpeedConfig, device: torch.device, t
         return None
     finally:
         del decoder
+        if method == "compile":
+            torch._dynamo.reset()  # compiled code holds the model (and its memory) until reset
     return batch * config.new_tokens / (statistics.median(times) / 1000)
 
 
@@ -277,6 +280,7 @@ def measure(model, label: str, device: torch.device, config: SpeedConfig, checkp
     result.checkpoint_mib = None if size is None else size / 2**20
     warm(model, config, device)
     if device.type == "cuda":
+        gc.collect()  # what an earlier model left behind must not count in this one's peak
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -136,7 +136,10 @@ def choose(options: list[tuple[Plan, Callable[[], torch.Tensor]]], expected: tor
             continue
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=2e-2, atol=2e-2 * float(scale)):
             continue
-        ms = timer(plan)
+        try:
+            ms = timer(plan)
+        except Exception:  # it ran once but not over the timing copies or in a graph: not a candidate either
+            continue
         timings[label(plan)] = ms
         if ms < best_ms:
             best, best_ms = plan, ms
@@ -347,7 +350,8 @@ class SparseLinear(nn.Module):
             source, make = next((s, mk) for p, s, mk in options if p == plan)
             if source not in rotations:
                 first, build, size = sources[source]
-                rotations[source] = [first, *(build() for _ in range(_copies(size, x.device) - 1))]
+                with torch.inference_mode(False):  # copies as ordinary tensors, like the layer's own buffers
+                    rotations[source] = [first, *(build() for _ in range(_copies(size, x.device) - 1))]
             return _graph_ms([make(w) for w in rotations[source]])
 
         plan, _ = choose([(p, mk(sources[s][0])) for p, s, mk in options], expected, timer)
