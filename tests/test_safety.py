@@ -454,3 +454,20 @@ secateurs.save(secateurs.load_model({str(tiny_folder)!r}), {str(tmp_path / "out"
     secateurs.save(secateurs.load_model(str(tiny_folder)), tmp_path / "out", [])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_every_stage_command_stops_at_ready_under_check_only(tmp_path, tiny_folder, no_loading):
+    """What recipes rely on: each stage's own command checks everything, then stops before work."""
+    from secateurs.cli.common import Checked, check_only
+    from secateurs.recipe import STAGE_COMMANDS, _commands
+
+    out = str(tmp_path / "out")
+    extra = {"prune": dict(out=out), "width": dict(out=out, method="magnitude"), "layers": dict(out=out, remove=1, seq_len=16),
+             "recover": dict(out=out, steps=1), "shear": dict(out=out, target="layers=2", seq_len=16),
+             "eval": dict(seq_len=16), "bench": {}}
+    commands = _commands()
+    assert set(commands) == set(STAGE_COMMANDS)
+    for name, function in commands.items():
+        with check_only(), pytest.raises(Checked):
+            function(model=str(tiny_folder), **extra[name])
+    assert not (tmp_path / "out").exists()

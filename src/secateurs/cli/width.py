@@ -83,7 +83,7 @@ def width_command(
         ["method", f"{method} ({report.importance or 'its metric'}, {mode})"],
         *[[f"{kind} removed (achieved)", f"{value:.4f}"] for kind, value in achieved.items()],
         ["parameters", f"{report.params_before:,} → {report.params_after:,} (−{report.reduction:.2%})"],
-        ["per-layer config (trust_remote_code)", "yes" if report.per_layer_config else "no"],
+        ["per-layer widths (plain transformers: trust_remote_code)", "yes" if report.per_layer_config else "no"],
         ["time (s)", f"{report.seconds:.1f}"],
         ["peak memory (MiB)", f"{report.peak_memory_mb:.0f}"],
     ]
