@@ -8,7 +8,8 @@ output keeps its expected value. FLAP's paper default is a global structure acro
 kinds (``--mode global``; scores are standardised per kind there) and 1024 samples of 128 tokens.
 
 The compensation adds a bias to o_proj / down_proj that Llama-family configs cannot express on its
-own, so a compensated folder reloads through the per-layer model class (``trust_remote_code``);
+own, so a compensated folder reloads through the per-layer model class (secateurs' own; plain
+transformers users opt in with ``trust_remote_code``);
 ``bias_compensation=False`` gives a stock-loadable result.
 """
 
