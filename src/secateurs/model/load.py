@@ -13,8 +13,8 @@ import importlib.util
 import logging
 import math
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,6 +31,8 @@ from .arch import ArchSpec, spec_for
 from .slice import load_pretrained, skeleton_class
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Bytes per element of the integer tensors a safetensors header names (sparse exports store some).
+_INTEGER_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ def model_bytes(source: str, dtype: str = "float32") -> int | None:
                     tensor = f.get_slice(name)
                     size = math.prod(tensor.get_shape())
                     stored = tensor.get_dtype()
-                    total += size * (itemsize if stored.startswith(("F", "BF")) else int(stored.lstrip("IUBOL") or 8) // 8 or 1)
+                    total += size * (itemsize if stored.startswith(("F", "BF")) else _INTEGER_BYTES.get(stored, 8))
     except (OSError, SafetensorError):
         return None  # the load itself will name the broken shard
     return total
