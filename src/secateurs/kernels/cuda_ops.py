@@ -1,4 +1,4 @@
-"""CUDA C++ sparse GEMV kernels for decode, compiled at run time through NVRTC: no CUDA toolkit needed.
+"""CUDA C++ sparse kernels for decode, compiled at run time through NVRTC: no CUDA toolkit needed.
 
 The source (``kernels/cuda/sparse_gemv.cu``, shipped as package data) is compiled on first use for the
 GPU's architecture by NVRTC through NVIDIA's ``cuda-python`` bindings (``pip install 'secateurs[kernels]'``;
@@ -6,20 +6,28 @@ NVRTC itself comes with PyTorch's CUDA wheels) and the binary is cached on disk 
 ``~/.cache/secateurs/kernels`` (``SECATEURS_KERNEL_CACHE`` overrides), keyed by the source and options
 hash, the target architecture and the NVRTC version. Kernels launch on PyTorch's current stream.
 
-Why CUDA C++ and not Triton: at one token a Hopper SM receives 13-18 bytes from memory per clock, so a
-sparse GEMV must spend very few instructions per weight. The 2:4 kernel spends one byte-permute per group
-of four inputs to pick the two activations (no gather, no per-value decode) and reads 16-byte weight
-vectors with an evict-first hint; see the source for both kernels' designs.
+Three kernels, all reading each compressed weight byte once (decode is bound by memory, and a Hopper SM
+receives only 13-18 bytes from memory per clock, so the instructions per weight decide the speed):
+
+- 2:4 GEMV (1-4 tokens): one warp per output row, one byte-permute per group of four inputs picks the two
+  activations, split-K across warps for narrow weights;
+- 2:4 on tensor cores (1-16 tokens): ``mma.sp.m16n8k32`` with the weight as the sparse operand, tokens on
+  the N side; values are read in the stored layout (K is permuted inside each MMA instead) and the
+  positions from a derived fragment-order table (:func:`fragment_metadata`, the same size as ``meta``);
+- bitmap GEMV (1 token): a lane walks the set bits of a 32-input word.
 
 Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers against dense):
 
 - ``status()``: None when the kernels can run on the current GPU, else one line saying why not.
 - ``candidates(fmt, m)``: name -> callable ``x (m, K) -> y (m, N)`` for a ``Sparse24`` or ``Bitmap``
-  weight on the GPU, in the order to try them (the first is the untimed default); ``{}`` where no
-  kernel applies. No derived weight layout is needed: both GEMVs read the stored tensors as they are
-  (2:4 positions are read as the little-endian 16-bit words that their byte pairs form).
-- Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``secateurs::bitmap_gemv``)
-  with a fake implementation, so CUDA graphs and ``torch.compile`` run over it without graph breaks.
+  weight on the GPU, in the order to try them (the first is the measured default); ``{}`` where no
+  kernel applies. The only derived tensor is the tensor-core kernel's position table, built when
+  ``candidates`` is first called for a weight and cached, keyed on the ``meta`` tensor (address, version,
+  shape; the cache keeps that tensor alive); the GEMVs read the stored tensors as they are (2:4 positions
+  as the little-endian 16-bit words their byte pairs form).
+- Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``secateurs::sparse24_mma``,
+  ``secateurs::bitmap_gemv``) with a fake implementation, so CUDA graphs and ``torch.compile`` run over it
+  without graph breaks.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ WARPS = 8  # warps per block, as #defined in the source
 MIN_CAPABILITY = (8, 0)  # cvt.rn.bf16.f32 and the L2 cache hints the kernels use
 TOKENS_24 = (1, 2, 4)  # token counts the 2:4 kernel is instantiated for (m = 3 runs the 4 variant)
 TOKENS_BITMAP = (1, 2)
+MMA_TOKENS = (1, 16)  # the tensor-core 2:4 kernel: one or two 8-token MMA tiles
+BITMAP_OFFERED = 1  # the 2-token bitmap kernel measured 0.27-0.86x of cuBLAS on an H200: never offered
 SPLITS = (1, 2, 4, 8)  # warps sharing one output row group (split-K inside a block)
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -95,7 +105,7 @@ def _probe(index: int) -> str | None:
                 f"the CUDA sparse kernels need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
     try:
         _module(index)
-    except Exception as exc:  # no NVRTC library, a driver too old for the binary, ...
+    except Exception as exc:  # noqa: BLE001  (no NVRTC library, a driver too old for the binary, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"the CUDA sparse kernels could not be built or loaded ({first[:200]})"
     return None
@@ -103,7 +113,7 @@ def _probe(index: int) -> str | None:
 
 def _compile(capability: tuple[int, int]) -> bytes:
     """NVRTC: a cubin for this architecture, or PTX for the newest one NVRTC knows if the GPU is newer."""
-    driver, nvrtc = _bindings()
+    _, nvrtc = _bindings()
     arch = capability[0] * 10 + capability[1]
     version = ".".join(map(str, _check(nvrtc.nvrtcVersion(), "nvrtcVersion")))
     supported = list(_check(nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
@@ -165,13 +175,13 @@ def _function(index: int, name: str):
     return _FUNCTIONS[key]
 
 
-def _launch(name: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...]) -> None:
+def _launch(name: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...], warps: int = WARPS) -> None:
     driver, _ = _bindings()
     device = tensors[0].device
     params = (tuple(t.data_ptr() for t in tensors) + ints,
               (ctypes.c_void_p,) * len(tensors) + (ctypes.c_int,) * len(ints))
     stream = torch.cuda.current_stream(device).cuda_stream
-    _check(driver.cuLaunchKernel(_function(device.index, name), grid, 1, 1, WARPS * 32, 1, 1, 0, stream, params, 0),
+    _check(driver.cuLaunchKernel(_function(device.index, name), grid, 1, 1, warps * 32, 1, 1, 0, stream, params, 0),
            f"launching {name}")
 
 
@@ -226,12 +236,68 @@ def _(x, values, bits, offsets, rows, split):
     return x.new_empty(x.shape[0], bits.shape[0])
 
 
+MMA_SHAPES = {1: ((1, 8), (2, 8), (1, 16)), 2: ((2, 8), (1, 8), (4, 8), (1, 16))}  # token tiles -> (row tiles, warps)
+
+
+@torch.library.custom_op("secateurs::sparse24_mma", mutates_args=())
+def sparse24_mma(x: torch.Tensor, values: torch.Tensor, fragment_meta: torch.Tensor, row_tiles: int,
+                 warps: int) -> torch.Tensor:
+    """``x @ W.T`` for a 2:4 weight on tensor cores (``mma.sp``), 1-16 rows of x; ``fragment_meta`` from
+    :func:`fragment_metadata`; a block of ``warps`` warps owns ``row_tiles`` tiles of 16 rows."""
+    x = _aligned(x)
+    m, k = x.shape
+    n = values.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    name = f"mma24_{_SUFFIX[x.dtype]}_n{(m + 7) // 8}_r{row_tiles}_w{warps}"
+    tiles = (n + 15) // 16
+    _launch(name, (tiles + row_tiles - 1) // row_tiles, (x, values, fragment_meta, y), (m, n, k), warps)
+    return y
+
+
+@sparse24_mma.register_fake
+def _(x, values, fragment_meta, row_tiles, warps):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+def fragment_metadata(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The 2:4 positions re-laid for ``mma.sp``: (ceil(N/16), K/64, 32) int32, one word per lane and 64-input block.
+
+    For 16-row tile i, block b and lane l = 4g + t, the word holds, for row 16i + g in its low 16 bits and row
+    16i + g + 8 in its high 16 bits, nibble t of each of the block's four 16-input position words (nibble j of
+    the 16 bits from word j). That is the metadata sparsity selector 0 (t = 0, 1) and 1 (t = 2, 3) expect once K
+    is permuted as the kernel permutes it (see sparse_gemv.cu). Rows past N repeat the last row."""
+    n, k = shape
+    words = meta.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # (N, K/16)
+    tiles = (n + 15) // 16
+    if tiles * 16 != n:
+        words = torch.cat([words, words[-1:].expand(tiles * 16 - n, -1)])
+    words = words.reshape(tiles, 2, 8, k // 64, 4)  # tile, row half, g, block, word j
+    shifts = 4 * torch.arange(4, device=meta.device)
+    nibbles = (words.unsqueeze(-1) >> shifts) & 15  # ..., word j, nibble t
+    half = (nibbles << shifts.view(4, 1)).sum(dim=4)  # tile, half, g, block, t: nibble j of word j
+    packed = half[:, 0] | (half[:, 1] << 16)  # tile, g, block, t
+    packed = packed.permute(0, 2, 1, 3).reshape(tiles, k // 64, 32)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
+
+
+_FRAGMENT_META: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _cached_fragment_metadata(fmt: Sparse24) -> torch.Tensor:
+    """Built once per weight: keyed on the metadata tensor (address, version, shape), which it keeps alive."""
+    key = (fmt.meta.data_ptr(), fmt.meta._version, tuple(fmt.meta.shape), fmt.meta.device)
+    if key not in _FRAGMENT_META:
+        _FRAGMENT_META[key] = (fmt.meta, fragment_metadata(fmt.meta, fmt.shape))
+    return _FRAGMENT_META[key][1]
+
+
 def _splits(n: int, steps: int) -> list[int]:
-    """Split-K choices, the heuristic first: enough warps to fill every SM (about 8192 row-warps),
-    while each lane keeps at least one K step (``steps`` = K steps per row for a whole warp)."""
+    """Split-K choices, the default first: one warp per row group where there are enough rows to fill
+    the GPU (N >= 2048 on an H200), else the smallest split that fills it, and the next larger one;
+    each lane keeps at least one K step (``steps`` = K steps per row for a whole warp)."""
     usable = [s for s in SPLITS if s == 1 or steps >= s]
-    preferred = next((s for s in usable if n * s >= 8192), usable[-1])
-    return [preferred] + [s for s in usable if s != preferred]
+    preferred = next((s for s in usable if n * s >= 2048), usable[-1])
+    return [s for s in usable if s in (preferred, 2 * preferred)]
 
 
 def _on_gpu(fmt: SparseFormat) -> bool:
@@ -242,25 +308,55 @@ def candidates(fmt: SparseFormat, m: int) -> dict[str, Callable[[torch.Tensor], 
     """The CUDA kernel paths for this weight and ``m`` activation rows (name -> ``x -> y``), first = default."""
     if not _on_gpu(fmt):
         return {}
-    n, k = fmt.shape
-    paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if isinstance(fmt, Sparse24):
-        if not 1 <= m <= TOKENS_24[-1] or k % 16 or not _ready(fmt.values, 16, n, k // 2) or not _ready(fmt.meta, 2, n, k // 8):
-            return {}
+        return _candidates_24(fmt, m)
+    if isinstance(fmt, Bitmap):
+        return _candidates_bitmap(fmt, m)
+    return {}
+
+
+def _candidates_24(fmt: Sparse24, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Order measured on an H200 (benchmarks/sparse_kernels.py --part kernels): the tensor-core kernel first
+    from 1 to 16 tokens, except on narrow weights (N <= 2048, e.g. a 70B k/v projection) at 1-4 tokens, where
+    the GEMV's split-K keeps more loads in flight."""
+    n, k = fmt.shape
+    if k % 16 or not _ready(fmt.values, 16, n, k // 2) or not _ready(fmt.meta, 2, n, k // 8):
+        return {}
+    gemv: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if m <= TOKENS_24[-1]:
         for split in _splits(n, k // 16 // 32):
-            for rows in (1, 2):
-                paths[f"cuda_gemv24_r{rows}_s{split}"] = (
+            for rows in ((1, 2, 4) if m == 1 else (2, 4, 1)):
+                gemv[f"cuda_gemv24_r{rows}_s{split}"] = (
                     lambda x, r=rows, s=split: sparse24_gemv(x, fmt.values, fmt.meta, r, s))
-    elif isinstance(fmt, Bitmap):
-        if not 1 <= m <= TOKENS_BITMAP[-1] or k % SEGMENT or not _ready(fmt.bits, 4, n, k // 32) \
-                or not _ready(fmt.offsets, 4, n, k // SEGMENT) or fmt.bits.dtype != torch.int32 \
-                or fmt.offsets.dtype != torch.int32 or not fmt.values.is_contiguous():
-            return {}
-        for split in _splits(n, k // 32 // 32):
-            for rows in (1, 2):
-                paths[f"cuda_gemv_bitmap_r{rows}_s{split}"] = (
-                    lambda x, r=rows, s=split: bitmap_gemv(x, fmt.values, fmt.bits, fmt.offsets, r, s))
-    return paths
+    mma: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if MMA_TOKENS[0] <= m <= MMA_TOKENS[1] and k % 64 == 0:
+        fragment_meta = _cached_fragment_metadata(fmt)
+        for rows, warps in _mma_shapes(n, (m + 7) // 8):
+            mma[f"cuda_mma24_r{rows}_w{warps}"] = (
+                lambda x, r=rows, w=warps: sparse24_mma(x, fmt.values, fragment_meta, r, w))
+    return {**gemv, **mma} if n <= 2048 and m <= TOKENS_24[-1] else {**mma, **gemv}
+
+
+def _mma_shapes(n: int, token_tiles: int) -> list[tuple[int, int]]:
+    """(row tiles per block, warps) for the tensor-core kernel, the measured best first: 16 warps a tile
+    where tiles are few; at 9-16 tokens several row tiles share each x fragment on wide weights."""
+    shapes = list(MMA_SHAPES[token_tiles])
+    if token_tiles == 1:
+        first = (1, 16) if n <= 4096 else (1, 8)
+    else:
+        first = (4, 8) if n >= 11008 else (2, 8) if n >= 8192 else (1, 16)
+    return [first] + [shape for shape in shapes if shape != first]
+
+
+def _candidates_bitmap(fmt: Bitmap, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    n, k = fmt.shape
+    if not 1 <= m <= BITMAP_OFFERED or k % SEGMENT or fmt.bits.dtype != torch.int32 or fmt.offsets.dtype != torch.int32 \
+            or not _ready(fmt.bits, 4, n, k // 32) or not _ready(fmt.offsets, 4, n, k // SEGMENT) \
+            or not fmt.values.is_contiguous():
+        return {}
+    return {f"cuda_gemv_bitmap_r{rows}_s{split}": (
+                lambda x, r=rows, s=split: bitmap_gemv(x, fmt.values, fmt.bits, fmt.offsets, r, s))
+            for split in _splits(n, k // 32 // 32) for rows in (1, 2)}
 
 
 def _ready(t: torch.Tensor, alignment: int, rows: int, cols: int) -> bool:
