@@ -20,6 +20,7 @@ from secateurs.model.linear import weight_matrix
 from secateurs.sparsity.base import SparsityTarget
 from secateurs.sparsity.masks import Pattern, is_nm, sparsity_of
 from secateurs.sparsity.owl import owl_schedule
+from secateurs.sparsity.registry import method_names
 from secateurs.sparsity.sparsegpt import SparseGPTOptions, reconstruct
 from secateurs.sparsity.wanda import Wanda, wanda_scores
 
@@ -93,7 +94,7 @@ def test_sparsegpt_stacked_rows_equal_separate_solves():
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_nm_masks_valid_on_a_model(method, pattern):
     loaded = tiny_model("llama")
@@ -104,7 +105,7 @@ def test_nm_masks_valid_on_a_model(method, pattern):
     assert report.achieved == pytest.approx(0.5, abs=1e-9)
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", method_names())
 def test_sparsity_zero_leaves_model_bit_identical(method):
     loaded = tiny_model("qwen2")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
@@ -113,7 +114,7 @@ def test_sparsity_zero_leaves_model_bit_identical(method):
         assert torch.equal(value, before[name]), name
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", method_names())
 def test_nm_on_a_subset_of_blocks(method):
     """A per-block schedule of 0 and 1 − N/M puts 2:4 on some blocks and leaves the others bit-identical."""
     loaded = tiny_model("llama")
@@ -186,7 +187,7 @@ def test_owl_schedule_mean_range_and_direction():
         owl_schedule(ratios, 0.95, 0.08)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", method_names())
 def test_owl_allocation_keeps_mean_sparsity(method):
     loaded = tiny_model("llama", num_hidden_layers=4)
     report = _prune(loaded, PruneConfig(method, 0.7, allocation="owl", allocation_options={"lam": "0.1"}), random_ids(4, 16))
