@@ -508,3 +508,18 @@ def test_cuda_mma24_fragment_metadata_and_k_permutation_equal_the_dense_product(
     fmt = Sparse24.compress(w)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(8)).half()
     torch.testing.assert_close(_emulate_mma24(x, fmt), x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
+
+
+def test_cuda_mma24_position_table_is_built_once_and_freed_with_its_weight():
+    import gc
+
+    from secateurs.kernels import cuda_ops
+
+    fmt = Sparse24.compress(_w24(32, 128, seed=9).half())
+    table = cuda_ops._cached_fragment_metadata(fmt)
+    assert cuda_ops._cached_fragment_metadata(fmt) is table
+    assert cuda_ops.extra_bytes(fmt) == table.numel() * 4 == fmt.meta.numel()
+    before = len(cuda_ops._FRAGMENT_META)
+    del fmt, table
+    gc.collect()
+    assert len(cuda_ops._FRAGMENT_META) == before - 1

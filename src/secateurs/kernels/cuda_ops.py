@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def _(x, values, bits, offsets, rows, split):
     return x.new_empty(x.shape[0], bits.shape[0])
 
 
-MMA_SHAPES = {1: ((1, 8), (2, 8), (1, 16)), 2: ((2, 8), (1, 8), (4, 8), (1, 16))}  # token tiles -> (row tiles, warps)
+MMA_SHAPES = {1: ((1, 8), (2, 8), (1, 16), (1, 32)), 2: ((2, 8), (1, 8), (4, 8), (1, 16), (1, 32))}  # token tiles -> (row tiles, warps)
 
 
 @torch.library.custom_op("secateurs::sparse24_mma", mutates_args=())
@@ -280,15 +281,26 @@ def fragment_metadata(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tenso
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
 
 
-_FRAGMENT_META: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_FRAGMENT_META: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def _cached_fragment_metadata(fmt: Sparse24) -> torch.Tensor:
-    """Built once per weight: keyed on the metadata tensor (address, version, shape), which it keeps alive."""
+    """Built once per weight, keyed on its ``meta`` tensor (address, version, shape) and dropped when that
+    tensor is freed, so a released layer leaves nothing behind."""
     key = (fmt.meta.data_ptr(), fmt.meta._version, tuple(fmt.meta.shape), fmt.meta.device)
-    if key not in _FRAGMENT_META:
-        _FRAGMENT_META[key] = (fmt.meta, fragment_metadata(fmt.meta, fmt.shape))
+    entry = _FRAGMENT_META.get(key)
+    if entry is None or entry[0]() is not fmt.meta:
+        _FRAGMENT_META[key] = (weakref.ref(fmt.meta), fragment_metadata(fmt.meta, fmt.shape))
+        weakref.finalize(fmt.meta, _FRAGMENT_META.pop, key, None)
     return _FRAGMENT_META[key][1]
+
+
+def extra_bytes(fmt: SparseFormat) -> int:
+    """Bytes of derived tensors cached for this weight beside its stored ones (the MMA position table)."""
+    if not isinstance(fmt, Sparse24):
+        return 0
+    entry = _FRAGMENT_META.get((fmt.meta.data_ptr(), fmt.meta._version, tuple(fmt.meta.shape), fmt.meta.device))
+    return entry[1].numel() * entry[1].element_size() if entry and entry[0]() is fmt.meta else 0
 
 
 def _splits(n: int, steps: int) -> list[int]:
@@ -317,7 +329,7 @@ def candidates(fmt: SparseFormat, m: int) -> dict[str, Callable[[torch.Tensor], 
 
 def _candidates_24(fmt: Sparse24, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Order measured on an H200 (benchmarks/sparse_kernels.py --part kernels): the tensor-core kernel first
-    from 1 to 16 tokens, except on narrow weights (N <= 2048, e.g. a 70B k/v projection) at 1-4 tokens, where
+    from 1 to 16 tokens, except on narrow weights (N <= 2048, e.g. a 70B k/v projection) at 1-2 tokens, where
     the GEMV's split-K keeps more loads in flight."""
     n, k = fmt.shape
     if k % 16 or not _ready(fmt.values, 16, n, k // 2) or not _ready(fmt.meta, 2, n, k // 8):
@@ -334,14 +346,16 @@ def _candidates_24(fmt: Sparse24, m: int) -> dict[str, Callable[[torch.Tensor], 
         for rows, warps in _mma_shapes(n, (m + 7) // 8):
             mma[f"cuda_mma24_r{rows}_w{warps}"] = (
                 lambda x, r=rows, w=warps: sparse24_mma(x, fmt.values, fragment_meta, r, w))
-    return {**gemv, **mma} if n <= 2048 and m <= TOKENS_24[-1] else {**mma, **gemv}
+    return {**gemv, **mma} if n <= 2048 and m <= 2 else {**mma, **gemv}
 
 
 def _mma_shapes(n: int, token_tiles: int) -> list[tuple[int, int]]:
-    """(row tiles per block, warps) for the tensor-core kernel, the measured best first: 16 warps a tile
-    where tiles are few; at 9-16 tokens several row tiles share each x fragment on wide weights."""
+    """(row tiles per block, warps) for the tensor-core kernel, the measured best first: 16 or 32 warps a
+    tile where tiles are few; at 9-16 tokens several row tiles share each x fragment on wide weights."""
     shapes = list(MMA_SHAPES[token_tiles])
-    if token_tiles == 1:
+    if n <= 2048:
+        first = (1, 32)
+    elif token_tiles == 1:
         first = (1, 16) if n <= 4096 else (1, 8)
     else:
         first = (4, 8) if n >= 11008 else (2, 8) if n >= 8192 else (1, 16)

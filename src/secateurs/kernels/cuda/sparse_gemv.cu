@@ -409,7 +409,7 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
         gemv_bitmap<BF, T, R>(x, vals, bits, offs, y, M, N, K, S);                                           \
     }
 #define MMA24(DT, BF, NT, R, W, U)                                                                           \
-    extern "C" __global__ void __launch_bounds__(W * 32, 2)                                                  \
+    extern "C" __global__ void __launch_bounds__(W * 32, W < 32 ? 2 : 1)                                     \
         mma24_##DT##_n##NT##_r##R##_w##W(const u16* x, const u16* vals, const u32* fmeta, u16* y, int M,    \
                                          int N, int K) {                                                     \
         mma24<BF, NT, R, W, U>(x, vals, fmeta, y, M, N, K);                                                  \
@@ -422,6 +422,8 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
     MMA24(DT, BF, 2, 2, 8, 2)                                                                                \
     MMA24(DT, BF, 2, 4, 8, 1)                                                                                \
     MMA24(DT, BF, 2, 1, 16, 2)                                                                               \
+    MMA24(DT, BF, 1, 1, 32, 2)                                                                               \
+    MMA24(DT, BF, 2, 1, 32, 2)                                                                               \
     GEMV24(DT, BF, 1, 1, 4)                                                                                  \
     GEMV24(DT, BF, 1, 2, 4)                                                                                  \
     GEMV24(DT, BF, 2, 1, 4)                                                                                  \
