@@ -117,7 +117,12 @@ def cuda_candidates(fmt: SparseFormat, m: int) -> dict[str, Callable[[torch.Tens
     if reason is not None:
         note(f"CUDA sparse kernels unavailable ({reason}): sparse layers use Triton, cuSPARSELt or dense instead")
         return {}
-    return cuda_ops.candidates(fmt, m)
+    try:
+        return cuda_ops.candidates(fmt, m)
+    except Exception as exc:  # e.g. a weight whose tensors the kernels cannot read: the other paths still run
+        note(f"CUDA sparse kernels refused a {fmt.kind} {fmt.shape[0]}x{fmt.shape[1]} weight "
+             f"({str(exc).splitlines()[0][:120]}): it uses Triton, cuSPARSELt or dense instead")
+        return {}
 
 
 def choose(options: list[tuple[Plan, Callable[[], torch.Tensor]]], expected: torch.Tensor,
@@ -189,8 +194,14 @@ class SparseLinear(nn.Module):
         return self.format().to_dense()
 
     def extra_bytes(self) -> int:
-        """Bytes of the run-time copies this layer keeps beside its compressed weight (dense, cuSPARSELt)."""
+        """Bytes of the run-time copies this layer keeps beside its compressed weight (dense, cuSPARSELt,
+        tables the CUDA kernels derive from it)."""
         total = 0
+        if cuda_ops is not None and hasattr(cuda_ops, "extra_bytes") and self.values.is_cuda:
+            try:
+                total += cuda_ops.extra_bytes(self.format())
+            except Exception:  # nothing derived that can be measured: nothing counted
+                pass
         if self._dense is not None:
             total += self._dense.numel() * self._dense.element_size()
         if self._semi is not None:
