@@ -17,11 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ..data.sources import check_name
+from ..engine.sequential import EngineOptions
 from ..errors import SecateursError, UsageError
 from ..model.load import LoadedModel, load_skeleton, model_bytes
 from ..model.save import check_output, check_output_file
@@ -127,35 +129,33 @@ def check_context(loaded: LoadedModel | None, **lengths: int | None) -> None:
             )
 
 
-def cpu_cost_note(loaded: LoadedModel | None, device: str, n_samples: int, seq_len: int, passes: int = 2) -> None:
-    """On a CPU, say up front what calibration will cost (tokens, activation memory, a rough time
-    from a short matrix-product measurement), so a paper-size default is not a silent hours-long run."""
-    if loaded is None or n_samples * seq_len < 65_536 or _resolved_device(device) != "cpu":
-        return
-    import torch
-
+def calibration_seconds(loaded: LoadedModel, tokens: int, passes: int = 2) -> float:
+    """A rough CPU time for ``passes`` forward passes of every block over ``tokens`` tokens: 2 FLOPs
+    per block parameter per token, at the speed a short 512 × 512 matrix product runs here now
+    (attention's quadratic term and the methods' own solves come on top)."""
     blocks = loaded.spec.blocks_of(loaded.model)
     block_params = sum(p.numel() for p in blocks[0].parameters()) * len(blocks)
-    hidden = loaded.model.config.get_text_config().hidden_size
-    tokens = n_samples * seq_len
     a = torch.randn(512, 512)
     start = time.perf_counter()
     for _ in range(8):
         a @ a
     flops_per_s = 8 * 2 * 512**3 / (time.perf_counter() - start)
-    seconds = passes * 2 * block_params * tokens / flops_per_s
+    return passes * 2 * block_params * tokens / flops_per_s
+
+
+def cpu_cost_note(loaded: LoadedModel | None, device: str, n_samples: int, seq_len: int) -> None:
+    """On a CPU, say up front what calibration will cost (tokens, activation memory, a rough time),
+    so a paper-size default (128 × 2048) is not a silent hours-long run."""
+    tokens = n_samples * seq_len
+    if loaded is None or tokens < 65_536 or EngineOptions(device=device).torch_device().type != "cpu":
+        return
+    hidden = loaded.model.config.get_text_config().hidden_size
     err_console.print(
         f"[yellow]note:[/] calibration on the CPU: {n_samples} × {seq_len} = {tokens:,} tokens, "
-        f"{tokens * hidden * 4 / 2**30:.1f} GiB of activations, roughly {seconds / 60:.0f} min or more of block "
-        f"passes on this CPU; --n-samples 32 --seq-len 512 is {tokens // 16_384}× less work",
+        f"{tokens * hidden * 4 / 2**30:.1f} GiB of activations, roughly {calibration_seconds(loaded, tokens) / 60:.0f} min "
+        f"or more of block passes on this CPU; --n-samples 32 --seq-len 512 is {tokens // 16_384}× less work",
         highlight=False, soft_wrap=True,
     )
-
-
-def _resolved_device(device: str) -> str:
-    from ..engine.sequential import EngineOptions
-
-    return EngineOptions(device=device).torch_device().type
 
 
 def friendly(command: Callable) -> Callable:
