@@ -454,62 +454,6 @@ def test_cuda_mma24_fragment_metadata_and_k_permutation_equal_the_dense_product(
     torch.testing.assert_close(_emulate_mma24(x, fmt), x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
 
-def _emulate_mma24(x: torch.Tensor, fmt: Sparse24) -> torch.Tensor:
-    """The tensor-core 2:4 kernel's data flow, lane by lane, through mma.sp.m16n8k32 as PTX defines it: lane
-    (g, t) holds A = (row g, slot group t), (row g+8, slot t), (row g, slot 4+t), (row g+8, slot 4+t), B rows
-    2t, 2t+8, 2t+16, 2t+24 (and +1) of token g, and lanes t = 2s, 2s+1 give selector s's metadata for slot
-    groups 0-3 and 4-7 (row g low 16 bits, row g+8 high). Checks the fragment-order table and the K permutation."""
-    import numpy as np
-
-    from secateurs.kernels.cuda_ops import fragment_metadata
-
-    n, k = fmt.shape
-    table = fragment_metadata(fmt.meta, fmt.shape).numpy().astype(np.int64) & 0xFFFFFFFF
-    values = fmt.values.double().numpy()
-    xs = x.double().numpy()
-    y = np.zeros((x.shape[0], n))
-    for tile in range(table.shape[0]):
-        rows = [min(tile * 16 + r, n - 1) for r in range(16)]
-        for kb in range(k // 64):
-            base_v, base_x = kb * 32, kb * 64
-            for mma, selector in ((0, 0), (1, 1)):
-                a = np.zeros((16, 16))  # compressed A as the MMA sees it: [row][2 * slot group + v]
-                meta = np.zeros((16, 8), dtype=np.int64)  # nibble per (row, slot group)
-                for lane in range(32):
-                    g, t = lane // 4, lane % 4
-                    for half, row in ((0, g), (1, g + 8)):
-                        regs = values[rows[row], base_v + 8 * t: base_v + 8 * t + 8].reshape(4, 2)
-                        a[row, 2 * t: 2 * t + 2] = regs[2 * mma]  # slot t
-                        a[row, 8 + 2 * t: 8 + 2 * t + 2] = regs[2 * mma + 1]  # slot 4 + t
-                        if t in (2 * selector, 2 * selector + 1):
-                            word = (int(table[tile, kb, lane]) >> (16 * half)) & 0xFFFF
-                            for j in range(4):
-                                meta[row, 4 * (t - 2 * selector) + j] = (word >> (4 * j)) & 15
-                for token in range(x.shape[0]):
-                    b = np.zeros(32)
-                    for t in range(4):
-                        h, odd = t >> 1, t & 1
-                        pairs = [base_x + 16 * h + 8 * mma + 2 * odd + off for off in (0, 32, 4, 36)]
-                        for reg, col in enumerate(pairs):
-                            b[8 * reg + 2 * t: 8 * reg + 2 * t + 2] = xs[token, col: col + 2]
-                    for row in range(16):
-                        if tile * 16 + row >= n:
-                            continue
-                        for j in range(8):
-                            for v in range(2):
-                                index = (meta[row, j] >> (2 * v)) & 3
-                                y[token, tile * 16 + row] += a[row, 2 * j + v] * b[4 * j + index]
-    return torch.from_numpy(y)
-
-
-def test_cuda_mma24_fragment_metadata_and_k_permutation_equal_the_dense_product():
-    w = _w24(20, 128, seed=7).half()  # 20 rows: a partial second tile
-    w[3, :16] = 0.0
-    fmt = Sparse24.compress(w)
-    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(8)).half()
-    torch.testing.assert_close(_emulate_mma24(x, fmt), x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
-
-
 def test_cuda_mma24_position_table_is_built_once_and_freed_with_its_weight():
     import gc
 
