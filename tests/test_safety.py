@@ -3,6 +3,7 @@ input is refused before the model loads, and nothing is left half-written behind
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -139,7 +140,7 @@ def test_planted_pickle_checkpoint_never_runs(tmp_path, text_file, name):
     assert "Traceback" not in result.output and result.output.strip().splitlines() == [result.output.strip()]
     assert "pickle" in result.output or "damaged" in result.output
     assert not marker.exists() and not (tmp_path / "rec").exists()
-    torch.load(ckpt / name, weights_only=False)  # the payload is live: unpickling it does run
+    torch.load(io.BytesIO((ckpt / name).read_bytes()), weights_only=False)  # the payload is live when unpickled
     assert marker.read_text() == "ran"
 
 
