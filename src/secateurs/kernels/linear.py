@@ -347,9 +347,11 @@ class SparseLinear(nn.Module):
                          f"({str(exc).splitlines()[0]}): not a candidate")
                 else:
                     sources["semi"] = (semi, lambda: torch.sparse.to_sparse_semi_structured(dense.clone()), _semi_bytes(semi))
-                    staged = torch.empty_like(probe)
+                    # Timed as eager calls run it (``_semi_replay``): x copied in, the product copied
+                    # into a row-major buffer (torch may return it transposed), then cloned out.
+                    x_in, y_out = torch.empty_like(probe), probe.new_empty(rows, self.out_features)
                     options.append((("cusparselt", None), "semi",
-                                    lambda s: (lambda: F.linear(staged.copy_(probe), s).clone())))
+                                    lambda s: (lambda: y_out.copy_(F.linear(x_in.copy_(probe), s)).clone())))
         if policy == "dense":
             sources["dense"] = (dense, dense.clone, dense.numel() * dense.element_size())
             options.append((("dense", None), "dense", lambda w: (lambda: F.linear(probe, w))))
