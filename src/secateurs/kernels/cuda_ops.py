@@ -179,6 +179,9 @@ def _function(index: int, name: str):
 def _launch(name: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...], warps: int = WARPS) -> None:
     driver, _ = _bindings()
     device = tensors[0].device
+    if device.index != torch.cuda.current_device():  # the kernel lives in that device's context
+        with torch.cuda.device(device):
+            return _launch(name, grid, tensors, ints, warps)
     params = (tuple(t.data_ptr() for t in tensors) + ints,
               (ctypes.c_void_p,) * len(tensors) + (ctypes.c_int,) * len(ints))
     stream = torch.cuda.current_stream(device).cuda_stream
@@ -364,9 +367,9 @@ def _mma_shapes(n: int, token_tiles: int) -> list[tuple[int, int]]:
 
 def _candidates_bitmap(fmt: Bitmap, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     n, k = fmt.shape
-    if not 1 <= m <= BITMAP_OFFERED or k % SEGMENT or fmt.bits.dtype != torch.int32 or fmt.offsets.dtype != torch.int32 \
-            or not _ready(fmt.bits, 4, n, k // 32) or not _ready(fmt.offsets, 4, n, k // SEGMENT) \
-            or not fmt.values.is_contiguous():
+    if not 1 <= m <= BITMAP_OFFERED or k % SEGMENT or fmt.bits.dtype != torch.int32 \
+            or fmt.offsets.dtype != torch.int32 or not _ready(fmt.bits, 4, n, k // 32) \
+            or not _ready(fmt.offsets, 4, n, k // SEGMENT) or not fmt.values.is_contiguous():
         return {}
     return {f"cuda_gemv_bitmap_r{rows}_s{split}": (
                 lambda x, r=rows, s=split: bitmap_gemv(x, fmt.values, fmt.bits, fmt.offsets, r, s))
