@@ -34,9 +34,10 @@ RESULTS = Path(__file__).parent / "results"
 LLMC_VENV = Path(os.environ.get("LLMC_VENV", "/work/llmc-venv"))
 TORCH_WHEEL_INDEX = "https://download.pytorch.org/whl/cpu"
 
-# (method, pattern, sparsity, allocation, tools), most important first: the JSON is rewritten after
-# every row, so an interrupted run still records what it measured.
+# (method, pattern, sparsity, allocation, tools[, extra PruneConfig fields]), most important first: the
+# JSON is rewritten after every row, so an interrupted run still records what it measured.
 BOTH = ("secateurs", "llmcompressor")
+RECONSTRUCT = {"reconstruct": {}}  # the measured defaults of sparsity/reconstruct.py
 RUNS = [
     ("wanda", "unstructured", 0.5, "uniform", BOTH),
     ("sparsegpt", "unstructured", 0.5, "uniform", BOTH),
@@ -53,6 +54,14 @@ RUNS = [
     ("magnitude", "4:8", None, "uniform", ("secateurs",)),
     ("magnitude", "unstructured", 0.7, "uniform", ("secateurs",)),
     ("magnitude", "unstructured", 0.7, "owl", ("secateurs",)),
+    # Issue 20's one-shot steps (ours only; --variants new).
+    ("sparsegpt", "2:4", None, "uniform", ("secateurs",), RECONSTRUCT),
+    ("ria", "2:4", None, "uniform", ("secateurs",), {"permute": True}),
+    ("ria", "2:4", None, "uniform", ("secateurs",), {"permute": True, **RECONSTRUCT}),
+    ("wanda", "2:4", None, "uniform", ("secateurs",), RECONSTRUCT),
+    ("sparsegpt", "unstructured", 0.5, "uniform", ("secateurs",), RECONSTRUCT),
+    ("sparsegpt", "unstructured", 0.7, "uniform", ("secateurs",), RECONSTRUCT),
+    ("sparsegpt", "unstructured", 0.7, "atp", ("secateurs",), {"allocation_options": {"spread": 0.2}, **RECONSTRUCT}),
 ]
 
 
@@ -71,6 +80,18 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def variant(extra: dict) -> str:
+    """A row's label for the one-shot steps beyond the plain method (issue 20's options), '' for none."""
+    parts = []
+    if extra.get("permute"):
+        parts.append("permute")
+    if extra.get("reconstruct") is not None:
+        parts.append("reconstruct " + ",".join(f"{k}={v}" for k, v in extra["reconstruct"].items()) if extra["reconstruct"] else "reconstruct")
+    if extra.get("allocation_options"):
+        parts.append(",".join(f"{k}={v}" for k, v in extra["allocation_options"].items()))
+    return " + ".join(parts)
+
+
 def worker_secateurs(args: argparse.Namespace) -> dict:
     """Prune with secateurs from the same CalibConfig the parent used; save the state dict."""
     import torch
@@ -81,7 +102,8 @@ def worker_secateurs(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     loaded = secateurs.load_model(args.model)
     sparsity = None if args.sparsity is None else float(args.sparsity)
-    config = secateurs.PruneConfig(args.method, sparsity, args.pattern, allocation=args.allocation)
+    config = secateurs.PruneConfig(args.method, sparsity, args.pattern, allocation=args.allocation,
+                                   **json.loads(args.extra or "{}"))
     calib = secateurs.CalibConfig("wikitext2", args.n_samples, args.seq_len, args.seed, args.data_dir)
     engine = EngineOptions(device="cpu")
     start, cpu_start = time.perf_counter(), cpu_seconds()
@@ -130,14 +152,16 @@ def setup_llmcompressor() -> None:
 
 
 def run_worker(python: str, tool: str, run: tuple, args: argparse.Namespace, tmp: Path, calib_path: Path) -> dict:
-    method, pattern, sparsity, allocation, _ = run
-    state = tmp / f"{tool}-{method}-{pattern.replace(':', 'of')}-{sparsity}-{allocation}.pt"
+    method, pattern, sparsity, allocation, _, extra = (*run, {})[:6]
+    state = tmp / f"{tool}-{method}-{pattern.replace(':', 'of')}-{sparsity}-{allocation}-{abs(hash(variant(extra)))}.pt"
     command = [python, __file__, "--worker", tool, "--method", method, "--pattern", pattern,
                "--allocation", allocation, "--model", args.model, "--calib-ids", str(calib_path),
                "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
                "--threads", str(args.threads), "--state-out", str(state)]
     if sparsity is not None:
         command += ["--sparsity", str(sparsity)]
+    if extra:
+        command += ["--extra", json.dumps(extra)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -174,11 +198,14 @@ def main() -> None:
     parser.add_argument("--patterns", default="", help="Comma-separated patterns to run, e.g. 2:4,4:8 (default: all).")
     parser.add_argument("--sparsities", default="", help="Comma-separated sparsities of unstructured rows to run, e.g. 0.7 (default: all).")
     parser.add_argument("--tools", default="secateurs,llmcompressor", help="Comma-separated tools to run.")
+    parser.add_argument("--skip-dense", action="store_true", help="Do not re-measure the dense model (another run's file has it).")
+    parser.add_argument("--variants", default="", help="Comma-separated row labels to run: plain (no extra step), "
+                        "new (every row with one), or a label such as 'permute + reconstruct' (default: all).")
     parser.add_argument("--results", type=Path, default=RESULTS / "compare_llmcompressor.json",
                         help="JSON table to write (a filtered run adds to it).")
     parser.add_argument("--table", action="store_true", help="Print the table of the saved JSON and exit.")
     parser.add_argument("--worker", choices=["secateurs", "llmcompressor"], help=argparse.SUPPRESS)
-    for name in ("--method", "--pattern", "--allocation", "--model", "--calib-ids", "--state-out", "--sparsity"):
+    for name in ("--method", "--pattern", "--allocation", "--model", "--calib-ids", "--state-out", "--sparsity", "--extra"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.setup:
@@ -213,9 +240,10 @@ def compare(args: argparse.Namespace) -> None:
     patterns = set(filter(None, args.patterns.split(",")))
     sparsities = {float(v) for v in filter(None, args.sparsities.split(","))}
     tools = set(filter(None, args.tools.split(",")))
+    variants = set(filter(None, args.variants.split(",")))
     out = args.results
     # A filtered run adds to (and replaces matching rows of) the saved table instead of starting over.
-    filtered = wanted or patterns or sparsities or tools != set(BOTH)
+    filtered = wanted or patterns or sparsities or variants or tools != set(BOTH)
     kept = json.loads(out.read_text())["rows"] if filtered and out.is_file() else []
     record = {
         "model": "smollm2-135m",
@@ -228,8 +256,8 @@ def compare(args: argparse.Namespace) -> None:
     }
 
     def save(row: dict) -> None:
-        same = ("method", "pattern", "sparsity", "allocation", "tool")
-        others = [r for r in kept if any(r[k] != row[k] for k in same)]
+        same = ("method", "pattern", "sparsity", "allocation", "tool", "variant")
+        others = [r for r in kept if any(r.get(k, "") != row[k] for k in same)]
         kept[:] = others + [row]
         record["rows"] = list(kept)
         out.write_text(json.dumps(record, indent=2))
@@ -238,12 +266,16 @@ def compare(args: argparse.Namespace) -> None:
         tmp = Path(tmp_name)
         calib_path = tmp / "calib_ids.pt"
         torch.save(ids, calib_path)
-        record["dense_ppl"] = evaluate(loaded, dense_state, None, args)
-        print(f"dense: wikitext2 ppl {record['dense_ppl']:.3f}", flush=True)
+        if not args.skip_dense:
+            record["dense_ppl"] = evaluate(loaded, dense_state, None, args)
+            print(f"dense: wikitext2 ppl {record['dense_ppl']:.3f}", flush=True)
         for run in RUNS:
             if (wanted and run[0] not in wanted) or (patterns and run[1] not in patterns):
                 continue
             if sparsities and run[2] is not None and run[2] not in sparsities:
+                continue
+            label = variant((*run, {})[5])
+            if variants and not ({label or "plain", "new" if label else "plain"} & variants):
                 continue
             for tool in (t for t in run[4] if t in tools):
                 python = sys.executable if tool == "secateurs" else str(llmc_python)
@@ -251,7 +283,7 @@ def compare(args: argparse.Namespace) -> None:
                 if "error" not in result:
                     result["ppl"] = evaluate(loaded, dense_state, result.pop("state"), args)
                 row = {"method": run[0], "pattern": run[1], "sparsity": run[2], "allocation": run[3],
-                       "tool": tool, **result}
+                       "tool": tool, "variant": variant((*run, {})[5]), **result}
                 save(row)
                 print(json.dumps(row), flush=True)
     print_table(record)
@@ -263,7 +295,7 @@ def print_table(record: dict) -> None:
     keyed: dict[tuple, dict[str, dict]] = {}
     for row in record["rows"]:
         label = row["pattern"] if row["sparsity"] is None else f"{row['sparsity']:.0%} {row['pattern']}"
-        keyed.setdefault((row["method"], label, row["allocation"]), {})[row["tool"]] = row
+        keyed.setdefault((row["method"], label, row["allocation"], row.get("variant", "")), {})[row["tool"]] = row
 
     def cell(row: dict | None, key: str, fmt: str) -> str:
         if row is None or key not in row and "error" not in row:
@@ -277,14 +309,14 @@ def print_table(record: dict) -> None:
 
     calib, evaluation = record["calibration"], record["evaluation"]
     print(f"\nSmolLM2-135M, WikiText-2 test perplexity over {evaluation['windows']} × {evaluation['seq_len']} tokens "
-          f"(dense {record['dense_ppl']:.3f}); calibration {calib['n_samples']} × {calib['seq_len']} tokens; "
+          f"(dense {record.get('dense_ppl', float('nan')):.3f}); calibration {calib['n_samples']} × {calib['seq_len']} tokens; "
           f"time = the pruning call on {record['machine']['threads']} CPU threads\n")
     print("| method | sparsity | allocation | ppl secateurs | ppl llmc | ppl ratio | wall s secateurs | wall s llmc "
           "| wall ratio | CPU s secateurs | CPU s llmc | CPU ratio | peak MiB secateurs | peak MiB llmc |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (method, label, allocation), tools in keyed.items():
+    for (method, label, allocation, steps), tools in keyed.items():
         ours, theirs = tools.get("secateurs"), tools.get("llmcompressor")
-        print(f"| {method} | {label} | {allocation} | {cell(ours, 'ppl', '.3f')} | {cell(theirs, 'ppl', '.3f')} "
+        print(f"| {method}{' + ' + steps if steps else ''} | {label} | {allocation} | {cell(ours, 'ppl', '.3f')} | {cell(theirs, 'ppl', '.3f')} "
               f"| {ratio(ours, theirs, 'ppl')} | {cell(ours, 'seconds', '.1f')} | {cell(theirs, 'seconds', '.1f')} "
               f"| {ratio(ours, theirs, 'seconds')} | {cell(ours, 'cpu_seconds', '.0f')} "
               f"| {cell(theirs, 'cpu_seconds', '.0f')} | {ratio(ours, theirs, 'cpu_seconds')} "

@@ -38,8 +38,8 @@ class ReconstructOptions:
     """``steps`` Adam steps per block, each over ``batch`` calibration batches (gradients summed)."""
 
     steps: int = 32
-    lr: float = 1e-4
-    batch: int = 2
+    lr: float = 1e-3
+    batch: int = 1
 
     def validate(self) -> ReconstructOptions:
         if not STEP_RANGE[0] <= self.steps <= STEP_RANGE[1]:
