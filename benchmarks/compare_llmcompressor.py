@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS / "compare_llmcompressor.json",
                         help="JSON table to write (a filtered run adds to it).")
     parser.add_argument("--table", action="store_true", help="Print the table of the saved JSON and exit.")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[],
+                        help="With --table: add these runs' rows (same calibration and windows) to --results first.")
     parser.add_argument("--worker", choices=["secateurs", "llmcompressor"], help=argparse.SUPPRESS)
     for name in ("--method", "--pattern", "--allocation", "--model", "--calib-ids", "--state-out", "--sparsity", "--extra"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -212,7 +214,16 @@ def main() -> None:
         setup_llmcompressor()
         return
     if args.table:
-        print_table(json.loads(args.results.read_text()))
+        record = json.loads(args.results.read_text())
+        for path in args.merge:
+            other = json.loads(path.read_text())
+            if (other["calibration"], other["evaluation"]) != (record["calibration"], record["evaluation"]):
+                sys.exit(f"{path} used other calibration or evaluation settings than {args.results}")
+            record["rows"] += other["rows"]
+            record.setdefault("merged_from", []).append(path.name)
+        if args.merge:
+            args.results.write_text(json.dumps(record, indent=2))
+        print_table(record)
         return
     if args.worker:
         work = worker_secateurs if args.worker == "secateurs" else worker_llmcompressor
