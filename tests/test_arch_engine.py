@@ -192,3 +192,9 @@ def test_every_arch_spec_has_a_tiny_model():
     """Each ArchSpec entry is exercised by the engine and surgery tests above through a tiny model."""
     covered = {spec_for(tiny_model(arch).model).name for arch in ARCHS}
     assert covered == {spec.name for spec in SPECS}
+
+
+def test_engine_refuses_a_zero_batch_size():
+    loaded = tiny_model("llama")
+    with pytest.raises(UsageError, match="batch size must be at least 1"):
+        run_blocks(loaded.model, loaded.spec, Recorder(), random_ids(2, 8), EngineOptions(device="cpu", batch_size=0))

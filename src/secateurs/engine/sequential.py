@@ -357,6 +357,8 @@ def run_blocks(
     hooks = options.hooks or EngineHooks()
     device = options.torch_device()
     blocks = spec.blocks_of(model)
+    if options.batch_size < 1:
+        raise UsageError(f"the calibration batch size must be at least 1, got {options.batch_size}")
     if method.needs_calibration and calib_ids is None:
         raise UsageError(f"{type(method).__name__} needs calibration data: pass --calib")
     clock = _StageClock(options.stage_seconds, device)
@@ -364,7 +366,7 @@ def run_blocks(
     if calib_ids is not None and (method.statistics or method.needs_calibration or method.keeps_dense_outputs):
         local = hooks.local_samples(calib_ids)
         store = activation_store(model, spec, local, options, device)
-        captured = capture_inputs(model, spec, list(local.split(max(options.batch_size, 1))), store)
+        captured = capture_inputs(model, spec, list(local.split(options.batch_size)), store)
         clock.lap("capture")
     seconds = []
     try:
