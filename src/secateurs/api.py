@@ -18,7 +18,6 @@ import torch
 
 from .data.calib import CalibConfig, calibration_ids, tokenize
 from .data.sources import load_text
-from .depth.prune import LayerConfig, LayerReport, prune_layers
 from .engine.distributed import RankGroup
 from .engine.sequential import EngineOptions, run_blocks
 from .engine.stream import StreamSession

@@ -20,11 +20,11 @@ import io
 import json
 import os
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .files import write_atomic
 from .model.save import RECORD
 
 MARKERS = {"dense": "*", "sparsity": "o", "layers removed": "s", "width removed": "^"}
@@ -255,18 +255,6 @@ def load_chain(out: str | Path) -> list[Run]:
     return runs
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and a rename, so a report file is never half-written."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _pyplot():
     try:
         import matplotlib
@@ -396,9 +384,9 @@ def write_report(runs: list[Run], out: str | Path, title: str = "secateurs repor
                   "ppl / dense and acc − dense compare each run with the dense run of this report.", ""]
     for name, plot in (("quality.png", quality_plot(runs)), ("per_layer.png", per_layer_plot(runs))):
         if plot is not None:
-            _write_atomic(target / name, plot)
+            write_atomic(target / name, plot)
             lines += [f"![{name[:-4]}]({name})", ""]
     lines += ["Runs:", *[f"- {r.label}: {os.path.relpath(r.source, target)}" for r in runs], ""]
     report = target / "report.md"
-    _write_atomic(report, "\n".join(lines).encode())
+    write_atomic(report, "\n".join(lines).encode())
     return report

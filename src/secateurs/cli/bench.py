@@ -4,8 +4,6 @@ size of a model, side by side with a dense baseline and with its sparse kernels,
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +13,7 @@ import typer
 from ..api import bench
 from ..errors import UsageError
 from ..evaluate.speed import SpeedConfig
+from ..files import write_atomic
 from . import app
 from .common import Device, check_json_out, csv_list, err_console, friendly, out_console, ready, table
 
@@ -24,15 +23,6 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
         return tuple(int(part) for part in csv_list(text))
     except ValueError:
         raise UsageError(f"{flag} {text!r} must be comma-separated integers, e.g. 1,8") from None
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Write through a temporary file and a rename, so a failed run never leaves half a JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 @app.command("bench")
@@ -94,7 +84,7 @@ def bench_command(
     title = f"secateurs bench on {report['device']} ({report['dtype']}; decode by {modes})"
     out_console.print(table(title, columns, rows))
     if json_out:
-        _write_json(Path(json_out), report)
+        write_atomic(Path(json_out), json.dumps(report, indent=2, default=str) + "\n")
         out_console.print(f"saved {json_out}")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import NumericalError, UsageError
 from ..model.arch import ArchSpec
 from ..model.linear import in_features, weight_matrix
@@ -129,15 +130,7 @@ class EngineOptions:
     hooks: EngineHooks | None = None
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as exc:
-            raise UsageError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        return device
+        return resolve_device(self.device)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from .formats import SEGMENT, Bitmap, Sparse24, SparseFormat
 
 SOURCE = Path(__file__).with_name("cuda") / "sparse_gemv.cu"
@@ -148,10 +149,7 @@ def _compile(capability: tuple[int, int]) -> bytes:
     finally:
         nvrtc.nvrtcDestroyProgram(program)
     try:  # the cache is an optimisation: a read-only home still runs
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(binary)
-        os.replace(tmp, path)
+        write_atomic(path, binary)
     except OSError:
         pass
     return binary

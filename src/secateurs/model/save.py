@@ -20,6 +20,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from ..errors import UsageError
+from ..files import replace_folder, write_atomic
 from .load import LoadedModel
 from .slice import remote_code_files
 
@@ -86,13 +87,9 @@ def check_output_file(path: str | Path, flag: str) -> Path:
 def write_output_file(path: str | Path, text: str, flag: str) -> Path:
     """Write a small output file atomically (its folder created); an OS error becomes one line."""
     target = Path(path).expanduser().resolve()
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        write_atomic(target, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"could not write {flag} {path}: {exc.strerror or exc}; nothing was written") from None
     return target
 
@@ -135,14 +132,7 @@ def save_model(
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
         for name, data in (extras or {}).items():
             (tmp / name).write_bytes(data)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            old.rmdir()
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
+        replace_folder(tmp, target)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"could not write --out {out}: {os_reason(exc)}; nothing was written") from None

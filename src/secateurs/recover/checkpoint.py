@@ -13,7 +13,6 @@ this format, is refused with one line naming the file.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import UsageError
+from ..files import write_atomic
 from ..model.save import os_reason
 
 STATE_KEY = "secateurs_state"
@@ -79,18 +79,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     document = json.dumps({"format": FORMAT, "state": _encode(state, tensors, set())})
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={STATE_KEY: document})
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={STATE_KEY: document}))
     except (OSError, SafetensorError) as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(
             f"could not write the checkpoint {path}: {os_reason(exc)}; the previous one is kept, rerun the same command to resume from it"
         ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def damaged(path: Path, reason: object) -> UsageError:
