@@ -19,7 +19,8 @@ from tiny_models import tiny_model
 pytest.importorskip("lm_eval")
 
 from secateurs.errors import UsageError  # noqa: E402
-from secateurs.evaluate.zeroshot import HELLASWAG_ACTIVITYNET_ITEMS, LOCAL_TASKS, local_docs, zero_shot  # noqa: E402
+from secateurs.evaluate.tasks import HELLASWAG_ACTIVITYNET_ITEMS, LOCAL_TASKS, local_docs  # noqa: E402
+from secateurs.evaluate.zeroshot import zero_shot  # noqa: E402
 
 LIMIT = 4
 TASKS = ["piqa", "hellaswag", "winogrande", "arc_easy", "boolq"]
