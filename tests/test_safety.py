@@ -383,7 +383,7 @@ def test_abandoned_temporary_folders_are_removed_by_a_later_save(tmp_path, tiny_
     import subprocess
     import sys
 
-    from secateurs.model.save import OWNER_SUFFIX
+    from secateurs.files import OWNER_SUFFIX
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -11,6 +11,7 @@ from .errors import NumericalError, SecateursError, UsageError
 from .recipe import run
 from .evaluate.zeroshot import ZeroShot, zero_shot
 from .model.load import LoadedModel, load_model
+from . import kernels as kernels  # registers the sparse-export folder format that load_model restores
 from .report import load_run, write_report
 from .structured.base import WidthConfig, WidthReport
 from .structured.shearing import ShearConfig, ShearReport, ShearTarget

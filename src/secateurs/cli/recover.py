@@ -11,8 +11,9 @@ from ..api import PruneConfig, check_prune, evaluate_perplexity, loraprune, prun
 from ..data.calib import CalibConfig
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
+from ..files import check_writable
 from ..model.load import load_model
-from ..model.save import check_out, check_writable
+from ..model.save import check_out
 from ..recover.checkpoint import check_checkpoints
 from ..recover.lora import CHECKPOINT, PRECISIONS, RecoverConfig, checkpoint_files, remove_checkpoints
 from ..recover.loraprune import MODES, LoRAPruneConfig

@@ -12,8 +12,9 @@ from ..api import evaluate_perplexity, save, shear
 from ..data.sources import check_name
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
+from ..files import check_writable
 from ..model.load import load_model
-from ..model.save import check_out, check_writable
+from ..model.save import check_out
 from ..recover.checkpoint import check_checkpoints
 from ..structured.shearing import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT, ShearConfig, ShearTarget
 from . import app

@@ -2,7 +2,8 @@
 
 The export is a normal HF folder whose safetensors hold, for each swapped linear, its compressed
 tensors (``<name>.values``, ``.meta`` / ``.bits`` / ``.offsets``) instead of ``<name>.weight``; the
-``export`` stage in ``secateurs.json`` lists them. ``secateurs.load_model`` restores them; a plain
+``export`` stage in ``secateurs.json`` lists them. This module registers that layout with
+:mod:`secateurs.model.load` (``FolderFormat("sparse")``), so ``secateurs.load_model`` restores them; a plain
 ``from_pretrained`` would warn that those weights are missing, so load such a folder through secateurs.
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..model.arch import ArchSpec
+from ..model.load import FolderFormat, register_folder_format
 from ..model.linear import weight_matrix
 from .formats import FORMATS, choose_format, from_tensors
 from .linear import SparseLinear
@@ -130,3 +132,6 @@ def restore_sparse(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+register_folder_format(FolderFormat("sparse", lambda folder: export_stage(folder) is not None, restore_sparse))

@@ -4,6 +4,10 @@ MODEL may be a Hugging Face folder, a hub id (needs a network), a ``.gguf`` file
 shortcut (``smollm2-135m``). A GGUF model is dequantized and rebuilt as a plain float model,
 because ``transformers`` refuses to ``save_pretrained`` a model it loaded from GGUF; the shortcut's
 rebuilt copy is cached as an ordinary HF folder so later loads take a second, not half a minute.
+
+A folder whose weights ``from_pretrained`` cannot restore alone (the sparse export of
+:mod:`secateurs.kernels`) is a :class:`FolderFormat` that the package writing it registers here, so
+loading a model imports no kernel or method code.
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import UsageError
-from ..kernels.swap import export_stage, restore_sparse
+from ..files import make_temporary, remove_abandoned
 from .arch import ArchSpec, spec_for
 from .slice import load_pretrained, skeleton_class
 
@@ -58,6 +64,28 @@ class LoadedModel:
     spec: ArchSpec
     source: str
     local_path: Path | None
+
+
+@dataclass(frozen=True)
+class FolderFormat:
+    """A saved-folder layout that loads as the stock model and then needs some modules put back.
+
+    ``detect(folder)`` says whether a folder is one (before loading: its replaced weights are missing on
+    purpose, so transformers' "missing weights" warning is silenced); ``restore(model, folder, dtype)``
+    puts them back into the freshly loaded model.
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    restore: Callable[[nn.Module, Path, torch.dtype], object]
+
+
+FOLDER_FORMATS: dict[str, FolderFormat] = {}
+
+
+def register_folder_format(fmt: FolderFormat) -> None:
+    """Make :func:`load_model` restore folders of ``fmt`` (called by the package that writes them)."""
+    FOLDER_FORMATS[fmt.name] = fmt
 
 
 def cache_dir() -> Path:
@@ -216,10 +244,10 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         spec_for(config)
-        sparse_export = export_stage(folder) is not None
+        formats = [fmt for fmt in FOLDER_FORMATS.values() if fmt.detect(folder)]
         hf_logger = logging.getLogger("transformers")
         level = hf_logger.level
-        if sparse_export:  # its compressed linears have no .weight on purpose: silence the "missing" warning
+        if formats:  # its replaced modules have no .weight on purpose: silence the "missing" warning
             hf_logger.setLevel(logging.ERROR)
         try:
             model = load_pretrained(folder, None if trust_remote_code else config, trust_remote_code, dtype=dtype)
@@ -229,8 +257,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
         raise
     except Exception as exc:  # transformers raises many types for a broken folder
         raise UsageError(f"could not load the model in {folder}: {_first_line(exc)}") from exc
-    if sparse_export:
-        restore_sparse(model, folder, dtype)
+    for fmt in formats:
+        fmt.restore(model, folder, dtype)
     tokenizer = _try_tokenizer(folder, trust_remote_code)
     return _finish(model, tokenizer, source, folder.resolve())
 
@@ -277,8 +305,6 @@ def _shortcut_folder(name: str) -> Path:
     shortcut = SHORTCUTS[name]
     gguf = _packaged_file(shortcut)
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    from .save import make_temporary, remove_abandoned  # save imports this module
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(folder.parent)
     tmp, owner = make_temporary(folder.parent, f".{name}-")

@@ -2,8 +2,7 @@
 
 The folder is written under a temporary name beside OUT and renamed only when complete, so an
 interrupted or failed save never leaves a half-written OUT, and OUT can never be the input model.
-Each temporary folder has an owner file beside it (pid and host); a process killed mid-save cannot
-clean up, so the next save into the same folder removes temporary folders whose owner is gone.
+The temporary folder and the clean-up after a killed save are :mod:`secateurs.files`' own.
 Everything about OUT that can be known in advance (overlap, writable, free space) is checked
 before any work by :func:`check_output`; an OS error during the save itself becomes one line.
 """
@@ -11,21 +10,17 @@ before any work by :func:`check_output`; an OS error during the save itself beco
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from ..errors import UsageError
-from ..files import replace_folder, write_atomic
+from ..files import check_writable, make_temporary, os_reason, remove_abandoned, replace_folder, write_atomic
 from .load import LoadedModel
 from .slice import remote_code_files
 
 RECORD = "secateurs.json"
-OWNER_SUFFIX = ".owner"
 
 
 def check_out(out: str | Path, input_path: Path | None, overwrite: bool) -> Path:
@@ -43,28 +38,6 @@ def check_out(out: str | Path, input_path: Path | None, overwrite: bool) -> Path
     if target.exists() and not target.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder; choose another path")
     return target
-
-
-def check_writable(target: Path, flag: str, expected_bytes: int | None = None) -> None:
-    """``target`` can be created: its nearest existing parent is a folder we can write in (probed with
-    a real temporary file, so read-only mounts are caught too) with room for ``expected_bytes``."""
-    base = target.parent
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if not base.is_dir():
-        raise UsageError(f"{flag}: {base} is a file, so nothing can be created under it; choose another path")
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{flag}: cannot write in {base} ({exc.strerror or exc}); choose a writable folder") from None
-    if expected_bytes:
-        free = shutil.disk_usage(base).free
-        if free < expected_bytes:
-            raise UsageError(
-                f"{flag}: the output needs about {expected_bytes / 2**30:.2f} GiB and {base} has "
-                f"{free / 2**30:.2f} GiB free; free space or choose another disk"
-            )
 
 
 def check_output(out: str | Path, source: str | None, overwrite: bool, expected_bytes: int | None = None) -> Path:
@@ -142,52 +115,3 @@ def save_model(
     finally:
         owner.unlink(missing_ok=True)
     return target
-
-
-def make_temporary(parent: Path, prefix: str) -> tuple[Path, Path]:
-    """A new hidden folder in ``parent`` and its owner file (pid, host), written before any content."""
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    owner = tmp.with_name(tmp.name + OWNER_SUFFIX)
-    owner.write_text(json.dumps({"secateurs_temporary": tmp.name, "pid": os.getpid(), "host": socket.gethostname()}))
-    return tmp, owner
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_abandoned(parent: Path) -> list[Path]:
-    """Remove the temporary folders in ``parent`` that a killed secateurs process left: only those
-    with an owner file naming this host and a process that no longer runs; returns what was removed."""
-    removed = []
-    host = socket.gethostname()
-    for owner in parent.glob(f".*{OWNER_SUFFIX}"):
-        try:
-            info = json.loads(owner.read_text())
-            name, pid = str(info["secateurs_temporary"]), int(info["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if info.get("host") != host or _alive(pid) or owner.name != name + OWNER_SUFFIX:
-            continue
-        shutil.rmtree(parent / name, ignore_errors=True)
-        owner.unlink(missing_ok=True)
-        removed.append(parent / name)
-    return removed
-
-
-def os_reason(exc: BaseException) -> str:
-    """The operating system's reason in a few words (safetensors wraps it in its own message)."""
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    text = str(exc)
-    for needle, reason in (("StorageFull", "no space left on device"), ("ReadOnlyFilesystem", "read-only file system"),
-                           ("PermissionDenied", "permission denied")):
-        if needle in text:
-            return reason
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -23,8 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import UsageError
-from ..files import write_atomic
-from ..model.save import os_reason
+from ..files import os_reason, write_atomic
 
 STATE_KEY = "secateurs_state"
 FORMAT = 1
