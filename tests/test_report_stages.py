@@ -1,5 +1,6 @@
 """Every stage kind a command writes is read back by ``secateurs report`` under its own label and kind:
-a sheared, LoRAPrune, iterative or LoRA-recovered output is never shown as the dense baseline."""
+a sheared, LoRAPrune, iterative or LoRA-recovered output is never shown as the dense baseline. Each
+writer's record carries every field of its typed record (``secateurs.record.STAGE_KINDS``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from secateurs.api import PruneConfig, prune, save, shear
 from secateurs.recover.iterative import prune_iterative
 from secateurs.recover.lora import RecoverConfig, recover_lora
 from secateurs.recover.loraprune import LoRAPruneConfig, loraprune
-from secateurs.report import STAGE_READERS, load_run
+from secateurs.data.calib import CalibConfig
+from secateurs.depth.prune import LayerConfig, prune_layers
+from secateurs.record import STAGE_KINDS, parse_stage
+from secateurs.report import load_run
+from secateurs.structured.base import WidthConfig, prune_width
 from secateurs.structured.shearing import ShearConfig, ShearTarget
 from tiny_models import tiny_model
 
@@ -68,7 +73,28 @@ def _prune_then_lora(loaded, text_file):
     return [first, recover_lora(loaded, _train(text_file, steps=2), CPU).stage_record()]
 
 
+def _magnitude(loaded, text_file):
+    return [prune(loaded, PruneConfig("magnitude", 0.5, "2:4")).stage_record()]
+
+
+def _layers(loaded, text_file):
+    calib = CalibConfig(text_file, n_samples=2, seq_len=16)
+    return [prune_layers(loaded, LayerConfig("angular", remove=1), calib).stage_record()]
+
+
+def _width(loaded, text_file):
+    return [prune_width(loaded, WidthConfig("magnitude", 0.5, target="channels")).stage_record()]
+
+
+def _layers_then_prune(loaded, text_file):
+    return _layers(loaded, text_file) + [prune(loaded, PruneConfig("magnitude", 0.5)).stage_record()]
+
+
 CASES = {
+    "prune": (_magnitude, "magnitude 2:4", "sparsity"),
+    "layers": (_layers, "angular", "layers removed"),
+    "width": (_width, "magnitude", "width removed"),
+    "layers-then-prune": (_layers_then_prune, "magnitude", "sparsity"),
     "shear": (_shear, "llm-shearing", "width removed"),
     "loraprune-structured": (_loraprune_heads, "loraprune", "width removed"),
     "loraprune-unstructured": (_loraprune_unstructured, "loraprune", "sparsity"),
@@ -81,15 +107,31 @@ CASES = {
 def test_each_stage_kind_is_labelled_by_its_method(case, text_file, tmp_path):
     write, method, kind = CASES[case]
     loaded = tiny_model("llama")
-    out = save(loaded, tmp_path / case, write(loaded, text_file))
+    records = write(loaded, text_file)
+    for record in records:
+        assert parse_stage(record, strict=True) is not None
+    out = save(loaded, tmp_path / case, records)
     run = load_run(out)
     assert (run.method, run.kind) == (method, kind)
     assert 0.05 < run.removed < 0.95
 
 
+def test_earlier_curves_stay_beside_later_ones(text_file, tmp_path):
+    """Layer importance from a depth stage is still plotted after a later sparsity stage."""
+    loaded = tiny_model("llama")
+    run = load_run(save(loaded, tmp_path / "chain", _layers_then_prune(loaded, text_file)))
+    assert set(run.layers) == {"importance", "sparsity"} and len(run.removed_layers) == 1
+
+
+def test_strict_parse_names_a_missing_field():
+    with pytest.raises(ValueError, match="achieved_sparsity"):
+        parse_stage({"stage": "prune", "method": "wanda", "pattern": "2:4"}, strict=True)
+    assert parse_stage({"stage": "some_future_kind"}) is None
+
+
 def test_every_written_stage_kind_has_a_reader():
-    """The writers' stage names (``"stage": ...`` in their records) each have a reader, export excepted."""
+    """The writers' stage names (``"stage": ...`` in their records) each have a typed record."""
     written = set()
     for path in Path(secateurs.__file__).parent.rglob("*.py"):
         written.update(re.findall(r'"stage": "([a-z_]+)"', path.read_text()))
-    assert written - {"export"} <= set(STAGE_READERS), written - set(STAGE_READERS)
+    assert written <= set(STAGE_KINDS), written - set(STAGE_KINDS)

@@ -26,6 +26,7 @@ from pathlib import Path
 from .errors import UsageError
 from .files import write_atomic
 from .model.save import RECORD
+from .record import Effect, parse_stage
 
 MARKERS = {"dense": "*", "sparsity": "o", "layers removed": "s", "width removed": "^"}
 
@@ -79,101 +80,20 @@ def count_parameters(folder: Path) -> int | None:
     return total if found else None
 
 
-def _per_block(per_linear: dict[str, float]) -> dict[int, float]:
-    """Mean sparsity per block index from ``{"model.layers.3.mlp.up_proj": s, ...}``."""
-    sums: dict[int, list[float]] = {}
-    for name, value in per_linear.items():
-        index = next((int(part) for part in name.split(".") if part.isdigit()), None)
-        if index is not None:
-            sums.setdefault(index, []).append(value)
-    return {i: sum(v) / len(v) for i, v in sorted(sums.items())}
-
-
-def _fraction_of_params(params: dict | None) -> float | None:
-    """1 - after/before from a ``{"before": n, "after": m}`` record, or None when either is missing."""
-    if not params or not params.get("before") or params.get("after") is None:
-        return None
-    return 1.0 - float(params["after"]) / float(params["before"])
-
-
-def _apply_prune(run: Run, stage: dict) -> str:
-    pattern = stage.get("pattern", "unstructured")
-    run.method = stage.get("method", "?") + ("" if pattern == "unstructured" else f" {pattern}")
-    achieved = stage.get("achieved_sparsity") or {}
-    run.removed = float(achieved.get("mean", 0.0))
-    run.layers["sparsity"] = _per_block(achieved.get("per_layer", {}))
-    return "sparsity"
-
-
-def _apply_layers(run: Run, stage: dict) -> str:
-    run.method = stage.get("method", "?")
-    run.removed_layers = list(stage.get("removed_layers", []))
-    run.removed = len(run.removed_layers) / max(int(stage.get("layers_before", 1)), 1)
-    if stage.get("scores"):
-        run.layers["importance"] = {int(k): float(v) for k, v in stage["scores"][0].items()}
-    return "layers removed"
-
-
-def _apply_width(run: Run, stage: dict) -> str:
-    run.method = stage.get("method", "?")
-    run.removed = float((stage.get("achieved") or {}).get("param_reduction", 0.0))
-    params = stage.get("params") or {}
-    run.params = params.get("after", run.params)
-    widths = stage.get("widths") or []
-    if widths and isinstance(widths[0], dict):
-        run.layers["width (groups kept)"] = {i: float(sum(w.values())) for i, w in enumerate(widths)}
-    return "width removed"
-
-
-def _apply_shear(run: Run, stage: dict) -> str:
-    run.method = stage.get("method", "llm-shearing")
-    removed = _fraction_of_params({"before": stage.get("params_before"), "after": stage.get("params_after")})
-    run.removed = removed if removed is not None else 0.0
-    run.params = stage.get("params_after", run.params)
-    return "width removed"
-
-
-def _apply_iterative(run: Run, stage: dict) -> str:
-    run.method = f"{stage.get('method', '?')} iterative"
-    run.removed = float(stage.get("achieved_sparsity", 0.0))
-    return "sparsity"
-
-
-def _apply_recover(run: Run, stage: dict) -> str | None:
-    """LoRA keeps the earlier stage's label and kind (a suffix says it was tuned); LoRAPrune prunes."""
-    method = stage.get("method", "lora")
-    if method != "loraprune":
-        if run.kind == "dense":
-            return None
-        run.method = f"{run.method} + {method}"
-        return run.kind
-    options = stage.get("loraprune") or {}
-    run.method = "loraprune"
-    if options.get("target") == "unstructured":
-        run.removed = float((stage.get("sparsity") or {}).get("after", 0.0))
-        return "sparsity"
-    removed = _fraction_of_params(stage.get("params"))
-    run.removed = removed if removed is not None else 0.0
-    run.params = (stage.get("params") or {}).get("after", run.params)
-    return "width removed"
-
-
-STAGE_READERS = {
-    "prune": _apply_prune,
-    "layers": _apply_layers,
-    "width": _apply_width,
-    "shear": _apply_shear,
-    "prune_iterative": _apply_iterative,
-    "recover": _apply_recover,
-}
-"""Every stage kind a secateurs command writes; ``export`` (storage format only) changes nothing shown."""
-
-
-def _apply_stage(run: Run, stage: dict) -> None:
-    reader = STAGE_READERS.get(stage.get("stage", ""))
-    kind = reader(run, stage) if reader is not None else None
-    if kind is not None:
-        run.kind = kind
+def _apply_stages(run: Run, stages: list[dict], before: Effect | None = None) -> Effect | None:
+    """Fold the stages' typed records into ``run``: the last stage that changed the model sets the
+    method, the kind of removal and how much; the dense baseline is a run whose stages changed nothing."""
+    effect = before
+    for data in stages:
+        stage = parse_stage(data) if isinstance(data, dict) else None
+        if stage is not None:
+            effect = stage.effect(effect)
+    if effect is not None:
+        run.kind, run.method, run.removed = effect.kind, effect.method, effect.removed
+        run.layers, run.removed_layers = dict(effect.profile), list(effect.removed_layers)
+        if effect.params_after is not None:
+            run.params = effect.params_after
+    return effect
 
 
 def _apply_results(run: Run, results: dict) -> None:
@@ -214,8 +134,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         raise UsageError(f"{path} is not a secateurs record (no 'stages'); pass an output folder or eval --json file")
     name = label or data.get("label") or (folder.name if folder is not None else path.stem)
     run = Run(label=name, source=str(path))
-    for stage in record.get("stages", []):
-        _apply_stage(run, stage)
+    _apply_stages(run, record.get("stages", []))
     _apply_results(run, results)
     if run.params is None and folder is not None:
         run.params = count_parameters(folder)
@@ -236,11 +155,12 @@ def load_chain(out: str | Path) -> list[Run]:
         raise UsageError(f"{out} is not a `secateurs run` output folder")
     runs: list[Run] = []
     state = Run(label="input", source=str(data.get("input", "")))
+    effect: Effect | None = None
     for stage in data["stages"]:
         state = copy.deepcopy(state)
         state.label, state.source = stage["folder"], str(out / "stages" / stage["folder"])
         if stage.get("record"):
-            _apply_stage(state, stage["record"])
+            effect = _apply_stages(state, [stage["record"]], effect)
         results = stage.get("results") or {}
         if "perplexity" in results or "zeroshot" in results:  # an eval stage's --json output
             flat = {f"ppl_{k}": v for k, v in results.get("perplexity", {}).items()}
