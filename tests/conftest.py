@@ -1,7 +1,10 @@
-"""Offline test setup: local data from ../shared/data, no progress bars, shared model fixtures."""
+"""Offline test setup: local data from ../shared/data, no progress bars, shared model fixtures, and the
+``slow`` marker on the tests that load the real SmolLM2 or train (``pytest -m "not slow"`` skips them
+for a fast loop; the README's command runs everything)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -28,3 +31,20 @@ def smollm2_folder() -> Path:
     from secateurs.model.load import _shortcut_folder
 
     return _shortcut_folder("smollm2-135m")
+
+
+TRAINING_MODULES = {"test_recover", "test_shear"}
+"""Test files whose tests run training loops (LoRA, LoRAPrune, shearing, iterative pruning)."""
+
+
+def _loads_smollm2(item: pytest.Item) -> bool:
+    if "smollm2_folder" in getattr(item, "fixturenames", ()):
+        return True
+    function = getattr(item, "function", None)
+    return function is not None and "smollm2-135m" in inspect.getsource(function)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module.__name__ in TRAINING_MODULES or _loads_smollm2(item):
+            item.add_marker(pytest.mark.slow)
