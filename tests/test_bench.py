@@ -13,7 +13,6 @@ from secateurs import UsageError, load_model, save
 from secateurs.cli import app
 from secateurs.evaluate.speed import SpeedConfig, measure, ratios
 from secateurs.kernels import sparse_layers
-from secateurs.kernels.swap import block_linears
 from secateurs.model.linear import weight_matrix
 from secateurs.sparsity.masks import nm_mask
 
@@ -26,7 +25,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     loaded = tiny_model("llama")
     dense = save(loaded, root / "dense", stages=[])
-    for module in block_linears(loaded.model, loaded.spec).values():
+    for module in loaded.spec.named_linears(loaded.model).values():
         w = weight_matrix(module)
         w.mul_(nm_mask(w.abs(), 2, 4))
     pruned = save(loaded, root / "pruned", stages=[])

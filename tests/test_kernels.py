@@ -19,7 +19,6 @@ from tiny_models import random_ids, tiny_model
 from secateurs import UsageError, load_model, save
 from secateurs.api import export_sparse
 from secateurs.kernels import SEGMENT, Bitmap, Sparse24, SparseLinear, choose_format, sparse_layers, sparsify
-from secateurs.kernels.swap import block_linears
 from secateurs.model.linear import weight_matrix
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
@@ -83,13 +82,13 @@ def test_sparse_linear_matches_dense_linear(kind):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_sparsify_keeps_the_model_function(arch):
     loaded = tiny_model(arch)
-    for module in block_linears(loaded.model, loaded.spec).values():
+    for module in loaded.spec.named_linears(loaded.model).values():
         w = weight_matrix(module)
         w.mul_(nm_mask(w.abs(), 2, 4))
     ids = random_ids(2, 16)
     before = loaded.model(ids).logits
     report = sparsify(loaded.model, loaded.spec)
-    assert len(report.swapped) == len(block_linears(loaded.model, loaded.spec)) and not report.kept_dense
+    assert len(report.swapped) == len(loaded.spec.named_linears(loaded.model)) and not report.kept_dense
     assert report.sparse_bytes < 0.6 * report.dense_bytes
     torch.testing.assert_close(loaded.model(ids).logits, before)
 
@@ -102,7 +101,7 @@ def test_sparsify_without_sparse_layers_says_to_prune_first():
 
 def test_mixed_model_keeps_too_dense_layers_dense():
     loaded = tiny_model("llama")
-    linears = block_linears(loaded.model, loaded.spec)
+    linears = loaded.spec.named_linears(loaded.model)
     target = "model.layers.1.mlp.down_proj"  # 128 inputs: one bitmap segment
     w = weight_matrix(linears[target])
     w.mul_(unstructured_mask(w.abs(), 0.7))
@@ -113,7 +112,7 @@ def test_mixed_model_keeps_too_dense_layers_dense():
 
 def test_sparse_export_saves_compressed_and_reloads_identically(tmp_path):
     loaded = tiny_model("llama")
-    for module in block_linears(loaded.model, loaded.spec).values():
+    for module in loaded.spec.named_linears(loaded.model).values():
         w = weight_matrix(module)
         w.mul_(nm_mask(w.abs(), 2, 4))
     dense_dir = save(loaded, tmp_path / "dense", stages=[])
@@ -133,7 +132,7 @@ def test_sparse_export_saves_compressed_and_reloads_identically(tmp_path):
 
 def test_reload_of_an_export_missing_tensors_is_a_usage_error(tmp_path):
     loaded = tiny_model("llama")
-    for module in block_linears(loaded.model, loaded.spec).values():
+    for module in loaded.spec.named_linears(loaded.model).values():
         w = weight_matrix(module)
         w.mul_(nm_mask(w.abs(), 2, 4))
     stage = export_sparse(loaded)
@@ -386,7 +385,7 @@ def test_sparse_linear_traces_whole_under_torch_compile(kind):
 
 def test_unstructured_sparse_export_reloads_with_the_same_logits(tmp_path):
     loaded = tiny_model("llama")
-    for module in block_linears(loaded.model, loaded.spec).values():
+    for module in loaded.spec.named_linears(loaded.model).values():
         w = weight_matrix(module)
         w.mul_(unstructured_mask(w.abs(), 0.7))
     ids = random_ids(2, 9)

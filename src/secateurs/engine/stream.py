@@ -43,10 +43,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..errors import UsageError
 from ..model.arch import ArchSpec, spec_for
-from ..model.linear import weight_matrix
+from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel, _try_tokenizer, resolve_dtype
 from ..model.save import RECORD, check_out
-from ..sparsity.masks import sparsity_of
 from .distributed import RankGroup
 from .sequential import BlockMethod, EngineHooks, Stats
 

@@ -52,12 +52,6 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def block_linears(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
-    return {f"{spec.blocks}.{i}.{name}": module
-            for i, block in enumerate(spec.blocks_of(model))
-            for name, module in spec.linears(block).items()}
-
-
 def sparsify(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN_SPARSITY) -> SparsifyReport:
     """Replace every block linear that is 2:4 (or at least ``min_sparsity`` zeros) by a SparseLinear.
 
@@ -67,7 +61,7 @@ def sparsify(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN
     if not 0.0 <= min_sparsity < 1.0:
         raise UsageError(f"min sparsity {min_sparsity} must be in [0, 1)")
     report = SparsifyReport()
-    for name, module in block_linears(model, spec).items():
+    for name, module in spec.named_linears(model).items():
         if isinstance(module, SparseLinear):
             raise UsageError(f"{name} is already sparse; sparsify a dense (pruned) model")
         weight = weight_matrix(module)

@@ -1,7 +1,9 @@
 """ArchSpec: the one place that knows where each architecture keeps its blocks and linears.
 
-Methods, the engine and surgery ask the spec (``spec.blocks_of(model)``, ``spec.linears(block)``),
-never ``model.model.layers`` directly, so supporting a new architecture is one entry in ``SPECS``.
+Methods, the engine and surgery ask the spec (``spec.blocks_of(model)``, ``spec.linears(block)``,
+``spec.named_linears(model)``), never ``model.model.layers`` directly, and read what the family
+allows from its capability fields (``prunable_heads``, ``prunable_hidden``), so supporting a new
+architecture is one entry in ``SPECS``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ class ArchSpec:
     GPT-2's ``n_inner`` may be None, meaning 4 × hidden) and ``head_dim_key``, the key the modeling
     code reads the head size from; where it instead derives it as hidden / heads (GPT-2, OPT,
     GPT-NeoX) it is None, and heads cannot be removed without breaking the reload.
+
+    What can be pruned on the family: layers and MLP channels always; heads where
+    :attr:`prunable_heads`, with a different count per layer where :attr:`per_layer_heads`;
+    the hidden size (Sheared LLaMA's residual-stream masks) only where ``prunable_hidden`` is set:
+    RMSNorm everywhere and no embedding scale (Gemma multiplies embeddings by sqrt(hidden_size),
+    which changes when hidden shrinks; GPT-2, OPT and GPT-NeoX use LayerNorm).
     """
 
     name: str
@@ -47,6 +55,28 @@ class ArchSpec:
     kv_heads_key: str | None = "num_key_value_heads"
     intermediate_key: str = "intermediate_size"
     head_dim_key: str | None = "head_dim"
+    prunable_hidden: bool = False
+
+    @property
+    def prunable_heads(self) -> bool:
+        """Heads can be removed and the result reloads: the modeling code reads the head size from
+        the config rather than deriving it as hidden / heads."""
+        return self.head_dim_key is not None
+
+    @property
+    def per_layer_heads(self) -> bool:
+        """Layers can keep different head counts: separate q/k/v linears (a fused split reads the
+        head count from the config, one number for every layer)."""
+        return self.qkv_layout == "separate"
+
+    def named_linears(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Every block linear of ``model`` by its full module path (``model.layers.3.mlp.up_proj``),
+        block by block, each block's in :meth:`linears` order."""
+        return {
+            f"{self.blocks}.{index}.{path}": module
+            for index, block in enumerate(self.blocks_of(model))
+            for path, module in self.linears(block).items()
+        }
 
     def blocks_of(self, model: nn.Module) -> nn.ModuleList:
         """The ModuleList of decoder blocks."""
@@ -83,10 +113,10 @@ _GEMMA_NORMS = (
 )
 
 SPECS: tuple[ArchSpec, ...] = (
-    ArchSpec(name="llama", model_types=("llama",), **_LLAMA_LIKE),
-    ArchSpec(name="mistral", model_types=("mistral",), **_LLAMA_LIKE),
-    ArchSpec(name="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),
-    ArchSpec(name="qwen3", model_types=("qwen3",), **_LLAMA_LIKE),
+    ArchSpec(name="llama", model_types=("llama",), **_LLAMA_LIKE, prunable_hidden=True),
+    ArchSpec(name="mistral", model_types=("mistral",), **_LLAMA_LIKE, prunable_hidden=True),
+    ArchSpec(name="qwen2", model_types=("qwen2",), **_LLAMA_LIKE, prunable_hidden=True),
+    ArchSpec(name="qwen3", model_types=("qwen3",), **_LLAMA_LIKE, prunable_hidden=True),
     ArchSpec(name="gemma2", model_types=("gemma2",), **{**_LLAMA_LIKE, "norms": _GEMMA_NORMS}),
     ArchSpec(
         name="gemma3", model_types=("gemma3_text",), **{**_LLAMA_LIKE, "norms": _GEMMA_NORMS}
@@ -112,6 +142,7 @@ SPECS: tuple[ArchSpec, ...] = (
         },
         qkv_layout="fused",
         mlp_layout="gated_fused",
+        prunable_hidden=True,
     ),
     ArchSpec(
         name="gpt2",

@@ -2,7 +2,7 @@
 
 Give :func:`apply_widths` the kept group indices per block (``{"heads": idx, "channels": idx}``, a
 missing kind is left whole) and it slices every coupled row and column in place
-(:mod:`secateurs.structured.groups` says which), then updates the config:
+(:mod:`secateurs.model.groups` says which), then updates the config:
 
 * Uniform widths: the config's head / KV-head / intermediate sizes are set, so the saved folder
   loads with plain ``AutoModelForCausalLM.from_pretrained`` and no custom code.
@@ -32,11 +32,11 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-from transformers.pytorch_utils import Conv1D
 
 from ..errors import UsageError
-from ..structured.groups import GroupSet, block_groups, check_target, head_geometry
 from .arch import ArchSpec
+from .groups import GroupSet, block_groups, check_target, head_geometry
+from .linear import in_features, sync_features, weight_dim
 
 REMOTE_MODULE = "modeling_secateurs"
 SHAPES_KEY = "secateurs_shapes"
@@ -51,15 +51,10 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def keep_linear(module: nn.Module, axis: str, keep: torch.Tensor) -> None:
     """Keep only the rows (``axis='out'``, with the bias) or columns (``'in'``) ``keep`` of a linear."""
     keep = keep.to(module.weight.device)
-    conv = isinstance(module, Conv1D)
-    dim = (1 if conv else 0) if axis == "out" else (0 if conv else 1)
-    _set_param(module, "weight", module.weight.data.index_select(dim, keep))
+    _set_param(module, "weight", module.weight.data.index_select(weight_dim(module, axis), keep))
     if axis == "out" and getattr(module, "bias", None) is not None:
         _set_param(module, "bias", module.bias.data.index_select(0, keep))
-    if conv:
-        module.nf = module.weight.shape[1]
-    else:
-        module.out_features, module.in_features = module.weight.shape
+    sync_features(module)
 
 
 def _positions(slot_index: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -81,9 +76,7 @@ def mask_groups(block: nn.Module, group_set: GroupSet, remove: torch.Tensor) -> 
         for slot in group_set.slots:
             module = block.get_submodule(slot.path)
             where = _positions(slot.index, remove).to(module.weight.device)
-            conv = isinstance(module, Conv1D)
-            dim = (1 if conv else 0) if slot.axis == "out" else (0 if conv else 1)
-            module.weight.data.index_fill_(dim, where, 0.0)
+            module.weight.data.index_fill_(weight_dim(module, slot.axis), where, 0.0)
             if slot.axis == "out" and getattr(module, "bias", None) is not None:
                 module.bias.data.index_fill_(0, where, 0.0)
 
@@ -113,7 +106,7 @@ def apply_widths(model: PreTrainedModel, spec: ArchSpec, keep: list[Widths]) -> 
             _check_keep(index, kind, kept, groups[kind].count)
         plans.append((block, groups, widths))
     head_counts = {len(widths["heads"]) for widths in keep if "heads" in widths}
-    if len(head_counts) > 1 and spec.qkv_layout != "separate":
+    if len(head_counts) > 1 and not spec.per_layer_heads:
         raise UsageError(
             f"{spec.name}: its fused q/k/v split reads the head count from the config, so every layer "
             "must keep the same number of heads; use --mode uniform or --target channels"
@@ -131,7 +124,7 @@ def apply_widths(model: PreTrainedModel, spec: ArchSpec, keep: list[Widths]) -> 
 def _set_head_attributes(block: nn.Module, spec: ArchSpec, before) -> None:
     """Keep attention modules' own head counts (when they store them) in line with the weights."""
     attention = block.get_submodule(spec.attention[-1].rsplit(".", 1)[0])
-    heads = block.get_submodule(spec.attention[-1]).in_features // before.head_dim
+    heads = in_features(block.get_submodule(spec.attention[-1])) // before.head_dim
     for name, value in (("num_heads", heads), ("num_key_value_heads", heads // before.per_group)):
         if isinstance(getattr(attention, name, None), int):
             setattr(attention, name, value)
@@ -163,8 +156,7 @@ def update_config(model: PreTrainedModel, spec: ArchSpec) -> None:
                 else:
                     setattr(config, key, value)
     down = spec.mlp[-1]
-    widths = [block.get_submodule(down).weight.shape[0 if isinstance(block.get_submodule(down), Conv1D) else 1]
-              for block in blocks]
+    widths = [in_features(block.get_submodule(down)) for block in blocks]
     setattr(config, spec.intermediate_key, max(widths))
     differing = _differing_shapes(model)
     auto_map = dict(getattr(top, "auto_map", None) or {})

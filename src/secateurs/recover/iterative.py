@@ -57,15 +57,11 @@ class IterativeReport:
 
 def _zeros(loaded: LoadedModel) -> list[torch.Tensor]:
     """Where every block linear is zero now (to keep those weights pruned in later rounds)."""
-    return [
-        weight_matrix(module) == 0
-        for block in loaded.spec.blocks_of(loaded.model)
-        for module in loaded.spec.linears(block).values()
-    ]
+    return [weight_matrix(module) == 0 for module in loaded.spec.named_linears(loaded.model).values()]
 
 
 def _rezero(loaded: LoadedModel, zeros: list[torch.Tensor]) -> None:
-    modules = [m for block in loaded.spec.blocks_of(loaded.model) for m in loaded.spec.linears(block).values()]
+    modules = list(loaded.spec.named_linears(loaded.model).values())
     with torch.no_grad():
         for module, zero in zip(modules, zeros):
             weight_matrix(module).masked_fill_(zero.to(module.weight.device), 0.0)

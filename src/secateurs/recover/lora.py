@@ -40,12 +40,11 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..data.calib import random_windows, tokenize
 from ..data.sources import check_name, load_text
 from ..errors import NumericalError, UsageError
-from ..model.linear import weight_matrix
+from ..model.linear import is_transposed, weight_matrix
 from ..model.load import LoadedModel
 from ..progress import meter
 from ..record import peak_memory_mb
@@ -211,7 +210,7 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
         for i, block in enumerate(spec.blocks_of(loaded.model))
         for name in spec.linears(block)
     }
-    conv = any(isinstance(loaded.model.get_submodule(p), Conv1D) for p in paths.values())
+    conv = any(is_transposed(loaded.model.get_submodule(p)) for p in paths.values())
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -411,11 +410,7 @@ def identity(loaded: LoadedModel) -> dict:
 
 def mean_sparsity(loaded: LoadedModel) -> float:
     """Mean fraction of exact zeros over the block linears."""
-    values = [
-        sparsity_of(weight_matrix(module))
-        for block in loaded.spec.blocks_of(loaded.model)
-        for module in loaded.spec.linears(block).values()
-    ]
+    values = [sparsity_of(weight_matrix(module)) for module in loaded.spec.named_linears(loaded.model).values()]
     return sum(values) / max(len(values), 1)
 
 

@@ -6,7 +6,7 @@ approximated from the adapters' own, G = ∇B·A + B·∇A − ∇B·∇A (the c
 of A and B), and an element's importance is |G ⊙ (W + s·BA)| over the weight the model actually
 uses (pruned positions count as zero). Structured: a dependency group's score is the sum, over
 the linears it couples, of that linear's per-group sums normalised to unit length (as the released
-code does), with groups from :mod:`secateurs.structured.groups` (KV groups under GQA, MLP
+code does), with groups from :mod:`secateurs.model.groups` (KV groups under GQA, MLP
 channels). Unstructured: the element scores themselves, compared within each output row.
 
 Progressive pruning (§3.3): scores are smoothed by a moving average Ī ← 0.9·Ī + 0.1·I every step;
@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import UsageError
+from ..model.groups import GroupSet
 from ..model.load import LoadedModel
 from ..model.slice import apply_widths
 from ..record import peak_memory_mb
 from ..sparsity.masks import unstructured_mask
 from ..structured.base import TARGETS, count_parameters, model_groups
-from ..structured.groups import GroupSet
 from ..structured.importance import aggregate, slot_sums
 from .lora import ADAPTER, Adapters, RecoverConfig, RecoverReport, TrainHook, attach, base_weight, identity
 from .lora import mean_sparsity, train, train_ids

@@ -92,7 +92,7 @@ def atp_target(
     if options.spread is not None:
         return SparsityTarget(tuple(atp_schedule(sparsity, n_blocks, options.spread)), target.pattern), {}
     ids = calib_ids[: options.search_samples]
-    linears = [weight_matrix(m) for block in spec.blocks_of(model) for m in spec.linears(block).values()]
+    linears = [weight_matrix(m) for m in spec.named_linears(model).values()]
     if any(w.is_meta for w in linears):
         raise UsageError("the ATP search prunes the whole model several times; with --stream give --atp-spread")
     dense = [w.detach().to("cpu", copy=True) for w in linears]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from ..model.linear import sparsity_of as sparsity_of  # a weight's property, kept in model/ for the engine
 
 COMPARISON_GROUPS = ("row", "layer")
 
@@ -94,8 +95,3 @@ def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     rows, cols = weight.shape
     nonzero = (weight != 0).reshape(rows, cols // m, m).sum(dim=2)
     return bool((nonzero <= n).all())
-
-
-def sparsity_of(weight: torch.Tensor) -> float:
-    """Fraction of exactly-zero entries."""
-    return float((weight == 0).sum().item()) / weight.numel()

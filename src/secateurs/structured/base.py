@@ -18,10 +18,10 @@ from torch import nn
 from ..data.calib import CalibConfig, calibration_ids
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
+from ..model.groups import KINDS, GroupSet, block_groups, check_target
 from ..model.load import LoadedModel
 from ..model.slice import apply_widths, remote_code_files
 from ..record import peak_memory_mb
-from .groups import KINDS, GroupSet, block_groups, check_target
 from .importance import AGGREGATES
 from .select import Scores, select_global, select_uniform
 

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ..engine.stats import InputMean, InputSqNorm
+from ..model.groups import GroupSet
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
 from .base import WidthMethod
-from .groups import GroupSet
 from .importance import consumer_columns, consumer_statistics
 from .select import Scores
 

@@ -17,9 +17,9 @@ from torch import nn
 from ..engine.sequential import BlockMethod, EngineOptions, Stats, run_blocks
 from ..engine.stats import Accumulator
 from ..errors import UsageError
+from ..model.groups import GroupSet, Slot
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
-from .groups import GroupSet, Slot
 
 AGGREGATES = ("sum", "prod", "max")
 

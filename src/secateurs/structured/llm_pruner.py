@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from ..errors import NumericalError
+from ..model.groups import GroupSet
+from ..model.linear import oriented
 from ..model.load import LoadedModel
 from ..progress import track
 from .base import WidthMethod
-from .groups import GroupSet
 from .importance import aggregate, group_scores, slot_sums
 from .select import Scores
 
@@ -37,8 +38,7 @@ def calibration_gradients(
     model = loaded.model
     params = [
         p
-        for block in loaded.spec.blocks_of(model)
-        for module in loaded.spec.linears(block).values()
+        for module in loaded.spec.named_linears(model).values()
         for p in (module.weight, getattr(module, "bias", None))
         if p is not None
     ]
@@ -102,7 +102,7 @@ class LLMPruner(WidthMethod):
             def element(module: nn.Module):
                 weight = self._terms(module, module.weight, grads).abs()
                 bias = getattr(module, "bias", None)
-                return _oriented(module, weight), None if bias is None else self._terms(module, bias, grads).abs()
+                return oriented(module, weight), None if bias is None else self._terms(module, bias, grads).abs()
 
             return group_scores(block, group_set, element, self.config.aggregate)
         per_slot = []
@@ -110,11 +110,6 @@ class LLMPruner(WidthMethod):
             module = block.get_submodule(slot.path)
             bias = getattr(module, "bias", None)
             bias_terms = None if bias is None or slot.axis == "in" else self._terms(module, bias, grads)
-            signed = slot_sums(_oriented(module, self._terms(module, module.weight, grads)), bias_terms, slot)
+            signed = slot_sums(oriented(module, self._terms(module, module.weight, grads)), bias_terms, slot)
             per_slot.append(signed.abs())
         return aggregate(per_slot, self.config.aggregate)
-
-
-def _oriented(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor shaped like ``module.weight`` seen as (out, in) (transposed for GPT-2's Conv1D)."""
-    return tensor if isinstance(module, nn.Linear) else tensor.t()

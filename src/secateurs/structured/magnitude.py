@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..model.groups import GroupSet
 from ..model.load import LoadedModel
 from .base import WidthMethod
-from .groups import GroupSet
 from .importance import group_scores, magnitude_element
 from .select import Scores
 

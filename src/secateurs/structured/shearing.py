@@ -43,14 +43,14 @@ from transformers import PreTrainedModel
 
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
-from ..model.arch import ArchSpec
+from ..model.arch import SPECS, ArchSpec
 from ..model.drop_layers import check_removal, drop_layers
+from ..model.groups import GroupSet, block_groups, check_target, head_geometry
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
 from ..model.slice import apply_widths, keep_linear
 from ..record import peak_memory_mb
 from ..recover.dynamic_batch import Domains, TrainExtra, TrainLog, TrainSettings, held_out_losses, train
-from .groups import GroupSet, block_groups, check_target, head_geometry
 
 LIMIT_LOW, LIMIT_HIGH = -0.1, 1.1  # stretch interval of the hard-concrete distribution
 TEMPERATURE = 2.0 / 3.0
@@ -61,9 +61,7 @@ MASK_KINDS = ("layers", "hidden", "heads", "channels")
 # Resume checkpoints of the two phases in --checkpoint-dir (safetensors + JSON, never pickle).
 PRUNE_CHECKPOINT = "prune.safetensors"
 CONTINUE_CHECKPOINT = "continue.safetensors"
-# Architectures whose residual stream can lose dimensions: RMSNorm everywhere, no embedding scale
-# (Gemma multiplies embeddings by sqrt(hidden_size), which changes when hidden shrinks).
-HIDDEN_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+HIDDEN_ARCHS = tuple(spec.name for spec in SPECS if spec.prunable_hidden)  # see ArchSpec
 _JSON_KEYS = {
     "num_hidden_layers": "layers", "n_layers": "layers", "hidden_size": "hidden", "d_model": "hidden",
     "num_attention_heads": "heads", "n_heads": "heads", "num_key_value_heads": "kv_heads",
@@ -186,7 +184,7 @@ def plan_for(loaded: LoadedModel, target: ShearTarget) -> Plan:
         check_removal(model, spec, list(range(source["layers"] - resolved["layers"])))
     if resolved["heads"] < source["heads"]:
         check_target(spec, ("heads",))
-    if resolved["hidden"] < source["hidden"] and spec.name not in HIDDEN_ARCHS:
+    if resolved["hidden"] < source["hidden"] and not spec.prunable_hidden:
         raise UsageError(
             f"{spec.name}: pruning the hidden size is supported for {', '.join(HIDDEN_ARCHS)}; leave hidden= out"
         )

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..engine.stats import InputSqNorm
+from ..model.groups import GroupSet
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
 from .base import WidthMethod
-from .groups import GroupSet
 from .importance import consumer_columns, consumer_statistics
 from .select import Scores
 

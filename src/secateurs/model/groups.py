@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..model.arch import ArchSpec
-from ..model.linear import weight_matrix
+from .arch import ArchSpec
+from .linear import weight_matrix
 
 KINDS = ("heads", "channels")
 
@@ -137,7 +137,7 @@ def channel_groups(spec: ArchSpec, block: nn.Module) -> GroupSet:
 
 def check_target(spec: ArchSpec, kinds: tuple[str, ...]) -> None:
     """Refuse head pruning where the saved model could not be reloaded by its modeling code."""
-    if "heads" in kinds and spec.head_dim_key is None:
+    if "heads" in kinds and not spec.prunable_heads:
         raise UsageError(
             f"{spec.name}: its transformers modeling code derives the head size from hidden_size / heads, "
             "so removing heads would not reload; use --target channels"
