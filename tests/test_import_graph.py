@@ -1,0 +1,153 @@
+"""The package's import graph: no cycles, and the layers below the methods import no method.
+
+Every module under ``src/secateurs`` is parsed with ``ast`` (nothing is imported, so a cycle that
+Python happens to tolerate today is still found); imports inside functions count, since a
+function-level import is how a cycle usually hides. ``model/`` (architectures, loading, surgery) and
+``engine/`` (the block-by-block engine) sit under every method family, so they must import none.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "src" / "secateurs"
+LOWER = ("secateurs.model", "secateurs.engine")
+UPPER = tuple(
+    f"secateurs.{name}"
+    for name in ("sparsity", "structured", "depth", "recover", "kernels", "cli", "recipe", "api", "evaluate", "report")
+)
+
+
+def module_files(root: Path = ROOT) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package (a package is its ``__init__``)."""
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = (root.name, *path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The absolute module an ``ImportFrom`` names, resolving ``from .`` / ``from ..``."""
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph(files: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its file (module or function level).
+
+    ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``.
+    """
+    graph = {}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(node, module, is_package)
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    targets.add(full if full in files else base)
+        graph[module] = {t for t in targets if t in files and t != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def _inside(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph(module_files())
+
+
+def test_the_graph_sees_module_and_function_level_imports(tmp_path):
+    """The checker itself: relative, absolute and function-level imports all become edges, and a
+    cycle through a function-level import is found (so a passing test below means something)."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from . import a\n")
+    (pkg / "sub" / "a.py").write_text("from ..b import thing\n")
+    (pkg / "b.py").write_text("import os\n\ndef f():\n    from pkg.sub.a import x\n")
+    (pkg / "c.py").write_text("from .b import thing\n")
+    found = import_graph(module_files(pkg))
+    assert found == {
+        "pkg": set(), "pkg.sub": {"pkg.sub.a"}, "pkg.sub.a": {"pkg.b"}, "pkg.b": {"pkg.sub.a"}, "pkg.c": {"pkg.b"},
+    }
+    assert cycles(found) == [["pkg.b", "pkg.sub.a"]]
+
+
+def test_the_graph_covers_the_package(graph):
+    assert {"secateurs.model.slice", "secateurs.model.groups", "secateurs.engine.sequential"} <= graph.keys()
+    assert "secateurs.model.groups" in graph["secateurs.model.slice"]
+
+
+def test_no_import_cycle(graph):
+    found = cycles(graph)
+    described = [
+        " | ".join(f"{m} -> {', '.join(sorted(graph[m] & set(c)))}" for m in c) for c in found
+    ]
+    assert not found, "import cycles:\n" + "\n".join(described)
+
+
+def test_model_and_engine_import_no_method_family(graph):
+    bad = {
+        module: sorted(t for t in targets if _inside(t, UPPER))
+        for module, targets in graph.items()
+        if _inside(module, LOWER)
+    }
+    bad = {module: targets for module, targets in bad.items() if targets}
+    assert not bad, f"model/ and engine/ must not import method families, kernels or the front ends: {bad}"
