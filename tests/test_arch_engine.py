@@ -12,7 +12,7 @@ from secateurs.engine.sequential import BlockMethod, EngineOptions, run_blocks
 from secateurs.engine.stats import Hessian, InputSqNorm
 from secateurs.errors import UsageError
 from secateurs.model.arch import SPECS, spec_for
-from secateurs.model.linear import weight_matrix
+from secateurs.model.linear import in_features, oriented, out_features, sync_features, weight_dim, weight_matrix
 
 
 class Recorder(BlockMethod):
@@ -53,6 +53,30 @@ def test_spec_finds_blocks_and_linears(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_named_linears_and_orientation(arch):
+    """``named_linears`` lists every block linear once by a path that resolves to it, and the (out, in)
+    view, the stored dimension surgery cuts and ``sync_features`` agree for Linear and Conv1D alike."""
+    loaded = tiny_model(arch)
+    spec = loaded.spec
+    named = spec.named_linears(loaded.model)
+    blocks = spec.blocks_of(loaded.model)
+    assert len(named) == len(blocks) * len(spec.linears(blocks[0]))
+    for path, module in named.items():
+        assert loaded.model.get_submodule(path) is module
+        weight = weight_matrix(module)
+        assert weight.data_ptr() == module.weight.data_ptr()
+        assert module.weight.shape[weight_dim(module, "out")] == weight.shape[0] == out_features(module)
+        assert module.weight.shape[weight_dim(module, "in")] == weight.shape[1] == in_features(module)
+        torch.testing.assert_close(oriented(module, module.weight.data), weight)
+        assert (module.weight.data.index_select(weight_dim(module, "out"), torch.tensor([1])).flatten()
+                == weight[1]).all()
+    first = next(iter(named.values()))
+    first.weight = torch.nn.Parameter(first.weight.data.narrow(weight_dim(first, "out"), 0, 2))
+    sync_features(first)
+    assert out_features(first) == 2 and "2" in repr(first)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_block_by_block_equals_full_model(arch):
     loaded = tiny_model(arch)
     ids = random_ids(3, 24)
@@ -69,7 +93,6 @@ def test_block_by_block_equals_full_model(arch):
     stats = recorder.stats[0]
     name, first = next(iter(stats.items()))
     assert first["norm"].n_tokens == 3 * 24
-    x = torch.cat(recorder.inputs[0]).reshape(-1, first["norm"].in_features)
     assert first["norm"].sum_sq.shape[0] == first["hessian"].xtx.shape[0]
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import secateurs
 from secateurs.errors import UsageError
+from secateurs.model.arch import SPECS, spec_for
 from secateurs.model.slice import apply_widths, load_sliced, mask_groups
 from secateurs.structured import base
 from secateurs.structured.base import WidthConfig, model_groups
@@ -21,10 +22,10 @@ from tiny_models import random_ids, tiny_model
 GQA = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
 WIDE = {
     "llama": GQA, "mistral": GQA, "qwen2": dict(num_attention_heads=8, num_key_value_heads=4),
-    "qwen3": GQA, "gemma2": GQA, "gemma3": GQA, "phi3": dict(num_attention_heads=8, num_key_value_heads=4),
+    "qwen3": GQA, "gemma2": GQA, "gemma3_text": GQA, "gemma3": GQA,
+    "phi3": dict(num_attention_heads=8, num_key_value_heads=4),
     "gpt2": dict(n_head=8), "opt": dict(num_attention_heads=8), "gpt_neox": dict(num_attention_heads=8),
 }
-HEADS_OK = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 def _random_keep(loaded, kinds, uniform: bool, seed: int = 0):
@@ -57,7 +58,8 @@ CASES = [(arch, False) for arch in WIDE] + [(arch, True) for arch in ("llama", "
 @pytest.mark.parametrize("arch,uniform", CASES)
 def test_sliced_equals_masked_and_reloads(arch, uniform, tmp_path):
     loaded = tiny_model(arch, **WIDE[arch])
-    kinds = ("heads", "channels") if arch in HEADS_OK and (uniform or arch != "phi3") else ("channels",)
+    spec = loaded.spec
+    kinds = ("heads", "channels") if spec.prunable_heads and (uniform or spec.per_layer_heads) else ("channels",)
     keep, removed = _random_keep(loaded, kinds, uniform)
     reference = _masked(loaded, kinds, removed)
     before = sum(p.numel() for p in loaded.model.parameters())
@@ -79,6 +81,23 @@ def test_sliced_equals_masked_and_reloads(arch, uniform, tmp_path):
     if not uniform:
         assert (folder / "modeling_secateurs.py").is_file()
         assert secateurs.load_model(str(folder)).model.config.secateurs_shapes
+
+
+def test_surgery_covers_every_arch_spec():
+    """The sliced == masked test above runs a tiny model of every ArchSpec entry."""
+    assert {spec_for(tiny_model(arch).model).name for arch in WIDE} == {spec.name for spec in SPECS}
+
+
+@pytest.mark.parametrize("arch", list(WIDE))
+def test_head_pruning_follows_the_capability(arch):
+    """Heads are refused exactly where the spec says they cannot be removed and reloaded."""
+    loaded = tiny_model(arch, **WIDE[arch])
+    keep = [{"heads": torch.tensor([0, 1])} for _ in range(3)]
+    if loaded.spec.prunable_heads:
+        apply_widths(loaded.model, loaded.spec, keep)
+    else:
+        with pytest.raises(UsageError, match="removing heads would not reload"):
+            apply_widths(loaded.model, loaded.spec, keep)
 
 
 def test_head_count_not_dividing_hidden_still_reloads(tmp_path):
