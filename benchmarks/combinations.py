@@ -43,6 +43,8 @@ from transformers import PretrainedConfig
 import secateurs
 from secateurs.model.load import LoadedModel, load_model
 
+from records import save_results
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "combinations.json"
 WORK = HERE.parent / "runs" / "combinations"
@@ -317,7 +319,7 @@ def main() -> None:
         rows[row["config"]] = row
         args.results.parent.mkdir(parents=True, exist_ok=True)
         payload = {"args": settings, "machine": machine, "dense_block_params": dense_block, "rows": list(rows.values())}
-        args.results.write_text(json.dumps(payload, indent=2) + "\n")
+        save_results(args.results, payload)
         print(
             f"   kept {row['nonzero_fraction']:.4f} non-zero / {row['stored_fraction']:.4f} stored, ppl {row['ppl_pruned']:.2f} -> "
             f"{row['ppl_recovered']:.2f}, prefill {row['prefill_512_ms']:.0f} ms ({row['latency_vs_dense']:.2f} of dense), "

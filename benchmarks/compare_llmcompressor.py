@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from records import save_results
+
 RESULTS = Path(__file__).parent / "results"
 LLMC_VENV = Path(os.environ.get("LLMC_VENV", "/work/llmc-venv"))
 TORCH_WHEEL_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -222,7 +224,7 @@ def main() -> None:
             record["rows"] += other["rows"]
             record.setdefault("merged_from", []).append(path.name)
         if args.merge:
-            args.results.write_text(json.dumps(record, indent=2))
+            save_results(args.results, record)
         print_table(record)
         return
     if args.worker:
@@ -271,7 +273,7 @@ def compare(args: argparse.Namespace) -> None:
         others = [r for r in kept if any(r.get(k, "") != row[k] for k in same)]
         kept[:] = others + [row]
         record["rows"] = list(kept)
-        out.write_text(json.dumps(record, indent=2))
+        save_results(out, record)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="secateurs-llmc-") as tmp_name:
         tmp = Path(tmp_name)

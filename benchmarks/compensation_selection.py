@@ -28,6 +28,8 @@ from secateurs.evaluate.perplexity import perplexity
 from secateurs.model.drop_layers import layers_removed
 from secateurs.model.load import load_model
 
+from records import save_results
+
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"fixed": CompensationOptions(select=False), "mean": CompensationOptions(accept="mean"),
             "every_fold": CompensationOptions(accept="every_fold")}
@@ -71,8 +73,7 @@ def main() -> None:
             del work
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (RESULTS / args.out).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                                   indent=2) + "\n")
+        save_results(RESULTS / args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     names = args.variants.split(",")
     print("\n| criterion | removed | ppl | " + " | ".join(f"+ compensation, {n}" for n in names) + " |")
     print("|---|---|---|" + "---|" * len(names))

@@ -23,6 +23,8 @@ import torch
 
 import secateurs
 
+from records import save_results
+
 RESULTS = Path(__file__).parent / "results"
 
 PRUNE_ONLY = """
@@ -77,7 +79,7 @@ def main() -> None:
         "dense_perplexity": rows,
         "magnitude_prune": prune_runs,
     }
-    (RESULTS / "foundation.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(RESULTS / "foundation.json", payload)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from records import save_results
 from transformers import LlamaConfig, LlamaForCausalLM
 
 RESULTS = Path(__file__).parent / "results"
@@ -218,7 +220,7 @@ def main() -> None:
         for tool in tools:
             row[tool] = run_case(args, tool, name, pattern)
             print(json.dumps({"method": name, "pattern": pattern, "tool": tool, **row[tool]}), flush=True)
-            path.write_text(json.dumps({"config": meta, "rows": rows}, indent=2, default=str))
+            save_results(path, {"config": meta, "rows": rows})
     print_table(args, rows)
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from secateurs.model.drop_layers import layers_removed
 from secateurs.model.load import LoadedModel, load_model
 from secateurs.sparsity.base import build_options
 
+from records import save_results
+
 # (row label, criterion, options); the first of each criterion is its paper default.
 # Cheapest first, so a run cut short on a slow machine still has the fast criteria.
 VARIANTS = [
@@ -129,7 +131,7 @@ def quality(args, loaded: LoadedModel, device: torch.device, partial: dict) -> d
                 del work
             rows.append(row)
             print(json.dumps(row), flush=True)
-            Path(args.json).write_text(json.dumps({**partial, "dense_ppl": dense, "rows": rows}, indent=2) + "\n")
+            save_results(Path(args.json), {**partial, "dense_ppl": dense, "rows": rows})
     loo = [scores["ppl one-shot (Shortened LLaMA)"][str(i)] for i in range(len(spec.blocks_of(model)))] if "ppl one-shot (Shortened LLaMA)" in scores else None
     correlation = {}
     if loo:
@@ -222,7 +224,7 @@ def main() -> None:
         result.update(quality(args, load_model(args.model), device, result))
         print(table(result, [int(c) for c in args.removes.split(",")]))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    save_results(Path(args.json), result)
     print(f"saved {args.json}")
 
 

@@ -11,13 +11,14 @@ tokens, median of 5 runs, interleaved over widths so machine load falls on all o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from records import save_results
 
 WIDTHS = (1536, 1382, 1376, 1384, 1275, 1280, 1229, 1216, 1232, 1075, 1072, 1088, 1014, 1008, 753, 752)
 
@@ -65,7 +66,7 @@ def main() -> None:
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
             "args": {k: str(v) for k, v in vars(args).items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    save_results(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import torch
 import secateurs
 from secateurs.data.calib import CalibConfig
 
+from records import run_record, save_results
+
 VARIANTS = (
     ("magnitude", "unstructured", 0.5, "uniform"),
     ("wanda", "unstructured", 0.5, "uniform"),
@@ -58,6 +60,7 @@ def main() -> None:
 
     rows = [] if args.no_dense else [{"method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-",
                                       "ppl": ppl(secateurs.load_model("smollm2-135m")), "prune_s": 0.0}]
+    runs = [run_record("dense", "smollm2-135m", [], {"wikitext2": row["ppl"]}) for row in rows]
     configs = [secateurs.PruneConfig(**json.loads(text)) for text in args.config] or [
         secateurs.PruneConfig(method, sparsity, pattern, allocation=allocation)
         for method, pattern, sparsity, allocation in VARIANTS
@@ -73,6 +76,8 @@ def main() -> None:
                      "permute": config.permute, "ppl": ppl(loaded), "prune_s": round(seconds, 1),
                      "stages": {k: round(v, 1) for k, v in engine.stage_seconds.items()}})
         engine.stage_seconds.clear()
+        label = f"{config.method} {config.pattern} {rows[-1]['sparsity']:.2f} {config.allocation}"
+        runs.append(run_record(label, "smollm2-135m", [report.stage_record()], {"wikitext2": rows[-1]["ppl"]}))
         print(rows[-1], flush=True)
     dense = rows[0]["ppl"] if rows and rows[0]["method"] == "dense" else float("nan")
     print(f"\nSmolLM2-135M, WikiText-2 first {args.windows}×{args.seq_len} windows; calibration "
@@ -83,10 +88,9 @@ def main() -> None:
                                        "permute" if r.get("permute") else "", str(r.get("options") or "")]))
         print(f"{r['method']:10s} {r['pattern']:13s} {r['allocation']:8s} {steps:28s} {r['sparsity']:8.4f} {r['ppl']:10.3f} "
               f"{r['ppl'] / dense:7.2f} {r['prune_s']:8.1f}")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    args.results.write_text(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-                                        "args": settings, "rows": rows}, indent=2) + "\n")
+    save_results(args.results, {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                                "args": settings, "rows": rows}, runs)
 
 
 if __name__ == "__main__":

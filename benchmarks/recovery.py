@@ -31,6 +31,8 @@ from secateurs.recover.loraprune import LoRAPruneConfig
 from secateurs.sparsity.registry import METHODS as SPARSITY_METHODS
 from secateurs.structured.base import WidthConfig, count_parameters
 
+from records import save_results
+
 RESULTS = Path(__file__).parent / "results" / "recovery.json"
 
 
@@ -186,7 +188,7 @@ def main() -> None:
         rows[row["case"]] = row
         args.results.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.results.write_text(json.dumps({"args": settings, "machine": machine, "rows": list(rows.values())}, indent=2) + "\n")
+        save_results(args.results, {"args": settings, "machine": machine, "rows": list(rows.values())})
         pruned = f"{row['pruned_ppl']:.2f}" if row["pruned_ppl"] is not None else "-"
         print(
             f"{row['case']}: ppl {pruned} -> {row['recovered_ppl']:.2f} "

@@ -37,6 +37,8 @@ from secateurs.recover.dynamic_batch import Domains, TrainSettings, held_out_los
 from secateurs.structured.base import WidthConfig
 from secateurs.structured.shearing import ShearConfig, ShearTarget, non_embedding_params, plan_for
 
+from records import save_results
+
 RESULTS = Path(__file__).parent / "results" / "shearing"
 
 
@@ -149,7 +151,7 @@ def main() -> None:
             row["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(),
                               "device": str(EngineOptions(device=args.device).torch_device())}
-            (RESULTS / f"{arm}.json").write_text(json.dumps(row, indent=2) + "\n")
+            save_results(RESULTS / f"{arm}.json", row)
             print(f"{arm}: {json.dumps({k: v for k, v in row.items() if k.startswith('ppl')})}", flush=True)
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     print(table(rows))

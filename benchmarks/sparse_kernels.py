@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -36,6 +35,8 @@ from secateurs.model.arch import spec_for
 from secateurs.model.linear import weight_matrix
 from secateurs.model.load import load_model
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
+
+from records import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
@@ -433,8 +434,7 @@ def main() -> None:
     result["machine"] = machine()
     result["seconds"] = round(time.time() - started, 1)
     out = Path(args.out) if args.out else RESULTS / f"sparse_kernels_{args.part}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_results(out, result)
     print(f"saved {out}")
 
 

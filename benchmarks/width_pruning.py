@@ -37,6 +37,8 @@ from secateurs.model.slice import apply_widths
 from secateurs.structured.base import WidthConfig, count_parameters, method_class, model_groups
 from secateurs.structured.select import select_uniform
 
+from records import save_results
+
 METHODS = ("llm-pruner", "wanda-sp", "flap", "magnitude")
 
 
@@ -159,7 +161,7 @@ def main() -> None:
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "args": vars(args),
             "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    save_results(Path(args.out), {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ those records by ``secateurs report`` (``--report-only`` redoes just that step):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 import traceback
@@ -32,6 +31,8 @@ from secateurs.engine.sequential import EngineOptions
 from secateurs.evaluate.zeroshot import PAPER_TASKS, zero_shot
 from secateurs.record import build_record
 from secateurs.report import load_run, write_report
+
+from records import save_results
 
 OUT = Path(__file__).parent / "results" / "zeroshot"
 
@@ -129,14 +130,14 @@ def main() -> None:
         record["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                              "device": args.device}
         record["seconds_total"] = round(time.perf_counter() - start, 1)
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        save_results(path, record)
         print(f"{variant.name}: done in {record['seconds_total']} s", flush=True)
     runs = [load_run(OUT / f"{v.name}.json") for v in VARIANTS if (OUT / f"{v.name}.json").is_file()]
     report = write_report(runs, OUT, title="SmolLM2-135M: dense vs pruned, zero-shot and perplexity")
     print(report.read_text())
     summary = {"runs": [r.to_dict() for r in runs], "missing": missing,
                "not_run": [v.name for v in VARIANTS if not (OUT / f"{v.name}.json").is_file()]}
-    (OUT.parent / "zeroshot.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    save_results(OUT.parent / "zeroshot.json", summary)
 
 
 if __name__ == "__main__":

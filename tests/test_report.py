@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from secateurs.api import PruneConfig, prune, save
 from secateurs.cli import app
-from secateurs.report import count_parameters, load_run
+from secateurs.record import run_record
+from secateurs.report import count_parameters, load_run, load_runs
 
 pytest.importorskip("matplotlib")
 
@@ -94,3 +95,19 @@ def test_bad_runs_exit_2(runs, tmp_path):
     same = runner.invoke(app, ["report", str(runs["dense"]), str(runs["dense"]), "--out", str(tmp_path / "r")])
     assert same.exit_code == 2 and "share a name" in same.output
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_benchmark_results_file_renders_one_run_per_variant(tmp_path):
+    """A benchmark's results file (benchmarks/records.py) holds run records that report reads like folders."""
+    loaded = tiny_model("llama")
+    stage = prune(loaded, PruneConfig("magnitude", 0.5, "2:4")).stage_record()
+    runs = [run_record("dense", "tiny", [], {"wikitext2": 30.0}), run_record("mag 2:4", "tiny", [stage], {"wikitext2": 45.0})]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"rows": [], "runs": runs}))
+    dense, pruned = load_runs(path)
+    assert (dense.label, dense.kind, dense.perplexity) == ("dense", "dense", {"wikitext2": 30.0})
+    assert (pruned.label, pruned.method, pruned.kind) == ("mag 2:4", "magnitude 2:4", "sparsity")
+    assert pruned.removed == pytest.approx(0.5) and pruned.perplexity == {"wikitext2": 45.0}
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "| mag 2:4 |" in (tmp_path / "r" / "report.md").read_text()

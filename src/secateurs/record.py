@@ -43,6 +43,14 @@ def build_record(source: str, stages: list[dict], results: dict | None = None) -
     }
 
 
+def run_record(label: str, source: str, stages: list[dict], perplexity: dict[str, float] | None = None,
+               results: dict | None = None) -> dict:
+    """One benchmark variant as a run ``secateurs report`` renders: the stages it ran, its perplexity
+    per dataset, and any other results in the ``secateurs.json`` schema, under a row label."""
+    measured = {f"ppl_{name}": {"ppl": value} for name, value in (perplexity or {}).items()}
+    return {**build_record(source, stages, {**measured, **(results or {})}), "label": label}
+
+
 @dataclass
 class Effect:
     """What the stages so far did to the model, in terms comparable across kinds of pruning.

@@ -121,7 +121,10 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         path = folder / RECORD
     elif not path.is_file():
         raise UsageError(f"run not found: {path}; pass a secateurs output folder or a record .json")
-    data = _read_json(path)
+    return _run_from(_read_json(path), path, folder, label)
+
+
+def _run_from(data: dict, path: Path, folder: Path | None, label: str | None) -> Run:
     record, results = data, data.get("results", {})
     if "stages" not in data and "model" in data:  # `secateurs eval --json` output
         results = {f"ppl_{k}": v for k, v in data.get("perplexity", {}).items()}
@@ -139,6 +142,20 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if run.params is None and folder is not None:
         run.params = count_parameters(folder)
     return run
+
+
+def load_runs(path: str | Path) -> list[Run]:
+    """Every run a path holds: a `secateurs run` folder gives one per stage (its chain), a benchmark
+    results file (``"runs": [...]`` of records, see ``record.run_record``) one per entry, anything
+    else the one run of :func:`load_run`."""
+    source = Path(path).expanduser()
+    if source.is_dir() and (source / RECORD).is_file() and is_recipe_record(_read_json(source / RECORD)):
+        return load_chain(source)
+    if source.is_file() and source.suffix == ".json":
+        data = _read_json(source)
+        if isinstance(data.get("runs"), list) and "stages" not in data:
+            return [_run_from(entry, source, None, None) for entry in data["runs"] if isinstance(entry, dict)]
+    return [load_run(source)]
 
 
 def is_recipe_record(data: dict) -> bool:

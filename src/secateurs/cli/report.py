@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import UsageError
-from ..model.save import RECORD
-from ..report import is_recipe_record, load_chain, load_run, results_table, write_report
-from . import app
+from ..report import load_runs, results_table, write_report
+from .app import app
 from .common import friendly, out_console
 
 
@@ -20,7 +18,7 @@ from .common import friendly, out_console
 def report_command(
     runs: Annotated[
         list[str],
-        typer.Argument(help="secateurs output folders, their secateurs.json, or `secateurs eval --json` files."),
+        typer.Argument(help="secateurs output folders, their secateurs.json, `secateurs eval --json` files, or benchmark results files."),
     ],
     out: Annotated[
         str | None,
@@ -36,11 +34,7 @@ def report_command(
         if len(runs) != 1 or not Path(runs[0]).is_dir():
             raise UsageError("pass --out DIR for the report (it defaults to the run's folder only for one folder)")
         out = runs[0]
-    loaded = []
-    for path in runs:
-        record = Path(path) / RECORD
-        chain = record.is_file() and is_recipe_record(json.loads(record.read_text()))
-        loaded.extend(load_chain(path) if chain else [load_run(path)])
+    loaded = [run for path in runs for run in load_runs(path)]
     report = write_report(loaded, out, title)
     out_console.print(results_table(loaded), markup=False, highlight=False, soft_wrap=True)
     out_console.print(f"wrote {report} (and its plots)", highlight=False)
