@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.sources import data_dir_from
+from ..device import resolve_device
 from ..errors import UsageError
 from ..model.load import LoadedModel
 from ..progress import track
@@ -184,7 +185,6 @@ def _run(loaded: LoadedModel, tasks: list[str], limit: int | None, data_dir: str
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from ..engine.sequential import EngineOptions
 
     built, sources, unavailable = [], {}, {}
     hub_manager = None
@@ -209,7 +209,7 @@ def _run(loaded: LoadedModel, tasks: list[str], limit: int | None, data_dir: str
         sources[name] = "local" if docs is not None else "hub"
     results: dict[str, TaskResult] = {}
     if built:
-        torch_device = EngineOptions(device=device).torch_device()
+        torch_device = resolve_device(device)
         home = next(loaded.model.parameters()).device
         loaded.model.to(torch_device)
         try:
