@@ -185,7 +185,6 @@ def _run(loaded: LoadedModel, tasks: list[str], limit: int | None, data_dir: str
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-
     built, sources, unavailable = [], {}, {}
     hub_manager = None
     # lm-eval draws its own bar over the scoring requests; building tasks (hub downloads) has none.
