@@ -30,7 +30,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from secateurs.evaluate.speed import SpeedConfig, SpeedResult, measure, ratios
 from secateurs.kernels import Bitmap, Sparse24, SparseLinear, cuda_ops, sparsify
 from secateurs.kernels.linear import fallback_notes, label, plans
-from secateurs.kernels.swap import block_linears
 from secateurs.model.arch import spec_for
 from secateurs.model.linear import weight_matrix
 from secateurs.model.load import load_model
@@ -236,7 +235,7 @@ GOALS = {"2:4": {"decode_speedup": {1: 1.4, 8: 1.25}, "prefill_speedup": {2048: 
 def _prune(model, spec, pattern: str) -> None:
     """Magnitude pruning of every block linear to ``pattern``, in place, on the model's device."""
     with torch.no_grad():
-        for module in block_linears(model, spec).values():
+        for module in spec.named_linears(model).values():
             w = weight_matrix(module)
             w.mul_(PATTERNS[pattern](w))
 
@@ -255,7 +254,7 @@ def linear_step(model, spec, batch: int) -> dict:
 
     Set against the whole step's time this splits a decode step into matmul time, which sparse
     kernels shrink, and everything else (attention, norms, launches), which they do not."""
-    linears = list(block_linears(model, spec).values())
+    linears = list(spec.named_linears(model).values())
     inputs = {}
     calls = []
     stored = 0
