@@ -17,7 +17,8 @@ missing kind is left whole) and it slices every coupled row and column in place
   weights. Per-layer sizes rather than zero-padding keep the parameters and the speed that were won.
 
 :func:`mask_groups` zeroes groups without changing shapes: the reference every surgery is tested
-against, and what methods that keep shapes (LoRAPrune) use.
+against, and what methods that keep shapes (LoRAPrune) use. :func:`slice_hidden` cuts the residual
+stream itself (embeddings, norms, every projection) where the family allows it (``prunable_hidden``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,43 @@ def keep_linear(module: nn.Module, axis: str, keep: torch.Tensor) -> None:
     if axis == "out" and getattr(module, "bias", None) is not None:
         _set_param(module, "bias", module.bias.data.index_select(0, keep))
     sync_features(module)
+
+
+def slice_hidden(model: PreTrainedModel, spec: ArchSpec, keep: torch.Tensor) -> None:
+    """Keep residual dimensions ``keep`` everywhere they appear: embeddings, norms, every projection
+    (inputs of the ones that read the residual stream, outputs of the ones that write it), the LM head.
+
+    Only for families with ``spec.prunable_hidden`` (Sheared LLaMA's hidden masks); the config's
+    ``hidden_size`` is updated, and a head size the modeling code derived from it is pinned first.
+    """
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    config = spec.text_config(model.config)
+    if spec.head_dim_key and not getattr(config, spec.head_dim_key, None):
+        # Qwen2 / Phi-3 derive the head size from hidden_size when the config has none: pin it.
+        setattr(config, spec.head_dim_key, config.hidden_size // getattr(config, spec.heads_key))
+    head = model.get_submodule(spec.lm_head)
+    embeddings = [model.get_submodule(path) for path in spec.embeddings]
+    tied = any(head.weight is e.weight for e in embeddings)
+    for embedding in embeddings:
+        _set_param(embedding, "weight", embedding.weight.data.index_select(1, keep.to(embedding.weight.device)))
+        embedding.embedding_dim = len(keep)
+    if tied:
+        head.weight = embeddings[0].weight
+        head.in_features = len(keep)
+    else:
+        keep_linear(head, "in", keep)
+    norms = [model.get_submodule(spec.final_norm)] if spec.final_norm else []
+    for block in spec.blocks_of(model):
+        norms += [block.get_submodule(path) for path in spec.norms]
+        for path in (*spec.attention[:-1], *spec.mlp[:-1]):
+            keep_linear(block.get_submodule(path), "in", keep)
+        for path in (spec.attention[-1], spec.mlp[-1]):
+            keep_linear(block.get_submodule(path), "out", keep)
+    for norm in norms:
+        _set_param(norm, "weight", norm.weight.data.index_select(0, keep.to(norm.weight.device)))
+        if getattr(norm, "bias", None) is not None:
+            _set_param(norm, "bias", norm.bias.data.index_select(0, keep.to(norm.bias.device)))
+    config.hidden_size = len(keep)
 
 
 def _positions(slot_index: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
