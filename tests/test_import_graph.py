@@ -9,6 +9,9 @@ function-level import is how a cycle usually hides. ``model/`` (architectures, l
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,14 @@ def test_model_and_engine_import_no_method_family(graph):
     }
     bad = {module: targets for module, targets in bad.items() if targets}
     assert not bad, f"model/ and engine/ must not import method families, kernels or the front ends: {bad}"
+
+
+def test_kernels_register_their_folder_format_on_any_import():
+    """model/load.py restores sparse exports without importing kernels/: importing any part of the
+    package (here model.load alone, in a fresh interpreter) registers kernels' format through
+    ``secateurs/__init__.py``."""
+    code = "from secateurs.model.load import FOLDER_FORMATS; print(sorted(FOLDER_FORMATS))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['sparse']"]
