@@ -33,7 +33,7 @@ from secateurs.data.calib import CalibConfig
 from secateurs.depth.prune import LayerConfig, prune_layers
 from secateurs.engine.sequential import EngineOptions
 from secateurs.model.load import load_model
-from secateurs.recover.dynamic_batch import Domains, TrainSettings, held_out_losses, train
+from secateurs.recover.dynamic_batch import Domains, TrainSettings, held_out_losses, pretrain
 from secateurs.structured.base import WidthConfig
 from secateurs.structured.shearing import ShearConfig, ShearTarget, non_embedding_params, plan_for
 
@@ -51,7 +51,7 @@ def _train_baseline(loaded, args, device, domains: Domains) -> dict:
     """The same loop and tokens as shearing's two phases together, the same dense reference losses."""
     settings = TrainSettings(steps=args.prune_steps + args.continue_steps, batch_size=args.batch_size,
                              seq_len=args.seq_len, update_every=args.update_every, seed=args.seed)
-    return train(loaded.model, domains, settings, device, description="train").to_dict()
+    return pretrain(loaded.model, domains, settings, device, description="train").to_dict()
 
 
 def run_arm(arm: str, args) -> dict:
@@ -78,7 +78,7 @@ def run_arm(arm: str, args) -> dict:
             domains.reference = torch.tensor(report.reference_loss, dtype=torch.float64)
         settings = TrainSettings(steps=args.continue_steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                  update_every=args.update_every, seed=args.seed + 1)
-        row["train"] = train(loaded.model, domains, settings, device, description="continue").to_dict()
+        row["train"] = pretrain(loaded.model, domains, settings, device, description="continue").to_dict()
         row["shape"] = report.plan.target
     else:
         fraction = plan.target_params / plan.source_params

@@ -16,8 +16,10 @@ from secateurs.model.linear import weight_matrix
 from secateurs.model.slice import mask_groups
 from secateurs.recover.checkpoint import read_checkpoint
 from secateurs.recover.iterative import prune_iterative
-from secateurs.recover.lora import CHECKPOINT, RecoverConfig, TrainHook, attach, recover_lora, train, train_ids
+from secateurs.recover.adapters import attach
+from secateurs.recover.lora import CHECKPOINT, RecoverConfig, recover_lora, train_adapters, train_ids
 from secateurs.recover.loraprune import LoRAPruneConfig, LoRAPruneHook, group_importance, loraprune
+from secateurs.recover.train import TrainHook, enable_checkpointing
 from secateurs.structured.base import model_groups
 from tiny_models import random_ids, tiny_model
 
@@ -60,7 +62,7 @@ def test_masked_merge_keeps_zeros_exactly_and_matches_training(arch, text_file):
     cfg = config(text_file)
     adapters = attach(loaded, cfg)
     assert len(adapters.masked) == len(zeros)
-    train(adapters, cfg, train_ids(loaded, cfg), CPU)
+    train_adapters(adapters, cfg, train_ids(loaded, cfg), CPU)
     assert any(bool(layer.lora_B["default"].weight.abs().sum() > 0) for layer in adapters.layers.values())
     ids = random_ids(2, 16)
     with torch.no_grad():
@@ -214,8 +216,6 @@ def test_loraprune_cooldown_moves_the_end_of_the_schedule(tmp_path):
 def test_checkpointing_switch_works_with_old_and_new_transformers_names():
     """transformers 5.17 (GPU images) has only gradient_checkpointing_*; 5.2x prefers activation_checkpointing_*."""
     from torch import nn
-
-    from secateurs.recover.dynamic_batch import enable_checkpointing
 
     class Old(nn.Module):
         def __init__(self) -> None:

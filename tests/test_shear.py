@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from secateurs.api import save, shear
 from secateurs.cli import app
 from secateurs.errors import UsageError
-from secateurs.recover.dynamic_batch import Domains, TrainSettings, train, update_weights
+from secateurs.recover.dynamic_batch import Domains, TrainSettings, pretrain, update_weights
 from secateurs.structured.shearing import (
     HIDDEN_ARCHS,
     MaskedForward,
@@ -94,8 +94,8 @@ def test_expected_size_moves_toward_target(texts):
     domains = Domains.load(config.datasets, loaded.tokenizer, config.seq_len, config.eval_windows)
     before = float(masks.expected_params().detach())
     with MaskedForward(loaded, plan) as forward:
-        train(loaded.model, domains, config.settings(config.steps, 0), torch.device("cpu"),
-              ShearTraining(masks, forward, config))
+        pretrain(loaded.model, domains, config.settings(config.steps, 0), torch.device("cpu"),
+                 ShearTraining(masks, forward, config))
     after = float(masks.expected_params().detach())
     goal = plan.target_params
     assert before > goal
@@ -141,8 +141,8 @@ def test_dynamic_batch_loading_favours_larger_excess_loss(texts):
 def test_one_domain_is_ordinary_training(texts):
     loaded = tiny_model("llama")
     domains = Domains.load([texts[0]], loaded.tokenizer, 16, 1)
-    log = train(loaded.model, domains, TrainSettings(steps=3, batch_size=2, seq_len=16, update_every=1),
-                torch.device("cpu"))
+    log = pretrain(loaded.model, domains, TrainSettings(steps=3, batch_size=2, seq_len=16, update_every=1),
+                   torch.device("cpu"))
     assert log.domain_weights == [[1.0]] and log.domain_tokens == {texts[0]: 3 * 2 * 16}
 
 

@@ -23,9 +23,9 @@ from torch import nn
 
 from ..engine.sequential import BlockMethod, EngineOptions, run_blocks
 from ..errors import UsageError
+from ..evaluate.loss import gradient_pass, mean_loss
 from ..model.arch import ArchSpec
 from ..model.drop_layers import layers_removed
-from ..progress import track
 
 # A gradient over fewer tokens than this is too noisy to rank layers: an error, not a bad result.
 MIN_GRADIENT_TOKENS = 256
@@ -115,19 +115,10 @@ class LayerScorer:
         return Selection(order, rounds, dict(self.passes), elapsed)
 
 
-def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch (the quantity perplexity exponentiates)."""
-    return model(input_ids=batch, labels=batch, use_cache=False).loss
-
-
 def calibration_loss(ctx: ScoringContext, scorer: LayerScorer) -> float:
-    """Mean calibration loss of the current model (forward only)."""
-    total = 0.0
-    with torch.no_grad():
-        for batch in ctx.batches:
-            total += causal_lm_loss(ctx.model, batch).item() * batch.shape[0]
-            scorer.passes["forward"] += 1
-    loss = total / sum(b.shape[0] for b in ctx.batches)
+    """Mean calibration loss of the current model (forward only); inf when it is not finite."""
+    loss = mean_loss(ctx.model, ctx.batches, ctx.device)
+    scorer.passes["forward"] += len(ctx.batches)
     return loss if math.isfinite(loss) else float("inf")
 
 
@@ -137,40 +128,29 @@ GradientReduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def gradient_scores(ctx: ScoringContext, scorer: LayerScorer, reduce: GradientReduce, per_batch: bool) -> torch.Tensor:
     """Σ over each layer's linear weights of ``reduce(grad, weight)``, one backward per batch.
 
-    ``per_batch=True`` reduces each batch's gradient as soon as autograd has accumulated it
-    (post-accumulate-grad hook) and frees it, so memory never holds a gradient of the whole model;
-    the score is then a sum over batches of per-batch magnitudes. ``per_batch=False`` reduces the
-    gradient of the whole calibration loss (summed over batches) at the end, which keeps every
-    linear's gradient alive until then.
+    ``per_batch=True`` reduces each batch's gradient as soon as autograd has accumulated it and
+    frees it, so memory never holds a gradient of the whole model; the score is then a sum over
+    batches of per-batch magnitudes. ``per_batch=False`` reduces the gradient of the whole
+    calibration loss (summed over batches) at the end, which keeps every linear's gradient alive
+    until then.
     """
     blocks = ctx.spec.blocks_of(ctx.model)
-    params = [(i, lin.weight) for i, block in enumerate(blocks) for lin in ctx.spec.linears(block).values()]
+    layers, params = zip(*[(i, lin.weight) for i, block in enumerate(blocks) for lin in ctx.spec.linears(block).values()])
     scores = torch.zeros(len(blocks), dtype=torch.float64)
-    handles = []
+    summed: dict[int, torch.Tensor] = {}
 
-    def add(layer: int, param: torch.Tensor) -> None:
-        scores[layer] += float(reduce(param.grad.float(), param.detach().float()))
-        param.grad = None
+    def add(i: int, grad: torch.Tensor) -> None:
+        scores[layers[i]] += float(reduce(grad.float(), params[i].detach().float()))
 
-    was_trainable = [param.requires_grad for _, param in params]
-    for layer, param in params:
-        param.requires_grad_(True)
-        if per_batch:
-            handles.append(param.register_post_accumulate_grad_hook(lambda p, layer=layer: add(layer, p)))
-    try:
-        for batch in track(ctx.batches, f"{scorer.name}: layer scores (gradients)"):
-            causal_lm_loss(ctx.model, batch).backward()
-            scorer.passes["forward"] += 1
-            scorer.passes["backward"] += 1
-        if not per_batch:
-            for layer, param in params:
-                add(layer, param)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for (_, param), trainable in zip(params, was_trainable):
-            param.grad = None
-            param.requires_grad_(trainable)
+    def accumulate(i: int, grad: torch.Tensor) -> None:
+        summed[i] = summed[i] + grad if i in summed else grad
+
+    gradient_pass(ctx.model, ctx.batches, params, add if per_batch else accumulate, ctx.device,
+                  f"{scorer.name}: layer scores (gradients)")
+    scorer.passes["forward"] += len(ctx.batches)
+    scorer.passes["backward"] += len(ctx.batches)
+    for i in sorted(summed):
+        add(i, summed.pop(i))
     return scores
 
 

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .base import LayerScorer, ScoringContext, causal_lm_loss, gradient_scores
+from ..evaluate.loss import gradient_pass
+from .base import LayerScorer, ScoringContext, gradient_scores
 
 _REDUCE = {"mean_abs": lambda grad, weight: grad.abs().sum(), "l2": lambda grad, weight: grad.pow(2).sum()}
 _GRAINS = ("batch", "sequence", "token")
@@ -99,14 +100,15 @@ class GradMAP(LayerScorer):
         reduce = _REDUCE[self.options.reduce]
         per_batch: list[torch.Tensor] = []
         handles = [b.register_forward_hook(partial(_gate_hook, gates, i), with_kwargs=True) for i, b in enumerate(blocks)]
+
+        def keep(_: int, grad: torch.Tensor) -> None:
+            grad = grad.detach().double().cpu()
+            per_batch.append(grad if self.options.grain == "batch" else torch.stack([reduce(g, None) for g in grad]))
+
         try:
-            for batch in ctx.batches:
-                causal_lm_loss(ctx.model, batch).backward()
-                self.passes["forward"] += 1
-                self.passes["backward"] += 1
-                grad = gates.grad.detach().double().cpu()
-                per_batch.append(grad if self.options.grain == "batch" else torch.stack([reduce(g, None) for g in grad]))
-                gates.grad = None
+            gradient_pass(ctx.model, ctx.batches, [gates], keep, ctx.device, f"{self.name}: layer scores (gate gradients)")
+            self.passes["forward"] += len(ctx.batches)
+            self.passes["backward"] += len(ctx.batches)
         finally:
             for handle in handles:
                 handle.remove()

@@ -13,19 +13,14 @@ The paper's reference losses come from scaling-law fits of the target size; with
 default here is the source model's own loss on the same held-out windows (a user who has better
 references passes them). With one domain the weights stay ``[1.0]`` and this is ordinary training.
 
-:func:`train` is the loop both shearing phases share (mask learning and continued pretraining): AdamW,
-linear warm-up then cosine decay, optional bf16 autocast and gradient checkpointing, resumable
-atomic checkpoints, and a progress bar with the loss and whatever the caller's :class:`TrainExtra`
-reports (the expected size while masks are learned).
+:func:`pretrain` runs one shearing phase (mask learning or continued pretraining) through the one
+training loop (:mod:`.train`) with :class:`DomainBatches` as its batch source: AdamW, linear warm-up
+then cosine decay, optional bf16 autocast and activation checkpointing, resumable checkpoints.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,9 +29,9 @@ from torch import nn
 
 from ..data.calib import tokenize
 from ..data.sources import load_text
-from ..errors import NumericalError, UsageError
-from ..progress import meter
-from .checkpoint import load_checkpoint, restoring, save_checkpoint
+from ..errors import UsageError
+from ..evaluate.loss import mean_loss
+from .train import Batches, Evaluate, TrainHook, TrainLog, TrainPlan, train
 
 SMOOTHING = 1e-4  # the paper's c (following DoReMi)
 
@@ -127,19 +122,51 @@ class Domains:
         self.weights, self.reference, self.history = state["weights"], state["reference"], list(state["history"])
 
 
-@torch.no_grad()
-def held_out_losses(model: nn.Module, domains: Domains, device: torch.device, autocast=None) -> torch.Tensor:
+def held_out_losses(model: nn.Module, domains: Domains, device: torch.device) -> torch.Tensor:
     """Mean next-token loss of ``model`` on each domain's held-out windows (the model moves to ``device``)."""
     model.to(device)
-    losses = []
-    for windows in domains.held_out:
-        total = 0.0
-        for row in windows:
-            batch = row[None].to(device)
-            with autocast or nullcontext():
-                total += float(model(input_ids=batch, labels=batch, use_cache=False).loss)
-        losses.append(total / max(len(windows), 1))
-    return torch.tensor(losses, dtype=torch.float64)
+    return torch.tensor([mean_loss(model, windows.split(1), device) for windows in domains.held_out], dtype=torch.float64)
+
+
+class DomainBatches(Batches):
+    """One phase's batches: each sequence's domain drawn by the current weights from a seeded
+    generator, the weights updated from held-out losses every ``update_every`` steps."""
+
+    def __init__(self, domains: Domains, batch_size: int, seq_len: int, seed: int, update_every: int) -> None:
+        self.domains, self.batch_size, self.seq_len = domains, batch_size, seq_len
+        self.seed, self.update_every = seed, update_every
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts = torch.zeros(len(domains.names), dtype=torch.long)
+
+    def start(self, step: int) -> None:
+        torch.manual_seed(self.seed + step)
+
+    def begin_step(self, step: int, evaluate: Evaluate) -> None:
+        if self.domains.dynamic and step > 0 and step % self.update_every == 0:
+            self.domains.update(evaluate(self.domains.held_out))
+
+    def next(self, index: int) -> torch.Tensor:
+        batch, chosen = self.domains.sample(self.batch_size, self.seq_len, self.generator)
+        self.counts += torch.bincount(chosen, minlength=len(self.domains.names))
+        return batch
+
+    def summary(self) -> dict:
+        domains = self.domains
+        return {
+            "domain_weights": [list(map(float, domains.weights))] if not domains.history else domains.history,
+            "domain_tokens": {name: int(n) * self.seq_len for name, n in zip(domains.names, self.counts)},
+        }
+
+    def state_dict(self) -> dict:
+        return {"domains": self.domains.state_dict(), "generator": self.generator.get_state(), "counts": self.counts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.domains.load_state_dict(state["domains"])
+        self.generator.set_state(state["generator"])
+        self.counts = state["counts"].long()
+
+    def fingerprint(self) -> dict:
+        return {"domains": self.domains.names, "update_every": self.update_every, "seed": self.seed}
 
 
 @dataclass
@@ -180,86 +207,22 @@ class TrainSettings:
         progress = (step - warm) / max(1, self.steps - warm)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-
-class TrainExtra:
-    """What a phase adds to plain LM training (shearing's masks); the default adds nothing.
-
-    ``begin_step`` runs before each forward, ``loss`` is added to the LM loss, ``after_backward`` may
-    change gradients, ``optimizers`` are stepped with the model's, ``status`` goes on the progress bar,
-    ``eval_mode`` is a context for the held-out evaluations of dynamic batch loading.
-    """
-
-    def begin_step(self, step: int) -> None:
-        """Prepare the forward of optimizer step ``step`` (0-based)."""
-
-    def loss(self, step: int) -> torch.Tensor | None:
-        return None
-
-    def after_backward(self) -> None:
-        """Called after backward, before the optimizers step."""
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return []
-
-    def status(self) -> str:
-        return ""
-
-    def eval_mode(self):
-        return nullcontext()
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned."""
+    def plan(self, checkpoint: str | None) -> TrainPlan:
+        """The loop's plan: every weight trained in float32 (or bf16 autocast), no accumulation."""
+        folder = Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir and checkpoint else None
+        return TrainPlan(
+            steps=self.steps, lr=self.lr, schedule=self.factor, max_grad_norm=self.max_grad_norm,
+            precision="bf16" if self.bf16 else "fp32", gradient_checkpointing=self.gradient_checkpointing,
+            checkpoint=folder / checkpoint if folder else None, save_every=self.checkpoint_every,
+        )
 
 
-@dataclass
-class TrainLog:
-    """What a phase did: steps, tokens, per-step losses, domain weights over time, wall time."""
-
-    steps: int
-    resumed_from: int
-    tokens: int
-    losses: list[float]
-    domain_weights: list[list[float]]
-    domain_tokens: dict[str, int]
-    seconds: float
-
-    def to_dict(self) -> dict:
-        record = asdict(self)
-        record["final_loss"] = sum(self.losses[-10:]) / max(len(self.losses[-10:]), 1) if self.losses else None
-        record.pop("losses")
-        return record
-
-
-def _digest(fingerprint: dict) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
-
-
-
-def enable_checkpointing(model: nn.Module, on: bool = True) -> None:
-    """Turn activation checkpointing on or off under either name: transformers 5.2x renamed
-    ``gradient_checkpointing_*`` (kept as deprecated aliases) to ``activation_checkpointing_*``, and
-    5.17 (still common on GPU images) has only the old names."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_disable()
-
-
-def train(
+def pretrain(
     model: nn.Module,
     domains: Domains,
     settings: TrainSettings,
     device: torch.device,
-    extra: TrainExtra | None = None,
+    hook: TrainHook | None = None,
     checkpoint: str | None = None,
     fingerprint: dict | None = None,
     description: str = "train",
@@ -270,82 +233,7 @@ def train(
     ``checkpoint_every`` steps and at the end, and a matching checkpoint there is resumed from.
     """
     settings.validate()
-    extra = extra or TrainExtra()
-    model.to(device)
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.factor)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext()
-    path = Path(settings.checkpoint_dir).expanduser() / checkpoint if settings.checkpoint_dir and checkpoint else None
-    digest = _digest({"settings": asdict(settings) | {"checkpoint_dir": None}, "run": fingerprint or {},
-                      "domains": domains.names})
-    generator = torch.Generator().manual_seed(settings.seed)
-    start, losses = 0, []
-    counts = torch.zeros(len(domains.names), dtype=torch.long)
-    state = load_checkpoint(path, digest) if path else None
-    if state is not None:
-        with restoring(path):
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            extra.load_state_dict(state["extra"])
-            domains.load_state_dict(state["domains"])
-            generator.set_state(state["generator"])
-            start, losses, counts = int(state["step"]), [float(x) for x in state["losses"]], state["counts"].long()
-    if settings.gradient_checkpointing:
-        enable_checkpointing(model)
-    clock = time.perf_counter()
-    bar = meter(description, settings.steps, completed=start, loss="-", status="")
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar as update:
-            torch.manual_seed(settings.seed + start)
-            for step in range(start, settings.steps):
-                if domains.dynamic and step > 0 and step % settings.update_every == 0:
-                    model.eval()
-                    with extra.eval_mode():
-                        domains.update(held_out_losses(model, domains, device, autocast))
-                model.train()
-                batch, chosen = domains.sample(settings.batch_size, settings.seq_len, generator)
-                counts += torch.bincount(chosen, minlength=len(domains.names))
-                batch = batch.to(device)
-                extra.begin_step(step)
-                with autocast:
-                    lm = model(input_ids=batch, labels=batch, use_cache=False).loss
-                    added = extra.loss(step)
-                if not torch.isfinite(lm):
-                    raise NumericalError(f"the training loss became {lm.item()} at step {step}; lower --lr")
-                (lm if added is None else lm + added).backward()
-                if settings.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                extra.after_backward()
-                for opt in (optimizer, *extra.optimizers()):
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                scheduler.step()
-                losses.append(lm.item())
-                update(step + 1, loss=f"{losses[-1]:.3f}", status=extra.status())
-                done = step + 1
-                if path and (done % settings.checkpoint_every == 0 or done == settings.steps):
-                    save_checkpoint(path, {
-                        "digest": digest, "step": done, "losses": losses, "counts": counts,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "extra": extra.state_dict(),
-                        "domains": domains.state_dict(), "generator": generator.get_state(),
-                    })
-    finally:
-        model.eval()
-        if settings.gradient_checkpointing:
-            enable_checkpointing(model, on=False)
-        optimizer.zero_grad(set_to_none=True)
-        model.requires_grad_(False)
-    return TrainLog(
-        steps=settings.steps,
-        resumed_from=start,
-        tokens=settings.steps * settings.batch_size * settings.seq_len,
-        losses=losses,
-        domain_weights=[list(map(float, domains.weights))] if not domains.history else domains.history,
-        domain_tokens={name: int(n) * settings.seq_len for name, n in zip(domains.names, counts)},
-        seconds=time.perf_counter() - clock,
-    )
+    batches = DomainBatches(domains, settings.batch_size, settings.seq_len, settings.seed, settings.update_every)
+    run = {"settings": asdict(settings) | {"checkpoint_dir": None}, "run": fingerprint or {}}
+    return train(model, dict(model.named_parameters()), batches, settings.plan(checkpoint), device, hook, run,
+                 description)

@@ -16,7 +16,7 @@ the lowest-scoring live groups of every prunable layer are removed up to that ra
 is recovery at the final shape: on SmolLM2 at 300 steps, 30% or 50% of the steps there recovered
 better than 10% (benchmarks/sections/recovery.md), so it is an option. Removal
 during training is a mask: the group's weights and producer biases are zeroed and its adapter
-update masked (the masked LoRA of :mod:`.lora`), so training sees the pruned model; once the
+update masked (the masked LoRA of :mod:`.adapters`), so training sees the pruned model; once the
 adapters are merged, structured groups are cut out physically by :mod:`secateurs.model.slice`,
 giving a smaller dense model. Defaults follow the released code: lr 3e-4 (set on the
 :class:`RecoverConfig`), rank 8, alpha 16; the first ``int(0.1 × layers)`` layers and the last one
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
@@ -38,8 +39,9 @@ from ..record import peak_memory_mb
 from ..sparsity.masks import unstructured_mask
 from ..structured.base import TARGETS, count_parameters, model_groups
 from ..structured.importance import aggregate, slot_sums
-from .lora import ADAPTER, Adapters, RecoverConfig, RecoverReport, TrainHook, attach, base_weight, identity
-from .lora import mean_sparsity, train, train_ids
+from .adapters import ADAPTER, Adapters, attach, base_weight
+from .lora import RecoverConfig, RecoverReport, identity, mean_sparsity, train_adapters, train_ids
+from .train import TrainHook
 
 MODES = (*TARGETS, "unstructured")
 
@@ -59,6 +61,14 @@ class LoRAPruneConfig:
     cooldown: float = 0.1
     initial_ratio: float = 0.0
     ema: float = 0.9
+    # The adapters' learning rate in LoRAPrune's released code; RecoverConfig's own default (1e-4) is
+    # LLM-Pruner's, so a LoRAPrune run builds its training config through train_config().
+    train_lr: ClassVar[float] = 3e-4
+
+    def train_config(self, **fields) -> RecoverConfig:
+        """The training settings for a LoRAPrune run: ``fields`` as given, the paper's lr unless set."""
+        fields.setdefault("lr", self.train_lr)
+        return RecoverConfig(**fields)
 
     @property
     def structured(self) -> bool:
@@ -255,7 +265,7 @@ def loraprune(
     adapters = attach(loaded, train_config, mask_all=True)
     hook = LoRAPruneHook(adapters, config, layers, groups, train_config.steps)
     try:
-        log = train(adapters, train_config, ids, device, hook, who, "loraprune")
+        log = train_adapters(adapters, train_config, ids, device, hook, who, "loraprune")
         hook.finish()
     except BaseException:
         adapters.discard()

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..engine.sequential import EngineOptions, run_blocks
 from ..errors import UsageError
+from ..evaluate.loss import mean_loss
 from ..model.arch import ArchSpec
 from ..model.linear import weight_matrix
 from .base import SparsityTarget
@@ -63,15 +64,10 @@ def _calibration_loss(model: nn.Module, ids: torch.Tensor, device: torch.device)
     """Mean next-token loss over the windows (the whole model on ``device`` for this pass)."""
     home = next(model.parameters()).device
     model.to(device)
-    total = 0.0
     try:
-        with torch.no_grad():
-            for window in ids.split(1):
-                window = window.to(device)
-                total += float(model(input_ids=window, labels=window, use_cache=False).loss)
+        return mean_loss(model, ids.split(1), device)
     finally:
         model.to(home)
-    return total / len(ids)
 
 
 def atp_target(

@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import NumericalError
+from ..evaluate.loss import gradient_pass
 from ..model.groups import GroupSet
 from ..model.linear import oriented
 from ..model.load import LoadedModel
-from ..progress import track
 from .base import WidthMethod
 from .importance import aggregate, group_scores, slot_sums
 from .select import Scores
@@ -42,32 +41,23 @@ def calibration_gradients(
         for p in (module.weight, getattr(module, "bias", None))
         if p is not None
     ]
+    sums: dict[int, torch.Tensor] = {}
+    squares: dict[int, torch.Tensor] = {}
+
+    def add(i: int, grad: torch.Tensor) -> None:
+        grad = grad.float()
+        sums[i] = sums[i].add_(grad) if i in sums else grad.clone()
+        if fisher:
+            squares[i] = squares[i].add_(grad.square()) if i in squares else grad.square()
+
     home = next(model.parameters()).device
     model.to(device)
-    sums: dict[nn.Parameter, torch.Tensor] = {}
-    squares: dict[nn.Parameter, torch.Tensor] = {}
     try:
-        for p in params:
-            p.requires_grad_(True)
-        for sample in track(calib_ids, "gradients", total=len(calib_ids)):
-            ids = sample[None].to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise NumericalError("the calibration loss is NaN or inf; check the model and data")
-            loss.backward()
-            for p in params:
-                grad = p.grad.float()
-                sums[p] = sums[p].add_(grad) if p in sums else grad.clone()
-                if fisher:
-                    squares[p] = squares[p].add_(grad.square()) if p in squares else grad.square()
-                p.grad = None
+        gradient_pass(model, calib_ids.split(1), params, add, device)
     finally:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
         model.to(home)
     n = len(calib_ids)
-    return {p: (sums[p].div_(n), squares[p].div_(n) if fisher else None) for p in params}
+    return {p: (sums[i].div_(n), squares[i].div_(n) if fisher else None) for i, p in enumerate(params)}
 
 
 class LLMPruner(WidthMethod):

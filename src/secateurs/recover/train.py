@@ -1,0 +1,316 @@
+"""The one training loop: LoRA recovery, LoRAPrune, iterative pruning's recoveries and both phases of
+LLM-Shearing (mask learning, continued pretraining) all run :func:`train`.
+
+What differs between them is passed in, never copied:
+
+* the trained parameters, by name (LoRA adapters, or every weight of a sheared model);
+* a :class:`Batches` source: seeded random windows of one text (:class:`SeededWindows`), or
+  domains drawn by weights that move during training (:mod:`.dynamic_batch`);
+* a :class:`TrainPlan`: steps, learning rate and its schedule, gradient accumulation, clipping,
+  precision, activation checkpointing, and where and how often to checkpoint;
+* a :class:`TrainHook`: what a method adds to each step (LoRAPrune's importance and pruning after
+  backward; shearing's mask sampling, Lagrangian loss, mask optimiser and size on the progress bar).
+
+One optimizer step is: the hook's ``begin_step``; ``grad_accum`` micro-batches of LM loss (plus the
+hook's ``loss``) and backward; unscale (fp16), clip, the hook's ``after_backward``; AdamW and the
+hook's optimizers step; the schedule steps. Checkpoints (``checkpoint.py``: safetensors + JSON, never
+pickle, written atomically) hold the trained parameters, optimizer, schedule, grad scaler, hook and
+batch-source state, the step and the losses, under a digest of everything that changes the result;
+a run resumed from one ends where the uninterrupted run ends. The loop leaves the model where it
+found it (device, ``requires_grad``, eval mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.calib import random_windows
+from ..errors import NumericalError
+from ..evaluate.loss import mean_loss
+from ..progress import meter
+from .checkpoint import load_checkpoint, restoring, save_checkpoint
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+Evaluate = Callable[[list[torch.Tensor]], torch.Tensor]
+"""``evaluate(window_sets)``: the model's mean loss on each set of (n, seq_len) windows, in eval mode."""
+
+
+@dataclass
+class TrainPlan:
+    """How the loop trains. ``schedule(step)`` multiplies ``lr``; it is not part of the checkpoint
+    digest, so the caller's fingerprint must name what shapes it (warm-up, decay)."""
+
+    steps: int
+    lr: float
+    schedule: Callable[[int], float]
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    checkpoint: Path | None = None
+    save_every: int = 50
+
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("schedule", "checkpoint", "save_every")}
+
+
+class TrainHook:
+    """What a method adds to plain LM training; the default adds nothing.
+
+    ``begin_step`` runs before the step's first forward; ``loss`` (inside autocast, per micro-batch)
+    is added to the LM loss; ``after_backward`` sees the step's gradients (unscaled, clipped) before
+    any optimizer steps; ``optimizers`` step with the model's; ``status`` goes on the progress bar;
+    ``eval_mode`` is the context of held-out evaluations. ``state_dict`` / ``load_state_dict`` travel
+    in the checkpoint; ``fingerprint`` must match on resume.
+    """
+
+    def begin_step(self, step: int) -> None:
+        """Prepare optimizer step ``step`` (0-based)."""
+
+    def loss(self, step: int) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, step: int) -> None:
+        """Called once per optimizer step, after backward and clipping."""
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def status(self) -> str:
+        return ""
+
+    def eval_mode(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def fingerprint(self) -> dict:
+        return {}
+
+
+class Batches:
+    """Where the loop's token batches come from, and the randomness of each step.
+
+    ``start`` runs once inside the loop's forked RNG, before step ``start``; ``begin_step`` may
+    re-weight the source from held-out losses; ``next(index)`` is micro-batch ``index`` (counted over
+    the whole run: ``step × grad_accum + micro``). ``summary`` gives :class:`TrainLog` fields it fills.
+    """
+
+    batch_size: int
+    seq_len: int
+
+    def start(self, step: int) -> None:
+        """Seed what the run needs before its first (or resumed) step."""
+
+    def begin_step(self, step: int, evaluate: Evaluate) -> None:
+        """Called before each optimizer step."""
+
+    def next(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def fingerprint(self) -> dict:
+        return {}
+
+
+class SeededWindows(Batches):
+    """Random windows of one token stream; micro-batch ``index`` and its dropout are seeded by
+    (seed, index) alone, so a resumed run draws exactly what the uninterrupted one would."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, name: str) -> None:
+        self.ids, self.batch_size, self.seq_len, self.seed, self.name = ids, batch_size, seq_len, seed, name
+
+    def next(self, index: int) -> torch.Tensor:
+        batch = random_windows(self.ids, self.batch_size, self.seq_len, self.seed * 1_000_003 + index, self.name)
+        torch.manual_seed(self.seed * 7_919 + index)
+        return batch
+
+
+@dataclass
+class TrainLog:
+    """What the loop did: steps in total, where it resumed, tokens, the loss of every step, time and
+    precision; with dynamic batch loading also the domain weights over time and tokens per domain."""
+
+    steps: int
+    resumed_from: int
+    tokens: int
+    losses: list[float]
+    seconds: float
+    precision: str
+    domain_weights: list[list[float]] | None = None
+    domain_tokens: dict[str, int] | None = None
+
+    def to_dict(self) -> dict:
+        """The stage record's view: the last ten steps' mean loss instead of every step's."""
+        record = {k: v for k, v in asdict(self).items() if k != "losses" and v is not None}
+        record["final_loss"] = sum(self.losses[-10:]) / max(len(self.losses[-10:]), 1) if self.losses else None
+        return record
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA (fp16 where bf16 is unsupported), float32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def enable_checkpointing(model: nn.Module, on: bool = True) -> None:
+    """Turn activation checkpointing on or off under either name: transformers 5.2x renamed
+    ``gradient_checkpointing_*`` (kept as deprecated aliases) to ``activation_checkpointing_*``, and
+    5.17 (still common on GPU images) has only the old names."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def digest(fingerprint: dict) -> str:
+    """A stable hash of settings (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _transformer(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (activation checkpointing is its switch)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def train(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    batches: Batches,
+    plan: TrainPlan,
+    device: torch.device,
+    hook: TrainHook | None = None,
+    fingerprint: dict | None = None,
+    description: str = "train",
+) -> TrainLog:
+    """Train ``params`` (named, in ``model.named_parameters()`` order) for ``plan.steps`` optimizer steps.
+
+    With ``plan.checkpoint`` the state is saved every ``plan.save_every`` steps and at the end, and
+    a checkpoint there is resumed from if its digest (``fingerprint``, the plan, the hook's and the
+    batches' fingerprints) matches; one that does not is a one-line error.
+    """
+    hook = hook or TrainHook()
+    names, trained = list(params), list(params.values())
+    home = next(model.parameters()).device
+    was_trainable = [p.requires_grad for p in trained]
+    model.to(device)
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=plan.lr, weight_decay=plan.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.schedule)
+    precision = resolve_precision(plan.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision in ("bf16", "fp16")
+        else nullcontext()
+    )
+    key = digest({"plan": plan.fingerprint(), "hook": hook.fingerprint(), "batches": batches.fingerprint(),
+                  "run": fingerprint or {}})
+    start, losses = 0, []
+    state = load_checkpoint(plan.checkpoint, key) if plan.checkpoint else None
+    if state is not None:
+        with restoring(plan.checkpoint), torch.no_grad():
+            for name, p in zip(names, trained):
+                p.copy_(state["params"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            hook.load_state_dict(state["hook"])
+            batches.load_state_dict(state["batches"])
+            start, losses = int(state["step"]), [float(x) for x in state["losses"]]
+
+    def evaluate(window_sets: list[torch.Tensor]) -> torch.Tensor:
+        model.eval()
+        with hook.eval_mode():
+            means = [mean_loss(model, windows.split(1), device, autocast) for windows in window_sets]
+        return torch.tensor(means, dtype=torch.float64)
+
+    if plan.gradient_checkpointing:
+        enable_checkpointing(_transformer(model))
+    clock = time.perf_counter()
+    shows_status = type(hook).status is not TrainHook.status
+    bar = meter(description, plan.steps, completed=start, loss="-", **({"status": ""} if shows_status else {}))
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar as update:
+            batches.start(start)
+            for step in range(start, plan.steps):
+                batches.begin_step(step, evaluate)
+                model.train()
+                hook.begin_step(step)
+                total = 0.0
+                for micro in range(plan.grad_accum):
+                    batch = batches.next(step * plan.grad_accum + micro).to(device)
+                    with autocast:
+                        lm = model(input_ids=batch, labels=batch, use_cache=False).loss
+                        added = hook.loss(step)
+                    if not torch.isfinite(lm):
+                        raise NumericalError(f"the training loss became {lm.item()} at step {step}; lower --lr")
+                    loss = lm if added is None else lm + added
+                    scaler.scale(loss / plan.grad_accum).backward()
+                    total += lm.item() / plan.grad_accum
+                scaler.unscale_(optimizer)
+                if plan.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trained, plan.max_grad_norm)
+                hook.after_backward(step)
+                for opt in (optimizer, *hook.optimizers()):
+                    scaler.step(opt)
+                    opt.zero_grad(set_to_none=True)
+                scaler.update()
+                scheduler.step()
+                losses.append(total)
+                update(step + 1, loss=f"{total:.4f}", **({"status": hook.status()} if shows_status else {}))
+                if plan.checkpoint and ((step + 1) % plan.save_every == 0 or step + 1 == plan.steps):
+                    save_checkpoint(plan.checkpoint, {
+                        "digest": key,
+                        "step": step + 1,
+                        "losses": losses,
+                        "params": {name: p.detach() for name, p in zip(names, trained)},
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "hook": hook.state_dict(),
+                        "batches": batches.state_dict(),
+                    })
+    finally:
+        model.eval()
+        if plan.gradient_checkpointing:
+            enable_checkpointing(_transformer(model), on=False)
+        optimizer.zero_grad(set_to_none=True)
+        for p, trainable in zip(trained, was_trainable):
+            p.requires_grad_(trainable)
+        model.to(home)
+    tokens = plan.steps * plan.grad_accum * batches.batch_size * batches.seq_len
+    return TrainLog(plan.steps, start, tokens, losses, time.perf_counter() - clock, precision, **batches.summary())

@@ -1,0 +1,224 @@
+"""The shearing run: its settings, what mask learning adds to the training loop, the report, and
+:func:`shear` (plan, learn masks, slice, continue pretraining)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ...engine.sequential import EngineOptions
+from ...errors import UsageError
+from ...model.load import LoadedModel
+from ...record import peak_memory_mb
+from ...recover.dynamic_batch import Domains, TrainSettings, held_out_losses, pretrain
+from ...recover.train import TrainHook, TrainLog
+from .forward import MaskedForward
+from .masks import ShearMasks
+from .slicing import apply_keep, non_embedding_params
+from .target import Plan, ShearTarget, plan_for
+
+# Resume checkpoints of the two phases in --checkpoint-dir (safetensors + JSON, never pickle).
+PRUNE_CHECKPOINT = "prune.safetensors"
+CONTINUE_CHECKPOINT = "continue.safetensors"
+
+
+@dataclass
+class ShearConfig:
+    """A shearing request: the target shape, the two phases' lengths and their shared settings.
+
+    ``steps``: mask-learning steps (the paper: 3,200 of 32 x 4,096 tokens); ``continue_steps``:
+    continued pretraining of the sliced model. ``mask_lr`` is the paper's ``lag_lr`` (1.0) for
+    mask logits and multipliers; ``lagrangian_warmup`` the fraction of ``steps`` over which the target
+    ramps in (the paper: 20%). ``reference_loss``: per-domain reference for dynamic batch loading
+    (default: the source model's held-out loss). The Lagrangian game needs hundreds of steps or more to
+    settle: with tens, the masks overshoot the target together and the cut is close to random
+    (benchmarks/sections/shearing.md).
+    """
+
+    target: ShearTarget
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    steps: int = 100
+    continue_steps: int = 0
+    lr: float = 1e-4
+    mask_lr: float = 1.0
+    lagrangian_warmup: float = 0.2
+    batch_size: int = 4
+    seq_len: int = 512
+    update_every: int = 50
+    eval_windows: int = 4
+    reference_loss: list[float] | None = None
+    domain_weights: list[float] | None = None
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    data_dir: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+
+    def settings(self, steps: int, seed_offset: int) -> TrainSettings:
+        return TrainSettings(
+            steps=steps, lr=self.lr, batch_size=self.batch_size, seq_len=self.seq_len,
+            update_every=self.update_every, bf16=self.bf16, gradient_checkpointing=self.gradient_checkpointing,
+            seed=self.seed + seed_offset, checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every,
+        )
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise UsageError(f"--steps must be at least 1 (mask learning), got {self.steps}")
+        if self.continue_steps < 0:
+            raise UsageError(f"--continue-steps must be at least 0, got {self.continue_steps}")
+        if not 0 <= self.lagrangian_warmup <= 1:
+            raise UsageError(f"--lagrangian-warmup must be in [0, 1], got {self.lagrangian_warmup:g}")
+        if self.mask_lr <= 0:
+            raise UsageError(f"--mask-lr must be positive, got {self.mask_lr:g}")
+        if self.eval_windows < 1:
+            raise UsageError(f"--eval-windows must be at least 1, got {self.eval_windows}")
+        if self.reference_loss is not None and len(self.reference_loss) != len(self.datasets):
+            raise UsageError(f"--reference-loss needs one value per --data domain ({len(self.datasets)})")
+        self.settings(self.steps, 0).validate()
+
+
+class ShearTraining(TrainHook):
+    """The mask-learning phase's additions to LM training: masks, multipliers, their optimiser."""
+
+    def __init__(self, masks: ShearMasks, forward: MaskedForward, config: ShearConfig) -> None:
+        self.masks, self.forward, self.config = masks, forward, config
+        self.optimizer = torch.optim.Adam(masks.parameters(), lr=config.mask_lr)
+        self.step = 0
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+        self.masks.constrain()
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        self.forward.z = self.masks.sample(generator)
+
+    def loss(self, step: int) -> torch.Tensor:
+        warm = self.config.lagrangian_warmup * self.config.steps
+        progress = 1.0 if warm <= 0 else min(1.0, step / warm)
+        return self.masks.lagrangian(progress)
+
+    def after_backward(self, step: int) -> None:
+        for lam in self.masks.lambdas.values():
+            if lam.grad is not None:
+                lam.grad.neg_()  # gradient ascent on the multipliers
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def status(self) -> str:
+        with torch.no_grad():
+            expected = float(self.masks.expected_params())
+        return f"size {expected / 1e6:.2f}M → {self.masks.plan.target_params / 1e6:.2f}M"
+
+    @contextmanager
+    def eval_mode(self):
+        """Held-out losses with each kind's currently expected number of units kept (the paper's
+        ``eval_target_model=false``)."""
+        saved = self.forward.z
+        with torch.no_grad():
+            z = {}
+            for kind, score in self.masks.expected().items():
+                k = score.sum(-1, keepdim=True).round().clamp(min=1).long()
+                rank = score.argsort(-1, descending=True).argsort(-1)
+                z[kind] = (rank < k).to(score.dtype)
+        self.forward.z = z
+        try:
+            yield
+        finally:
+            self.forward.z = saved
+
+    def state_dict(self) -> dict:
+        return {"masks": self.masks.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks.load_state_dict(state["masks"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+@dataclass
+class ShearReport:
+    """What shearing did: the shape reached, sizes, both phases' logs, time and memory."""
+
+    config: ShearConfig
+    plan: Plan
+    kept: dict[str, list]
+    params_before: int
+    params_after: int
+    prune_log: TrainLog
+    continue_log: TrainLog | None
+    reference_loss: list[float] | None
+    seconds: float
+    peak_memory_mb: float
+    device: str
+
+    @property
+    def tokens(self) -> int:
+        return self.prune_log.tokens + (self.continue_log.tokens if self.continue_log else 0)
+
+    def stage_record(self) -> dict:
+        config = asdict(self.config)
+        config["target"] = asdict(self.config.target)
+        return {
+            "stage": "shear",
+            "method": "llm-shearing",
+            "config": config,
+            "source_shape": self.plan.source,
+            "target_shape": self.plan.target,
+            "kept": self.kept,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "reference_loss": self.reference_loss,
+            "prune": self.prune_log.to_dict(),
+            "continue": self.continue_log.to_dict() if self.continue_log else None,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "device": self.device,
+        }
+
+
+def shear(loaded: LoadedModel, config: ShearConfig, engine: EngineOptions | None = None) -> ShearReport:
+    """Learn masks toward ``config.target``, slice the model to it in place, then continue pretraining."""
+    config.validate()
+    plan = plan_for(loaded, config.target)
+    if not plan.kinds:
+        raise UsageError("the target is the model's own shape; ask for fewer layers, hidden, heads or intermediate")
+    device = (engine or EngineOptions()).torch_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    domains = Domains.load(config.datasets, loaded.tokenizer, config.seq_len, config.eval_windows,
+                           config.data_dir, config.domain_weights)
+    model = loaded.model
+    home = next(model.parameters()).device
+    clock = time.perf_counter()
+    params_before = non_embedding_params(loaded)
+    model.to(device)
+    reference = None
+    try:
+        if domains.dynamic:
+            reference = config.reference_loss or held_out_losses(model, domains, device).tolist()
+            domains.reference = torch.tensor(reference, dtype=torch.float64)
+        masks = ShearMasks(plan).to(device)
+        fingerprint = {"source": loaded.source, "config": asdict(config) | {"checkpoint_dir": None}}
+        with MaskedForward(loaded, plan) as forward:
+            extra = ShearTraining(masks, forward, config)
+            prune_log = pretrain(model, domains, config.settings(config.steps, 0), device, extra,
+                                 PRUNE_CHECKPOINT, fingerprint, "shear: learn masks")
+        keep = masks.keep()
+        apply_keep(loaded, plan, keep)
+        continue_log = None
+        if config.continue_steps:
+            continue_log = pretrain(model, domains, config.settings(config.continue_steps, 1), device, None,
+                                    CONTINUE_CHECKPOINT, fingerprint, "shear: continue pretraining")
+    finally:
+        model.to(home)
+        model.requires_grad_(False)
+    return ShearReport(
+        config=config, plan=plan, kept={k: v.tolist() for k, v in keep.items()},
+        params_before=params_before, params_after=non_embedding_params(loaded),
+        prune_log=prune_log, continue_log=continue_log, reference_loss=reference,
+        seconds=time.perf_counter() - clock, peak_memory_mb=peak_memory_mb(device), device=str(device),
+    )

@@ -1,0 +1,97 @@
+"""The one training loop: a run stopped mid-way and resumed from its checkpoint ends with the very
+weights, losses and batch-source state of the run that was never stopped (plain LM training with
+gradient accumulation, and shearing's mask learning with its hook and dynamic batch loading)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from secateurs.recover.checkpoint import read_checkpoint
+from secateurs.recover.train import SeededWindows, TrainHook, TrainPlan, train
+from secateurs.structured.shearing import ShearConfig, ShearTarget, shear
+from secateurs.structured.shearing.driver import ShearTraining
+from tiny_models import tiny_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class StopAt(TrainHook):
+    """Interrupts the run after the backward of ``step`` (before that step's optimizer update)."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def after_backward(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def _run(folder: Path | None, stop: int | None):
+    loaded = tiny_model("llama")
+    ids = torch.randint(0, 320, (4000,), generator=torch.Generator().manual_seed(0))
+    plan = TrainPlan(steps=6, lr=1e-3, schedule=lambda step: 1.0 - step / 6, grad_accum=2,
+                     checkpoint=folder / "state.safetensors" if folder else None, save_every=2)
+    batches = SeededWindows(ids, batch_size=2, seq_len=16, seed=3, name="random")
+    log = train(loaded.model, dict(loaded.model.named_parameters()), batches, plan, CPU, StopAt(stop),
+                {"test": "resume"})
+    return loaded, log
+
+
+def test_loop_resumes_to_the_same_final_weights(tmp_path):
+    straight, reference = _run(None, None)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, stop=3)
+    assert read_checkpoint(tmp_path / "state.safetensors")["step"] == 2
+    resumed, log = _run(tmp_path, None)
+    assert log.resumed_from == 2 and log.losses == reference.losses and log.tokens == 6 * 2 * 2 * 16
+    for (name, a), b in zip(resumed.model.named_parameters(), straight.model.parameters()):
+        assert torch.equal(a, b), name
+    assert not any(p.requires_grad for p in resumed.model.parameters())  # left as it was found
+
+
+def test_shearing_resumes_mid_mask_learning(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over the lazy dog".split()
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    b.write_text(" ".join(rng.choice(words[:3]) for _ in range(3000)))
+
+    def run(folder: str | None):
+        loaded = tiny_model("llama")
+        config = ShearConfig(ShearTarget(layers=2, hidden=48, heads=2, intermediate=64), datasets=[str(a), str(b)],
+                             steps=6, continue_steps=2, batch_size=2, seq_len=16, eval_windows=1, update_every=2,
+                             reference_loss=[3.0, 5.0], lr=1e-3, checkpoint_dir=folder, checkpoint_every=2)
+        return shear(loaded, config), loaded
+
+    reference, straight = run(None)
+    after_backward = ShearTraining.after_backward
+
+    def stop_at_four(self, step: int) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+        after_backward(self, step)
+
+    monkeypatch.setattr(ShearTraining, "after_backward", stop_at_four)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "ckpt"))
+    monkeypatch.setattr(ShearTraining, "after_backward", after_backward)
+    report, resumed = run(str(tmp_path / "ckpt"))
+    assert report.prune_log.resumed_from == 4 and report.continue_log.resumed_from == 0
+    assert report.prune_log.losses == reference.prune_log.losses
+    assert report.prune_log.domain_weights == reference.prune_log.domain_weights
+    assert len(reference.prune_log.domain_weights) == 2 and reference.prune_log.domain_weights[-1][1] < 0.5  # weights moved
+    assert report.kept == reference.kept and report.continue_log.losses == reference.continue_log.losses
+    for a_param, b_param in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a_param, b_param)
