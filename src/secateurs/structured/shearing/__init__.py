@@ -21,10 +21,12 @@ almost surely on), clamped to [ln 0.01, ln 100], temperature 2/3, stretch (-0.1,
 multiplier learning rate 1.0, model learning rate 1e-4, warm-up of the target over 20% of the steps.
 
 At the end each kind keeps exactly the target count of its highest-logit units (the paper's
-``eval_target_model``), and the model is sliced physically: hidden dimensions from embeddings, norms
-and every projection (:mod:`.slicing`), blocks with :func:`~secateurs.model.drop_layers.drop_layers`, heads and
-channels with :func:`~secateurs.model.slice.apply_widths`. The target shape is the same in every
-block, so the config is a plain ``transformers`` config.
+``eval_target_model``), and the model is sliced physically with the shared surgery of
+:mod:`secateurs.model`: hidden dimensions from embeddings, norms and every projection
+(:func:`~secateurs.model.slice.slice_hidden`), blocks with
+:func:`~secateurs.model.drop_layers.drop_layers`, heads and channels with
+:func:`~secateurs.model.slice.apply_widths`. The target shape is the same in every block, so the
+config is a plain ``transformers`` config.
 
 The package follows those jobs: :mod:`.target` (the requested shape and its plan), :mod:`.masks`
 (hard-concrete masks and multipliers), :mod:`.forward` (the masked forward), :mod:`.slicing` (the
@@ -35,11 +37,11 @@ one loop of :mod:`secateurs.recover.train`, with dynamic batch loading as its ba
 from .driver import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT, ShearConfig, ShearReport, ShearTraining, shear
 from .forward import MaskedForward
 from .masks import ShearMasks
-from .slicing import apply_keep, non_embedding_params, slice_hidden
+from .slicing import apply_keep, non_embedding_params
 from .target import HIDDEN_ARCHS, MASK_KINDS, Plan, ShearTarget, plan_for
 
 __all__ = [
     "CONTINUE_CHECKPOINT", "HIDDEN_ARCHS", "MASK_KINDS", "PRUNE_CHECKPOINT", "MaskedForward", "Plan", "ShearConfig",
     "ShearMasks", "ShearReport", "ShearTarget", "ShearTraining", "apply_keep", "non_embedding_params", "plan_for",
-    "shear", "slice_hidden",
+    "shear",
 ]
