@@ -10,6 +10,7 @@ from tiny_models import random_ids, tiny_model
 from typer.testing import CliRunner
 
 import secateurs.api as api
+import secateurs.sparsity.prune as sparsity_prune
 from secateurs.api import PruneConfig, prune
 from secateurs.cli import app
 from secateurs.data.calib import CalibConfig
@@ -44,7 +45,7 @@ def _stats(x: torch.Tensor) -> dict:
 
 
 def _prune(loaded, config: PruneConfig, ids: torch.Tensor) -> api.PruneReport:
-    with mock.patch.object(api, "calibration_ids", lambda *a, **k: ids):
+    with mock.patch.object(sparsity_prune, "calibration_ids", lambda *a, **k: ids):
         return prune(loaded, config, CalibConfig("wikitext2", len(ids), ids.shape[1]), EngineOptions(device="cpu"))
 
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import secateurs.api as api
-import secateurs.cli.prune as cli_prune
+import secateurs.sparsity.prune as sparsity_prune
+import secateurs.stages.base as stage_runner
 from secateurs.api import PruneConfig, prune, save
 from secateurs.cli import app
 from secateurs.data.calib import CalibConfig
@@ -27,7 +28,7 @@ CPU = EngineOptions(device="cpu")
 
 
 def _prune(loaded, config: PruneConfig, ids: torch.Tensor) -> api.PruneReport:
-    with mock.patch.object(api, "calibration_ids", lambda *a, **k: ids):
+    with mock.patch.object(sparsity_prune, "calibration_ids", lambda *a, **k: ids):
         return prune(loaded, config, CalibConfig("wikitext2", len(ids), ids.shape[1]), CPU)
 
 
@@ -114,7 +115,7 @@ def test_permuted_2of4_equals_the_unpermuted_computation_and_saves_plain(arch, t
             super().__init__(*args, **kwargs)
             steps.append(self)
 
-    with mock.patch.object(api, "ChannelPermutation", Recording):
+    with mock.patch.object(sparsity_prune, "ChannelPermutation", Recording):
         report = _prune(permuted, PruneConfig("ria", None, "2:4", permute=True), ids)
     assert all(after >= before for before, after in report.steps["permute"].values())
     spec = permuted.spec
@@ -208,7 +209,7 @@ def tiny_folder(tmp_path_factory):
 def test_new_options_are_one_line_errors_before_the_model_loads(tiny_folder, tmp_path, flags, message):
     flags = [str(tiny_folder / "calib.txt") if f == "CALIB" else f for f in flags]
     out = tmp_path / "o"
-    with mock.patch.object(cli_prune, "load_model", side_effect=AssertionError("loaded")) as load:
+    with mock.patch.object(stage_runner, "load_model", side_effect=AssertionError("loaded")) as load:
         result = CliRunner().invoke(app, ["prune", str(tiny_folder), "--out", str(out), "--device", "cpu", *flags])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output

@@ -207,18 +207,12 @@ def tiny_folder(tmp_path):
 def no_loading(monkeypatch):
     """Fail the test if any command gets as far as loading weights."""
     import secateurs.cli.demo
-    import secateurs.cli.evaluate
-    import secateurs.cli.layers
-    import secateurs.cli.prune
-    import secateurs.cli.recover
-    import secateurs.cli.shear
-    import secateurs.cli.width
+    import secateurs.stages.base
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    for module in (secateurs.cli.prune, secateurs.cli.width, secateurs.cli.layers, secateurs.cli.recover,
-                   secateurs.cli.shear, secateurs.cli.evaluate, secateurs.cli.demo):
+    for module in (secateurs.stages.base, secateurs.cli.demo):
         monkeypatch.setattr(module, "load_model", refuse)
 
 
@@ -352,7 +346,7 @@ def test_offline_hub_id_fails_fast(monkeypatch):
 
 
 def test_cpu_calibration_cost_is_stated_before_work(tiny_folder, capsys):
-    from secateurs.cli.common import cpu_cost_note, preflight
+    from secateurs.stages.flags import cpu_cost_note, preflight
 
     cpu_cost_note(preflight(str(tiny_folder)), "cpu", 128, 2048)
     note = capsys.readouterr().err
@@ -456,18 +450,16 @@ secateurs.save(secateurs.load_model({str(tiny_folder)!r}), {str(tmp_path / "out"
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-def test_every_stage_command_stops_at_ready_under_check_only(tmp_path, tiny_folder, no_loading):
-    """What recipes rely on: each stage's own command checks everything, then stops before work."""
-    from secateurs.cli.common import Checked, check_only
-    from secateurs.recipe import STAGE_COMMANDS, _commands
+def test_every_stage_spec_checks_everything_before_loading(tmp_path, tiny_folder, no_loading):
+    """What recipes rely on: each stage's own spec checks everything before any weight loads."""
+    from secateurs.recipe import STAGE_COMMANDS
+    from secateurs.stages import STAGES, check
 
     out = str(tmp_path / "out")
     extra = {"prune": dict(out=out), "width": dict(out=out, method="magnitude"), "layers": dict(out=out, remove=1, seq_len=16),
              "recover": dict(out=out, steps=1), "shear": dict(out=out, target="layers=2", seq_len=16),
              "eval": dict(seq_len=16), "bench": {}}
-    commands = _commands()
-    assert set(commands) == set(STAGE_COMMANDS)
-    for name, function in commands.items():
-        with check_only(), pytest.raises(Checked):
-            function(model=str(tiny_folder), **extra[name])
+    assert set(STAGES) == set(STAGE_COMMANDS)
+    for name, stage in STAGES.items():
+        check(stage.parse(model=str(tiny_folder), **extra[name]), pending=frozenset())
     assert not (tmp_path / "out").exists()

@@ -1,9 +1,11 @@
-"""Recipes: a YAML chain of CLI stages (layers, width, prune, shear, recover, eval, bench), validated
+"""Recipes: a YAML chain of stages (layers, width, prune, shear, recover, eval, bench), validated
 before any work starts, each stage's output kept and reused when nothing it depends on changed.
 
-A stage's key is a ``secateurs`` subcommand and its fields are exactly that command's flags (with
-``_`` or ``-``): the recipe runner reads the command's own signature to validate the fields and then
-calls the command's own function, so a recipe and a CLI call cannot drift apart.
+A stage's key names a stage spec (:data:`secateurs.stages.STAGES`) and its fields are that spec's
+flags, the same the ``secateurs`` command of that name takes (with ``_`` or ``-``): the runner reads
+the spec's ``parse`` signature to validate the fields, ``parse`` builds the typed configs of the
+Python API, and the spec's own checks and its load → verb → evaluate → save flow run them. The CLI
+command is built from the same spec, so a recipe and a CLI call cannot drift apart.
 
 .. code-block:: yaml
 
@@ -44,8 +46,9 @@ import yaml
 from .errors import SecateursError, UsageError
 from .model.save import RECORD
 from .record import build_record
+from .stages import STAGES, Outcome, Stage as StageSpec, check
 
-STAGE_COMMANDS = ("layers", "width", "prune", "shear", "recover", "eval", "bench")
+STAGE_COMMANDS = tuple(STAGES)
 RUNNER_FIELDS = ("model", "out", "overwrite")
 CALIB_KEYS = {"source": "calib", "n_samples": "n_samples", "seq_len": "seq_len", "seed": "seed", "data_dir": "data_dir"}
 TOP_LEVEL = ("model", "calib", "stages", "out")
@@ -88,18 +91,6 @@ class Recipe:
     calib: dict[str, Any] = field(default_factory=dict)
 
 
-def _commands() -> dict[str, Callable]:
-    """The raw (not error-wrapped) function of every registered stage subcommand."""
-    from .cli import app
-
-    found = {}
-    for info in app.registered_commands:
-        name = info.name or info.callback.__name__
-        if name in STAGE_COMMANDS:
-            found[name] = inspect.unwrap(info.callback)
-    return found
-
-
 def _kind(annotation: Any) -> str:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Annotated:
@@ -112,7 +103,7 @@ def _kind(annotation: Any) -> str:
 
 
 def flags_of(function: Callable) -> dict[str, Flag]:
-    """The flags a subcommand takes, read from its signature (the CLI's own definition)."""
+    """The flags a stage takes, read from its spec's ``parse`` signature (the CLI's too)."""
     hints = typing.get_type_hints(function, include_extras=True)
     flags = {}
     for name, parameter in inspect.signature(function).parameters.items():
@@ -186,8 +177,7 @@ def load_recipe(source: str | Path | dict, out: str | Path | None = None) -> Rec
     entries = raw.get("stages")
     if not isinstance(entries, list) or not entries:
         raise UsageError("recipe: 'stages' must be a non-empty list of {command: {flags}}")
-    commands = _commands()
-    stages = [_stage(i, entry, commands, calib) for i, entry in enumerate(entries)]
+    stages = [_stage(i, entry, calib) for i, entry in enumerate(entries)]
     recipe = Recipe(raw["model"], stages, Path(target).expanduser(), calib)
     _check_sequence(recipe)
     _assign_keys(recipe)
@@ -196,48 +186,38 @@ def load_recipe(source: str | Path | dict, out: str | Path | None = None) -> Rec
 
 
 def _check_values(recipe: Recipe) -> None:
-    """Every value of every stage, checked by the stage's own command before any stage runs.
+    """Every value of every stage, checked by the stage's own spec before any stage runs.
 
-    Each command is called with the arguments it will get, under ``check_only``: it runs all of its
-    checks (flags, output location, the input model's shapes where the input already exists) and
-    stops at its ``ready()`` call, before loading anything. Inputs that earlier stages will write
-    are marked pending, so their stages check everything that does not need the model.
+    Each stage's fields are parsed into its typed configs (every check that needs no model), then
+    checked against its output location and input model's shapes where the input already exists.
+    Inputs that earlier stages will write are marked pending, so their stages check everything
+    that does not need the model.
     """
-    from .cli.common import Checked, check_only
-
-    commands = _commands()
     stages_dir = recipe.out / "stages"
     pending = frozenset(str(stages_dir / stage.folder / "model") for stage in recipe.stages if stage.produces_model)
     current = recipe.model
-    with check_only(pending):
-        for stage in recipe.stages:
-            folder = stages_dir / stage.folder
-            try:
-                commands[stage.command](**_stage_kwargs(commands[stage.command], stage, current, folder))
-            except Checked:
-                pass
-            except SecateursError as exc:
-                raise type(exc)(f"{stage.label}: {exc}") from None
-            else:
-                raise RuntimeError(f"secateurs {stage.command} ran without calling ready() after its checks")
-            if stage.produces_model:
-                current = str(folder / "model")
+    for stage in recipe.stages:
+        folder = stages_dir / stage.folder
+        try:
+            check(_request(stage, current, folder), pending)
+        except SecateursError as exc:
+            raise type(exc)(f"{stage.label}: {exc}") from None
+        if stage.produces_model:
+            current = str(folder / "model")
 
 
-def _stage(index: int, entry: Any, commands: dict[str, Callable], calib: dict) -> Stage:
+def _stage(index: int, entry: Any, calib: dict) -> Stage:
     label = f"stage {index + 1}"
     if not isinstance(entry, dict) or len(entry) != 1:
         raise UsageError(f"{label}: each stage is one mapping like 'prune: {{method: wanda}}'")
     command, given = next(iter(entry.items()))
     if command not in STAGE_COMMANDS:
         raise UsageError(f"{label}: unknown stage {command!r}{_did_you_mean(str(command), list(STAGE_COMMANDS))}")
-    if command not in commands:
-        raise UsageError(f"{label}: stage {command!r} is not available in this installation of secateurs")
     label = f"{label} ({command})"
     given = given or {}
     if not isinstance(given, dict):
         raise UsageError(f"{label}: its fields must be a mapping of flag: value")
-    flags = flags_of(commands[command])
+    flags = flags_of(STAGES[command].parse)
     fields: dict[str, Any] = {}
     if "calib" in flags:
         for recipe_key, flag_name in CALIB_KEYS.items():
@@ -260,7 +240,7 @@ def _stage(index: int, entry: Any, commands: dict[str, Callable], calib: dict) -
         if flag.required and name not in fields:
             raise UsageError(f"{label}: missing required key {name!r}")
         fields.setdefault(name, flag.default)
-    return Stage(index, command, fields, produces_model="out" in flags, explicit=explicit)
+    return Stage(index, command, fields, produces_model=STAGES[command].produces_model, explicit=explicit)
 
 
 def _check_sequence(recipe: Recipe) -> None:
@@ -377,12 +357,14 @@ def run(
     out: str | Path | None = None,
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
+    show: Callable[[Outcome], None] | None = None,
 ) -> dict:
-    """Run (or, with ``dry_run``, only plan) a recipe; returns the final ``secateurs.json`` record."""
+    """Run (or, with ``dry_run``, only plan) a recipe; returns the final ``secateurs.json`` record.
+
+    ``echo`` gets one line per stage (running / reusing); ``show`` each stage's summary tables."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, out)
     if dry_run:
         return {"plan": estimate(recipe)}
-    commands = _commands()
     stages_dir = recipe.out / "stages"
     if recipe.out.is_file() or (recipe.out.is_dir() and any(recipe.out.iterdir()) and not stages_dir.is_dir()):
         raise UsageError(f"--out {recipe.out} exists and is not a recipe output folder; choose another")
@@ -396,7 +378,7 @@ def run(
             done = json.loads((folder / STAGE_MARKER).read_text())
         else:
             echo(f"{stage.label}: running")
-            done = _run_stage(commands[stage.command], stage, current, folder)
+            done = _run_stage(stage, current, folder, show)
         history.append(done)
         if stage.produces_model:
             current = str(folder / "model")
@@ -405,27 +387,34 @@ def run(
     return record
 
 
-def _stage_kwargs(function: Callable, stage: Stage, model: str, folder: Path) -> dict[str, Any]:
-    """The arguments a stage's command is called with: its fields, its input and where it writes."""
+def _request(stage: Stage, model: str, folder: Path):
+    """The stage's fields, its input and where it writes, parsed by its spec into a typed request."""
+    spec: StageSpec = STAGES[stage.command]
     kwargs = dict(stage.fields)
     kwargs["model"] = model
     if stage.produces_model:
         kwargs["out"] = str(folder / "model")
-        if "overwrite" in inspect.signature(function).parameters:
+        if "overwrite" in inspect.signature(spec.parse).parameters:
             kwargs["overwrite"] = False
     result_flag = RESULT_FILES.get(stage.command)
     if result_flag and result_flag in kwargs:
         kwargs[result_flag] = str(folder / "results.json")
-    return kwargs
+    return spec.parse(**kwargs)
 
 
-def _run_stage(function: Callable, stage: Stage, model: str, folder: Path) -> dict:
+def _run_stage(stage: Stage, model: str, folder: Path, show: Callable[[Outcome], None] | None) -> dict:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        function(**_stage_kwargs(function, stage, model, folder))
+        request = _request(stage, model, folder)
+        check(request)
+        outcome = request.stage.execute(request)
+        if outcome is not None and show is not None:
+            show(outcome)
+        if outcome is not None and outcome.failed:
+            raise UsageError("nothing could be measured (see the notes above)")
     except SecateursError as exc:
         raise type(exc)(f"{stage.label}: {exc}") from exc
     done = {

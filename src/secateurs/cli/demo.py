@@ -19,8 +19,13 @@ from ..evaluate.agreement import agreement
 from ..evaluate.perplexity import perplexity
 from ..model.load import load_model
 from ..sparsity.registry import method_names
-from . import app
-from .common import Device, Overwrite, check_at_least, check_context, check_out_folder, friendly, out_console, parse_sparsity, preflight, ready, table
+from ..stages import flags
+from ..stages.flags import check_at_least, check_context, parse_sparsity, preflight
+from .app import app, typer_flag
+from .common import check_out_folder, friendly, out_console, table
+
+Device = typer_flag(flags.Device)
+Overwrite = typer_flag(flags.Overwrite)
 
 HELD_OUT_SEED_OFFSET = 1000
 
@@ -51,7 +56,6 @@ def demo_command(
     skeleton = preflight(model)
     check_prune(skeleton, config, calib)
     check_context(skeleton, seq_len=seq_len)
-    ready()
     loaded = load_model(model)
     loaded.model.to(torch_device)
     held_out = self_generated(loaded.model, loaded.tokenizer, eval_samples, seq_len, seed + HELD_OUT_SEED_OFFSET)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..recipe import STAGE_COMMANDS, load_recipe, run
-from . import app
+from .app import app, show
 from .common import friendly, out_console, table
 
 
@@ -40,5 +40,5 @@ def run_command(
         ]
         out_console.print(table(f"plan for {parsed.out}", ["stage", "action", "fields", "≈ tokens processed"], rows))
         return
-    record = run(parsed, echo=lambda line: out_console.print(line, highlight=False))
+    record = run(parsed, echo=lambda line: out_console.print(line, highlight=False), show=show)
     out_console.print(f"done: {parsed.out} (final model: {record['results']['final_model']})")

@@ -27,6 +27,7 @@ from ..errors import UsageError
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
 from ..sparsity.base import SparsityTarget
+from ..sparsity.prune import PruneConfig, prune
 from .lora import RecoverConfig, RecoverReport, mean_sparsity, recover_lora
 
 
@@ -76,8 +77,6 @@ def prune_iterative(
     engine: EngineOptions | None = None,
 ) -> IterativeReport:
     """Prune ``loaded.model`` in place to ``prune_config``'s sparsity in ``rounds`` prune + recover steps."""
-    from ..api import PruneConfig, prune  # the api module imports this one
-
     engine = engine or EngineOptions()
     device = engine.torch_device()
     recover_config.validate()

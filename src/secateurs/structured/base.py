@@ -59,6 +59,17 @@ class WidthConfig:
     bias_compensation: bool = True
     round_to: int = 1
 
+    def calibration(
+        self, source: str = "wikitext2", n_samples: int | None = None, seq_len: int | None = None, seed: int = 0,
+        data_dir: str | None = None,
+    ) -> CalibConfig | None:
+        """The calibration this method's paper used (its own sample count and length where not given),
+        or None for a method that needs no data; so the API and the CLI calibrate alike."""
+        cls = method_class(self.method)
+        if not cls.needs_calibration:
+            return None
+        return CalibConfig(source, n_samples or cls.default_samples, seq_len or cls.default_seq_len, seed, data_dir)
+
     def kinds(self) -> tuple[str, ...]:
         if self.target not in TARGETS:
             raise UsageError(f"unknown --target {self.target!r}; use heads, channels or both")

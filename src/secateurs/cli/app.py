@@ -1,0 +1,75 @@
+"""The typer application, and the one way a stage becomes a command: its spec's flags become typer
+options, the command parses them into a request and runs the shared stage runner."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from ..stages import Outcome, Stage, check
+from ..stages.flags import Help
+from .common import err_console, friendly, out_console, table
+
+class _Commands(TyperGroup):
+    """Commands listed by name, whichever module registered them."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return sorted(self.commands)
+
+
+app = typer.Typer(
+    name="secateurs",
+    cls=_Commands,
+    help=(
+        "Prune large language models (unstructured, N:M, structured, depth) and measure what it "
+        "cost in quality and what it won in speed and memory. Every command writes a normal "
+        "Hugging Face folder plus secateurs.json, and never touches its input."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def show(outcome: Outcome | None) -> None:
+    """Print a stage's tables (warnings first, on stderr) and closing lines; exit 2 if nothing was measured."""
+    if outcome is None:
+        return
+    for shown in outcome.tables:
+        for note in shown.notes:
+            err_console.print(note, highlight=False, soft_wrap=True)
+        out_console.print(table(shown.title, shown.columns, shown.rows))
+    for line in outcome.footer:
+        out_console.print(line)
+    if outcome.failed:
+        raise typer.Exit(2)
+
+
+def typer_flag(hint: object) -> object:
+    """A flag type ``Annotated[T, Help(...)]`` as typer reads it: ``Annotated[T, typer.Option(...)]``."""
+    base, *metadata = typing.get_args(hint)
+    help_ = next(m for m in metadata if isinstance(m, Help))
+    info = typer.Argument(help=help_.text) if help_.argument else typer.Option(*help_.decls, help=help_.text)
+    return Annotated[base, info]
+
+
+def stage_command(stage: Stage) -> None:
+    """Register ``secateurs <stage.name>``: options from the stage's ``parse`` signature (the same
+    flags a recipe stage takes), help from its docstring; then check → load → verb → evaluate → save."""
+    hints = typing.get_type_hints(stage.parse, include_extras=True)
+    parameters = [p.replace(annotation=typer_flag(hints[p.name])) for p in inspect.signature(stage.parse).parameters.values()]
+
+    def command(**flags: object) -> None:
+        request = stage.parse(**flags)
+        check(request)
+        show(stage.execute(request))
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = stage.parse.__doc__
+    command.__name__ = command.__qualname__ = f"{stage.name}_command"
+    app.command(stage.name)(friendly(command))

@@ -1,0 +1,241 @@
+"""``prune``: one unstructured / N:M method over the shared block engine, with the block-level steps
+around it (per-block allocation, reconstruction, channel permutation) and the streamed form that never
+holds the whole model. The request (:class:`PruneConfig`) and what it did (:class:`PruneReport`) live
+here, beside the methods, as every other family keeps its verb beside its methods.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.calib import CalibConfig, calibration_ids
+from ..engine.distributed import RankGroup
+from ..engine.sequential import EngineOptions, run_blocks
+from ..engine.stream import StreamSession
+from ..errors import UsageError
+from ..model.linear import weight_matrix
+from ..model.load import LoadedModel
+from ..model.save import previous_stages
+from ..record import build_record, peak_memory_mb
+from .atp import AtpOptions, atp_target
+from .base import SparsityTarget, build_options
+from .masks import Pattern, sparsity_of
+from .owl import ALLOCATIONS, OwlOptions, owl_target
+from .permute import ChannelPermutation
+from .reconstruct import BlockReconstruction, ReconstructOptions
+from .registry import method_class
+
+
+@dataclass
+class PruneConfig:
+    """An unstructured / N:M pruning request. ``sparsity`` may be one value or one per block."""
+
+    method: str = "magnitude"
+    sparsity: float | list[float] | None = None
+    pattern: str = "unstructured"
+    options: dict[str, Any] = field(default_factory=dict)
+    # How one --sparsity value is spread over blocks: "uniform", "owl" (outlier-weighted, with
+    # allocation_options m / lam, see sparsity/owl.py) or "atp" (rising with depth, allocation_options
+    # spread / search_samples, see sparsity/atp.py).
+    allocation: str = "uniform"
+    allocation_options: dict[str, Any] = field(default_factory=dict)
+    # Block-level steps around the method. ``reconstruct``: None (off) or the options of the
+    # reconstruction that trains each pruned block to reproduce the dense one ({} = the measured
+    # defaults; keys steps / lr / batch, see sparsity/reconstruct.py). ``permute``: reorder the MLP's
+    # hidden channels before N:M masks are chosen (N:M only, see sparsity/permute.py).
+    reconstruct: dict[str, Any] | None = None
+    permute: bool = False
+
+    def check(self, calib: CalibConfig | None) -> ReconstructOptions | None:
+        """Validate what needs no model (allocation, permutation, reconstruction), so the CLI can do it
+        before loading; returns the reconstruction's settings (None when off)."""
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "atp":
+            atp = build_options(AtpOptions, self.allocation_options).validate()
+            if Pattern.parse(self.pattern).is_nm:
+                raise UsageError(f"--allocation atp sets unstructured per-block sparsity; {self.pattern} fixes it, use --pattern unstructured")
+            if atp.spread is None and calib is None:
+                raise UsageError("--allocation atp searches its spread on calibration data: pass --calib or --atp-spread")
+        if self.permute and not Pattern.parse(self.pattern).is_nm:
+            raise UsageError("--permute reorders channels to choose better N:M groups; use it with --pattern N:M (e.g. 2:4)")
+        if self.reconstruct is None:
+            return None
+        options = ReconstructOptions.build(self.reconstruct)
+        if calib is None:
+            raise UsageError("--reconstruct trains each pruned block on calibration activations: pass --calib (e.g. wikitext2)")
+        return options
+
+
+@dataclass
+class PruneReport:
+    """What a prune did: the request, the achieved sparsity per linear, time and peak memory."""
+
+    config: PruneConfig
+    target: SparsityTarget
+    calibration: CalibConfig | None
+    per_layer: dict[str, float]
+    seconds: float
+    peak_memory_mb: float
+    device: str
+    # Per block: reconstruction's relative output error (first step, last step) and the score the
+    # permuted N:M groups keep (before, after the permutation).
+    steps: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    # ATP's search: calibration loss per candidate spread (empty when the spread was given).
+    allocation_search: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def achieved(self) -> float:
+        return sum(self.per_layer.values()) / max(len(self.per_layer), 1)
+
+    def stage_record(self) -> dict:
+        return {
+            "stage": "prune",
+            "method": self.config.method,
+            "pattern": str(self.target.pattern),
+            "sparsity": list(self.target.per_block),
+            "options": self.config.options,
+            "allocation": self.config.allocation,
+            "allocation_options": self.config.allocation_options,
+            "reconstruct": self.config.reconstruct,
+            "permute": self.config.permute,
+            "allocation_search": {f"{k:g}": round(v, 6) for k, v in self.allocation_search.items()},
+            "block_steps": {kind: {str(i): [round(a, 6), round(b, 6)] for i, (a, b) in per.items()}
+                            for kind, per in self.steps.items()},
+            "calibration": asdict(self.calibration) if self.calibration else None,
+            "seed": self.calibration.seed if self.calibration else None,
+            "achieved_sparsity": {"mean": self.achieved, "per_layer": self.per_layer},
+            "seconds": round(self.seconds, 3),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "device": self.device,
+        }
+
+
+def prunable_linears(loaded: LoadedModel) -> dict[str, torch.nn.Module]:
+    """Every prunable linear of the model by its full module path."""
+    spec = loaded.spec
+    found = {}
+    for i, block in enumerate(spec.blocks_of(loaded.model)):
+        for name, module in spec.linears(block).items():
+            found[f"{spec.blocks}.{i}.{name}"] = module
+    return found
+
+
+def layer_sparsity(loaded: LoadedModel) -> dict[str, float]:
+    """Achieved sparsity per linear; weights not in memory (a streamed model) are measured as they are written."""
+    return {name: sparsity_of(weight_matrix(m)) for name, m in prunable_linears(loaded).items() if not weight_matrix(m).is_meta}
+
+
+def check_prune(loaded: LoadedModel | None, config: PruneConfig, calib: CalibConfig | None = None):
+    """Every value of a prune request checked against the model's shapes; returns the built method.
+
+    Needs only shapes, so the CLI, recipes and ``prune_streamed`` run it on a weightless (meta)
+    skeleton before any weight is read or any output folder is made. With ``loaded`` None (a recipe
+    stage whose input an earlier stage has yet to write) every check that needs no shapes still runs.
+    """
+    schedule = config.sparsity if isinstance(config.sparsity, (list, tuple)) else [config.sparsity]
+    n_blocks = loaded.spec.num_layers(loaded.model.config) if loaded is not None else len(schedule)
+    cls = method_class(config.method)
+    config.check(calib)
+    method = cls(SparsityTarget.build(config.sparsity, config.pattern, n_blocks), build_options(cls.Options, config.options))
+    for name, module in prunable_linears(loaded).items() if loaded is not None else ():
+        method.target.pattern.check_fits(weight_matrix(module).shape[1], name)
+    if cls.needs_calibration and calib is None:
+        raise UsageError(f"method {config.method} needs calibration data: pass --calib (e.g. wikitext2 or self)")
+    if config.allocation == "owl":
+        build_options(OwlOptions, config.allocation_options)
+        if calib is None:
+            raise UsageError("--allocation owl measures outliers on calibration data: pass --calib")
+    if calib is not None:
+        calib.validate()
+    return method
+
+
+def prune(
+    loaded: LoadedModel,
+    config: PruneConfig,
+    calib: CalibConfig | None = None,
+    engine: EngineOptions | None = None,
+) -> PruneReport:
+    """Prune ``loaded.model`` in place with an unstructured / N:M method, block by block."""
+    engine = engine or EngineOptions()
+    device = engine.torch_device()
+    method = check_prune(loaded, config, calib)
+    cls = type(method)
+    reconstruct = config.check(calib)
+    if reconstruct is not None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise UsageError("--reconstruct runs in one process (its optimiser steps are not shared between ranks); drop --nproc")
+        method.reconstruction = BlockReconstruction(reconstruct)
+    if config.permute:
+        method.permutation = ChannelPermutation(loaded.spec, method.target.pattern)
+        method.splits_by_linear = False  # the permutation spans the MLP's linears: one rank does the block
+    owl = config.allocation == "owl"
+    atp = config.allocation == "atp"
+    owl_options = build_options(OwlOptions, config.allocation_options) if owl else None
+    if owl and calib is None:
+        raise UsageError("--allocation owl measures outliers on calibration data: pass --calib")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    ids = None
+    if calib is not None and (cls.needs_calibration or cls.statistics or owl or atp or reconstruct is not None):
+        ids = calibration_ids(calib, loaded.tokenizer, loaded.model)
+    if owl:
+        method.target = owl_target(loaded.model, loaded.spec, method.target, ids, engine, owl_options)
+    search = {}
+    if atp:
+        options = build_options(AtpOptions, config.allocation_options)
+        method.target, search = atp_target(loaded.model, loaded.spec, method.target, ids, engine, options)
+    run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks")
+    steps = {}
+    if method.reconstruction is not None:
+        steps["reconstruct"] = method.reconstruction.errors
+    if method.permutation is not None:
+        steps["permute"] = method.permutation.kept
+    return PruneReport(
+        config=config,
+        target=method.target,
+        calibration=calib if ids is not None else None,
+        per_layer=layer_sparsity(loaded),
+        seconds=time.perf_counter() - start,
+        peak_memory_mb=peak_memory_mb(device),
+        device=str(device),
+        steps=steps,
+        allocation_search=search,
+    )
+
+
+def prune_streamed(
+    source: str | Path,
+    out: str | Path,
+    config: PruneConfig,
+    calib: CalibConfig | None = None,
+    engine: EngineOptions | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    group: RankGroup | None = None,
+) -> tuple[PruneReport, Path | None]:
+    """``prune`` + ``save`` for a model folder that need not fit in memory: blocks are read from its
+    safetensors shards one at a time and written to OUT's shards as they finish (engine/stream.py).
+
+    A rerun with the same arguments resumes after the last finished block. ``engine.hooks`` (e.g. a
+    multi-process :class:`~secateurs.engine.distributed.DistributedHooks`) keeps its role; only rank 0
+    writes and gets the path back.
+    """
+    engine = engine or EngineOptions()
+    if calib is not None and calib.source == "self":
+        raise UsageError("--calib self generates text with the whole model; pass a dataset with --stream")
+    request = {"config": asdict(config), "calibration": asdict(calib) if calib else None}
+    session = StreamSession(source, out, dtype, request, overwrite, group, engine.hooks)
+    check_prune(session.loaded, config, calib)  # before .OUT.partial exists: a bad request leaves nothing
+    session.open()
+    report = prune(session.loaded, config, calib, replace(engine, hooks=session))
+    report.per_layer = dict(session.per_layer)
+    record = build_record(session.loaded.source, previous_stages(session.folder) + [report.stage_record()])
+    return report, session.finish(record)

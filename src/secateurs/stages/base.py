@@ -1,0 +1,168 @@
+"""One runner for every stage: flags → typed request → checks → load → verb → evaluate → save.
+
+A :class:`Stage` is a small spec: ``parse`` turns its flags (the parameters of that method, each
+annotated with its help) into a :class:`Request` of the typed configs the Python API takes;
+``check_model`` checks them against the model's shapes; ``apply`` calls the API verb; ``rows``
+summarise its report. :func:`check` and :meth:`Stage.execute` do the rest the same way for every
+stage, so the CLI command, a recipe stage and a Python caller of :func:`secateurs.stages.run` all
+produce the same folder, ``secateurs.json`` and summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..api import evaluate_perplexity, save
+from ..data.calib import CalibConfig
+from ..engine.sequential import EngineOptions
+from ..model.load import LoadedModel, load_model, model_bytes
+from ..model.save import check_out, check_output
+from .flags import perplexity_rows, preflight
+
+
+@dataclass
+class Evaluation:
+    """Perplexity measured after a stage (``before``: also before it), shown and recorded in secateurs.json."""
+
+    datasets: list[str] = field(default_factory=list)
+    seq_len: int = 2048
+    limit_windows: int | None = None
+    data_dir: str | None = None
+    device: str = "auto"
+    batch_size: int = 1
+    before: bool = False
+
+    def measure(self, loaded: LoadedModel, label: str = "", key_suffix: str = "") -> tuple[list[list[str]], dict]:
+        if not self.datasets:
+            return [], {}
+        measured = evaluate_perplexity(loaded, self.datasets, self.seq_len, self.limit_windows, self.data_dir,
+                                       self.device, self.batch_size)
+        return perplexity_rows(measured, label, key_suffix)
+
+
+@dataclass
+class Request:
+    """A stage's flags as typed configs: the verb's ``config``, ``calib`` and ``engine``, where it reads
+    and writes, what is measured, and ``options`` only this stage kind has (e.g. prune's ``export``)."""
+
+    stage: Stage
+    model: str
+    config: Any
+    out: str | None = None
+    calib: CalibConfig | None = None
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    dtype: str = "float32"
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    """A summary table; ``notes`` (rich markup) are warnings shown on stderr before it."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """What a stage did, for whoever shows it: tables, the folder written, lines after the tables,
+    and ``failed`` when nothing could be measured (the CLI exits 2)."""
+
+    tables: list[Table]
+    path: Path | None = None
+    footer: list[str] = field(default_factory=list)
+    failed: bool = False
+
+
+class Stage:
+    """One stage kind. Subclasses define ``parse`` (its flags) and the steps below."""
+
+    name: ClassVar[str]
+    produces_model: ClassVar[bool] = True  # writes a model folder (OUT); else a measuring stage
+    reads_shapes: ClassVar[bool] = True  # checks its flags against the model's config (meta skeleton)
+
+    def parse(self, **flags: Any) -> Request:
+        raise NotImplementedError
+
+    def check_files(self, request: Request) -> None:
+        """Outputs other than OUT (checkpoint folders), checked right after OUT."""
+
+    def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
+        """Checks against the model's shapes; ``skeleton`` None when an earlier recipe stage writes it."""
+
+    def apply(self, loaded: LoadedModel, request: Request) -> Any:
+        """Run the API verb in place; returns its report (None: this process does not write)."""
+        raise NotImplementedError
+
+    def head(self, request: Request) -> list[list[str]]:
+        return []
+
+    def rows(self, request: Request, report: Any) -> list[list[str]]:
+        return []
+
+    def records(self, loaded: LoadedModel, request: Request, report: Any) -> tuple[list, list[list[str]]]:
+        """The stages to record (records or reports, see :func:`secateurs.api.save`) and rows they add."""
+        return [report], []
+
+    def finish(self, request: Request) -> None:
+        """After a successful save (e.g. remove training checkpoints)."""
+
+    def title(self, request: Request) -> str:
+        return f"secateurs {self.name}"
+
+    def load(self, request: Request) -> LoadedModel:
+        """The model, loaded only after every check passed."""
+        return load_model(request.model, request.dtype, request.trust_remote_code)
+
+    def execute(self, request: Request) -> Outcome | None:
+        """load → verb → evaluate → save; None on a process that does not write (a distributed rank)."""
+        loaded = self.load(request)
+        check_out(request.out, loaded.local_path, request.overwrite)
+        rows, results = self.head(request), {}
+        evaluation = request.evaluation
+        if evaluation.before:
+            new_rows, new_results = evaluation.measure(loaded, " before", "_before")
+            rows += new_rows
+            results.update(new_results)
+        report = self.apply(loaded, request)
+        if report is None:
+            return None
+        rows += self.rows(request, report)
+        new_rows, new_results = evaluation.measure(loaded, " after" if evaluation.before else "")
+        rows += new_rows
+        results.update(new_results)
+        stages, more = self.records(loaded, request, report)
+        path = save(loaded, request.out, stages, results, request.overwrite)
+        self.finish(request)
+        rows += more + [["saved to", str(path)]]
+        return Outcome([Table(self.title(request), ["", "value"], rows)], path)
+
+
+def check(request: Request, pending: frozenset[str] | None = None) -> None:
+    """Everything that can be known before the weights load: OUT, other outputs, the model's shapes.
+
+    ``pending`` (a recipe being planned): models earlier stages will write, checked without a model;
+    OUT may exist then, since the runner removes a stage's old output before it reruns the stage.
+    """
+    stage = request.stage
+    planning = pending is not None
+    pending = pending or frozenset()
+    if stage.produces_model:
+        size = None if request.model in pending else model_bytes(request.model, request.dtype)
+        check_output(request.out, request.model, request.overwrite or planning, size)
+    stage.check_files(request)
+    skeleton = preflight(request.model, request.trust_remote_code, pending) if stage.reads_shapes else None
+    stage.check_model(request, skeleton)
+
+
+def run(request: Request) -> Outcome | None:
+    """Check, then execute: what ``secateurs <stage>`` does after parsing its flags."""
+    check(request)
+    return request.stage.execute(request)

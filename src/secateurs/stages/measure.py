@@ -1,0 +1,188 @@
+"""The measuring stages: ``eval`` (perplexity and zero-shot accuracy) and ``bench`` (speed and
+memory). They read a model and write only their results (``--json``), never a model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+
+from ..api import bench, evaluate_perplexity
+from ..errors import UsageError
+from ..evaluate.speed import SpeedConfig
+from ..evaluate.zeroshot import PAPER_TASKS, ZeroShot, check_tasks, zero_shot
+from ..files import write_atomic
+from ..model.load import LoadedModel
+from ..model.save import write_output_file
+from .base import Evaluation, Outcome, Request, Stage, Table
+from .flags import BatchSize, DataDir, Device, Dtype, Help, LimitWindows, TrustRemoteCode, check_at_least, check_context
+from .flags import check_eval_flags, check_json_out, csv_list, parse_ints
+
+
+@dataclass
+class ZeroShotRequest:
+    """Which lm-eval tasks to score, on the first ``limit`` documents of each (None: all)."""
+
+    tasks: list[str]
+    limit: int | None = None
+
+
+class EvalStage(Stage):
+    name = "eval"
+    produces_model = False
+
+    def parse(
+        self,
+        model: Annotated[str, Help("HF folder (e.g. a secateurs OUT), hub id, .gguf file, or smollm2-135m.", argument=True)],
+        ppl: Annotated[
+            str | None,
+            Help("Datasets, comma-separated: wikitext2, ptb, c4, or .txt/.jsonl paths. Default wikitext2, none with --tasks."),
+        ] = None,
+        tasks: Annotated[str | None, Help(f"Zero-shot lm-eval tasks, comma-separated, e.g. {','.join(PAPER_TASKS)}.")] = None,
+        limit: Annotated[int | None, Help("Score only the first N documents of each zero-shot task.")] = None,
+        seq_len: Annotated[int, Help("Window length (papers use 2048 or the model's context).")] = 2048,
+        limit_windows: LimitWindows = None,
+        data_dir: DataDir = None,
+        device: Device = "auto",
+        dtype: Dtype = "float32",
+        batch_size: BatchSize = 1,
+        json_out: Annotated[str | None, Help("Also write the results to this JSON file.", ("--json",))] = None,
+        trust_remote_code: TrustRemoteCode = False,
+    ) -> Request:
+        """Measure perplexity (non-overlapping windows over the joined test split) and zero-shot accuracy."""
+        task_names = csv_list(tasks)
+        if tasks is not None and not task_names:
+            raise UsageError(f"--tasks needs at least one task, e.g. --tasks {','.join(PAPER_TASKS)}")
+        datasets = csv_list(ppl) if ppl is not None else [] if task_names else ["wikitext2"]
+        if ppl is not None and not datasets:
+            raise UsageError("--ppl needs at least one dataset, e.g. --ppl wikitext2")
+        check_eval_flags(datasets, limit_windows, seq_len, "--seq-len")
+        check_at_least(1, batch_size=batch_size)
+        if task_names:
+            check_tasks(task_names, limit)
+        check_json_out(json_out)
+        return Request(self, model, ZeroShotRequest(task_names, limit),
+                       evaluation=Evaluation(datasets, seq_len, limit_windows, data_dir, device, batch_size),
+                       dtype=dtype, trust_remote_code=trust_remote_code, options={"json_out": json_out})
+
+    def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
+        check_context(skeleton, seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
+
+    def execute(self, request: Request) -> Outcome:
+        """Perplexity and zero-shot scores, shown as tables and written to ``--json``."""
+        ev, model = request.evaluation, request.model
+        loaded = self.load(request)
+        results = evaluate_perplexity(loaded, ev.datasets, ev.seq_len, ev.limit_windows, ev.data_dir, ev.device, ev.batch_size)
+        tasks = request.config
+        scores = zero_shot(loaded, tasks.tasks, tasks.limit, ev.data_dir, ev.device, ev.batch_size) if tasks.tasks else None
+        tables, notes, rows = [], [], []
+        for name, value in results.items():
+            if isinstance(value, str):
+                notes.append(f"[yellow]{name}:[/] {value}")
+                rows.append([name, "unavailable", "", ""])
+            else:
+                rows.append([name, f"{value.ppl:.3f}", str(value.windows), str(value.seq_len)])
+        if rows:
+            tables.append(Table(f"perplexity of {model}", ["dataset", "ppl", "windows", "seq_len"], rows, notes))
+        if scores is not None:
+            tables.append(_zero_shot_table(model, scores))
+        json_out = request.options["json_out"]
+        if json_out:
+            payload = {k: (v if isinstance(v, str) else v.to_dict()) for k, v in results.items()}
+            document = {"model": model, "perplexity": payload}
+            if scores is not None:
+                document["zeroshot"] = scores.to_dict()
+            write_output_file(json_out, json.dumps(document, indent=2) + "\n", "--json")
+        failed = all(isinstance(v, str) for v in results.values()) and (scores is None or not scores.results)
+        return Outcome(tables, failed=failed)
+
+
+def _zero_shot_table(model: str, scores: ZeroShot) -> Table:
+    notes = [f"[yellow]{reason}[/]" for reason in scores.unavailable.values()]
+    rows = [[name, f"{r.acc:.4f}", "" if r.acc_norm is None else f"{r.acc_norm:.4f}", str(r.samples), r.source]
+            for name, r in scores.results.items()]
+    rows += [[name, "unavailable", "", "", ""] for name in scores.unavailable]
+    if scores.mean_acc is not None:
+        rows.append(["mean", f"{scores.mean_acc:.4f}", "", "", ""])
+    title = f"zero-shot accuracy of {model} (lm-eval {scores.lm_eval_version}" + (
+        f", first {scores.limit} documents)" if scores.limit else ")")
+    return Table(title, ["task", "acc", "acc_norm", "n", "data"], rows, notes)
+
+
+class BenchStage(Stage):
+    name = "bench"
+    produces_model = False
+    reads_shapes = False
+
+    def parse(
+        self,
+        model: Annotated[str, Help("The (pruned) model: HF folder, sparse export, hub id, .gguf, or smollm2-135m.", argument=True)],
+        baseline: Annotated[str | None, Help("Dense model to compare against, measured in the same run.")] = None,
+        sparse: Annotated[
+            bool, Help("Also run MODEL with its pruned linears swapped for sparse kernels (2:4 / bitmap).")
+        ] = True,
+        min_sparsity: Annotated[float, Help("Unstructured linears below this sparsity stay dense.")] = 0.5,
+        device: Device = "auto",
+        dtype: Annotated[str, Help("auto (float16 on CUDA, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
+        prompt_lengths: Annotated[str, Help("Prefill prompt lengths, comma-separated.")] = "128,512,2048",
+        batches: Annotated[str, Help("Decode batch sizes, comma-separated.")] = "1,8",
+        new_tokens: Annotated[int, Help("Greedy decode steps timed per batch size.")] = 64,
+        warmup: Annotated[int, Help("Untimed runs before each measurement.")] = 2,
+        repeats: Annotated[int, Help("Timed runs; the median is reported.")] = 5,
+        seed: Annotated[int, Help("Seed of the random prompt ids.")] = 0,
+        cuda_graphs: Annotated[bool, Help("Replay the decode step as a CUDA graph (CUDA only; off = eager).")] = True,
+        decode_methods: Annotated[str, Help(
+            "Decode methods timed on CUDA, fastest reported: cuda-graph (static cache, step in a CUDA graph), "
+            "compile (the step through torch.compile, then a CUDA graph).")] = "cuda-graph,compile",
+        json_out: Annotated[str | None, Help("Also write every number to this JSON file.", ("--json",))] = None,
+    ) -> Request:
+        """Measure speed and memory: dense vs pruned vs pruned-on-sparse-kernels, as ratios to the first."""
+        config = SpeedConfig(parse_ints(prompt_lengths, "--prompt-lengths"), parse_ints(batches, "--batches"),
+                             new_tokens=new_tokens, warmup=warmup, repeats=repeats, seed=seed, cuda_graphs=cuda_graphs,
+                             decode_methods=tuple(csv_list(decode_methods)))
+        config.check()
+        check_json_out(json_out)
+        return Request(self, model, config, dtype=dtype, evaluation=Evaluation(device=device),
+                       options={"baseline": baseline, "sparse": sparse, "min_sparsity": min_sparsity, "json_out": json_out})
+
+    def execute(self, request: Request) -> Outcome:
+        """The models side by side in one run, as ratios to the first; every number written to ``--json``."""
+        options, config = request.options, request.config
+        report = bench(request.model, options["baseline"], sparse=options["sparse"], min_sparsity=options["min_sparsity"],
+                       device=request.evaluation.device, dtype=request.dtype, config=config)
+        results = report["results"]
+        first = results[0]
+        columns = ["", *[r["label"] for r in results], *[f"{r['label']} / {first['label']}" for r in results[1:]]]
+        rows: list[list[str]] = []
+
+        def add(name: str, values: list, ratio_values: list, fmt: str = "{:.1f}") -> None:
+            cells = [fmt.format(v) if v is not None else "n/a" for v in values]
+            rows.append([name, *cells, *[f"{v:.2f}x" if v is not None else "n/a" for v in ratio_values]])
+
+        for length in config.prompt_lengths:
+            add(f"prefill {length} tok (ms)", [r["prefill_ms"][length] for r in results],
+                [first["prefill_ms"][length] / r["prefill_ms"][length] for r in results[1:]])
+        for length in config.prompt_lengths:
+            add(f"time to first token {length} (ms)", [r["ttft_ms"][length] for r in results],
+                [first["ttft_ms"][length] / r["ttft_ms"][length] for r in results[1:]])
+        for batch in config.decode_batches:
+            add(f"decode batch {batch} (tok/s)", [r["decode_tokens_per_s"][batch] for r in results],
+                [r["decode_tokens_per_s"][batch] / first["decode_tokens_per_s"][batch] for r in results[1:]])
+        for key, name in (("weight_mib", "weights stored (MiB)"), ("extra_mib", "run-time copies (MiB)"),
+                          ("peak_mib", "peak memory (MiB)"), ("checkpoint_mib", "checkpoint (MiB)")):
+            values = [r[key] for r in results]
+            add(name, values, [v / first[key] if v is not None and first[key] else None for v in values[1:]], "{:.0f}")
+        modes = "; ".join(f"{r['label']}: {r['decode_mode']}" for r in results)
+        title = f"secateurs bench on {report['device']} ({report['dtype']}; decode by {modes})"
+        notes = [f"[yellow]note:[/] {note}" for note in report["notes"]]
+        footer = []
+        json_out = options["json_out"]
+        if json_out:
+            write_atomic(Path(json_out), json.dumps(report, indent=2, default=str) + "\n")
+            footer.append(f"saved {json_out}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return Outcome([Table(title, columns, rows, notes)], footer=footer)
