@@ -1,6 +1,7 @@
 """The one training loop: a run stopped mid-way and resumed from its checkpoint ends with the very
-weights, losses and batch-source state of the run that was never stopped (plain LM training with
-gradient accumulation, and shearing's mask learning with its hook and dynamic batch loading)."""
+weights, losses and batch-source state of the run that was never stopped: plain LM training with
+gradient accumulation, shearing's mask learning (its hook and dynamic batch loading) and LoRAPrune
+(its pruning state)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from secateurs.recover.checkpoint import read_checkpoint
+from secateurs.recover.lora import RecoverConfig
+from secateurs.recover.loraprune import LoRAPruneConfig, LoRAPruneHook, loraprune
 from secateurs.recover.train import SeededWindows, TrainHook, TrainPlan, train
 from secateurs.structured.shearing import ShearConfig, ShearTarget, shear
 from secateurs.structured.shearing.driver import ShearTraining
@@ -93,5 +96,37 @@ def test_shearing_resumes_mid_mask_learning(tmp_path, monkeypatch):
     assert report.prune_log.domain_weights == reference.prune_log.domain_weights
     assert len(reference.prune_log.domain_weights) == 2 and reference.prune_log.domain_weights[-1][1] < 0.5  # weights moved
     assert report.kept == reference.kept and report.continue_log.losses == reference.continue_log.losses
+    for a_param, b_param in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a_param, b_param)
+
+
+@pytest.mark.parametrize("target", ["both", "unstructured"])
+def test_loraprune_resumes_its_pruning_state(target, tmp_path, monkeypatch):
+    """LoRAPrune's hook state (moving-average scores, live groups or masks) travels in the checkpoint."""
+    text = tmp_path / "train.txt"
+    rng = random.Random(0)
+    text.write_text(" ".join(rng.choice("the quick brown fox jumps over the lazy dog".split()) for _ in range(3000)))
+
+    def run(folder: Path | None):
+        loaded = tiny_model("llama")
+        config = RecoverConfig(steps=6, lr=1e-2, seq_len=32, batch_size=2, data=str(text), warmup_steps=0,
+                               checkpoint_dir=str(folder) if folder else None, save_every=2)
+        return loraprune(loaded, LoRAPruneConfig(0.5, target, 0, 0, prune_every=2), config, CPU), loaded
+
+    reference, straight = run(None)
+    after_backward = LoRAPruneHook.after_backward
+
+    def stop_at_three(self, step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+        after_backward(self, step)
+
+    monkeypatch.setattr(LoRAPruneHook, "after_backward", stop_at_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "ckpt")
+    monkeypatch.setattr(LoRAPruneHook, "after_backward", after_backward)
+    report, resumed = run(tmp_path / "ckpt")
+    assert report.log.resumed_from == 2 and report.log.losses == reference.log.losses
+    assert report.stage_record().get("groups_removed") == reference.stage_record().get("groups_removed")
     for a_param, b_param in zip(resumed.model.parameters(), straight.model.parameters()):
         assert torch.equal(a_param, b_param)
