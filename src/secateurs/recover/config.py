@@ -12,7 +12,7 @@ from .train import PRECISIONS
 
 @dataclass
 class RecoverConfig:
-    """How to train the adapters. Defaults: LLM-Pruner's post-training recipe (see the module doc).
+    """How to train the adapters. Defaults: LLM-Pruner's post-training recipe (see :mod:`.lora`).
 
     ``batch_size`` sequences per micro-batch, ``grad_accum`` micro-batches per optimizer step
     (LLM-Pruner: 4 × 16 = 64; the default here is 4 × 1 so that a short schedule still takes
