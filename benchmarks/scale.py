@@ -18,7 +18,7 @@ vocabulary 128256) written as safetensors shards for a subset of its 80 layers, 
 tokens, each in its own subprocess: seconds per layer, peak host RSS, peak GPU memory, and the time
 extrapolated to 80 layers::
 
-    SECATEURS_DATA=shared/data python benchmarks/scale.py --part stream --layers 6,12
+    SECATEURS_DATA=shared/data python benchmarks/scale.py --part stream --layers 2,4 --overlap on,off
 
 ``--shape tiny --device cpu`` runs either part on a toy shape, to check the script itself.
 """
@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def part_compare(_args) -> None:
     (RESULTS / "scale_compare.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
-def write_random_model(folder: Path, shape: str, layers: int, tokenizer: str | None) -> Path:
+def write_random_model(folder: Path, shape: str, layers: int, tokenizer: str | None, device: str = "cpu") -> Path:
     """Random fp16 shards for ``layers`` layers of ``shape``, one shard per block, plus a tokenizer.
 
     The tokenizer is SmolLM2's (from the packaged GGUF) unless ``tokenizer`` names a folder holding one,
@@ -139,20 +140,32 @@ def write_random_model(folder: Path, shape: str, layers: int, tokenizer: str | N
     from secateurs.model.load import _shortcut_folder, _try_tokenizer
 
     if not (folder / "model.safetensors.index.json").is_file():
-        random_llama_folder(folder, llama_config(shape, layers), torch.float16)
+        random_llama_folder(folder, llama_config(shape, layers), torch.float16, device=device)
         _try_tokenizer(Path(tokenizer) if tokenizer else _shortcut_folder("smollm2-135m")).save_pretrained(folder)
     return folder
 
 
 STREAM_CHILD = """
-import json, sys, time, torch
+import importlib, importlib.util, json, sys, time, torch
 sys.path.insert(0, sys.argv[5])
 from scale import peak_rss_mib
 from secateurs.api import PruneConfig, prune_streamed
 from secateurs.data.calib import CalibConfig
 from secateurs.engine.sequential import EngineOptions
-folder, out, method, device, _, n, seq = sys.argv[1:8]  # argv[8]: "1" keeps activations in host memory
-engine = EngineOptions(device=device, offload_activations=sys.argv[8] == "1")
+from secateurs.engine.stream import StreamSession
+folder, out, method, device, _, n, seq, offload, overlap = sys.argv[1:10]
+
+
+class Session(StreamSession):  # the same session with its background reader and writer on or off
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, overlap=overlap == "1")
+
+
+for name in ("secateurs.api", "secateurs.sparsity.prune"):  # wherever prune_streamed finds the class
+    module = importlib.import_module(name) if importlib.util.find_spec(name) else None
+    if hasattr(module, "StreamSession"):
+        module.StreamSession = Session
+engine = EngineOptions(device=device, offload_activations=offload == "1")
 start = time.perf_counter()
 report, _ = prune_streamed(folder, out, PruneConfig(method, 0.5), CalibConfig("wikitext2", int(n), int(seq), 0), engine,
                            "float16" if device.startswith("cuda") else "float32")
@@ -164,38 +177,113 @@ print(json.dumps({"seconds": time.perf_counter() - start, "stages": engine.stage
 
 def part_stream(args) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="secateurs-scale-"))
+    total_layers = SHAPES[args.shape]["num_hidden_layers"]
+    result = RESULTS / f"scale_stream_{args.shape}{args.tag}.json"
     rows = []
     for layers in [int(x) for x in args.layers.split(",")]:
-        folder = write_random_model(work / f"{args.shape}-{layers}", args.shape, layers, args.tokenizer)
-        for method in args.methods.split(","):
-            out = work / f"out-{method}-{layers}"
-            command = [sys.executable, "-c", STREAM_CHILD, str(folder), str(out), method, args.device,
-                       str(Path(__file__).parent), str(args.n_samples), str(args.seq_len), str(int(args.offload_activations))]
-            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False, env=os.environ)
-            if done.returncode:
-                raise SystemExit(f"{method} on {layers} layers failed (its stderr is above)")
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            total_layers = SHAPES[args.shape]["num_hidden_layers"]
-            r.update(method=method, layers=layers, offload_activations=args.offload_activations, per_layer_s=r["seconds"] / layers,
-                     extrapolated_full_min=r["seconds"] / layers * total_layers / 60)
-            rows.append(r)
-            print(f"{method} {layers} layers: {r['per_layer_s']:.1f} s/layer, peak GPU {r['peak_gpu_gib']} GiB, "
-                  f"RSS {r['peak_rss_mib']:.0f} MiB, {total_layers} layers ≈ {r['extrapolated_full_min']:.1f} min", flush=True)
-    # Fixed costs (start-up, capture, the last shard) cancel in the difference between two depths.
-    for method in ("wanda", "sparsegpt"):
-        runs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["layers"])
-        if len(runs) > 1 and runs[-1]["layers"] > runs[0]["layers"]:
-            marginal = (runs[-1]["seconds"] - runs[0]["seconds"]) / (runs[-1]["layers"] - runs[0]["layers"])
-            full = runs[0]["seconds"] + marginal * (SHAPES[args.shape]["num_hidden_layers"] - runs[0]["layers"])
-            print(f"{method}: marginal {marginal:.1f} s/layer, full model ≈ {full / 60:.1f} min")
-            runs[-1].update(marginal_s_per_layer=marginal, extrapolated_full_min=full / 60)
+        start = time.perf_counter()
+        folder = write_random_model(work / f"{args.shape}-{layers}", args.shape, layers, args.tokenizer, args.device)
+        print(f"{layers}-layer random model ready in {time.perf_counter() - start:.0f} s", flush=True)
+        for overlap in args.overlap.split(","):
+            for method in args.methods.split(","):
+                out = work / f"out-{method}-{layers}"
+                command = [sys.executable, "-c", STREAM_CHILD, str(folder), str(out), method, args.device,
+                           str(Path(__file__).parent), str(args.n_samples), str(args.seq_len),
+                           str(int(args.offload_activations)), str(int(overlap == "on"))]
+                done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False, env=os.environ)
+                shutil.rmtree(out, ignore_errors=True)  # the disk holds the inputs, not every output
+                if done.returncode:
+                    raise SystemExit(f"{method} on {layers} layers failed (its stderr is above)")
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                r.update(method=method, layers=layers, overlap=overlap == "on", offload_activations=args.offload_activations,
+                         per_layer_s=r["seconds"] / layers, stages_per_layer={k: v / layers for k, v in r["stages"].items()})
+                rows.append(r)
+                print(f"{method} overlap {overlap}, {layers} layers: {r['seconds']:.1f} s, {r['per_layer_s']:.1f} s/layer, "
+                      f"peak GPU {r['peak_gpu_gib']} GiB, RSS {r['peak_rss_mib']:.0f} MiB, stages/layer "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_per_layer"].items()), flush=True)
+                _extrapolate(rows, total_layers, (method, overlap == "on"))
+                RESULTS.mkdir(exist_ok=True)
+                result.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _extrapolate(rows: list[dict], total_layers: int, key: tuple[str, bool]) -> None:
+    """Fixed costs (start-up, capture, the last shard) cancel in the difference between two depths:
+    the shallowest run plus the marginal seconds per layer for the remaining layers."""
+    runs = sorted((r for r in rows if (r["method"], r["overlap"]) == key), key=lambda r: r["layers"])
+    if len(runs) > 1 and runs[-1]["layers"] > runs[0]["layers"]:
+        marginal = (runs[-1]["seconds"] - runs[0]["seconds"]) / (runs[-1]["layers"] - runs[0]["layers"])
+        full = runs[0]["seconds"] + marginal * (total_layers - runs[0]["layers"])
+        runs[-1].update(marginal_s_per_layer=marginal, extrapolated_full_min=full / 60)
+        print(f"{key[0]} overlap {'on' if key[1] else 'off'}: marginal {marginal:.1f} s/layer, "
+              f"{total_layers} layers ≈ {full / 60:.1f} min", flush=True)
+
+
+def part_solve(args) -> None:
+    """SparseGPT's solve of one 70B-shape block (the seven linears, random weights, Hessians of 8192
+    random tokens): peak GPU memory above the block and its statistics, seconds, and, with
+    ``--before FILE`` (an older sparsegpt.py, e.g. ``git show 7ba190b:src/secateurs/sparsity/sparsegpt.py``),
+    the same for that version and whether the pruned weights are bit for bit equal."""
+    import importlib.util
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    import secateurs.sparsity.sparsegpt as current
+    from secateurs.engine.stats import Hessian
+    from secateurs.sparsity.base import SparsityTarget
+
+    versions = {"current": current}
+    if args.before:
+        spec = importlib.util.spec_from_file_location("secateurs.sparsity._sparsegpt_before", args.before)
+        versions["before"] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = versions["before"]
+        spec.loader.exec_module(versions["before"])
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    config = llama_config(args.shape)
+    torch.manual_seed(0)
+    with device:
+        block = LlamaDecoderLayer(config, 0).to(dtype)
+    for param in block.parameters():
+        param.data.normal_(0, 0.02)
+    feeds = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn", "self_attn.o_proj": "o",
+             "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "down"}
+    linears = {name: block.get_submodule(name) for name in feeds}
+    generator = torch.Generator(device).manual_seed(1)
+    widths = {"attn": config.hidden_size, "o": config.hidden_size, "mlp": config.hidden_size, "down": config.intermediate_size}
+    inputs = {k: torch.randn(args.tokens, w, device=device, generator=generator).to(dtype) for k, w in widths.items()}
+    dense = {name: module.weight.detach().clone() for name, module in linears.items()}
+    rows, pruned = [], {}
+    for label in [v for v in versions for _ in range(2)]:  # each twice: the first also warms up
+        for name, module in linears.items():
+            module.weight.data.copy_(dense[name])
+        stats = {}
+        for name, feed in feeds.items():
+            stats[name] = {"hessian": Hessian(widths[feed], device)}
+            stats[name]["hessian"].update(inputs[feed])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        start = time.perf_counter()
+        versions[label].SparseGPT(SparsityTarget.build(0.5, "unstructured", 1)).process_block(0, block, linears, stats)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else None
+        rows.append({"version": label, "seconds": time.perf_counter() - start, "solve_peak_above_block_and_stats_gib": peak})
+        print(rows[-1], flush=True)
+        pruned[label] = {name: module.weight.detach().clone() for name, module in linears.items()}
+        del stats
+    out = {"shape": args.shape, "tokens": args.tokens, "runs": rows}
+    if "before" in pruned:
+        out["weights_equal_to_before"] = all(torch.equal(pruned["before"][n], pruned["current"][n]) for n in feeds)
+        print("pruned weights equal to the earlier version:", out["weights_equal_to_before"])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"scale_stream_{args.shape}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / f"scale_solve_{args.shape}{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("ranks", "compare", "stream"), required=True)
+    parser.add_argument("--part", choices=("ranks", "compare", "stream", "solve"), required=True)
     parser.add_argument("--shape", choices=tuple(SHAPES), default=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", default="6,12")
@@ -203,11 +291,15 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--offload-activations", action="store_true", help="keep calibration activations in host memory")
+    parser.add_argument("--overlap", default="on", help="on, off or on,off: background shard reads and writes (--part stream)")
+    parser.add_argument("--before", default=None, help="an earlier sparsegpt.py to compare with (--part solve)")
+    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens of the Hessians (--part solve)")
+    parser.add_argument("--tag", default="", help="suffix of the results file name (--part stream)")
     parser.add_argument("--tokenizer", default=None, help="folder with a tokenizer (default: SmolLM2's)")
     parser.add_argument("--work", default=None, help="scratch folder for the streamed shards")
     args = parser.parse_args()
-    args.shape = args.shape or ("llama3-70b" if args.part == "stream" else "llama2-7b")
-    {"ranks": part_ranks, "compare": part_compare, "stream": part_stream}[args.part](args)
+    args.shape = args.shape or ("llama3-70b" if args.part in ("stream", "solve") else "llama2-7b")
+    {"ranks": part_ranks, "compare": part_compare, "stream": part_stream, "solve": part_solve}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -70,9 +70,10 @@ def random_llama(folder: Path, layers: int) -> Path:
     return random_llama_folder(folder, config, torch.bfloat16)
 
 
-def random_llama_folder(folder: Path, config, dtype: torch.dtype, seed: int = 0) -> Path:
+def random_llama_folder(folder: Path, config, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> Path:
     """Write a random-weight model of ``config`` as one safetensors shard per block (plus one for the
-    rest) with its index, never holding more than one block; reused by benchmarks/scale.py."""
+    rest) with its index, never holding more than one block; reused by benchmarks/scale.py, which
+    draws the numbers on the GPU (``device``): a 70B-shape block takes seconds there, minutes on a CPU."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -83,7 +84,7 @@ def random_llama_folder(folder: Path, config, dtype: torch.dtype, seed: int = 0)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".random-llama-", dir=folder.parent))
     config.save_pretrained(tmp)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
     groups: dict[str, list[str]] = {}
     for key in shapes:
@@ -97,7 +98,7 @@ def random_llama_folder(folder: Path, config, dtype: torch.dtype, seed: int = 0)
             if key.endswith("norm.weight"):
                 tensors[key] = torch.ones(shapes[key], dtype=dtype)
             else:
-                tensors[key] = (torch.randn(shapes[key], generator=generator) * 0.02).to(dtype)
+                tensors[key] = (torch.randn(shapes[key], generator=generator, device=device) * 0.02).to(dtype).cpu()
             weight_map[key] = file
             total += tensors[key].numel() * tensors[key].element_size()
         save_file(tensors, tmp / file, metadata={"format": "pt"})

@@ -99,6 +99,12 @@ class Hessian(Accumulator):
     def matrix(self) -> torch.Tensor:
         return self.xtx * (2.0 / max(self.n_tokens, 1))
 
+    def release_matrix(self) -> torch.Tensor:
+        """:meth:`matrix` computed in place, for a caller that consumes it: the accumulator gives up
+        its sums, so a 28,672-wide Hessian costs one in×in buffer instead of two."""
+        xtx, self.xtx = self.xtx, torch.empty(0, device=self.xtx.device)
+        return xtx.mul_(2.0 / max(self.n_tokens, 1))
+
 
 class InputMean(Accumulator):
     """Σ over tokens of x per input feature (means, e.g. for bias compensation)."""

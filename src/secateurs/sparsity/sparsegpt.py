@@ -16,6 +16,12 @@ What is unique here and not in the reference code:
   lowest scores, so they are pruned first, without an update, but never beyond the sparsity budget.
 - A Cholesky failure retries with ten times the damping, up to ``retries`` times.
 All Hessian and update math is float32 whatever the model dtype.
+
+Memory (what sets the peak on a 70B block, where the down projection's Hessian is 28,672² float32,
+3.1 GiB): each group's Hessian is taken out of the block's statistics as it is solved, scaled in
+place and released once its Cholesky factor exists, so at most one in×in matrix of another group
+(the down projection's sums) lives beside the solve, and the solve itself holds at most the factor
+and the inverse the linear-algebra library builds from it (see :func:`inverse_cholesky`).
 """
 
 from __future__ import annotations
@@ -67,11 +73,14 @@ class SparseGPT(SparsityMethod):
             stacked = torch.cat([w.to(torch.float32) for w in weights])
             rows = [w.shape[0] for w in weights]
             where = f"block {index} {'/'.join(names)}"
-            pruned = reconstruct(
-                stacked, stats[names[0]]["hessian"].matrix(), sparsity, self.target.pattern, self.options, rows, where
-            )
+            # The group's accumulators leave the statistics here: nothing reads them after the solve,
+            # and the solve consumes the (in-place scaled) matrix, so its memory goes with it.
+            hessian = [stats[name].pop("hessian") for name in names][0].release_matrix()
+            pruned = reconstruct(stacked, hessian, sparsity, self.target.pattern, self.options, rows, where)
+            del hessian
             for weight, part in zip(weights, pruned.split(rows), strict=True):
                 weight.copy_(part)
+            del stacked, pruned
 
 
 def shared_hessian_groups(stats: Stats) -> list[list[str]]:
@@ -92,23 +101,29 @@ def shared_hessian_groups(stats: Stats) -> list[list[str]]:
 def inverse_cholesky(hessian: torch.Tensor, options: SparseGPTOptions, where: str) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean diag(H), raised ×10 on failure.
 
-    Each intermediate (damped H, its factor, the inverse) is freed as soon as the next exists, so at
-    most two in×in float32 matrices live beside H: for a 7B down projection (in = 11008) that is the
-    difference between ~1.4 and ~2.7 GiB on top of the model at the solve's peak.
+    ``hessian`` is consumed: it is damped in place (its diagonal is rewritten exactly before a retry,
+    so a retry sees H + 10λI as if from a fresh copy) and its storage is released as soon as its
+    factor exists. The factor is kept until the inverse's factor exists (a retry after that stage
+    rebuilds H from it), so three in×in float32 matrices are alive at the peak, counting the working
+    copy the library makes inside ``cholesky_inverse``; a 70B down projection (in = 28,672) needs
+    9.2 GiB, where a copy of H for damping and one for scaling made it five matrices, 15.3 GiB.
+    The operations and their order are the plain version's, so the factor is bit for bit the same.
     """
-    damp = options.dampening * hessian.diagonal().mean()
+    diagonal = hessian.diagonal().clone()
+    damp = options.dampening * diagonal.mean()
     for _ in range(options.retries + 1):
-        damped = hessian.clone()
-        damped.diagonal().add_(damp)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        hessian.diagonal().copy_(diagonal + damp)
+        lower, info = torch.linalg.cholesky_ex(hessian)
         if info == 0:
+            hessian.set_()  # H itself is no longer needed, whoever else still names it
             inverse = torch.cholesky_inverse(lower)
-            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper
+            del upper
+            hessian = lower @ lower.mT  # H + λI again, up to rounding, for the retry
+        del lower
         damp = damp * 10
     raise NumericalError(
         f"{where}: the Hessian is not positive definite even with damping {float(damp) / 10:.3g}; "
