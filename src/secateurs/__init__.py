@@ -1,11 +1,11 @@
 """secateurs: prune large language models and measure honestly what it cost and what it won."""
 
 from .api import PruneConfig, PruneReport, evaluate_perplexity, loraprune, prune, prune_iterative, recover, save, shear, width
-from .api import drop_layers_streamed, prune_streamed
+from .api import drop_layers_streamed, prune_layers, prune_streamed
 from .recover.lora import RecoverConfig, RecoverReport
 from .recover.loraprune import LoRAPruneConfig
 from .data.calib import CalibConfig
-from .depth.prune import LayerConfig, LayerReport, prune_layers
+from .depth.prune import LayerConfig, LayerReport
 from .engine.sequential import EngineOptions
 from .errors import NumericalError, SecateursError, UsageError
 from .recipe import run
