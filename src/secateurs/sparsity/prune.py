@@ -118,12 +118,7 @@ class PruneReport:
 
 def prunable_linears(loaded: LoadedModel) -> dict[str, torch.nn.Module]:
     """Every prunable linear of the model by its full module path."""
-    spec = loaded.spec
-    found = {}
-    for i, block in enumerate(spec.blocks_of(loaded.model)):
-        for name, module in spec.linears(block).items():
-            found[f"{spec.blocks}.{i}.{name}"] = module
-    return found
+    return loaded.spec.named_linears(loaded.model)
 
 
 def layer_sparsity(loaded: LoadedModel) -> dict[str, float]:
