@@ -33,7 +33,7 @@ from .structured.base import WidthConfig, WidthReport, prune_width
 from .structured.shearing import ShearConfig, ShearReport, shear as _shear
 
 __all__ = [
-    "PruneConfig", "PruneReport", "as_engine", "bench", "check_prune", "drop_layers_streamed", "evaluate_perplexity",
+    "PruneConfig", "PruneReport", "as_calib", "as_engine", "bench", "check_prune", "drop_layers_streamed", "evaluate_perplexity",
     "export_sparse", "layer_sparsity", "loraprune", "prunable_linears", "prune", "prune_iterative", "prune_layers",
     "prune_streamed", "recover", "report_files", "save", "shear", "width",
 ]
@@ -46,14 +46,20 @@ def as_engine(engine: EngineOptions | str | None) -> EngineOptions:
     return EngineOptions(device=engine or "auto")
 
 
+def as_calib(calib: CalibConfig | str | None) -> CalibConfig | None:
+    """Calibration the same way for every verb: a :class:`CalibConfig`, a source name (the papers'
+    128 × 2048 tokens of it; width methods use their own paper sizes, see :func:`width`), or None."""
+    return CalibConfig(calib) if isinstance(calib, str) else calib
+
+
 def prune(
     loaded: LoadedModel,
     config: PruneConfig,
-    calib: CalibConfig | None = None,
+    calib: CalibConfig | str | None = None,
     engine: EngineOptions | str | None = None,
 ) -> PruneReport:
     """Prune ``loaded.model`` in place with an unstructured / N:M method, block by block (sparsity/prune.py)."""
-    return _prune(loaded, config, calib, as_engine(engine))
+    return _prune(loaded, config, as_calib(calib), as_engine(engine))
 
 
 def drop_layers_streamed(
@@ -89,12 +95,12 @@ def width(
 def prune_layers(
     loaded: LoadedModel,
     config: LayerConfig,
-    calib: CalibConfig | None = None,
+    calib: CalibConfig | str | None = None,
     engine: EngineOptions | str | None = None,
 ) -> LayerReport:
     """Remove ``config.remove`` whole decoder layers chosen by a criterion, in place; ``calib`` None
     is the papers' 128 × 2048 tokens of wikitext2 (the CLI's default). See ``secateurs.depth``."""
-    return _prune_layers(loaded, config, calib or CalibConfig(), as_engine(engine))
+    return _prune_layers(loaded, config, as_calib(calib) or CalibConfig(), as_engine(engine))
 
 
 def recover(
@@ -131,11 +137,11 @@ def prune_iterative(
     config: PruneConfig,
     rounds: int,
     recover_config: RecoverConfig,
-    calib: CalibConfig | None = None,
+    calib: CalibConfig | str | None = None,
     engine: EngineOptions | str | None = None,
 ) -> IterativeReport:
     """Reach ``config``'s sparsity in ``rounds`` one-shot prunes, each followed by a LoRA recovery."""
-    return _prune_iterative(loaded, config, rounds, recover_config, calib, as_engine(engine))
+    return _prune_iterative(loaded, config, rounds, recover_config, as_calib(calib), as_engine(engine))
 
 
 def shear(loaded: LoadedModel, config: ShearConfig, engine: EngineOptions | str | None = None) -> ShearReport:
