@@ -46,7 +46,7 @@ import yaml
 from .errors import SecateursError, UsageError
 from .model.save import RECORD
 from .record import build_record
-from .stages import STAGES, Outcome, Stage as StageSpec, check
+from .stages import STAGES, Outcome, Request, Stage as StageSpec, check
 
 STAGE_COMMANDS = tuple(STAGES)
 RUNNER_FIELDS = ("model", "out", "overwrite")
@@ -58,7 +58,7 @@ RESULT_FILES = {"eval": "json_out", "bench": "json_out"}
 
 @dataclass(frozen=True)
 class Flag:
-    """One flag of a subcommand: its Python name, the type it takes, and its default."""
+    """One flag of a stage (and of its subcommand): its Python name, the type it takes, and its default."""
 
     name: str
     kind: str  # "str" | "int" | "float" | "bool" | "list"
@@ -387,7 +387,7 @@ def run(
     return record
 
 
-def _request(stage: Stage, model: str, folder: Path):
+def _request(stage: Stage, model: str, folder: Path) -> Request:
     """The stage's fields, its input and where it writes, parsed by its spec into a typed request."""
     spec: StageSpec = STAGES[stage.command]
     kwargs = dict(stage.fields)
