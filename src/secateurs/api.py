@@ -15,7 +15,8 @@ from typing import Any
 from .data.calib import CalibConfig, tokenize
 from .data.sources import load_text
 from .depth.plot import score_plot
-from .depth.prune import LayerConfig, LayerReport, prune_layers as _prune_layers
+from .depth.prune import LayerConfig, LayerReport
+from .depth.prune import prune_layers as _prune_layers
 from .engine.sequential import EngineOptions
 from .engine.stream import StreamSession
 from .errors import SecateursError
@@ -24,13 +25,23 @@ from .model.drop_layers import drop_layers
 from .model.load import LoadedModel
 from .model.save import previous_stages, save_model
 from .record import build_record
-from .recover.iterative import IterativeReport, prune_iterative as _prune_iterative
+from .recover.iterative import IterativeReport
+from .recover.iterative import prune_iterative as _prune_iterative
 from .recover.lora import RecoverConfig, RecoverReport, recover_lora
-from .recover.loraprune import LoRAPruneConfig, loraprune as _loraprune
-from .sparsity.prune import PruneConfig, PruneReport, check_prune, layer_sparsity, prunable_linears, prune_streamed
+from .recover.loraprune import LoRAPruneConfig
+from .recover.loraprune import loraprune as _loraprune
+from .sparsity.prune import (
+    PruneConfig,
+    PruneReport,
+    check_prune,
+    layer_sparsity,
+    prunable_linears,
+    prune_streamed,
+)
 from .sparsity.prune import prune as _prune
 from .structured.base import WidthConfig, WidthReport, prune_width
-from .structured.shearing import ShearConfig, ShearReport, shear as _shear
+from .structured.shearing import ShearConfig, ShearReport
+from .structured.shearing import shear as _shear
 
 __all__ = [
     "PruneConfig", "PruneReport", "as_calib", "as_engine", "bench", "check_prune", "drop_layers_streamed", "evaluate_perplexity",

@@ -46,7 +46,8 @@ import yaml
 from .errors import SecateursError, UsageError
 from .model.save import RECORD
 from .record import build_record
-from .stages import STAGES, Outcome, Request, Stage as StageSpec, check
+from .stages import STAGES, Outcome, Request, check
+from .stages import Stage as StageSpec
 
 STAGE_COMMANDS = tuple(STAGES)
 RUNNER_FIELDS = ("model", "out", "overwrite")

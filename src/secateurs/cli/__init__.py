@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import demo, report, run, stages
 from .app import app
 
-__all__ = ["app", "main", "demo", "report", "run", "stages"]
+__all__ = ["app", "demo", "main", "report", "run", "stages"]
 
 
 def main() -> None:

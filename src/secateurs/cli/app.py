@@ -14,6 +14,7 @@ from ..stages import Outcome, Stage, check
 from ..stages.flags import Help
 from .common import err_console, friendly, out_console, table
 
+
 class _Commands(TyperGroup):
     """Commands listed by name, whichever module registered them."""
 

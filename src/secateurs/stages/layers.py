@@ -12,8 +12,27 @@ from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import LoadedModel
 from .base import Evaluation, Request, Stage
-from .flags import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, Help, LimitWindows, Model, Out, Overwrite, Seed
-from .flags import TrustRemoteCode, check_at_least, check_context, check_eval_flags, cpu_cost_note, csv_list, parse_options
+from .flags import (
+    BatchSize,
+    DataDir,
+    Device,
+    Dtype,
+    EvalPpl,
+    EvalSeqLen,
+    Help,
+    LimitWindows,
+    Model,
+    Out,
+    Overwrite,
+    Seed,
+    TrustRemoteCode,
+    check_at_least,
+    check_context,
+    check_eval_flags,
+    cpu_cost_note,
+    csv_list,
+    parse_options,
+)
 
 
 class LayersStage(Stage):

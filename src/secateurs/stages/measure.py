@@ -18,8 +18,21 @@ from ..files import write_atomic
 from ..model.load import LoadedModel
 from ..model.save import write_output_file
 from .base import Evaluation, Outcome, Request, Stage, Table
-from .flags import BatchSize, DataDir, Device, Dtype, Help, LimitWindows, TrustRemoteCode, check_at_least, check_context
-from .flags import check_eval_flags, check_json_out, csv_list, parse_ints
+from .flags import (
+    BatchSize,
+    DataDir,
+    Device,
+    Dtype,
+    Help,
+    LimitWindows,
+    TrustRemoteCode,
+    check_at_least,
+    check_context,
+    check_eval_flags,
+    check_json_out,
+    csv_list,
+    parse_ints,
+)
 
 
 @dataclass

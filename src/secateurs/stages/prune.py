@@ -6,18 +6,51 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-from ..api import PruneConfig, PruneReport, check_prune, export_sparse, prune, prune_streamed
+from ..api import (
+    PruneConfig,
+    PruneReport,
+    check_prune,
+    export_sparse,
+    prune,
+    prune_streamed,
+)
 from ..data.calib import CalibConfig
-from ..engine.distributed import DistributedHooks, init_from_env, launched_by_torchrun, relaunch, shutdown
+from ..engine.distributed import (
+    DistributedHooks,
+    init_from_env,
+    launched_by_torchrun,
+    relaunch,
+    shutdown,
+)
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.load import LoadedModel
 from ..sparsity.reconstruct import parse_reconstruct
 from ..sparsity.registry import method_names
 from .base import Evaluation, Outcome, Request, Stage, Table
-from .flags import BatchSize, DataDir, Device, Dtype, EvalPpl, EvalSeqLen, Help, LimitWindows, Model, Out, Overwrite, Seed
-from .flags import TrustRemoteCode, check_at_least, check_context, check_eval_flags, cpu_cost_note, csv_list, err_console
-from .flags import parse_options, parse_sparsity
+from .flags import (
+    BatchSize,
+    DataDir,
+    Device,
+    Dtype,
+    EvalPpl,
+    EvalSeqLen,
+    Help,
+    LimitWindows,
+    Model,
+    Out,
+    Overwrite,
+    Seed,
+    TrustRemoteCode,
+    check_at_least,
+    check_context,
+    check_eval_flags,
+    cpu_cost_note,
+    csv_list,
+    err_console,
+    parse_options,
+    parse_sparsity,
+)
 
 
 class PruneStage(Stage):

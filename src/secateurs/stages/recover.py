@@ -10,16 +10,31 @@ from ..api import PruneConfig, check_prune, loraprune, prune_iterative, recover
 from ..data.calib import CalibConfig
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
-from ..model.load import LoadedModel
 from ..files import check_writable
+from ..model.load import LoadedModel
 from ..recover.checkpoint import check_checkpoints
 from ..recover.config import PRECISIONS, RecoverConfig
 from ..recover.lora import CHECKPOINT, checkpoint_files, remove_checkpoints
 from ..recover.loraprune import MODES, LoRAPruneConfig
 from ..sparsity.registry import method_names
 from .base import Evaluation, Request, Stage
-from .flags import DataDir, Device, Dtype, EvalSeqLen, Help, LimitWindows, Out, Overwrite, TrustRemoteCode
-from .flags import check_at_least, check_context, check_eval_flags, csv_list, parse_options, parse_sparsity
+from .flags import (
+    DataDir,
+    Device,
+    Dtype,
+    EvalSeqLen,
+    Help,
+    LimitWindows,
+    Out,
+    Overwrite,
+    TrustRemoteCode,
+    check_at_least,
+    check_context,
+    check_eval_flags,
+    csv_list,
+    parse_options,
+    parse_sparsity,
+)
 
 METHODS = ("lora", "loraprune", "iterative")
 
@@ -79,13 +94,13 @@ class RecoverStage(Stage):
         check_eval_flags(datasets, limit_windows, eval_seq_len)
         check_at_least(1, batch_size=batch_size, grad_accum=grad_accum, save_every=save_every, rounds=rounds, prune_every=prune_every)
         lp_config = LoRAPruneConfig(ratio, target, keep_first, keep_last, prune_every, cooldown=cooldown)
-        fields: dict[str, Any] = dict(
-            steps=steps, rank=rank, alpha=alpha, dropout=dropout, warmup_steps=warmup_steps, batch_size=batch_size,
-            grad_accum=grad_accum, seq_len=seq_len, data=data, data_dir=data_dir, seed=seed, precision=precision,
-            gradient_checkpointing=gradient_checkpointing, save_every=save_every,
+        fields: dict[str, Any] = {
+            "steps": steps, "rank": rank, "alpha": alpha, "dropout": dropout, "warmup_steps": warmup_steps,
+            "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len, "data": data, "data_dir": data_dir,
+            "seed": seed, "precision": precision, "gradient_checkpointing": gradient_checkpointing, "save_every": save_every,
             # Training checkpoints beside OUT by default, removed once OUT is saved: a killed run resumes.
-            checkpoint_dir=checkpoint_dir or f"{Path(out).expanduser().resolve()}.ckpt",
-        )
+            "checkpoint_dir": checkpoint_dir or f"{Path(out).expanduser().resolve()}.ckpt",
+        }
         if lr:
             fields["lr"] = lr
         train = lp_config.train_config(**fields) if method == "loraprune" else RecoverConfig(**fields)

@@ -10,13 +10,33 @@ from ..api import shear
 from ..data.sources import check_name
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
-from ..model.load import LoadedModel
 from ..files import check_writable
+from ..model.load import LoadedModel
 from ..recover.checkpoint import check_checkpoints
-from ..structured.shearing import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT, ShearConfig, ShearReport, ShearTarget
+from ..structured.shearing import (
+    CONTINUE_CHECKPOINT,
+    PRUNE_CHECKPOINT,
+    ShearConfig,
+    ShearReport,
+    ShearTarget,
+)
 from .base import Evaluation, Request, Stage
-from .flags import DataDir, Device, Dtype, EvalSeqLen, Help, LimitWindows, Model, Out, Overwrite, TrustRemoteCode
-from .flags import check_context, check_eval_flags, csv_list, parse_floats
+from .flags import (
+    DataDir,
+    Device,
+    Dtype,
+    EvalSeqLen,
+    Help,
+    LimitWindows,
+    Model,
+    Out,
+    Overwrite,
+    TrustRemoteCode,
+    check_context,
+    check_eval_flags,
+    csv_list,
+    parse_floats,
+)
 
 
 class ShearStage(Stage):

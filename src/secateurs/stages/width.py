@@ -9,8 +9,24 @@ from ..engine.sequential import EngineOptions
 from ..model.load import LoadedModel
 from ..structured.base import WidthConfig, WidthReport, method_class, method_names
 from .base import Evaluation, Request, Stage
-from .flags import DataDir, Device, Dtype, EvalSeqLen, Help, LimitWindows, Model, Out, Overwrite, Seed, TrustRemoteCode
-from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note, csv_list
+from .flags import (
+    DataDir,
+    Device,
+    Dtype,
+    EvalSeqLen,
+    Help,
+    LimitWindows,
+    Model,
+    Out,
+    Overwrite,
+    Seed,
+    TrustRemoteCode,
+    check_at_least,
+    check_context,
+    check_eval_flags,
+    cpu_cost_note,
+    csv_list,
+)
 
 
 class WidthStage(Stage):
