@@ -17,6 +17,7 @@ from .data.sources import load_text
 from .depth.plot import score_plot
 from .depth.prune import LayerConfig, LayerReport
 from .depth.prune import prune_layers as _prune_layers
+from .device import resolve_device
 from .engine.sequential import EngineOptions
 from .engine.stream import StreamSession
 from .errors import SecateursError
@@ -171,7 +172,7 @@ def evaluate_perplexity(
     batch_size: int = 1,
 ) -> dict[str, Perplexity | str]:
     """Perplexity per dataset; a dataset that cannot be read maps to the reason, the rest still run."""
-    torch_device = EngineOptions(device=device).torch_device()
+    torch_device = resolve_device(device)
     home = next(loaded.model.parameters()).device
     loaded.model.to(torch_device)
     results: dict[str, Perplexity | str] = {}
@@ -238,7 +239,7 @@ def bench(
     config: Any = None,
 ) -> dict:
     """Speed and memory of MODEL (and of its sparse-kernel form) beside a dense ``baseline``, in one run."""
-    from .evaluate.speed import SpeedConfig, compare
+    from .evaluate.bench import compare
+    from .evaluate.speed import SpeedConfig
 
-    torch_device = EngineOptions(device=device).torch_device()
-    return compare(model, baseline, sparse, min_sparsity, torch_device, dtype, config or SpeedConfig())
+    return compare(model, baseline, sparse, min_sparsity, resolve_device(device), dtype, config or SpeedConfig())

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from ..data.sources import check_name
-from ..engine.sequential import EngineOptions
+from ..device import resolve_device
 from ..errors import UsageError
 from ..model.load import LoadedModel, load_skeleton
 from ..model.save import check_output_file
@@ -156,7 +156,7 @@ def cpu_cost_note(loaded: LoadedModel | None, device: str, n_samples: int, seq_l
     """On a CPU, say up front what calibration will cost (tokens, activation memory, a rough time),
     so a paper-size default (128 × 2048) is not a silent hours-long run."""
     tokens = n_samples * seq_len
-    if loaded is None or tokens < 65_536 or EngineOptions(device=device).torch_device().type != "cpu":
+    if loaded is None or tokens < 65_536 or resolve_device(device).type != "cpu":
         return
     hidden = loaded.model.config.get_text_config().hidden_size
     err_console.print(
