@@ -209,9 +209,9 @@ def test_overlapped_reads_and_writes_equal_sequential(sharded, tmp_path, monkeyp
     threads: list[str] = []
     real_read = stream.ShardReader.read
 
-    def read(self, keys):
+    def read(self, keys, *args):
         threads.append(threading.current_thread().name)
-        return real_read(self, keys)
+        return real_read(self, keys, *args)
 
     monkeypatch.setattr(stream.ShardReader, "read", read)
     config, calib = PruneConfig("sparsegpt", 0.5), calib_for(sharded)
@@ -240,3 +240,15 @@ def test_activations_spill_to_host_when_the_gpu_is_short(monkeypatch, capsys):
         assert options.offload_activations == (expected == "cpu")
     assert "keeping them in pinned host memory" in capsys.readouterr().err
     assert activation_store(loaded.model, loaded.spec, ids, EngineOptions(device="cuda", offload_activations=True), cuda).type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_streamed_on_gpu_equals_in_memory_on_gpu(sharded, tmp_path, method):
+    """On a GPU blocks travel through page-locked buffers and DMA copies; the output must not change."""
+    config, calib = PruneConfig(method, 0.5), calib_for(sharded)
+    loaded = load_model(str(sharded))
+    report = prune(loaded, config, calib, EngineOptions(device="cuda"))
+    save(loaded, tmp_path / "memory", [report.stage_record()])
+    _, path = prune_streamed(sharded, tmp_path / "stream", config, calib, EngineOptions(device="cuda"))
+    assert_same_folder(tmp_path / "memory", path)

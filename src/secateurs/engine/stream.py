@@ -14,8 +14,11 @@ embeddings are read up front, because capturing block 0's inputs needs them. The
 Reading and writing overlap the compute: while block *i* is calibrated, block *i+1* is read on a
 background thread, and block *i*'s shard is written on another while block *i+1* computes (one
 write in flight; the next waits for it, so a failed write stops the run at the following block).
-Peak host memory is therefore the embeddings, three blocks and the calibration activations, whatever
-the depth. Output shards go to a folder beside OUT (``.OUT.partial``) with ``progress.json``; a rerun
+On a GPU (known once the first block's statistics are on it) blocks are read into page-locked
+memory, copied to the GPU by DMA in :meth:`StreamSession.load_block` (the engine then finds them in
+place) and copied back by DMA into page-locked buffers that the writer thread waits for, so neither
+direction makes a staging copy or holds up the compute. Peak host memory is therefore the
+embeddings, three blocks and the calibration activations, whatever the depth. Output shards go to a folder beside OUT (``.OUT.partial``) with ``progress.json``; a rerun
 with the same arguments finds the finished blocks there, propagates the calibration activations
 through them (recomputed, so bit for bit the same as an uninterrupted run) and carries on. The last
 step writes the remaining tensors, the index, config, tokenizer and ``secateurs.json``, and renames
@@ -86,14 +89,14 @@ class ShardReader:
             )
         self.files = files
 
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """``keys`` read from their shards into fresh tensors."""
+    def read(self, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
+        """``keys`` read from their shards into fresh tensors (page-locked with ``pin``)."""
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.keys[key], []).append(key)
         out = {}
         for name, names in by_file.items():
-            out.update(read_tensors(self.folder / name, names))
+            out.update(read_tensors(self.folder / name, names, pin))
         return out
 
     def fingerprint(self) -> list:
@@ -113,8 +116,9 @@ def _bytes_of(tensor: torch.Tensor):
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
-def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Read ``keys`` of one safetensors file with positional reads into new tensors."""
+def read_tensors(path: Path, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
+    """Read ``keys`` of one safetensors file with positional reads into new tensors, page-locked
+    with ``pin`` so that they reach a GPU by DMA, without a staging copy."""
     header, start = read_header(path, path.parent)
     out = {}
     with path.open("rb", buffering=0) as f:
@@ -122,7 +126,7 @@ def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
             info = header[key]
             if info["dtype"] not in _DTYPES:
                 raise UsageError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which streaming cannot read")
-            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], pin_memory=pin)
             begin, end = info["data_offsets"]
             view, done = memoryview(_bytes_of(tensor)) if tensor.numel() else memoryview(b""), 0
             if view.nbytes != end - begin:
@@ -280,6 +284,9 @@ class StreamSession(EngineHooks):
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="secateurs-write") if overlap else None
         self._ahead: tuple[int, Future] | None = None
         self._pending: Future | None = None
+        # The engine's accelerator, learnt from the first block's statistics: from then on blocks are
+        # read into page-locked memory, copied to it here and copied back by DMA for the writer.
+        self.device: torch.device | None = None
 
     @property
     def writes(self) -> bool:
@@ -354,6 +361,9 @@ class StreamSession(EngineHooks):
         return self.inner.local_samples(calib_ids)
 
     def reduce_stats(self, index: int, stats: Stats) -> None:
+        tensors = [t for accs in stats.values() for acc in accs.values() for t in acc.tensors()]
+        if tensors and tensors[0].is_cuda:
+            self.device = tensors[0].device
         self.inner.reduce_stats(index, stats)
 
     def process_block(
@@ -366,19 +376,25 @@ class StreamSession(EngineHooks):
         resumed = method.modifies_weights and str(index) in self.done
         if resumed:
             entry = self.done[str(index)]
-            read = read_tensors(self.partial / entry["file"], [self._block_key(index, name) for name in names])
+            read = read_tensors(self.partial / entry["file"], [self._block_key(index, name) for name in names], self._pin)
             tensors = {name: read[self._block_key(index, name)] for name in names}
             self.per_layer.update(entry["sparsity"])
         else:
             source = self.source_index[index]
             keys = [self._block_key(source, name) for name in names]
             ahead, self._ahead = self._ahead, None
-            read = ahead[1].result() if ahead is not None and ahead[0] == index else self.reader.read(keys)
+            read = ahead[1].result() if ahead is not None and ahead[0] == index else self.reader.read(keys, self._pin)
             tensors = {name: read[self._block_key(source, name)] for name in names}
         self._read_ahead(index + 1, method)
         for name, value in tensors.items():
+            if self.device is not None:  # the engine's .to(device) then finds the block in place
+                value = value.to(self.device, non_blocking=value.is_pinned())
             _set_tensor(block, name, self._cast(value))
         return resumed
+
+    @property
+    def _pin(self) -> bool:
+        return self.device is not None
 
     def _read_ahead(self, index: int, method: BlockMethod) -> None:
         """Start reading block ``index`` from the input shards while the current one computes."""
@@ -386,7 +402,7 @@ class StreamSession(EngineHooks):
         if self._reader_thread is None or index >= len(blocks) or (method.modifies_weights and str(index) in self.done):
             return
         keys = [self._block_key(self.source_index[index], name) for name in blocks[index].state_dict()]
-        self._ahead = (index, self._reader_thread.submit(self.reader.read, keys))
+        self._ahead = (index, self._reader_thread.submit(self.reader.read, keys, self._pin))
 
     def settle(self) -> None:
         self._drain()
@@ -407,16 +423,32 @@ class StreamSession(EngineHooks):
             self.per_layer.update(sparsity)
             if self.writes:
                 self._drain()
-                state = dict(block.state_dict())
+                state, copied = self._to_host(block)
                 if self._writer_thread is None:
-                    self._write_block(index, state, sparsity)
+                    self._write_block(index, state, sparsity, copied)
                 else:
-                    self._pending = self._writer_thread.submit(self._write_block, index, state, sparsity)
+                    self._pending = self._writer_thread.submit(self._write_block, index, state, sparsity, copied)
         for name, value in block.state_dict().items():
             _set_tensor(block, name, torch.empty_like(value, device="meta"))
         _trim_heap()
 
-    def _write_block(self, index: int, state: dict[str, torch.Tensor], sparsity: dict[str, float]) -> None:
+    @staticmethod
+    def _to_host(block: nn.Module) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """The block's tensors in host memory; from a GPU, DMA copies into page-locked buffers and the
+        event the writer waits for before it reads them, so the compute goes on meanwhile."""
+        state = dict(block.state_dict())
+        if not any(v.is_cuda for v in state.values()):
+            return state, None
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) for k, v in state.items()}
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied
+
+    def _write_block(
+        self, index: int, state: dict[str, torch.Tensor], sparsity: dict[str, float], copied: torch.cuda.Event | None = None
+    ) -> None:
+        if copied is not None:
+            copied.synchronize()
         name = self._shard_name(index + 1)
         entries = [(self._block_key(index, k), v.dtype, list(v.shape), lambda v=v: v) for k, v in state.items()]
         _write_atomic(self.partial / name, lambda p: write_tensors(p, entries))
