@@ -19,13 +19,13 @@ import copy
 import io
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
 from .files import write_atomic
 from .model.save import RECORD
+from .model.shards import read_header
 from .record import Effect, parse_stage
 
 MARKERS = {"dense": "*", "sparsity": "o", "layers removed": "s", "width removed": "^"}
@@ -67,16 +67,12 @@ def count_parameters(folder: Path) -> int | None:
     """Parameters stored in a folder's safetensors files, read from their headers (no weights loaded)."""
     total, found = 0, False
     for shard in sorted(folder.glob("*.safetensors")):
-        with shard.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                found = True
-                count = 1
-                for dim in entry["shape"]:
-                    count *= dim
-                total += count
+        for entry in read_header(shard, folder)[0].values():
+            found = True
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            total += count
     return total if found else None
 
 

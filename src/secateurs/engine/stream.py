@@ -30,11 +30,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import os
-import shutil
-import struct
 import sys
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -45,146 +41,16 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..errors import UsageError
+from ..files import replace_folder, write_atomic
 from ..model.arch import ArchSpec, spec_for
 from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel, _try_tokenizer, resolve_dtype
 from ..model.save import RECORD, check_out
+from ..model.shards import DTYPES, INDEX, ShardReader, read_header, read_tensors, write_tensors
 from .distributed import RankGroup
 from .sequential import BlockMethod, EngineHooks, Stats
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 PROGRESS = "progress.json"
-_META = {"format": "pt"}
-
-
-class ShardReader:
-    """Tensor names → shard files of an HF folder, checked before any work starts."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        if (folder / INDEX).is_file():
-            try:
-                weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UsageError(f"{folder / INDEX} is not a valid safetensors index ({exc}); re-download the model") from None
-        elif (folder / SINGLE).is_file():
-            weight_map = {}
-        else:
-            raise UsageError(f"{folder} has no {SINGLE} or {INDEX}: streaming reads safetensors; convert the model or drop --stream")
-        files = sorted(set(weight_map.values())) or [SINGLE]
-        self.keys: dict[str, str] = {}
-        self.shapes: dict[str, list[int]] = {}
-        self.dtypes: dict[str, str] = {}
-        for name in files:
-            header, _ = read_header(folder / name, folder)
-            for key, info in header.items():
-                self.keys[key] = name
-                self.shapes[key] = info["shape"]
-                self.dtypes[key] = info["dtype"]
-        missing = [k for k, f in weight_map.items() if self.keys.get(k) != f]
-        if missing:
-            raise UsageError(
-                f"{INDEX} lists {len(missing)} tensors its shards do not hold (e.g. {missing[0]}); re-download the model"
-            )
-        self.files = files
-
-    def read(self, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
-        """``keys`` read from their shards into fresh tensors (page-locked with ``pin``)."""
-        by_file: dict[str, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.keys[key], []).append(key)
-        out = {}
-        for name, names in by_file.items():
-            out.update(read_tensors(self.folder / name, names, pin))
-        return out
-
-    def fingerprint(self) -> list:
-        return [[name, (self.folder / name).stat().st_size, (self.folder / name).stat().st_mtime_ns] for name in self.files]
-
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_CODES = {dtype: code for code, dtype in _DTYPES.items()}
-
-
-def _bytes_of(tensor: torch.Tensor):
-    """A writable byte view of a contiguous CPU tensor (no copy)."""
-    return tensor.reshape(-1).view(torch.uint8).numpy()
-
-
-def read_tensors(path: Path, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
-    """Read ``keys`` of one safetensors file with positional reads into new tensors, page-locked
-    with ``pin`` so that they reach a GPU by DMA, without a staging copy."""
-    header, start = read_header(path, path.parent)
-    out = {}
-    with path.open("rb", buffering=0) as f:
-        for key in keys:
-            info = header[key]
-            if info["dtype"] not in _DTYPES:
-                raise UsageError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which streaming cannot read")
-            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], pin_memory=pin)
-            begin, end = info["data_offsets"]
-            view, done = memoryview(_bytes_of(tensor)) if tensor.numel() else memoryview(b""), 0
-            if view.nbytes != end - begin:
-                raise UsageError(f"shard {path.name}: tensor {key} has {end - begin} bytes for shape {info['shape']}; the file is corrupt")
-            f.seek(start + begin)
-            while done < end - begin:  # one read returns at most ~2 GiB on Linux: loop
-                got = f.readinto(view[done:])
-                if not got:
-                    raise UsageError(f"shard {path.name} is truncated; re-download or re-copy the model")
-                done += got
-            out[key] = tensor
-    return out
-
-
-def write_tensors(path: Path, entries: list[tuple[str, torch.dtype, list[int], Callable[[], torch.Tensor]]]) -> None:
-    """Write a safetensors file one tensor at a time: ``entries`` are (name, dtype, shape, producer),
-    and each producer is called only when its bytes are due, so at most one tensor is held."""
-    table, offset = {"__metadata__": _META}, 0
-    for key, dtype, shape, _ in entries:
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        table[key] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(table, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for key, dtype, shape, produce in entries:
-            tensor = produce().detach().to("cpu", dtype).contiguous()
-            if list(tensor.shape) != list(shape):
-                raise RuntimeError(f"{key}: shape {list(tensor.shape)} differs from the header's {list(shape)}")
-            if tensor.numel():
-                f.write(_bytes_of(tensor))
-
-
-def read_header(path: Path, folder: Path) -> tuple[dict[str, dict], int]:
-    """The tensor table of one safetensors file and where its data starts, after checking the file
-    holds all the bytes the table names."""
-    if not path.is_file():
-        raise UsageError(f"shard {path.name} is missing from {folder}; re-download or re-copy the model")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UsageError(f"shard {path.name} is truncated ({size} bytes); re-download or re-copy the model")
-        n = struct.unpack("<Q", head)[0]
-        raw = f.read(n) if n <= size else b""
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"shard {path.name} is truncated or corrupt (unreadable header); re-download or re-copy the model") from None
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if size < 8 + n + end:
-        raise UsageError(
-            f"shard {path.name} is truncated ({size} of {8 + n + end} bytes); re-download or re-copy the model"
-        )
-    return header, 8 + n
 
 
 def _trim_heap() -> None:
@@ -216,13 +82,10 @@ def _set_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name and rename; a full disk becomes a one-line error."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """:func:`secateurs.files.write_atomic`, with a full disk as a one-line error that says a rerun resumes."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, write, make_parents=False)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
             raise UsageError(
                 f"disk full while writing {path.name} in {path.parent}; free space and rerun the same command to resume"
@@ -484,7 +347,7 @@ class StreamSession(EngineHooks):
             if not value.is_meta and name in self.reader.keys:
                 _set_tensor(self.loaded.model, name, torch.empty_like(value, device="meta"))
         entries = [
-            (k, self._cast_dtype(_DTYPES[self.reader.dtypes[k]]), self.reader.shapes[k], lambda k=k: self._cast(self.reader.read([k])[k]))
+            (k, self._cast_dtype(DTYPES[self.reader.dtypes[k]]), self.reader.shapes[k], lambda k=k: self._cast(self.reader.read([k])[k]))
             for k in rest
         ]
         last = self._shard_name(n + 1)
@@ -513,16 +376,6 @@ class StreamSession(EngineHooks):
         return self._rename()
 
     def _rename(self) -> Path:
-        target = self.out
-        if target.exists():
-            if not self.overwrite:
-                raise UsageError(f"--out {target} appeared while pruning; pass --overwrite or choose another folder")
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            old.rmdir()
-            target.rename(old)
-            self.partial.rename(target)
-            shutil.rmtree(old)
-        else:
-            self.partial.rename(target)
-        return target
-
+        if self.out.exists() and not self.overwrite:
+            raise UsageError(f"--out {self.out} appeared while pruning; pass --overwrite or choose another folder")
+        return replace_folder(self.partial, self.out)
