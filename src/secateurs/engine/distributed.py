@@ -12,11 +12,17 @@ Every rank holds the model (or streams it) and runs the same block loop. What di
 
 The process group comes from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``…),
 so a multi-node launch through torchrun's rendezvous needs no change here. Only rank 0 writes.
+
+A rank that dies or hangs must not leave the others waiting forever or dying with a traceback:
+every collective runs under the group's timeout (``SECATEURS_DIST_TIMEOUT``), and a failed one
+(gloo reports a closed connection at once, a silent peer after the timeout) becomes
+:class:`RankLost`, one line that names the rank, the block and the rerun that resumes.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,13 +32,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import SecateursError, UsageError
 from ..model.linear import weight_matrix
 from .sequential import BlockMethod, EngineHooks, Stats
 
 # Seconds a collective waits for a silent rank before failing (a rank that died fails the others).
 TIMEOUT_ENV = "SECATEURS_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600
+
+
+class RankLost(SecateursError):
+    """Another rank of the job died or stopped answering; this one stops too, with one line."""
 
 
 @dataclass(frozen=True)
@@ -97,14 +107,34 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def check_samples(n_samples: int, world: int) -> None:
+    """Every rank needs at least one calibration sample (checked before any output is started)."""
+    if world > n_samples:
+        raise UsageError(
+            f"{world} ranks but only {n_samples} calibration samples: pass --n-samples ≥ {world} or use fewer processes"
+        )
+
+
 def split_samples(calib_ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's contiguous slice of the calibration samples (sizes differ by at most one)."""
-    n = calib_ids.shape[0]
-    if world > n:
-        raise UsageError(
-            f"{world} ranks but only {n} calibration samples: pass --n-samples ≥ {world} or use fewer processes"
-        )
+    check_samples(calib_ids.shape[0], world)
     return calib_ids.tensor_split(world)[rank]
+
+
+def collective(what: str, call, *args, **kwargs):
+    """Run one ``torch.distributed`` call; a peer that died or hung becomes :class:`RankLost`."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as exc:  # DistBackendError, DistNetworkError and gloo's errors are RuntimeErrors
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+        world = dist.get_world_size() if dist.is_initialized() else os.environ.get("WORLD_SIZE", "?")
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        reason = re.sub(r"^(\[[^\]]*\]\s*)+", "", reason).split(". ")[0]  # no build paths, one sentence
+        raise RankLost(
+            f"rank {rank} of the {world}-process job: {what} failed because another rank died or stopped answering "
+            f"({reason[:200]}); nothing was saved to OUT: rerun the same command (a --stream run resumes after "
+            "its last finished block)"
+        ) from None
 
 
 def input_groups(linears: dict[str, nn.Module], stats: Stats) -> list[list[str]]:
@@ -156,12 +186,12 @@ class DistributedHooks(EngineHooks):
         for accs in stats.values():
             for acc in accs.values():
                 for tensor in acc.tensors():
-                    dist.all_reduce(tensor)
+                    collective(f"summing block {index}'s statistics", dist.all_reduce, tensor)
                 counts.append(acc.n_tokens)
         if counts:
             device = next(t for accs in stats.values() for acc in accs.values() for t in acc.tensors()).device
             total = torch.tensor(counts, dtype=torch.int64, device=device)
-            dist.all_reduce(total)
+            collective(f"summing block {index}'s token counts", dist.all_reduce, total)
             for acc, n in zip((a for accs in stats.values() for a in accs.values()), total.tolist(), strict=True):
                 acc.n_tokens = int(n)
 
@@ -178,7 +208,7 @@ class DistributedHooks(EngineHooks):
             method.process_block(index, block, {n: linears[n] for n in mine}, {n: stats[n] for n in mine if n in stats})
         for names, owner in zip(groups, owners, strict=True):
             for name in names:
-                dist.broadcast(linears[name].weight.data, src=owner)
+                collective(f"sharing block {index}'s {name} from rank {owner}", dist.broadcast, linears[name].weight.data, src=owner)
 
 
 def torchrun_args(argv: list[str]) -> list[str]:

@@ -47,7 +47,7 @@ from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel, _try_tokenizer, resolve_dtype
 from ..model.save import RECORD, check_out
 from ..model.shards import DTYPES, INDEX, ShardReader, read_header, read_tensors, write_tensors
-from .distributed import RankGroup
+from .distributed import RankGroup, check_samples, collective
 from .sequential import BlockMethod, EngineHooks, Stats
 
 PROGRESS = "progress.json"
@@ -186,6 +186,9 @@ class StreamSession(EngineHooks):
 
     def open(self) -> StreamSession:
         """Create or resume the partial output; every rank then reads the same progress."""
+        calibration = self.fingerprint["request"].get("calibration")
+        if self.group is not None and calibration:  # before .OUT.partial exists: a bad request leaves nothing
+            check_samples(calibration["n_samples"], self.group.world)
         if self.writes:
             progress = self.partial / PROGRESS
             if self.partial.exists():
@@ -213,7 +216,7 @@ class StreamSession(EngineHooks):
 
     def _barrier(self) -> None:
         if self.group is not None:
-            torch.distributed.barrier()
+            collective("waiting for every rank", torch.distributed.barrier)
 
     def _shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{len(self.source_index) + 1:05d}.safetensors"

@@ -90,30 +90,33 @@ def read_tensors(path: Path, keys: list[str], pin: bool = False) -> dict[str, to
     with ``pin`` so that they reach a GPU by DMA, without a staging copy."""
     header, start = read_header(path, path.parent)
     out = {}
-    with path.open("rb", buffering=0) as f:
-        for key in keys:
-            info = header[key]
-            if info["dtype"] not in DTYPES:
-                raise UsageError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which streaming cannot read")
-            tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]], pin_memory=pin)
-            begin, end = info["data_offsets"]
-            view, done = memoryview(_bytes_of(tensor)) if tensor.numel() else memoryview(b""), 0
-            if view.nbytes != end - begin:
-                raise UsageError(f"shard {path.name}: tensor {key} has {end - begin} bytes for shape {info['shape']}; the file is corrupt")
-            f.seek(start + begin)
-            while done < end - begin:  # one read returns at most ~2 GiB on Linux: loop
-                try:
-                    got = f.readinto(view[done:])
-                except OSError as exc:
-                    raise UsageError(
-                        f"shard {path.name} could not be read ({exc.strerror or exc}); check the disk or re-copy "
-                        "the model, then rerun the same command (a streamed run resumes after its last finished block)"
-                    ) from None
-                if not got:
-                    raise UsageError(f"shard {path.name} is truncated; re-download or re-copy the model")
-                done += got
-            out[key] = tensor
+    try:
+        with path.open("rb", buffering=0) as f:
+            for key in keys:
+                out[key] = _read_one(f, path, key, header[key], start, pin)
+    except OSError as exc:  # a disk or network share that failed, a file that vanished mid-run
+        raise UsageError(
+            f"shard {path.name} could not be read ({exc.strerror or exc}); check the disk or re-copy the model, "
+            "then rerun the same command (a streamed run resumes after its last finished block)"
+        ) from None
     return out
+
+
+def _read_one(f, path: Path, key: str, info: dict, start: int, pin: bool) -> torch.Tensor:
+    if info["dtype"] not in DTYPES:
+        raise UsageError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which streaming cannot read")
+    tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]], pin_memory=pin)
+    begin, end = info["data_offsets"]
+    view, done = memoryview(_bytes_of(tensor)) if tensor.numel() else memoryview(b""), 0
+    if view.nbytes != end - begin:
+        raise UsageError(f"shard {path.name}: tensor {key} has {end - begin} bytes for shape {info['shape']}; the file is corrupt")
+    f.seek(start + begin)
+    while done < end - begin:  # one read returns at most ~2 GiB on Linux: loop
+        got = f.readinto(view[done:])
+        if not got:
+            raise UsageError(f"shard {path.name} is truncated; re-download or re-copy the model")
+        done += got
+    return tensor
 
 
 def write_tensors(path: Path, entries: list[tuple[str, torch.dtype, list[int], Callable[[], torch.Tensor]]]) -> None:
