@@ -1,6 +1,6 @@
 """Scale past one device: multi-GPU calibration and streamed 70B-shape pruning (issue 11's GPU numbers).
 
-Two parts, each writing benchmarks/results/scale_<part>.json and printing its table:
+Parts, each writing benchmarks/results/scale_<part>*.json and printing its numbers:
 
 ``--part ranks`` (run once per process count, under torchrun): a random fp16 model of Llama-2-7B's
 shape, identical on every rank (seeded), pruned in memory by Wanda 50% and SparseGPT 50% on 128 ×
@@ -20,7 +20,14 @@ extrapolated to 80 layers::
 
     SECATEURS_DATA=shared/data python benchmarks/scale.py --part stream --layers 2,4 --overlap on,off
 
-``--shape tiny --device cpu`` runs either part on a toy shape, to check the script itself.
+``--overlap on,off`` runs each prune with the session's background reader and writer on and off.
+
+``--part solve``: SparseGPT's solve of one 70B-shape block, peak GPU memory above the block and its
+statistics, and with ``--before`` an earlier sparsegpt.py beside it (bit-equal weights checked)::
+
+    python benchmarks/scale.py --part solve --before old_sparsegpt.py
+
+``--shape tiny --device cpu`` runs any part on a toy shape, to check the script itself.
 """
 
 from __future__ import annotations
