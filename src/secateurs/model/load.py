@@ -27,13 +27,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import UsageError
 from ..files import make_temporary, remove_abandoned
 from .arch import ArchSpec, spec_for
+from .shards import read_header
 from .slice import load_pretrained, skeleton_class
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -222,13 +222,10 @@ def model_bytes(source: str, dtype: str = "float32") -> int | None:
     total = 0
     try:
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    tensor = f.get_slice(name)
-                    size = math.prod(tensor.get_shape())
-                    stored = tensor.get_dtype()
-                    total += size * (itemsize if stored.startswith(("F", "BF")) else _INTEGER_BYTES.get(stored, 8))
-    except (OSError, SafetensorError):
+            for info in read_header(file, file.parent)[0].values():
+                stored = info["dtype"]
+                total += math.prod(info["shape"]) * (itemsize if stored.startswith(("F", "BF")) else _INTEGER_BYTES.get(stored, 8))
+    except (OSError, UsageError):
         return None  # the load itself will name the broken shard
     return total
 
