@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from records import save_results
 
 import secateurs
 from secateurs.data.calib import CalibConfig
 from secateurs.engine.sequential import EngineOptions
 from secateurs.evaluate.zeroshot import PAPER_TASKS, zero_shot
 from secateurs.record import build_record
-from secateurs.report import load_run, write_report
-
-from records import save_results
+from secateurs.report import write_report
+from secateurs.runs import load_run
 
 OUT = Path(__file__).parent / "results" / "zeroshot"
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from secateurs.cli import app
 from secateurs.errors import UsageError
 from secateurs.recipe import load_recipe, run
-from secateurs.report import load_chain
+from secateurs.runs import load_chain
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from secateurs.api import PruneConfig, prune, save
 from secateurs.cli import app
 from secateurs.record import run_record
-from secateurs.report import count_parameters, load_run, load_runs
+from secateurs.runs import count_parameters, load_run, load_runs
 
 pytest.importorskip("matplotlib")
 

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 import secateurs
 from secateurs.api import PruneConfig, prune, save, shear
-from secateurs.recover.iterative import prune_iterative
-from secateurs.recover.lora import RecoverConfig, recover_lora
-from secateurs.recover.loraprune import LoRAPruneConfig, loraprune
 from secateurs.data.calib import CalibConfig
 from secateurs.depth.prune import LayerConfig, prune_layers
 from secateurs.record import STAGE_KINDS, parse_stage
-from secateurs.report import load_run
+from secateurs.recover.iterative import prune_iterative
+from secateurs.recover.lora import RecoverConfig, recover_lora
+from secateurs.recover.loraprune import LoRAPruneConfig, loraprune
+from secateurs.runs import load_run
 from secateurs.structured.base import WidthConfig, prune_width
 from secateurs.structured.shearing import ShearConfig, ShearTarget
-from tiny_models import tiny_model
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..report import load_runs, results_table, write_report
+from ..report import results_table, write_report
+from ..runs import load_runs
 from .app import app
 from .common import friendly, out_console
 
