@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "secateurs"
 LOWER = ("secateurs.model", "secateurs.engine")
 UPPER = tuple(
     f"secateurs.{name}"
-    for name in ("sparsity", "structured", "depth", "recover", "kernels", "cli", "recipe", "api", "evaluate", "report")
+    for name in ("sparsity", "structured", "depth", "recover", "kernels", "cli", "recipe", "api", "stages", "evaluate",
+                 "report", "runs")
 )
 
 
