@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from records import save_results
+
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -285,7 +287,7 @@ def part_solve(args) -> None:
         out["weights_equal_to_before"] = all(torch.equal(pruned["before"][n], pruned["current"][n]) for n in feeds)
         print("pruned weights equal to the earlier version:", out["weights_equal_to_before"])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"scale_solve_{args.shape}{args.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
+    save_results(RESULTS / f"scale_solve_{args.shape}{args.tag}.json", out)
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from records import save_results
+
 RESULTS = Path(__file__).parent / "results"
 
 # Peak RSS is read from /proc/self/status (VmHWM, this process's own high-water mark): ru_maxrss
@@ -195,7 +197,7 @@ def main() -> None:
         "rows": rows,
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (RESULTS / "streaming.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_results(RESULTS / "streaming.json", result)
 
 
 if __name__ == "__main__":
