@@ -179,8 +179,10 @@ start = time.perf_counter()
 report, _ = prune_streamed(folder, out, PruneConfig(method, 0.5), CalibConfig("wikitext2", int(n), int(seq), 0), engine,
                            "float16" if device.startswith("cuda") else "float32")
 gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+host = torch.cuda.host_memory_stats() if device.startswith("cuda") else {}
 print(json.dumps({"seconds": time.perf_counter() - start, "stages": engine.stage_seconds, "peak_gpu_gib": gpu,
-                  "peak_rss_mib": peak_rss_mib()}))
+                  "peak_rss_mib": peak_rss_mib(),
+                  "pinned_gib": {k: round(v / 2**30, 3) for k, v in host.items() if "bytes" in k}}))
 """
 
 
