@@ -33,7 +33,7 @@ from secateurs.model.drop_layers import layers_removed
 from secateurs.model.load import LoadedModel, load_model
 from secateurs.sparsity.base import build_options
 
-from records import save_results
+from records import run_record, save_results
 
 # (row label, criterion, options); the first of each criterion is its paper default.
 # Cheapest first, so a run cut short on a slow machine still has the fast criteria.
@@ -108,6 +108,8 @@ def quality(args, loaded: LoadedModel, device: torch.device, partial: dict) -> d
     dense = ppl(model)
     print(f"dense perplexity {dense:.3f}", flush=True)
     rows = []
+    n_layers = len(spec.blocks_of(model))
+    runs = [run_record("dense", args.model, [], {"wikitext2": dense})]
     scores = {}
     for label, method, options in VARIANTS:
         if args.methods and method not in args.methods.split(","):
@@ -130,8 +132,15 @@ def quality(args, loaded: LoadedModel, device: torch.device, partial: dict) -> d
                 row["compensated_layer"] = comp["layer"]
                 del work
             rows.append(row)
+            stage = {"stage": "layers", "method": label, "removed_layers": sorted(chosen[k]["removed"]),
+                     "layers_before": n_layers, "scores": [scores[label]]}
+            runs.append(run_record(f"{label} -{k}", args.model, [stage], {"wikitext2": plain}))
+            if "ppl_compensated" in row:
+                compensated = {**stage, "compensation": {"layer": row["compensated_layer"], **args.comp}}
+                runs.append(run_record(f"{label} -{k} + compensation", args.model, [compensated],
+                                       {"wikitext2": row["ppl_compensated"]}))
             print(json.dumps(row), flush=True)
-            save_results(Path(args.json), {**partial, "dense_ppl": dense, "rows": rows})
+            save_results(Path(args.json), {**partial, "dense_ppl": dense, "rows": rows}, runs)
     loo = [scores["ppl one-shot (Shortened LLaMA)"][str(i)] for i in range(len(spec.blocks_of(model)))] if "ppl one-shot (Shortened LLaMA)" in scores else None
     correlation = {}
     if loo:
@@ -139,7 +148,8 @@ def quality(args, loaded: LoadedModel, device: torch.device, partial: dict) -> d
             if label.startswith("angular"):
                 continue
             correlation[label] = _spearman([per_layer[str(i)] for i in range(len(loo))], loo)
-    return {"dense_ppl": dense, "rows": rows, "first_round_scores": scores, "spearman_vs_leave_one_out": correlation}
+    return {"dense_ppl": dense, "rows": rows, "first_round_scores": scores, "spearman_vs_leave_one_out": correlation,
+            "runs": runs}
 
 
 def table(result: dict, counts: list[int]) -> str:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from secateurs.api import PruneConfig, prune, save
 from secateurs.cli import app
 from secateurs.record import run_record
+from secateurs.report import results_table
 from secateurs.runs import count_parameters, load_run, load_runs
 
 pytest.importorskip("matplotlib")
@@ -111,3 +112,14 @@ def test_benchmark_results_file_renders_one_run_per_variant(tmp_path):
     result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert "| mag 2:4 |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_bar_in_a_label_stays_inside_its_cell(tmp_path):
+    """Benchmark labels such as ``gradmap weights mean|g|`` must not add a column to the Markdown table."""
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"runs": [run_record("dense", "tiny", [], {"wikitext2": 30.0}),
+                                         run_record("mean|g| -1", "tiny", [], {"wikitext2": 31.0})]}))
+    table = results_table(load_runs(path))
+    header, _, dense, bar = table.splitlines()
+    assert "mean\\|g\\| -1" in bar
+    assert bar.replace("\\|", "").count("|") == header.count("|")

@@ -125,7 +125,7 @@ def results_table(runs: list[Run]) -> str:
         row.append(_fmt(None if r.params is None else r.params / 1e6, ".1f") + ("M" if r.params else ""))
         if speed:
             row.append(_fmt(r.decode_tokens_per_s, ".1f"))
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     return "\n".join(lines)
 
 
