@@ -37,7 +37,7 @@ from secateurs.model.slice import apply_widths
 from secateurs.structured.base import WidthConfig, count_parameters, method_class, model_groups
 from secateurs.structured.select import select_uniform
 
-from records import save_results
+from records import run_record, save_results
 
 METHODS = ("llm-pruner", "wanda-sp", "flap", "magnitude")
 
@@ -160,8 +160,14 @@ def main() -> None:
               f"{row['latency_ratio_vs_dense']:.3f} |")
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "args": vars(args),
             "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_results(Path(args.out), {"meta": meta, "rows": rows})
+    runs = [run_record("dense", "smollm2-135m", [], {"wikitext2": base["ppl"]})] + [
+        run_record(f"{row['method']} {row['ratio']:.2f}", "smollm2-135m",
+                   [{"stage": "width", "method": row["method"], "achieved": {"param_reduction": row["param_reduction"]},
+                     "params": {"before": base["params"], "after": row["params"]}, "widths": []}],
+                   {"wikitext2": row["ppl"]})
+        for row in rows[1:] if "ppl" in row
+    ]
+    save_results(Path(args.out), {"meta": meta, "rows": rows}, runs)
 
 
 if __name__ == "__main__":
