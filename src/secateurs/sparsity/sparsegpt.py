@@ -109,8 +109,8 @@ def inverse_cholesky(hessian: torch.Tensor, options: SparseGPTOptions, where: st
     9.2 GiB, where a copy of H for damping and one for scaling made it five matrices, 15.3 GiB.
     The operations and their order are the plain version's, so the factor is bit for bit the same.
     """
+    damp = options.dampening * hessian.diagonal().mean()  # over the strided view, as before: same rounding
     diagonal = hessian.diagonal().clone()
-    damp = options.dampening * diagonal.mean()
     for _ in range(options.retries + 1):
         hessian.diagonal().copy_(diagonal + damp)
         lower, info = torch.linalg.cholesky_ex(hessian)
