@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 os.environ.setdefault("SECATEURS_DATA", str(SHARED_DATA))
@@ -23,6 +24,25 @@ def data_dir() -> Path:
     if not (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models train far faster on one thread than on an oversubscribed shared CPU; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """3,000 seeded words of a small vocabulary: training and calibration text for tiny models."""
+    words = "the quick brown fox jumps over the lazy dog while a small cat sleeps near the warm fire".split()
+    generator = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=generator).tolist()))
+    return path
 
 
 @pytest.fixture(scope="session")

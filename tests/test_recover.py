@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model
 from typer.testing import CliRunner
 
 from secateurs.api import PruneConfig, prune
@@ -14,37 +15,28 @@ from secateurs.cli import app
 from secateurs.errors import UsageError
 from secateurs.model.linear import weight_matrix
 from secateurs.model.slice import mask_groups
+from secateurs.recover.adapters import attach
 from secateurs.recover.checkpoint import read_checkpoint
 from secateurs.recover.iterative import prune_iterative
-from secateurs.recover.adapters import attach
-from secateurs.recover.lora import CHECKPOINT, RecoverConfig, recover_lora, train_adapters, train_ids
-from secateurs.recover.loraprune import LoRAPruneConfig, LoRAPruneHook, group_importance, loraprune
+from secateurs.recover.lora import (
+    CHECKPOINT,
+    RecoverConfig,
+    recover_lora,
+    train_adapters,
+    train_ids,
+)
+from secateurs.recover.loraprune import (
+    LoRAPruneConfig,
+    LoRAPruneHook,
+    group_importance,
+    loraprune,
+)
 from secateurs.recover.train import TrainHook, enable_checkpointing
 from secateurs.structured.base import model_groups
-from tiny_models import random_ids, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps near the warm fire".split()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train far faster on one thread than on an oversubscribed shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    words = [WORDS[i] for i in torch.randint(0, len(WORDS), (3000,), generator=generator).tolist()]
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(" ".join(words))
-    return path
-
-
 def config(text_file: Path, **overrides) -> RecoverConfig:
     settings = dict(steps=8, lr=1e-2, seq_len=32, batch_size=2, data=str(text_file), warmup_steps=0)
     return RecoverConfig(**{**settings, **overrides})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from secateurs.recover.checkpoint import read_checkpoint
 from secateurs.recover.lora import RecoverConfig
@@ -17,17 +18,10 @@ from secateurs.recover.loraprune import LoRAPruneConfig, LoRAPruneHook, loraprun
 from secateurs.recover.train import SeededWindows, TrainHook, TrainPlan, train
 from secateurs.structured.shearing import ShearConfig, ShearTarget, shear
 from secateurs.structured.shearing.driver import ShearTraining
-from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class StopAt(TrainHook):

@@ -4,7 +4,6 @@ writer's record carries every field of its typed record (``secateurs.record.STAG
 
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 
@@ -24,24 +23,9 @@ from secateurs.runs import load_run
 from secateurs.structured.base import WidthConfig, prune_width
 from secateurs.structured.shearing import ShearConfig, ShearTarget
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over the lazy dog".split()
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
-    return str(path)
 
 
 def _train(text_file: str, steps: int = 4) -> RecoverConfig:
@@ -107,7 +91,7 @@ CASES = {
 def test_each_stage_kind_is_labelled_by_its_method(case, text_file, tmp_path):
     write, method, kind = CASES[case]
     loaded = tiny_model("llama")
-    records = write(loaded, text_file)
+    records = write(loaded, str(text_file))
     for record in records:
         assert parse_stage(record, strict=True) is not None
     out = save(loaded, tmp_path / case, records)
@@ -119,7 +103,7 @@ def test_each_stage_kind_is_labelled_by_its_method(case, text_file, tmp_path):
 def test_earlier_curves_stay_beside_later_ones(text_file, tmp_path):
     """Layer importance from a depth stage is still plotted after a later sparsity stage."""
     loaded = tiny_model("llama")
-    run = load_run(save(loaded, tmp_path / "chain", _layers_then_prune(loaded, text_file)))
+    run = load_run(save(loaded, tmp_path / "chain", _layers_then_prune(loaded, str(text_file))))
     assert set(run.layers) == {"importance", "sparsity"} and len(run.removed_layers) == 1
 
 

@@ -8,13 +8,19 @@ import random
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from secateurs.api import save, shear
 from secateurs.cli import app
 from secateurs.errors import UsageError
-from secateurs.recover.dynamic_batch import Domains, TrainSettings, pretrain, update_weights
+from secateurs.recover.dynamic_batch import (
+    Domains,
+    TrainSettings,
+    pretrain,
+    update_weights,
+)
 from secateurs.structured.shearing import (
     HIDDEN_ARCHS,
     MaskedForward,
@@ -26,16 +32,7 @@ from secateurs.structured.shearing import (
     plan_for,
 )
 
-from tiny_models import random_ids, tiny_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
