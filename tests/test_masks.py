@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from secateurs.errors import UsageError
+from secateurs.model.linear import sparsity_of
 from secateurs.sparsity.base import SparsityTarget
-from secateurs.sparsity.masks import Pattern, is_nm, nm_mask, select, sparsity_of, unstructured_mask
+from secateurs.sparsity.masks import Pattern, is_nm, nm_mask, select, unstructured_mask
 
 
 def scores(rows=8, cols=32, seed=0):

@@ -17,9 +17,9 @@ from secateurs.data.calib import CalibConfig
 from secateurs.engine.sequential import EngineOptions
 from secateurs.engine.stats import Hessian, InputSqNorm
 from secateurs.errors import NumericalError, UsageError
-from secateurs.model.linear import weight_matrix
+from secateurs.model.linear import sparsity_of, weight_matrix
 from secateurs.sparsity.base import SparsityTarget
-from secateurs.sparsity.masks import Pattern, is_nm, sparsity_of
+from secateurs.sparsity.masks import Pattern, is_nm
 from secateurs.sparsity.owl import owl_schedule
 from secateurs.sparsity.registry import method_names
 from secateurs.sparsity.sparsegpt import SparseGPTOptions, reconstruct
@@ -221,8 +221,9 @@ def test_calibration_order_and_dtype_change_results_only_by_rounding():
 
 
 def test_shared_inputs_get_equal_but_separate_statistics():
-    from secateurs.engine.sequential import run_blocks
     from test_arch_engine import Recorder
+
+    from secateurs.engine.sequential import run_blocks
 
     loaded = tiny_model("llama")
     recorder = Recorder()

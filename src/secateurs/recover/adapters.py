@@ -23,9 +23,8 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
 from torch import nn
 
-from ..model.linear import is_transposed, weight_matrix
+from ..model.linear import is_transposed, sparsity_of, weight_matrix
 from ..model.load import LoadedModel
-from ..sparsity.masks import sparsity_of
 from .config import RecoverConfig
 
 ADAPTER = "default"

@@ -30,10 +30,9 @@ import torch
 from ..data.calib import tokenize
 from ..data.sources import load_text
 from ..errors import NumericalError, UsageError
-from ..model.linear import weight_matrix
+from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel
 from ..record import peak_memory_mb
-from ..sparsity.masks import sparsity_of
 from .adapters import Adapters, attach
 from .config import RecoverConfig
 from .train import SeededWindows, TrainHook, TrainLog, TrainPlan, digest, train

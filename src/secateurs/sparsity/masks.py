@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from ..model.linear import sparsity_of as sparsity_of  # a weight's property, kept in model/ for the engine
 
 COMPARISON_GROUPS = ("row", "layer")
 

@@ -18,13 +18,13 @@ from ..engine.distributed import RankGroup
 from ..engine.sequential import EngineOptions, run_blocks
 from ..engine.stream import StreamSession
 from ..errors import UsageError
-from ..model.linear import weight_matrix
+from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel
 from ..model.save import previous_stages
 from ..record import build_record, peak_memory_mb
 from .atp import AtpOptions, atp_target
 from .base import SparsityTarget, build_options
-from .masks import Pattern, sparsity_of
+from .masks import Pattern
 from .owl import ALLOCATIONS, OwlOptions, owl_target
 from .permute import ChannelPermutation
 from .reconstruct import BlockReconstruction, ReconstructOptions
