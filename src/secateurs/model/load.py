@@ -12,6 +12,7 @@ loading a model imports no kernel or method code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -21,7 +22,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -33,8 +35,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from ..errors import UsageError
 from ..files import make_temporary, remove_abandoned
 from .arch import ArchSpec, spec_for
-from .shards import read_header
+from .shards import ShardReader, read_header
 from .slice import load_pretrained, skeleton_class
+from .validate import check_config, check_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bytes per element of the integer tensors a safetensors header names (sparse exports store some).
@@ -134,7 +137,7 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     if kind == "shortcut":
         return _load_folder(_shortcut_folder(source), torch_dtype, source)
     if kind == "gguf":
-        model, tokenizer = _load_gguf(where, torch_dtype)
+        model, tokenizer = _load_gguf(where, torch_dtype, trust_remote_code)
         return LoadedModel(model, tokenizer, spec_for(model), source, where.resolve())
     if kind == "folder":
         return _load_folder(where, torch_dtype, source, trust_remote_code)
@@ -146,7 +149,8 @@ def load_config(source: str, trust_remote_code: bool = False):
     kind, where = _resolve(source)
     try:
         if kind == "gguf":
-            config = AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
+            with gguf_alone(where) as alone:
+                config = AutoConfig.from_pretrained(alone.parent, gguf_file=alone.name, trust_remote_code=trust_remote_code)
         else:
             folder = _shortcut_folder(source) if kind == "shortcut" else where
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -154,7 +158,7 @@ def load_config(source: str, trust_remote_code: bool = False):
         raise
     except Exception as exc:  # transformers raises many types for a broken config
         raise UsageError(f"could not load the model in {source}: {_first_line(exc)}") from exc
-    spec_for(config)
+    check_config(config, spec_for(config), _shards(source), source)
     return config
 
 
@@ -170,6 +174,9 @@ def load_skeleton(source: str, trust_remote_code: bool = False) -> LoadedModel |
         return None
     with torch.device("meta"):
         model = cls(config)
+    reader = _shards(source)
+    if reader is not None:
+        check_tensors(model, reader, source)
     path = Path(source).expanduser()
     return LoadedModel(model.eval(), None, spec_for(model), source, path.resolve() if path.exists() else None)
 
@@ -211,6 +218,13 @@ def local_folder(source: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def _shards(source: str) -> ShardReader | None:
+    """The checked safetensors headers of MODEL's local folder; None for a hub id, a GGUF file or a
+    folder whose weights are not safetensors."""
+    folder = local_folder(source)
+    return ShardReader.of(folder) if folder is not None else None
+
+
 def model_bytes(source: str, dtype: str = "float32") -> int | None:
     """Bytes of MODEL's tensors once loaded in ``dtype``, read from its safetensors headers (no
     weights read); None when that is not known before loading (hub id, .gguf, .bin weights)."""
@@ -240,7 +254,8 @@ def _finish(model: PreTrainedModel, tokenizer, source: str, path: Path | None) -
 def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_code: bool = False) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        spec_for(config)
+        reader = ShardReader.of(folder)
+        check_config(config, spec_for(config), reader, source)
         formats = [fmt for fmt in FOLDER_FORMATS.values() if fmt.detect(folder)]
         hf_logger = logging.getLogger("transformers")
         level = hf_logger.level
@@ -254,6 +269,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
         raise
     except Exception as exc:  # transformers raises many types for a broken folder
         raise UsageError(f"could not load the model in {folder}: {_first_line(exc)}") from exc
+    if reader is not None:  # before a format puts back modules the plain model lacks
+        check_tensors(model, reader, source)
     for fmt in formats:
         fmt.restore(model, folder, dtype)
     tokenizer = _try_tokenizer(folder, trust_remote_code)
@@ -273,21 +290,41 @@ def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool = False)
     return _finish(model, tokenizer, repo_id, None)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
-    """Dequantize a GGUF file and rebuild it as a plain (serialisable) float model."""
+@contextlib.contextmanager
+def gguf_alone(path: Path) -> Iterator[Path]:
+    """The GGUF file as the only entry of a private temporary folder (a link to it, not a copy).
+
+    transformers reads a GGUF from a folder and also reads what lies beside it there: a planted
+    ``tokenizer_config.json`` whose ``auto_map`` names a ``tokenization_*.py`` would ask to run that
+    file. A GGUF carries its own config and tokenizer, so nothing beside it is ever read.
+    """
+    with tempfile.TemporaryDirectory(prefix="secateurs-gguf-") as folder:
+        alone = Path(folder) / path.name
+        try:
+            alone.symlink_to(path.resolve())
+        except OSError:  # no symbolic links here (some Windows setups): a hard link is as cheap
+            os.link(path.resolve(), alone)
+        yield alone
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[PreTrainedModel, object]:
+    """Dequantize a GGUF file and rebuild it as a plain (serialisable) float model; its config and
+    tokenizer come from the file alone (:func:`gguf_alone`)."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with gguf_alone(path) as alone:
+            quantized = AutoModelForCausalLM.from_pretrained(
+                alone.parent, gguf_file=alone.name, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(alone.parent, gguf_file=alone.name, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise UsageError(f"could not read GGUF file {path}: {_first_line(exc)}") from exc
+    tokenizer.name_or_path = str(path)  # not the private folder, gone by now
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = path.stem
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     plain.load_state_dict(quantized.state_dict(), strict=False)
     plain.tie_weights()
     del quantized

@@ -352,7 +352,7 @@ def load_pretrained(
     if getattr(config, SHAPES_KEY, None):
         if stock is None:
             raise UsageError(f"{folder}: its config names no transformers model class to rebuild the per-layer widths on")
-        return per_layer_class(stock).from_pretrained(folder, config=config, **kwargs)
+        return per_layer_class(stock).from_pretrained(folder, config=config, trust_remote_code=False, **kwargs)
     auto_map = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
     if auto_map and stock is None:
         raise UsageError(
