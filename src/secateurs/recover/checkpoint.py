@@ -8,11 +8,17 @@ history) is nested dicts, lists and tuples of numbers, strings and tensors; it i
 which every container is tagged (so int and tuple keys of optimizer and LoRAPrune state survive) and
 every tensor is a reference into the safetensors file. Anything else in a file, or a file that is not
 this format, is refused with one line naming the file.
+
+Nothing read back is trusted either: before a run resumes, :func:`check_state` compares the state
+with the live one (the step within the run, finite losses, every tensor's dtype and shape, every
+optimizer setting) so a damaged or edited checkpoint is refused as the cause, with the fix, instead
+of silently skipping training, casting an integer tensor, or surfacing later as a diverging loss.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +34,9 @@ from ..files import os_reason, write_atomic
 STATE_KEY = "secateurs_state"
 FORMAT = 1
 LEGACY_SUFFIX = ".pt"
+MAX_DEPTH = 64
+"""How deeply a checkpoint's JSON may nest: the loops' states nest about 14 deep, and a bound keeps a
+crafted file from exhausting Python's recursion limit while it is decoded."""
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
@@ -87,18 +96,35 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def damaged(path: Path, reason: object) -> UsageError:
-    """The one-line error for a checkpoint that cannot be used."""
+    """The one-line error for a checkpoint that cannot be used: the file is the cause, deleting it the fix."""
     text = str(reason).strip().splitlines()[0][:200] if str(reason).strip() else type(reason).__name__
     return UsageError(
-        f"the checkpoint {path} is damaged or not a secateurs checkpoint ({text}); delete it or choose another --checkpoint-dir"
+        f"the checkpoint {path} is damaged or not a secateurs checkpoint of this run ({text}); "
+        "delete it to train from the start, or choose another --checkpoint-dir"
     )
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON containers nest in ``value``, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _document(f, path: Path) -> dict:
     try:
         document = json.loads((f.metadata() or {})[STATE_KEY])
+    except RecursionError:
+        raise damaged(path, f"its {STATE_KEY} entry nests too deeply") from None
     except (KeyError, ValueError, TypeError) as exc:
         raise damaged(path, f"no readable {STATE_KEY} entry: {exc}") from None
+    if _depth(document) > MAX_DEPTH:
+        raise damaged(path, f"its {STATE_KEY} entry nests deeper than {MAX_DEPTH} levels")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise damaged(path, f"not format {FORMAT}")
     return document
@@ -170,3 +196,116 @@ def restoring(path: Path) -> Iterator[None]:
         yield
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise damaged(path, exc) from None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _is_optimizer_state(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"state", "param_groups"}
+
+
+def _same(saved: Any, live: Any) -> bool:
+    """Equal and of the same type (``True`` is not ``1``, a tensor never equals a setting)."""
+    return not isinstance(saved, torch.Tensor) and type(saved) is type(live) and saved == live
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_progress(path: Path, state: dict, total_steps: int) -> tuple[int, list[float]]:
+    """The step reached (an integer within the run) and one finite loss per step done."""
+    step, losses = state.get("step"), state.get("losses")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total_steps:
+        raise damaged(path, f"its step is {step!r}, not a whole number from 0 to the run's {total_steps} steps")
+    if not isinstance(losses, list) or len(losses) != step or not all(map(_number, losses)):
+        raise damaged(path, f"its losses are not {step} finite numbers, one per step done")
+    return step, [float(x) for x in losses]
+
+
+def _check_optimizer(path: Path, saved: Any, optimizer: torch.optim.Optimizer, steps: int, where: str) -> None:
+    """Settings equal to the live optimizer's (the learning rate is the schedule's, checked by the
+    loop), state only for its parameters, each tensor of its parameter's dtype and shape."""
+    live = optimizer.state_dict()
+    if not _is_optimizer_state(saved) or not isinstance(saved["state"], dict) or not isinstance(saved["param_groups"], list):
+        raise damaged(path, f"{where} is not an optimizer state")
+    if len(saved["param_groups"]) != len(live["param_groups"]):
+        raise damaged(path, f"{where} has {len(saved['param_groups'])} parameter groups, the run has {len(live['param_groups'])}")
+    for number, (got, want) in enumerate(zip(saved["param_groups"], live["param_groups"])):
+        if not isinstance(got, dict) or set(got) != set(want):
+            raise damaged(path, f"{where} group {number} has other settings than the run's")
+        changed = [key for key in want if key != "lr" and not _same(got[key], want[key])]
+        if changed:
+            raise damaged(path, f"{where} {', '.join(changed)} differ from the run's")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+            raise damaged(path, f"{where} has state for a parameter {index!r} the run does not train")
+        for name, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                raise damaged(path, f"{where} state {index}.{name} is {_describe(value)}, not a tensor")
+            if name == "step":
+                if value.dim() != 0 or not value.is_floating_point() or not 0 <= value.item() <= steps:
+                    raise damaged(path, f"{where} step count is {value.tolist()!r}, not 0 to {steps}")
+            elif value.dtype != params[index].dtype or value.shape != params[index].shape:
+                raise damaged(path, f"{where} state {index}.{name} is {_describe(value)}, "
+                                    f"its parameter {_describe(params[index].detach())}")
+
+
+def _check_leaf(path: Path, saved: Any, live: Any, where: str) -> None:
+    """A setting or counter of the type the run has (a finite number where it has a number)."""
+    if isinstance(live, bool) or isinstance(live, str):
+        ok = type(saved) is type(live)
+    elif isinstance(live, int):
+        ok = isinstance(saved, int) and not isinstance(saved, bool)
+    elif isinstance(live, float):
+        ok = _number(saved)
+    else:
+        ok = True
+    if not ok:
+        raise damaged(path, f"{where} is {saved!r:.40}, the run has {_describe(live)}")
+
+
+def check_state(path: Path, saved: dict, live: dict, optimizers: list[torch.optim.Optimizer], steps: int) -> None:
+    """``saved`` against the state the run would save (``live``): every tensor the run has at the
+    same place has its dtype and shape, containers stay containers, numbers stay finite numbers;
+    each optimizer state met (in ``optimizers``' order) is checked against that optimizer; and no
+    floating-point tensor anywhere holds NaN or infinity. ``steps`` is the checkpoint's step."""
+    pending = list(optimizers)
+    stack: list[tuple[Any, Any, str]] = [(saved, live, "state")]
+    while stack:
+        got, want, where = stack.pop(0)
+        if isinstance(want, torch.Tensor):
+            if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
+                raise damaged(path, f"{where} is {_describe(got)}, the run has {_describe(want)}")
+        elif _is_optimizer_state(want) and pending:
+            _check_optimizer(path, got, pending.pop(0), steps, where)
+        elif isinstance(want, dict):
+            if not isinstance(got, dict) or not set(want) <= set(got):
+                missing = sorted(map(str, set(want) - set(got))) if isinstance(got, dict) else []
+                raise damaged(path, f"{where} lacks {', '.join(missing)}" if missing else f"{where} is {_describe(got)}, not a mapping")
+            stack.extend((got[key], value, f"{where}.{key}") for key, value in want.items())
+        elif isinstance(want, (list, tuple)):
+            if not isinstance(got, (list, tuple)):
+                raise damaged(path, f"{where} is {_describe(got)}, not a list")
+            stack.extend((a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(got, want)))
+        else:
+            _check_leaf(path, got, want, where)
+    _check_finite(path, saved)
+
+
+def _check_finite(path: Path, state: Any) -> None:
+    stack: list[tuple[Any, str]] = [(state, "state")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+                raise damaged(path, f"{where} holds NaN or infinite values")
+        elif isinstance(value, dict):
+            stack.extend((item, f"{where}.{key}") for key, item in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))

@@ -37,7 +37,7 @@ from ..data.calib import random_windows
 from ..errors import NumericalError
 from ..evaluate.loss import mean_loss
 from ..progress import meter
-from .checkpoint import load_checkpoint, restoring, save_checkpoint
+from .checkpoint import check_progress, check_state, damaged, load_checkpoint, restoring, save_checkpoint
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -205,6 +205,24 @@ def _transformer(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _check_rates(
+    plan: TrainPlan,
+    step: int,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    base_rates: list[float],
+    hook_optimizers: list[torch.optim.Optimizer],
+    hook_rates: list[list[float]],
+) -> None:
+    """After a restore, the learning rates are the run's: the schedule's base rates and position,
+    the rate it gives at ``step``, and the hook's optimizers' rates as they were before."""
+    expected = [base * plan.schedule(step) for base in base_rates]
+    current = [group["lr"] for group in scheduler.optimizer.param_groups]
+    if scheduler.base_lrs != base_rates or scheduler.last_epoch != step or current != expected:
+        raise damaged(plan.checkpoint, f"its learning rate {current} is not the run's {expected} at step {step}")
+    if [[group["lr"] for group in opt.param_groups] for opt in hook_optimizers] != hook_rates:
+        raise damaged(plan.checkpoint, "a learning rate of its hook's optimizers is not the run's")
+
+
 def train(
     model: nn.Module,
     params: dict[str, nn.Parameter],
@@ -240,8 +258,27 @@ def train(
     key = digest({"plan": plan.fingerprint(), "hook": hook.fingerprint(), "batches": batches.fingerprint(),
                   "run": fingerprint or {}})
     start, losses = 0, []
+
+    def snapshot(step: int) -> dict:
+        """The state a checkpoint holds: what a resumed run needs to end where this one would."""
+        return {
+            "digest": key,
+            "step": step,
+            "losses": losses,
+            "params": {name: p.detach() for name, p in zip(names, trained)},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "hook": hook.state_dict(),
+            "batches": batches.state_dict(),
+        }
+
     state = load_checkpoint(plan.checkpoint, key) if plan.checkpoint else None
     if state is not None:
+        start, losses = check_progress(plan.checkpoint, state, plan.steps)
+        check_state(plan.checkpoint, state, snapshot(start), [optimizer, *hook.optimizers()], start)
+        rates = [[group["lr"] for group in opt.param_groups] for opt in hook.optimizers()]
+        base_rates = list(scheduler.base_lrs)
         with restoring(plan.checkpoint), torch.no_grad():
             for name, p in zip(names, trained):
                 p.copy_(state["params"][name])
@@ -250,7 +287,7 @@ def train(
             scaler.load_state_dict(state["scaler"])
             hook.load_state_dict(state["hook"])
             batches.load_state_dict(state["batches"])
-            start, losses = int(state["step"]), [float(x) for x in state["losses"]]
+        _check_rates(plan, start, scheduler, base_rates, hook.optimizers(), rates)
 
     def evaluate(window_sets: list[torch.Tensor]) -> torch.Tensor:
         model.eval()
@@ -293,17 +330,7 @@ def train(
                 losses.append(total)
                 update(step + 1, loss=f"{total:.4f}", **({"status": hook.status()} if shows_status else {}))
                 if plan.checkpoint and ((step + 1) % plan.save_every == 0 or step + 1 == plan.steps):
-                    save_checkpoint(plan.checkpoint, {
-                        "digest": key,
-                        "step": step + 1,
-                        "losses": losses,
-                        "params": {name: p.detach() for name, p in zip(names, trained)},
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "hook": hook.state_dict(),
-                        "batches": batches.state_dict(),
-                    })
+                    save_checkpoint(plan.checkpoint, snapshot(step + 1))
     finally:
         model.eval()
         if plan.gradient_checkpointing:
