@@ -47,7 +47,6 @@ from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel, _try_tokenizer, resolve_dtype
 from ..model.save import RECORD, check_out
 from ..model.shards import DTYPES, INDEX, ShardReader, read_header, read_tensors, write_tensors
-from ..model.validate import check_config, check_tensors
 from .distributed import RankGroup, check_samples, collective
 from .sequential import BlockMethod, EngineHooks, Stats
 
@@ -125,7 +124,6 @@ class StreamSession(EngineHooks):
         if getattr(config, "auto_map", None):
             raise UsageError(f"{source} needs its own modeling code (auto_map); prune it without --stream")
         spec = spec_for(config)
-        check_config(config, spec, self.reader, str(source))
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=False)
         model.eval()
@@ -134,7 +132,6 @@ class StreamSession(EngineHooks):
         self.spec: ArchSpec = spec
         self.source_index = list(range(len(spec.blocks_of(model))))
         self._check_keys()
-        check_tensors(model, self.reader, str(source), streamed_prefix=spec.blocks)
         self._load_embeddings()
         self.partial = self.out.parent / f".{self.out.name}.partial"
         self.fingerprint = {
