@@ -10,22 +10,37 @@ writes an owner file (pid and host) beside it: a process killed mid-write cannot
 next write into the same folder calls :func:`remove_abandoned`, which removes temporary folders whose
 owner is gone. :func:`check_writable` finds what can be known before any work (a read-only or full
 disk), and :func:`os_reason` turns an OS error during the write into a few words for a one-line error.
+
+Two runs never write one output: :func:`output_lock` holds a lock file beside OUT (``.OUT.lock``,
+which also covers ``--stream``'s ``.OUT.partial``) from after the pre-flight checks to the final
+rename. It is the same kind of owner file (pid and host), locked with ``flock`` so the kernel drops
+the lock when its process dies: a second run gets one line naming the first's pid, and the lock
+file of a killed run is simply taken over. :func:`resolve_out` and :func:`check_replaceable` keep a
+path that cannot be resolved, or a folder ``--overwrite`` must not replace, to one line before any work.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
 
 Content = bytes | str | Callable[[Path], None]
 OWNER_SUFFIX = ".owner"
+LOCK_SUFFIX = ".lock"
+# Set by the process holding a lock, so the torchrun ranks it launches (``--nproc``) write under it.
+HOLDER_ENV = "SECATEURS_LOCK_HOLDER"
+_held: dict[Path, tuple[int, int]] = {}  # lock file → (thread holding it, nesting depth)
+_held_guard = threading.Lock()
 
 
 def write_atomic(path: str | Path, content: Content, make_parents: bool = True) -> Path:
@@ -134,3 +149,154 @@ def os_reason(exc: BaseException) -> str:
         if needle in text:
             return reason
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def resolve_out(out: str | Path, flag: str = "--out") -> Path:
+    """``out`` as an absolute path, or one line when it cannot be one: bytes that are not UTF-8 (they
+    would fail only when the record is written, after the work) or a symbolic link loop."""
+    text = os.fspath(out)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{flag} {text!r} is not valid UTF-8; choose a name in UTF-8") from None
+    try:
+        return Path(text).expanduser().resolve()
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        raise UsageError(f"{flag} {text}: a symbolic link in it loops; choose another path") from None
+    except OSError as exc:
+        raise UsageError(f"{flag} {text} cannot be resolved ({os_reason(exc)}); choose another path") from None
+
+
+def check_protected(target: Path, flag: str) -> None:
+    """``target`` is not a folder secateurs may ever replace: the current folder, one above it, the
+    home folder or one above it (a typo there would lose everything)."""
+    here = Path.cwd().resolve()
+    if target == here:
+        raise UsageError(f"{flag} {target} is the current folder; secateurs never replaces it; choose a new folder")
+    if target in here.parents:
+        raise UsageError(f"{flag} {target} holds the current folder; secateurs never replaces it; choose a new folder")
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home folder known
+        home = None
+    if home is not None and (target == home or target in home.parents):
+        raise UsageError(f"{flag} {target} is or holds the home folder; secateurs never replaces it; choose a new folder")
+
+
+def check_replaceable(target: Path, flag: str, marker: str) -> None:
+    """What ``--overwrite`` may replace: an empty folder or a secateurs output (``marker`` present),
+    and never a protected folder (:func:`check_protected`)."""
+    check_protected(target, flag)
+    if target.is_dir() and not (target / marker).is_file() and any(target.iterdir()):
+        raise UsageError(
+            f"{flag} {target} holds files secateurs did not write (no {marker}); --overwrite replaces only an "
+            "empty folder or a secateurs output; choose another folder"
+        )
+
+
+def lock_file(target: Path) -> Path:
+    """The lock file of output ``target``: beside it, so it survives ``target`` being replaced."""
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+
+
+@contextmanager
+def output_lock(target: Path, flag: str = "--out") -> Iterator[None]:
+    """Hold ``target`` (and ``.target.partial``) against every other writer while the block runs.
+
+    Nested use by the same thread (a stage inside a run that already holds it) is free; another
+    thread or process gets a one-line :class:`UsageError` naming the holder's pid. Under torchrun
+    only rank 0 writes, under the lock its launcher holds (``--nproc``) or its own.
+    """
+    path = lock_file(target)
+    me = threading.get_ident()
+    with _held_guard:
+        held = _held.get(path)
+        if held is not None and held[0] != me:
+            raise UsageError(_busy(target, flag, f"pid {os.getpid()}, this process"))
+        if held is not None:
+            _held[path] = (me, held[1] + 1)
+    if held is not None:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[path] = held
+        return
+    if _launcher_holds(path):
+        yield
+        return
+    handle = _acquire(path, target, flag)
+    with _held_guard:
+        _held[path] = (me, 1)
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held.pop(path, None)
+            if not _held:
+                os.environ.pop(HOLDER_ENV, None)
+        path.unlink(missing_ok=True)
+        os.close(handle)
+
+
+def _busy(target: Path, flag: str, holder: str) -> str:
+    return f"{flag} {target} is being written by another secateurs run ({holder}); wait for it to end or choose another folder"
+
+
+def _read_owner(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _launcher_holds(path: Path) -> bool:
+    """A torchrun rank: rank 0 writes under its launcher's lock (if it holds one), other ranks never write."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if os.environ.get("RANK", "0") != "0":
+        return True
+    info = _read_owner(path)
+    return str(info.get("pid")) == os.environ.get(HOLDER_ENV) and info.get("host") == socket.gethostname()
+
+
+def _acquire(path: Path, target: Path, flag: str) -> int:
+    """Open and ``flock`` the lock file, then write this process's pid and host into it.
+
+    The lock is retried when the file was replaced between open and lock (its releasing holder
+    unlinks it), so two runs can never each lock a different file of the same name.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(handle)
+                info = _read_owner(path)
+                holder = f"pid {info['pid']} on {info.get('host', '?')}" if "pid" in info else "its pid not yet written"
+                raise UsageError(_busy(target, flag, holder)) from None
+            except OSError:
+                os.close(handle)
+                raise
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(handle).st_ino:
+                break
+            os.close(handle)
+        owner = {"secateurs_lock": target.name, "pid": os.getpid(), "host": socket.gethostname()}
+        try:
+            os.ftruncate(handle, 0)
+            os.write(handle, json.dumps(owner).encode())
+        except OSError:
+            path.unlink(missing_ok=True)
+            os.close(handle)
+            raise
+    except OSError as exc:
+        raise UsageError(f"could not lock {flag} {target} ({os_reason(exc)}); choose a writable folder") from None
+    os.environ[HOLDER_ENV] = str(os.getpid())
+    return handle

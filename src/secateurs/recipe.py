@@ -24,6 +24,13 @@ are set by the runner: stage *i* reads stage *i−1*'s output and writes ``OUT/s
 Measuring stages (``eval``, ``bench``) read the current model and write their results into their
 stage folder. The final model is linked into OUT itself, with a ``secateurs.json`` holding every
 stage's config, timing and results.
+
+Nothing is lost on a rerun: a finished stage records its files and their sizes in ``stage.json``
+and is reused only while they are all there (otherwise it runs again, with a note); the new OUT is
+built beside the old one and swapped in by renames, so the final model in OUT is replaced only by a
+complete new one. OUT holds only what secateurs wrote: a run refuses, before stage 1, an OUT with
+any other file in it, so the swap never deletes a file the user put there. The whole run holds
+OUT's lock (:func:`secateurs.files.output_lock`), so two runs cannot share one OUT.
 """
 
 from __future__ import annotations
@@ -43,17 +50,22 @@ from typing import Any
 
 import yaml
 
+from .data.sources import check_available
 from .errors import SecateursError, UsageError
+from .files import check_protected, make_temporary, os_reason, output_lock, remove_abandoned, replace_folder, resolve_out, write_atomic
 from .model.save import RECORD
 from .record import build_record
 from .stages import STAGES, Outcome, Request, check
 from .stages import Stage as StageSpec
+from .stages import run as run_stage
 
 STAGE_COMMANDS = tuple(STAGES)
 RUNNER_FIELDS = ("model", "out", "overwrite")
 CALIB_KEYS = {"source": "calib", "n_samples": "n_samples", "seq_len": "seq_len", "seed": "seed", "data_dir": "data_dir"}
 TOP_LEVEL = ("model", "calib", "stages", "out")
 STAGE_MARKER = "stage.json"
+STAGES_DIR = "stages"
+PUBLISHED = "published"  # the record's list of the files a run put in OUT (beside secateurs.json and stages/)
 RESULT_FILES = {"eval": "json_out", "bench": "json_out"}
 
 
@@ -167,7 +179,7 @@ def load_recipe(source: str | Path | dict, out: str | Path | None = None) -> Rec
     if not isinstance(raw.get("model"), str):
         raise UsageError("recipe: 'model' must name the input model (folder, hub id, .gguf or shortcut)")
     target = out or raw.get("out")
-    if not target:
+    if not target or not isinstance(target, (str, Path)):
         raise UsageError("recipe: no output folder; set 'out' in the recipe or pass --out")
     calib = raw.get("calib") or {}
     if not isinstance(calib, dict):
@@ -179,7 +191,7 @@ def load_recipe(source: str | Path | dict, out: str | Path | None = None) -> Rec
     if not isinstance(entries, list) or not entries:
         raise UsageError("recipe: 'stages' must be a non-empty list of {command: {flags}}")
     stages = [_stage(i, entry, calib) for i, entry in enumerate(entries)]
-    recipe = Recipe(raw["model"], stages, Path(target).expanduser(), calib)
+    recipe = Recipe(raw["model"], stages, resolve_out(target), calib)
     _check_sequence(recipe)
     _assign_keys(recipe)
     _check_values(recipe)
@@ -200,11 +212,22 @@ def _check_values(recipe: Recipe) -> None:
     for stage in recipe.stages:
         folder = stages_dir / stage.folder
         try:
-            check(_request(stage, current, folder), pending)
+            request = _request(stage, current, folder)
+            check(request, pending)
+            if not stage.produces_model:
+                _check_data(request)
         except SecateursError as exc:
             raise type(exc)(f"{stage.label}: {exc}") from None
         if stage.produces_model:
             current = str(folder / "model")
+
+
+def _check_data(request: Request) -> None:
+    """A measuring stage's datasets are there (a local copy, or the hub reachable), so the recipe does
+    not fail after the stages before it ran."""
+    evaluation = request.evaluation
+    for name in evaluation.datasets:
+        check_available(name, "test", evaluation.data_dir)
 
 
 def _stage(index: int, entry: Any, calib: dict) -> Stage:
@@ -220,12 +243,12 @@ def _stage(index: int, entry: Any, calib: dict) -> Stage:
         raise UsageError(f"{label}: its fields must be a mapping of flag: value")
     flags = flags_of(STAGES[command].parse)
     fields: dict[str, Any] = {}
-    if "calib" in flags:
-        for recipe_key, flag_name in CALIB_KEYS.items():
-            if flag_name == "seq_len" and "calib_seq_len" in flags:  # recover: seq_len is the training length
-                flag_name = "calib_seq_len"
-            if recipe_key in calib and flag_name in flags:
-                fields[flag_name] = _coerce(f"{label} calib", recipe_key, calib[recipe_key], flags[flag_name])
+    for recipe_key, flag_name in CALIB_KEYS.items():
+        if flag_name == "seq_len" and "calib_seq_len" in flags:  # recover: seq_len is the training length
+            flag_name = "calib_seq_len"
+        # data_dir also tells measuring stages (no calibration flags) where the offline data lives
+        if recipe_key in calib and flag_name in flags and ("calib" in flags or flag_name == "data_dir"):
+            fields[flag_name] = _coerce(f"{label} calib", recipe_key, calib[recipe_key], flags[flag_name])
     settable = [name for name in flags if name not in RUNNER_FIELDS]
     for key, value in given.items():
         name = str(key).replace("-", "_")
@@ -323,14 +346,41 @@ def _assign_keys(recipe: Recipe) -> None:
         previous = stage.key
 
 
-def _is_done(folder: Path, stage: Stage) -> bool:
+def _stage_files(folder: Path) -> dict[str, int]:
+    """What a finished stage wrote (relative path → size), recorded so a rerun can tell it is whole;
+    hidden names (locks, temporaries) are not part of the output."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and path.name != STAGE_MARKER and not any(part.startswith(".") for part in relative.parts):
+            files[relative.as_posix()] = path.stat().st_size
+    return files
+
+
+def _finished(folder: Path, stage: Stage) -> tuple[dict | None, str]:
+    """The stage's ``stage.json`` when its output can be reused; else None and why it cannot ("" when
+    it never ran or its config or input changed, which need no note)."""
     marker = folder / STAGE_MARKER
     if not marker.is_file():
-        return False
+        return None, ""
     try:
-        return json.loads(marker.read_text()).get("key") == stage.key
-    except json.JSONDecodeError:
-        return False
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None, f"its {STAGE_MARKER} is unreadable"
+    if not isinstance(done, dict):
+        return None, f"its {STAGE_MARKER} is not a JSON object"
+    if done.get("key") != stage.key:
+        return None, ""
+    files = done.get("files")
+    if not isinstance(files, dict) or not files:
+        return None, f"its {STAGE_MARKER} lists no files (an older secateurs wrote it)"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return None, f"{name} is missing"
+        if path.stat().st_size != size:
+            return None, f"{name} changed size"
+    return done, ""
 
 
 def estimate(recipe: Recipe) -> list[dict]:
@@ -346,7 +396,7 @@ def estimate(recipe: Recipe) -> list[dict]:
             tokens += 3 * int(f["steps"]) * int(f.get("batch_size") or 1) * int(f.get("seq_len") or 512)
         plan.append({
             "stage": stage.folder,
-            "action": "reuse" if _is_done(stages_dir / stage.folder, stage) else "run",
+            "action": "reuse" if _finished(stages_dir / stage.folder, stage)[0] is not None else "run",
             "fields": {k: f[k] for k in stage.explicit},
             "forward_token_equivalents": tokens or None,
         })
@@ -365,27 +415,70 @@ def run(
     ``echo`` gets one line per stage (running / reusing); ``show`` each stage's summary tables."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, out)
     if dry_run:
+        _check_out(recipe.out)
         return {"plan": estimate(recipe)}
-    stages_dir = recipe.out / "stages"
-    if recipe.out.is_file() or (recipe.out.is_dir() and any(recipe.out.iterdir()) and not stages_dir.is_dir()):
-        raise UsageError(f"--out {recipe.out} exists and is not a recipe output folder; choose another")
-    stages_dir.mkdir(parents=True, exist_ok=True)
-    current = recipe.model
-    history: list[dict] = []
-    for stage in recipe.stages:
-        folder = stages_dir / stage.folder
-        if _is_done(folder, stage):
-            echo(f"{stage.label}: unchanged, reusing {folder}")
-            done = json.loads((folder / STAGE_MARKER).read_text())
-        else:
-            echo(f"{stage.label}: running")
-            done = _run_stage(stage, current, folder, show)
-        history.append(done)
-        if stage.produces_model:
-            current = str(folder / "model")
-    record = build_record(recipe.model, history, {"final_model": current})
-    _publish(recipe.out, current if current != recipe.model else None, record)
+    with output_lock(recipe.out):
+        _check_out(recipe.out)
+        stages_dir = recipe.out / STAGES_DIR
+        try:
+            stages_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"could not create {stages_dir}: {os_reason(exc)}; choose a writable --out") from None
+        current = recipe.model
+        history: list[dict] = []
+        for stage in recipe.stages:
+            folder = stages_dir / stage.folder
+            done, why = _finished(folder, stage)
+            if done is not None:
+                echo(f"{stage.label}: unchanged, reusing {folder}")
+            else:
+                echo(f"{stage.label}: {why}, so running it again" if why else f"{stage.label}: running")
+                done = _run_stage(stage, current, folder, show)
+            history.append(done)
+            if stage.produces_model:
+                current = str(folder / "model")
+        record = build_record(recipe.model, history, {"final_model": current})
+        _publish(recipe.out, current if current != recipe.model else None, record)
     return record
+
+
+def _check_out(out: Path) -> None:
+    """OUT is new, empty, or a recipe output holding only what secateurs wrote (checked before stage 1,
+    and again before OUT is swapped), and never a folder secateurs may not replace."""
+    check_protected(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder; choose another path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / STAGES_DIR).is_dir():
+        raise UsageError(f"--out {out} exists and is not a recipe output folder; choose another")
+    ours = _published(out)
+    foreign = sorted(path.name for path in out.iterdir() if path.name not in ours)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UsageError(
+            f"--out {out} holds {foreign[0]!r}{more}, which secateurs did not write and would not keep; "
+            "move it out of OUT and rerun (finished stages are reused)"
+        )
+
+
+def _published(out: Path) -> set[str]:
+    """The names a previous run put in OUT: secateurs.json, stages/ and its record's list of files (for
+    a record older than that list, the files of the final model it names)."""
+    names = {RECORD, STAGES_DIR}
+    try:
+        results = json.loads((out / RECORD).read_text()).get("results")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return names
+    if not isinstance(results, dict):
+        return names
+    listed = results.get(PUBLISHED)
+    if isinstance(listed, list):
+        return names | {str(name) for name in listed}
+    final = results.get("final_model")
+    if isinstance(final, str) and Path(final).is_dir():
+        names |= {path.name for path in Path(final).iterdir() if path.is_file()}
+    return names
 
 
 def _request(stage: Stage, model: str, folder: Path) -> Request:
@@ -410,8 +503,7 @@ def _run_stage(stage: Stage, model: str, folder: Path, show: Callable[[Outcome],
     start = time.perf_counter()
     try:
         request = _request(stage, model, folder)
-        check(request)
-        outcome = request.stage.execute(request)
+        outcome = run_stage(request)
         if outcome is not None and show is not None:
             show(outcome)
         if outcome is not None and outcome.failed:
@@ -434,22 +526,47 @@ def _run_stage(stage: Stage, model: str, folder: Path, show: Callable[[Outcome],
     results = folder / "results.json"
     if results.is_file():
         done["results"] = json.loads(results.read_text())
-    (folder / STAGE_MARKER).write_text(json.dumps(done, indent=2, default=str) + "\n")
+    done["files"] = _stage_files(folder)
+    write_atomic(folder / STAGE_MARKER, json.dumps(done, indent=2, default=str) + "\n")
     return done
 
 
 def _publish(out: Path, final_model: str | None, record: dict) -> None:
-    """Link the final model's files into OUT (so OUT loads with transformers) and write the record."""
-    if final_model is not None:
-        for old in out.iterdir():
-            if old.is_file():
-                old.unlink()
-        for source in Path(final_model).iterdir():
-            if source.is_file() and source.name != RECORD:
-                try:
-                    os.link(source, out / source.name)
-                except OSError:
-                    shutil.copy2(source, out / source.name)
-    tmp = out / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(out / RECORD)
+    """Swap in a new OUT: the final model's files (hard links, so OUT loads with transformers), the
+    record, and the stages folder, built in a temporary folder beside OUT and renamed over it.
+
+    The old OUT is removed only once the new one is complete, and it holds nothing but what an
+    earlier run published (checked again here); a failure leaves the old OUT and its stages as they were.
+    """
+    _check_out(out)
+    sources = [] if final_model is None else [
+        path for path in sorted(Path(final_model).iterdir())
+        if path.is_file() and path.name != RECORD and not path.name.startswith(".")
+    ]
+    record["results"][PUBLISHED] = [path.name for path in sources]
+    try:
+        remove_abandoned(out.parent)
+        tmp, owner = make_temporary(out.parent, f".{out.name}.publish-")
+    except OSError as exc:
+        raise UsageError(f"could not write --out {out}: {os_reason(exc)}; its stages are kept, rerun to finish") from None
+    stages_moved = False
+    try:
+        for source in sources:
+            try:
+                os.link(source, tmp / source.name)
+            except OSError:
+                shutil.copy2(source, tmp / source.name)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        (out / STAGES_DIR).rename(tmp / STAGES_DIR)
+        stages_moved = True
+        replace_folder(tmp, out)
+        stages_moved = False
+    except BaseException as exc:
+        if stages_moved:
+            (tmp / STAGES_DIR).rename(out / STAGES_DIR)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UsageError(f"could not write --out {out}: {os_reason(exc)}; its stages are kept, rerun to finish") from None
+        raise
+    finally:
+        owner.unlink(missing_ok=True)

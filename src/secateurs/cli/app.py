@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from ..stages import Outcome, Stage, check
+from ..stages import Outcome, Stage, run
 from ..stages.flags import Help
 from .common import err_console, friendly, out_console, table
 
@@ -65,9 +65,7 @@ def stage_command(stage: Stage) -> None:
     parameters = [p.replace(annotation=typer_flag(hints[p.name])) for p in inspect.signature(stage.parse).parameters.values()]
 
     def command(**flags: object) -> None:
-        request = stage.parse(**flags)
-        check(request)
-        show(stage.execute(request))
+        show(run(stage.parse(**flags)))
 
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in parameters}

@@ -151,7 +151,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_hub(name: str, split: str, folder: Path | None, local: LocalFile | None) -> str:
+def check_available(name: str, split: str, data_dir: str | Path | None = None) -> None:
+    """What :func:`load_text` would refuse, known without reading any data: a missing file, no local
+    copy with the hub set offline or unreachable (a recipe checks this before its first stage)."""
+    check_name(name)
+    if is_text_path(name):
+        return
+    folder = data_dir_from(data_dir)
+    local = LOCAL_FILES.get((name, split))
+    if folder is None or local is None or not (folder / local.relpath).is_file():
+        _check_hub(name, split, folder, local)
+
+
+def _check_hub(name: str, split: str, folder: Path | None, local: LocalFile | None) -> str:
+    """Why there is no local copy; raises when the hub cannot give one either."""
     where = (
         f"no local copy ({folder / local.relpath} not found)"
         if folder is not None and local is not None
@@ -163,6 +176,11 @@ def _from_hub(name: str, split: str, folder: Path | None, local: LocalFile | Non
         raise UsageError(f"{name} ({split}) is unavailable: {where} and the hub is set offline")
     if not _hub_reachable():
         raise UsageError(f"{name} ({split}) is unavailable: {where} and huggingface.co cannot be reached")
+    return where
+
+
+def _from_hub(name: str, split: str, folder: Path | None, local: LocalFile | None) -> str:
+    where = _check_hub(name, split, folder, local)
     try:
         import datasets
     except ImportError as exc:

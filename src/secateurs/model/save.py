@@ -16,7 +16,16 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from ..errors import UsageError
-from ..files import check_writable, make_temporary, os_reason, remove_abandoned, replace_folder, write_atomic
+from ..files import (
+    check_replaceable,
+    check_writable,
+    make_temporary,
+    os_reason,
+    remove_abandoned,
+    replace_folder,
+    resolve_out,
+    write_atomic,
+)
 from .load import LoadedModel
 from .slice import remote_code_files
 
@@ -24,8 +33,9 @@ RECORD = "secateurs.json"
 
 
 def check_out(out: str | Path, input_path: Path | None, overwrite: bool) -> Path:
-    """Validate OUT against the input and what is already there; returns it resolved."""
-    target = Path(out).expanduser().resolve()
+    """Validate OUT against the input and what is already there; returns it resolved. ``overwrite``
+    replaces only an empty folder or a secateurs output (:func:`secateurs.files.check_replaceable`)."""
+    target = resolve_out(out)
     if input_path is not None:
         source = input_path.resolve()
         # A folder input owns everything under it; a file input (.gguf) only itself, so a sibling
@@ -37,6 +47,8 @@ def check_out(out: str | Path, input_path: Path | None, overwrite: bool) -> Path
         raise UsageError(f"--out {out} already exists; pass --overwrite or choose another folder")
     if target.exists() and not target.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder; choose another path")
+    if target.exists():
+        check_replaceable(target, "--out", RECORD)
     return target
 
 
@@ -50,7 +62,7 @@ def check_output(out: str | Path, source: str | None, overwrite: bool, expected_
 
 def check_output_file(path: str | Path, flag: str) -> Path:
     """A file output (``--json``): not a folder, and its folder creatable and writable; returns it resolved."""
-    target = Path(path).expanduser().resolve()
+    target = resolve_out(path, flag)
     if target.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name")
     check_writable(target, f"{flag} {path}")

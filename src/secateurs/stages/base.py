@@ -10,6 +10,7 @@ produce the same folder, ``secateurs.json`` and summary.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 from ..api import evaluate_perplexity, save
 from ..data.calib import CalibConfig
 from ..engine.sequential import EngineOptions
+from ..files import output_lock, resolve_out
 from ..model.load import LoadedModel, load_model, model_bytes
 from ..model.save import check_out, check_output
 from .flags import perplexity_rows, preflight
@@ -163,6 +165,17 @@ def check(request: Request, pending: frozenset[str] | None = None) -> None:
 
 
 def run(request: Request) -> Outcome | None:
-    """Check, then execute: what ``secateurs <stage>`` does after parsing its flags."""
+    """Check, then execute under OUT's lock: what ``secateurs <stage>`` does after parsing its flags.
+
+    The lock (:func:`secateurs.files.output_lock`) is taken once the pre-flight checks pass and held to
+    the final rename, so a second run into the same OUT (or ``.OUT.partial``) stops with one line;
+    OUT's checks run again under it when the model is saved."""
     check(request)
-    return request.stage.execute(request)
+    with _output_lock(request):
+        return request.stage.execute(request)
+
+
+def _output_lock(request: Request) -> AbstractContextManager[None]:
+    if not request.stage.produces_model or not request.out:
+        return nullcontext()
+    return output_lock(resolve_out(request.out))
