@@ -163,3 +163,55 @@ def test_gguf_config_and_model_read_the_file_alone(tmp_path):
         assert loaded.tokenizer.name_or_path == str(gguf_file)
         assert load_skeleton(str(gguf_file), trust).model.config.num_hidden_layers == 1
     assert not marker.exists()
+
+
+def _saved_tiny(tmp_path: Path) -> Path:
+    return secateurs.save(tiny_model("llama"), tmp_path / "model", [])
+
+
+def _no_model_load(monkeypatch) -> None:
+    """Fail the test if a stage loads the weights: these refusals must come before that."""
+    from secateurs.stages import base
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(base, "load_model", refuse)
+
+
+def test_damaged_tokenizer_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    folder = _saved_tiny(tmp_path)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox " * 50)
+    _no_model_load(monkeypatch)
+    result = runner.invoke(app, ["eval", str(folder), "--ppl", str(text), "--seq-len", "16", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "damaged: tokenizer.json is not valid JSON" in result.output
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", str(folder), "--out", str(out), "--method", "magnitude", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "tokenizer.json is not valid JSON" in result.output
+    assert not out.exists()
+
+
+def test_eval_without_a_tokenizer_fails_before_loading(tmp_path, monkeypatch):
+    folder = _saved_tiny(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    _no_model_load(monkeypatch)
+    for flags in (["--ppl", "wikitext2"], ["--tasks", "arc_easy"]):
+        result = runner.invoke(app, ["eval", str(folder), *flags, "--seq-len", "16", "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        assert "error:" in result.output and "has no tokenizer" in result.output
+
+
+def test_prune_of_a_folder_without_tokenizer_says_out_has_none(tmp_path):
+    folder = _saved_tiny(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", str(folder), "--out", str(out), "--method", "magnitude", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "has no tokenizer, so OUT will have none" in result.output
+    assert not (out / "tokenizer.json").exists()

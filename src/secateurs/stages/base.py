@@ -19,9 +19,9 @@ from ..api import evaluate_perplexity, save
 from ..data.calib import CalibConfig
 from ..engine.sequential import EngineOptions
 from ..files import output_lock, resolve_out
-from ..model.load import LoadedModel, load_model, model_bytes
+from ..model.load import LoadedModel, check_tokenizer, load_model, model_bytes
 from ..model.save import check_out, check_output
-from .flags import perplexity_rows, preflight
+from .flags import err_console, perplexity_rows, preflight
 
 
 @dataclass
@@ -99,6 +99,11 @@ class Stage:
     def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
         """Checks against the model's shapes; ``skeleton`` None when an earlier recipe stage writes it."""
 
+    def needs_text(self, request: Request) -> bool:
+        """Whether the stage turns text into tokens (calibration or evaluation text), so MODEL needs a tokenizer."""
+        calib = request.calib
+        return bool(request.evaluation.datasets) or (calib is not None and calib.source != "self")
+
     def apply(self, loaded: LoadedModel, request: Request) -> Any:
         """Run the API verb in place; returns its report (None: this process does not write)."""
         raise NotImplementedError
@@ -162,6 +167,20 @@ def check(request: Request, pending: frozenset[str] | None = None) -> None:
     stage.check_files(request)
     skeleton = preflight(request.model, request.trust_remote_code, pending) if stage.reads_shapes else None
     stage.check_model(request, skeleton)
+    if request.model not in pending:
+        _check_tokenizer(request)
+
+
+def _check_tokenizer(request: Request) -> None:
+    """A damaged tokenizer is refused, and a missing one where text is needed; a stage that writes a
+    model from a folder with none says so once, since OUT will have none either."""
+    needed = request.stage.needs_text(request)
+    if not check_tokenizer(request.model, request.trust_remote_code, needed) and request.stage.produces_model:
+        err_console.print(
+            f"[yellow]note:[/] {request.model} has no tokenizer, so OUT will have none; copy the tokenizer files of "
+            "the model it came from into OUT to evaluate it",
+            highlight=False, soft_wrap=True,
+        )
 
 
 def run(request: Request) -> Outcome | None:

@@ -84,6 +84,9 @@ class EvalStage(Stage):
     def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
         check_context(skeleton, seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
 
+    def needs_text(self, request: Request) -> bool:
+        return True  # perplexity and zero-shot tasks both read text
+
     def execute(self, request: Request) -> Outcome:
         """Perplexity and zero-shot scores, shown as tables and written to ``--json``."""
         ev, model = request.evaluation, request.model
