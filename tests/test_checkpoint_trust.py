@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from tiny_models import tiny_model
 
 from secateurs.errors import UsageError
-from secateurs.recover.checkpoint import MAX_DEPTH, STATE_KEY, load_checkpoint, read_checkpoint, save_checkpoint
+from secateurs.jsondoc import MAX_DEPTH, depth
+from secateurs.recover.checkpoint import STATE_KEY, load_checkpoint, read_checkpoint, save_checkpoint
 from secateurs.recover.train import SeededWindows, TrainHook, TrainPlan, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,7 +141,7 @@ def test_deeply_nested_json_is_one_line(tmp_path, depth):
     path = tmp_path / "state.safetensors"
     document = '{"format": 1, "state": {"step": ' + "[" * depth + "]" * depth + "}}"
     save_file({"t0": torch.zeros(1)}, str(path), metadata={STATE_KEY: document})
-    with pytest.raises(UsageError, match="nests") as caught:
+    with pytest.raises(UsageError, match="nested deeper") as caught:
         load_checkpoint(path, "digest")
     assert str(path) in str(caught.value)
 
@@ -148,7 +149,5 @@ def test_deeply_nested_json_is_one_line(tmp_path, depth):
 def test_nesting_bound_leaves_room_for_real_states(saved):
     from safetensors import safe_open
 
-    from secateurs.recover.checkpoint import _depth
-
     with safe_open(str(saved), "pt") as f:
-        assert _depth(json.loads(f.metadata()[STATE_KEY])) * 2 <= MAX_DEPTH
+        assert depth(json.loads(f.metadata()[STATE_KEY])) * 2 <= MAX_DEPTH

@@ -28,15 +28,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .. import jsondoc
 from ..errors import UsageError
 from ..files import os_reason, write_atomic
 
 STATE_KEY = "secateurs_state"
 FORMAT = 1
 LEGACY_SUFFIX = ".pt"
-MAX_DEPTH = 64
-"""How deeply a checkpoint's JSON may nest: the loops' states nest about 14 deep, and a bound keeps a
-crafted file from exhausting Python's recursion limit while it is decoded."""
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
@@ -104,27 +102,11 @@ def damaged(path: Path, reason: object) -> UsageError:
     )
 
 
-def _depth(value: Any) -> int:
-    """How deeply JSON containers nest in ``value``, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is not None:
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in children)
-    return deepest
-
-
 def _document(f, path: Path) -> dict:
     try:
-        document = json.loads((f.metadata() or {})[STATE_KEY])
-    except RecursionError:
-        raise damaged(path, f"its {STATE_KEY} entry nests too deeply") from None
+        document = jsondoc.loads((f.metadata() or {})[STATE_KEY])
     except (KeyError, ValueError, TypeError) as exc:
         raise damaged(path, f"no readable {STATE_KEY} entry: {exc}") from None
-    if _depth(document) > MAX_DEPTH:
-        raise damaged(path, f"its {STATE_KEY} entry nests deeper than {MAX_DEPTH} levels")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise damaged(path, f"not format {FORMAT}")
     return document
