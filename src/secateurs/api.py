@@ -223,10 +223,11 @@ def save(
 
 def export_sparse(loaded: LoadedModel, min_sparsity: float = 0.5) -> dict:
     """Swap the pruned linears for SparseLinear (2:4 or bitmap) in place; returns the stage to record,
-    so that ``save`` writes the compressed format and ``load_model`` brings it back."""
-    from .kernels import sparsify
+    so that ``save`` writes the compressed-tensors layout (``sparse-24-bitmask`` / ``sparse-bitmask``,
+    kernels/compressed.py) and ``load_model`` brings it back onto the kernels."""
+    from .kernels import export_compressed
 
-    return sparsify(loaded.model, loaded.spec, min_sparsity).stage_record()
+    return export_compressed(loaded.model, loaded.spec, min_sparsity)
 
 
 def bench(

@@ -1,5 +1,7 @@
-"""Sparse execution: compressed weight formats, their PyTorch references, Triton kernels, SparseLinear."""
+"""Sparse execution: compressed weight formats, their PyTorch references, Triton kernels, SparseLinear,
+and the compressed-tensors checkpoint layout they are saved in and loaded from."""
 
+from .compressed import export as export_compressed
 from .formats import SEGMENT, Bitmap, Sparse24, choose_format, reference_matmul
 from .linear import SparseLinear
 from .swap import SparsifyReport, restore_sparse, sparse_layers, sparsify
@@ -13,6 +15,7 @@ __all__ = [
     "Sparse24",
     "SparsifyReport",
     "choose_format",
+    "export_compressed",
     "reference_matmul",
     "restore_sparse",
     "sparse_layers",

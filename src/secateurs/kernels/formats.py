@@ -14,7 +14,10 @@ Two formats, both for an (out, in) weight ``W`` and both exact (expanding gives 
   kernel can expand any segment alone with a prefix count of its bits. At 70% sparsity fp16 moves
   0.30 + 0.0625 + 0.016 ≈ 0.38 of dense.
 
-The expand functions here are the references every kernel is tested against.
+The expand functions here are the references every kernel is tested against. ``pack_bits`` /
+``unpack_bits`` and the ``from_mask`` constructors convert to and from a dense keep-mask packed 8 columns
+to a byte (bit j of byte k = column 8k + j), the bitmask of the ``compressed-tensors`` checkpoint layout
+(:mod:`secateurs.kernels.compressed`).
 """
 
 from __future__ import annotations
@@ -55,14 +58,25 @@ class Sparse24:
             raise UsageError(f"weight is not 2:4 sparse ({reason}); prune with --pattern 2:4 first")
         rows, cols = weight.shape
         groups = weight.reshape(rows, cols // 4, 4)
-        # Non-zeros first, then zeros; a stable sort keeps the choice deterministic.
-        order = (groups == 0).to(torch.int8).argsort(dim=2, stable=True)[:, :, :2]
-        positions = order.sort(dim=2).values
+        positions = _first_two(groups != 0)
         values = groups.gather(2, positions).reshape(rows, cols // 2).contiguous()
-        nibble = (positions[:, :, 0] | (positions[:, :, 1] << 2)).to(torch.uint8)
-        pairs = nibble.reshape(rows, cols // 8, 2)
-        meta = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous()
-        return cls(values, meta, (rows, cols))
+        return cls(values, _meta(positions), (rows, cols))
+
+    @classmethod
+    def from_mask(cls, values: torch.Tensor, mask: torch.Tensor) -> Sparse24:
+        """The format from exactly two kept positions per group of 4 (``mask``) and their values in
+        row-major order, (out, in/2): how a 2:4 bitmask checkpoint stores them, so no value moves."""
+        rows, cols = mask.shape
+        groups = mask.reshape(rows, cols // 4, 4)
+        if not bool((groups.sum(dim=2) == 2).all()):
+            raise ValueError("some group of 4 inputs does not keep exactly 2 positions")
+        return cls(values.reshape(rows, cols // 2).contiguous(), _meta(_first_two(groups)), (rows, cols))
+
+    def mask(self) -> torch.Tensor:
+        """(out, in) bool: the two stored positions of every group (a stored value may be zero)."""
+        rows, cols = self.shape
+        kept = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=self.meta.device)
+        return kept.scatter_(2, self.positions(), True).reshape(rows, cols)
 
     def positions(self) -> torch.Tensor:
         """(out, in/4, 2) int64 positions of the two kept values inside each group."""
@@ -109,15 +123,20 @@ class Bitmap:
         reason = cls.supports(weight)
         if reason:
             raise UsageError(f"cannot store this weight as a bitmap: {reason}; keep it dense")
-        rows, cols = weight.shape
         keep = weight != 0
-        values = weight[keep].contiguous()
-        weights_of_bits = (torch.ones(32, dtype=torch.int64, device=weight.device) << torch.arange(32, device=weight.device))
-        words = (keep.reshape(rows, cols // 32, 32).to(torch.int64) * weights_of_bits).sum(dim=2)
+        return cls.from_mask(weight[keep], keep)
+
+    @classmethod
+    def from_mask(cls, values: torch.Tensor, mask: torch.Tensor) -> Bitmap:
+        """The format from a keep-mask and its values in row-major order (a bitmask checkpoint's)."""
+        rows, cols = mask.shape
+        device = mask.device
+        weights_of_bits = torch.ones(32, dtype=torch.int64, device=device) << torch.arange(32, device=device)
+        words = (mask.reshape(rows, cols // 32, 32).to(torch.int64) * weights_of_bits).sum(dim=2)
         bits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
-        counts = keep.reshape(rows, cols // SEGMENT, SEGMENT).sum(dim=2).flatten()
+        counts = mask.reshape(rows, cols // SEGMENT, SEGMENT).sum(dim=2).flatten()
         offsets = (counts.cumsum(0) - counts).to(torch.int32).reshape(rows, cols // SEGMENT).contiguous()
-        return cls(values, bits, offsets, (rows, cols))
+        return cls(values.contiguous(), bits, offsets, (rows, cols))
 
     def mask(self) -> torch.Tensor:
         rows, cols = self.shape
@@ -134,6 +153,35 @@ class Bitmap:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def _first_two(groups: torch.Tensor) -> torch.Tensor:
+    """(out, in/4, 2) ascending positions of the first two kept entries of each group of a bool
+    (out, in/4, 4) tensor, padded with unkept ones; a stable sort keeps the choice deterministic."""
+    return (~groups).to(torch.int8).argsort(dim=2, stable=True)[:, :, :2].sort(dim=2).values
+
+
+def _meta(positions: torch.Tensor) -> torch.Tensor:
+    """Two 2-bit positions per group into a nibble, two groups per byte (low nibble = even group)."""
+    rows, groups, _ = positions.shape
+    nibble = (positions[:, :, 0] | (positions[:, :, 1] << 2)).to(torch.uint8)
+    pairs = nibble.reshape(rows, groups // 2, 2)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous()
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(out, in) bool -> (out, ceil(in/8)) uint8, bit j of byte k = column 8k + j (zero-padded)."""
+    rows, cols = mask.shape
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -cols % 8)).reshape(rows, -1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (padded << shifts).sum(dim=2, dtype=torch.uint8).contiguous()
+
+
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`: (out, ceil(in/8)) uint8 -> (out, in) bool."""
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
+    bits = (packed.to(torch.int32).unsqueeze(2) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
 
 
 FORMATS = {Sparse24.kind: Sparse24, Bitmap.kind: Bitmap}

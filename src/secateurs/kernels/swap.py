@@ -1,10 +1,11 @@
-"""Swap a pruned model's linears for ``SparseLinear`` and bring them back from a saved folder.
+"""Swap a pruned model's linears for ``SparseLinear``, and read the sparse exports of earlier versions.
 
-The export is a normal HF folder whose safetensors hold, for each swapped linear, its compressed
-tensors (``<name>.values``, ``.meta`` / ``.bits`` / ``.offsets``) instead of ``<name>.weight``; the
-``export`` stage in ``secateurs.json`` lists them. This module registers that layout with
-:mod:`secateurs.model.load` (``FolderFormat("sparse")``), so ``secateurs.load_model`` restores them; a plain
-``from_pretrained`` would warn that those weights are missing, so load such a folder through secateurs.
+Exports are now written in the compressed-tensors layout (:mod:`secateurs.kernels.compressed`).
+Folders written before hold, for each swapped linear, the kernel tensors themselves
+(``<name>.values``, ``.meta`` / ``.bits`` / ``.offsets``) instead of ``<name>.weight``, listed by the
+``export`` stage in ``secateurs.json`` (with no ``layout``). This module registers that layout with
+:mod:`secateurs.model.load` (``FolderFormat("sparse")``), so ``secateurs.load_model`` still restores
+them, saying once that a re-export gives the format other tools read.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..model.arch import ArchSpec
 from ..model.load import FolderFormat, register_folder_format
 from ..model.linear import weight_matrix
 from .formats import FORMATS, choose_format, from_tensors
-from .linear import SparseLinear
+from .linear import SparseLinear, note
 
 EXPORT_STAGE = "export"
 DEFAULT_MIN_SPARSITY = 0.5
@@ -47,7 +48,7 @@ class SparsifyReport:
         }
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -73,7 +74,7 @@ def sparsify(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN
         report.swapped[name] = {"kind": sparse.kind, "shape": [sparse.out_features, sparse.in_features], "why": why}
         report.dense_bytes += weight.numel() * weight.element_size()
         report.sparse_bytes += sparse.format().nbytes()
-        _set_module(model, name, sparse)
+        set_module(model, name, sparse)
     if not report.swapped:
         raise UsageError(
             "no linear is sparse enough to store compressed (needs 2:4, or at least "
@@ -83,7 +84,8 @@ def sparsify(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN
 
 
 def export_stage(folder: Path) -> dict | None:
-    """The last ``export`` stage recorded in ``folder/secateurs.json`` with format sparse, if any."""
+    """The last ``export`` stage recorded in ``folder/secateurs.json`` with format sparse in the layout
+    of earlier versions (no ``layout`` key), if any."""
     record = folder / "secateurs.json"
     if not record.is_file():
         return None
@@ -92,7 +94,7 @@ def export_stage(folder: Path) -> dict | None:
     except (json.JSONDecodeError, AttributeError):
         return None
     found = [s for s in stages if isinstance(s, dict) and s.get("stage") == EXPORT_STAGE and s.get("format") == "sparse"]
-    return found[-1] if found else None
+    return found[-1] if found and "layout" not in found[-1] else None
 
 
 def restore_sparse(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
@@ -100,6 +102,8 @@ def restore_sparse(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
     stage = export_stage(folder)
     if stage is None:
         return 0
+    note(f"{folder} is a sparse export in secateurs' earlier layout: it loads, but only secateurs reads it; "
+         "re-export it (secateurs prune ... --export sparse) for the compressed-tensors layout other tools read")
     layers: dict[str, dict] = stage.get("layers", {})
     wanted = {f"{name}.{part}" for name, info in layers.items()
               for part in ("values", "meta", "bits", "offsets", "bias")}
@@ -120,7 +124,7 @@ def restore_sparse(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
         found = {p: tensors[f"{name}.{p}"] for p in parts}
         found["values"] = found["values"].to(dtype)
         bias = tensors.get(f"{name}.bias")
-        _set_module(model, name, SparseLinear(from_tensors(kind, found, info["shape"]), bias.to(dtype) if bias is not None else None))
+        set_module(model, name, SparseLinear(from_tensors(kind, found, info["shape"]), bias.to(dtype) if bias is not None else None))
     return len(layers)
 
 

@@ -75,12 +75,15 @@ class FolderFormat:
 
     ``detect(folder)`` says whether a folder is one (before loading: its replaced weights are missing on
     purpose, so transformers' "missing weights" warning is silenced); ``restore(model, folder, dtype)``
-    puts them back into the freshly loaded model.
+    puts them back into the freshly loaded model. ``config_keys``: config entries that describe those
+    weights (compressed-tensors' ``quantization_config``), hidden from ``from_pretrained`` so it neither
+    needs nor acts on the package that wrote them; ``restore`` sets what the model should keep.
     """
 
     name: str
     detect: Callable[[Path], bool]
     restore: Callable[[nn.Module, Path, torch.dtype], object]
+    config_keys: tuple[str, ...] = ()
 
 
 FOLDER_FORMATS: dict[str, FolderFormat] = {}
@@ -250,6 +253,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
         level = hf_logger.level
         if formats:  # its replaced modules have no .weight on purpose: silence the "missing" warning
             hf_logger.setLevel(logging.ERROR)
+        for key in {key for fmt in formats for key in fmt.config_keys if hasattr(config, key)}:
+            delattr(config, key)
         try:
             model = load_pretrained(folder, None if trust_remote_code else config, trust_remote_code, dtype=dtype)
         finally:
