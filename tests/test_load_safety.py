@@ -215,3 +215,32 @@ def test_prune_of_a_folder_without_tokenizer_says_out_has_none(tmp_path):
     assert result.exit_code == 0, result.output
     assert "has no tokenizer, so OUT will have none" in result.output
     assert not (out / "tokenizer.json").exists()
+
+
+def _tiny_shortcut(tmp_path: Path, monkeypatch) -> str:
+    """A shortcut name that resolves like smollm2-135m (packaged GGUF → cached HF folder), on the tiny GGUF."""
+    from secateurs.model import load
+
+    gguf_file = write_tiny_gguf(tmp_path / "packaged.gguf")
+    monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(load.SHORTCUTS, "tiny-shortcut", load.Shortcut("tiny", "tiny", gguf_file.name))
+    monkeypatch.setattr(load, "_packaged_file", lambda shortcut: gguf_file)
+    return "tiny-shortcut"
+
+
+def test_stream_resolves_shortcuts(tmp_path, monkeypatch):
+    name = _tiny_shortcut(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", name, "--out", str(out), "--stream", "--method", "magnitude", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    pruned = secateurs.load_model(str(out)).model
+    weight = pruned.model.layers[0].mlp.up_proj.weight
+    assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"secateurs {version('secateurs')}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
@@ -34,6 +35,29 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def package_version() -> str:
+    """The installed secateurs' version (what a bug report needs), or 'unknown' for a source tree run in place."""
+    try:
+        return version("secateurs")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out_console.print(f"secateurs {package_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
+    """Options before the command."""
 
 
 def show(outcome: Outcome | None) -> None:

@@ -44,7 +44,7 @@ from ..errors import UsageError
 from ..files import replace_folder, write_atomic
 from ..model.arch import ArchSpec, spec_for
 from ..model.linear import sparsity_of, weight_matrix
-from ..model.load import LoadedModel, _try_tokenizer, resolve_dtype
+from ..model.load import LoadedModel, _try_tokenizer, model_folder, resolve_dtype
 from ..model.save import RECORD, check_out
 from ..model.shards import DTYPES, INDEX, ShardReader, read_header, read_tensors, write_tensors
 from .distributed import RankGroup, check_samples, collective
@@ -111,7 +111,7 @@ class StreamSession(EngineHooks):
         inner: EngineHooks | None = None,
         overlap: bool = True,
     ) -> None:
-        self.folder = Path(source).expanduser().resolve()
+        self.folder = (model_folder(str(source)) or Path(source).expanduser()).resolve()
         if not (self.folder / "config.json").is_file():
             raise UsageError(f"--stream reads a Hugging Face folder with safetensors shards; {source} is not one")
         self.out = check_out(out, self.folder, overwrite)

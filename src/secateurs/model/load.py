@@ -208,6 +208,12 @@ def check_hub(repo_id: str) -> None:
         ) from None
 
 
+def model_folder(source: str) -> Path | None:
+    """The HF folder MODEL names on this machine, a shortcut's built once (what streaming reads shard
+    by shard); None for a hub id or a .gguf file."""
+    return _shortcut_folder(source) if source in SHORTCUTS else local_folder(source)
+
+
 def local_folder(source: str) -> Path | None:
     """The HF folder MODEL names on this machine without loading or building anything (a folder, or a
     shortcut already cached), else None."""
