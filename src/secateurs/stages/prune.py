@@ -99,7 +99,7 @@ class PruneStage(Stage):
         offload_activations: Annotated[bool, Help("Keep calibration activations in host memory between blocks.")] = False,
         overwrite: Overwrite = False,
         export: Annotated[
-            str, Help("dense: a plain HF folder; sparse: pruned linears stored compressed (2:4 / bitmap), load with secateurs.")
+            str, Help("dense: a plain HF folder; sparse: pruned linears stored compressed in the compressed-tensors layout (sparse-24-bitmask / sparse-bitmask), loaded onto the sparse kernels by secateurs.")
         ] = "dense",
         stream: Annotated[
             bool,
