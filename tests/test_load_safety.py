@@ -244,3 +244,19 @@ def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == f"secateurs {version('secateurs')}"
+
+
+def test_foreign_auto_map_is_not_copied_without_its_file(tmp_path):
+    folder = _saved_tiny(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_foreign.ForeignConfig",
+                          "AutoModelForCausalLM": "modeling_foreign.ForeignForCausalLM",
+                          "AutoModel": "someone/else--modeling_other.OtherModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", str(folder), "--out", str(out), "--method", "magnitude", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "no longer names code absent from OUT" in result.output and "modeling_foreign" in result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["auto_map"] == {"AutoModel": "someone/else--modeling_other.OtherModel"}
+    assert secateurs.load_model(str(out)).model.config.model_type == "llama"

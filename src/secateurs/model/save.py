@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -95,6 +96,47 @@ def previous_stages(input_path: Path | None) -> list[dict]:
         return []
 
 
+def _drop_missing_auto_map(config: Path) -> None:
+    """Drop the ``auto_map`` entries of a saved config whose Python file is not in the folder.
+
+    A config copied from the input may name code that only the input had (a hub repo's
+    ``modeling_*.py``); OUT would then promise a class it cannot load. Entries naming another hub
+    repository (``repo--module.Class``) and the files secateurs writes itself stay.
+    """
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    if not isinstance(auto_map, dict):
+        return
+    missing = {key: ref for key, ref in auto_map.items() if not _code_present(config.parent, ref)}
+    if not missing:
+        return
+    kept = {key: ref for key, ref in auto_map.items() if key not in missing}
+    if kept:
+        data["auto_map"] = kept
+    else:
+        del data["auto_map"]
+    config.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    names = ", ".join(f"{key} -> {ref}" for key, ref in missing.items())
+    print(f"secateurs: note: {config.name} of OUT no longer names code absent from OUT (auto_map {names})", file=sys.stderr)
+
+
+def _code_present(folder: Path, ref: object) -> bool:
+    """Whether every class an ``auto_map`` value names (``module.Class``, or a [slow, fast] pair) is
+    in ``folder`` or in another hub repository."""
+    refs = ref if isinstance(ref, list) else [ref]
+    for one in refs:
+        if one is None or (isinstance(one, str) and "--" in one):
+            continue
+        if not isinstance(one, str) or "." not in one:
+            return False
+        module = one.rsplit(".", 1)[0]
+        if not (folder / (module.replace(".", "/") + ".py")).is_file():
+            return False
+    return True
+
+
 def save_model(
     loaded: LoadedModel, out: str | Path, record: dict, overwrite: bool = False, extras: dict[str, bytes] | None = None
 ) -> Path:
@@ -114,6 +156,8 @@ def save_model(
             (tmp / name).write_text(source)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
+        for name in ("config.json", "tokenizer_config.json"):
+            _drop_missing_auto_map(tmp / name)
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
         for name, data in (extras or {}).items():
             (tmp / name).write_bytes(data)
