@@ -110,16 +110,36 @@ class StageRecord:
         return before
 
 
+RECONSTRUCTION_PROFILE = "reconstruction: held-out block error kept ÷ method's"
+
+
+def _kept_ratios(outcomes: Any) -> dict[int, float]:
+    """Block index → held-out error kept ÷ the method's own (1.0: reconstruction skipped there);
+    entries that are not well-formed are left out."""
+    ratios = {}
+    for index, outcome in (outcomes.items() if isinstance(outcomes, dict) else ()):
+        try:
+            ratios[int(index)] = float(outcome["kept"]) / float(outcome["start"])
+        except (TypeError, ValueError, KeyError, ZeroDivisionError):
+            continue
+    return dict(sorted(ratios.items()))
+
+
 @dataclass
 class PruneStage(StageRecord):
     kind: ClassVar[str] = "prune"
     pattern: str = "unstructured"
     achieved_sparsity: dict[str, Any] = field(default_factory=dict)
+    # Per block (str index): sparsity/reconstruct.BlockOutcome.to_record(); empty without --reconstruct.
+    reconstruction: dict[str, Any] = field(default_factory=dict)
 
     def effect(self, before: Effect | None) -> Effect:
         method = self.method + ("" if self.pattern == "unstructured" else f" {self.pattern}")
-        per_layer = _per_block(self.achieved_sparsity.get("per_layer", {}))
-        return _after(before, {"sparsity": per_layer}, kind="sparsity", method=method,
+        profile = {"sparsity": _per_block(self.achieved_sparsity.get("per_layer", {}))}
+        kept = _kept_ratios(self.reconstruction)
+        if kept:
+            profile[RECONSTRUCTION_PROFILE] = dict(sorted(kept.items()))
+        return _after(before, profile, kind="sparsity", method=method,
                       removed=float(self.achieved_sparsity.get("mean", 0.0)))
 
 

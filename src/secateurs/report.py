@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .files import write_atomic
+from .record import RECONSTRUCTION_PROFILE
 from .runs import Run
 
 MARKERS = {"dense": "*", "sparsity": "o", "layers removed": "s", "width removed": "^"}
@@ -129,6 +130,21 @@ def results_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def reconstruction_lines(runs: list[Run]) -> list[str]:
+    """Per run with block reconstruction: how many blocks kept trained weights, how many were left
+    as the method made them (no step lowered their held-out error), and the mean error ratio."""
+    lines = []
+    for run in runs:
+        ratios = run.layers.get(RECONSTRUCTION_PROFILE)
+        if ratios:
+            skipped = sorted(i for i, r in ratios.items() if r >= 1.0)
+            mean = sum(ratios.values()) / len(ratios)
+            lines.append(f"- {run.label}: reconstruction kept trained weights in {len(ratios) - len(skipped)} of "
+                         f"{len(ratios)} blocks (held-out block error × {mean:.3f} on average)"
+                         + (f"; left as the method made them: blocks {', '.join(map(str, skipped))}" if skipped else ""))
+    return lines
+
+
 def write_report(runs: list[Run], out: str | Path, title: str = "secateurs report") -> Path:
     """Write ``report.md``, ``quality.png`` and ``per_layer.png`` (those with data) into ``out``."""
     if not runs:
@@ -147,6 +163,9 @@ def write_report(runs: list[Run], out: str | Path, title: str = "secateurs repor
         limit = ", ".join("all" if x is None else f"first {x}" for x in sorted(limits, key=lambda x: x or 0))
         lines += [f"Zero-shot: lm-eval acc, {limit} documents per task; mean acc = mean over the tasks shown.",
                   "ppl / dense and acc − dense compare each run with the dense run of this report.", ""]
+    rebuilt = reconstruction_lines(runs)
+    if rebuilt:
+        lines += ["Block reconstruction (held-out calibration error; never above the method's own):", *rebuilt, ""]
     for name, plot in (("quality.png", quality_plot(runs)), ("per_layer.png", per_layer_plot(runs))):
         if plot is not None:
             write_atomic(target / name, plot)

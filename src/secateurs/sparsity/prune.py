@@ -6,6 +6,7 @@ here, beside the methods, as every other family keeps its verb beside its method
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,7 +47,7 @@ class PruneConfig:
     allocation_options: dict[str, Any] = field(default_factory=dict)
     # Block-level steps around the method. ``reconstruct``: None (off) or the options of the
     # reconstruction that trains each pruned block to reproduce the dense one ({} = the measured
-    # defaults; keys steps / lr / batch, see sparsity/reconstruct.py). ``permute``: reorder the MLP's
+    # defaults; keys steps / lr / batch / holdout / check, see sparsity/reconstruct.py). ``permute``: reorder the MLP's
     # hidden channels before N:M masks are chosen (N:M only, see sparsity/permute.py).
     reconstruct: dict[str, Any] | None = None
     permute: bool = False
@@ -83,9 +84,11 @@ class PruneReport:
     seconds: float
     peak_memory_mb: float
     device: str
-    # Per block: reconstruction's relative output error (first step, last step) and the score the
-    # permuted N:M groups keep (before, after the permutation).
+    # Per block: reconstruction's held-out relative output error (the method's result, the weights
+    # kept) and the score the permuted N:M groups keep (before, after the permutation).
     steps: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    # Per block: what reconstruction did (sparsity/reconstruct.BlockOutcome.to_record()).
+    reconstruction: dict[int, dict] = field(default_factory=dict)
     # ATP's search: calibration loss per candidate spread (empty when the spread was given).
     allocation_search: dict[float, float] = field(default_factory=dict)
 
@@ -107,6 +110,7 @@ class PruneReport:
             "allocation_search": {f"{k:g}": round(v, 6) for k, v in self.allocation_search.items()},
             "block_steps": {kind: {str(i): [round(a, 6), round(b, 6)] for i, (a, b) in per.items()}
                             for kind, per in self.steps.items()},
+            "reconstruction": {str(i): outcome for i, outcome in self.reconstruction.items()},
             "calibration": asdict(self.calibration) if self.calibration else None,
             "seed": self.calibration.seed if self.calibration else None,
             "achieved_sparsity": {"mean": self.achieved, "per_layer": self.per_layer},
@@ -188,9 +192,13 @@ def prune(
         options = build_options(AtpOptions, config.allocation_options)
         method.target, search = atp_target(loaded.model, loaded.spec, method.target, ids, engine, options)
     run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks")
-    steps = {}
+    steps, outcomes = {}, {}
     if method.reconstruction is not None:
         steps["reconstruct"] = method.reconstruction.errors
+        outcomes = {i: o.to_record() for i, o in method.reconstruction.outcomes.items()}
+        note = method.reconstruction.summary()
+        if note:
+            print(note, file=sys.stderr)
     if method.permutation is not None:
         steps["permute"] = method.permutation.kept
     return PruneReport(
@@ -202,6 +210,7 @@ def prune(
         peak_memory_mb=peak_memory_mb(device),
         device=str(device),
         steps=steps,
+        reconstruction=outcomes,
         allocation_search=search,
     )
 

@@ -77,7 +77,7 @@ class PruneStage(Stage):
         ] = None,
         reconstruct: Annotated[
             str | None,
-            Help("After each block's masks are fixed, train its kept weights to reproduce the dense block (needs --calib): on, or steps=N,lr=X,batch=B."),
+            Help("After each block's masks are fixed, train its kept weights to reproduce the dense block, keeping them only where a held-out calibration share says the block got better (needs --calib): on, or steps=N,lr=X (relative to each matrix's RMS),batch=B,holdout=F,check=K."),
         ] = None,
         permute: Annotated[
             bool, Help("N:M only: permute the MLP's hidden channels before choosing groups (folded back: a plain N:M model).")
