@@ -11,6 +11,7 @@ from typing import Annotated
 import torch
 
 from ..api import bench, evaluate_perplexity
+from ..data.sources import check_available
 from ..errors import UsageError
 from ..evaluate.speed import SpeedConfig
 from ..evaluate.zeroshot import PAPER_TASKS, ZeroShot, check_tasks, zero_shot
@@ -82,7 +83,12 @@ class EvalStage(Stage):
                        dtype=dtype, trust_remote_code=trust_remote_code, options={"json_out": json_out})
 
     def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
-        check_context(skeleton, seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
+        """The context fits, and every dataset can be read (a local copy, or the hub reachable), so
+        an offline ``--ppl c4`` is one error before the model loads rather than a note after it."""
+        evaluation = request.evaluation
+        check_context(skeleton, seq_len=evaluation.seq_len if evaluation.datasets else None)
+        for name in evaluation.datasets:
+            check_available(name, "test", evaluation.data_dir)
 
     def needs_text(self, request: Request) -> bool:
         return True  # perplexity and zero-shot tasks both read text
