@@ -125,8 +125,7 @@ def test_every_loader_call_passes_trust_remote_code():
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             receiver = ast.unparse(node.func.value)
-            auto = receiver.split(".")[-1].startswith("Auto")
-            if (node.func.attr in CODE_LOADERS or auto) and receiver not in NO_CODE_RECEIVERS:
+            if node.func.attr in CODE_LOADERS and receiver not in NO_CODE_RECEIVERS:
                 if "trust_remote_code" not in {k.arg for k in node.keywords}:
                     missing.append(f"{path.relative_to(SRC)}:{node.lineno} {ast.unparse(node.func)}")
     assert not missing, "calls that leave trust_remote_code to transformers' default (it asks on a terminal):\n" + "\n".join(missing)
