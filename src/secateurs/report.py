@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import UsageError
 from .files import write_atomic
 from .record import RECONSTRUCTION_PROFILE
-from .runs import Run
+from .runs import Run, one_line
 
 MARKERS = {"dense": "*", "sparsity": "o", "layers removed": "s", "width removed": "^"}
 
@@ -41,7 +41,7 @@ def _png(fig) -> bytes:
 def quality_plot(runs: list[Run]) -> bytes | None:
     """Perplexity (log scale) and mean zero-shot accuracy against the fraction removed, one series per method."""
     panels = [(title, get) for title, get in (
-        ("perplexity (" + ", ".join(sorted({d for r in runs for d in r.perplexity})) + ")",
+        ("perplexity (" + _plain(", ".join(sorted({d for r in runs for d in r.perplexity}))) + ")",
          lambda r: next(iter(r.perplexity.values()), None)),
         ("mean zero-shot accuracy", lambda r: r.mean_acc),
     ) if any(get(r) is not None for r in runs)]
@@ -59,7 +59,7 @@ def quality_plot(runs: list[Run]) -> bytes | None:
                 continue
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker=MARKERS[kind], markersize=11 if kind == "dense" else 7,
-                    linestyle="-" if len(points) > 1 else "none", label=f"{method} ({kind})" if kind != "dense" else "dense")
+                    linestyle="-" if len(points) > 1 else "none", label=_plain(f"{method} ({kind})") if kind != "dense" else "dense")
         if title.startswith("perplexity"):
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
@@ -81,12 +81,12 @@ def per_layer_plot(runs: list[Run]) -> bytes | None:
     from matplotlib.ticker import MaxNLocator
 
     n_layers = max(max(values) for _, _, values in panels) + 1
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.25 * n_layers), 1.9 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(min(max(6.0, 0.25 * n_layers), 60.0), 1.9 * len(panels)), squeeze=False)
     for ax, (run, what, values) in zip(axes[:, 0], panels):
         layers = sorted(values)
         gone = set(run.removed_layers)
         ax.bar(layers, [values[i] for i in layers], color=["tab:red" if i in gone else "tab:blue" for i in layers])
-        ax.set_title(f"{run.label}: {what}" + (" (red: removed)" if gone else ""), fontsize=9)
+        ax.set_title(_plain(f"{run.label}: {what}") + (" (red: removed)" if gone else ""), fontsize=9)
         ax.set_xlim(-0.5, n_layers - 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1, 0].set_xlabel("layer")
@@ -94,6 +94,18 @@ def per_layer_plot(runs: list[Run]) -> bytes | None:
     data = _png(fig)
     plt.close(fig)
     return data
+
+
+def _cell(text: str) -> str:
+    """Text from a record as one Markdown table cell: a newline or other control character (which
+    would end the row) becomes a space, a ``|`` (which would start a new cell) is escaped."""
+    return one_line(text).replace("|", "\\|")
+
+
+def _plain(text: str) -> str:
+    """Text from a record as matplotlib text: one line, and a ``$`` shown as itself (not the start
+    of mathtext, which fails to parse on most names)."""
+    return one_line(text).replace("$", r"\$")
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -113,7 +125,7 @@ def results_table(runs: list[Run]) -> str:
     if dense is not None and dense.mean_acc is not None:
         columns += ["acc − dense"]
     columns += ["params"] + (["decode tok/s"] if speed else [])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(map(_cell, columns)) + " |", "|" + "---|" * len(columns)]
     for r in runs:
         removed = "" if r.kind == "dense" else f"{r.removed:.3f} {r.kind}"
         row = [r.label, r.method, removed, *[_fmt(r.perplexity.get(d), ".2f") for d in datasets]]
@@ -126,7 +138,7 @@ def results_table(runs: list[Run]) -> str:
         row.append(_fmt(None if r.params is None else r.params / 1e6, ".1f") + ("M" if r.params else ""))
         if speed:
             row.append(_fmt(r.decode_tokens_per_s, ".1f"))
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+        lines.append("| " + " | ".join(map(_cell, row)) + " |")
     return "\n".join(lines)
 
 
@@ -156,7 +168,6 @@ def write_report(runs: list[Run], out: str | Path, title: str = "secateurs repor
     target = Path(out).expanduser()
     if target.exists() and not target.is_dir():
         raise UsageError(f"--out {out} is not a folder; choose a folder for the report")
-    target.mkdir(parents=True, exist_ok=True)
     limits = {r.zeroshot_limit for r in runs if r.zeroshot}
     lines = [f"# {title}", "", results_table(runs), ""]
     if limits:
@@ -166,11 +177,14 @@ def write_report(runs: list[Run], out: str | Path, title: str = "secateurs repor
     rebuilt = reconstruction_lines(runs)
     if rebuilt:
         lines += ["Block reconstruction (held-out calibration error; never above the method's own):", *rebuilt, ""]
-    for name, plot in (("quality.png", quality_plot(runs)), ("per_layer.png", per_layer_plot(runs))):
-        if plot is not None:
-            write_atomic(target / name, plot)
-            lines += [f"![{name[:-4]}]({name})", ""]
-    lines += ["Runs:", *[f"- {r.label}: {os.path.relpath(r.source, target)}" for r in runs], ""]
+    # Every plot is drawn before OUT is touched: a run that cannot be drawn leaves no half-made report.
+    plots = {name: plot for name, plot in (("quality.png", quality_plot(runs)), ("per_layer.png", per_layer_plot(runs)))
+             if plot is not None}
+    lines += [line for name in plots for line in (f"![{name[:-4]}]({name})", "")]
+    lines += ["Runs:", *[_cell(f"- {r.label}: {os.path.relpath(r.source, target)}") for r in runs], ""]
+    target.mkdir(parents=True, exist_ok=True)
+    for name, plot in plots.items():
+        write_atomic(target / name, plot)
     report = target / "report.md"
     write_atomic(report, "\n".join(lines).encode())
     return report
