@@ -97,7 +97,7 @@ def test_every_malformed_field_is_a_report_or_one_line(record, tmp_path, monkeyp
         _check(runner.invoke(app, ["report", str(path), "--out", str(out)]), out, path)
 
 
-@pytest.mark.parametrize("label", ["two\nlines", "a | b", "cr\rhere", "$math$", "tab\there|\n|"])
+@pytest.mark.parametrize("label", ["two\nlines", "a | b", "cr\rhere", "a$_$b", "tab\there|\n|"])
 def test_a_label_never_breaks_the_table(record, tmp_path, label):
     path, out = tmp_path / "run.json", tmp_path / "report"
     _write(path, {**record, "label": label})
