@@ -150,3 +150,21 @@ def test_direct_nan_start_raises_numerical_error():
     data.targets[-1] = torch.full_like(data.targets[-1], float("inf"))
     with pytest.raises(NumericalError, match=r"^block 3: .*NaN or inf before reconstruction"):
         BlockReconstruction(ReconstructOptions())(3, block, linears, data)
+
+
+def test_a_half_precision_block_is_judged_in_its_own_dtype_and_stays_in_it():
+    """Training runs in float32; the kept weights are rounded back to bfloat16 and re-measured there,
+    so rounding cannot hand back a block worse than the method's."""
+    block, linears, data = _pruned_block(1.0)
+    block.to(torch.bfloat16)
+    data.inputs = [x.to(torch.bfloat16) for x in data.inputs]
+    half = lambda v: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point()  # noqa: E731
+                      else tuple(map(half, v)) if isinstance(v, tuple) else v)
+    data.kwargs = [{k: half(v) for k, v in kw.items()} for kw in data.kwargs]
+    _, held = _split(len(data.inputs), 0.25)
+    before = _relative_error(block, data, held)
+    step = BlockReconstruction(ReconstructOptions())
+    step(0, block, linears, data)
+    assert all(p.dtype == torch.bfloat16 for p in block.parameters())
+    assert step.outcomes[0].start == pytest.approx(before)
+    assert _relative_error(block, data, held) == pytest.approx(step.outcomes[0].kept) and step.outcomes[0].kept <= before

@@ -191,7 +191,7 @@ class BlockReconstruction:
         if dtype != torch.float32:  # Adam's small steps vanish in half precision
             block.float()
         try:
-            outcome = self._train(index, block, weights, data, train, held)
+            outcome = self._train(index, block, weights, data, train, held, start if dtype == torch.float32 else None)
         finally:
             if dtype != torch.float32:
                 block.to(dtype)
@@ -206,12 +206,13 @@ class BlockReconstruction:
         self.outcomes[index] = outcome
 
     def _train(self, index: int, block: nn.Module, weights: list[nn.Parameter], data: BlockData,
-               train: list[int], held: list[int]) -> BlockOutcome:
-        """Adam on the kept weights; returns with the block holding the best weights seen on ``held``."""
+               train: list[int], held: list[int], start: float | None) -> BlockOutcome:
+        """Adam on the kept weights; returns with the block holding the best weights seen on ``held``.
+        ``start``: the held-out error of the weights as they are (None: measure it, in float32)."""
         opts = self.options
         masks = [w.detach().ne(0) for w in weights]
         best_weights = [w.detach().clone() for w in weights]
-        best, best_step = _relative_error(block, data, held), 0
+        best, best_step = start if start is not None else _relative_error(block, data, held), 0
         frozen = {p: p.requires_grad for p in block.parameters()}
         block.requires_grad_(False)
         for weight in weights:
