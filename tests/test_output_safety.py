@@ -280,7 +280,9 @@ def test_two_concurrent_writers_one_refused(tmp_path, tiny_folder, monkeypatch):
     first = threading.Thread(target=lambda: outcome.append(stages.run(request(str(tiny_folder), str(out), method="magnitude",
                                                                              device="cpu"))))
     first.start()
-    while not lock_file(out.resolve()).exists():
+    for _ in range(600):  # the first run holds OUT once its checks passed
+        if lock_file(out.resolve()).exists() or not first.is_alive():
+            break
         first.join(timeout=0.05)
     try:
         with pytest.raises(UsageError, match=f"being written by another secateurs run \\(pid {os.getpid()}"):
