@@ -38,15 +38,16 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ..errors import UsageError
 from ..files import replace_folder, write_atomic
 from ..model.arch import ArchSpec, spec_for
 from ..model.linear import sparsity_of, weight_matrix
-from ..model.load import LoadedModel, _try_tokenizer, model_folder, resolve_dtype
+from ..model.load import LoadedModel, _try_tokenizer, load_config, model_folder, resolve_dtype
 from ..model.save import RECORD, check_out
 from ..model.shards import DTYPES, INDEX, ShardReader, read_header, read_tensors, write_tensors
+from ..model.validate import check_tensors
 from .distributed import RankGroup, check_samples, collective
 from .sequential import BlockMethod, EngineHooks, Stats
 
@@ -120,7 +121,7 @@ class StreamSession(EngineHooks):
         self.group = group
         self.inner = inner or EngineHooks()
         self.reader = ShardReader(self.folder)
-        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
+        config = load_config(str(self.folder))  # sizes checked against the shards' headers
         if getattr(config, "auto_map", None):
             raise UsageError(f"{source} needs its own modeling code (auto_map); prune it without --stream")
         spec = spec_for(config)
@@ -132,6 +133,7 @@ class StreamSession(EngineHooks):
         self.spec: ArchSpec = spec
         self.source_index = list(range(len(spec.blocks_of(model))))
         self._check_keys()
+        check_tensors(model, self.reader, str(source), streamed_prefix=spec.blocks)
         self._load_embeddings()
         self.partial = self.out.parent / f".{self.out.name}.partial"
         self.fingerprint = {

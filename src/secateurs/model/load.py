@@ -36,8 +36,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from ..errors import UsageError
 from ..files import make_temporary, remove_abandoned
 from .arch import ArchSpec, spec_for
-from .shards import read_header
+from .shards import ShardReader, read_header
 from .slice import load_pretrained, skeleton_class
+from .validate import check_config, check_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bytes per element of the integer tensors a safetensors header names (sparse exports store some).
@@ -161,7 +162,7 @@ def load_config(source: str, trust_remote_code: bool = False):
         raise
     except Exception as exc:  # transformers raises many types for a broken config
         raise UsageError(f"could not load the model in {source}: {_first_line(exc)}") from exc
-    spec_for(config)
+    check_config(config, spec_for(config), _shards(source), source)
     return config
 
 
@@ -177,6 +178,9 @@ def load_skeleton(source: str, trust_remote_code: bool = False) -> LoadedModel |
         return None
     with torch.device("meta"):
         model = cls(config)
+    reader = _shards(source)
+    if reader is not None:
+        check_tensors(model, reader, source)
     path = Path(source).expanduser()
     return LoadedModel(model.eval(), None, spec_for(model), source, path.resolve() if path.exists() else None)
 
@@ -224,6 +228,13 @@ def local_folder(source: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def _shards(source: str) -> ShardReader | None:
+    """The checked safetensors headers of MODEL's local folder; None for a hub id, a GGUF file or a
+    folder whose weights are not safetensors."""
+    folder = local_folder(source)
+    return ShardReader.of(folder) if folder is not None else None
+
+
 def model_bytes(source: str, dtype: str = "float32") -> int | None:
     """Bytes of MODEL's tensors once loaded in ``dtype``, read from its safetensors headers (no
     weights read); None when that is not known before loading (hub id, .gguf, .bin weights)."""
@@ -253,7 +264,8 @@ def _finish(model: PreTrainedModel, tokenizer, source: str, path: Path | None) -
 def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_code: bool = False) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        spec_for(config)
+        reader = ShardReader.of(folder)
+        check_config(config, spec_for(config), reader, source)
         formats = [fmt for fmt in FOLDER_FORMATS.values() if fmt.detect(folder)]
         hf_logger = logging.getLogger("transformers")
         level = hf_logger.level
@@ -269,6 +281,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
         raise
     except Exception as exc:  # transformers raises many types for a broken folder
         raise UsageError(f"could not load the model in {folder}: {_first_line(exc)}") from exc
+    if reader is not None:  # before a format puts back modules the plain model lacks
+        check_tensors(model, reader, source)
     for fmt in formats:
         fmt.restore(model, folder, dtype)
     tokenizer = _try_tokenizer(folder, trust_remote_code)

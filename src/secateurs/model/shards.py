@@ -33,10 +33,7 @@ class ShardReader:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         if (folder / INDEX).is_file():
-            try:
-                weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UsageError(f"{folder / INDEX} is not a valid safetensors index ({exc}); re-download the model") from None
+            weight_map = _weight_map(folder / INDEX)
         elif (folder / SINGLE).is_file():
             weight_map = {}
         else:
@@ -46,7 +43,7 @@ class ShardReader:
         self.shapes: dict[str, list[int]] = {}
         self.dtypes: dict[str, str] = {}
         for name in files:
-            header, _ = read_header(folder / name, folder)
+            header, _ = read_header(inside(folder, name), folder)
             for key, info in header.items():
                 self.keys[key] = name
                 self.shapes[key] = info["shape"]
@@ -57,6 +54,11 @@ class ShardReader:
                 f"{INDEX} lists {len(missing)} tensors its shards do not hold (e.g. {missing[0]}); re-download the model"
             )
         self.files = files
+
+    @classmethod
+    def of(cls, folder: Path) -> ShardReader | None:
+        """The reader of ``folder``'s safetensors, checked; None where it keeps its weights otherwise."""
+        return cls(folder) if (folder / INDEX).is_file() or (folder / SINGLE).is_file() else None
 
     def read(self, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
         """``keys`` read from their shards into fresh tensors (page-locked with ``pin``)."""
@@ -72,12 +74,53 @@ class ShardReader:
         return [[name, (self.folder / name).stat().st_size, (self.folder / name).stat().st_mtime_ns] for name in self.files]
 
 
+def _weight_map(path: Path) -> dict[str, str]:
+    """An index's ``weight_map``: tensor name → shard file name, both strings."""
+    try:
+        weight_map = json.loads(path.read_text(), parse_constant=_no_constant)["weight_map"]
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path} is not a valid safetensors index ({exc}); re-download the model") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UsageError(f"{path} is not a valid safetensors index (its weight_map is not a map of tensor names to files); re-download the model")
+    return weight_map
+
+
+def inside(folder: Path, name: str) -> Path:
+    """``folder / name`` for a shard an index names, refused where it leaves the folder: an absolute
+    name, a ``..`` step, or a symlink out. The one symlink out allowed is the Hugging Face cache's:
+    ``snapshots/<revision>/<file>`` pointing into the same repository's ``blobs/``."""
+    parts = name.replace("\\", "/").split("/")
+    path = folder / name
+    if name and not Path(name).is_absolute() and ".." not in parts:
+        root, target = folder.resolve(), path.resolve()
+        if target.is_relative_to(root) or _hub_blob(root, target):
+            return path
+    raise UsageError(
+        f"shard {name!r} of {folder} lies outside it (an absolute path, '..' or a symlink out); "
+        "a model's shards must sit in its folder"
+    )
+
+
+def _hub_blob(root: Path, target: Path) -> bool:
+    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
+# Bits per element of every dtype the safetensors library knows (its ``Dtype::bitsize``); a file
+# naming another is refused as safetensors refuses it, though streaming reads only ``DTYPES``.
+BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+# The largest header safetensors reads (its MAX_HEADER_SIZE): a larger length field is corruption,
+# and is never used to size a read.
+MAX_HEADER = 100_000_000
 
 
 def _bytes_of(tensor: torch.Tensor):
@@ -141,8 +184,9 @@ def write_tensors(path: Path, entries: list[tuple[str, torch.dtype, list[int], C
 
 
 def read_header(path: Path, folder: Path) -> tuple[dict[str, dict], int]:
-    """The tensor table of one safetensors file and where its data starts, after checking the file
-    holds all the bytes the table names."""
+    """The tensor table of one safetensors file and where its data starts, after checking it as the
+    ``safetensors`` library does, so that a file it would refuse is refused here too, on one line
+    naming the file, before any number read from it sizes an allocation or a read."""
     if not path.is_file():
         raise UsageError(f"shard {path.name} is missing from {folder}; re-download or re-copy the model")
     size = path.stat().st_size
@@ -151,15 +195,82 @@ def read_header(path: Path, folder: Path) -> tuple[dict[str, dict], int]:
         if len(head) < 8:
             raise UsageError(f"shard {path.name} is truncated ({size} bytes); re-download or re-copy the model")
         n = struct.unpack("<Q", head)[0]
-        raw = f.read(n) if n <= size else b""
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"shard {path.name} is truncated or corrupt (unreadable header); re-download or re-copy the model") from None
-    header.pop("__metadata__", None)
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if n > MAX_HEADER:
+            raise _corrupt(path, f"its header length field says {n} bytes, over safetensors' limit of {MAX_HEADER}")
+        if 8 + n > size:
+            raise UsageError(
+                f"shard {path.name} is truncated or corrupt (a {n}-byte header in a {size}-byte file); "
+                "re-download or re-copy the model"
+            )
+        raw = f.read(n)
+    header = _parse(path, raw)
+    end = _check_table(path, header)
     if size < 8 + n + end:
-        raise UsageError(
-            f"shard {path.name} is truncated ({size} of {8 + n + end} bytes); re-download or re-copy the model"
-        )
+        raise UsageError(f"shard {path.name} is truncated ({size} of {8 + n + end} bytes); re-download or re-copy the model")
+    if size > 8 + n + end:
+        raise _corrupt(path, f"{size - 8 - n - end} bytes follow its last tensor")
     return header, 8 + n
+
+
+def _corrupt(path: Path, reason: str) -> UsageError:
+    return UsageError(f"shard {path} is not a valid safetensors file ({reason}); re-download or re-copy the model")
+
+
+def _parse(path: Path, raw: bytes) -> dict[str, dict]:
+    """The header's JSON object, its ``__metadata__`` (a str → str map, or null) checked and removed."""
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UsageError(f"shard {path.name} is truncated or corrupt (unreadable header); re-download or re-copy the model") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, f"its header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _corrupt(path, "its __metadata__ is not a map of strings to strings")
+    return header
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_size(value: object) -> bool:
+    """A JSON number safetensors reads as a ``usize``: a non-negative integer below 2**64 (not a bool)."""
+    return type(value) is int and 0 <= value < 2**64
+
+
+def _check_table(path: Path, header: dict) -> int:
+    """Check every entry (known dtype, non-negative integer shape and offsets) and that the tensors,
+    in offset order, tile the data from byte 0 with no gap or overlap, each exactly shape × dtype
+    long; returns where the data ends."""
+    for key, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise _corrupt(path, f"entry {key!r} is not a tensor with dtype, shape and data_offsets")
+        if not isinstance(info["dtype"], str) or info["dtype"] not in BITS:
+            raise _corrupt(path, f"tensor {key} has unknown dtype {info['dtype']!r}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+            raise _corrupt(path, f"tensor {key} has shape {shape!r}, not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+            raise _corrupt(path, f"tensor {key} has data_offsets {offsets!r}, not two non-negative integers")
+    end = 0
+    for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, stop = info["data_offsets"]
+        if begin != end or stop < begin:
+            raise _corrupt(path, f"tensor {key} at bytes {begin}-{stop} overlaps another or leaves a gap before it")
+        bits = _bits(info["shape"], BITS[info["dtype"]])
+        if bits is None or bits % 8 or stop - begin != bits // 8:
+            raise _corrupt(path, f"tensor {key} spans {stop - begin} bytes, not what shape {info['shape']} of {info['dtype']} needs")
+        end = stop
+    return end
+
+
+def _bits(shape: list[int], element: int) -> int | None:
+    """Bits of a tensor, or None where safetensors' 64-bit product would overflow (checked at each
+    step, as it does, so a later zero does not hide an overflow)."""
+    total = 1
+    for factor in (*shape, element):
+        total *= factor
+        if total >= 2**64:
+            return None
+    return total
