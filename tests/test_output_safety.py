@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -75,8 +76,6 @@ def test_recipe_rerun_rebuilds_a_removed_stage_output_and_keeps_the_final_model(
     size = _weights(out)
     target = out / "stages" / "01-prune" / removed
     if target.is_dir():
-        import shutil
-
         shutil.rmtree(target)
     else:
         target.unlink()
@@ -123,6 +122,19 @@ def test_recipe_refuses_an_out_holding_a_user_file_and_keeps_it(tmp_path, tiny_f
         run(changed, dry_run=True)
 
 
+def test_recipe_output_written_before_the_published_list_is_still_recognised(tmp_path, tiny_folder):
+    """A record without the list of published files (an older secateurs): the final model's files are its own."""
+    out = tmp_path / "run"
+    run(_recipe(tiny_folder, out), echo=lambda _: None)
+    record = json.loads((out / "secateurs.json").read_text())
+    del record["results"]["published"]
+    (out / "secateurs.json").write_text(json.dumps(record))
+    changed = _recipe(tiny_folder, out)
+    changed["stages"][0]["prune"]["sparsity"] = 0.6
+    run(changed, echo=lambda _: None)
+    assert _weights(out) > 0
+
+
 @pytest.mark.parametrize("content", ['"done"', "[1, 2]", "{not json"])
 def test_stage_json_that_is_not_an_object_reruns_the_stage(tmp_path, tiny_folder, content):
     out = tmp_path / "run"
@@ -143,7 +155,7 @@ def test_recipe_eval_data_is_checked_before_stage_1_and_data_dir_reaches_eval(tm
         load_recipe(recipe)
     data = tmp_path / "data"
     (data / "wikitext-2-raw").mkdir(parents=True)
-    (data / "wikitext-2-raw" / "wiki.test.raw").write_text(" = title = \n\n the quick brown fox jumps over the lazy dog . " * 40)
+    (data / "wikitext-2-raw" / "wiki.test.raw").write_text(" = title = \n\n the quick brown fox jumps . " * 40)
     recipe["calib"] = {"data_dir": str(data)}
     parsed = load_recipe(recipe)
     assert parsed.stages[1].fields["data_dir"] == str(data)
@@ -275,10 +287,11 @@ def test_two_concurrent_writers_one_refused(tmp_path, tiny_folder, monkeypatch):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(stages.base, "load_model", slow_load)
-    request = stages.STAGES["prune"].parse
+    def request():
+        return stages.STAGES["prune"].parse(str(tiny_folder), str(out), method="magnitude", device="cpu")
+
     outcome: list = []
-    first = threading.Thread(target=lambda: outcome.append(stages.run(request(str(tiny_folder), str(out), method="magnitude",
-                                                                             device="cpu"))))
+    first = threading.Thread(target=lambda: outcome.append(stages.run(request())))
     first.start()
     for _ in range(600):  # the first run holds OUT once its checks passed
         if lock_file(out.resolve()).exists() or not first.is_alive():
@@ -286,7 +299,7 @@ def test_two_concurrent_writers_one_refused(tmp_path, tiny_folder, monkeypatch):
         first.join(timeout=0.05)
     try:
         with pytest.raises(UsageError, match=f"being written by another secateurs run \\(pid {os.getpid()}"):
-            stages.run(request(str(tiny_folder), str(out), method="magnitude", device="cpu"))
+            stages.run(request())
     finally:
         second_done.set()
         first.join(timeout=60)

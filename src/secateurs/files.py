@@ -180,7 +180,9 @@ def check_protected(target: Path, flag: str) -> None:
     except (RuntimeError, KeyError):  # no home folder known
         home = None
     if home is not None and (target == home or target in home.parents):
-        raise UsageError(f"{flag} {target} is or holds the home folder; secateurs never replaces it; choose a new folder")
+        raise UsageError(
+            f"{flag} {target} is or holds the home folder; secateurs never replaces it; choose a new folder"
+        )
 
 
 def check_replaceable(target: Path, flag: str, marker: str) -> None:
@@ -240,7 +242,8 @@ def output_lock(target: Path, flag: str = "--out") -> Iterator[None]:
 
 
 def _busy(target: Path, flag: str, holder: str) -> str:
-    return f"{flag} {target} is being written by another secateurs run ({holder}); wait for it to end or choose another folder"
+    return (f"{flag} {target} is being written by another secateurs run ({holder}); "
+            "wait for it to end or choose another folder")
 
 
 def _read_owner(path: Path) -> dict:

@@ -52,7 +52,16 @@ import yaml
 
 from .data.sources import check_available
 from .errors import SecateursError, UsageError
-from .files import check_protected, make_temporary, os_reason, output_lock, remove_abandoned, replace_folder, resolve_out, write_atomic
+from .files import (
+    check_protected,
+    make_temporary,
+    os_reason,
+    output_lock,
+    remove_abandoned,
+    replace_folder,
+    resolve_out,
+    write_atomic,
+)
 from .model.save import RECORD
 from .record import build_record
 from .stages import STAGES, Outcome, Request, check
@@ -475,9 +484,9 @@ def _published(out: Path) -> set[str]:
     listed = results.get(PUBLISHED)
     if isinstance(listed, list):
         return names | {str(name) for name in listed}
-    final = results.get("final_model")
-    if isinstance(final, str) and Path(final).is_dir():
-        names |= {path.name for path in Path(final).iterdir() if path.is_file()}
+    final = Path(str(results.get("final_model")))
+    if final.is_dir() and final.resolve().is_relative_to((out / STAGES_DIR).resolve()):
+        names |= {path.name for path in final.iterdir() if path.is_file()}
     return names
 
 
@@ -548,7 +557,7 @@ def _publish(out: Path, final_model: str | None, record: dict) -> None:
         remove_abandoned(out.parent)
         tmp, owner = make_temporary(out.parent, f".{out.name}.publish-")
     except OSError as exc:
-        raise UsageError(f"could not write --out {out}: {os_reason(exc)}; its stages are kept, rerun to finish") from None
+        raise UsageError(_publish_failed(out, exc)) from None
     stages_moved = False
     try:
         for source in sources:
@@ -566,7 +575,11 @@ def _publish(out: Path, final_model: str | None, record: dict) -> None:
             (tmp / STAGES_DIR).rename(out / STAGES_DIR)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise UsageError(f"could not write --out {out}: {os_reason(exc)}; its stages are kept, rerun to finish") from None
+            raise UsageError(_publish_failed(out, exc)) from None
         raise
     finally:
         owner.unlink(missing_ok=True)
+
+
+def _publish_failed(out: Path, exc: OSError) -> str:
+    return f"could not write --out {out}: {os_reason(exc)}; the previous OUT and the stages are kept, rerun to finish"
