@@ -268,3 +268,11 @@ def test_eval_refuses_an_absurd_config_before_loading(single, tmp_path):
     result = runner.invoke(app, ["eval", str(single), "--device", "cpu"])
     assert result.exit_code == 2 and result.output.strip().startswith("error:"), result.output
     assert "num_hidden_layers" in result.output
+
+
+def test_width_the_weights_do_not_have_is_refused_before_it_is_allocated(single):
+    """An MLP width of 4 million in a 128-wide model: the load would allocate 9 GB of random weights
+    before transformers noticed the mismatch; the weightless skeleton is compared first."""
+    _write_config(single, {"intermediate_size": 4_000_000})
+    with pytest.raises(UsageError, match=r"mlp\.gate_proj\.weight in model.safetensors has shape \[128, 64\]"):
+        load_model(str(single))

@@ -13,6 +13,7 @@ loading a model imports no kernel or method code.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib.util
 import json
@@ -173,11 +174,9 @@ def load_skeleton(source: str, trust_remote_code: bool = False) -> LoadedModel |
     config = load_config(source, trust_remote_code)
     if hasattr(config, "quantization_config"):  # a GGUF's: the loaded model is plain float
         del config.quantization_config
-    cls = skeleton_class(config)
-    if cls is None:
+    model = _skeleton(config)
+    if model is None:
         return None
-    with torch.device("meta"):
-        model = cls(config)
     reader = _shards(source)
     if reader is not None:
         check_tensors(model, reader, source)
@@ -228,6 +227,16 @@ def local_folder(source: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def _skeleton(config) -> PreTrainedModel | None:
+    """``config``'s model with every weight on the meta device (built on a copy, which building may
+    annotate); None when only code from the model folder could build it."""
+    cls = skeleton_class(config)
+    if cls is None:
+        return None
+    with torch.device("meta"):
+        return cls(copy.deepcopy(config))
+
+
 def _shards(source: str) -> ShardReader | None:
     """The checked safetensors headers of MODEL's local folder; None for a hub id, a GGUF file or a
     folder whose weights are not safetensors."""
@@ -266,6 +275,9 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         reader = ShardReader.of(folder)
         check_config(config, spec_for(config), reader, source)
+        skeleton = _skeleton(config) if reader is not None else None
+        if skeleton is not None:  # before loading: a stored shape the config does not build would be allocated
+            check_tensors(skeleton, reader, source)
         formats = [fmt for fmt in FOLDER_FORMATS.values() if fmt.detect(folder)]
         hf_logger = logging.getLogger("transformers")
         level = hf_logger.level
@@ -281,7 +293,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
         raise
     except Exception as exc:  # transformers raises many types for a broken folder
         raise UsageError(f"could not load the model in {folder}: {_first_line(exc)}") from exc
-    if reader is not None:  # before a format puts back modules the plain model lacks
+    if reader is not None and skeleton is None:  # built by the folder's own code: checked once built
         check_tensors(model, reader, source)
     for fmt in formats:
         fmt.restore(model, folder, dtype)

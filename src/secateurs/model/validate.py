@@ -16,6 +16,7 @@ Every failure is one :class:`UsageError` line naming the file and the number at 
 
 from __future__ import annotations
 
+import numbers
 import re
 
 from torch import nn
@@ -44,7 +45,7 @@ def check_config(config, spec: ArchSpec, reader: ShardReader | None, source: str
         ceiling = MAX_LAYERS if key == spec.num_layers_key else MAX_WIDTH
         if value is None:
             continue
-        if type(value) is not int or value < 1:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise UsageError(f"{source}: config.json gives {key} = {value!r}; it must be a positive integer")
         if value > ceiling:
             raise UsageError(f"{source}: config.json gives {key} = {value}, over secateurs' limit of {ceiling}; the config is corrupt")
