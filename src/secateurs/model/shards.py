@@ -1,9 +1,9 @@
 """The safetensors files of a Hugging Face folder, read and written without a library's copy.
 
-- :func:`read_header`: a file's tensor table and where its data starts, after checking the file is
-  whole (a truncated or corrupt file is a one-line error naming the fix);
-- :class:`ShardReader`: tensor names → shard files of a folder (single file or index), checked
-  before any work, and reads of any subset of tensors;
+- :func:`read_header`: a file's tensor table and where its data starts, after checking it as the
+  safetensors library does (a truncated or corrupt file is a one-line error naming the file and fix);
+- :class:`ShardReader`: tensor names → shard files of a folder (single file or index; no shard
+  outside the folder), checked before any work, and reads of any subset of tensors;
 - :func:`read_tensors`: positional reads straight into new tensors (optionally page-locked, so they
   reach a GPU by DMA), never a memory map, whose touched pages would count as resident;
 - :func:`write_tensors`: a file written one tensor at a time from producers, so at most one is held.

@@ -42,13 +42,13 @@ def check_config(config, spec: ArchSpec, reader: ShardReader | None, source: str
             spec.intermediate_key, spec.head_dim_key]
     for key in dict.fromkeys(k for k in keys if k is not None):
         value = getattr(text, key, None)
-        ceiling = MAX_LAYERS if key == spec.num_layers_key else MAX_WIDTH
         if value is None:
             continue
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise UsageError(f"{source}: config.json gives {key} = {value!r}; it must be a positive integer")
+            raise UsageError(f"{source}: its config gives {key} = {value!r}; it must be a positive integer")
+        ceiling = MAX_LAYERS if key == spec.num_layers_key else MAX_WIDTH
         if value > ceiling:
-            raise UsageError(f"{source}: config.json gives {key} = {value}, over secateurs' limit of {ceiling}; the config is corrupt")
+            raise UsageError(f"{source}: its config gives {key} = {value}, over secateurs' limit of {ceiling}; the config is corrupt")
     if reader is not None:
         _check_against_weights(text, spec, reader, source)
 
