@@ -28,7 +28,7 @@ def _never_load(*args, **kwargs):
 def test_unreachable_data_is_one_error_before_the_model_loads(folder, data_dir, monkeypatch, datasets):
     """The shared data folder has wikitext2 but no c4."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr("secateurs.stages.base.load_model", _never_load)
+    monkeypatch.setattr("secateurs.model.load.load_model", _never_load)
     result = CliRunner().invoke(app, ["eval", str(folder), "--ppl", datasets, "--seq-len", "16", "--device", "cpu",
                                       "--data-dir", str(data_dir)])
     assert result.exit_code == 2, result.output

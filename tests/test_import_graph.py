@@ -157,12 +157,52 @@ def test_model_and_engine_import_no_method_family(graph):
     assert not bad, f"model/ and engine/ must not import method families, kernels or the front ends: {bad}"
 
 
-def test_kernels_register_their_folder_format_on_any_import():
-    """model/load.py restores sparse exports without importing kernels/: importing any part of the
-    package (here model.load alone, in a fresh interpreter) registers kernels' format through
-    ``secateurs/__init__.py``."""
-    code = "from secateurs.model.load import FOLDER_FORMATS; print(sorted(FOLDER_FORMATS))"
+def _fresh(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+
+
+def test_the_loader_imports_the_kernels_folder_formats_by_name():
+    """model/load.py restores sparse exports without importing kernels/ (a lower layer imports no upper
+    one): it imports the modules :data:`FOLDER_FORMAT_MODULES` names the first time it inspects a folder."""
+    done = _fresh("from secateurs.model.load import folder_formats; print(sorted(folder_formats()))")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "['compressed-tensors', 'sparse']"
+
+
+HEAVY = ("torch", "transformers", "triton")
+IMPORTED_HEAVY = f"import sys; print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+
+
+@pytest.mark.parametrize("module", ["secateurs", "secateurs.cli.app", "secateurs.cli", "secateurs.stages"])
+def test_the_package_and_the_cli_import_no_torch(module):
+    """``secateurs --help`` (every command is built from the stage specs) and ``import secateurs`` cost
+    seconds when torch, transformers and Triton come with them: the verbs import those when called."""
+    done = _fresh(f"import {module}; {IMPORTED_HEAVY}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", f"import {module} imports {done.stdout.strip()}"
+
+
+def test_every_command_builds_its_help_without_torch():
+    """Rendering each command's --help (its options, defaults and the registries' names in them)."""
+    code = (
+        "from typer.main import get_command; from secateurs.cli import app; import click; "
+        "group = get_command(app); ctx = click.Context(group); "
+        "[group.get_command(ctx, name).get_help(click.Context(group.get_command(ctx, name))) for name in group.list_commands(ctx)]; "
+        + IMPORTED_HEAVY
+    )
+    done = _fresh(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--sparsity" in done.stdout and "--rank" in done.stdout  # the help was rendered (typer prints it)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+
+
+def test_every_public_name_resolves():
+    """``secateurs.<name>`` is imported on first use: each name of ``__all__`` exists where it says."""
+    import secateurs
+
+    assert sorted(secateurs.__all__) == sorted(secateurs._EXPORTS)
+    for name in secateurs.__all__:
+        assert getattr(secateurs, name) is not None
+    with pytest.raises(AttributeError):
+        secateurs.no_such_name  # noqa: B018

@@ -16,6 +16,7 @@ from tiny_models import tiny_model
 from typer.testing import CliRunner
 
 from secateurs import stages
+from secateurs.model import load as model_load
 from secateurs.cli import app
 from secateurs.errors import UsageError
 from secateurs.files import HOLDER_ENV, lock_file, output_lock
@@ -40,7 +41,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad output was refused")
 
-    monkeypatch.setattr(stages.base, "load_model", refuse)
+    monkeypatch.setattr(model_load, "load_model", refuse)
 
 
 def _one_line_error(result, *needles: str) -> str:
@@ -279,14 +280,14 @@ def test_two_concurrent_writers_one_refused(tmp_path, tiny_folder, monkeypatch):
     line while the first holds OUT, and the first's output is whole."""
     out = tmp_path / "out"
     second_done = threading.Event()
-    real_load = stages.base.load_model
+    real_load = model_load.load_model
 
     def slow_load(*args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
             assert second_done.wait(timeout=60)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(stages.base, "load_model", slow_load)
+    monkeypatch.setattr(model_load, "load_model", slow_load)
     def request():
         return stages.STAGES["prune"].parse(str(tiny_folder), str(out), method="magnitude", device="cpu")
 

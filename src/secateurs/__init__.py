@@ -1,36 +1,54 @@
 """secateurs: prune large language models and measure honestly what it cost and what it won."""
 
-from . import (
-    kernels as kernels,  # registers the sparse-export folder format that load_model restores
-)
-from .api import (
-    PruneConfig,
-    PruneReport,
-    drop_layers_streamed,
-    evaluate_perplexity,
-    loraprune,
-    prune,
-    prune_iterative,
-    prune_layers,
-    prune_streamed,
-    recover,
-    save,
-    shear,
-    width,
-)
-from .data.calib import CalibConfig
-from .depth.prune import LayerConfig, LayerReport
-from .engine.sequential import EngineOptions
-from .errors import NumericalError, SecateursError, UsageError
-from .evaluate.zeroshot import ZeroShot, zero_shot
-from .model.load import LoadedModel, load_model
-from .recipe import run
-from .recover.lora import RecoverConfig, RecoverReport
-from .recover.loraprune import LoRAPruneConfig
-from .report import write_report
-from .runs import load_run
-from .structured.base import WidthConfig, WidthReport
-from .structured.shearing import ShearConfig, ShearReport, ShearTarget
+import importlib
+from typing import Any
+
+# Public name -> the module defining it, imported on first use (PEP 562): `import secateurs` and the
+# CLI's --help stay free of torch, transformers and the kernels, which the verbs import when called.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        ("PruneConfig", "PruneReport", "drop_layers_streamed", "evaluate_perplexity", "loraprune", "prune",
+         "prune_iterative", "prune_layers", "prune_streamed", "recover", "save", "shear", "width"),
+        "secateurs.api",
+    ),
+    "CalibConfig": "secateurs.data.calib",
+    "LayerConfig": "secateurs.depth.prune",
+    "LayerReport": "secateurs.depth.prune",
+    "EngineOptions": "secateurs.engine.sequential",
+    "NumericalError": "secateurs.errors",
+    "SecateursError": "secateurs.errors",
+    "UsageError": "secateurs.errors",
+    "ZeroShot": "secateurs.evaluate.zeroshot",
+    "zero_shot": "secateurs.evaluate.zeroshot",
+    "LoadedModel": "secateurs.model.load",
+    "load_model": "secateurs.model.load",
+    "run": "secateurs.recipe",
+    "RecoverConfig": "secateurs.recover.lora",
+    "RecoverReport": "secateurs.recover.lora",
+    "LoRAPruneConfig": "secateurs.recover.loraprune",
+    "write_report": "secateurs.report",
+    "load_run": "secateurs.runs",
+    "WidthConfig": "secateurs.structured.base",
+    "WidthReport": "secateurs.structured.base",
+    "ShearConfig": "secateurs.structured.shearing",
+    "ShearReport": "secateurs.structured.shearing",
+    "ShearTarget": "secateurs.structured.shearing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``secateurs.<name>``: import the defining module the first time a public name is used."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'secateurs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "CalibConfig",

@@ -13,8 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import SecateursError
-from ..model.load import model_bytes
-from ..model.save import check_output
 from ..stages.flags import err_console
 
 out_console = Console()
@@ -23,6 +21,9 @@ out_console = Console()
 def check_out_folder(out: str, model: str, overwrite: bool, dtype: str = "float32") -> None:
     """OUT before any work: not over MODEL, free (or --overwrite), creatable, writable, and room for
     the model's size in ``dtype`` (an upper bound: pruned outputs are the same size or smaller)."""
+    from ..model.load import model_bytes
+    from ..model.save import check_output
+
     check_output(out, model, overwrite, model_bytes(model, dtype))
 
 

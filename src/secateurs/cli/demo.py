@@ -12,12 +12,6 @@ from typing import Annotated
 
 import typer
 
-from ..api import PruneConfig, check_prune, prune, save
-from ..data.calib import CalibConfig, self_generated
-from ..engine.sequential import EngineOptions
-from ..evaluate.agreement import agreement
-from ..evaluate.perplexity import perplexity
-from ..model.load import load_model
 from ..sparsity.registry import method_names
 from ..stages import flags
 from ..stages.flags import check_at_least, check_context, parse_sparsity, preflight
@@ -46,6 +40,13 @@ def demo_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Prune SmolLM2-135M on self-generated data and print a before / after table."""
+    from ..api import PruneConfig, check_prune, prune, save
+    from ..data.calib import CalibConfig, self_generated
+    from ..engine.sequential import EngineOptions
+    from ..evaluate.agreement import agreement
+    from ..evaluate.perplexity import perplexity
+    from ..model.load import load_model
+
     engine = EngineOptions(device=device)
     torch_device = engine.torch_device()
     check_at_least(1, n_samples=n_samples, eval_samples=eval_samples)

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..report import results_table, write_report
-from ..runs import load_runs
 from .app import app
 from .common import friendly, out_console
 
@@ -31,6 +29,9 @@ def report_command(
 
     A `secateurs run` output folder is rendered as its chain: one row per stage, with the metrics
     measured after it."""
+    from ..report import results_table, write_report
+    from ..runs import load_runs
+
     if out is None:
         if len(runs) != 1 or not Path(runs[0]).is_dir():
             raise UsageError("pass --out DIR for the report (it defaults to the run's folder only for one folder)")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..recipe import STAGE_COMMANDS, load_recipe, run
+from ..stages import STAGES
 from .app import app, show
 from .common import friendly, out_console, table
 
@@ -17,7 +17,7 @@ from .common import friendly, out_console, table
     help=(
         "Run a recipe: a YAML file with `model`, optional `calib` defaults "
         "({source, n_samples, seq_len, seed, data_dir}), `stages` and `out`. Each stage is one of "
-        f"{', '.join(STAGE_COMMANDS)}, and its fields are exactly that command's flags "
+        f"{', '.join(STAGES)}, and its fields are exactly that command's flags "
         "(see `secateurs <stage> --help`; `model`, `out` and `overwrite` are set by the runner). "
         "The whole recipe is validated before any work starts. Stage outputs live in OUT/stages/NN-name "
         "and are reused when their config and input are unchanged; OUT itself holds the final model and "
@@ -31,6 +31,8 @@ def run_command(
     dry_run: Annotated[bool, typer.Option(help="Validate and print the plan without running anything.")] = False,
 ) -> None:
     """Chain depth, width, sparsity, recovery and evaluation stages from a YAML recipe."""
+    from ..recipe import load_recipe, run
+
     parsed = load_recipe(recipe, out)
     if dry_run:
         rows = [

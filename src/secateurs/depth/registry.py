@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from .base import LayerScorer
+
+if TYPE_CHECKING:  # the names are read by the CLI's --help, which must not import torch
+    from .base import LayerScorer
 
 SCORERS: dict[str, str] = {
     "gradmap": "secateurs.depth.gradmap:GradMAP",

@@ -114,6 +114,9 @@ class LocalTask:
     """lm-eval's own config of the task, relative to ``lm_eval/tasks`` (read there, never copied)."""
 
 
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+"""The seven zero-shot tasks of the pruning papers (e.g. Wanda Table 2, LLM-Pruner Table 1)."""
+
 LOCAL_TASKS: dict[str, LocalTask] = {
     "boolq": LocalTask(("boolq/dev.jsonl",), "validation", _boolq, "super_glue/boolq/default.yaml"),
     "piqa": LocalTask(("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation", _piqa, "piqa/piqa.yaml"),

@@ -28,10 +28,7 @@ from ..device import resolve_device
 from ..errors import UsageError
 from ..model.load import LoadedModel
 from ..progress import track
-from .tasks import LOCAL_TASKS, local_docs
-
-PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-"""The seven zero-shot tasks of the pruning papers (e.g. Wanda Table 2, LLM-Pruner Table 1)."""
+from .tasks import LOCAL_TASKS, PAPER_TASKS, local_docs
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ because ``transformers`` refuses to ``save_pretrained`` a model it loaded from G
 rebuilt copy is cached as an ordinary HF folder so later loads take a second, not half a minute.
 
 A folder whose weights ``from_pretrained`` cannot restore alone (the sparse export of
-:mod:`secateurs.kernels`) is a :class:`FolderFormat` that the package writing it registers here, so
-loading a model imports no kernel or method code.
+:mod:`secateurs.kernels`) is a :class:`FolderFormat` that the package writing it registers here. The
+modules that register one are named in :data:`FOLDER_FORMAT_MODULES` and imported by name the first
+time a folder is inspected, so this layer imports no upper one and ``import secateurs`` no kernel code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import importlib.util
 import json
 import logging
@@ -90,10 +92,22 @@ class FolderFormat:
 
 FOLDER_FORMATS: dict[str, FolderFormat] = {}
 
+FOLDER_FORMAT_MODULES: tuple[str, ...] = ("secateurs.kernels.swap", "secateurs.kernels.compressed")
+"""Modules that register a folder format when imported; named, not imported, so that loading the
+package (and ``secateurs --help``) does not import the kernels and Triton."""
+
 
 def register_folder_format(fmt: FolderFormat) -> None:
     """Make :func:`load_model` restore folders of ``fmt`` (called by the package that writes them)."""
     FOLDER_FORMATS[fmt.name] = fmt
+
+
+def folder_formats() -> dict[str, FolderFormat]:
+    """Every registered folder format, importing :data:`FOLDER_FORMAT_MODULES` first (once: later
+    imports are no-ops), so a folder is never inspected before its format is known."""
+    for module in FOLDER_FORMAT_MODULES:
+        importlib.import_module(module)
+    return FOLDER_FORMATS
 
 
 def cache_dir() -> Path:
@@ -278,7 +292,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_cod
         skeleton = _skeleton(config) if reader is not None else None
         if skeleton is not None:  # before loading: a stored shape the config does not build would be allocated
             check_tensors(skeleton, reader, source)
-        formats = [fmt for fmt in FOLDER_FORMATS.values() if fmt.detect(folder)]
+        formats = [fmt for fmt in folder_formats().values() if fmt.detect(folder)]
         hf_logger = logging.getLogger("transformers")
         level = hf_logger.level
         if formats:  # its replaced modules have no .weight on purpose: silence the "missing" warning

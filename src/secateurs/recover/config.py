@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass
 
 from ..data.sources import check_name
 from ..errors import UsageError
-from .train import PRECISIONS
+from ..structured.registry import TARGET_NAMES
+
+# The recovery stages' choices, here (no torch) because the CLI's --help lists them.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LORAPRUNE_MODES = (*TARGET_NAMES, "unstructured")
 
 
 @dataclass

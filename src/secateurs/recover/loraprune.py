@@ -40,10 +40,9 @@ from ..sparsity.masks import unstructured_mask
 from ..structured.base import TARGETS, count_parameters, model_groups
 from ..structured.importance import aggregate, slot_sums
 from .adapters import ADAPTER, Adapters, attach, base_weight
+from .config import LORAPRUNE_MODES
 from .lora import RecoverConfig, RecoverReport, identity, mean_sparsity, train_adapters, train_ids
 from .train import TrainHook
-
-MODES = (*TARGETS, "unstructured")
 
 
 @dataclass
@@ -76,8 +75,8 @@ class LoRAPruneConfig:
 
     def validate(self) -> None:
         """The checks that need no model, so a command fails before it loads one."""
-        if self.target not in MODES:
-            raise UsageError(f"unknown --target {self.target!r}; use one of {', '.join(MODES)}")
+        if self.target not in LORAPRUNE_MODES:
+            raise UsageError(f"unknown --target {self.target!r}; use one of {', '.join(LORAPRUNE_MODES)}")
         if not 0.0 < self.ratio < 1.0:
             raise UsageError(f"--ratio must be in (0, 1), got {self.ratio:g}")
         if not 0.0 <= self.initial_ratio <= self.ratio:

@@ -39,8 +39,6 @@ from ..evaluate.loss import mean_loss
 from ..progress import meter
 from .checkpoint import check_progress, check_state, damaged, load_checkpoint, restoring, save_checkpoint
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 Evaluate = Callable[[list[torch.Tensor]], torch.Tensor]
 """``evaluate(window_sets)``: the model's mean loss on each set of (n, seq_len) windows, in eval mode."""
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from .base import SparsityMethod
+
+if TYPE_CHECKING:  # the names are read by the CLI's --help, which must not import torch
+    from .base import SparsityMethod
 
 METHODS: dict[str, str] = {
     "magnitude": "secateurs.sparsity.magnitude:Magnitude",

@@ -6,6 +6,10 @@ annotated with its help) into a :class:`Request` of the typed configs the Python
 summarise its report. :func:`check` and :meth:`Stage.execute` do the rest the same way for every
 stage, so the CLI command, a recipe stage and a Python caller of :func:`secateurs.stages.run` all
 produce the same folder, ``secateurs.json`` and summary.
+
+The stage modules import torch, transformers and the API inside the steps that run the work, never at
+module level: the CLI builds its commands (and ``--help``) from the specs' ``parse`` signatures, and
+showing them must not cost seconds of imports.
 """
 
 from __future__ import annotations
@@ -13,15 +17,15 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..api import evaluate_perplexity, save
-from ..data.calib import CalibConfig
-from ..engine.sequential import EngineOptions
 from ..files import output_lock, resolve_out
-from ..model.load import LoadedModel, check_tokenizer, load_model, model_bytes
-from ..model.save import check_out, check_output
 from .flags import err_console, perplexity_rows, preflight
+
+if TYPE_CHECKING:
+    from ..data.calib import CalibConfig
+    from ..engine.sequential import EngineOptions
+    from ..model.load import LoadedModel
 
 
 @dataclass
@@ -37,11 +41,20 @@ class Evaluation:
     before: bool = False
 
     def measure(self, loaded: LoadedModel, label: str = "", key_suffix: str = "") -> tuple[list[list[str]], dict]:
+        from ..api import evaluate_perplexity
+
         if not self.datasets:
             return [], {}
         measured = evaluate_perplexity(loaded, self.datasets, self.seq_len, self.limit_windows, self.data_dir,
                                        self.device, self.batch_size)
         return perplexity_rows(measured, label, key_suffix)
+
+
+def _engine_options() -> EngineOptions:
+    """The default :class:`EngineOptions`, imported when a request is built rather than with this module."""
+    from ..engine.sequential import EngineOptions
+
+    return EngineOptions()
 
 
 @dataclass
@@ -54,7 +67,7 @@ class Request:
     config: Any
     out: str | None = None
     calib: CalibConfig | None = None
-    engine: EngineOptions = field(default_factory=EngineOptions)
+    engine: EngineOptions = field(default_factory=_engine_options)
     evaluation: Evaluation = field(default_factory=Evaluation)
     dtype: str = "float32"
     overwrite: bool = False
@@ -126,10 +139,15 @@ class Stage:
 
     def load(self, request: Request) -> LoadedModel:
         """The model, loaded only after every check passed."""
+        from ..model.load import load_model
+
         return load_model(request.model, request.dtype, request.trust_remote_code)
 
     def execute(self, request: Request) -> Outcome | None:
         """load → verb → evaluate → save; None on a process that does not write (a distributed rank)."""
+        from ..api import save
+        from ..model.save import check_out
+
         loaded = self.load(request)
         check_out(request.out, loaded.local_path, request.overwrite)
         rows, results = self.head(request), {}
@@ -158,6 +176,9 @@ def check(request: Request, pending: frozenset[str] | None = None) -> None:
     ``pending`` (a recipe being planned): models earlier stages will write, checked without a model;
     OUT may exist then, since the runner removes a stage's old output before it reruns the stage.
     """
+    from ..model.load import model_bytes
+    from ..model.save import check_output
+
     stage = request.stage
     planning = pending is not None
     pending = pending or frozenset()
@@ -174,6 +195,8 @@ def check(request: Request, pending: frozenset[str] | None = None) -> None:
 def _check_tokenizer(request: Request) -> None:
     """A damaged tokenizer is refused, and a missing one where text is needed; a stage that writes a
     model from a folder with none says so once, since OUT will have none either."""
+    from ..model.load import check_tokenizer
+
     needed = request.stage.needs_text(request)
     if not check_tokenizer(request.model, request.trust_remote_code, needed) and request.stage.produces_model:
         err_console.print(

@@ -3,22 +3,23 @@
 A stage's flags are the parameters of its ``parse`` function, each ``Annotated[type, Help(...)]``:
 the recipe runner reads them as a recipe's keys, the CLI turns each :class:`Help` into a typer option.
 Nothing here knows about typer: the same definitions serve Python, recipes and the command line.
+Nothing here imports torch or transformers at module level either: the CLI builds every command (and
+``--help``) from these definitions, and must not pay seconds of imports to show them.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from rich.console import Console
 
 from ..data.sources import check_name
-from ..device import resolve_device
 from ..errors import UsageError
-from ..model.load import LoadedModel, load_skeleton
-from ..model.save import check_output_file
+
+if TYPE_CHECKING:
+    from ..model.load import LoadedModel
 
 err_console = Console(stderr=True)
 
@@ -110,6 +111,8 @@ def check_eval_flags(datasets: list[str], limit_windows: int | None, seq_len: in
 
 
 def check_json_out(path: str | None, flag_name: str = "--json") -> None:
+    from ..model.save import check_output_file
+
     if path is not None:
         check_output_file(path, flag_name)
 
@@ -117,6 +120,8 @@ def check_json_out(path: str | None, flag_name: str = "--json") -> None:
 def preflight(model: str, trust_remote_code: bool = False, pending: frozenset[str] = frozenset()) -> LoadedModel | None:
     """MODEL with weights on the meta device (config only), to check flags against its shapes; None
     for a recipe stage whose input an earlier stage has yet to write (``pending``)."""
+    from ..model.load import load_skeleton
+
     if model in pending:
         return None
     return load_skeleton(model, trust_remote_code)
@@ -142,6 +147,8 @@ def calibration_seconds(loaded: LoadedModel, tokens: int, passes: int = 2) -> fl
     """A rough CPU time for ``passes`` forward passes of every block over ``tokens`` tokens: 2 FLOPs
     per block parameter per token, at the speed a short 512 × 512 matrix product runs here now
     (attention's quadratic term and the methods' own solves come on top)."""
+    import torch
+
     blocks = loaded.spec.blocks_of(loaded.model)
     block_params = sum(p.numel() for p in blocks[0].parameters()) * len(blocks)
     a = torch.randn(512, 512)
@@ -155,6 +162,8 @@ def calibration_seconds(loaded: LoadedModel, tokens: int, passes: int = 2) -> fl
 def cpu_cost_note(loaded: LoadedModel | None, device: str, n_samples: int, seq_len: int) -> None:
     """On a CPU, say up front what calibration will cost (tokens, activation memory, a rough time),
     so a paper-size default (128 × 2048) is not a silent hours-long run."""
+    from ..device import resolve_device
+
     tokens = n_samples * seq_len
     if loaded is None or tokens < 65_536 or resolve_device(device).type != "cpu":
         return

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from ..api import prune_layers
-from ..data.calib import CalibConfig
-from ..depth.prune import LayerConfig, LayerReport
 from ..depth.registry import scorer_names
-from ..engine.sequential import EngineOptions
 from ..errors import UsageError
-from ..model.load import LoadedModel
 from .base import Evaluation, Request, Stage
 from .flags import (
     BatchSize,
@@ -33,6 +28,10 @@ from .flags import (
     csv_list,
     parse_options,
 )
+
+if TYPE_CHECKING:
+    from ..depth.prune import LayerReport
+    from ..model.load import LoadedModel
 
 
 class LayersStage(Stage):
@@ -67,6 +66,10 @@ class LayersStage(Stage):
         trust_remote_code: TrustRemoteCode = False,
     ) -> Request:
         """Remove N decoder layers chosen by a criterion; the result is a smaller model that plain transformers loads."""
+        from ..data.calib import CalibConfig
+        from ..depth.prune import LayerConfig
+        from ..engine.sequential import EngineOptions
+
         config = LayerConfig(method, remove, compensate, parse_options(option), parse_options(compensation_option))
         config.validate()
         calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir)
@@ -92,6 +95,8 @@ class LayersStage(Stage):
         cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
 
     def apply(self, loaded: LoadedModel, request: Request) -> LayerReport:
+        from ..api import prune_layers
+
         return prune_layers(loaded, request.config, request.calib, request.engine)
 
     def rows(self, request: Request, report: LayerReport) -> list[list[str]]:

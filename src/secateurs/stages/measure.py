@@ -6,18 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
-
-from ..api import bench, evaluate_perplexity
 from ..data.sources import check_available
 from ..errors import UsageError
-from ..evaluate.speed import SpeedConfig
-from ..evaluate.zeroshot import PAPER_TASKS, ZeroShot, check_tasks, zero_shot
+from ..evaluate.tasks import PAPER_TASKS
 from ..files import write_atomic
-from ..model.load import LoadedModel
-from ..model.save import write_output_file
 from .base import Evaluation, Outcome, Request, Stage, Table
 from .flags import (
     BatchSize,
@@ -34,6 +28,10 @@ from .flags import (
     csv_list,
     parse_ints,
 )
+
+if TYPE_CHECKING:
+    from ..evaluate.zeroshot import ZeroShot
+    from ..model.load import LoadedModel
 
 
 @dataclass
@@ -67,6 +65,8 @@ class EvalStage(Stage):
         trust_remote_code: TrustRemoteCode = False,
     ) -> Request:
         """Measure perplexity (non-overlapping windows over the joined test split) and zero-shot accuracy."""
+        from ..evaluate.zeroshot import check_tasks
+
         task_names = csv_list(tasks)
         if tasks is not None and not task_names:
             raise UsageError(f"--tasks needs at least one task, e.g. --tasks {','.join(PAPER_TASKS)}")
@@ -95,6 +95,10 @@ class EvalStage(Stage):
 
     def execute(self, request: Request) -> Outcome:
         """Perplexity and zero-shot scores, shown as tables and written to ``--json``."""
+        from ..api import evaluate_perplexity
+        from ..evaluate.zeroshot import zero_shot
+        from ..model.save import write_output_file
+
         ev, model = request.evaluation, request.model
         loaded = self.load(request)
         results = evaluate_perplexity(loaded, ev.datasets, ev.seq_len, ev.limit_windows, ev.data_dir, ev.device, ev.batch_size)
@@ -162,6 +166,8 @@ class BenchStage(Stage):
         json_out: Annotated[str | None, Help("Also write every number to this JSON file.", ("--json",))] = None,
     ) -> Request:
         """Measure speed and memory: dense vs pruned vs pruned-on-sparse-kernels, as ratios to the first."""
+        from ..evaluate.speed import SpeedConfig
+
         config = SpeedConfig(parse_ints(prompt_lengths, "--prompt-lengths"), parse_ints(batches, "--batches"),
                              new_tokens=new_tokens, warmup=warmup, repeats=repeats, seed=seed, cuda_graphs=cuda_graphs,
                              decode_methods=tuple(csv_list(decode_methods)))
@@ -172,6 +178,10 @@ class BenchStage(Stage):
 
     def execute(self, request: Request) -> Outcome:
         """The models side by side in one run, as ratios to the first; every number written to ``--json``."""
+        import torch
+
+        from ..api import bench
+
         options, config = request.options, request.config
         report = bench(request.model, options["baseline"], sparse=options["sparse"], min_sparsity=options["min_sparsity"],
                        device=request.evaluation.device, dtype=request.dtype, config=config)

@@ -4,28 +4,9 @@ shard by shard, or split over processes."""
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from ..api import (
-    PruneConfig,
-    PruneReport,
-    check_prune,
-    export_sparse,
-    prune,
-    prune_streamed,
-)
-from ..data.calib import CalibConfig
-from ..engine.distributed import (
-    DistributedHooks,
-    init_from_env,
-    launched_by_torchrun,
-    relaunch,
-    shutdown,
-)
-from ..engine.sequential import EngineOptions
 from ..errors import UsageError
-from ..model.load import LoadedModel
-from ..sparsity.reconstruct import parse_reconstruct
 from ..sparsity.registry import method_names
 from .base import Evaluation, Outcome, Request, Stage, Table
 from .flags import (
@@ -51,6 +32,10 @@ from .flags import (
     parse_options,
     parse_sparsity,
 )
+
+if TYPE_CHECKING:
+    from ..api import PruneReport
+    from ..model.load import LoadedModel
 
 
 class PruneStage(Stage):
@@ -111,6 +96,11 @@ class PruneStage(Stage):
         trust_remote_code: TrustRemoteCode = False,
     ) -> Request:
         """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
+        from ..api import PruneConfig
+        from ..data.calib import CalibConfig
+        from ..engine.sequential import EngineOptions
+        from ..sparsity.reconstruct import parse_reconstruct
+
         config = PruneConfig(
             method, parse_sparsity(sparsity), pattern, parse_options(option),
             allocation=allocation,
@@ -139,6 +129,8 @@ class PruneStage(Stage):
         )
 
     def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
+        from ..api import check_prune
+
         check_prune(skeleton, request.config, request.calib)
         if skeleton is not None:
             calib = request.calib
@@ -149,6 +141,9 @@ class PruneStage(Stage):
 
     def execute(self, request: Request) -> Outcome | None:
         """Relaunched under torchrun for ``nproc`` > 1; streamed shard by shard with ``stream``."""
+        from ..api import prune_streamed
+        from ..engine.distributed import DistributedHooks, init_from_env, launched_by_torchrun, relaunch, shutdown
+
         if request.options["nproc"] != 1 and not launched_by_torchrun():
             relaunch(request.options["nproc"], sys.argv[1:])
             return None
@@ -166,6 +161,9 @@ class PruneStage(Stage):
         return Outcome([Table(self.title(request), ["", "value"], self.rows(request, report) + [["saved to", str(path)]])], path)
 
     def apply(self, loaded: LoadedModel, request: Request) -> PruneReport | None:
+        from ..api import prune
+        from ..engine.distributed import shutdown
+
         report = prune(loaded, request.config, request.calib, request.engine)
         shutdown()
         group = request.options.get("group")
@@ -182,6 +180,8 @@ class PruneStage(Stage):
         ]
 
     def records(self, loaded: LoadedModel, request: Request, report: PruneReport) -> tuple[list, list[list[str]]]:
+        from ..api import export_sparse
+
         if request.options["export"] != "sparse":
             return [report], []
         try:

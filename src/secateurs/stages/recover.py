@@ -4,18 +4,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from ..api import PruneConfig, check_prune, loraprune, prune_iterative, recover
-from ..data.calib import CalibConfig
-from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..files import check_writable
-from ..model.load import LoadedModel
-from ..recover.checkpoint import check_checkpoints
-from ..recover.config import PRECISIONS, RecoverConfig
-from ..recover.lora import CHECKPOINT, checkpoint_files, remove_checkpoints
-from ..recover.loraprune import MODES, LoRAPruneConfig
+from ..recover.config import LORAPRUNE_MODES, PRECISIONS, RecoverConfig
 from ..sparsity.registry import method_names
 from .base import Evaluation, Request, Stage
 from .flags import (
@@ -35,6 +28,9 @@ from .flags import (
     parse_options,
     parse_sparsity,
 )
+
+if TYPE_CHECKING:
+    from ..model.load import LoadedModel
 
 METHODS = ("lora", "loraprune", "iterative")
 
@@ -64,7 +60,7 @@ class RecoverStage(Stage):
         checkpoint_dir: Annotated[str | None, Help("Where to checkpoint (default OUT.ckpt); a matching checkpoint there is resumed.")] = None,
         save_every: Annotated[int, Help("Checkpoint every N steps.")] = 50,
         ratio: Annotated[float, Help("loraprune: fraction of groups (or weights, --target unstructured) removed per layer.")] = 0.2,
-        target: Annotated[str, Help(f"loraprune: {', '.join(MODES)}.")] = "both",
+        target: Annotated[str, Help(f"loraprune: {', '.join(LORAPRUNE_MODES)}.")] = "both",
         keep_first: Annotated[int | None, Help("loraprune: leave the first N layers whole (default 10% of layers).")] = None,
         keep_last: Annotated[int | None, Help("loraprune: leave the last N layers whole (default 1).")] = None,
         prune_every: Annotated[int, Help("loraprune: prune every N steps (paper code: 10).")] = 10,
@@ -88,6 +84,11 @@ class RecoverStage(Stage):
         trust_remote_code: TrustRemoteCode = False,
     ) -> Request:
         """Recover quality after pruning with LoRA (sparsity kept exactly), or prune while tuning."""
+        from ..api import PruneConfig
+        from ..data.calib import CalibConfig
+        from ..engine.sequential import EngineOptions
+        from ..recover.loraprune import LoRAPruneConfig
+
         if method not in METHODS:
             raise UsageError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
         datasets = csv_list(ppl)
@@ -120,6 +121,9 @@ class RecoverStage(Stage):
                        dtype, overwrite, trust_remote_code, {"method": method, "train": train, "rounds": rounds})
 
     def check_files(self, request: Request) -> None:
+        from ..recover.checkpoint import check_checkpoints
+        from ..recover.lora import CHECKPOINT, checkpoint_files
+
         checkpoints = request.options["train"].checkpoint_dir
         check_checkpoints(checkpoint_files(checkpoints))
         check_writable(Path(checkpoints).expanduser().resolve() / CHECKPOINT, f"--checkpoint-dir {checkpoints}")
@@ -133,12 +137,16 @@ class RecoverStage(Stage):
             if method == "loraprune":
                 request.config.layers(skeleton.spec.num_layers(skeleton.model.config))
         if method == "iterative":
+            from ..api import check_prune
+
             check_prune(skeleton, request.config, request.calib)
 
     def head(self, request: Request) -> list[list[str]]:
         return [["method", request.options["method"]]]
 
     def apply(self, loaded: LoadedModel, request: Request) -> Any:
+        from ..api import loraprune, prune_iterative, recover
+
         method, train = request.options["method"], request.options["train"]
         if method == "lora":
             return recover(loaded, train, request.engine)
@@ -167,6 +175,8 @@ class RecoverStage(Stage):
         return rows + [["time (s)", f"{report.seconds:.1f}"]]
 
     def finish(self, request: Request) -> None:
+        from ..recover.lora import remove_checkpoints
+
         remove_checkpoints(request.options["train"].checkpoint_dir)
 
     def title(self, request: Request) -> str:

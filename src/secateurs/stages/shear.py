@@ -4,22 +4,11 @@ LLM-Shearing), then continued pretraining with dynamic batch loading."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from ..api import shear
 from ..data.sources import check_name
-from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..files import check_writable
-from ..model.load import LoadedModel
-from ..recover.checkpoint import check_checkpoints
-from ..structured.shearing import (
-    CONTINUE_CHECKPOINT,
-    PRUNE_CHECKPOINT,
-    ShearConfig,
-    ShearReport,
-    ShearTarget,
-)
 from .base import Evaluation, Request, Stage
 from .flags import (
     DataDir,
@@ -37,6 +26,10 @@ from .flags import (
     csv_list,
     parse_floats,
 )
+
+if TYPE_CHECKING:
+    from ..model.load import LoadedModel
+    from ..structured.shearing import ShearReport
 
 
 class ShearStage(Stage):
@@ -87,6 +80,9 @@ class ShearStage(Stage):
         trust_remote_code: TrustRemoteCode = False,
     ) -> Request:
         """Prune to a chosen architecture with learned L0 masks; save a plain, smaller transformers model."""
+        from ..engine.sequential import EngineOptions
+        from ..structured.shearing import ShearConfig, ShearTarget
+
         if (target is None) == (target_config is None):
             raise UsageError("give exactly one of --target layers=...,hidden=... or --target-config FILE.json")
         shape = ShearTarget.parse(target) if target is not None else ShearTarget.from_json(target_config)
@@ -111,6 +107,9 @@ class ShearStage(Stage):
                        dtype, overwrite, trust_remote_code)
 
     def check_files(self, request: Request) -> None:
+        from ..recover.checkpoint import check_checkpoints
+        from ..structured.shearing import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT
+
         checkpoint_dir = request.config.checkpoint_dir
         if checkpoint_dir:
             folder = Path(checkpoint_dir).expanduser()
@@ -122,6 +121,8 @@ class ShearStage(Stage):
                       eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
 
     def apply(self, loaded: LoadedModel, request: Request) -> ShearReport:
+        from ..api import shear
+
         return shear(loaded, request.config, request.engine)
 
     def rows(self, request: Request, report: ShearReport) -> list[list[str]]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from ..api import width
-from ..engine.sequential import EngineOptions
-from ..model.load import LoadedModel
-from ..structured.base import WidthConfig, WidthReport, method_class, method_names
+from ..structured.registry import method_names
 from .base import Evaluation, Request, Stage
 from .flags import (
     DataDir,
@@ -27,6 +24,10 @@ from .flags import (
     cpu_cost_note,
     csv_list,
 )
+
+if TYPE_CHECKING:
+    from ..model.load import LoadedModel
+    from ..structured.base import WidthReport
 
 
 class WidthStage(Stage):
@@ -67,6 +68,9 @@ class WidthStage(Stage):
         trust_remote_code: TrustRemoteCode = False,
     ) -> Request:
         """Remove whole attention heads and MLP channels; save a smaller dense model."""
+        from ..engine.sequential import EngineOptions
+        from ..structured.base import WidthConfig, method_class
+
         config = WidthConfig(
             method, ratio, importance, aggregate, target, mode, keep_first, keep_last, bias_compensation, round_to
         )
@@ -94,6 +98,8 @@ class WidthStage(Stage):
             cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
 
     def apply(self, loaded: LoadedModel, request: Request) -> WidthReport:
+        from ..api import width
+
         return width(loaded, request.config, request.calib, request.engine)
 
     def rows(self, request: Request, report: WidthReport) -> list[list[str]]:

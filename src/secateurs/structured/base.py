@@ -23,17 +23,11 @@ from ..model.load import LoadedModel
 from ..model.slice import apply_widths, remote_code_files
 from ..record import peak_memory_mb
 from .importance import AGGREGATES
+from .registry import METHODS, TARGET_NAMES
 from .select import Scores, select_global, select_uniform
 
-TARGETS = {"heads": ("heads",), "channels": ("channels",), "both": KINDS}
+TARGETS = dict(zip(TARGET_NAMES, (("heads",), ("channels",), KINDS), strict=True))
 MODES = ("uniform", "global")
-
-METHODS: dict[str, str] = {
-    "llm-pruner": "secateurs.structured.llm_pruner:LLMPruner",
-    "wanda-sp": "secateurs.structured.wanda_sp:WandaSP",
-    "flap": "secateurs.structured.flap:FLAP",
-    "magnitude": "secateurs.structured.magnitude:MagnitudeWidth",
-}
 
 
 @dataclass
@@ -129,10 +123,6 @@ class WidthMethod:
         self, loaded: LoadedModel, groups: list[dict[str, GroupSet]], keep: list[dict[str, torch.Tensor]]
     ) -> None:
         """Adjust weights knowing what will be cut (e.g. FLAP's bias compensation); default: nothing."""
-
-
-def method_names() -> list[str]:
-    return list(METHODS)
 
 
 def method_class(name: str) -> type[WidthMethod]:
