@@ -33,7 +33,7 @@ from secateurs.data.calib import CalibConfig
 from secateurs.depth.prune import LayerConfig, prune_layers
 from secateurs.engine.sequential import EngineOptions
 from secateurs.model.load import load_model
-from secateurs.recover.dynamic_batch import Domains, TrainSettings, held_out_losses, pretrain
+from secateurs.structured.shearing.dynamic_batch import Domains, TrainSettings, held_out_losses, pretrain
 from secateurs.structured.base import WidthConfig
 from secateurs.structured.shearing import ShearConfig, ShearTarget, non_embedding_params, plan_for
 

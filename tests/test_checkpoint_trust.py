@@ -16,8 +16,8 @@ from tiny_models import tiny_model
 
 from secateurs.errors import UsageError
 from secateurs.jsondoc import MAX_DEPTH, depth
-from secateurs.recover.checkpoint import STATE_KEY, load_checkpoint, read_checkpoint, save_checkpoint
-from secateurs.recover.train import SeededWindows, TrainHook, TrainPlan, train
+from secateurs.training.checkpoint import STATE_KEY, load_checkpoint, read_checkpoint, save_checkpoint
+from secateurs.training.loop import SeededWindows, TrainHook, TrainPlan, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

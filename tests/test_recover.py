@@ -16,7 +16,7 @@ from secateurs.errors import UsageError
 from secateurs.model.linear import weight_matrix
 from secateurs.model.slice import mask_groups
 from secateurs.recover.adapters import attach
-from secateurs.recover.checkpoint import read_checkpoint
+from secateurs.training.checkpoint import read_checkpoint
 from secateurs.recover.iterative import prune_iterative
 from secateurs.recover.lora import (
     CHECKPOINT,
@@ -31,7 +31,7 @@ from secateurs.recover.loraprune import (
     group_importance,
     loraprune,
 )
-from secateurs.recover.train import TrainHook, enable_checkpointing
+from secateurs.training.loop import TrainHook, enable_checkpointing
 from secateurs.structured.base import model_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")

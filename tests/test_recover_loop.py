@@ -12,10 +12,10 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from secateurs.recover.checkpoint import read_checkpoint
+from secateurs.training.checkpoint import read_checkpoint
 from secateurs.recover.lora import RecoverConfig
 from secateurs.recover.loraprune import LoRAPruneConfig, LoRAPruneHook, loraprune
-from secateurs.recover.train import SeededWindows, TrainHook, TrainPlan, train
+from secateurs.training.loop import SeededWindows, TrainHook, TrainPlan, train
 from secateurs.structured.shearing import ShearConfig, ShearTarget, shear
 from secateurs.structured.shearing.driver import ShearTraining
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from secateurs.api import save, shear
 from secateurs.cli import app
 from secateurs.errors import UsageError
-from secateurs.recover.dynamic_batch import (
+from secateurs.structured.shearing.dynamic_batch import (
     Domains,
     TrainSettings,
     pretrain,

@@ -8,7 +8,7 @@ LLM-Pruner tunes on Alpaca; here the data is language-modelling text (WikiText-2
 .txt / .jsonl), as the issue asks, and the number of steps is explicit.
 
 The adapters are masked where the model is sparse, so the merge keeps every pruned weight at zero
-(:mod:`.adapters`). Training is the one loop (:mod:`.train`): the batch of step t is a seeded
+(:mod:`.adapters`). Training is the one loop (:mod:`secateurs.training.loop`): the batch of step t is a seeded
 function of (seed, t) and dropout is seeded per step, so a run stopped and resumed from its last
 checkpoint (adapters, optimizer, schedule, losses; written atomically every ``save_every`` steps)
 ends bit-identical to an uninterrupted one. Mixed precision (bf16 autocast, or fp16 with a gradient
@@ -35,7 +35,7 @@ from ..model.load import LoadedModel
 from ..record import peak_memory_mb
 from .adapters import Adapters, attach
 from .config import RecoverConfig
-from .train import SeededWindows, TrainHook, TrainLog, TrainPlan, digest, train
+from ..training.loop import SeededWindows, TrainHook, TrainLog, TrainPlan, digest, train
 
 CHECKPOINT = "recover_state.safetensors"
 

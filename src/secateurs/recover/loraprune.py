@@ -39,10 +39,10 @@ from ..record import peak_memory_mb
 from ..sparsity.masks import unstructured_mask
 from ..structured.base import TARGETS, count_parameters, model_groups
 from ..structured.importance import aggregate, slot_sums
+from ..training.loop import TrainHook
 from .adapters import ADAPTER, Adapters, attach, base_weight
 from .config import LORAPRUNE_MODES
 from .lora import RecoverConfig, RecoverReport, identity, mean_sparsity, train_adapters, train_ids
-from .train import TrainHook
 
 
 @dataclass

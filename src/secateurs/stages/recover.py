@@ -121,7 +121,7 @@ class RecoverStage(Stage):
                        dtype, overwrite, trust_remote_code, {"method": method, "train": train, "rounds": rounds})
 
     def check_files(self, request: Request) -> None:
-        from ..recover.checkpoint import check_checkpoints
+        from ..training.checkpoint import check_checkpoints
         from ..recover.lora import CHECKPOINT, checkpoint_files
 
         checkpoints = request.options["train"].checkpoint_dir

@@ -107,7 +107,7 @@ class ShearStage(Stage):
                        dtype, overwrite, trust_remote_code)
 
     def check_files(self, request: Request) -> None:
-        from ..recover.checkpoint import check_checkpoints
+        from ..training.checkpoint import check_checkpoints
         from ..structured.shearing import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT
 
         checkpoint_dir = request.config.checkpoint_dir

@@ -30,8 +30,9 @@ config is a plain ``transformers`` config.
 
 The package follows those jobs: :mod:`.target` (the requested shape and its plan), :mod:`.masks`
 (hard-concrete masks and multipliers), :mod:`.forward` (the masked forward), :mod:`.slicing` (the
-cut) and :mod:`.driver` (settings, the training hook, :func:`shear`). Both phases train through the
-one loop of :mod:`secateurs.recover.train`, with dynamic batch loading as its batch source.
+cut), :mod:`.dynamic_batch` (the paper's dynamic batch loading over data domains, and
+:func:`~.dynamic_batch.pretrain`, one training phase) and :mod:`.driver` (settings, the training hook,
+:func:`shear`). Both phases train through the one loop of :mod:`secateurs.training.loop`.
 """
 
 from .driver import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT, ShearConfig, ShearReport, ShearTraining, shear

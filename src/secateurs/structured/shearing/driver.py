@@ -13,8 +13,8 @@ from ...engine.sequential import EngineOptions
 from ...errors import UsageError
 from ...model.load import LoadedModel
 from ...record import peak_memory_mb
-from ...recover.dynamic_batch import Domains, TrainSettings, held_out_losses, pretrain
-from ...recover.train import TrainHook, TrainLog
+from ...training.loop import TrainHook, TrainLog
+from .dynamic_batch import Domains, TrainSettings, held_out_losses, pretrain
 from .forward import MaskedForward
 from .masks import ShearMasks
 from .slicing import apply_keep, non_embedding_params

@@ -5,7 +5,7 @@ What differs between them is passed in, never copied:
 
 * the trained parameters, by name (LoRA adapters, or every weight of a sheared model);
 * a :class:`Batches` source: seeded random windows of one text (:class:`SeededWindows`), or
-  domains drawn by weights that move during training (:mod:`.dynamic_batch`);
+  domains drawn by weights that move during training (:mod:`secateurs.structured.shearing.dynamic_batch`);
 * a :class:`TrainPlan`: steps, learning rate and its schedule, gradient accumulation, clipping,
   precision, activation checkpointing, and where and how often to checkpoint;
 * a :class:`TrainHook`: what a method adds to each step (LoRAPrune's importance and pruning after

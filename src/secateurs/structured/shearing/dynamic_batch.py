@@ -14,7 +14,7 @@ default here is the source model's own loss on the same held-out windows (a user
 references passes them). With one domain the weights stay ``[1.0]`` and this is ordinary training.
 
 :func:`pretrain` runs one shearing phase (mask learning or continued pretraining) through the one
-training loop (:mod:`.train`) with :class:`DomainBatches` as its batch source: AdamW, linear warm-up
+training loop (:mod:`secateurs.training.loop`) with :class:`DomainBatches` as its batch source: AdamW, linear warm-up
 then cosine decay, optional bf16 autocast and activation checkpointing, resumable checkpoints.
 """
 
@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.calib import tokenize
-from ..data.sources import load_text
-from ..errors import UsageError
-from ..evaluate.loss import mean_loss
-from .train import Batches, Evaluate, TrainHook, TrainLog, TrainPlan, train
+from ...data.calib import tokenize
+from ...data.sources import load_text
+from ...errors import UsageError
+from ...evaluate.loss import mean_loss
+from ...training.loop import Batches, Evaluate, TrainHook, TrainLog, TrainPlan, train
 
 SMOOTHING = 1e-4  # the paper's c (following DoReMi)
 
