@@ -74,8 +74,9 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def table(paths: list[str]) -> None:
-    """Mean perplexity over seeds per model × pattern × variant, and the change against plain."""
-    cells: dict[tuple[str, str, str], list[float]] = {}
+    """Mean perplexity over seeds per model × pattern × variant, and the change against plain (a
+    variant measured in two files for the same seed counts once)."""
+    cells: dict[tuple[str, str, str], dict[int, float]] = {}
     dense: dict[str, list[float]] = {}
     cards = set()
     for path in paths:
@@ -83,15 +84,15 @@ def table(paths: list[str]) -> None:
         dense.setdefault(data["model"], []).append(data["dense_ppl"])
         cards.add(data["card"])
         for row in data["rows"]:
-            cells.setdefault((data["model"], row["pattern"], row["variant"]), []).append(row["ppl"])
+            cells.setdefault((data["model"], row["pattern"], row["variant"]), {})[data["seed"]] = row["ppl"]
     print(f"cards: {', '.join(sorted(cards))}")
     print("| model | dense | pattern | variant | ppl per seed | mean | vs plain |")
     print("|---|---|---|---|---|---|---|")
-    for (model, pattern, variant), values in sorted(cells.items()):
-        plain = statistics.fmean(cells.get((model, pattern, "plain"), [float("nan")]))
-        mean = statistics.fmean(values)
+    for (model, pattern, variant), by_seed in sorted(cells.items()):
+        plain = statistics.fmean(cells.get((model, pattern, "plain"), {0: float("nan")}).values())
+        mean = statistics.fmean(by_seed.values())
         print(f"| {model} | {statistics.fmean(dense[model]):.2f} | {pattern} | {variant} | "
-              f"{' / '.join(f'{v:.2f}' for v in values)} | {mean:.2f} | {mean / plain - 1:+.1%} |")
+              f"{' / '.join(f'{by_seed[s]:.2f}' for s in sorted(by_seed))} | {mean:.2f} | {mean / plain - 1:+.1%} |")
 
 
 def main() -> None:
