@@ -206,14 +206,12 @@ def tiny_folder(tmp_path):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if any command gets as far as loading weights."""
-    import secateurs.cli.demo
-    import secateurs.stages.base
+    import secateurs.model.load
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    for module in (secateurs.stages.base, secateurs.cli.demo):
-        monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(secateurs.model.load, "load_model", refuse)  # the stages and demo import it when they load
 
 
 def _commands(model: str, out: str) -> dict[str, list[str]]:
