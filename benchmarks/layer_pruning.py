@@ -31,7 +31,7 @@ from secateurs.evaluate.perplexity import perplexity
 from secateurs.model.arch import spec_for
 from secateurs.model.drop_layers import layers_removed
 from secateurs.model.load import LoadedModel, load_model
-from secateurs.sparsity.base import build_options
+from secateurs.options import build_options
 
 from records import run_record, save_results
 

@@ -18,7 +18,7 @@ from secateurs.depth.prune import LayerConfig, prune_layers
 from secateurs.depth.registry import scorer_class, scorer_names
 from secateurs.errors import UsageError
 from secateurs.model.drop_layers import drop_layers, layers_removed
-from secateurs.sparsity.base import build_options
+from secateurs.options import build_options
 from tiny_models import random_ids, tiny_model
 
 CPU = torch.device("cpu")

@@ -18,8 +18,8 @@ from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.drop_layers import check_removal, drop_layers
 from ..model.load import LoadedModel
+from ..options import build_options
 from ..record import peak_memory_mb
-from ..sparsity.base import build_options
 from .base import ScoringContext, Selection
 from .compensation import CompensationOptions, compensate
 from .registry import scorer_class

@@ -22,9 +22,10 @@ from ..errors import UsageError
 from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel
 from ..model.save import previous_stages
+from ..options import build_options
 from ..record import build_record, peak_memory_mb
 from .atp import AtpOptions, atp_target
-from .base import SparsityTarget, build_options
+from .base import SparsityTarget
 from .masks import Pattern
 from .owl import ALLOCATIONS, OwlOptions, owl_target
 from .permute import ChannelPermutation
