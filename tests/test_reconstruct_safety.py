@@ -168,3 +168,22 @@ def test_a_half_precision_block_is_judged_in_its_own_dtype_and_stays_in_it():
     assert all(p.dtype == torch.bfloat16 for p in block.parameters())
     assert step.outcomes[0].start == pytest.approx(before)
     assert _relative_error(block, data, held) == pytest.approx(step.outcomes[0].kept) and step.outcomes[0].kept <= before
+
+
+def test_report_says_per_run_how_many_blocks_kept_trained_weights(tmp_path):
+    import json
+
+    from secateurs.record import run_record
+
+    loaded = tiny_model("llama")
+    ids = random_ids(4, 32)
+    with mock.patch.object(sparsity_prune, "calibration_ids", lambda *a, **k: ids):
+        report = prune(loaded, PruneConfig("wanda", None, "2:4", reconstruct={"lr": 1.0, "steps": 2, "check": 1}),
+                       CalibConfig("wikitext2", 4, 32), CPU)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"runs": [run_record("wanda 2:4 + rec", "tiny", [report.stage_record()], {"wikitext2": 9.0})]}))
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert ("- wanda 2:4 + rec: reconstruction kept trained weights in 0 of 3 blocks (held-out block error × 1.000 "
+            "on average); left as the method made them: blocks 0, 1, 2") in text
