@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 import secateurs
 from secateurs.errors import UsageError
 from secateurs.model.arch import SPECS, spec_for
-from secateurs.model.slice import apply_widths, load_sliced, mask_groups
+from secateurs.model.per_layer import load_sliced
+from secateurs.model.slice import apply_widths, mask_groups
 from secateurs.structured import base
 from secateurs.structured.base import WidthConfig, model_groups
 from secateurs.structured.select import kept_count, select_global, select_uniform

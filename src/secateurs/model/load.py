@@ -40,7 +40,7 @@ from ..errors import UsageError
 from ..files import make_temporary, remove_abandoned
 from .arch import ArchSpec, spec_for
 from .shards import ShardReader, read_header
-from .slice import load_pretrained, skeleton_class
+from .per_layer import load_pretrained, skeleton_class
 from .validate import check_config, check_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -28,7 +28,7 @@ from ..files import (
     write_atomic,
 )
 from .load import LoadedModel
-from .slice import remote_code_files
+from .per_layer import remote_code_files
 
 RECORD = "secateurs.json"
 
@@ -152,7 +152,7 @@ def save_model(
         raise UsageError(f"could not write --out {out}: {exc.strerror or exc}; nothing was written") from None
     try:
         loaded.model.save_pretrained(tmp)
-        for name, source in remote_code_files(loaded.model).items():  # per-layer widths: see slice.py
+        for name, source in remote_code_files(loaded.model).items():  # per-layer widths: see per_layer.py
             (tmp / name).write_text(source)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)

@@ -20,7 +20,8 @@ from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.groups import KINDS, GroupSet, block_groups, check_target
 from ..model.load import LoadedModel
-from ..model.slice import apply_widths, remote_code_files
+from ..model.per_layer import remote_code_files
+from ..model.slice import apply_widths
 from ..record import peak_memory_mb
 from .importance import AGGREGATES
 from .registry import METHODS, TARGET_NAMES
