@@ -1,9 +1,11 @@
-"""The package's import graph: no cycles, and the layers below the methods import no method.
+"""The package's import graph: no cycles, and every import goes down the floors DESIGN.md draws.
 
 Every module under ``src/secateurs`` is parsed with ``ast`` (nothing is imported, so a cycle that
 Python happens to tolerate today is still found); imports inside functions count, since a
-function-level import is how a cycle usually hides. ``model/`` (architectures, loading, surgery) and
-``engine/`` (the block-by-block engine) sit under every method family, so they must import none.
+function-level import is how a cycle usually hides. Each top-level package or module of
+``secateurs`` stands on one floor of :data:`FLOORS`; a module may import its own package and the
+packages on lower floors only. Floor-mates are independent: the three pruning families import none of
+each other, as ``engine/`` and ``kernels/`` do not.
 """
 
 from __future__ import annotations
@@ -17,11 +19,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "secateurs"
-LOWER = ("secateurs.model", "secateurs.engine")
-UPPER = tuple(
-    f"secateurs.{name}"
-    for name in ("sparsity", "structured", "depth", "recover", "kernels", "cli", "recipe", "api", "stages", "evaluate",
-                 "report", "runs")
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("errors",),  # what every module may raise
+    ("files", "device", "progress", "jsondoc", "record", "options"),  # the helpers every layer shares
+    ("model", "data"),  # architectures, loading and surgery; calibration text
+    ("engine", "kernels"),  # running a model: block by block, or on sparse kernels
+    ("evaluate",),  # losses, perplexity, agreement, speed (bench runs the kernels)
+    ("training",),  # the one training loop and its checkpoints
+    ("sparsity", "structured", "depth"),  # the pruning families
+    ("recover",),  # recovery: trains a pruned model; LoRAPrune and iterative pruning prune as they train
+    ("api",),  # one verb per stage
+    ("stages", "runs"),  # stage specs; runs read back from output folders
+    ("recipe", "report"),  # recipes of stages; reports of runs
+    ("cli",),  # the commands
+    ("__main__", "secateurs"),  # python -m secateurs; the package's lazy names (imported by name on first use)
 )
 
 
@@ -108,8 +119,25 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _inside(module: str, prefixes: tuple[str, ...]) -> bool:
-    return any(module == p or module.startswith(p + ".") for p in prefixes)
+def unit(module: str) -> str:
+    """The top-level package or module of ``secateurs`` a module belongs to (``secateurs.model.load`` ->
+    ``model``); the package's own ``__init__`` is ``secateurs``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def floor_violations(graph: dict[str, set[str]], floors: tuple[tuple[str, ...], ...]) -> list[str]:
+    """Every import of another package on the importer's floor or above, one line each."""
+    floor = {name: level for level, names in enumerate(floors) for name in names}
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            here, there = unit(module), unit(target)
+            if here == there or floor[there] < floor[here]:
+                continue
+            why = "floor-mates are independent" if floor[there] == floor[here] else "it is above"
+            found.append(f"{module} (floor {floor[here]}, {here}/) imports {target} (floor {floor[there]}, {there}/): {why}")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +163,10 @@ def test_the_graph_sees_module_and_function_level_imports(tmp_path):
 
 
 def test_the_graph_covers_the_package(graph):
-    assert {"secateurs.model.slice", "secateurs.model.groups", "secateurs.engine.sequential"} <= graph.keys()
-    assert "secateurs.model.groups" in graph["secateurs.model.slice"]
+    assert {"secateurs.model.slice", "secateurs.model.groups", "secateurs.engine.sequential", "secateurs.training.loop",
+            "secateurs.__main__", "secateurs"} <= graph.keys()
+    assert {"secateurs.model.groups", "secateurs.model.per_layer"} <= graph["secateurs.model.slice"]
+    assert "secateurs.training.loop" in graph["secateurs.structured.shearing.driver"]
 
 
 def test_no_import_cycle(graph):
@@ -147,14 +177,34 @@ def test_no_import_cycle(graph):
     assert not found, "import cycles:\n" + "\n".join(described)
 
 
-def test_model_and_engine_import_no_method_family(graph):
-    bad = {
-        module: sorted(t for t in targets if _inside(t, UPPER))
-        for module, targets in graph.items()
-        if _inside(module, LOWER)
+def test_the_floor_check_finds_imports_up_and_across():
+    """The checker itself: an import of a higher floor and one of a floor-mate are reported, one down
+    is not (so a passing test below means something)."""
+    graph = {
+        "pkg.low.a": {"pkg.high.b", "pkg.low.z"}, "pkg.low.z": set(), "pkg.high.b": {"pkg.low.a"},
+        "pkg.mid": {"pkg.side.d"}, "pkg.side.d": set(),
     }
-    bad = {module: targets for module, targets in bad.items() if targets}
-    assert not bad, f"model/ and engine/ must not import method families, kernels or the front ends: {bad}"
+    found = floor_violations(graph, (("low",), ("mid", "side"), ("high",)))
+    assert found == [
+        "pkg.low.a (floor 0, low/) imports pkg.high.b (floor 2, high/): it is above",
+        "pkg.mid (floor 1, mid/) imports pkg.side.d (floor 1, side/): floor-mates are independent",
+    ]
+
+
+def test_every_package_has_one_floor(graph):
+    listed = [name for names in FLOORS for name in names]
+    assert len(listed) == len(set(listed)), f"a package on two floors: {sorted(listed)}"
+    present = {unit(module) for module in graph}
+    assert not present - set(listed), f"give each new package a floor in FLOORS (and DESIGN.md): {sorted(present - set(listed))}"
+    assert not set(listed) - present, f"FLOORS names packages that are gone: {sorted(set(listed) - present)}"
+
+
+def test_every_import_goes_down_the_floors(graph):
+    found = floor_violations(graph, FLOORS)
+    assert not found, (
+        "imports against the floor order (FLOORS here, 'Layers' in DESIGN.md); move the shared code to a "
+        "floor below both, never import up or across:\n" + "\n".join(found)
+    )
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess:
