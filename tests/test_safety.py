@@ -156,7 +156,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, text_file, content):
 
 def test_checkpoint_with_wrong_fields_is_one_line(tmp_path):
     """A well-formed file whose fields do not fit the run (planted digest, wrong shapes)."""
-    from secateurs.recover.checkpoint import load_checkpoint, restoring, save_checkpoint
+    from secateurs.training.checkpoint import load_checkpoint, restoring, save_checkpoint
 
     path = tmp_path / "state.safetensors"
     save_checkpoint(path, {"digest": "d", "model": {"w": torch.ones(3)}})
@@ -167,7 +167,7 @@ def test_checkpoint_with_wrong_fields_is_one_line(tmp_path):
 
 def test_checkpoint_round_trip_keeps_every_kind_of_state(tmp_path):
     """Optimizer state (int keys, tuples), LoRAPrune scores (tuple keys), RNG bytes, shared tensors."""
-    from secateurs.recover.checkpoint import read_checkpoint, save_checkpoint
+    from secateurs.training.checkpoint import read_checkpoint, save_checkpoint
 
     linear = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(linear.parameters())
