@@ -136,6 +136,11 @@ def flags_of(function: Callable) -> dict[str, Flag]:
     return flags
 
 
+def stage_keys(command: str) -> list[str]:
+    """The keys a recipe stage of kind ``command`` takes (its command's flags)."""
+    return list(flags_of(STAGES[command].parse))
+
+
 def _coerce(stage: str, key: str, value: Any, flag: Flag) -> Any:
     where = f"{stage}: {key}"
     if flag.kind == "bool":
