@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import secateurs.api as api
 import secateurs.sparsity.prune as sparsity_prune
-import secateurs.stages.base as stage_runner
+import secateurs.model.load as model_load
 from secateurs.api import PruneConfig, prune, save
 from secateurs.cli import app
 from secateurs.data.calib import CalibConfig
@@ -209,7 +209,7 @@ def tiny_folder(tmp_path_factory):
 def test_new_options_are_one_line_errors_before_the_model_loads(tiny_folder, tmp_path, flags, message):
     flags = [str(tiny_folder / "calib.txt") if f == "CALIB" else f for f in flags]
     out = tmp_path / "o"
-    with mock.patch.object(stage_runner, "load_model", side_effect=AssertionError("loaded")) as load:
+    with mock.patch.object(model_load, "load_model", side_effect=AssertionError("loaded")) as load:
         result = CliRunner().invoke(app, ["prune", str(tiny_folder), "--out", str(out), "--device", "cpu", *flags])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
