@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "src" / "secateurs"
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("errors",),  # what every module may raise
-    ("files", "device", "progress", "jsondoc", "record", "options"),  # the helpers every layer shares
+    ("files", "device", "progress", "jsondoc", "record", "options", "schema"),  # the helpers every layer shares
     ("model", "data"),  # architectures, loading and surgery; calibration text
     ("engine", "kernels"),  # running a model: block by block, or on sparse kernels
     ("evaluate",),  # losses, perplexity, agreement, speed (bench runs the kernels)

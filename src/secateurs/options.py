@@ -14,6 +14,17 @@ from typing import Any
 from .errors import UsageError
 
 
+def parse_options(pairs: list[str] | None) -> dict[str, str]:
+    """Repeated ``--option key=value`` as a mapping."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {pair!r} must look like key=value")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def build_options(options_cls: type, values: dict[str, str]) -> Any:
     """Instantiate a method's Options dataclass from ``key=value`` strings, typed by its fields."""
     fields = {f.name: f for f in dataclasses.fields(options_cls)}

@@ -50,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from . import schema
 from .data.sources import check_available
 from .errors import SecateursError, UsageError
 from .files import (
@@ -64,7 +65,7 @@ from .files import (
 )
 from .model.save import RECORD
 from .record import build_record
-from .stages import STAGES, Outcome, Request, check
+from .stages import STAGES, Outcome, Request, StageConfig, check
 from .stages import Stage as StageSpec
 from .stages import run as run_stage
 
@@ -136,9 +137,18 @@ def flags_of(function: Callable) -> dict[str, Flag]:
     return flags
 
 
+def stage_flags(command: str) -> dict[str, Flag]:
+    """The flags of stage kind ``command``: its config's fields (or, not yet converted, its ``parse``)."""
+    config_class = STAGES[command].config_class
+    if config_class is None:
+        return flags_of(STAGES[command].parse)
+    return {flag.name: Flag(flag.name, flag.kind, None if flag.required else flag.default, flag.required)
+            for flag in schema.flags(config_class).values()}
+
+
 def stage_keys(command: str) -> list[str]:
     """The keys a recipe stage of kind ``command`` takes (its command's flags)."""
-    return list(flags_of(STAGES[command].parse))
+    return list(stage_flags(command))
 
 
 def _coerce(stage: str, key: str, value: Any, flag: Flag) -> Any:
@@ -255,7 +265,7 @@ def _stage(index: int, entry: Any, calib: dict) -> Stage:
     given = given or {}
     if not isinstance(given, dict):
         raise UsageError(f"{label}: its fields must be a mapping of flag: value")
-    flags = flags_of(STAGES[command].parse)
+    flags = stage_flags(command)
     fields: dict[str, Any] = {}
     for recipe_key, flag_name in CALIB_KEYS.items():
         if flag_name == "seq_len" and "calib_seq_len" in flags:  # recover: seq_len is the training length
@@ -495,14 +505,14 @@ def _published(out: Path) -> set[str]:
     return names
 
 
-def _request(stage: Stage, model: str, folder: Path) -> Request:
+def _request(stage: Stage, model: str, folder: Path) -> Request | StageConfig:
     """The stage's fields, its input and where it writes, parsed by its spec into a typed request."""
     spec: StageSpec = STAGES[stage.command]
     kwargs = dict(stage.fields)
     kwargs["model"] = model
     if stage.produces_model:
         kwargs["out"] = str(folder / "model")
-        if "overwrite" in inspect.signature(spec.parse).parameters:
+        if "overwrite" in stage_flags(stage.command):
             kwargs["overwrite"] = False
     result_flag = RESULT_FILES.get(stage.command)
     if result_flag and result_flag in kwargs:

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from ..schema import Flag, flags
 from ..stages import Outcome, Stage, run
 from ..stages.flags import Help
 from .common import err_console, friendly, out_console, table
@@ -82,17 +83,32 @@ def typer_flag(hint: object) -> object:
     return Annotated[base, info]
 
 
-def stage_command(stage: Stage) -> None:
-    """Register ``secateurs <stage.name>``: options from the stage's ``parse`` signature (the same
-    flags a recipe stage takes), help from its docstring; then check → load → verb → evaluate → save."""
-    hints = typing.get_type_hints(stage.parse, include_extras=True)
-    parameters = [p.replace(annotation=typer_flag(hints[p.name])) for p in inspect.signature(stage.parse).parameters.values()]
+def schema_flag(flag: Flag) -> inspect.Parameter:
+    """A config-derived flag as a typer parameter: its name, type, default and help."""
+    info = typer.Argument(help=flag.help) if flag.argument else typer.Option(*flag.decls, help=flag.help)
+    default = inspect.Parameter.empty if flag.required else flag.default
+    return inspect.Parameter(flag.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                             annotation=Annotated[flag.annotation, info])
 
-    def command(**flags: object) -> None:
-        show(run(stage.parse(**flags)))
+
+def stage_command(stage: Stage) -> None:
+    """Register ``secateurs <stage.name>``: options from the stage's config fields (or, for a stage not
+    yet converted, its ``parse`` signature): the same flags a recipe stage takes; help from the config's
+    docstring; then check → load → verb → evaluate → save."""
+    if stage.config_class is not None:
+        parameters = [schema_flag(flag) for flag in flags(stage.config_class).values()]
+        doc = stage.config_class.__doc__
+    else:
+        hints = typing.get_type_hints(stage.parse, include_extras=True)
+        parameters = [p.replace(annotation=typer_flag(hints[p.name]))
+                      for p in inspect.signature(stage.parse).parameters.values()]
+        doc = stage.parse.__doc__
+
+    def command(**values: object) -> None:
+        show(run(stage.parse(**values)))
 
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in parameters}
-    command.__doc__ = stage.parse.__doc__
+    command.__doc__ = doc
     command.__name__ = command.__qualname__ = f"{stage.name}_command"
     app.command(stage.name)(friendly(command))

@@ -9,32 +9,14 @@ also seeded.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UsageError
 from ..progress import track
-from .sources import check_name, load_text
-
-
-@dataclass(frozen=True)
-class CalibConfig:
-    """Where calibration text comes from and how much of it (papers' defaults: 128 × 2048)."""
-
-    source: str = "wikitext2"
-    n_samples: int = 128
-    seq_len: int = 2048
-    seed: int = 0
-    data_dir: str | None = None
-
-    def validate(self) -> None:
-        if self.n_samples < 1:
-            raise UsageError(f"--n-samples must be at least 1, got {self.n_samples}")
-        if self.seq_len < 2:
-            raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
-        check_name(self.source, allow_self=True)
+from .config import CalibConfig
+from .sources import load_text
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

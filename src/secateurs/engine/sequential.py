@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..device import resolve_device
 from ..errors import NumericalError, UsageError
 from ..model.arch import ArchSpec
 from ..model.linear import in_features, weight_matrix
 from ..progress import track
+from .options import EngineOptions
 from .stats import Accumulator
 
 Stats = dict[str, dict[str, Accumulator]]
@@ -114,23 +114,6 @@ class EngineHooks:
 
     def settle(self) -> None:
         """Called when the block loop ends, normally or not: finish any work left in the background."""
-
-
-@dataclass
-class EngineOptions:
-    """Where the work runs. ``device='auto'`` picks CUDA when present."""
-
-    device: str = "auto"
-    batch_size: int = 1
-    offload_activations: bool = False
-    # Seconds per engine stage (capture, statistics, solve, propagate, transfer), summed over
-    # blocks and runs; CUDA is synchronised at each stage boundary so the split is honest.
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    # Streaming and multi-process runs plug in here; None is the plain in-memory loop.
-    hooks: EngineHooks | None = None
-
-    def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
 
 
 @dataclass

@@ -26,52 +26,11 @@ from ..options import build_options
 from ..record import build_record, peak_memory_mb
 from .atp import AtpOptions, atp_target
 from .base import SparsityTarget
-from .masks import Pattern
-from .owl import ALLOCATIONS, OwlOptions, owl_target
+from .config import PruneConfig
+from .owl import OwlOptions, owl_target
 from .permute import ChannelPermutation
-from .reconstruct import BlockReconstruction, ReconstructOptions
+from .reconstruct import BlockReconstruction
 from .registry import method_class
-
-
-@dataclass
-class PruneConfig:
-    """An unstructured / N:M pruning request. ``sparsity`` may be one value or one per block."""
-
-    method: str = "magnitude"
-    sparsity: float | list[float] | None = None
-    pattern: str = "unstructured"
-    options: dict[str, Any] = field(default_factory=dict)
-    # How one --sparsity value is spread over blocks: "uniform", "owl" (outlier-weighted, with
-    # allocation_options m / lam, see sparsity/owl.py) or "atp" (rising with depth, allocation_options
-    # spread / search_samples, see sparsity/atp.py).
-    allocation: str = "uniform"
-    allocation_options: dict[str, Any] = field(default_factory=dict)
-    # Block-level steps around the method. ``reconstruct``: None (off) or the options of the
-    # reconstruction that trains each pruned block to reproduce the dense one ({} = the measured
-    # defaults; keys steps / lr / batch / holdout / check, see sparsity/reconstruct.py). ``permute``: reorder the MLP's
-    # hidden channels before N:M masks are chosen (N:M only, see sparsity/permute.py).
-    reconstruct: dict[str, Any] | None = None
-    permute: bool = False
-
-    def check(self, calib: CalibConfig | None) -> ReconstructOptions | None:
-        """Validate what needs no model (allocation, permutation, reconstruction), so the CLI can do it
-        before loading; returns the reconstruction's settings (None when off)."""
-        if self.allocation not in ALLOCATIONS:
-            raise UsageError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
-        if self.allocation == "atp":
-            atp = build_options(AtpOptions, self.allocation_options).validate()
-            if Pattern.parse(self.pattern).is_nm:
-                raise UsageError(f"--allocation atp sets unstructured per-block sparsity; {self.pattern} fixes it, use --pattern unstructured")
-            if atp.spread is None and calib is None:
-                raise UsageError("--allocation atp searches its spread on calibration data: pass --calib or --atp-spread")
-        if self.permute and not Pattern.parse(self.pattern).is_nm:
-            raise UsageError("--permute reorders channels to choose better N:M groups; use it with --pattern N:M (e.g. 2:4)")
-        if self.reconstruct is None:
-            return None
-        options = ReconstructOptions.build(self.reconstruct)
-        if calib is None:
-            raise UsageError("--reconstruct trains each pruned block on calibration activations: pass --calib (e.g. wikitext2)")
-        return options
 
 
 @dataclass

@@ -102,21 +102,6 @@ class ReconstructOptions:
         return cls(**kwargs).validate()
 
 
-def parse_reconstruct(text: str | None) -> dict[str, str] | None:
-    """``--reconstruct``: ``off`` (or absent), ``on`` (the defaults), or ``steps=N,lr=X,batch=B``."""
-    if text is None or text.strip().lower() in ("", "off", "false", "no"):
-        return None
-    if text.strip().lower() in ("on", "true", "yes", "default"):
-        return {}
-    values = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--reconstruct {text!r}: use on, off, or key=value pairs like steps=32,lr=0.01")
-        values[key.strip()] = value.strip()
-    return values
-
-
 @dataclass
 class BlockOutcome:
     """What reconstruction did to one block. Errors are relative, ‖y − y_dense‖² / ‖y_dense‖².

@@ -10,7 +10,7 @@ load → verb → evaluate → save flow (:mod:`secateurs.stages.base`). From Py
 
 from __future__ import annotations
 
-from .base import Evaluation, Outcome, Request, Stage, Table, check, run
+from .base import Evaluation, Outcome, Request, Stage, StageConfig, Table, check, run
 from .layers import LayersStage
 from .measure import BenchStage, EvalStage
 from .prune import PruneStage
@@ -24,4 +24,4 @@ STAGES: dict[str, Stage] = {
     for stage in (LayersStage(), WidthStage(), PruneStage(), ShearStage(), RecoverStage(), EvalStage(), BenchStage())
 }
 
-__all__ = ["STAGES", "Evaluation", "Outcome", "Request", "Stage", "Table", "check", "run"]
+__all__ = ["STAGES", "Evaluation", "Outcome", "Request", "Stage", "StageConfig", "Table", "check", "run"]

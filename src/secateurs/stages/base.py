@@ -20,34 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..files import output_lock, resolve_out
-from .flags import err_console, perplexity_rows, preflight
+from .flags import err_console, preflight
+from .groups import Evaluation, LoadOptions
 
 if TYPE_CHECKING:
     from ..data.calib import CalibConfig
     from ..engine.sequential import EngineOptions
     from ..model.load import LoadedModel
-
-
-@dataclass
-class Evaluation:
-    """Perplexity measured after a stage (``before``: also before it), shown and recorded in secateurs.json."""
-
-    datasets: list[str] = field(default_factory=list)
-    seq_len: int = 2048
-    limit_windows: int | None = None
-    data_dir: str | None = None
-    device: str = "auto"
-    batch_size: int = 1
-    before: bool = False
-
-    def measure(self, loaded: LoadedModel, label: str = "", key_suffix: str = "") -> tuple[list[list[str]], dict]:
-        from ..api import evaluate_perplexity
-
-        if not self.datasets:
-            return [], {}
-        measured = evaluate_perplexity(loaded, self.datasets, self.seq_len, self.limit_windows, self.data_dir,
-                                       self.device, self.batch_size)
-        return perplexity_rows(measured, label, key_suffix)
 
 
 def _engine_options() -> EngineOptions:
@@ -75,6 +54,33 @@ class Request:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+class StageConfig:
+    """The base of a stage's config: the whole request, from which its flags and recipe keys are
+    derived. Subclasses are dataclasses with ``model``, a ``load`` group and their own fields; what a
+    stage kind lacks (no OUT, no calibration) reads as None here."""
+
+    spec: ClassVar[type[Stage]]  # set by the Stage subclass naming this class its config_class
+    out = None
+    calib = None
+    load: LoadOptions
+
+    @property
+    def stage(self) -> Stage:
+        return self.spec()
+
+    @property
+    def dtype(self) -> str:
+        return self.load.dtype
+
+    @property
+    def overwrite(self) -> bool:
+        return self.load.overwrite
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.load.trust_remote_code
+
+
 @dataclass
 class Table:
     """A summary table; ``notes`` (rich markup) are warnings shown on stderr before it."""
@@ -97,14 +103,29 @@ class Outcome:
 
 
 class Stage:
-    """One stage kind. Subclasses define ``parse`` (its flags) and the steps below."""
+    """One stage kind. Subclasses define ``config_class`` (or, not yet converted, ``parse``) and the steps below."""
 
     name: ClassVar[str]
     produces_model: ClassVar[bool] = True  # writes a model folder (OUT); else a measuring stage
     reads_shapes: ClassVar[bool] = True  # checks its flags against the model's config (meta skeleton)
 
-    def parse(self, **flags: Any) -> Request:
-        raise NotImplementedError
+    # A converted stage's config: the whole request, its flags and recipe keys derived from its fields.
+    config_class: ClassVar[type[StageConfig] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("config_class") is not None:
+            cls.config_class.spec = cls
+
+    def parse(self, *values: Any, **flags: Any) -> Request | StageConfig:
+        """Flag values (the command line's, a recipe's; positional ones fill the first flags, MODEL and
+        OUT) as this stage's config, validated. Stages not yet converted override it with their flags."""
+        from ..schema import build
+        from ..schema import flags as schema_flags
+
+        if self.config_class is None:
+            raise NotImplementedError
+        return build(self.config_class, {**dict(zip(schema_flags(self.config_class), values)), **flags})
 
     def check_files(self, request: Request) -> None:
         """Outputs other than OUT (checkpoint folders), checked right after OUT."""

@@ -1,10 +1,12 @@
-"""The flags every stage shares and the checks every stage runs before it loads a model.
+"""The checks every stage runs before it loads a model, and the flag types of the stages not yet
+converted to configs.
 
-A stage's flags are the parameters of its ``parse`` function, each ``Annotated[type, Help(...)]``:
-the recipe runner reads them as a recipe's keys, the CLI turns each :class:`Help` into a typer option.
-Nothing here knows about typer: the same definitions serve Python, recipes and the command line.
-Nothing here imports torch or transformers at module level either: the CLI builds every command (and
-``--help``) from these definitions, and must not pay seconds of imports to show them.
+A converted stage's flags are its config's fields (:mod:`secateurs.schema`, the shared groups in
+:mod:`secateurs.stages.groups`). A stage not yet converted still lists its flags as the parameters of
+its ``parse`` function, each ``Annotated[type, Help(...)]``, worded by the same groups' fields; the
+recipe runner reads either as a recipe's keys, the CLI turns either into typer options. Nothing here
+imports torch or transformers at module level: the CLI builds every command (and ``--help``) from
+these definitions, and must not pay seconds of imports to show them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from typing import TYPE_CHECKING, Annotated
 
 from rich.console import Console
 
+from ..data.config import CalibConfig
 from ..data.sources import check_name
+from ..engine.options import EngineOptions
 from ..errors import UsageError
+from ..options import parse_options
+from ..schema import help_of
+from ..sparsity.config import parse_sparsity
+from .groups import Evaluation, LoadOptions, csv_list
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -36,46 +44,17 @@ class Help:
 
 Model = Annotated[str, Help("HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)]
 Out = Annotated[str, Help("Output folder (written atomically).", ("--out",))]
-DataDir = Annotated[str | None, Help("Folder with local dataset copies (default: $SECATEURS_DATA).", ("--data-dir",))]
-Device = Annotated[str, Help("auto (CUDA if present), cpu, cuda, cuda:N.")]
-Dtype = Annotated[str, Help("Weights dtype: float32, bfloat16 or float16.")]
-BatchSize = Annotated[int, Help("Sequences per forward pass.")]
-Seed = Annotated[int, Help("Seed for calibration sampling.")]
-EvalPpl = Annotated[str | None, Help("After pruning, measure perplexity on these datasets (comma-separated) and record it.")]
-LimitWindows = Annotated[int | None, Help("Evaluate only the first N windows.")]
-EvalSeqLen = Annotated[int, Help("Window length for --ppl.")]
-Overwrite = Annotated[bool, Help("Replace OUT if it exists.")]
-TrustRemoteCode = Annotated[
-    bool,
-    Help("Let transformers run Python code shipped in the model folder or hub repo (never needed for secateurs outputs). Read that code first."),
-]
-
-
-def csv_list(text: str | None) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else []
-
-
-def parse_sparsity(text: str | None) -> float | list[float] | None:
-    """``0.5`` or a per-block schedule ``0.4,0.5,0.6,...``."""
-    if text is None:
-        return None
-    try:
-        values = [float(part) for part in csv_list(text)]
-    except ValueError:
-        raise UsageError(f"--sparsity {text!r} is not a number or a comma-separated list of numbers") from None
-    if not values:
-        raise UsageError("--sparsity is empty")
-    return values[0] if len(values) == 1 else values
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, str]:
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--option {pair!r} must look like key=value")
-        options[key.strip()] = value.strip()
-    return options
+# The shared flags of the stages not yet converted to configs, worded once by the groups' fields.
+DataDir = Annotated[str | None, Help(help_of(CalibConfig, "data_dir"), ("--data-dir",))]
+Device = Annotated[str, Help(help_of(EngineOptions, "device"))]
+Dtype = Annotated[str, Help(help_of(LoadOptions, "dtype"))]
+BatchSize = Annotated[int, Help(help_of(EngineOptions, "batch_size"))]
+Seed = Annotated[int, Help(help_of(CalibConfig, "seed"))]
+EvalPpl = Annotated[str | None, Help(help_of(Evaluation, "datasets"))]
+LimitWindows = Annotated[int | None, Help(help_of(Evaluation, "limit_windows"))]
+EvalSeqLen = Annotated[int, Help(help_of(Evaluation, "seq_len"))]
+Overwrite = Annotated[bool, Help(help_of(LoadOptions, "overwrite"))]
+TrustRemoteCode = Annotated[bool, Help(help_of(LoadOptions, "trust_remote_code"))]
 
 
 def parse_floats(text: str | None, flag_name: str) -> list[float] | None:
@@ -174,13 +153,3 @@ def cpu_cost_note(loaded: LoadedModel | None, device: str, n_samples: int, seq_l
         f"or more of block passes on this CPU; --n-samples 32 --seq-len 512 is {tokens // 16_384}× less work",
         highlight=False, soft_wrap=True,
     )
-
-
-def perplexity_rows(measured: dict, label: str = "", key_suffix: str = "") -> tuple[list[list[str]], dict]:
-    """Table rows and ``secateurs.json`` results for ``evaluate_perplexity`` output (shared by every stage)."""
-    rows, results = [], {}
-    for name, value in measured.items():
-        failed = isinstance(value, str)
-        rows.append([f"{name} perplexity{label}", "unavailable" if failed else f"{value.ppl:.3f}"])
-        results[f"ppl_{name}{key_suffix}"] = {"error": value} if failed else value.to_dict()
-    return rows, results

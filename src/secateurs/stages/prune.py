@@ -1,134 +1,79 @@
 """The ``prune`` stage: unstructured / N:M sparsity (:func:`secateurs.prune`), in memory, streamed
-shard by shard, or split over processes."""
+shard by shard, or split over processes. Its flags are the fields of :class:`PruneRequest`."""
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Annotated
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from ..data.config import CalibConfig
+from ..engine.options import EngineOptions
 from ..errors import UsageError
-from ..sparsity.registry import method_names
-from .base import Evaluation, Outcome, Request, Stage, Table
-from .flags import (
-    BatchSize,
-    DataDir,
-    Device,
-    Dtype,
-    EvalPpl,
-    EvalSeqLen,
-    Help,
-    LimitWindows,
-    Model,
-    Out,
-    Overwrite,
-    Seed,
-    TrustRemoteCode,
-    check_at_least,
-    check_context,
-    check_eval_flags,
-    cpu_cost_note,
-    csv_list,
-    err_console,
-    parse_options,
-    parse_sparsity,
-)
+from ..schema import group, option
+from ..sparsity.config import PruneConfig
+from .base import Outcome, Stage, StageConfig, Table
+from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note, err_console
+from .groups import Evaluation, LoadOptions
 
 if TYPE_CHECKING:
     from ..api import PruneReport
     from ..model.load import LoadedModel
 
 
+@dataclass
+class PruneRequest(StageConfig):
+    """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
+
+    model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
+    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    config: PruneConfig = group(PruneConfig, rename={"options": "option"}, exclude=("allocation_options",))
+    owl_m: float = option(5.0, "OWL: a weight is an outlier above M × its block's mean Wanda score.")
+    owl_lambda: float = option(0.08, "OWL: block sparsities stay within target ± lambda.")
+    atp_spread: float | None = option(
+        None, "ATP: last block's sparsity minus the first's; default: searched on the calibration loss."
+    )
+    calib: CalibConfig | None = group(CalibConfig, rename={"source": "calib"}, optional_on="source")
+    engine: EngineOptions = group(EngineOptions, exclude=("stage_seconds", "hooks"))
+    evaluation: Evaluation = group(Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before",))
+    load: LoadOptions = group(LoadOptions)
+    export: str = option(
+        "dense",
+        "dense: a plain HF folder; sparse: pruned linears stored compressed in the compressed-tensors layout (sparse-24-bitmask / sparse-bitmask), loaded onto the sparse kernels by secateurs.",
+    )
+    stream: bool = option(
+        False,
+        "Never hold the whole model: read each block from MODEL's safetensors shards, write it to OUT's when done. Resumable: rerun the same command.",
+    )
+    nproc: int = option(
+        1, "Processes to split calibration over (one per GPU); launches torchrun. Under torchrun its world size is used."
+    )
+
+    def __post_init__(self) -> None:
+        """Everything that needs no model, checked once, before any weight loads."""
+        self.config.allocation_options = (
+            {"spread": self.atp_spread} if self.config.allocation == "atp" else {"m": self.owl_m, "lam": self.owl_lambda}
+        )
+        self.config.check(self.calib)
+        if self.config.reconstruct is not None and self.nproc != 1:
+            raise UsageError("--reconstruct runs in one process (its optimiser steps are not shared between ranks); drop --nproc")
+        self.engine.torch_device()
+        if self.calib:
+            self.calib.validate()
+        evaluation = self.evaluation
+        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+        check_at_least(1, batch_size=self.engine.batch_size, nproc=self.nproc)
+        if self.export not in ("dense", "sparse"):
+            raise UsageError(f"--export {self.export!r} is not known; use dense or sparse")
+        if self.stream and (evaluation.datasets or self.export != "dense"):
+            raise UsageError("--stream writes OUT block by block: drop --ppl / --export sparse, then run secateurs eval on OUT")
+
+
 class PruneStage(Stage):
     name = "prune"
+    config_class = PruneRequest
 
-    def parse(
-        self,
-        model: Model,
-        out: Out,
-        method: Annotated[str, Help(f"One of: {', '.join(method_names())}.")] = "magnitude",
-        sparsity: Annotated[
-            str | None,
-            Help("Fraction of weights to remove in [0, 1), or one value per block, comma-separated. Default 0.5; N:M implies 1-N/M."),
-        ] = None,
-        pattern: Annotated[str, Help("unstructured, 2:4, 4:8 or any N:M.")] = "unstructured",
-        option: Annotated[list[str] | None, Help("Method option key=value (repeatable).", ("--option", "-o"))] = None,
-        allocation: Annotated[
-            str, Help("Spread --sparsity over blocks: uniform, owl (outlier-weighted, needs --calib) or atp (rising with depth).")
-        ] = "uniform",
-        owl_m: Annotated[float, Help("OWL: a weight is an outlier above M × its block's mean Wanda score.")] = 5.0,
-        owl_lambda: Annotated[float, Help("OWL: block sparsities stay within target ± lambda.")] = 0.08,
-        atp_spread: Annotated[
-            float | None, Help("ATP: last block's sparsity minus the first's; default: searched on the calibration loss.")
-        ] = None,
-        reconstruct: Annotated[
-            str | None,
-            Help("After each block's masks are fixed, train its kept weights to reproduce the dense block, keeping them only where a held-out calibration share says the block got better (needs --calib): on, or steps=N,lr=X (relative to each matrix's RMS),batch=B,holdout=F,check=K."),
-        ] = None,
-        permute: Annotated[
-            bool, Help("N:M only: permute the MLP's hidden channels before choosing groups (folded back: a plain N:M model).")
-        ] = False,
-        calib: Annotated[
-            str | None,
-            Help("Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path. Methods that need data require it."),
-        ] = None,
-        n_samples: Annotated[int, Help("Calibration sequences.")] = 128,
-        seq_len: Annotated[int, Help("Tokens per calibration sequence.")] = 2048,
-        seed: Seed = 0,
-        data_dir: DataDir = None,
-        ppl: EvalPpl = None,
-        limit_windows: LimitWindows = None,
-        eval_seq_len: EvalSeqLen = 2048,
-        device: Device = "auto",
-        dtype: Dtype = "float32",
-        batch_size: BatchSize = 1,
-        offload_activations: Annotated[bool, Help("Keep calibration activations in host memory between blocks.")] = False,
-        overwrite: Overwrite = False,
-        export: Annotated[
-            str, Help("dense: a plain HF folder; sparse: pruned linears stored compressed in the compressed-tensors layout (sparse-24-bitmask / sparse-bitmask), loaded onto the sparse kernels by secateurs.")
-        ] = "dense",
-        stream: Annotated[
-            bool,
-            Help("Never hold the whole model: read each block from MODEL's safetensors shards, write it to OUT's when done. Resumable: rerun the same command."),
-        ] = False,
-        nproc: Annotated[
-            int, Help("Processes to split calibration over (one per GPU); launches torchrun. Under torchrun its world size is used.")
-        ] = 1,
-        trust_remote_code: TrustRemoteCode = False,
-    ) -> Request:
-        """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
-        from ..api import PruneConfig
-        from ..data.calib import CalibConfig
-        from ..engine.sequential import EngineOptions
-        from ..sparsity.reconstruct import parse_reconstruct
-
-        config = PruneConfig(
-            method, parse_sparsity(sparsity), pattern, parse_options(option),
-            allocation=allocation,
-            allocation_options={"spread": atp_spread} if allocation == "atp" else {"m": owl_m, "lam": owl_lambda},
-            reconstruct=parse_reconstruct(reconstruct), permute=permute,
-        )
-        calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir) if calib else None
-        config.check(calib_config)
-        if config.reconstruct is not None and nproc != 1:
-            raise UsageError("--reconstruct runs in one process (its optimiser steps are not shared between ranks); drop --nproc")
-        engine = EngineOptions(device=device, batch_size=batch_size, offload_activations=offload_activations)
-        engine.torch_device()
-        if calib_config:
-            calib_config.validate()
-        datasets = csv_list(ppl)
-        check_eval_flags(datasets, limit_windows, eval_seq_len)
-        check_at_least(1, batch_size=batch_size, nproc=nproc)
-        if export not in ("dense", "sparse"):
-            raise UsageError(f"--export {export!r} is not known; use dense or sparse")
-        if stream and (datasets or export != "dense"):
-            raise UsageError("--stream writes OUT block by block: drop --ppl / --export sparse, then run secateurs eval on OUT")
-        return Request(
-            self, model, config, out, calib_config, engine,
-            Evaluation(datasets, eval_seq_len, limit_windows, data_dir, device, batch_size),
-            dtype, overwrite, trust_remote_code, {"export": export, "stream": stream, "nproc": nproc},
-        )
-
-    def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
+    def check_model(self, request: PruneRequest, skeleton: LoadedModel | None) -> None:
         from ..api import check_prune
 
         check_prune(skeleton, request.config, request.calib)
@@ -139,19 +84,18 @@ class PruneStage(Stage):
             if calib is not None:
                 cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
 
-    def execute(self, request: Request) -> Outcome | None:
+    def execute(self, request: PruneRequest) -> Outcome | None:
         """Relaunched under torchrun for ``nproc`` > 1; streamed shard by shard with ``stream``."""
         from ..api import prune_streamed
         from ..engine.distributed import DistributedHooks, init_from_env, launched_by_torchrun, relaunch, shutdown
 
-        if request.options["nproc"] != 1 and not launched_by_torchrun():
-            relaunch(request.options["nproc"], sys.argv[1:])
+        if request.nproc != 1 and not launched_by_torchrun():
+            relaunch(request.nproc, sys.argv[1:])
             return None
         group = init_from_env(request.engine.torch_device())
-        request.options["group"] = group
         if group is not None:
             request.engine.hooks = DistributedHooks(group)
-        if not request.options["stream"]:
+        if not request.stream:
             return super().execute(request)
         report, path = prune_streamed(request.model, request.out, request.config, request.calib, request.engine,
                                       request.dtype, request.overwrite, group)
@@ -160,16 +104,17 @@ class PruneStage(Stage):
             return None
         return Outcome([Table(self.title(request), ["", "value"], self.rows(request, report) + [["saved to", str(path)]])], path)
 
-    def apply(self, loaded: LoadedModel, request: Request) -> PruneReport | None:
+    def apply(self, loaded: LoadedModel, request: PruneRequest) -> PruneReport | None:
         from ..api import prune
-        from ..engine.distributed import shutdown
+        from ..engine.distributed import DistributedHooks, shutdown
 
         report = prune(loaded, request.config, request.calib, request.engine)
         shutdown()
-        group = request.options.get("group")
-        return None if group is not None and not group.is_main else report  # every rank holds the same weights
+        hooks = request.engine.hooks
+        main = not isinstance(hooks, DistributedHooks) or hooks.group.is_main
+        return report if main else None  # every rank holds the same weights
 
-    def rows(self, request: Request, report: PruneReport) -> list[list[str]]:
+    def rows(self, request: PruneRequest, report: PruneReport) -> list[list[str]]:
         return [
             ["method", request.config.method],
             ["pattern", str(report.target.pattern)],
@@ -179,10 +124,10 @@ class PruneStage(Stage):
             ["peak memory (MiB)", f"{report.peak_memory_mb:.0f}"],
         ]
 
-    def records(self, loaded: LoadedModel, request: Request, report: PruneReport) -> tuple[list, list[list[str]]]:
+    def records(self, loaded: LoadedModel, request: PruneRequest, report: PruneReport) -> tuple[list, list[list[str]]]:
         from ..api import export_sparse
 
-        if request.options["export"] != "sparse":
+        if request.export != "sparse":
             return [report], []
         try:
             exported = export_sparse(loaded)

@@ -1,0 +1,107 @@
+"""The pruning request, :class:`PruneConfig`: light (no torch), since ``secateurs prune``'s method flags
+are derived from its fields (:mod:`secateurs.schema`) and ``--help`` must not import torch. The verb
+that runs it is :mod:`secateurs.sparsity.prune`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError
+from ..options import parse_options
+from ..schema import option
+from .registry import method_names
+
+if TYPE_CHECKING:
+    from ..data.config import CalibConfig
+    from .reconstruct import ReconstructOptions
+
+
+def parse_sparsity(text: str | float | None) -> float | list[float] | None:
+    """``0.5`` or a per-block schedule ``0.4,0.5,0.6,...``."""
+    if text is None or isinstance(text, float):
+        return text
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--sparsity {text!r} is not a number or a comma-separated list of numbers") from None
+    if not values:
+        raise UsageError("--sparsity is empty")
+    return values[0] if len(values) == 1 else values
+
+
+def parse_reconstruct(text: str | None) -> dict[str, str] | None:
+    """``--reconstruct``: ``off`` (or absent), ``on`` (the defaults), or ``steps=N,lr=X,batch=B``."""
+    if text is None or text.strip().lower() in ("", "off", "false", "no"):
+        return None
+    if text.strip().lower() in ("on", "true", "yes", "default"):
+        return {}
+    values = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--reconstruct {text!r}: use on, off, or key=value pairs like steps=32,lr=0.01")
+        values[key.strip()] = value.strip()
+    return values
+
+
+@dataclass
+class PruneConfig:
+    """An unstructured / N:M pruning request. ``sparsity`` may be one value or one per block."""
+
+    method: str = option("magnitude", f"One of: {', '.join(method_names())}.")
+    sparsity: float | list[float] | None = option(
+        None,
+        "Fraction of weights to remove in [0, 1), or one value per block, comma-separated. Default 0.5; N:M implies 1-N/M.",
+        parse=parse_sparsity,
+    )
+    pattern: str = option("unstructured", "unstructured, 2:4, 4:8 or any N:M.")
+    options: dict[str, Any] = option(
+        help="Method option key=value (repeatable).", decls=("--option", "-o"), parse=parse_options, cli=list[str] | None,
+        default_factory=dict,
+    )
+    # How one --sparsity value is spread over blocks: "uniform", "owl" (outlier-weighted, with
+    # allocation_options m / lam, see sparsity/owl.py) or "atp" (rising with depth, allocation_options
+    # spread / search_samples, see sparsity/atp.py).
+    allocation: str = option(
+        "uniform", "Spread --sparsity over blocks: uniform, owl (outlier-weighted, needs --calib) or atp (rising with depth)."
+    )
+    allocation_options: dict[str, Any] = field(default_factory=dict)
+    # Block-level steps around the method. ``reconstruct``: None (off) or the options of the
+    # reconstruction that trains each pruned block to reproduce the dense one ({} = the measured
+    # defaults; keys steps / lr / batch / holdout / check, see sparsity/reconstruct.py). ``permute``: reorder the MLP's
+    # hidden channels before N:M masks are chosen (N:M only, see sparsity/permute.py).
+    reconstruct: dict[str, Any] | None = option(
+        None,
+        "After each block's masks are fixed, train its kept weights to reproduce the dense block, keeping them only where a held-out calibration share says the block got better (needs --calib): on, or steps=N,lr=X (relative to each matrix's RMS),batch=B,holdout=F,check=K.",
+        parse=parse_reconstruct,
+    )
+    permute: bool = option(
+        False, "N:M only: permute the MLP's hidden channels before choosing groups (folded back: a plain N:M model)."
+    )
+
+    def check(self, calib: CalibConfig | None) -> ReconstructOptions | None:
+        """Validate what needs no model (allocation, permutation, reconstruction), so the CLI can do it
+        before loading; returns the reconstruction's settings (None when off)."""
+        from ..options import build_options
+        from .atp import AtpOptions
+        from .masks import Pattern
+        from .owl import ALLOCATIONS
+        from .reconstruct import ReconstructOptions
+
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "atp":
+            atp = build_options(AtpOptions, self.allocation_options).validate()
+            if Pattern.parse(self.pattern).is_nm:
+                raise UsageError(f"--allocation atp sets unstructured per-block sparsity; {self.pattern} fixes it, use --pattern unstructured")
+            if atp.spread is None and calib is None:
+                raise UsageError("--allocation atp searches its spread on calibration data: pass --calib or --atp-spread")
+        if self.permute and not Pattern.parse(self.pattern).is_nm:
+            raise UsageError("--permute reorders channels to choose better N:M groups; use it with --pattern N:M (e.g. 2:4)")
+        if self.reconstruct is None:
+            return None
+        options = ReconstructOptions.build(self.reconstruct)
+        if calib is None:
+            raise UsageError("--reconstruct trains each pruned block on calibration activations: pass --calib (e.g. wikitext2)")
+        return options
