@@ -12,77 +12,63 @@ from ..data.sources import check_available
 from ..errors import UsageError
 from ..evaluate.tasks import PAPER_TASKS
 from ..files import write_atomic
-from .base import Evaluation, Outcome, Request, Stage, Table
-from .flags import (
-    BatchSize,
-    DataDir,
-    Device,
-    Dtype,
-    Help,
-    LimitWindows,
-    TrustRemoteCode,
-    check_at_least,
-    check_context,
-    check_eval_flags,
-    check_json_out,
-    csv_list,
-    parse_ints,
-)
+from ..schema import group, option
+from .base import Evaluation, Outcome, Request, Stage, StageConfig, Table
+from .flags import Device, Help, check_at_least, check_context, check_eval_flags, check_json_out, parse_ints
+from .groups import LoadOptions, csv_list
 
 if TYPE_CHECKING:
     from ..evaluate.zeroshot import ZeroShot
     from ..model.load import LoadedModel
 
 
-@dataclass
-class ZeroShotRequest:
-    """Which lm-eval tasks to score, on the first ``limit`` documents of each (None: all)."""
+def _given_list(text: str | None) -> list[str] | None:
+    """A comma-separated flag as a list; None when the flag was not given (so a default can apply)."""
+    return None if text is None else csv_list(text)
 
-    tasks: list[str]
-    limit: int | None = None
+
+@dataclass
+class EvalRequest(StageConfig):
+    """Measure perplexity (non-overlapping windows over the joined test split) and zero-shot accuracy."""
+
+    model: str = option(help="HF folder (e.g. a secateurs OUT), hub id, .gguf file, or smollm2-135m.", argument=True)
+    ppl: list[str] | None = option(
+        None, "Datasets, comma-separated: wikitext2, ptb, c4, or .txt/.jsonl paths. Default wikitext2, none with --tasks.",
+        parse=_given_list,
+    )
+    tasks: list[str] | None = option(
+        None, f"Zero-shot lm-eval tasks, comma-separated, e.g. {','.join(PAPER_TASKS)}.", parse=_given_list
+    )
+    limit: int | None = option(None, "Score only the first N documents of each zero-shot task.")
+    evaluation: Evaluation = group(
+        Evaluation, exclude=("datasets", "before"), help={"seq_len": "Window length (papers use 2048 or the model's context)."}
+    )
+    load: LoadOptions = group(LoadOptions, exclude=("overwrite",))
+    json_out: str | None = option(None, "Also write the results to this JSON file.", decls=("--json",))
+
+    def __post_init__(self) -> None:
+        """The datasets (wikitext2 unless only tasks were asked for) and every check that needs no model."""
+        from ..evaluate.zeroshot import check_tasks
+
+        if self.tasks is not None and not self.tasks:
+            raise UsageError(f"--tasks needs at least one task, e.g. --tasks {','.join(PAPER_TASKS)}")
+        if self.ppl is not None and not self.ppl:
+            raise UsageError("--ppl needs at least one dataset, e.g. --ppl wikitext2")
+        evaluation = self.evaluation
+        evaluation.datasets = self.ppl if self.ppl is not None else [] if self.tasks else ["wikitext2"]
+        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len, "--seq-len")
+        check_at_least(1, batch_size=evaluation.batch_size)
+        if self.tasks:
+            check_tasks(self.tasks, self.limit)
+        check_json_out(self.json_out)
 
 
 class EvalStage(Stage):
     name = "eval"
     produces_model = False
+    config_class = EvalRequest
 
-    def parse(
-        self,
-        model: Annotated[str, Help("HF folder (e.g. a secateurs OUT), hub id, .gguf file, or smollm2-135m.", argument=True)],
-        ppl: Annotated[
-            str | None,
-            Help("Datasets, comma-separated: wikitext2, ptb, c4, or .txt/.jsonl paths. Default wikitext2, none with --tasks."),
-        ] = None,
-        tasks: Annotated[str | None, Help(f"Zero-shot lm-eval tasks, comma-separated, e.g. {','.join(PAPER_TASKS)}.")] = None,
-        limit: Annotated[int | None, Help("Score only the first N documents of each zero-shot task.")] = None,
-        seq_len: Annotated[int, Help("Window length (papers use 2048 or the model's context).")] = 2048,
-        limit_windows: LimitWindows = None,
-        data_dir: DataDir = None,
-        device: Device = "auto",
-        dtype: Dtype = "float32",
-        batch_size: BatchSize = 1,
-        json_out: Annotated[str | None, Help("Also write the results to this JSON file.", ("--json",))] = None,
-        trust_remote_code: TrustRemoteCode = False,
-    ) -> Request:
-        """Measure perplexity (non-overlapping windows over the joined test split) and zero-shot accuracy."""
-        from ..evaluate.zeroshot import check_tasks
-
-        task_names = csv_list(tasks)
-        if tasks is not None and not task_names:
-            raise UsageError(f"--tasks needs at least one task, e.g. --tasks {','.join(PAPER_TASKS)}")
-        datasets = csv_list(ppl) if ppl is not None else [] if task_names else ["wikitext2"]
-        if ppl is not None and not datasets:
-            raise UsageError("--ppl needs at least one dataset, e.g. --ppl wikitext2")
-        check_eval_flags(datasets, limit_windows, seq_len, "--seq-len")
-        check_at_least(1, batch_size=batch_size)
-        if task_names:
-            check_tasks(task_names, limit)
-        check_json_out(json_out)
-        return Request(self, model, ZeroShotRequest(task_names, limit),
-                       evaluation=Evaluation(datasets, seq_len, limit_windows, data_dir, device, batch_size),
-                       dtype=dtype, trust_remote_code=trust_remote_code, options={"json_out": json_out})
-
-    def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
+    def check_model(self, request: EvalRequest, skeleton: LoadedModel | None) -> None:
         """The context fits, and every dataset can be read (a local copy, or the hub reachable), so
         an offline ``--ppl c4`` is one error before the model loads rather than a note after it."""
         evaluation = request.evaluation
@@ -90,10 +76,10 @@ class EvalStage(Stage):
         for name in evaluation.datasets:
             check_available(name, "test", evaluation.data_dir)
 
-    def needs_text(self, request: Request) -> bool:
+    def needs_text(self, request: EvalRequest) -> bool:
         return True  # perplexity and zero-shot tasks both read text
 
-    def execute(self, request: Request) -> Outcome:
+    def execute(self, request: EvalRequest) -> Outcome:
         """Perplexity and zero-shot scores, shown as tables and written to ``--json``."""
         from ..api import evaluate_perplexity
         from ..evaluate.zeroshot import zero_shot
@@ -102,8 +88,7 @@ class EvalStage(Stage):
         ev, model = request.evaluation, request.model
         loaded = self.load(request)
         results = evaluate_perplexity(loaded, ev.datasets, ev.seq_len, ev.limit_windows, ev.data_dir, ev.device, ev.batch_size)
-        tasks = request.config
-        scores = zero_shot(loaded, tasks.tasks, tasks.limit, ev.data_dir, ev.device, ev.batch_size) if tasks.tasks else None
+        scores = zero_shot(loaded, request.tasks, request.limit, ev.data_dir, ev.device, ev.batch_size) if request.tasks else None
         tables, notes, rows = [], [], []
         for name, value in results.items():
             if isinstance(value, str):
@@ -115,7 +100,7 @@ class EvalStage(Stage):
             tables.append(Table(f"perplexity of {model}", ["dataset", "ppl", "windows", "seq_len"], rows, notes))
         if scores is not None:
             tables.append(_zero_shot_table(model, scores))
-        json_out = request.options["json_out"]
+        json_out = request.json_out
         if json_out:
             payload = {k: (v if isinstance(v, str) else v.to_dict()) for k, v in results.items()}
             document = {"model": model, "perplexity": payload}
