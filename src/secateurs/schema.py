@@ -68,14 +68,17 @@ class Help:
 @dataclass(frozen=True)
 class Group:
     """How a nested config's fields become flags: ``rename`` (field → flag name), ``exclude`` (fields
-    that are not flags), ``help`` (field → this stage's own wording), and ``optional_on``: the field
-    whose flag left at None makes the whole group None (``--calib`` absent: no calibration)."""
+    that are not flags), ``help`` (field → this stage's own wording), ``required`` (fields this stage
+    asks for although the config has a default for Python callers: ``layers --remove``), and
+    ``optional_on``: the field whose flag left at None makes the whole group None (``--calib`` absent:
+    no calibration)."""
 
     cls: type
     rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
     exclude: tuple[str, ...] = ()
     help: Mapping[str, str] = dataclasses.field(default_factory=dict)
     optional_on: str | None = None
+    required: tuple[str, ...] = ()
 
 
 def option(
@@ -103,9 +106,10 @@ def group(
     exclude: tuple[str, ...] = (),
     help: Mapping[str, str] | None = None,
     optional_on: str | None = None,
+    required: tuple[str, ...] = (),
 ) -> Any:
     """A config field holding a nested config whose fields are flattened into flags (see :class:`Group`)."""
-    spec = Group(cls, dict(rename or {}), exclude, dict(help or {}), optional_on)
+    spec = Group(cls, dict(rename or {}), exclude, dict(help or {}), optional_on, required)
     if optional_on is not None:
         return dataclasses.field(default=None, metadata={GROUP: spec})
     return dataclasses.field(default_factory=cls, metadata={GROUP: spec})
@@ -163,6 +167,8 @@ def _collect(cls: type, prefix: tuple[str, ...], spec: Group, found: dict[str, F
             annotation, default = about.cli or (str | None), None
         if spec.optional_on == field.name:
             default, annotation = None, annotation | None
+        if field.name in spec.required:
+            default, required = None, True
         flag = Flag(name, annotation, default, required, spec.help.get(field.name, about.text), about.decls,
                     about.argument, about.parse, (path,))
         if name in found:

@@ -87,8 +87,8 @@ def schema_flag(flag: Flag) -> inspect.Parameter:
     """A config-derived flag as a typer parameter: its name, type, default and help."""
     info = typer.Argument(help=flag.help) if flag.argument else typer.Option(*flag.decls, help=flag.help)
     default = inspect.Parameter.empty if flag.required else flag.default
-    return inspect.Parameter(flag.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                             annotation=Annotated[flag.annotation, info])
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if flag.argument else inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(flag.name, kind, default=default, annotation=Annotated[flag.annotation, info])
 
 
 def stage_command(stage: Stage) -> None:

@@ -8,8 +8,7 @@ returns a :class:`LayerReport` whose ``stage_record()`` goes into ``secateurs.js
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -21,25 +20,9 @@ from ..model.load import LoadedModel
 from ..options import build_options
 from ..record import peak_memory_mb
 from .base import ScoringContext, Selection
+from .config import LayerConfig
 from .compensation import CompensationOptions, compensate
 from .registry import scorer_class
-
-
-@dataclass
-class LayerConfig:
-    """A depth-pruning request: criterion, how many layers, and whether to compensate."""
-
-    method: str = "gradmap"
-    remove: int = 1
-    compensate: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-    compensation: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        """Criterion name, option keys and compensation values: checked before the model loads."""
-        cls = scorer_class(self.method)
-        build_options(cls.Options, self.options)
-        build_options(CompensationOptions, self.compensation).validate()
 
 
 @dataclass

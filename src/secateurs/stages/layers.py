@@ -2,88 +2,55 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..depth.registry import scorer_names
+from ..data.config import CalibConfig
+from ..depth.config import LayerConfig
+from ..engine.options import EngineOptions
 from ..errors import UsageError
-from .base import Evaluation, Request, Stage
-from .flags import (
-    BatchSize,
-    DataDir,
-    Device,
-    Dtype,
-    EvalPpl,
-    EvalSeqLen,
-    Help,
-    LimitWindows,
-    Model,
-    Out,
-    Overwrite,
-    Seed,
-    TrustRemoteCode,
-    check_at_least,
-    check_context,
-    check_eval_flags,
-    cpu_cost_note,
-    csv_list,
-    parse_options,
-)
+from ..schema import group, option
+from .base import Stage, StageConfig
+from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note
+from .groups import Evaluation, LoadOptions
 
 if TYPE_CHECKING:
     from ..depth.prune import LayerReport
     from ..model.load import LoadedModel
 
 
+@dataclass
+class LayersRequest(StageConfig):
+    """Remove N decoder layers chosen by a criterion; the result is a smaller model that plain transformers loads."""
+
+    model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
+    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    config: LayerConfig = group(LayerConfig, rename={"options": "option", "compensation": "compensation_option"},
+                                required=("remove",))
+    calib: CalibConfig = group(
+        CalibConfig, rename={"source": "calib"},
+        help={"source": "Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.",
+              "n_samples": "Calibration sequences (GradMAP: 128)."},
+    )
+    engine: EngineOptions = group(EngineOptions, exclude=("offload_activations", "stage_seconds", "hooks"))
+    evaluation: Evaluation = group(Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before",))
+    load: LoadOptions = group(LoadOptions)
+
+    def __post_init__(self) -> None:
+        """Everything that needs no model, checked once, before any weight loads."""
+        self.config.validate()
+        self.calib.validate()
+        self.engine.torch_device()
+        evaluation = self.evaluation
+        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+        check_at_least(1, batch_size=self.engine.batch_size)
+
+
 class LayersStage(Stage):
     name = "layers"
+    config_class = LayersRequest
 
-    def parse(
-        self,
-        model: Model,
-        out: Out,
-        remove: Annotated[int, Help("Number of decoder layers to remove.", ("--remove",))],
-        method: Annotated[str, Help(f"Layer criterion: {', '.join(scorer_names())}.")] = "gradmap",
-        compensate: Annotated[
-            bool, Help("Fit GradMAP's projection compensation and fold it into a down projection.", ("--compensate",))
-        ] = False,
-        option: Annotated[list[str] | None, Help("Criterion option key=value (repeatable).", ("--option", "-o"))] = None,
-        compensation_option: Annotated[
-            list[str] | None,
-            Help("Compensation option key=value (shift, alpha, select, accept).", ("--compensation-option",)),
-        ] = None,
-        calib: Annotated[str, Help("Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.")] = "wikitext2",
-        n_samples: Annotated[int, Help("Calibration sequences (GradMAP: 128).")] = 128,
-        seq_len: Annotated[int, Help("Tokens per calibration sequence.")] = 2048,
-        seed: Seed = 0,
-        data_dir: DataDir = None,
-        ppl: EvalPpl = None,
-        limit_windows: LimitWindows = None,
-        eval_seq_len: EvalSeqLen = 2048,
-        device: Device = "auto",
-        dtype: Dtype = "float32",
-        batch_size: BatchSize = 1,
-        overwrite: Overwrite = False,
-        trust_remote_code: TrustRemoteCode = False,
-    ) -> Request:
-        """Remove N decoder layers chosen by a criterion; the result is a smaller model that plain transformers loads."""
-        from ..data.calib import CalibConfig
-        from ..depth.prune import LayerConfig
-        from ..engine.sequential import EngineOptions
-
-        config = LayerConfig(method, remove, compensate, parse_options(option), parse_options(compensation_option))
-        config.validate()
-        calib_config = CalibConfig(calib, n_samples, seq_len, seed, data_dir)
-        calib_config.validate()
-        engine = EngineOptions(device=device, batch_size=batch_size)
-        engine.torch_device()
-        datasets = csv_list(ppl)
-        check_eval_flags(datasets, limit_windows, eval_seq_len)
-        check_at_least(1, batch_size=batch_size)
-        return Request(self, model, config, out, calib_config, engine,
-                       Evaluation(datasets, eval_seq_len, limit_windows, data_dir, device, batch_size),
-                       dtype, overwrite, trust_remote_code)
-
-    def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
+    def check_model(self, request: LayersRequest, skeleton: LoadedModel | None) -> None:
         if skeleton is None:
             return
         remove = request.config.remove
@@ -94,12 +61,12 @@ class LayersStage(Stage):
         check_context(skeleton, seq_len=calib.seq_len, eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
         cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
 
-    def apply(self, loaded: LoadedModel, request: Request) -> LayerReport:
+    def apply(self, loaded: LoadedModel, request: LayersRequest) -> LayerReport:
         from ..api import prune_layers
 
         return prune_layers(loaded, request.config, request.calib, request.engine)
 
-    def rows(self, request: Request, report: LayerReport) -> list[list[str]]:
+    def rows(self, request: LayersRequest, report: LayerReport) -> list[list[str]]:
         return [
             ["method", report.config.method],
             ["layers", f"{report.n_layers_before} -> {report.n_layers_before - len(report.removed)}"],
