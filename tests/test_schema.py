@@ -27,8 +27,8 @@ def _field(cls: type, path: tuple[str, ...]) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(cls) if f.name == path[-1])
 
 
-def test_prune_eval_and_layers_are_converted():
-    assert {"prune", "eval", "layers"} <= set(CONVERTED)
+def test_prune_eval_layers_and_width_are_converted():
+    assert {"prune", "eval", "layers", "width"} <= set(CONVERTED)
 
 
 @pytest.mark.parametrize("name", CONVERTED)

@@ -37,8 +37,9 @@ from ..model.load import LoadedModel
 from ..model.slice import apply_widths
 from ..record import peak_memory_mb
 from ..sparsity.masks import unstructured_mask
-from ..structured.base import TARGETS, count_parameters, model_groups
+from ..structured.base import count_parameters, model_groups
 from ..structured.importance import aggregate, slot_sums
+from ..structured.registry import TARGETS
 from ..training.loop import TrainHook
 from .adapters import ADAPTER, Adapters, attach, base_weight
 from .config import LORAPRUNE_MODES

@@ -7,7 +7,6 @@ from :mod:`secateurs.model.slice`.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -18,81 +17,14 @@ from torch import nn
 from ..data.calib import CalibConfig, calibration_ids
 from ..engine.sequential import EngineOptions
 from ..errors import UsageError
-from ..model.groups import KINDS, GroupSet, block_groups, check_target
+from ..model.groups import GroupSet, block_groups, check_target
 from ..model.load import LoadedModel
 from ..model.per_layer import remote_code_files
 from ..model.slice import apply_widths
 from ..record import peak_memory_mb
-from .importance import AGGREGATES
-from .registry import METHODS, TARGET_NAMES
+from .config import WidthConfig
+from .registry import method_class
 from .select import Scores, select_global, select_uniform
-
-TARGETS = dict(zip(TARGET_NAMES, (("heads",), ("channels",), KINDS), strict=True))
-MODES = ("uniform", "global")
-
-
-@dataclass
-class WidthConfig:
-    """A width-pruning request.
-
-    ``ratio``: in ``uniform`` mode the fraction of each targeted kind's groups removed from every
-    prunable layer (LLM-Pruner's ``pruning_ratio``); in ``global`` mode the fraction of the
-    targeted parameters removed overall. ``importance`` picks the score where a method has several
-    (None: the method's paper default). ``keep_first`` / ``keep_last`` leave layers whole
-    (LLM-Pruner prunes layers 4–30 of LLaMA-7B's 32, i.e. keep_first=4, keep_last=2).
-    ``round_to``: keep a multiple of this many MLP channels per layer (uniform mode), for fast kernels.
-    """
-
-    method: str = "llm-pruner"
-    ratio: float = 0.2
-    importance: str | None = None
-    aggregate: str = "sum"
-    target: str = "both"
-    mode: str = "uniform"
-    keep_first: int = 0
-    keep_last: int = 0
-    bias_compensation: bool = True
-    round_to: int = 1
-
-    def calibration(
-        self, source: str = "wikitext2", n_samples: int | None = None, seq_len: int | None = None, seed: int = 0,
-        data_dir: str | None = None,
-    ) -> CalibConfig | None:
-        """The calibration this method's paper used (its own sample count and length where not given),
-        or None for a method that needs no data; so the API and the CLI calibrate alike."""
-        cls = method_class(self.method)
-        if not cls.needs_calibration:
-            return None
-        return CalibConfig(source, n_samples or cls.default_samples, seq_len or cls.default_seq_len, seed, data_dir)
-
-    def kinds(self) -> tuple[str, ...]:
-        if self.target not in TARGETS:
-            raise UsageError(f"unknown --target {self.target!r}; use heads, channels or both")
-        return TARGETS[self.target]
-
-    def validate(self, n_layers: int) -> list[int]:
-        """Check the request against the model; returns the prunable layer indices."""
-        if not 0.0 < self.ratio < 1.0:
-            raise UsageError(f"--ratio must be in (0, 1), got {self.ratio:g}")
-        if self.mode not in MODES:
-            raise UsageError(f"unknown --mode {self.mode!r}; use uniform or global")
-        if self.aggregate not in AGGREGATES:
-            raise UsageError(f"unknown --aggregate {self.aggregate!r}; use one of {', '.join(AGGREGATES)}")
-        if self.round_to < 1:
-            raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
-        if self.round_to > 1 and self.mode != "uniform":
-            raise UsageError("--round-to applies to --mode uniform; drop it or use --mode uniform")
-        if self.keep_first < 0 or self.keep_last < 0:
-            raise UsageError("--keep-first and --keep-last must be at least 0")
-        layers = list(range(self.keep_first, n_layers - self.keep_last))
-        if not layers:
-            raise UsageError(
-                f"--keep-first {self.keep_first} and --keep-last {self.keep_last} leave none of the "
-                f"{n_layers} layers to prune; lower them"
-            )
-        self.kinds()
-        return layers
-
 
 class WidthMethod:
     """Scores every group of every block; subclasses implement :meth:`scores`."""
@@ -124,13 +56,6 @@ class WidthMethod:
         self, loaded: LoadedModel, groups: list[dict[str, GroupSet]], keep: list[dict[str, torch.Tensor]]
     ) -> None:
         """Adjust weights knowing what will be cut (e.g. FLAP's bias compensation); default: nothing."""
-
-
-def method_class(name: str) -> type[WidthMethod]:
-    if name not in METHODS:
-        raise UsageError(f"unknown width method {name!r}; use one of {', '.join(METHODS)}")
-    module, attr = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def model_groups(loaded: LoadedModel, kinds: tuple[str, ...]) -> list[dict[str, GroupSet]]:

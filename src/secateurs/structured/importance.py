@@ -20,8 +20,8 @@ from ..errors import UsageError
 from ..model.groups import GroupSet, Slot
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
+from .registry import AGGREGATES
 
-AGGREGATES = ("sum", "prod", "max")
 
 # A score for each element of a linear's (out, in) weight and of its bias (None where it has none).
 ElementScore = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
