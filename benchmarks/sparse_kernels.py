@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.evaluate.speed import SpeedConfig, SpeedResult, measure, ratios
 from secateurs.kernels import Bitmap, Sparse24, SparseLinear, cuda_ops, sparsify
-from secateurs.kernels.linear import fallback_notes, label, plans
+from secateurs.kernels.linear import fallback_notes, label, plans, reread_policies
 from secateurs.model.arch import spec_for
 from secateurs.model.linear import weight_matrix
 from secateurs.model.load import load_model
@@ -347,6 +347,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
     for entry in patterns:
         pattern, _, policy = entry.partition("@")  # e.g. "2:4@sparse": only cuSPARSELt copies allowed
         os.environ["SECATEURS_SPARSE_COPIES"] = policy or "dense"
+        reread_policies()  # the dispatcher reads its policies once; this run changes them
         if results[-1].label != "dense":
             del model
             gc.collect()
@@ -370,6 +371,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
     first = results[0]
     ratio = {r.label: ratios(first, r) for r in results[1:]}
     os.environ.pop("SECATEURS_SPARSE_COPIES", None)
+    reread_policies()
     goals = {}
     for name, got in ratio.items():
         for metric, points in GOALS.get(name.split(" ")[0], {}).items():

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 from importlib.util import find_spec
 
 import pytest
@@ -18,7 +20,7 @@ from tiny_models import random_ids, tiny_model
 
 from secateurs import UsageError, load_model, save
 from secateurs.api import export_sparse
-from secateurs.kernels import SEGMENT, Bitmap, Sparse24, SparseLinear, choose_format, sparse_layers, sparsify
+from secateurs.kernels import SEGMENT, Bitmap, Sparse24, SparseFormat, SparseLinear, choose_format, sparse_layers, sparsify
 from secateurs.model.linear import weight_matrix
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
@@ -145,7 +147,7 @@ def test_reload_of_an_export_missing_tensors_is_a_usage_error(tmp_path):
 _INTERPRETER_CHECK = textwrap.dedent("""
     import json, torch
     from secateurs.kernels import triton_ops
-    from secateurs.kernels.formats import Bitmap, Sparse24, SEGMENT
+    from secateurs.kernels import Bitmap, Sparse24, SEGMENT
     from secateurs.sparsity.masks import nm_mask, unstructured_mask
     gen = torch.Generator().manual_seed(0)
     errors = {}
@@ -160,7 +162,7 @@ _INTERPRETER_CHECK = textwrap.dedent("""
                       triton_ops.Config(1, 16, 128, 1, gemv=True), triton_ops.Config(1, 8, 256, 3, gemv=True)):
                 key = f"{n}x{k} m={m} {c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}"
                 for name, fmt, ref in (("2:4", f24, w24), ("bitmap", f70, w70)):
-                    y = triton_ops.run(x, fmt, c)
+                    y = fmt.triton_matmul(x, c)
                     assert y.shape == (m, n) and y.dtype == x.dtype
                     errors[f"{name} {key}"] = float((y - x @ ref.T).abs().max() / (x @ ref.T).abs().max())
     print(json.dumps(errors))
@@ -366,12 +368,142 @@ def test_sparse_linear_on_cpu_runs_the_reference_and_says_so(monkeypatch):
     assert layer.extra_bytes() == 0
 
 
-def test_copy_policy_names_the_fallback_for_an_unknown_value(monkeypatch):
+@pytest.fixture()
+def fresh_policies():
+    """The dispatcher's environment policies are read once and kept: read them afresh around a test that
+    changes the environment, so no other test sees its values."""
+    from secateurs.kernels import cuda_ops, linear
+
+    linear.policies.cache_clear()
+    cuda_ops.enabled.cache_clear()
+    yield linear
+    linear.policies.cache_clear()
+    cuda_ops.enabled.cache_clear()
+
+
+def test_copy_policy_names_the_fallback_for_an_unknown_value(monkeypatch, fresh_policies):
     linear = _fresh_notes(monkeypatch)
     monkeypatch.setenv("SECATEURS_SPARSE_COPIES", "sparse")
-    assert linear.copy_policy() == "sparse"
+    assert linear.reread_policies().copies == "sparse" and linear.copy_policy() == "sparse"
     monkeypatch.setenv("SECATEURS_SPARSE_COPIES", "lots")
-    assert linear.copy_policy() == "dense" and "'lots'" in linear.fallback_notes()[-1]
+    assert linear.reread_policies().copies == "dense" and "'lots'" in linear.fallback_notes()[-1]
+
+
+class _CountingEnviron(MutableMapping):
+    """``os.environ`` that records every key read, to show what a forward call consults."""
+
+    def __init__(self, wrapped):
+        self.wrapped, self.read = wrapped, []
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return self.wrapped[key]
+
+    def __setitem__(self, key, value):
+        self.wrapped[key] = value
+
+    def __delitem__(self, key):
+        del self.wrapped[key]
+
+    def __iter__(self):
+        return iter(self.wrapped)
+
+    def __len__(self):
+        return len(self.wrapped)
+
+
+@pytest.mark.parametrize("kind", ["2:4", "bitmap"])
+def test_sparse_linear_forward_reads_no_environment_and_builds_its_format_once(kind, monkeypatch, fresh_policies):
+    from secateurs.kernels import cuda_ops
+
+    linear = fresh_policies
+    fmt_cls = Sparse24 if kind == "2:4" else Bitmap
+    w = _w24(16, 256) if kind == "2:4" else _wu(16, 256, 0.7)
+    layer = SparseLinear.from_module(w, torch.randn(16), fmt_cls)
+    monkeypatch.setenv("SECATEURS_CUDA_KERNELS", "0")
+    linear.policies(), cuda_ops.enabled()  # what a process reads once, on first use
+    environ = _CountingEnviron(os.environ)
+    monkeypatch.setattr(os, "environ", environ)
+    built = []
+    init = fmt_cls.__init__
+    monkeypatch.setattr(fmt_cls, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    x = torch.randn(2, 3, 256)
+    for _ in range(3):
+        torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
+        # what the GPU dispatch consults on every call
+        linear.copy_policy(), linear.tuning_enabled(), cuda_ops.status()
+    assert [key for key in environ.read if key.startswith("SECATEURS_")] == []
+    assert built == [] and layer.format() is layer.format()
+    assert "turned off" in cuda_ops.status()
+    moved = layer.to(torch.float64)  # new buffers: the format follows them, once
+    assert moved.format().dtype == torch.float64 and len(built) == 1 and moved.format() is moved.format()
+
+
+@dataclass
+class Coo(SparseFormat):
+    """A toy format for the registry test: the non-zeros and their flat positions, for any weight at all
+    (so it takes what 2:4 and bitmap refuse). It lives only in this file."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+    shape: tuple[int, int]
+
+    kind = "coo"
+    parts = ("values", "index")
+    any_sparsity = True
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> str | None:
+        return None
+
+    @classmethod
+    def compress(cls, weight: torch.Tensor) -> Coo:
+        index = weight.flatten().nonzero().flatten()
+        return cls(weight.flatten()[index].contiguous(), index, tuple(weight.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.shape[0] * self.shape[1], dtype=self.values.dtype)
+        return dense.scatter(0, self.index, self.values).reshape(self.shape)
+
+    @classmethod
+    def why(cls, sparsity: float) -> str:
+        return f"coo {sparsity:.2f}"
+
+
+def _pruned_30(arch: str = "llama"):
+    """A tiny model at 30% unstructured sparsity: not 2:4, and too dense for a bitmap."""
+    loaded = tiny_model(arch)
+    for module in loaded.spec.named_linears(loaded.model).values():
+        w = weight_matrix(module)
+        w.mul_(unstructured_mask(w.abs(), 0.3))
+    return loaded
+
+
+def test_a_format_in_the_registry_is_used_by_swap_export_and_both_reloads(tmp_path, monkeypatch):
+    from secateurs.kernels import registry
+
+    monkeypatch.setitem(registry.FORMATS, Coo.kind, f"{__name__}:Coo")  # the one line a new format adds
+    ids = random_ids(2, 9)
+    loaded = _pruned_30()
+    expected = loaded.model(ids).logits
+    old_layout = sparsify(loaded.model, loaded.spec).stage_record()
+    assert {info["kind"] for info in old_layout["layers"].values()} == {"coo"}
+    assert {info["why"] for info in old_layout["layers"].values()} == {"coo 0.30"}
+    torch.testing.assert_close(loaded.model(ids).logits, expected)
+    reloaded = load_model(str(save(loaded, tmp_path / "old", stages=[old_layout])))
+    assert {layer.kind for layer in sparse_layers(reloaded.model).values()} == {"coo"}
+    torch.testing.assert_close(reloaded.model(ids).logits, expected)
+
+    loaded = _pruned_30()
+    stage = export_sparse(loaded)
+    assert stage["storage"] == "sparse-bitmask"
+    reloaded = load_model(str(save(loaded, tmp_path / "ct", stages=[stage])))
+    layers = sparse_layers(reloaded.model)
+    assert len(layers) == len(stage["layers"]) and {layer.kind for layer in layers.values()} == {"coo"}
+    torch.testing.assert_close(reloaded.model(ids).logits, expected)
+    compiled = torch.compile(next(iter(layers.values())), backend="eager", fullgraph=True)
+    x = torch.randn(3, compiled.in_features)
+    torch.testing.assert_close(compiled(x), F.linear(x, next(iter(layers.values())).dense_weight()))
 
 
 @pytest.mark.parametrize("kind", ["2:4", "bitmap"])
@@ -459,8 +591,8 @@ def test_cuda_mma24_position_table_is_built_once_and_freed_with_its_weight():
     from secateurs.kernels import cuda_ops
 
     fmt = Sparse24.compress(_w24(32, 128, seed=9).half())
-    table = cuda_ops._cached_fragment_metadata(fmt)
-    assert cuda_ops._cached_fragment_metadata(fmt) is table
+    table = cuda_ops.cached_fragment_metadata(fmt.meta, fmt.shape)
+    assert cuda_ops.cached_fragment_metadata(fmt.meta, fmt.shape) is table
     assert cuda_ops.extra_bytes(fmt) == table.numel() * 4 == fmt.meta.numel()
     before = len(cuda_ops._FRAGMENT_META)
     del fmt, table

@@ -1,9 +1,13 @@
-"""Sparse execution: compressed weight formats, their PyTorch references, Triton kernels, SparseLinear,
-and the compressed-tensors checkpoint layout they are saved in and loaded from."""
+"""Sparse execution: compressed weight formats (one file each, named in ``registry.py``) with their
+PyTorch references and kernels, SparseLinear, and the compressed-tensors checkpoint layout they are
+saved in and loaded from."""
 
+from .bitmap import SEGMENT, Bitmap
 from .compressed import export as export_compressed
-from .formats import SEGMENT, Bitmap, Sparse24, choose_format, reference_matmul
+from .formats import SparseFormat, reference_matmul
 from .linear import SparseLinear
+from .registry import choose_format
+from .sparse24 import Sparse24
 from .swap import SparsifyReport, restore_sparse, sparse_layers, sparsify
 from .triton_ops import HAVE_TRITON
 
@@ -11,6 +15,7 @@ __all__ = [
     "HAVE_TRITON",
     "SEGMENT",
     "Bitmap",
+    "SparseFormat",
     "SparseLinear",
     "Sparse24",
     "SparsifyReport",

@@ -22,9 +22,10 @@ package cannot serve at run time anyway. compressed-tensors removed these sparse
 0.14 requires transformers < 5. The tests check the layout against the package's own bit packing and
 config classes; the 0.14 compressor itself was checked by hand (see ``tests/test_compressed_tensors.py``).
 
-In memory a 2:4 bitmask becomes :class:`Sparse24` with its values as stored (only the 2-bit positions
-are derived); a bitmask becomes whatever :func:`choose_format` picks for it; a layer no kernel format
-holds (too dense, or a width the kernels do not take) becomes a dense weight again.
+In memory a 2:4 bitmask becomes the kernel format whose ``checkpoint_storage`` it is (:class:`Sparse24`)
+with its values as stored (only the 2-bit positions are derived); a bitmask becomes whatever
+:func:`choose_format` picks for it; a layer no kernel format holds (too dense, or a width the kernels do
+not take) becomes a dense weight again.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from ..errors import UsageError
 from ..model.arch import ArchSpec
 from ..model.linear import is_transposed
 from ..model.load import FolderFormat, register_folder_format
-from .formats import Sparse24, SparseFormat, choose_format, pack_bits, unpack_bits
+from .formats import SparseFormat, pack_bits, unpack_bits
 from .linear import SparseLinear
+from .registry import choose_format, format_classes
 from .swap import DEFAULT_MIN_SPARSITY, set_module, sparsify
 
 FORMAT_24 = "sparse-24-bitmask"
@@ -141,9 +143,12 @@ def read_layer(storage: str, parts: dict[str, torch.Tensor], shape: tuple[int, i
 
 def kernel_format(storage: str, mask: torch.Tensor, values: torch.Tensor, transposed: bool,
                   min_sparsity: float = DEFAULT_MIN_SPARSITY) -> SparseFormat | torch.Tensor:
-    """The kernel format of a stored weight, or its dense (out, in) matrix where none holds it."""
-    if storage == FORMAT_24 and not transposed and Sparse24.supports(torch.zeros(1, mask.shape[1])) is None:
-        return Sparse24.from_mask(values, mask)
+    """The kernel format of a stored weight, or its dense (out, in) matrix where none holds it: the
+    format that keeps this storage's values as stored, where the layer's width suits it, else the one
+    :func:`choose_format` picks for the dense weight."""
+    native = next((cls for cls in format_classes() if cls.checkpoint_storage == storage), None)
+    if native is not None and not transposed and native.supports(torch.zeros(1, mask.shape[1])) is None:
+        return native.from_mask(values, mask)
     dense = torch.zeros(mask.shape, dtype=values.dtype).masked_scatter_(mask, values.flatten())
     dense = dense.t().contiguous() if transposed else dense
     fmt_cls, _ = choose_format(dense, min_sparsity)
@@ -152,7 +157,7 @@ def kernel_format(storage: str, mask: torch.Tensor, values: torch.Tensor, transp
 
 def _write_hook(storage: str, transposed: bool, layer: SparseLinear, state: dict, prefix: str, _meta) -> None:
     """A SparseLinear's state dict in the checkpoint layout (so ``save_pretrained`` writes it)."""
-    for part in ("values", "meta", "bits", "offsets"):
+    for part in layer.format_class.parts:
         state.pop(prefix + part, None)
     for part, tensor in layer_tensors(layer.format(), storage, transposed).items():
         state[prefix + part] = tensor
@@ -198,9 +203,11 @@ def export(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN_S
 
 
 def storage_for(model: nn.Module, transposed: set[str]) -> str:
-    """``sparse-24-bitmask`` when every SparseLinear is 2:4 as stored (none transposed), else ``sparse-bitmask``."""
-    kinds = {layer.kind for layer in model.modules() if isinstance(layer, SparseLinear)}
-    return FORMAT_24 if kinds == {Sparse24.kind} and not transposed else FORMAT_BITMASK
+    """The storage every SparseLinear's format keeps its values in as stored (``sparse-24-bitmask`` for an
+    all-2:4 model), where they share one and none is transposed; else ``sparse-bitmask``, which holds any."""
+    storages = {layer.format_class.checkpoint_storage for layer in model.modules() if isinstance(layer, SparseLinear)}
+    native = storages.pop() if len(storages) == 1 else None
+    return native if native is not None and not transposed else FORMAT_BITMASK
 
 
 def _stored_layers(folder: Path, storage: str) -> dict[str, dict[str, Path]]:

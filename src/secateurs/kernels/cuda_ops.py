@@ -19,12 +19,13 @@ receives only 13-18 bytes from memory per clock, so the instructions per weight 
 Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers against dense):
 
 - ``status()``: None when the kernels can run on the current GPU, else one line saying why not.
-- ``candidates(fmt, m)``: name -> callable ``x (m, K) -> y (m, N)`` for a ``Sparse24`` or ``Bitmap``
-  weight on the GPU, in the order to try them (the first is the measured default); ``{}`` where no
-  kernel applies. The only derived tensor is the tensor-core kernel's position table, built when
-  ``candidates`` is first called for a weight and cached, keyed on the ``meta`` tensor (address, version,
-  shape; the cache keeps that tensor alive); the GEMVs read the stored tensors as they are (2:4 positions
-  as the little-endian 16-bit words their byte pairs form).
+- ``candidates(fmt, m)``: name -> callable ``x (m, K) -> y (m, N)`` for a weight on the GPU, in the order
+  to try them (the first is the measured default); ``{}`` where no kernel applies. Each format says which
+  of these kernels it offers (``cuda_candidates`` in ``kernels/sparse24.py`` and ``kernels/bitmap.py``),
+  from the wrappers, shapes and tables here. The only derived tensor is the tensor-core kernel's position
+  table, built when the kernel is first offered for a weight and cached, keyed on the ``meta`` tensor
+  (address, version, shape; the cache keeps that tensor alive); the GEMVs read the stored tensors as they
+  are (2:4 positions as the little-endian 16-bit words their byte pairs form).
 - Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``secateurs::sparse24_mma``,
   ``secateurs::bitmap_gemv``) with a fake implementation, so CUDA graphs and ``torch.compile`` run over it
   without graph breaks.
@@ -37,12 +38,15 @@ import hashlib
 import os
 import weakref
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..files import write_atomic
-from .formats import SEGMENT, Bitmap, Sparse24, SparseFormat
+if TYPE_CHECKING:
+    from .formats import SparseFormat
 
 SOURCE = Path(__file__).with_name("cuda") / "sparse_gemv.cu"
 OPTIONS = ("-std=c++17",)
@@ -60,7 +64,9 @@ _MODULES: dict[int, object] = {}
 _FUNCTIONS: dict[tuple[int, str], object] = {}
 
 
+@cache
 def cache_dir() -> Path:
+    """Where compiled kernels are kept (SECATEURS_KERNEL_CACHE, else the XDG cache), read once."""
     if os.environ.get("SECATEURS_KERNEL_CACHE"):
         return Path(os.environ["SECATEURS_KERNEL_CACHE"])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -81,9 +87,16 @@ def _check(result, what: str):
     return values[0] if len(values) == 1 else values
 
 
+@cache
+def enabled() -> bool:
+    """SECATEURS_CUDA_KERNELS=0 turns the kernels off; read once, on first use, since ``status`` is asked
+    on every call that runs a CUDA kernel."""
+    return os.environ.get("SECATEURS_CUDA_KERNELS", "1") != "0"
+
+
 def status(device: torch.device | int | None = None) -> str | None:
     """None when the CUDA kernels can run on ``device`` (default: the current GPU), else why not, in one line."""
-    if os.environ.get("SECATEURS_CUDA_KERNELS", "1") == "0":
+    if not enabled():
         return "the CUDA sparse kernels are turned off (SECATEURS_CUDA_KERNELS=0)"
     if not torch.cuda.is_available():
         return "no CUDA GPU: the CUDA sparse kernels are off"
@@ -285,26 +298,29 @@ def fragment_metadata(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tenso
 _FRAGMENT_META: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
 
 
-def _cached_fragment_metadata(fmt: Sparse24) -> torch.Tensor:
-    """Built once per weight, keyed on its ``meta`` tensor (address, version, shape) and dropped when that
-    tensor is freed, so a released layer leaves nothing behind."""
-    key = (fmt.meta.data_ptr(), fmt.meta._version, tuple(fmt.meta.shape), fmt.meta.device)
+def cached_fragment_metadata(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """:func:`fragment_metadata` built once per 2:4 weight, keyed on its ``meta`` tensor (address, version,
+    shape) and dropped when that tensor is freed, so a released layer leaves nothing behind."""
+    key = (meta.data_ptr(), meta._version, tuple(meta.shape), meta.device)
     entry = _FRAGMENT_META.get(key)
-    if entry is None or entry[0]() is not fmt.meta:
-        _FRAGMENT_META[key] = (weakref.ref(fmt.meta), fragment_metadata(fmt.meta, fmt.shape))
-        weakref.finalize(fmt.meta, _FRAGMENT_META.pop, key, None)
+    if entry is None or entry[0]() is not meta:
+        _FRAGMENT_META[key] = (weakref.ref(meta), fragment_metadata(meta, shape))
+        weakref.finalize(meta, _FRAGMENT_META.pop, key, None)
     return _FRAGMENT_META[key][1]
 
 
 def extra_bytes(fmt: SparseFormat) -> int:
-    """Bytes of derived tensors cached for this weight beside its stored ones (the MMA position table)."""
-    if not isinstance(fmt, Sparse24):
-        return 0
-    entry = _FRAGMENT_META.get((fmt.meta.data_ptr(), fmt.meta._version, tuple(fmt.meta.shape), fmt.meta.device))
-    return entry[1].numel() * entry[1].element_size() if entry and entry[0]() is fmt.meta else 0
+    """Bytes of derived tensors cached for this weight beside its stored ones (the format says which)."""
+    return fmt.cuda_extra_bytes()
 
 
-def _splits(n: int, steps: int) -> list[int]:
+def fragment_bytes(meta: torch.Tensor) -> int:
+    """Bytes of the MMA position table cached for the 2:4 weight of ``meta``, 0 where none was built."""
+    entry = _FRAGMENT_META.get((meta.data_ptr(), meta._version, tuple(meta.shape), meta.device))
+    return entry[1].numel() * entry[1].element_size() if entry and entry[0]() is meta else 0
+
+
+def splits(n: int, steps: int) -> list[int]:
     """Split-K choices, the default first: one warp per row group where there are enough rows to fill
     the GPU (N >= 2048 on an H200), else the smallest split that fills it, and the next larger one;
     each lane keeps at least one K step (``steps`` = K steps per row for a whole warp)."""
@@ -314,65 +330,15 @@ def _splits(n: int, steps: int) -> list[int]:
 
 
 def _on_gpu(fmt: SparseFormat) -> bool:
-    return fmt.values.is_cuda and fmt.values.dtype in _SUFFIX and status(fmt.values.device) is None
+    return fmt.device.type == "cuda" and fmt.dtype in _SUFFIX and status(fmt.device) is None
 
 
 def candidates(fmt: SparseFormat, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The CUDA kernel paths for this weight and ``m`` activation rows (name -> ``x -> y``), first = default."""
-    if not _on_gpu(fmt):
-        return {}
-    if isinstance(fmt, Sparse24):
-        return _candidates_24(fmt, m)
-    if isinstance(fmt, Bitmap):
-        return _candidates_bitmap(fmt, m)
-    return {}
+    return fmt.cuda_candidates(m) if _on_gpu(fmt) else {}
 
 
-def _candidates_24(fmt: Sparse24, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Order measured on an H200 (benchmarks/sparse_kernels.py --part kernels): the tensor-core kernel first
-    from 1 to 16 tokens, except on narrow weights (N <= 2048, e.g. a 70B k/v projection) at 1-2 tokens, where
-    the GEMV's split-K keeps more loads in flight."""
-    n, k = fmt.shape
-    if k % 16 or not _ready(fmt.values, 16, n, k // 2) or not _ready(fmt.meta, 2, n, k // 8):
-        return {}
-    gemv: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    if m <= TOKENS_24[-1]:
-        for split in _splits(n, k // 16 // 32):
-            for rows in ((1, 2, 4) if m == 1 else (2, 4, 1)):
-                gemv[f"cuda_gemv24_r{rows}_s{split}"] = (
-                    lambda x, r=rows, s=split: sparse24_gemv(x, fmt.values, fmt.meta, r, s))
-    mma: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    if MMA_TOKENS[0] <= m <= MMA_TOKENS[1] and k % 64 == 0:
-        fragment_meta = _cached_fragment_metadata(fmt)
-        for rows, warps in _mma_shapes(n, (m + 7) // 8):
-            mma[f"cuda_mma24_r{rows}_w{warps}"] = (
-                lambda x, r=rows, w=warps: sparse24_mma(x, fmt.values, fragment_meta, r, w))
-    return {**gemv, **mma} if n <= 2048 and m <= 2 else {**mma, **gemv}
-
-
-def _mma_shapes(n: int, token_tiles: int) -> list[tuple[int, int]]:
-    """(row tiles per block, warps) for the tensor-core kernel, the measured best first: 16 or 32 warps a
-    tile where tiles are few; at 9-16 tokens several row tiles share each x fragment on wide weights."""
-    shapes = list(MMA_SHAPES[token_tiles])
-    if n <= 2048:
-        first = (1, 32)
-    elif token_tiles == 1:
-        first = (1, 16) if n <= 4096 else (1, 8)
-    else:
-        first = (4, 8) if n >= 11008 else (2, 8) if n >= 8192 else (1, 16)
-    return [first] + [shape for shape in shapes if shape != first]
-
-
-def _candidates_bitmap(fmt: Bitmap, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    n, k = fmt.shape
-    if not 1 <= m <= BITMAP_OFFERED or k % SEGMENT or fmt.bits.dtype != torch.int32 \
-            or fmt.offsets.dtype != torch.int32 or not _ready(fmt.bits, 4, n, k // 32) \
-            or not _ready(fmt.offsets, 4, n, k // SEGMENT) or not fmt.values.is_contiguous():
-        return {}
-    return {f"cuda_gemv_bitmap_r{rows}_s{split}": (
-                lambda x, r=rows, s=split: bitmap_gemv(x, fmt.values, fmt.bits, fmt.offsets, r, s))
-            for split in _splits(n, k // 32 // 32) for rows in (1, 2)}
-
-
-def _ready(t: torch.Tensor, alignment: int, rows: int, cols: int) -> bool:
+def ready(t: torch.Tensor, alignment: int, rows: int, cols: int) -> bool:
+    """Whether the kernels can read ``t`` as it is: contiguous, of the expected shape, aligned for their
+    vector loads."""
     return t.is_contiguous() and tuple(t.shape) == (rows, cols) and t.data_ptr() % alignment == 0

@@ -18,7 +18,12 @@ bucket runs slower than dense; the price is memory: a layer keeps a dense (or cu
 only where a bucket chose it, and ``extra_bytes`` / ``bench`` report those bytes.
 ``SECATEURS_SPARSE_COPIES`` sets what copies are allowed (``copy_policy``): ``sparse`` keeps only
 cuSPARSELt copies, ``none`` only the stored format; a bucket that no allowed path wins then runs
-the fastest stored-format path, slower than dense but at the stored size.
+the fastest stored-format path, slower than dense but at the stored size. The environment is read
+once, on first use (:func:`policies`; :func:`reread_policies` after changing it), never per call.
+
+Which paths exist is the format's to say (``kernels/registry.py`` names the formats): its Triton
+K blocks and kernel, its CUDA kernels, whether cuSPARSELt can hold it. A layer builds its format
+object once and keeps it (rebuilt only when its buffers are replaced, e.g. by ``.to()``).
 
 Timing never runs inside CUDA-graph capture: warm up (one eager call per shape) first. A bucket
 met for the first time during capture runs an untimed default and is not cached. Given the cache
@@ -35,13 +40,16 @@ import os
 import statistics
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import triton_ops
-from .formats import SparseFormat, from_tensors, reference_matmul
+from .formats import SparseFormat, reference_matmul
+from .registry import format_class
 
 try:  # written by the CUDA-kernel work; the package runs without it
     from . import cuda_ops
@@ -57,23 +65,43 @@ _POOL: list = []
 _LAYERS: weakref.WeakValueDictionary[int, SparseLinear] = weakref.WeakValueDictionary()
 
 
-def tuning_enabled() -> bool:
-    """Timing candidates costs seconds per new shape; SECATEURS_KERNEL_TUNE=0 takes the untimed default."""
-    return os.environ.get("SECATEURS_KERNEL_TUNE", "1") != "0"
-
-
 COPY_POLICIES = ("dense", "sparse", "none")
 
 
+@dataclass(frozen=True)
+class Policies:
+    """What the environment decides for the dispatcher. ``tune``: time the candidates of a new shape
+    (seconds per shape; SECATEURS_KERNEL_TUNE=0 takes the untimed default). ``copies``: which run-time copies
+    a layer may keep beside its compressed weight (SECATEURS_SPARSE_COPIES): ``dense`` (default) a dense or a
+    cuSPARSELt copy, so no bucket is slower than dense; ``sparse`` only a cuSPARSELt copy (0.56 of the dense
+    bytes, so weights stay below dense); ``none`` the stored format only."""
+
+    tune: bool
+    copies: str
+
+
+@cache
+def policies() -> Policies:
+    """The environment's policies, read on first use and kept: a forward call never reads ``os.environ``."""
+    copies = os.environ.get("SECATEURS_SPARSE_COPIES", "dense")
+    if copies not in COPY_POLICIES:
+        note(f"SECATEURS_SPARSE_COPIES={copies!r} is not one of {', '.join(COPY_POLICIES)}: using dense")
+        copies = "dense"
+    return Policies(tune=os.environ.get("SECATEURS_KERNEL_TUNE", "1") != "0", copies=copies)
+
+
+def reread_policies() -> Policies:
+    """Read the environment again, for a caller that changes it between runs (the kernel benchmark does)."""
+    policies.cache_clear()
+    return policies()
+
+
+def tuning_enabled() -> bool:
+    return policies().tune
+
+
 def copy_policy() -> str:
-    """Which run-time copies a layer may keep beside its compressed weight (SECATEURS_SPARSE_COPIES):
-    ``dense`` (default) a dense or a cuSPARSELt copy, so no bucket is slower than dense; ``sparse`` only a
-    cuSPARSELt copy (0.56 of the dense bytes, so weights stay below dense); ``none`` the stored format only."""
-    policy = os.environ.get("SECATEURS_SPARSE_COPIES", "dense")
-    if policy not in COPY_POLICIES:
-        note(f"SECATEURS_SPARSE_COPIES={policy!r} is not one of {', '.join(COPY_POLICIES)}: using dense")
-        return "dense"
-    return policy
+    return policies().copies
 
 
 def clear_plans() -> None:
@@ -166,6 +194,7 @@ class SparseLinear(nn.Module):
     def __init__(self, fmt: SparseFormat, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.kind = fmt.kind
+        self.format_class = type(fmt)
         self.out_features, self.in_features = fmt.shape
         for name, tensor in fmt.tensors().items():
             self.register_buffer(name, tensor)
@@ -173,19 +202,27 @@ class SparseLinear(nn.Module):
         self._dense: torch.Tensor | None = None
         self._semi: torch.Tensor | None = None
         self._semi_graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor, torch.Tensor]] = {}
-        _LAYERS[self.values.data_ptr()] = self
+        self._format = fmt  # over the very tensors just registered as buffers
+        _LAYERS[self.parts()[0].data_ptr()] = self
 
     @classmethod
-    def from_module(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt_cls) -> SparseLinear:
+    def from_module(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt_cls: type[SparseFormat]) -> SparseLinear:
         return cls(fmt_cls.compress(weight.detach()), bias)
 
     def parts(self) -> list[torch.Tensor]:
-        names = ("values", "meta") if self.kind == "2:4" else ("values", "bits", "offsets")
-        return [getattr(self, n) for n in names]
+        """The stored tensors in the format's order (what the ``torch.compile`` op receives)."""
+        return [self._buffers[name] for name in self.format_class.parts]
+
+    def _build_format(self) -> SparseFormat:
+        return self.format_class.from_parts(self.parts(), (self.out_features, self.in_features))
 
     def format(self) -> SparseFormat:
-        names = ("values", "meta") if self.kind == "2:4" else ("values", "bits", "offsets")
-        return from_tensors(self.kind, dict(zip(names, self.parts())), (self.out_features, self.in_features))
+        """The weight's format object over this layer's buffers, built once; rebuilt only where a buffer
+        was replaced (``.to()``, ``load_state_dict(assign=True)``), so it never reads stale tensors."""
+        fmt = self._format
+        if any(fmt_part is not part for fmt_part, part in zip(fmt.tensors().values(), self.parts())):
+            fmt = self._format = self._build_format()
+        return fmt
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.kind}"
@@ -197,7 +234,7 @@ class SparseLinear(nn.Module):
         """Bytes of the run-time copies this layer keeps beside its compressed weight (dense, cuSPARSELt,
         tables the CUDA kernels derive from it)."""
         total = 0
-        if cuda_ops is not None and hasattr(cuda_ops, "extra_bytes") and self.values.is_cuda:
+        if cuda_ops is not None and hasattr(cuda_ops, "extra_bytes") and self.format().device.type == "cuda":
             try:
                 total += cuda_ops.extra_bytes(self.format())
             except Exception:  # nothing derived that can be measured: nothing counted
@@ -216,14 +253,14 @@ class SparseLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         self.release()  # a copy on the old device or in the old dtype is stale
         moved = super()._apply(fn, recurse)
-        _LAYERS[self.values.data_ptr()] = self  # the compiled op finds its layer by where its values live
+        _LAYERS[self.parts()[0].data_ptr()] = self  # the compiled op finds its layer by where its first part lives
         return moved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if torch.compiler.is_compiling():
-            y = torch.ops.secateurs.sparse_linear(x2, self.parts())
+            y = torch.ops.secateurs.sparse_linear(x2, self.parts(), self.kind, self.out_features, self.in_features)
         else:
             y = self.matmul(x2)
         if self.bias is not None:
@@ -238,8 +275,8 @@ class SparseLinear(nn.Module):
         if not x.is_cuda:
             note("no CUDA device: sparse layers run the exact PyTorch reference (expand, then dense matmul)")
             return reference_matmul(x, fmt)
-        if x.dtype != fmt.values.dtype:
-            note(f"input dtype {x.dtype} differs from the sparse weight's {fmt.values.dtype}: "
+        if x.dtype != fmt.dtype:
+            note(f"input dtype {x.dtype} differs from the sparse weight's {fmt.dtype}: "
                  "those calls run the PyTorch reference (load the model in the weight's dtype)")
             return reference_matmul(x, fmt)
         x = x.contiguous()
@@ -260,8 +297,8 @@ class SparseLinear(nn.Module):
         found = cuda_candidates(fmt, m)
         if found:
             return (f"cuda:{next(iter(found))}", None)
-        if triton_ops.HAVE_TRITON:
-            return ("triton", triton_ops.default_config(self.kind, m))
+        if triton_ops.HAVE_TRITON and fmt.k_blocks is not None:
+            return ("triton", triton_ops.default_config(fmt.k_blocks, m))
         return ("reference", None)
 
     def _run(self, plan: Plan, x: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
@@ -272,7 +309,7 @@ class SparseLinear(nn.Module):
             if call is not None:
                 return call(x)
         elif path == "triton":
-            return triton_ops.run(x, fmt, config)
+            return fmt.triton_matmul(x, config)
         elif path == "dense" and (self._dense is not None or not capturing):
             return F.linear(x, self._dense_copy(x))
         elif path == "cusparselt" and capturing and self._semi is not None:
@@ -329,17 +366,16 @@ class SparseLinear(nn.Module):
         expected = reference_matmul(probe, fmt).float()
         dense = fmt.to_dense()
         # Each path reads one representation of the weight; calls are made from one copy of it.
-        clone = lambda: from_tensors(fmt.kind, {k: v.clone() for k, v in fmt.tensors().items()}, fmt.shape)  # noqa: E731
-        sources: dict[str, tuple[object, Callable[[], object], int]] = {"stored": (fmt, clone, fmt.nbytes())}
+        sources: dict[str, tuple[object, Callable[[], object], int]] = {"stored": (fmt, fmt.clone, fmt.nbytes())}
         options: list[tuple[Plan, str, Callable[[object], Callable[[], torch.Tensor]]]] = []
         for name in cuda_candidates(fmt, rows):
             options.append(((f"cuda:{name}", None), "stored", lambda f, n=name: (lambda: cuda_candidates(f, rows)[n](probe))))
-        if triton_ops.HAVE_TRITON:
-            for config in triton_ops.candidates(self.kind, rows):
-                options.append((("triton", config), "stored", lambda f, c=config: (lambda: triton_ops.run(probe, f, c))))
+        if triton_ops.HAVE_TRITON and fmt.k_blocks is not None:
+            for config in triton_ops.candidates(fmt.k_blocks, rows):
+                options.append((("triton", config), "stored", lambda f, c=config: (lambda: f.triton_matmul(probe, c))))
         policy = copy_policy()
         if policy != "none":
-            if self.kind == "2:4":
+            if fmt.cusparselt:
                 try:
                     semi = torch.sparse.to_sparse_semi_structured(dense)
                 except (RuntimeError, NotImplementedError, ValueError) as exc:
@@ -416,16 +452,16 @@ def _graph_ms(calls: list[Callable[[], torch.Tensor]], replays: int = 7) -> floa
 
 
 @torch.library.custom_op("secateurs::sparse_linear", mutates_args=())
-def _sparse_linear_op(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-    """The dispatcher as one opaque op, so ``torch.compile`` traces a SparseLinear without graph breaks."""
+def _sparse_linear_op(x: torch.Tensor, parts: list[torch.Tensor], kind: str, out_features: int,
+                      in_features: int) -> torch.Tensor:
+    """The dispatcher as one opaque op, so ``torch.compile`` traces a SparseLinear without graph breaks;
+    parts no layer holds (copies made by a tracer) run the reference of the format they rebuild."""
     layer = _LAYERS.get(parts[0].data_ptr())
-    if layer is not None and layer.values.data_ptr() == parts[0].data_ptr():
+    if layer is not None and layer.parts()[0].data_ptr() == parts[0].data_ptr():
         return layer.matmul(x)
-    kind, names = ("2:4", ("values", "meta")) if len(parts) == 2 else ("bitmap", ("values", "bits", "offsets"))
-    width = parts[1].shape[1] * (8 if kind == "2:4" else 32)
-    return reference_matmul(x, from_tensors(kind, dict(zip(names, parts)), (parts[1].shape[0], width)))
+    return reference_matmul(x, format_class(kind).from_parts(parts, (out_features, in_features)))
 
 
 @_sparse_linear_op.register_fake
-def _(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
-    return x.new_empty(x.shape[0], parts[1].shape[0])
+def _(x: torch.Tensor, parts: list[torch.Tensor], kind: str, out_features: int, in_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)

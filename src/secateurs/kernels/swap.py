@@ -2,7 +2,7 @@
 
 Exports are now written in the compressed-tensors layout (:mod:`secateurs.kernels.compressed`).
 Folders written before hold, for each swapped linear, the kernel tensors themselves
-(``<name>.values``, ``.meta`` / ``.bits`` / ``.offsets``) instead of ``<name>.weight``, listed by the
+(``<name>.<part>`` for each of its format's ``parts``) instead of ``<name>.weight``, listed by the
 ``export`` stage in ``secateurs.json`` (with no ``layout``). This module registers that layout with
 :mod:`secateurs.model.load` (``FolderFormat("sparse")``), so ``secateurs.load_model`` still restores
 them, saying once that a re-export gives the format other tools read.
@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..model.arch import ArchSpec
 from ..model.load import FolderFormat, register_folder_format
 from ..model.linear import weight_matrix
-from .formats import FORMATS, choose_format, from_tensors
+from . import registry
 from .linear import SparseLinear, note
 
 EXPORT_STAGE = "export"
@@ -66,7 +66,7 @@ def sparsify(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN
         if isinstance(module, SparseLinear):
             raise UsageError(f"{name} is already sparse; sparsify a dense (pruned) model")
         weight = weight_matrix(module)
-        fmt_cls, why = choose_format(weight, min_sparsity)
+        fmt_cls, why = registry.choose_format(weight, min_sparsity)
         if fmt_cls is None:
             report.kept_dense[name] = why
             continue
@@ -105,26 +105,27 @@ def restore_sparse(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
     note(f"{folder} is a sparse export in secateurs' earlier layout: it loads, but only secateurs reads it; "
          "re-export it (secateurs prune ... --export sparse) for the compressed-tensors layout other tools read")
     layers: dict[str, dict] = stage.get("layers", {})
-    wanted = {f"{name}.{part}" for name, info in layers.items()
-              for part in ("values", "meta", "bits", "offsets", "bias")}
+    for name, info in layers.items():
+        if info["kind"] not in registry.FORMATS:
+            raise UsageError(f"{folder} stores {name} in unknown format {info['kind']!r}; upgrade secateurs")
+    classes = {name: registry.format_class(info["kind"]) for name, info in layers.items()}
+    wanted = {f"{name}.{part}" for name, cls in classes.items() for part in (*cls.parts, "bias")}
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if key in wanted:
                     tensors[key] = handle.get_tensor(key)
-    for name, info in layers.items():
-        kind = info["kind"]
-        if kind not in FORMATS:
-            raise UsageError(f"{folder} stores {name} in unknown format {kind!r}; upgrade secateurs")
-        parts = ("values", "meta") if kind == "2:4" else ("values", "bits", "offsets")
-        missing = [p for p in parts if f"{name}.{p}" not in tensors]
+    for name, cls in classes.items():
+        missing = [p for p in cls.parts if f"{name}.{p}" not in tensors]
         if missing:
             raise UsageError(f"{folder} is a sparse export but lacks {name}.{missing[0]}; re-export it")
-        found = {p: tensors[f"{name}.{p}"] for p in parts}
-        found["values"] = found["values"].to(dtype)
+        stored = {p: tensors[f"{name}.{p}"] for p in cls.parts}
+        # the weight's values come in the model's dtype; positions, bits and offsets keep their integer types
+        found = {p: t.to(dtype) if t.is_floating_point() else t for p, t in stored.items()}
         bias = tensors.get(f"{name}.bias")
-        set_module(model, name, SparseLinear(from_tensors(kind, found, info["shape"]), bias.to(dtype) if bias is not None else None))
+        set_module(model, name, SparseLinear(cls.from_parts(found, layers[name]["shape"]),
+                                             bias.to(dtype) if bias is not None else None))
     return len(layers)
 
 

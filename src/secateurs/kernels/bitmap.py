@@ -1,0 +1,185 @@
+"""The bitmap format, for unstructured sparsity, in the spirit of Flash-LLM's "load as sparse, compute as
+dense" (Xia et al., VLDB 2024) with a bitmap instead of its Tiled-CSL index.
+
+``bits`` (out, in/32) int32 has one bit per weight (1 = stored), ``values`` holds the non-zeros in
+row-major order, and ``offsets`` (out, in/SEGMENT) int32 is the index in ``values`` where each row segment
+starts, so a kernel can expand any segment alone with a prefix count of its bits. At 70% sparsity fp16
+moves 0.30 + 0.0625 + 0.016 ≈ 0.38 of dense. Expanding gives the weight back bit for bit.
+
+Kernels: a Triton tile kernel (per segment: the bits' prefix count gives each kept weight's index in
+``values``, the tile is expanded in registers and fed to ``tl.dot``), a Triton GEMV for 1-4 rows, and the
+CUDA C++ bitmap GEMV of :mod:`secateurs.kernels.cuda_ops` for one row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+from . import cuda_ops
+from .formats import SparseFormat
+from .triton_ops import HAVE_TRITON, Config, KBlocks, output_buffer, reduce_splits, tl, triton
+
+SEGMENT = 128
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _bitmap_kernel(
+        x_ptr, v_ptr, b_ptr, o_ptr, y_ptr, M, N, K, stride_xm, stride_ym, segs_per_split,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        WORDS: tl.constexpr = SEG // 32
+        words_per_row = K // 32
+        segs = K // SEG
+        shifts = tl.arange(0, 32)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s_lo = pid_k * segs_per_split
+        s_hi = tl.minimum(segs, s_lo + segs_per_split)
+        for s in range(s_lo, s_hi):
+            offs_w = s * WORDS + tl.arange(0, WORDS)
+            words = tl.load(b_ptr + offs_n[:, None] * words_per_row + offs_w[None, :], mask=n_ok[:, None], other=0)
+            bits = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_N, SEG))
+            rank = tl.cumsum(bits, axis=1) - bits
+            start = tl.load(o_ptr + offs_n * segs + s, mask=n_ok, other=0)
+            w = tl.load(v_ptr + start[:, None] + rank, mask=(bits != 0) & n_ok[:, None], other=0.0)
+            offs_k = s * SEG + tl.arange(0, SEG)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
+            acc += tl.dot(x, tl.trans(w))
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            base = y_ptr + pid_k * M * N
+            tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+
+    @triton.jit
+    def _bitmap_gemv_kernel(
+        x_ptr, v_ptr, b_ptr, o_ptr, y_ptr, M, N, K, stride_xm, stride_ym, segs_per_split,
+        BLOCK_N: tl.constexpr, SEG: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        row = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        WORDS: tl.constexpr = SEG // 32
+        words_per_row = K // 32
+        segs = K // SEG
+        shifts = tl.arange(0, 32)
+        acc = tl.zeros((BLOCK_N, SEG), dtype=tl.float32)
+        s_lo = pid_k * segs_per_split
+        s_hi = tl.minimum(segs, s_lo + segs_per_split)
+        for s in range(s_lo, s_hi):
+            offs_w = s * WORDS + tl.arange(0, WORDS)
+            words = tl.load(b_ptr + offs_n[:, None] * words_per_row + offs_w[None, :], mask=n_ok[:, None], other=0)
+            bits = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_N, SEG))
+            rank = tl.cumsum(bits, axis=1) - bits
+            start = tl.load(o_ptr + offs_n * segs + s, mask=n_ok, other=0)
+            w = tl.load(v_ptr + start[:, None] + rank, mask=(bits != 0) & n_ok[:, None], other=0.0)
+            xv = tl.load(x_ptr + row * stride_xm + s * SEG + tl.arange(0, SEG))
+            acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        out = tl.sum(acc, axis=1)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(y_ptr + pid_k * M * N + row * N + offs_n, out, mask=n_ok)
+
+
+@dataclass
+class Bitmap(SparseFormat):
+    """An unstructured sparse weight: a bitmap, the non-zeros in row-major order, segment offsets."""
+
+    values: torch.Tensor
+    bits: torch.Tensor
+    offsets: torch.Tensor
+    shape: tuple[int, int]
+
+    kind = "bitmap"
+    parts = ("values", "bits", "offsets")
+    k_blocks = KBlocks(tiles=(SEGMENT,), gemv=(SEGMENT,), medium=SEGMENT, large=(SEGMENT, SEGMENT, SEGMENT))
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> str | None:
+        rows, cols = weight.shape
+        if cols % SEGMENT:
+            return f"bitmap storage needs the input dimension to be a multiple of {SEGMENT} (got {cols})"
+        if int((weight != 0).sum()) >= 2**31:
+            return "more than 2^31 non-zeros in one weight"
+        return None
+
+    @classmethod
+    def compress(cls, weight: torch.Tensor) -> Bitmap:
+        reason = cls.supports(weight)
+        if reason:
+            raise UsageError(f"cannot store this weight as a bitmap: {reason}; keep it dense")
+        keep = weight != 0
+        return cls.from_mask(weight[keep], keep)
+
+    @classmethod
+    def from_mask(cls, values: torch.Tensor, mask: torch.Tensor) -> Bitmap:
+        """The format from a keep-mask and its values in row-major order (a bitmask checkpoint's)."""
+        rows, cols = mask.shape
+        device = mask.device
+        weights_of_bits = torch.ones(32, dtype=torch.int64, device=device) << torch.arange(32, device=device)
+        words = (mask.reshape(rows, cols // 32, 32).to(torch.int64) * weights_of_bits).sum(dim=2)
+        bits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+        counts = mask.reshape(rows, cols // SEGMENT, SEGMENT).sum(dim=2).flatten()
+        offsets = (counts.cumsum(0) - counts).to(torch.int32).reshape(rows, cols // SEGMENT).contiguous()
+        return cls(values.contiguous(), bits, offsets, (rows, cols))
+
+    def mask(self) -> torch.Tensor:
+        rows, cols = self.shape
+        shifts = torch.arange(32, device=self.bits.device)
+        bits = (self.bits.to(torch.int64).unsqueeze(2) >> shifts) & 1
+        return bits.reshape(rows, cols).bool()
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        return dense.masked_scatter_(self.mask(), self.values)
+
+    @classmethod
+    def why(cls, sparsity: float) -> str:
+        return f"unstructured {sparsity:.2f}"
+
+    def triton_matmul(self, x: torch.Tensor, config: Config) -> torch.Tensor:
+        """``x @ W.T`` for a 2-D contiguous ``x`` of the weight's dtype (K step = SEGMENT)."""
+        n, k = self.shape
+        m = x.shape[0]
+        segs = k // SEGMENT
+        segs_per_split = triton.cdiv(segs, config.split_k)
+        y = output_buffer(x, n, config.split_k)
+        if config.gemv:
+            _bitmap_gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k, m)](
+                x, self.values, self.bits, self.offsets, y, m, n, k, x.stride(0), y.stride(-2), segs_per_split,
+                BLOCK_N=config.block_n, SEG=SEGMENT, SPLIT_K=config.split_k,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+            return reduce_splits(y, config.split_k, x.dtype)
+        grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
+        _bitmap_kernel[grid](
+            x, self.values, self.bits, self.offsets, y, m, n, k, x.stride(0), y.stride(-2), segs_per_split,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, SEG=SEGMENT, SPLIT_K=config.split_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return reduce_splits(y, config.split_k, x.dtype)
+
+    def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The CUDA bitmap GEMV, for one row (the two-row one measured slower than cuBLAS)."""
+        n, k = self.shape
+        if not 1 <= m <= cuda_ops.BITMAP_OFFERED or k % SEGMENT or self.bits.dtype != torch.int32 \
+                or self.offsets.dtype != torch.int32 or not cuda_ops.ready(self.bits, 4, n, k // 32) \
+                or not cuda_ops.ready(self.offsets, 4, n, k // SEGMENT) or not self.values.is_contiguous():
+            return {}
+        return {f"cuda_gemv_bitmap_r{rows}_s{split}": (
+                    lambda x, r=rows, s=split: cuda_ops.bitmap_gemv(x, self.values, self.bits, self.offsets, r, s))
+                for split in cuda_ops.splits(n, k // 32 // 32) for rows in (1, 2)}

@@ -1,0 +1,52 @@
+"""The kernel formats, by ``kind``, resolved lazily so each format stays its own file, and the choice
+among them.
+
+The order is the order of preference: :func:`choose_format` stores a pruned weight in the first format
+that holds it. Everything else (``SparseLinear``, the sparse export, both reloads, the Triton and CUDA
+dispatch) reads a format's knowledge from its class, so adding a format is its file plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from .formats import SparseFormat
+
+FORMATS: dict[str, str] = {
+    "2:4": "secateurs.kernels.sparse24:Sparse24",
+    "bitmap": "secateurs.kernels.bitmap:Bitmap",
+}
+
+
+def format_class(kind: str) -> type[SparseFormat]:
+    """The class of a format kind, as recorded in a stage record or held by a ``SparseLinear``."""
+    if kind not in FORMATS:
+        raise UsageError(f"unknown sparse format {kind!r}; known: {', '.join(FORMATS)}")
+    module, attr = FORMATS[kind].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def format_classes() -> list[type[SparseFormat]]:
+    """Every registered format, in the order of preference."""
+    return [format_class(kind) for kind in FORMATS]
+
+
+def choose_format(weight: torch.Tensor, min_sparsity: float) -> tuple[type[SparseFormat] | None, str]:
+    """The first registered format that holds a pruned weight (a format that needs sparsity only at
+    ``min_sparsity`` zeros or more), or None and why the last one refused, so it stays dense."""
+    sparsity = float((weight == 0).sum()) / weight.numel()
+    reason = "no sparse format is registered"
+    for cls in format_classes():
+        if not cls.any_sparsity and sparsity < min_sparsity:
+            reason = f"sparsity {sparsity:.2f} < {min_sparsity:.2f}"
+            continue
+        reason = cls.supports(weight)
+        if reason is None:
+            return cls, cls.why(sparsity)
+    return None, reason

@@ -1,0 +1,246 @@
+"""The 2:4 format (the tensor-core pattern): every run of 4 inputs keeps at most 2 weights.
+
+``values`` (out, in/2) holds the two kept weights of each group, ``meta`` (out, in/8) uint8 holds their
+positions, 2 bits each, two groups per byte (low nibble = even group). fp16 bytes moved: values 0.5 +
+metadata 0.0625 = 0.5625 of dense, the figure the cuSPARSELt layout also reaches. Expanding gives the
+weight back bit for bit. A 2:4 bitmask checkpoint (compressed-tensors ``sparse-24-bitmask``) stores the
+same values in the same order, so it loads with no value moved.
+
+Kernels: a Triton tile kernel (each K step loads the compressed tile, expands it in registers and feeds
+``tl.dot``) and a Triton GEMV for 1-4 rows (value ``j`` of a K block multiplies the activation its 2-bit
+position names, gathered from a vector in L1); the CUDA C++ GEMV and ``mma.sp`` kernels of
+:mod:`secateurs.kernels.cuda_ops`; and cuSPARSELt through torch's semi-structured layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+from . import cuda_ops
+from .formats import SparseFormat
+from .triton_ops import HAVE_TRITON, Config, KBlocks, output_buffer, reduce_splits, tl, triton
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _sparse24_kernel(
+        x_ptr, v_ptr, m_ptr, y_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        G: tl.constexpr = BLOCK_K // 4
+        half = K // 2
+        eighth = K // 8
+        pos = tl.arange(0, 4)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(K, k_lo + k_per_split)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            n_ok = offs_n[:, None] < N
+            vals = tl.load(v_ptr + offs_n[:, None] * half + offs_v[None, :],
+                           mask=n_ok & (offs_v[None, :] < half), other=0.0)
+            meta = tl.load(m_ptr + offs_n[:, None] * eighth + offs_b[None, :],
+                           mask=n_ok & (offs_b[None, :] < eighth), other=0).to(tl.int32)
+            nibbles = tl.reshape(tl.join(meta & 15, meta >> 4), (BLOCK_N, G))
+            v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, G, 2)))
+            i0 = (nibbles & 3)[:, :, None]
+            i1 = (nibbles >> 2)[:, :, None]
+            zero = tl.zeros((BLOCK_N, G, 4), dtype=vals.dtype)
+            dense = tl.where(pos[None, None, :] == i0, v0[:, :, None],
+                             tl.where(pos[None, None, :] == i1, v1[:, :, None], zero))
+            w = tl.reshape(dense, (BLOCK_N, BLOCK_K))
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_hi), other=0.0)
+            acc += tl.dot(x, tl.trans(w))
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            base = y_ptr + pid_k * M * N
+            tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+
+    @triton.jit
+    def _sparse24_gemv_kernel(
+        x_ptr, v_ptr, m_ptr, y_ptr, M, N, K, stride_xm, stride_ym, k_per_split,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        row = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        HALF: tl.constexpr = BLOCK_K // 2
+        j = tl.arange(0, HALF)
+        # Value j of a K block sits in group j // 2; its 2-bit position is at bit (j % 4) * 2 of byte j // 4.
+        group_col = (j // 2) * 4
+        shift = (j % 4) * 2
+        half = K // 2
+        eighth = K // 8
+        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(K, k_lo + k_per_split)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_v = k0 // 2 + j
+            ok = n_ok[:, None] & (offs_v[None, :] < k_hi // 2)
+            vals = tl.load(v_ptr + offs_n[:, None] * half + offs_v[None, :], mask=ok, other=0.0)
+            meta = tl.load(m_ptr + offs_n[:, None] * eighth + (offs_v // 4)[None, :], mask=ok, other=0).to(tl.int32)
+            col = k0 + group_col[None, :] + ((meta >> shift[None, :]) & 3)
+            xv = tl.load(x_ptr + row * stride_xm + col, mask=ok, other=0.0)
+            acc += vals.to(tl.float32) * xv.to(tl.float32)
+        out = tl.sum(acc, axis=1)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(y_ptr + pid_k * M * N + row * N + offs_n, out, mask=n_ok)
+
+
+@dataclass
+class Sparse24(SparseFormat):
+    """A 2:4 weight: two kept values per group of four inputs and their 2-bit positions."""
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    shape: tuple[int, int]
+
+    kind = "2:4"
+    parts = ("values", "meta")
+    any_sparsity = True
+    checkpoint_storage = "sparse-24-bitmask"
+    cusparselt = True
+    k_blocks = KBlocks(tiles=(256, 128), gemv=(512, 256), medium=128, large=(64, 128, 128))
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> str | None:
+        """None when ``weight`` fits the format, else the reason it does not."""
+        rows, cols = weight.shape
+        if cols % 8:
+            return f"2:4 storage needs the input dimension to be a multiple of 8 (got {cols})"
+        if bool(((weight != 0).reshape(rows, cols // 4, 4).sum(dim=2) > 2).any()):
+            return "some group of 4 inputs has more than 2 non-zeros"
+        return None
+
+    @classmethod
+    def compress(cls, weight: torch.Tensor) -> Sparse24:
+        reason = cls.supports(weight)
+        if reason:
+            raise UsageError(f"weight is not 2:4 sparse ({reason}); prune with --pattern 2:4 first")
+        rows, cols = weight.shape
+        groups = weight.reshape(rows, cols // 4, 4)
+        positions = _first_two(groups != 0)
+        values = groups.gather(2, positions).reshape(rows, cols // 2).contiguous()
+        return cls(values, _meta(positions), (rows, cols))
+
+    @classmethod
+    def from_mask(cls, values: torch.Tensor, mask: torch.Tensor) -> Sparse24:
+        """The format from exactly two kept positions per group of 4 (``mask``) and their values in
+        row-major order, (out, in/2): how a 2:4 bitmask checkpoint stores them, so no value moves."""
+        rows, cols = mask.shape
+        groups = mask.reshape(rows, cols // 4, 4)
+        if not bool((groups.sum(dim=2) == 2).all()):
+            raise ValueError("some group of 4 inputs does not keep exactly 2 positions")
+        return cls(values.reshape(rows, cols // 2).contiguous(), _meta(_first_two(groups)), (rows, cols))
+
+    def mask(self) -> torch.Tensor:
+        """(out, in) bool: the two stored positions of every group (a stored value may be zero)."""
+        rows, cols = self.shape
+        kept = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=self.meta.device)
+        return kept.scatter_(2, self.positions(), True).reshape(rows, cols)
+
+    def positions(self) -> torch.Tensor:
+        """(out, in/4, 2) int64 positions of the two kept values inside each group."""
+        rows, cols = self.shape
+        meta = self.meta.to(torch.int64)
+        nibbles = torch.stack([meta & 15, meta >> 4], dim=2).reshape(rows, cols // 4)
+        return torch.stack([nibbles & 3, (nibbles >> 2) & 3], dim=2)
+
+    def to_dense(self) -> torch.Tensor:
+        rows, cols = self.shape
+        dense = torch.zeros(rows, cols // 4, 4, dtype=self.values.dtype, device=self.values.device)
+        dense.scatter_(2, self.positions(), self.values.reshape(rows, cols // 4, 2))
+        return dense.reshape(rows, cols)
+
+    def triton_matmul(self, x: torch.Tensor, config: Config) -> torch.Tensor:
+        """``x @ W.T`` for a 2-D contiguous ``x`` of the weight's dtype."""
+        n, k = self.shape
+        m = x.shape[0]
+        step = config.split_k * config.block_k
+        k_per_split = triton.cdiv(k, step) * config.block_k
+        y = output_buffer(x, n, config.split_k)
+        if config.gemv:
+            _sparse24_gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k, m)](
+                x, self.values, self.meta, y, m, n, k, x.stride(0), y.stride(-2), k_per_split,
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+            return reduce_splits(y, config.split_k, x.dtype)
+        grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
+        _sparse24_kernel[grid](
+            x, self.values, self.meta, y, m, n, k, x.stride(0), y.stride(-2), k_per_split,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return reduce_splits(y, config.split_k, x.dtype)
+
+    def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The CUDA 2:4 GEMV (1-4 rows) and tensor-core (1-16 rows) kernels, in the order measured on an H200
+        (benchmarks/sparse_kernels.py --part kernels): the tensor-core kernel first from 1 to 16 tokens, except
+        on narrow weights (N <= 2048, e.g. a 70B k/v projection) at 1-2 tokens, where the GEMV's split-K keeps
+        more loads in flight."""
+        n, k = self.shape
+        if k % 16 or not cuda_ops.ready(self.values, 16, n, k // 2) or not cuda_ops.ready(self.meta, 2, n, k // 8):
+            return {}
+        gemv: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        if m <= cuda_ops.TOKENS_24[-1]:
+            for split in cuda_ops.splits(n, k // 16 // 32):
+                for rows in ((1, 2, 4) if m == 1 else (2, 4, 1)):
+                    gemv[f"cuda_gemv24_r{rows}_s{split}"] = (
+                        lambda x, r=rows, s=split: cuda_ops.sparse24_gemv(x, self.values, self.meta, r, s))
+        mma: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        if cuda_ops.MMA_TOKENS[0] <= m <= cuda_ops.MMA_TOKENS[1] and k % 64 == 0:
+            fragment_meta = cuda_ops.cached_fragment_metadata(self.meta, self.shape)
+            for rows, warps in _mma_shapes(n, (m + 7) // 8):
+                mma[f"cuda_mma24_r{rows}_w{warps}"] = (
+                    lambda x, r=rows, w=warps: cuda_ops.sparse24_mma(x, self.values, fragment_meta, r, w))
+        return {**gemv, **mma} if n <= 2048 and m <= 2 else {**mma, **gemv}
+
+    def cuda_extra_bytes(self) -> int:
+        """The tensor-core kernel's position table, where one was built for this weight."""
+        return cuda_ops.fragment_bytes(self.meta)
+
+
+def _mma_shapes(n: int, token_tiles: int) -> list[tuple[int, int]]:
+    """(row tiles per block, warps) for the tensor-core kernel, the measured best first: 16 or 32 warps a
+    tile where tiles are few; at 9-16 tokens several row tiles share each x fragment on wide weights."""
+    shapes = list(cuda_ops.MMA_SHAPES[token_tiles])
+    if n <= 2048:
+        first = (1, 32)
+    elif token_tiles == 1:
+        first = (1, 16) if n <= 4096 else (1, 8)
+    else:
+        first = (4, 8) if n >= 11008 else (2, 8) if n >= 8192 else (1, 16)
+    return [first] + [shape for shape in shapes if shape != first]
+
+
+def _first_two(groups: torch.Tensor) -> torch.Tensor:
+    """(out, in/4, 2) ascending positions of the first two kept entries of each group of a bool
+    (out, in/4, 4) tensor, padded with unkept ones; a stable sort keeps the choice deterministic."""
+    return (~groups).to(torch.int8).argsort(dim=2, stable=True)[:, :, :2].sort(dim=2).values
+
+
+def _meta(positions: torch.Tensor) -> torch.Tensor:
+    """Two 2-bit positions per group into a nibble, two groups per byte (low nibble = even group)."""
+    rows, groups, _ = positions.shape
+    nibble = (positions[:, :, 0] | (positions[:, :, 1] << 2)).to(torch.uint8)
+    pairs = nibble.reshape(rows, groups // 2, 2)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous()
