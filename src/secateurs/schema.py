@@ -91,8 +91,8 @@ def option(
     cli: Any = None,
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
-    """A config field that is also a flag. With ``parse`` the flag reads ``cli`` (default ``str | None``),
-    is None when absent, and ``parse(None)`` must give the field's default."""
+    """A config field that is also a flag. With ``parse`` the flag reads ``cli`` (default ``str | None``)
+    and is None when absent, which leaves the field at its default."""
     metadata = {HELP: Help(help, decls, argument, parse, cli)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -191,7 +191,7 @@ def build(cls: type, values: Mapping[str, Any]) -> Any:
             raise UsageError(f"unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     tree: dict[str, Any] = {}
     for name, flag in known.items():
-        if name not in values:
+        if name not in values or (flag.parse is not None and values[name] is None):
             if flag.required:
                 raise UsageError(f"missing required option {name!r}")
             continue

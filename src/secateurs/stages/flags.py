@@ -57,15 +57,6 @@ Overwrite = Annotated[bool, Help(help_of(LoadOptions, "overwrite"))]
 TrustRemoteCode = Annotated[bool, Help(help_of(LoadOptions, "trust_remote_code"))]
 
 
-def parse_floats(text: str | None, flag_name: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in csv_list(text)]
-    except ValueError:
-        raise UsageError(f"{flag_name} {text!r} must be comma-separated numbers, one per --data domain") from None
-
-
 def parse_ints(text: str, flag_name: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in csv_list(text))

@@ -3,110 +3,63 @@ LLM-Shearing), then continued pretraining with dynamic batch loading."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 from ..data.sources import check_name
+from ..engine.options import EngineOptions
 from ..errors import UsageError
 from ..files import check_writable
-from .base import Evaluation, Request, Stage
-from .flags import (
-    DataDir,
-    Device,
-    Dtype,
-    EvalSeqLen,
-    Help,
-    LimitWindows,
-    Model,
-    Out,
-    Overwrite,
-    TrustRemoteCode,
-    check_context,
-    check_eval_flags,
-    csv_list,
-    parse_floats,
-)
+from ..schema import group, option
+from ..structured.config import ShearConfig
+from .base import Stage, StageConfig
+from .flags import check_context, check_eval_flags
+from .groups import Evaluation, LoadOptions
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
     from ..structured.shearing import ShearReport
 
 
+@dataclass
+class ShearRequest(StageConfig):
+    """Prune to a chosen architecture with learned L0 masks; save a plain, smaller transformers model."""
+
+    model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
+    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    target: str | None = option(None, "Target shape, e.g. layers=24,hidden=528,heads=6,kv_heads=2,intermediate=1344.")
+    target_config: str | None = option(None, "JSON file with the target sizes (our keys or a transformers config's).")
+    config: ShearConfig = group(ShearConfig, rename={"datasets": "data"}, exclude=("target",))
+    engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations", "stage_seconds", "hooks"))
+    evaluation: Evaluation = group(
+        Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before", "batch_size"),
+        help={"datasets": "After shearing, measure perplexity on these datasets."},
+    )
+    load: LoadOptions = group(LoadOptions)
+
+    def __post_init__(self) -> None:
+        """The target shape (from --target or --target-config) and every check that needs no model."""
+        from ..structured.shearing import ShearTarget
+
+        if self.config.target is None:
+            if (self.target is None) == (self.target_config is None):
+                raise UsageError("give exactly one of --target layers=...,hidden=... or --target-config FILE.json")
+            self.config.target = (ShearTarget.parse(self.target) if self.target is not None
+                                  else ShearTarget.from_json(self.target_config))
+        for name in self.config.datasets:
+            check_name(name)
+        self.config.validate()
+        self.engine.torch_device()
+        evaluation = self.evaluation
+        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+
+
 class ShearStage(Stage):
     name = "shear"
+    config_class = ShearRequest
 
-    def parse(
-        self,
-        model: Model,
-        out: Out,
-        target: Annotated[
-            str | None, Help("Target shape, e.g. layers=24,hidden=528,heads=6,kv_heads=2,intermediate=1344.")
-        ] = None,
-        target_config: Annotated[
-            str | None, Help("JSON file with the target sizes (our keys or a transformers config's).")
-        ] = None,
-        steps: Annotated[int, Help("Mask-learning steps (the paper: 3,200).")] = 100,
-        continue_steps: Annotated[int, Help("Continued-pretraining steps of the sheared model.")] = 0,
-        data: Annotated[
-            str, Help("Training domains, comma-separated: wikitext2, ptb, c4, or .txt/.jsonl paths.")
-        ] = "wikitext2",
-        domain_weights: Annotated[str | None, Help("Initial domain weights (default: equal).")] = None,
-        reference_loss: Annotated[
-            str | None, Help("Reference loss per domain (default: the source model's held-out loss).")
-        ] = None,
-        update_every: Annotated[int, Help("Steps between domain-weight updates (the paper: 50).")] = 50,
-        eval_windows: Annotated[int, Help("Held-out windows per domain for those updates.")] = 4,
-        batch_size: Annotated[int, Help("Sequences per step.")] = 4,
-        seq_len: Annotated[int, Help("Tokens per training sequence.")] = 512,
-        lr: Annotated[float, Help("Model learning rate (the paper: 1e-4).")] = 1e-4,
-        mask_lr: Annotated[float, Help("Learning rate of masks and multipliers (the paper: 1.0).")] = 1.0,
-        lagrangian_warmup: Annotated[
-            float, Help("Fraction of --steps over which the target ramps in (the paper: 0.2).")
-        ] = 0.2,
-        bf16: Annotated[bool, Help("Train under bfloat16 autocast.")] = False,
-        gradient_checkpointing: Annotated[bool, Help("Recompute activations in backward to save memory.")] = False,
-        checkpoint_dir: Annotated[
-            str | None, Help("Save resumable checkpoints here; a matching one is resumed from.")
-        ] = None,
-        checkpoint_every: Annotated[int, Help("Steps between checkpoints.")] = 100,
-        seed: Annotated[int, Help("Seed for batches and mask sampling.")] = 0,
-        data_dir: DataDir = None,
-        ppl: Annotated[str | None, Help("After shearing, measure perplexity on these datasets.")] = None,
-        limit_windows: LimitWindows = None,
-        eval_seq_len: EvalSeqLen = 2048,
-        device: Device = "auto",
-        dtype: Dtype = "float32",
-        overwrite: Overwrite = False,
-        trust_remote_code: TrustRemoteCode = False,
-    ) -> Request:
-        """Prune to a chosen architecture with learned L0 masks; save a plain, smaller transformers model."""
-        from ..engine.sequential import EngineOptions
-        from ..structured.shearing import ShearConfig, ShearTarget
-
-        if (target is None) == (target_config is None):
-            raise UsageError("give exactly one of --target layers=...,hidden=... or --target-config FILE.json")
-        shape = ShearTarget.parse(target) if target is not None else ShearTarget.from_json(target_config)
-        domains = csv_list(data)
-        for name in domains:
-            check_name(name)
-        config = ShearConfig(
-            target=shape, datasets=domains, steps=steps, continue_steps=continue_steps, lr=lr, mask_lr=mask_lr,
-            lagrangian_warmup=lagrangian_warmup, batch_size=batch_size, seq_len=seq_len, update_every=update_every,
-            eval_windows=eval_windows, reference_loss=parse_floats(reference_loss, "--reference-loss"),
-            domain_weights=parse_floats(domain_weights, "--domain-weights"), bf16=bf16,
-            gradient_checkpointing=gradient_checkpointing, seed=seed, data_dir=data_dir,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-        )
-        config.validate()
-        engine = EngineOptions(device=device)
-        engine.torch_device()
-        datasets = csv_list(ppl)
-        check_eval_flags(datasets, limit_windows, eval_seq_len)
-        return Request(self, model, config, out, None, engine,
-                       Evaluation(datasets, eval_seq_len, limit_windows, data_dir, device),
-                       dtype, overwrite, trust_remote_code)
-
-    def check_files(self, request: Request) -> None:
+    def check_files(self, request: ShearRequest) -> None:
         from ..training.checkpoint import check_checkpoints
         from ..structured.shearing import CONTINUE_CHECKPOINT, PRUNE_CHECKPOINT
 
@@ -116,16 +69,16 @@ class ShearStage(Stage):
             check_checkpoints([folder / PRUNE_CHECKPOINT, folder / CONTINUE_CHECKPOINT])
             check_writable(folder.resolve() / PRUNE_CHECKPOINT, f"--checkpoint-dir {checkpoint_dir}")
 
-    def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
+    def check_model(self, request: ShearRequest, skeleton: LoadedModel | None) -> None:
         check_context(skeleton, seq_len=request.config.seq_len,
                       eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
 
-    def apply(self, loaded: LoadedModel, request: Request) -> ShearReport:
+    def apply(self, loaded: LoadedModel, request: ShearRequest) -> ShearReport:
         from ..api import shear
 
         return shear(loaded, request.config, request.engine)
 
-    def rows(self, request: Request, report: ShearReport) -> list[list[str]]:
+    def rows(self, request: ShearRequest, report: ShearReport) -> list[list[str]]:
         plan = report.plan
         weights = (report.continue_log or report.prune_log).domain_weights[-1]
         return [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -14,71 +14,16 @@ from ...errors import UsageError
 from ...model.load import LoadedModel
 from ...record import peak_memory_mb
 from ...training.loop import TrainHook, TrainLog
-from .dynamic_batch import Domains, TrainSettings, held_out_losses, pretrain
+from ..config import ShearConfig
+from .dynamic_batch import Domains, held_out_losses, pretrain
 from .forward import MaskedForward
 from .masks import ShearMasks
 from .slicing import apply_keep, non_embedding_params
-from .target import Plan, ShearTarget, plan_for
+from .target import Plan, plan_for
 
 # Resume checkpoints of the two phases in --checkpoint-dir (safetensors + JSON, never pickle).
 PRUNE_CHECKPOINT = "prune.safetensors"
 CONTINUE_CHECKPOINT = "continue.safetensors"
-
-
-@dataclass
-class ShearConfig:
-    """A shearing request: the target shape, the two phases' lengths and their shared settings.
-
-    ``steps``: mask-learning steps (the paper: 3,200 of 32 x 4,096 tokens); ``continue_steps``:
-    continued pretraining of the sliced model. ``mask_lr`` is the paper's ``lag_lr`` (1.0) for
-    mask logits and multipliers; ``lagrangian_warmup`` the fraction of ``steps`` over which the target
-    ramps in (the paper: 20%). ``reference_loss``: per-domain reference for dynamic batch loading
-    (default: the source model's held-out loss). The Lagrangian game needs hundreds of steps or more to
-    settle: with tens, the masks overshoot the target together and the cut is close to random
-    (benchmarks/sections/shearing.md).
-    """
-
-    target: ShearTarget
-    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
-    steps: int = 100
-    continue_steps: int = 0
-    lr: float = 1e-4
-    mask_lr: float = 1.0
-    lagrangian_warmup: float = 0.2
-    batch_size: int = 4
-    seq_len: int = 512
-    update_every: int = 50
-    eval_windows: int = 4
-    reference_loss: list[float] | None = None
-    domain_weights: list[float] | None = None
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    data_dir: str | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-
-    def settings(self, steps: int, seed_offset: int) -> TrainSettings:
-        return TrainSettings(
-            steps=steps, lr=self.lr, batch_size=self.batch_size, seq_len=self.seq_len,
-            update_every=self.update_every, bf16=self.bf16, gradient_checkpointing=self.gradient_checkpointing,
-            seed=self.seed + seed_offset, checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every,
-        )
-
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise UsageError(f"--steps must be at least 1 (mask learning), got {self.steps}")
-        if self.continue_steps < 0:
-            raise UsageError(f"--continue-steps must be at least 0, got {self.continue_steps}")
-        if not 0 <= self.lagrangian_warmup <= 1:
-            raise UsageError(f"--lagrangian-warmup must be in [0, 1], got {self.lagrangian_warmup:g}")
-        if self.mask_lr <= 0:
-            raise UsageError(f"--mask-lr must be positive, got {self.mask_lr:g}")
-        if self.eval_windows < 1:
-            raise UsageError(f"--eval-windows must be at least 1, got {self.eval_windows}")
-        if self.reference_loss is not None and len(self.reference_loss) != len(self.datasets):
-            raise UsageError(f"--reference-loss needs one value per --data domain ({len(self.datasets)})")
-        self.settings(self.steps, 0).validate()
 
 
 class ShearTraining(TrainHook):
