@@ -77,10 +77,10 @@ def test_recover_defaults_are_the_configs(tmp_path, tiny):
     folder, _ = tiny
     out = tmp_path / "o"
     parse = STAGES["recover"].parse
-    loraprune = parse(str(folder), str(out), method="loraprune").options["train"]
+    loraprune = parse(str(folder), str(out), method="loraprune").train
     assert loraprune.lr == secateurs.LoRAPruneConfig().train_config().lr == 3e-4  # LoRAPrune's released code
-    assert parse(str(folder), str(out)).options["train"].lr == secateurs.RecoverConfig().lr == 1e-4  # LLM-Pruner
-    assert parse(str(folder), str(out), method="loraprune", lr=5e-5).options["train"].lr == 5e-5
+    assert parse(str(folder), str(out)).train.lr == secateurs.RecoverConfig().lr == 1e-4  # LLM-Pruner
+    assert parse(str(folder), str(out), method="loraprune", lr=5e-5).train.lr == 5e-5
     assert loraprune.checkpoint_dir == f"{out.resolve()}.ckpt"
 
 

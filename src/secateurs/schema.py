@@ -43,6 +43,7 @@ class Flag:
     argument: bool = False
     parse: Callable[[Any], Any] | None = None
     paths: tuple[tuple[str, ...], ...] = ()
+    stage_default: bool = False  # the default is the group's override, not the config field's
 
     @property
     def kind(self) -> str:
@@ -69,8 +70,9 @@ class Help:
 class Group:
     """How a nested config's fields become flags: ``rename`` (field → flag name), ``exclude`` (fields
     that are not flags), ``help`` (field → this stage's own wording), ``required`` (fields this stage
-    asks for although the config has a default for Python callers: ``layers --remove``), and
-    ``optional_on``: the field whose flag left at None makes the whole group None (``--calib`` absent:
+    asks for although the config has a default for Python callers: ``layers --remove``), ``defaults``
+    (field → this stage's own default, where it differs from the config's: recover's iterative
+    ``--prune wanda``), and ``optional_on``: the field whose flag left at None makes the whole group None (``--calib`` absent:
     no calibration)."""
 
     cls: type
@@ -79,6 +81,7 @@ class Group:
     help: Mapping[str, str] = dataclasses.field(default_factory=dict)
     optional_on: str | None = None
     required: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def option(
@@ -107,9 +110,10 @@ def group(
     help: Mapping[str, str] | None = None,
     optional_on: str | None = None,
     required: tuple[str, ...] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> Any:
     """A config field holding a nested config whose fields are flattened into flags (see :class:`Group`)."""
-    spec = Group(cls, dict(rename or {}), exclude, dict(help or {}), optional_on, required)
+    spec = Group(cls, dict(rename or {}), exclude, dict(help or {}), optional_on, required, dict(defaults or {}))
     if optional_on is not None:
         return dataclasses.field(default=None, metadata={GROUP: spec})
     return dataclasses.field(default_factory=cls, metadata={GROUP: spec})
@@ -169,8 +173,10 @@ def _collect(cls: type, prefix: tuple[str, ...], spec: Group, found: dict[str, F
             default, annotation = None, annotation | None
         if field.name in spec.required:
             default, required = None, True
+        if field.name in spec.defaults:
+            default = spec.defaults[field.name]
         flag = Flag(name, annotation, default, required, spec.help.get(field.name, about.text), about.decls,
-                    about.argument, about.parse, (path,))
+                    about.argument, about.parse, (path,), field.name in spec.defaults)
         if name in found:
             first = found[name]
             if first.default != flag.default:
@@ -191,15 +197,17 @@ def build(cls: type, values: Mapping[str, Any]) -> Any:
             raise UsageError(f"unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
     tree: dict[str, Any] = {}
     for name, flag in known.items():
-        if name not in values or (flag.parse is not None and values[name] is None):
-            if flag.required:
-                raise UsageError(f"missing required option {name!r}")
+        absent = name not in values or (flag.parse is not None and values[name] is None)
+        if absent and flag.required:
+            raise UsageError(f"missing required option {name!r}")
+        if absent and not flag.stage_default:
             continue
+        value = flag.default if absent else flag.value(values[name])
         for path in flag.paths:
             node = tree
             for part in path[:-1]:
                 node = node.setdefault(part, {})
-            node[path[-1]] = flag.value(values[name])
+            node[path[-1]] = value
     return _instantiate(cls, Group(cls), tree)
 
 

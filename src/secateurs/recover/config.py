@@ -1,12 +1,17 @@
 """How LoRA recovery, LoRAPrune and iterative pruning train: one settings dataclass, with
-LLM-Pruner's post-training recipe as its defaults (see :mod:`.lora`)."""
+LLM-Pruner's post-training recipe as its defaults (see :mod:`.lora`), and what LoRAPrune prunes.
+Light (no torch): ``secateurs recover`` derives its flags and ``--help`` from these fields
+(:mod:`secateurs.schema`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
+from ..data.config import CalibConfig
 from ..data.sources import check_name
 from ..errors import UsageError
+from ..schema import help_of, option
 from ..structured.registry import TARGET_NAMES
 
 # The recovery stages' choices, here (no torch) because the CLI's --help lists them.
@@ -24,25 +29,27 @@ class RecoverConfig:
     disables checkpoints; with one, a matching checkpoint found there is resumed.
     """
 
-    steps: int = 200
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    steps: int = option(200, "Optimizer steps (per round for iterative).")
+    rank: int = option(8, "LoRA rank (LLM-Pruner: 8).")
+    alpha: float = option(16.0, "LoRA alpha (LLM-Pruner: 16).")
+    dropout: float = option(0.05, "LoRA dropout (LLM-Pruner: 0.05).")
     lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup_steps: int | None = None
+    warmup_steps: int | None = option(None, "Linear warm-up steps (default min(100, steps/10)).")
     max_grad_norm: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    data: str = "wikitext2"
-    data_dir: str | None = None
-    seed: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool = True
+    batch_size: int = option(4, "Sequences per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    seq_len: int = option(256, "Tokens per training sequence (LLM-Pruner: 256).")
+    data: str = option("wikitext2", "Training text: wikitext2, c4, ptb (train split) or a .txt/.jsonl path.")
+    data_dir: str | None = option(None, help_of(CalibConfig, "data_dir"), decls=("--data-dir",))
+    seed: int = option(0, "Seed for batches, dropout and adapter init.")
+    precision: str = option("auto", f"{', '.join(PRECISIONS)} (auto: bf16 autocast on CUDA, fp32 on CPU).")
+    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (less memory).")
     mask_min_sparsity: float = 0.01
-    checkpoint_dir: str | None = None
-    save_every: int = 50
+    checkpoint_dir: str | None = option(
+        None, "Where to checkpoint (default OUT.ckpt); a matching checkpoint there is resumed."
+    )
+    save_every: int = option(50, "Checkpoint every N steps.")
 
     def validate(self) -> None:
         for name in ("steps", "rank", "batch_size", "grad_accum", "save_every"):
@@ -69,3 +76,73 @@ class RecoverConfig:
     def fingerprint(self) -> dict:
         """Settings that change the result: a checkpoint resumes only under the same ones."""
         return {k: v for k, v in asdict(self).items() if k not in ("checkpoint_dir", "save_every", "data_dir")}
+
+
+@dataclass
+class LoRAPruneConfig:
+    """What to prune and how fast. ``ratio``: the fraction of each targeted kind's groups removed from
+    every prunable layer (uniform, like ``secateurs width``), or of each prunable linear's weights
+    (``target='unstructured'``). ``keep_first`` / ``keep_last`` None: the released code's choice."""
+
+    ratio: float = option(0.2, "loraprune: fraction of groups (or weights, --target unstructured) removed per layer.")
+    target: str = option("both", f"loraprune: {', '.join(LORAPRUNE_MODES)}.")
+    keep_first: int | None = option(None, "loraprune: leave the first N layers whole (default 10% of layers).")
+    keep_last: int | None = option(None, "loraprune: leave the last N layers whole (default 1).")
+    prune_every: int = option(10, "loraprune: prune every N steps (paper code: 10).")
+    warmup: float = 0.1
+    cooldown: float = option(
+        0.1,
+        "loraprune: fraction of the steps tuned at the final shape after the schedule ends "
+        "(0.1; 0.5 recovered better at 300 steps on SmolLM2, see BENCHMARKS.md).",
+    )
+    initial_ratio: float = 0.0
+    ema: float = 0.9
+    # The adapters' learning rate in LoRAPrune's released code; RecoverConfig's own default (1e-4) is
+    # LLM-Pruner's, so a LoRAPrune run builds its training config through train_config().
+    train_lr: ClassVar[float] = 3e-4
+
+    def train_config(self, **fields) -> RecoverConfig:
+        """The training settings for a LoRAPrune run: ``fields`` as given, the paper's lr unless set."""
+        fields.setdefault("lr", self.train_lr)
+        return RecoverConfig(**fields)
+
+    @property
+    def structured(self) -> bool:
+        return self.target != "unstructured"
+
+    def validate(self) -> None:
+        """The checks that need no model, so a command fails before it loads one."""
+        if self.target not in LORAPRUNE_MODES:
+            raise UsageError(f"unknown --target {self.target!r}; use one of {', '.join(LORAPRUNE_MODES)}")
+        if not 0.0 < self.ratio < 1.0:
+            raise UsageError(f"--ratio must be in (0, 1), got {self.ratio:g}")
+        if not 0.0 <= self.initial_ratio <= self.ratio:
+            raise UsageError(f"initial_ratio must be in [0, --ratio], got {self.initial_ratio:g}")
+        if self.prune_every < 1:
+            raise UsageError(f"--prune-every must be at least 1, got {self.prune_every}")
+        if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown >= 1:
+            raise UsageError(f"warm-up ({self.warmup:g}) and --cooldown ({self.cooldown:g}) must be non-negative and sum to less than 1")
+        if not 0.0 <= self.ema < 1.0:
+            raise UsageError(f"ema must be in [0, 1), got {self.ema:g}")
+
+    def layers(self, n_layers: int) -> list[int]:
+        """Validate against the model; returns the prunable layer indices."""
+        self.validate()
+        first = int(0.1 * n_layers) if self.keep_first is None else self.keep_first
+        last = 1 if self.keep_last is None else self.keep_last
+        if first < 0 or last < 0:
+            raise UsageError("--keep-first and --keep-last must be at least 0")
+        layers = list(range(first, n_layers - last))
+        if not layers:
+            raise UsageError(f"keeping the first {first} and last {last} of {n_layers} layers leaves none to prune")
+        return layers
+
+    def ratio_at(self, step: int, steps: int) -> float:
+        """The cubic schedule (Zhu & Gupta, 2017, as LoRAPrune uses it) at 0-based ``step``."""
+        start, end = self.warmup * steps, steps - self.cooldown * steps
+        if step < start:
+            return self.initial_ratio
+        if step >= end:
+            return self.ratio
+        left = 1.0 - (step - start) / max(end - start, 1e-9)
+        return self.ratio + (self.initial_ratio - self.ratio) * left**3

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 
 import torch
 
@@ -42,74 +41,8 @@ from ..structured.importance import aggregate, slot_sums
 from ..structured.registry import TARGETS
 from ..training.loop import TrainHook
 from .adapters import ADAPTER, Adapters, attach, base_weight
-from .config import LORAPRUNE_MODES
+from .config import LoRAPruneConfig
 from .lora import RecoverConfig, RecoverReport, identity, mean_sparsity, train_adapters, train_ids
-
-
-@dataclass
-class LoRAPruneConfig:
-    """What to prune and how fast. ``ratio``: the fraction of each targeted kind's groups removed from
-    every prunable layer (uniform, like ``secateurs width``), or of each prunable linear's weights
-    (``target='unstructured'``). ``keep_first`` / ``keep_last`` None: the released code's choice."""
-
-    ratio: float = 0.2
-    target: str = "both"
-    keep_first: int | None = None
-    keep_last: int | None = None
-    prune_every: int = 10
-    warmup: float = 0.1
-    cooldown: float = 0.1
-    initial_ratio: float = 0.0
-    ema: float = 0.9
-    # The adapters' learning rate in LoRAPrune's released code; RecoverConfig's own default (1e-4) is
-    # LLM-Pruner's, so a LoRAPrune run builds its training config through train_config().
-    train_lr: ClassVar[float] = 3e-4
-
-    def train_config(self, **fields) -> RecoverConfig:
-        """The training settings for a LoRAPrune run: ``fields`` as given, the paper's lr unless set."""
-        fields.setdefault("lr", self.train_lr)
-        return RecoverConfig(**fields)
-
-    @property
-    def structured(self) -> bool:
-        return self.target != "unstructured"
-
-    def validate(self) -> None:
-        """The checks that need no model, so a command fails before it loads one."""
-        if self.target not in LORAPRUNE_MODES:
-            raise UsageError(f"unknown --target {self.target!r}; use one of {', '.join(LORAPRUNE_MODES)}")
-        if not 0.0 < self.ratio < 1.0:
-            raise UsageError(f"--ratio must be in (0, 1), got {self.ratio:g}")
-        if not 0.0 <= self.initial_ratio <= self.ratio:
-            raise UsageError(f"initial_ratio must be in [0, --ratio], got {self.initial_ratio:g}")
-        if self.prune_every < 1:
-            raise UsageError(f"--prune-every must be at least 1, got {self.prune_every}")
-        if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown >= 1:
-            raise UsageError(f"warm-up ({self.warmup:g}) and --cooldown ({self.cooldown:g}) must be non-negative and sum to less than 1")
-        if not 0.0 <= self.ema < 1.0:
-            raise UsageError(f"ema must be in [0, 1), got {self.ema:g}")
-
-    def layers(self, n_layers: int) -> list[int]:
-        """Validate against the model; returns the prunable layer indices."""
-        self.validate()
-        first = int(0.1 * n_layers) if self.keep_first is None else self.keep_first
-        last = 1 if self.keep_last is None else self.keep_last
-        if first < 0 or last < 0:
-            raise UsageError("--keep-first and --keep-last must be at least 0")
-        layers = list(range(first, n_layers - last))
-        if not layers:
-            raise UsageError(f"keeping the first {first} and last {last} of {n_layers} layers leaves none to prune")
-        return layers
-
-    def ratio_at(self, step: int, steps: int) -> float:
-        """The cubic schedule (Zhu & Gupta, 2017, as LoRAPrune uses it) at 0-based ``step``."""
-        start, end = self.warmup * steps, steps - self.cooldown * steps
-        if step < start:
-            return self.initial_ratio
-        if step >= end:
-            return self.ratio
-        left = 1.0 - (step - start) / max(end - start, 1e-9)
-        return self.ratio + (self.initial_ratio - self.ratio) * left**3
 
 
 def element_importance(adapters: Adapters, key: tuple[int, str]) -> torch.Tensor | None:
