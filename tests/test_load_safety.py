@@ -170,12 +170,12 @@ def _saved_tiny(tmp_path: Path) -> Path:
 
 def _no_model_load(monkeypatch) -> None:
     """Fail the test if a stage loads the weights: these refusals must come before that."""
-    from secateurs.stages import base
+    from secateurs.model import load
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the tokenizer was checked")
 
-    monkeypatch.setattr(base, "load_model", refuse)
+    monkeypatch.setattr(load, "load_model", refuse)
 
 
 def test_damaged_tokenizer_is_named_before_the_model_loads(tmp_path, monkeypatch):
