@@ -30,36 +30,7 @@ from pathlib import Path
 import torch
 from transformers import StaticCache
 
-from ..errors import UsageError
-
-DECODE_METHODS = ("cuda-graph", "compile")
-
-
-@dataclass
-class SpeedConfig:
-    """What to measure. Defaults: three prompt lengths up to 2048 (the papers' context), batch 1 and 8."""
-
-    prompt_lengths: tuple[int, ...] = (128, 512, 2048)
-    decode_batches: tuple[int, ...] = (1, 8)
-    decode_prompt: int = 32
-    new_tokens: int = 64
-    warmup: int = 2
-    repeats: int = 5
-    seed: int = 0
-    cuda_graphs: bool = True
-    decode_methods: tuple[str, ...] = ("cuda-graph", "compile")
-
-    def check(self) -> None:
-        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
-            raise UsageError("--prompt-lengths needs positive lengths, e.g. 128,512,2048")
-        if not self.decode_batches or min(self.decode_batches) < 1:
-            raise UsageError("--batches needs positive batch sizes, e.g. 1,8")
-        if self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
-            raise UsageError("--new-tokens and --repeats must be at least 1, --warmup at least 0")
-        unknown = set(self.decode_methods) - set(DECODE_METHODS)
-        if unknown or not self.decode_methods:
-            raise UsageError(f"--decode-methods takes some of {', '.join(DECODE_METHODS)} (got {', '.join(self.decode_methods)})")
-
+from .config import SpeedConfig
 
 @dataclass
 class SpeedResult:

@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 from ..data.sources import check_available
 from ..errors import UsageError
 from ..evaluate.tasks import PAPER_TASKS
 from ..files import write_atomic
+from ..evaluate.config import SpeedConfig
 from ..schema import group, option
-from .base import Evaluation, Outcome, Request, Stage, StageConfig, Table
-from .flags import Device, Help, check_at_least, check_context, check_eval_flags, check_json_out, parse_ints
+from .base import Evaluation, Outcome, Stage, StageConfig, Table
+from .flags import check_at_least, check_context, check_eval_flags, check_json_out
 from .groups import LoadOptions, csv_list
 
 if TYPE_CHECKING:
@@ -123,52 +124,43 @@ def _zero_shot_table(model: str, scores: ZeroShot) -> Table:
     return Table(title, ["task", "acc", "acc_norm", "n", "data"], rows, notes)
 
 
+@dataclass
+class BenchRequest(StageConfig):
+    """Measure speed and memory: dense vs pruned vs pruned-on-sparse-kernels, as ratios to the first."""
+
+    model: str = option(help="The (pruned) model: HF folder, sparse export, hub id, .gguf, or smollm2-135m.", argument=True)
+    baseline: str | None = option(None, "Dense model to compare against, measured in the same run.")
+    sparse: bool = option(True, "Also run MODEL with its pruned linears swapped for sparse kernels (2:4 / bitmap).")
+    min_sparsity: float = option(0.5, "Unstructured linears below this sparsity stay dense.")
+    evaluation: Evaluation = group(
+        Evaluation, exclude=("datasets", "seq_len", "limit_windows", "data_dir", "batch_size", "before")
+    )
+    load: LoadOptions = group(
+        LoadOptions, exclude=("trust_remote_code", "overwrite"), defaults={"dtype": "auto"},
+        help={"dtype": "auto (float16 on CUDA, float32 on CPU), float32, bfloat16 or float16."},
+    )
+    config: SpeedConfig = group(SpeedConfig, rename={"decode_batches": "batches"}, exclude=("decode_prompt",))
+    json_out: str | None = option(None, "Also write every number to this JSON file.", decls=("--json",))
+
+    def __post_init__(self) -> None:
+        self.config.check()
+        check_json_out(self.json_out)
+
+
 class BenchStage(Stage):
     name = "bench"
     produces_model = False
     reads_shapes = False
+    config_class = BenchRequest
 
-    def parse(
-        self,
-        model: Annotated[str, Help("The (pruned) model: HF folder, sparse export, hub id, .gguf, or smollm2-135m.", argument=True)],
-        baseline: Annotated[str | None, Help("Dense model to compare against, measured in the same run.")] = None,
-        sparse: Annotated[
-            bool, Help("Also run MODEL with its pruned linears swapped for sparse kernels (2:4 / bitmap).")
-        ] = True,
-        min_sparsity: Annotated[float, Help("Unstructured linears below this sparsity stay dense.")] = 0.5,
-        device: Device = "auto",
-        dtype: Annotated[str, Help("auto (float16 on CUDA, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
-        prompt_lengths: Annotated[str, Help("Prefill prompt lengths, comma-separated.")] = "128,512,2048",
-        batches: Annotated[str, Help("Decode batch sizes, comma-separated.")] = "1,8",
-        new_tokens: Annotated[int, Help("Greedy decode steps timed per batch size.")] = 64,
-        warmup: Annotated[int, Help("Untimed runs before each measurement.")] = 2,
-        repeats: Annotated[int, Help("Timed runs; the median is reported.")] = 5,
-        seed: Annotated[int, Help("Seed of the random prompt ids.")] = 0,
-        cuda_graphs: Annotated[bool, Help("Replay the decode step as a CUDA graph (CUDA only; off = eager).")] = True,
-        decode_methods: Annotated[str, Help(
-            "Decode methods timed on CUDA, fastest reported: cuda-graph (static cache, step in a CUDA graph), "
-            "compile (the step through torch.compile, then a CUDA graph).")] = "cuda-graph,compile",
-        json_out: Annotated[str | None, Help("Also write every number to this JSON file.", ("--json",))] = None,
-    ) -> Request:
-        """Measure speed and memory: dense vs pruned vs pruned-on-sparse-kernels, as ratios to the first."""
-        from ..evaluate.speed import SpeedConfig
-
-        config = SpeedConfig(parse_ints(prompt_lengths, "--prompt-lengths"), parse_ints(batches, "--batches"),
-                             new_tokens=new_tokens, warmup=warmup, repeats=repeats, seed=seed, cuda_graphs=cuda_graphs,
-                             decode_methods=tuple(csv_list(decode_methods)))
-        config.check()
-        check_json_out(json_out)
-        return Request(self, model, config, dtype=dtype, evaluation=Evaluation(device=device),
-                       options={"baseline": baseline, "sparse": sparse, "min_sparsity": min_sparsity, "json_out": json_out})
-
-    def execute(self, request: Request) -> Outcome:
+    def execute(self, request: BenchRequest) -> Outcome:
         """The models side by side in one run, as ratios to the first; every number written to ``--json``."""
         import torch
 
         from ..api import bench
 
-        options, config = request.options, request.config
-        report = bench(request.model, options["baseline"], sparse=options["sparse"], min_sparsity=options["min_sparsity"],
+        config = request.config
+        report = bench(request.model, request.baseline, sparse=request.sparse, min_sparsity=request.min_sparsity,
                        device=request.evaluation.device, dtype=request.dtype, config=config)
         results = report["results"]
         first = results[0]
@@ -196,7 +188,7 @@ class BenchStage(Stage):
         title = f"secateurs bench on {report['device']} ({report['dtype']}; decode by {modes})"
         notes = [f"[yellow]note:[/] {note}" for note in report["notes"]]
         footer = []
-        json_out = options["json_out"]
+        json_out = request.json_out
         if json_out:
             write_atomic(Path(json_out), json.dumps(report, indent=2, default=str) + "\n")
             footer.append(f"saved {json_out}")
