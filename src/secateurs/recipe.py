@@ -2,10 +2,10 @@
 before any work starts, each stage's output kept and reused when nothing it depends on changed.
 
 A stage's key names a stage spec (:data:`secateurs.stages.STAGES`) and its fields are that spec's
-flags, the same the ``secateurs`` command of that name takes (with ``_`` or ``-``): the runner reads
-the spec's ``parse`` signature to validate the fields, ``parse`` builds the typed configs of the
-Python API, and the spec's own checks and its load → verb → evaluate → save flow run them. The CLI
-command is built from the same spec, so a recipe and a CLI call cannot drift apart.
+flags, the same the ``secateurs`` command of that name takes (with ``_`` or ``-``): both are derived
+from the fields of the spec's config (:mod:`secateurs.schema`), which the runner builds from the
+recipe's fields and validates, and the spec's own checks and its load → verb → evaluate → save flow
+run it. The CLI command is built from the same config, so a recipe and a CLI call cannot drift apart.
 
 .. code-block:: yaml
 
@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import inspect
 import json
 import os
 import shutil
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +63,7 @@ from .files import (
 )
 from .model.save import RECORD
 from .record import build_record
-from .stages import STAGES, Outcome, Request, StageConfig, check
+from .stages import STAGES, Outcome, StageConfig, check
 from .stages import Stage as StageSpec
 from .stages import run as run_stage
 
@@ -77,16 +75,6 @@ STAGE_MARKER = "stage.json"
 STAGES_DIR = "stages"
 PUBLISHED = "published"  # the record's list of the files a run put in OUT (beside secateurs.json and stages/)
 RESULT_FILES = {"eval": "json_out", "bench": "json_out"}
-
-
-@dataclass(frozen=True)
-class Flag:
-    """One flag of a stage (and of its subcommand): its Python name, the type it takes, and its default."""
-
-    name: str
-    kind: str  # "str" | "int" | "float" | "bool" | "list"
-    default: Any
-    required: bool
 
 
 @dataclass
@@ -114,36 +102,9 @@ class Recipe:
     calib: dict[str, Any] = field(default_factory=dict)
 
 
-def _kind(annotation: Any) -> str:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Annotated:
-        return _kind(args[0])
-    if typing.get_origin(annotation) is list:
-        return "list"
-    if args and len(args) == 1:
-        return _kind(args[0])
-    return {bool: "bool", int: "int", float: "float"}.get(annotation, "str")
-
-
-def flags_of(function: Callable) -> dict[str, Flag]:
-    """The flags a stage takes, read from its spec's ``parse`` signature (the CLI's too)."""
-    hints = typing.get_type_hints(function, include_extras=True)
-    flags = {}
-    for name, parameter in inspect.signature(function).parameters.items():
-        default = parameter.default
-        default = getattr(default, "default", default)  # typer.Option(...) style defaults
-        required = parameter.default is inspect.Parameter.empty or default is ...
-        flags[name] = Flag(name, _kind(hints.get(name, str)), None if required else default, required)
-    return flags
-
-
-def stage_flags(command: str) -> dict[str, Flag]:
-    """The flags of stage kind ``command``: its config's fields (or, not yet converted, its ``parse``)."""
-    config_class = STAGES[command].config_class
-    if config_class is None:
-        return flags_of(STAGES[command].parse)
-    return {flag.name: Flag(flag.name, flag.kind, None if flag.required else flag.default, flag.required)
-            for flag in schema.flags(config_class).values()}
+def stage_flags(command: str) -> dict[str, schema.Flag]:
+    """The flags of stage kind ``command``: its config's fields, as its command takes them."""
+    return schema.flags(STAGES[command].config_class)
 
 
 def stage_keys(command: str) -> list[str]:
@@ -151,7 +112,7 @@ def stage_keys(command: str) -> list[str]:
     return list(stage_flags(command))
 
 
-def _coerce(stage: str, key: str, value: Any, flag: Flag) -> Any:
+def _coerce(stage: str, key: str, value: Any, flag: schema.Flag) -> Any:
     where = f"{stage}: {key}"
     if flag.kind == "bool":
         if not isinstance(value, bool):
@@ -246,7 +207,7 @@ def _check_values(recipe: Recipe) -> None:
             current = str(folder / "model")
 
 
-def _check_data(request: Request) -> None:
+def _check_data(request: StageConfig) -> None:
     """A measuring stage's datasets are there (a local copy, or the hub reachable), so the recipe does
     not fail after the stages before it ran."""
     evaluation = request.evaluation
@@ -505,7 +466,7 @@ def _published(out: Path) -> set[str]:
     return names
 
 
-def _request(stage: Stage, model: str, folder: Path) -> Request | StageConfig:
+def _request(stage: Stage, model: str, folder: Path) -> StageConfig:
     """The stage's fields, its input and where it writes, parsed by its spec into a typed request."""
     spec: StageSpec = STAGES[stage.command]
     kwargs = dict(stage.fields)

@@ -1,10 +1,10 @@
-"""The typer application, and the one way a stage becomes a command: its spec's flags become typer
-options, the command parses them into a request and runs the shared stage runner."""
+"""The typer application, and the one way a stage becomes a command: its config's fields become typer
+options (:mod:`secateurs.schema`), the command builds the config from them and runs the shared stage
+runner."""
 
 from __future__ import annotations
 
 import inspect
-import typing
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
@@ -13,7 +13,6 @@ from typer.core import TyperGroup
 
 from ..schema import Flag, flags
 from ..stages import Outcome, Stage, run
-from ..stages.flags import Help
 from .common import err_console, friendly, out_console, table
 
 
@@ -75,14 +74,6 @@ def show(outcome: Outcome | None) -> None:
         raise typer.Exit(2)
 
 
-def typer_flag(hint: object) -> object:
-    """A flag type ``Annotated[T, Help(...)]`` as typer reads it: ``Annotated[T, typer.Option(...)]``."""
-    base, *metadata = typing.get_args(hint)
-    help_ = next(m for m in metadata if isinstance(m, Help))
-    info = typer.Argument(help=help_.text) if help_.argument else typer.Option(*help_.decls, help=help_.text)
-    return Annotated[base, info]
-
-
 def schema_flag(flag: Flag) -> inspect.Parameter:
     """A config-derived flag as a typer parameter: its name, type, default and help."""
     info = typer.Argument(help=flag.help) if flag.argument else typer.Option(*flag.decls, help=flag.help)
@@ -92,23 +83,15 @@ def schema_flag(flag: Flag) -> inspect.Parameter:
 
 
 def stage_command(stage: Stage) -> None:
-    """Register ``secateurs <stage.name>``: options from the stage's config fields (or, for a stage not
-    yet converted, its ``parse`` signature): the same flags a recipe stage takes; help from the config's
-    docstring; then check → load → verb → evaluate → save."""
-    if stage.config_class is not None:
-        parameters = [schema_flag(flag) for flag in flags(stage.config_class).values()]
-        doc = stage.config_class.__doc__
-    else:
-        hints = typing.get_type_hints(stage.parse, include_extras=True)
-        parameters = [p.replace(annotation=typer_flag(hints[p.name]))
-                      for p in inspect.signature(stage.parse).parameters.values()]
-        doc = stage.parse.__doc__
+    """Register ``secateurs <stage.name>``: options from the stage's config fields (the same flags a
+    recipe stage takes), help from the config's docstring; then check → load → verb → evaluate → save."""
+    parameters = [schema_flag(flag) for flag in flags(stage.config_class).values()]
 
     def command(**values: object) -> None:
         show(run(stage.parse(**values)))
 
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in parameters}
-    command.__doc__ = doc
+    command.__doc__ = (stage.config_class.__doc__ or "").split("\n\n")[0]
     command.__name__ = command.__qualname__ = f"{stage.name}_command"
     app.command(stage.name)(friendly(command))

@@ -12,14 +12,17 @@ from typing import Annotated
 
 import typer
 
+from ..engine.options import EngineOptions
+from ..schema import help_of
+from ..sparsity.config import parse_sparsity
 from ..sparsity.registry import method_names
-from ..stages import flags
-from ..stages.flags import check_at_least, check_context, parse_sparsity, preflight
-from .app import app, typer_flag
+from ..stages.flags import check_at_least, check_context, preflight
+from ..stages.groups import LoadOptions
+from .app import app
 from .common import check_out_folder, friendly, out_console, table
 
-Device = typer_flag(flags.Device)
-Overwrite = typer_flag(flags.Overwrite)
+Device = Annotated[str, typer.Option(help=help_of(EngineOptions, "device"))]
+Overwrite = Annotated[bool, typer.Option(help=help_of(LoadOptions, "overwrite"))]
 
 HELD_OUT_SEED_OFFSET = 1000
 
@@ -42,7 +45,6 @@ def demo_command(
     """Prune SmolLM2-135M on self-generated data and print a before / after table."""
     from ..api import PruneConfig, check_prune, prune, save
     from ..data.calib import CalibConfig, self_generated
-    from ..engine.sequential import EngineOptions
     from ..evaluate.agreement import agreement
     from ..evaluate.perplexity import perplexity
     from ..model.load import load_model

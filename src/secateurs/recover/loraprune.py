@@ -26,11 +26,10 @@ are left whole.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-from ..errors import UsageError
 from ..model.groups import GroupSet
 from ..model.load import LoadedModel
 from ..model.slice import apply_widths

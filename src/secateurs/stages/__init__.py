@@ -1,8 +1,9 @@
 """Stages: one spec per stage kind, shared by the CLI commands and the recipe runner.
 
-Each spec parses its flags (today's CLI flag names, which are also a recipe stage's keys) into the
-typed configs of the Python API, checks them before any weight loads, and runs the one
-load → verb → evaluate → save flow (:mod:`secateurs.stages.base`). From Python::
+Each spec names its config (``PruneRequest``, ``EvalRequest``, ...: the whole request, whose fields
+are the command's flags and a recipe stage's keys, :mod:`secateurs.schema`), checks it against the
+model before any weight loads, and runs the one load → verb → evaluate → save flow
+(:mod:`secateurs.stages.base`). From Python::
 
     from secateurs import stages
     stages.run(stages.STAGES["prune"].parse("smollm2-135m", "out", method="wanda", calib="wikitext2"))
@@ -10,7 +11,8 @@ load → verb → evaluate → save flow (:mod:`secateurs.stages.base`). From Py
 
 from __future__ import annotations
 
-from .base import Evaluation, Outcome, Request, Stage, StageConfig, Table, check, run
+from .base import Outcome, Stage, StageConfig, Table, check, run
+from .groups import Evaluation, LoadOptions
 from .layers import LayersStage
 from .measure import BenchStage, EvalStage
 from .prune import PruneStage
@@ -24,4 +26,4 @@ STAGES: dict[str, Stage] = {
     for stage in (LayersStage(), WidthStage(), PruneStage(), ShearStage(), RecoverStage(), EvalStage(), BenchStage())
 }
 
-__all__ = ["STAGES", "Evaluation", "Outcome", "Request", "Stage", "StageConfig", "Table", "check", "run"]
+__all__ = ["STAGES", "Evaluation", "LoadOptions", "Outcome", "Stage", "StageConfig", "Table", "check", "run"]

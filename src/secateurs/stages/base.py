@@ -1,15 +1,16 @@
 """One runner for every stage: flags → typed request → checks → load → verb → evaluate → save.
 
-A :class:`Stage` is a small spec: ``parse`` turns its flags (the parameters of that method, each
-annotated with its help) into a :class:`Request` of the typed configs the Python API takes;
-``check_model`` checks them against the model's shapes; ``apply`` calls the API verb; ``rows``
+A stage's request is its config, a :class:`StageConfig` dataclass: its fields and groups are the
+stage's flags and recipe keys (:mod:`secateurs.schema`), and its ``__post_init__`` checks everything
+that needs no model. A :class:`Stage` is a small spec: ``config_class`` names that config;
+``check_model`` checks it against the model's shapes; ``apply`` calls the API verb; ``rows``
 summarise its report. :func:`check` and :meth:`Stage.execute` do the rest the same way for every
 stage, so the CLI command, a recipe stage and a Python caller of :func:`secateurs.stages.run` all
 produce the same folder, ``secateurs.json`` and summary.
 
 The stage modules import torch, transformers and the API inside the steps that run the work, never at
-module level: the CLI builds its commands (and ``--help``) from the specs' ``parse`` signatures, and
-showing them must not cost seconds of imports.
+module level: the CLI builds its commands (and ``--help``) from the configs' fields, and showing them
+must not cost seconds of imports.
 """
 
 from __future__ import annotations
@@ -21,37 +22,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..files import output_lock, resolve_out
 from .flags import err_console, preflight
-from .groups import Evaluation, LoadOptions
+from .groups import LoadOptions
 
 if TYPE_CHECKING:
-    from ..data.calib import CalibConfig
-    from ..engine.sequential import EngineOptions
     from ..model.load import LoadedModel
-
-
-def _engine_options() -> EngineOptions:
-    """The default :class:`EngineOptions`, imported when a request is built rather than with this module."""
-    from ..engine.sequential import EngineOptions
-
-    return EngineOptions()
-
-
-@dataclass
-class Request:
-    """A stage's flags as typed configs: the verb's ``config``, ``calib`` and ``engine``, where it reads
-    and writes, what is measured, and ``options`` only this stage kind has (e.g. prune's ``export``)."""
-
-    stage: Stage
-    model: str
-    config: Any
-    out: str | None = None
-    calib: CalibConfig | None = None
-    engine: EngineOptions = field(default_factory=_engine_options)
-    evaluation: Evaluation = field(default_factory=Evaluation)
-    dtype: str = "float32"
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 class StageConfig:
@@ -103,68 +77,66 @@ class Outcome:
 
 
 class Stage:
-    """One stage kind. Subclasses define ``config_class`` (or, not yet converted, ``parse``) and the steps below."""
+    """One stage kind. Subclasses define ``config_class`` and the steps below."""
 
     name: ClassVar[str]
     produces_model: ClassVar[bool] = True  # writes a model folder (OUT); else a measuring stage
     reads_shapes: ClassVar[bool] = True  # checks its flags against the model's config (meta skeleton)
 
-    # A converted stage's config: the whole request, its flags and recipe keys derived from its fields.
-    config_class: ClassVar[type[StageConfig] | None] = None
+    # The stage's config: the whole request, its flags and recipe keys derived from its fields.
+    config_class: ClassVar[type[StageConfig]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("config_class") is not None:
+        if "config_class" in cls.__dict__:
             cls.config_class.spec = cls
 
-    def parse(self, *values: Any, **flags: Any) -> Request | StageConfig:
+    def parse(self, *values: Any, **flags: Any) -> StageConfig:
         """Flag values (the command line's, a recipe's; positional ones fill the first flags, MODEL and
-        OUT) as this stage's config, validated. Stages not yet converted override it with their flags."""
+        OUT) as this stage's config, validated."""
         from ..schema import build
         from ..schema import flags as schema_flags
 
-        if self.config_class is None:
-            raise NotImplementedError
         return build(self.config_class, {**dict(zip(schema_flags(self.config_class), values)), **flags})
 
-    def check_files(self, request: Request) -> None:
+    def check_files(self, request: StageConfig) -> None:
         """Outputs other than OUT (checkpoint folders), checked right after OUT."""
 
-    def check_model(self, request: Request, skeleton: LoadedModel | None) -> None:
+    def check_model(self, request: StageConfig, skeleton: LoadedModel | None) -> None:
         """Checks against the model's shapes; ``skeleton`` None when an earlier recipe stage writes it."""
 
-    def needs_text(self, request: Request) -> bool:
+    def needs_text(self, request: StageConfig) -> bool:
         """Whether the stage turns text into tokens (calibration or evaluation text), so MODEL needs a tokenizer."""
         calib = request.calib
         return bool(request.evaluation.datasets) or (calib is not None and calib.source != "self")
 
-    def apply(self, loaded: LoadedModel, request: Request) -> Any:
+    def apply(self, loaded: LoadedModel, request: StageConfig) -> Any:
         """Run the API verb in place; returns its report (None: this process does not write)."""
         raise NotImplementedError
 
-    def head(self, request: Request) -> list[list[str]]:
+    def head(self, request: StageConfig) -> list[list[str]]:
         return []
 
-    def rows(self, request: Request, report: Any) -> list[list[str]]:
+    def rows(self, request: StageConfig, report: Any) -> list[list[str]]:
         return []
 
-    def records(self, loaded: LoadedModel, request: Request, report: Any) -> tuple[list, list[list[str]]]:
+    def records(self, loaded: LoadedModel, request: StageConfig, report: Any) -> tuple[list, list[list[str]]]:
         """The stages to record (records or reports, see :func:`secateurs.api.save`) and rows they add."""
         return [report], []
 
-    def finish(self, request: Request) -> None:
+    def finish(self, request: StageConfig) -> None:
         """After a successful save (e.g. remove training checkpoints)."""
 
-    def title(self, request: Request) -> str:
+    def title(self, request: StageConfig) -> str:
         return f"secateurs {self.name}"
 
-    def load(self, request: Request) -> LoadedModel:
+    def load(self, request: StageConfig) -> LoadedModel:
         """The model, loaded only after every check passed."""
         from ..model.load import load_model
 
         return load_model(request.model, request.dtype, request.trust_remote_code)
 
-    def execute(self, request: Request) -> Outcome | None:
+    def execute(self, request: StageConfig) -> Outcome | None:
         """load → verb → evaluate → save; None on a process that does not write (a distributed rank)."""
         from ..api import save
         from ..model.save import check_out
@@ -191,7 +163,7 @@ class Stage:
         return Outcome([Table(self.title(request), ["", "value"], rows)], path)
 
 
-def check(request: Request, pending: frozenset[str] | None = None) -> None:
+def check(request: StageConfig, pending: frozenset[str] | None = None) -> None:
     """Everything that can be known before the weights load: OUT, other outputs, the model's shapes.
 
     ``pending`` (a recipe being planned): models earlier stages will write, checked without a model;
@@ -213,7 +185,7 @@ def check(request: Request, pending: frozenset[str] | None = None) -> None:
         _check_tokenizer(request)
 
 
-def _check_tokenizer(request: Request) -> None:
+def _check_tokenizer(request: StageConfig) -> None:
     """A damaged tokenizer is refused, and a missing one where text is needed; a stage that writes a
     model from a folder with none says so once, since OUT will have none either."""
     from ..model.load import check_tokenizer
@@ -227,7 +199,7 @@ def _check_tokenizer(request: Request) -> None:
         )
 
 
-def run(request: Request) -> Outcome | None:
+def run(request: StageConfig) -> Outcome | None:
     """Check, then execute under OUT's lock: what ``secateurs <stage>`` does after parsing its flags.
 
     The lock (:func:`secateurs.files.output_lock`) is taken once the pre-flight checks pass and held to
@@ -238,7 +210,7 @@ def run(request: Request) -> Outcome | None:
         return request.stage.execute(request)
 
 
-def _output_lock(request: Request) -> AbstractContextManager[None]:
+def _output_lock(request: StageConfig) -> AbstractContextManager[None]:
     if not request.stage.produces_model or not request.out:
         return nullcontext()
     return output_lock(resolve_out(request.out))

@@ -1,67 +1,25 @@
-"""The checks every stage runs before it loads a model, and the flag types of the stages not yet
-converted to configs.
+"""The checks every stage runs before it loads a model (flag values, the context length, the cost of
+calibration on a CPU), shared by the stages' configs and specs.
 
-A converted stage's flags are its config's fields (:mod:`secateurs.schema`, the shared groups in
-:mod:`secateurs.stages.groups`). A stage not yet converted still lists its flags as the parameters of
-its ``parse`` function, each ``Annotated[type, Help(...)]``, worded by the same groups' fields; the
-recipe runner reads either as a recipe's keys, the CLI turns either into typer options. Nothing here
-imports torch or transformers at module level: the CLI builds every command (and ``--help``) from
-these definitions, and must not pay seconds of imports to show them.
+The flags themselves are the stages' config fields (:mod:`secateurs.schema`; the shared groups in
+:mod:`secateurs.stages.groups`). Nothing here imports torch or transformers at module level: the
+configs that call these checks are imported for ``--help``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from ..data.config import CalibConfig
 from ..data.sources import check_name
-from ..engine.options import EngineOptions
 from ..errors import UsageError
-from ..options import parse_options
-from ..schema import help_of
-from ..sparsity.config import parse_sparsity
-from .groups import Evaluation, LoadOptions, csv_list
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
 
 err_console = Console(stderr=True)
-
-
-@dataclass(frozen=True)
-class Help:
-    """What the command line shows for a flag: its help text and, where they differ from
-    ``--flag-name``, its spellings (``argument``: a positional argument instead of an option)."""
-
-    text: str
-    decls: tuple[str, ...] = ()
-    argument: bool = False
-
-
-Model = Annotated[str, Help("HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)]
-Out = Annotated[str, Help("Output folder (written atomically).", ("--out",))]
-# The shared flags of the stages not yet converted to configs, worded once by the groups' fields.
-DataDir = Annotated[str | None, Help(help_of(CalibConfig, "data_dir"), ("--data-dir",))]
-Device = Annotated[str, Help(help_of(EngineOptions, "device"))]
-Dtype = Annotated[str, Help(help_of(LoadOptions, "dtype"))]
-BatchSize = Annotated[int, Help(help_of(EngineOptions, "batch_size"))]
-Seed = Annotated[int, Help(help_of(CalibConfig, "seed"))]
-EvalPpl = Annotated[str | None, Help(help_of(Evaluation, "datasets"))]
-LimitWindows = Annotated[int | None, Help(help_of(Evaluation, "limit_windows"))]
-EvalSeqLen = Annotated[int, Help(help_of(Evaluation, "seq_len"))]
-Overwrite = Annotated[bool, Help(help_of(LoadOptions, "overwrite"))]
-TrustRemoteCode = Annotated[bool, Help(help_of(LoadOptions, "trust_remote_code"))]
-
-
-def parse_ints(text: str, flag_name: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in csv_list(text))
-    except ValueError:
-        raise UsageError(f"{flag_name} {text!r} must be comma-separated integers, e.g. 1,8") from None
 
 
 def check_at_least(minimum: int, **flags: int | None) -> None:

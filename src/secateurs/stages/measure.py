@@ -14,9 +14,9 @@ from ..evaluate.tasks import PAPER_TASKS
 from ..files import write_atomic
 from ..evaluate.config import SpeedConfig
 from ..schema import group, option
-from .base import Evaluation, Outcome, Stage, StageConfig, Table
+from .base import Outcome, Stage, StageConfig, Table
 from .flags import check_at_least, check_context, check_eval_flags, check_json_out
-from .groups import LoadOptions, csv_list
+from .groups import Evaluation, LoadOptions, csv_list
 
 if TYPE_CHECKING:
     from ..evaluate.zeroshot import ZeroShot
