@@ -10,7 +10,8 @@ weight pruned in one round stays pruned in the next: methods that may revive a z
 weight update) have it zeroed again, so the achieved sparsity can end slightly above the target;
 it is reported. N:M patterns have one fixed sparsity and cannot be approached gradually, so they
 take a single round. Each round's recovery checkpoints under ``checkpoint_dir/round-j``, so a
-stopped run re-prunes (deterministically) and resumes where it stopped.
+stopped run re-prunes (deterministically) and resumes where it stopped. With distillation on, every
+round distills from one teacher: the model as given (dense), unless another is named.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
 from ..sparsity.base import SparsityTarget
 from ..sparsity.prune import PruneConfig, prune
+from ..training.distill import load_teacher
 from .lora import RecoverConfig, RecoverReport, mean_sparsity, recover_lora
 
 
@@ -85,6 +87,7 @@ def prune_iterative(
     target = SparsityTarget.build(prune_config.sparsity, prune_config.pattern, loaded.spec.num_layers(loaded.model.config))
     if target.pattern.is_nm and rounds > 1:
         raise UsageError(f"pattern {target.pattern} has one fixed sparsity; use --rounds 1 or an unstructured target")
+    teacher = load_teacher(loaded, recover_config.distill, device, dense=True) if recover_config.distill.enabled else None
     start = time.perf_counter()
     records, recoveries = [], []
     for j in range(1, rounds + 1):
@@ -107,7 +110,7 @@ def prune_iterative(
             seed=recover_config.seed + j - 1,
             checkpoint_dir=str(Path(folder) / f"round-{j}") if folder else None,
         )
-        recovered = recover_lora(loaded, round_config, device)
+        recovered = recover_lora(loaded, round_config, device, teacher=teacher)
         recoveries.append(recovered)
         first, last = recovered.loss_start_end()
         records.append({

@@ -20,7 +20,7 @@ update masked (the masked LoRA of :mod:`.adapters`), so training sees the pruned
 adapters are merged, structured groups are cut out physically by :mod:`secateurs.model.slice`,
 giving a smaller dense model. Defaults follow the released code: lr 3e-4 (set on the
 :class:`RecoverConfig`), rank 8, alpha 16; the first ``int(0.1 × layers)`` layers and the last one
-are left whole.
+are left whole. With distillation on, the teacher is the model as given (before any pruning).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from ..structured.registry import TARGETS
 from ..training.loop import TrainHook
 from .adapters import ADAPTER, Adapters, attach, base_weight
 from .config import LoRAPruneConfig
-from .lora import RecoverConfig, RecoverReport, identity, mean_sparsity, train_adapters, train_ids
+from .lora import RecoverConfig, RecoverReport, identity, mean_sparsity, prepare, train_adapters, training_extra
 
 
 def element_importance(adapters: Adapters, key: tuple[int, str]) -> torch.Tensor | None:
@@ -183,11 +183,10 @@ def loraprune(
     loaded: LoadedModel, config: LoRAPruneConfig, train_config: RecoverConfig, device: torch.device
 ) -> RecoverReport:
     """Fine-tune with LoRA while pruning progressively, merge, and (structured) cut the groups out."""
-    train_config.validate()
     spec = loaded.spec
     layers = config.layers(spec.num_layers(loaded.model.config))
+    train_config, ids, distill, held_out = prepare(loaded, train_config, device, dense=True)
     groups = model_groups(loaded, TARGETS[config.target]) if config.structured else []
-    ids = train_ids(loaded, train_config)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -197,13 +196,13 @@ def loraprune(
     adapters = attach(loaded, train_config, mask_all=True)
     hook = LoRAPruneHook(adapters, config, layers, groups, train_config.steps)
     try:
-        log = train_adapters(adapters, train_config, ids, device, hook, who, "loraprune")
+        log = train_adapters(adapters, train_config, ids, device, hook, who, "loraprune", distill, held_out)
         hook.finish()
     except BaseException:
         adapters.discard()
         raise
     kept = adapters.merge()
-    extra: dict = {"loraprune": asdict(config), "pruned_layers": layers}
+    extra: dict = {"loraprune": asdict(config), "pruned_layers": layers, **training_extra(distill, log)}
     if config.structured:
         keep = [{} for _ in groups]
         for (index, kind), alive in hook.alive.items():

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from ..data.config import CalibConfig
 from ..errors import UsageError
-from ..schema import help_of, option
+from ..schema import group, help_of, option
+from ..training.config import DISTILL_FLAGS, DistillConfig
 from .registry import AGGREGATES, MODES, TARGETS, method_class, method_names
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class ShearConfig:
     (default: the source model's held-out loss). The Lagrangian game needs hundreds of steps or more to
     settle: with tens, the masks overshoot the target together and the cut is close to random
     (benchmarks/sections/shearing.md). ``target`` is required (None only while a request is built).
+    ``distill``: continued pretraining distills from the model as given (Minitron), on the fly.
     """
 
     target: ShearTarget | None = None
@@ -136,9 +138,10 @@ class ShearConfig:
     bf16: bool = option(False, "Train under bfloat16 autocast.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     seed: int = option(0, "Seed for batches and mask sampling.")
-    data_dir: str | None = option(None, help_of(CalibConfig, "data_dir"), decls=("--data-dir",))
+    data_dir: str | None = option(CalibConfig.data_dir, help_of(CalibConfig, "data_dir"), decls=("--data-dir",))
     checkpoint_dir: str | None = option(None, "Save resumable checkpoints here; a matching one is resumed from.")
     checkpoint_every: int = option(100, "Steps between checkpoints.")
+    distill: DistillConfig = group(DistillConfig, rename=DISTILL_FLAGS)
 
     def settings(self, steps: int, seed_offset: int) -> TrainSettings:
         from .shearing.dynamic_batch import TrainSettings
@@ -165,3 +168,8 @@ class ShearConfig:
         if self.reference_loss is not None and len(self.reference_loss) != len(self.datasets):
             raise UsageError(f"--reference-loss needs one value per --data domain ({len(self.datasets)})")
         self.settings(self.steps, 0).validate()
+        self.distill.validate()
+        if self.distill.enabled and not self.continue_steps:
+            raise UsageError("--distill trains the sheared model in continued pretraining; add --continue-steps N")
+        if self.distill.top_k is not None:
+            raise UsageError("shearing draws its batches as it trains, so it distills on the fly; drop --distill-top-k")

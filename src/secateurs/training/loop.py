@@ -13,9 +13,13 @@ What differs between them is passed in, never copied:
 
 One optimizer step is: the hook's ``begin_step``; ``grad_accum`` micro-batches of LM loss (plus the
 hook's ``loss``) and backward; unscale (fp16), clip, the hook's ``after_backward``; AdamW and the
-hook's optimizers step; the schedule steps. Checkpoints (``checkpoint.py``: safetensors + JSON, never
-pickle, written atomically) hold the trained parameters, optimizer, schedule, grad scaler, hook and
-batch-source state, the step and the losses, under a digest of everything that changes the result;
+hook's optimizers step; the schedule steps. With an :class:`Objective` (distillation: :mod:`.distill`)
+the micro-batch's objective is its loss (KD from the teacher, optionally mixed with the LM loss)
+instead of the LM loss; without one the step is exactly what it was before distillation existed.
+A :class:`HeldOut` set gives a held-out loss curve (loss against tokens seen). Checkpoints
+(``checkpoint.py``: safetensors + JSON, never pickle, written atomically) hold the trained
+parameters, optimizer, schedule, grad scaler, hook and batch-source state, the step and the losses
+(and the curves), under a digest of everything that changes the result;
 a run resumed from one ends where the uninterrupted run ends. The loop leaves the model where it
 found it (device, ``requires_grad``, eval mode).
 """
@@ -101,6 +105,26 @@ class TrainHook:
         return {}
 
 
+class Objective:
+    """A loss that replaces the LM loss as what each micro-batch minimises (distillation,
+    :class:`secateurs.training.distill.Distillation`). ``start`` runs before the model moves to the
+    device and before the first step (``windows``: the micro-batches of the whole run), ``loss`` per
+    micro-batch inside autocast, ``finish`` after the run, even a failed one; ``fingerprint`` joins
+    the checkpoint digest."""
+
+    def start(self, model: nn.Module, batches: Batches, windows: int, device: torch.device) -> None:
+        """Ready what the loss needs on ``device``."""
+
+    def loss(self, batch: torch.Tensor, logits: torch.Tensor, lm: torch.Tensor, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Undo ``start``."""
+
+    def fingerprint(self) -> dict:
+        return {}
+
+
 class Batches:
     """Where the loop's token batches come from, and the randomness of each step.
 
@@ -111,6 +135,8 @@ class Batches:
 
     batch_size: int
     seq_len: int
+    fixed: bool = False
+    """Whether ``next(index)`` is a function of ``index`` alone (what a top-k teacher cache needs)."""
 
     def start(self, step: int) -> None:
         """Seed what the run needs before its first (or resumed) step."""
@@ -138,6 +164,8 @@ class SeededWindows(Batches):
     """Random windows of one token stream; micro-batch ``index`` and its dropout are seeded by
     (seed, index) alone, so a resumed run draws exactly what the uninterrupted one would."""
 
+    fixed = True
+
     def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, name: str) -> None:
         self.ids, self.batch_size, self.seq_len, self.seed, self.name = ids, batch_size, seq_len, seed, name
 
@@ -148,9 +176,20 @@ class SeededWindows(Batches):
 
 
 @dataclass
+class HeldOut:
+    """Held-out windows (n, seq_len), never drawn from the training text, whose mean loss is measured
+    before the first step and every ``every`` steps (and after the last): the run's held-out curve."""
+
+    windows: torch.Tensor
+    every: int
+
+
+@dataclass
 class TrainLog:
     """What the loop did: steps in total, where it resumed, tokens, the loss of every step, time and
-    precision; with dynamic batch loading also the domain weights over time and tokens per domain."""
+    precision; with dynamic batch loading also the domain weights over time and tokens per domain;
+    with distillation the LM loss of every step beside the objective's (``losses``); with a held-out
+    set its curve as [tokens seen, loss] pairs."""
 
     steps: int
     resumed_from: int
@@ -160,12 +199,20 @@ class TrainLog:
     precision: str
     domain_weights: list[list[float]] | None = None
     domain_tokens: dict[str, int] | None = None
+    lm_losses: list[float] | None = None
+    held_out: list[list[float]] | None = None
 
     def to_dict(self) -> dict:
         """The stage record's view: the last ten steps' mean loss instead of every step's."""
-        record = {k: v for k, v in asdict(self).items() if k != "losses" and v is not None}
-        record["final_loss"] = sum(self.losses[-10:]) / max(len(self.losses[-10:]), 1) if self.losses else None
+        record = {k: v for k, v in asdict(self).items() if k not in ("losses", "lm_losses") and v is not None}
+        record["final_loss"] = _tail_mean(self.losses)
+        if self.lm_losses is not None:
+            record["final_lm_loss"] = _tail_mean(self.lm_losses)
         return record
+
+
+def _tail_mean(losses: list[float], window: int = 10) -> float | None:
+    return sum(losses[-window:]) / len(losses[-window:]) if losses else None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -230,17 +277,22 @@ def train(
     hook: TrainHook | None = None,
     fingerprint: dict | None = None,
     description: str = "train",
+    distill: Objective | None = None,
+    held_out: HeldOut | None = None,
 ) -> TrainLog:
     """Train ``params`` (named, in ``model.named_parameters()`` order) for ``plan.steps`` optimizer steps.
 
     With ``plan.checkpoint`` the state is saved every ``plan.save_every`` steps and at the end, and
     a checkpoint there is resumed from if its digest (``fingerprint``, the plan, the hook's and the
-    batches' fingerprints) matches; one that does not is a one-line error.
+    batches' fingerprints) matches; one that does not is a one-line error. ``distill`` makes each
+    micro-batch's objective its distillation loss; ``held_out`` records a held-out curve.
     """
     hook = hook or TrainHook()
     names, trained = list(params), list(params.values())
     home = next(model.parameters()).device
     was_trainable = [p.requires_grad for p in trained]
+    if distill is not None:  # before the student moves: a top-k cache is built with the teacher alone there
+        distill.start(model, batches, plan.steps * plan.grad_accum, device)
     model.to(device)
     for p in trained:
         p.requires_grad_(True)
@@ -253,9 +305,20 @@ def train(
         if precision in ("bf16", "fp16")
         else nullcontext()
     )
-    key = digest({"plan": plan.fingerprint(), "hook": hook.fingerprint(), "batches": batches.fingerprint(),
-                  "run": fingerprint or {}})
+    identity = {"plan": plan.fingerprint(), "hook": hook.fingerprint(), "batches": batches.fingerprint(),
+                "run": fingerprint or {}}
+    if distill is not None:
+        identity["distill"] = distill.fingerprint()
+    if held_out is not None:
+        identity["held_out"] = {"every": held_out.every, "windows": list(held_out.windows.shape)}
+    key = digest(identity)
     start, losses = 0, []
+    # Curves beside the loss, present only when asked for (a teacher-free checkpoint is as before).
+    curves: dict[str, list] = {}
+    if distill is not None:
+        curves["lm"] = []
+    if held_out is not None:
+        curves["held_out"] = []
 
     def snapshot(step: int) -> dict:
         """The state a checkpoint holds: what a resumed run needs to end where this one would."""
@@ -269,6 +332,7 @@ def train(
             "scaler": scaler.state_dict(),
             "hook": hook.state_dict(),
             "batches": batches.state_dict(),
+            **({"curves": curves} if curves else {}),
         }
 
     state = load_checkpoint(plan.checkpoint, key) if plan.checkpoint else None
@@ -285,6 +349,8 @@ def train(
             scaler.load_state_dict(state["scaler"])
             hook.load_state_dict(state["hook"])
             batches.load_state_dict(state["batches"])
+            curves = {name: [list(map(float, point)) if isinstance(point, (list, tuple)) else float(point)
+                             for point in state["curves"][name]] for name in curves}
         _check_rates(plan, start, scheduler, base_rates, hook.optimizers(), rates)
 
     def evaluate(window_sets: list[torch.Tensor]) -> torch.Tensor:
@@ -292,6 +358,10 @@ def train(
         with hook.eval_mode():
             means = [mean_loss(model, windows.split(1), device, autocast) for windows in window_sets]
         return torch.tensor(means, dtype=torch.float64)
+
+    def measure_held_out(step: int) -> None:
+        tokens = step * plan.grad_accum * batches.batch_size * batches.seq_len
+        curves["held_out"].append([float(tokens), float(evaluate([held_out.windows])[0])])
 
     if plan.gradient_checkpointing:
         enable_checkpointing(_transformer(model))
@@ -301,21 +371,27 @@ def train(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar as update:
             batches.start(start)
+            if held_out is not None and start == 0:
+                measure_held_out(0)
             for step in range(start, plan.steps):
                 batches.begin_step(step, evaluate)
                 model.train()
                 hook.begin_step(step)
-                total = 0.0
+                total = lm_total = 0.0
                 for micro in range(plan.grad_accum):
-                    batch = batches.next(step * plan.grad_accum + micro).to(device)
+                    index = step * plan.grad_accum + micro
+                    batch = batches.next(index).to(device)
                     with autocast:
-                        lm = model(input_ids=batch, labels=batch, use_cache=False).loss
+                        output = model(input_ids=batch, labels=batch, use_cache=False)
+                        lm = output.loss
+                        objective = lm if distill is None else distill.loss(batch, output.logits, lm, index)
                         added = hook.loss(step)
-                    if not torch.isfinite(lm):
-                        raise NumericalError(f"the training loss became {lm.item()} at step {step}; lower --lr")
-                    loss = lm if added is None else lm + added
+                    if not torch.isfinite(objective):
+                        raise NumericalError(f"the training loss became {objective.item()} at step {step}; lower --lr")
+                    loss = objective if added is None else objective + added
                     scaler.scale(loss / plan.grad_accum).backward()
-                    total += lm.item() / plan.grad_accum
+                    total += objective.item() / plan.grad_accum
+                    lm_total += lm.item() / plan.grad_accum
                 scaler.unscale_(optimizer)
                 if plan.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trained, plan.max_grad_norm)
@@ -326,11 +402,17 @@ def train(
                 scaler.update()
                 scheduler.step()
                 losses.append(total)
+                if distill is not None:
+                    curves["lm"].append(lm_total)
+                if held_out is not None and ((step + 1) % held_out.every == 0 or step + 1 == plan.steps):
+                    measure_held_out(step + 1)
                 update(step + 1, loss=f"{total:.4f}", **({"status": hook.status()} if shows_status else {}))
                 if plan.checkpoint and ((step + 1) % plan.save_every == 0 or step + 1 == plan.steps):
                     save_checkpoint(plan.checkpoint, snapshot(step + 1))
     finally:
         model.eval()
+        if distill is not None:
+            distill.finish()
         if plan.gradient_checkpointing:
             enable_checkpointing(_transformer(model), on=False)
         optimizer.zero_grad(set_to_none=True)
@@ -338,4 +420,5 @@ def train(
             p.requires_grad_(trainable)
         model.to(home)
     tokens = plan.steps * plan.grad_accum * batches.batch_size * batches.seq_len
-    return TrainLog(plan.steps, start, tokens, losses, time.perf_counter() - clock, precision, **batches.summary())
+    return TrainLog(plan.steps, start, tokens, losses, time.perf_counter() - clock, precision, **batches.summary(),
+                    lm_losses=curves.get("lm"), held_out=curves.get("held_out"))

@@ -1,5 +1,6 @@
 """The shearing run: its settings, what mask learning adds to the training loop, the report, and
-:func:`shear` (plan, learn masks, slice, continue pretraining)."""
+:func:`shear` (plan, learn masks, slice, continue pretraining: on the LM loss, or distilling from
+the model as given, :mod:`secateurs.training.distill`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ...engine.sequential import EngineOptions
 from ...errors import UsageError
 from ...model.load import LoadedModel
 from ...record import peak_memory_mb
+from ...training.distill import Distillation, load_teacher
 from ...training.loop import TrainHook, TrainLog
 from ..config import ShearConfig
 from .dynamic_batch import Domains, held_out_losses, pretrain
@@ -132,6 +134,7 @@ def shear(loaded: LoadedModel, config: ShearConfig, engine: EngineOptions | None
     if not plan.kinds:
         raise UsageError("the target is the model's own shape; ask for fewer layers, hidden, heads or intermediate")
     device = (engine or EngineOptions()).torch_device()
+    teacher = load_teacher(loaded, config.distill, device, dense=True) if config.distill.enabled else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     domains = Domains.load(config.datasets, loaded.tokenizer, config.seq_len, config.eval_windows,
@@ -147,7 +150,10 @@ def shear(loaded: LoadedModel, config: ShearConfig, engine: EngineOptions | None
             reference = config.reference_loss or held_out_losses(model, domains, device).tolist()
             domains.reference = torch.tensor(reference, dtype=torch.float64)
         masks = ShearMasks(plan).to(device)
-        fingerprint = {"source": loaded.source, "config": asdict(config) | {"checkpoint_dir": None}}
+        settings = asdict(config) | {"checkpoint_dir": None}
+        if teacher is None:
+            del settings["distill"]  # as before distillation existed: older checkpoints still resume
+        fingerprint = {"source": loaded.source, "config": settings}
         with MaskedForward(loaded, plan) as forward:
             extra = ShearTraining(masks, forward, config)
             prune_log = pretrain(model, domains, config.settings(config.steps, 0), device, extra,
@@ -156,8 +162,9 @@ def shear(loaded: LoadedModel, config: ShearConfig, engine: EngineOptions | None
         apply_keep(loaded, plan, keep)
         continue_log = None
         if config.continue_steps:
+            distill = Distillation(teacher, config.distill, loaded.spec) if teacher is not None else None
             continue_log = pretrain(model, domains, config.settings(config.continue_steps, 1), device, None,
-                                    CONTINUE_CHECKPOINT, fingerprint, "shear: continue pretraining")
+                                    CONTINUE_CHECKPOINT, fingerprint, "shear: continue pretraining", distill)
     finally:
         model.to(home)
         model.requires_grad_(False)

@@ -31,7 +31,7 @@ from ...data.calib import tokenize
 from ...data.sources import load_text
 from ...errors import UsageError
 from ...evaluate.loss import mean_loss
-from ...training.loop import Batches, Evaluate, TrainHook, TrainLog, TrainPlan, train
+from ...training.loop import Batches, Evaluate, Objective, TrainHook, TrainLog, TrainPlan, train
 
 SMOOTHING = 1e-4  # the paper's c (following DoReMi)
 
@@ -226,8 +226,10 @@ def pretrain(
     checkpoint: str | None = None,
     fingerprint: dict | None = None,
     description: str = "train",
+    distill: Objective | None = None,
 ) -> TrainLog:
-    """Train every parameter of ``model`` for ``settings.steps`` steps on batches drawn from ``domains``.
+    """Train every parameter of ``model`` for ``settings.steps`` steps on batches drawn from ``domains``
+    (on the LM loss, or on ``distill``'s).
 
     With a ``checkpoint`` file name and ``settings.checkpoint_dir``, the state is saved every
     ``checkpoint_every`` steps and at the end, and a matching checkpoint there is resumed from.
@@ -236,4 +238,4 @@ def pretrain(
     batches = DomainBatches(domains, settings.batch_size, settings.seq_len, settings.seed, settings.update_every)
     run = {"settings": asdict(settings) | {"checkpoint_dir": None}, "run": fingerprint or {}}
     return train(model, dict(model.named_parameters()), batches, settings.plan(checkpoint), device, hook, run,
-                 description)
+                 description, distill)
