@@ -114,7 +114,7 @@ def worker_secateurs(args: argparse.Namespace) -> dict:
     peak = peak_rss_mb()
     torch.save(loaded.model.state_dict(), args.state_out)
     return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak, "achieved": report.achieved,
-            "stages": {k: round(v, 2) for k, v in engine.stage_seconds.items()}}
+            "stages": {k: round(v, 2) for k, v in report.stage_seconds.items()}}
 
 
 def worker_llmcompressor(args: argparse.Namespace) -> dict:

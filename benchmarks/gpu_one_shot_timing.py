@@ -97,11 +97,11 @@ def worker_secateurs(args: argparse.Namespace, name: str, pattern: str) -> dict:
     method = method_class(name)(SparsityTarget.build(0.5 if pattern == "unstructured" else None, pattern, args.layers))
     engine = EngineOptions(device=args.device, batch_size=args.batch_size, offload_activations=not on_gpu)
     start = start_clock(device)
-    run_blocks(model, spec, method, calibration(args), engine, f"{name} {pattern}")
+    times = run_blocks(model, spec, method, calibration(args), engine, f"{name} {pattern}")
     seconds, peak = stop_clock(device, start)
     block_params = sum(p.numel() for p in spec.blocks_of(model)[0].parameters())
     floor = 2 * (2 * block_params * args.n_samples * args.seq_len) * args.layers / (args.peak_tflops * 1e12)
-    return {"seconds": seconds, "peak_gib": peak, "stages": engine.stage_seconds, "forward_floor_s": floor,
+    return {"seconds": seconds, "peak_gib": peak, "stages": times.stages, "forward_floor_s": floor,
             "achieved": achieved_sparsity(model)}
 
 

@@ -74,8 +74,7 @@ def main() -> None:
         rows.append({"method": config.method, "pattern": config.pattern, "sparsity": round(report.achieved, 4),
                      "allocation": config.allocation, "options": config.options, "reconstruct": config.reconstruct,
                      "permute": config.permute, "ppl": ppl(loaded), "prune_s": round(seconds, 1),
-                     "stages": {k: round(v, 1) for k, v in engine.stage_seconds.items()}})
-        engine.stage_seconds.clear()
+                     "stages": {k: round(v, 1) for k, v in report.stage_seconds.items()}})
         label = f"{config.method} {config.pattern} {rows[-1]['sparsity']:.2f} {config.allocation}"
         runs.append(run_record(label, "smollm2-135m", [report.stage_record()], {"wikitext2": rows[-1]["ppl"]}))
         print(rows[-1], flush=True)

@@ -96,20 +96,20 @@ def part_ranks(args) -> None:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if device.type == "cuda" else torch.float32).eval()
         model.requires_grad_(False)
         spec = spec_for(model)
-        engine = EngineOptions(device=str(device), hooks=DistributedHooks(group) if group else None)
+        engine, hooks = EngineOptions(device=str(device)), DistributedHooks(group) if group else None
         pruner = method_class(method)(SparsityTarget.build(0.5, "unstructured", config.num_hidden_layers))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        run_blocks(model, spec, pruner, ids, engine, method)
+        times = run_blocks(model, spec, pruner, ids, engine, method, hooks)
         seconds = time.perf_counter() - start
         masks = {}
         for i, block in enumerate(spec.blocks_of(model)):
             for name, module in spec.linears(block).items():
                 zero = (module.weight == 0).cpu().numpy().tobytes()
                 masks[f"{i}.{name}"] = hashlib.sha256(zero).hexdigest()[:16]
-        rows.append({"method": method, "world": world, "seconds": seconds, "stages": engine.stage_seconds,
+        rows.append({"method": method, "world": world, "seconds": seconds, "stages": times.stages,
                      "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                      "peak_rss_mib": peak_rss_mib(), "masks": masks})
         del model
@@ -180,7 +180,7 @@ report, _ = prune_streamed(folder, out, PruneConfig(method, 0.5), CalibConfig("w
                            "float16" if device.startswith("cuda") else "float32")
 gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 host = torch.cuda.host_memory_stats() if device.startswith("cuda") else {}
-print(json.dumps({"seconds": time.perf_counter() - start, "stages": engine.stage_seconds, "peak_gpu_gib": gpu,
+print(json.dumps({"seconds": time.perf_counter() - start, "stages": report.stage_seconds, "peak_gpu_gib": gpu,
                   "peak_rss_mib": peak_rss_mib(),
                   "pinned_gib": {k: round(v / 2**30, 3) for k, v in host.items() if "bytes" in k}}))
 """

@@ -23,26 +23,27 @@ CASES = [("llama", "magnitude", 2), ("llama", "wanda", 2), ("llama", "sparsegpt"
          ("llama", "wanda", 5), ("llama", "sparsegpt", 5)]
 
 
-def run_case(arch: str, method: str, n_samples: int, engine: EngineOptions) -> dict[str, torch.Tensor]:
+def run_case(arch: str, method: str, n_samples: int, engine: EngineOptions,
+             hooks: DistributedHooks | None = None) -> dict[str, torch.Tensor]:
     """The case's pruned weights; shared with the test for the one-process reference."""
     loaded = tiny_model(arch)
     spec = loaded.spec
     target = SparsityTarget.build(0.5, "unstructured", spec.num_layers(loaded.model.config))
     pruner = method_class(method)(target)
-    run_blocks(loaded.model, spec, pruner, random_ids(n_samples, 16, seed=1), engine)
+    run_blocks(loaded.model, spec, pruner, random_ids(n_samples, 16, seed=1), engine, hooks=hooks)
     return {k: v.clone() for k, v in loaded.model.state_dict().items()}
 
 
-def owl_schedule(engine: EngineOptions) -> list[float]:
+def owl_schedule(engine: EngineOptions, hooks: DistributedHooks | None = None) -> list[float]:
     loaded = tiny_model("llama")
     target = SparsityTarget.build(0.6, "unstructured", 3)
-    return list(owl_target(loaded.model, loaded.spec, target, random_ids(2, 16, seed=1), engine, OwlOptions()).per_block)
+    return list(owl_target(loaded.model, loaded.spec, target, random_ids(2, 16, seed=1), engine, OwlOptions(), hooks).per_block)
 
 
 def main(out: str, mode: str) -> None:
     group = init_from_env(torch.device("cpu"))
     assert group is not None and group.backend == "gloo"
-    engine = EngineOptions(device="cpu", hooks=DistributedHooks(group))
+    engine, hooks = EngineOptions(device="cpu"), DistributedHooks(group)
     if mode == "die":
         original = DistributedHooks.reduce_stats
 
@@ -53,9 +54,9 @@ def main(out: str, mode: str) -> None:
 
         DistributedHooks.reduce_stats = dies
     cases = CASES if mode != "one" else [("llama", "wanda", 2)]
-    results = {f"{a}-{m}-{n}": run_case(a, m, n, engine) for a, m, n in cases}
+    results = {f"{a}-{m}-{n}": run_case(a, m, n, engine, hooks) for a, m, n in cases}
     if mode != "one":
-        results["owl"] = owl_schedule(engine)
+        results["owl"] = owl_schedule(engine, hooks)
     torch.save(results, os.path.join(out, f"rank{group.rank}.pt"))
 
 

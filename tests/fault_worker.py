@@ -32,9 +32,8 @@ def main(mode: str, folder: str, out: str, calib: str, n_samples: str) -> None:
                 original(self, index, stats)
 
             DistributedHooks.reduce_stats = dies
-        engine = EngineOptions(device="cpu", hooks=DistributedHooks(group))
-        prune_streamed(folder, out, PruneConfig("wanda", 0.5), CalibConfig(calib, int(n_samples), 16, 0), engine,
-                       "float32", False, group)
+        prune_streamed(folder, out, PruneConfig("wanda", 0.5), CalibConfig(calib, int(n_samples), 16, 0),
+                       EngineOptions(device="cpu"), "float32", False, group, DistributedHooks(group))
     except SecateursError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

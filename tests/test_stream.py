@@ -237,7 +237,6 @@ def test_activations_spill_to_host_when_the_gpu_is_short(monkeypatch, capsys):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 8 * need))
         options = EngineOptions(device="cuda")
         assert activation_store(loaded.model, loaded.spec, ids, options, cuda).type == expected
-        assert options.offload_activations == (expected == "cpu")
     assert "keeping them in pinned host memory" in capsys.readouterr().err
     assert activation_store(loaded.model, loaded.spec, ids, EngineOptions(device="cuda", offload_activations=True), cuda).type == "cpu"
 

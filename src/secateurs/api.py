@@ -18,7 +18,7 @@ from .depth.plot import score_plot
 from .depth.prune import LayerConfig, LayerReport
 from .depth.prune import prune_layers as _prune_layers
 from .device import resolve_device
-from .engine.sequential import EngineOptions
+from .engine.sequential import EngineHooks, EngineOptions
 from .engine.stream import StreamSession
 from .errors import SecateursError
 from .evaluate.perplexity import Perplexity, perplexity
@@ -69,9 +69,11 @@ def prune(
     config: PruneConfig,
     calib: CalibConfig | str | None = None,
     engine: EngineOptions | str | None = None,
+    hooks: EngineHooks | None = None,
 ) -> PruneReport:
-    """Prune ``loaded.model`` in place with an unstructured / N:M method, block by block (sparsity/prune.py)."""
-    return _prune(loaded, config, as_calib(calib), as_engine(engine))
+    """Prune ``loaded.model`` in place with an unstructured / N:M method, block by block (sparsity/prune.py);
+    ``hooks`` for a run split over processes (:class:`~secateurs.engine.distributed.DistributedHooks`)."""
+    return _prune(loaded, config, as_calib(calib), as_engine(engine), hooks)
 
 
 def drop_layers_streamed(

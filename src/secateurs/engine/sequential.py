@@ -159,7 +159,6 @@ def activation_store(
     need = n * seq_len * embedding.shape[1] * embedding.element_size()
     print(f"secateurs: the calibration activations ({need / 2**30:.1f} GiB) do not fit beside a block in the "
           f"GPU's free memory ({free / 2**30:.1f} GiB); keeping them in pinned host memory", file=sys.stderr)
-    options.offload_activations = True
     return torch.device("cpu")
 
 
@@ -304,8 +303,18 @@ class _StatHooks:
                     acc.n_tokens = source.n_tokens
 
 
+@dataclass
+class BlockTimes:
+    """What :func:`run_blocks` spent: wall seconds per block, and per engine stage (capture,
+    statistics, solve, refine, propagate, transfer) summed over the blocks; CUDA is synchronised at
+    each stage boundary so the split is honest."""
+
+    per_block: list[float] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+
+
 class _StageClock:
-    """Adds wall seconds per stage into ``EngineOptions.stage_seconds``."""
+    """Adds wall seconds per stage into ``BlockTimes.stages``."""
 
     def __init__(self, seconds: dict[str, float], device: torch.device) -> None:
         self.seconds = seconds
@@ -327,24 +336,27 @@ def run_blocks(
     calib_ids: torch.Tensor | None,
     options: EngineOptions | None = None,
     description: str = "pruning",
-) -> list[float]:
-    """Apply ``method`` to every block in order; returns the seconds spent on each block."""
+    hooks: EngineHooks | None = None,
+) -> BlockTimes:
+    """Apply ``method`` to every block in order; returns what each block and each engine stage took.
+
+    ``hooks``: what a streamed or multi-process run does differently (None: the in-memory loop)."""
     options = options or EngineOptions()
-    hooks = options.hooks or EngineHooks()
+    hooks = hooks or EngineHooks()
     device = options.torch_device()
     blocks = spec.blocks_of(model)
     if options.batch_size < 1:
         raise UsageError(f"the calibration batch size must be at least 1, got {options.batch_size}")
     if method.needs_calibration and calib_ids is None:
         raise UsageError(f"{type(method).__name__} needs calibration data: pass --calib")
-    clock = _StageClock(options.stage_seconds, device)
+    times = BlockTimes()
+    clock = _StageClock(times.stages, device)
     captured = None
     if calib_ids is not None and (method.statistics or method.needs_calibration or method.keeps_dense_outputs):
         local = hooks.local_samples(calib_ids)
         store = activation_store(model, spec, local, options, device)
         captured = capture_inputs(model, spec, list(local.split(options.batch_size)), store)
         clock.lap("capture")
-    seconds = []
     try:
         for index in track(range(len(blocks)), description, total=len(blocks)):
             start = time.perf_counter()
@@ -364,10 +376,10 @@ def run_blocks(
             block.to(home)
             clock.lap("transfer")
             hooks.release_block(index, block, method, resumed)
-            seconds.append(time.perf_counter() - start)
+            times.per_block.append(time.perf_counter() - start)
     finally:
         hooks.settle()
-    return seconds
+    return times
 
 
 def _calibrate_block(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.sequential import EngineOptions, run_blocks
+from ..engine.sequential import EngineHooks, EngineOptions, run_blocks
 from ..errors import UsageError
 from ..evaluate.loss import mean_loss
 from ..model.arch import ArchSpec
@@ -77,6 +77,7 @@ def atp_target(
     calib_ids: torch.Tensor,
     engine: EngineOptions,
     options: AtpOptions,
+    hooks: EngineHooks | None = None,
 ) -> tuple[SparsityTarget, dict[float, float]]:
     """Replace a uniform unstructured target by ATP's schedule; returns it and each searched spread's loss."""
     if target.pattern.is_nm:
@@ -99,7 +100,7 @@ def atp_target(
         except UsageError:
             break  # larger spreads leave [0, 1) too
         proxy = Wanda(SparsityTarget(tuple(schedule), target.pattern))
-        run_blocks(model, spec, proxy, ids, engine, f"ATP search, spread {spread:g}")
+        run_blocks(model, spec, proxy, ids, engine, f"ATP search, spread {spread:g}", hooks)
         losses[spread] = _calibration_loss(model, ids, engine.torch_device())
         with torch.no_grad():
             for weight, saved in zip(linears, dense, strict=True):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.sequential import BlockMethod, EngineOptions, Stats, run_blocks
+from ..engine.sequential import BlockMethod, EngineHooks, EngineOptions, Stats, run_blocks
 from ..engine.stats import InputSqNorm
 from ..errors import UsageError
 from ..model.arch import ArchSpec
@@ -82,8 +82,10 @@ def owl_target(
     calib_ids: torch.Tensor,
     engine: EngineOptions,
     options: OwlOptions,
+    hooks: EngineHooks | None = None,
 ) -> SparsityTarget:
-    """Replace a uniform unstructured target by OWL's per-block schedule (one dense pass)."""
+    """Replace a uniform unstructured target by OWL's per-block schedule (one dense pass, through
+    ``hooks`` when streamed or split over processes)."""
     if target.pattern.is_nm:
         raise UsageError(f"--allocation owl sets unstructured per-block sparsity; {target.pattern} fixes it, use --pattern unstructured")
     if len(set(target.per_block)) != 1:
@@ -91,5 +93,5 @@ def owl_target(
     if options.m <= 0 or options.lam < 0:
         raise UsageError(f"OWL needs --owl-m > 0 and --owl-lambda ≥ 0, got {options.m:g} and {options.lam:g}")
     observer = OutlierRatios(options.m)
-    run_blocks(model, spec, observer, calib_ids, engine, "OWL outlier ratios")
+    run_blocks(model, spec, observer, calib_ids, engine, "OWL outlier ratios", hooks)
     return SparsityTarget(tuple(owl_schedule(observer.ratios, target.per_block[0], options.lam)), target.pattern)

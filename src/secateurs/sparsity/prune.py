@@ -6,16 +6,15 @@ here, beside the methods, as every other family keeps its verb beside its method
 
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..data.calib import CalibConfig, calibration_ids
 from ..engine.distributed import RankGroup
-from ..engine.sequential import EngineOptions, run_blocks
+from ..engine.sequential import EngineHooks, EngineOptions, run_blocks
 from ..engine.stream import StreamSession
 from ..errors import UsageError
 from ..model.linear import sparsity_of, weight_matrix
@@ -50,6 +49,10 @@ class PruneReport:
     reconstruction: dict[int, dict] = field(default_factory=dict)
     # ATP's search: calibration loss per candidate spread (empty when the spread was given).
     allocation_search: dict[float, float] = field(default_factory=dict)
+    # The method's block loop per engine stage (BlockTimes.stages; OWL / ATP passes not included).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    # What the caller should tell the user (e.g. reconstruction kept no trained weights anywhere).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def achieved(self) -> float:
@@ -119,8 +122,10 @@ def prune(
     config: PruneConfig,
     calib: CalibConfig | None = None,
     engine: EngineOptions | None = None,
+    hooks: EngineHooks | None = None,
 ) -> PruneReport:
-    """Prune ``loaded.model`` in place with an unstructured / N:M method, block by block."""
+    """Prune ``loaded.model`` in place with an unstructured / N:M method, block by block; ``hooks``
+    when streamed or split over processes (every block pass goes through them)."""
     engine = engine or EngineOptions()
     device = engine.torch_device()
     method = check_prune(loaded, config, calib)
@@ -145,19 +150,17 @@ def prune(
     if calib is not None and (cls.needs_calibration or cls.statistics or owl or atp or reconstruct is not None):
         ids = calibration_ids(calib, loaded.tokenizer, loaded.model)
     if owl:
-        method.target = owl_target(loaded.model, loaded.spec, method.target, ids, engine, owl_options)
+        method.target = owl_target(loaded.model, loaded.spec, method.target, ids, engine, owl_options, hooks)
     search = {}
     if atp:
         options = build_options(AtpOptions, config.allocation_options)
-        method.target, search = atp_target(loaded.model, loaded.spec, method.target, ids, engine, options)
-    run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks")
-    steps, outcomes = {}, {}
+        method.target, search = atp_target(loaded.model, loaded.spec, method.target, ids, engine, options, hooks)
+    times = run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks", hooks)
+    steps, outcomes, notes = {}, {}, []
     if method.reconstruction is not None:
         steps["reconstruct"] = method.reconstruction.errors
         outcomes = {i: o.to_record() for i, o in method.reconstruction.outcomes.items()}
-        note = method.reconstruction.summary()
-        if note:
-            print(note, file=sys.stderr)
+        notes += [note for note in [method.reconstruction.summary()] if note]
     if method.permutation is not None:
         steps["permute"] = method.permutation.kept
     return PruneReport(
@@ -171,6 +174,8 @@ def prune(
         steps=steps,
         reconstruction=outcomes,
         allocation_search=search,
+        stage_seconds=times.stages,
+        notes=notes,
     )
 
 
@@ -183,22 +188,23 @@ def prune_streamed(
     dtype: str = "float32",
     overwrite: bool = False,
     group: RankGroup | None = None,
+    hooks: EngineHooks | None = None,
 ) -> tuple[PruneReport, Path | None]:
     """``prune`` + ``save`` for a model folder that need not fit in memory: blocks are read from its
     safetensors shards one at a time and written to OUT's shards as they finish (engine/stream.py).
 
-    A rerun with the same arguments resumes after the last finished block. ``engine.hooks`` (e.g. a
-    multi-process :class:`~secateurs.engine.distributed.DistributedHooks`) keeps its role; only rank 0
-    writes and gets the path back.
+    A rerun with the same arguments resumes after the last finished block. ``hooks`` (e.g. a
+    multi-process :class:`~secateurs.engine.distributed.DistributedHooks`) keeps its role under the
+    streaming session's; only rank 0 writes and gets the path back.
     """
     engine = engine or EngineOptions()
     if calib is not None and calib.source == "self":
         raise UsageError("--calib self generates text with the whole model; pass a dataset with --stream")
     request = {"config": asdict(config), "calibration": asdict(calib) if calib else None}
-    session = StreamSession(source, out, dtype, request, overwrite, group, engine.hooks)
+    session = StreamSession(source, out, dtype, request, overwrite, group, hooks)
     check_prune(session.loaded, config, calib)  # before .OUT.partial exists: a bad request leaves nothing
     session.open()
-    report = prune(session.loaded, config, calib, replace(engine, hooks=session))
+    report = prune(session.loaded, config, calib, engine, session)
     report.per_layer = dict(session.per_layer)
     record = build_record(session.loaded.source, previous_stages(session.folder) + [report.stage_record()])
     return report, session.finish(record)

@@ -40,6 +40,7 @@ class StageConfig:
 
     @property
     def stage(self) -> Stage:
+        """A fresh spec for this request, so a spec may hold one run's state (prune's process group)."""
         return self.spec()
 
     @property
@@ -120,6 +121,10 @@ class Stage:
     def rows(self, request: StageConfig, report: Any) -> list[list[str]]:
         return []
 
+    def notes(self, request: StageConfig, report: Any) -> list[str]:
+        """Warnings the verb returned with its report (rich markup), shown before the summary table."""
+        return []
+
     def records(self, loaded: LoadedModel, request: StageConfig, report: Any) -> tuple[list, list[list[str]]]:
         """The stages to record (records or reports, see :func:`secateurs.api.save`) and rows they add."""
         return [report], []
@@ -160,7 +165,7 @@ class Stage:
         path = save(loaded, request.out, stages, results, request.overwrite)
         self.finish(request)
         rows += more + [["saved to", str(path)]]
-        return Outcome([Table(self.title(request), ["", "value"], rows)], path)
+        return Outcome([Table(self.title(request), ["", "value"], rows, self.notes(request, report))], path)
 
 
 def check(request: StageConfig, pending: frozenset[str] | None = None) -> None:

@@ -56,9 +56,10 @@ class Evaluation:
     )
     seq_len: int = option(2048, "Window length for --ppl.")
     limit_windows: int | None = option(None, "Evaluate only the first N windows.")
-    data_dir: str | None = option(None, help_of(CalibConfig, "data_dir"), decls=("--data-dir",))
-    device: str = option("auto", help_of(EngineOptions, "device"))
-    batch_size: int = option(1, help_of(EngineOptions, "batch_size"))
+    # Shared with the calibration and the engine: their defaults and wording, not restated.
+    data_dir: str | None = option(CalibConfig.data_dir, help_of(CalibConfig, "data_dir"), decls=("--data-dir",))
+    device: str = option(EngineOptions.device, help_of(EngineOptions, "device"))
+    batch_size: int = option(EngineOptions.batch_size, help_of(EngineOptions, "batch_size"))
     before: bool = option(False, "Also measure perplexity before the stage.")
 
     def measure(self, loaded: LoadedModel, label: str = "", key_suffix: str = "") -> tuple[list[list[str]], dict]:

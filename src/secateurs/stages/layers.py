@@ -32,7 +32,7 @@ class LayersRequest(StageConfig):
         help={"source": "Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.",
               "n_samples": "Calibration sequences (GradMAP: 128)."},
     )
-    engine: EngineOptions = group(EngineOptions, exclude=("offload_activations", "stage_seconds", "hooks"))
+    engine: EngineOptions = group(EngineOptions, exclude=("offload_activations",))
     evaluation: Evaluation = group(Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before",))
     load: LoadOptions = group(LoadOptions)
 

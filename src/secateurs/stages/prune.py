@@ -18,6 +18,7 @@ from .groups import Evaluation, LoadOptions
 
 if TYPE_CHECKING:
     from ..api import PruneReport
+    from ..engine.distributed import DistributedHooks
     from ..model.load import LoadedModel
 
 
@@ -34,7 +35,7 @@ class PruneRequest(StageConfig):
         None, "ATP: last block's sparsity minus the first's; default: searched on the calibration loss."
     )
     calib: CalibConfig | None = group(CalibConfig, rename={"source": "calib"}, optional_on="source")
-    engine: EngineOptions = group(EngineOptions, exclude=("stage_seconds", "hooks"))
+    engine: EngineOptions = group(EngineOptions)
     evaluation: Evaluation = group(Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before",))
     load: LoadOptions = group(LoadOptions)
     export: str = option(
@@ -72,6 +73,7 @@ class PruneRequest(StageConfig):
 class PruneStage(Stage):
     name = "prune"
     config_class = PruneRequest
+    hooks: DistributedHooks | None = None  # this run's process group (a spec instance runs one request)
 
     def check_model(self, request: PruneRequest, skeleton: LoadedModel | None) -> None:
         from ..api import check_prune
@@ -93,26 +95,28 @@ class PruneStage(Stage):
             relaunch(request.nproc, sys.argv[1:])
             return None
         group = init_from_env(request.engine.torch_device())
-        if group is not None:
-            request.engine.hooks = DistributedHooks(group)
+        self.hooks = DistributedHooks(group) if group is not None else None
         if not request.stream:
             return super().execute(request)
         report, path = prune_streamed(request.model, request.out, request.config, request.calib, request.engine,
-                                      request.dtype, request.overwrite, group)
+                                      request.dtype, request.overwrite, group, self.hooks)
         shutdown()
         if path is None:
             return None
-        return Outcome([Table(self.title(request), ["", "value"], self.rows(request, report) + [["saved to", str(path)]])], path)
+        rows = self.rows(request, report) + [["saved to", str(path)]]
+        return Outcome([Table(self.title(request), ["", "value"], rows, self.notes(request, report))], path)
 
     def apply(self, loaded: LoadedModel, request: PruneRequest) -> PruneReport | None:
         from ..api import prune
-        from ..engine.distributed import DistributedHooks, shutdown
+        from ..engine.distributed import shutdown
 
-        report = prune(loaded, request.config, request.calib, request.engine)
+        report = prune(loaded, request.config, request.calib, request.engine, self.hooks)
         shutdown()
-        hooks = request.engine.hooks
-        main = not isinstance(hooks, DistributedHooks) or hooks.group.is_main
+        main = self.hooks is None or self.hooks.group.is_main
         return report if main else None  # every rank holds the same weights
+
+    def notes(self, request: PruneRequest, report: PruneReport) -> list[str]:
+        return [f"[yellow]note:[/] {note}" for note in report.notes]
 
     def rows(self, request: PruneRequest, report: PruneReport) -> list[list[str]]:
         return [

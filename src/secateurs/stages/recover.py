@@ -56,7 +56,7 @@ class RecoverRequest(StageConfig):
         help={"source": "iterative: calibration data for the one-shot method.",
               "n_samples": "iterative: calibration sequences.", "seq_len": "iterative: tokens per calibration sequence."},
     )
-    engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations", "stage_seconds", "hooks"))
+    engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations"))
     evaluation: Evaluation = group(
         Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before", "batch_size"),
         help={"datasets": "Measure perplexity on these datasets before and after."},

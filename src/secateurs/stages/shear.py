@@ -31,7 +31,7 @@ class ShearRequest(StageConfig):
     target: str | None = option(None, "Target shape, e.g. layers=24,hidden=528,heads=6,kv_heads=2,intermediate=1344.")
     target_config: str | None = option(None, "JSON file with the target sizes (our keys or a transformers config's).")
     config: ShearConfig = group(ShearConfig, rename={"datasets": "data"}, exclude=("target",))
-    engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations", "stage_seconds", "hooks"))
+    engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations"))
     evaluation: Evaluation = group(
         Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before", "batch_size"),
         help={"datasets": "After shearing, measure perplexity on these datasets."},

@@ -26,7 +26,7 @@ class WidthCalibration:
     source: str = option("wikitext2", "Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.")
     n_samples: int | None = option(None, "Calibration sequences (default: the method's paper default).")
     seq_len: int | None = option(None, "Tokens per calibration sequence (default 128, as in the papers).")
-    seed: int = option(0, help_of(CalibConfig, "seed"))
+    seed: int = option(CalibConfig.seed, help_of(CalibConfig, "seed"))
 
 
 @dataclass
@@ -37,7 +37,7 @@ class WidthRequest(StageConfig):
     out: str = option(help="Output folder (written atomically).", decls=("--out",))
     config: WidthConfig = group(WidthConfig)
     calibration: WidthCalibration = group(WidthCalibration, rename={"source": "calib"})
-    engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations", "stage_seconds", "hooks"))
+    engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations"))
     evaluation: Evaluation = group(
         Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before", "batch_size"),
         help={"datasets": "After pruning, measure perplexity on these datasets."},

@@ -138,7 +138,7 @@ class ShearConfig:
     bf16: bool = option(False, "Train under bfloat16 autocast.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     seed: int = option(0, "Seed for batches and mask sampling.")
-    data_dir: str | None = option(None, help_of(CalibConfig, "data_dir"), decls=("--data-dir",))
+    data_dir: str | None = option(CalibConfig.data_dir, help_of(CalibConfig, "data_dir"), decls=("--data-dir",))
     checkpoint_dir: str | None = option(None, "Save resumable checkpoints here; a matching one is resumed from.")
     checkpoint_every: int = option(100, "Steps between checkpoints.")
     distill: DistillConfig = group(DistillConfig, rename=DISTILL_FLAGS)
