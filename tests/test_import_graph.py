@@ -217,7 +217,7 @@ def test_the_loader_imports_the_kernels_folder_formats_by_name():
     one): it imports the modules :data:`FOLDER_FORMAT_MODULES` names the first time it inspects a folder."""
     done = _fresh("from secateurs.model.load import folder_formats; print(sorted(folder_formats()))")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "['compressed-tensors', 'sparse']"
+    assert done.stdout.strip() == "['compressed-tensors', 'deci', 'sparse']"
 
 
 HEAVY = ("torch", "transformers", "triton")

@@ -82,17 +82,21 @@ class FolderFormat:
     puts them back into the freshly loaded model. ``config_keys``: config entries that describe those
     weights (compressed-tensors' ``quantization_config``), hidden from ``from_pretrained`` so it neither
     needs nor acts on the package that wrote them; ``restore`` sets what the model should keep.
+    ``config(folder)``: for a layout whose config.json ``transformers`` cannot read without the folder's
+    code (``block_configs``), the config the package rebuilds the model from instead; the model is then
+    always built by the package's code, whatever ``trust_remote_code`` says.
     """
 
     name: str
     detect: Callable[[Path], bool]
     restore: Callable[[nn.Module, Path, torch.dtype], object]
     config_keys: tuple[str, ...] = ()
+    config: Callable[[Path], object] | None = None
 
 
 FOLDER_FORMATS: dict[str, FolderFormat] = {}
 
-FOLDER_FORMAT_MODULES: tuple[str, ...] = ("secateurs.kernels.swap", "secateurs.kernels.compressed")
+FOLDER_FORMAT_MODULES: tuple[str, ...] = ("secateurs.kernels.swap", "secateurs.kernels.compressed", "secateurs.model.deci")
 """Modules that register a folder format when imported; named, not imported, so that loading the
 package (and ``secateurs --help``) does not import the kernels and Triton."""
 
@@ -172,7 +176,7 @@ def load_config(source: str, trust_remote_code: bool = False):
                 config = AutoConfig.from_pretrained(alone.parent, gguf_file=alone.name, trust_remote_code=trust_remote_code)
         else:
             folder = _shortcut_folder(source) if kind == "shortcut" else where
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            config = _folder_config(folder, trust_remote_code)[0]
     except UsageError:
         raise
     except Exception as exc:  # transformers raises many types for a broken config
@@ -284,9 +288,26 @@ def _finish(model: PreTrainedModel, tokenizer, source: str, path: Path | None) -
     return LoadedModel(model, tokenizer, spec, source, path)
 
 
+def _own_config(folder: Path):
+    """The config a :class:`FolderFormat` reads itself from ``folder`` (``block_configs``), else None."""
+    for fmt in folder_formats().values():
+        if fmt.config is not None and fmt.detect(folder):
+            return fmt.config(folder)
+    return None
+
+
+def _folder_config(folder: Path, trust_remote_code: bool) -> tuple[object, bool]:
+    """A folder's config, and whether the package rebuilds it whatever ``trust_remote_code`` says."""
+    own = _own_config(folder)
+    if own is not None:
+        return own, True
+    return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code), False
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, source: str, trust_remote_code: bool = False) -> LoadedModel:
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config, own = _folder_config(folder, trust_remote_code)
+        trust_remote_code = trust_remote_code and not own
         reader = ShardReader.of(folder)
         check_config(config, spec_for(config), reader, source)
         skeleton = _skeleton(config) if reader is not None else None
@@ -458,8 +479,10 @@ def _try_tokenizer(folder: Path, trust_remote_code: bool = False):
                     f"the tokenizer of {folder} is damaged: {name} is not valid JSON ({_first_line(exc)}); restore "
                     "it, or copy the tokenizer files of the model it came from"
                 ) from None
+    own = _own_config(folder)
+    given = {"config": own} if own is not None else {}  # a config transformers cannot read alone (block_configs)
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **given)
     except Exception as exc:
         if not present:
             return None

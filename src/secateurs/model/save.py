@@ -27,10 +27,14 @@ from ..files import (
     resolve_out,
     write_atomic,
 )
+from . import deci
 from .load import LoadedModel
 from .per_layer import remote_code_files
 
 RECORD = "secateurs.json"
+SAVE_FORMATS = ("hf", "deci")
+"""``hf``: a transformers folder (per-layer widths through our own class, :mod:`.per_layer`); ``deci``: the
+``block_configs`` layout vLLM and llama.cpp run (:mod:`.deci`), or ``hf`` with a note where it cannot hold the model."""
 
 
 def check_out(out: str | Path, input_path: Path | None, overwrite: bool) -> Path:
@@ -137,11 +141,41 @@ def _code_present(folder: Path, ref: object) -> bool:
     return True
 
 
+def check_save_format(save_format: str, config=None) -> None:
+    """Refuse an unknown format, or ``deci`` for a model that is not Llama's, before any work."""
+    if save_format not in SAVE_FORMATS:
+        raise UsageError(f"unknown --save-format {save_format!r}; use one of {', '.join(SAVE_FORMATS)}")
+    if save_format == "deci" and config is not None:
+        deci.check_architecture(config)
+
+
+def _deci_plan(loaded: LoadedModel, save_format: str) -> deci.DeciPlan | None:
+    """The ``block_configs`` layout of the model when asked for and it can hold the model; otherwise
+    None, with one line saying why our own folder is written instead."""
+    check_save_format(save_format, loaded.model.config)
+    if save_format != "deci":
+        return None
+    try:
+        plan = deci.plan(loaded.model, loaded.spec)
+    except deci.NotExpressible as exc:
+        print(f"secateurs: note: --save-format deci: {exc}; writing the transformers folder of --save-format hf "
+              "instead (per-layer widths: secateurs' own class)", file=sys.stderr)
+        return None
+    for note in plan.notes:
+        print(f"secateurs: note: --save-format deci: {note}", file=sys.stderr)
+    return plan
+
+
 def save_model(
-    loaded: LoadedModel, out: str | Path, record: dict, overwrite: bool = False, extras: dict[str, bytes] | None = None
+    loaded: LoadedModel, out: str | Path, record: dict, overwrite: bool = False, extras: dict[str, bytes] | None = None,
+    save_format: str = "hf",
 ) -> Path:
     """Write model, tokenizer, ``secateurs.json`` and ``extras`` (file name → bytes, e.g. a plot) to
-    OUT via a temporary folder and a rename, so they appear together or not at all."""
+    OUT via a temporary folder and a rename, so they appear together or not at all. ``save_format``:
+    one of :data:`SAVE_FORMATS`; the one written is recorded in ``secateurs.json``."""
+    deci_plan = _deci_plan(loaded, save_format)
+    if save_format != "hf":  # what was asked may not be what was written
+        record = {**record, "save_format": "deci" if deci_plan is not None else "hf"}
     target = check_out(out, loaded.local_path, overwrite)
     check_writable(target, f"--out {out}")
     try:
@@ -151,9 +185,12 @@ def save_model(
     except OSError as exc:
         raise UsageError(f"could not write --out {out}: {exc.strerror or exc}; nothing was written") from None
     try:
-        loaded.model.save_pretrained(tmp)
-        for name, source in remote_code_files(loaded.model).items():  # per-layer widths: see per_layer.py
-            (tmp / name).write_text(source)
+        if deci_plan is not None:
+            deci.write_folder(loaded.model, loaded.spec, tmp, deci_plan)
+        else:
+            loaded.model.save_pretrained(tmp)
+            for name, source in remote_code_files(loaded.model).items():  # per-layer widths: see per_layer.py
+                (tmp / name).write_text(source)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         for name in ("config.json", "tokenizer_config.json"):
@@ -162,6 +199,9 @@ def save_model(
         for name, data in (extras or {}).items():
             (tmp / name).write_bytes(data)
         replace_folder(tmp, target)
+        if deci_plan is not None:
+            print("secateurs: note: wrote the block_configs layout (DeciLMForCausalLM, nemotron-nas: vLLM, llama.cpp)",
+                  file=sys.stderr)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"could not write --out {out}: {os_reason(exc)}; nothing was written") from None
