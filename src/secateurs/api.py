@@ -206,11 +206,14 @@ def save(
     results: dict | None = None,
     overwrite: bool = False,
     extras: dict[str, bytes] | None = None,
+    save_format: str = "hf",
 ) -> Path:
     """Save as an HF folder with ``secateurs.json`` (earlier stages of the input are kept) and ``extras``.
 
     A stage is its record (a dict) or a verb's report: a report is recorded with ``stage_record()``
-    and adds its files (:func:`report_files`, e.g. the layer-score plot), as the CLI's outputs have."""
+    and adds its files (:func:`report_files`, e.g. the layer-score plot), as the CLI's outputs have.
+    ``save_format="deci"`` writes per-layer widths in the ``block_configs`` layout vLLM and llama.cpp
+    run (falling back, with a note, to our own per-layer folder where it cannot hold the model)."""
     files = dict(extras or {})
     records = []
     for stage in stages:
@@ -220,7 +223,7 @@ def save(
             records.append(stage.stage_record())
             files.update(report_files(stage))
     record = build_record(loaded.source, previous_stages(loaded.local_path) + records, results)
-    return save_model(loaded, out, record, overwrite, files or None)
+    return save_model(loaded, out, record, overwrite, files or None, save_format)
 
 
 def export_sparse(loaded: LoadedModel, min_sparsity: float = 0.5) -> dict:
