@@ -11,8 +11,9 @@ from typing import ClassVar
 from ..data.config import CalibConfig
 from ..data.sources import check_name
 from ..errors import UsageError
-from ..schema import help_of, option
+from ..schema import group, help_of, option
 from ..structured.registry import TARGET_NAMES
+from ..training.config import DISTILL_FLAGS, DistillConfig, parse_tokens
 
 # The recovery stages' choices, here (no torch) because the CLI's --help lists them.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -27,6 +28,15 @@ class RecoverConfig:
     (LLM-Pruner: 4 × 16 = 64; the default here is 4 × 1 so that a short schedule still takes
     many steps). ``warmup_steps`` None means min(100, steps // 10). ``checkpoint_dir`` None
     disables checkpoints; with one, a matching checkpoint found there is resumed.
+
+    ``distill`` (off unless its ``loss`` is set): knowledge distillation from the dense model as the
+    loss (:class:`~secateurs.training.config.DistillConfig`, Minitron's defaults). ``data`` may also
+    be ``self``: text the teacher writes itself (data-free; needs ``distill``). ``tokens`` (e.g.
+    ``2M``) sets the steps from a token budget; a budget larger than the training text is refused
+    unless ``epochs`` says how often the text may be repeated (``epochs`` alone sets the budget to
+    that many passes). ``eval_data``: held-out text (a dataset's test split, a file that shares no
+    span with the training text, or ``self``: teacher-written with another seed) whose loss is
+    measured every ``eval_every`` steps, the run's held-out curve.
     """
 
     steps: int = option(200, "Optimizer steps (per round for iterative).")
@@ -50,6 +60,20 @@ class RecoverConfig:
         None, "Where to checkpoint (default OUT.ckpt); a matching checkpoint there is resumed."
     )
     save_every: int = option(50, "Checkpoint every N steps.")
+    distill: DistillConfig = group(DistillConfig, rename=DISTILL_FLAGS)
+    tokens: int | None = option(
+        None, "Token budget, e.g. 2M (sets the steps: budget ÷ tokens per step).", parse=parse_tokens
+    )
+    epochs: float | None = option(None, "Passes over the training text a --tokens budget may take (alone: sets the budget).")
+    eval_data: str | None = option(
+        None, "Held-out text for a loss curve: wikitext2, ptb, c4 (test split), self, or a .txt/.jsonl path."
+    )
+    eval_every: int = option(50, "Steps between held-out losses (with --eval-data).")
+    eval_windows: int = option(16, "Held-out windows of --seq-len tokens (with --eval-data).")
+
+    def __post_init__(self) -> None:
+        """A budget given as text in Python (``tokens="2M"``) reads as it does on the command line."""
+        self.tokens = parse_tokens(self.tokens)
 
     def validate(self) -> None:
         for name in ("steps", "rank", "batch_size", "grad_accum", "save_every"):
@@ -65,7 +89,30 @@ class RecoverConfig:
             raise UsageError(f"unknown --precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if not 0.0 <= self.mask_min_sparsity <= 1.0:
             raise UsageError(f"mask_min_sparsity must be in [0, 1], got {self.mask_min_sparsity:g}")
-        check_name(self.data)
+        if self.epochs is not None and not self.epochs > 0:
+            raise UsageError(f"--epochs must be positive, got {self.epochs:g}")
+        if self.eval_every < 1 or self.eval_windows < 1:
+            raise UsageError("--eval-every and --eval-windows must be at least 1")
+        self.distill.validate()
+        check_name(self.data, allow_self=True)
+        if self.data == "self" and not self.distill.enabled:
+            raise UsageError("--data self is text the teacher writes; add --distill kl (or kl+lm)")
+        if self.eval_data is not None:
+            check_name(self.eval_data, allow_self=True)
+
+    def training_steps(self, data_tokens: int | None = None) -> int:
+        """The optimizer steps: ``steps``, or a budget's (``tokens``, else ``epochs`` × ``data_tokens``)
+        in whole steps; a budget beyond the text without ``epochs`` is one line, before any training."""
+        budget = self.tokens
+        if budget is None and self.epochs is not None and data_tokens is not None:
+            budget = int(self.epochs * data_tokens)
+        if budget is None:
+            return self.steps
+        if data_tokens is not None and budget > data_tokens * (self.epochs or 1):
+            what = f"{self.epochs:g} passes over" if self.epochs else "the"
+            raise UsageError(f"--tokens {budget:,} is more than {what} {data_tokens:,} tokens of {self.data}; "
+                             "pass --epochs N to repeat the text, or give more text")
+        return max(1, -(-budget // self.tokens_per_step()))
 
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(100, self.steps // 10)
@@ -74,8 +121,14 @@ class RecoverConfig:
         return self.batch_size * self.grad_accum * self.seq_len
 
     def fingerprint(self) -> dict:
-        """Settings that change the result: a checkpoint resumes only under the same ones."""
-        return {k: v for k, v in asdict(self).items() if k not in ("checkpoint_dir", "save_every", "data_dir")}
+        """Settings that change the result: a checkpoint resumes only under the same ones. Options left
+        off are left out, so a checkpoint written before they existed still resumes."""
+        found = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_dir", "save_every", "data_dir")}
+        if not self.distill.enabled:
+            del found["distill"]
+        if self.eval_data is None:
+            del found["eval_every"], found["eval_windows"]
+        return {k: v for k, v in found.items() if not (k in ("tokens", "epochs", "eval_data") and v is None)}
 
 
 @dataclass
