@@ -244,3 +244,27 @@ def test_every_width_method_loads_somewhere_else(method, fake_calibration, tmp_p
         folder = secateurs.save(loaded, tmp_path / "o", [report])
         plain = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
         torch.testing.assert_close(_logits(plain), reference)
+
+
+def test_cli_save_format(tmp_path):
+    """``secateurs width --save-format deci`` writes the layout; a non-Llama model is refused before it is
+    pruned, an unknown format before it loads, each in one line with nothing written."""
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    runner = CliRunner()
+    for arch in ("llama", "qwen2"):
+        loaded = tiny_model(arch, **(DECI_SIZES if arch == "llama" else {}))
+        loaded.model.save_pretrained(tmp_path / arch)
+        loaded.tokenizer.save_pretrained(tmp_path / arch)
+    args = ["--method", "magnitude", "--target", "channels", "--ratio", "0.34", "--round-to", "256", "--keep-first", "1",
+            "--device", "cpu", "--save-format"]
+    result = runner.invoke(app, ["width", str(tmp_path / "llama"), "--out", str(tmp_path / "o"), *args, "deci"])
+    assert result.exit_code == 0, result.output
+    assert "wrote the block_configs layout" in result.output
+    assert vllm_view(tmp_path / "o") == _headers(tmp_path / "o")
+    for model, fmt, message in (("qwen2", "deci", "Llama-family models"), ("llama", "onnx", "unknown --save-format")):
+        result = runner.invoke(app, ["width", str(tmp_path / model), "--out", str(tmp_path / "bad"), *args, fmt])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "bad").exists()

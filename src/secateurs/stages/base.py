@@ -162,7 +162,8 @@ class Stage:
         rows += new_rows
         results.update(new_results)
         stages, more = self.records(loaded, request, report)
-        path = save(loaded, request.out, stages, results, request.overwrite)
+        save_format = getattr(request, "save_format", "hf")  # the width stage's --save-format
+        path = save(loaded, request.out, stages, results, request.overwrite, save_format=save_format)
         self.finish(request)
         rows += more + [["saved to", str(path)]]
         return Outcome([Table(self.title(request), ["", "value"], rows, self.notes(request, report))], path)

@@ -43,12 +43,18 @@ class WidthRequest(StageConfig):
         help={"datasets": "After pruning, measure perplexity on these datasets."},
     )
     load: LoadOptions = group(LoadOptions)
+    save_format: str = option(
+        "hf", "hf (transformers; per-layer widths through secateurs' own class) or deci (the block_configs layout "
+        "vLLM and llama.cpp run: Llama-family, FFN widths in multiples of 256, one query head count; else hf, said in one line).",
+    )
     calib: CalibConfig | None = field(init=False, default=None)  # the method's, set from ``calibration``
 
     def __post_init__(self) -> None:
         """The method's calibration and everything that needs no model, checked once before any weight loads."""
+        from ..model.save import check_save_format
         from ..structured.registry import method_class
 
+        check_save_format(self.save_format)
         config, given = self.config, self.calibration
         method_class(config.method)(config)
         self.calib = config.calibration(given.source, given.n_samples, given.seq_len, given.seed, self.evaluation.data_dir)
@@ -66,8 +72,11 @@ class WidthStage(Stage):
     config_class = WidthRequest
 
     def check_model(self, request: WidthRequest, skeleton: LoadedModel | None) -> None:
+        from ..model.save import check_save_format
+
         if skeleton is None:
             return
+        check_save_format(request.save_format, skeleton.model.config)  # a non-Llama model, before pruning it
         calib = request.calib
         check_context(skeleton, seq_len=calib.seq_len if calib else None,
                       eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
