@@ -119,6 +119,32 @@ def test_gemma2_norms_and_tied_embedding_follow_llama_cpp(tmp_path):
         assert (model(ids).logits - loaded.model(ids).logits).abs().max() < LOGIT_TOLERANCE["f16"]
 
 
+def test_per_layer_llama_is_written_as_deci_with_its_arrays_and_biases(tmp_path):
+    """Per-layer widths and FLAP-style output biases: llama.cpp's deci layout, each layer's head, KV-head
+    and FFN counts as arrays, the biases under the names deci reads, q/k rows permuted per layer."""
+    loaded = tiny_model("llama")
+    prune_width(loaded, WidthConfig("magnitude", 0.4, mode="global"))
+    layers = loaded.model.model.layers
+    torch.manual_seed(1)
+    for block in layers:
+        block.self_attn.o_proj.bias = torch.nn.Parameter(torch.randn(64), requires_grad=False)
+    loaded.model.config.secateurs_shapes = {"model.layers.0.self_attn.o_proj": {"bias": [64]}}
+    widths = [(b.self_attn.q_proj.weight.shape[0] // 16, b.self_attn.k_proj.weight.shape[0] // 16,
+               b.mlp.gate_proj.weight.shape[0]) for b in layers]
+    assert len(set(widths)) > 1
+    reader = GGUFReader(export_gguf(loaded, tmp_path / "d.gguf", "f16").path)
+    assert _field(reader, "general.architecture") == "deci"
+    assert _field(reader, "deci.attention.head_count") == [w[0] for w in widths]
+    assert _field(reader, "deci.attention.head_count_kv") == [w[1] for w in widths]
+    assert _field(reader, "deci.feed_forward_length") == [w[2] for w in widths]
+    tensors = {t.name: t for t in reader.tensors}
+    for index, block in enumerate(layers):
+        np.testing.assert_allclose(tensors[f"blk.{index}.attn_output.bias"].data, block.self_attn.o_proj.bias.numpy())
+        stored = tensors[f"blk.{index}.attn_k.weight"]
+        ours = interleave_rope(block.self_attn.k_proj.weight, widths[index][1]).numpy()
+        np.testing.assert_allclose(dequantize(stored.data, stored.tensor_type).reshape(ours.shape), ours, atol=1e-3)
+
+
 def test_sparse_output_is_written_dense_and_said_once(tmp_path):
     loaded = tiny_model("llama")
     for block in loaded.model.model.layers:
@@ -134,10 +160,10 @@ def test_refusals_name_what_is_possible_and_write_nothing(tmp_path):
         export_gguf(tiny_model("gpt2"), target)
     with pytest.raises(UsageError, match="use one of f16, q8_0, bf16, f32"):
         export_gguf(tiny_model("llama"), target, "q4_0")
-    loaded = tiny_model("llama")
+    loaded = tiny_model("qwen2")
     prune_width(loaded, WidthConfig("magnitude", 0.5, mode="global", target="channels"))
     assert getattr(loaded.model.config, "secateurs_shapes", None)
-    with pytest.raises(UsageError, match="per-layer widths.*GGUF export takes uniform"):
+    with pytest.raises(UsageError, match="per-layer widths.*only for the Llama family"):
         export_gguf(loaded, target)
     assert list(tmp_path.iterdir()) == []
 

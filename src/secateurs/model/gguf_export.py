@@ -17,8 +17,12 @@ What llama.cpp expects and its own converter (``convert_hf_to_gguf.py``) does, k
 * the tokenizer goes in as ``tokenizer.ggml.*``: a byte-level BPE vocabulary with its merges, token
   types (normal, control, user-defined, unused), special ids, ``add_bos`` and the chat template.
 
-Per-layer widths (FLAP, global mode, sheared per-layer heads) and FLAP's added biases are refused with
-one line: llama.cpp's ``llama`` architecture has one width for every layer.
+A Llama-family model whose layers differ (FLAP, global mode, sheared per-layer heads; FLAP's added
+output biases) is written in llama.cpp's ``deci`` architecture (NVIDIA's heterogeneous Llama models):
+the same tensors, with per-layer arrays for the head count, KV-head count and FFN length, and the
+optional ``attn_output`` / ``ffn_down`` biases it reads. A layer left with no heads or no FFN channels
+is refused (llama.cpp's ``deci`` then skips that part's bias, or the whole layer), as are per-layer
+widths of other families.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ ARCHES: dict[str, GGUFArch] = {
     "qwen3": GGUFArch("qwen3"),
     "gemma2": GGUFArch("gemma2", norm_plus_one=True, softcapping=True),
 }
+# Per-layer widths of a Llama-family model: llama.cpp's heterogeneous Llama (DeciLM / Nemotron-NAS).
+DECI = GGUFArch("deci", permute_qk=True)
 
 # Byte-level BPE pre-tokenizers by what tokenizer.json says, named as llama.cpp names them
 # (``tokenizer.ggml.pre``): GPT-2's regex alone, SmolLM's digit split before it, Llama 3's and Qwen2's regexes.
@@ -81,23 +87,24 @@ class GGUFReport:
     notes: list[str] = field(default_factory=list)
 
 
-def check_exportable(config, model_type: str | None = None) -> GGUFArch:
+def check_exportable(config) -> GGUFArch:
     """The GGUF architecture of ``config``, or one line naming what can be exported (checked on the
     config alone, before any weight loads)."""
-    model_type = model_type or getattr(config, "model_type", None)
+    model_type = getattr(config, "model_type", None)
     if model_type not in ARCHES:
         raise UsageError(
             f"GGUF export does not handle architecture {model_type!r}; it writes {', '.join(ARCHES)} "
             "(llama.cpp's llama, qwen2, qwen3 and gemma2)"
         )
-    if getattr(config, SHAPES_KEY, None):
-        raise UsageError(
-            "this model has per-layer widths or added biases (secateurs_shapes: FLAP, --mode global, sheared "
-            "per-layer heads), which llama.cpp's one-width architectures cannot hold; GGUF export takes uniform "
-            "width-pruned (--mode uniform, a method without added biases), depth-pruned and sparse outputs"
-        )
     _rope_scaling(config)
-    return ARCHES[model_type]
+    if not getattr(config, SHAPES_KEY, None):
+        return ARCHES[model_type]
+    if ARCHES[model_type].name != "llama":
+        raise UsageError(
+            f"this {model_type} model has per-layer widths or added biases (secateurs_shapes), which GGUF holds only "
+            "for the Llama family (llama.cpp's deci); export uniform width-pruned, depth-pruned or sparse outputs"
+        )
+    return DECI
 
 
 def check_type(gguf_type: str) -> None:
@@ -145,7 +152,7 @@ def export_gguf(loaded: LoadedModel, path: str | Path, gguf_type: str = "f16") -
         raise UsageError(f"{loaded.source} has no tokenizer, and llama.cpp needs one in the GGUF file; copy the "
                          "tokenizer files of the model it came from into the folder")
     writer = gguf.GGUFWriter(None, arch.name)
-    _write_config(writer, config, arch, gguf_type, loaded.source)
+    _write_config(writer, config, arch, gguf_type, loaded.source, _layer_widths(model, config) if arch is DECI else None)
     _write_tokenizer(writer, loaded.tokenizer, model.get_input_embeddings().weight.shape[0])
     notes = []
     counts, zeros = _add_tensors(writer, model, config, arch, gguf_type)
@@ -167,19 +174,46 @@ def export_gguf(loaded: LoadedModel, path: str | Path, gguf_type: str = "f16") -
     return GGUFReport(target, gguf_type, arch.name, n_layers, sum(counts.values()), target.stat().st_size, counts, notes)
 
 
-def _write_config(writer, config, arch: GGUFArch, gguf_type: str, source: str) -> None:
-    """The sizes and constants llama.cpp reads (``<arch>.block_count``, ``.feed_forward_length``, ...)."""
+def _head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _layer_widths(model, config) -> tuple[list[int], list[int], list[int]]:
+    """Query heads, KV heads and FFN length of every layer, read from the projections' shapes."""
+    head_dim = _head_dim(config)
+    heads, kv_heads, ffn = [], [], []
+    for index, block in enumerate(model.model.layers):
+        heads.append(_dense(block.self_attn.q_proj).shape[0] // head_dim)
+        kv_heads.append(_dense(block.self_attn.k_proj).shape[0] // head_dim)
+        ffn.append(_dense(block.mlp.gate_proj).shape[0])
+        if not heads[-1] or not kv_heads[-1] or not ffn[-1]:
+            raise UsageError(
+                f"layer {index} has no {'FFN channels' if heads[-1] and kv_heads[-1] else 'attention heads'} left, which "
+                "llama.cpp's deci runs without that part's bias; prune with --keep-first/--keep-last or a lower ratio"
+            )
+    return heads, kv_heads, ffn
+
+
+def _write_config(writer, config, arch: GGUFArch, gguf_type: str, source: str,
+                  widths: tuple[list[int], list[int], list[int]] | None) -> None:
+    """The sizes and constants llama.cpp reads (``<arch>.block_count``, ``.feed_forward_length``, ...);
+    ``widths`` (deci): per-layer query heads, KV heads and FFN lengths, written as arrays."""
     import gguf
 
     heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    head_dim = _head_dim(config)
     writer.add_name(Path(str(getattr(config, "name_or_path", "") or source)).name or "model")
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or heads))
+    if widths is None:
+        writer.add_feed_forward_length(int(config.intermediate_size))
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or heads))
+    else:
+        writer.add_head_count(widths[0])
+        writer.add_head_count_kv(widths[1])
+        writer.add_feed_forward_length(widths[2])
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -305,8 +339,7 @@ def _add_tensors(writer, model, config, arch: GGUFArch, gguf_type: str) -> tuple
 
     n_layers = int(config.num_hidden_layers)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], n_layers)
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = _head_dim(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     embedding = model.get_input_embeddings().weight
     counts: dict[str, int] = {}
@@ -318,10 +351,8 @@ def _add_tensors(writer, model, config, arch: GGUFArch, gguf_type: str) -> tuple
         if name is None:
             raise UsageError(f"GGUF export has no llama.cpp name for tensor {hf_name!r} of a {arch.name} model")
         data = tensor.detach().to(torch.float32).cpu()
-        if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = interleave_rope(data, heads)
-        elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = interleave_rope(data, kv_heads)
+        if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            data = interleave_rope(data, data.shape[0] // head_dim)  # this layer's heads
         if arch.norm_plus_one and hf_name.endswith("norm.weight"):
             data = data + 1
         if ".layers." in hf_name and data.dim() == 2:

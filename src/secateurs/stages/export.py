@@ -22,7 +22,7 @@ TYPES = ("f16", "q8_0", "bf16", "f32")  # model.gguf_export.GGUF_TYPES, named he
 
 @dataclass
 class ExportRequest(StageConfig):
-    """Write MODEL as one GGUF file that llama.cpp, Ollama and llama-cpp-python run (uniform width-pruned, depth-pruned or sparse outputs; sparse ones dense with their zeros)."""
+    """Write MODEL as one GGUF file that llama.cpp, Ollama and llama-cpp-python run (uniform or depth-pruned; per-layer Llama widths as llama.cpp's deci; sparse ones dense with their zeros)."""
 
     model: str = option(help="A secateurs output or Hugging Face model folder, or smollm2-135m.", argument=True)
     gguf: str = option(help="The .gguf file to write (atomically; its folder is created).", decls=("--gguf",))
