@@ -456,7 +456,8 @@ def test_every_stage_spec_checks_everything_before_loading(tmp_path, tiny_folder
     out = str(tmp_path / "out")
     extra = {"prune": dict(out=out), "width": dict(out=out, method="magnitude"), "layers": dict(out=out, remove=1, seq_len=16),
              "recover": dict(out=out, steps=1), "shear": dict(out=out, target="layers=2", seq_len=16),
-             "eval": dict(seq_len=16), "bench": {}, "export": dict(gguf=str(tmp_path / "out" / "m.gguf"))}
+             "eval": dict(seq_len=16), "bench": {}, "export": dict(gguf=str(tmp_path / "out" / "m.gguf")),
+             "generate": dict(prompt="the quick brown fox", max_new_tokens=8)}
     assert set(STAGES) == set(STAGE_COMMANDS)
     for name, stage in STAGES.items():
         check(stage.parse(model=str(tiny_folder), **extra[name]), pending=frozenset())

@@ -7,7 +7,7 @@ from typing import Any
 # CLI's --help stay free of torch, transformers and the kernels, which the verbs import when called.
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ("PruneConfig", "PruneReport", "drop_layers_streamed", "evaluate_perplexity", "loraprune", "prune",
+        ("PruneConfig", "PruneReport", "drop_layers_streamed", "evaluate_perplexity", "generate", "loraprune", "prune",
          "prune_iterative", "prune_layers", "prune_streamed", "recover", "save", "shear", "width"),
         "secateurs.api",
     ),
@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "NumericalError": "secateurs.errors",
     "SecateursError": "secateurs.errors",
     "UsageError": "secateurs.errors",
+    "Generation": "secateurs.evaluate.generate",
     "ZeroShot": "secateurs.evaluate.zeroshot",
     "zero_shot": "secateurs.evaluate.zeroshot",
     "LoadedModel": "secateurs.model.load",
@@ -53,6 +54,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "CalibConfig",
     "EngineOptions",
+    "Generation",
     "LayerConfig",
     "LayerReport",
     "LoRAPruneConfig",
@@ -72,6 +74,7 @@ __all__ = [
     "WidthReport",
     "drop_layers_streamed",
     "evaluate_perplexity",
+    "generate",
     "load_model",
     "load_run",
     "loraprune",

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from .depth.prune import prune_layers as _prune_layers
 from .device import resolve_device
 from .engine.sequential import EngineHooks, EngineOptions
 from .engine.stream import StreamSession
-from .errors import SecateursError
+from .errors import SecateursError, UsageError
+from .evaluate.generate import Generation, prompt_ids
+from .evaluate.generate import generate as _generate
 from .evaluate.perplexity import Perplexity, perplexity
 from .model.drop_layers import drop_layers
 from .model.load import LoadedModel
@@ -46,8 +49,8 @@ from .structured.shearing import shear as _shear
 
 __all__ = [
     "PruneConfig", "PruneReport", "as_calib", "as_engine", "bench", "check_prune", "drop_layers_streamed", "evaluate_perplexity",
-    "export_sparse", "layer_sparsity", "loraprune", "prunable_linears", "prune", "prune_iterative", "prune_layers",
-    "prune_streamed", "recover", "report_files", "save", "shear", "width",
+    "export_sparse", "generate", "layer_sparsity", "loraprune", "prunable_linears", "prune", "prune_iterative",
+    "prune_layers", "prune_streamed", "recover", "report_files", "save", "shear", "width",
 ]
 
 
@@ -249,3 +252,30 @@ def bench(
     from .evaluate.speed import SpeedConfig
 
     return compare(model, baseline, sparse, min_sparsity, resolve_device(device), dtype, config or SpeedConfig())
+
+
+def generate(
+    loaded: LoadedModel,
+    prompt: str,
+    max_new_tokens: int = 256,
+    *,
+    chat: bool = False,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    device: str = "auto",
+    method: str = "auto",
+    stream: Callable[[str], None] | None = None,
+) -> Generation:
+    """Continue ``prompt`` (with ``chat``: answer it through the tokenizer's chat template) on the fastest
+    decode path, the one ``bench`` times: static KV cache and a CUDA graph on CUDA (``method="compile"``
+    adds ``torch.compile``), the eager reference path on the CPU; sparse layers of a ``--export sparse``
+    folder run on their kernels. Greedy unless ``temperature`` > 0 (seeded by ``seed``). Each piece of
+    text goes to ``stream`` as soon as it is known; the result holds the text, the ids, prefill and
+    decode tokens/s and the path taken. The model is moved to ``device`` and left there."""
+    if loaded.tokenizer is None:
+        raise UsageError(f"{loaded.source} has no tokenizer, so a prompt cannot become tokens; copy the tokenizer "
+                         "files of the model it came from into it")
+    ids = prompt_ids(loaded.tokenizer, prompt, chat, loaded.source)
+    return _generate(loaded.model, loaded.tokenizer, ids, max_new_tokens, resolve_device(device), method,
+                     temperature, top_p, seed, stream)

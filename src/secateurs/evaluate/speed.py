@@ -3,14 +3,11 @@ tokens/s, peak memory and checkpoint size, measured the same way for every model
 
 Protocol (fixed so dense and pruned runs are comparable): seeded random token ids; ``warmup``
 untimed runs, then the median of ``repeats`` timed runs; CUDA work timed with CUDA events,
-CPU work with ``perf_counter``. Decode runs greedily on a ``StaticCache`` (fixed shapes). On CUDA
-it is timed with every method in ``decode_methods`` and the fastest is reported with its name,
-for every model alike, so a ratio is against what a user would otherwise run: ``cuda-graph``, the
-one-token step captured once in a CUDA graph and replayed (eager decode of a small batch is
-launch-bound and would hide any kernel's speed: FIELD.md, HF eager 22–33 tokens/s vs 108–131 with
-a static cache and graphs on a Llama-2-7B shape), and ``compile``, the same step through
-``torch.compile`` and then captured (fuses the norms, rotary and activation ops between the
-matmuls). A method that fails falls back to the next, down to eager, and the result says so.
+CPU work with ``perf_counter``. Decode runs greedily on a static KV cache, through the loop
+``secateurs generate`` runs (:class:`~secateurs.evaluate.decode.StaticDecoder`). On CUDA it is timed
+with every method in ``decode_methods`` (``cuda-graph``, ``compile``: see that module) and the fastest
+is reported with its name, for every model alike, so a ratio is against what a user would otherwise
+run. A method that fails falls back to the next, down to eager, and the result says so.
 
 Before timing, one untimed forward per prompt length and decode batch lets sparse layers pick
 their kernels (timing happens outside graph capture), so peak memory is the steady state's, and
@@ -28,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import StaticCache
 
 from .config import SpeedConfig
+from .decode import StaticDecoder
 
 @dataclass
 class SpeedResult:
@@ -125,72 +122,19 @@ def prefill(model, config: SpeedConfig, device: torch.device, timer) -> tuple[di
     return prefill_ms, ttft_ms
 
 
-class _Decoder:
-    """Greedy decode of ``batch`` sequences on a StaticCache; one step is replayable as a CUDA graph."""
-
-    def __init__(self, model, batch: int, config: SpeedConfig, device: torch.device, step_model=None) -> None:
-        self.model = model
-        self.step_model = model if step_model is None else step_model
-        self.config = config
-        self.device = device
-        self.cache = StaticCache(config=model.config, max_cache_len=config.decode_prompt + config.new_tokens + 1)
-        self.prompt = _ids(batch, config.decode_prompt, model.config.get_text_config().vocab_size, config.seed, device)
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    def start(self) -> None:
-        self.cache.reset()
-        n = self.prompt.shape[1]
-        logits = self.model(self.prompt, past_key_values=self.cache, cache_position=torch.arange(n, device=self.device),
-                            use_cache=True).logits
-        self.token.copy_(logits[:, -1:].argmax(-1))
-        self.position.fill_(n)
-
-    def _step(self) -> None:
-        logits = self.step_model(self.token, past_key_values=self.cache, cache_position=self.position, use_cache=True).logits
-        self.token.copy_(logits[:, -1:].argmax(-1))
-        self.position.add_(1)
-
-    def capture(self) -> bool:
-        """Record one step as a CUDA graph; False (and eager steps) if this model cannot be captured."""
-        self.start()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step()
-        except Exception:  # an op that syncs with the host or allocates oddly: fall back to eager steps
-            torch.cuda.synchronize(self.device)
-            return False
-        self.graph = graph
-        return True
-
-    def run(self) -> None:
-        step = self.graph.replay if self.graph is not None else self._step
-        for _ in range(self.config.new_tokens):
-            step()
-
-
 def _decode_rate(model, batch: int, config: SpeedConfig, device: torch.device, timer, method: str) -> float | None:
     """Tokens/s of one method at one batch size, or None if the method cannot run this model."""
-    step_model = None
     if method == "compile":
         torch._dynamo.reset()
-        step_model = torch.compile(model, dynamic=False)
-    decoder = _Decoder(model, batch, config, device, step_model)
+    decoder = StaticDecoder(model, batch, config.decode_prompt + config.new_tokens + 1, device, method)
+    prompt = _ids(batch, config.decode_prompt, model.config.get_text_config().vocab_size, config.seed, device)
     try:
         if method != "eager" and not decoder.capture():
             return None
         times = []
         for i in range(config.warmup + config.repeats):
-            decoder.start()
-            ms = timer(decoder.run)
+            decoder.start(prompt)
+            ms = timer(lambda: decoder.run(config.new_tokens))
             if i >= config.warmup:
                 times.append(ms)
     except Exception:  # e.g. a model torch.compile cannot trace: the other methods still report
