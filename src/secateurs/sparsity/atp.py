@@ -15,8 +15,6 @@ then runs the requested method once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -26,25 +24,10 @@ from ..evaluate.loss import mean_loss
 from ..model.arch import ArchSpec
 from ..model.linear import weight_matrix
 from .base import SparsityTarget
+from .config import AtpOptions
 from .wanda import Wanda
 
 CANDIDATE_SPREADS = (0.0, 0.1, 0.2, 0.3, 0.4)
-
-
-@dataclass(frozen=True)
-class AtpOptions:
-    """``spread``: last block's sparsity minus the first's (≥ 0); None searches it over
-    ``CANDIDATE_SPREADS`` on the first ``search_samples`` calibration windows."""
-
-    spread: float | None = None
-    search_samples: int = 8
-
-    def validate(self) -> AtpOptions:
-        if self.spread is not None and not 0.0 <= self.spread < 1.0:
-            raise UsageError(f"--atp-spread must be in [0, 1) (last block's sparsity minus the first's), got {self.spread:g}")
-        if self.search_samples < 1:
-            raise UsageError(f"ATP search_samples must be ≥ 1, got {self.search_samples}")
-        return self
 
 
 def atp_schedule(sparsity: float, n_blocks: int, spread: float) -> list[float]:

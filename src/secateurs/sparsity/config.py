@@ -45,6 +45,34 @@ def parse_reconstruct(text: str | None) -> dict[str, str] | None:
     return values
 
 
+ALLOCATIONS = ("uniform", "owl", "atp")  # owl: sparsity/owl.py, atp: sparsity/atp.py
+
+
+@dataclass(frozen=True)
+class OwlOptions:
+    """OWL's budget: a weight is an outlier above ``m`` × its block's mean Wanda score; block
+    sparsities stay within the target ± ``lam``."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+
+@dataclass(frozen=True)
+class AtpOptions:
+    """``spread``: last block's sparsity minus the first's (≥ 0); None searches it over
+    ``CANDIDATE_SPREADS`` on the first ``search_samples`` calibration windows."""
+
+    spread: float | None = None
+    search_samples: int = 8
+
+    def validate(self) -> AtpOptions:
+        if self.spread is not None and not 0.0 <= self.spread < 1.0:
+            raise UsageError(f"--atp-spread must be in [0, 1) (last block's sparsity minus the first's), got {self.spread:g}")
+        if self.search_samples < 1:
+            raise UsageError(f"ATP search_samples must be ≥ 1, got {self.search_samples}")
+        return self
+
+
 @dataclass
 class PruneConfig:
     """An unstructured / N:M pruning request. ``sparsity`` may be one value or one per block."""
@@ -84,9 +112,7 @@ class PruneConfig:
         """Validate what needs no model (allocation, permutation, reconstruction), so the CLI can do it
         before loading; returns the reconstruction's settings (None when off)."""
         from ..options import build_options
-        from .atp import AtpOptions
         from .masks import Pattern
-        from .owl import ALLOCATIONS
         from .reconstruct import ReconstructOptions
 
         if self.allocation not in ALLOCATIONS:

@@ -10,8 +10,6 @@ unstructured method (magnitude, Wanda, SparseGPT) through the same per-block tar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -21,15 +19,9 @@ from ..errors import UsageError
 from ..model.arch import ArchSpec
 from ..model.linear import weight_matrix
 from .base import SparsityTarget
+from .config import OwlOptions
 from .wanda import wanda_scores
 
-ALLOCATIONS = ("uniform", "owl", "atp")  # atp: sparsity/atp.py
-
-
-@dataclass(frozen=True)
-class OwlOptions:
-    m: float = 5.0
-    lam: float = 0.08
 
 
 class OutlierRatios(BlockMethod):

@@ -22,10 +22,10 @@ from ..model.load import LoadedModel
 from ..model.save import previous_stages
 from ..options import build_options
 from ..record import build_record, peak_memory_mb
-from .atp import AtpOptions, atp_target
+from .atp import atp_target
 from .base import SparsityTarget
-from .config import PruneConfig
-from .owl import OwlOptions, owl_target
+from .config import AtpOptions, OwlOptions, PruneConfig
+from .owl import owl_target
 from .permute import ChannelPermutation
 from .reconstruct import BlockReconstruction
 from .registry import method_class

@@ -11,7 +11,7 @@ from ..data.config import CalibConfig
 from ..engine.options import EngineOptions
 from ..errors import UsageError
 from ..schema import group, option
-from ..sparsity.config import PruneConfig
+from ..sparsity.config import AtpOptions, OwlOptions, PruneConfig
 from .base import Outcome, Stage, StageConfig, Table
 from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note, err_console
 from .groups import Evaluation, LoadOptions
@@ -29,10 +29,10 @@ class PruneRequest(StageConfig):
     model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
     out: str = option(help="Output folder (written atomically).", decls=("--out",))
     config: PruneConfig = group(PruneConfig, rename={"options": "option"}, exclude=("allocation_options",))
-    owl_m: float = option(5.0, "OWL: a weight is an outlier above M × its block's mean Wanda score.")
-    owl_lambda: float = option(0.08, "OWL: block sparsities stay within target ± lambda.")
+    owl_m: float = option(OwlOptions.m, "OWL: a weight is an outlier above M × its block's mean Wanda score.")
+    owl_lambda: float = option(OwlOptions.lam, "OWL: block sparsities stay within target ± lambda.")
     atp_spread: float | None = option(
-        None, "ATP: last block's sparsity minus the first's; default: searched on the calibration loss."
+        AtpOptions.spread, "ATP: last block's sparsity minus the first's; default: searched on the calibration loss."
     )
     calib: CalibConfig | None = group(CalibConfig, rename={"source": "calib"}, optional_on="source")
     engine: EngineOptions = group(EngineOptions)

@@ -23,7 +23,7 @@ class WidthCalibration:
     """Width calibration: the method's paper's sample count and length unless given (so not a
     :class:`CalibConfig`, whose defaults are the unstructured papers' 128 × 2048)."""
 
-    source: str = option("wikitext2", "Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.")
+    source: str = option(CalibConfig.source, "Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.")
     n_samples: int | None = option(None, "Calibration sequences (default: the method's paper default).")
     seq_len: int | None = option(None, "Tokens per calibration sequence (default 128, as in the papers).")
     seed: int = option(CalibConfig.seed, help_of(CalibConfig, "seed"))
