@@ -13,7 +13,10 @@ from secateurs import load_model, save
 from secateurs.api import export_sparse
 from secateurs.cli import app
 from secateurs.kernels import sparse_layers
+from secateurs.model.drop_layers import drop_layers
 from secateurs.model.linear import weight_matrix
+from secateurs.model.slice import apply_widths
+from secateurs.structured.base import model_groups
 from secateurs.sparsity.masks import nm_mask
 
 PROMPT = "the quick brown fox"
@@ -50,6 +53,23 @@ def test_greedy_tokens_are_transformers_greedy_tokens(folders, model, reference)
     assert done.tokens == transformers_greedy(folders[reference], PROMPT, 16)
     assert done.method == "eager" and done.prompt_tokens == 4
     assert ("2:4 × 21 on sparse kernels" in done.path) == (model == "sparse")
+
+
+def _per_layer_widths(loaded) -> None:
+    """Each block keeps a different number of heads and channels (our per-layer class when saved)."""
+    keep = [{kind: torch.arange(groups.count - 1 - index % 2) for kind, groups in per.items()}
+            for index, per in enumerate(model_groups(loaded, ("heads", "channels")))]
+    apply_widths(loaded.model, loaded.spec, keep)
+
+
+@pytest.mark.parametrize("prune", [_per_layer_widths, lambda loaded: drop_layers(loaded.model, loaded.spec, [1])],
+                         ids=["width", "depth"])
+def test_width_and_depth_pruned_outputs_generate_like_transformers(tmp_path, prune):
+    loaded = tiny_model("llama", num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    prune(loaded)
+    folder = save(loaded, tmp_path / "out", stages=[])
+    done = secateurs.generate(load_model(str(folder)), PROMPT, 12, device="cpu")
+    assert done.tokens == transformers_greedy(folder, PROMPT, 12)
 
 
 def test_text_is_streamed_piece_by_piece(folders):
