@@ -11,7 +11,9 @@ then a graph); on the CPU it is the eager reference path, whose greedy tokens ar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -167,6 +169,18 @@ class Generation:
                 "decode_tokens_per_s": self.decode_tokens_per_s, "path": self.path}
 
 
+@contextmanager
+def _notes_kept() -> Iterator[None]:
+    """The kernels' fallback lines are returned with the result (:attr:`Generation.notes`, shown once with
+    the timings, the CPU's folded into one) instead of logged mid-stream, where they would cut the text."""
+    log = logging.getLogger("secateurs.kernels")
+    before, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = before
+
+
 def generate(model, tokenizer, ids: list[int], max_new_tokens: int, device: torch.device, method: str = "auto",
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              stream: Callable[[str], None] | None = None) -> Generation:
@@ -182,9 +196,10 @@ def generate(model, tokenizer, ids: list[int], max_new_tokens: int, device: torc
     check_fits(model.config, len(ids), max_new_tokens)
     notes = []
     if device.type != "cuda":
+        why = "no CUDA GPU" if not torch.cuda.is_available() else f"--device {device}"
         if method not in ("auto", "eager"):
-            notes.append(f"--decode-method {method} needs a CUDA GPU: the reference path runs instead")
-        notes.append("no CUDA GPU: generating on the reference path (eager decode; sparse layers expand to dense)")
+            why = f"--decode-method {method} needs a CUDA device ({why})"
+        notes.append(f"{why}: generating on the reference path (eager decode; sparse layers expand to dense)")
         method = "eager"
     elif method == "auto":
         method = "cuda-graph"
@@ -194,9 +209,13 @@ def generate(model, tokenizer, ids: list[int], max_new_tokens: int, device: torc
         kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
     text = TextStream(tokenizer, stream or (lambda piece: None))
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    run = generate_tokens(model, prompt, max_new_tokens, device, method,
-                          sampler(temperature, top_p, seed, device), end_tokens(model, tokenizer), text.add)
+    earlier = set(fallback_notes())
+    with _notes_kept():
+        run = generate_tokens(model, prompt, max_new_tokens, device, method,
+                              sampler(temperature, top_p, seed, device), end_tokens(model, tokenizer), text.add)
     text.close()
-    notes += [n for n in fallback_notes() if "no CUDA device" not in n and n not in notes]
+    if run.method != method:
+        notes.append(f"the {method} decode step could not run this model: eager steps on the static cache instead")
+    notes += [n for n in fallback_notes() if n not in earlier and "no CUDA device" not in n]
     return Generation(tokenizer.decode(run.tokens, skip_special_tokens=True), len(ids), run.tokens, run.prefill_s,
                       run.decode_s, run.method, str(device), kinds, notes, run.stopped_at_eos)
