@@ -12,6 +12,7 @@ from secateurs.engine.sequential import BlockMethod, EngineOptions, run_blocks
 from secateurs.engine.stats import Hessian, InputSqNorm
 from secateurs.errors import UsageError
 from secateurs.model.arch import SPECS, spec_for
+from secateurs.model.experts import ExpertLinear
 from secateurs.model.linear import in_features, oriented, out_features, sync_features, weight_dim, weight_matrix
 
 
@@ -62,7 +63,13 @@ def test_named_linears_and_orientation(arch):
     blocks = spec.blocks_of(loaded.model)
     assert len(named) == len(blocks) * len(spec.linears(blocks[0]))
     for path, module in named.items():
-        assert loaded.model.get_submodule(path) is module
+        if isinstance(module, ExpertLinear):  # a view of one expert of a fused 3-D parameter
+            parent, name, index = path.rsplit(".", 2)
+            fused = getattr(loaded.model.get_submodule(parent), name)
+            assert (module.experts, module.name, module.index) == (loaded.model.get_submodule(parent), name, int(index))
+            assert module.weight.data_ptr() == fused[int(index)].data_ptr()
+        else:
+            assert loaded.model.get_submodule(path) is module
         weight = weight_matrix(module)
         assert weight.data_ptr() == module.weight.data_ptr()
         assert module.weight.shape[weight_dim(module, "out")] == weight.shape[0] == out_features(module)

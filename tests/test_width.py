@@ -17,7 +17,7 @@ from secateurs.model.slice import apply_widths, mask_groups
 from secateurs.structured import base
 from secateurs.structured.base import WidthConfig, model_groups
 from secateurs.structured.select import kept_count, select_global, select_uniform
-from tiny_models import random_ids, tiny_model
+from tiny_models import MOE_ARCHS, random_ids, tiny_model
 
 # 8 query heads in 4 KV groups, so layers can keep different head counts.
 GQA = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
@@ -85,8 +85,19 @@ def test_sliced_equals_masked_and_reloads(arch, uniform, tmp_path):
 
 
 def test_surgery_covers_every_arch_spec():
-    """The sliced == masked test above runs a tiny model of every ArchSpec entry."""
-    assert {spec_for(tiny_model(arch).model).name for arch in WIDE} == {spec.name for spec in SPECS}
+    """The sliced == masked test above runs a tiny model of every dense ArchSpec entry."""
+    dense = {spec.name for spec in SPECS if spec.moe is None}
+    assert {spec_for(tiny_model(arch).model).name for arch in WIDE} == dense
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_width_refuses_a_mixture_of_experts_in_one_line(arch):
+    """Experts' widths are no dependency group: width pruning says so and points at `experts`."""
+    loaded = tiny_model(arch)
+    before = [p.clone() for p in loaded.model.parameters()]
+    with pytest.raises(UsageError, match="mixture-of-experts.*secateurs experts"):
+        apply_widths(loaded.model, loaded.spec, [{"channels": torch.tensor([0, 1])} for _ in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(before, loaded.model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("arch", list(WIDE))

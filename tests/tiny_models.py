@@ -13,7 +13,9 @@ from secateurs.model.arch import spec_for
 from secateurs.model.load import LoadedModel
 
 VOCAB = 320
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt2", "opt", "gpt_neox")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "gpt2", "opt", "gpt_neox",
+         *MOE_ARCHS)
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=3,
                max_position_embeddings=256, tie_word_embeddings=False)
@@ -35,6 +37,24 @@ _OVERRIDES: dict[str, dict] = {
     "gpt2": dict(n_embd=64, n_head=4, n_layer=3, n_positions=256),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1),
     "gpt_neox": dict(intermediate_size=128),
+    # Mixture-of-experts: 4 routed experts, 2 per token, every layer sparse (the DeepSeek ones with
+    # their shared expert; V2 with q_proj as in V2-Lite, V3 with the low-rank query pair).
+    "mixtral": dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=None),
+    "qwen2_moe": dict(num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=32, head_dim=16,
+                      num_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(num_key_value_heads=2, intermediate_size=32, num_experts=4, num_experts_per_tok=2, eos_token_id=2),
+    "deepseek_v2": dict(num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=None,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=0, topk_method="greedy"),
+    "deepseek_v3": dict(num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=16,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=0, n_group=1, topk_group=1),
+    "gpt_oss": dict(num_key_value_heads=2, intermediate_size=32, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 

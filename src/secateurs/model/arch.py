@@ -2,8 +2,10 @@
 
 Methods, the engine and surgery ask the spec (``spec.blocks_of(model)``, ``spec.linears(block)``,
 ``spec.named_linears(model)``), never ``model.model.layers`` directly, and read what the family
-allows from its capability fields (``prunable_heads``, ``prunable_hidden``), so supporting a new
-architecture is one entry in ``SPECS``.
+allows from its capability fields (``prunable_heads``, ``prunable_hidden``, ``moe``), so supporting
+a new architecture is one entry in ``SPECS``. A mixture-of-experts family's fused expert parameters
+appear among a block's linears as one :class:`~secateurs.model.experts.ExpertLinear` view per expert
+and matrix (``mlp.experts.gate_up_proj.3``), so every method prunes them like any linear.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import UsageError
+from .experts import MoeSpec, expert_linears
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class ArchSpec:
     the hidden size (Sheared LLaMA's residual-stream masks) only where ``prunable_hidden`` is set:
     RMSNorm everywhere and no embedding scale (Gemma multiplies embeddings by sqrt(hidden_size),
     which changes when hidden shrinks; GPT-2, OPT and GPT-NeoX use LayerNorm).
+
+    ``moe`` marks a mixture-of-experts family (None: dense): a block whose ``moe.block`` module has
+    experts lists its shared expert's linears and a view of every routed expert's matrices in place of
+    ``mlp`` (which then names a dense layer's MLP). ``optional``: linears some configs lack (DeepSeek's
+    ``q_proj`` or its low-rank ``q_a_proj``/``q_b_proj`` pair).
     """
 
     name: str
@@ -56,6 +64,8 @@ class ArchSpec:
     intermediate_key: str = "intermediate_size"
     head_dim_key: str | None = "head_dim"
     prunable_hidden: bool = False
+    moe: MoeSpec | None = None
+    optional: tuple[str, ...] = ()
 
     @property
     def prunable_heads(self) -> bool:
@@ -83,8 +93,34 @@ class ArchSpec:
         return model.get_submodule(self.blocks)
 
     def linears(self, block: nn.Module) -> dict[str, nn.Module]:
-        """Prunable linears of one block (attention first, then MLP), by path relative to it."""
-        return {path: block.get_submodule(path) for path in (*self.attention, *self.mlp)}
+        """Prunable linears of one block (attention first, then MLP: for an MoE block the shared
+        expert's, then each routed expert's gate/up and down views), by path relative to it."""
+        found = {
+            path: block.get_submodule(path)
+            for path in self.attention
+            if path not in self.optional or _has(block, path)
+        }
+        experts = self.experts_of(block)
+        if experts is None:
+            return found | {path: block.get_submodule(path) for path in self.mlp}
+        assert self.moe is not None
+        for path in self.moe.shared:
+            found[f"{self.moe.block}.{path}"] = block.get_submodule(f"{self.moe.block}.{path}")
+        prefix = f"{self.moe.block}.{self.moe.experts}"
+        for path, view in expert_linears(experts, self.moe.transposed).items():
+            found[f"{prefix}.{path}"] = view
+        return found
+
+    def experts_of(self, block: nn.Module) -> nn.Module | None:
+        """The block's fused experts module, or None for a dense block (or a dense family)."""
+        if self.moe is None or not _has(block, f"{self.moe.block}.{self.moe.experts}"):
+            return None
+        return block.get_submodule(f"{self.moe.block}.{self.moe.experts}")
+
+    def router_of(self, block: nn.Module) -> nn.Module:
+        """The router of an MoE block (its ``weight`` rows are the experts' logits)."""
+        assert self.moe is not None
+        return block.get_submodule(f"{self.moe.block}.{self.moe.router}")
 
     @staticmethod
     def text_config(config):
@@ -111,6 +147,16 @@ _GEMMA_NORMS = (
     "pre_feedforward_layernorm",
     "post_feedforward_layernorm",
 )
+# DeepSeek's multi-head latent attention: q_proj, or the low-rank q_a_proj/q_b_proj pair, by config.
+_MLA = (
+    "self_attn.q_proj",
+    "self_attn.q_a_proj",
+    "self_attn.q_b_proj",
+    "self_attn.kv_a_proj_with_mqa",
+    "self_attn.kv_b_proj",
+    "self_attn.o_proj",
+)
+_DEEPSEEK_SHARED = ("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj")
 
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec(name="llama", model_types=("llama",), **_LLAMA_LIKE, prunable_hidden=True),
@@ -143,6 +189,34 @@ SPECS: tuple[ArchSpec, ...] = (
         qkv_layout="fused",
         mlp_layout="gated_fused",
         prunable_hidden=True,
+    ),
+    ArchSpec(name="mixtral", model_types=("mixtral",), **_LLAMA_LIKE,
+             moe=MoeSpec(experts_key="num_local_experts")),
+    ArchSpec(name="qwen2-moe", model_types=("qwen2_moe",), **_LLAMA_LIKE,
+             moe=MoeSpec(shared=("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"))),
+    ArchSpec(name="qwen3-moe", model_types=("qwen3_moe",), **_LLAMA_LIKE, moe=MoeSpec()),
+    ArchSpec(name="olmoe", model_types=("olmoe",), **_LLAMA_LIKE, head_dim_key=None, moe=MoeSpec()),
+    ArchSpec(
+        name="deepseek-v2",
+        model_types=("deepseek_v2",),
+        **{**_LLAMA_LIKE, "attention": _MLA},
+        optional=_MLA[:3],
+        head_dim_key=None,
+        moe=MoeSpec(shared=_DEEPSEEK_SHARED, group_key="n_group"),
+    ),
+    ArchSpec(
+        name="deepseek-v3",
+        model_types=("deepseek_v3",),
+        **{**_LLAMA_LIKE, "attention": _MLA},
+        optional=_MLA[:3],
+        head_dim_key=None,
+        moe=MoeSpec(shared=_DEEPSEEK_SHARED, experts_key="num_local_experts", group_key="n_group"),
+    ),
+    ArchSpec(
+        name="gpt-oss",
+        model_types=("gpt_oss",),
+        **{**_LLAMA_LIKE, "mlp": ()},
+        moe=MoeSpec(router="router", experts_key="num_local_experts", transposed=True),
     ),
     ArchSpec(
         name="gpt2",
@@ -195,8 +269,21 @@ SPECS: tuple[ArchSpec, ...] = (
 )
 
 
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for spec in SPECS for t in spec.model_types)
+
+
+def moe_model_types() -> list[str]:
+    """The mixture-of-experts model_type values we know, for the one line that names them."""
+    return sorted(t for spec in SPECS if spec.moe is not None for t in spec.model_types)
 
 
 def spec_for(model_or_config) -> ArchSpec:
@@ -206,7 +293,15 @@ def spec_for(model_or_config) -> ArchSpec:
     for spec in SPECS:
         if model_type in spec.model_types:
             return spec
+    moe = " (a mixture-of-experts model?" if _looks_moe(config) else ""
+    known = f"; known mixture-of-experts model_type values: {', '.join(moe_model_types())})" if moe else ""
     raise UsageError(
-        f"architecture {model_type!r} is not supported; supported model_type values: "
+        f"architecture {model_type!r}{moe}{known} is not supported; supported model_type values: "
         f"{', '.join(supported_model_types())}"
     )
+
+
+def _looks_moe(config) -> bool:
+    """The config sizes routed experts (any of the keys the families use)."""
+    keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+    return any(getattr(config, key, None) for key in keys)

@@ -135,8 +135,19 @@ def channel_groups(spec: ArchSpec, block: nn.Module) -> GroupSet:
     return GroupSet("channels", width, (*slots, Slot(down_path, "in", c)))
 
 
+def refuse_moe(spec: ArchSpec) -> None:
+    """Width and hidden-size pruning stop at a mixture-of-experts family in one line."""
+    if spec.moe is not None:
+        raise UsageError(
+            f"{spec.name}: a mixture-of-experts model; width pruning does not slice experts, "
+            "use `secateurs experts` to remove whole experts"
+        )
+
+
 def check_target(spec: ArchSpec, kinds: tuple[str, ...]) -> None:
-    """Refuse head pruning where the saved model could not be reloaded by its modeling code."""
+    """Refuse head pruning where the saved model could not be reloaded by its modeling code, and
+    any width pruning of an MoE family (its experts' widths are not dependency groups here)."""
+    refuse_moe(spec)
     if "heads" in kinds and not spec.prunable_heads:
         raise UsageError(
             f"{spec.name}: its transformers modeling code derives the head size from hidden_size / heads, "
@@ -146,6 +157,7 @@ def check_target(spec: ArchSpec, kinds: tuple[str, ...]) -> None:
 
 def block_groups(spec: ArchSpec, config, block: nn.Module, kinds: tuple[str, ...]) -> dict[str, GroupSet]:
     """The group sets of the requested kinds (``heads``, ``channels``) in one block."""
+    refuse_moe(spec)
     found = {}
     if "heads" in kinds:
         found["heads"] = head_groups(spec, config, block)

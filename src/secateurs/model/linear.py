@@ -1,5 +1,5 @@
-"""A uniform (out_features, in_features) view of a Linear or a GPT-2 Conv1D: the one place that
-knows GPT-2's orientation.
+"""A uniform (out_features, in_features) view of a Linear, a GPT-2 Conv1D or one expert of a fused
+MoE parameter (:class:`~secateurs.model.experts.ExpertLinear`): the one place that knows orientation.
 
 GPT-2 stores its projections as ``Conv1D`` with the weight transposed (in, out). Every method and
 mask works on the (out, in) view returned by :func:`weight_matrix` (or :func:`oriented` for a tensor
@@ -15,17 +15,19 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .experts import ExpertLinear
+
 
 def is_transposed(module: nn.Module) -> bool:
-    """The module stores its weight as (in, out) (GPT-2's Conv1D)."""
-    return isinstance(module, Conv1D)
+    """The module stores its weight as (in, out) (GPT-2's Conv1D, gpt-oss's experts)."""
+    return isinstance(module, Conv1D) or (isinstance(module, ExpertLinear) and module.transposed)
 
 
 def oriented(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, shaped like ``module.weight``, seen as (out, in) (a view, sharing storage)."""
     if is_transposed(module):
         return tensor.t()
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, ExpertLinear)):
         return tensor
     raise TypeError(f"not a linear layer: {type(module).__name__}")
 
@@ -52,6 +54,8 @@ def out_features(module: nn.Module) -> int:
 def sync_features(module: nn.Module) -> None:
     """Make the module's own size attributes (``nf``, or ``out_features``/``in_features``) match a
     weight that surgery replaced, so ``repr`` and code that reads them see the new shape."""
+    if isinstance(module, ExpertLinear):
+        raise TypeError(f"{module!r} is a view of a fused expert parameter; surgery cannot resize it")
     if is_transposed(module):
         module.nf = module.weight.shape[1]
     else:
