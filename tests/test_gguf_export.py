@@ -64,7 +64,7 @@ def test_width_pruned_llama_reads_back_through_gguf(tmp_path, gguf_type):
     assert _field(reader, "llama.feed_forward_length") == 64
     assert (_field(reader, "llama.attention.head_count"), _field(reader, "llama.attention.head_count_kv")) == (2, 1)
     assert _field(reader, "llama.attention.key_length") == 16  # hidden 64 / 2 heads would say 32
-    assert _field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert (_field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre")) == ("gpt2", "gpt-2")  # llama.cpp's names
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" in tensors and len(tensors) == 2 + 1 + 3 * 9
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
@@ -105,11 +105,16 @@ def test_transformers_loads_the_gguf_to_the_same_logits_and_tokens(tmp_path, bui
 
 
 def test_gemma2_norms_and_tied_embedding_follow_llama_cpp(tmp_path):
-    """Gemma's norms are stored as 1 + w (llama.cpp multiplies by the stored weight) and a tied LM head
-    is not written; transformers reads the file back to the same logits."""
-    loaded = tiny_model("gemma2", tie_word_embeddings=True)
+    """Gemma's norms are stored as 1 + w (llama.cpp multiplies by the stored weight), its sliding layers
+    listed, a tied LM head not written; transformers reads the file back to the same logits."""
+    with pytest.raises(UsageError, match="query_pre_attn_scalar"):  # llama.cpp scales by 1/sqrt(head_dim)
+        export_gguf(tiny_model("gemma2", tie_word_embeddings=True, query_pre_attn_scalar=144), tmp_path / "g.gguf")
+    # head_dim 256 = the default query_pre_attn_scalar, which transformers' GGUF loader assumes (Gemma 2 2B, 9B)
+    loaded = tiny_model("gemma2", tie_word_embeddings=True, head_dim=256)
     path = export_gguf(loaded, tmp_path / "g.gguf", "f16").path
-    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    reader = GGUFReader(path)
+    assert _field(reader, "gemma2.attention.sliding_window_pattern") == [True, False, True]
+    tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" not in tensors
     norm = loaded.model.model.layers[0].input_layernorm.weight
     np.testing.assert_allclose(tensors["blk.0.attn_norm.weight"].data, norm.numpy() + 1, rtol=1e-6)

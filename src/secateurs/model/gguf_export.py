@@ -12,6 +12,8 @@ What llama.cpp expects and its own converter (``convert_hf_to_gguf.py``) does, k
 * Llama and Mistral run RoPE on interleaved pairs in llama.cpp, while Hugging Face stores q/k rows as
   two halves: those rows are permuted per head (:func:`interleave_rope`);
 * Gemma's RMSNorm multiplies by ``1 + weight``, llama.cpp's by ``weight``: Gemma norms are written + 1;
+  Gemma 2's sliding layers are listed per layer, and llama.cpp scales its attention by 1/sqrt(head size),
+  so a model whose ``query_pre_attn_scalar`` differs (27B) is refused;
 * 1-D tensors (norms, biases) stay f32 whatever the type; a matrix whose rows do not split into
   q8_0 blocks of 32 is written f16;
 * the tokenizer goes in as ``tokenizer.ggml.*``: a byte-level BPE vocabulary with its merges, token
@@ -97,6 +99,12 @@ def check_exportable(config) -> GGUFArch:
             "(llama.cpp's llama, qwen2, qwen3 and gemma2)"
         )
     _rope_scaling(config)
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if ARCHES[model_type].softcapping and scalar != _head_dim(config):
+        raise UsageError(
+            f"llama.cpp's gemma2 scales attention by 1/sqrt(head_dim {_head_dim(config)}) but this model by "
+            f"1/sqrt({scalar}) (query_pre_attn_scalar); GGUF export takes Gemma 2 models whose two agree (2B, 9B)"
+        )
     if not getattr(config, SHAPES_KEY, None):
         return ARCHES[model_type]
     if ARCHES[model_type].name != "llama":
@@ -230,6 +238,8 @@ def _write_config(writer, config, arch: GGUFArch, gguf_type: str, source: str,
         if config.final_logit_softcapping is not None:
             writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
         writer.add_sliding_window(int(config.sliding_window))
+        # which layers slide, once depth pruning has broken llama.cpp's default every-other-layer pattern
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_file_type(file_types[gguf_type])
@@ -251,7 +261,7 @@ def _pre_tokenizer(spec: dict | None) -> str:
     parts = (spec or {}).get("pretokenizers", [spec] if spec else [])
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
     if kinds[:1] == ["Split"] and kinds[-1:] == ["ByteLevel"]:
