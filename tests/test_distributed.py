@@ -11,15 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from distributed_worker import CASES, owl_schedule, run_case
 from test_stream import tensors_of
 
 from secateurs.api import PruneConfig, prune
 from secateurs.data.calib import CalibConfig
-from secateurs.engine.distributed import assign, split_samples, torchrun_args
+from secateurs.engine.distributed import assign, split_samples
 from secateurs.engine.sequential import EngineOptions
 from secateurs.errors import UsageError
 from secateurs.model.load import load_model
+from secateurs.recipe import run as run_recipe
+from secateurs.schema import argv
+from secateurs.stages import STAGES
+from secateurs.stages import run as run_stage
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,7 +88,6 @@ def test_split_and_assign():
         split_samples(ids[:2], 0, 3)
     owners = assign([1.0, 8.0, 4.0, 4.0], 2)
     assert owners == [0, 0, 1, 1]  # 8 → rank 0, both 4s → rank 1, then 1 → rank 0 (tie, lower rank)
-    assert torchrun_args(["prune", "m", "--nproc", "2", "--out", "o", "--nproc=3"]) == ["prune", "m", "--out", "o"]
 
 
 def test_cli_nproc_wanda_smollm2_equals_one_process(smollm2_folder, data_dir, tmp_path):
@@ -145,3 +149,76 @@ def test_rendezvous_that_never_completes_is_one_line():
     assert done.returncode == 2, done.stderr[-2000:]
     message = done.stdout.strip()
     assert "\n" not in message and "could not join the 2-process job" in message and "SECATEURS_DIST_TIMEOUT" in message
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path) -> tuple[Path, Path]:
+    """A tiny Llama folder and a calibration text file, for the two-rank runs of each entry point."""
+    loaded = tiny_model("llama")
+    folder = tmp_path / "tiny"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    return folder, text
+
+
+def _one_process(folder: Path, text: Path) -> dict[str, torch.Tensor]:
+    """Wanda on two calibration samples in one process, one thread (as each rank runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_model(str(folder))
+        prune(loaded, PruneConfig("wanda", 0.5), CalibConfig(str(text), 2, 32, 0), EngineOptions(device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    return loaded.model.state_dict()
+
+
+def _same_weights(saved: Path, state: dict[str, torch.Tensor]) -> None:
+    for name, value in tensors_of(saved).items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_argv_rebuilds_the_request():
+    """The flags a rank is started with build the very request the launcher built."""
+    values = {"model": "m", "out": "o", "method": "wanda", "sparsity": "0.1,0.2", "option": ["a=1"], "n_samples": 2,
+              "calib": "wikitext2", "owl_m": 7.25, "stream": True, "ppl": "wikitext2"}
+    prune_stage = STAGES["prune"]
+    line = argv(prune_stage.config_class, values)
+    assert line[:1] == ["m"] and "--nproc" not in line and ["--option", "a=1"] == line[line.index("--option"):][:2]
+    again = dict(zip(line[1::2], line[2::2]))
+    assert again["--owl-m"] == "7.25" and again["--sparsity"] == "0.1,0.2" and "--stream" in line
+
+
+def test_python_caller_with_nproc_is_refused(tiny_folder, tmp_path):
+    folder, text = tiny_folder
+    request = STAGES["prune"].parse(str(folder), str(tmp_path / "out"), method="wanda", calib=str(text),
+                                        n_samples=2, seq_len=32, nproc=2)
+    with pytest.raises(UsageError, match="start this script with `torchrun --nproc-per-node 2`") as error:
+        run_stage(request)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_cli_nproc_tiny_equals_one_process(tiny_folder, tmp_path):
+    """``secateurs prune --nproc 2``: the command, without --nproc, on two gloo ranks."""
+    folder, text = tiny_folder
+    args = ["prune", str(folder), "--method", "wanda", "--calib", str(text), "--n-samples", "2", "--seq-len", "32",
+            "--device", "cpu", "--out", str(tmp_path / "two"), "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "secateurs", *args], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    _same_weights(tmp_path / "two", _one_process(folder, text))
+
+
+def test_recipe_stage_with_nproc_runs_that_stage_across_ranks(tiny_folder, tmp_path):
+    """A recipe's ``nproc: 2`` stage runs that stage (not the whole recipe) on two ranks, into its stage folder."""
+    folder, text = tiny_folder
+    recipe = {"model": str(folder), "calib": {"source": str(text), "n_samples": 2, "seq_len": 32, "seed": 0},
+              "stages": [{"prune": {"method": "wanda", "sparsity": 0.5, "device": "cpu", "nproc": 2}}],
+              "out": str(tmp_path / "run")}
+    lines: list[str] = []
+    record = run_recipe(recipe, echo=lines.append)
+    assert lines == ["stage 1 (prune): running"]
+    assert record["stages"][0]["record"]["method"] == "wanda"
+    _same_weights(tmp_path / "run", _one_process(folder, text))

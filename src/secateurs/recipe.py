@@ -63,9 +63,8 @@ from .files import (
 )
 from .model.save import RECORD
 from .record import build_record
-from .stages import STAGES, Outcome, StageConfig, check
+from .stages import STAGES, Outcome, StageConfig, check, run_command
 from .stages import Stage as StageSpec
-from .stages import run as run_stage
 
 STAGE_COMMANDS = tuple(STAGES)
 RUNNER_FIELDS = ("model", "out", "overwrite")
@@ -466,19 +465,24 @@ def _published(out: Path) -> set[str]:
     return names
 
 
-def _request(stage: Stage, model: str, folder: Path) -> StageConfig:
-    """The stage's fields, its input and where it writes, parsed by its spec into a typed request."""
-    spec: StageSpec = STAGES[stage.command]
-    kwargs = dict(stage.fields)
-    kwargs["model"] = model
+def _flag_values(stage: Stage, model: str, folder: Path) -> dict[str, Any]:
+    """The stage's flag values: its fields, its input and where it writes."""
+    values = dict(stage.fields)
+    values["model"] = model
     if stage.produces_model:
-        kwargs["out"] = str(folder / "model")
+        values["out"] = str(folder / "model")
         if "overwrite" in stage_flags(stage.command):
-            kwargs["overwrite"] = False
+            values["overwrite"] = False
     result_flag = RESULT_FILES.get(stage.command)
-    if result_flag and result_flag in kwargs:
-        kwargs[result_flag] = str(folder / "results.json")
-    return spec.parse(**kwargs)
+    if result_flag and result_flag in values:
+        values[result_flag] = str(folder / "results.json")
+    return values
+
+
+def _request(stage: Stage, model: str, folder: Path) -> StageConfig:
+    """The stage's flag values parsed by its spec into a typed request."""
+    spec: StageSpec = STAGES[stage.command]
+    return spec.parse(**_flag_values(stage, model, folder))
 
 
 def _run_stage(stage: Stage, model: str, folder: Path, show: Callable[[Outcome], None] | None) -> dict:
@@ -487,8 +491,10 @@ def _run_stage(stage: Stage, model: str, folder: Path, show: Callable[[Outcome],
     folder.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        request = _request(stage, model, folder)
-        outcome = run_stage(request)
+        values = _flag_values(stage, model, folder)
+        request = STAGES[stage.command].parse(**values)
+        # nproc > 1: this stage alone runs across the ranks (they write the stage folder), not the recipe
+        outcome = run_command(request, values)
         if outcome is not None and show is not None:
             show(outcome)
         if outcome is not None and outcome.failed:

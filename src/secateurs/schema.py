@@ -229,3 +229,25 @@ def _instantiate(cls: type, spec: Group, tree: dict[str, Any]) -> Any:
 def help_of(cls: type, name: str) -> str:
     """The help text of field ``name`` of config ``cls``, for a field elsewhere that shares its flag."""
     return next(f.metadata[HELP].text for f in dataclasses.fields(cls) if f.name == name)
+
+
+def argv(cls: type, values: Mapping[str, Any]) -> list[str]:
+    """The command line that gives config ``cls`` these flag values (the inverse of :func:`build`'s
+    input): positional arguments first, then each flag whose value differs from its default, as
+    ``secateurs <stage>`` reads it (a list flag repeated, a bool as ``--name`` / ``--no-name``). The
+    torchrun ranks of a ``--nproc`` run are started with it, so they build the very same config."""
+    known = flags(cls)
+    positional = [str(values[name]) for name, flag in known.items() if flag.argument and name in values]
+    options: list[str] = []
+    for name, flag in known.items():
+        value = values.get(name)
+        if flag.argument or value is None or (value == flag.default and not flag.required):
+            continue
+        spelled = flag.decls[0] if flag.decls else "--" + name.replace("_", "-")
+        if flag.kind == "bool":
+            options.append(spelled if value else "--no-" + spelled.removeprefix("--"))
+        elif flag.kind == "list":
+            options += [part for item in value for part in (spelled, str(item))]
+        else:
+            options += [spelled, str(value)]
+    return positional + options

@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..schema import Flag, flags
-from ..stages import Outcome, Stage, run
+from ..stages import Outcome, Stage, run_command
 from .common import err_console, friendly, out_console, table
 
 
@@ -84,11 +84,12 @@ def schema_flag(flag: Flag) -> inspect.Parameter:
 
 def stage_command(stage: Stage) -> None:
     """Register ``secateurs <stage.name>``: options from the stage's config fields (the same flags a
-    recipe stage takes), help from the config's docstring; then check → load → verb → evaluate → save."""
+    recipe stage takes), help from the config's docstring; then check → load → verb → evaluate → save, or for
+    ``--nproc`` > 1 the same command without it under torchrun (:func:`secateurs.stages.run_command`)."""
     parameters = [schema_flag(flag) for flag in flags(stage.config_class).values()]
 
     def command(**values: object) -> None:
-        show(run(stage.parse(**values)))
+        show(run_command(stage.parse(**values), values))
 
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in parameters}

@@ -211,22 +211,10 @@ class DistributedHooks(EngineHooks):
                 collective(f"sharing block {index}'s {name} from rank {owner}", dist.broadcast, linears[name].weight.data, src=owner)
 
 
-def torchrun_args(argv: list[str]) -> list[str]:
-    """``argv`` without ``--nproc N`` / ``--nproc=N`` (torchrun's ranks must not relaunch)."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
 def relaunch(nproc: int, argv: list[str]) -> None:
-    """Run this same ``secateurs`` command under torchrun with ``nproc`` processes on this machine.
+    """Run ``python -m secateurs ARGV`` under torchrun with ``nproc`` processes on this machine; ``argv``
+    names one stage and its flags without ``--nproc`` (:func:`secateurs.stages.launch` builds it from
+    the request), so each rank runs exactly that stage, as one share of the job.
 
     For several machines run ``torchrun --nnodes … -m secateurs prune …`` yourself: the ranks read
     everything they need from torchrun's environment.
@@ -234,7 +222,7 @@ def relaunch(nproc: int, argv: list[str]) -> None:
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "secateurs", *torchrun_args(argv)]
+               "-m", "secateurs", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     code = subprocess.run(command, env=env, check=False).returncode

@@ -11,7 +11,7 @@ model before any weight loads, and runs the one load → verb → evaluate → s
 
 from __future__ import annotations
 
-from .base import Outcome, Stage, StageConfig, Table, check, run
+from .base import Outcome, Stage, StageConfig, Table, check, run, run_command
 from .export import ExportStage
 from .generate import GenerateStage
 from .groups import Evaluation, LoadOptions
@@ -29,4 +29,5 @@ STAGES: dict[str, Stage] = {
                   ExportStage(), GenerateStage())
 }
 
-__all__ = ["STAGES", "Evaluation", "LoadOptions", "Outcome", "Stage", "StageConfig", "Table", "check", "run"]
+__all__ = ["STAGES", "Evaluation", "LoadOptions", "Outcome", "Stage", "StageConfig", "Table", "check", "run",
+           "run_command"]

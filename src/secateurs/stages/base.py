@@ -15,11 +15,13 @@ must not cost seconds of imports.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..errors import UsageError
 from ..files import output_lock, resolve_out
 from .flags import err_console, preflight
 from .groups import LoadOptions
@@ -36,6 +38,7 @@ class StageConfig:
     spec: ClassVar[type[Stage]]  # set by the Stage subclass naming this class its config_class
     out = None
     calib = None
+    nproc = 1  # processes to run it in (prune's --nproc): started by run_command(), never by the stage
     load: LoadOptions
 
     @property
@@ -210,10 +213,44 @@ def run(request: StageConfig) -> Outcome | None:
 
     The lock (:func:`secateurs.files.output_lock`) is taken once the pre-flight checks pass and held to
     the final rename, so a second run into the same OUT (or ``.OUT.partial``) stops with one line;
-    OUT's checks run again under it when the model is saved."""
+    OUT's checks run again under it when the model is saved. A request for several processes is
+    refused here unless this process is already one of torchrun's ranks: only :func:`run_command`,
+    which has the flags to start them with, starts them."""
+    if needs_launch(request):
+        raise UsageError(
+            f"nproc={request.nproc} runs under torchrun: start this script with `torchrun --nproc-per-node "
+            f"{request.nproc}` and nproc=1, or run `secateurs {request.stage.name} ... --nproc {request.nproc}`"
+        )
     check(request)
     with _output_lock(request):
         return request.stage.execute(request)
+
+
+def needs_launch(request: StageConfig) -> bool:
+    """Whether the request asks for more processes than this one (which is not a torchrun rank)."""
+    if request.nproc == 1:
+        return False
+    from ..engine.distributed import launched_by_torchrun
+
+    return not launched_by_torchrun()
+
+
+def run_command(request: StageConfig, values: Mapping[str, Any]) -> Outcome | None:
+    """What ``secateurs <stage>`` does with the request it built from flag values ``values`` (the
+    command line's, a recipe stage's): :func:`run` it here, or, for ``nproc`` > 1, run exactly this
+    stage across that many processes: checked here, then, under OUT's lock (which rank 0 writes
+    under), ``python -m secateurs <stage>`` with the same flags but ``--nproc``
+    (:func:`secateurs.schema.argv`) under torchrun. The ranks show the summary; None is returned then."""
+    from ..engine.distributed import relaunch
+    from ..schema import argv
+
+    if not needs_launch(request):
+        return run(request)
+    check(request)
+    flags = {name: value for name, value in values.items() if name != "nproc"}  # a rank runs its own share
+    with _output_lock(request):
+        relaunch(request.nproc, [request.stage.name, *argv(type(request), flags)])
+    return None
 
 
 def _output_lock(request: StageConfig) -> AbstractContextManager[None]:

@@ -3,7 +3,6 @@ shard by shard, or split over processes. Its flags are the fields of :class:`Pru
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -87,13 +86,11 @@ class PruneStage(Stage):
                 cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
 
     def execute(self, request: PruneRequest) -> Outcome | None:
-        """Relaunched under torchrun for ``nproc`` > 1; streamed shard by shard with ``stream``."""
+        """One rank of a torchrun job when started under one (:func:`secateurs.stages.run_command` starts it
+        for ``nproc`` > 1); streamed shard by shard with ``stream``."""
         from ..api import prune_streamed
-        from ..engine.distributed import DistributedHooks, init_from_env, launched_by_torchrun, relaunch, shutdown
+        from ..engine.distributed import DistributedHooks, init_from_env, shutdown
 
-        if request.nproc != 1 and not launched_by_torchrun():
-            relaunch(request.nproc, sys.argv[1:])
-            return None
         group = init_from_env(request.engine.torch_device())
         self.hooks = DistributedHooks(group) if group is not None else None
         if not request.stream:
