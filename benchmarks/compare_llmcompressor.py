@@ -239,7 +239,7 @@ def compare(args: argparse.Namespace) -> None:
 
     import secateurs
     from secateurs.data.calib import CalibConfig, calibration_ids
-    from secateurs.model.load import _shortcut_folder
+    from secateurs.model.sources import _shortcut_folder
 
     llmc_python = LLMC_VENV / "bin" / "python"
     if not llmc_python.exists():

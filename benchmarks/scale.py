@@ -146,7 +146,8 @@ def write_random_model(folder: Path, shape: str, layers: int, tokenizer: str | N
     sys.path.insert(0, str(Path(__file__).parent))
     from streaming import random_llama_folder
 
-    from secateurs.model.load import _shortcut_folder, _try_tokenizer
+    from secateurs.model.sources import _shortcut_folder
+    from secateurs.model.tokenizer import _try_tokenizer
 
     if not (folder / "model.safetensors.index.json").is_file():
         random_llama_folder(folder, llama_config(shape, layers), torch.float16, device=device)

@@ -147,7 +147,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cases = []
     if not args.skip_smollm2:
-        from secateurs.model.load import _shortcut_folder
+        from secateurs.model.sources import _shortcut_folder
 
         smol = str(_shortcut_folder("smollm2-135m"))
         cases += [("SmolLM2-135M (30 layers, fp32)", smol, "magnitude", "float32", False),

@@ -48,7 +48,7 @@ def text_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """The cached plain-HF copy of SmolLM2-135M (built from the packaged GGUF on first use)."""
-    from secateurs.model.load import _shortcut_folder
+    from secateurs.model.sources import _shortcut_folder
 
     return _shortcut_folder("smollm2-135m")
 

@@ -218,12 +218,12 @@ def test_prune_of_a_folder_without_tokenizer_says_out_has_none(tmp_path):
 
 def _tiny_shortcut(tmp_path: Path, monkeypatch) -> str:
     """A shortcut name that resolves like smollm2-135m (packaged GGUF → cached HF folder), on the tiny GGUF."""
-    from secateurs.model import load
+    from secateurs.model import sources
 
     gguf_file = write_tiny_gguf(tmp_path / "packaged.gguf")
     monkeypatch.setenv("SECATEURS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(load.SHORTCUTS, "tiny-shortcut", load.Shortcut("tiny", "tiny", gguf_file.name))
-    monkeypatch.setattr(load, "_packaged_file", lambda shortcut: gguf_file)
+    monkeypatch.setitem(sources.SHORTCUTS, "tiny-shortcut", sources.Shortcut("tiny", "tiny", gguf_file.name))
+    monkeypatch.setattr(sources, "_packaged_file", lambda shortcut: gguf_file)
     return "tiny-shortcut"
 
 

@@ -15,3 +15,10 @@ class UsageError(SecateursError):
 
 class NumericalError(SecateursError):
     """NaN or inf appeared in weights or activations; the message names the block."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, at most 300 characters: what a one-line error quotes of a library's
+    (transformers raises many types with long messages)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

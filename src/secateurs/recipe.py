@@ -274,7 +274,7 @@ def _mlp_width(model: str) -> int | None:
     from transformers import AutoConfig
 
     from .model.arch import spec_for
-    from .model.load import SHORTCUTS, _shortcut_folder
+    from .model.sources import SHORTCUTS, _shortcut_folder
 
     try:
         folder = _shortcut_folder(model) if model in SHORTCUTS else Path(model).expanduser()

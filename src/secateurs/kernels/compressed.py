@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import UsageError
 from ..model.arch import ArchSpec
 from ..model.linear import is_transposed
-from ..model.load import FolderFormat, register_folder_format
+from ..model.formats import FolderFormat, register_folder_format
 from .formats import SparseFormat, pack_bits, unpack_bits
 from .linear import SparseLinear
 from .registry import choose_format, format_classes

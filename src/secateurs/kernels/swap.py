@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..model.arch import ArchSpec
-from ..model.load import FolderFormat, register_folder_format
+from ..model.formats import FolderFormat, register_folder_format
 from ..model.linear import weight_matrix
 from . import registry
 from .linear import SparseLinear, note

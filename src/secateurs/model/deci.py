@@ -43,7 +43,7 @@ from ..errors import UsageError
 from .arch import ArchSpec
 from .groups import head_geometry
 from .linear import in_features
-from .load import FolderFormat, register_folder_format
+from .formats import FolderFormat, register_folder_format
 from .per_layer import SHAPES_KEY
 
 ARCHITECTURE = "DeciLMForCausalLM"
