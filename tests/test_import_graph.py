@@ -26,7 +26,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("engine", "kernels"),  # running a model: block by block, or on sparse kernels
     ("evaluate",),  # losses, perplexity, agreement, speed (bench runs the kernels)
     ("training",),  # the one training loop and its checkpoints
-    ("sparsity", "structured", "depth"),  # the pruning families
+    ("sparsity", "structured", "depth", "moe"),  # the pruning families
     ("recover",),  # recovery: trains a pruned model; LoRAPrune and iterative pruning prune as they train
     ("api",),  # one verb per stage
     ("stages", "runs"),  # stage specs; runs read back from output folders

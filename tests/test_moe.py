@@ -48,3 +48,118 @@ def test_dense_layers_of_an_moe_model_list_their_mlp(arch):
     assert {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"} <= set(loaded.spec.linears(blocks[0]))
     assert loaded.spec.experts_of(blocks[0]) is None
     assert "mlp.experts.gate_up_proj.0" in loaded.spec.linears(blocks[1])
+
+
+class _MaskedRouterF:
+    """``torch.nn.functional`` for a modeling module, except that the router logits computed from the
+    weights in ``masks`` (by storage) get the additive mask: -inf for the removed experts."""
+
+    def __init__(self, masks: dict[int, torch.Tensor]) -> None:
+        self.masks = masks
+
+    def __getattr__(self, name: str):
+        return getattr(torch.nn.functional, name)
+
+    def linear(self, x, weight, bias=None):
+        out = torch.nn.functional.linear(x, weight, bias)
+        mask = self.masks.get(weight.data_ptr())
+        return out if mask is None else out + mask
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_expert_pruned_model_equals_a_router_that_never_picks_the_removed(arch, tmp_path, monkeypatch):
+    import copy
+    import sys
+
+    import secateurs
+    from secateurs.data.calib import CalibConfig
+    from secateurs.moe.config import ExpertConfig
+    from secateurs.moe.prune import prune_experts
+
+    loaded = tiny_model(arch)
+    original = copy.deepcopy(loaded.model)
+    report = prune_experts(loaded, ExpertConfig("reap", keep=0.5), CalibConfig("self"), EngineOptions(device="cpu"),
+                           calib_ids=random_ids(4, 16, seed=1))
+    assert report.n_experts_before == 4 and report.n_experts_after == 2
+    masks = {}
+    for index, block in enumerate(loaded.spec.blocks_of(original)):
+        mask = torch.full((4,), float("-inf"))
+        mask[report.kept[index]] = 0.0
+        masks[loaded.spec.router_of(block).weight.data_ptr()] = mask
+        assert len(report.kept[index]) == 2
+    monkeypatch.setattr(sys.modules[type(original).__module__], "F", _MaskedRouterF(masks))
+    ids = random_ids(2, 12, seed=2)
+    with torch.no_grad():
+        expected = original(ids).logits
+        got = loaded.model(ids).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        masks.clear()  # the unmasked original differs: the removed experts did matter
+        assert not torch.allclose(original(ids).logits, expected, atol=1e-4)
+    folder = secateurs.save(loaded, tmp_path / "out", [report])
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert getattr(reloaded.config, loaded.spec.moe.experts_key) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, got, atol=1e-5, rtol=1e-4)
+
+
+
+def _folder(tmp_path, arch: str):
+    loaded = tiny_model(arch)
+    folder = tmp_path / "in"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+CALIB = ["--calib", "wikitext2", "--n-samples", "4", "--seq-len", "32", "--device", "cpu"]
+
+
+def test_cli_experts_writes_a_folder_plain_transformers_loads(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["experts", str(_folder(tmp_path, "qwen3_moe")), "--method", "frequency",
+                                      "--keep", "0.5", "--out", str(out), *CALIB])
+    assert result.exit_code == 0, result.output
+    stage = json.loads((out / "secateurs.json").read_text())["stages"][-1]
+    assert stage["stage"] == "experts" and stage["experts_after"] == 2
+    assert all(len(kept) == 2 for kept in stage["kept_experts"].values())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_experts == 2 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    "arch, args, message",
+    [
+        ("qwen3_moe", ["--keep", "0.25"], "keeps 1 of 4 experts, fewer than the router's top-k of 2"),
+        ("llama", ["--keep", "0.5"], "llama is a dense model: expert pruning needs a mixture-of-experts model"),
+        ("qwen3_moe", ["--method", "nope"], "unknown expert criterion 'nope'"),
+        ("qwen3_moe", ["--keep", "1.5"], "--keep is the share of experts kept"),
+    ],
+)
+def test_cli_experts_bad_input_is_one_line_and_writes_nothing(tmp_path, arch, args, message):
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["experts", str(_folder(tmp_path, arch)), "--out", str(out), *CALIB, *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_group_limited_routing_is_refused():
+    from secateurs.moe.prune import moe_shape
+
+    loaded = tiny_model("deepseek_v3")
+    loaded.model.config.n_group = 2
+    with pytest.raises(UsageError, match="n_group 1 only"):
+        moe_shape(loaded.spec, loaded.model.config)

@@ -457,8 +457,13 @@ def test_every_stage_spec_checks_everything_before_loading(tmp_path, tiny_folder
     extra = {"prune": dict(out=out), "width": dict(out=out, method="magnitude"), "layers": dict(out=out, remove=1, seq_len=16),
              "recover": dict(out=out, steps=1), "shear": dict(out=out, target="layers=2", seq_len=16),
              "eval": dict(seq_len=16), "bench": {}, "export": dict(gguf=str(tmp_path / "out" / "m.gguf")),
-             "generate": dict(prompt="the quick brown fox", max_new_tokens=8)}
+             "generate": dict(prompt="the quick brown fox", max_new_tokens=8),
+             "experts": dict(out=out, keep=0.5, seq_len=16)}
+    moe = tiny_model("mixtral")  # expert pruning takes a mixture-of-experts model
+    moe.model.save_pretrained(tmp_path / "moe")
+    moe.tokenizer.save_pretrained(tmp_path / "moe")
+    models = {"experts": str(tmp_path / "moe")}
     assert set(STAGES) == set(STAGE_COMMANDS)
     for name, stage in STAGES.items():
-        check(stage.parse(model=str(tiny_folder), **extra[name]), pending=frozenset())
+        check(stage.parse(model=models.get(name, str(tiny_folder)), **extra[name]), pending=frozenset())
     assert not (tmp_path / "out").exists()

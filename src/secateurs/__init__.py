@@ -7,8 +7,8 @@ from typing import Any
 # CLI's --help stay free of torch, transformers and the kernels, which the verbs import when called.
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ("PruneConfig", "PruneReport", "drop_layers_streamed", "evaluate_perplexity", "generate", "loraprune", "prune",
-         "prune_iterative", "prune_layers", "prune_streamed", "recover", "save", "shear", "width"),
+        ("PruneConfig", "PruneReport", "drop_layers_streamed", "evaluate_perplexity", "experts", "generate", "loraprune",
+         "prune", "prune_iterative", "prune_layers", "prune_streamed", "recover", "save", "shear", "width"),
         "secateurs.api",
     ),
     "CalibConfig": "secateurs.data.calib",
@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "ZeroShot": "secateurs.evaluate.zeroshot",
     "zero_shot": "secateurs.evaluate.zeroshot",
     "LoadedModel": "secateurs.model.load",
+    "ExpertConfig": "secateurs.moe.config",
+    "ExpertReport": "secateurs.moe.prune",
     "load_model": "secateurs.model.load",
     "run": "secateurs.recipe",
     "RecoverConfig": "secateurs.recover.lora",
@@ -53,6 +55,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CalibConfig",
+    "ExpertConfig",
+    "ExpertReport",
     "EngineOptions",
     "Generation",
     "LayerConfig",
@@ -74,6 +78,7 @@ __all__ = [
     "WidthReport",
     "drop_layers_streamed",
     "evaluate_perplexity",
+    "experts",
     "generate",
     "load_model",
     "load_run",

@@ -28,6 +28,8 @@ from .evaluate.perplexity import Perplexity, perplexity
 from .model.drop_layers import drop_layers
 from .model.load import LoadedModel
 from .model.save import previous_stages, save_model
+from .moe.config import ExpertConfig
+from .moe.prune import ExpertReport, prune_experts
 from .record import build_record
 from .recover.iterative import IterativeReport
 from .recover.iterative import prune_iterative as _prune_iterative
@@ -48,9 +50,9 @@ from .structured.shearing import ShearConfig, ShearReport
 from .structured.shearing import shear as _shear
 
 __all__ = [
-    "PruneConfig", "PruneReport", "as_calib", "as_engine", "bench", "check_prune", "drop_layers_streamed", "evaluate_perplexity",
-    "export_sparse", "generate", "layer_sparsity", "loraprune", "prunable_linears", "prune", "prune_iterative",
-    "prune_layers", "prune_streamed", "recover", "report_files", "save", "shear", "width",
+    "ExpertConfig", "ExpertReport", "PruneConfig", "PruneReport", "as_calib", "as_engine", "bench", "check_prune",
+    "drop_layers_streamed", "evaluate_perplexity", "experts", "export_sparse", "generate", "layer_sparsity",
+    "loraprune", "prunable_linears", "prune", "prune_iterative", "prune_layers", "prune_streamed", "recover", "report_files", "save", "shear", "width",
 ]
 
 
@@ -118,6 +120,17 @@ def prune_layers(
     """Remove ``config.remove`` whole decoder layers chosen by a criterion, in place; ``calib`` None
     is the papers' 128 × 2048 tokens of wikitext2 (the CLI's default). See ``secateurs.depth``."""
     return _prune_layers(loaded, config, as_calib(calib) or CalibConfig(), as_engine(engine))
+
+
+def experts(
+    loaded: LoadedModel,
+    config: ExpertConfig,
+    calib: CalibConfig | str | None = None,
+    engine: EngineOptions | str | None = None,
+) -> ExpertReport:
+    """Remove the lowest-scoring routed experts of every MoE layer (REAP, frequency or EAN), in place;
+    ``calib`` None is 128 × 2048 tokens of wikitext2 (the CLI's default). See ``secateurs.moe``."""
+    return prune_experts(loaded, config, as_calib(calib) or CalibConfig(), as_engine(engine))
 
 
 def recover(

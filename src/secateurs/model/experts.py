@@ -109,3 +109,19 @@ def expert_linears(experts: nn.Module, transposed: bool) -> dict[str, ExpertLine
     return {
         f"{name}.{e}": ExpertLinear(experts, name, e, transposed) for e in range(count) for name in (GATE_UP, DOWN)
     }
+
+
+def keep_experts(experts: nn.Module, router: nn.Module, kept: torch.Tensor) -> None:
+    """Keep only experts ``kept`` (ascending) of one MoE block, in place: every fused parameter's and
+    the router's per-expert rows (weight, bias, DeepSeek-V3's score-correction bias) are sliced, so
+    each kept expert keeps its own logit and the softmax/top-k then runs over the kept ones only."""
+    count = getattr(experts, GATE_UP).shape[0]
+    for module in (experts, router):
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.shape[0] == count:
+                setattr(module, name, nn.Parameter(param.data[kept.to(param.device)].clone(), param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.ndim and buffer.shape[0] == count:
+                setattr(module, name, buffer[kept.to(buffer.device)].clone())
+        if hasattr(module, "num_experts"):
+            module.num_experts = len(kept)

@@ -12,6 +12,7 @@ model before any weight loads, and runs the one load → verb → evaluate → s
 from __future__ import annotations
 
 from .base import Outcome, Stage, StageConfig, Table, check, run, run_command
+from .experts import ExpertsStage
 from .export import ExportStage
 from .generate import GenerateStage
 from .groups import Evaluation, LoadOptions
@@ -25,8 +26,8 @@ from .width import WidthStage
 # In the order a recipe may chain them (and `secateurs run --help` lists them).
 STAGES: dict[str, Stage] = {
     stage.name: stage
-    for stage in (LayersStage(), WidthStage(), PruneStage(), ShearStage(), RecoverStage(), EvalStage(), BenchStage(),
-                  ExportStage(), GenerateStage())
+    for stage in (LayersStage(), WidthStage(), ExpertsStage(), PruneStage(), ShearStage(), RecoverStage(), EvalStage(),
+                  BenchStage(), ExportStage(), GenerateStage())
 }
 
 __all__ = ["STAGES", "Evaluation", "LoadOptions", "Outcome", "Stage", "StageConfig", "Table", "check", "run",
