@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ORDER = ("foundation", "one_shot", "sparse_kernels", "layer_pruning", "width_pruning", "recovery", "zeroshot",
-         "shearing", "scale", "combinations")
+         "shearing", "scale", "combinations", "moe")
 HEADER = """# Benchmarks
 
 Every number here was printed by a committed script in `benchmarks/` (its JSON is in
