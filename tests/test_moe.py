@@ -163,3 +163,65 @@ def test_group_limited_routing_is_refused():
     loaded.model.config.n_group = 2
     with pytest.raises(UsageError, match="n_group 1 only"):
         moe_shape(loaded.spec, loaded.model.config)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_two_four_pruning_reaches_every_expert(arch, method):
+    """Every expert's gate/up and down matrix (a view of the fused parameter) has exact 2:4 zeros."""
+    from secateurs.api import PruneConfig, prune
+    from secateurs.data.calib import CalibConfig
+    from secateurs.sparsity.masks import is_nm
+
+    loaded = tiny_model(arch)
+    calib = CalibConfig("self", n_samples=4, seq_len=16)
+    prune(loaded, PruneConfig(method, pattern="2:4"), calib, EngineOptions(device="cpu"))
+    views = [m for m in loaded.spec.named_linears(loaded.model).values() if isinstance(m, ExpertLinear)]
+    assert len(views) == 3 * 4 * 2
+    for view in views:
+        assert is_nm(weight_matrix(view), 2, 4), view
+
+
+class _Norms:
+    """Observe-only method keeping every linear's statistics."""
+
+    needs_calibration = True
+    modifies_weights = False
+    keeps_dense_outputs = False
+
+    def __init__(self) -> None:
+        from secateurs.engine.stats import InputSqNorm
+
+        self.statistics = {"norm": InputSqNorm}
+        self.stats = {}
+
+    def observe(self, index, inputs, outputs):
+        pass
+
+    def process_block(self, index, block, linears, stats):
+        self.stats[index] = stats
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_expert_statistics_use_only_the_tokens_routed_to_it(arch):
+    """An expert's gate/up statistics sum exactly the squares of the tokens its router sent it, and its
+    down projection's the intermediate activations of those tokens."""
+    from secateurs.model.experts import expert_intermediate
+
+    loaded = tiny_model(arch)
+    experts = loaded.spec.experts_of(loaded.spec.blocks_of(loaded.model)[0])
+    seen = []
+    experts.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), args[1].clone())))
+    method = _Norms()
+    run_blocks(loaded.model, loaded.spec, method, random_ids(2, 16), EngineOptions(device="cpu", batch_size=2))
+    (hidden, top_k), = seen
+    for e in range(4):
+        routed = hidden[(top_k == e).any(dim=-1)]
+        gate_up = method.stats[0][f"mlp.experts.gate_up_proj.{e}"]["norm"]
+        down = method.stats[0][f"mlp.experts.down_proj.{e}"]["norm"]
+        assert gate_up.n_tokens == down.n_tokens == len(routed) < len(hidden)
+        torch.testing.assert_close(gate_up.sum_sq, routed.float().pow(2).sum(0), rtol=1e-5, atol=1e-6)
+        view = ExpertLinear(experts, "gate_up_proj", e, loaded.spec.moe.transposed)
+        inner = expert_intermediate(experts, view(routed))
+        torch.testing.assert_close(down.sum_sq, inner.float().pow(2).sum(0), rtol=1e-5, atol=1e-6)
+    assert sum(method.stats[0][f"mlp.experts.gate_up_proj.{e}"]["norm"].n_tokens for e in range(4)) == 2 * 16 * 2
