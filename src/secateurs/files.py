@@ -5,11 +5,12 @@ through :func:`write_atomic` or :func:`replace_folder`: a temporary name in the 
 (so the final rename never crosses a file system), then ``os.replace``. A crash, a full disk or a
 Ctrl-C leaves the previous file or the new one, never half of either.
 
-A folder built in place (a saved model, a cached shortcut) is made by :func:`make_temporary`, which
-writes an owner file (pid and host) beside it: a process killed mid-write cannot clean up, so the
-next write into the same folder calls :func:`remove_abandoned`, which removes temporary folders whose
-owner is gone. :func:`check_writable` finds what can be known before any work (a read-only or full
-disk), and :func:`os_reason` turns an OS error during the write into a few words for a one-line error.
+A folder built in place (a saved model, a cached shortcut, a recipe's OUT) is built in
+:func:`temporary_folder`, removed if the build fails. It writes an owner file (pid and host) beside
+it (:func:`make_temporary`): a process killed mid-write cannot clean up, so the next one into the
+same parent first calls :func:`remove_abandoned`, which removes temporary folders whose owner is gone.
+:func:`check_writable` finds what can be known before any work (a read-only or full disk), and
+:func:`os_reason` turns an OS error during the write into a few words for a one-line error.
 
 Two runs never write one output: :func:`output_lock` holds a lock file beside OUT (``.OUT.lock``,
 which also covers ``--stream``'s ``.OUT.partial``) from after the pre-flight checks to the final
@@ -108,6 +109,22 @@ def make_temporary(parent: Path, prefix: str) -> tuple[Path, Path]:
     owner = tmp.with_name(tmp.name + OWNER_SUFFIX)
     owner.write_text(json.dumps({"secateurs_temporary": tmp.name, "pid": os.getpid(), "host": socket.gethostname()}))
     return tmp, owner
+
+
+@contextmanager
+def temporary_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new hidden folder in ``parent`` (abandoned ones removed first) to build a folder in before it
+    is renamed into place: removed with what it holds if the block fails, its owner file removed either way."""
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(parent)
+    tmp, owner = make_temporary(parent, prefix)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        owner.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

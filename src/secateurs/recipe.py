@@ -53,12 +53,11 @@ from .data.sources import check_available
 from .errors import SecateursError, UsageError
 from .files import (
     check_protected,
-    make_temporary,
     os_reason,
     output_lock,
-    remove_abandoned,
     replace_folder,
     resolve_out,
+    temporary_folder,
     write_atomic,
 )
 from .model.save import RECORD
@@ -536,31 +535,24 @@ def _publish(out: Path, final_model: str | None, record: dict) -> None:
     ]
     record["results"][PUBLISHED] = [path.name for path in sources]
     try:
-        remove_abandoned(out.parent)
-        tmp, owner = make_temporary(out.parent, f".{out.name}.publish-")
+        with temporary_folder(out.parent, f".{out.name}.publish-") as tmp:
+            stages_moved = False
+            try:
+                for source in sources:
+                    try:
+                        os.link(source, tmp / source.name)
+                    except OSError:
+                        shutil.copy2(source, tmp / source.name)
+                (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+                (out / STAGES_DIR).rename(tmp / STAGES_DIR)
+                stages_moved = True
+                replace_folder(tmp, out)
+            except BaseException:
+                if stages_moved:  # put the stages back before the temporary folder goes
+                    (tmp / STAGES_DIR).rename(out / STAGES_DIR)
+                raise
     except OSError as exc:
         raise UsageError(_publish_failed(out, exc)) from None
-    stages_moved = False
-    try:
-        for source in sources:
-            try:
-                os.link(source, tmp / source.name)
-            except OSError:
-                shutil.copy2(source, tmp / source.name)
-        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        (out / STAGES_DIR).rename(tmp / STAGES_DIR)
-        stages_moved = True
-        replace_folder(tmp, out)
-        stages_moved = False
-    except BaseException as exc:
-        if stages_moved:
-            (tmp / STAGES_DIR).rename(out / STAGES_DIR)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise UsageError(_publish_failed(out, exc)) from None
-        raise
-    finally:
-        owner.unlink(missing_ok=True)
 
 
 def _publish_failed(out: Path, exc: OSError) -> str:

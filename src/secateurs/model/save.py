@@ -20,11 +20,10 @@ from ..errors import UsageError
 from ..files import (
     check_replaceable,
     check_writable,
-    make_temporary,
     os_reason,
-    remove_abandoned,
     replace_folder,
     resolve_out,
+    temporary_folder,
     write_atomic,
 )
 from . import deci
@@ -179,35 +178,24 @@ def save_model(
     target = check_out(out, loaded.local_path, overwrite)
     check_writable(target, f"--out {out}")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(target.parent)
-        tmp, owner = make_temporary(target.parent, f".{target.name}.tmp-")
-    except OSError as exc:
-        raise UsageError(f"could not write --out {out}: {exc.strerror or exc}; nothing was written") from None
-    try:
-        if deci_plan is not None:
-            deci.write_folder(loaded.model, loaded.spec, tmp, deci_plan)
-        else:
-            loaded.model.save_pretrained(tmp)
-            for name, source in remote_code_files(loaded.model).items():  # per-layer widths: see per_layer.py
-                (tmp / name).write_text(source)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        for name in ("config.json", "tokenizer_config.json"):
-            _drop_missing_auto_map(tmp / name)
-        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        for name, data in (extras or {}).items():
-            (tmp / name).write_bytes(data)
-        replace_folder(tmp, target)
-        if deci_plan is not None:
-            print("secateurs: note: wrote the block_configs layout (DeciLMForCausalLM, nemotron-nas: vLLM, llama.cpp)",
-                  file=sys.stderr)
+        with temporary_folder(target.parent, f".{target.name}.tmp-") as tmp:
+            if deci_plan is not None:
+                deci.write_folder(loaded.model, loaded.spec, tmp, deci_plan)
+            else:
+                loaded.model.save_pretrained(tmp)
+                for name, source in remote_code_files(loaded.model).items():  # per-layer widths: see per_layer.py
+                    (tmp / name).write_text(source)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(tmp)
+            for name in ("config.json", "tokenizer_config.json"):
+                _drop_missing_auto_map(tmp / name)
+            (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            for name, data in (extras or {}).items():
+                (tmp / name).write_bytes(data)
+            replace_folder(tmp, target)
+            if deci_plan is not None:
+                print("secateurs: note: wrote the block_configs layout (DeciLMForCausalLM, nemotron-nas: vLLM, llama.cpp)",
+                      file=sys.stderr)
     except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"could not write --out {out}: {os_reason(exc)}; nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        owner.unlink(missing_ok=True)
     return target

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import UsageError, first_line
-from ..files import make_temporary, remove_abandoned
+from ..files import temporary_folder
 
 
 @dataclass(frozen=True)
@@ -166,21 +166,13 @@ def _shortcut_folder(name: str) -> Path:
     shortcut = SHORTCUTS[name]
     gguf = _packaged_file(shortcut)
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(folder.parent)
-    tmp, owner = make_temporary(folder.parent, f".{name}-")
-    try:
+    with temporary_folder(folder.parent, f".{name}-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if folder.exists():
             shutil.rmtree(tmp)
         else:
             tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        owner.unlink(missing_ok=True)
     return folder
 
 

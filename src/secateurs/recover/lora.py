@@ -201,6 +201,17 @@ class RecoverReport:
     device: str
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def after_training(cls, method: str, config: RecoverConfig, log: TrainLog, adapters: Adapters,
+                       loaded: LoadedModel, sparsity_before: float, zeros_kept: bool, start: float,
+                       device: torch.device, extra: dict) -> RecoverReport:
+        """The report of a finished training run (LoRA's, LoRAPrune's): what the merged model keeps,
+        measured now, and the time since ``start`` (a ``time.perf_counter()``)."""
+        return cls(method=method, config=config, log=log, masked_linears=len(adapters.masked),
+                   sparsity_before=sparsity_before, sparsity_after=mean_sparsity(loaded), zeros_kept=zeros_kept,
+                   seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device), device=str(device),
+                   extra=extra)
+
     @property
     def tokens(self) -> int:
         return self.log.steps * self.config.tokens_per_step()
@@ -255,16 +266,5 @@ def recover_lora(
     kept = adapters.merge()
     if not kept:
         raise NumericalError("a pruned weight became non-zero in the merge; please report this")
-    return RecoverReport(
-        method="lora",
-        config=config,
-        log=log,
-        masked_linears=len(adapters.masked),
-        sparsity_before=before,
-        sparsity_after=mean_sparsity(loaded),
-        zeros_kept=kept,
-        seconds=time.perf_counter() - start,
-        peak_memory_mb=peak_memory_mb(device),
-        device=str(device),
-        extra=training_extra(distill, log),
-    )
+    return RecoverReport.after_training("lora", config, log, adapters, loaded, before, kept, start, device,
+                                        training_extra(distill, log))

@@ -33,7 +33,6 @@ import torch
 from ..model.groups import GroupSet
 from ..model.load import LoadedModel
 from ..model.slice import apply_widths
-from ..record import peak_memory_mb
 from ..sparsity.masks import unstructured_mask
 from ..structured.base import count_parameters, model_groups
 from ..structured.importance import aggregate, slot_sums
@@ -213,16 +212,5 @@ def loraprune(
         apply_widths(loaded.model, spec, keep)
         extra["groups_removed"] = removed
     extra["params"] = {"before": params_before, "after": count_parameters(loaded.model)}
-    return RecoverReport(
-        method="loraprune",
-        config=train_config,
-        log=log,
-        masked_linears=len(adapters.masked),
-        sparsity_before=before,
-        sparsity_after=mean_sparsity(loaded),
-        zeros_kept=kept,
-        seconds=time.perf_counter() - start,
-        peak_memory_mb=peak_memory_mb(device),
-        device=str(device),
-        extra=extra,
-    )
+    return RecoverReport.after_training("loraprune", train_config, log, adapters, loaded, before, kept, start, device,
+                                        extra)
