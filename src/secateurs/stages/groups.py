@@ -10,11 +10,11 @@ these fields without importing torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..data.config import CalibConfig
 from ..engine.options import EngineOptions
-from ..schema import help_of, option
+from ..schema import group, help_of, option
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -70,3 +70,23 @@ class Evaluation:
         measured = evaluate_perplexity(loaded, self.datasets, self.seq_len, self.limit_windows, self.data_dir,
                                        self.device, self.batch_size)
         return perplexity_rows(measured, label, key_suffix)
+
+
+MODEL_HELP = "HF folder, hub id, .gguf file, or smollm2-135m."
+
+
+def model_argument(help: str = MODEL_HELP) -> Any:
+    """A stage's MODEL: the positional argument every stage takes first."""
+    return option(help=help, argument=True)
+
+
+def out_option() -> Any:
+    """A model-writing stage's ``--out`` (second positional value when a stage is parsed from Python)."""
+    return option(help="Output folder (written atomically).", decls=("--out",))
+
+
+def evaluation_after(exclude: tuple[str, ...] = ("before",), help: str | None = None) -> Any:
+    """The perplexity measured after a model-writing stage, spelled ``--ppl`` / ``--eval-seq-len`` beside
+    the stage's own calibration ``--seq-len``; ``help``: the stage's wording of ``--ppl``."""
+    return group(Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=exclude,
+                 help={"datasets": help} if help else None)

@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..schema import group, option
 from .base import Stage, StageConfig
 from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note
-from .groups import Evaluation, LoadOptions
+from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
     from ..depth.prune import LayerReport
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 class LayersRequest(StageConfig):
     """Remove N decoder layers chosen by a criterion; the result is a smaller model that plain transformers loads."""
 
-    model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
-    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    model: str = model_argument()
+    out: str = out_option()
     config: LayerConfig = group(LayerConfig, rename={"options": "option", "compensation": "compensation_option"},
                                 required=("remove",))
     calib: CalibConfig = group(
@@ -33,7 +33,7 @@ class LayersRequest(StageConfig):
               "n_samples": "Calibration sequences (GradMAP: 128)."},
     )
     engine: EngineOptions = group(EngineOptions, exclude=("offload_activations",))
-    evaluation: Evaluation = group(Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before",))
+    evaluation: Evaluation = evaluation_after()
     load: LoadOptions = group(LoadOptions)
 
     def __post_init__(self) -> None:

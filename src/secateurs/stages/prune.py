@@ -13,7 +13,7 @@ from ..schema import group, option
 from ..sparsity.config import AtpOptions, OwlOptions, PruneConfig
 from .base import Outcome, Stage, StageConfig, Table
 from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note, err_console
-from .groups import Evaluation, LoadOptions
+from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
     from ..api import PruneReport
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 class PruneRequest(StageConfig):
     """Prune a model's linears to a sparsity (unstructured or N:M) and save it."""
 
-    model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
-    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    model: str = model_argument()
+    out: str = out_option()
     config: PruneConfig = group(PruneConfig, rename={"options": "option"}, exclude=("allocation_options",))
     owl_m: float = option(OwlOptions.m, "OWL: a weight is an outlier above M × its block's mean Wanda score.")
     owl_lambda: float = option(OwlOptions.lam, "OWL: block sparsities stay within target ± lambda.")
@@ -35,7 +35,7 @@ class PruneRequest(StageConfig):
     )
     calib: CalibConfig | None = group(CalibConfig, rename={"source": "calib"}, optional_on="source")
     engine: EngineOptions = group(EngineOptions)
-    evaluation: Evaluation = group(Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before",))
+    evaluation: Evaluation = evaluation_after()
     load: LoadOptions = group(LoadOptions)
     export: str = option(
         "dense",

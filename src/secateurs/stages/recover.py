@@ -17,7 +17,7 @@ from ..sparsity.config import PruneConfig
 from ..sparsity.registry import method_names
 from .base import Stage, StageConfig
 from .flags import check_at_least, check_context, check_eval_flags
-from .groups import Evaluation, LoadOptions
+from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -33,8 +33,8 @@ class RecoverRequest(StageConfig):
     paper's), ``loraprune`` what LoRAPrune prunes, ``iterative`` the one-shot method and ``calib`` its
     calibration (None unless ``method`` is iterative)."""
 
-    model: str = option(help="The pruned model: HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
-    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    model: str = model_argument("The pruned model: HF folder, hub id, .gguf file, or smollm2-135m.")
+    out: str = out_option()
     method: str = option(
         "lora", "lora (recover a pruned model), loraprune (prune while tuning), iterative (prune + tune in rounds)."
     )
@@ -57,10 +57,7 @@ class RecoverRequest(StageConfig):
               "n_samples": "iterative: calibration sequences.", "seq_len": "iterative: tokens per calibration sequence."},
     )
     engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations"))
-    evaluation: Evaluation = group(
-        Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before", "batch_size"),
-        help={"datasets": "Measure perplexity on these datasets before and after."},
-    )
+    evaluation: Evaluation = evaluation_after(("before", "batch_size"), "Measure perplexity on these datasets before and after.")
     load: LoadOptions = group(LoadOptions)
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ from ..schema import group, option
 from ..structured.config import ShearConfig
 from .base import Stage, StageConfig
 from .flags import check_context, check_eval_flags
-from .groups import Evaluation, LoadOptions
+from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -26,16 +26,13 @@ if TYPE_CHECKING:
 class ShearRequest(StageConfig):
     """Prune to a chosen architecture with learned L0 masks; save a plain, smaller transformers model."""
 
-    model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
-    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    model: str = model_argument()
+    out: str = out_option()
     target: str | None = option(None, "Target shape, e.g. layers=24,hidden=528,heads=6,kv_heads=2,intermediate=1344.")
     target_config: str | None = option(None, "JSON file with the target sizes (our keys or a transformers config's).")
     config: ShearConfig = group(ShearConfig, rename={"datasets": "data"}, exclude=("target",))
     engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations"))
-    evaluation: Evaluation = group(
-        Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before", "batch_size"),
-        help={"datasets": "After shearing, measure perplexity on these datasets."},
-    )
+    evaluation: Evaluation = evaluation_after(("before", "batch_size"), "After shearing, measure perplexity on these datasets.")
     load: LoadOptions = group(LoadOptions)
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from ..schema import group, help_of, option
 from ..structured.config import WidthConfig
 from .base import Stage, StageConfig
 from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note
-from .groups import Evaluation, LoadOptions
+from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -33,15 +33,12 @@ class WidthCalibration:
 class WidthRequest(StageConfig):
     """Remove whole attention heads and MLP channels; save a smaller dense model."""
 
-    model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
-    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    model: str = model_argument()
+    out: str = out_option()
     config: WidthConfig = group(WidthConfig)
     calibration: WidthCalibration = group(WidthCalibration, rename={"source": "calib"})
     engine: EngineOptions = group(EngineOptions, exclude=("batch_size", "offload_activations"))
-    evaluation: Evaluation = group(
-        Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before", "batch_size"),
-        help={"datasets": "After pruning, measure perplexity on these datasets."},
-    )
+    evaluation: Evaluation = evaluation_after(("before", "batch_size"), "After pruning, measure perplexity on these datasets.")
     load: LoadOptions = group(LoadOptions)
     save_format: str = option(
         "hf", "hf (transformers; per-layer widths through secateurs' own class) or deci (the block_configs layout "
