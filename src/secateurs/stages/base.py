@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UsageError
 from ..files import output_lock, resolve_out
-from .flags import err_console, preflight
+from .flags import check_context, cpu_cost_note, err_console, preflight
 from .groups import LoadOptions
 
 if TYPE_CHECKING:
@@ -57,6 +57,15 @@ class StageConfig:
     @property
     def trust_remote_code(self) -> bool:
         return self.load.trust_remote_code
+
+    def check_windows(self, skeleton: LoadedModel) -> None:
+        """A calibrated stage's windows against the model: calibration and evaluation lengths within its
+        context, and a note of what calibrating would cost on the CPU."""
+        calib, evaluation = self.calib, self.evaluation
+        check_context(skeleton, seq_len=calib.seq_len if calib else None,
+                      eval_seq_len=evaluation.seq_len if evaluation.datasets else None)
+        if calib is not None:
+            cpu_cost_note(skeleton, self.engine.device, calib.n_samples, calib.seq_len)
 
 
 @dataclass

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from ..data.config import CalibConfig
 from ..engine.options import EngineOptions
 from ..moe.config import ExpertConfig
-from ..schema import group, option
+from ..schema import group
 from .base import Stage, StageConfig
-from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note
-from .groups import Evaluation, LoadOptions
+from .flags import check_at_least
+from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 class ExpertsRequest(StageConfig):
     """Remove the lowest-scoring routed experts of every MoE layer (REAP, frequency, EAN); plain transformers loads the result."""
 
-    model: str = option(help="HF folder, hub id, .gguf file, or smollm2-135m.", argument=True)
-    out: str = option(help="Output folder (written atomically).", decls=("--out",))
+    model: str = model_argument()
+    out: str = out_option()
     config: ExpertConfig = group(ExpertConfig)
     calib: CalibConfig = group(CalibConfig, rename={"source": "calib"})
     engine: EngineOptions = group(EngineOptions, exclude=("offload_activations",))
-    evaluation: Evaluation = group(Evaluation, rename={"datasets": "ppl", "seq_len": "eval_seq_len"}, exclude=("before",))
+    evaluation: Evaluation = evaluation_after()
     load: LoadOptions = group(LoadOptions)
 
     def __post_init__(self) -> None:
@@ -35,8 +35,7 @@ class ExpertsRequest(StageConfig):
         self.config.validate()
         self.calib.validate()
         self.engine.torch_device()
-        evaluation = self.evaluation
-        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+        self.evaluation.check()
         check_at_least(1, batch_size=self.engine.batch_size)
 
 
@@ -53,9 +52,7 @@ class ExpertsStage(Stage):
 
         n_experts, top_k = moe_shape(skeleton.spec, skeleton.model.config)
         request.config.kept_count(n_experts, top_k)
-        calib = request.calib
-        check_context(skeleton, seq_len=calib.seq_len, eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
-        cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
+        request.check_windows(skeleton)
 
     def apply(self, loaded: LoadedModel, request: ExpertsRequest) -> ExpertReport:
         from ..api import experts

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..data.config import CalibConfig
 from ..engine.options import EngineOptions
 from ..schema import group, help_of, option
+from .flags import check_eval_flags
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -61,6 +62,11 @@ class Evaluation:
     device: str = option(EngineOptions.device, help_of(EngineOptions, "device"))
     batch_size: int = option(EngineOptions.batch_size, help_of(EngineOptions, "batch_size"))
     before: bool = option(False, "Also measure perplexity before the stage.")
+
+    def check(self, seq_flag: str = "--eval-seq-len") -> None:
+        """The perplexity flags, before any work (a stage must not run only for its evaluation to fail);
+        ``seq_flag``: how this stage spells ``seq_len``."""
+        check_eval_flags(self.datasets, self.limit_windows, self.seq_len, seq_flag)
 
     def measure(self, loaded: LoadedModel, label: str = "", key_suffix: str = "") -> tuple[list[list[str]], dict]:
         from ..api import evaluate_perplexity

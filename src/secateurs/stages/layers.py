@@ -11,7 +11,7 @@ from ..engine.options import EngineOptions
 from ..errors import UsageError
 from ..schema import group, option
 from .base import Stage, StageConfig
-from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note
+from .flags import check_at_least
 from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
@@ -41,8 +41,7 @@ class LayersRequest(StageConfig):
         self.config.validate()
         self.calib.validate()
         self.engine.torch_device()
-        evaluation = self.evaluation
-        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+        self.evaluation.check()
         check_at_least(1, batch_size=self.engine.batch_size)
 
 
@@ -57,9 +56,7 @@ class LayersStage(Stage):
         n_layers = skeleton.spec.num_layers(skeleton.model.config)
         if remove >= n_layers:
             raise UsageError(f"--remove {remove} would leave no layers: the model has {n_layers}; remove at most {n_layers - 1}")
-        calib = request.calib
-        check_context(skeleton, seq_len=calib.seq_len, eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
-        cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
+        request.check_windows(skeleton)
 
     def apply(self, loaded: LoadedModel, request: LayersRequest) -> LayerReport:
         from ..api import prune_layers

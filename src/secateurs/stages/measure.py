@@ -15,7 +15,7 @@ from ..files import write_atomic
 from ..evaluate.config import SpeedConfig
 from ..schema import group, option
 from .base import Outcome, Stage, StageConfig, Table
-from .flags import check_at_least, check_context, check_eval_flags, check_json_out
+from .flags import check_at_least, check_context, check_json_out
 from .groups import Evaluation, LoadOptions, csv_list
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class EvalRequest(StageConfig):
             raise UsageError("--ppl needs at least one dataset, e.g. --ppl wikitext2")
         evaluation = self.evaluation
         evaluation.datasets = self.ppl if self.ppl is not None else [] if self.tasks else ["wikitext2"]
-        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len, "--seq-len")
+        evaluation.check("--seq-len")
         check_at_least(1, batch_size=evaluation.batch_size)
         if self.tasks:
             check_tasks(self.tasks, self.limit)

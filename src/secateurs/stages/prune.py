@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..schema import group, option
 from ..sparsity.config import AtpOptions, OwlOptions, PruneConfig
 from .base import Outcome, Stage, StageConfig, Table
-from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note, err_console
+from .flags import check_at_least, err_console
 from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class PruneRequest(StageConfig):
         if self.calib:
             self.calib.validate()
         evaluation = self.evaluation
-        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+        evaluation.check()
         check_at_least(1, batch_size=self.engine.batch_size, nproc=self.nproc)
         if self.export not in ("dense", "sparse"):
             raise UsageError(f"--export {self.export!r} is not known; use dense or sparse")
@@ -79,11 +79,7 @@ class PruneStage(Stage):
 
         check_prune(skeleton, request.config, request.calib)
         if skeleton is not None:
-            calib = request.calib
-            check_context(skeleton, seq_len=calib.seq_len if calib else None,
-                          eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
-            if calib is not None:
-                cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
+            request.check_windows(skeleton)
 
     def execute(self, request: PruneRequest) -> Outcome | None:
         """One rank of a torchrun job when started under one (:func:`secateurs.stages.run_command` starts it

@@ -16,7 +16,7 @@ from ..schema import group, option
 from ..sparsity.config import PruneConfig
 from ..sparsity.registry import method_names
 from .base import Stage, StageConfig
-from .flags import check_at_least, check_context, check_eval_flags
+from .flags import check_at_least, check_context
 from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class RecoverRequest(StageConfig):
             raise UsageError(f"unknown --method {self.method!r}; use one of {', '.join(METHODS)}")
         evaluation = self.evaluation
         evaluation.before = True
-        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+        evaluation.check()
         train = self.train
         check_at_least(1, batch_size=train.batch_size, grad_accum=train.grad_accum, save_every=train.save_every,
                        rounds=self.rounds, prune_every=self.loraprune.prune_every)

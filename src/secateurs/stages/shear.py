@@ -14,7 +14,7 @@ from ..files import check_writable
 from ..schema import group, option
 from ..structured.config import ShearConfig
 from .base import Stage, StageConfig
-from .flags import check_context, check_eval_flags
+from .flags import check_context
 from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
@@ -48,8 +48,7 @@ class ShearRequest(StageConfig):
             check_name(name)
         self.config.validate()
         self.engine.torch_device()
-        evaluation = self.evaluation
-        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+        self.evaluation.check()
 
 
 class ShearStage(Stage):

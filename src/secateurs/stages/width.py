@@ -10,7 +10,7 @@ from ..engine.options import EngineOptions
 from ..schema import group, help_of, option
 from ..structured.config import WidthConfig
 from .base import Stage, StageConfig
-from .flags import check_at_least, check_context, check_eval_flags, cpu_cost_note
+from .flags import check_at_least
 from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
@@ -58,8 +58,7 @@ class WidthRequest(StageConfig):
         if self.calib is not None:
             self.calib.validate()
         self.engine.torch_device()
-        evaluation = self.evaluation
-        check_eval_flags(evaluation.datasets, evaluation.limit_windows, evaluation.seq_len)
+        self.evaluation.check()
         check_at_least(0, keep_first=config.keep_first, keep_last=config.keep_last)
         check_at_least(1, round_to=config.round_to)
 
@@ -74,11 +73,7 @@ class WidthStage(Stage):
         if skeleton is None:
             return
         check_save_format(request.save_format, skeleton.model.config)  # a non-Llama model, before pruning it
-        calib = request.calib
-        check_context(skeleton, seq_len=calib.seq_len if calib else None,
-                      eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
-        if calib is not None:
-            cpu_cost_note(skeleton, request.engine.device, calib.n_samples, calib.seq_len)
+        request.check_windows(skeleton)
 
     def apply(self, loaded: LoadedModel, request: WidthRequest) -> WidthReport:
         from ..api import width
