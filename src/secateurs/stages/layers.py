@@ -9,7 +9,7 @@ from ..data.config import CalibConfig
 from ..depth.config import LayerConfig
 from ..engine.options import EngineOptions
 from ..errors import UsageError
-from ..schema import group, option
+from ..schema import group
 from .base import Stage, StageConfig
 from .flags import check_at_least
 from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
