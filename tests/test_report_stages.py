@@ -119,3 +119,22 @@ def test_every_written_stage_kind_has_a_reader():
     for path in Path(secateurs.__file__).parent.rglob("*.py"):
         written.update(re.findall(r'"stage": "([a-z_]+)"', path.read_text()))
     assert written <= set(STAGE_KINDS), written - set(STAGE_KINDS)
+
+
+def test_expert_pruning_is_read_as_experts_removed(tmp_path):
+    """An ``experts`` stage is plotted by the fraction of routed experts removed, with the experts
+    each MoE layer kept as its per-layer curve."""
+    from tiny_models import random_ids
+
+    from secateurs.engine.sequential import EngineOptions
+    from secateurs.moe.config import ExpertConfig
+    from secateurs.moe.prune import prune_experts
+
+    loaded = tiny_model("qwen3_moe")
+    report = prune_experts(loaded, ExpertConfig("reap", keep=0.5), CalibConfig("self"), EngineOptions(device="cpu"),
+                           calib_ids=random_ids(4, 16, seed=1))
+    record = report.stage_record()
+    assert parse_stage(record, strict=True) is not None
+    run = load_run(save(loaded, tmp_path / "experts", [record]))
+    assert (run.method, run.kind, run.removed) == ("reap", "experts removed", 0.5)
+    assert run.layers["experts kept"] == {0: 2.0, 1: 2.0, 2: 2.0}

@@ -221,6 +221,22 @@ class RecoverStage(StageRecord):
 
 
 @dataclass
+class ExpertsStage(StageRecord):
+    """Routed experts removed from every MoE layer (``secateurs experts``): each layer keeps the same
+    count, so the fraction removed is of experts, and the profile is the experts each layer kept."""
+
+    kind: ClassVar[str] = "experts"
+    experts_before: int = 1
+    experts_after: int = 1
+    kept_experts: dict[str, list[int]] = field(default_factory=dict)
+
+    def effect(self, before: Effect | None) -> Effect:
+        profile = {"experts kept": {int(k): float(len(v)) for k, v in self.kept_experts.items()}}
+        return _after(before, profile, kind="experts removed", method=self.method,
+                      removed=_fraction_removed(self.experts_before, self.experts_after))
+
+
+@dataclass
 class ExportStage(StageRecord):
     """Storage format only (``secateurs export``, ``bench``): changes nothing a report shows."""
 
@@ -233,7 +249,8 @@ class ExportStage(StageRecord):
 
 
 STAGE_KINDS: dict[str, type[StageRecord]] = {
-    cls.kind: cls for cls in (PruneStage, LayersStage, WidthStage, ShearStage, IterativeStage, RecoverStage, ExportStage)
+    cls.kind: cls for cls in (PruneStage, LayersStage, WidthStage, ShearStage, IterativeStage, RecoverStage, ExpertsStage,
+                               ExportStage)
 }
 
 

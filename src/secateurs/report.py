@@ -18,7 +18,7 @@ from .files import write_atomic
 from .record import RECONSTRUCTION_PROFILE
 from .runs import Run, one_line
 
-MARKERS = {"dense": "*", "sparsity": "o", "layers removed": "s", "width removed": "^"}
+MARKERS = {"dense": "*", "sparsity": "o", "layers removed": "s", "width removed": "^", "experts removed": "D"}
 
 
 def _pyplot():
