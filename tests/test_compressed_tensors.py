@@ -122,12 +122,12 @@ def test_export_is_the_package_layout_and_reloads_onto_the_kernels(tmp_path, pat
     written = config_cls.model_validate(entry["sparsity_config"]).model_dump()
     assert entry["sparsity_config"] == written and written["format"] == storage and entry["quant_method"] == "compressed-tensors"
     stored = tensors(folder)
-    assert stage["layers"] and stage["storage"] == storage
+    assert stage.layers and stage.storage == storage
     for name, weight in dense.items():  # too-dense or too-narrow layers stay plain weights
-        assert torch.equal(package_decompress(stored, name) if name in stage["layers"] else stored[f"{name}.weight"], weight)
+        assert torch.equal(package_decompress(stored, name) if name in stage.layers else stored[f"{name}.weight"], weight)
     reloaded = load_model(str(folder))
     assert {layer.kind for layer in sparse_layers(reloaded.model).values()} == kinds
-    assert set(sparse_layers(reloaded.model)) == set(stage["layers"])
+    assert set(sparse_layers(reloaded.model)) == set(stage.layers)
     torch.testing.assert_close(reloaded.model(ids).logits, expected, rtol=0, atol=0)
 
 
@@ -165,7 +165,7 @@ def test_gpt2_conv1d_layers_store_as_their_transposed_weight(tmp_path):
     ids = random_ids(1, 10)
     expected = loaded.model(ids).logits
     stage = export_sparse(loaded)
-    assert stage["storage"] == FORMAT_BITMASK  # 2:4 along the inputs is not 2:4 along Conv1D's stored rows
+    assert stage.storage == FORMAT_BITMASK  # 2:4 along the inputs is not 2:4 along Conv1D's stored rows
     folder = save(loaded, tmp_path / "g", stages=[stage])
     reloaded = load_model(str(folder))
     assert sparse_layers(reloaded.model)

@@ -78,7 +78,7 @@ def test_a_teacher_free_run_is_unchanged(text_file):
     prune(loaded, PruneConfig("magnitude", 0.5, options={"per": "row"}))
     report = recover_lora(loaded, config(text_file), CPU)
     assert weights_hash(loaded.model) == "ae0354d4e46b6b8e"
-    assert report.log.lm_losses is None and "teacher" not in report.stage_record()
+    assert report.log.lm_losses is None and report.stage_record().teacher is None
     sheared = tiny_model("llama")
     shear(sheared, ShearConfig(ShearTarget(layers=2, hidden=48, heads=2, intermediate=64), datasets=[str(text_file)],
                                steps=3, continue_steps=2, batch_size=2, seq_len=16, eval_windows=1, lr=1e-3))

@@ -128,7 +128,7 @@ def test_sparse_export_saves_compressed_and_reloads_identically(tmp_path):
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     assert size(sparse_dir) < size(dense_dir)
     reloaded = load_model(str(sparse_dir))
-    assert len(sparse_layers(reloaded.model)) == len(stage["layers"])
+    assert len(sparse_layers(reloaded.model)) == len(stage.layers)
     torch.testing.assert_close(reloaded.model(ids).logits, expected)
 
 
@@ -138,7 +138,7 @@ def test_reload_of_an_export_missing_tensors_is_a_usage_error(tmp_path):
         w = weight_matrix(module)
         w.mul_(nm_mask(w.abs(), 2, 4))
     stage = sparsify(loaded.model, loaded.spec).stage_record()  # the layout of earlier versions
-    stage["layers"]["model.layers.0.mlp.ghost"] = {"kind": "2:4", "shape": [8, 8]}
+    stage.layers["model.layers.0.mlp.ghost"] = {"kind": "2:4", "shape": [8, 8]}
     folder = save(loaded, tmp_path / "broken", stages=[stage])
     with pytest.raises(UsageError, match="re-export"):
         load_model(str(folder))
@@ -487,8 +487,8 @@ def test_a_format_in_the_registry_is_used_by_swap_export_and_both_reloads(tmp_pa
     loaded = _pruned_30()
     expected = loaded.model(ids).logits
     old_layout = sparsify(loaded.model, loaded.spec).stage_record()
-    assert {info["kind"] for info in old_layout["layers"].values()} == {"coo"}
-    assert {info["why"] for info in old_layout["layers"].values()} == {"coo 0.30"}
+    assert {info["kind"] for info in old_layout.layers.values()} == {"coo"}
+    assert {info["why"] for info in old_layout.layers.values()} == {"coo 0.30"}
     torch.testing.assert_close(loaded.model(ids).logits, expected)
     reloaded = load_model(str(save(loaded, tmp_path / "old", stages=[old_layout])))
     assert {layer.kind for layer in sparse_layers(reloaded.model).values()} == {"coo"}
@@ -496,10 +496,10 @@ def test_a_format_in_the_registry_is_used_by_swap_export_and_both_reloads(tmp_pa
 
     loaded = _pruned_30()
     stage = export_sparse(loaded)
-    assert stage["storage"] == "sparse-bitmask"
+    assert stage.storage == "sparse-bitmask"
     reloaded = load_model(str(save(loaded, tmp_path / "ct", stages=[stage])))
     layers = sparse_layers(reloaded.model)
-    assert len(layers) == len(stage["layers"]) and {layer.kind for layer in layers.values()} == {"coo"}
+    assert len(layers) == len(stage.layers) and {layer.kind for layer in layers.values()} == {"coo"}
     torch.testing.assert_close(reloaded.model(ids).logits, expected)
     compiled = torch.compile(next(iter(layers.values())), backend="eager", fullgraph=True)
     x = torch.randn(3, compiled.in_features)
@@ -523,9 +523,9 @@ def test_unstructured_sparse_export_reloads_with_the_same_logits(tmp_path):
     ids = random_ids(2, 9)
     expected = loaded.model(ids).logits
     stage = export_sparse(loaded)
-    assert "bitmap" in {info["kind"] for info in stage["layers"].values()}
+    assert "bitmap" in {info["kind"] for info in stage.layers.values()}
     reloaded = load_model(str(save(loaded, tmp_path / "u70", stages=[stage])))
-    assert set(sparse_layers(reloaded.model)) == set(stage["layers"])
+    assert set(sparse_layers(reloaded.model)) == set(stage.layers)
     torch.testing.assert_close(reloaded.model(ids).logits, expected)
 
 

@@ -195,7 +195,7 @@ def test_owl_allocation_keeps_mean_sparsity(method):
     assert report.target.mean == pytest.approx(0.7, abs=1e-9)
     assert len(set(report.target.per_block)) > 1 and max(report.target.per_block) <= 0.8 + 1e-9
     assert report.achieved == pytest.approx(0.7, abs=0.01)
-    assert report.stage_record()["allocation"] == "owl"
+    assert report.stage_record().allocation == "owl"
     with pytest.raises(UsageError, match="unstructured"):
         _prune(tiny_model("llama"), PruneConfig(method, None, "2:4", allocation="owl"), random_ids(2, 16))
     with pytest.raises(UsageError, match="allocation"):

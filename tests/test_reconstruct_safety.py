@@ -77,7 +77,7 @@ def test_a_step_that_makes_every_block_worse_leaves_the_model_as_the_method_made
     assert all(o["train_last"] > o["train_first"] for o in report.reconstruction.values())
     assert report.notes == [f"secateurs: reconstruction skipped for every block ({n_blocks} of {n_blocks}): no step lowered "
                    "the held-out block error, so they keep the method's weights (try a smaller --reconstruct lr, now 1)"]
-    record = report.stage_record()["reconstruction"]
+    record = report.stage_record().reconstruction
     assert record["0"]["step"] == 0 and record["0"]["held_out"] == 1
 
 

@@ -117,8 +117,8 @@ def test_loraprune_structured_removes_groups_physically(text_file):
     loaded = tiny_model("llama")
     report = loraprune(loaded, LoRAPruneConfig(0.5, "both", 0, 0, prune_every=2), config(text_file, steps=6), CPU)
     record = report.stage_record()
-    assert record["groups_removed"] == {"heads": 3, "channels": 3 * 64}
-    assert record["params"]["after"] < record["params"]["before"]
+    assert record.groups_removed == {"heads": 3, "channels": 3 * 64}
+    assert record.params["after"] < record.params["before"]
     block = loaded.spec.blocks_of(loaded.model)[0]
     assert block.mlp.down_proj.weight.shape[1] == 64 and block.self_attn.o_proj.weight.shape[1] == 32
     assert torch.isfinite(loaded.model(random_ids(1, 8)).logits).all()

@@ -30,7 +30,7 @@ from .model.load import LoadedModel
 from .model.save import previous_stages, save_model
 from .moe.config import ExpertConfig
 from .moe.prune import ExpertReport, prune_experts
-from .record import build_record
+from .record import ExportStage, LayersStage, StageRecord, build_record
 from .recover.iterative import IterativeReport
 from .recover.iterative import prune_iterative as _prune_iterative
 from .recover.lora import RecoverConfig, RecoverReport, recover_lora
@@ -90,8 +90,8 @@ def drop_layers_streamed(
     n_before = len(session.source_index)
     session.source_index = drop_layers(session.loaded.model, session.spec, removed)
     session.open().copy_unchanged()
-    stage = {"stage": "layers", "method": "given", "removed_layers": sorted(set(removed)),
-             "layers_before": n_before, "layers_after": len(session.source_index)}
+    stage = LayersStage(method="given", removed_layers=sorted(set(removed)), layers_before=n_before,
+                        layers_after=len(session.source_index))
     return session.finish(build_record(session.loaded.source, previous_stages(session.folder) + [stage]))
 
 
@@ -218,7 +218,7 @@ def report_files(report: Any) -> dict[str, bytes]:
 def save(
     loaded: LoadedModel,
     out: str | Path,
-    stages: list[dict | Any],
+    stages: list[StageRecord | dict | Any],
     results: dict | None = None,
     overwrite: bool = False,
     extras: dict[str, bytes] | None = None,
@@ -226,14 +226,15 @@ def save(
 ) -> Path:
     """Save as an HF folder with ``secateurs.json`` (earlier stages of the input are kept) and ``extras``.
 
-    A stage is its record (a dict) or a verb's report: a report is recorded with ``stage_record()``
+    A stage is its record (a :class:`~secateurs.record.StageRecord`, or a dict as read from an
+    earlier ``secateurs.json``) or a verb's report: a report is recorded with ``stage_record()``
     and adds its files (:func:`report_files`, e.g. the layer-score plot), as the CLI's outputs have.
     ``save_format="deci"`` writes per-layer widths in the ``block_configs`` layout vLLM and llama.cpp
     run (falling back, with a note, to our own per-layer folder where it cannot hold the model)."""
     files = dict(extras or {})
     records = []
     for stage in stages:
-        if isinstance(stage, dict):
+        if isinstance(stage, (StageRecord, dict)):
             records.append(stage)
         else:
             records.append(stage.stage_record())
@@ -242,7 +243,7 @@ def save(
     return save_model(loaded, out, record, overwrite, files or None, save_format)
 
 
-def export_sparse(loaded: LoadedModel, min_sparsity: float = 0.5) -> dict:
+def export_sparse(loaded: LoadedModel, min_sparsity: float = 0.5) -> ExportStage:
     """Swap the pruned linears for SparseLinear (2:4 or bitmap) in place; returns the stage to record,
     so that ``save`` writes the compressed-tensors layout (``sparse-24-bitmask`` / ``sparse-bitmask``,
     kernels/compressed.py) and ``load_model`` brings it back onto the kernels."""

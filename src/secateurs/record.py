@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import resource
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, ClassVar
@@ -32,18 +32,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def build_record(source: str, stages: list[dict], results: dict | None = None) -> dict:
+def build_record(source: str, stages: list[StageRecord | dict], results: dict | None = None) -> dict:
+    """The whole ``secateurs.json``: ``stages`` are this run's records and, as dicts read back
+    verbatim, those of the runs its input came from."""
     return {
         "tool": "secateurs",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": source,
         "versions": versions(),
-        "stages": stages,
+        "stages": [stage.to_dict() if isinstance(stage, StageRecord) else stage for stage in stages],
         "results": results or {},
     }
 
 
-def run_record(label: str, source: str, stages: list[dict], perplexity: dict[str, float] | None = None,
+def run_record(label: str, source: str, stages: list[StageRecord | dict], perplexity: dict[str, float] | None = None,
                results: dict | None = None) -> dict:
     """One benchmark variant as a run ``secateurs report`` renders: the stages it ran, its perplexity
     per dataset, and any other results in the ``secateurs.json`` schema, under a row label."""
@@ -89,22 +91,35 @@ def _fraction_removed(before: int | None, after: int | None) -> float:
     return 1.0 - float(after) / float(before) if before and after is not None else 0.0
 
 
+def optional() -> Any:
+    """A field its writer puts only when it has a value: :meth:`StageRecord.to_dict` leaves it out
+    when None (LoRA's record has no ``params``, an export by the benchmark's swap no ``layout``)."""
+    return field(default=None, metadata={"optional": True})
+
+
+def key_of(item: Field) -> str:
+    """The ``secateurs.json`` key of a record field (its name, unless the key is a Python keyword)."""
+    return item.metadata.get("key", item.name)
+
+
 @dataclass
 class StageRecord:
-    """The fields of one ``stages`` entry of ``secateurs.json`` that are read back.
+    """One ``stages`` entry of ``secateurs.json``: every key its writer puts, in the order written.
 
-    Writers put at least these fields in their ``stage_record()`` (a test checks every writer
-    against its class, strictly); :func:`parse_stage` reads them back leniently, so records from
-    older versions still open. ``effect`` says what the stage did, given what came before it.
+    Writers (each verb's ``stage_record()``) build the subclass of their kind; :meth:`to_dict` is
+    the JSON entry. :func:`parse_stage` reads entries back leniently, so records from older versions
+    still open; ``effect`` says what the stage did, given what came before it.
     """
 
     kind: ClassVar[str] = ""
-    method: str = "?"
 
-    @classmethod
-    def written_fields(cls) -> list[str]:
-        """The fields every writer of this kind must put in its record."""
-        return [f.name for f in fields(cls)]
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"stage": self.kind}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is not None or not item.metadata.get("optional"):
+                record[key_of(item)] = value
+        return record
 
     def effect(self, before: Effect | None) -> Effect | None:
         return before
@@ -128,10 +143,24 @@ def _kept_ratios(outcomes: Any) -> dict[int, float]:
 @dataclass
 class PruneStage(StageRecord):
     kind: ClassVar[str] = "prune"
+    method: str = "?"
     pattern: str = "unstructured"
-    achieved_sparsity: dict[str, Any] = field(default_factory=dict)
+    sparsity: list[float] | None = None  # target per block
+    options: dict[str, Any] | None = None
+    allocation: str | None = None
+    allocation_options: dict[str, Any] | None = None
+    reconstruct: dict[str, Any] | None = None
+    permute: bool | None = None
+    allocation_search: dict[str, float] | None = None  # spread tried → its score
+    block_steps: dict[str, Any] | None = None
     # Per block (str index): sparsity/reconstruct.BlockOutcome.to_record(); empty without --reconstruct.
     reconstruction: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    seed: int | None = None
+    achieved_sparsity: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+    peak_memory_mb: float | None = None
+    device: str | None = None
 
     def effect(self, before: Effect | None) -> Effect:
         method = self.method + ("" if self.pattern == "unstructured" else f" {self.pattern}")
@@ -145,10 +174,24 @@ class PruneStage(StageRecord):
 
 @dataclass
 class LayersStage(StageRecord):
+    """A depth prune (``secateurs layers``); a removal of given layers (``drop_layers_streamed``)
+    writes only the method, the layers, their counts and the compensation (none)."""
+
     kind: ClassVar[str] = "layers"
+    method: str = "?"
+    options: dict[str, Any] | None = optional()
     removed_layers: list[int] = field(default_factory=list)
+    removal_order: list[int] | None = optional()
     layers_before: int = 1
-    scores: list[dict[str, float]] = field(default_factory=list)
+    layers_after: int | None = None
+    scores: list[dict[str, float]] | None = optional()
+    passes: dict[str, int] | None = optional()
+    compensation: dict[str, Any] | None = None  # written as null without --compensate
+    calibration: dict[str, Any] | None = optional()
+    seed: int | None = optional()
+    seconds: dict[str, float] | None = optional()
+    peak_memory_mb: float | None = optional()
+    device: str | None = optional()
 
     def effect(self, before: Effect | None) -> Effect:
         profile = {"importance": {int(k): float(v) for k, v in self.scores[0].items()}} if self.scores else {}
@@ -159,9 +202,18 @@ class LayersStage(StageRecord):
 @dataclass
 class WidthStage(StageRecord):
     kind: ClassVar[str] = "width"
+    method: str = "?"
+    config: dict[str, Any] | None = None
+    importance: str | None = None
+    calibration: dict[str, Any] | None = None
+    seed: int | None = None
     achieved: dict[str, Any] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     widths: list[Any] = field(default_factory=list)
+    per_layer_config: bool | None = None
+    seconds: float | None = None
+    peak_memory_mb: float | None = None
+    device: str | None = None
 
     def effect(self, before: Effect | None) -> Effect:
         profile = ({"width (groups kept)": {i: float(sum(w.values())) for i, w in enumerate(self.widths)}}
@@ -175,8 +227,19 @@ class WidthStage(StageRecord):
 class ShearStage(StageRecord):
     kind: ClassVar[str] = "shear"
     method: str = "llm-shearing"
+    config: dict[str, Any] | None = None
+    source_shape: dict[str, int] | None = None
+    target_shape: dict[str, int] | None = None
+    kept: dict[str, Any] | None = None
     params_before: int | None = None
     params_after: int | None = None
+    reference_loss: float | None = None
+    prune: dict[str, Any] | None = None
+    continued: dict[str, Any] | None = field(default=None, metadata={"key": "continue"})
+    tokens: int | None = None
+    seconds: float | None = None
+    peak_memory_mb: float | None = None
+    device: str | None = None
 
     def effect(self, before: Effect | None) -> Effect:
         return _after(before, kind="width removed", method=self.method,
@@ -187,7 +250,11 @@ class ShearStage(StageRecord):
 @dataclass
 class IterativeStage(StageRecord):
     kind: ClassVar[str] = "prune_iterative"
+    method: str = "?"
+    rounds: list[dict[str, Any]] | None = None
     achieved_sparsity: float = 0.0
+    recovery_tokens: int | None = None
+    seconds: float | None = None
 
     def effect(self, before: Effect | None) -> Effect:
         return _after(before, kind="sparsity", method=f"{self.method} iterative", removed=float(self.achieved_sparsity))
@@ -199,14 +266,28 @@ class RecoverStage(StageRecord):
 
     kind: ClassVar[str] = "recover"
     method: str = "lora"
+    config: dict[str, Any] | None = None
+    seed: int | None = None
+    steps: int | None = None
+    resumed_from: int | None = None
+    tokens: int | None = None
+    precision: str | None = None
+    loss: dict[str, Any] | None = None
+    masked_linears: int | None = None
     sparsity: dict[str, float] = field(default_factory=dict)
-    params: dict[str, int] | None = None
-    loraprune: dict[str, Any] | None = None
-
-    @classmethod
-    def written_fields(cls) -> list[str]:
-        """``params`` and ``loraprune`` are written by LoRAPrune only."""
-        return ["method", "sparsity"]
+    zeros_kept: bool | None = None
+    # LoRAPrune's: its config, the layers it pruned, the groups removed (structured) and parameters.
+    loraprune: dict[str, Any] | None = optional()
+    pruned_layers: list[int] | None = optional()
+    # With distillation: the teacher and the LM loss beside the objective; with a held-out set, its curve.
+    teacher: str | None = optional()
+    lm_loss: dict[str, Any] | None = optional()
+    held_out: list[list[float]] | None = optional()
+    groups_removed: dict[str, int] | None = optional()
+    params: dict[str, int] | None = optional()
+    seconds: float | None = None
+    peak_memory_mb: float | None = None
+    device: str | None = None
 
     def effect(self, before: Effect | None) -> Effect | None:
         if self.method != "loraprune":
@@ -226,9 +307,18 @@ class ExpertsStage(StageRecord):
     count, so the fraction removed is of experts, and the profile is the experts each layer kept."""
 
     kind: ClassVar[str] = "experts"
+    method: str = "?"
+    keep: float | None = None  # the share of each layer's routed experts asked to be kept
     experts_before: int = 1
     experts_after: int = 1
     kept_experts: dict[str, list[int]] = field(default_factory=dict)
+    scores: dict[str, list[float]] | None = None
+    unrouted_experts: dict[str, list[int]] | None = None
+    calibration: dict[str, Any] | None = None
+    seed: int | None = None
+    seconds: dict[str, float] | None = None
+    peak_memory_mb: float | None = None
+    device: str | None = None
 
     def effect(self, before: Effect | None) -> Effect:
         profile = {"experts kept": {int(k): float(len(v)) for k, v in self.kept_experts.items()}}
@@ -242,10 +332,12 @@ class ExportStage(StageRecord):
 
     kind: ClassVar[str] = "export"
     format: str = "sparse"
-
-    @classmethod
-    def written_fields(cls) -> list[str]:
-        return ["format"]
+    layers: dict[str, Any] | None = None  # swapped linear → its kernel format, shape, why
+    kept_dense: dict[str, str] | None = None  # linear left dense → why
+    weight_bytes: dict[str, int] | None = None  # dense and compressed
+    # The compressed-tensors layout and storage (export_sparse); the benchmark's swap writes neither.
+    layout: str | None = optional()
+    storage: str | None = optional()
 
 
 STAGE_KINDS: dict[str, type[StageRecord]] = {
@@ -254,17 +346,10 @@ STAGE_KINDS: dict[str, type[StageRecord]] = {
 }
 
 
-def parse_stage(data: dict, strict: bool = False) -> StageRecord | None:
-    """The typed record of one ``stages`` entry, or None for a kind this version does not know.
-
-    Lenient by default (a missing field takes its default, so older records open); ``strict``
-    raises ``ValueError`` naming the fields a writer left out.
-    """
+def parse_stage(data: dict) -> StageRecord | None:
+    """The typed record of one ``stages`` entry, or None for a kind this version does not know;
+    a missing field takes its default, so records from older versions still open."""
     cls = STAGE_KINDS.get(str(data.get("stage", "")))
     if cls is None:
         return None
-    if strict:
-        missing = [name for name in cls.written_fields() if name not in data]
-        if missing:
-            raise ValueError(f"{cls.kind} stage record lacks {', '.join(missing)}")
-    return cls(**{f.name: data[f.name] for f in fields(cls) if data.get(f.name) is not None})
+    return cls(**{f.name: data[key_of(f)] for f in fields(cls) if data.get(key_of(f)) is not None})

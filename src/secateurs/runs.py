@@ -5,7 +5,8 @@ a benchmark results file's run records, or the ``--json`` output of ``secateurs 
 with the stages read from the evaluated folder's record). How much was removed comes from the
 typed stage records (``record.STAGE_KINDS``): the mean achieved sparsity of the block linears for
 unstructured / N:M pruning, the fraction of decoder layers removed for depth pruning, and the
-fraction of parameters removed for width pruning. ``report.py`` renders runs.
+fraction of parameters removed for width pruning, the fraction of routed experts removed for expert
+pruning. ``report.py`` renders runs.
 
 A record is a file a user may have edited, so nothing in it is trusted: the JSON's nesting is
 bounded (``jsondoc``), each stage entry is checked against the types its record class declares,
@@ -28,7 +29,7 @@ from . import jsondoc
 from .errors import UsageError
 from .model.save import RECORD
 from .model.shards import read_header
-from .record import STAGE_KINDS, Effect, StageRecord, parse_stage
+from .record import STAGE_KINDS, Effect, StageRecord, key_of, parse_stage
 
 MAX_BLOCKS = 10_000  # a per-block curve indexed past this is not a model's (and would size the plot)
 
@@ -117,9 +118,9 @@ def _stage(data: Any, where: str) -> StageRecord | None:
         return None
     hints = typing.get_type_hints(cls)
     for item in fields(cls):
-        value = data.get(item.name)
+        value = data.get(key_of(item))
         if value is not None and not conforms(value, hints[item.name]):
-            raise Malformed(f"{where}.{item.name}", value, f"{hints[item.name]}".replace("typing.", ""))
+            raise Malformed(f"{where}.{key_of(item)}", value, f"{hints[item.name]}".replace("typing.", ""))
     return parse_stage(data)
 
 

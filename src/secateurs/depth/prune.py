@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..model.drop_layers import check_removal, drop_layers
 from ..model.load import LoadedModel
 from ..options import build_options
-from ..record import peak_memory_mb
+from ..record import LayersStage, peak_memory_mb
 from .base import ScoringContext, Selection
 from .config import LayerConfig
 from .compensation import CompensationOptions, compensate
@@ -45,24 +45,23 @@ class LayerReport:
     def first_scores(self) -> dict[int, float]:
         return self.selection.rounds[0]
 
-    def stage_record(self) -> dict:
-        return {
-            "stage": "layers",
-            "method": self.config.method,
-            "options": self.config.options,
-            "removed_layers": self.removed,
-            "removal_order": self.selection.order,
-            "layers_before": self.n_layers_before,
-            "layers_after": self.n_layers_before - len(self.removed),
-            "scores": [{str(k): v for k, v in r.items()} for r in self.selection.rounds],
-            "passes": self.selection.passes,
-            "compensation": self.compensation,
-            "calibration": asdict(self.calibration),
-            "seed": self.calibration.seed,
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
-            "device": self.device,
-        }
+    def stage_record(self) -> LayersStage:
+        return LayersStage(
+            method=self.config.method,
+            options=self.config.options,
+            removed_layers=self.removed,
+            removal_order=self.selection.order,
+            layers_before=self.n_layers_before,
+            layers_after=self.n_layers_before - len(self.removed),
+            scores=[{str(k): v for k, v in r.items()} for r in self.selection.rounds],
+            passes=self.selection.passes,
+            compensation=self.compensation,
+            calibration=asdict(self.calibration),
+            seed=self.calibration.seed,
+            seconds={k: round(v, 3) for k, v in self.seconds.items()},
+            peak_memory_mb=round(self.peak_memory_mb, 1),
+            device=self.device,
+        )
 
 
 def prune_layers(

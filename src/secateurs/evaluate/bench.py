@@ -81,5 +81,5 @@ def compare(
         "results": [r.to_dict() for r in results],
         "ratios": {r.label: ratios(first, r) for r in results[1:]},
         "notes": notes,
-        "sparsify": None if swapped is None else swapped.stage_record(),
+        "sparsify": None if swapped is None else swapped.stage_record().to_dict(),
     }

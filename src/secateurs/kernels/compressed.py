@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from ..errors import UsageError
 from ..model.arch import ArchSpec
 from ..model.linear import is_transposed
 from ..model.formats import FolderFormat, register_folder_format
+from ..record import ExportStage
 from .formats import SparseFormat, pack_bits, unpack_bits
 from .linear import SparseLinear
 from .registry import choose_format, format_classes
@@ -186,7 +188,7 @@ def use_layout(model: nn.Module, storage: str, transposed: set[str], ignore: lis
     return entry
 
 
-def export(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN_SPARSITY) -> dict:
+def export(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN_SPARSITY) -> ExportStage:
     """Swap the sparse linears for SparseLinear and make the model save as a compressed-tensors
     checkpoint: ``sparse-24-bitmask`` when every swapped weight is 2:4 in its stored orientation,
     else ``sparse-bitmask`` (which holds any pattern). Returns the stage record."""
@@ -199,7 +201,7 @@ def export(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN_S
     storage = storage_for(model, transposed)
     ignore = sorted(name for name, module in model.named_modules() if isinstance(module, nn.Linear) or is_transposed(module))
     use_layout(model, storage, transposed, ignore, round(zeros / max(total, 1), 6))
-    return {**report.stage_record(), "layout": LAYOUT, "storage": storage}
+    return replace(report.stage_record(), layout=LAYOUT, storage=storage)
 
 
 def storage_for(model: nn.Module, transposed: set[str]) -> str:

@@ -22,10 +22,10 @@ from ..errors import UsageError
 from ..model.arch import ArchSpec
 from ..model.formats import FolderFormat, register_folder_format
 from ..model.linear import weight_matrix
+from ..record import ExportStage
 from . import registry
 from .linear import SparseLinear, note
 
-EXPORT_STAGE = "export"
 DEFAULT_MIN_SPARSITY = 0.5
 
 
@@ -38,14 +38,9 @@ class SparsifyReport:
     dense_bytes: int = 0
     sparse_bytes: int = 0
 
-    def stage_record(self) -> dict:
-        return {
-            "stage": EXPORT_STAGE,
-            "format": "sparse",
-            "layers": self.swapped,
-            "kept_dense": self.kept_dense,
-            "weight_bytes": {"dense": self.dense_bytes, "compressed": self.sparse_bytes},
-        }
+    def stage_record(self) -> ExportStage:
+        return ExportStage(format="sparse", layers=self.swapped, kept_dense=self.kept_dense,
+                           weight_bytes={"dense": self.dense_bytes, "compressed": self.sparse_bytes})
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -93,7 +88,7 @@ def export_stage(folder: Path) -> dict | None:
         stages = json.loads(record.read_text()).get("stages", [])
     except (json.JSONDecodeError, AttributeError):
         return None
-    found = [s for s in stages if isinstance(s, dict) and s.get("stage") == EXPORT_STAGE and s.get("format") == "sparse"]
+    found = [s for s in stages if isinstance(s, dict) and s.get("stage") == ExportStage.kind and s.get("format") == "sparse"]
     return found[-1] if found and "layout" not in found[-1] else None
 
 

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..model.arch import ArchSpec, moe_model_types
 from ..model.experts import DOWN, GATE_UP, ExpertLinear, expert_intermediate, keep_experts
 from ..model.load import LoadedModel
-from ..record import peak_memory_mb
+from ..record import ExpertsStage, peak_memory_mb
 from .config import ExpertConfig
 
 
@@ -112,22 +112,21 @@ class ExpertReport:
     peak_memory_mb: float
     device: str
 
-    def stage_record(self) -> dict:
-        return {
-            "stage": "experts",
-            "method": self.config.method,
-            "keep": self.config.keep,
-            "experts_before": self.n_experts_before,
-            "experts_after": self.n_experts_after,
-            "kept_experts": {str(k): v for k, v in self.kept.items()},
-            "scores": {str(k): [round(s, 6) for s in v] for k, v in self.scores.items()},
-            "unrouted_experts": {str(k): v for k, v in self.unrouted.items() if v},
-            "calibration": asdict(self.calibration),
-            "seed": self.calibration.seed,
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
-            "device": self.device,
-        }
+    def stage_record(self) -> ExpertsStage:
+        return ExpertsStage(
+            method=self.config.method,
+            keep=self.config.keep,
+            experts_before=self.n_experts_before,
+            experts_after=self.n_experts_after,
+            kept_experts={str(k): v for k, v in self.kept.items()},
+            scores={str(k): [round(s, 6) for s in v] for k, v in self.scores.items()},
+            unrouted_experts={str(k): v for k, v in self.unrouted.items() if v},
+            calibration=asdict(self.calibration),
+            seed=self.calibration.seed,
+            seconds={k: round(v, 3) for k, v in self.seconds.items()},
+            peak_memory_mb=round(self.peak_memory_mb, 1),
+            device=self.device,
+        )
 
 
 def prune_experts(

@@ -27,6 +27,7 @@ from ..engine.sequential import EngineOptions
 from ..errors import UsageError
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
+from ..record import IterativeStage
 from ..sparsity.base import SparsityTarget
 from ..sparsity.prune import PruneConfig, prune
 from ..training.distill import load_teacher
@@ -47,15 +48,9 @@ class IterativeReport:
     def tokens(self) -> int:
         return sum(r.tokens for r in self.recoveries)
 
-    def stage_record(self) -> dict:
-        return {
-            "stage": "prune_iterative",
-            "method": self.method,
-            "rounds": self.rounds,
-            "achieved_sparsity": self.sparsity,
-            "recovery_tokens": self.tokens,
-            "seconds": round(self.seconds, 3),
-        }
+    def stage_record(self) -> IterativeStage:
+        return IterativeStage(method=self.method, rounds=self.rounds, achieved_sparsity=self.sparsity,
+                              recovery_tokens=self.tokens, seconds=round(self.seconds, 3))
 
 
 def _zeros(loaded: LoadedModel) -> list[torch.Tensor]:

@@ -37,7 +37,7 @@ from ..data.sources import load_text
 from ..errors import NumericalError, UsageError
 from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel
-from ..record import peak_memory_mb
+from ..record import RecoverStage, peak_memory_mb
 from .adapters import Adapters, attach
 from .config import RecoverConfig
 from ..training.distill import Distillation, load_teacher
@@ -222,27 +222,26 @@ class RecoverReport:
         n = max(1, min(window, len(losses) // 2))
         return (sum(losses[:n]) / n, sum(losses[-n:]) / n) if losses else (math.nan, math.nan)
 
-    def stage_record(self) -> dict:
+    def stage_record(self) -> RecoverStage:
         first, last = self.loss_start_end()
         config = {k: v for k, v in asdict(self.config).items() if k not in ("checkpoint_dir", "data_dir")}
-        return {
-            "stage": "recover",
-            "method": self.method,
-            "config": config,
-            "seed": self.config.seed,
-            "steps": self.log.steps,
-            "resumed_from": self.log.resumed_from,
-            "tokens": self.tokens,
-            "precision": self.log.precision,
-            "loss": {"first": first, "last": last, "per_step": self.log.losses},
-            "masked_linears": self.masked_linears,
-            "sparsity": {"before": self.sparsity_before, "after": self.sparsity_after},
-            "zeros_kept": self.zeros_kept,
+        return RecoverStage(
+            method=self.method,
+            config=config,
+            seed=self.config.seed,
+            steps=self.log.steps,
+            resumed_from=self.log.resumed_from,
+            tokens=self.tokens,
+            precision=self.log.precision,
+            loss={"first": first, "last": last, "per_step": self.log.losses},
+            masked_linears=self.masked_linears,
+            sparsity={"before": self.sparsity_before, "after": self.sparsity_after},
+            zeros_kept=self.zeros_kept,
             **self.extra,
-            "seconds": round(self.seconds, 3),
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
-            "device": self.device,
-        }
+            seconds=round(self.seconds, 3),
+            peak_memory_mb=round(self.peak_memory_mb, 1),
+            device=self.device,
+        )
 
 
 def recover_lora(

@@ -21,7 +21,7 @@ from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel
 from ..model.save import previous_stages
 from ..options import build_options
-from ..record import build_record, peak_memory_mb
+from ..record import PruneStage, build_record, peak_memory_mb
 from .atp import atp_target
 from .base import SparsityTarget
 from .config import AtpOptions, OwlOptions, PruneConfig
@@ -58,28 +58,27 @@ class PruneReport:
     def achieved(self) -> float:
         return sum(self.per_layer.values()) / max(len(self.per_layer), 1)
 
-    def stage_record(self) -> dict:
-        return {
-            "stage": "prune",
-            "method": self.config.method,
-            "pattern": str(self.target.pattern),
-            "sparsity": list(self.target.per_block),
-            "options": self.config.options,
-            "allocation": self.config.allocation,
-            "allocation_options": self.config.allocation_options,
-            "reconstruct": self.config.reconstruct,
-            "permute": self.config.permute,
-            "allocation_search": {f"{k:g}": round(v, 6) for k, v in self.allocation_search.items()},
-            "block_steps": {kind: {str(i): [round(a, 6), round(b, 6)] for i, (a, b) in per.items()}
-                            for kind, per in self.steps.items()},
-            "reconstruction": {str(i): outcome for i, outcome in self.reconstruction.items()},
-            "calibration": asdict(self.calibration) if self.calibration else None,
-            "seed": self.calibration.seed if self.calibration else None,
-            "achieved_sparsity": {"mean": self.achieved, "per_layer": self.per_layer},
-            "seconds": round(self.seconds, 3),
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
-            "device": self.device,
-        }
+    def stage_record(self) -> PruneStage:
+        return PruneStage(
+            method=self.config.method,
+            pattern=str(self.target.pattern),
+            sparsity=list(self.target.per_block),
+            options=self.config.options,
+            allocation=self.config.allocation,
+            allocation_options=self.config.allocation_options,
+            reconstruct=self.config.reconstruct,
+            permute=self.config.permute,
+            allocation_search={f"{k:g}": round(v, 6) for k, v in self.allocation_search.items()},
+            block_steps={kind: {str(i): [round(a, 6), round(b, 6)] for i, (a, b) in per.items()}
+                         for kind, per in self.steps.items()},
+            reconstruction={str(i): outcome for i, outcome in self.reconstruction.items()},
+            calibration=asdict(self.calibration) if self.calibration else None,
+            seed=self.calibration.seed if self.calibration else None,
+            achieved_sparsity={"mean": self.achieved, "per_layer": self.per_layer},
+            seconds=round(self.seconds, 3),
+            peak_memory_mb=round(self.peak_memory_mb, 1),
+            device=self.device,
+        )
 
 
 def prunable_linears(loaded: LoadedModel) -> dict[str, torch.nn.Module]:

@@ -131,6 +131,6 @@ class PruneStage(Stage):
         except UsageError as exc:
             err_console.print(f"[yellow]saving dense:[/] {exc}", highlight=False, soft_wrap=True)
             return [report], []
-        sizes = exported["weight_bytes"]
-        row = ["export", f"sparse, {len(exported['layers'])} linears at {sizes['compressed'] / sizes['dense']:.3f} of dense bytes"]
+        sizes = exported.weight_bytes
+        row = ["export", f"sparse, {len(exported.layers)} linears at {sizes['compressed'] / sizes['dense']:.3f} of dense bytes"]
         return [report, exported], [row]

@@ -129,11 +129,10 @@ class RecoverStage(Stage):
         return prune_iterative(loaded, request.config, request.rounds, train, request.calib, request.engine)
 
     def rows(self, request: RecoverRequest, report: Any) -> list[list[str]]:
-        record = report.stage_record()
         if request.method == "iterative":
             rows = [[f"round {r['round']}", f"sparsity {r['achieved_sparsity']:.4f}, loss {r['recover_loss']['first']:.3f} → {r['recover_loss']['last']:.3f}"]
-                    for r in record["rounds"]]
-            rows += [["sparsity (mean)", f"{record['achieved_sparsity']:.4f}"], ["tokens", f"{report.tokens:,}"]]
+                    for r in report.rounds]
+            rows += [["sparsity (mean)", f"{report.sparsity:.4f}"], ["tokens", f"{report.tokens:,}"]]
         else:
             first, last = report.loss_start_end()
             rows = [
@@ -143,8 +142,9 @@ class RecoverStage(Stage):
                 ["sparsity before → after", f"{report.sparsity_before:.4f} → {report.sparsity_after:.4f}"],
                 ["masked linears (zeros kept exactly)", f"{report.masked_linears} ({'yes' if report.zeros_kept else 'NO'})"],
             ]
-            if "params" in record:
-                rows.append(["parameters", f"{record['params']['before']:,} → {record['params']['after']:,}"])
+            params = report.extra.get("params")  # LoRAPrune's
+            if params:
+                rows.append(["parameters", f"{params['before']:,} → {params['after']:,}"])
         return rows + [["time (s)", f"{report.seconds:.1f}"]]
 
     def finish(self, request: RecoverRequest) -> None:

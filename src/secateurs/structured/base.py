@@ -21,7 +21,7 @@ from ..model.groups import GroupSet, block_groups, check_target
 from ..model.load import LoadedModel
 from ..model.per_layer import remote_code_files
 from ..model.slice import apply_widths
-from ..record import peak_memory_mb
+from ..record import WidthStage, peak_memory_mb
 from .config import WidthConfig
 from .registry import method_class
 from .select import Scores, select_global, select_uniform
@@ -101,22 +101,21 @@ class WidthReport:
         """Fraction of each kind's groups removed over the whole model (heads in KV-group units)."""
         return {kind: 1.0 - self.groups_after[kind] / self.groups_before[kind] for kind in self.groups_before}
 
-    def stage_record(self) -> dict:
-        return {
-            "stage": "width",
-            "method": self.config.method,
-            "config": asdict(self.config),
-            "importance": self.importance,
-            "calibration": asdict(self.calibration) if self.calibration else None,
-            "seed": self.calibration.seed if self.calibration else None,
-            "achieved": {"param_reduction": self.reduction, "groups_removed": self.achieved()},
-            "params": {"before": self.params_before, "after": self.params_after},
-            "widths": self.widths,
-            "per_layer_config": self.per_layer_config,
-            "seconds": round(self.seconds, 3),
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
-            "device": self.device,
-        }
+    def stage_record(self) -> WidthStage:
+        return WidthStage(
+            method=self.config.method,
+            config=asdict(self.config),
+            importance=self.importance,
+            calibration=asdict(self.calibration) if self.calibration else None,
+            seed=self.calibration.seed if self.calibration else None,
+            achieved={"param_reduction": self.reduction, "groups_removed": self.achieved()},
+            params={"before": self.params_before, "after": self.params_after},
+            widths=self.widths,
+            per_layer_config=self.per_layer_config,
+            seconds=round(self.seconds, 3),
+            peak_memory_mb=round(self.peak_memory_mb, 1),
+            device=self.device,
+        )
 
 
 def _widths(loaded: LoadedModel, kinds: tuple[str, ...]) -> list[dict[str, int]]:

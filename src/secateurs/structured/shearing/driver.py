@@ -13,7 +13,7 @@ import torch
 from ...engine.sequential import EngineOptions
 from ...errors import UsageError
 from ...model.load import LoadedModel
-from ...record import peak_memory_mb
+from ...record import ShearStage, peak_memory_mb
 from ...training.distill import Distillation, load_teacher
 from ...training.loop import TrainHook, TrainLog
 from ..config import ShearConfig
@@ -105,26 +105,25 @@ class ShearReport:
     def tokens(self) -> int:
         return self.prune_log.tokens + (self.continue_log.tokens if self.continue_log else 0)
 
-    def stage_record(self) -> dict:
+    def stage_record(self) -> ShearStage:
         config = asdict(self.config)
         config["target"] = asdict(self.config.target)
-        return {
-            "stage": "shear",
-            "method": "llm-shearing",
-            "config": config,
-            "source_shape": self.plan.source,
-            "target_shape": self.plan.target,
-            "kept": self.kept,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "reference_loss": self.reference_loss,
-            "prune": self.prune_log.to_dict(),
-            "continue": self.continue_log.to_dict() if self.continue_log else None,
-            "tokens": self.tokens,
-            "seconds": round(self.seconds, 3),
-            "peak_memory_mb": round(self.peak_memory_mb, 1),
-            "device": self.device,
-        }
+        return ShearStage(
+            method="llm-shearing",
+            config=config,
+            source_shape=self.plan.source,
+            target_shape=self.plan.target,
+            kept=self.kept,
+            params_before=self.params_before,
+            params_after=self.params_after,
+            reference_loss=self.reference_loss,
+            prune=self.prune_log.to_dict(),
+            continued=self.continue_log.to_dict() if self.continue_log else None,
+            tokens=self.tokens,
+            seconds=round(self.seconds, 3),
+            peak_memory_mb=round(self.peak_memory_mb, 1),
+            device=self.device,
+        )
 
 
 def shear(loaded: LoadedModel, config: ShearConfig, engine: EngineOptions | None = None) -> ShearReport:
