@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..data.config import CalibConfig
+from ..engine.options import EngineOptions
 from ..errors import UsageError
 from ..files import output_lock, resolve_out
-from .flags import check_context, cpu_cost_note, err_console, preflight
-from .groups import LoadOptions
+from ..schema import group
+from .flags import check_at_least, check_context, cpu_cost_note, err_console, preflight
+from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -66,6 +69,29 @@ class StageConfig:
                       eval_seq_len=evaluation.seq_len if evaluation.datasets else None)
         if calib is not None:
             cpu_cost_note(skeleton, self.engine.device, calib.n_samples, calib.seq_len)
+
+
+@dataclass
+class CalibratedRequest(StageConfig):
+    """A model-writing stage whose method calibrates with a :class:`CalibConfig` as given: MODEL, OUT,
+    the method's ``config`` (each subclass declares its own group), calibration, engine, perplexity
+    after, loading. One ``__post_init__`` checks all that needs no model, before any weight loads."""
+
+    model: str = model_argument()
+    out: str = out_option()
+    config: Any = None  # the stage's method config: a group() each subclass declares
+    calib: CalibConfig = group(CalibConfig, rename={"source": "calib"})
+    engine: EngineOptions = group(EngineOptions, exclude=("offload_activations",))
+    evaluation: Evaluation = evaluation_after()
+    load: LoadOptions = group(LoadOptions)
+
+    def __post_init__(self) -> None:
+        """Everything that needs no model, checked once, before any weight loads."""
+        self.config.validate()
+        self.calib.validate()
+        self.engine.torch_device()
+        self.evaluation.check()
+        check_at_least(1, batch_size=self.engine.batch_size)
 
 
 @dataclass

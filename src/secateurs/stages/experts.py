@@ -5,13 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..data.config import CalibConfig
-from ..engine.options import EngineOptions
 from ..moe.config import ExpertConfig
 from ..schema import group
-from .base import Stage, StageConfig
-from .flags import check_at_least
-from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
+from .base import CalibratedRequest, Stage
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -19,24 +15,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class ExpertsRequest(StageConfig):
+class ExpertsRequest(CalibratedRequest):
     """Remove the lowest-scoring routed experts of every MoE layer (REAP, frequency, EAN); plain transformers loads the result."""
 
-    model: str = model_argument()
-    out: str = out_option()
     config: ExpertConfig = group(ExpertConfig)
-    calib: CalibConfig = group(CalibConfig, rename={"source": "calib"})
-    engine: EngineOptions = group(EngineOptions, exclude=("offload_activations",))
-    evaluation: Evaluation = evaluation_after()
-    load: LoadOptions = group(LoadOptions)
-
-    def __post_init__(self) -> None:
-        """Everything that needs no model, checked once, before any weight loads."""
-        self.config.validate()
-        self.calib.validate()
-        self.engine.torch_device()
-        self.evaluation.check()
-        check_at_least(1, batch_size=self.engine.batch_size)
 
 
 class ExpertsStage(Stage):

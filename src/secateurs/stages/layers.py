@@ -7,12 +7,9 @@ from typing import TYPE_CHECKING
 
 from ..data.config import CalibConfig
 from ..depth.config import LayerConfig
-from ..engine.options import EngineOptions
 from ..errors import UsageError
 from ..schema import group
-from .base import Stage, StageConfig
-from .flags import check_at_least
-from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
+from .base import CalibratedRequest, Stage
 
 if TYPE_CHECKING:
     from ..depth.prune import LayerReport
@@ -20,11 +17,9 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class LayersRequest(StageConfig):
+class LayersRequest(CalibratedRequest):
     """Remove N decoder layers chosen by a criterion; the result is a smaller model that plain transformers loads."""
 
-    model: str = model_argument()
-    out: str = out_option()
     config: LayerConfig = group(LayerConfig, rename={"options": "option", "compensation": "compensation_option"},
                                 required=("remove",))
     calib: CalibConfig = group(
@@ -32,17 +27,6 @@ class LayersRequest(StageConfig):
         help={"source": "Calibration data: wikitext2, ptb, c4, self, or a .txt/.jsonl path.",
               "n_samples": "Calibration sequences (GradMAP: 128)."},
     )
-    engine: EngineOptions = group(EngineOptions, exclude=("offload_activations",))
-    evaluation: Evaluation = evaluation_after()
-    load: LoadOptions = group(LoadOptions)
-
-    def __post_init__(self) -> None:
-        """Everything that needs no model, checked once, before any weight loads."""
-        self.config.validate()
-        self.calib.validate()
-        self.engine.torch_device()
-        self.evaluation.check()
-        check_at_least(1, batch_size=self.engine.batch_size)
 
 
 class LayersStage(Stage):
