@@ -21,11 +21,23 @@ import torch
 from ..errors import UsageError
 from . import cuda_ops
 from .formats import SparseFormat
-from .triton_ops import HAVE_TRITON, Config, KBlocks, output_buffer, reduce_splits, tl, triton
+from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
 
 SEGMENT = 128
 
 if HAVE_TRITON:
+
+    @triton.jit
+    def _expand_segment(v_ptr, b_ptr, o_ptr, offs_n, n_ok, s, K, BLOCK_N: tl.constexpr, SEG: tl.constexpr):
+        """Segment ``s`` of rows ``offs_n``, expanded to a dense (BLOCK_N, SEG) tile: each kept weight's index
+        in ``values`` is the segment's offset plus the prefix count of its bits."""
+        WORDS: tl.constexpr = SEG // 32
+        offs_w = s * WORDS + tl.arange(0, WORDS)
+        words = tl.load(b_ptr + offs_n[:, None] * (K // 32) + offs_w[None, :], mask=n_ok[:, None], other=0)
+        bits = tl.reshape((words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1, (BLOCK_N, SEG))
+        rank = tl.cumsum(bits, axis=1) - bits
+        start = tl.load(o_ptr + offs_n * (K // SEG) + s, mask=n_ok, other=0)
+        return tl.load(v_ptr + start[:, None] + rank, mask=(bits != 0) & n_ok[:, None], other=0.0)
 
     @triton.jit
     def _bitmap_kernel(
@@ -37,30 +49,17 @@ if HAVE_TRITON:
         pid_m = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        WORDS: tl.constexpr = SEG // 32
-        words_per_row = K // 32
         segs = K // SEG
-        shifts = tl.arange(0, 32)
         n_ok = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         s_lo = pid_k * segs_per_split
         s_hi = tl.minimum(segs, s_lo + segs_per_split)
         for s in range(s_lo, s_hi):
-            offs_w = s * WORDS + tl.arange(0, WORDS)
-            words = tl.load(b_ptr + offs_n[:, None] * words_per_row + offs_w[None, :], mask=n_ok[:, None], other=0)
-            bits = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_N, SEG))
-            rank = tl.cumsum(bits, axis=1) - bits
-            start = tl.load(o_ptr + offs_n * segs + s, mask=n_ok, other=0)
-            w = tl.load(v_ptr + start[:, None] + rank, mask=(bits != 0) & n_ok[:, None], other=0.0)
+            w = _expand_segment(v_ptr, b_ptr, o_ptr, offs_n, n_ok, s, K, BLOCK_N, SEG)
             offs_k = s * SEG + tl.arange(0, SEG)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
             acc += tl.dot(x, tl.trans(w))
-        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            base = y_ptr + pid_k * M * N
-            tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+        store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_k, SPLIT_K)
 
     @triton.jit
     def _bitmap_gemv_kernel(
@@ -72,27 +71,16 @@ if HAVE_TRITON:
         row = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        WORDS: tl.constexpr = SEG // 32
-        words_per_row = K // 32
         segs = K // SEG
-        shifts = tl.arange(0, 32)
         acc = tl.zeros((BLOCK_N, SEG), dtype=tl.float32)
         s_lo = pid_k * segs_per_split
         s_hi = tl.minimum(segs, s_lo + segs_per_split)
         for s in range(s_lo, s_hi):
-            offs_w = s * WORDS + tl.arange(0, WORDS)
-            words = tl.load(b_ptr + offs_n[:, None] * words_per_row + offs_w[None, :], mask=n_ok[:, None], other=0)
-            bits = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, (BLOCK_N, SEG))
-            rank = tl.cumsum(bits, axis=1) - bits
-            start = tl.load(o_ptr + offs_n * segs + s, mask=n_ok, other=0)
-            w = tl.load(v_ptr + start[:, None] + rank, mask=(bits != 0) & n_ok[:, None], other=0.0)
+            w = _expand_segment(v_ptr, b_ptr, o_ptr, offs_n, n_ok, s, K, BLOCK_N, SEG)
             xv = tl.load(x_ptr + row * stride_xm + s * SEG + tl.arange(0, SEG))
             acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
         out = tl.sum(acc, axis=1)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(y_ptr + pid_k * M * N + row * N + offs_n, out, mask=n_ok)
+        store_row(y_ptr, out, row, offs_n, n_ok, M, N, stride_ym, pid_k, SPLIT_K)
 
 
 @dataclass
@@ -153,25 +141,9 @@ class Bitmap(SparseFormat):
 
     def triton_matmul(self, x: torch.Tensor, config: Config) -> torch.Tensor:
         """``x @ W.T`` for a 2-D contiguous ``x`` of the weight's dtype (K step = SEGMENT)."""
-        n, k = self.shape
-        m = x.shape[0]
-        segs = k // SEGMENT
-        segs_per_split = triton.cdiv(segs, config.split_k)
-        y = output_buffer(x, n, config.split_k)
-        if config.gemv:
-            _bitmap_gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k, m)](
-                x, self.values, self.bits, self.offsets, y, m, n, k, x.stride(0), y.stride(-2), segs_per_split,
-                BLOCK_N=config.block_n, SEG=SEGMENT, SPLIT_K=config.split_k,
-                num_warps=config.num_warps, num_stages=config.num_stages,
-            )
-            return reduce_splits(y, config.split_k, x.dtype)
-        grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
-        _bitmap_kernel[grid](
-            x, self.values, self.bits, self.offsets, y, m, n, k, x.stride(0), y.stride(-2), segs_per_split,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, SEG=SEGMENT, SPLIT_K=config.split_k,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-        return reduce_splits(y, config.split_k, x.dtype)
+        segs_per_split = triton.cdiv(self.shape[1] // SEGMENT, config.split_k)
+        return launch(_bitmap_kernel, _bitmap_gemv_kernel, x, (self.values, self.bits, self.offsets), self.shape,
+                      segs_per_split, config, SEG=SEGMENT)
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The CUDA bitmap GEMV, for one row (the two-row one measured slower than cuBLAS)."""

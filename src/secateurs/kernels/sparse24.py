@@ -22,7 +22,7 @@ import torch
 from ..errors import UsageError
 from . import cuda_ops
 from .formats import SparseFormat
-from .triton_ops import HAVE_TRITON, Config, KBlocks, output_buffer, reduce_splits, tl, triton
+from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
 
 if HAVE_TRITON:
 
@@ -63,12 +63,7 @@ if HAVE_TRITON:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_hi), other=0.0)
             acc += tl.dot(x, tl.trans(w))
-        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            base = y_ptr + pid_k * M * N
-            tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+        store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_k, SPLIT_K)
 
     @triton.jit
     def _sparse24_gemv_kernel(
@@ -99,10 +94,7 @@ if HAVE_TRITON:
             xv = tl.load(x_ptr + row * stride_xm + col, mask=ok, other=0.0)
             acc += vals.to(tl.float32) * xv.to(tl.float32)
         out = tl.sum(acc, axis=1)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(y_ptr + pid_k * M * N + row * N + offs_n, out, mask=n_ok)
+        store_row(y_ptr, out, row, offs_n, n_ok, M, N, stride_ym, pid_k, SPLIT_K)
 
 
 @dataclass
@@ -172,25 +164,9 @@ class Sparse24(SparseFormat):
 
     def triton_matmul(self, x: torch.Tensor, config: Config) -> torch.Tensor:
         """``x @ W.T`` for a 2-D contiguous ``x`` of the weight's dtype."""
-        n, k = self.shape
-        m = x.shape[0]
-        step = config.split_k * config.block_k
-        k_per_split = triton.cdiv(k, step) * config.block_k
-        y = output_buffer(x, n, config.split_k)
-        if config.gemv:
-            _sparse24_gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k, m)](
-                x, self.values, self.meta, y, m, n, k, x.stride(0), y.stride(-2), k_per_split,
-                BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-                num_warps=config.num_warps, num_stages=config.num_stages,
-            )
-            return reduce_splits(y, config.split_k, x.dtype)
-        grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
-        _sparse24_kernel[grid](
-            x, self.values, self.meta, y, m, n, k, x.stride(0), y.stride(-2), k_per_split,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-        return reduce_splits(y, config.split_k, x.dtype)
+        k_per_split = triton.cdiv(self.shape[1], config.split_k * config.block_k) * config.block_k
+        return launch(_sparse24_kernel, _sparse24_gemv_kernel, x, (self.values, self.meta), self.shape,
+                      k_per_split, config, BLOCK_K=config.block_k)
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The CUDA 2:4 GEMV (1-4 rows) and tensor-core (1-16 rows) kernels, in the order measured on an H200

@@ -67,6 +67,46 @@ def output_buffer(x: torch.Tensor, n: int, split_k: int) -> torch.Tensor:
     return torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, pid_k, SPLIT_K: tl.constexpr):
+        """A tile kernel's (BLOCK_M, BLOCK_N) fp32 result: into ``y`` itself, or its K split's partial sums."""
+        out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            base = y_ptr + pid_k * M * N
+            tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+
+    @triton.jit
+    def store_row(y_ptr, out, row, offs_n, n_ok, M, N, stride_ym, pid_k, SPLIT_K: tl.constexpr):
+        """A GEMV kernel's fp32 outputs ``offs_n`` of one row: into ``y`` itself, or its K split's partial sums."""
+        if SPLIT_K == 1:
+            tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(y_ptr + pid_k * M * N + row * N + offs_n, out, mask=n_ok)
+
+
+def launch(tile_kernel, gemv_kernel, x: torch.Tensor, parts: tuple[torch.Tensor, ...], shape: tuple[int, int],
+           per_split: int, config: Config, **meta: int) -> torch.Tensor:
+    """``x @ W.T`` through a format's Triton kernels, called as ``kernel(x, *parts, y, M, N, K, stride_xm,
+    stride_ym, per_split, BLOCK_M?, BLOCK_N, **meta, SPLIT_K)``: the GEMV kernel (one program per row) for a
+    ``gemv`` configuration, else the tile kernel; ``per_split``: the K each split covers, in the kernel's units."""
+    n, k = shape
+    m = x.shape[0]
+    y = output_buffer(x, n, config.split_k)
+    args = (x, *parts, y, m, n, k, x.stride(0), y.stride(-2), per_split)
+    tuning = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.gemv:
+        gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k, m)](
+            *args, BLOCK_N=config.block_n, **meta, SPLIT_K=config.split_k, **tuning)
+    else:
+        grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
+        tile_kernel[grid](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **meta, SPLIT_K=config.split_k, **tuning)
+    return reduce_splits(y, config.split_k, x.dtype)
+
+
 def reduce_splits(y: torch.Tensor, split_k: int, dtype: torch.dtype) -> torch.Tensor:
     """The K splits' partial sums added in a fixed order (deterministic, unlike atomics)."""
     return y if split_k == 1 else y.sum(dim=0).to(dtype)
