@@ -23,7 +23,7 @@ from ..model.groups import GroupSet
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
 from .base import WidthMethod
-from .importance import consumer_columns, consumer_statistics
+from .importance import consumer_scores, consumer_statistics
 from .select import Scores
 
 
@@ -38,17 +38,13 @@ class FLAP(WidthMethod):
     ) -> Scores:
         stats = consumer_statistics(loaded, groups, calib_ids, {"sq": InputSqNorm, "mean": InputMean}, device)
         self.means = [{kind: acc["mean"].mean.cpu() for kind, acc in per.items()} for per in stats]
-        blocks = loaded.spec.blocks_of(loaded.model)
-        out = []
-        for block, per, per_stats in zip(blocks, groups, stats):
-            scores = {}
-            for kind, group_set in per.items():
-                sq, mean = per_stats[kind]["sq"], per_stats[kind]["mean"]
-                variance = (sq.sum_sq / max(sq.n_tokens, 1) - mean.mean.square()).clamp_min(0)
-                weight = weight_matrix(block.get_submodule(group_set.consumer.path)).float()
-                scores[kind] = consumer_columns(group_set, variance.to(weight.device) * weight.square().sum(dim=0))
-            out.append(scores)
-        return out
+
+        def fluctuation(weight: torch.Tensor, acc: dict) -> torch.Tensor:
+            sq, mean = acc["sq"], acc["mean"]
+            variance = (sq.sum_sq / max(sq.n_tokens, 1) - mean.mean.square()).clamp_min(0)
+            return variance.to(weight.device) * weight.square().sum(dim=0)
+
+        return consumer_scores(loaded, groups, stats, fluctuation)
 
     def before_slice(
         self, loaded: LoadedModel, groups: list[dict[str, GroupSet]], keep: list[dict[str, torch.Tensor]]

@@ -115,3 +115,21 @@ def consumer_statistics(
     method = _ConsumerInputs(groups, statistics)
     run_blocks(loaded.model, loaded.spec, method, calib_ids, EngineOptions(device=str(device)), "statistics")
     return method.kept
+
+
+def consumer_scores(
+    loaded: LoadedModel,
+    groups: list[dict[str, GroupSet]],
+    stats: list[dict[str, dict[str, Accumulator]]],
+    column_score: Callable[[torch.Tensor, dict[str, Accumulator]], torch.Tensor],
+) -> list[dict[str, torch.Tensor]]:
+    """Per block and kind: the groups' scores from a per-input-column score of their output projection,
+    ``column_score(weight, accumulators)`` of its float weight and its :func:`consumer_statistics`."""
+    out = []
+    for block, per, per_stats in zip(loaded.spec.blocks_of(loaded.model), groups, stats):
+        scores = {}
+        for kind, group_set in per.items():
+            weight = weight_matrix(block.get_submodule(group_set.consumer.path)).float()
+            scores[kind] = consumer_columns(group_set, column_score(weight, per_stats[kind]))
+        out.append(scores)
+    return out

@@ -12,10 +12,9 @@ import torch
 
 from ..engine.stats import InputSqNorm
 from ..model.groups import GroupSet
-from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
 from .base import WidthMethod
-from .importance import consumer_columns, consumer_statistics
+from .importance import consumer_scores, consumer_statistics
 from .select import Scores
 
 
@@ -29,13 +28,5 @@ class WandaSP(WidthMethod):
         self, loaded: LoadedModel, groups: list[dict[str, GroupSet]], calib_ids: torch.Tensor | None, device: torch.device
     ) -> Scores:
         stats = consumer_statistics(loaded, groups, calib_ids, {"sq": InputSqNorm}, device)
-        blocks = loaded.spec.blocks_of(loaded.model)
-        out = []
-        for block, per, per_stats in zip(blocks, groups, stats):
-            scores = {}
-            for kind, group_set in per.items():
-                weight = weight_matrix(block.get_submodule(group_set.consumer.path)).float()
-                column = weight.abs().sum(dim=0) * per_stats[kind]["sq"].norm.to(weight.device)
-                scores[kind] = consumer_columns(group_set, column)
-            out.append(scores)
-        return out
+        return consumer_scores(
+            loaded, groups, stats, lambda weight, acc: weight.abs().sum(dim=0) * acc["sq"].norm.to(weight.device))
