@@ -18,33 +18,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine.stats import InputMean, InputSqNorm
+from ..engine.stats import Accumulator, InputMean, InputSqNorm
 from ..model.groups import GroupSet
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
-from .base import WidthMethod
-from .importance import consumer_scores, consumer_statistics
-from .select import Scores
+from .importance import ConsumerScored
 
 
-class FLAP(WidthMethod):
+class FLAP(ConsumerScored):
     name = "flap"
-    needs_calibration = True
     default_samples = 1024
     default_seq_len = 128
+    statistics = {"sq": InputSqNorm, "mean": InputMean}
 
-    def scores(
-        self, loaded: LoadedModel, groups: list[dict[str, GroupSet]], calib_ids: torch.Tensor | None, device: torch.device
-    ) -> Scores:
-        stats = consumer_statistics(loaded, groups, calib_ids, {"sq": InputSqNorm, "mean": InputMean}, device)
+    def observed(self, stats: list[dict[str, dict[str, Accumulator]]]) -> None:
         self.means = [{kind: acc["mean"].mean.cpu() for kind, acc in per.items()} for per in stats]
 
-        def fluctuation(weight: torch.Tensor, acc: dict) -> torch.Tensor:
-            sq, mean = acc["sq"], acc["mean"]
-            variance = (sq.sum_sq / max(sq.n_tokens, 1) - mean.mean.square()).clamp_min(0)
-            return variance.to(weight.device) * weight.square().sum(dim=0)
-
-        return consumer_scores(loaded, groups, stats, fluctuation)
+    def column_score(self, weight: torch.Tensor, acc: dict[str, Accumulator]) -> torch.Tensor:
+        """Var(X_j) · ‖W_:,j‖²."""
+        sq, mean = acc["sq"], acc["mean"]
+        variance = (sq.sum_sq / max(sq.n_tokens, 1) - mean.mean.square()).clamp_min(0)
+        return variance.to(weight.device) * weight.square().sum(dim=0)
 
     def before_slice(
         self, loaded: LoadedModel, groups: list[dict[str, GroupSet]], keep: list[dict[str, torch.Tensor]]

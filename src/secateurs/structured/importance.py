@@ -10,6 +10,7 @@ group's members; summation is the paper's default).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from ..errors import UsageError
 from ..model.groups import GroupSet, Slot
 from ..model.linear import weight_matrix
 from ..model.load import LoadedModel
+from .base import WidthMethod
 from .registry import AGGREGATES
 
 
@@ -133,3 +135,25 @@ def consumer_scores(
             scores[kind] = consumer_columns(group_set, column_score(weight, per_stats[kind]))
         out.append(scores)
     return out
+
+
+class ConsumerScored(WidthMethod):
+    """A calibrated method that scores a group by what it feeds into its output projection (Wanda-SP,
+    FLAP): the calibration statistics it names, then its :meth:`column_score` summed over each group's columns."""
+
+    needs_calibration = True
+    statistics: ClassVar[dict[str, type[Accumulator]]]
+
+    def scores(
+        self, loaded: LoadedModel, groups: list[dict[str, GroupSet]], calib_ids: torch.Tensor | None, device: torch.device
+    ) -> list[dict[str, torch.Tensor]]:
+        stats = consumer_statistics(loaded, groups, calib_ids, self.statistics, device)
+        self.observed(stats)
+        return consumer_scores(loaded, groups, stats, self.column_score)
+
+    def observed(self, stats: list[dict[str, dict[str, Accumulator]]]) -> None:
+        """The statistics, for a method that keeps some (FLAP's means, for its bias compensation)."""
+
+    def column_score(self, weight: torch.Tensor, acc: dict[str, Accumulator]) -> torch.Tensor:
+        """One score per input column of the output projection (float ``weight``) from its statistics."""
+        raise NotImplementedError

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.stats import InputSqNorm
-from ..model.groups import GroupSet
-from ..model.load import LoadedModel
-from .base import WidthMethod
-from .importance import consumer_scores, consumer_statistics
-from .select import Scores
+from ..engine.stats import Accumulator, InputSqNorm
+from .importance import ConsumerScored
 
 
-class WandaSP(WidthMethod):
+class WandaSP(ConsumerScored):
     name = "wanda-sp"
-    needs_calibration = True
     default_samples = 128
     default_seq_len = 128
+    statistics = {"sq": InputSqNorm}
 
-    def scores(
-        self, loaded: LoadedModel, groups: list[dict[str, GroupSet]], calib_ids: torch.Tensor | None, device: torch.device
-    ) -> Scores:
-        stats = consumer_statistics(loaded, groups, calib_ids, {"sq": InputSqNorm}, device)
-        return consumer_scores(
-            loaded, groups, stats, lambda weight, acc: weight.abs().sum(dim=0) * acc["sq"].norm.to(weight.device))
+    def column_score(self, weight: torch.Tensor, acc: dict[str, Accumulator]) -> torch.Tensor:
+        """Σ_i |W_ij| · ‖X_j‖."""
+        return weight.abs().sum(dim=0) * acc["sq"].norm.to(weight.device)
