@@ -292,3 +292,18 @@ def _output_lock(request: StageConfig) -> AbstractContextManager[None]:
     if not request.stage.produces_model or not request.out:
         return nullcontext()
     return output_lock(resolve_out(request.out))
+
+
+class CalibratedStage(Stage):
+    """A stage that calibrates on MODEL: its own checks against the model's shapes (:meth:`check_shapes`),
+    then its calibration and evaluation windows against the model's context; nothing to check before
+    an earlier recipe stage writes the model."""
+
+    def check_model(self, request: StageConfig, skeleton: LoadedModel | None) -> None:
+        if skeleton is None:
+            return
+        self.check_shapes(request, skeleton)
+        request.check_windows(skeleton)
+
+    def check_shapes(self, request: StageConfig, skeleton: LoadedModel) -> None:
+        """The stage's own checks against the model's shapes, before any weight loads."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..moe.config import ExpertConfig
 from ..schema import group
-from .base import CalibratedRequest, Stage
+from .base import CalibratedRequest, CalibratedStage
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -21,20 +21,17 @@ class ExpertsRequest(CalibratedRequest):
     config: ExpertConfig = group(ExpertConfig)
 
 
-class ExpertsStage(Stage):
+class ExpertsStage(CalibratedStage):
     name = "experts"
     config_class = ExpertsRequest
 
-    def check_model(self, request: ExpertsRequest, skeleton: LoadedModel | None) -> None:
+    def check_shapes(self, request: ExpertsRequest, skeleton: LoadedModel) -> None:
         """A dense model, group-limited routing and a --keep below the router's top-k stop here, before
         any weight loads."""
-        if skeleton is None:
-            return
         from ..moe.prune import moe_shape
 
         n_experts, top_k = moe_shape(skeleton.spec, skeleton.model.config)
         request.config.kept_count(n_experts, top_k)
-        request.check_windows(skeleton)
 
     def apply(self, loaded: LoadedModel, request: ExpertsRequest) -> ExpertReport:
         from ..api import experts

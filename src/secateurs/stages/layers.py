@@ -9,7 +9,7 @@ from ..data.config import CalibConfig
 from ..depth.config import LayerConfig
 from ..errors import UsageError
 from ..schema import group
-from .base import CalibratedRequest, Stage
+from .base import CalibratedRequest, CalibratedStage
 
 if TYPE_CHECKING:
     from ..depth.prune import LayerReport
@@ -29,18 +29,15 @@ class LayersRequest(CalibratedRequest):
     )
 
 
-class LayersStage(Stage):
+class LayersStage(CalibratedStage):
     name = "layers"
     config_class = LayersRequest
 
-    def check_model(self, request: LayersRequest, skeleton: LoadedModel | None) -> None:
-        if skeleton is None:
-            return
+    def check_shapes(self, request: LayersRequest, skeleton: LoadedModel) -> None:
         remove = request.config.remove
         n_layers = skeleton.spec.num_layers(skeleton.model.config)
         if remove >= n_layers:
             raise UsageError(f"--remove {remove} would leave no layers: the model has {n_layers}; remove at most {n_layers - 1}")
-        request.check_windows(skeleton)
 
     def apply(self, loaded: LoadedModel, request: LayersRequest) -> LayerReport:
         from ..api import prune_layers

@@ -9,7 +9,7 @@ from ..data.config import CalibConfig
 from ..engine.options import EngineOptions
 from ..schema import group, help_of, option
 from ..structured.config import WidthConfig
-from .base import Stage, StageConfig
+from .base import CalibratedStage, StageConfig
 from .flags import check_at_least
 from .groups import Evaluation, LoadOptions, evaluation_after, model_argument, out_option
 
@@ -63,17 +63,14 @@ class WidthRequest(StageConfig):
         check_at_least(1, round_to=config.round_to)
 
 
-class WidthStage(Stage):
+class WidthStage(CalibratedStage):
     name = "width"
     config_class = WidthRequest
 
-    def check_model(self, request: WidthRequest, skeleton: LoadedModel | None) -> None:
+    def check_shapes(self, request: WidthRequest, skeleton: LoadedModel) -> None:
         from ..model.save import check_save_format
 
-        if skeleton is None:
-            return
         check_save_format(request.save_format, skeleton.model.config)  # a non-Llama model, before pruning it
-        request.check_windows(skeleton)
 
     def apply(self, loaded: LoadedModel, request: WidthRequest) -> WidthReport:
         from ..api import width
