@@ -256,3 +256,16 @@ def test_every_public_name_resolves():
         assert getattr(secateurs, name) is not None
     with pytest.raises(AttributeError):
         secateurs.no_such_name  # noqa: B018
+
+
+def test_readme_python_path_to_a_stage_works_after_a_plain_import():
+    """README's `secateurs.stages.run(secateurs.stages.STAGES["prune"].parse(...))` after `import secateurs`
+    alone: the lazy package must import a subpackage on first use, as an eager one would."""
+    code = (
+        "import secateurs\n"
+        "request = secateurs.stages.STAGES['prune'].parse('smollm2-135m', 'out', method='magnitude')\n"
+        "print(type(request).__name__, callable(secateurs.stages.run))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["PruneRequest", "True"]

@@ -1,6 +1,7 @@
 """secateurs: prune large language models and measure honestly what it cost and what it won."""
 
 import importlib
+import importlib.util
 from typing import Any
 
 # Public name -> the module defining it, imported on first use (PEP 562): `import secateurs` and the
@@ -40,9 +41,12 @@ _EXPORTS: dict[str, str] = {
 
 
 def __getattr__(name: str) -> Any:
-    """``secateurs.<name>``: import the defining module the first time a public name is used."""
+    """``secateurs.<name>``: import the defining module the first time a public name is used; a
+    subpackage (``secateurs.stages``) is imported on first use too, as an eager package would have it."""
     module = _EXPORTS.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'secateurs' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
