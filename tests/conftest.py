@@ -45,6 +45,29 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture()
+def tiny_folder(tmp_path) -> Path:
+    """A tiny random Llama saved as an HF folder with its tokenizer (what most CLI tests run on)."""
+    from tiny_models import tiny_model
+
+    loaded = tiny_model("llama")
+    folder = tmp_path / "tiny"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def no_loading(monkeypatch) -> None:
+    """Fail the test if a command gets as far as loading weights: its refusal must come first."""
+    import secateurs.model.load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(secateurs.model.load, "load_model", refuse)  # the stages import it when they load
+
+
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """The cached plain-HF copy of SmolLM2-135M (built from the packaged GGUF on first use)."""

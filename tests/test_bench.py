@@ -6,15 +6,13 @@ import json
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
+from tiny_models import prune_2of4, random_ids, tiny_model
 from typer.testing import CliRunner
 
 from secateurs import UsageError, load_model, save
 from secateurs.cli import app
 from secateurs.evaluate.speed import SpeedConfig, measure, ratios
 from secateurs.kernels import sparse_layers
-from secateurs.model.linear import weight_matrix
-from secateurs.sparsity.masks import nm_mask
 
 SMALL = ["--prompt-lengths", "8,16", "--batches", "1,2", "--new-tokens", "3", "--warmup", "0", "--repeats", "1"]
 
@@ -25,9 +23,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     loaded = tiny_model("llama")
     dense = save(loaded, root / "dense", stages=[])
-    for module in loaded.spec.named_linears(loaded.model).values():
-        w = weight_matrix(module)
-        w.mul_(nm_mask(w.abs(), 2, 4))
+    prune_2of4(loaded)
     pruned = save(loaded, root / "pruned", stages=[])
     return dense, pruned
 

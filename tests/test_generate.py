@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import prune_2of4, tiny_model
 from typer.testing import CliRunner
 
 import secateurs
@@ -14,10 +14,8 @@ from secateurs.api import export_sparse
 from secateurs.cli import app
 from secateurs.kernels import sparse_layers
 from secateurs.model.drop_layers import drop_layers
-from secateurs.model.linear import weight_matrix
 from secateurs.model.slice import apply_widths
 from secateurs.structured.base import model_groups
-from secateurs.sparsity.masks import nm_mask
 
 PROMPT = "the quick brown fox"
 
@@ -28,9 +26,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
     loaded = tiny_model("llama")
     dense = save(loaded, root / "dense", stages=[])
-    for module in loaded.spec.named_linears(loaded.model).values():
-        w = weight_matrix(module)
-        w.mul_(nm_mask(w.abs(), 2, 4))
+    prune_2of4(loaded)
     pruned = save(loaded, root / "pruned", stages=[])
     sparse = save(loaded, root / "sparse", stages=[export_sparse(loaded)])
     return {"dense": dense, "pruned": pruned, "sparse": sparse}

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from tiny_models import random_ids, tiny_model
+from tiny_models import prune_2of4, random_ids, tiny_model
 
 from secateurs import UsageError, load_model, save
 from secateurs.api import export_sparse
@@ -84,9 +84,7 @@ def test_sparse_linear_matches_dense_linear(kind):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_sparsify_keeps_the_model_function(arch):
     loaded = tiny_model(arch)
-    for module in loaded.spec.named_linears(loaded.model).values():
-        w = weight_matrix(module)
-        w.mul_(nm_mask(w.abs(), 2, 4))
+    prune_2of4(loaded)
     ids = random_ids(2, 16)
     before = loaded.model(ids).logits
     report = sparsify(loaded.model, loaded.spec)
@@ -114,9 +112,7 @@ def test_mixed_model_keeps_too_dense_layers_dense():
 
 def test_sparse_export_saves_compressed_and_reloads_identically(tmp_path):
     loaded = tiny_model("llama")
-    for module in loaded.spec.named_linears(loaded.model).values():
-        w = weight_matrix(module)
-        w.mul_(nm_mask(w.abs(), 2, 4))
+    prune_2of4(loaded)
     dense_dir = save(loaded, tmp_path / "dense", stages=[])
     ids = random_ids(1, 12)
     expected = loaded.model(ids).logits
@@ -134,9 +130,7 @@ def test_sparse_export_saves_compressed_and_reloads_identically(tmp_path):
 
 def test_reload_of_an_export_missing_tensors_is_a_usage_error(tmp_path):
     loaded = tiny_model("llama")
-    for module in loaded.spec.named_linears(loaded.model).values():
-        w = weight_matrix(module)
-        w.mul_(nm_mask(w.abs(), 2, 4))
+    prune_2of4(loaded)
     stage = sparsify(loaded.model, loaded.spec).stage_record()  # the layout of earlier versions
     stage.layers["model.layers.0.mlp.ghost"] = {"kind": "2:4", "shape": [8, 8]}
     folder = save(loaded, tmp_path / "broken", stages=[stage])

@@ -168,22 +168,11 @@ def _saved_tiny(tmp_path: Path) -> Path:
     return secateurs.save(tiny_model("llama"), tmp_path / "model", [])
 
 
-def _no_model_load(monkeypatch) -> None:
-    """Fail the test if a stage loads the weights: these refusals must come before that."""
-    from secateurs.model import load
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the tokenizer was checked")
-
-    monkeypatch.setattr(load, "load_model", refuse)
-
-
-def test_damaged_tokenizer_is_named_before_the_model_loads(tmp_path, monkeypatch):
+def test_damaged_tokenizer_is_named_before_the_model_loads(tmp_path, no_loading):
     folder = _saved_tiny(tmp_path)
     (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     text = tmp_path / "eval.txt"
     text.write_text("the quick brown fox " * 50)
-    _no_model_load(monkeypatch)
     result = runner.invoke(app, ["eval", str(folder), "--ppl", str(text), "--seq-len", "16", "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and "damaged: tokenizer.json is not valid JSON" in result.output
@@ -194,11 +183,10 @@ def test_damaged_tokenizer_is_named_before_the_model_loads(tmp_path, monkeypatch
     assert not out.exists()
 
 
-def test_eval_without_a_tokenizer_fails_before_loading(tmp_path, monkeypatch):
+def test_eval_without_a_tokenizer_fails_before_loading(tmp_path, no_loading):
     folder = _saved_tiny(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).unlink()
-    _no_model_load(monkeypatch)
     for flags in (["--ppl", "wikitext2"], ["--tasks", "arc_easy"]):
         result = runner.invoke(app, ["eval", str(folder), *flags, "--seq-len", "16", "--device", "cpu"])
         assert result.exit_code == 2, result.output

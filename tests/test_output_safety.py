@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_model
 from typer.testing import CliRunner
 
 from secateurs import stages
@@ -24,24 +23,6 @@ from secateurs.recipe import load_recipe, run
 
 runner = CliRunner()
 
-
-@pytest.fixture
-def tiny_folder(tmp_path):
-    loaded = tiny_model("llama")
-    folder = tmp_path / "tiny"
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if a command gets as far as loading weights."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad output was refused")
-
-    monkeypatch.setattr(model_load, "load_model", refuse)
 
 
 def _one_line_error(result, *needles: str) -> str:

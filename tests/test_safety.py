@@ -194,25 +194,6 @@ def test_checkpoint_round_trip_keeps_every_kind_of_state(tmp_path):
 # --- checks before loading -------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_folder(tmp_path):
-    loaded = tiny_model("llama")
-    folder = tmp_path / "tiny"
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if any command gets as far as loading weights."""
-    import secateurs.model.load
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(secateurs.model.load, "load_model", refuse)  # the stages and demo import it when they load
-
 
 def _commands(model: str, out: str) -> dict[str, list[str]]:
     return {

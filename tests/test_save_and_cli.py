@@ -19,15 +19,6 @@ from secateurs.model.load import load_model
 runner = CliRunner()
 
 
-@pytest.fixture()
-def tiny_folder(tmp_path):
-    loaded = tiny_model("llama")
-    folder = tmp_path / "tiny"
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_round_trip_keeps_weights_and_records(tmp_path, tiny_folder):
     loaded = load_model(str(tiny_folder))
     report = prune(loaded, PruneConfig("magnitude", 0.5), None, EngineOptions(device="cpu"))

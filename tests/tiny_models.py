@@ -80,3 +80,15 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> LoadedModel:
 
 def random_ids(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def prune_2of4(loaded: LoadedModel) -> LoadedModel:
+    """Magnitude 2:4 on every block linear, in place (a stored-dense 2:4 model for kernel and export tests)."""
+    from secateurs.model.linear import weight_matrix
+    from secateurs.sparsity.masks import nm_mask
+
+    with torch.no_grad():
+        for module in loaded.spec.named_linears(loaded.model).values():
+            w = weight_matrix(module)
+            w.mul_(nm_mask(w.abs(), 2, 4))
+    return loaded

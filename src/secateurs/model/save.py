@@ -10,7 +10,6 @@ before any work by :func:`check_output`; an OS error during the save itself beco
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
