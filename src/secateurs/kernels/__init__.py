@@ -6,6 +6,7 @@ from .bitmap import SEGMENT, Bitmap
 from .compressed import export as export_compressed
 from .formats import SparseFormat, reference_matmul
 from .linear import SparseLinear
+from .nm48 import Nm48
 from .registry import choose_format
 from .sparse24 import Sparse24
 from .swap import SparsifyReport, restore_sparse, sparse_layers, sparsify
@@ -15,6 +16,7 @@ __all__ = [
     "HAVE_TRITON",
     "SEGMENT",
     "Bitmap",
+    "Nm48",
     "SparseFormat",
     "SparseLinear",
     "Sparse24",

@@ -60,7 +60,7 @@ SPLITS = (1, 2, 4, 8)  # warps sharing one output row group (split-K inside a bl
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 _STATUS: dict[int, str | None] = {}
-_MODULES: dict[int, object] = {}
+_MODULES: dict[tuple[int, Path], object] = {}
 _FUNCTIONS: dict[tuple[int, str], object] = {}
 
 
@@ -126,8 +126,8 @@ def _probe(index: int) -> str | None:
     return None
 
 
-def _compile(capability: tuple[int, int]) -> bytes:
-    """NVRTC: a cubin for this architecture, or PTX for the newest one NVRTC knows if the GPU is newer."""
+def _compile(capability: tuple[int, int], source: Path = SOURCE) -> bytes:
+    """NVRTC: a cubin of ``source`` for this architecture, or PTX for the newest one NVRTC knows if the GPU is newer."""
     _, nvrtc = _bindings()
     arch = capability[0] * 10 + capability[1]
     version = ".".join(map(str, _check(nvrtc.nvrtcVersion(), "nvrtcVersion")))
@@ -136,13 +136,13 @@ def _compile(capability: tuple[int, int]) -> bytes:
     if target is None:
         raise RuntimeError(f"NVRTC {version} cannot target sm_{arch}")
     native = target == arch
-    source = SOURCE.read_bytes()
+    text = source.read_bytes()
     options = (f"--gpu-architecture={'sm' if native else 'compute'}_{target}", *OPTIONS)
-    digest = hashlib.sha256(source + "\0".join(options).encode()).hexdigest()[:16]
-    path = cache_dir() / f"sparse_gemv-{digest}-{'sm' if native else 'compute'}{target}-nvrtc{version}.{'cubin' if native else 'ptx'}"
+    digest = hashlib.sha256(text + "\0".join(options).encode()).hexdigest()[:16]
+    path = cache_dir() / f"{source.stem}-{digest}-{'sm' if native else 'compute'}{target}-nvrtc{version}.{'cubin' if native else 'ptx'}"
     if path.exists():
         return path.read_bytes()
-    program = _check(nvrtc.nvrtcCreateProgram(source, SOURCE.name.encode(), 0, [], []), "nvrtcCreateProgram")
+    program = _check(nvrtc.nvrtcCreateProgram(text, source.name.encode(), 0, [], []), "nvrtcCreateProgram")
     try:
         encoded = [o.encode() for o in options]
         err, = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)
@@ -150,7 +150,7 @@ def _compile(capability: tuple[int, int]) -> bytes:
             size = _check(nvrtc.nvrtcGetProgramLogSize(program), "nvrtcGetProgramLogSize")
             log = b" " * size
             nvrtc.nvrtcGetProgramLog(program, log)
-            raise RuntimeError(f"NVRTC {version} failed to compile {SOURCE.name}: {log.decode(errors='replace').strip()}")
+            raise RuntimeError(f"NVRTC {version} failed to compile {source.name}: {log.decode(errors='replace').strip()}")
         if native:
             size = _check(nvrtc.nvrtcGetCUBINSize(program), "nvrtcGetCUBINSize")
             binary = b" " * size
@@ -168,35 +168,37 @@ def _compile(capability: tuple[int, int]) -> bytes:
     return binary
 
 
-def _module(index: int):
-    if index not in _MODULES:
+def _module(index: int, source: Path = SOURCE):
+    """The loaded module of ``source`` (another format's kernels live in a file of their own) on GPU ``index``."""
+    if (index, source) not in _MODULES:
         driver, _ = _bindings()
-        binary = _compile(torch.cuda.get_device_capability(index))
+        binary = _compile(torch.cuda.get_device_capability(index), source)
         with torch.cuda.device(index):
             torch.empty(1, device=f"cuda:{index}")  # PyTorch makes the primary context current
             _check(driver.cuInit(0), "cuInit")
-            _MODULES[index] = _check(driver.cuModuleLoadData(binary), "cuModuleLoadData")
-    return _MODULES[index]
+            _MODULES[index, source] = _check(driver.cuModuleLoadData(binary), "cuModuleLoadData")
+    return _MODULES[index, source]
 
 
-def _function(index: int, name: str):
+def _function(index: int, name: str, source: Path = SOURCE):
     key = (index, name)
     if key not in _FUNCTIONS:
         driver, _ = _bindings()
-        _FUNCTIONS[key] = _check(driver.cuModuleGetFunction(_module(index), name.encode()), f"loading kernel {name}")
+        _FUNCTIONS[key] = _check(driver.cuModuleGetFunction(_module(index, source), name.encode()), f"loading kernel {name}")
     return _FUNCTIONS[key]
 
 
-def _launch(name: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...], warps: int = WARPS) -> None:
+def _launch(name: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...], warps: int = WARPS,
+            source: Path = SOURCE) -> None:
     driver, _ = _bindings()
     device = tensors[0].device
     if device.index != torch.cuda.current_device():  # the kernel lives in that device's context
         with torch.cuda.device(device):
-            return _launch(name, grid, tensors, ints, warps)
+            return _launch(name, grid, tensors, ints, warps, source)
     params = (tuple(t.data_ptr() for t in tensors) + ints,
               (ctypes.c_void_p,) * len(tensors) + (ctypes.c_int,) * len(ints))
     stream = torch.cuda.current_stream(device).cuda_stream
-    _check(driver.cuLaunchKernel(_function(device.index, name), grid, 1, 1, warps * 32, 1, 1, 0, stream, params, 0),
+    _check(driver.cuLaunchKernel(_function(device.index, name, source), grid, 1, 1, warps * 32, 1, 1, 0, stream, params, 0),
            f"launching {name}")
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 FORMATS: dict[str, str] = {
     "2:4": "secateurs.kernels.sparse24:Sparse24",
+    "4:8": "secateurs.kernels.nm48:Nm48",
     "bitmap": "secateurs.kernels.bitmap:Bitmap",
 }
 

@@ -15,6 +15,9 @@ import torch
 from ..errors import UsageError
 
 COMPARISON_GROUPS = ("row", "layer")
+KERNEL_PATTERNS = ("2:4", "4:8")
+"""The N:M patterns with a stored format and decode kernel of their own (``kernels/registry.py``); any other
+N:M still prunes, and an export stores it in the format that holds it (``stages/prune.py`` says which)."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class Pattern:
             n, m = int(parts[0]), int(parts[1])
             if 0 < n < m:
                 return cls(n, m)
-        raise UsageError(f"unknown pattern {text!r}; use unstructured or N:M with 0 < N < M, e.g. 2:4")
+        raise UsageError(f"unknown pattern {text!r}; use unstructured or N:M with 0 < N < M "
+                         f"(the sparse kernels run {' and '.join(KERNEL_PATTERNS)}), e.g. 4:8")
 
     @property
     def is_nm(self) -> bool:

@@ -123,6 +123,7 @@ class PruneStage(Stage):
 
     def records(self, loaded: LoadedModel, request: PruneRequest, report: PruneReport) -> tuple[list, list[list[str]]]:
         from ..api import export_sparse
+        from ..sparsity.masks import KERNEL_PATTERNS
 
         if request.export != "sparse":
             return [report], []
@@ -132,5 +133,10 @@ class PruneStage(Stage):
             err_console.print(f"[yellow]saving dense:[/] {exc}", highlight=False, soft_wrap=True)
             return [report], []
         sizes = exported.weight_bytes
-        row = ["export", f"sparse, {len(exported.layers)} linears at {sizes['compressed'] / sizes['dense']:.3f} of dense bytes"]
+        kinds = sorted({info["kind"] for info in exported.layers.values()})
+        if str(report.target.pattern) not in (*KERNEL_PATTERNS, "unstructured"):
+            err_console.print(f"[yellow]{report.target.pattern} has no kernel of its own:[/] its linears are stored and run as "
+                              f"{' / '.join(kinds)} (the N:M kernels are {', '.join(KERNEL_PATTERNS)})", highlight=False, soft_wrap=True)
+        row = ["export", f"sparse ({', '.join(kinds)}), {len(exported.layers)} linears at "
+                         f"{sizes['compressed'] / sizes['dense']:.3f} of dense bytes"]
         return [report, exported], [row]

@@ -1,0 +1,211 @@
+// 4:8 GEMV for decode: y (M, N) = x (M, K) @ W.T with W in the 4:8 format of kernels/nm48.py, M = 1-4
+// activation rows. Compiled at run time by NVRTC (kernels/cuda_ops.py) as a module of its own, so this file
+// includes no header and holds the few load / convert / reduce helpers it needs (sparse_gemv.cu has its own).
+//
+// Decode is bound by the bytes read (4:8 moves 1.1875 bytes per dense fp16 weight: 1.68x fewer than dense),
+// and a Hopper SM receives only 13-18 bytes from memory per clock, so the instructions spent per stored
+// value decide whether the kernel keeps up. Per 16 inputs (two groups of 8, eight stored values) a lane
+// makes one 16-byte load of values, one 2-byte load of the positions' low bits, one 1-byte load of their
+// third bits and two 16-byte loads of x per token; each pair of values then costs two multiply-adds to
+// build its two byte-permute selectors and three byte-permutes per token: the first two pick the pair's
+// activations out of its group's low and high four inputs by the positions' low bits, the third chooses
+// between those by the third bits. No gather, no branch, fp32 accumulation.
+//
+// Work split: a block of 8 warps; S warps share R output rows and split K between them (S > 1 for narrow
+// shapes such as a 1024-row k/v projection, so every SM has enough loads in flight); their partial sums meet
+// in shared memory. Rows past N and tokens past M are computed on clamped (valid) addresses, never stored.
+
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned int u32;
+
+#define WARPS 8
+#define FULL 0xffffffffu
+
+// ---- loads: weights are streamed (evict-first), activations go through the read-only cache ----
+__device__ __forceinline__ void ld_stream_v4(const void* p, u32 (&v)[4]) {
+    asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
+}
+__device__ __forceinline__ u32 ld_stream_u16(const void* p) {
+    u32 v;
+    asm("ld.global.cs.u16 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 ld_stream_u8(const void* p) {
+    u32 v;
+    asm("ld.global.cs.u8 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void ld_nc_v4(const void* p, u32 (&v)[4]) {
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
+}
+
+// ---- 16-bit floats <-> fp32 ----
+template <bool BF16>
+__device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi) {
+    if (BF16) {
+        lo = __uint_as_float(v << 16);
+        hi = __uint_as_float(v & 0xffff0000u);
+    } else {
+        asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;}"
+            : "=f"(lo), "=f"(hi) : "r"(v));
+    }
+}
+template <bool BF16>
+__device__ __forceinline__ u16 pack1(float f) {
+    u16 h;
+    if (BF16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// ---- warp sums, split-K sums in shared memory, one store per (row, token) ----
+template <bool BF16, int T, int R>
+__device__ __forceinline__ void finish(float (&acc)[R][T], u16* __restrict__ y, int M, int N, int row0, int S) {
+    __shared__ float red[WARPS][R * T];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = warp % S;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < T; ++t)
+#pragma unroll
+            for (int o = 16; o; o >>= 1) acc[r][t] += __shfl_xor_sync(FULL, acc[r][t], o);
+    if (S > 1) {
+        if (lane == 0)
+#pragma unroll
+            for (int i = 0; i < R * T; ++i) red[warp][i] = acc[i / T][i % T];
+        __syncthreads();
+        if (lane == 0 && s == 0)
+#pragma unroll
+            for (int i = 0; i < R * T; ++i) {
+                float sum = 0.f;
+                for (int k = 0; k < S; ++k) sum += red[warp + k][i];
+                acc[i / T][i % T] = sum;
+            }
+    }
+    if (lane == 0 && s == 0)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+                if (row0 + r < N && t < M) y[(size_t)t * N + row0 + r] = pack1<BF16>(acc[r][t]);
+}
+
+// ---- one 16-input step: v = the eight stored values (pair i in v[i]), m = the 16-bit word of low position
+// bits (value 2i at bits 2i, value 2i+1 at bits 8 + 2i), h = the byte of third bits (value 2i at bit i,
+// value 2i+1 at bit 4 + i), xv[t][q] = the 8 inputs of group q for token t.
+template <bool BF16, int T>
+__device__ __forceinline__ void step48(float (&acc)[T], const u32 (&v)[4], u32 m, u32 h, const u32 (&xv)[T][2][4]) {
+    const u32 hs = (h | (h << 4)) & 0x0f0fu;  // value 2i's third bit at bit i, value 2i+1's at bit 8 + i
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        // bytes 2a, 2a+1 and 2b, 2b+1 of a register pair: halves a and b of four inputs
+        const u32 pick = ((m >> (2 * i)) & 0x0303u) * 0x22u + 0x1010u;
+        // half 0 from the low (0) or high (1) four inputs' result, half 1 likewise
+        const u32 half = ((hs >> i) & 0x0101u) * 0x44u + 0x3210u;
+        const int q = i >> 1;
+        float w0, w1;
+        unpack2<BF16>(v[i], w0, w1);
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const u32 lo = __byte_perm(xv[t][q][0], xv[t][q][1], pick);
+            const u32 hi = __byte_perm(xv[t][q][2], xv[t][q][3], pick);
+            float a, b;
+            unpack2<BF16>(__byte_perm(lo, hi, half), a, b);
+            acc[t] = fmaf(w0, a, acc[t]);
+            acc[t] = fmaf(w1, b, acc[t]);
+        }
+    }
+}
+
+template <bool BF16, int T>
+__device__ __forceinline__ void load_x(const char* const (&xp)[T], size_t j, u32 (&xv)[T][2][4]) {
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        ld_nc_v4(xp[t] + j * 32, xv[t][0]);
+        ld_nc_v4(xp[t] + j * 32 + 16, xv[t][1]);
+    }
+}
+
+// Lanes stride along K by 16-input steps (consecutive lanes read consecutive 16-byte value vectors, so every
+// load of a warp is one contiguous 512-byte run); each lane issues the loads of U steps per row before using
+// any, so enough bytes are in flight to cover memory latency.
+template <bool BF16, int T, int R, int U>
+__device__ __forceinline__ void gemv48(const u16* __restrict__ x, const u16* __restrict__ vals,
+                                       const u8* __restrict__ meta, const u8* __restrict__ high,
+                                       u16* __restrict__ y, int M, int N, int K, int S) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = warp / S, s = warp % S;
+    const int row0 = (blockIdx.x * (WARPS / S) + g) * R;
+    const int W = K >> 4;
+    const char* vp[R];
+    const char* mp[R];
+    const char* hp[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const size_t n = (size_t)min(row0 + r, N - 1);
+        vp[r] = (const char*)(vals + n * (K >> 1));
+        mp[r] = (const char*)(meta + n * (K >> 3));
+        hp[r] = (const char*)(high + n * W);
+    }
+    const char* xp[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) xp[t] = (const char*)(x + (size_t)min(t, M - 1) * K);
+    float acc[R][T];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
+    const int stride = 32 * S;
+    int j = s * 32 + lane;
+    for (; j + (U - 1) * stride < W; j += U * stride) {
+        u32 v[U][R][4], m[U][R], h[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const size_t jj = j + u * stride;
+                ld_stream_v4(vp[r] + jj * 16, v[u][r]);
+                m[u][r] = ld_stream_u16(mp[r] + jj * 2);
+                h[u][r] = ld_stream_u8(hp[r] + jj);
+            }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            u32 xv[T][2][4];
+            load_x<BF16, T>(xp, j + u * stride, xv);
+#pragma unroll
+            for (int r = 0; r < R; ++r) step48<BF16, T>(acc[r], v[u][r], m[u][r], h[u][r], xv);
+        }
+    }
+    for (; j < W; j += stride) {
+        u32 xv[T][2][4];
+        load_x<BF16, T>(xp, j, xv);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            u32 v[4];
+            ld_stream_v4(vp[r] + (size_t)j * 16, v);
+            step48<BF16, T>(acc[r], v, ld_stream_u16(mp[r] + (size_t)j * 2), ld_stream_u8(hp[r] + j), xv);
+        }
+    }
+    finish<BF16, T, R>(acc, y, M, N, row0, S);
+}
+
+// ---- entry points: gemv48_<dtype>_t<tokens>_r<rows per warp group> (kernels/nm48.py: TOKENS, ROWS) ----
+// At most 2 blocks per SM (<= 128 registers), so ptxas keeps every load of an unrolled step in flight.
+#define GEMV48(DT, BF, T, R, U)                                                                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                              \
+        gemv48_##DT##_t##T##_r##R(const u16* x, const u16* vals, const u8* meta, const u8* high, u16* y,    \
+                                  int M, int N, int K, int S) {                                              \
+        gemv48<BF, T, R, U>(x, vals, meta, high, y, M, N, K, S);                                             \
+    }
+#define ALL(DT, BF)                                                                                          \
+    GEMV48(DT, BF, 1, 1, 4)                                                                                  \
+    GEMV48(DT, BF, 1, 2, 4)                                                                                  \
+    GEMV48(DT, BF, 1, 4, 2)                                                                                  \
+    GEMV48(DT, BF, 2, 1, 4)                                                                                  \
+    GEMV48(DT, BF, 2, 2, 2)                                                                                  \
+    GEMV48(DT, BF, 2, 4, 2)                                                                                  \
+    GEMV48(DT, BF, 4, 1, 2)                                                                                  \
+    GEMV48(DT, BF, 4, 2, 2)
+ALL(f16, false)
+ALL(bf16, true)

@@ -1,0 +1,216 @@
+"""The 4:8 pattern end to end on a CPU: exact masks after every method that makes N:M, the 4:8 stored format
+(round trip, reference product, the GEMV's byte-permute decode emulated bit for bit), its choice by the
+registry, its compressed-tensors export and reload, and one line for what does not run."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import random_ids, tiny_model
+
+import secateurs.sparsity.prune as sparsity_prune
+from secateurs import UsageError, load_model, save
+from secateurs.api import PruneConfig, PruneReport, export_sparse, prunable_linears, prune
+from secateurs.data.calib import CalibConfig
+from secateurs.engine.options import EngineOptions
+from secateurs.kernels import Bitmap, Nm48, Sparse24, SparseLinear, choose_format, reference_matmul, sparse_layers
+from secateurs.kernels.compressed import FORMAT_BITMASK
+from secateurs.model.linear import weight_matrix
+from secateurs.sparsity.masks import Pattern, nm_mask, unstructured_mask
+from secateurs.sparsity.registry import method_names
+
+
+
+def _prune(loaded, config: PruneConfig, ids: torch.Tensor) -> PruneReport:
+    with mock.patch.object(sparsity_prune, "calibration_ids", lambda *a, **k: ids):
+        return prune(loaded, config, CalibConfig("wikitext2", len(ids), ids.shape[1]), EngineOptions(device="cpu"))
+
+
+def _w48(rows: int, cols: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    return (w * nm_mask(w.abs(), 4, 8)).to(dtype)
+
+
+def _exactly_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    rows, cols = weight.shape
+    return bool(((weight != 0).reshape(rows, cols // m, m).sum(dim=2) == n).all())
+
+
+@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("pattern", ["4:8", "8:16"])
+def test_every_method_leaves_exact_nm_masks(method, pattern):
+    loaded = tiny_model("llama")
+    report = _prune(loaded, PruneConfig(method, None, pattern), random_ids(4, 16))
+    n, m = Pattern.parse(pattern).n, Pattern.parse(pattern).m
+    for name, module in prunable_linears(loaded).items():
+        assert _exactly_nm(weight_matrix(module), n, m), name
+    assert report.achieved == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.parametrize("step", [{"permute": True}, {"reconstruct": {"steps": 2, "check": 1}}])
+def test_block_steps_keep_exact_4of8_masks(step):
+    loaded = tiny_model("llama")
+    _prune(loaded, PruneConfig("wanda", None, "4:8", **step), random_ids(4, 16))
+    for name, module in prunable_linears(loaded).items():
+        assert _exactly_nm(weight_matrix(module), 4, 8), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_is_exact_including_sparser_groups(dtype):
+    w = _w48(24, 96, dtype=dtype)
+    w[3, :8] = 0.0  # a group with no non-zero
+    w[5, 8:16] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.5])  # a group with one, at the last position
+    w[7, 16:24] = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0])  # all four in the low half
+    w[7, 24:32] = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0])  # all four in the high half
+    fmt = Nm48.compress(w)
+    assert (fmt.values.shape, fmt.meta.shape, fmt.high.shape) == ((24, 48), (24, 12), (24, 6))
+    assert fmt.meta.dtype == fmt.high.dtype == torch.uint8 and fmt.values.dtype == dtype
+    assert torch.equal(fmt.to_dense(), w)
+    assert torch.equal(Nm48.from_parts(fmt.tensors(), fmt.shape).to_dense(), w)
+    again = Nm48.from_mask(fmt.values, fmt.mask())
+    assert all(torch.equal(a, b) for a, b in zip(again.tensors().values(), fmt.tensors().values()))
+    if dtype == torch.float16:
+        assert fmt.nbytes() == 24 * 96 * 1.1875  # 4 values + 4 three-bit positions per 8 weights
+
+
+def test_reference_product_equals_the_dense_product():
+    w = _w48(40, 160, seed=1, dtype=torch.float64)
+    x = torch.randn(5, 160, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(40, dtype=torch.float64)
+    torch.testing.assert_close(reference_matmul(x, Nm48.compress(w), bias), x @ w.T + bias, rtol=0, atol=1e-12)
+
+
+def _byte_perm(a: int, b: int, selector: int) -> int:
+    """CUDA's __byte_perm: byte i of the result is byte (selector >> 4i) & 7 of the 8 bytes b:a."""
+    pool = (b << 32) | a
+    return sum(((pool >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+def _halves(register: int) -> tuple[float, float]:
+    """The two fp16 values of a 32-bit register, low half first."""
+    pair = torch.tensor([register & 0xFFFF, register >> 16], dtype=torch.int32).to(torch.int16)
+    low, high = pair.view(torch.float16).tolist()
+    return low, high
+
+
+def _emulate_gemv48(x: torch.Tensor, fmt: Nm48) -> torch.Tensor:
+    """sparse48.cu's step48, word for word: per 16 inputs, the 16-bit low-bits word and the third-bits byte
+    give each value pair its two selectors; three byte-permutes per token pick the pair's activations."""
+    n, k = fmt.shape
+    xs = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # (M, K/2): two halves per register
+    values = fmt.values.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # (N, K/4): pair i of a chunk at 4c + i
+    words = fmt.meta.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # (N, K/16), little-endian
+    y = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    for row in range(n):
+        for c in range(k // 16):
+            m, h = int(words[row, c]), int(fmt.high[row, c])
+            hs = (h | (h << 4)) & 0x0F0F
+            for i in range(4):
+                pick = ((m >> (2 * i)) & 0x0303) * 0x22 + 0x1010
+                half = ((hs >> i) & 0x0101) * 0x44 + 0x3210
+                w0, w1 = _halves(int(values[row, 4 * c + i]))
+                q = 8 * c + 4 * (i >> 1)  # the group's first register in x's (M, K/2) view
+                for t in range(x.shape[0]):
+                    regs = [int(r) for r in xs[t, q:q + 4]]
+                    lo, hi = _byte_perm(regs[0], regs[1], pick), _byte_perm(regs[2], regs[3], pick)
+                    a, b = _halves(_byte_perm(lo, hi, half))
+                    y[t, row] += w0 * a + w1 * b
+    return y
+
+
+def test_gemv48_byte_permute_decode_equals_the_dense_product():
+    w = _w48(6, 64, seed=3, dtype=torch.float16)
+    w[1, :16] = 0.0
+    w[2, 16:24] = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]).half()
+    w[4, 24:32] = torch.tensor([5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 6.0]).half()
+    fmt = Nm48.compress(w)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(4)).half()
+    torch.testing.assert_close(_emulate_gemv48(x, fmt), x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
+
+
+def test_supports_names_why_a_weight_is_not_4of8():
+    assert "more than 4 non-zeros" in Nm48.supports(torch.randn(8, 64))
+    assert "multiple of 16" in Nm48.supports(_w48(8, 24))
+    sparse = torch.zeros(8, 64)
+    sparse[:, ::8] = 1.0  # 1 of 8: fits 4:8, but the bitmap is far smaller
+    assert "bitmap" in Nm48.supports(sparse)
+    with pytest.raises(UsageError, match="--pattern 4:8"):
+        Nm48.compress(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="exactly 4"):
+        Nm48.from_mask(torch.zeros(8, 32), torch.zeros(8, 64, dtype=torch.bool))
+
+
+def test_registry_stores_2of4_as_2of4_4of8_as_4of8_and_the_rest_as_bitmap():
+    w24 = torch.randn(16, 256)
+    w24 = w24 * nm_mask(w24.abs(), 2, 4)
+    assert choose_format(w24, 0.5) == (Sparse24, "2:4")
+    assert choose_format(_w48(16, 256), 0.5) == (Nm48, "4:8")
+    unstructured = torch.randn(16, 256)
+    for sparsity in (0.5, 0.9):
+        assert choose_format(unstructured * unstructured_mask(unstructured.abs(), sparsity), 0.5)[0] is Bitmap
+
+
+def test_a_4of8_weight_asked_for_as_2of4_says_what_it_is_in_one_line():
+    with pytest.raises(UsageError, match="4:8") as caught:
+        Sparse24.compress(_w48(8, 64))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", ["4:4", "0:4", "8:4"])
+def test_a_pattern_that_does_not_exist_names_the_patterns_that_run(bad):
+    with pytest.raises(UsageError, match="4:8") as caught:
+        Pattern.parse(bad)
+    assert "\n" not in str(caught.value) and "2:4" in str(caught.value)
+
+
+def test_sparse_layer_traces_whole_under_torch_compile_and_runs_the_reference_on_cpu():
+    w = _w48(16, 256)
+    layer = SparseLinear(Nm48.compress(w), torch.randn(16))
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 256)
+    torch.testing.assert_close(compiled(x), F.linear(x, w, layer.bias))
+    if not torch.cuda.is_available():
+        from secateurs.kernels import cuda_ops
+
+        assert cuda_ops.candidates(Nm48.compress(w.half()), 1) == {}
+
+
+def test_gemv48_op_has_a_fake_implementation():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = torch.ops.secateurs.nm48_gemv(torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(24, 32, dtype=torch.bfloat16),
+                                          torch.empty(24, 8, dtype=torch.uint8), torch.empty(24, 4, dtype=torch.uint8), 2, 1)
+    assert (tuple(y.shape), y.dtype) == ((3, 24), torch.bfloat16)
+
+
+def test_a_4of8_model_exports_as_a_bitmask_checkpoint_and_reloads_onto_4of8(tmp_path):
+    loaded = tiny_model("llama")
+    _prune(loaded, PruneConfig("wanda", None, "4:8"), random_ids(4, 16))
+    ids = random_ids(1, 12)
+    expected = loaded.model(ids).logits
+    stage = export_sparse(loaded)
+    assert stage.storage == FORMAT_BITMASK
+    assert {info["kind"] for info in stage.layers.values()} == {"4:8"}
+    reloaded = load_model(str(save(loaded, tmp_path / "s48", stages=[stage])))
+    layers = sparse_layers(reloaded.model)
+    assert set(layers) == set(stage.layers) and {layer.kind for layer in layers.values()} == {"4:8"}
+    torch.testing.assert_close(reloaded.model(ids).logits, expected)
+
+
+@pytest.mark.parametrize(("pattern", "stored"), [("4:8", "4:8"), ("8:16", "bitmap")])
+def test_prune_export_says_which_format_each_pattern_runs_as(tmp_path, tiny_folder, pattern, stored):
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    result = CliRunner().invoke(app, ["prune", str(tiny_folder), "--out", str(tmp_path / "out"), "--device", "cpu",
+                                      "--method", "magnitude", "--pattern", pattern, "--export", "sparse"])
+    assert result.exit_code == 0, result.output
+    assert f"sparse ({stored})" in result.output
+    named = f"{pattern} has no kernel of its own" in result.output
+    assert named == (pattern == "8:16")
+    assert {layer.kind for layer in sparse_layers(load_model(str(tmp_path / "out")).model).values()} == {stored}
