@@ -1,4 +1,4 @@
-"""Magnitude vs Wanda vs SparseGPT (50%, 2:4) and uniform vs OWL at 70%, secateurs only, one run.
+"""Magnitude vs Wanda vs SparseGPT (50%, 2:4, 4:8, 8:16) and uniform vs OWL at 70%, secateurs only, one run.
 
 The quality half of the one-shot comparison, cheap enough for a CPU: every variant prunes a fresh
 copy of SmolLM2-135M with the same calibration windows and is scored on the same WikiText-2 test
@@ -30,6 +30,10 @@ VARIANTS = (
     ("magnitude", "2:4", None, "uniform"),
     ("wanda", "2:4", None, "uniform"),
     ("sparsegpt", "2:4", None, "uniform"),
+    ("wanda", "4:8", None, "uniform"),
+    ("sparsegpt", "4:8", None, "uniform"),
+    ("wanda", "8:16", None, "uniform"),
+    ("sparsegpt", "8:16", None, "uniform"),
     ("wanda", "unstructured", 0.7, "uniform"),
     ("wanda", "unstructured", 0.7, "owl"),
     ("sparsegpt", "unstructured", 0.7, "uniform"),
