@@ -67,6 +67,8 @@ class Effect:
     profile: dict[str, dict[int, float]] = field(default_factory=dict)
     params_after: int | None = None
     removed_layers: list[int] = field(default_factory=list)
+    # What a reader must know to trust the numbers (an MoE prune's experts pruned by the fallback rule).
+    notes: list[str] = field(default_factory=list)
 
 
 def _per_block(per_linear: dict[str, float]) -> dict[int, float]:
@@ -83,7 +85,8 @@ def _after(before: Effect | None, profile: dict[str, dict[int, float]] | None = 
     """``before`` with ``changes`` applied: a stage sets what it changed and keeps the rest (earlier
     per-block curves stay beside a new one, e.g. layer importance beside later sparsity)."""
     start = before or Effect("dense", "dense", 0.0)
-    return replace(start, profile={**start.profile, **(profile or {})}, **changes)
+    notes = start.notes + changes.pop("notes", [])
+    return replace(start, profile={**start.profile, **(profile or {})}, notes=notes, **changes)
 
 
 def _fraction_removed(before: int | None, after: int | None) -> float:
@@ -158,6 +161,10 @@ class PruneStage(StageRecord):
     calibration: dict[str, Any] | None = None
     seed: int | None = None
     achieved_sparsity: dict[str, Any] = field(default_factory=dict)
+    # An MoE model's: its --moe options, and per block (str index) the routed-expert matrices pruned
+    # by the fallback rule because the router sent them too few calibration tokens.
+    moe: dict[str, Any] | None = optional()
+    expert_fallback: dict[str, list[str]] | None = optional()
     seconds: float | None = None
     peak_memory_mb: float | None = None
     device: str | None = None
@@ -168,8 +175,14 @@ class PruneStage(StageRecord):
         kept = _kept_ratios(self.reconstruction)
         if kept:
             profile[RECONSTRUCTION_PROFILE] = dict(sorted(kept.items()))
+        notes = []
+        if self.expert_fallback:
+            rule = (self.moe or {}).get("fallback", "magnitude")
+            listed = "; ".join(f"block {b}: {', '.join(names)}" for b, names in self.expert_fallback.items())
+            notes.append(f"{method}: expert matrices with fewer than {(self.moe or {}).get('min_tokens', '?')} "
+                         f"calibration tokens pruned by the {rule} fallback ({listed})")
         return _after(before, profile, kind="sparsity", method=method,
-                      removed=float(self.achieved_sparsity.get("mean", 0.0)))
+                      removed=float(self.achieved_sparsity.get("mean", 0.0)), notes=notes)
 
 
 @dataclass
@@ -303,15 +316,18 @@ class RecoverStage(StageRecord):
 
 @dataclass
 class ExpertsStage(StageRecord):
-    """Routed experts removed from every MoE layer (``secateurs experts``): each layer keeps the same
-    count, so the fraction removed is of experts, and the profile is the experts each layer kept."""
+    """Routed experts removed from every MoE layer (``secateurs experts``): the fraction removed is of
+    routed experts over all MoE layers, and the profile is the experts each layer kept."""
 
     kind: ClassVar[str] = "experts"
     method: str = "?"
     keep: float | None = None  # the share of each layer's routed experts asked to be kept
+    mode: str | None = optional()  # uniform (same count per layer) or global (spread by score)
+    merge: bool | None = optional()
     experts_before: int = 1
-    experts_after: int = 1
+    experts_after: int = 1  # the most any layer kept (the config's count)
     kept_experts: dict[str, list[int]] = field(default_factory=dict)
+    merged: dict[str, dict[str, list[int]]] | None = optional()  # block → kept expert → experts folded in
     scores: dict[str, list[float]] | None = None
     unrouted_experts: dict[str, list[int]] | None = None
     calibration: dict[str, Any] | None = None
@@ -322,8 +338,14 @@ class ExpertsStage(StageRecord):
 
     def effect(self, before: Effect | None) -> Effect:
         profile = {"experts kept": {int(k): float(len(v)) for k, v in self.kept_experts.items()}}
-        return _after(before, profile, kind="experts removed", method=self.method,
-                      removed=_fraction_removed(self.experts_before, self.experts_after))
+        notes = [f"{self.method}: experts no calibration token reached scored 0 ("
+                 + "; ".join(f"block {b}: {', '.join(map(str, e))}" for b, e in self.unrouted_experts.items()) + ")"
+                 ] if self.unrouted_experts else []
+        kept = sum(len(v) for v in self.kept_experts.values())
+        removed = (_fraction_removed(self.experts_before * len(self.kept_experts), kept) if self.kept_experts
+                   else _fraction_removed(self.experts_before, self.experts_after))
+        return _after(before, profile, kind="experts removed", method=self.method + (" merge" if self.merge else ""),
+                      removed=removed, notes=notes)
 
 
 @dataclass

@@ -174,6 +174,9 @@ def write_report(runs: list[Run], out: str | Path, title: str = "secateurs repor
         limit = ", ".join("all" if x is None else f"first {x}" for x in sorted(limits, key=lambda x: x or 0))
         lines += [f"Zero-shot: lm-eval acc, {limit} documents per task; mean acc = mean over the tasks shown.",
                   "ppl / dense and acc − dense compare each run with the dense run of this report.", ""]
+    notes = [_cell(f"- {run.label}: {note}") for run in runs for note in run.notes]
+    if notes:
+        lines += ["Notes:", *notes, ""]
     rebuilt = reconstruction_lines(runs)
     if rebuilt:
         lines += ["Block reconstruction (held-out calibration error; never above the method's own):", *rebuilt, ""]

@@ -51,6 +51,7 @@ class Run:
     zeroshot_limit: int | None = None
     params: int | None = None
     decode_tokens_per_s: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,6 +190,7 @@ def _apply_stages(run: Run, stages: Any, before: Effect | None = None, where: st
     if effect is not None:
         run.kind, run.method, run.removed = effect.kind, effect.method, effect.removed
         run.layers, run.removed_layers = dict(effect.profile), list(effect.removed_layers)
+        run.notes = [one_line(str(note)) for note in effect.notes]
         if effect.params_after is not None:
             run.params = effect.params_after
     return effect

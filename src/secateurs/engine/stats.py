@@ -41,6 +41,12 @@ class Accumulator(ABC):
             self._add(flat.to(torch.float32))
         self.n_tokens += flat.shape[0]
 
+    def white(self) -> None:
+        """Replace the sums by those of one white input (unit variance, uncorrelated features), under
+        which every criterion is plain weight magnitude: the fallback for an expert the router sent
+        too few calibration tokens (:mod:`secateurs.sparsity.experts`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no white-input statistics")
+
     def merge(self, other: Accumulator) -> None:
         """Add another accumulator of the same kind (e.g. from another calibration shard)."""
         for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
@@ -66,6 +72,10 @@ class InputSqNorm(Accumulator):
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.sum_sq]
+
+    def white(self) -> None:
+        self.sum_sq.fill_(1.0)
+        self.n_tokens = 1
 
     @property
     def norm(self) -> torch.Tensor:
@@ -96,6 +106,10 @@ class Hessian(Accumulator):
     def tensors(self) -> list[torch.Tensor]:
         return [self.xtx]
 
+    def white(self) -> None:
+        self.xtx = torch.eye(self.in_features, dtype=torch.float32, device=self.xtx.device)
+        self.n_tokens = 1
+
     def matrix(self) -> torch.Tensor:
         return self.xtx * (2.0 / max(self.n_tokens, 1))
 
@@ -118,6 +132,10 @@ class InputMean(Accumulator):
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.sum]
+
+    def white(self) -> None:
+        self.sum.zero_()
+        self.n_tokens = 1
 
     @property
     def mean(self) -> torch.Tensor:

@@ -10,12 +10,12 @@ and matrix (``mlp.experts.gate_up_proj.3``), so every method prunes them like an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from ..errors import UsageError
-from .experts import MoeSpec, expert_linears
+from .experts import MoeSpec, RouterLinear, expert_linears
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,9 @@ class ArchSpec:
         return model.get_submodule(self.blocks)
 
     def linears(self, block: nn.Module) -> dict[str, nn.Module]:
-        """Prunable linears of one block (attention first, then MLP: for an MoE block the shared
-        expert's, then each routed expert's gate/up and down views), by path relative to it."""
+        """Prunable linears of one block (attention first, then MLP: for an MoE block the router's view
+        where ``moe.routers``, the shared expert's unless ``moe.prune_shared`` is off, then each routed
+        expert's gate/up and down views), by path relative to it."""
         found = {
             path: block.get_submodule(path)
             for path in self.attention
@@ -104,12 +105,26 @@ class ArchSpec:
         if experts is None:
             return found | {path: block.get_submodule(path) for path in self.mlp}
         assert self.moe is not None
-        for path in self.moe.shared:
+        if self.moe.routers:
+            found[f"{self.moe.block}.{self.moe.router}"] = RouterLinear(self.router_of(block))
+        for path in self.moe.shared if self.moe.prune_shared else ():
             found[f"{self.moe.block}.{path}"] = block.get_submodule(f"{self.moe.block}.{path}")
         prefix = f"{self.moe.block}.{self.moe.experts}"
-        for path, view in expert_linears(experts, self.moe.transposed).items():
+        for path, view in expert_linears(experts, self.moe.transposed, self.moe.weighted).items():
             found[f"{prefix}.{path}"] = view
         return found
+
+    def expert_counts(self, config) -> tuple[int, int]:
+        """(routed experts per MoE layer, the router's top-k) from a config (the most any layer has)."""
+        assert self.moe is not None
+        text = self.text_config(config)
+        return int(getattr(text, self.moe.experts_key)), int(getattr(text, self.moe.top_k_key))
+
+    def with_moe_choices(self, routers: bool, prune_shared: bool, weighted: bool) -> ArchSpec:
+        """This spec with a prune's MoE choices (see :class:`MoeSpec`); a dense family's unchanged."""
+        if self.moe is None:
+            return self
+        return replace(self, moe=replace(self.moe, routers=routers, prune_shared=prune_shared, weighted=weighted))
 
     def experts_of(self, block: nn.Module) -> nn.Module | None:
         """The block's fused experts module, or None for a dense block (or a dense family)."""
@@ -210,7 +225,7 @@ SPECS: tuple[ArchSpec, ...] = (
         **{**_LLAMA_LIKE, "attention": _MLA},
         optional=_MLA[:3],
         head_dim_key=None,
-        moe=MoeSpec(shared=_DEEPSEEK_SHARED, experts_key="num_local_experts", group_key="n_group"),
+        moe=MoeSpec(shared=_DEEPSEEK_SHARED, experts_key="num_local_experts", group_key="n_group", group_min=2),
     ),
     ArchSpec(
         name="gpt-oss",

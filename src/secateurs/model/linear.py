@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .experts import ExpertLinear
+from .experts import ExpertLinear, RouterLinear
 
 
 def is_transposed(module: nn.Module) -> bool:
@@ -27,7 +27,7 @@ def oriented(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, shaped like ``module.weight``, seen as (out, in) (a view, sharing storage)."""
     if is_transposed(module):
         return tensor.t()
-    if isinstance(module, (nn.Linear, ExpertLinear)):
+    if isinstance(module, (nn.Linear, ExpertLinear, RouterLinear)):
         return tensor
     raise TypeError(f"not a linear layer: {type(module).__name__}")
 
@@ -54,8 +54,8 @@ def out_features(module: nn.Module) -> int:
 def sync_features(module: nn.Module) -> None:
     """Make the module's own size attributes (``nf``, or ``out_features``/``in_features``) match a
     weight that surgery replaced, so ``repr`` and code that reads them see the new shape."""
-    if isinstance(module, ExpertLinear):
-        raise TypeError(f"{module!r} is a view of a fused expert parameter; surgery cannot resize it")
+    if isinstance(module, (ExpertLinear, RouterLinear)):
+        raise TypeError(f"{module!r} is a view of an MoE parameter; surgery cannot resize it")
     if is_transposed(module):
         module.nf = module.weight.shape[1]
     else:

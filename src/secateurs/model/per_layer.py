@@ -43,8 +43,6 @@ def update_config(model: PreTrainedModel, spec: ArchSpec) -> None:
     """Set the config's sizes to the blocks' (largest) widths; record shapes it cannot express."""
     top, config = model.config, spec.text_config(model.config)  # sizes live in a multimodal model's text config
     blocks = spec.blocks_of(model)
-    if hasattr(top, SHAPES_KEY):
-        delattr(top, SHAPES_KEY)
     if spec.head_dim_key is not None:
         geometries = [head_geometry(spec, config, block) for block in blocks]
         widest = max(geometries, key=lambda geo: geo.heads)
@@ -67,6 +65,16 @@ def update_config(model: PreTrainedModel, spec: ArchSpec) -> None:
     down = spec.mlp[-1]
     widths = [in_features(block.get_submodule(down)) for block in blocks]
     setattr(config, spec.intermediate_key, max(widths))
+    record_shapes(model)
+
+
+def record_shapes(model: PreTrainedModel) -> None:
+    """Record in the config the shape of every parameter (or buffer) the stock class would not build
+    from it, pointing ``auto_map`` at the per-layer class; clear both when there is none. Called after
+    the config's own sizes were set to the largest block's (widths, or an MoE layer's expert count)."""
+    top = model.config
+    if hasattr(top, SHAPES_KEY):
+        delattr(top, SHAPES_KEY)
     differing = _differing_shapes(model)
     auto_map = dict(getattr(top, "auto_map", None) or {})
     if differing:
@@ -99,13 +107,16 @@ def _stock_config(model: PreTrainedModel):
 
 
 def _differing_shapes(model: PreTrainedModel) -> dict[str, dict[str, list[int]]]:
-    """Parameters whose shape (or existence) differs from what the stock class builds from the config."""
+    """Parameters and buffers whose shape (or existence) differs from what the stock class builds from
+    the config (buffers: DeepSeek-V3's per-expert score-correction bias after expert pruning)."""
     config = _stock_config(model)
     with torch.device("meta"):
         stock = _stock_class(model)(config)
-    expected = {name: tuple(p.shape) for name, p in stock.named_parameters()}
+    buffers = {name: tuple(b.shape) for name, b in stock.named_buffers()}
+    expected = {**buffers, **{name: tuple(p.shape) for name, p in stock.named_parameters()}}
     differing: dict[str, dict[str, list[int]]] = {}
-    for name, param in model.named_parameters():
+    resized = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in buffers)]
+    for name, param in resized:
         if expected.get(name) != tuple(param.shape):
             module, _, leaf = name.rpartition(".")
             differing.setdefault(module, {})[leaf] = list(param.shape)
@@ -113,19 +124,26 @@ def _differing_shapes(model: PreTrainedModel) -> dict[str, dict[str, list[int]]]
 
 
 def resize_parameters(model: nn.Module, shapes: dict[str, dict[str, list[int]]]) -> None:
-    """Give every parameter listed in ``shapes`` (module path -> parameter name -> shape) that shape,
-    creating it if the stock module lacks it (FLAP's output bias), before the weights are loaded."""
+    """Give every parameter (or buffer) listed in ``shapes`` (module path -> name -> shape) that shape,
+    creating a parameter if the stock module lacks it (FLAP's output bias), before the weights are
+    loaded; an MoE router or experts module also learns its expert count (the rows of what it holds)."""
     for path, params in shapes.items():
         module = model.get_submodule(path)
         for leaf, shape in params.items():
             old = getattr(module, leaf, None)
             like = old if isinstance(old, torch.Tensor) else module.weight
-            setattr(module, leaf, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
+            fresh = torch.empty(shape, dtype=like.dtype, device=like.device)
+            if leaf in module._buffers:
+                module.register_buffer(leaf, fresh, persistent=leaf not in module._non_persistent_buffers_set)
+            else:
+                setattr(module, leaf, nn.Parameter(fresh))
         weight = getattr(module, "weight", None)
         if hasattr(module, "nf"):
             module.nf = weight.shape[1]
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = weight.shape
+        if hasattr(module, "num_experts"):
+            module.num_experts = next(iter(params.values()))[0]
 
 
 # The saved file embeds resize_parameters' own source, so the package and the file cannot drift.
@@ -242,6 +260,7 @@ __all__ = [
     "load_pretrained",
     "load_sliced",
     "per_layer_class",
+    "record_shapes",
     "remote_code_files",
     "resize_parameters",
     "skeleton_class",

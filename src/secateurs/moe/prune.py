@@ -7,16 +7,26 @@ Scores (per expert, over the calibration tokens the router sends it, with routin
 expert output ``f(x)``): ``reap`` (router-weighted expert activation pruning) the mean of
 ``g · ‖f(x)‖``; ``frequency`` how many tokens were routed to it; ``ean`` (expert activation norm) the
 sum of ``‖f(x)‖``. An expert no calibration token reached scores 0 on every criterion (it goes
-first) and is listed in the report as unrouted. The engine runs the model block by block
+first) and is listed in the report as unrouted; a calibration too short to reach every expert even
+if spread evenly is refused before anything loads. The engine runs the model block by block
 (:func:`~secateurs.engine.sequential.run_blocks`, observe-only) while a hook on each MoE block's
 experts module reads the routing (token → top-k experts and weights) the router just computed.
+
+``mode="uniform"`` keeps the same count in every layer (a folder plain ``transformers`` loads);
+``"global"`` spreads the same total by score over the layers (each layer's scores divided by its
+mean, so layers with larger activations do not take the whole budget; at least top-k per layer),
+and the folder records each layer's shapes for the package's own per-layer class
+(:mod:`secateurs.model.per_layer`). Group-limited routing (DeepSeek's ``n_group`` > 1) keeps the
+same count in every group, so the groups stay contiguous and the router's group scores unchanged
+for the kept experts. ``merge`` folds each removed expert into its most similar kept one
+(:func:`~secateurs.model.experts.fold_experts`) instead of dropping it.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -25,27 +35,57 @@ from ..data.calib import CalibConfig, calibration_ids
 from ..engine.sequential import BlockMethod, EngineOptions, Stats, run_blocks
 from ..errors import UsageError
 from ..model.arch import ArchSpec, moe_model_types
-from ..model.experts import DOWN, GATE_UP, ExpertLinear, expert_intermediate, keep_experts
+from ..model.experts import (
+    DOWN,
+    GATE_UP,
+    ExpertLinear,
+    check_routed_coverage,
+    expert_intermediate,
+    fold_experts,
+    keep_experts,
+    routing,
+)
 from ..model.load import LoadedModel
+from ..model.per_layer import record_shapes
 from ..record import ExpertsStage, peak_memory_mb
 from .config import ExpertConfig
 
 
-def moe_shape(spec: ArchSpec, config) -> tuple[int, int]:
-    """(routed experts per layer, router top-k) of an MoE model; one line for anything we cannot prune."""
+@dataclass(frozen=True)
+class RoutingShape:
+    """What an MoE model's router allows expert removal to leave: routed experts per layer, top-k,
+    and under group-limited routing the groups, the groups picked, and what a group's score reads."""
+
+    n_experts: int
+    top_k: int
+    groups: int = 1
+    top_groups: int = 1
+    group_min: int = 1
+
+    def kept(self, config: ExpertConfig) -> int:
+        """Experts each layer keeps under ``config`` (one line when the router could not work with it)."""
+        return config.kept_count(self.n_experts, self.top_k, self.groups, self.top_groups, self.group_min)
+
+    def check_calibration(self, n_tokens: int) -> None:
+        """One line when ``n_tokens`` calibration tokens cannot reach every expert even if spread evenly."""
+        check_routed_coverage(n_tokens, self.n_experts, self.top_k, 1,
+                              "some experts would certainly score 0 unseen and be removed first",
+                              "more --n-samples / --seq-len")
+
+
+def moe_shape(spec: ArchSpec, config) -> RoutingShape:
+    """The routing of an MoE model; one line for a dense model."""
     if spec.moe is None:
         raise UsageError(
             f"{spec.name} is a dense model: expert pruning needs a mixture-of-experts model "
             f"({', '.join(moe_model_types())})"
         )
+    n_experts, top_k = spec.expert_counts(config)
     text = spec.text_config(config)
-    groups = getattr(text, spec.moe.group_key, None) if spec.moe.group_key else None
-    if groups and groups > 1:
-        raise UsageError(
-            f"{spec.name} routes within {groups} expert groups (n_group); removing experts would reshuffle "
-            "the groups, so expert pruning supports n_group 1 only"
-        )
-    return int(getattr(text, spec.moe.experts_key)), int(getattr(text, spec.moe.top_k_key))
+    groups = int(getattr(text, spec.moe.group_key, 1) or 1) if spec.moe.group_key else 1
+    if groups > 1:
+        return RoutingShape(n_experts, top_k, groups, int(getattr(text, spec.moe.group_top_key, 1) or 1), spec.moe.group_min)
+    return RoutingShape(n_experts, top_k)
 
 
 class ExpertScorer(BlockMethod):
@@ -69,9 +109,7 @@ class ExpertScorer(BlockMethod):
                 self._handles.append(experts.register_forward_hook(hook, with_kwargs=True))
 
     def _routed(self, index: int, transposed: bool, experts: nn.Module, args: tuple, kwargs: dict, _out) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        top_k = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-        weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+        hidden, top_k, weights = routing(args, kwargs)
         for e in top_k.unique().tolist():
             tokens, slot = (top_k == e).nonzero(as_tuple=True)
             x = hidden[tokens]
@@ -97,9 +135,42 @@ class ExpertScorer(BlockMethod):
         return {i: self.weighted[i] / self.counts[i].clamp(min=1) for i in self.counts}
 
 
+def choose_experts(scores: dict[int, torch.Tensor], shape: RoutingShape, config: ExpertConfig) -> dict[int, torch.Tensor]:
+    """The experts each MoE layer keeps (ascending indices), the highest-scoring first (ties: the lower index)."""
+    n_keep = shape.kept(config)
+    if config.mode == "global":
+        return _spread_by_score(scores, n_keep * len(scores), shape.top_k)
+    size = shape.n_experts // shape.groups
+    chosen = {}
+    for index, values in scores.items():
+        parts = []
+        for start in range(0, shape.n_experts, size):  # each routing group keeps its own best
+            order = torch.sort(values[start:start + size], descending=True, stable=True).indices
+            parts.append(order[: n_keep // shape.groups] + start)
+        chosen[index] = torch.cat(parts).sort().values
+    return chosen
+
+
+def _spread_by_score(scores: dict[int, torch.Tensor], total: int, top_k: int) -> dict[int, torch.Tensor]:
+    """``total`` experts over the layers: each layer's top-k first, then the rest by score divided by
+    its layer's mean (so one layer's larger activations do not take the whole budget)."""
+    chosen: dict[int, list[int]] = {}
+    candidates = []
+    for index, values in scores.items():
+        order = torch.sort(values, descending=True, stable=True).indices.tolist()
+        chosen[index] = order[:top_k]
+        mean = float(values.mean())
+        relative = values / mean if mean > 0 else values
+        candidates += [(-float(relative[e]), index, e) for e in order[top_k:]]
+    for _, index, e in sorted(candidates)[: total - top_k * len(scores)]:
+        chosen[index].append(e)
+    return {index: torch.tensor(sorted(kept)) for index, kept in chosen.items()}
+
+
 @dataclass
 class ExpertReport:
-    """What expert pruning did: experts per layer before/after, kept indices, scores, unrouted experts."""
+    """What expert pruning did: experts per layer before/after (after: the most any layer kept),
+    kept indices, scores, unrouted experts, and with ``merge`` the experts folded into each kept one."""
 
     config: ExpertConfig
     calibration: CalibConfig
@@ -111,14 +182,19 @@ class ExpertReport:
     seconds: dict[str, float]
     peak_memory_mb: float
     device: str
+    merged: dict[int, dict[int, list[int]]] = field(default_factory=dict)
 
     def stage_record(self) -> ExpertsStage:
         return ExpertsStage(
             method=self.config.method,
             keep=self.config.keep,
+            mode=self.config.mode,
+            merge=self.config.merge,
             experts_before=self.n_experts_before,
             experts_after=self.n_experts_after,
             kept_experts={str(k): v for k, v in self.kept.items()},
+            merged={str(i): {str(k): v for k, v in folded.items()} for i, folded in self.merged.items()}
+            if self.config.merge else None,
             scores={str(k): [round(s, 6) for s in v] for k, v in self.scores.items()},
             unrouted_experts={str(k): v for k, v in self.unrouted.items() if v},
             calibration=asdict(self.calibration),
@@ -138,19 +214,24 @@ def prune_experts(
 ) -> ExpertReport:
     """Remove the lowest-scoring routed experts of every MoE layer of ``loaded.model``, in place.
 
-    Every MoE layer keeps the same number of experts (``config.keep`` of them, at least the router's
-    top-k), so the config's one expert count holds and plain ``transformers`` reloads the folder.
-    ``calib_ids`` lets a caller pass already tokenized windows; otherwise they are built from ``calib``.
+    ``config.mode`` "uniform": every MoE layer keeps ``config.keep`` of its experts (at least the
+    router's top-k), so the config's one expert count holds and plain ``transformers`` reloads the
+    folder; "global": the same total spread by score, the config holding the largest count and each
+    layer's shapes (:func:`~secateurs.model.per_layer.record_shapes`). ``calib_ids`` lets a caller
+    pass already tokenized windows; otherwise they are built from ``calib``.
     """
     engine = engine or EngineOptions()
     config.validate()
     model, spec = loaded.model, loaded.spec
-    n_experts, top_k = moe_shape(spec, model.config)
-    n_keep = config.kept_count(n_experts, top_k)
+    shape = moe_shape(spec, model.config)
+    shape.kept(config)
+    if calib_ids is None:
+        shape.check_calibration(calib.n_samples * calib.seq_len)
     device = engine.torch_device()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ids = calib_ids if calib_ids is not None else calibration_ids(calib, loaded.tokenizer, model)
+    shape.check_calibration(ids.numel())
     start = time.perf_counter()
     scorer = ExpertScorer(spec, model)
     try:
@@ -159,17 +240,20 @@ def prune_experts(
         scorer.remove_hooks()
     seconds = {"score": time.perf_counter() - start}
     scores = scorer.scores(config.method)
-    kept: dict[int, list[int]] = {}
+    chosen = choose_experts(scores, shape, config)
     blocks = spec.blocks_of(model)
-    for index, values in scores.items():
-        order = torch.sort(values, descending=True, stable=True).indices
-        chosen = order[:n_keep].sort().values
-        keep_experts(spec.experts_of(blocks[index]), spec.router_of(blocks[index]), chosen)
-        kept[index] = chosen.tolist()
-    setattr(spec.text_config(model.config), spec.moe.experts_key, n_keep)
+    merged = {}
+    for index, kept in chosen.items():
+        experts = spec.experts_of(blocks[index])
+        if config.merge:
+            merged[index] = fold_experts(experts, kept, scorer.counts[index])
+        keep_experts(experts, spec.router_of(blocks[index]), kept)
+    n_after = max(len(kept) for kept in chosen.values())
+    setattr(spec.text_config(model.config), spec.moe.experts_key, n_after)
+    record_shapes(model)  # per-layer counts (--mode global) need the package's class; uniform ones clear it
     seconds["total"] = time.perf_counter() - start
     unrouted = {i: (scorer.counts[i] == 0).nonzero().flatten().tolist() for i in scorer.counts}
     return ExpertReport(
-        config, calib, n_experts, n_keep, kept, {i: v.tolist() for i, v in scores.items()}, unrouted, seconds,
-        peak_memory_mb(device), str(device),
+        config, calib, shape.n_experts, n_after, {i: v.tolist() for i, v in chosen.items()},
+        {i: v.tolist() for i, v in scores.items()}, unrouted, seconds, peak_memory_mb(device), str(device), merged,
     )

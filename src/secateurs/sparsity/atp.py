@@ -10,7 +10,9 @@ With no spread given, a small search in the spirit of EvoPress scores each candi
 calibration data: the model is pruned with Wanda (a cheap proxy for the final method) on the first
 ``search_samples`` calibration windows, its language-modelling loss on those windows is measured, the
 dense weights are restored, and the lowest loss wins. Only the schedule is kept; the final prune
-then runs the requested method once.
+then runs the requested method once. On a mixture-of-experts model every routed expert's matrices
+are pruned (and restored) like the block's other linears, the proxy applying the prune's fallback
+rule to experts that saw too few tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from ..evaluate.loss import mean_loss
 from ..model.arch import ArchSpec
 from ..model.linear import weight_matrix
 from .base import SparsityTarget
-from .config import AtpOptions
+from .config import AtpOptions, MoeOptions
+from .experts import ExpertFallback
 from .wanda import Wanda
 
 CANDIDATE_SPREADS = (0.0, 0.1, 0.2, 0.3, 0.4)
@@ -61,8 +64,10 @@ def atp_target(
     engine: EngineOptions,
     options: AtpOptions,
     hooks: EngineHooks | None = None,
+    moe: MoeOptions | None = None,
 ) -> tuple[SparsityTarget, dict[float, float]]:
-    """Replace a uniform unstructured target by ATP's schedule; returns it and each searched spread's loss."""
+    """Replace a uniform unstructured target by ATP's schedule; returns it and each searched spread's
+    loss. ``moe``: an MoE prune's options (the proxy's fallback rule for starved experts)."""
     if target.pattern.is_nm:
         raise UsageError(f"--allocation atp sets unstructured per-block sparsity; {target.pattern} fixes it, use --pattern unstructured")
     if len(set(target.per_block)) != 1:
@@ -83,6 +88,8 @@ def atp_target(
         except UsageError:
             break  # larger spreads leave [0, 1) too
         proxy = Wanda(SparsityTarget(tuple(schedule), target.pattern))
+        if moe is not None and spec.moe is not None:
+            proxy.expert_fallback = ExpertFallback(moe)
         run_blocks(model, spec, proxy, ids, engine, f"ATP search, spread {spread:g}", hooks)
         losses[spread] = _calibration_loss(model, ids, engine.torch_device())
         with torch.no_grad():

@@ -77,6 +77,9 @@ class SparsityMethod(BlockMethod):
         # and a reconstruction of the pruned block after them (sparsity/reconstruct.py).
         self.permutation: Callable[[int, nn.Module, dict[str, nn.Module], Stats, Callable], None] | None = None
         self.reconstruction: Callable[[int, nn.Module, dict[str, nn.Module], BlockData], None] | None = None
+        # On an MoE model, the rule for routed experts that saw too few calibration tokens
+        # (sparsity/experts.py): it replaces their statistics before any mask is chosen.
+        self.expert_fallback: Callable[[int, dict[str, nn.Module], Stats], list[str]] | None = None
 
     @property
     def keeps_dense_outputs(self) -> bool:  # type: ignore[override]
@@ -92,12 +95,18 @@ class SparsityMethod(BlockMethod):
         sparsity = self.target.per_block[index]
         if sparsity == 0.0:  # a block left dense (an N:M mask would otherwise prune it to N/M)
             return
+        self.prepare_statistics(index, linears, stats)
         if self.permutation is not None:
             self.permutation(index, block, linears, stats, self.score_matrix)
         for name, module in linears.items():
             weight = weight_matrix(module)
             keep = self.prune_matrix(weight, stats.get(name, {}), sparsity)
             weight.mul_(keep.to(weight.dtype))
+
+    def prepare_statistics(self, index: int, linears: dict[str, nn.Module], stats: Stats) -> None:
+        """Before any mask of the block: the expert fallback's statistics for starved experts."""
+        if self.expert_fallback is not None and self.statistics:
+            self.expert_fallback(index, linears, stats)
 
     def prune_matrix(
         self, weight: torch.Tensor, stats: dict[str, Accumulator], sparsity: float

@@ -45,6 +45,55 @@ def parse_reconstruct(text: str | None) -> dict[str, str] | None:
     return values
 
 
+def parse_moe(text: str | dict | None) -> dict[str, Any]:
+    """``--moe``: ``key=value`` pairs, comma-separated (``fallback=pooled,min_tokens=32``); a recipe
+    may give the mapping itself."""
+    if text is None or isinstance(text, dict):
+        return dict(text or {})
+    values = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--moe {text!r}: use key=value pairs like fallback=pooled,min_tokens=32,routers=true")
+        values[key.strip()] = value.strip()
+    return values
+
+
+EXPERT_FALLBACKS = ("magnitude", "pooled")
+
+
+@dataclass(frozen=True)
+class MoeOptions:
+    """How a prune treats a mixture-of-experts model's parts (``--moe key=value,...``; no effect on a
+    dense model).
+
+    ``min_tokens``: a routed expert whose matrices saw fewer calibration tokens than this is pruned
+    by ``fallback`` instead of its own statistics (too few tokens give a noisy norm and a rank-
+    deficient Hessian; none give no score at all): ``magnitude`` (|W|, as if its inputs were white)
+    or ``pooled`` (the statistics of all the layer's experts summed, for that matrix). Such experts
+    are listed in the stage record and the report. ``routers``: prune the routers too (off: a router
+    is under 0.1% of a block's weights, and an error there reroutes tokens to other experts, so the
+    routers stay dense, as the issue asks). ``shared``: prune the shared experts (on: every token
+    reaches them, so their statistics are as well determined as a dense MLP's, and MoE-Pruner and
+    the dense methods treat them as ordinary linears). ``weighted``: scale each routed token's input
+    by its routing weight, the factor the block applies to that expert's output (MoE-Pruner, Xie et
+    al. 2024); off keeps Wanda's and SparseGPT's own statistics over the routed tokens.
+    """
+
+    fallback: str = "magnitude"
+    min_tokens: int = 16
+    routers: bool = False
+    shared: bool = True
+    weighted: bool = False
+
+    def validate(self) -> MoeOptions:
+        if self.fallback not in EXPERT_FALLBACKS:
+            raise UsageError(f"--moe fallback={self.fallback!r} is not known; use one of {', '.join(EXPERT_FALLBACKS)}")
+        if self.min_tokens < 1:
+            raise UsageError(f"--moe min_tokens must be at least 1, got {self.min_tokens}")
+        return self
+
+
 ALLOCATIONS = ("uniform", "owl", "atp")  # owl: sparsity/owl.py, atp: sparsity/atp.py
 
 
@@ -107,6 +156,16 @@ class PruneConfig:
     permute: bool = option(
         False, "N:M only: permute the MLP's hidden channels before choosing groups (folded back: a plain N:M model)."
     )
+    moe: dict[str, Any] = option(
+        help="Mixture-of-experts models: key=value pairs, comma-separated: fallback=magnitude|pooled (an expert with fewer than min_tokens=16 calibration tokens is pruned by it, and listed), routers=false, shared=true, weighted=false (scale routed inputs by their routing weight).",
+        parse=parse_moe, default_factory=dict,
+    )
+
+    def moe_options(self) -> MoeOptions:
+        """``moe`` as its typed, checked options."""
+        from ..options import build_options
+
+        return build_options(MoeOptions, self.moe).validate()
 
     def check(self, calib: CalibConfig | None) -> ReconstructOptions | None:
         """Validate what needs no model (allocation, permutation, reconstruction), so the CLI can do it
@@ -117,6 +176,7 @@ class PruneConfig:
 
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+        self.moe_options()
         if self.allocation == "atp":
             atp = build_options(AtpOptions, self.allocation_options).validate()
             if Pattern.parse(self.pattern).is_nm:

@@ -17,6 +17,7 @@ from ..engine.distributed import RankGroup
 from ..engine.sequential import EngineHooks, EngineOptions, run_blocks
 from ..engine.stream import StreamSession
 from ..errors import UsageError
+from ..model.arch import ArchSpec
 from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel
 from ..model.save import previous_stages
@@ -24,7 +25,8 @@ from ..options import build_options
 from ..record import PruneStage, build_record, peak_memory_mb
 from .atp import atp_target
 from .base import SparsityTarget
-from .config import AtpOptions, OwlOptions, PruneConfig
+from .config import AtpOptions, MoeOptions, OwlOptions, PruneConfig
+from .experts import ExpertFallback, check_calibration_covers_experts
 from .owl import owl_target
 from .permute import ChannelPermutation
 from .reconstruct import BlockReconstruction
@@ -53,6 +55,10 @@ class PruneReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     # What the caller should tell the user (e.g. reconstruction kept no trained weights anywhere).
     notes: list[str] = field(default_factory=list)
+    # An MoE model's: the --moe options as run, and per block the expert matrices pruned by the
+    # fallback rule (too few calibration tokens); None on a dense model.
+    moe: MoeOptions | None = None
+    expert_fallback: dict[int, list[str]] | None = None
 
     @property
     def achieved(self) -> float:
@@ -75,20 +81,31 @@ class PruneReport:
             calibration=asdict(self.calibration) if self.calibration else None,
             seed=self.calibration.seed if self.calibration else None,
             achieved_sparsity={"mean": self.achieved, "per_layer": self.per_layer},
+            moe=asdict(self.moe) if self.moe is not None else None,
+            expert_fallback=({str(i): names for i, names in sorted(self.expert_fallback.items())}
+                             if self.expert_fallback is not None else None),
             seconds=round(self.seconds, 3),
             peak_memory_mb=round(self.peak_memory_mb, 1),
             device=self.device,
         )
 
 
-def prunable_linears(loaded: LoadedModel) -> dict[str, torch.nn.Module]:
+def prune_spec(spec: ArchSpec, config: PruneConfig) -> ArchSpec:
+    """The spec a prune walks: on an MoE family, with the request's ``--moe`` choices (routers,
+    shared experts, routing-weighted statistics) deciding which linears are pruned and how."""
+    moe = config.moe_options()
+    return spec.with_moe_choices(moe.routers, moe.shared, moe.weighted)
+
+
+def prunable_linears(loaded: LoadedModel, spec: ArchSpec | None = None) -> dict[str, torch.nn.Module]:
     """Every prunable linear of the model by its full module path."""
-    return loaded.spec.named_linears(loaded.model)
+    return (spec or loaded.spec).named_linears(loaded.model)
 
 
-def layer_sparsity(loaded: LoadedModel) -> dict[str, float]:
+def layer_sparsity(loaded: LoadedModel, spec: ArchSpec | None = None) -> dict[str, float]:
     """Achieved sparsity per linear; weights not in memory (a streamed model) are measured as they are written."""
-    return {name: sparsity_of(weight_matrix(m)) for name, m in prunable_linears(loaded).items() if not weight_matrix(m).is_meta}
+    return {name: sparsity_of(weight_matrix(m)) for name, m in prunable_linears(loaded, spec).items()
+            if not weight_matrix(m).is_meta}
 
 
 def check_prune(loaded: LoadedModel | None, config: PruneConfig, calib: CalibConfig | None = None):
@@ -103,10 +120,15 @@ def check_prune(loaded: LoadedModel | None, config: PruneConfig, calib: CalibCon
     cls = method_class(config.method)
     config.check(calib)
     method = cls(SparsityTarget.build(config.sparsity, config.pattern, n_blocks), build_options(cls.Options, config.options))
-    for name, module in prunable_linears(loaded).items() if loaded is not None else ():
+    spec = prune_spec(loaded.spec, config) if loaded is not None else None
+    for name, module in prunable_linears(loaded, spec).items() if loaded is not None else ():
         method.target.pattern.check_fits(weight_matrix(module).shape[1], name)
     if cls.needs_calibration and calib is None:
         raise UsageError(f"method {config.method} needs calibration data: pass --calib (e.g. wikitext2 or self)")
+    if spec is not None and spec.moe is not None and cls.statistics and calib is not None:
+        moe = config.moe_options()
+        n_experts, top_k = spec.expert_counts(loaded.model.config)
+        check_calibration_covers_experts(calib.n_samples * calib.seq_len, n_experts, top_k, moe)
     if config.allocation == "owl":
         build_options(OwlOptions, config.allocation_options)
         if calib is None:
@@ -129,14 +151,20 @@ def prune(
     device = engine.torch_device()
     method = check_prune(loaded, config, calib)
     cls = type(method)
+    spec = prune_spec(loaded.spec, config)
     reconstruct = config.check(calib)
     if reconstruct is not None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise UsageError("--reconstruct runs in one process (its optimiser steps are not shared between ranks); drop --nproc")
         method.reconstruction = BlockReconstruction(reconstruct)
     if config.permute:
-        method.permutation = ChannelPermutation(loaded.spec, method.target.pattern)
+        method.permutation = ChannelPermutation(spec, method.target.pattern)
         method.splits_by_linear = False  # the permutation spans the MLP's linears: one rank does the block
+    moe = config.moe_options() if spec.moe is not None else None
+    if moe is not None and cls.statistics:
+        method.expert_fallback = ExpertFallback(moe)
+        if moe.fallback == "pooled":
+            method.splits_by_linear = False  # pooling reads every expert of the block: one rank does it
     owl = config.allocation == "owl"
     atp = config.allocation == "atp"
     owl_options = build_options(OwlOptions, config.allocation_options) if owl else None
@@ -149,12 +177,12 @@ def prune(
     if calib is not None and (cls.needs_calibration or cls.statistics or owl or atp or reconstruct is not None):
         ids = calibration_ids(calib, loaded.tokenizer, loaded.model)
     if owl:
-        method.target = owl_target(loaded.model, loaded.spec, method.target, ids, engine, owl_options, hooks)
+        method.target = owl_target(loaded.model, spec, method.target, ids, engine, owl_options, hooks, moe)
     search = {}
     if atp:
         options = build_options(AtpOptions, config.allocation_options)
-        method.target, search = atp_target(loaded.model, loaded.spec, method.target, ids, engine, options, hooks)
-    times = run_blocks(loaded.model, loaded.spec, method, ids, engine, f"{config.method} blocks", hooks)
+        method.target, search = atp_target(loaded.model, spec, method.target, ids, engine, options, hooks, moe)
+    times = run_blocks(loaded.model, spec, method, ids, engine, f"{config.method} blocks", hooks)
     steps, outcomes, notes = {}, {}, []
     if method.reconstruction is not None:
         steps["reconstruct"] = method.reconstruction.errors
@@ -162,11 +190,14 @@ def prune(
         notes += [note for note in [method.reconstruction.summary()] if note]
     if method.permutation is not None:
         steps["permute"] = method.permutation.kept
+    fallback = method.expert_fallback
+    if isinstance(fallback, ExpertFallback):
+        notes += [note for note in [fallback.note()] if note]
     return PruneReport(
         config=config,
         target=method.target,
         calibration=calib if ids is not None else None,
-        per_layer=layer_sparsity(loaded),
+        per_layer=layer_sparsity(loaded, spec),
         seconds=time.perf_counter() - start,
         peak_memory_mb=peak_memory_mb(device),
         device=str(device),
@@ -175,6 +206,8 @@ def prune(
         allocation_search=search,
         stage_seconds=times.stages,
         notes=notes,
+        moe=moe,
+        expert_fallback=fallback.fallen if isinstance(fallback, ExpertFallback) else None,
     )
 
 
@@ -202,6 +235,7 @@ def prune_streamed(
     request = {"config": asdict(config), "calibration": asdict(calib) if calib else None}
     session = StreamSession(source, out, dtype, request, overwrite, group, hooks)
     check_prune(session.loaded, config, calib)  # before .OUT.partial exists: a bad request leaves nothing
+    session.spec = prune_spec(session.spec, config)  # its per-linear sparsity covers what the prune covers
     session.open()
     report = prune(session.loaded, config, calib, engine, session)
     report.per_layer = dict(session.per_layer)

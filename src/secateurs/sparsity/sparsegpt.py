@@ -66,6 +66,7 @@ class SparseGPT(SparsityMethod):
         sparsity = self.target.per_block[index]
         if sparsity == 0.0:  # a block left dense, also under N:M
             return
+        self.prepare_statistics(index, linears, stats)
         if self.permutation is not None:
             self.permutation(index, block, linears, stats, self.score_matrix)
         for names in shared_hessian_groups(stats):

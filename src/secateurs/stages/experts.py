@@ -26,12 +26,14 @@ class ExpertsStage(CalibratedStage):
     config_class = ExpertsRequest
 
     def check_shapes(self, request: ExpertsRequest, skeleton: LoadedModel) -> None:
-        """A dense model, group-limited routing and a --keep below the router's top-k stop here, before
-        any weight loads."""
+        """A dense model, a --keep below the router's top-k (or, under group-limited routing, below what
+        each group needs), and calibration too short to reach every expert stop here, before any
+        weight loads."""
         from ..moe.prune import moe_shape
 
-        n_experts, top_k = moe_shape(skeleton.spec, skeleton.model.config)
-        request.config.kept_count(n_experts, top_k)
+        shape = moe_shape(skeleton.spec, skeleton.model.config)
+        shape.kept(request.config)
+        shape.check_calibration(request.calib.n_samples * request.calib.seq_len)
 
     def apply(self, loaded: LoadedModel, request: ExpertsRequest) -> ExpertReport:
         from ..api import experts
@@ -42,9 +44,13 @@ class ExpertsStage(CalibratedStage):
         unrouted = sum(len(v) for v in report.unrouted.values())
         return [
             ["method", report.config.method],
-            ["experts per MoE layer", f"{report.n_experts_before} -> {report.n_experts_after}"],
+            ["experts per MoE layer", f"{report.n_experts_before} -> "
+             + ("/".join(str(len(v)) for v in report.kept.values()) if report.config.mode == "global"
+                else str(report.n_experts_after))],
             ["MoE layers", str(len(report.kept))],
             ["unrouted experts (scored 0)", str(unrouted)],
+            *([["experts merged into kept ones", str(sum(len(v) for f in report.merged.values() for v in f.values()))]]
+              if report.config.merge else []),
             ["time (s)", f"{report.seconds['total']:.1f}"],
             ["peak memory (MiB)", f"{report.peak_memory_mb:.0f}"],
         ]
