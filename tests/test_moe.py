@@ -636,3 +636,127 @@ def test_merge_folds_each_removed_expert_into_its_nearest_kept_one_by_routing_fr
 
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     assert reloaded.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
+
+
+# --- streaming, recipes, eval and report on MoE models ---
+
+
+@pytest.fixture(scope="module")
+def sharded_moe(tmp_path_factory):
+    """A tiny gpt-oss (its experts stored fused, as --stream reads them) in several shards, and a text."""
+    folder = tmp_path_factory.mktemp("moe") / "tiny-moe"
+    loaded = tiny_model("gpt_oss")
+    loaded.model.save_pretrained(folder, max_shard_size="100KB")
+    loaded.tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    (folder.parent / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    return folder
+
+
+def test_stream_refuses_experts_stored_one_tensor_per_expert_in_one_line(tmp_path):
+    """transformers saves most MoE families one tensor per expert and fuses them while loading;
+    --stream reads tensors as stored, so it refuses such a folder before writing anything."""
+    from secateurs.api import PruneConfig, prune_streamed
+
+    folder = _folder(tmp_path, "qwen3_moe")
+    (tmp_path / "calib.txt").write_text("the quick brown fox. " * 100)
+    with pytest.raises(UsageError, match="stores its MoE experts one tensor per expert"):
+        prune_streamed(folder, tmp_path / "out", PruneConfig("magnitude", 0.5))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def _text_calib(folder):
+    from secateurs.data.calib import CalibConfig
+
+    return CalibConfig(str(folder.parent / "calib.txt"), n_samples=4, seq_len=16, seed=0)
+
+
+@pytest.mark.parametrize("config", [dict(keep=0.5), dict(keep=0.75, mode="global", merge=True)],
+                         ids=["uniform", "global-merge"])
+def test_streamed_expert_pruning_equals_in_memory(sharded_moe, tmp_path, config):
+    from test_stream import assert_same_folder
+
+    import secateurs
+    from secateurs.api import experts, experts_streamed
+    from secateurs.moe.config import ExpertConfig
+
+    request = ExpertConfig("reap", **config)
+    loaded = secateurs.load_model(str(sharded_moe))
+    report = experts(loaded, request, _text_calib(sharded_moe), "cpu")
+    secateurs.save(loaded, tmp_path / "memory", [report])
+    streamed, path = experts_streamed(sharded_moe, tmp_path / "stream", request, _text_calib(sharded_moe),
+                                      EngineOptions(device="cpu"))
+    assert streamed.kept == report.kept and streamed.merged == report.merged
+    assert_same_folder(tmp_path / "memory", path)
+    assert not list(tmp_path.glob(".*partial"))
+    secateurs.load_model(str(path))
+
+
+def test_streamed_prune_of_an_moe_model_equals_in_memory(sharded_moe, tmp_path):
+    from test_stream import assert_same_folder
+
+    import secateurs
+    from secateurs.api import PruneConfig, prune, prune_streamed
+
+    config = PruneConfig("sparsegpt", pattern="2:4", moe={"fallback": "pooled", "min_tokens": "12"})
+    loaded = secateurs.load_model(str(sharded_moe))
+    report = prune(loaded, config, _text_calib(sharded_moe), "cpu")
+    secateurs.save(loaded, tmp_path / "memory", [report])
+    streamed, path = prune_streamed(sharded_moe, tmp_path / "stream", config, _text_calib(sharded_moe),
+                                    EngineOptions(device="cpu"))
+    assert streamed.expert_fallback == report.expert_fallback
+    assert_same_folder(tmp_path / "memory", path)
+
+
+def test_recipe_eval_and_report_on_an_moe_model(sharded_moe, tmp_path):
+    """experts → prune (Wanda 2:4, starved experts listed) → eval as one recipe; the report then
+    reads the chain and says which experts the fallback pruned."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+    from secateurs.recipe import run
+
+    text = str(sharded_moe.parent / "calib.txt")
+    recipe = {
+        "model": str(sharded_moe),
+        "calib": {"source": text, "n_samples": 4, "seq_len": 16, "seed": 0},
+        "stages": [
+            {"experts": {"method": "frequency", "keep": 0.75, "mode": "global", "device": "cpu"}},
+            {"prune": {"method": "wanda", "pattern": "2:4", "moe": "min_tokens=20", "device": "cpu"}},
+            {"eval": {"ppl": [text], "seq_len": 16, "device": "cpu"}},
+        ],
+        "out": str(tmp_path / "run"),
+    }
+    record = run(recipe, echo=lambda _: None)
+    assert [s["stage"] for s in record["stages"]] == ["experts", "prune", "eval"]
+    prune_stage = record["stages"][1]["record"]
+    assert prune_stage["moe"]["min_tokens"] == 20 and prune_stage["expert_fallback"]
+    assert json.loads((tmp_path / "run" / "secateurs.json").read_text())["stages"][2]["results"]["perplexity"][text]["ppl"] > 1
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--ppl", text, "--seq-len", "16", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    block, names = next(iter(prune_stage["expert_fallback"].items()))
+    assert "pruned by the magnitude fallback" in report and f"block {block}: {names[0]}" in report
+
+
+def test_cli_experts_stream_writes_the_folder_and_refuses_ppl(sharded_moe, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    text = str(sharded_moe.parent / "calib.txt")
+    args = ["experts", str(sharded_moe), "--keep", "0.5", "--stream", "--calib", text, "--n-samples", "4",
+            "--seq-len", "16", "--device", "cpu"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--ppl", text])
+    assert result.exit_code == 2 and "--stream writes OUT block by block" in result.output and not out.exists()
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2

@@ -29,7 +29,7 @@ from .model.drop_layers import drop_layers
 from .model.load import LoadedModel
 from .model.save import previous_stages, save_model
 from .moe.config import ExpertConfig
-from .moe.prune import ExpertReport, prune_experts
+from .moe.prune import ExpertReport, experts_streamed, prune_experts
 from .record import ExportStage, LayersStage, StageRecord, build_record
 from .recover.iterative import IterativeReport
 from .recover.iterative import prune_iterative as _prune_iterative
@@ -51,7 +51,7 @@ from .structured.shearing import shear as _shear
 
 __all__ = [
     "ExpertConfig", "ExpertReport", "PruneConfig", "PruneReport", "as_calib", "as_engine", "bench", "check_prune",
-    "drop_layers_streamed", "evaluate_perplexity", "experts", "export_sparse", "generate", "layer_sparsity",
+    "drop_layers_streamed", "evaluate_perplexity", "experts", "experts_streamed", "export_sparse", "generate", "layer_sparsity",
     "loraprune", "prunable_linears", "prune", "prune_iterative", "prune_layers", "prune_streamed", "recover", "report_files", "save", "shear", "width",
 ]
 

@@ -175,6 +175,12 @@ class StreamSession(EngineHooks):
             for name in block.state_dict():
                 key = self._block_key(i, name)
                 if key not in self.reader.keys:
+                    if self.spec.moe is not None and f"{self.spec.moe.experts}." in name:
+                        raise UsageError(
+                            f"{self.folder} stores its MoE experts one tensor per expert (transformers fuses them "
+                            "while loading); --stream reads experts stored fused (as gpt-oss stores them), so "
+                            "prune it without --stream"
+                        )
                     raise UsageError(
                         f"the shards of {self.folder} have no tensor {key}; this checkpoint names its weights "
                         "differently from the model code, so prune it without --stream"
@@ -326,12 +332,16 @@ class StreamSession(EngineHooks):
         state = {"fingerprint": self.fingerprint, "done": self.done}
         _write_atomic(self.partial / PROGRESS, lambda p: p.write_text(json.dumps(state)))
 
-    def copy_unchanged(self) -> None:
-        """Stream every block through untouched (layer removal): load, and write under its new index."""
+    def copy_unchanged(self, edit: Callable[[int, nn.Module], None] | None = None) -> None:
+        """Stream every block through (layer removal): load, apply ``edit`` if given (expert removal,
+        decided beforehand; a block resumed from an earlier run is already edited), and write it
+        under its new index."""
         method = BlockMethod()  # the base method counts as modifying weights, so blocks are written
         try:
             for index, block in enumerate(self.spec.blocks_of(self.loaded.model)):
                 resumed = self.load_block(index, block, method)
+                if edit is not None and not resumed:
+                    edit(index, block)
                 self.release_block(index, block, method, resumed)
         finally:
             self.settle()

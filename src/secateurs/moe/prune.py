@@ -27,12 +27,14 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data.calib import CalibConfig, calibration_ids
-from ..engine.sequential import BlockMethod, EngineOptions, Stats, run_blocks
+from ..engine.sequential import BlockMethod, EngineHooks, EngineOptions, Stats, run_blocks
+from ..engine.stream import StreamSession
 from ..errors import UsageError
 from ..model.arch import ArchSpec, moe_model_types
 from ..model.experts import (
@@ -47,7 +49,8 @@ from ..model.experts import (
 )
 from ..model.load import LoadedModel
 from ..model.per_layer import record_shapes
-from ..record import ExpertsStage, peak_memory_mb
+from ..model.save import previous_stages
+from ..record import ExpertsStage, build_record, peak_memory_mb
 from .config import ExpertConfig
 
 
@@ -211,6 +214,7 @@ def prune_experts(
     calib: CalibConfig,
     engine: EngineOptions | None = None,
     calib_ids: torch.Tensor | None = None,
+    session: StreamSession | None = None,
 ) -> ExpertReport:
     """Remove the lowest-scoring routed experts of every MoE layer of ``loaded.model``, in place.
 
@@ -218,7 +222,9 @@ def prune_experts(
     router's top-k), so the config's one expert count holds and plain ``transformers`` reloads the
     folder; "global": the same total spread by score, the config holding the largest count and each
     layer's shapes (:func:`~secateurs.model.per_layer.record_shapes`). ``calib_ids`` lets a caller
-    pass already tokenized windows; otherwise they are built from ``calib``.
+    pass already tokenized windows; otherwise they are built from ``calib``. ``session``: a streamed
+    model (:func:`experts_streamed`): the blocks are scored as they are read, then read once more,
+    cut and written, so the choice is the in-memory one.
     """
     engine = engine or EngineOptions()
     config.validate()
@@ -235,19 +241,26 @@ def prune_experts(
     start = time.perf_counter()
     scorer = ExpertScorer(spec, model)
     try:
-        run_blocks(model, spec, scorer, ids, engine, description="scoring experts")
+        run_blocks(model, spec, scorer, ids, engine, "scoring experts", session or EngineHooks())
     finally:
         scorer.remove_hooks()
     seconds = {"score": time.perf_counter() - start}
     scores = scorer.scores(config.method)
     chosen = choose_experts(scores, shape, config)
-    blocks = spec.blocks_of(model)
-    merged = {}
-    for index, kept in chosen.items():
-        experts = spec.experts_of(blocks[index])
-        if config.merge:
-            merged[index] = fold_experts(experts, kept, scorer.counts[index])
-        keep_experts(experts, spec.router_of(blocks[index]), kept)
+    merged: dict[int, dict[int, list[int]]] = {}
+
+    def cut(index: int, block: nn.Module) -> None:
+        if index in chosen:
+            experts = spec.experts_of(block)
+            if config.merge:
+                merged[index] = fold_experts(experts, chosen[index], scorer.counts[index])
+            keep_experts(experts, spec.router_of(block), chosen[index])
+
+    if session is None:
+        for index, block in enumerate(spec.blocks_of(model)):
+            cut(index, block)
+    else:
+        session.copy_unchanged(cut)
     n_after = max(len(kept) for kept in chosen.values())
     setattr(spec.text_config(model.config), spec.moe.experts_key, n_after)
     record_shapes(model)  # per-layer counts (--mode global) need the package's class; uniform ones clear it
@@ -257,3 +270,30 @@ def prune_experts(
         config, calib, shape.n_experts, n_after, {i: v.tolist() for i, v in chosen.items()},
         {i: v.tolist() for i, v in scores.items()}, unrouted, seconds, peak_memory_mb(device), str(device), merged,
     )
+
+
+def experts_streamed(
+    source: str | Path,
+    out: str | Path,
+    config: ExpertConfig,
+    calib: CalibConfig,
+    engine: EngineOptions | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> tuple[ExpertReport, Path]:
+    """``prune_experts`` + ``save`` for a model folder that need not fit in memory: one streamed pass
+    scores every block (:mod:`secateurs.engine.stream`), a second reads each block again, cuts its
+    experts and writes it. A rerun with the same arguments resumes the second pass."""
+    if calib.source == "self":
+        raise UsageError("--calib self generates text with the whole model; pass a dataset with --stream")
+    request = {"experts": asdict(config), "calibration": asdict(calib)}
+    session = StreamSession(source, out, dtype, request, overwrite)
+    shape = moe_shape(session.spec, session.loaded.model.config)  # before .OUT.partial exists
+    shape.kept(config)
+    shape.check_calibration(calib.n_samples * calib.seq_len)
+    session.open()
+    report = prune_experts(session.loaded, config, calib, engine, session=session)
+    record = build_record(session.loaded.source, previous_stages(session.folder) + [report.stage_record()])
+    path = session.finish(record)
+    assert path is not None  # one process: it writes
+    return report, path

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import UsageError
 from ..moe.config import ExpertConfig
-from ..schema import group
-from .base import CalibratedRequest, CalibratedStage
+from ..schema import group, option
+from .base import CalibratedRequest, CalibratedStage, Outcome, Table
 
 if TYPE_CHECKING:
     from ..model.load import LoadedModel
@@ -19,6 +20,16 @@ class ExpertsRequest(CalibratedRequest):
     """Remove the lowest-scoring routed experts of every MoE layer (REAP, frequency, EAN); plain transformers loads the result."""
 
     config: ExpertConfig = group(ExpertConfig)
+    stream: bool = option(
+        False,
+        "Never hold the whole model: score each block as it is read from MODEL's safetensors shards, then read "
+        "each again, cut its experts and write it to OUT. Resumable: rerun the same command.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stream and self.evaluation.datasets:
+            raise UsageError("--stream writes OUT block by block: drop --ppl, then run secateurs eval on OUT")
 
 
 class ExpertsStage(CalibratedStage):
@@ -34,6 +45,17 @@ class ExpertsStage(CalibratedStage):
         shape = moe_shape(skeleton.spec, skeleton.model.config)
         shape.kept(request.config)
         shape.check_calibration(request.calib.n_samples * request.calib.seq_len)
+
+    def execute(self, request: ExpertsRequest) -> Outcome | None:
+        """Streamed shard by shard with ``stream``; else the shared load → verb → evaluate → save."""
+        if not request.stream:
+            return super().execute(request)
+        from ..api import experts_streamed
+
+        report, path = experts_streamed(request.model, request.out, request.config, request.calib, request.engine,
+                                        request.dtype, request.overwrite)
+        rows = self.rows(request, report) + [["saved to", str(path)]]
+        return Outcome([Table(self.title(request), ["", "value"], rows)], path)
 
     def apply(self, loaded: LoadedModel, request: ExpertsRequest) -> ExpertReport:
         from ..api import experts
