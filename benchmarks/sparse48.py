@@ -57,7 +57,7 @@ def shape_rows(n: int, k: int, bandwidth: float, gen: torch.Generator) -> list[d
     for m in TOKENS:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
         reference = x.double() @ weight.double().T
-        dense_us = _time([lambda w=w: F.linear(x, w) for w in dense_ws])
+        dense_us = _time([lambda w=w, x=x: F.linear(x, w) for w in dense_ws])
         dense_bytes = weight.nbytes + x.nbytes + m * n * 2
         sparse_bytes = fmt.nbytes() + x.nbytes + m * n * 2
         row = {"N": n, "K": k, "tokens": m, "dense_us": dense_us, "dense_bw_fraction": dense_bytes / (dense_us * 1e-6) / bandwidth,
@@ -65,7 +65,7 @@ def shape_rows(n: int, k: int, bandwidth: float, gen: torch.Generator) -> list[d
         for name, call in fmt.cuda_candidates(m).items():
             paths = [f.cuda_candidates(m)[name] for f in fmts]
             row["candidates"][name] = {"rel_error": _relative_error(call(x), reference),
-                                       "us": _time([lambda p=p: p(x) for p in paths])}
+                                       "us": _time([lambda p=p, x=x: p(x) for p in paths])}
         row["max_rel_error"] = max(c["rel_error"] for c in row["candidates"].values())
         good = {name: c for name, c in row["candidates"].items() if c["rel_error"] < GOOD}
         if good:
@@ -107,7 +107,7 @@ def checks(gen: torch.Generator) -> dict:
         graph.replay()
         torch.cuda.synchronize()
         compiled: float | str = _relative_error(out / 2, reference)
-    except Exception as exc:  # reported, not raised: the timing table still runs
+    except Exception as exc:  # noqa: BLE001  (reported, not raised: the timing table still runs)
         compiled = f"failed: {str(exc).splitlines()[0][:300]}"
     worst = max(errors.values())
     print(f"odd shapes, fp16/bf16, m=1..4: {len(errors)} checks, worst relative error {worst:.1e}; "

@@ -137,6 +137,6 @@ class PruneStage(Stage):
         if str(report.target.pattern) not in (*KERNEL_PATTERNS, "unstructured"):
             err_console.print(f"[yellow]{report.target.pattern} has no kernel of its own:[/] its linears are stored and run as "
                               f"{' / '.join(kinds)} (the N:M kernels are {', '.join(KERNEL_PATTERNS)})", highlight=False, soft_wrap=True)
-        row = ["export", f"sparse ({', '.join(kinds)}), {len(exported.layers)} linears at "
-                         f"{sizes['compressed'] / sizes['dense']:.3f} of dense bytes"]
+        row = ["export", (f"sparse ({', '.join(kinds)}), {len(exported.layers)} linears at "
+                          f"{sizes['compressed'] / sizes['dense']:.3f} of dense bytes")]
         return [report, exported], [row]
