@@ -641,11 +641,14 @@ def test_merge_folds_each_removed_expert_into_its_nearest_kept_one_by_routing_fr
 # --- streaming, recipes, eval and report on MoE models ---
 
 
-@pytest.fixture(scope="module")
-def sharded_moe(tmp_path_factory):
-    """A tiny gpt-oss (its experts stored fused, as --stream reads them) in several shards, and a text."""
-    folder = tmp_path_factory.mktemp("moe") / "tiny-moe"
-    loaded = tiny_model("gpt_oss")
+def _sharded(folder, arch: str):
+    """A tiny MoE of ``arch`` saved in several safetensors shards (random router correction bias where
+    it has one), and a calibration text beside it."""
+    loaded = tiny_model(arch)
+    for block in loaded.spec.blocks_of(loaded.model):
+        bias = getattr(loaded.spec.router_of(block), "e_score_correction_bias", None)
+        if bias is not None:
+            bias.normal_(0, 0.1)
     loaded.model.save_pretrained(folder, max_shard_size="100KB")
     loaded.tokenizer.save_pretrained(folder)
     assert (folder / "model.safetensors.index.json").is_file()
@@ -653,16 +656,11 @@ def sharded_moe(tmp_path_factory):
     return folder
 
 
-def test_stream_refuses_experts_stored_one_tensor_per_expert_in_one_line(tmp_path):
-    """transformers saves most MoE families one tensor per expert and fuses them while loading;
-    --stream reads tensors as stored, so it refuses such a folder before writing anything."""
-    from secateurs.api import PruneConfig, prune_streamed
-
-    folder = _folder(tmp_path, "qwen3_moe")
-    (tmp_path / "calib.txt").write_text("the quick brown fox. " * 100)
-    with pytest.raises(UsageError, match="stores its MoE experts one tensor per expert"):
-        prune_streamed(folder, tmp_path / "out", PruneConfig("magnitude", 0.5))
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+@pytest.fixture(scope="module")
+def sharded_moe(tmp_path_factory):
+    """A tiny DeepSeek-V3 (routed + shared experts, a per-expert router buffer; experts stored one
+    tensor per expert, fused by transformers while loading) in several shards, and a text."""
+    return _sharded(tmp_path_factory.mktemp("moe") / "tiny-moe", "deepseek_v3")
 
 
 def _text_calib(folder):
@@ -692,17 +690,21 @@ def test_streamed_expert_pruning_equals_in_memory(sharded_moe, tmp_path, config)
     secateurs.load_model(str(path))
 
 
-def test_streamed_prune_of_an_moe_model_equals_in_memory(sharded_moe, tmp_path):
+@pytest.mark.parametrize("arch", ["deepseek_v3", "mixtral", "gpt_oss"])
+def test_streamed_prune_of_an_moe_model_equals_in_memory(tmp_path, arch):
+    """Experts stored per expert (DeepSeek; Mixtral's also renamed, block_sparse_moe.experts.N.w1) are
+    read, fused, pruned and written back per expert; gpt-oss's are stored fused."""
     from test_stream import assert_same_folder
 
     import secateurs
     from secateurs.api import PruneConfig, prune, prune_streamed
 
+    folder = _sharded(tmp_path / "in" / "model", arch)
     config = PruneConfig("sparsegpt", pattern="2:4", moe={"fallback": "pooled", "min_tokens": "12"})
-    loaded = secateurs.load_model(str(sharded_moe))
-    report = prune(loaded, config, _text_calib(sharded_moe), "cpu")
+    loaded = secateurs.load_model(str(folder))
+    report = prune(loaded, config, _text_calib(folder), "cpu")
     secateurs.save(loaded, tmp_path / "memory", [report])
-    streamed, path = prune_streamed(sharded_moe, tmp_path / "stream", config, _text_calib(sharded_moe),
+    streamed, path = prune_streamed(folder, tmp_path / "stream", config, _text_calib(folder),
                                     EngineOptions(device="cpu"))
     assert streamed.expert_fallback == report.expert_fallback
     assert_same_folder(tmp_path / "memory", path)
@@ -724,7 +726,7 @@ def test_recipe_eval_and_report_on_an_moe_model(sharded_moe, tmp_path):
         "calib": {"source": text, "n_samples": 4, "seq_len": 16, "seed": 0},
         "stages": [
             {"experts": {"method": "frequency", "keep": 0.75, "mode": "global", "device": "cpu"}},
-            {"prune": {"method": "wanda", "pattern": "2:4", "moe": "min_tokens=20", "device": "cpu"}},
+            {"prune": {"method": "wanda", "pattern": "2:4", "moe": "min_tokens=32", "device": "cpu"}},
             {"eval": {"ppl": [text], "seq_len": 16, "device": "cpu"}},
         ],
         "out": str(tmp_path / "run"),
@@ -732,7 +734,7 @@ def test_recipe_eval_and_report_on_an_moe_model(sharded_moe, tmp_path):
     record = run(recipe, echo=lambda _: None)
     assert [s["stage"] for s in record["stages"]] == ["experts", "prune", "eval"]
     prune_stage = record["stages"][1]["record"]
-    assert prune_stage["moe"]["min_tokens"] == 20 and prune_stage["expert_fallback"]
+    assert prune_stage["moe"]["min_tokens"] == 32 and prune_stage["expert_fallback"]
     assert json.loads((tmp_path / "run" / "secateurs.json").read_text())["stages"][2]["results"]["perplexity"][text]["ppl"] > 1
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--ppl", text, "--seq-len", "16", "--device", "cpu"])
     assert result.exit_code == 0, result.output
@@ -759,4 +761,4 @@ def test_cli_experts_stream_writes_the_folder_and_refuses_ppl(sharded_moe, tmp_p
     assert result.exit_code == 2 and "--stream writes OUT block by block" in result.output and not out.exists()
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2
+    assert json.loads((out / "config.json").read_text())["n_routed_experts"] == 2

@@ -11,6 +11,10 @@ embeddings are read up front, because capturing block 0's inputs needs them. The
 3. :meth:`StreamSession.release_block` writes it as its own output shard (tensor by tensor, no
    serialised copy) and returns its parameters to the meta device.
 
+Tensors are read and written in the checkpoint's own layout (:class:`~secateurs.model.stored.StoredLayout`:
+most MoE families store one tensor per expert, which the model holds fused), so a streamed folder
+equals what ``save_pretrained`` writes after an in-memory run.
+
 Reading and writing overlap the compute: while block *i* is calibrated, block *i+1* is read on a
 background thread, and block *i*'s shard is written on another while block *i+1* computes (one
 write in flight; the next waits for it, so a failed write stops the run at the following block).
@@ -49,6 +53,7 @@ from ..model.sources import model_folder
 from ..model.tokenizer import _try_tokenizer
 from ..model.save import RECORD, check_out
 from ..model.shards import DTYPES, INDEX, ShardReader, read_header, read_tensors, write_tensors
+from ..model.stored import StoredLayout
 from ..model.validate import check_tensors
 from .distributed import RankGroup, check_samples, collective
 from .sequential import BlockMethod, EngineHooks, Stats
@@ -133,6 +138,8 @@ class StreamSession(EngineHooks):
         model.requires_grad_(False)
         self.loaded = LoadedModel(model, _try_tokenizer(self.folder), spec, str(source), self.folder)
         self.spec: ArchSpec = spec
+        # How the shards name and shape the block's tensors (MoE experts: one per expert, fused in the model).
+        self.layout = StoredLayout(model)
         self.source_index = list(range(len(spec.blocks_of(model))))
         self._check_keys()
         check_tensors(model, self.reader, str(source), streamed_prefix=spec.blocks)
@@ -169,21 +176,25 @@ class StreamSession(EngineHooks):
     def _block_key(self, index: int, name: str) -> str:
         return f"{self.spec.blocks}.{index}.{name}"
 
+    def _stored_block(self, index: int, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Block ``index``'s tensors as the input shards store them, on the meta device (names and shapes)."""
+        state = {self._block_key(index, name): torch.empty_like(value, device="meta")
+                 for name, value in block.state_dict().items()}
+        return self.layout.to_stored(state)
+
     def _check_keys(self) -> None:
         blocks = self.spec.blocks_of(self.loaded.model)
         for i, block in enumerate(blocks):
-            for name in block.state_dict():
-                key = self._block_key(i, name)
+            for key, value in self._stored_block(i, block).items():
                 if key not in self.reader.keys:
-                    if self.spec.moe is not None and f"{self.spec.moe.experts}." in name:
-                        raise UsageError(
-                            f"{self.folder} stores its MoE experts one tensor per expert (transformers fuses them "
-                            "while loading); --stream reads experts stored fused (as gpt-oss stores them), so "
-                            "prune it without --stream"
-                        )
                     raise UsageError(
                         f"the shards of {self.folder} have no tensor {key}; this checkpoint names its weights "
                         "differently from the model code, so prune it without --stream"
+                    )
+                if self.reader.shapes[key] != list(value.shape):  # converted tensors: check_tensors sees fused names only
+                    raise UsageError(
+                        f"{self.folder}: tensor {key} in {self.reader.keys[key]} has shape {self.reader.shapes[key]}, "
+                        f"but config.json builds {list(value.shape)}; the config does not belong to these weights"
                     )
 
     def _load_embeddings(self) -> None:
@@ -250,16 +261,18 @@ class StreamSession(EngineHooks):
     def load_block(self, index: int, block: nn.Module, method: BlockMethod) -> bool:
         names = list(block.state_dict())
         resumed = method.modifies_weights and str(index) in self.done
-        if resumed:
+        if resumed:  # the block as this run wrote it (an edit may have changed its shapes): every tensor of its file
             entry = self.done[str(index)]
-            read = read_tensors(self.partial / entry["file"], [self._block_key(index, name) for name in names], self._pin)
+            path = self.partial / entry["file"]
+            read = self.layout.to_model(read_tensors(path, list(read_header(path, self.partial)[0]), self._pin))
             tensors = {name: read[self._block_key(index, name)] for name in names}
             self.per_layer.update(entry["sparsity"])
         else:
             source = self.source_index[index]
-            keys = [self._block_key(source, name) for name in names]
+            keys = list(self._stored_block(source, block))
             ahead, self._ahead = self._ahead, None
             read = ahead[1].result() if ahead is not None and ahead[0] == index else self.reader.read(keys, self._pin)
+            read = self.layout.to_model(read)
             tensors = {name: read[self._block_key(source, name)] for name in names}
         self._read_ahead(index + 1, method)
         for name, value in tensors.items():
@@ -277,7 +290,7 @@ class StreamSession(EngineHooks):
         blocks = self.spec.blocks_of(self.loaded.model)
         if self._reader_thread is None or index >= len(blocks) or (method.modifies_weights and str(index) in self.done):
             return
-        keys = [self._block_key(self.source_index[index], name) for name in blocks[index].state_dict()]
+        keys = list(self._stored_block(self.source_index[index], blocks[index]))
         self._ahead = (index, self._reader_thread.submit(self.reader.read, keys, self._pin))
 
     def settle(self) -> None:
@@ -326,7 +339,8 @@ class StreamSession(EngineHooks):
         if copied is not None:
             copied.synchronize()
         name = self._shard_name(index + 1)
-        entries = [(self._block_key(index, k), v.dtype, list(v.shape), lambda v=v: v) for k, v in state.items()]
+        stored = self.layout.to_stored({self._block_key(index, k): v for k, v in state.items()})
+        entries = [(k, v.dtype, list(v.shape), lambda v=v: v) for k, v in stored.items()]
         _write_atomic(self.partial / name, lambda p: write_tensors(p, entries))
         self.done[str(index)] = {"file": name, "sparsity": sparsity}
         state = {"fingerprint": self.fingerprint, "done": self.done}
