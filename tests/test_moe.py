@@ -106,7 +106,19 @@ def test_expert_pruned_model_equals_a_router_that_never_picks_the_removed(arch, 
 
 
 def _folder(tmp_path, arch: str):
-    loaded = tiny_model(arch)
+    """A tiny model of ``arch`` saved with a tokenizer; ``qwen3_moe-8`` has 8 experts; ``granitemoe`` is
+    an MoE family secateurs does not know (built from its transformers config, a known tokenizer)."""
+    if arch == "granitemoe":
+        from transformers import AutoModelForCausalLM, GraniteMoeConfig
+
+        model = AutoModelForCausalLM.from_config(GraniteMoeConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+        folder = tmp_path / "in"
+        model.save_pretrained(folder)
+        tiny_model("llama").tokenizer.save_pretrained(folder)
+        return folder
+    loaded = tiny_model("qwen3_moe", num_experts=8) if arch == "qwen3_moe-8" else tiny_model(arch)
     folder = tmp_path / "in"
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
@@ -142,9 +154,13 @@ def test_cli_experts_writes_a_folder_plain_transformers_loads(tmp_path):
         ("llama", ["--keep", "0.5"], "llama is a dense model: expert pruning needs a mixture-of-experts model"),
         ("qwen3_moe", ["--method", "nope"], "unknown expert criterion 'nope'"),
         ("qwen3_moe", ["--keep", "1.5"], "--keep is the share of experts kept"),
+        ("qwen3_moe", ["--mode", "by-layer"], "--mode 'by-layer' is not known"),
+        ("qwen3_moe-8", ["--seq-len", "2", "--n-samples", "1"],
+         "calibration of 2 tokens routes 4 token slots (top-2), fewer than 8 experts × 1 tokens"),
+        ("granitemoe", ["--keep", "0.5"], "'granitemoe' (a mixture-of-experts model?; known"),
     ],
 )
-def test_cli_experts_bad_input_is_one_line_and_writes_nothing(tmp_path, arch, args, message):
+def test_cli_experts_bad_input_is_one_line_and_writes_nothing(tmp_path, no_loading, arch, args, message):
     from typer.testing import CliRunner
 
     from secateurs.cli import app
