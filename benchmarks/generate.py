@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--decode-methods", default="cuda-graph,compile")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-words", type=int, default=32, help="the prompt: this many words of plain text")
+    parser.add_argument("--tokenizer", default=None, help="random model: a tokenizer folder (default: SmolLM2-135M's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(RESULTS / "generate.json"))
@@ -82,7 +83,7 @@ def main() -> None:
         label = "sparse" if sparse_layers(loaded.model) else "model"
         rows += compare(loaded, label, prompt, args, device)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_folder("smollm2-135m"))
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_folder("smollm2-135m"))
         for pattern in args.patterns.split(","):
             model = random_llama(args.layers, len(tokenizer), device)
             spec = spec_for(model)

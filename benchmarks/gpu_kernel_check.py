@@ -1,21 +1,30 @@
-"""Compiled (not interpreted) Triton kernels against a float64 reference, on the GPU, before any timing.
+"""Compiled kernels against a float64 reference, on the GPU, before any timing.
 
-CI checks the kernels with ``TRITON_INTERPRET=1`` on CPU; this script checks the compiled code on a
-CUDA device: every launch configuration the tuner may pick, for 2:4 and bitmap weights, at decode,
-mid and prefill row counts and at shapes that are and are not multiples of the tiles (SmolLM2's 576 /
-1536). Inputs are fresh random fp16 per case; the error is ‖y − ref‖ / ‖ref‖ with ref in float64.
+CI checks the kernels' arithmetic on CPU (Triton's interpreter, emulations of the CUDA data flow); this
+script checks the compiled code on a CUDA device:
 
-    python benchmarks/gpu_kernel_check.py        # prints one line per case, exits 1 on any failure
+- ``--part triton``: every Triton launch configuration the tuner may pick, for 2:4 and bitmap weights;
+- ``--part cuda``: every CUDA candidate a 2:4 weight offers (GEMV, ``mma.sp`` decode kernel, every tile
+  shape of the ``mma.sp`` prompt GEMM, the expand path) at every row bucket from 1 to 8192 tokens (and
+  row counts inside buckets), fp16 and bf16, on the Llama shapes and on shapes that are not multiples of
+  the tiles; the output is poisoned with NaN first, so an unwritten element fails; then the dispatcher
+  (SparseLinear, tuned) and the ops under ``torch.compile(fullgraph=True)`` inside a CUDA graph.
+
+Inputs are fresh random per case; the error is ‖y − ref‖ / ‖ref‖ with ref in float64.
+
+    python benchmarks/gpu_kernel_check.py [--part all|cuda|triton]   # one line per case, exits 1 on any failure
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
 
-from secateurs.kernels import Bitmap, Sparse24, SparseLinear
+from secateurs.kernels import Bitmap, Sparse24, SparseLinear, cuda_ops
 from secateurs.kernels import triton_ops
+from secateurs.kernels.linear import bucket
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
 SHAPES = ((4096, 4096), (11008, 4096), (576, 1536), (1536, 576))  # bitmap needs K % 128 == 0: not 576
@@ -29,11 +38,96 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref).norm() / ref.norm())
 
 
+CUDA_SHAPES = ((37, 1088), (200, 576), (576, 1536), (1536, 576), (4096, 4096), (11008, 4096), (4096, 11008),
+               (1024, 8192))
+CUDA_ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 17, 31, 32, 33, 64, 100, 128, 333, 512, 1000, 2048, 8192)
+CUDA_TOLERANCE = 5e-3
+
+
+def _poisoned_call(call, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Fill the block the output will most likely reuse with NaN first, so an unwritten element shows."""
+    poison = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype, device=x.device)
+    del poison
+    return call(x)
+
+
+def check_cuda(gen) -> int:
+    """Every CUDA 2:4 candidate, every bucket, fp16 and bf16, against float64; then the dispatcher and compile."""
+    why = cuda_ops.status()
+    if why:
+        print(f"CUDA kernels: {why}")
+        return 1
+    failures = checks = 0
+    worst: dict[str, float] = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, k in CUDA_SHAPES:
+            base = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
+            fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
+            dense = fmt.to_dense().double()
+            for m in CUDA_ROWS:
+                if m == 8192 and (dtype != torch.float16 or n * k > 4096 * 11008):
+                    continue
+                x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+                ref = x.double() @ dense.T
+                for name, call in cuda_ops.candidates(fmt, bucket(m)).items():
+                    err = relative_error(_poisoned_call(call, x, n), ref)
+                    checks += 1
+                    family = name.split("_r")[0] if "gemv" in name or "mma24" in name else name
+                    worst[family] = max(worst.get(family, 0.0), err)
+                    if not err <= CUDA_TOLERANCE:
+                        failures += 1
+                        print(f"FAIL {str(dtype)[6:]} {n}x{k} m={m} {name}: rel err {err:.2e}", flush=True)
+            del base, fmt, dense
+    print(f"CUDA candidates: {checks} checks (fp16/bf16, {len(CUDA_SHAPES)} shapes, m = {CUDA_ROWS[0]}..{CUDA_ROWS[-1]}), "
+          f"{failures} failures; worst per kernel: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())), flush=True)
+    # The dispatcher end to end (tuned choice, no copies by default) and the ops inside compiled graphs.
+    for n, k in ((11008, 4096), (576, 1536)):
+        base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
+        layer = SparseLinear(Sparse24.compress(base * nm_mask(base.abs(), 2, 4)))
+        dense = layer.dense_weight().double()
+        for m in (1, 8, 32, 333, 2048):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+            err = relative_error(layer(x), x.double() @ dense.T)
+            failures += not err <= CUDA_TOLERANCE
+            print(f"SparseLinear {n}x{k} m={m}: rel err {err:.1e}, extra bytes {layer.extra_bytes()}", flush=True)
+    fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
+    for name in ("cuda_gemm24_m128_n128_s4", "expand_cublas", "cuda_mma24_r1_w8"):
+        m = 8 if "mma" in name else 256
+        x = torch.randn(m, fmt.shape[1], device="cuda", dtype=torch.float16, generator=gen)
+        call = fmt.cuda_candidates(bucket(m))[name]
+        try:
+            step = torch.compile(lambda x, call=call: call(x) * 2, fullgraph=True)
+            step(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step(x)
+            x.copy_(torch.randn(m, fmt.shape[1], device="cuda", dtype=torch.float16, generator=gen))
+            graph.replay()
+            torch.cuda.synchronize()
+            err = relative_error(out / 2, x.double() @ fmt.to_dense().double().T)
+        except Exception as exc:  # noqa: BLE001
+            err = float("inf")
+            print(f"compile/graph {name}: {str(exc).splitlines()[0][:200]}")
+        failures += not err <= CUDA_TOLERANCE
+        print(f"torch.compile(fullgraph) in a CUDA graph, {name}: rel err {err:.1e}", flush=True)
+    return failures
+
+
 def main() -> None:
-    if not (torch.cuda.is_available() and triton_ops.HAVE_TRITON):
-        sys.exit("needs a CUDA GPU and triton")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("all", "cuda", "triton"), default="all")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
     gen = torch.Generator("cuda").manual_seed(0)
     failures = 0
+    if args.part in ("all", "cuda"):
+        failures += check_cuda(gen)
+    if args.part == "cuda":
+        print(f"{failures} failures")
+        sys.exit(1 if failures else 0)
+    if not triton_ops.HAVE_TRITON:
+        sys.exit("the Triton part needs triton")
     for n, k in SHAPES:
         base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
         weights = {"2:4": Sparse24.compress(base * nm_mask(base.abs(), 2, 4))}

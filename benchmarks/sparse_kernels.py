@@ -1,7 +1,9 @@
 """Sparse kernels vs dense cuBLAS at Llama-2-7B / Llama-3-70B linear shapes, and end to end.
 
-    python benchmarks/sparse_kernels.py --part kernels     # GPU: kernel level, ratios vs F.linear
-    python benchmarks/sparse_kernels.py --part e2e         # GPU: Llama-2-7B shape (random fp16), 2:4 and 70%
+    python benchmarks/sparse_kernels.py --part kernels     # GPU: kernel level (decode sizes), ratios vs F.linear
+    python benchmarks/sparse_kernels.py --part gemm        # GPU: 2:4 prompt paths at 512/2048/8192 tokens vs cuBLAS and cuSPARSELt
+    python benchmarks/sparse_kernels.py --part e2e         # GPU: Llama-2-7B shape (random fp16), dense vs 2:4 (no copies)
+    python benchmarks/sparse_kernels.py --part 70b         # GPU (H200): 2:4 Llama-3-70B shape built straight into the stored format
     python benchmarks/sparse_kernels.py --part smollm2 [--model path/to.gguf]   # GPU: SmolLM2-135M real weights
 
 Kernel timings: every path is captured in a CUDA graph of REPEAT calls that rotate over enough
@@ -224,12 +226,120 @@ def _kernel_line(row: dict) -> str:
             f"{best} | {row['byte_limit']:.2f}x | {error} |")
 
 
+PROMPT_TOKENS = (512, 2048, 8192)
+DECODE_CHECK_TOKENS = (1, 8, 32)
+
+
+def _timed_graph(call, flops: float) -> float:
+    """Median µs of ``call`` in a CUDA graph of enough repetitions (≥ 5 ms of work at 500 TFLOP/s)."""
+    count = max(2, min(24, math.ceil(5e-3 / max(flops / 500e12, 1e-7))))
+    return graph_time_us([call] * count)
+
+
+def gemm_part(shapes: list[tuple[int, int]] | None = None, tokens: tuple[int, ...] = PROMPT_TOKENS) -> dict:
+    """The 2:4 prompt paths on the stored format (the tiled mma.sp GEMM, each tile shape; the expand path)
+    against cuBLAS F.linear on the pruned dense weight and cuSPARSELt on it, same run, at prompt sizes on the
+    seven Llama shapes; every path checked against float64 first. Weights rotate over copies that overflow
+    L2 where one call's work is short; at these sizes the products are compute-bound, so TFLOP/s (dense
+    equivalent, 2·M·N·K) is the figure of merit, and the bytes each must move are reported beside it."""
+    why = cuda_ops.status()
+    if why:
+        sys.exit(f"error: {why}")
+    gen = torch.Generator("cuda").manual_seed(0)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
+    print("| shape (N×K) | tokens | cuBLAS µs | cuBLAS TFLOP/s | cuSPARSELt µs | cuSPARSELt / cuBLAS | best stored-format path | µs | "
+          "TFLOP/s | vs cuBLAS | vs cuSPARSELt | expand+cuBLAS vs cuBLAS | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for n, k in shapes or [shape for group in SHAPES.values() for shape in group.values()]:
+        base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
+        w24 = base * nm_mask(base.abs(), 2, 4)
+        del base
+        fmt = Sparse24.compress(w24)
+        try:
+            semi = torch.sparse.to_sparse_semi_structured(w24)
+        except Exception as exc:  # noqa: BLE001
+            semi, semi_error = None, str(exc).splitlines()[0][:200]
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+            reference = x.double() @ w24.double().T
+            flops = 2.0 * m * n * k
+            row = {"N": n, "K": k, "tokens": m, "candidates": {},
+                   "bytes_dense": n * k * 2 + x.nbytes + m * n * 2, "bytes_stored": fmt.nbytes() + x.nbytes + m * n * 2}
+            row["cublas_us"] = _timed_graph(lambda x=x, w=w24: F.linear(x, w), flops)
+            if semi is not None:
+                got = F.linear(x, semi).double()
+                row["cusparselt_rel_error"] = float((got - reference).norm() / reference.norm())
+                row["cusparselt_us"] = _timed_graph(lambda x=x, s=semi: F.linear(x, s), flops)
+            else:
+                row["cusparselt_error"] = semi_error
+            for name, call in cuda_ops.candidates(fmt, m).items():
+                if "mma24" in name:
+                    continue
+                got = call(x).double()
+                error = float((got - reference).norm() / reference.norm())
+                us = _timed_graph(lambda call=call, x=x: call(x), flops)
+                row["candidates"][name] = {"us": us, "rel_error": error if math.isfinite(error) else None,
+                                           "tflops": flops / us / 1e6}
+            good = {name: c for name, c in row["candidates"].items() if c["rel_error"] is not None and c["rel_error"] < 2e-3}
+            if good:
+                best = min(good, key=lambda name: good[name]["us"])
+                row.update(best=best, us=good[best]["us"], speedup=row["cublas_us"] / good[best]["us"],
+                           vs_cusparselt=row["cusparselt_us"] / good[best]["us"] if "cusparselt_us" in row else None)
+            if "expand_cublas" in row["candidates"]:
+                row["expand_speedup"] = row["cublas_us"] / row["candidates"]["expand_cublas"]["us"]
+            gemms = {k_: c for k_, c in good.items() if k_.startswith("cuda_gemm24")}
+            if gemms:
+                fastest = min(gemms, key=lambda name: gemms[name]["us"])
+                row.update(gemm_best=fastest, gemm_speedup=row["cublas_us"] / gemms[fastest]["us"])
+            row["max_rel_error"] = max((c["rel_error"] or math.inf) for c in row["candidates"].values())
+            rows.append(row)
+            print(_gemm_line(row, flops), flush=True)
+            del x, reference
+        del fmt, semi, w24
+        torch.cuda.empty_cache()
+        cuda_ops.release_scratch()
+    decode = []
+    for n, k in shapes or [shape for group in SHAPES.values() for shape in group.values()]:
+        base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
+        dense_ws = rotating(lambda i, b=base: b.clone(), max(1, math.ceil(L2_BYTES / base.nbytes)))
+        w24 = base * nm_mask(base.abs(), 2, 4)
+        fmt = Sparse24.compress(w24)
+        fmts = [fmt] + [Sparse24(fmt.values.clone(), fmt.meta.clone(), fmt.shape) for _ in range(math.ceil(L2_BYTES / fmt.nbytes()) - 1)]
+        saved = KERNEL_TOKENS["2:4"]
+        KERNEL_TOKENS["2:4"] = DECODE_CHECK_TOKENS
+        try:
+            decode += _gemv_rows("2:4", w24, fmts, dense_ws, bandwidth, gen)
+        finally:
+            KERNEL_TOKENS["2:4"] = saved
+        del fmts, fmt, w24, dense_ws, base
+        torch.cuda.empty_cache()
+        cuda_ops.release_scratch()
+    return {"rows": rows, "decode_rows": decode, "copy_bandwidth_bytes_per_s": bandwidth}
+
+
+def _gemm_line(row: dict, flops: float) -> str:
+    semi = (f"{row['cusparselt_us']:.1f} | {row['cublas_us'] / row['cusparselt_us']:.2f}x" if "cusparselt_us" in row
+            else "n/a | n/a")
+    if "best" in row:
+        vs = f"{row['vs_cusparselt']:.2f}x" if row.get("vs_cusparselt") else "n/a"
+        best = (f"{row['best']} | {row['us']:.1f} | {flops / row['us'] / 1e6:.0f} | {row['speedup']:.2f}x | {vs}")
+    else:
+        best = "none correct | | | | "
+    expand = f"{row['expand_speedup']:.2f}x" if "expand_speedup" in row else "n/a"
+    return (f"| {row['N']}x{row['K']} | {row['tokens']} | {row['cublas_us']:.1f} | {flops / row['cublas_us'] / 1e6:.0f} | "
+            f"{semi} | {best} | {expand} | {row['max_rel_error']:.1e} |")
+
+
 PATTERNS = {"2:4": lambda w: nm_mask(w.abs(), 2, 4), "70%": lambda w: unstructured_mask(w.abs(), 0.7)}
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-GOALS = {"2:4": {"decode_speedup": {1: 1.4, 8: 1.25}, "prefill_speedup": {2048: 1.1}, "weight_fraction": {"all": 0.5625},
-                 "peak_fraction": {"all": 1.0}},
+GOALS = {"2:4": {"decode_speedup": {1: 1.65, 8: 1.5, 32: 1.3}, "prefill_speedup": {2048: 1.15},
+                 "ttft_speedup": {2048: 1.1}, "weight_fraction": {"all": 0.60}, "peak_fraction": {"all": 0.65}},
          "70%": {"decode_speedup": {1: 1.8}}}
+LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 
 
 def _prune(model, spec, pattern: str) -> None:
@@ -299,6 +409,18 @@ def _print_speed(results: list[SpeedResult], steps: dict) -> None:
 
 
 @torch.inference_mode()
+def _prefill_peak_mib(model, vocab: int, device: torch.device) -> float:
+    """Peak memory of one 2048-token forward alone (with its KV cache), to tell prefill's peak from decode's."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.randint(0, vocab, (1, 2048), device=device, generator=torch.Generator(device).manual_seed(2))
+    model(ids)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+@torch.inference_mode()
 def _logit_check(model, reference: dict, shapes, vocab: int) -> dict:
     """Sparse-path logits against the dense-stored pruned model's, per input shape: relative error and top-1 agreement."""
     out = {}
@@ -340,19 +462,25 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
     model, spec = build()
     vocab = model.config.vocab_size
     started = time.time()
+    resident = {"dense": torch.cuda.memory_allocated(device) / 2**20}  # MiB on the GPU before each model is measured
     results = [measure(model, "dense", device, speed)]
+    prefill_peak = {"dense": _prefill_peak_mib(model, vocab, device)}
     steps = {"dense": {b: linear_step(model, spec, b) for b in speed.decode_batches}}
     print(f"dense measured in {time.time() - started:.0f}s", flush=True)
     correctness, reports = {}, {}
     for entry in patterns:
-        pattern, _, policy = entry.partition("@")  # e.g. "2:4@sparse": only cuSPARSELt copies allowed
-        os.environ["SECATEURS_SPARSE_COPIES"] = policy or "dense"
+        pattern, _, policy = entry.partition("@")  # e.g. "2:4@dense": dense or cuSPARSELt copies allowed
+        if policy:
+            os.environ["SECATEURS_SPARSE_COPIES"] = policy
+        else:  # the default: the stored format only
+            os.environ.pop("SECATEURS_SPARSE_COPIES", None)
         reread_policies()  # the dispatcher reads its policies once; this run changes them
-        if results[-1].label != "dense":
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
-            model, spec = build()
+        # A fresh model each time, so nothing the previous run left (its graphs, caches, the dense weights)
+        # counts in this one's peak.
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        model, spec = build()
         _prune(model, spec, pattern)
         if part == "smollm2":
             reference = _logits(model, check_shapes, vocab)
@@ -364,10 +492,16 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
             del reference
         started = time.time()
         label_ = f"{pattern} sparse" + (f" ({policy} copies)" if policy else "")
+        gc.collect()
+        resident[label_] = torch.cuda.memory_allocated(device) / 2**20
         results.append(measure(model, label_, device, speed))
+        prefill_peak[label_] = _prefill_peak_mib(model, vocab, device)
         steps[label_] = {b: linear_step(model, spec, b) for b in speed.decode_batches}
         print(f"{label_} measured in {time.time() - started:.0f}s", flush=True)
     _print_speed(results, steps)
+    print("resident before measuring (MiB):", {k: round(v) for k, v in resident.items()},
+          "| peak - weights (MiB):", {r.label: round(r.peak_mib - r.weight_mib) for r in results if r.peak_mib},
+          "| peak of one 2048-token forward alone (MiB):", {k: round(v) for k, v in prefill_peak.items()}, flush=True)
     first = results[0]
     ratio = {r.label: ratios(first, r) for r in results[1:]}
     os.environ.pop("SECATEURS_SPARSE_COPIES", None)
@@ -389,11 +523,89 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
         "ratios": ratio,
         "linear_step": steps,
         "compressed_weight_fraction": reports,
+        "resident_mib_before_measure": resident,
+        "prefill_2048_peak_mib": prefill_peak,
         "logit_check": correctness,
         "goals": goals if part == "e2e" else {},
         "kernel_plans": _paths(model),
         "fallback_notes": fallback_notes(),
     }
+
+
+def random_sparse24(n: int, k: int, device: torch.device, gen: torch.Generator, std: float = 0.02) -> Sparse24:
+    """A random 2:4 weight made directly in the stored format (values and positions; no dense matrix ever
+    exists): normal values, and for every group of four one of the six pairs of positions, uniformly."""
+    values = (torch.randn(n, k // 2, device=device, dtype=torch.float16, generator=gen) * std).contiguous()
+    pairs = torch.tensor([a | (b << 2) for a in range(4) for b in range(a + 1, 4)], dtype=torch.uint8, device=device)
+    nibbles = pairs[torch.randint(0, 6, (n, k // 4), device=device, generator=gen)]
+    meta = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+    return Sparse24(values, meta, (n, k))
+
+
+def build_sparse_70b(device: torch.device, layers: int, seed: int = 0):
+    """The Llama-3-70B shape with every block linear a random 2:4 SparseLinear made on ``device`` layer by layer
+    in the stored format, embeddings, head and norms dense fp16: the skeleton is built on the meta device, so
+    no dense block weight is ever allocated (the dense model would need 141 GB, this one about 83 GB)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.for_model("llama", **{**LLAMA3_70B, "num_hidden_layers": layers})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    spec = spec_for(model)
+    gen = torch.Generator(device).manual_seed(seed)
+    from secateurs.kernels.swap import set_module
+
+    for name, module in spec.named_linears(model).items():  # in layer order: at most one weight in flight
+        bias = None if getattr(module, "bias", None) is None else torch.zeros(module.out_features, device=device, dtype=torch.float16)
+        set_module(model, name, SparseLinear(random_sparse24(module.out_features, module.in_features, device, gen), bias))
+    for _, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            continue
+        meta_tensors = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t.is_meta]
+        if not meta_tensors:
+            continue
+        module.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            for pname, param in module.named_parameters(recurse=False):
+                if "norm" in type(module).__name__.lower() or pname == "weight" and param.dim() == 1:
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=gen)
+    with torch.device(device):  # its inverse frequencies are computed at construction, not loaded
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left on the meta device: {leftover[:5]}")
+    return model, spec
+
+
+def llama3_70b_part(layers: int, methods: tuple[str, ...]) -> dict:
+    """Decode at batch 1 and prefill of 2048 tokens of a 2:4 Llama-3-70B-shape model on one GPU (an H200: the
+    model is about 83 GB), built straight into the stored format. No dense baseline fits the card; the figure
+    to compare with is the weight-bandwidth floor: the bytes one decode step must read over this run's copy
+    bandwidth (which counts reads and writes, so read bandwidth is taken as the same rate)."""
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.time()
+    model, spec = build_sparse_70b(device, layers)
+    built_s = time.time() - started
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    print(f"built {layers} layers in {built_s:.0f}s: {weight_bytes / 1e9:.1f} GB of weights "
+          f"(peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB while building)", flush=True)
+    speed = SpeedConfig(prompt_lengths=(2048,), decode_batches=(1,), new_tokens=32, warmup=1, repeats=3,
+                        decode_methods=methods)
+    result = measure(model, "2:4 llama-3-70b shape", device, speed)
+    floor = bandwidth / weight_bytes
+    decode = result.decode_tokens_per_s[1]
+    print(f"decode batch 1: {decode:.1f} tok/s (goal >= 35; weight-bandwidth floor {floor:.1f} tok/s at "
+          f"{bandwidth / 1e12:.2f} TB/s, so {decode / floor:.2f} of it); prefill 2048: {result.prefill_ms[2048]:.0f} ms, "
+          f"time to first token {result.ttft_ms[2048]:.0f} ms; peak {result.peak_mib / 1024:.1f} GiB", flush=True)
+    return {"part": "70b", "layers": layers, "config": {**LLAMA3_70B, "num_hidden_layers": layers},
+            "weight_bytes": weight_bytes, "build_seconds": built_s, "copy_bandwidth_bytes_per_s": bandwidth,
+            "bandwidth_floor_tokens_per_s": floor, "result": result.to_dict(), "speed_config": vars(speed),
+            "goals": {"decode_b1_tokens_per_s": {"goal": 35, "measured": decode, "met": decode >= 35}} if layers == 80 else {},
+            "kernel_plans": _paths(model), "fallback_notes": fallback_notes()}
 
 
 def machine() -> dict:
@@ -413,21 +625,28 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("kernels", "e2e", "smollm2"), required=True)
+    parser.add_argument("--part", choices=("kernels", "gemm", "e2e", "smollm2", "70b"), required=True)
     parser.add_argument("--model", default="smollm2-135m", help="smollm2 part: the shortcut or a path to its .gguf")
     parser.add_argument("--decode-methods", default="cuda-graph,compile", help="e2e/smollm2: decode methods timed")
-    parser.add_argument("--patterns", default="2:4,70%", help="e2e/smollm2: pruning patterns, comma-separated")
-    parser.add_argument("--batches", default="1,8", help="e2e/smollm2: decode batch sizes")
+    parser.add_argument("--patterns", default="2:4", help="e2e/smollm2: pruning patterns, comma-separated; PATTERN@POLICY "
+                        "runs it under SECATEURS_SPARSE_COPIES=POLICY (default: none, the stored format only; "
+                        "sparse: cuSPARSELt copies allowed; dense: dense or cuSPARSELt copies), e.g. 2:4,2:4@dense,70%%")
+    parser.add_argument("--batches", default="1,8,32", help="e2e/smollm2: decode batch sizes")
+    parser.add_argument("--layers-70b", type=int, default=80, help="70b: decoder layers (80 = Llama-3-70B; fewer for a smoke run)")
     parser.add_argument("--layers", type=int, default=32, help="e2e: decoder layers (32 = Llama-2-7B; fewer for a smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_kernels_<part>.json)")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.time()
+    if args.part in ("kernels", "gemm", "70b") and not torch.cuda.is_available():
+        sys.exit(f"the {args.part} benchmark needs a CUDA GPU")
     if args.part == "kernels":
-        if not torch.cuda.is_available():
-            sys.exit("the kernel benchmark needs a CUDA GPU")
         result = kernels_part()
+    elif args.part == "gemm":
+        result = gemm_part()
+    elif args.part == "70b":
+        result = llama3_70b_part(args.layers_70b, tuple(args.decode_methods.split(",")))
     else:
         result = end_to_end(args.part, torch.device(args.device), args.model, tuple(args.decode_methods.split(",")),
                             tuple(p for p in args.patterns.split(",") if p), args.layers,

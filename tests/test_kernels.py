@@ -275,10 +275,15 @@ def test_cuda_ops_have_fake_implementations_for_graphs_and_compile():
         ybm = torch.ops.secateurs.bitmap_gemv(x[:1], torch.empty(100, dtype=torch.float16),
                                               torch.empty(24, 2, dtype=torch.int32), torch.empty(24, 1, dtype=torch.int32), 2, 4)
         ymma = torch.ops.secateurs.sparse24_mma(torch.empty(9, 128, dtype=torch.bfloat16), torch.empty(40, 64, dtype=torch.bfloat16),
-                                                torch.empty(3, 2, 32, dtype=torch.int32), 2, 8)
+                                                torch.empty(40, 16, dtype=torch.uint8), 2, 8)
+        ygemm = torch.ops.secateurs.sparse24_gemm(torch.empty(300, 128, dtype=torch.float16), torch.empty(40, 64, dtype=torch.float16),
+                                                  torch.empty(40, 16, dtype=torch.uint8), "m128_n128_s4")
+        scratch = torch.empty(40 * 128, dtype=torch.float16)
+        torch.ops.secateurs.sparse24_expand(torch.empty(40, 64, dtype=torch.float16), torch.empty(40, 16, dtype=torch.uint8), scratch)
     assert (tuple(y24.shape), y24.dtype) == ((2, 16), torch.float16)
     assert tuple(ybm.shape) == (1, 24)
     assert (tuple(ymma.shape), ymma.dtype) == ((9, 40), torch.bfloat16)
+    assert (tuple(ygemm.shape), ygemm.dtype) == ((300, 40), torch.float16)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
@@ -380,7 +385,7 @@ def test_copy_policy_names_the_fallback_for_an_unknown_value(monkeypatch, fresh_
     monkeypatch.setenv("SECATEURS_SPARSE_COPIES", "sparse")
     assert linear.reread_policies().copies == "sparse" and linear.copy_policy() == "sparse"
     monkeypatch.setenv("SECATEURS_SPARSE_COPIES", "lots")
-    assert linear.reread_policies().copies == "dense" and "'lots'" in linear.fallback_notes()[-1]
+    assert linear.reread_policies().copies == "none" and "'lots'" in linear.fallback_notes()[-1]
 
 
 class _CountingEnviron(MutableMapping):
@@ -523,21 +528,47 @@ def test_unstructured_sparse_export_reloads_with_the_same_logits(tmp_path):
     torch.testing.assert_close(reloaded.model(ids).logits, expected)
 
 
+def _byte_perm1(lo: int, hi: int, sel: int) -> int:
+    raw = (lo & 0xFFFFFFFF) | ((hi & 0xFFFFFFFF) << 32)
+    return sum(((raw >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+def _meta24_word(meta: torch.Tensor, row_g: int, row_g8: int, block: int, t: int) -> int:
+    """The decode kernel's metadata register (meta24_word in sparse_gemv.cu), step for step: the 8 stored bytes
+    of rows g and g+8 for a 64-input block, nibble t of each 16-bit word gathered by byte-permutes."""
+    def nibbles(row: int) -> int:
+        raw = bytes(meta[row, 8 * block: 8 * block + 8].tolist())
+        lo, hi = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+        v = _byte_perm1(lo, hi, (t >> 1) * 0x1111 + 0x6420)
+        v = (v >> (4 * (t & 1))) & 0x0F0F0F0F
+        return (v | (v >> 4)) & 0xFFFFFFFF
+
+    return _byte_perm1(nibbles(row_g), nibbles(row_g8), 0x6420)
+
+
+def _mma_sp(a, meta, b, y_row, token_count):
+    """One mma.sp.m16n8k32 as PTX defines it for 16-bit types: compressed A (16, 16) = two values per group
+    of four, meta (16, 8) one 4-bit code per (row, group), b (tokens, 32): y[token, row] += sum."""
+    for row in range(16):
+        for j in range(8):
+            for v in range(2):
+                index = (meta[row, j] >> (2 * v)) & 3
+                y_row[:, row] += a[row, 2 * j + v] * b[:token_count, 4 * j + index]
+
+
 def _emulate_mma24(x: torch.Tensor, fmt: Sparse24) -> torch.Tensor:
-    """The tensor-core 2:4 kernel's data flow, lane by lane, through mma.sp.m16n8k32 as PTX defines it: lane
-    (g, t) holds A = (row g, slot group t), (row g+8, slot t), (row g, slot 4+t), (row g+8, slot 4+t), B rows
+    """The tensor-core 2:4 decode kernel's data flow, lane by lane, through mma.sp.m16n8k32 as PTX defines it:
+    lane (g, t) holds A = (row g, slot group t), (row g+8, slot t), (row g, slot 4+t), (row g+8, slot 4+t), B rows
     2t, 2t+8, 2t+16, 2t+24 (and +1) of token g, and lanes t = 2s, 2s+1 give selector s's metadata for slot
-    groups 0-3 and 4-7 (row g low 16 bits, row g+8 high). Checks the fragment-order table and the K permutation."""
+    groups 0-3 and 4-7 (row g low 16 bits, row g+8 high), assembled from the stored ``meta`` in the kernel's
+    way. Checks the in-register position gathering and the K permutation."""
     import numpy as np
 
-    from secateurs.kernels.cuda_ops import fragment_metadata
-
     n, k = fmt.shape
-    table = fragment_metadata(fmt.meta, fmt.shape).numpy().astype(np.int64) & 0xFFFFFFFF
     values = fmt.values.double().numpy()
     xs = x.double().numpy()
     y = np.zeros((x.shape[0], n))
-    for tile in range(table.shape[0]):
+    for tile in range((n + 15) // 16):
         rows = [min(tile * 16 + r, n - 1) for r in range(16)]
         for kb in range(k // 64):
             base_v, base_x = kb * 32, kb * 64
@@ -546,32 +577,87 @@ def _emulate_mma24(x: torch.Tensor, fmt: Sparse24) -> torch.Tensor:
                 meta = np.zeros((16, 8), dtype=np.int64)  # nibble per (row, slot group)
                 for lane in range(32):
                     g, t = lane // 4, lane % 4
+                    word = _meta24_word(fmt.meta, rows[g], rows[g + 8], kb, t)
                     for half, row in ((0, g), (1, g + 8)):
                         regs = values[rows[row], base_v + 8 * t: base_v + 8 * t + 8].reshape(4, 2)
                         a[row, 2 * t: 2 * t + 2] = regs[2 * mma]  # slot t
                         a[row, 8 + 2 * t: 8 + 2 * t + 2] = regs[2 * mma + 1]  # slot 4 + t
                         if t in (2 * selector, 2 * selector + 1):
-                            word = (int(table[tile, kb, lane]) >> (16 * half)) & 0xFFFF
+                            bits = (word >> (16 * half)) & 0xFFFF
                             for j in range(4):
-                                meta[row, 4 * (t - 2 * selector) + j] = (word >> (4 * j)) & 15
-                for token in range(x.shape[0]):
-                    b = np.zeros(32)
-                    for t in range(4):
-                        h, odd = t >> 1, t & 1
-                        pairs = [base_x + 16 * h + 8 * mma + 2 * odd + off for off in (0, 32, 4, 36)]
-                        for reg, col in enumerate(pairs):
-                            b[8 * reg + 2 * t: 8 * reg + 2 * t + 2] = xs[token, col: col + 2]
-                    for row in range(16):
-                        if tile * 16 + row >= n:
-                            continue
-                        for j in range(8):
-                            for v in range(2):
-                                index = (meta[row, j] >> (2 * v)) & 3
-                                y[token, tile * 16 + row] += a[row, 2 * j + v] * b[4 * j + index]
+                                meta[row, 4 * (t - 2 * selector) + j] = (bits >> (4 * j)) & 15
+                b = np.zeros((x.shape[0], 32))
+                for t in range(4):
+                    h, odd = t >> 1, t & 1
+                    pairs = [base_x + 16 * h + 8 * mma + 2 * odd + off for off in (0, 32, 4, 36)]
+                    for reg, col in enumerate(pairs):
+                        b[:, 8 * reg + 2 * t: 8 * reg + 2 * t + 2] = xs[:, col: col + 2]
+                part = np.zeros((x.shape[0], 16))
+                _mma_sp(a, meta, b, part, x.shape[0])
+                for row in range(16):
+                    if tile * 16 + row < n:
+                        y[:, tile * 16 + row] += part[:, row]
     return torch.from_numpy(y)
 
 
-def test_cuda_mma24_fragment_metadata_and_k_permutation_equal_the_dense_product():
+def _emulate_gemm24(x: torch.Tensor, fmt: Sparse24) -> torch.Tensor:
+    """The prompt GEMM's data flow (gemm24 in sparse_gemv.cu) per 16-row tile and 64-input stage, through
+    mma.sp.m16n8k32 as PTX defines it, in natural K order: MMA c (selector c) takes inputs 32c..32c+31 of
+    the stage; A = compressed columns 16c..16c+15 of the stored values as ldmatrix delivers them (lane (g, t):
+    columns 2t, 2t+1 and 2t+8, 2t+9 of rows g, g+8); lane t's metadata register = stored 16-bit position word
+    t of the stage for row g (low) and g+8 (high), of which lanes 2c, 2c+1 feed MMA c; B = x columns in order."""
+    import numpy as np
+
+    n, k = fmt.shape
+    values = fmt.values.double().numpy()
+    words = (fmt.meta.view(torch.int16).to(torch.int64) & 0xFFFF).numpy()  # (N, K/16)
+    xs = x.double().numpy()
+    y = np.zeros((x.shape[0], n))
+    for tile in range((n + 15) // 16):
+        rows = [min(tile * 16 + r, n - 1) for r in range(16)]
+        for kb in range(k // 64):
+            for c in range(2):
+                a = np.zeros((16, 16))
+                meta = np.zeros((16, 8), dtype=np.int64)
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    register = int(words[rows[g], 4 * kb + t]) | (int(words[rows[g + 8], 4 * kb + t]) << 16)
+                    for half, row in ((0, g), (1, g + 8)):
+                        chunk = values[rows[row], 32 * kb + 16 * c: 32 * kb + 16 * c + 16]
+                        a[row, 2 * t: 2 * t + 2] = chunk[2 * t: 2 * t + 2]
+                        a[row, 8 + 2 * t: 10 + 2 * t] = chunk[8 + 2 * t: 10 + 2 * t]
+                        if t in (2 * c, 2 * c + 1):
+                            bits = (register >> (16 * half)) & 0xFFFF
+                            for j in range(4):
+                                meta[row, 4 * (t - 2 * c) + j] = (bits >> (4 * j)) & 15
+                b = xs[:, 64 * kb + 32 * c: 64 * kb + 32 * c + 32]
+                part = np.zeros((x.shape[0], 16))
+                _mma_sp(a, meta, b, part, x.shape[0])
+                for row in range(16):
+                    if tile * 16 + row < n:
+                        y[:, tile * 16 + row] += part[:, row]
+    return torch.from_numpy(y)
+
+
+def _emulate_expand24(fmt: Sparse24) -> torch.Tensor:
+    """The expand kernel on raw 16-bit patterns: per 16-input chunk, value pair q goes to the 64-bit group word
+    at 16 x position (expand24 in sparse_gemv.cu)."""
+    n, k = fmt.shape
+    vals = fmt.values.contiguous().view(torch.int16).to(torch.int64).reshape(-1) & 0xFFFF
+    words = fmt.meta.contiguous().view(torch.int16).to(torch.int64).reshape(-1) & 0xFFFF
+    out = torch.zeros(n * k, dtype=torch.int64)
+    for i in range(words.numel()):
+        m = int(words[i])
+        for q in range(4):
+            code = m >> (4 * q)
+            p0, p1 = code & 3, (code >> 2) & 3
+            group = (int(vals[8 * i + 2 * q]) << (16 * p0)) | (int(vals[8 * i + 2 * q + 1]) << (16 * p1))
+            for e in range(4):
+                out[16 * i + 4 * q + e] = (group >> (16 * e)) & 0xFFFF
+    return torch.where(out >= 2**15, out - 2**16, out).to(torch.int16).view(fmt.values.dtype).reshape(n, k)
+
+
+def test_cuda_mma24_reads_the_stored_positions_and_equals_the_dense_product():
     w = _w24(20, 128, seed=7).half()  # 20 rows: a partial second tile
     w[3, :16] = 0.0
     fmt = Sparse24.compress(w)
@@ -579,16 +665,96 @@ def test_cuda_mma24_fragment_metadata_and_k_permutation_equal_the_dense_product(
     torch.testing.assert_close(_emulate_mma24(x, fmt), x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
 
-def test_cuda_mma24_position_table_is_built_once_and_freed_with_its_weight():
-    import gc
+def test_cuda_gemm24_natural_order_and_stored_position_words_equal_the_dense_product():
+    w = _w24(24, 192, seed=11).half()
+    w[5, 64:80] = 0.0
+    fmt = Sparse24.compress(w)
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(12)).half()
+    torch.testing.assert_close(_emulate_gemm24(x, fmt), x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_expand24_is_bit_exact(dtype):
+    w = _w24(6, 64, seed=13).to(dtype)
+    w[0, :8] = 0.0
+    fmt = Sparse24.compress(w)
+    assert torch.equal(_emulate_expand24(fmt).view(torch.int16), fmt.to_dense().view(torch.int16))
+    assert torch.equal(_emulate_expand24(fmt), w)
+
+
+def test_2of4_layers_keep_one_position_table_and_no_copy_by_default(fresh_policies, monkeypatch):
+    """The no-copies default: the dispatcher offers no dense or cuSPARSELt copy unless asked, a layer holds
+    only values and positions (0.5625 of the dense bytes), and the kernels derive no table from them."""
+    from secateurs.kernels import linear
+
+    monkeypatch.delenv("SECATEURS_SPARSE_COPIES", raising=False)
+    assert linear.reread_policies().copies == "none" == linear.DEFAULT_COPY_POLICY
+    w = _w24(64, 256).half()
+    layer = SparseLinear.from_module(w, None, Sparse24)
+    assert [name for name, _ in layer.named_buffers()] == ["values", "meta"]
+    assert layer.format().nbytes() / (w.numel() * 2) == 0.5625
+    assert not hasattr(layer.format(), "cuda_extra_bytes") or layer.format().cuda_extra_bytes() == 0
+    offered = {}
+
+    def capture(options, expected, timer):
+        offered[linear.copy_policy()] = [plan[0] for plan, _ in options]
+        return options[0][0], {}
+
+    monkeypatch.setattr(linear, "choose", capture)
+    monkeypatch.setattr(linear, "_copies", lambda size, device: 1)
+    monkeypatch.setattr(linear, "cuda_candidates", lambda fmt, m: {"gemm": lambda x: x})
+    monkeypatch.setattr(linear.triton_ops, "HAVE_TRITON", False)
+    x = torch.randn(32, 256).half()
+    for policy in ("none", "dense"):
+        monkeypatch.setenv("SECATEURS_SPARSE_COPIES", policy)
+        linear.reread_policies()
+        layer._tune(layer.format(), 32, x)
+    assert offered["none"] == ["cuda:gemm", "reference"]
+    assert "dense" in offered["dense"]
+    assert layer._dense is None and layer._semi is None and layer.extra_bytes() == 0
+
+
+def test_2of4_candidates_per_token_count_read_only_the_stored_tensors():
+    """Which CUDA paths a 2:4 weight offers (their callables are not run here): GEMV and tensor-core decode
+    kernels up to 4 / 32 tokens, the tiled GEMM and the expand path from 32 tokens on, each over values and meta."""
+    fmt = Sparse24.compress(_w24(128, 256).half())
+    names = {m: list(fmt.cuda_candidates(m)) for m in (1, 8, 32, 512, 8192)}
+    assert names[1][0].startswith("cuda_gemv24") and any(n.startswith("cuda_mma24") for n in names[1])  # narrow: GEMV first
+    assert all(n.startswith("cuda_mma24") for n in names[8])
+    assert names[32][:3] == ["cuda_gemm24_m64_n32_s4", "cuda_gemm24_m64_n64_s4", "cuda_gemm24_m128_n64_s4"]
+    assert "expand_cublas" in names[32] and any(n.startswith("cuda_mma24") for n in names[32])
+    assert names[8192] == ["cuda_gemm24_m128_n128_s4", "cuda_gemm24_m256_n128_s3", "cuda_gemm24_m128_n256_s3",
+                           "expand_cublas"]
+    assert not any("gemm" in n or "expand" in n for n in names[1] + names[8])
+    narrow = Sparse24.compress(_w24(16, 48).half())  # K % 64 != 0: no tensor-core kernels, expand still offered
+    assert list(narrow.cuda_candidates(64)) == ["expand_cublas"]
+
+
+def test_expand_scratch_is_one_buffer_counted_once(monkeypatch):
+    from secateurs.evaluate.speed import extra_bytes
+    from secateurs.kernels import cuda_ops, linear
+
+    monkeypatch.setattr(cuda_ops, "_SCRATCH", {})
+    first = cuda_ops.scratch(torch.device("cpu"), torch.float16, 1000)
+    assert cuda_ops.scratch(torch.device("cpu"), torch.float16, 500) is first  # reused, not per layer
+    model = torch.nn.Sequential(SparseLinear(Sparse24.compress(_w24(8, 64).half())),
+                                SparseLinear(Sparse24.compress(_w24(8, 64).half())))
+    assert linear.shared_bytes() == 2000 and extra_bytes(model) == 2000
+    cuda_ops.release_scratch()
+    assert extra_bytes(model) == 0
+
+
+def test_cuda_source_compiles_for_hopper_and_ampere(tmp_path):
+    """The .cu compiles with nvcc where a toolkit is installed (NVRTC compiles it at run time on users' GPUs)."""
+    import shutil
 
     from secateurs.kernels import cuda_ops
 
-    fmt = Sparse24.compress(_w24(32, 128, seed=9).half())
-    table = cuda_ops.cached_fragment_metadata(fmt.meta, fmt.shape)
-    assert cuda_ops.cached_fragment_metadata(fmt.meta, fmt.shape) is table
-    assert cuda_ops.extra_bytes(fmt) == table.numel() * 4 == fmt.meta.numel()
-    before = len(cuda_ops._FRAGMENT_META)
-    del fmt, table
-    gc.collect()
-    assert len(cuda_ops._FRAGMENT_META) == before - 1
+    nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    for arch in ("sm_90", "sm_80"):
+        done = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-o", str(tmp_path / f"{arch}.cubin"),
+                               str(cuda_ops.SOURCE)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "gemm24_f16_m128_n128_s4" in (tmp_path / f"{arch}.cubin").read_bytes().decode("latin-1")

@@ -71,8 +71,9 @@ def compare(
         notes.extend(n for n in fallback_notes() if n not in notes and "no CUDA device" not in n)
         sparse_run = next(r for r in results if r.label == "sparse")
         if sparse_run.extra_mib:
-            notes.append(f"sparse layers keep {sparse_run.extra_mib:.0f} MiB of dense/cuSPARSELt copies where no kernel "
-                         "on the stored format beat them (counted in peak memory; SECATEURS_SPARSE_COPIES=sparse or none limits them)")
+            notes.append(f"sparse layers keep {sparse_run.extra_mib:.0f} MiB at run time beside their stored weights "
+                         "(the 2:4 expand path's one shared scratch buffer, and dense/cuSPARSELt copies only under "
+                         "SECATEURS_SPARSE_COPIES=sparse or dense); counted in peak memory")
     first = results[0]
     return {
         "device": str(device),

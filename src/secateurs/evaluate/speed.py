@@ -11,8 +11,8 @@ run. A method that fails falls back to the next, down to eager, and the result s
 
 Before timing, one untimed forward per prompt length and decode batch lets sparse layers pick
 their kernels (timing happens outside graph capture), so peak memory is the steady state's, and
-``extra_mib`` reports the copies (dense or cuSPARSELt) they chose to keep beside their
-compressed weights.
+``extra_mib`` reports the copies (dense or cuSPARSELt, under an explicit copy policy) they chose to keep
+beside their compressed weights, and once the expand path's shared scratch.
 """
 
 from __future__ import annotations
@@ -181,8 +181,14 @@ def warm(model, config: SpeedConfig, device: torch.device) -> None:
 
 
 def extra_bytes(model: torch.nn.Module) -> int:
-    """Bytes that sparse layers keep at run time beside their compressed weights (0 for a dense model)."""
-    return sum(m.extra_bytes() for m in model.modules() if hasattr(m, "extra_bytes"))
+    """Bytes that sparse layers keep at run time beside their compressed weights (0 for a dense model): each
+    layer's own copies, plus once what they share (the 2:4 expand path's scratch buffer)."""
+    own = [m.extra_bytes() for m in model.modules() if hasattr(m, "extra_bytes")]
+    if not own:
+        return 0
+    from ..kernels.linear import shared_bytes
+
+    return sum(own) + shared_bytes()
 
 
 def measure(model, label: str, device: torch.device, config: SpeedConfig, checkpoint: Path | None = None) -> SpeedResult:

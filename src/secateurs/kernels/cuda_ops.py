@@ -1,4 +1,4 @@
-"""CUDA C++ sparse kernels for decode, compiled at run time through NVRTC: no CUDA toolkit needed.
+"""CUDA C++ sparse kernels, compiled at run time through NVRTC: no CUDA toolkit needed.
 
 The source (``kernels/cuda/sparse_gemv.cu``, shipped as package data) is compiled on first use for the
 GPU's architecture by NVRTC through NVIDIA's ``cuda-python`` bindings (``pip install 'secateurs[kernels]'``;
@@ -6,29 +6,30 @@ NVRTC itself comes with PyTorch's CUDA wheels) and the binary is cached on disk 
 ``~/.cache/secateurs/kernels`` (``SECATEURS_KERNEL_CACHE`` overrides), keyed by the source and options
 hash, the target architecture and the NVRTC version. Kernels launch on PyTorch's current stream.
 
-Three kernels, all reading each compressed weight byte once (decode is bound by memory, and a Hopper SM
-receives only 13-18 bytes from memory per clock, so the instructions per weight decide the speed):
+Every kernel reads the stored tensors as they are (one position table in memory, no derived copy):
 
 - 2:4 GEMV (1-4 tokens): one warp per output row, one byte-permute per group of four inputs picks the two
-  activations, split-K across warps for narrow weights;
-- 2:4 on tensor cores (1-16 tokens): ``mma.sp.m16n8k32`` with the weight as the sparse operand, tokens on
-  the N side; values are read in the stored layout (K is permuted inside each MMA instead) and the
-  positions from a derived fragment-order table (:func:`fragment_metadata`, the same size as ``meta``);
+  activations, split-K across warps for narrow weights (bound by memory: a Hopper SM receives only 13-18
+  bytes from memory per clock, so the instructions per weight decide the speed);
+- 2:4 on tensor cores (1-32 tokens): ``mma.sp.m16n8k32`` with the weight as the sparse operand, tokens on
+  the N side, warps splitting K; values read in the stored layout (K is permuted inside each MMA instead),
+  each lane's metadata register assembled from the stored positions by two byte-permutes;
+- 2:4 GEMM (prompts, 32-8192 tokens): block tiles over (features x tokens), a multi-stage ``cp.async`` ring
+  of value, position and activation tiles, ``ldmatrix`` fragments, ``mma.sp`` in natural K order (where each
+  lane's metadata register is two stored position words); a few tile shapes the dispatcher times;
+- expand: the stored 2:4 weight into one dense scratch buffer per device and dtype, shared by all layers
+  (:func:`scratch`), then cuBLAS: a prompt path with no persistent copy;
 - bitmap GEMV (1 token): a lane walks the set bits of a 32-input word.
 
-Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers against dense):
+Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers):
 
 - ``status()``: None when the kernels can run on the current GPU, else one line saying why not.
 - ``candidates(fmt, m)``: name -> callable ``x (m, K) -> y (m, N)`` for a weight on the GPU, in the order
   to try them (the first is the measured default); ``{}`` where no kernel applies. Each format says which
-  of these kernels it offers (``cuda_candidates`` in ``kernels/sparse24.py`` and ``kernels/bitmap.py``),
-  from the wrappers, shapes and tables here. The only derived tensor is the tensor-core kernel's position
-  table, built when the kernel is first offered for a weight and cached, keyed on the ``meta`` tensor
-  (address, version, shape; the cache keeps that tensor alive); the GEMVs read the stored tensors as they
-  are (2:4 positions as the little-endian 16-bit words their byte pairs form).
-- Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``secateurs::sparse24_mma``,
-  ``secateurs::bitmap_gemv``) with a fake implementation, so CUDA graphs and ``torch.compile`` run over it
-  without graph breaks.
+  of these kernels it offers (``cuda_candidates`` in ``kernels/sparse24.py`` and ``kernels/bitmap.py``).
+- Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``sparse24_mma``,
+  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``) with a fake implementation, so CUDA graphs and
+  ``torch.compile`` run over it without graph breaks.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import weakref
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -54,7 +54,7 @@ WARPS = 8  # warps per block, as #defined in the source
 MIN_CAPABILITY = (8, 0)  # cvt.rn.bf16.f32 and the L2 cache hints the kernels use
 TOKENS_24 = (1, 2, 4)  # token counts the 2:4 kernel is instantiated for (m = 3 runs the 4 variant)
 TOKENS_BITMAP = (1, 2)
-MMA_TOKENS = (1, 16)  # the tensor-core 2:4 kernel: one or two 8-token MMA tiles
+MMA_TOKENS = (1, 32)  # the tensor-core 2:4 kernel: one, two or four 8-token MMA tiles
 BITMAP_OFFERED = 1  # the 2-token bitmap kernel measured 0.27-0.86x of cuBLAS on an H200: never offered
 SPLITS = (1, 2, 4, 8)  # warps sharing one output row group (split-K inside a block)
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -62,6 +62,7 @@ _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _STATUS: dict[int, str | None] = {}
 _MODULES: dict[tuple[int, Path], object] = {}
 _FUNCTIONS: dict[tuple[int, str], object] = {}
+_SHARED_SET: set[tuple[int, str, int]] = set()
 
 
 @cache
@@ -189,16 +190,22 @@ def _function(index: int, name: str, source: Path = SOURCE):
 
 
 def _launch(name: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...], warps: int = WARPS,
-            source: Path = SOURCE) -> None:
+            source: Path = SOURCE, shared: int = 0, int_type=ctypes.c_int) -> None:
     driver, _ = _bindings()
     device = tensors[0].device
     if device.index != torch.cuda.current_device():  # the kernel lives in that device's context
         with torch.cuda.device(device):
-            return _launch(name, grid, tensors, ints, warps, source)
+            return _launch(name, grid, tensors, ints, warps, source, shared, int_type)
     params = (tuple(t.data_ptr() for t in tensors) + ints,
-              (ctypes.c_void_p,) * len(tensors) + (ctypes.c_int,) * len(ints))
+              (ctypes.c_void_p,) * len(tensors) + (int_type,) * len(ints))
     stream = torch.cuda.current_stream(device).cuda_stream
-    _check(driver.cuLaunchKernel(_function(device.index, name, source), grid, 1, 1, warps * 32, 1, 1, 0, stream, params, 0),
+    function = _function(device.index, name, source)
+    if shared > 48 * 1024 and (device.index, name, shared) not in _SHARED_SET:  # above 48 KB only once raised
+        _check(driver.cuFuncSetAttribute(
+            function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
+            f"raising the shared-memory limit of {name}")
+        _SHARED_SET.add((device.index, name, shared))
+    _check(driver.cuLaunchKernel(function, grid, 1, 1, warps * 32, 1, 1, shared, stream, params, 0),
            f"launching {name}")
 
 
@@ -253,73 +260,121 @@ def _(x, values, bits, offsets, rows, split):
     return x.new_empty(x.shape[0], bits.shape[0])
 
 
-MMA_SHAPES = {1: ((1, 8), (2, 8), (1, 16), (1, 32)), 2: ((2, 8), (1, 8), (4, 8), (1, 16), (1, 32))}  # token tiles -> (row tiles, warps)
+MMA_SHAPES = {1: ((1, 8), (2, 8), (1, 16), (1, 32)), 2: ((2, 8), (1, 8), (4, 8), (1, 16), (1, 32)),
+              4: ((1, 8), (2, 8), (1, 16))}  # token tiles -> (row tiles, warps)
 
 
 @torch.library.custom_op("secateurs::sparse24_mma", mutates_args=())
-def sparse24_mma(x: torch.Tensor, values: torch.Tensor, fragment_meta: torch.Tensor, row_tiles: int,
+def sparse24_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, row_tiles: int,
                  warps: int) -> torch.Tensor:
-    """``x @ W.T`` for a 2:4 weight on tensor cores (``mma.sp``), 1-16 rows of x; ``fragment_meta`` from
-    :func:`fragment_metadata`; a block of ``warps`` warps owns ``row_tiles`` tiles of 16 rows."""
+    """``x @ W.T`` for a 2:4 weight on tensor cores (``mma.sp``), 1-32 rows of x, reading the stored ``meta``
+    (N, K/8) itself; a block of ``warps`` warps owns ``row_tiles`` tiles of 16 rows."""
     x = _aligned(x)
     m, k = x.shape
     n = values.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    name = f"mma24_{_SUFFIX[x.dtype]}_n{(m + 7) // 8}_r{row_tiles}_w{warps}"
+    tiles8 = (m + 7) // 8
+    name = f"mma24_{_SUFFIX[x.dtype]}_n{4 if tiles8 > 2 else tiles8}_r{row_tiles}_w{warps}"
     tiles = (n + 15) // 16
-    _launch(name, (tiles + row_tiles - 1) // row_tiles, (x, values, fragment_meta, y), (m, n, k), warps)
+    _launch(name, (tiles + row_tiles - 1) // row_tiles, (x, values, meta, y), (m, n, k), warps)
     return y
 
 
 @sparse24_mma.register_fake
-def _(x, values, fragment_meta, row_tiles, warps):
+def _(x, values, meta, row_tiles, warps):
     return x.new_empty(x.shape[0], values.shape[0])
 
 
-def fragment_metadata(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The 2:4 positions re-laid for ``mma.sp``: (ceil(N/16), K/64, 32) int32, one word per lane and 64-input block.
+# The prompt GEMM's instantiations: name -> (features per block, tokens per block, warps, stages); each stage
+# holds 64 inputs: BM x 64 bytes of values, BM x 8 of positions, BN x 128 of activations.
+GEMM_CONFIGS = {
+    "m128_n128_s4": (128, 128, 8, 4),
+    "m256_n128_s3": (256, 128, 8, 3),
+    "m128_n256_s3": (128, 256, 8, 3),
+    "m128_n64_s4": (128, 64, 8, 4),
+    "m64_n64_s4": (64, 64, 4, 4),
+    "m64_n32_s4": (64, 32, 4, 4),
+}
+GEMM_TOKENS = 32  # the GEMM and the expand path are offered from this row bucket on (prompts)
 
-    For 16-row tile i, block b and lane l = 4g + t, the word holds, for row 16i + g in its low 16 bits and row
-    16i + g + 8 in its high 16 bits, nibble t of each of the block's four 16-input position words (nibble j of
-    the 16 bits from word j). That is the metadata sparsity selector 0 (t = 0, 1) and 1 (t = 2, 3) expect once K
-    is permuted as the kernel permutes it (see sparse_gemv.cu). Rows past N repeat the last row."""
+
+def gemm_shared_bytes(config: str) -> int:
+    bm, bn, _, stages = GEMM_CONFIGS[config]
+    return stages * (bm * 64 + bm * 8 + bn * 128)
+
+
+@torch.library.custom_op("secateurs::sparse24_gemm", mutates_args=())
+def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: str) -> torch.Tensor:
+    """``x @ W.T`` for a 2:4 weight (values (N, K/2), meta (N, K/8) uint8, K % 64 == 0) and any number of rows
+    of x, by the tiled ``mma.sp`` GEMM reading the stored tensors; ``config`` names a :data:`GEMM_CONFIGS` entry."""
+    x = _aligned(x)
+    m, k = x.shape
+    n = values.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn, warps, _ = GEMM_CONFIGS[config]
+    blocks = ((n + bm - 1) // bm) * ((m + bn - 1) // bn)
+    _launch(f"gemm24_{_SUFFIX[x.dtype]}_{config}", blocks, (x, values, meta, y), (m, n, k), warps,
+            shared=gemm_shared_bytes(config))
+    return y
+
+
+@sparse24_gemm.register_fake
+def _(x, values, meta, config):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@torch.library.custom_op("secateurs::sparse24_expand", mutates_args=("out",))
+def sparse24_expand(values: torch.Tensor, meta: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the dense 2:4 weight (N, K) into the first N*K elements of ``out`` (a scratch buffer)."""
+    n, half = values.shape
+    chunks = n * half // 8
+    blocks = min((chunks + 255) // 256, 65535 * 8)
+    _launch("expand24", blocks, (values, meta, out), (chunks,), 8, int_type=ctypes.c_longlong)
+
+
+@sparse24_expand.register_fake
+def _(values, meta, out):
+    return None
+
+
+# One dense scratch per (device, dtype), sized to the largest 2:4 weight it served, shared by every layer:
+# layers run one after another on one stream, so each expands into it and multiplies before the next
+# starts (inside a CUDA graph too). A buffer that grew is kept (a captured graph may still point into it).
+_SCRATCH: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+
+
+def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The shared expansion buffer, at least ``numel`` elements; grown only outside CUDA-graph capture."""
+    held = _SCRATCH.setdefault((device, dtype), [])
+    if not held or held[-1].numel() < numel:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the 2:4 expansion scratch cannot grow inside CUDA-graph capture")
+        held.append(torch.empty(numel, dtype=dtype, device=device))
+    return held[-1]
+
+
+def scratch_bytes() -> int:
+    """Bytes of every expansion scratch held (all devices and dtypes), counted once for a whole model."""
+    return sum(t.numel() * t.element_size() for held in _SCRATCH.values() for t in held)
+
+
+def release_scratch() -> None:
+    """Drop the expansion scratch (a later expand allocates it again); never while a graph that uses it lives."""
+    _SCRATCH.clear()
+
+
+def expand_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
+                  reserve: int = 0) -> torch.Tensor:
+    """``x @ W.T`` by expanding W into the shared scratch, then cuBLAS (``F.linear``) on it."""
     n, k = shape
-    words = meta.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # (N, K/16)
-    tiles = (n + 15) // 16
-    if tiles * 16 != n:
-        words = torch.cat([words, words[-1:].expand(tiles * 16 - n, -1)])
-    words = words.reshape(tiles, 2, 8, k // 64, 4)  # tile, row half, g, block, word j
-    shifts = 4 * torch.arange(4, device=meta.device)
-    nibbles = (words.unsqueeze(-1) >> shifts) & 15  # ..., word j, nibble t
-    half = (nibbles << shifts.view(4, 1)).sum(dim=4)  # tile, half, g, block, t: nibble j of word j
-    packed = half[:, 0] | (half[:, 1] << 16)  # tile, g, block, t
-    packed = packed.permute(0, 2, 1, 3).reshape(tiles, k // 64, 32)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
-
-
-_FRAGMENT_META: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
-
-
-def cached_fragment_metadata(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """:func:`fragment_metadata` built once per 2:4 weight, keyed on its ``meta`` tensor (address, version,
-    shape) and dropped when that tensor is freed, so a released layer leaves nothing behind."""
-    key = (meta.data_ptr(), meta._version, tuple(meta.shape), meta.device)
-    entry = _FRAGMENT_META.get(key)
-    if entry is None or entry[0]() is not meta:
-        _FRAGMENT_META[key] = (weakref.ref(meta), fragment_metadata(meta, shape))
-        weakref.finalize(meta, _FRAGMENT_META.pop, key, None)
-    return _FRAGMENT_META[key][1]
+    buffer = scratch(x.device, x.dtype, max(n * k, reserve))
+    sparse24_expand(values, meta, buffer)
+    return torch.nn.functional.linear(x, buffer[: n * k].view(n, k))
 
 
 def extra_bytes(fmt: SparseFormat) -> int:
     """Bytes of derived tensors cached for this weight beside its stored ones (the format says which)."""
     return fmt.cuda_extra_bytes()
-
-
-def fragment_bytes(meta: torch.Tensor) -> int:
-    """Bytes of the MMA position table cached for the 2:4 weight of ``meta``, 0 where none was built."""
-    entry = _FRAGMENT_META.get((meta.data_ptr(), meta._version, tuple(meta.shape), meta.device))
-    return entry[1].numel() * entry[1].element_size() if entry and entry[0]() is meta else 0
 
 
 def splits(n: int, steps: int) -> list[int]:

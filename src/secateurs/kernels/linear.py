@@ -4,22 +4,23 @@ and the dispatcher that makes it never slower than the dense layer it replaces.
 For each (format, shape, power-of-two row bucket, dtype, device) the first call times every path
 that can compute the product and caches the fastest correct one:
 
-- ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV and ``mma.sp``,
-  bitmap), when ``cuda_ops.status()`` says they can run here;
+- ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV, ``mma.sp`` decode kernel,
+  tiled ``mma.sp`` prompt GEMM, the expand path, bitmap GEMV), when ``cuda_ops.status()`` says they can
+  run here; all read the stored tensors, and the expand path's dense scratch is one buffer per device
+  and dtype shared by every layer (:func:`shared_bytes`), not a copy per layer;
 - ``triton``: our Triton kernels, one entry per launch configuration;
-- ``cusparselt``: cuSPARSELt through ``torch.sparse.to_sparse_semi_structured`` (2:4 only); its
-  packed copy is built once per weight, and the call is timed inside a CUDA graph, where its
-  per-call host cost is gone (decode and ``bench`` replay graphs; long prompts hide it anyway);
-- ``dense``: cuBLAS ``F.linear`` on a dense copy of the weight, expanded once per layer.
+- ``cusparselt``: cuSPARSELt through ``torch.sparse.to_sparse_semi_structured`` (2:4 only; a copy, so only
+  under the ``sparse`` or ``dense`` copy policy); its packed copy is built once per weight, and the call
+  is timed inside a CUDA graph, where its per-call host cost is gone;
+- ``dense``: cuBLAS ``F.linear`` on a dense copy of the weight, expanded once per layer (``dense`` policy).
 
 Every candidate is timed as a CUDA graph of calls over enough weight copies to overflow L2 (the
-way the weight is read while decoding), median of replays. ``dense`` is always a candidate, so no
-bucket runs slower than dense; the price is memory: a layer keeps a dense (or cuSPARSELt) copy
-only where a bucket chose it, and ``extra_bytes`` / ``bench`` report those bytes.
-``SECATEURS_SPARSE_COPIES`` sets what copies are allowed (``copy_policy``): ``sparse`` keeps only
-cuSPARSELt copies, ``none`` only the stored format; a bucket that no allowed path wins then runs
-the fastest stored-format path, slower than dense but at the stored size. The environment is read
-once, on first use (:func:`policies`; :func:`reread_policies` after changing it), never per call.
+way the weight is read while decoding), median of replays. ``SECATEURS_SPARSE_COPIES`` sets which
+run-time copies a layer may keep beside its compressed weight (``copy_policy``): by default
+(``none``) none, so a pruned model takes the stored bytes only; ``sparse`` allows a cuSPARSELt copy and
+``dense`` a dense or cuSPARSELt copy where one is faster (memory for speed; ``extra_bytes`` / ``bench``
+report those bytes). The environment is read once, on first use (:func:`policies`;
+:func:`reread_policies` after changing it), never per call.
 
 Which paths exist is the format's to say (``kernels/registry.py`` names the formats): its Triton
 K blocks and kernel, its CUDA kernels, whether cuSPARSELt can hold it. A layer builds its format
@@ -65,16 +66,17 @@ _POOL: list = []
 _LAYERS: weakref.WeakValueDictionary[int, SparseLinear] = weakref.WeakValueDictionary()
 
 
-COPY_POLICIES = ("dense", "sparse", "none")
+COPY_POLICIES = ("none", "sparse", "dense")
+DEFAULT_COPY_POLICY = "none"
 
 
 @dataclass(frozen=True)
 class Policies:
     """What the environment decides for the dispatcher. ``tune``: time the candidates of a new shape
     (seconds per shape; SECATEURS_KERNEL_TUNE=0 takes the untimed default). ``copies``: which run-time copies
-    a layer may keep beside its compressed weight (SECATEURS_SPARSE_COPIES): ``dense`` (default) a dense or a
-    cuSPARSELt copy, so no bucket is slower than dense; ``sparse`` only a cuSPARSELt copy (0.56 of the dense
-    bytes, so weights stay below dense); ``none`` the stored format only."""
+    a layer may keep beside its compressed weight (SECATEURS_SPARSE_COPIES): ``none`` (default) the stored
+    format only; ``sparse`` a cuSPARSELt copy too (0.56 of the dense bytes more); ``dense`` a dense or a
+    cuSPARSELt copy, wherever one is faster than every stored-format path."""
 
     tune: bool
     copies: str
@@ -83,10 +85,11 @@ class Policies:
 @cache
 def policies() -> Policies:
     """The environment's policies, read on first use and kept: a forward call never reads ``os.environ``."""
-    copies = os.environ.get("SECATEURS_SPARSE_COPIES", "dense")
+    copies = os.environ.get("SECATEURS_SPARSE_COPIES", DEFAULT_COPY_POLICY)
     if copies not in COPY_POLICIES:
-        note(f"SECATEURS_SPARSE_COPIES={copies!r} is not one of {', '.join(COPY_POLICIES)}: using dense")
-        copies = "dense"
+        note(f"SECATEURS_SPARSE_COPIES={copies!r} is not one of {', '.join(COPY_POLICIES)}: "
+             f"using {DEFAULT_COPY_POLICY}")
+        copies = DEFAULT_COPY_POLICY
     return Policies(tune=os.environ.get("SECATEURS_KERNEL_TUNE", "1") != "0", copies=copies)
 
 
@@ -133,6 +136,32 @@ def _graph_pool():
 
 def bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
+
+
+def shared_bytes() -> int:
+    """Bytes the sparse layers share rather than keep one each (the expand path's scratch), to be counted
+    once per process beside the layers' own ``extra_bytes``."""
+    if cuda_ops is None or not hasattr(cuda_ops, "scratch_bytes"):
+        return 0
+    return cuda_ops.scratch_bytes()
+
+
+def _reserve_scratch(device: torch.device, dtype: torch.dtype) -> None:
+    """Size the expand path's shared scratch to the largest 2:4 weight of any live layer on ``device`` in
+    ``dtype`` before timing, so it never grows later (inside a caller's CUDA graph it cannot)."""
+    if cuda_ops is None or not hasattr(cuda_ops, "scratch"):
+        return
+    sizes = [layer.out_features * layer.in_features for layer in list(_LAYERS.values())
+             if layer.kind == "2:4" and layer.parts()[0].device == device and layer.parts()[0].dtype == dtype]
+    if sizes:
+        cuda_ops.scratch(device, dtype, max(sizes))
+
+
+def _drop_unused_scratch() -> None:
+    """Free the scratch after timing when no cached plan runs the expand path."""
+    if cuda_ops is not None and hasattr(cuda_ops, "release_scratch") and not any(
+            path.startswith("cuda:expand") for path, _ in _PLANS.values()):
+        cuda_ops.release_scratch()
 
 
 def cuda_candidates(fmt: SparseFormat, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -288,13 +317,15 @@ class SparseLinear(nn.Module):
                 note("a sparse layer met a new token count inside CUDA-graph capture: it runs untimed there "
                      "(warm up with one eager call per shape first)")
                 return self._run(self._default_plan(fmt, m), x, fmt)
+            _reserve_scratch(x.device, x.dtype)
             plan = self._tune(fmt, bucket(m), x) if tuning_enabled() else self._default_plan(fmt, m)
             _PLANS[key] = plan
+            _drop_unused_scratch()
         return self._run(plan, x, fmt)
 
     def _default_plan(self, fmt: SparseFormat, m: int) -> Plan:
         """The untimed choice: a CUDA kernel if one applies, else Triton's first configuration, else the reference."""
-        found = cuda_candidates(fmt, m)
+        found = cuda_candidates(fmt, bucket(m))  # the names a bucket's plan was chosen among
         if found:
             return (f"cuda:{next(iter(found))}", None)
         if triton_ops.HAVE_TRITON and fmt.k_blocks is not None:
@@ -305,7 +336,7 @@ class SparseLinear(nn.Module):
         path, config = plan
         capturing = torch.cuda.is_current_stream_capturing()
         if path.startswith("cuda:"):
-            call = cuda_candidates(fmt, x.shape[0]).get(path[5:])
+            call = cuda_candidates(fmt, bucket(x.shape[0])).get(path[5:])
             if call is not None:
                 return call(x)
         elif path == "triton":

@@ -8,8 +8,10 @@ same values in the same order, so it loads with no value moved.
 
 Kernels: a Triton tile kernel (each K step loads the compressed tile, expands it in registers and feeds
 ``tl.dot``) and a Triton GEMV for 1-4 rows (value ``j`` of a K block multiplies the activation its 2-bit
-position names, gathered from a vector in L1); the CUDA C++ GEMV and ``mma.sp`` kernels of
-:mod:`secateurs.kernels.cuda_ops`; and cuSPARSELt through torch's semi-structured layout.
+position names, gathered from a vector in L1); the CUDA C++ GEMV, ``mma.sp`` decode kernel, tiled ``mma.sp``
+prompt GEMM and expand-into-scratch path of :mod:`secateurs.kernels.cuda_ops`, all reading ``values`` and
+``meta`` as stored (one position table in memory); and cuSPARSELt through torch's semi-structured layout
+(only as an explicit copy, ``SECATEURS_SPARSE_COPIES=sparse``).
 """
 
 from __future__ import annotations
@@ -172,12 +174,14 @@ class Sparse24(SparseFormat):
                       k_per_split, config, BLOCK_K=config.block_k)
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """The CUDA 2:4 GEMV (1-4 rows) and tensor-core (1-16 rows) kernels, in the order measured on an H200
-        (benchmarks/sparse_kernels.py --part kernels): the tensor-core kernel first from 1 to 16 tokens, except
-        on narrow weights (N <= 2048, e.g. a 70B k/v projection) at 1-2 tokens, where the GEMV's split-K keeps
-        more loads in flight."""
+        """The CUDA kernels for ``m`` rows, each reading the stored values and positions (no copy, no derived
+        table): the 2:4 GEMV (1-4 rows) and tensor-core kernel (1-32 rows), in the order measured on an H200
+        (benchmarks/sparse_kernels.py --part kernels: the tensor-core kernel first, except on narrow weights,
+        N <= 2048, at 1-2 tokens, where the GEMV's split-K keeps more loads in flight); from 32 rows on the
+        tiled ``mma.sp`` GEMM (a few tile shapes) and the expand path (the weight expanded into one scratch
+        buffer shared by all layers, then cuBLAS)."""
         n, k = self.shape
-        if k % 16 or not cuda_ops.ready(self.values, 16, n, k // 2) or not cuda_ops.ready(self.meta, 2, n, k // 8):
+        if k % 16 or not cuda_ops.ready(self.values, 16, n, k // 2) or not cuda_ops.ready(self.meta, 8, n, k // 8):
             return {}
         gemv: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         if m <= cuda_ops.TOKENS_24[-1]:
@@ -187,20 +191,38 @@ class Sparse24(SparseFormat):
                         lambda x, r=rows, s=split: cuda_ops.sparse24_gemv(x, self.values, self.meta, r, s))
         mma: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         if cuda_ops.MMA_TOKENS[0] <= m <= cuda_ops.MMA_TOKENS[1] and k % 64 == 0:
-            fragment_meta = cuda_ops.cached_fragment_metadata(self.meta, self.shape)
             for rows, warps in _mma_shapes(n, (m + 7) // 8):
                 mma[f"cuda_mma24_r{rows}_w{warps}"] = (
-                    lambda x, r=rows, w=warps: cuda_ops.sparse24_mma(x, self.values, fragment_meta, r, w))
+                    lambda x, r=rows, w=warps: cuda_ops.sparse24_mma(x, self.values, self.meta, r, w))
+        prompt: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        if m >= cuda_ops.GEMM_TOKENS:
+            if k % 64 == 0:
+                for config in gemm_configs(n, m):
+                    prompt[f"cuda_gemm24_{config}"] = (
+                        lambda x, c=config: cuda_ops.sparse24_gemm(x, self.values, self.meta, c))
+            prompt["expand_cublas"] = lambda x: cuda_ops.expand_matmul(x, self.values, self.meta, self.shape)
+            return {**prompt, **mma}
         return {**gemv, **mma} if n <= 2048 and m <= 2 else {**mma, **gemv}
 
-    def cuda_extra_bytes(self) -> int:
-        """The tensor-core kernel's position table, where one was built for this weight."""
-        return cuda_ops.fragment_bytes(self.meta)
+
+def gemm_configs(n: int, m: int) -> list[str]:
+    """The prompt GEMM's tile shapes for ``m`` tokens, the expected best first: small token tiles (and more
+    blocks) for short prompts, 128 x 128 and larger tiles for long ones."""
+    if m <= 64:
+        return ["m64_n32_s4", "m64_n64_s4", "m128_n64_s4"]
+    if m <= 256:
+        return ["m128_n64_s4", "m64_n64_s4", "m128_n128_s4"]
+    if m <= 1024:
+        return ["m128_n128_s4", "m128_n64_s4", "m256_n128_s3"]
+    return ["m128_n128_s4", "m256_n128_s3", "m128_n256_s3"]
 
 
 def _mma_shapes(n: int, token_tiles: int) -> list[tuple[int, int]]:
     """(row tiles per block, warps) for the tensor-core kernel, the measured best first: 16 or 32 warps a
-    tile where tiles are few; at 9-16 tokens several row tiles share each x fragment on wide weights."""
+    tile where tiles are few; at 9-16 tokens several row tiles share each x fragment on wide weights;
+    17-32 tokens run four 8-token tiles."""
+    if token_tiles > 2:
+        return list(cuda_ops.MMA_SHAPES[4])
     shapes = list(cuda_ops.MMA_SHAPES[token_tiles])
     if n <= 2048:
         first = (1, 32)

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class GenerateRequest(StageConfig):
-    """Generate text with MODEL (dense, sparse export, width- or depth-pruned) on the fastest decode path, streamed to stdout, then prefill and decode tokens/s."""
+    """Generate text with MODEL (dense, sparse export, width- or depth-pruned) on the fastest decode path, streamed to stdout, then prefill and decode tokens/s.
+    Sparse layers run from their stored format with no run-time copy by default (SECATEURS_SPARSE_COPIES=none);
+    SECATEURS_SPARSE_COPIES=sparse or =dense lets them keep cuSPARSELt or dense copies where faster."""
 
     model: str = option(help="HF folder (e.g. a secateurs OUT or sparse export), hub id, .gguf, or smollm2-135m.",
                         argument=True)

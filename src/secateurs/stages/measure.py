@@ -126,7 +126,10 @@ def _zero_shot_table(model: str, scores: ZeroShot) -> Table:
 
 @dataclass
 class BenchRequest(StageConfig):
-    """Measure speed and memory: dense vs pruned vs pruned-on-sparse-kernels, as ratios to the first."""
+    """Measure speed and memory: dense vs pruned vs pruned-on-sparse-kernels, as ratios to the first.
+    Sparse layers keep no run-time copy of their weights by default (SECATEURS_SPARSE_COPIES=none: the stored
+    format only); SECATEURS_SPARSE_COPIES=sparse lets them keep cuSPARSELt copies and =dense dense or cuSPARSELt
+    copies where those are faster (memory for speed, counted in run-time copies and peak memory)."""
 
     model: str = option(help="The (pruned) model: HF folder, sparse export, hub id, .gguf, or smollm2-135m.", argument=True)
     baseline: str | None = option(None, "Dense model to compare against, measured in the same run.")

@@ -12,6 +12,7 @@
 
 typedef unsigned short u16;
 typedef unsigned int u32;
+typedef unsigned char u8;
 
 #define WARPS 8
 #define FULL 0xffffffffu
@@ -263,15 +264,15 @@ __device__ __forceinline__ void gemv_bitmap(const u16* __restrict__ x, const u16
     finish<BF16, T, R>(acc, y, M, N, row0, S);
 }
 
-// ---- 2:4 on tensor cores for 2-16 tokens: mma.sp.m16n8k32, the weight as the sparse operand ----
-// A block owns 16 output rows; its 8 warps split K in 64-input blocks. Per block a lane loads 16 bytes of
+// ---- 2:4 on tensor cores for 1-32 tokens: mma.sp.m16n8k32, the weight as the sparse operand ----
+// A block owns 16 output rows; its warps split K in 64-input blocks. Per block a lane loads 16 bytes of
 // values from each of its two rows (rows g and g+8, g = lane / 4): the 4 groups of inputs
 // 16t..16t+15 (t = lane % 4), in the stored layout. K is permuted inside each 32-input MMA so that these
 // registers are the A fragment as they are: MMA 0 takes groups 4j (slot j) and 4j+1 (slot 4+j) of the
-// block, MMA 1 groups 4j+2 and 4j+3; x (the B operand, tokens on the N side) is read in the same order,
-// and the positions come from a derived (N/16, K/64, 32) table built once per weight (cuda_ops.py):
-// lane t's word holds nibble t of the block's four 16-input position words, row g low, row g+8 high,
-// which is what sparsity selector 0 (lanes t = 0, 1) and 1 (t = 2, 3) read.
+// block, MMA 1 groups 4j+2 and 4j+3; x (the B operand, tokens on the N side) is read in the same order.
+// The positions are read from the stored table itself (one table in memory): the 8 bytes of each of the
+// two rows for the block (four 16-input words), from which lane t takes nibble t of every word (meta24_word),
+// row g low, row g+8 high: what sparsity selector 0 (lanes t = 0, 1) and 1 (t = 2, 3) read.
 template <bool BF16>
 __device__ __forceinline__ void mma_sp(float (&c)[4], const u32 (&a)[4], const u32 (&b)[4], u32 e, int selector) {
     if (BF16) {
@@ -299,9 +300,28 @@ __device__ __forceinline__ void mma_sp(float (&c)[4], const u32 (&a)[4], const u
     }
 }
 
+__device__ __forceinline__ void ld_nc_v2(const void* p, u32& a, u32& b) {
+    asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
+}
+
+// Nibble t of each of a row's four 16-bit position words (lo = words 0, 1; hi = words 2, 3) gathered into
+// bytes 0 and 2 of the result (word j's nibble at bit 4j of the 16 bits those two bytes form).
+__device__ __forceinline__ u32 meta24_nibbles(u32 lo, u32 hi, int t) {
+    u32 v = __byte_perm(lo, hi, (u32)(t >> 1) * 0x1111u + 0x6420u);  // byte j: the byte of word j holding nibble t
+    v = (v >> (4 * (t & 1))) & 0x0f0f0f0fu;                          // byte j: nibble t of word j
+    return v | (v >> 4);                                              // bytes 0, 2: words 0-1, 2-3
+}
+// The metadata register of lane t for one 64-input block: row g's 16 bits low, row g+8's high.
+__device__ __forceinline__ u32 meta24_word(const char* row_g, const char* row_g8, int t) {
+    u32 a0, a1, b0, b1;
+    ld_nc_v2(row_g, a0, a1);
+    ld_nc_v2(row_g8, b0, b1);
+    return __byte_perm(meta24_nibbles(a0, a1, t), meta24_nibbles(b0, b1, t), 0x6420u);
+}
+
 template <bool BF16, int NT, int R, int W, int U>
 __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __restrict__ vals,
-                                      const u32* __restrict__ fmeta, u16* __restrict__ y, int M, int N, int K) {
+                                      const u8* __restrict__ meta, u16* __restrict__ y, int M, int N, int K) {
     // R row tiles per block share each x fragment a warp loads (x is re-read from L1 once per 16R rows,
     // which is what limits 16 tokens); W warps split K.
     __shared__ float red[W][R * NT * 4][32];
@@ -311,13 +331,16 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
     const int tiles = (N + 15) >> 4;
     const char* va[R];
     const char* vb[R];
-    const u32* mp[R];
+    const char* ma[R];
+    const char* mb[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int tile = min(blockIdx.x * R + r, tiles - 1);
-        va[r] = (const char*)(vals + (size_t)min(tile * 16 + g, N - 1) * (K >> 1)) + t * 16;
-        vb[r] = (const char*)(vals + (size_t)min(tile * 16 + g + 8, N - 1) * (K >> 1)) + t * 16;
-        mp[r] = fmeta + (size_t)tile * KB * 32 + lane;
+        const size_t rg = min(tile * 16 + g, N - 1), rg8 = min(tile * 16 + g + 8, N - 1);
+        va[r] = (const char*)(vals + rg * (K >> 1)) + t * 16;
+        vb[r] = (const char*)(vals + rg8 * (K >> 1)) + t * 16;
+        ma[r] = (const char*)(meta + rg * (K >> 3));
+        mb[r] = (const char*)(meta + rg8 * (K >> 3));
     }
     const char* xp[NT];
     bool xok[NT];
@@ -343,7 +366,7 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
                 const int kb = min(kb0 + u * W, KB - 1);
                 ld_stream_v4(va[r] + (size_t)kb * 64, ra[u][r]);
                 ld_stream_v4(vb[r] + (size_t)kb * 64, rb[u][r]);
-                e[u][r] = ld_stream_u32(mp[r] + (size_t)kb * 32);
+                e[u][r] = meta24_word(ma[r] + (size_t)kb * 8, mb[r] + (size_t)kb * 8, t);
             }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -393,6 +416,178 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
     }
 }
 
+// ---- 2:4 GEMM for prompts (32-8192 tokens): block tiles over (output features x tokens) ----
+// mma.sp.m16n8k32 with the weight as the sparse A operand and tokens on the N side, reading the stored
+// values and positions directly: no copy, no derived table. K runs in natural order in 64-input stages (two
+// 32-input MMAs, sparsity selector 0 then 1), so that:
+//  - A fragments come from the stored values by one ldmatrix.x4 per 16 rows and MMA (compressed columns
+//    2t, 2t+1 of row g are the two kept values of group t);
+//  - B fragments come from the activation tile (tokens x inputs, row-major as x is) by one ldmatrix.x4 per
+//    8 tokens and MMA;
+//  - the metadata register of lane (g, t) is the stored 16-bit position word t of the stage for row g (low)
+//    and row g+8 (high): lanes t = 0, 1 give selector 0's (MMA 0: inputs 0-31), lanes 2, 3 selector 1's.
+// A ring of STAGES shared-memory stages is filled by cp.async (values 16 bytes, positions 8 bytes, x 16
+// bytes a copy) while the warps multiply the oldest one. Value rows (64 bytes a stage) and x rows (128
+// bytes) are XOR-swizzled by 16-byte chunk, so the eight 16-byte rows an ldmatrix phase reads sit in
+// distinct banks. Rows past N and tokens past M load clamped (valid) addresses and are never stored.
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async8(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+template <bool BF16, int BM, int BN, int WM, int WN, int STAGES>
+__device__ __forceinline__ void gemm24(const u16* __restrict__ x, const u16* __restrict__ vals,
+                                       const u8* __restrict__ meta, u16* __restrict__ y, int M, int N, int K) {
+    constexpr int THREADS = WM * WN * 32;
+    constexpr int MT = BM / WM / 16, NT = BN / WN / 8;  // 16-row and 8-token tiles of a warp
+    constexpr int A_BYTES = BM * 64, E_BYTES = BM * 8, B_BYTES = BN * 128;
+    constexpr int STAGE_BYTES = A_BYTES + E_BYTES + B_BYTES;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = warp % WM, wn = warp / WM;
+    // Blocks walk token tiles inside groups of GROUP feature tiles, so the blocks in flight share weight tiles.
+    constexpr int GROUP = 8;
+    const int ftiles = (N + BM - 1) / BM, ttiles = (M + BN - 1) / BN;
+    const int pid = blockIdx.x, per_group = GROUP * ttiles;
+    const int first = (pid / per_group) * GROUP, size = min(GROUP, ftiles - first);
+    const int ft = first + (pid % per_group) % size, tt = (pid % per_group) / size;
+    const int row0 = ft * BM, tok0 = tt * BN;
+    const int KB = K >> 6;
+    const u32 base = smem_u32(smem);
+
+    // What each thread copies per stage: value chunks (BM rows x 4), position rows (BM x 8 bytes), x chunks (BN x 8).
+    auto load = [&](int slot, int kb) {
+        const u32 sa = base + slot * STAGE_BYTES, se = sa + A_BYTES, sb = se + E_BYTES;
+#pragma unroll
+        for (int i = threadIdx.x; i < BM * 4; i += THREADS) {
+            const int r = i >> 2, c = i & 3;
+            const size_t row = min(row0 + r, N - 1);
+            cp_async16(sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), (const char*)vals + row * K + kb * 64 + c * 16);
+        }
+#pragma unroll
+        for (int r = threadIdx.x; r < BM; r += THREADS) {
+            const size_t row = min(row0 + r, N - 1);
+            cp_async8(se + r * 8, meta + row * (K >> 3) + kb * 8);
+        }
+#pragma unroll
+        for (int i = threadIdx.x; i < BN * 8; i += THREADS) {
+            const int r = i >> 3, c = i & 7;
+            const size_t tok = min(tok0 + r, M - 1);
+            cp_async16(sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16);
+        }
+    };
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < KB) load(s, s);
+        cp_async_commit();
+    }
+    // ldmatrix row addresses of this lane (matrix lane >> 3, its row lane & 7), relative to a stage.
+    const int mat = lane >> 3, mrow = lane & 7;
+    for (int kb = 0; kb < KB; ++kb) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        {  // refill the slot every warp finished with at the previous step
+            const int next = kb + STAGES - 1;
+            if (next < KB) load(next % STAGES, next);
+            cp_async_commit();
+        }
+        const int slot = kb % STAGES;
+        const u32 sa = base + slot * STAGE_BYTES, sb = sa + A_BYTES + E_BYTES;
+        const u16* se = (const u16*)(smem + slot * STAGE_BYTES + A_BYTES);
+        u32 e[MT];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            const int r = wm * (MT * 16) + i * 16 + g;
+            e[i] = (u32)se[r * 4 + t] | ((u32)se[(r + 8) * 4 + t] << 16);
+        }
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            u32 a[MT][4], b[NT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const int r = wm * (MT * 16) + i * 16 + mrow + ((mat & 1) << 3);
+                const int chunk = 2 * c + (mat >> 1);
+                ldmatrix_x4(a[i], sa + r * 64 + ((chunk ^ ((r >> 1) & 3)) << 4));
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int r = wn * (NT * 8) + j * 8 + mrow;
+                const int chunk = 4 * c + mat;
+                ldmatrix_x4(b[j], sb + r * 128 + ((chunk ^ (r & 7)) << 4));
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int j = 0; j < NT; ++j) mma_sp<BF16>(acc[i][j], a[i], b[j], e[i], c);
+        }
+    }
+    cp_async_wait<0>();
+    // acc[i][j]: rows (g, g+8) of 16-row tile i, tokens (2t, 2t+1) of 8-token tile j.
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        const int r = row0 + wm * (MT * 16) + i * 16 + g;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int tok = tok0 + wn * (NT * 8) + j * 8 + 2 * t;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int row = r + (q >> 1) * 8, token = tok + (q & 1);
+                if (row < N && token < M) y[(size_t)token * N + row] = pack1<BF16>(acc[i][j][q]);
+            }
+        }
+    }
+}
+
+// ---- expand: the stored 2:4 weight into a dense (N, K) buffer (for cuBLAS on one shared scratch) ----
+// Flat over 16-input chunks: chunk i is 16 bytes of values (four groups' two values), position word i and
+// 32 bytes of output, whatever the shape (rows hold whole chunks since K % 16 == 0). Works on raw 16-bit
+// patterns, so one kernel serves fp16 and bf16.
+extern "C" __global__ void __launch_bounds__(256) expand24(const u16* __restrict__ vals, const u16* __restrict__ meta,
+                                                           u16* __restrict__ out, long long chunks) {
+    for (long long i = blockIdx.x * 256ll + threadIdx.x; i < chunks; i += (long long)gridDim.x * 256) {
+        u32 v[4];
+        ld_stream_v4((const char*)vals + i * 16, v);
+        const u32 m = ld_stream_u16(meta + i);
+        u32 o[8];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const u32 code = m >> (4 * q);
+            const int p0 = code & 3, p1 = (code >> 2) & 3;
+            const unsigned long long w = ((unsigned long long)(v[q] & 0xffffu) << (16 * p0)) |
+                                         ((unsigned long long)(v[q] >> 16) << (16 * p1));
+            o[2 * q] = (u32)w;
+            o[2 * q + 1] = (u32)(w >> 32);
+        }
+        char* dst = (char*)out + i * 32;
+        asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3]));
+        asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst + 16), "r"(o[4]), "r"(o[5]), "r"(o[6]), "r"(o[7]));
+    }
+}
+
 // ---- entry points: <format>_<dtype>_t<tokens>_r<rows per warp group> ----
 // The 2:4 kernels ask for at most 2 blocks per SM (<= 128 registers) so that ptxas keeps every load of an
 // unrolled step in flight at once instead of trading them for occupancy (it sinks them next to their use).
@@ -410,9 +605,15 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
     }
 #define MMA24(DT, BF, NT, R, W, U)                                                                           \
     extern "C" __global__ void __launch_bounds__(W * 32, W < 32 ? 2 : 1)                                     \
-        mma24_##DT##_n##NT##_r##R##_w##W(const u16* x, const u16* vals, const u32* fmeta, u16* y, int M,    \
+        mma24_##DT##_n##NT##_r##R##_w##W(const u16* x, const u16* vals, const u8* meta, u16* y, int M,      \
                                          int N, int K) {                                                     \
-        mma24<BF, NT, R, W, U>(x, vals, fmeta, y, M, N, K);                                                  \
+        mma24<BF, NT, R, W, U>(x, vals, meta, y, M, N, K);                                                   \
+    }
+#define GEMM24(DT, BF, BM, BN, WM, WN, S)                                                                    \
+    extern "C" __global__ void __launch_bounds__(WM * WN * 32, (WM * WN * 32 <= 128) ? 4 : (BM * BN > 128 * 128 ? 1 : 2)) \
+        gemm24_##DT##_m##BM##_n##BN##_s##S(const u16* x, const u16* vals, const u8* meta, u16* y, int M,   \
+                                           int N, int K) {                                                   \
+        gemm24<BF, BM, BN, WM, WN, S>(x, vals, meta, y, M, N, K);                                            \
     }
 #define ALL(DT, BF)                                                                                          \
     MMA24(DT, BF, 1, 1, 8, 4)                                                                                \
@@ -424,6 +625,15 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
     MMA24(DT, BF, 2, 1, 16, 2)                                                                               \
     MMA24(DT, BF, 1, 1, 32, 2)                                                                               \
     MMA24(DT, BF, 2, 1, 32, 2)                                                                               \
+    MMA24(DT, BF, 4, 1, 8, 2)                                                                                \
+    MMA24(DT, BF, 4, 2, 8, 1)                                                                                \
+    MMA24(DT, BF, 4, 1, 16, 1)                                                                               \
+    GEMM24(DT, BF, 128, 128, 2, 4, 4)                                                                        \
+    GEMM24(DT, BF, 256, 128, 4, 2, 3)                                                                        \
+    GEMM24(DT, BF, 128, 256, 2, 4, 3)                                                                        \
+    GEMM24(DT, BF, 128, 64, 4, 2, 4)                                                                         \
+    GEMM24(DT, BF, 64, 64, 2, 2, 4)                                                                          \
+    GEMM24(DT, BF, 64, 32, 2, 2, 4)                                                                          \
     GEMV24(DT, BF, 1, 1, 4)                                                                                  \
     GEMV24(DT, BF, 1, 2, 4)                                                                                  \
     GEMV24(DT, BF, 2, 1, 4)                                                                                  \
