@@ -49,11 +49,11 @@ from ..files import replace_folder, write_atomic
 from ..model.arch import ArchSpec, spec_for
 from ..model.linear import sparsity_of, weight_matrix
 from ..model.load import LoadedModel, load_config, resolve_dtype
-from ..model.sources import model_folder
-from ..model.tokenizer import _try_tokenizer
 from ..model.save import RECORD, check_out
 from ..model.shards import DTYPES, INDEX, ShardReader, read_header, read_tensors, write_tensors
+from ..model.sources import model_folder
 from ..model.stored import StoredLayout
+from ..model.tokenizer import _try_tokenizer
 from ..model.validate import check_tensors
 from .distributed import RankGroup, check_samples, collective
 from .sequential import BlockMethod, EngineHooks, Stats

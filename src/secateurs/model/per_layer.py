@@ -41,7 +41,7 @@ SHAPES_KEY = "secateurs_shapes"
 
 def update_config(model: PreTrainedModel, spec: ArchSpec) -> None:
     """Set the config's sizes to the blocks' (largest) widths; record shapes it cannot express."""
-    top, config = model.config, spec.text_config(model.config)  # sizes live in a multimodal model's text config
+    config = spec.text_config(model.config)  # sizes live in a multimodal model's text config
     blocks = spec.blocks_of(model)
     if spec.head_dim_key is not None:
         geometries = [head_geometry(spec, config, block) for block in blocks]

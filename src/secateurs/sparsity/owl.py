@@ -31,7 +31,6 @@ from .experts import ExpertFallback
 from .wanda import wanda_scores
 
 
-
 class OutlierRatios(BlockMethod):
     """Observe-only pass: each block's share of Wanda scores above ``m`` × the block's mean score."""
 
