@@ -803,3 +803,35 @@ def test_prune_export_sparse_on_an_moe_model_keeps_experts_dense_and_says_so(tmp
     assert all(is_nm(experts.down_proj.data[e], 2, 4) for e in range(4))
     with torch.no_grad():
         assert torch.isfinite(reloaded.model(random_ids(1, 8)).logits).all()
+
+
+def test_lora_recovery_adapts_attention_and_shared_experts_and_keeps_the_experts(tmp_path):
+    """LoRA cannot wrap a fused expert parameter: recovery adapts the other linears, leaves every
+    routed expert exactly as pruned, and says so; LoRAPrune, which could prune only the rest, is one line."""
+    import copy
+
+    from secateurs.api import recover
+    from secateurs.recover.config import RecoverConfig
+
+    loaded = tiny_model("qwen2_moe")
+    _prune_moe(loaded)
+    experts = loaded.spec.experts_of(loaded.spec.blocks_of(loaded.model)[0])
+    before = copy.deepcopy(experts)
+    attention = loaded.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    report = recover(loaded, RecoverConfig(steps=2, seq_len=16, batch_size=1, data="wikitext2", lr=1e-2), "cpu")
+    assert torch.equal(experts.gate_up_proj, before.gate_up_proj) and torch.equal(experts.down_proj, before.down_proj)
+    assert not torch.equal(loaded.model.model.layers[0].self_attn.q_proj.weight, attention)
+    assert report is not None
+
+
+def test_loraprune_on_an_moe_model_is_one_line_and_writes_nothing(tmp_path, no_loading):
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["recover", str(_folder(tmp_path, "qwen3_moe")), "--method", "loraprune",
+                                      "--target", "unstructured", "--steps", "2", "--seq-len", "16", "--device", "cpu",
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "fused experts cannot carry" in " ".join(result.output.split()) and not out.exists()

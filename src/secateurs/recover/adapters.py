@@ -14,6 +14,7 @@ as it prunes.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -119,14 +120,20 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
     """Wrap every block linear of ``loaded.model`` in a LoRA adapter (in place).
 
     Linears at least ``config.mask_min_sparsity`` sparse, or all of them with ``mask_all`` (LoRAPrune
-    prunes as it trains), get a masked adapter whose mask is their current non-zero pattern.
+    prunes as it trains), get a masked adapter whose mask is their current non-zero pattern. An MoE
+    model's routed experts are views into fused 3-D parameters, which LoRA cannot wrap: they get no
+    adapter and stay exactly as they are (said once on stderr); attention and shared experts are adapted.
     """
     spec = loaded.spec
     paths = {
         (i, name): f"{spec.blocks}.{i}.{name}"
         for i, block in enumerate(spec.blocks_of(loaded.model))
-        for name in spec.linears(block)
+        for name, module in spec.linears(block).items()
+        if isinstance(module, nn.Module)
     }
+    if spec.moe is not None:
+        print("secateurs: LoRA adapts the attention and shared-expert linears; the routed experts (fused "
+              "parameters) are not adapted and stay as they are", file=sys.stderr)
     conv = any(is_transposed(loaded.model.get_submodule(p)) for p in paths.values())
     lora = LoraConfig(
         r=config.rank,

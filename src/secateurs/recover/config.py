@@ -178,8 +178,15 @@ class LoRAPruneConfig:
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"ema must be in [0, 1), got {self.ema:g}")
 
-    def layers(self, n_layers: int) -> list[int]:
-        """Validate against the model; returns the prunable layer indices."""
+    def layers(self, n_layers: int, moe: bool = False) -> list[int]:
+        """Validate against the model; returns the prunable layer indices. ``moe``: the model is a
+        mixture of experts, whose routed experts (fused parameters) carry no LoRA adapter, so LoRAPrune
+        could score and prune only the rest: refused in one line rather than done in part."""
+        if moe:
+            raise UsageError(
+                "LoRAPrune scores weights through their LoRA adapters, which a mixture-of-experts model's fused "
+                "experts cannot carry; prune it with secateurs prune (the experts included) or experts, then recover"
+            )
         self.validate()
         first = int(0.1 * n_layers) if self.keep_first is None else self.keep_first
         last = 1 if self.keep_last is None else self.keep_last

@@ -183,7 +183,7 @@ def loraprune(
 ) -> RecoverReport:
     """Fine-tune with LoRA while pruning progressively, merge, and (structured) cut the groups out."""
     spec = loaded.spec
-    layers = config.layers(spec.num_layers(loaded.model.config))
+    layers = config.layers(spec.num_layers(loaded.model.config), moe=spec.moe is not None)
     train_config, ids, distill, held_out = prepare(loaded, train_config, device, dense=True)
     groups = model_groups(loaded, TARGETS[config.target]) if config.structured else []
     if device.type == "cuda":
