@@ -835,3 +835,34 @@ def test_loraprune_on_an_moe_model_is_one_line_and_writes_nothing(tmp_path, no_l
                                       "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert "fused experts cannot carry" in " ".join(result.output.split()) and not out.exists()
+
+
+def test_interrupted_streamed_expert_pruning_resumes_to_the_in_memory_folder(sharded_moe, tmp_path, monkeypatch):
+    """A full disk after one block is one line; the rerun scores again, keeps the block already cut
+    (read back in its stored, per-expert layout) and ends equal to the in-memory result."""
+    from test_stream import assert_same_folder
+
+    import secateurs
+    import secateurs.engine.stream as stream
+    from secateurs.api import experts, experts_streamed
+    from secateurs.moe.config import ExpertConfig
+
+    request = ExpertConfig("ean", keep=0.75, mode="global")
+    real, written = stream.write_tensors, []
+
+    def fills_up(path, entries):
+        if len(written) == 1:
+            raise OSError(28, "No space left on device")
+        written.append(str(path))
+        real(path, entries)
+
+    monkeypatch.setattr(stream, "write_tensors", fills_up)
+    with pytest.raises(UsageError, match="disk full"):
+        experts_streamed(sharded_moe, tmp_path / "out", request, _text_calib(sharded_moe), EngineOptions(device="cpu"))
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out.partial"))
+    monkeypatch.setattr(stream, "write_tensors", real)
+    _, path = experts_streamed(sharded_moe, tmp_path / "out", request, _text_calib(sharded_moe),
+                               EngineOptions(device="cpu"))
+    loaded = secateurs.load_model(str(sharded_moe))
+    secateurs.save(loaded, tmp_path / "memory", [experts(loaded, request, _text_calib(sharded_moe), "cpu")])
+    assert_same_folder(tmp_path / "memory", path)
