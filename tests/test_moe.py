@@ -573,6 +573,11 @@ def test_global_mode_spreads_the_budget_by_score_and_reloads_through_secateurs_c
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-4)
     stage = json.loads((folder / "secateurs.json").read_text())["stages"][-1]
     assert stage["mode"] == "global" and [len(v) for v in stage["kept_experts"].values()] == counts
+    from transformers import AutoModelForCausalLM  # a plain transformers user who opts in to the saved file
+
+    opted_in = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(opted_in(ids).logits, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_global_mode_keeps_plain_transformers_when_every_layer_keeps_the_same_count(tmp_path):
