@@ -20,7 +20,9 @@ from secateurs.sparsity.owl import OwlOptions, owl_target
 from secateurs.sparsity.registry import method_class
 
 CASES = [("llama", "magnitude", 2), ("llama", "wanda", 2), ("llama", "sparsegpt", 2), ("gpt2", "sparsegpt", 2),
-         ("llama", "wanda", 5), ("llama", "sparsegpt", 5)]
+         ("llama", "wanda", 5), ("llama", "sparsegpt", 5),
+         # MoE: expert views of fused parameters shared out between ranks (gpt-oss stores them transposed)
+         ("qwen2_moe", "wanda", 2), ("gpt_oss", "sparsegpt", 2)]
 
 
 def run_case(arch: str, method: str, n_samples: int, engine: EngineOptions,
