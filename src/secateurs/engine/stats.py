@@ -43,8 +43,9 @@ class Accumulator(ABC):
 
     def white(self) -> None:
         """Replace the sums by those of one white input (unit variance, uncorrelated features), under
-        which every criterion is plain weight magnitude: the fallback for an expert the router sent
-        too few calibration tokens (:mod:`secateurs.sparsity.experts`)."""
+        which Wanda and SparseGPT score by plain weight magnitude (RIA by its relative importance
+        alone): the fallback for an expert the router sent too few calibration tokens
+        (:mod:`secateurs.sparsity.experts`)."""
         raise NotImplementedError(f"{type(self).__name__} has no white-input statistics")
 
     def merge(self, other: Accumulator) -> None:

@@ -69,7 +69,7 @@ class MoeOptions:
 
     ``min_tokens``: a routed expert whose matrices saw fewer calibration tokens than this is pruned
     by ``fallback`` instead of its own statistics (too few tokens give a noisy norm and a rank-
-    deficient Hessian; none give no score at all): ``magnitude`` (|W|, as if its inputs were white)
+    deficient Hessian; none give no score at all): ``magnitude`` (as if its inputs were white: |W| for Wanda and SparseGPT)
     or ``pooled`` (the statistics of all the layer's experts summed, for that matrix). Such experts
     are listed in the stage record and the report. ``routers``: prune the routers too (off: a router
     is under 0.1% of a block's weights, and an error there reroutes tokens to other experts, so the

@@ -5,7 +5,8 @@ so a rarely picked expert may see a handful of tokens or none: Wanda's norms are
 score ties) and SparseGPT's Hessian has no curvature. Before a block's masks are chosen,
 :class:`ExpertFallback` replaces the statistics of every expert matrix that saw fewer than
 ``min_tokens`` tokens by the rule's (:class:`~secateurs.sparsity.config.MoeOptions`): ``magnitude``
-(white inputs: |W| for every criterion, no SparseGPT update) or ``pooled`` (the sums of all the
+(white inputs: Wanda and SparseGPT score by |W|, SparseGPT makes no update; RIA keeps its
+relative importance) or ``pooled`` (the sums of all the
 layer's experts for that matrix, the layer's pooled statistics), and lists it, so the record and the
 report say which experts were pruned blind. The expert is pruned to the block's sparsity either way.
 """
