@@ -51,7 +51,7 @@ def _poisoned_call(call, x: torch.Tensor, n: int) -> torch.Tensor:
     return call(x)
 
 
-def check_cuda(gen) -> int:
+def check_cuda(gen, only: str = "") -> int:
     """Every CUDA 2:4 candidate, every bucket, fp16 and bf16, against float64; then the dispatcher and compile."""
     why = cuda_ops.status()
     if why:
@@ -70,6 +70,8 @@ def check_cuda(gen) -> int:
                 x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                 ref = x.double() @ dense.T
                 for name, call in cuda_ops.candidates(fmt, bucket(m)).items():
+                    if not name.startswith(only):
+                        continue
                     err = relative_error(_poisoned_call(call, x, n), ref)
                     checks += 1
                     family = name.split("_r")[0] if "gemv" in name or "mma24" in name else name
@@ -91,8 +93,10 @@ def check_cuda(gen) -> int:
             failures += not err <= CUDA_TOLERANCE
             print(f"SparseLinear {n}x{k} m={m}: rel err {err:.1e}, extra bytes {layer.extra_bytes()}", flush=True)
     fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
-    for name in ("cuda_gemm24_m128_n128_s4", "expand_cublas", "cuda_mma24_r1_w8"):
-        m = 8 if "mma" in name else 256
+    for name in ("cuda_gemm24_m128_n128_s4", "expand_cublas", "cuda_mma24_r1_w8", "cuda_gemm24_r_w8_n6_s4"):
+        if not name.startswith(only):
+            continue
+        m = 8 if "mma" in name else 512
         x = torch.randn(m, fmt.shape[1], device="cuda", dtype=torch.float16, generator=gen)
         call = fmt.cuda_candidates(bucket(m))[name]
         try:
@@ -116,13 +120,14 @@ def check_cuda(gen) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "cuda", "triton"), default="all")
+    parser.add_argument("--only", default="", help="cuda part: only the candidates whose name starts with this")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gen = torch.Generator("cuda").manual_seed(0)
     failures = 0
     if args.part in ("all", "cuda"):
-        failures += check_cuda(gen)
+        failures += check_cuda(gen, args.only)
     if args.part == "cuda":
         print(f"{failures} failures")
         sys.exit(1 if failures else 0)
