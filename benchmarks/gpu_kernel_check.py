@@ -93,7 +93,7 @@ def check_cuda(gen, only: str = "") -> int:
             failures += not err <= CUDA_TOLERANCE
             print(f"SparseLinear {n}x{k} m={m}: rel err {err:.1e}, extra bytes {layer.extra_bytes()}", flush=True)
     fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
-    for name in ("cuda_gemm24_m128_n128_s4", "expand_cublas", "cuda_mma24_r1_w8", "cuda_gemm24_r_w8_n6_s4"):
+    for name in ("cuda_gemm24_m128_n128_s4", "expand_cublas", "cuda_mma24_r1_w8"):
         if not name.startswith(only):
             continue
         m = 8 if "mma" in name else 512

@@ -721,18 +721,10 @@ def test_2of4_candidates_per_token_count_read_only_the_stored_tensors():
     names = {m: list(fmt.cuda_candidates(m)) for m in (1, 8, 32, 512, 8192)}
     assert names[1][0].startswith("cuda_gemv24") and any(n.startswith("cuda_mma24") for n in names[1])  # narrow: GEMV first
     assert all(n.startswith("cuda_mma24") for n in names[8])
-    assert names[32][:3] == ["cuda_gemm24_m64_n32_s4", "cuda_gemm24_m64_n64_s4", "cuda_gemm24_r_w4_n6_s4"]
+    assert names[32][:3] == ["cuda_gemm24_m64_n32_s4", "cuda_gemm24_m64_n64_s4", "cuda_gemm24_m128_n64_s4"]
     assert "expand_cublas" in names[32] and any(n.startswith("cuda_mma24") for n in names[32])
-    assert names[8192] == ["cuda_gemm24_r_w8_n6_s4", "cuda_gemm24_r_w4_n6_s4", "cuda_gemm24_r_w8_n8_s4",
-                           "cuda_gemm24_m128_n256_s3", "cuda_gemm24_m128_n128_s4", "expand_cublas"]
-    from secateurs.kernels import cuda_ops
-
-    source = cuda_ops.SOURCE.read_text()
-    for config in cuda_ops.GEMM_CONFIGS:  # every offered tile shape is instantiated in the source
-        name = cuda_ops.gemm_kernel(config, torch.float16)
-        head, _, tail = name.partition("_f16_")
-        assert (f"GEMM24R(DT, BF, {tail.replace('w', '').replace('_n', ', ').replace('_s', ', ')})" in source
-                if head == "gemm24r" else f"GEMM24(DT, BF, {tail[1:].replace('_n', ', ').split('_s')[0]}" in source), name
+    assert names[8192] == ["cuda_gemm24_m128_n256_s3", "cuda_gemm24_m128_n128_s4", "cuda_gemm24_m256_n128_s3",
+                           "expand_cublas"]
     assert not any("gemm" in n or "expand" in n for n in names[1] + names[8])
     narrow = Sparse24.compress(_w24(16, 48).half())  # K % 64 != 0: no tensor-core kernels, expand still offered
     assert list(narrow.cuda_candidates(64)) == ["expand_cublas"]
@@ -766,21 +758,3 @@ def test_cuda_source_compiles_for_hopper_and_ampere(tmp_path):
                                str(cuda_ops.SOURCE)], capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "gemm24_f16_m128_n128_s4" in (tmp_path / f"{arch}.cubin").read_bytes().decode("latin-1")
-
-
-def test_cuda_gemm24r_activation_pieces_are_the_decode_kernels_b_registers():
-    """gemm24r stages x in 8-byte pieces (piece p = 4a + b to 16-byte chunk 2b + (a >> 1), half a & 1) so that
-    ldmatrix word t of chunk 4m + i is the B register i of MMA m that the decode kernel (mma24, emulated above)
-    loads for lane t: inputs 16(t >> 1) + 8m + 2(t & 1) + (0, 32, 4, 36)[i], and the next one."""
-    row = list(range(64))  # one token's 64 inputs of a stage, by index
-    chunks = [[None] * 8 for _ in range(8)]  # 8 chunks of 8 inputs (16 bytes)
-    for p in range(16):
-        a, b = p >> 2, p & 3
-        chunk, half = 2 * b + (a >> 1), a & 1
-        chunks[chunk][4 * half: 4 * half + 4] = row[4 * p: 4 * p + 4]
-    for m in range(2):
-        for i, offset in enumerate((0, 32, 4, 36)):
-            for t in range(4):
-                word = chunks[4 * m + i][2 * t: 2 * t + 2]
-                first = 16 * (t >> 1) + 8 * m + 2 * (t & 1) + offset
-                assert word == [first, first + 1], (m, i, t)

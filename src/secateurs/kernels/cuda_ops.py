@@ -285,10 +285,8 @@ def _(x, values, meta, row_tiles, warps):
     return x.new_empty(x.shape[0], values.shape[0])
 
 
-# The prompt GEMM's instantiations: name -> (features per block, tokens per block, warps, stages). ``m*``: both
-# operands through shared memory; each stage holds 64 inputs: BM x 64 bytes of values, BM x 8 of positions,
-# BN x 128 of activations. ``r*``: each warp's 64 features straight from memory into registers (gemm24r),
-# only the activations (BN x 128 bytes a stage) through shared memory.
+# The prompt GEMM's instantiations: name -> (features per block, tokens per block, warps, stages); each stage
+# holds 64 inputs: BM x 64 bytes of values, BM x 8 of positions, BN x 128 of activations.
 GEMM_CONFIGS = {
     "m128_n128_s4": (128, 128, 8, 4),
     "m256_n128_s3": (256, 128, 8, 3),
@@ -296,20 +294,13 @@ GEMM_CONFIGS = {
     "m128_n64_s4": (128, 64, 8, 4),
     "m64_n64_s4": (64, 64, 4, 4),
     "m64_n32_s4": (64, 32, 4, 4),
-    "r_w8_n6_s4": (512, 48, 8, 4),
-    "r_w4_n6_s4": (256, 48, 4, 4),
-    "r_w8_n8_s4": (512, 64, 8, 4),
 }
 GEMM_TOKENS = 32  # the GEMM and the expand path are offered from this row bucket on (prompts)
 
 
 def gemm_shared_bytes(config: str) -> int:
     bm, bn, _, stages = GEMM_CONFIGS[config]
-    return stages * bn * 128 if config.startswith("r") else stages * (bm * 64 + bm * 8 + bn * 128)
-
-
-def gemm_kernel(config: str, dtype: torch.dtype) -> str:
-    return f"gemm24r_{_SUFFIX[dtype]}_{config[2:]}" if config.startswith("r") else f"gemm24_{_SUFFIX[dtype]}_{config}"
+    return stages * (bm * 64 + bm * 8 + bn * 128)
 
 
 @torch.library.custom_op("secateurs::sparse24_gemm", mutates_args=())
@@ -322,7 +313,7 @@ def sparse24_gemm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, con
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm, bn, warps, _ = GEMM_CONFIGS[config]
     blocks = ((n + bm - 1) // bm) * ((m + bn - 1) // bn)
-    _launch(gemm_kernel(config, x.dtype), blocks, (x, values, meta, y), (m, n, k), warps,
+    _launch(f"gemm24_{_SUFFIX[x.dtype]}_{config}", blocks, (x, values, meta, y), (m, n, k), warps,
             shared=gemm_shared_bytes(config))
     return y
 

@@ -198,8 +198,6 @@ class Sparse24(SparseFormat):
         if m >= cuda_ops.GEMM_TOKENS:
             if k % 64 == 0:
                 for config in gemm_configs(n, m):
-                    if config.startswith("r") and n * k >= 2**32:  # its row offsets are 32-bit
-                        continue
                     prompt[f"cuda_gemm24_{config}"] = (
                         lambda x, c=config: cuda_ops.sparse24_gemm(x, self.values, self.meta, c))
             prompt["expand_cublas"] = lambda x: cuda_ops.expand_matmul(x, self.values, self.meta, self.shape)
@@ -208,16 +206,16 @@ class Sparse24(SparseFormat):
 
 
 def gemm_configs(n: int, m: int) -> list[str]:
-    """The prompt GEMM's tile shapes for ``m`` tokens, the expected best first: small token tiles (and more
-    blocks) for short prompts; from 256 tokens the register-fed variant (weights straight from memory, only
-    the activations through shared memory) and the larger shared-memory tiles."""
+    """The prompt GEMM's tile shapes for ``m`` tokens, the measured best first (H100, benchmarks/sparse_kernels.py
+    --part gemm): small token tiles (and more blocks) for short prompts, 128 x 128 up to 1024 tokens, 128
+    features x 256 tokens from 2048."""
     if m <= 64:
-        return ["m64_n32_s4", "m64_n64_s4", "r_w4_n6_s4"]
+        return ["m64_n32_s4", "m64_n64_s4", "m128_n64_s4"]
     if m <= 256:
-        return ["r_w4_n6_s4", "m128_n64_s4", "m64_n64_s4"]
+        return ["m128_n64_s4", "m64_n64_s4", "m128_n128_s4"]
     if m <= 1024:
-        return ["r_w8_n6_s4", "r_w4_n6_s4", "m128_n128_s4", "r_w8_n8_s4"]
-    return ["r_w8_n6_s4", "r_w4_n6_s4", "r_w8_n8_s4", "m128_n256_s3", "m128_n128_s4"]
+        return ["m128_n128_s4", "m128_n64_s4", "m256_n128_s3"]
+    return ["m128_n256_s3", "m128_n128_s4", "m256_n128_s3"]
 
 
 def _mma_shapes(n: int, token_tiles: int) -> list[tuple[int, int]]:

@@ -562,137 +562,6 @@ __device__ __forceinline__ void gemm24(const u16* __restrict__ x, const u16* __r
     }
 }
 
-// ---- 2:4 GEMM, weight fragments straight from memory (gemm24r) ----
-// The same product with the A operand kept out of shared memory: on an H100 the tiled GEMM above moves
-// A and B fragments through shared memory at about the rate the tensor cores consume them (per mma.sp
-// 512/NT + 512/MT bytes of ldmatrix against ~256 bytes of shared-memory bandwidth per 2 clocks). Here
-// each warp owns MT 16-row tiles alone, so it loads its values and positions from global memory into
-// registers exactly as the decode kernel mma24 does (16 bytes of stored values per row and lane, K
-// permuted inside each MMA; the metadata register built from the 8 stored position bytes of each row by
-// meta24_word), one stage ahead; only the activation tile (BN tokens x 64 inputs a stage, shared by all
-// warps) goes through a cp.async ring. The K permutation asks lane t of an ldmatrix row for inputs
-// 16(t>>1) + 2(t&1) + {0,1}, so x is staged in 8-byte pieces: piece p = 4a + b (inputs 4p..4p+3) goes to
-// 16-byte chunk 2b + (a>>1), half a&1, which makes chunk 4m+i the B register i of MMA m (m = 0, 1).
-template <bool BF16, int W, int MT, int NT, int STAGES>
-__device__ __forceinline__ void gemm24r(const u16* __restrict__ x, const u16* __restrict__ vals,
-                                        const u8* __restrict__ meta, u16* __restrict__ y, int M, int N, int K) {
-    constexpr int THREADS = W * 32, BM = W * MT * 16, BN = NT * 8, STAGE_BYTES = BN * 128;
-    extern __shared__ __align__(128) unsigned char smem[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    constexpr int GROUP = 8;
-    const int ftiles = (N + BM - 1) / BM, ttiles = (M + BN - 1) / BN;
-    const int pid = blockIdx.x, per_group = GROUP * ttiles;
-    const int first = (pid / per_group) * GROUP, size = min(GROUP, ftiles - first);
-    const int ft = first + (pid % per_group) % size, tt = (pid % per_group) / size;
-    const int row0 = ft * BM + warp * (MT * 16), tok0 = tt * BN;
-    const int KB = K >> 6;
-    const u32 base = smem_u32(smem);
-
-    // Byte offsets of rows g and g+8 of each tile in the values (K bytes a row; positions: K/8 a row).
-    u32 off[MT][2];
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-        off[i][0] = (u32)min(row0 + i * 16 + g, N - 1) * (u32)K;
-        off[i][1] = (u32)min(row0 + i * 16 + g + 8, N - 1) * (u32)K;
-    }
-    auto load_x = [&](int slot, int kb) {
-        const u32 sb = base + slot * STAGE_BYTES;
-#pragma unroll
-        for (int i = threadIdx.x; i < BN * 16; i += THREADS) {
-            const int r = i >> 4, p = i & 15, a = p >> 2, b = p & 3;
-            const size_t tok = min(tok0 + r, M - 1);
-            const int chunk = (2 * b + (a >> 1)) ^ (r & 7);
-            cp_async8(sb + r * 128 + chunk * 16 + (a & 1) * 8, (const char*)x + tok * K * 2 + kb * 128 + p * 8);
-        }
-    };
-    // One stage of this warp's weight: values (8 registers a row tile), double-buffered, and the raw position
-    // bytes of the next stage (4 a row tile), turned into metadata registers once the stage's MMAs are issued.
-    u32 av[2][MT][8], raw[MT][4], e[2][MT];
-    const char* vbase = (const char*)vals + t * 16;
-    auto load_w = [&](int buf, int kb) __attribute__((always_inline)) {
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-            u32 lo[4], hi[4];
-            ld_nc_v4(vbase + off[i][0] + (size_t)kb * 64, lo);
-            ld_nc_v4(vbase + off[i][1] + (size_t)kb * 64, hi);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                av[buf][i][q] = lo[q];
-                av[buf][i][4 + q] = hi[q];
-            }
-            ld_nc_v2(meta + (off[i][0] >> 3) + (size_t)kb * 8, raw[i][0], raw[i][1]);
-            ld_nc_v2(meta + (off[i][1] >> 3) + (size_t)kb * 8, raw[i][2], raw[i][3]);
-        }
-    };
-    auto build_e = [&](int buf) __attribute__((always_inline)) {
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-            e[buf][i] = __byte_perm(meta24_nibbles(raw[i][0], raw[i][1], t), meta24_nibbles(raw[i][2], raw[i][3], t), 0x6420u);
-    };
-
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < KB) load_x(s, s);
-        cp_async_commit();
-    }
-    load_w(0, 0);
-    build_e(0);
-    const int mat = lane >> 3, mrow = lane & 7;
-    // One 64-input stage; ``cur`` is a literal at both calls, so the double-buffered registers stay registers.
-    auto stage = [&](int kb, const int cur) __attribute__((always_inline)) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        {
-            const int next = kb + STAGES - 1;
-            if (next < KB) load_x(next % STAGES, next);
-            cp_async_commit();
-        }
-        if (kb + 1 < KB) load_w(cur ^ 1, kb + 1);  // the next stage's weight, in flight while this one multiplies
-        const u32 sb = base + (kb % STAGES) * STAGE_BYTES;
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                u32 b[4];
-                const int r = j * 8 + mrow;
-                ldmatrix_x4(b, sb + r * 128 + (((4 * m + mat) ^ (r & 7)) << 4));
-#pragma unroll
-                for (int i = 0; i < MT; ++i) {
-                    const u32 a[4] = {av[cur][i][2 * m], av[cur][i][4 + 2 * m], av[cur][i][2 * m + 1], av[cur][i][4 + 2 * m + 1]};
-                    mma_sp<BF16>(acc[i][j], a, b, e[cur][i], m);
-                }
-            }
-        }
-        if (kb + 1 < KB) build_e(cur ^ 1);
-    };
-    for (int kb = 0; kb < KB; kb += 2) {
-        stage(kb, 0);
-        if (kb + 1 < KB) stage(kb + 1, 1);
-    }
-    cp_async_wait<0>();
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-        const int r = row0 + i * 16 + g;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            const int tok = tok0 + j * 8 + 2 * t;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int row = r + (q >> 1) * 8, token = tok + (q & 1);
-                if (row < N && token < M) y[(size_t)token * N + row] = pack1<BF16>(acc[i][j][q]);
-            }
-        }
-    }
-}
-
 // ---- expand: the stored 2:4 weight into a dense (N, K) buffer (for cuBLAS on one shared scratch) ----
 // Flat over 16-input chunks: chunk i is 16 bytes of values (four groups' two values), position word i and
 // 32 bytes of output, whatever the shape (rows hold whole chunks since K % 16 == 0). Works on raw 16-bit
@@ -746,12 +615,6 @@ extern "C" __global__ void __launch_bounds__(256) expand24(const u16* __restrict
                                            int N, int K) {                                                   \
         gemm24<BF, BM, BN, WM, WN, S>(x, vals, meta, y, M, N, K);                                            \
     }
-#define GEMM24R(DT, BF, W, NT, S)                                                                            \
-    extern "C" __global__ void __launch_bounds__(W * 32, W <= 4 ? 2 : 1)                                     \
-        gemm24r_##DT##_w##W##_n##NT##_s##S(const u16* x, const u16* vals, const u8* meta, u16* y, int M,    \
-                                           int N, int K) {                                                   \
-        gemm24r<BF, W, 4, NT, S>(x, vals, meta, y, M, N, K);                                                 \
-    }
 #define ALL(DT, BF)                                                                                          \
     MMA24(DT, BF, 1, 1, 8, 4)                                                                                \
     MMA24(DT, BF, 1, 2, 8, 2)                                                                                \
@@ -771,9 +634,6 @@ extern "C" __global__ void __launch_bounds__(256) expand24(const u16* __restrict
     GEMM24(DT, BF, 128, 64, 4, 2, 4)                                                                         \
     GEMM24(DT, BF, 64, 64, 2, 2, 4)                                                                          \
     GEMM24(DT, BF, 64, 32, 2, 2, 4)                                                                          \
-    GEMM24R(DT, BF, 8, 6, 4)                                                                                 \
-    GEMM24R(DT, BF, 4, 6, 4)                                                                                 \
-    GEMM24R(DT, BF, 8, 8, 4)                                                                                 \
     GEMV24(DT, BF, 1, 1, 4)                                                                                  \
     GEMV24(DT, BF, 1, 2, 4)                                                                                  \
     GEMV24(DT, BF, 2, 1, 4)                                                                                  \
