@@ -19,8 +19,8 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ("foundation", "one_shot", "sparse_kernels", "layer_pruning", "width_pruning", "recovery", "zeroshot",
-         "shearing", "scale", "combinations", "moe")
+ORDER = ("foundation", "one_shot", "sparse_kernels", "layer_pruning", "width_pruning", "recovery", "distillation",
+         "zeroshot", "shearing", "scale", "combinations", "moe")
 HEADER = """# Benchmarks
 
 Every number here was printed by a committed script in `benchmarks/` (its JSON is in
