@@ -871,3 +871,17 @@ def test_interrupted_streamed_expert_pruning_resumes_to_the_in_memory_folder(sha
     loaded = secateurs.load_model(str(sharded_moe))
     secateurs.save(loaded, tmp_path / "memory", [experts(loaded, request, _text_calib(sharded_moe), "cpu")])
     assert_same_folder(tmp_path / "memory", path)
+
+
+def test_stored_layout_needs_newer_transformers_only_for_converted_checkpoints(monkeypatch):
+    """transformers 5.17 (the GPU image's) lacks apply_converters: importing secateurs and streaming a
+    checkpoint stored as the model names it still work; one stored per expert is one line, not an ImportError."""
+    import transformers.core_model_loading as loading
+
+    from secateurs.model.stored import StoredLayout
+
+    monkeypatch.delattr(loading, "apply_converters")
+    dense = tiny_model("llama").model
+    assert StoredLayout(dense).identity
+    with pytest.raises(UsageError, match="newer transformers"):
+        StoredLayout(tiny_model("mixtral").model)

@@ -17,14 +17,9 @@ from copy import deepcopy
 import torch
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (
-    WeightConverter,
-    WeightRenaming,
-    apply_converters,
-    apply_renamings,
-    dot_natural_key,
-    revert_weight_conversion,
-)
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, revert_weight_conversion
+
+from ..errors import UsageError
 
 
 class StoredLayout:
@@ -35,6 +30,8 @@ class StoredLayout:
         transforms = get_model_conversion_mapping(model, add_legacy=False)
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        if not self.identity:
+            self._apply = _forward_conversion()
 
     @property
     def identity(self) -> bool:
@@ -54,6 +51,7 @@ class StoredLayout:
         pending: dict[str, WeightConverter] = {}
         found: dict[str, torch.Tensor] = {}
         for key, tensor in sorted(stored.items(), key=lambda item: dot_natural_key(item[0])):
+            apply_renamings, apply_converters = self._apply
             renamed = apply_renamings(key, self.renamings)
             target, pattern = apply_converters(renamed, self.converters)
             if pattern is None:
@@ -64,3 +62,19 @@ class StoredLayout:
             for name, value in converter.convert(target, model=self.model, config=self.model.config).items():
                 found[name] = value[0] if isinstance(value, list) else value
         return found
+
+
+def _forward_conversion():
+    """transformers' per-key renaming and converter lookup, which older 5.x releases (5.17, the GPU
+    image's) do not export: imported here so ``import secateurs`` works on every ``transformers>=5``, and
+    only a streamed checkpoint that needs them is refused, in one line, before anything is read."""
+    try:
+        from transformers.core_model_loading import apply_converters, apply_renamings
+    except ImportError:
+        import transformers
+
+        raise UsageError(
+            f"--stream on a checkpoint whose tensors transformers renames or fuses while loading (one tensor "
+            f"per expert) needs a newer transformers than {transformers.__version__}: "
+            "pip install -U transformers, or run without --stream") from None
+    return apply_renamings, apply_converters
