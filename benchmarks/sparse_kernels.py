@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.evaluate.speed import SpeedConfig, SpeedResult, measure, ratios
 from secateurs.kernels import Bitmap, Sparse24, SparseLinear, cuda_ops, sparsify
-from secateurs.kernels.linear import fallback_notes, label, plans, reread_policies
+from secateurs.kernels.linear import fallback_notes, label, plans, reread_policies, side_stream
 from secateurs.model.arch import spec_for
 from secateurs.model.linear import weight_matrix
 from secateurs.model.load import load_model
@@ -54,7 +54,7 @@ def graph_time_us(calls: list) -> float:
     for call in calls:
         call()
     torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
+    stream = side_stream()  # one warm-up stream for every timing: each new stream would keep a cuBLAS workspace
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for call in calls:
@@ -479,6 +479,8 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
         # counts in this one's peak.
         del model
         gc.collect()
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # the previous model's streams' cuBLAS workspaces
+            torch._C._cuda_clearCublasWorkspaces()  # (no graph of it is alive any more)
         torch.cuda.empty_cache()
         model, spec = build()
         _prune(model, spec, pattern)

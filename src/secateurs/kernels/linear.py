@@ -449,11 +449,24 @@ def _semi_bytes(semi) -> int:
                if t is not None)
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream() -> torch.cuda.Stream:
+    """One warm-up stream per device for every timing, reused: PyTorch keeps a cuBLAS (and cuBLASLt) workspace
+    for each stream a cuBLAS call ever ran on, allocated memory for the life of the process, so a fresh stream
+    per timed candidate would leave one workspace behind each time (counted in peak memory)."""
+    index = torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
+
+
 def _graph_ms(calls: list[Callable[[], torch.Tensor]], replays: int = 7) -> float:
     """Median ms per call of a CUDA graph that runs ``calls`` in turn (plain events if capture fails)."""
     for call in calls:
         call()
-    stream = torch.cuda.Stream()
+    stream = side_stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for call in calls:
