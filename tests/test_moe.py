@@ -785,15 +785,16 @@ def test_cli_experts_stream_writes_the_folder_and_refuses_ppl(sharded_moe, tmp_p
     assert json.loads((out / "config.json").read_text())["n_routed_experts"] == 2
 
 
-def test_prune_export_sparse_on_an_moe_model_keeps_experts_dense_and_says_so(tmp_path):
-    """The sparse kernels replace nn.Linear modules; an expert is a view into a fused parameter, so
-    --export sparse stores the other linears compressed and the 2:4 experts dense, named in the record."""
+def test_prune_export_sparse_on_an_moe_model_stores_every_expert_compressed(tmp_path):
+    """--export sparse stores each expert matrix as the checkpoint's own per-expert linears, compressed
+    (tests/test_sparse_experts.py checks the logits and every family); the reload runs them sparse."""
     import json
 
     from typer.testing import CliRunner
 
     import secateurs
     from secateurs.cli import app
+    from secateurs.kernels.experts import SparseExperts
     from secateurs.sparsity.masks import is_nm
 
     out = tmp_path / "out"
@@ -801,11 +802,12 @@ def test_prune_export_sparse_on_an_moe_model_keeps_experts_dense_and_says_so(tmp
                                       "2:4", "--export", "sparse", "--out", str(out), *CALIB])
     assert result.exit_code == 0, result.output
     export = json.loads((out / "secateurs.json").read_text())["stages"][-1]
-    assert export["kept_dense"]["model.layers.0.mlp.experts.down_proj.3"].startswith("an MoE expert matrix")
+    assert export["layers"]["model.layers.0.mlp.experts.down_proj.3"]["kind"] == "2:4" and not export["kept_dense"]
     assert "model.layers.0.mlp.shared_expert.up_proj" in export["layers"]
     reloaded = secateurs.load_model(str(out))
     experts = reloaded.model.model.layers[0].mlp.experts
-    assert all(is_nm(experts.down_proj.data[e], 2, 4) for e in range(4))
+    assert isinstance(experts, SparseExperts)
+    assert all(is_nm(experts.down_proj[e].dense_weight(), 2, 4) for e in range(4))
     with torch.no_grad():
         assert torch.isfinite(reloaded.model(random_ids(1, 8)).logits).all()
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -41,10 +43,13 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import UsageError
-from ..model.arch import ArchSpec
-from ..model.linear import is_transposed
+from ..model.arch import ArchSpec, spec_for
+from ..model.experts import DOWN, GATE_UP
 from ..model.formats import FolderFormat, register_folder_format
+from ..model.linear import is_transposed
+from ..model.stored import StoredLayout
 from ..record import ExportStage
+from .experts import SparseExperts
 from .formats import SparseFormat, pack_bits, unpack_bits
 from .linear import SparseLinear
 from .registry import choose_format, format_classes
@@ -96,15 +101,19 @@ def checked_format(folder: Path, entry: dict) -> str:
     return storage
 
 
-def layer_tensors(fmt: SparseFormat, storage: str, transposed: bool = False) -> dict[str, torch.Tensor]:
+def layer_tensors(fmt: SparseFormat, storage: str, transposed: bool = False,
+                  rows: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one compressed weight (names without the ``<layer>.`` prefix).
 
-    ``transposed``: the layer stores its weight as (in, out) (GPT-2's Conv1D), so that is what is written."""
+    ``transposed``: the layer stores its weight as (in, out) (GPT-2's Conv1D), so that is what is written.
+    ``rows``: only output rows [start, stop), one linear of the checkpoint's (an expert's gate or up
+    projection, stored apart, of a fused gate/up matrix)."""
+    start, stop = rows or (0, fmt.shape[0])
     if storage == FORMAT_24:
-        rows, cols = fmt.shape
-        return {"compressed": fmt.values, "bitmask": pack_bits(fmt.mask()),
-                "shape": torch.tensor([[rows], [cols]], dtype=torch.int64)}
-    dense = fmt.to_dense()
+        cols = fmt.shape[1]
+        return {"compressed": fmt.values[start:stop], "bitmask": pack_bits(fmt.mask()[start:stop]),
+                "shape": torch.tensor([[stop - start], [cols]], dtype=torch.int64)}
+    dense = fmt.to_dense()[start:stop]
     dense = dense.t().contiguous() if transposed else dense
     mask = dense != 0
     counts = mask.sum(dim=1)
@@ -157,6 +166,129 @@ def kernel_format(storage: str, mask: torch.Tensor, values: torch.Tensor, transp
     return dense if fmt_cls is None else fmt_cls.compress(dense)
 
 
+@dataclass(frozen=True)
+class ExpertPiece:
+    """One linear of the checkpoint that holds rows of one expert's matrix of a fused experts module.
+
+    ``stored``: its name in the checkpoint (``model.layers.0.block_sparse_moe.experts.3.w1``);
+    ``emitted``: its name relative to the experts module as the state dict must give it, so that
+    ``save_pretrained``'s own renamings turn it into ``stored``; ``rows``: the rows [start, stop) of
+    ``matrix`` (``gate_up_proj``, ``down_proj``) of expert ``expert`` it holds."""
+
+    stored: str
+    emitted: str
+    matrix: str
+    expert: int
+    rows: tuple[int, int]
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every MoE block's experts module (dense or :class:`SparseExperts`) by path; {} for a dense family."""
+    spec = spec_for(model)
+    if spec.moe is None:
+        return {}
+    found = {id(spec.experts_of(block)) for block in spec.blocks_of(model)} - {id(None)}
+    return {path: module for path, module in model.named_modules() if id(module) in found}
+
+
+def expert_pieces(model: nn.Module, path: str, experts: nn.Module) -> list[ExpertPiece] | str:
+    """How the checkpoint stores the experts module at ``path``: one :class:`ExpertPiece` per stored
+    linear, found by passing row-numbered stand-ins of the fused parameters through ``transformers``'
+    own conversion (:class:`StoredLayout`); or why compressed-tensors cannot name them (they are stored
+    fused, or a stored tensor mixes experts or columns), one line."""
+    if isinstance(experts, SparseExperts):
+        shapes = {name: (len(layers), layers[0].out_features) for name in (GATE_UP, DOWN) for layers in [getattr(experts, name)]}
+        transposed = experts.transposed
+    else:
+        shapes = {name: tuple(getattr(experts, name).shape[:2]) for name in (GATE_UP, DOWN)}
+        transposed = spec_for(model).moe.transposed
+    family = type(experts).__name__ if not isinstance(experts, SparseExperts) else experts.family
+    fused = f"{family} keeps its experts fused in the checkpoint"
+    if transposed:
+        return f"{fused}, [experts, in, out], which compressed-tensors (one tensor set per linear) cannot name"
+    layout = StoredLayout(model)
+    offsets, codes, start = {}, {}, 0
+    for name, (count, rows) in shapes.items():  # distinct numbers across both matrices
+        offsets[name] = start
+        codes[f"{path}.{name}"] = torch.arange(start, start + count * rows, dtype=torch.float64).reshape(count, rows, 1)
+        start += count * rows
+    with _family_conversion(model):
+        converted = layout.to_stored(codes)
+    pieces = []
+    for stored, code in converted.items():
+        first = int(code.flatten()[0])
+        name = next(n for n in reversed(shapes) if offsets[n] <= first)
+        expert, row = divmod(first - offsets[name], shapes[name][1])
+        n = code.shape[0]
+        expected = torch.arange(first, first + n, dtype=torch.float64).unsqueeze(1)
+        if code.dim() != 2 or code.shape[1] != 1 or not stored.endswith(".weight") or row + n > shapes[name][1] \
+                or not torch.equal(code, expected):
+            return f"{fused} ({stored}, {list(code.shape)}), which compressed-tensors (one tensor set per linear) cannot name"
+        pieces.append(ExpertPiece(stored.removesuffix(".weight"), "", name, expert, (row, row + n)))
+    if sum(piece.rows[1] - piece.rows[0] for piece in pieces) != start:
+        return f"{fused} in tensors that do not hold every expert row once, which compressed-tensors cannot name"
+    return _emitted(layout, path, pieces, fused)
+
+
+@contextmanager
+def _family_conversion(model: nn.Module) -> Iterator[None]:
+    """``save_pretrained`` reverts only the conversions ``from_pretrained`` applied (``_weight_conversions``):
+    a model loaded from a folder whose experts were stored compressed applied no expert fusion, yet its
+    checkpoint layout is still the family's. Without the attribute, transformers reverts the family's
+    whole mapping, which is what the stored layout of its experts is."""
+    applied = model.__dict__.pop("_weight_conversions", None)
+    try:
+        yield
+    finally:
+        if applied is not None:
+            model._weight_conversions = applied
+
+
+def _emitted(layout: StoredLayout, path: str, pieces: list[ExpertPiece], fused: str) -> list[ExpertPiece] | str:
+    """``pieces`` with the state-dict name of each: the stored name through the model's forward renamings
+    (Mixtral's ``block_sparse_moe`` -> ``mlp``), checked to come back to it through ``save_pretrained``'s reverse."""
+    def forward(key: str) -> str:
+        for renaming in layout.renamings:
+            key = renaming.rename_source_key(key)[0]
+        return key
+
+    named = [(piece, forward(f"{piece.stored}.compressed")) for piece in pieces]
+    back = layout.to_stored({key: torch.tensor([float(i)]) for i, (_, key) in enumerate(named)})
+    came_back = {int(t): key for key, t in back.items()}
+    found = []
+    for i, (piece, key) in enumerate(named):
+        if came_back.get(i) != f"{piece.stored}.compressed" or not key.startswith(f"{path}."):
+            return f"{fused} under names this model does not round-trip ({piece.stored})"
+        found.append(replace(piece, emitted=key[len(path) + 1:].removesuffix(".compressed")))
+    return found
+
+
+def expert_layouts(model: nn.Module) -> dict[str, list[ExpertPiece] | str]:
+    """:func:`expert_pieces` of every experts module, by path."""
+    return {path: expert_pieces(model, path, module) for path, module in experts_modules(model).items()}
+
+
+def _write_experts_hook(storage: str, pieces: list[ExpertPiece] | str, experts: SparseExperts, state: dict,
+                        prefix: str, _meta) -> None:
+    """A SparseExperts' state dict as the checkpoint stores the family's experts: each stored linear's
+    compressed tensors, or, where the layout cannot name them (``pieces`` is the reason), the dense fused
+    parameters the family loads."""
+    for key in [key for key in state if key.startswith(prefix)]:
+        del state[key]
+    if isinstance(pieces, str):
+        for name in (GATE_UP, DOWN):
+            layers = getattr(experts, name)
+            dense = torch.stack([layer.dense_weight() for layer in layers])
+            state[prefix + name] = dense.transpose(1, 2).contiguous() if experts.transposed else dense
+            if layers[0].bias is not None:
+                state[f"{prefix}{name}_bias"] = torch.stack([layer.bias.detach() for layer in layers])
+        return
+    for piece in pieces:
+        layer = getattr(experts, piece.matrix)[piece.expert]
+        for part, tensor in layer_tensors(layer.format(), storage, rows=piece.rows).items():
+            state[f"{prefix}{piece.emitted}.{part}"] = tensor
+
+
 def _write_hook(storage: str, transposed: bool, layer: SparseLinear, state: dict, prefix: str, _meta) -> None:
     """A SparseLinear's state dict in the checkpoint layout (so ``save_pretrained`` writes it)."""
     for part in layer.format_class.parts:
@@ -165,8 +297,10 @@ def _write_hook(storage: str, transposed: bool, layer: SparseLinear, state: dict
         state[prefix + part] = tensor
 
 
-def use_layout(model: nn.Module, storage: str, transposed: set[str], ignore: list[str], sparsity: float) -> dict:
-    """Make ``model`` save in ``storage``: its SparseLinears write checkpoint tensors and its config
+def use_layout(model: nn.Module, storage: str, transposed: set[str], ignore: list[str], sparsity: float,
+               experts: dict[str, list[ExpertPiece] | str]) -> dict:
+    """Make ``model`` save in ``storage``: its SparseLinears write checkpoint tensors, its SparseExperts
+    their experts as ``experts`` (:func:`expert_layouts`) says the checkpoint stores them, and its config
     carries the sparsity config as compressed-tensors writes it. Returns that config."""
     entry = {
         "quant_method": QUANT_METHOD,
@@ -182,32 +316,52 @@ def use_layout(model: nn.Module, storage: str, transposed: set[str], ignore: lis
         "transform_config": {},
     }
     for name, layer in model.named_modules():
-        if isinstance(layer, SparseLinear):
+        if isinstance(layer, SparseExperts):
+            layer.register_state_dict_post_hook(partial(_write_experts_hook, storage, experts[name]))
+        elif isinstance(layer, SparseLinear) and not _inside(name, experts):
             layer.register_state_dict_post_hook(partial(_write_hook, storage, name in transposed))
     model.config.quantization_config = entry
     return entry
 
 
 def export(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN_SPARSITY) -> ExportStage:
-    """Swap the sparse linears for SparseLinear and make the model save as a compressed-tensors
-    checkpoint: ``sparse-24-bitmask`` when every swapped weight is 2:4 in its stored orientation,
-    else ``sparse-bitmask`` (which holds any pattern). Returns the stage record."""
+    """Swap the sparse linears for SparseLinear (and sparse fused experts for SparseExperts) and make the
+    model save as a compressed-tensors checkpoint: ``sparse-24-bitmask`` when every weight saved
+    compressed is 2:4 in its stored orientation, else ``sparse-bitmask`` (which holds any pattern).
+    Experts the layout cannot name (stored fused: gpt-oss) stay sparse in memory and are saved dense,
+    listed in ``kept_dense`` with that reason. Returns the stage record."""
     linears = spec.named_linears(model)
     transposed = {name for name, module in linears.items() if is_transposed(module)}
     zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
     total = sum(m.weight.numel() for m in linears.values())
     report = sparsify(model, spec, min_sparsity)
+    experts = expert_layouts(model)
+    for path, pieces in experts.items():
+        module = model.get_submodule(path)
+        if isinstance(pieces, str) and isinstance(module, SparseExperts):
+            for rel, layer in module.layers().items():
+                del report.swapped[f"{path}.{rel}"]
+                report.kept_dense[f"{path}.{rel}"] = f"saved dense (in memory they run on the sparse kernels): {pieces}"
+                report.sparse_bytes += layer.out_features * layer.in_features * layer.format().dtype.itemsize - layer.format().nbytes()
     transposed &= set(report.swapped)
-    storage = storage_for(model, transposed)
+    storage = storage_for(model, transposed, experts)
     ignore = sorted(name for name, module in model.named_modules() if isinstance(module, nn.Linear) or is_transposed(module))
-    use_layout(model, storage, transposed, ignore, round(zeros / max(total, 1), 6))
+    use_layout(model, storage, transposed, ignore, round(zeros / max(total, 1), 6), experts)
     return replace(report.stage_record(), layout=LAYOUT, storage=storage)
 
 
-def storage_for(model: nn.Module, transposed: set[str]) -> str:
-    """The storage every SparseLinear's format keeps its values in as stored (``sparse-24-bitmask`` for an
-    all-2:4 model), where they share one and none is transposed; else ``sparse-bitmask``, which holds any."""
-    storages = {layer.format_class.checkpoint_storage for layer in model.modules() if isinstance(layer, SparseLinear)}
+def _inside(name: str, experts: dict[str, list[ExpertPiece] | str]) -> bool:
+    """``name`` is a module of one of the experts modules at the paths ``experts`` names."""
+    return any(name.startswith(f"{path}.") for path in experts)
+
+
+def storage_for(model: nn.Module, transposed: set[str], experts: dict[str, list[ExpertPiece] | str]) -> str:
+    """The storage every SparseLinear saved compressed keeps its values in as stored (``sparse-24-bitmask``
+    for an all-2:4 model), where they share one and none is transposed; else ``sparse-bitmask``, which
+    holds any. Experts saved dense (``experts`` gives a reason for their module) do not count."""
+    dense = {path for path, pieces in experts.items() if isinstance(pieces, str)}
+    storages = {layer.format_class.checkpoint_storage for name, layer in model.named_modules()
+                if isinstance(layer, SparseLinear) and not _inside(name, dense)}
     native = storages.pop() if len(storages) == 1 else None
     return native if native is not None and not transposed else FORMAT_BITMASK
 
@@ -226,7 +380,8 @@ def _stored_layers(folder: Path, storage: str) -> dict[str, dict[str, Path]]:
 
 def restore(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
     """Put a compressed-tensors sparse checkpoint's weights into the freshly built ``model`` (loaded
-    without them), on the kernels where a format holds them; returns how many layers were compressed."""
+    without them), on the kernels where a format holds them (a fused experts module whose experts are
+    stored compressed, one linear each, on a SparseExperts); returns how many layers were compressed."""
     found = sparsity_entry(folder)
     if found is None:
         return 0
@@ -234,11 +389,20 @@ def restore(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
     storage = checked_format(folder, entry)
     transposed: set[str] = set()
     layers = _stored_layers(folder, storage)
+    experts = expert_layouts(model)
+    pieces = {piece.stored: (path, piece) for path, found in experts.items() if not isinstance(found, str)
+              for piece in found}
+    read: dict[str, dict[ExpertPiece, tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, files in layers.items():
         where = f"{folder}: {name}"
         missing = [part for part in PARTS[storage] if part not in files]
         if missing:
             raise UsageError(f"{where}.{missing[0]} is missing ({storage} stores {', '.join(PARTS[storage])}); the checkpoint is incomplete")
+        if name in pieces:
+            path, piece = pieces[name]
+            cols = getattr(model.get_submodule(path), piece.matrix).shape[2]
+            read.setdefault(path, {})[piece] = read_layer(storage, _read_parts(files, name), (piece.rows[1] - piece.rows[0], cols), where)
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -246,11 +410,7 @@ def restore(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
         if module is None or not hasattr(module, "weight") or module.weight.dim() != 2:
             raise UsageError(f"{where} is stored compressed, but config.json builds no linear of that name; "
                              "the checkpoint does not belong to this config")
-        parts = {}
-        for part, file in files.items():
-            with safe_open(str(file), framework="pt") as handle:
-                parts[part] = handle.get_tensor(f"{name}.{part}")
-        mask, values = read_layer(storage, parts, tuple(module.weight.shape), where)
+        mask, values = read_layer(storage, _read_parts(files, name), tuple(module.weight.shape), where)
         flipped = is_transposed(module)
         fmt = kernel_format(storage, mask, values.to(dtype), flipped)
         if isinstance(fmt, torch.Tensor):
@@ -260,10 +420,47 @@ def restore(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
         set_module(model, name, SparseLinear(fmt, bias.detach() if bias is not None else None))
         if flipped:
             transposed.add(name)
+    for path, stored in read.items():
+        _restore_experts(model, path, stored, experts[path], storage, dtype, folder)
+    experts = expert_layouts(model)
     sparsity = entry["sparsity_config"]
-    use_layout(model, storage_for(model, transposed), transposed, list(sparsity.get("ignore") or []),
-               sparsity.get("global_sparsity", 0.0))
+    use_layout(model, storage_for(model, transposed, experts), transposed, list(sparsity.get("ignore") or []),
+               sparsity.get("global_sparsity", 0.0), experts)
     return len(layers)
+
+
+def _read_parts(files: dict[str, Path], name: str) -> dict[str, torch.Tensor]:
+    parts = {}
+    for part, file in files.items():
+        with safe_open(str(file), framework="pt") as handle:
+            parts[part] = handle.get_tensor(f"{name}.{part}")
+    return parts
+
+
+def _restore_experts(model: nn.Module, path: str, stored: dict[ExpertPiece, tuple[torch.Tensor, torch.Tensor]],
+                     pieces: list[ExpertPiece], storage: str, dtype: torch.dtype, folder: Path) -> None:
+    """Rebuild each expert matrix of the experts module at ``path`` from its stored linears' (mask,
+    values) (``stored``), and put a SparseExperts holding them in its place; where a matrix fits no kernel
+    format, every matrix goes back into the dense fused parameters instead (a module is sparse whole)."""
+    experts = model.get_submodule(path)
+    absent = [piece.stored for piece in pieces if piece not in stored]
+    if absent:
+        raise UsageError(f"{folder}: {absent[0]} is not stored compressed while other experts of {path} are; "
+                         "the checkpoint is incomplete")
+    formats: dict[str, list[SparseFormat | torch.Tensor]] = {}
+    for name in (GATE_UP, DOWN):
+        for e in range(getattr(experts, name).shape[0]):
+            parts = sorted((p for p in pieces if p.matrix == name and p.expert == e), key=lambda p: p.rows[0])
+            mask = torch.cat([stored[p][0] for p in parts])
+            values = torch.cat([stored[p][1] if storage == FORMAT_24 else stored[p][1].flatten() for p in parts])
+            formats.setdefault(name, []).append(kernel_format(storage, mask, values.to(dtype), False))
+    if all(isinstance(fmt, SparseFormat) for matrices in formats.values() for fmt in matrices):
+        set_module(model, path, SparseExperts(experts, formats, transposed=False))
+        return
+    for name, matrices in formats.items():
+        param = getattr(experts, name)
+        for e, fmt in enumerate(matrices):
+            param.data[e] = fmt if isinstance(fmt, torch.Tensor) else fmt.to_dense()
 
 
 register_folder_format(FolderFormat(LAYOUT, lambda folder: sparsity_entry(folder) is not None, restore, CONFIG_KEYS))

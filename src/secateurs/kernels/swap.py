@@ -1,4 +1,4 @@
-"""Swap a pruned model's linears for ``SparseLinear``, and read the sparse exports of earlier versions.
+"""Swap a pruned model's linears for ``SparseLinear`` (and its fused MoE experts for ``SparseExperts``), and read the sparse exports of earlier versions.
 
 Exports are now written in the compressed-tensors layout (:mod:`secateurs.kernels.compressed`).
 Folders written before hold, for each swapped linear, the kernel tensors themselves
@@ -20,10 +20,13 @@ from torch import nn
 
 from ..errors import UsageError
 from ..model.arch import ArchSpec
+from ..model.experts import DOWN, GATE_UP, ExpertLinear, RouterLinear
 from ..model.formats import FolderFormat, register_folder_format
 from ..model.linear import weight_matrix
 from ..record import ExportStage
 from . import registry
+from .experts import SparseExperts, unsupported
+from .formats import SparseFormat
 from .linear import SparseLinear, note
 
 DEFAULT_MIN_SPARSITY = 0.5
@@ -49,19 +52,27 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def sparsify(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN_SPARSITY) -> SparsifyReport:
-    """Replace every block linear that is 2:4 (or at least ``min_sparsity`` zeros) by a SparseLinear.
+    """Replace every block linear that is 2:4 (or at least ``min_sparsity`` zeros) by a SparseLinear,
+    and every fused MoE experts module whose expert matrices all are by a :class:`SparseExperts`.
 
     The 50% default is where a bitmap stops being larger than the dense fp16 weight would be worth
     reading (values + 1 bit per weight + offsets ≈ 0.58 of dense at 50%).
     """
     if not 0.0 <= min_sparsity < 1.0:
         raise UsageError(f"min sparsity {min_sparsity} must be in [0, 1)")
+    already = next((name for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseExperts))), None)
+    if already is not None:
+        raise UsageError(f"{already} is already sparse; sparsify a dense (pruned) model")
     report = SparsifyReport()
+    experts: dict[str, dict[str, ExpertLinear]] = {}
     for name, module in spec.named_linears(model).items():
-        if isinstance(module, SparseLinear):
-            raise UsageError(f"{name} is already sparse; sparsify a dense (pruned) model")
-        if not isinstance(module, nn.Module):  # an MoE expert's (or router's) view of a fused parameter
-            report.kept_dense[name] = "an MoE expert matrix inside a fused parameter: no sparse kernel runs experts yet"
+        if isinstance(module, ExpertLinear):  # swapped with the rest of its module, below
+            path, _, view = name.rpartition(".")
+            path, _, matrix = path.rpartition(".")
+            experts.setdefault(path, {})[f"{matrix}.{view}"] = module
+            continue
+        if isinstance(module, RouterLinear):
+            report.kept_dense[name] = "an MoE router (a view of its weight): stays dense, its logits choose the experts"
             continue
         weight = weight_matrix(module)
         fmt_cls, why = registry.choose_format(weight, min_sparsity)
@@ -73,12 +84,43 @@ def sparsify(model: nn.Module, spec: ArchSpec, min_sparsity: float = DEFAULT_MIN
         report.dense_bytes += weight.numel() * weight.element_size()
         report.sparse_bytes += sparse.format().nbytes()
         set_module(model, name, sparse)
+    for path, views in experts.items():
+        _swap_experts(model, path, views, min_sparsity, report)
     if not report.swapped:
         raise UsageError(
             "no linear is sparse enough to store compressed (needs 2:4, or at least "
             f"{min_sparsity:.0%} zeros); prune it first, e.g. secateurs prune --pattern 2:4"
         )
     return report
+
+
+def _swap_experts(model: nn.Module, path: str, views: dict[str, ExpertLinear], min_sparsity: float,
+                  report: SparsifyReport) -> None:
+    """Replace the experts module at ``path`` by a SparseExperts, each of its matrices (``views``, by
+    ``gate_up_proj.3``) in the format ``choose_format`` picks; all of them or none, so the module never
+    holds an expert both ways (then each matrix is listed dense with the reason)."""
+    first = next(iter(views.values()))
+    reason = unsupported(first.experts)
+    chosen: dict[str, tuple[type[SparseFormat], str]] = {}
+    for rel, view in views.items() if reason is None else ():
+        fmt_cls, why = registry.choose_format(weight_matrix(view), min_sparsity)
+        if fmt_cls is None:
+            reason = f"{rel}: {why}, so this module's experts stay dense together"
+            break
+        chosen[rel] = (fmt_cls, why)
+    if reason is not None:
+        report.kept_dense.update({f"{path}.{rel}": reason for rel in views})
+        return
+    formats: dict[str, list[SparseFormat]] = {GATE_UP: [], DOWN: []}
+    for rel, view in views.items():  # expert by expert, so each list is in expert order
+        weight = weight_matrix(view)
+        fmt_cls, why = chosen[rel]
+        fmt = fmt_cls.compress(weight.detach())
+        formats[rel.partition(".")[0]].append(fmt)
+        report.swapped[f"{path}.{rel}"] = {"kind": fmt.kind, "shape": list(fmt.shape), "why": why}
+        report.dense_bytes += weight.numel() * weight.element_size()
+        report.sparse_bytes += fmt.nbytes()
+    set_module(model, path, SparseExperts(first.experts, formats, first.transposed))
 
 
 def export_stage(folder: Path) -> dict | None:

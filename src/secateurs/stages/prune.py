@@ -3,6 +3,7 @@ shard by shard, or split over processes. Its flags are the fields of :class:`Pru
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -132,6 +133,8 @@ class PruneStage(Stage):
         except UsageError as exc:
             err_console.print(f"[yellow]saving dense:[/] {exc}", highlight=False, soft_wrap=True)
             return [report], []
+        for reason, count in expert_reasons(exported.kept_dense or {}).items():
+            err_console.print(f"[yellow]{count} expert matrices:[/] {reason}", highlight=False, soft_wrap=True)
         sizes = exported.weight_bytes
         kinds = sorted({info["kind"] for info in exported.layers.values()})
         if str(report.target.pattern) not in (*KERNEL_PATTERNS, "unstructured"):
@@ -140,3 +143,15 @@ class PruneStage(Stage):
         row = ["export", (f"sparse ({', '.join(kinds)}), {len(exported.layers)} linears at "
                           f"{sizes['compressed'] / sizes['dense']:.3f} of dense bytes")]
         return [report, exported], [row]
+
+
+def expert_reasons(kept_dense: dict[str, str]) -> dict[str, int]:
+    """Why MoE expert matrices (``…experts.gate_up_proj.3``) stayed dense in a sparse export, each reason
+    once with how many it covers: one line per experts family or cause, not one per expert."""
+    from ..model.experts import DOWN, GATE_UP
+
+    found: dict[str, int] = {}
+    for name, reason in kept_dense.items():
+        if re.search(rf"\.({GATE_UP}|{DOWN})\.\d+$", name):
+            found[reason] = found.get(reason, 0) + 1
+    return found
