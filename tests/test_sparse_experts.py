@@ -20,7 +20,7 @@ from secateurs.kernels.experts import SparseExperts
 from secateurs.model.linear import weight_matrix
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
-FP32 = dict(rtol=1e-5, atol=1e-5)
+FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def pruned(arch: str, pattern: str = "2:4", **overrides):
@@ -88,8 +88,8 @@ def test_sparse_experts_equal_the_masked_model_and_survive_export_and_reload(arc
 
 
 @pytest.mark.parametrize(("arch", "pattern", "kind", "sizes"), [
-    ("mixtral", "unstructured", "bitmap", dict(hidden_size=128, intermediate_size=128)),  # bitmap: 128-wide inputs
-    ("qwen3_moe", "4:8", "4:8", dict(moe_intermediate_size=32)),
+    ("mixtral", "unstructured", "bitmap", {"hidden_size": 128, "intermediate_size": 128}),  # bitmap: 128-wide inputs
+    ("qwen3_moe", "4:8", "4:8", {"moe_intermediate_size": 32}),
 ])
 def test_other_formats_write_gate_and_up_apart_and_reload(arch, pattern, kind, sizes, tmp_path):
     """Bitmap and 4:8 experts: the fused gate/up matrix is written as the checkpoint's two linears (gate rows,
@@ -188,3 +188,17 @@ def test_cli_prune_export_sparse_says_what_gpt_oss_saved(tmp_path):
     export = json.loads((out / "secateurs.json").read_text())["stages"][-1]
     assert "model.layers.0.self_attn.q_proj" in export["layers"]
     assert not any(".experts." in name for name in export["layers"])
+
+
+def test_a_checkpoint_missing_one_experts_linear_is_one_usage_line(tmp_path):
+    from safetensors.torch import save_file
+
+    loaded = pruned("qwen3_moe")
+    secateurs.save(loaded, tmp_path / "out", [export_sparse(loaded)])
+    file = tmp_path / "out" / "model.safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        state = {k: handle.get_tensor(k) for k in handle.keys() if ".layers.1.mlp.experts.2.up_proj." not in k}
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(UsageError, match=r"experts\.2\.up_proj is not stored compressed while other experts") as err:
+        secateurs.load_model(str(tmp_path / "out"))
+    assert "\n" not in str(err.value)

@@ -49,7 +49,7 @@ from ..model.formats import FolderFormat, register_folder_format
 from ..model.linear import is_transposed
 from ..model.stored import StoredLayout
 from ..record import ExportStage
-from .experts import SparseExperts
+from .experts import SparseExperts, unsupported
 from .formats import SparseFormat, pack_bits, unpack_bits
 from .linear import SparseLinear
 from .registry import choose_format, format_classes
@@ -191,22 +191,20 @@ def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {path: module for path, module in model.named_modules() if id(module) in found}
 
 
-def expert_pieces(model: nn.Module, path: str, experts: nn.Module) -> list[ExpertPiece] | str:
+def expert_pieces(model: nn.Module, layout: StoredLayout, path: str, experts: nn.Module) -> list[ExpertPiece] | str:
     """How the checkpoint stores the experts module at ``path``: one :class:`ExpertPiece` per stored
     linear, found by passing row-numbered stand-ins of the fused parameters through ``transformers``'
-    own conversion (:class:`StoredLayout`); or why compressed-tensors cannot name them (they are stored
-    fused, or a stored tensor mixes experts or columns), one line."""
+    own conversion (``layout``); or why compressed-tensors cannot name them (they are stored fused, or a
+    stored tensor mixes experts or columns), one line."""
     if isinstance(experts, SparseExperts):
-        shapes = {name: (len(layers), layers[0].out_features) for name in (GATE_UP, DOWN) for layers in [getattr(experts, name)]}
-        transposed = experts.transposed
+        family, transposed = experts.family, experts.transposed
+        shapes = {name: (len(getattr(experts, name)), getattr(experts, name)[0].out_features) for name in (GATE_UP, DOWN)}
     else:
+        family, transposed = type(experts).__name__, spec_for(model).moe.transposed
         shapes = {name: tuple(getattr(experts, name).shape[:2]) for name in (GATE_UP, DOWN)}
-        transposed = spec_for(model).moe.transposed
-    family = type(experts).__name__ if not isinstance(experts, SparseExperts) else experts.family
     fused = f"{family} keeps its experts fused in the checkpoint"
     if transposed:
         return f"{fused}, [experts, in, out], which compressed-tensors (one tensor set per linear) cannot name"
-    layout = StoredLayout(model)
     offsets, codes, start = {}, {}, 0
     for name, (count, rows) in shapes.items():  # distinct numbers across both matrices
         offsets[name] = start
@@ -248,8 +246,11 @@ def _emitted(layout: StoredLayout, path: str, pieces: list[ExpertPiece], fused: 
     """``pieces`` with the state-dict name of each: the stored name through the model's forward renamings
     (Mixtral's ``block_sparse_moe`` -> ``mlp``), checked to come back to it through ``save_pretrained``'s reverse."""
     def forward(key: str) -> str:
-        for renaming in layout.renamings:
-            key = renaming.rename_source_key(key)[0]
+        try:
+            for renaming in layout.renamings:
+                key = renaming.rename_source_key(key)[0]
+        except AttributeError:  # a transformers without per-key renaming: the stored name, checked below
+            pass
         return key
 
     named = [(piece, forward(f"{piece.stored}.compressed")) for piece in pieces]
@@ -264,8 +265,19 @@ def _emitted(layout: StoredLayout, path: str, pieces: list[ExpertPiece], fused: 
 
 
 def expert_layouts(model: nn.Module) -> dict[str, list[ExpertPiece] | str]:
-    """:func:`expert_pieces` of every experts module, by path."""
-    return {path: expert_pieces(model, path, module) for path, module in experts_modules(model).items()}
+    """:func:`expert_pieces` of every experts module, by path (each a reason where this ``transformers``
+    cannot convert the family's stored names at all)."""
+    modules = experts_modules(model)
+    if not modules:
+        return {}
+    try:
+        layout = StoredLayout(model)
+    except UsageError:  # an older transformers 5 without per-key conversion (StoredLayout says which)
+        import transformers
+
+        return {path: f"{type(module).__name__}'s per-expert checkpoint names need a newer transformers than "
+                      f"{transformers.__version__} to derive (pip install -U transformers)" for path, module in modules.items()}
+    return {path: expert_pieces(model, layout, path, module) for path, module in modules.items()}
 
 
 def _write_experts_hook(storage: str, pieces: list[ExpertPiece] | str, experts: SparseExperts, state: dict,
@@ -441,7 +453,8 @@ def _restore_experts(model: nn.Module, path: str, stored: dict[ExpertPiece, tupl
                      pieces: list[ExpertPiece], storage: str, dtype: torch.dtype, folder: Path) -> None:
     """Rebuild each expert matrix of the experts module at ``path`` from its stored linears' (mask,
     values) (``stored``), and put a SparseExperts holding them in its place; where a matrix fits no kernel
-    format, every matrix goes back into the dense fused parameters instead (a module is sparse whole)."""
+    format, or SparseExperts cannot run the family, every matrix goes back into the dense fused parameters
+    instead (a module is sparse whole)."""
     experts = model.get_submodule(path)
     absent = [piece.stored for piece in pieces if piece not in stored]
     if absent:
@@ -454,7 +467,7 @@ def _restore_experts(model: nn.Module, path: str, stored: dict[ExpertPiece, tupl
             mask = torch.cat([stored[p][0] for p in parts])
             values = torch.cat([stored[p][1] if storage == FORMAT_24 else stored[p][1].flatten() for p in parts])
             formats.setdefault(name, []).append(kernel_format(storage, mask, values.to(dtype), False))
-    if all(isinstance(fmt, SparseFormat) for matrices in formats.values() for fmt in matrices):
+    if unsupported(experts) is None and all(isinstance(fmt, SparseFormat) for matrices in formats.values() for fmt in matrices):
         set_module(model, path, SparseExperts(experts, formats, transposed=False))
         return
     for name, matrices in formats.items():
