@@ -169,6 +169,27 @@ def restore_sparse(model: nn.Module, folder: Path, dtype: torch.dtype) -> int:
     return len(layers)
 
 
+def densify(model: nn.Module, source: str, stage: str) -> int:
+    """Expand a loaded sparse export's ``SparseLinear`` layers back to plain ``nn.Linear`` (zeros kept) for
+    a stage that edits weights, which reads ``.weight`` like every method; returns how many. Fused MoE experts
+    in a sparse layout have no dense module to return to here: one line names the dense checkpoint instead."""
+    experts = next((name for name, m in model.named_modules() if isinstance(m, SparseExperts)), None)
+    if experts is not None:
+        raise UsageError(f"{source} stores its MoE experts in the sparse kernels' layout ({experts}), which "
+                         f"secateurs {stage} cannot edit: run it on the dense checkpoint the export came from")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseLinear)]
+    for name, layer in layers:
+        weight = layer.dense_weight()
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        set_module(model, name, dense)
+    return len(layers)
+
+
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 

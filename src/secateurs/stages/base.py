@@ -177,7 +177,16 @@ class Stage:
         """The model, loaded only after every check passed."""
         from ..model.load import load_model
 
-        return load_model(request.model, request.dtype, request.trust_remote_code)
+        loaded = load_model(request.model, request.dtype, request.trust_remote_code)
+        if self.produces_model:  # it edits weights, which methods read as ``.weight``: a sparse export goes dense
+            from ..kernels.linear import note
+            from ..kernels.swap import densify
+
+            expanded = densify(loaded.model, request.model, self.name)
+            if expanded:
+                note(f"{request.model} is a sparse export: its {expanded} sparse layers are expanded to dense ones "
+                     f"(zeros kept) for secateurs {self.name}")
+        return loaded
 
     def execute(self, request: StageConfig) -> Outcome | None:
         """load → verb → evaluate → save; None on a process that does not write (a distributed rank)."""
