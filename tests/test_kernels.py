@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 import subprocess
 import sys
 import textwrap
@@ -280,6 +281,8 @@ def test_cuda_ops_have_fake_implementations_for_graphs_and_compile():
                                                   torch.empty(40, 16, dtype=torch.uint8), "m128_n128_s4")
         scratch = torch.empty(40 * 128, dtype=torch.float16)
         torch.ops.secateurs.sparse24_expand(torch.empty(40, 64, dtype=torch.float16), torch.empty(40, 16, dtype=torch.uint8), scratch)
+        torch.ops.secateurs.bitmap_expand(torch.empty(100, dtype=torch.float16), torch.empty(40, 4, dtype=torch.int32),
+                                          torch.empty(40, 1, dtype=torch.int32), scratch)
     assert (tuple(y24.shape), y24.dtype) == ((2, 16), torch.float16)
     assert tuple(ybm.shape) == (1, 24)
     assert (tuple(ymma.shape), ymma.dtype) == ((9, 40), torch.bfloat16)
@@ -682,6 +685,61 @@ def test_cuda_expand24_is_bit_exact(dtype):
     assert torch.equal(_emulate_expand24(fmt), w)
 
 
+def _emulate_expand_bitmap(fmt: Bitmap, run: int = 1040) -> torch.Tensor:
+    """expandbm in sparse_gemv.cu on raw 16-bit patterns: a warp per 32 words of the flat bitmap; lane l's first value
+    = its segment's offset + a 4-lane popcount scan; the warp's run of values staged from a 16-byte aligned start in
+    8-value vectors (the last partial one value by value, never past the end; at most ``run`` halves); then chunk j
+    of 128 (8 inputs) takes word j // 4 and its first value by shuffle, skips the popcount of the word's lower
+    bytes and reads its values in bit order."""
+    n, k = fmt.shape
+    bits = [b & 0xFFFFFFFF for b in fmt.bits.reshape(-1).tolist()]
+    offs = fmt.offsets.reshape(-1).tolist()
+    vals = (fmt.values.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+    words, nnz = len(bits), len(vals)
+    out = [None] * (n * k)  # an unwritten element fails the comparison
+    for w0 in range(0, words, 32):
+        word = [bits[w0 + lane] if w0 + lane < words else 0 for lane in range(32)]
+        count = [x.bit_count() for x in word]
+        start = [(offs[(w0 + lane) >> 2] if w0 + lane < words else 0) + sum(count[lane & ~3: lane]) for lane in range(32)]
+        last = min(31, words - w0 - 1)
+        a0 = start[0] & ~7
+        vecs = (start[last] + count[last] - a0 + 7) >> 3
+        assert 8 * vecs <= run
+        staged = []
+        for v in range(vecs):
+            e = a0 + 8 * v
+            staged += vals[e: e + 8] if e + 8 <= nnz else [vals[e + i] if e + i < nnz else 0 for i in range(8)]
+        for j in range(128):
+            src, q = j >> 2, j & 3
+            byte = (word[src] >> (8 * q)) & 0xFF
+            r = start[src] - a0 + (word[src] & ((1 << (8 * q)) - 1)).bit_count()
+            if w0 + src >= words:
+                continue
+            for b in range(8):
+                bit = (byte >> b) & 1
+                out[(w0 * 32) + 8 * j + b] = staged[r] if bit else 0
+                r += bit
+    return torch.tensor(out, dtype=torch.int32).to(torch.int16).view(fmt.values.dtype).reshape(n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.97])
+def test_cuda_bitmap_expand_index_math_is_bit_exact(dtype, sparsity):
+    """The bitmap prompt path's expand kernel rebuilds the stored weight exactly: 12 words a row, so warps straddle
+    rows and the last of three is partial; a row all zero, one all kept (a warp's longest run) and a last row that
+    ends the values in a partial vector."""
+    w = _wu(7, 3 * SEGMENT, sparsity, seed=17).to(dtype)
+    w[2] = 0.0
+    w[4] = (torch.rand(3 * SEGMENT, generator=torch.Generator().manual_seed(18)) + 1.0).to(dtype)
+    w[6, -5:] = 0.0
+    w[6, -12:-5] = 1.5
+    fmt = Bitmap.compress(w)
+    assert fmt.values.numel() % 8  # the run's last vector is read value by value
+    got = _emulate_expand_bitmap(fmt)
+    assert torch.equal(got.view(torch.int16), fmt.to_dense().view(torch.int16))
+    assert torch.equal(got, w)
+
+
 def test_2of4_layers_keep_one_position_table_and_no_copy_by_default(fresh_policies, monkeypatch):
     """The no-copies default: the dispatcher offers no dense or cuSPARSELt copy unless asked, a layer holds
     only values and positions (0.5625 of the dense bytes), and the kernels derive no table from them."""
@@ -730,6 +788,67 @@ def test_2of4_candidates_per_token_count_read_only_the_stored_tensors():
     assert list(narrow.cuda_candidates(64)) == ["expand_cublas"]
 
 
+def test_bitmap_candidates_per_token_count_offer_the_expand_path_from_two_rows(monkeypatch):
+    """One row: the bitmap GEMV; row bucket 2 on (prompts included): expand into the shared scratch + cuBLAS, whose
+    product (the kernel replaced by its emulation) is the dense one; values not 16-byte aligned: no expand path."""
+    from secateurs.kernels import cuda_ops
+
+    w = _wu(40, 2 * SEGMENT, 0.7, seed=19).half()
+    fmt = Bitmap.compress(w)
+    names = {m: list(fmt.cuda_candidates(m)) for m in (1, 2, 4, 8, 512, 8192)}
+    assert names[1] and all(n.startswith("cuda_gemv_bitmap") for n in names[1])
+    assert all(names[m] == ["expand_cublas"] for m in (2, 4, 8, 512, 8192))
+    monkeypatch.setattr(cuda_ops, "_SCRATCH", {})
+    monkeypatch.setattr(cuda_ops, "bitmap_expand", lambda values, bits, offsets, out: out[: w.numel()].copy_(
+        _emulate_expand_bitmap(Bitmap(values, bits, offsets, tuple(w.shape))).reshape(-1)))
+    x = torch.randn(3, 2 * SEGMENT, generator=torch.Generator().manual_seed(20)).half()
+    torch.testing.assert_close(fmt.cuda_candidates(4)["expand_cublas"](x).float(), x.float() @ w.float().T,
+                               rtol=2e-3, atol=2e-3)
+    assert cuda_ops.scratch_bytes() == w.numel() * 2
+    shifted = torch.empty(fmt.values.numel() + 1, dtype=fmt.values.dtype)[1:]  # 2 bytes past an aligned start
+    misaligned = Bitmap(shifted.copy_(fmt.values), fmt.bits, fmt.offsets, fmt.shape)
+    assert misaligned.cuda_candidates(2) == {} and list(misaligned.cuda_candidates(1)) == names[1]
+
+
+@pytest.mark.parametrize("kind", ["4:8", "bitmap"])
+def test_4of8_and_bitmap_prompts_run_stored_with_no_copy_by_default(kind, fresh_policies, monkeypatch):
+    """The no-copies default for the other stored formats: at a prompt bucket the dispatcher offers their expand
+    paths and the reference, no dense or cuSPARSELt copy; the layer keeps only its stored tensors; the shared
+    scratch is reserved for the largest live layer of any format before timing, once, not per layer."""
+    from secateurs.kernels import Nm48, cuda_ops, linear
+    from secateurs.sparsity.masks import nm_mask
+
+    monkeypatch.delenv("SECATEURS_SPARSE_COPIES", raising=False)
+    assert linear.reread_policies().copies == "none"
+    monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)  # offer 4:8's kernels on a CPU weight
+    monkeypatch.setattr(linear, "_LAYERS", weakref.WeakValueDictionary())  # only this test's layers are live
+    if kind == "4:8":
+        base = torch.randn(64, 256, generator=torch.Generator().manual_seed(21))
+        fmt_cls, w = Nm48, (base * nm_mask(base.abs(), 4, 8)).half()
+    else:
+        fmt_cls, w = Bitmap, _wu(64, 256, 0.7, seed=21).half()
+    layer = SparseLinear.from_module(w, None, fmt_cls)
+    assert [name for name, _ in layer.named_buffers()] == list(fmt_cls.parts)
+    offered = {}
+
+    def capture(options, expected, timer):
+        offered[linear.copy_policy()] = [plan[0] for plan, _ in options]
+        return options[0][0], {}
+
+    monkeypatch.setattr(linear, "choose", capture)
+    monkeypatch.setattr(linear, "cuda_candidates", lambda fmt, m: fmt.cuda_candidates(m))
+    monkeypatch.setattr(linear.triton_ops, "HAVE_TRITON", False)
+    layer._tune(layer.format(), 512, torch.randn(512, 256).half())
+    expands = ["cuda:expand_cublas_c1", "cuda:expand_cublas_c4"] if kind == "4:8" else ["cuda:expand_cublas"]
+    assert offered["none"] == [*expands, "reference"]
+    assert layer._dense is None and layer._semi is None and layer.extra_bytes() == 0
+    monkeypatch.setattr(cuda_ops, "_SCRATCH", {})
+    smaller = SparseLinear.from_module(w[:16], None, fmt_cls)
+    linear._reserve_scratch(torch.device("cpu"), torch.float16)
+    assert linear.shared_bytes() == w.numel() * 2  # the larger layer's dense size, one buffer for both
+    assert smaller.extra_bytes() == 0 and layer.extra_bytes() == 0
+
+
 def test_expand_scratch_is_one_buffer_counted_once(monkeypatch):
     from secateurs.evaluate.speed import extra_bytes
     from secateurs.kernels import cuda_ops, linear
@@ -757,4 +876,5 @@ def test_cuda_source_compiles_for_hopper_and_ampere(tmp_path):
         done = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-o", str(tmp_path / f"{arch}.cubin"),
                                str(cuda_ops.SOURCE)], capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert "gemm24_f16_m128_n128_s4" in (tmp_path / f"{arch}.cubin").read_bytes().decode("latin-1")
+        binary = (tmp_path / f"{arch}.cubin").read_bytes().decode("latin-1")
+        assert "gemm24_f16_m128_n128_s4" in binary and "expand24" in binary and "expandbm" in binary

@@ -183,7 +183,96 @@ def test_gemv48_op_has_a_fake_implementation():
     with FakeTensorMode():
         y = torch.ops.secateurs.nm48_gemv(torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(24, 32, dtype=torch.bfloat16),
                                           torch.empty(24, 8, dtype=torch.uint8), torch.empty(24, 4, dtype=torch.uint8), 2, 1)
+        scratch = torch.empty(24 * 64, dtype=torch.bfloat16)
+        torch.ops.secateurs.nm48_expand(torch.empty(24, 32, dtype=torch.bfloat16), torch.empty(24, 8, dtype=torch.uint8),
+                                        torch.empty(24, 4, dtype=torch.uint8), scratch, 4)
     assert (tuple(y.shape), y.dtype) == ((3, 24), torch.bfloat16)
+
+
+def _emulate_expand48(fmt: Nm48, chunks: int) -> torch.Tensor:
+    """sparse48.cu's expand48<C> on raw 16-bit patterns, flat over units of C 16-input chunks: the unit's position
+    words and third-bit bytes as one little-endian 2C- and C-byte load, per chunk value e (pair e // 2, half e % 2)
+    at 16 x (position & 3) of its group's low or high 64-bit word (position & 4), stored as two 16-byte vectors."""
+    n, k = fmt.shape
+    vals = fmt.values.contiguous().view(torch.int32).reshape(-1).tolist()  # four 32-bit pairs per chunk
+    meta, high = fmt.meta.reshape(-1).tolist(), fmt.high.reshape(-1).tolist()
+    units = n * k // 16 // chunks
+    assert units * chunks * 16 == n * k
+    out = [0] * (n * k)
+    for i in range(units):
+        mw = int.from_bytes(bytes(meta[2 * chunks * i: 2 * chunks * (i + 1)]), "little")
+        hw = int.from_bytes(bytes(high[chunks * i: chunks * (i + 1)]), "little")
+        for c in range(chunks):
+            chunk = i * chunks + c
+            v = [x & 0xFFFFFFFF for x in vals[4 * chunk: 4 * chunk + 4]]
+            m, h = (mw >> (16 * c)) & 0xFFFF, (hw >> (8 * c)) & 0xFF
+            g = [[0, 0], [0, 0]]
+            for e in range(8):
+                i2, second = e >> 1, e & 1
+                p = ((m >> (2 * i2 + 8 * second)) & 3) | (((h >> (i2 + 4 * second)) & 1) << 2)
+                g[i2 >> 1][p >> 2] |= ((v[i2] >> (16 * second)) & 0xFFFF) << (16 * (p & 3))
+            for q in range(2):
+                for half in range(2):
+                    for e in range(4):
+                        out[16 * chunk + 8 * q + 4 * half + e] = (g[q][half] >> (16 * e)) & 0xFFFF
+    return torch.tensor(out, dtype=torch.int32).to(torch.int16).view(fmt.values.dtype).reshape(n, k)
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expand48_index_math_is_bit_exact(chunks, dtype):
+    """The prompt path's expand kernel, emulated bit for bit, rebuilds the stored weight exactly: groups with fewer
+    than four non-zeros (zeros kept at unused positions), all four in the high half, negative zero."""
+    from secateurs.kernels import nm48
+
+    assert chunks in nm48.EXPAND_CHUNKS
+    w = _w48(6, 128, seed=21, dtype=dtype)
+    w[0, :16] = 0.0
+    w[1, 8:16] = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -2.0, 3.0, -4.0])
+    w[2, 16:24] = torch.tensor([-0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 6.0])
+    fmt = Nm48.compress(w)
+    got = _emulate_expand48(fmt, chunks)
+    assert torch.equal(got.view(torch.int16), fmt.to_dense().view(torch.int16))
+    assert torch.equal(got, w)
+
+
+def _gpu_like(fmt: Nm48, monkeypatch) -> None:
+    """Let ``cuda_candidates`` run on a CPU weight: the source is not compiled, the launches are never made."""
+    from secateurs.kernels import cuda_ops
+
+    monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
+
+
+def test_candidates_per_token_count_include_the_expand_path_above_the_gemv(monkeypatch):
+    """1-4 rows: the GEMV; row bucket 8 on (prompts included): expand into the shared scratch + cuBLAS, one chunk per
+    thread first, four where the position tables allow 8- and 4-byte loads; nothing else, and no dense copy."""
+    fmt = Nm48.compress(_w48(128, 256, dtype=torch.float16))
+    _gpu_like(fmt, monkeypatch)
+    names = {m: list(fmt.cuda_candidates(m)) for m in (1, 2, 4, 8, 16, 512, 2048, 8192)}
+    assert all(n.startswith("cuda_gemv48") for m in (1, 2, 4) for n in names[m]) and names[1]
+    for m in (8, 16, 512, 2048, 8192):
+        assert names[m] == ["expand_cublas_c1", "expand_cublas_c4"]
+    odd = Nm48.compress(_w48(5, 48, dtype=torch.float16))  # 15 chunks: no whole four-chunk units
+    assert list(odd.cuda_candidates(8)) == ["expand_cublas_c1"]
+
+
+def test_expand_candidate_multiplies_through_the_shared_scratch(monkeypatch):
+    """The candidate's wiring (scratch sized to the weight, the kernel writing into it, cuBLAS on its (N, K) view)
+    with the kernel replaced by its emulation; the scratch is the one every layer shares, not a copy."""
+    from secateurs.kernels import cuda_ops, nm48
+
+    w = _w48(24, 64, seed=5, dtype=torch.float16)
+    fmt = Nm48.compress(w)
+    _gpu_like(fmt, monkeypatch)
+    monkeypatch.setattr(cuda_ops, "_SCRATCH", {})
+    held = cuda_ops.scratch(torch.device("cpu"), torch.float16, 5000)  # a larger layer's reservation
+    held.fill_(float("nan"))
+    monkeypatch.setattr(nm48, "nm48_expand", lambda values, meta, high, out, chunks: out[: w.numel()].copy_(
+        _emulate_expand48(Nm48(values, meta, high, tuple(w.shape)), chunks).reshape(-1)))
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(6)).half()
+    for name, call in fmt.cuda_candidates(8).items():
+        torch.testing.assert_close(call(x).float(), (x.float() @ w.float().T), rtol=2e-3, atol=2e-3, msg=name)
+    assert cuda_ops.scratch(torch.device("cpu"), torch.float16, 1) is held and cuda_ops.scratch_bytes() == 10000
 
 
 def test_a_4of8_model_exports_as_a_bitmask_checkpoint_and_reloads_onto_4of8(tmp_path):
@@ -228,6 +317,8 @@ def test_every_kernel_the_format_launches_is_instantiated_and_the_source_compile
     source = nm48.SOURCE.read_text()
     made = {(int(t), int(r)) for t, r in re.findall(r"GEMV48\(DT, BF, (\d+), (\d+), \d+\)", source)}
     assert {(t, r) for t in nm48.TOKENS for r in nm48.ROWS[t]} <= made
+    expands = {int(c) for c in re.findall(r"^EXPAND48\((\d+)\)$", source, re.MULTILINE)}
+    assert set(nm48.EXPAND_CHUNKS) <= expands
     nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
     if nvcc is None:
         pytest.skip("no nvcc here")
@@ -237,3 +328,4 @@ def test_every_kernel_the_format_launches_is_instantiated_and_the_source_compile
         assert done.returncode == 0, done.stderr[-2000:]
         binary = (tmp_path / f"{arch}.cubin").read_bytes().decode("latin-1")
         assert all(f"gemv48_{dtype}_t{t}_r{r}" in binary for dtype in ("f16", "bf16") for t, r in made)
+        assert all(f"expand48_c{c}" in binary for c in expands)

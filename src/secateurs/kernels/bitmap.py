@@ -8,7 +8,9 @@ moves 0.30 + 0.0625 + 0.016 ≈ 0.38 of dense. Expanding gives the weight back b
 
 Kernels: a Triton tile kernel (per segment: the bits' prefix count gives each kept weight's index in
 ``values``, the tile is expanded in registers and fed to ``tl.dot``), a Triton GEMV for 1-4 rows, and the
-CUDA C++ bitmap GEMV of :mod:`secateurs.kernels.cuda_ops` for one row.
+CUDA C++ bitmap GEMV of :mod:`secateurs.kernels.cuda_ops` for one row; from 2 rows on its expand kernel writes the
+dense weight into the scratch buffer every format shares (``cuda_ops.scratch``), then cuBLAS runs: prompts keep
+no dense copy per layer.
 """
 
 from __future__ import annotations
@@ -146,12 +148,19 @@ class Bitmap(SparseFormat):
                       segs_per_split, config, SEG=SEGMENT)
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """The CUDA bitmap GEMV, for one row (the two-row one measured slower than cuBLAS)."""
+        """The CUDA bitmap GEMV for one row (the two-row one measured slower than cuBLAS); from 2 rows the expand
+        path (the weight expanded into the shared scratch, then cuBLAS; not yet timed on a GPU), which stages the
+        values with 16-byte loads and so needs them 16-byte aligned."""
         n, k = self.shape
-        if not 1 <= m <= cuda_ops.BITMAP_OFFERED or k % SEGMENT or self.bits.dtype != torch.int32 \
+        if m < 1 or k % SEGMENT or self.bits.dtype != torch.int32 \
                 or self.offsets.dtype != torch.int32 or not cuda_ops.ready(self.bits, 4, n, k // 32) \
                 or not cuda_ops.ready(self.offsets, 4, n, k // SEGMENT) or not self.values.is_contiguous():
             return {}
+        if m > cuda_ops.BITMAP_OFFERED:
+            if self.values.dim() != 1 or self.values.data_ptr() % 16:
+                return {}
+            return {"expand_cublas": lambda x: cuda_ops.scratch_matmul(
+                        x, self.shape, lambda out: cuda_ops.bitmap_expand(self.values, self.bits, self.offsets, out))}
         return {f"cuda_gemv_bitmap_r{rows}_s{split}": (
                     lambda x, r=rows, s=split: cuda_ops.bitmap_gemv(x, self.values, self.bits, self.offsets, r, s))
                 for split in cuda_ops.splits(n, k // 32 // 32) for rows in (1, 2)}

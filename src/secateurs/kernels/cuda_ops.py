@@ -18,7 +18,9 @@ Every kernel reads the stored tensors as they are (one position table in memory,
   of value, position and activation tiles, ``ldmatrix`` fragments, ``mma.sp`` in natural K order (where each
   lane's metadata register is two stored position words); a few tile shapes the dispatcher times;
 - expand: the stored 2:4 weight into one dense scratch buffer per device and dtype, shared by all layers
-  (:func:`scratch`), then cuBLAS: a prompt path with no persistent copy;
+  (:func:`scratch`), then cuBLAS: a prompt path with no persistent copy; the 4:8 format (``kernels/nm48.py``,
+  from 8 rows) and the bitmap (from 2 rows: a warp per 32 words, a popcount scan, its values staged in shared
+  memory by 16-byte loads) expand into the same buffer (:func:`scratch_matmul`);
 - bitmap GEMV (1 token): a lane walks the set bits of a 32-input word.
 
 Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers):
@@ -28,7 +30,7 @@ Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` off
   to try them (the first is the measured default); ``{}`` where no kernel applies. Each format says which
   of these kernels it offers (``cuda_candidates`` in ``kernels/sparse24.py`` and ``kernels/bitmap.py``).
 - Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``sparse24_mma``,
-  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``) with a fake implementation, so CUDA graphs and
+  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``; the 4:8 ones in ``kernels/nm48.py``) with a fake implementation, so CUDA graphs and
   ``torch.compile`` run over it without graph breaks.
 """
 
@@ -337,7 +339,7 @@ def _(values, meta, out):
     return None
 
 
-# One dense scratch per (device, dtype), sized to the largest 2:4 weight it served, shared by every layer:
+# One dense scratch per (device, dtype), sized to the largest weight it served, shared by every layer of every format:
 # layers run one after another on one stream, so each expands into it and multiplies before the next
 # starts (inside a CUDA graph too). A buffer that grew is kept (a captured graph may still point into it).
 _SCRATCH: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -348,7 +350,7 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tenso
     held = _SCRATCH.setdefault((device, dtype), [])
     if not held or held[-1].numel() < numel:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the 2:4 expansion scratch cannot grow inside CUDA-graph capture")
+            raise RuntimeError("the expansion scratch cannot grow inside CUDA-graph capture")
         held.append(torch.empty(numel, dtype=dtype, device=device))
     return held[-1]
 
@@ -363,13 +365,35 @@ def release_scratch() -> None:
     _SCRATCH.clear()
 
 
-def expand_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
-                  reserve: int = 0) -> torch.Tensor:
-    """``x @ W.T`` by expanding W into the shared scratch, then cuBLAS (``F.linear``) on it."""
+def scratch_matmul(x: torch.Tensor, shape: tuple[int, int], expand: Callable[[torch.Tensor], None],
+                   reserve: int = 0) -> torch.Tensor:
+    """``x @ W.T`` by ``expand`` writing the dense W (``shape``) into the shared scratch, then cuBLAS
+    (``F.linear``) on it: the prompt path of every stored format, with no copy kept per layer."""
     n, k = shape
     buffer = scratch(x.device, x.dtype, max(n * k, reserve))
-    sparse24_expand(values, meta, buffer)
+    expand(buffer)
     return torch.nn.functional.linear(x, buffer[: n * k].view(n, k))
+
+
+def expand_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
+                  reserve: int = 0) -> torch.Tensor:
+    """``x @ W.T`` for a 2:4 weight by expanding it into the shared scratch, then cuBLAS."""
+    return scratch_matmul(x, shape, lambda out: sparse24_expand(values, meta, out), reserve)
+
+
+@torch.library.custom_op("secateurs::bitmap_expand", mutates_args=("out",))
+def bitmap_expand(values: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the dense bitmap weight (N, K) into the first N*K elements of ``out`` (a scratch buffer); ``values``
+    16-byte aligned, ``bits`` (N, K/32) and ``offsets`` (N, K/128) int32 as stored."""
+    words = bits.numel()
+    blocks = min((words + WARPS * 32 - 1) // (WARPS * 32), 65535 * 8)
+    _launch("expandbm", blocks, (values, bits, offsets, out), (words, values.numel()), WARPS,
+            int_type=ctypes.c_longlong)
+
+
+@bitmap_expand.register_fake
+def _(values, bits, offsets, out):
+    return None
 
 
 def extra_bytes(fmt: SparseFormat) -> int:

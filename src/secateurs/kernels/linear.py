@@ -5,8 +5,8 @@ For each (format, shape, power-of-two row bucket, dtype, device) the first call 
 that can compute the product and caches the fastest correct one:
 
 - ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV, ``mma.sp`` decode kernel,
-  tiled ``mma.sp`` prompt GEMM, the expand path, bitmap GEMV), when ``cuda_ops.status()`` says they can
-  run here; all read the stored tensors, and the expand path's dense scratch is one buffer per device
+  tiled ``mma.sp`` prompt GEMM, 4:8 and bitmap GEMVs, every format's expand path), when ``cuda_ops.status()``
+  says they can run here; all read the stored tensors, and the expand path's dense scratch is one buffer per device
   and dtype shared by every layer (:func:`shared_bytes`), not a copy per layer;
 - ``triton``: our Triton kernels, one entry per launch configuration;
 - ``cusparselt``: cuSPARSELt through ``torch.sparse.to_sparse_semi_structured`` (2:4 only; a copy, so only
@@ -147,12 +147,13 @@ def shared_bytes() -> int:
 
 
 def _reserve_scratch(device: torch.device, dtype: torch.dtype) -> None:
-    """Size the expand path's shared scratch to the largest 2:4 weight of any live layer on ``device`` in
-    ``dtype`` before timing, so it never grows later (inside a caller's CUDA graph it cannot)."""
+    """Size the expand path's shared scratch to the largest weight of any live sparse layer on ``device`` in
+    ``dtype`` (every stored format offers an expand path for prompts) before timing, so it never grows later
+    (inside a caller's CUDA graph it cannot)."""
     if cuda_ops is None or not hasattr(cuda_ops, "scratch"):
         return
     sizes = [layer.out_features * layer.in_features for layer in list(_LAYERS.values())
-             if layer.kind == "2:4" and layer.parts()[0].device == device and layer.parts()[0].dtype == dtype]
+             if layer.parts()[0].device == device and layer.parts()[0].dtype == dtype]
     if sizes:
         cuda_ops.scratch(device, dtype, max(sizes))
 

@@ -17,13 +17,15 @@ eight stored values, four value pairs) per 16-byte load of values:
 - ``high`` (out, in/16) uint8, one byte per 16 inputs: the positions' third bits, value 2i's at bit i and
   value 2i+1's at bit 4 + i, which choose between the two halves with a second byte-permute.
 
-Expanding gives the weight back bit for bit. Checkpoints keep it in compressed-tensors ``sparse-bitmask``
+Expanding gives the weight back bit for bit. Prompts (8 rows and more) expand the stored tensors into the scratch
+buffer every format shares (``cuda_ops.scratch``), then run cuBLAS: no dense copy is kept per layer. Checkpoints keep it in compressed-tensors ``sparse-bitmask``
 (:mod:`secateurs.kernels.compressed`), which holds any pattern; a bitmask whose weight fits 4:8 loads as
 4:8 again (:func:`secateurs.kernels.registry.choose_format`).
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ TOKENS = (1, 2, 4)  # token counts the kernel is instantiated for (m = 3 runs th
 # Rows per warp group instantiated for each token count, the measured best first (H100, benchmarks/sparse48.py:
 # 2 rows won 14 of the 21 shape x token cells, 4 rows 4 and 1 row 3, where 2 rows came within 6%).
 ROWS = {1: (2, 1, 4), 2: (2, 4, 1), 4: (2, 1)}
+EXPAND_CHUNKS = (1, 4)  # 16-input chunks per thread of the expand kernel (expand48_c<C>), in the order offered
 
 
 @dataclass
@@ -120,16 +123,28 @@ class Nm48(SparseFormat):
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The 4:8 GEMV for 1-4 rows: each row count's instantiated rows per warp group (default first), at the
-        split-K choices of :func:`cuda_ops.splits`; compiled on first offer (an error there offers nothing)."""
+        split-K choices of :func:`cuda_ops.splits`; above 4 rows (row bucket 8 on) the expand path (the weight expanded into the
+        scratch every layer shares, then cuBLAS), at one or four chunks per thread (the first the layout of the
+        measured 2:4 expand; neither yet timed on a GPU). Compiled on first offer (an error there offers nothing)."""
         n, k = self.shape
-        if not 1 <= m <= TOKENS[-1] or k % CHUNK or not cuda_ops.ready(self.values, 16, n, k // 2) \
+        if m < 1 or k % CHUNK or not cuda_ops.ready(self.values, 16, n, k // 2) \
                 or not cuda_ops.ready(self.meta, 2, n, k // 8) or not cuda_ops.ready(self.high, 1, n, k // 16):
             return {}
         cuda_ops._module(self.values.device.index, SOURCE)  # compiled once; raises where it cannot be
+        if m > TOKENS[-1]:  # row bucket 8 on: the expand path
+            return {f"expand_cublas_c{c}": (lambda x, c=c: cuda_ops.scratch_matmul(
+                        x, self.shape, lambda out: nm48_expand(self.values, self.meta, self.high, out, c)))
+                    for c in EXPAND_CHUNKS if c == 1 or self._wide_positions()}
         tokens = next(t for t in TOKENS if t >= m)
         return {f"cuda_gemv48_r{rows}_s{split}": (
                     lambda x, r=rows, s=split: nm48_gemv(x, self.values, self.meta, self.high, r, s))
                 for split in cuda_ops.splits(n, k // CHUNK // 32) for rows in ROWS[tokens]}
+
+    def _wide_positions(self) -> bool:
+        """Whether the four-chunk expand can load the positions of four chunks at once: whole units of 64
+        inputs, the position words 8-byte and the third-bit bytes 4-byte aligned."""
+        n, k = self.shape
+        return (n * k) % (4 * CHUNK) == 0 and self.meta.data_ptr() % 8 == 0 and self.high.data_ptr() % 4 == 0
 
 
 @torch.library.custom_op("secateurs::nm48_gemv", mutates_args=())
@@ -151,6 +166,21 @@ def nm48_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, high: t
 @nm48_gemv.register_fake
 def _(x, values, meta, high, rows, split):
     return x.new_empty(x.shape[0], values.shape[0])
+
+
+@torch.library.custom_op("secateurs::nm48_expand", mutates_args=("out",))
+def nm48_expand(values: torch.Tensor, meta: torch.Tensor, high: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
+    """Write the dense 4:8 weight (N, K) into the first N*K elements of ``out`` (a scratch buffer), ``chunks``
+    16-input chunks per thread (one of :data:`EXPAND_CHUNKS`)."""
+    units = values.numel() // (CHUNK // 2) // chunks
+    blocks = min((units + 255) // 256, 65535 * 8)
+    cuda_ops._launch(f"expand48_c{chunks}", blocks, (values, meta, high, out), (units,), 8, source=SOURCE,
+                     int_type=ctypes.c_longlong)
+
+
+@nm48_expand.register_fake
+def _(values, meta, high, out, chunks):
+    return None
 
 
 def _first_four(groups: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 // 4:8 GEMV for decode: y (M, N) = x (M, K) @ W.T with W in the 4:8 format of kernels/nm48.py, M = 1-4
-// activation rows. Compiled at run time by NVRTC (kernels/cuda_ops.py) as a module of its own, so this file
+// activation rows; and the expand kernel of its prompt path (8 rows and more: the dense weight written into a
+// shared scratch buffer, then cuBLAS). Compiled at run time by NVRTC (kernels/cuda_ops.py) as a module of its own, so this file
 // includes no header and holds the few load / convert / reduce helpers it needs (sparse_gemv.cu has its own).
 //
 // Decode is bound by the bytes read (4:8 moves 1.1875 bytes per dense fp16 weight: 1.68x fewer than dense),
@@ -34,6 +35,16 @@ __device__ __forceinline__ u32 ld_stream_u16(const void* p) {
 __device__ __forceinline__ u32 ld_stream_u8(const void* p) {
     u32 v;
     asm("ld.global.cs.u8 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 ld_stream_u32(const void* p) {
+    u32 v;
+    asm("ld.global.cs.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ unsigned long long ld_stream_u64(const void* p) {
+    unsigned long long v;
+    asm("ld.global.cs.u64 %0, [%1];" : "=l"(v) : "l"(p));
     return v;
 }
 __device__ __forceinline__ void ld_nc_v4(const void* p, u32 (&v)[4]) {
@@ -189,6 +200,54 @@ __device__ __forceinline__ void gemv48(const u16* __restrict__ x, const u16* __r
     }
     finish<BF16, T, R>(acc, y, M, N, row0, S);
 }
+
+// ---- expand: the stored 4:8 weight into a dense (N, K) buffer (the prompt path: kernels/cuda_ops.py's one shared
+// scratch, then cuBLAS) ----
+// Flat over 16-input chunks (rows hold whole chunks since K % 16 == 0). A thread takes C consecutive chunks per
+// step: C 16-byte loads of values, the C position words and C third-bit bytes in one 2C- and one C-byte load, and
+// 32C bytes out in 16-byte stores. C = 1 makes every warp-wide access one contiguous run (as expand24, measured at
+// 0.65-1.0 of the copy bandwidth); C = 4 spends a quarter of the position loads. The dispatcher times both. Value e
+// of a chunk (pair e / 2, half e % 2) goes to bits 16 x (position & 3) of the 64-bit word holding its group's low or
+// high four inputs (position & 4), chosen by selects, not a branch. Works on raw 16-bit patterns, so one kernel
+// serves fp16 and bf16.
+template <int C>
+__device__ __forceinline__ void expand48(const u16* __restrict__ vals, const u8* __restrict__ meta,
+                                         const u8* __restrict__ high, u16* __restrict__ out, long long units) {
+    for (long long i = blockIdx.x * 256ll + threadIdx.x; i < units; i += (long long)gridDim.x * 256) {
+        const unsigned long long mw = C == 4 ? ld_stream_u64(meta + i * 8) : ld_stream_u16(meta + i * 2);
+        const u32 hw = C == 4 ? ld_stream_u32(high + i * 4) : ld_stream_u8(high + i);
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const long long chunk = i * C + c;
+            u32 v[4];
+            ld_stream_v4((const char*)vals + chunk * 16, v);
+            const u32 m = (u32)(mw >> (16 * c)) & 0xffffu, h = (hw >> (8 * c)) & 0xffu;
+            unsigned long long g[2][2] = {{0ull, 0ull}, {0ull, 0ull}};  // [group][low / high four inputs]
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int i2 = e >> 1, second = e & 1;
+                const u32 p = ((m >> (2 * i2 + 8 * second)) & 3u) | (((h >> (i2 + 4 * second)) & 1u) << 2);
+                const unsigned long long w = (unsigned long long)((v[i2] >> (16 * second)) & 0xffffu) << (16 * (p & 3u));
+                g[i2 >> 1][0] |= (p & 4u) ? 0ull : w;
+                g[i2 >> 1][1] |= (p & 4u) ? w : 0ull;
+            }
+            char* dst = (char*)out + chunk * 32;
+#pragma unroll
+            for (int q = 0; q < 2; ++q)
+                asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst + 16 * q), "r"((u32)g[q][0]),
+                             "r"((u32)(g[q][0] >> 32)), "r"((u32)g[q][1]), "r"((u32)(g[q][1] >> 32)));
+        }
+    }
+}
+
+// ---- entry points: expand48_c<chunks per thread> (kernels/nm48.py: EXPAND_CHUNKS) ----
+#define EXPAND48(C)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                        \
+        expand48_c##C(const u16* vals, const u8* meta, const u8* high, u16* out, long long units) {         \
+        expand48<C>(vals, meta, high, out, units);                                                           \
+    }
+EXPAND48(1)
+EXPAND48(4)
 
 // ---- entry points: gemv48_<dtype>_t<tokens>_r<rows per warp group> (kernels/nm48.py: TOKENS, ROWS) ----
 // At most 2 blocks per SM (<= 128 registers), so ptxas keeps every load of an unrolled step in flight.

@@ -588,6 +588,73 @@ extern "C" __global__ void __launch_bounds__(256) expand24(const u16* __restrict
     }
 }
 
+// ---- expand: a bitmap weight into a dense (N, K) buffer (its prompt path, 2 rows and more: one shared scratch,
+// then cuBLAS) ----
+// A warp owns 32 consecutive words of the flat (N*K/32) bitmap, 1024 inputs (segments never straddle rows, and
+// the flat word order is the values' order, so the warp's values are one contiguous run). Lane l loads word l (one
+// 128-byte access per warp); its first value is its segment's offset plus the popcounts of the words before it in
+// the segment (a 4-lane scan). The warp copies its run into shared memory in 16-byte loads (16-byte aligned: the
+// caller checks the values' address; the last partial vector is read value by value, never past the end), then
+// each lane writes 16-byte chunks, contiguous across the warp: chunk j of the warp's 128 (8 inputs) takes its
+// word and first value from lane j / 4 by shuffle, skips the popcount of the word's lower bytes, and reads its
+// values from shared memory in bit order. Raw 16-bit patterns: one kernel serves fp16 and bf16.
+#define EXPAND_RUN 1040  // halves staged per warp: 32 x 32 values plus up to 7 before and 7 after, 16-byte aligned
+extern "C" __global__ void __launch_bounds__(WARPS * 32) expandbm(const u16* __restrict__ vals, const u32* __restrict__ bits,
+                                                                  const int* __restrict__ offs, u16* __restrict__ out,
+                                                                  long long words, long long nnz) {
+    __shared__ __align__(16) u16 run[WARPS][EXPAND_RUN];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u16* s = run[warp];
+    for (long long w0 = (blockIdx.x * (long long)WARPS + warp) * 32; w0 < words; w0 += (long long)gridDim.x * WARPS * 32) {
+        const bool ok = w0 + lane < words;  // words % 4 == 0: a tail warp's valid lanes are whole segments
+        const u32 word = ok ? ld_stream_u32(bits + w0 + lane) : 0u;
+        const int c = __popc(word);
+        int p = c;
+        const int p1 = __shfl_up_sync(FULL, p, 1, 4);
+        if ((lane & 3) >= 1) p += p1;
+        const int p2 = __shfl_up_sync(FULL, p, 2, 4);
+        if ((lane & 3) >= 2) p += p2;
+        const long long start = (ok ? (long long)ld_nc_s32(offs + ((w0 + lane) >> 2)) : 0ll) + (p - c);
+        const int last = (int)min(31ll, words - w0 - 1);
+        const long long first = __shfl_sync(FULL, start, 0), end = __shfl_sync(FULL, start + c, last);
+        const long long a0 = first & ~7ll;  // s[i] holds value a0 + i
+        const int vecs = (int)((end - a0 + 7) >> 3);
+        for (int v = lane; v < vecs; v += 32) {
+            const long long e = a0 + 8ll * v;
+            u32 q[4] = {0u, 0u, 0u, 0u};
+            if (e + 8 <= nnz) {
+                ld_stream_v4(vals + e, q);
+            } else {
+                for (int i = 0; e + i < nnz; ++i) q[i >> 1] |= ld_stream_u16(vals + e + i) << (16 * (i & 1));
+            }
+            *(uint4*)(s + 8 * v) = make_uint4(q[0], q[1], q[2], q[3]);
+        }
+        __syncwarp();
+        const int rel = (int)(start - a0);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int j = u * 32 + lane, src = j >> 2, q = j & 3;  // chunk j: byte q of word src
+            const u32 wd = __shfl_sync(FULL, word, src);
+            const u32 byte = (wd >> (8 * q)) & 0xffu;
+            int r = __shfl_sync(FULL, rel, src) + __popc(wd & ((1u << (8 * q)) - 1u));
+            u32 o[4];
+#pragma unroll
+            for (int b = 0; b < 8; b += 2) {
+                const u32 lo = (byte >> b) & 1u ? (u32)s[r] : 0u;
+                r += (byte >> b) & 1u;
+                const u32 hi = (byte >> (b + 1)) & 1u ? (u32)s[r] : 0u;
+                r += (byte >> (b + 1)) & 1u;
+                o[b >> 1] = lo | (hi << 16);
+            }
+            if (w0 + src < words) {
+                char* dst = (char*)out + (w0 * 32 + 8ll * j) * 2;
+                asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3]));
+            }
+        }
+        __syncwarp();
+    }
+}
+
 // ---- entry points: <format>_<dtype>_t<tokens>_r<rows per warp group> ----
 // The 2:4 kernels ask for at most 2 blocks per SM (<= 128 registers) so that ptxas keeps every load of an
 // unrolled step in flight at once instead of trading them for occupancy (it sinks them next to their use).
