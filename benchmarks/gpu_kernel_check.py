@@ -4,15 +4,17 @@ CI checks the kernels' arithmetic on CPU (Triton's interpreter, emulations of th
 script checks the compiled code on a CUDA device:
 
 - ``--part triton``: every Triton launch configuration the tuner may pick, for 2:4 and bitmap weights;
-- ``--part cuda``: every CUDA candidate a 2:4 weight offers (GEMV, ``mma.sp`` decode kernel, every tile
-  shape of the ``mma.sp`` prompt GEMM, the expand path) at every row bucket from 1 to 8192 tokens (and
+- ``--part cuda``: every CUDA candidate each stored format offers (``--formats``, default all: 2:4's GEMV,
+  ``mma.sp`` decode kernel, every tile shape of the ``mma.sp`` prompt GEMM and expand path; 4:8's GEMV and
+  expand paths; the 50% and 70% bitmap's GEMV and expand path) at every row bucket from 1 to 8192 tokens (and
   row counts inside buckets), fp16 and bf16, on the Llama shapes and on shapes that are not multiples of
   the tiles; the output is poisoned with NaN first, so an unwritten element fails; then the dispatcher
   (SparseLinear, tuned) and the ops under ``torch.compile(fullgraph=True)`` inside a CUDA graph.
 
 Inputs are fresh random per case; the error is ‖y − ref‖ / ‖ref‖ with ref in float64.
 
-    python benchmarks/gpu_kernel_check.py [--part all|cuda|triton]   # one line per case, exits 1 on any failure
+    python benchmarks/gpu_kernel_check.py [--part all|cuda|triton] [--formats 2:4,4:8,bitmap] [--only expand]
+    # one line per case, exits 1 on any failure
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 
 import torch
 
-from secateurs.kernels import Bitmap, Sparse24, SparseLinear, cuda_ops
+from secateurs.kernels import SEGMENT, Bitmap, Nm48, Sparse24, SparseFormat, SparseLinear, cuda_ops
 from secateurs.kernels import triton_ops
 from secateurs.kernels.linear import bucket
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
@@ -39,7 +41,8 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 CUDA_SHAPES = ((37, 1088), (200, 576), (576, 1536), (1536, 576), (4096, 4096), (11008, 4096), (4096, 11008),
-               (1024, 8192))
+               (1024, 8192), (37, 1040), (200, 1152))  # 37x1040: 4:8 without whole four-chunk expand units
+FORMATS = ("2:4", "4:8", "bitmap")
 CUDA_ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 17, 31, 32, 33, 64, 100, 128, 333, 512, 1000, 2048, 8192)
 CUDA_TOLERANCE = 5e-3
 
@@ -51,8 +54,21 @@ def _poisoned_call(call, x: torch.Tensor, n: int) -> torch.Tensor:
     return call(x)
 
 
-def check_cuda(gen, only: str = "") -> int:
-    """Every CUDA 2:4 candidate, every bucket, fp16 and bf16, against float64; then the dispatcher and compile."""
+def stored(kind: str, base: torch.Tensor) -> dict[str, SparseFormat]:
+    """``base`` pruned and stored as ``kind`` (the bitmap at 50% and 70%), where the shape allows it."""
+    n, k = base.shape
+    if kind == "2:4":
+        return {"2:4": Sparse24.compress(base * nm_mask(base.abs(), 2, 4))}
+    if kind == "4:8":
+        return {"4:8": Nm48.compress(base * nm_mask(base.abs(), 4, 8))} if k % 16 == 0 else {}
+    if k % SEGMENT:
+        return {}
+    return {f"bitmap {int(s * 100)}%": Bitmap.compress(base * unstructured_mask(base.abs(), s)) for s in (0.5, 0.7)}
+
+
+def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
+    """Every CUDA candidate of each stored format, every bucket, fp16 and bf16, against float64; then the
+    dispatcher and compile."""
     why = cuda_ops.status()
     if why:
         print(f"CUDA kernels: {why}")
@@ -62,41 +78,52 @@ def check_cuda(gen, only: str = "") -> int:
     for dtype in (torch.float16, torch.bfloat16):
         for n, k in CUDA_SHAPES:
             base = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
-            fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
-            dense = fmt.to_dense().double()
-            for m in CUDA_ROWS:
-                if m == 8192 and (dtype != torch.float16 or n * k > 4096 * 11008):
-                    continue
-                x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-                ref = x.double() @ dense.T
-                for name, call in cuda_ops.candidates(fmt, bucket(m)).items():
-                    if not name.startswith(only):
-                        continue
-                    err = relative_error(_poisoned_call(call, x, n), ref)
-                    checks += 1
-                    family = name.split("_r")[0] if "gemv" in name or "mma24" in name else name
-                    worst[family] = max(worst.get(family, 0.0), err)
-                    if not err <= CUDA_TOLERANCE:
-                        failures += 1
-                        print(f"FAIL {str(dtype)[6:]} {n}x{k} m={m} {name}: rel err {err:.2e}", flush=True)
-            del base, fmt, dense
-    print(f"CUDA candidates: {checks} checks (fp16/bf16, {len(CUDA_SHAPES)} shapes, m = {CUDA_ROWS[0]}..{CUDA_ROWS[-1]}), "
-          f"{failures} failures; worst per kernel: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())), flush=True)
+            for kind in kinds:
+                for label_, fmt in stored(kind, base).items():
+                    dense = fmt.to_dense().double()
+                    for m in CUDA_ROWS:
+                        if m == 8192 and (dtype != torch.float16 or n * k > 4096 * 11008):
+                            continue
+                        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+                        ref = x.double() @ dense.T
+                        for name, call in cuda_ops.candidates(fmt, bucket(m)).items():
+                            if not name.startswith(only):
+                                continue
+                            err = relative_error(_poisoned_call(call, x, n), ref)
+                            checks += 1
+                            family = f"{label_} " + (name.split("_r")[0] if "gemv" in name or "mma24" in name else name)
+                            worst[family] = max(worst.get(family, 0.0), err)
+                            if not err <= CUDA_TOLERANCE:
+                                failures += 1
+                                print(f"FAIL {label_} {str(dtype)[6:]} {n}x{k} m={m} {name}: rel err {err:.2e}", flush=True)
+                    del fmt, dense
+                cuda_ops.release_scratch()
+            del base
+    print(f"CUDA candidates: {checks} checks ({', '.join(kinds)}; fp16/bf16, {len(CUDA_SHAPES)} shapes, "
+          f"m = {CUDA_ROWS[0]}..{CUDA_ROWS[-1]}), {failures} failures; worst per kernel: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())), flush=True)
     # The dispatcher end to end (tuned choice, no copies by default) and the ops inside compiled graphs.
+    compiled: list[tuple[SparseFormat, str, int]] = []
     for n, k in ((11008, 4096), (576, 1536)):
         base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
-        layer = SparseLinear(Sparse24.compress(base * nm_mask(base.abs(), 2, 4)))
-        dense = layer.dense_weight().double()
-        for m in (1, 8, 32, 333, 2048):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
-            err = relative_error(layer(x), x.double() @ dense.T)
-            failures += not err <= CUDA_TOLERANCE
-            print(f"SparseLinear {n}x{k} m={m}: rel err {err:.1e}, extra bytes {layer.extra_bytes()}", flush=True)
-    fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
-    for name in ("cuda_gemm24_m128_n128_s4", "expand_cublas", "cuda_mma24_r1_w8"):
+        for kind in kinds:
+            for label_, fmt in stored(kind, base).items():
+                layer = SparseLinear(fmt)
+                dense = layer.dense_weight().double()
+                for m in (1, 2, 8, 32, 333, 2048):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+                    err = relative_error(layer(x), x.double() @ dense.T)
+                    failures += not err <= CUDA_TOLERANCE
+                    print(f"SparseLinear {label_} {n}x{k} m={m}: rel err {err:.1e}, extra bytes {layer.extra_bytes()}, "
+                          f"shared {cuda_ops.scratch_bytes()}", flush=True)
+                if n == 576:
+                    compiled += [(fmt, name, 8 if "mma" in name else 512) for name in
+                                 ("cuda_gemm24_m128_n128_s4", "expand_cublas", "cuda_mma24_r1_w8", "expand_cublas_c1",
+                                  "expand_cublas_c4") if name in cuda_ops.candidates(fmt, 8 if "mma" in name else 512)]
+                del layer, dense
+    for fmt, name, m in compiled:
         if not name.startswith(only):
             continue
-        m = 8 if "mma" in name else 512
         x = torch.randn(m, fmt.shape[1], device="cuda", dtype=torch.float16, generator=gen)
         call = fmt.cuda_candidates(bucket(m))[name]
         try:
@@ -113,7 +140,7 @@ def check_cuda(gen, only: str = "") -> int:
             err = float("inf")
             print(f"compile/graph {name}: {str(exc).splitlines()[0][:200]}")
         failures += not err <= CUDA_TOLERANCE
-        print(f"torch.compile(fullgraph) in a CUDA graph, {name}: rel err {err:.1e}", flush=True)
+        print(f"torch.compile(fullgraph) in a CUDA graph, {fmt.kind} {name}: rel err {err:.1e}", flush=True)
     return failures
 
 
@@ -121,13 +148,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "cuda", "triton"), default="all")
     parser.add_argument("--only", default="", help="cuda part: only the candidates whose name starts with this")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="cuda part: the stored formats to check")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     gen = torch.Generator("cuda").manual_seed(0)
     failures = 0
     if args.part in ("all", "cuda"):
-        failures += check_cuda(gen, args.only)
+        kinds = tuple(args.formats.split(","))
+        if not set(kinds) <= set(FORMATS):
+            sys.exit(f"--formats: choose among {', '.join(FORMATS)}")
+        failures += check_cuda(gen, args.only, kinds)
     if args.part == "cuda":
         print(f"{failures} failures")
         sys.exit(1 if failures else 0)

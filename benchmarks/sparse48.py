@@ -1,6 +1,8 @@
-"""The 4:8 GEMV (kernels/cuda/sparse48.cu) against cuBLAS at the seven Llama linear shapes, 1, 2 and 4 tokens.
+"""The 4:8 GEMV (kernels/cuda/sparse48.cu) against cuBLAS at the seven Llama linear shapes, 1, 2 and 4 tokens;
+and the prompt paths of the 4:8 and bitmap formats (expand into the shared scratch, then cuBLAS) at 2-8192 tokens.
 
-    python benchmarks/sparse48.py [--out benchmarks/results/sparse48.json]     # GPU
+    python benchmarks/sparse48.py [--out benchmarks/results/sparse48.json]                       # GPU: the GEMV
+    python benchmarks/sparse48.py --part prompt [--out benchmarks/results/sparse48_prompt.json]  # GPU: prompts
 
 The protocol of ``sparse_kernels.py --part kernels``, through its helpers: every path is a CUDA graph of
 at least 24 calls rotating over enough weight copies to overflow L2, median of replays; cuBLAS is
@@ -9,6 +11,12 @@ at least 24 calls rotating over enough weight copies to overflow L2, median of r
 count, and on odd shapes (rows not a multiple of a block, K tails) in fp16 and bf16, and once under
 ``torch.compile(fullgraph=True)`` inside a CUDA graph. Bandwidth = the bytes a path must move
 (compressed weight + x + y) per second over the device-to-device copy bandwidth of the same run.
+
+``--part prompt``: per shape, the 4:8 weight (8-8192 tokens) and the 50% and 70% bitmap (2-8192 tokens) against
+cuBLAS ``F.linear`` on the same pruned dense weight, every candidate their ``cuda_candidates`` offer (the expand
+paths) checked against float64 first; each path a CUDA graph rotating over weight copies that overflow L2, of
+enough calls for about 5 ms. Beside it, the expansion alone (stored bytes read + dense bytes written, as a
+fraction of the copy bandwidth), the figure that bounds the path: cuBLAS time + expansion time.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from secateurs.kernels import Nm48, cuda_ops
-from secateurs.sparsity.masks import nm_mask
+from secateurs.kernels import Bitmap, Nm48, SparseFormat, cuda_ops, nm48
+from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
 from records import save_results
 from sparse_kernels import L2_BYTES, RESULTS, SHAPES, copy_bandwidth, graph_time_us, machine, rotating
@@ -115,14 +123,100 @@ def checks(gen: torch.Generator) -> dict:
     return {"odd_shape_errors": errors, "worst": worst, "compiled_in_graph_rel_error": compiled}
 
 
+PROMPT_TOKENS = {"4:8": (8, 32, 128, 512, 2048, 8192), "bitmap 50%": (2, 8, 32, 128, 512, 2048, 8192),
+                 "bitmap 70%": (2, 8, 32, 128, 512, 2048, 8192)}
+
+
+def _prompt_formats(base: torch.Tensor) -> dict[str, tuple[torch.Tensor, SparseFormat]]:
+    """The pruned dense weight and its stored format, per prompt-path format."""
+    w48 = base * nm_mask(base.abs(), 4, 8)
+    out = {"4:8": (w48, Nm48.compress(w48))}
+    for sparsity in (0.5, 0.7):
+        wu = base * unstructured_mask(base.abs(), sparsity)
+        out[f"bitmap {int(sparsity * 100)}%"] = (wu, Bitmap.compress(wu))
+    return out
+
+
+def _expand_only(fmt: SparseFormat, scratch: torch.Tensor) -> list:
+    """The expansion kernels alone, into ``scratch``: name -> call (the 4:8 chunk-per-thread variants, the bitmap's)."""
+    if isinstance(fmt, Nm48):
+        return [(f"expand48_c{c}", lambda c=c: nm48.nm48_expand(fmt.values, fmt.meta, fmt.high, scratch, c))
+                for c in nm48.EXPAND_CHUNKS if c == 1 or fmt._wide_positions()]
+    return [("expandbm", lambda: cuda_ops.bitmap_expand(fmt.values, fmt.bits, fmt.offsets, scratch))]
+
+
+def _rotated_us(calls: list, seconds_each: float) -> float:
+    """Median µs per call of a graph rotating over ``calls`` (weight copies), about 5 ms of work per replay."""
+    count = max(len(calls), min(CALLS, math.ceil(5e-3 / max(seconds_each, 1e-7))))
+    return graph_time_us([calls[i % len(calls)] for i in range(count)])
+
+
+def prompt_rows(n: int, k: int, bandwidth: float, gen: torch.Generator) -> list[dict]:
+    """cuBLAS on each pruned dense weight against every prompt candidate of its stored format, per token count."""
+    base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
+    rows = []
+    for label, (weight, fmt) in _prompt_formats(base).items():
+        dense_ws = [weight] + rotating(lambda i, w=weight: w.clone(), math.ceil(L2_BYTES / weight.nbytes) - 1)
+        fmts = [fmt] + rotating(lambda i, f=fmt: f.clone(), math.ceil(L2_BYTES / fmt.nbytes()) - 1)
+        scratch = cuda_ops.scratch(weight.device, weight.dtype, n * k)
+        moved = fmt.nbytes() + weight.nbytes  # an expansion reads the stored weight and writes the dense one
+        expand = {}
+        for name, _ in _expand_only(fmt, scratch):
+            us = _rotated_us([call for f in fmts for nm, call in _expand_only(f, scratch) if nm == name], moved / bandwidth)
+            expand[name] = {"us": us, "bw_fraction": moved / (us * 1e-6) / bandwidth}
+        for m in PROMPT_TOKENS[label]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+            reference = x.double() @ weight.double().T
+            seconds = 2.0 * m * n * k / 500e12
+            row = {"format": label, "N": n, "K": k, "tokens": m, "stored_bytes": fmt.nbytes(), "expand_only": expand,
+                   "cublas_us": _rotated_us([lambda w=w, x=x: F.linear(x, w) for w in dense_ws], seconds),
+                   "candidates": {}}
+            for name, call in fmt.cuda_candidates(m).items():
+                paths = [f.cuda_candidates(m)[name] for f in fmts]
+                row["candidates"][name] = {"rel_error": _relative_error(call(x), reference),
+                                           "us": _rotated_us([lambda p=p, x=x: p(x) for p in paths], seconds)}
+            good = {name: c for name, c in row["candidates"].items() if c["rel_error"] < GOOD}
+            row["max_rel_error"] = max((c["rel_error"] for c in row["candidates"].values()), default=math.nan)
+            if good:
+                best = min(good, key=lambda name: good[name]["us"])
+                row.update(best=best, us=good[best]["us"], speedup=row["cublas_us"] / good[best]["us"])
+            rows.append(row)
+            cells = (f"{row['us']:.1f} | **{row['speedup']:.2f}×** | {row['best']}" if "best" in row
+                     else "— | no correct candidate | —")
+            alone = ", ".join(f"{nm} {e['us']:.1f} µs ({e['bw_fraction']:.2f})" for nm, e in expand.items())
+            print(f"| {label} | {n}×{k} | {m} | {row['cublas_us']:.1f} | {cells} | {alone} | {row['max_rel_error']:.1e} |",
+                  flush=True)
+            del x, reference
+        del dense_ws, fmts, scratch
+        cuda_ops.release_scratch()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=RESULTS / "sparse48.json")
+    parser.add_argument("--part", choices=("gemv", "prompt"), default="gemv")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/sparse48[_prompt].json")
     args = parser.parse_args()
     if not torch.cuda.is_available() or cuda_ops.status():
         sys.exit(f"error: the 4:8 kernel benchmark needs the CUDA kernels ({cuda_ops.status()})")
     started = time.time()
     gen = torch.Generator("cuda").manual_seed(0)
+    if args.part == "prompt":
+        out = args.out or RESULTS / "sparse48_prompt.json"
+        bandwidth = copy_bandwidth()
+        print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
+        print("| format | shape (N×K) | tokens | cuBLAS µs | best µs | vs cuBLAS | path | expansion alone (of copy BW) "
+              "| max rel. error |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        rows = []
+        for n, k in [shape for shapes in SHAPES.values() for shape in shapes.values()]:
+            rows += prompt_rows(n, k, bandwidth, gen)
+        save_results(out, {"rows": rows, "copy_bandwidth_bytes_per_s": bandwidth, "machine": machine(),
+                           "seconds": round(time.time() - started, 1)})
+        print(f"saved {out}")
+        return
+    args.out = args.out or RESULTS / "sparse48.json"
     checked = checks(gen)
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)

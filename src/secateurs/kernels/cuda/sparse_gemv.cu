@@ -615,7 +615,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) expandbm(const u16* __r
         const int p2 = __shfl_up_sync(FULL, p, 2, 4);
         if ((lane & 3) >= 2) p += p2;
         const long long start = (ok ? (long long)ld_nc_s32(offs + ((w0 + lane) >> 2)) : 0ll) + (p - c);
-        const int last = (int)min(31ll, words - w0 - 1);
+        const int last = words - w0 > 32 ? 31 : (int)(words - w0 - 1);
         const long long first = __shfl_sync(FULL, start, 0), end = __shfl_sync(FULL, start + c, last);
         const long long a0 = first & ~7ll;  // s[i] holds value a0 + i
         const int vecs = (int)((end - a0 + 7) >> 3);
@@ -627,7 +627,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) expandbm(const u16* __r
             } else {
                 for (int i = 0; e + i < nnz; ++i) q[i >> 1] |= ld_stream_u16(vals + e + i) << (16 * (i & 1));
             }
-            *(uint4*)(s + 8 * v) = make_uint4(q[0], q[1], q[2], q[3]);
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(s + 8 * v)), "r"(q[0]), "r"(q[1]),
+                         "r"(q[2]), "r"(q[3]) : "memory");
         }
         __syncwarp();
         const int rel = (int)(start - a0);
