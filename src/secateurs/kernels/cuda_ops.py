@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .formats import SparseFormat
 
 SOURCE = Path(__file__).with_name("cuda") / "sparse_gemv.cu"
+COMMON = SOURCE.with_name("common.cuh")  # the helpers every source includes, handed to NVRTC in memory
 OPTIONS = ("-std=c++17",)
 WARPS = 8  # warps per block, as #defined in the source
 MIN_CAPABILITY = (8, 0)  # cvt.rn.bf16.f32 and the L2 cache hints the kernels use
@@ -139,13 +140,13 @@ def _compile(capability: tuple[int, int], source: Path = SOURCE) -> bytes:
     if target is None:
         raise RuntimeError(f"NVRTC {version} cannot target sm_{arch}")
     native = target == arch
-    text = source.read_bytes()
+    text, common = source.read_bytes(), COMMON.read_bytes()
     options = (f"--gpu-architecture={'sm' if native else 'compute'}_{target}", *OPTIONS)
-    digest = hashlib.sha256(text + "\0".join(options).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(text + b"\0" + common + "\0".join(options).encode()).hexdigest()[:16]
     path = cache_dir() / f"{source.stem}-{digest}-{'sm' if native else 'compute'}{target}-nvrtc{version}.{'cubin' if native else 'ptx'}"
     if path.exists():
         return path.read_bytes()
-    program = _check(nvrtc.nvrtcCreateProgram(text, source.name.encode(), 0, [], []), "nvrtcCreateProgram")
+    program = _check(nvrtc.nvrtcCreateProgram(text, source.name.encode(), 1, [common], [COMMON.name.encode()]), "nvrtcCreateProgram")
     try:
         encoded = [o.encode() for o in options]
         err, = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)

@@ -1,7 +1,7 @@
 // 4:8 GEMV for decode: y (M, N) = x (M, K) @ W.T with W in the 4:8 format of kernels/nm48.py, M = 1-4
 // activation rows; and the expand kernel of its prompt path (8 rows and more: the dense weight written into a
-// shared scratch buffer, then cuBLAS). Compiled at run time by NVRTC (kernels/cuda_ops.py) as a module of its own, so this file
-// includes no header and holds the few load / convert / reduce helpers it needs (sparse_gemv.cu has its own).
+// shared scratch buffer, then cuBLAS). Compiled at run time by NVRTC (kernels/cuda_ops.py) as a module of its own; its load / convert /
+// reduce helpers are common.cuh's, shared with sparse_gemv.cu.
 //
 // Decode is bound by the bytes read (4:8 moves 1.1875 bytes per dense fp16 weight: 1.68x fewer than dense),
 // and a Hopper SM receives only 13-18 bytes from memory per clock, so the instructions spent per stored
@@ -16,91 +16,7 @@
 // shapes such as a 1024-row k/v projection, so every SM has enough loads in flight); their partial sums meet
 // in shared memory. Rows past N and tokens past M are computed on clamped (valid) addresses, never stored.
 
-typedef unsigned short u16;
-typedef unsigned char u8;
-typedef unsigned int u32;
-
-#define WARPS 8
-#define FULL 0xffffffffu
-
-// ---- loads: weights are streamed (evict-first), activations go through the read-only cache ----
-__device__ __forceinline__ void ld_stream_v4(const void* p, u32 (&v)[4]) {
-    asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
-}
-__device__ __forceinline__ u32 ld_stream_u16(const void* p) {
-    u32 v;
-    asm("ld.global.cs.u16 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ u32 ld_stream_u8(const void* p) {
-    u32 v;
-    asm("ld.global.cs.u8 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ u32 ld_stream_u32(const void* p) {
-    u32 v;
-    asm("ld.global.cs.u32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ unsigned long long ld_stream_u64(const void* p) {
-    unsigned long long v;
-    asm("ld.global.cs.u64 %0, [%1];" : "=l"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ void ld_nc_v4(const void* p, u32 (&v)[4]) {
-    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
-}
-
-// ---- 16-bit floats <-> fp32 ----
-template <bool BF16>
-__device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi) {
-    if (BF16) {
-        lo = __uint_as_float(v << 16);
-        hi = __uint_as_float(v & 0xffff0000u);
-    } else {
-        asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;}"
-            : "=f"(lo), "=f"(hi) : "r"(v));
-    }
-}
-template <bool BF16>
-__device__ __forceinline__ u16 pack1(float f) {
-    u16 h;
-    if (BF16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-// ---- warp sums, split-K sums in shared memory, one store per (row, token) ----
-template <bool BF16, int T, int R>
-__device__ __forceinline__ void finish(float (&acc)[R][T], u16* __restrict__ y, int M, int N, int row0, int S) {
-    __shared__ float red[WARPS][R * T];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = warp % S;
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int t = 0; t < T; ++t)
-#pragma unroll
-            for (int o = 16; o; o >>= 1) acc[r][t] += __shfl_xor_sync(FULL, acc[r][t], o);
-    if (S > 1) {
-        if (lane == 0)
-#pragma unroll
-            for (int i = 0; i < R * T; ++i) red[warp][i] = acc[i / T][i % T];
-        __syncthreads();
-        if (lane == 0 && s == 0)
-#pragma unroll
-            for (int i = 0; i < R * T; ++i) {
-                float sum = 0.f;
-                for (int k = 0; k < S; ++k) sum += red[warp + k][i];
-                acc[i / T][i % T] = sum;
-            }
-    }
-    if (lane == 0 && s == 0)
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int t = 0; t < T; ++t)
-                if (row0 + r < N && t < M) y[(size_t)t * N + row0 + r] = pack1<BF16>(acc[r][t]);
-}
+#include "common.cuh"
 
 // ---- one 16-input step: v = the eight stored values (pair i in v[i]), m = the 16-bit word of low position
 // bits (value 2i at bits 2i, value 2i+1 at bits 8 + 2i), h = the byte of third bits (value 2i at bit i,
