@@ -91,3 +91,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module.__name__ in TRAINING_MODULES or _loads_smollm2(item):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture()
+def nvcc_cubins(tmp_path):
+    """Compile a kernel source with nvcc for Hopper and Ampere (NVRTC compiles it at run time on users'
+    GPUs); returns each architecture's cubin as text to search for kernel names. Skips without a toolkit."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+
+    def compile_source(source: Path) -> dict[str, str]:
+        cubins = {}
+        for arch in ("sm_90", "sm_80"):
+            out = tmp_path / f"{source.stem}-{arch}.cubin"
+            done = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-o", str(out), str(source)],
+                                  capture_output=True, text=True, check=False)
+            assert done.returncode == 0, done.stderr[-2000:]
+            cubins[arch] = out.read_bytes().decode("latin-1")
+        return cubins
+
+    return compile_source
+
