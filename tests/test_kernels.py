@@ -795,6 +795,9 @@ def test_bitmap_candidates_per_token_count_offer_the_expand_path_from_two_rows(m
 
     w = _wu(40, 2 * SEGMENT, 0.7, seed=19).half()
     fmt = Bitmap.compress(w)
+    monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: False)  # the default: never run on a GPU, not offered
+    assert fmt.cuda_candidates(2) == {} and fmt.cuda_candidates(1)
+    monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: True)
     names = {m: list(fmt.cuda_candidates(m)) for m in (1, 2, 4, 8, 512, 8192)}
     assert names[1] and all(n.startswith("cuda_gemv_bitmap") for n in names[1])
     assert all(names[m] == ["expand_cublas"] for m in (2, 4, 8, 512, 8192))
@@ -821,6 +824,7 @@ def test_4of8_and_bitmap_prompts_run_stored_with_no_copy_by_default(kind, fresh_
     monkeypatch.delenv("SECATEURS_SPARSE_COPIES", raising=False)
     assert linear.reread_policies().copies == "none"
     monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)  # offer 4:8's kernels on a CPU weight
+    monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: True)
     monkeypatch.setattr(linear, "_LAYERS", weakref.WeakValueDictionary())  # only this test's layers are live
     if kind == "4:8":
         base = torch.randn(64, 256, generator=torch.Generator().manual_seed(21))

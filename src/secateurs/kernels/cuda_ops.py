@@ -98,6 +98,18 @@ def enabled() -> bool:
     return os.environ.get("SECATEURS_CUDA_KERNELS", "1") != "0"
 
 
+UNVERIFIED_ENV = "SECATEURS_UNVERIFIED_KERNELS"
+
+
+@cache
+def unverified_offered() -> bool:
+    """Whether kernels that are compiled and emulated on the CPU but were never run on a GPU are offered
+    (to the dispatcher's timed, reference-checked choice, like any other): only with
+    ``SECATEURS_UNVERIFIED_KERNELS=1``, because a reference check catches a wrong product but not a kernel that
+    faults and takes the CUDA context with it. ``benchmarks/gpu_kernel_check.py`` turns it on to validate them."""
+    return os.environ.get(UNVERIFIED_ENV) == "1"
+
+
 def status(device: torch.device | int | None = None) -> str | None:
     """None when the CUDA kernels can run on ``device`` (default: the current GPU), else why not, in one line."""
     if not enabled():

@@ -96,6 +96,8 @@ def policies() -> Policies:
 def reread_policies() -> Policies:
     """Read the environment again, for a caller that changes it between runs (the kernel benchmark does)."""
     policies.cache_clear()
+    if cuda_ops is not None:
+        cuda_ops.unverified_offered.cache_clear()
     return policies()
 
 

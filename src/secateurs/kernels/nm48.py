@@ -125,13 +125,15 @@ class Nm48(SparseFormat):
         """The 4:8 GEMV for 1-4 rows: each row count's instantiated rows per warp group (default first), at the
         split-K choices of :func:`cuda_ops.splits`; above 4 rows (row bucket 8 on) the expand path (the weight expanded into the
         scratch every layer shares, then cuBLAS), at one or four chunks per thread (the first the layout of the
-        measured 2:4 expand; neither yet timed on a GPU). Compiled on first offer (an error there offers nothing)."""
+        measured 2:4 expand; neither yet run on a GPU, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``). Compiled on first offer (an error there offers nothing)."""
         n, k = self.shape
         if m < 1 or k % CHUNK or not cuda_ops.ready(self.values, 16, n, k // 2) \
                 or not cuda_ops.ready(self.meta, 2, n, k // 8) or not cuda_ops.ready(self.high, 1, n, k // 16):
             return {}
         cuda_ops._module(self.values.device.index, SOURCE)  # compiled once; raises where it cannot be
-        if m > TOKENS[-1]:  # row bucket 8 on: the expand path
+        if m > TOKENS[-1]:  # row bucket 8 on: the expand path, never yet run on a GPU
+            if not cuda_ops.unverified_offered():
+                return {}
             return {f"expand_cublas_c{c}": (lambda x, c=c: cuda_ops.scratch_matmul(
                         x, self.shape, lambda out: nm48_expand(self.values, self.meta, self.high, out, c)))
                     for c in EXPAND_CHUNKS if c == 1 or self._wide_positions()}
