@@ -1,0 +1,175 @@
+"""Size and speed of a pruned mixture-of-experts model: a real MoE shape with random weights (issue 32).
+
+    python benchmarks/moe_speed.py                                  # GPU: OLMoE-1B-7B shape, bf16, all variants
+    python benchmarks/moe_speed.py --shape qwen3-30b-a3b --layers 24  # GPU: Qwen3-30B-A3B shape, its first 24 blocks
+    python benchmarks/moe_speed.py --tiny                           # CPU: a tiny config, checks the script runs (saves nothing)
+
+Variants, each built from the same seeded random weights on the device, measured one at a time in one
+process (``secateurs.evaluate.speed.measure``: weights, prefill, decode by the fastest method, peak):
+
+- dense, under each of transformers' experts implementations (``grouped_mm``, its default, and
+  ``batched_mm``): the fastest is the baseline every ratio is over;
+- experts removed: half of each layer's routed experts (a seeded random half: speed does not depend on
+  which), the router's rows sliced, as ``secateurs experts --keep 0.5`` leaves it;
+- 2:4 experts: every routed expert's matrices pruned by magnitude to 2:4 and held in the stored format
+  (``SparseExperts``: each expert a ``SparseLinear`` on the sparse dispatcher), attention and routers dense;
+- both.
+
+What expert removal changes is memory, not the bytes a token reads: a token still visits top-k experts
+of the same size, so batch-1 decode stays where it was and only weights and peak memory shrink
+(and, at larger batches, fewer distinct experts are read per step). 2:4 shrinks the bytes every routed
+expert reads; ``SparseExperts`` picks its routed experts on the host (one ``.tolist()`` per layer), so
+its decode step cannot be captured in a CUDA graph and runs eager: the table says which method each
+variant's decode used. Results go to benchmarks/results/moe_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from secateurs.evaluate.speed import SpeedConfig, measure, ratios
+from secateurs.kernels import sparsify
+from secateurs.kernels.linear import fallback_notes
+from secateurs.model.arch import spec_for
+from secateurs.model.experts import keep_experts
+from secateurs.model.linear import weight_matrix
+from secateurs.sparsity.masks import nm_mask
+
+from records import save_results
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Public configs of the two shapes (their config.json values that decide the work per token).
+SHAPES = {
+    "olmoe-1b-7b": ("olmoe", dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                                  num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
+                                  max_position_embeddings=4096)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                        num_experts=128, num_experts_per_tok=8, vocab_size=151936,
+                                        max_position_embeddings=40960, decoder_sparse_step=1, mlp_only_layers=[])),
+    "tiny": ("olmoe", dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, vocab_size=128,
+                           max_position_embeddings=256, eos_token_id=2, pad_token_id=1, bos_token_id=0)),
+}
+IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+
+
+def build(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype, implementation: str):
+    """The shape's model with random weights (seed 0), allocated and initialised on ``device``."""
+    model_type, values = SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **{**values, **({"num_hidden_layers": layers} if layers else {})})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=implementation).eval()
+    return model, spec_for(model)
+
+
+def remove_half(model, spec) -> int:
+    """Half of every MoE layer's routed experts removed (a seeded random half), router rows sliced, config updated."""
+    gen = torch.Generator().manual_seed(0)
+    kept_count = 0
+    for block in spec.blocks_of(model):
+        experts = spec.experts_of(block)
+        if experts is None:
+            continue
+        count = experts.gate_up_proj.shape[0]
+        kept = torch.randperm(count, generator=gen)[: count // 2].sort().values
+        keep_experts(experts, spec.router_of(block), kept)
+        kept_count = len(kept)
+    setattr(spec.text_config(model.config), spec.moe.experts_key, kept_count)
+    return kept_count
+
+
+@torch.no_grad()
+def experts_to_24(model, spec) -> None:
+    """Every routed expert matrix pruned to 2:4 by magnitude, in place (attention, routers, shared experts dense)."""
+    for path, module in spec.named_linears(model).items():
+        if ".experts." in path:  # the routed experts' views (a shared expert is ``shared_expert``)
+            w = weight_matrix(module)
+            w.mul_(nm_mask(w.abs(), 2, 4).to(w.dtype))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="olmoe-1b-7b")
+    parser.add_argument("--layers", type=int, default=None, help="Keep only the first N blocks (default: all).")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--variants", default="dense,experts50,24,experts50+24")
+    parser.add_argument("--decode-methods", default="cuda-graph", help="cuda-graph and/or compile (eager is the fallback).")
+    parser.add_argument("--tiny", action="store_true", help="A tiny config on the CPU: checks the script, no speed claim.")
+    args = parser.parse_args()
+    shape = "tiny" if args.tiny else args.shape
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("moe_speed.py needs a CUDA GPU (or --tiny to check the script on the CPU)")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    batches = tuple(int(b) for b in args.batches.split(","))
+    speed = SpeedConfig(prompt_lengths=(16,) if args.tiny else (512, 2048), decode_batches=batches,
+                        new_tokens=4 if args.tiny else 64, warmup=1 if args.tiny else 2, repeats=1 if args.tiny else 5,
+                        decode_methods=tuple(args.decode_methods.split(",")))
+    variants = args.variants.split(",")
+    results, notes, started = [], {}, time.time()
+    for variant in variants:
+        implementations = IMPLEMENTATIONS if variant == "dense" else ("grouped_mm",)
+        for implementation in implementations:
+            model, spec = build(shape, args.layers, device, dtype, implementation)
+            if "experts50" in variant:
+                notes[variant] = f"{remove_half(model, spec)} experts kept per layer"
+            if "24" in variant.replace("experts50", ""):
+                experts_to_24(model, spec)
+                ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+                with torch.inference_mode():
+                    reference = model(ids).logits.float()
+                report = sparsify(model, spec)
+                with torch.inference_mode():
+                    error = float((model(ids).logits.float() - reference).abs().max() / reference.abs().max())
+                print(f"{variant}: logits of the stored-format model vs the masked dense one: max rel error {error:.1e}")
+                if not error <= (1e-5 if dtype == torch.float32 else 3e-2):
+                    sys.exit(f"{variant}: the stored-format model disagrees with the masked dense model ({error:.1e})")
+                notes[f"{variant} stored"] = f"{report.sparse_bytes / report.dense_bytes:.3f} of the dense bytes of the swapped matrices"
+                notes[f"{variant} logit error"] = error
+            label = variant if variant != "dense" else f"dense ({implementation})"
+            result = measure(model, label, device, speed)
+            results.append(result)
+            print(f"{label}: weights {result.weight_mib:.0f} MiB, decode {result.decode_tokens_per_s} "
+                  f"({result.decode_mode}), prefill ms {result.prefill_ms}, peak {result.peak_mib} MiB "
+                  f"[{time.time() - started:.0f}s]", flush=True)
+            del model, spec
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    dense = [r for r in results if r.label.startswith("dense")]
+    baseline = max(dense, key=lambda r: r.decode_tokens_per_s[batches[0]]) if dense else results[0]
+    table = {r.label: ratios(baseline, r) for r in results if r is not baseline}
+    for label, ratio in table.items():
+        print(f"{label} / {baseline.label}: {ratio}", flush=True)
+    payload = {
+        "shape": shape if not args.layers else f"{shape}, first {args.layers} blocks",
+        "weights": "random (seed 0), built on the device",
+        "dtype": str(dtype),
+        "machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "speed_config": vars(speed),
+        "baseline": baseline.label,
+        "results": [r.to_dict() for r in results],
+        "ratios_over_baseline": table,
+        "notes": notes,
+        "fallback_notes": fallback_notes(),
+    }
+    if args.tiny:
+        print("tiny run: the script works; nothing saved (no speed claim from a tiny CPU model)")
+        return
+    print("saved", save_results(RESULTS / "moe_speed.json", payload))
+
+
+if __name__ == "__main__":
+    main()
