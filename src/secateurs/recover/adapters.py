@@ -10,20 +10,36 @@ weights are zero wherever M is. Width- and layer-pruned models are dense and tak
 SmolLM2-135M dequantized from its Q4_1 GGUF has up to 0.07% per linear, pruned linears have tens
 of percent. LoRAPrune (:mod:`.loraprune`) attaches masked adapters everywhere and narrows the masks
 as it prunes.
+
+Routed experts (``RecoverConfig.experts``, on by default) are fused 3-D parameters, not linears: each
+experts module's ``gate_up_proj`` and ``down_proj`` gets peft's :class:`~peft.tuners.lora.layer.ParamWrapper`
+(what ``LoraConfig(target_parameters=...)`` builds), one rank-r pair (Bₑ, Aₑ) per expert, as
+:class:`MaskedParamWrapper`: its delta, the stack of s·BₑAₑ in the parameter's stored layout, is
+multiplied by a 3-D keep-mask (one slice per expert, the expert's non-zero pattern where that expert is
+at least ``mask_min_sparsity`` sparse, all ones otherwise), and that one masked delta is what both the
+forward (a parametrization W + ΔW ⊙ M for the length of the call) and the merge (W += ΔW ⊙ M) use, so
+an expert's pruned weights stay exactly zero. peft's own forward would fold the unmasked factors in
+with one ``baddbmm``; the masked one materialises ΔW ⊙ M (the size of the parameter) per forward.
+ParamWrapper has no dropout (x cannot be factored out of W + ΔW), so expert adapters train without it.
+Routers are never adapted. Each expert matrix is one key of :attr:`Adapters.layers` (its path as
+the block lists it, ``mlp.experts.down_proj.3``), an :class:`ExpertAdapter` that exposes its (out, in)
+factors, weight and keep-mask like a linear's, which is what LoRAPrune's unstructured scoring reads.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from peft.tuners.lora.layer import LoraLayer, LoraVariant, ParamWrapper, _LoraParameterProxy
 from peft.utils.other import transpose
 from torch import nn
 
+from ..model.experts import DOWN, GATE_UP
 from ..model.linear import is_transposed, sparsity_of, weight_matrix
 from ..model.load import LoadedModel
 from .config import RecoverConfig
@@ -79,26 +95,112 @@ def set_keep(layer: LoraLayer, keep: torch.Tensor) -> None:
     layer.lora_variant[ADAPTER] = MaskedLora()
 
 
-def base_weight(layer: LoraLayer) -> torch.Tensor:
+class MaskedParamWrapper(ParamWrapper):
+    """peft's LoRA on one fused expert parameter whose update is masked per expert: the delta
+    (:meth:`get_delta_weight`, in the parameter's stored layout) is zero wherever the 3-D buffer
+    ``secateurs_keep`` is False, in the forward and in the merge. Without that buffer it is peft's."""
+
+    def get_delta_weight(self, adapter_name, *args, **kwargs) -> torch.Tensor:
+        delta = super().get_delta_weight(adapter_name, *args, **kwargs)
+        keep = self._buffers.get(KEEP)
+        return delta if keep is None else delta.masked_fill(~keep, 0.0)
+
+    @contextmanager
+    def _activate_lora(self, active_adapters: list[str]):
+        """peft's, except that a masked parameter always takes the delta path (peft folds a single
+        adapter's unmasked factors in with ``baddbmm``, which would undo the mask)."""
+        adapters = [a for a in active_adapters if a in self.lora_A]
+        if KEEP not in self._buffers or not adapters:
+            with super()._activate_lora(active_adapters):
+                yield
+            return
+        delta = sum(self.get_delta_weight(a) for a in adapters)
+        base = self.get_base_layer()
+        requires_grad = self.get_param().requires_grad
+        nn.utils.parametrize.register_parametrization(base, self.parameter_name, _LoraParameterProxy(delta))
+        base.parametrizations[self.parameter_name].original.requires_grad_(requires_grad)
+        try:
+            with nn.utils.parametrize.cached():
+                yield
+        finally:
+            self._remove_parametrizations()
+
+
+class ExpertAdapter:
+    """Expert ``index`` of one :class:`MaskedParamWrapper` seen as a linear's adapter: its factors
+    Aₑ (r, in) and Bₑ (out, r), weight and keep-mask as (out, in) views (``transposed``: gpt-oss's
+    [E, in, out] storage)."""
+
+    def __init__(self, wrapper: MaskedParamWrapper, index: int, transposed: bool) -> None:
+        self.wrapper, self.index, self.transposed = wrapper, index, transposed
+        self.scaling = wrapper.scaling
+
+    def _oriented(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.t() if self.transposed else stored
+
+    def weight(self) -> torch.Tensor:
+        return self._oriented(self.wrapper.get_param().data[self.index])
+
+    def keep(self) -> torch.Tensor:
+        return self._oriented(getattr(self.wrapper, KEEP)[self.index])
+
+    def factors(self, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Aₑ, Bₑ), or their gradients with ``grad`` (None when there are none): peft lays out A as
+        (E·r, in), expert e's rows e·r…e·r+r−1, and B as (out, r·E), expert e's columns e, e+E, …"""
+        a, b = self.wrapper.lora_A[ADAPTER].weight, self.wrapper.lora_B[ADAPTER].weight
+        if grad:
+            if a.grad is None or b.grad is None:
+                return None
+            a, b = a.grad, b.grad
+        count = self.wrapper.num_experts
+        return a.reshape(count, -1, a.shape[-1])[self.index], b.reshape(b.shape[0], -1, count)[:, :, self.index]
+
+
+def base_weight(layer: LoraLayer | ExpertAdapter) -> torch.Tensor:
     """The frozen weight under the adapter as (out, in) (a view: transposed for GPT-2's Conv1D)."""
+    if isinstance(layer, ExpertAdapter):
+        return layer.weight()
     return weight_matrix(layer.get_base_layer())
 
 
 @dataclass
 class Adapters:
-    """LoRA attached to every block linear: ``layers`` by (block index, path in the block)."""
+    """LoRA attached to every block linear: ``layers`` by (block index, path in the block); a routed
+    expert's matrix is an :class:`ExpertAdapter` there, its fused parameter's wrapper in ``experts``
+    (by (block index, path of the parameter), ``mlp.experts.gate_up_proj``)."""
 
     peft_model: nn.Module
-    layers: dict[tuple[int, str], LoraLayer]
+    layers: dict[tuple[int, str], LoraLayer | ExpertAdapter]
     masked: set[tuple[int, str]] = field(default_factory=set)
+    experts: dict[tuple[int, str], MaskedParamWrapper] = field(default_factory=dict)
 
     def mask(self, key: tuple[int, str], keep: torch.Tensor) -> None:
-        set_keep(self.layers[key], keep)
+        layer = self.layers[key]
+        if isinstance(layer, ExpertAdapter):
+            wrapper = layer.wrapper
+            if KEEP not in wrapper._buffers:
+                wrapper.register_buffer(KEEP, torch.ones_like(wrapper.get_param(), dtype=torch.bool), persistent=False)
+            layer.keep().copy_(keep.to(layer.keep().device))
+        else:
+            set_keep(layer, keep)
         self.masked.add(key)
 
     def keep(self, key: tuple[int, str]) -> torch.Tensor:
         """The keep-mask (out, in) of a masked layer."""
-        return getattr(self.layers[key], KEEP)
+        layer = self.layers[key]
+        return layer.keep() if isinstance(layer, ExpertAdapter) else getattr(layer, KEEP)
+
+    def factors(self, key: tuple[int, str], grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A (r, in), B (out, r), scaling) of one adapted matrix, or with ``grad`` their gradients (None
+        when the step left none): the update of its (out, in) weight is scaling · B @ A."""
+        layer = self.layers[key]
+        if isinstance(layer, ExpertAdapter):
+            pair = layer.factors(grad)
+        else:
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            pair = (a.grad, b.grad) if grad else (a, b)
+            pair = None if pair[0] is None or pair[1] is None else pair
+        return None if pair is None else (*pair, layer.scaling[ADAPTER])
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """The adapter weights by name, in the model's parameter order (what the training loop trains)."""
@@ -106,10 +208,10 @@ class Adapters:
 
     def merge(self) -> bool:
         """Merge the adapters into the weights and remove them; True if every masked zero stayed zero."""
-        keeps = {key: (self.layers[key].get_base_layer(), self.keep(key)) for key in self.masked}
+        keeps = [(self.layers[key], self.keep(key)) for key in self.masked]
         with torch.no_grad():
             self.peft_model.merge_and_unload()
-        return all(bool((weight_matrix(base)[~keep.to(base.weight.device)] == 0).all()) for base, keep in keeps.values())
+        return all(bool((base_weight(layer)[~keep.to(base_weight(layer).device)] == 0).all()) for layer, keep in keeps)
 
     def discard(self) -> None:
         """Remove the adapters without merging (after a failure), leaving the weights as they were."""
@@ -121,8 +223,9 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
 
     Linears at least ``config.mask_min_sparsity`` sparse, or all of them with ``mask_all`` (LoRAPrune
     prunes as it trains), get a masked adapter whose mask is their current non-zero pattern. An MoE
-    model's routed experts are views into fused 3-D parameters, which LoRA cannot wrap: they get no
-    adapter and stay exactly as they are (said once on stderr); attention and shared experts are adapted.
+    model's routed experts (fused parameters) get per-expert adapters (:class:`MaskedParamWrapper`),
+    each expert's matrix masked by the same rule, unless ``config.experts`` is off: then they stay
+    exactly as they are (said once on stderr). Routers are not adapted.
     """
     spec = loaded.spec
     paths = {
@@ -131,9 +234,16 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
         for name, module in spec.linears(block).items()
         if isinstance(module, nn.Module)
     }
+    fused = {}
     if spec.moe is not None:
-        print("secateurs: LoRA adapts the attention and shared-expert linears; the routed experts (fused "
-              "parameters) are not adapted and stay as they are", file=sys.stderr)
+        fused = {
+            i: f"{spec.moe.block}.{spec.moe.experts}"
+            for i, block in enumerate(spec.blocks_of(loaded.model)) if spec.experts_of(block) is not None
+        }
+        if not config.experts:
+            print("secateurs: LoRA adapts the attention and shared-expert linears; the routed experts (fused "
+                  "parameters) are not adapted (experts=false) and stay as they are", file=sys.stderr)
+            fused = {}
     conv = any(is_transposed(loaded.model.get_submodule(p)) for p in paths.values())
     lora = LoraConfig(
         r=config.rank,
@@ -146,10 +256,52 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
     )
     with torch.random.fork_rng(devices=[]):  # seeded adapter init without touching the caller's RNG
         torch.manual_seed(config.seed)
-        peft_model = get_peft_model(loaded.model, lora)
-    adapters = Adapters(peft_model, {key: loaded.model.get_submodule(path) for key, path in paths.items()})
+        with _targets_as_given():
+            peft_model = get_peft_model(loaded.model, lora)
+        wrappers = {(i, f"{path}.{name}"): wrapper for i, path in fused.items()
+                    for name, wrapper in _wrap_experts(loaded, f"{spec.blocks}.{i}.{path}", config).items()}
+    adapters = Adapters(peft_model, {key: loaded.model.get_submodule(path) for key, path in paths.items()},
+                        experts=wrappers)
+    transposed = spec.moe is not None and spec.moe.transposed
+    for (i, path), wrapper in wrappers.items():
+        for e in range(wrapper.num_experts):
+            adapters.layers[(i, f"{path}.{e}")] = ExpertAdapter(wrapper, e, transposed)
     for key, layer in adapters.layers.items():
         weight = base_weight(layer)
         if mask_all or sparsity_of(weight) >= max(config.mask_min_sparsity, 1e-12):
             adapters.mask(key, weight != 0)
     return adapters
+
+
+@contextmanager
+def _targets_as_given():
+    """peft under transformers 5 rewrites LoRA targets named like transformers 4's MoE experts
+    (``gate_proj``, ``up_proj``, ``down_proj`` in Qwen2-MoE-pattern families, DeepSeek-V2/V3 included)
+    into targets on the fused expert parameters, so that adapters trained on v4 still load. Our
+    targets are v5 module paths, and DeepSeek's shared expert really has those names: the rewrite
+    would move its adapters onto the routed experts (unmasked, and refused with dropout). Off here."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    if not hasattr(conversion, "convert_peft_config_for_transformers"):
+        yield
+        return
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
+def _wrap_experts(loaded: LoadedModel, path: str, config: RecoverConfig) -> dict[str, MaskedParamWrapper]:
+    """Replace the experts module at ``path`` by a :class:`MaskedParamWrapper` on ``gate_up_proj``
+    wrapping one on ``down_proj`` (peft nests a module's targeted parameters so); by parameter name."""
+    parent_path, _, child = path.rpartition(".")
+    parent = loaded.model.get_submodule(parent_path)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none")
+    module, wrappers = getattr(parent, child), {}
+    for name in (GATE_UP, DOWN):
+        module = wrappers[name] = MaskedParamWrapper(module, ADAPTER, parameter_name=name, config=lora, r=config.rank,
+                                                     lora_alpha=config.alpha)
+    setattr(parent, child, module)
+    return wrappers

@@ -37,6 +37,15 @@ class RecoverConfig:
     that many passes). ``eval_data``: held-out text (a dataset's test split, a file that shares no
     span with the training text, or ``self``: teacher-written with another seed) whose loss is
     measured every ``eval_every`` steps, the run's held-out curve.
+
+    ``experts`` (mixture-of-experts models; no effect on dense ones): LoRA on the routed experts' fused
+    parameters too, one rank-``rank`` pair per expert, masked so every pruned expert weight stays zero
+    (:mod:`.adapters`); routers are never adapted. On by default because the routed experts hold most
+    of an MoE model's weights and most of what pruning removed (``secateurs prune`` prunes them like any
+    linear), so recovery that skipped them would adapt a small part of the damaged model (attention and
+    shared experts). Off (``--no-experts``) is the behaviour before expert adapters existed, and what to
+    use when memory is short: a masked expert update is materialised at the size of the fused
+    parameter in each forward (peft's ParamWrapper has no dropout, so expert adapters train without it).
     """
 
     steps: int = option(200, "Optimizer steps (per round for iterative).")
@@ -56,6 +65,10 @@ class RecoverConfig:
     precision: str = option("auto", f"{', '.join(PRECISIONS)} (auto: bf16 autocast on CUDA, fp32 on CPU).")
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (less memory).")
     mask_min_sparsity: float = 0.01
+    experts: bool = option(
+        True, "MoE models: LoRA on the routed experts too (masked per expert, routers frozen); off: attention and "
+        "shared experts only."
+    )
     checkpoint_dir: str | None = option(
         None, "Where to checkpoint (default OUT.ckpt); a matching checkpoint there is resumed."
     )
@@ -123,7 +136,8 @@ class RecoverConfig:
     def fingerprint(self) -> dict:
         """Settings that change the result: a checkpoint resumes only under the same ones. Options left
         off are left out, so a checkpoint written before they existed still resumes."""
-        found = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_dir", "save_every", "data_dir")}
+        found = {k: v for k, v in asdict(self).items()
+                 if k not in ("checkpoint_dir", "save_every", "data_dir", "experts")}  # experts: by the adapters
         if not self.distill.enabled:
             del found["distill"]
         if self.eval_data is None:
@@ -178,15 +192,20 @@ class LoRAPruneConfig:
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"ema must be in [0, 1), got {self.ema:g}")
 
-    def layers(self, n_layers: int, moe: bool = False) -> list[int]:
+    def layers(self, n_layers: int, moe: bool = False, experts: bool = True) -> list[int]:
         """Validate against the model; returns the prunable layer indices. ``moe``: the model is a
-        mixture of experts, whose routed experts (fused parameters) carry no LoRA adapter, so LoRAPrune
-        could score and prune only the rest: refused in one line rather than done in part."""
-        if moe:
+        mixture of experts: unstructured LoRAPrune scores and prunes every routed expert's matrix
+        through its own adapter (``experts``, which it therefore needs); the structured targets are
+        refused in one line, as width pruning refuses MoE models (experts are not dependency groups)."""
+        if moe and self.structured:
             raise UsageError(
-                "LoRAPrune scores weights through their LoRA adapters, which a mixture-of-experts model's fused "
-                "experts cannot carry; prune it with secateurs prune (the experts included) or experts, then recover"
+                f"LoRAPrune --target {self.target} does not slice a mixture-of-experts model's experts; use --target "
+                "unstructured (each routed expert pruned through its own adapter), or secateurs experts to remove "
+                "whole experts and then recover with LoRA"
             )
+        if moe and not experts:
+            raise UsageError("LoRAPrune on a mixture-of-experts model prunes the routed experts through their adapters; "
+                             "drop --no-experts")
         self.validate()
         first = int(0.1 * n_layers) if self.keep_first is None else self.keep_first
         last = 1 if self.keep_last is None else self.keep_last

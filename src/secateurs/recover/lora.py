@@ -100,6 +100,8 @@ def train_adapters(
     )
     batches = SeededWindows(ids, config.batch_size, config.seq_len, config.seed, config.data)
     fingerprint = {"config": config.fingerprint(), "model": identity or {}}
+    if adapters.experts:  # a run with expert adapters trains other weights than one without (or a dense model)
+        fingerprint["expert_adapters"] = True
     if distill is not None and distill.cache_path is None and folder is not None:
         distill.cache_path = folder / TEACHER_CACHE
     return train(adapters.peft_model, adapters.trainable(), batches, plan, device, hook, fingerprint, description,

@@ -38,22 +38,23 @@ from ..structured.base import count_parameters, model_groups
 from ..structured.importance import aggregate, slot_sums
 from ..structured.registry import TARGETS
 from ..training.loop import TrainHook
-from .adapters import ADAPTER, Adapters, attach, base_weight
+from .adapters import Adapters, attach, base_weight
 from .config import LoRAPruneConfig
 from .lora import RecoverConfig, RecoverReport, identity, mean_sparsity, prepare, train_adapters, training_extra
 
 
 def element_importance(adapters: Adapters, key: tuple[int, str]) -> torch.Tensor | None:
-    """|G ⊙ (W + s·BA)| (out, in), float32, zero where pruned; None when the step has no gradients."""
-    layer = adapters.layers[key]
-    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-    if a.grad is None or b.grad is None:
+    """|G ⊙ (W + s·BA)| (out, in), float32, zero where pruned; None when the step has no gradients.
+    A routed expert's matrix is scored the same way from its own factors (Bₑ, Aₑ)."""
+    grads = adapters.factors(key, grad=True)
+    if grads is None:
         return None
+    a, b, scaling = adapters.factors(key)
     with torch.no_grad():
-        ga, gb = a.grad.float(), b.grad.float()
+        ga, gb = grads[0].float(), grads[1].float()
         af, bf = a.float(), b.float()
         grad = gb @ af + bf @ ga - gb @ ga
-        used = base_weight(layer).float() + (bf @ af) * layer.scaling[ADAPTER]
+        used = base_weight(adapters.layers[key]).float() + (bf @ af) * scaling
         return (grad * used).abs().masked_fill_(~adapters.keep(key), 0.0)
 
 
@@ -183,7 +184,8 @@ def loraprune(
 ) -> RecoverReport:
     """Fine-tune with LoRA while pruning progressively, merge, and (structured) cut the groups out."""
     spec = loaded.spec
-    layers = config.layers(spec.num_layers(loaded.model.config), moe=spec.moe is not None)
+    layers = config.layers(spec.num_layers(loaded.model.config), moe=spec.moe is not None,
+                           experts=train_config.experts)
     train_config, ids, distill, held_out = prepare(loaded, train_config, device, dense=True)
     groups = model_groups(loaded, TARGETS[config.target]) if config.structured else []
     if device.type == "cuda":
