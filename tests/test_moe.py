@@ -813,8 +813,8 @@ def test_prune_export_sparse_on_an_moe_model_stores_every_expert_compressed(tmp_
 
 
 def test_lora_recovery_adapts_attention_and_shared_experts_and_keeps_the_experts(tmp_path):
-    """LoRA cannot wrap a fused expert parameter: recovery adapts the other linears, leaves every
-    routed expert exactly as pruned, and says so; LoRAPrune, which could prune only the rest, is one line."""
+    """With expert adapters off (``experts=False``) recovery adapts the other linears, leaves every
+    routed expert exactly as pruned, and says so (expert adapters: tests/test_moe_recover.py)."""
     import copy
 
     from secateurs.api import recover
@@ -825,23 +825,24 @@ def test_lora_recovery_adapts_attention_and_shared_experts_and_keeps_the_experts
     experts = loaded.spec.experts_of(loaded.spec.blocks_of(loaded.model)[0])
     before = copy.deepcopy(experts)
     attention = loaded.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    report = recover(loaded, RecoverConfig(steps=2, seq_len=16, batch_size=1, data="wikitext2", lr=1e-2), "cpu")
+    report = recover(loaded, RecoverConfig(steps=2, seq_len=16, batch_size=1, data="wikitext2", lr=1e-2,
+                                           experts=False), "cpu")
     assert torch.equal(experts.gate_up_proj, before.gate_up_proj) and torch.equal(experts.down_proj, before.down_proj)
     assert not torch.equal(loaded.model.model.layers[0].self_attn.q_proj.weight, attention)
     assert report is not None
 
 
-def test_loraprune_on_an_moe_model_is_one_line_and_writes_nothing(tmp_path, no_loading):
+def test_structured_loraprune_on_an_moe_model_is_one_line_and_writes_nothing(tmp_path, no_loading):
     from typer.testing import CliRunner
 
     from secateurs.cli import app
 
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["recover", str(_folder(tmp_path, "qwen3_moe")), "--method", "loraprune",
-                                      "--target", "unstructured", "--steps", "2", "--seq-len", "16", "--device", "cpu",
+                                      "--target", "channels", "--steps", "2", "--seq-len", "16", "--device", "cpu",
                                       "--out", str(out)])
     assert result.exit_code == 2, result.output
-    assert "fused experts cannot carry" in " ".join(result.output.split()) and not out.exists()
+    assert "use --target unstructured" in " ".join(result.output.split()) and not out.exists()
 
 
 def test_interrupted_streamed_expert_pruning_resumes_to_the_in_memory_folder(sharded_moe, tmp_path, monkeypatch):
