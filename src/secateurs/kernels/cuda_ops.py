@@ -142,8 +142,16 @@ def _probe(index: int) -> str | None:
     return None
 
 
-def _compile(capability: tuple[int, int], source: Path = SOURCE) -> bytes:
-    """NVRTC: a cubin of ``source`` for this architecture, or PTX for the newest one NVRTC knows if the GPU is newer."""
+ARCH_SUFFIX: dict[Path, str] = {}
+"""Sources that need an architecture-specific target (``"a"``: ``sm_90a`` for ``wgmma``), registered by the module
+that owns them (``kernels/wgmma.py``); every other source compiles for plain ``sm_XY``."""
+
+
+def _compile(capability: tuple[int, int], source: Path = SOURCE, arch_suffix: str = "") -> bytes:
+    """NVRTC: a cubin of ``source`` for this architecture, or PTX for the newest one NVRTC knows if the GPU is newer.
+    ``arch_suffix`` ``"a"`` targets the architecture-specific ``sm_XYa`` (``wgmma``, ``setmaxnreg``): a cubin only,
+    for exactly this GPU (such code runs on no other architecture, so there is no PTX fallback). Without a suffix
+    the options, cache key and file name are what they always were."""
     _, nvrtc = _bindings()
     arch = capability[0] * 10 + capability[1]
     version = ".".join(map(str, _check(nvrtc.nvrtcVersion(), "nvrtcVersion")))
@@ -152,10 +160,13 @@ def _compile(capability: tuple[int, int], source: Path = SOURCE) -> bytes:
     if target is None:
         raise RuntimeError(f"NVRTC {version} cannot target sm_{arch}")
     native = target == arch
+    if arch_suffix and not native:
+        raise RuntimeError(f"NVRTC {version} cannot target sm_{arch}{arch_suffix}")
     text, common = source.read_bytes(), COMMON.read_bytes()
-    options = (f"--gpu-architecture={'sm' if native else 'compute'}_{target}", *OPTIONS)
+    options = (f"--gpu-architecture={'sm' if native else 'compute'}_{target}{arch_suffix}", *OPTIONS)
     digest = hashlib.sha256(text + b"\0" + common + "\0".join(options).encode()).hexdigest()[:16]
-    path = cache_dir() / f"{source.stem}-{digest}-{'sm' if native else 'compute'}{target}-nvrtc{version}.{'cubin' if native else 'ptx'}"
+    path = cache_dir() / (f"{source.stem}-{digest}-{'sm' if native else 'compute'}{target}{arch_suffix}-nvrtc{version}."
+                          f"{'cubin' if native else 'ptx'}")
     if path.exists():
         return path.read_bytes()
     program = _check(nvrtc.nvrtcCreateProgram(text, source.name.encode(), 1, [common], [COMMON.name.encode()]), "nvrtcCreateProgram")
@@ -188,7 +199,7 @@ def _module(index: int, source: Path = SOURCE):
     """The loaded module of ``source`` (another format's kernels live in a file of their own) on GPU ``index``."""
     if (index, source) not in _MODULES:
         driver, _ = _bindings()
-        binary = _compile(torch.cuda.get_device_capability(index), source)
+        binary = _compile(torch.cuda.get_device_capability(index), source, ARCH_SUFFIX.get(source, ""))
         with torch.cuda.device(index):
             torch.empty(1, device=f"cuda:{index}")  # PyTorch makes the primary context current
             _check(driver.cuInit(0), "cuInit")

@@ -1,0 +1,327 @@
+// 2:4 GEMM for prompts (32-8192 tokens) on Hopper: wgmma.mma_async.sp (sm_90a only; kernels/wgmma.py compiles
+// it with NVRTC for sm_90a and offers it only on compute capability 9.0). y (M, N) = x (M, K) @ W.T with W
+// stored 2:4 (kernels/sparse24.py): values (N, K/2), the two kept weights of each group of 4 inputs in column
+// order; meta (N, K/8) bytes, read as (N, K/16) little-endian 16-bit words, group q of a word at bits 4q
+// (first position | second << 2). Both are read as stored: no copy, no derived metadata table.
+//
+// The weight is the sparse A operand (output features on M), the activations the B operand (tokens on N).
+// A block of two warpgroups (256 threads) owns 128 features x BN tokens; warpgroup wg multiplies features
+// 64wg..64wg+63 by all BN tokens with one m64nBNk32 instruction per 32 inputs. K runs in stages of 64 inputs,
+// a ring of STAGES shared-memory slots filled by cp.async (all 256 threads copy; no producer warp):
+//
+//   slot = | A: 128 rows x 64 B (32 kept values) | E: 128 rows x 8 B (4 position words) | B: BN rows x 128 B |
+//
+// A is laid out as the K-major 64-byte-swizzle canonical layout of the PTX ISA ("Shared Memory Matrix Layout" of the
+// asynchronous warpgroup-level MMA section; CUTLASS's Layout_K_SW64): row r at byte 64r, its 16-byte chunk c at chunk
+// c ^ ((r >> 1) & 3), atoms of 8 rows (512 B); B as the 128-byte-swizzle one (Layout_K_SW128): token row r at
+// byte 128r, chunk c at c ^ (r & 7), atoms of 8 rows (1024 B). Slots start on 1024-byte boundaries, so the
+// descriptors' base offset is 0. Descriptors ("Matrix Descriptor Format"): start address >> 4
+// in bits 0-13, leading byte offset >> 4 in 16-29 (unused by swizzled K-major layouts; 1), stride byte offset
+// >> 4 in 32-45 (the distance between 8-row groups: 512 for A, 1024 for B), swizzle mode in 62-63 (1 = 128 B,
+// 2 = 64 B). The second 32-input step of a stage starts 32 bytes (A: 16 kept values) and 64 bytes (B) further.
+//
+// Metadata ("Matrix fragments for warpgroup-level multiply-accumulate operation with sparse matrix A",
+// 9.7.15.6.2; its figure for m64nNk32 f16/bf16 is the one of mma.sp m16n8k32): warp w of a warpgroup gives
+// rows 16w..16w+15; lane (g = lane / 4, t = lane % 4) holds in bits 0-15 the positions of row 16w+g and in
+// bits 16-31 those of row 16w+g+8, for 16 inputs: inputs 0-15 (t = 0) and 16-31 (t = 1) of the instruction
+// under sparsity selector 0, lanes t = 2, 3 under selector 1. So with the first 32 inputs of a stage under
+// selector 0 and the next 32 under selector 1, lane t's register is stored position word t of the stage for
+// the two rows, as they are: the same register the mma.sp GEMM of sparse_gemv.cu builds (verified on GPUs).
+//
+// Pipelining: wgmma.fence, two wgmma.mma_async.sp, commit, then the copy of the stage AHEAD further on, then
+// wgmma.wait_group INFLIGHT (0: each stage's products finish before the next stage; 1: one stage's products
+// stay in flight, the ring refills the slot two stages back). cp.async writes are made visible to the async
+// proxy (the tensor cores' reads) by fence.proxy.async.shared::cta in each copying thread before the barrier.
+// Rows past N and tokens past M load clamped (valid) rows and are never stored.
+#include "common.cuh"
+
+__device__ __forceinline__ u32 wg_smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void wg_cp16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void wg_cp8(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void wg_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ u32 lds_u16(u32 addr) {
+    u32 v;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+// Keeps the compiler from moving accumulator reads or writes across a wgmma wait (the registers are written
+// by the tensor cores asynchronously, which the compiler cannot see).
+template <int R>
+__device__ __forceinline__ void fence_regs(float (&d)[R]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// A shared-memory matrix descriptor (K-major, swizzled): start address, leading byte offset 1 (unused),
+// stride byte offset, swizzle mode (1 = 128 B, 2 = 64 B).
+__device__ __forceinline__ unsigned long long wg_desc(u32 addr, u32 stride, unsigned long long mode) {
+    return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(stride >> 4) << 32) |
+           (mode << 62);
+}
+
+// ---- wgmma.mma_async.sp wrappers (generated: the operand lists are long): D (64 x N, fp32) += A (64 x 32,
+// 2:4, from shared memory by descriptor) x B (32 x N, K-major in shared memory), sparsity selector SEL ----
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_n64_f16(float (&d)[32], unsigned long long da, unsigned long long db, u32 e) {
+    asm volatile(
+        "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, %34, %35, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(e), "n"(SEL));
+}
+
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_n64_bf16(float (&d)[32], unsigned long long da, unsigned long long db, u32 e) {
+    asm volatile(
+        "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, %34, %35, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(e), "n"(SEL));
+}
+
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_n128_f16(float (&d)[64], unsigned long long da, unsigned long long db, u32 e) {
+    asm volatile(
+        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, %66, %67, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(e), "n"(SEL));
+}
+
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_n128_bf16(float (&d)[64], unsigned long long da, unsigned long long db, u32 e) {
+    asm volatile(
+        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, %66, %67, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(e), "n"(SEL));
+}
+
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_n256_f16(float (&d)[128], unsigned long long da, unsigned long long db, u32 e) {
+    asm volatile(
+        "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, %130, %131, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(e), "n"(SEL));
+}
+
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_n256_bf16(float (&d)[128], unsigned long long da, unsigned long long db, u32 e) {
+    asm volatile(
+        "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, %130, %131, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(e), "n"(SEL));
+}
+
+// ---- the kernel ----
+template <bool BF16, int BN>
+__device__ __forceinline__ void wgmma_pair(float (&d)[BN / 2], unsigned long long da, unsigned long long db, u32 e) {
+    // 32 inputs under selector 0, the next 32 under selector 1: A 32 bytes (16 kept values) on, B 64 bytes on.
+    if constexpr (BN == 256) {
+        if constexpr (BF16) { wgmma_sp_n256_bf16<0>(d, da, db, e); wgmma_sp_n256_bf16<1>(d, da + 2, db + 4, e); }
+        else { wgmma_sp_n256_f16<0>(d, da, db, e); wgmma_sp_n256_f16<1>(d, da + 2, db + 4, e); }
+    } else if constexpr (BN == 128) {
+        if constexpr (BF16) { wgmma_sp_n128_bf16<0>(d, da, db, e); wgmma_sp_n128_bf16<1>(d, da + 2, db + 4, e); }
+        else { wgmma_sp_n128_f16<0>(d, da, db, e); wgmma_sp_n128_f16<1>(d, da + 2, db + 4, e); }
+    } else {
+        if constexpr (BF16) { wgmma_sp_n64_bf16<0>(d, da, db, e); wgmma_sp_n64_bf16<1>(d, da + 2, db + 4, e); }
+        else { wgmma_sp_n64_f16<0>(d, da, db, e); wgmma_sp_n64_f16<1>(d, da + 2, db + 4, e); }
+    }
+}
+
+#define WG_BM 128
+#define WG_THREADS 256
+#define WG_A_BYTES (WG_BM * 64)
+#define WG_E_BYTES (WG_BM * 8)
+
+template <bool BF16, int BN, int STAGES, int INFLIGHT>
+__device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __restrict__ vals,
+                                        const u8* __restrict__ meta, u16* __restrict__ y, int M, int N, int K) {
+    constexpr int B_BYTES = BN * 128;
+    constexpr int STAGE_BYTES = WG_A_BYTES + WG_E_BYTES + B_BYTES;  // a multiple of 1024
+    constexpr int AHEAD = STAGES - 1 - INFLIGHT;                   // stages being copied while one is multiplied
+    static_assert(AHEAD >= 1, "too few stages for the products in flight");
+    extern __shared__ __align__(1024) unsigned char wg_smem[];
+    const u32 base = (wg_smem_u32(wg_smem) + 1023u) & ~1023u;  // the launch asks for 1024 bytes more
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it (PTX: %warpid % 4 names its 16 rows)
+    const int g = lane >> 2, t = lane & 3;
+    // Blocks walk token tiles inside groups of 8 feature tiles, so the blocks in flight share weight tiles.
+    const int ftiles = (N + WG_BM - 1) / WG_BM, ttiles = (M + BN - 1) / BN;
+    const int pid = blockIdx.x, per_group = 8 * ttiles;
+    const int first = (pid / per_group) * 8, size = min(8, ftiles - first);
+    const int ft = first + (pid % per_group) % size, tt = (pid % per_group) / size;
+    const int row0 = ft * WG_BM, tok0 = tt * BN;
+    const int KB = K >> 6;
+
+    auto load = [&](int slot, int kb) {
+        const u32 sa = base + slot * STAGE_BYTES, se = sa + WG_A_BYTES, sb = se + WG_E_BYTES;
+#pragma unroll
+        for (int i = tid; i < WG_BM * 4; i += WG_THREADS) {  // values: 4 chunks of 16 bytes per row
+            const int r = i >> 2, c = i & 3;
+            const size_t row = min(row0 + r, N - 1);
+            wg_cp16(sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), (const char*)vals + row * K + kb * 64 + c * 16);
+        }
+        if (tid < WG_BM) {  // positions: the stage's 8 bytes of each row
+            const size_t row = min(row0 + tid, N - 1);
+            wg_cp8(se + tid * 8, meta + row * (K >> 3) + kb * 8);
+        }
+#pragma unroll
+        for (int i = tid; i < BN * 8; i += WG_THREADS) {  // activations: 8 chunks of 16 bytes per token
+            const int r = i >> 3, c = i & 7;
+            const size_t tok = min(tok0 + r, M - 1);
+            wg_cp16(sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16);
+        }
+    };
+
+    float d[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
+    fence_regs(d);
+
+#pragma unroll
+    for (int s = 0; s < AHEAD; ++s) {
+        if (s < KB) load(s, s);
+        wg_cp_commit();
+    }
+    // This lane's metadata rows inside the block (PTX: row 16w + g in bits 0-15, row 16w + g + 8 in 16-31).
+    const int er = wg * 64 + wq * 16 + g;
+    for (int kb = 0; kb < KB; ++kb) {
+        wg_cp_wait<AHEAD - 1>();
+        fence_proxy_async();
+        __syncthreads();
+        const int slot = kb % STAGES;
+        const u32 sa = base + slot * STAGE_BYTES, se = sa + WG_A_BYTES, sb = se + WG_E_BYTES;
+        const u32 e = lds_u16(se + er * 8 + t * 2) | (lds_u16(se + (er + 8) * 8 + t * 2) << 16);
+        const unsigned long long da = wg_desc(sa + wg * (64 * 64), 512, 2ull);
+        const unsigned long long db = wg_desc(sb, 1024, 1ull);
+        wgmma_fence();
+        wgmma_pair<BF16, BN>(d, da, db, e);
+        wgmma_commit();
+        {  // refill the slot whose products finished (the stage INFLIGHT + 1 back)
+            const int next = kb + AHEAD;
+            if (next < KB) load(next % STAGES, next);
+            wg_cp_commit();
+        }
+        wgmma_wait<INFLIGHT>();
+    }
+    wgmma_wait<0>();
+    fence_regs(d);
+    wg_cp_wait<0>();
+    // d[i]: feature 16w + g + 8 * ((i >> 1) & 1) of the warpgroup's 64, token 8 * (i >> 2) + 2t + (i & 1).
+    const int fbase = row0 + wg * 64 + wq * 16 + g;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+        const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);
+        if (row < N && token < M) y[(size_t)token * N + row] = pack1<BF16>(d[i]);
+    }
+}
+
+// ---- entry points: wgmma24_<dtype>_m128_n<BN>_s<STAGES>_i<INFLIGHT> ----
+#define WGMMA24(DT, BF, BN, S, I)                                                                            \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                              \
+        wgmma24_##DT##_m128_n##BN##_s##S##_i##I(const u16* x, const u16* vals, const u8* meta, u16* y,      \
+                                                 int M, int N, int K) {                                     \
+        wgmma24<BF, BN, S, I>(x, vals, meta, y, M, N, K);                                                    \
+    }
+#define WG_ALL(DT, BF)                                                                                       \
+    WGMMA24(DT, BF, 256, 4, 1)                                                                               \
+    WGMMA24(DT, BF, 128, 4, 1)                                                                               \
+    WGMMA24(DT, BF, 64, 4, 1)                                                                                \
+    WGMMA24(DT, BF, 128, 4, 0)
+WG_ALL(f16, false)
+WG_ALL(bf16, true)

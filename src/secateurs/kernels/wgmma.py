@@ -1,0 +1,145 @@
+"""The 2:4 prompt GEMM on Hopper's ``wgmma.mma_async.sp`` (sm_90a), reading the stored 2:4 tensors as they are.
+
+Why: the tiled ``mma.sp`` GEMM (sm_80 form) reaches 0.19-0.67x cuBLAS on an H100 and the ``mma.sp`` instruction
+itself peaks near 956 TFLOP/s (benchmarks/mma_peak.py), so it cannot give the issue's >= 1.2x; cuSPARSELt, which
+uses ``wgmma.sp``, reaches 1.15-1.69x. The kernel (``kernels/cuda/sparse24_wgmma.cu``) is compiled by NVRTC for
+``sm_90a`` (``cuda_ops.ARCH_SUFFIX``) and offered only on compute capability 9.0 and, until a GPU run has checked
+it, only under ``SECATEURS_UNVERIFIED_KERNELS=1`` (``cuda_ops.unverified_offered``).
+
+The layout, described here for the CPU model of the kernel (tests/test_wgmma.py) as well as for readers:
+
+- the weight is the sparse A operand (output features on M), the activations B (tokens on N); a block of two
+  warpgroups owns 128 features x ``BN`` tokens; K runs in 64-input stages;
+- a stage's shared-memory slot is ``A`` (128 rows x 64 bytes: the stage's 32 stored values of each row, 64-byte
+  swizzle: row ``r`` at ``64 r``, 16-byte chunk ``c`` at chunk ``c ^ ((r >> 1) & 3)``), ``E`` (128 rows x 8 bytes:
+  the stage's four stored 16-bit position words of each row, as stored) and ``B`` (``BN`` tokens x 128 bytes: the
+  stage's 64 activations, 128-byte swizzle: chunk ``c`` of token ``r`` at chunk ``c ^ (r & 7)``);
+- the descriptors: A of warpgroup ``wg`` starts at ``A + 4096 wg``, stride byte offset 512, 64-byte swizzle; B at
+  ``B``, stride byte offset 1024, 128-byte swizzle; the second 32-input step of a stage 32 bytes (A) and 64 bytes
+  (B) further;
+- metadata: lane ``(g, t)`` of warp ``w`` of warpgroup ``wg`` passes stored position word ``t`` of the stage for
+  row ``64 wg + 16 w + g`` (bits 0-15) and row ``+ 8`` (bits 16-31); the stage's first 32 inputs run under sparsity
+  selector 0 (lanes ``t = 0, 1``), the next 32 under selector 1 (lanes ``t = 2, 3``). No derived metadata table: the
+  positions stay the one table in memory (``meta``, K/8 bytes per row, 1/8 of the value bytes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cuda_ops
+
+SOURCE = cuda_ops.SOURCE.with_name("sparse24_wgmma.cu")
+cuda_ops.ARCH_SUFFIX[SOURCE] = "a"  # wgmma exists only on sm_90a
+
+BM = 128  # output features per block (two warpgroups of 64)
+STAGE_K = 64  # inputs per shared-memory stage
+THREADS = 256
+A_BYTES = BM * 64  # a stage's values: 32 stored (kept) values of 2 bytes per row
+E_BYTES = BM * 8  # a stage's positions: four 16-bit words per row
+SWIZZLE_128B, SWIZZLE_64B = 1, 2  # descriptor bits 62-63 (PTX ISA, "Matrix Descriptor Format")
+A_STRIDE, B_STRIDE = 512, 1024  # descriptor stride byte offsets: between 8-row groups of A (64 B rows), B (128 B rows)
+
+# name -> (tokens per block BN, stages, wgmma groups left in flight while the next stage is copied)
+CONFIGS = {
+    "m128_n256_s4_i1": (256, 4, 1),
+    "m128_n128_s4_i1": (128, 4, 1),
+    "m128_n64_s4_i1": (64, 4, 1),
+    "m128_n128_s4_i0": (128, 4, 0),
+}
+
+
+def b_bytes(config: str) -> int:
+    return CONFIGS[config][0] * 128
+
+
+def stage_bytes(config: str) -> int:
+    return A_BYTES + E_BYTES + b_bytes(config)
+
+
+def shared_bytes(config: str) -> int:
+    """Dynamic shared memory of a launch: the ring plus 1024 bytes to align it to the 128-byte swizzle atom."""
+    return CONFIGS[config][1] * stage_bytes(config) + 1024
+
+
+def configs(m: int) -> list[str]:
+    """Tile shapes for ``m`` tokens, in the order offered (none measured yet): 64-token tiles for short prompts,
+    256 from 512 tokens on, the variant with no product in flight last (the fallback should one in flight be wrong)."""
+    if m <= 64:
+        return ["m128_n64_s4_i1", "m128_n128_s4_i0"]
+    if m <= 256:
+        return ["m128_n128_s4_i1", "m128_n64_s4_i1", "m128_n128_s4_i0"]
+    return ["m128_n256_s4_i1", "m128_n128_s4_i1", "m128_n128_s4_i0"]
+
+
+# ---- the layout, as the kernel computes it (the CPU model in tests/test_wgmma.py reads these) ----
+def a_offset(r: int, chunk: int) -> int:
+    """Byte offset inside a slot's A part of 16-byte chunk ``chunk`` (0-3) of feature row ``r`` (0-127)."""
+    return r * 64 + ((chunk ^ ((r >> 1) & 3)) << 4)
+
+
+def b_offset(r: int, chunk: int) -> int:
+    """Byte offset inside a slot's B part of 16-byte chunk ``chunk`` (0-7) of token row ``r``."""
+    return r * 128 + ((chunk ^ (r & 7)) << 4)
+
+
+def descriptor(address: int, stride: int, swizzle: int) -> int:
+    """A wgmma shared-memory matrix descriptor: start address >> 4 (bits 0-13), leading byte offset 1 (bits 16-29,
+    unused by swizzled K-major layouts), stride byte offset >> 4 (bits 32-45), base offset 0, swizzle (bits 62-63)."""
+    return ((address & 0x3FFFF) >> 4) | (1 << 16) | ((stride >> 4) << 32) | (swizzle << 62)
+
+
+def metadata_register(meta_stage: torch.Tensor, wg: int, warp: int, lane: int) -> int:
+    """The 32-bit metadata register of ``lane`` of ``warp`` (0-3) of warpgroup ``wg`` for one stage, from the slot's
+    E part (``meta_stage``: (128, 8) uint8, the stage's stored position bytes of each row)."""
+    g, t = lane >> 2, lane & 3
+    r = wg * 64 + warp * 16 + g
+    word = lambda row: int(meta_stage[row, 2 * t]) | (int(meta_stage[row, 2 * t + 1]) << 8)  # noqa: E731
+    return word(r) | (word(r + 8) << 16)
+
+
+def capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def offered(device: torch.device) -> bool:
+    """Whether the wgmma kernel may be offered on ``device``: a Hopper GPU (9.0: sm_90a code runs on no other) and,
+    until it has been run on one, ``SECATEURS_UNVERIFIED_KERNELS=1``."""
+    if device.type != "cuda" or not cuda_ops.unverified_offered():
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return capability(index) == (9, 0)
+
+
+def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int], m: int) -> dict:
+    """name -> ``x -> y`` for a 2:4 weight and ``m`` tokens (K % 64 == 0, 32 tokens and more); ``{}`` where not
+    offered. Compiled on first offer (an error there offers nothing)."""
+    n, k = shape
+    if m < cuda_ops.GEMM_TOKENS or k % STAGE_K or not offered(values.device):
+        return {}
+    try:
+        cuda_ops._module(values.device.index if values.device.index is not None else torch.cuda.current_device(),
+                         SOURCE)
+    except Exception:  # noqa: BLE001  (an NVRTC without sm_90a, a driver that cannot load it)
+        return {}
+    return {f"cuda_wgmma24_{c}": (lambda x, c=c: sparse24_wgmma(x, values, meta, c)) for c in configs(m)}
+
+
+@torch.library.custom_op("secateurs::sparse24_wgmma", mutates_args=())
+def sparse24_wgmma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: str) -> torch.Tensor:
+    """``x @ W.T`` for a 2:4 weight (values (N, K/2), meta (N, K/8) uint8, K % 64 == 0) and any number of rows of x,
+    by ``wgmma.mma_async.sp`` (sm_90a); ``config`` names a :data:`CONFIGS` entry."""
+    x = cuda_ops._aligned(x)
+    m, k = x.shape
+    n = values.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bn = CONFIGS[config][0]
+    blocks = ((n + BM - 1) // BM) * ((m + bn - 1) // bn)
+    cuda_ops._launch(f"wgmma24_{cuda_ops._SUFFIX[x.dtype]}_{config}", blocks, (x, values, meta, y), (m, n, k),
+                     THREADS // 32, source=SOURCE, shared=shared_bytes(config))
+    return y
+
+
+@sparse24_wgmma.register_fake
+def _(x, values, meta, config):
+    return x.new_empty(x.shape[0], values.shape[0])
