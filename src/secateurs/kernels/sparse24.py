@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from . import cuda_ops, registry
+from . import cuda_ops, registry, wgmma
 from .formats import SparseFormat
 from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
 
@@ -178,8 +178,9 @@ class Sparse24(SparseFormat):
         table): the 2:4 GEMV (1-4 rows) and tensor-core kernel (1-32 rows), in the order measured on an H200
         (benchmarks/sparse_kernels.py --part kernels: the tensor-core kernel first, except on narrow weights,
         N <= 2048, at 1-2 tokens, where the GEMV's split-K keeps more loads in flight); from 32 rows on the
-        tiled ``mma.sp`` GEMM (a few tile shapes) and the expand path (the weight expanded into one scratch
-        buffer shared by all layers, then cuBLAS)."""
+        tiled ``mma.sp`` GEMM (a few tile shapes), on an H100/H200 the ``wgmma.mma_async.sp`` GEMM
+        (:mod:`secateurs.kernels.wgmma`; never yet run on a GPU, so only under ``SECATEURS_UNVERIFIED_KERNELS=1``)
+        and the expand path (the weight expanded into one scratch buffer shared by all layers, then cuBLAS)."""
         n, k = self.shape
         if k % 16 or not cuda_ops.ready(self.values, 16, n, k // 2) or not cuda_ops.ready(self.meta, 8, n, k // 8):
             return {}
@@ -200,6 +201,7 @@ class Sparse24(SparseFormat):
                 for config in gemm_configs(n, m):
                     prompt[f"cuda_gemm24_{config}"] = (
                         lambda x, c=config: cuda_ops.sparse24_gemm(x, self.values, self.meta, c))
+            prompt.update(wgmma.candidates(self.values, self.meta, self.shape, m))  # Hopper, unverified: opt-in
             prompt["expand_cublas"] = lambda x: cuda_ops.expand_matmul(x, self.values, self.meta, self.shape)
             return {**prompt, **mma}
         return {**gemv, **mma} if n <= 2048 and m <= 2 else {**mma, **gemv}

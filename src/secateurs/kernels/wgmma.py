@@ -98,17 +98,14 @@ def metadata_register(meta_stage: torch.Tensor, wg: int, warp: int, lane: int) -
     return word(r) | (word(r + 8) << 16)
 
 
-def capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def offered(device: torch.device) -> bool:
-    """Whether the wgmma kernel may be offered on ``device``: a Hopper GPU (9.0: sm_90a code runs on no other) and,
-    until it has been run on one, ``SECATEURS_UNVERIFIED_KERNELS=1``."""
-    if device.type != "cuda" or not cuda_ops.unverified_offered():
-        return False
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return capability(index) == (9, 0)
+    """Whether the wgmma kernel may be offered on ``device`` (a GPU the CUDA kernels run on): a Hopper GPU (9.0:
+    sm_90a code runs on no other) and, until it has been run on one, ``SECATEURS_UNVERIFIED_KERNELS=1``."""
+    return cuda_ops.unverified_offered() and capability(device) == (9, 0)
 
 
 def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int], m: int) -> dict:
@@ -118,8 +115,7 @@ def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
     if m < cuda_ops.GEMM_TOKENS or k % STAGE_K or not offered(values.device):
         return {}
     try:
-        cuda_ops._module(values.device.index if values.device.index is not None else torch.cuda.current_device(),
-                         SOURCE)
+        cuda_ops._module(values.device.index, SOURCE)
     except Exception:  # noqa: BLE001  (an NVRTC without sm_90a, a driver that cannot load it)
         return {}
     return {f"cuda_wgmma24_{c}": (lambda x, c=c: sparse24_wgmma(x, values, meta, c)) for c in configs(m)}

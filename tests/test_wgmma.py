@@ -1,0 +1,359 @@
+"""The Hopper ``wgmma.mma_async.sp`` 2:4 GEMM (kernels/cuda/sparse24_wgmma.cu) on a CPU: a model of its data
+movement, step by step as the kernel does it, checked against the dense product; its ring schedule; its gating.
+
+The model has two halves:
+
+- the kernel's side, read off its source (the same expressions: tests below check the source still holds them):
+  which global bytes each thread's cp.async copies to which shared-memory byte, the descriptors it builds, which
+  shared bytes each lane reads into its metadata register, and where the epilogue stores each accumulator;
+- the hardware's side, from the PTX ISA (section "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
+  Instructions"): how a wgmma reads A and B through a descriptor ("Matrix Descriptor Format", "Shared Memory
+  Matrix Layout": K-major canonical layouts, 8-row core-matrix groups ``stride byte offset`` apart, rows of the
+  swizzle width, the 64-byte / 128-byte swizzles XOR address bits 4-5 / 4-6 with bits 7-8 / 7-9 as CUTLASS's
+  Swizzle<2,4,3> / Swizzle<3,4,3> write them), which metadata bits name which kept values ("Sparse matrix storage";
+  "Matrix fragments for warpgroup-level multiply-accumulate operation with sparse matrix A": warp ``%warpid % 4``
+  gives rows 16w..16w+15; for m64nNk32 f16/bf16 the figure is mma.sp m16n8k32's: lane 4g+2i holds row g's and
+  row g+8's positions of the instruction's inputs 0-15, lane 4g+2i+1 of inputs 16-31, selector i), and which
+  accumulator register holds which (feature, token) ("Matrix Fragments for wgmma.mma_async.m64nNk16" /
+  m64nNk32, register D: row 16w + g (+8 for registers 2, 3 of each four), column 8(i/4) + 2t + (i%2)).
+
+What only a GPU run can confirm: that these readings are the hardware's (the descriptor's leading byte offset
+being ignored for swizzled K-major layouts; the start address advanced by 32/64 bytes inside a swizzle row for
+the second 32-input step; the sparse A tile being read as M x K/2 compressed values in the same canonical
+layout; the metadata register read at issue so a stage's register may be rewritten while one wgmma is in
+flight), and that the cp.async -> fence.proxy.async -> barrier -> wgmma order is enough.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from secateurs.kernels import Sparse24, cuda_ops, wgmma
+from secateurs.sparsity.masks import nm_mask
+
+SOURCE_TEXT = wgmma.SOURCE.read_text()
+
+
+def _weight(n: int, k: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    w = w * nm_mask(w.abs(), 2, 4)
+    w[0, :4] = torch.tensor([0.0, 0.0, 0.0, 1.5])  # a group with one non-zero, at the last position
+    w[1, 4:8] = 0.0  # a group with none
+    w[3, 8:12] = torch.tensor([2.0, 0.0, 0.0, -3.0])
+    return w.to(dtype)
+
+
+# ---- the hardware's side (PTX ISA readings) ----
+def _swizzle(address: int, mode: int) -> int:
+    """The swizzled byte address of an unswizzled one: 128 B XORs bits 4-6 with bits 7-9, 64 B bits 4-5 with 7-8."""
+    if mode == wgmma.SWIZZLE_128B:
+        return address ^ (((address >> 7) & 7) << 4)
+    if mode == wgmma.SWIZZLE_64B:
+        return address ^ (((address >> 7) & 3) << 4)
+    raise AssertionError(f"swizzle mode {mode} not modelled")
+
+
+def _read_k_major(smem: bytes, desc: int, rows: int, k_bytes: int) -> torch.Tensor:
+    """(rows, k_bytes / 2) 16-bit words a wgmma reads through a K-major swizzled descriptor: row r of 8-row group
+    r // 8 at stride byte offset * (r // 8) + swizzle width * (r % 8), then the swizzle of the absolute address."""
+    start = (desc & 0x3FFF) << 4
+    stride = ((desc >> 32) & 0x3FFF) << 4
+    mode = desc >> 62
+    assert (desc >> 49) & 7 == 0, "base offset: the kernel aligns every atom"
+    width = 128 if mode == wgmma.SWIZZLE_128B else 64
+    out = torch.empty(rows, k_bytes // 2, dtype=torch.int64)
+    for r in range(rows):
+        for c in range(k_bytes // 2):
+            a = _swizzle(start + (r // 8) * stride + (r % 8) * width + 2 * c, mode)
+            out[r, c] = smem[a] | (smem[a + 1] << 8)
+    return out
+
+
+def _as_float(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return words.to(torch.int32).to(torch.int16).view(dtype).double()
+
+
+def _wgmma_sp(smem: bytes, da: int, db: int, meta_regs: list[list[int]], selector: int, bn: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """D (64, bn) of one wgmma.mma_async.sp.m64n{bn}k32: A (64 rows x 16 kept values) and B (bn tokens x 32 inputs)
+    through their descriptors, the kept values placed by the metadata of lanes 4g + 2*selector (+1)."""
+    kept = _as_float(_read_k_major(smem, da, 64, 32), dtype)  # 16 kept values per row
+    b = _as_float(_read_k_major(smem, db, bn, 64), dtype)  # 32 inputs per token
+    dense = torch.zeros(64, 32, dtype=torch.float64)
+    for row in range(64):
+        w, g, high = row // 16, row % 8, (row % 16) >= 8
+        for j in range(8):  # 4-input chunk j of the instruction's 32
+            reg = meta_regs[w][4 * g + 2 * selector + j // 4]
+            bits = (reg >> (16 * high + 4 * (j % 4))) & 0xF
+            first, second = bits & 3, bits >> 2
+            assert first != second, "metadata 0b0000/0b0101/0b1010/0b1111 is undefined behaviour"
+            dense[row, 4 * j + first] += kept[row, 2 * j]
+            dense[row, 4 * j + second] += kept[row, 2 * j + 1]
+    return dense @ b.T
+
+
+def _accumulator_index(row: int, token: int) -> tuple[int, int, int]:
+    """(warp, lane, register) holding D[row, token] of an m64nN f32 accumulator."""
+    w, g, high = row // 16, row % 8, (row % 16) >= 8
+    j, t, odd = token // 8, (token % 8) // 2, token % 2
+    return w, 4 * g + t, 4 * j + 2 * high + odd
+
+
+# ---- the kernel's side (sparse24_wgmma.cu, expression for expression) ----
+def _block(pid: int, ftiles: int, ttiles: int) -> tuple[int, int]:
+    per_group = 8 * ttiles
+    first = (pid // per_group) * 8
+    size = min(8, ftiles - first)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+def _load_stage(smem: bytearray, slot_base: int, kb: int, vals: bytes, meta: bytes, x: bytes, row0: int, tok0: int,
+                n: int, m: int, k: int, bn: int) -> None:
+    """Every thread's cp.async of one stage: (destination, source) pairs as the kernel's load lambda forms them."""
+    sa, se = slot_base, slot_base + wgmma.A_BYTES
+    sb = se + wgmma.E_BYTES
+    for tid in range(wgmma.THREADS):
+        for i in range(tid, wgmma.BM * 4, wgmma.THREADS):
+            r, c = i >> 2, i & 3
+            row = min(row0 + r, n - 1)
+            src = row * k + kb * 64 + c * 16
+            dst = sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4)
+            smem[dst:dst + 16] = vals[src:src + 16]
+        if tid < wgmma.BM:
+            row = min(row0 + tid, n - 1)
+            src = row * (k >> 3) + kb * 8
+            smem[se + tid * 8:se + tid * 8 + 8] = meta[src:src + 8]
+        for i in range(tid, bn * 8, wgmma.THREADS):
+            r, c = i >> 3, i & 7
+            tok = min(tok0 + r, m - 1)
+            src = tok * k * 2 + kb * 128 + c * 16
+            dst = sb + r * 128 + ((c ^ (r & 7)) << 4)
+            smem[dst:dst + 16] = x[src:src + 16]
+
+
+def emulate(x: torch.Tensor, fmt: Sparse24, config: str) -> torch.Tensor:
+    """y as the kernel computes it, block by block and stage by stage (one slot is enough for the arithmetic; the
+    ring's schedule is checked by :func:`test_ring_schedule`)."""
+    bn, _, _ = wgmma.CONFIGS[config]
+    m, k = x.shape
+    n = fmt.shape[0]
+    vals = fmt.values.contiguous().view(torch.uint8).numpy().tobytes()
+    meta = fmt.meta.contiguous().numpy().tobytes()
+    xb = x.contiguous().view(torch.uint8).numpy().tobytes()
+    y = torch.full((m, n), float("nan"), dtype=torch.float64)
+    ftiles, ttiles = -(-n // wgmma.BM), -(-m // bn)
+    seen = set()
+    base = 1024 * 5  # the kernel aligns the ring to 1024 bytes
+    for pid in range(ftiles * ttiles):
+        ft, tt = _block(pid, ftiles, ttiles)
+        seen.add((ft, tt))
+        row0, tok0 = ft * wgmma.BM, tt * bn
+        d = torch.zeros(2, 128, bn // 2, dtype=torch.float64)  # [warpgroup][thread][register]
+        for kb in range(k // 64):
+            smem = bytearray(base + wgmma.stage_bytes(config))
+            _load_stage(smem, base, kb, vals, meta, xb, row0, tok0, n, m, k, bn)
+            sa, se = base, base + wgmma.A_BYTES
+            sb = se + wgmma.E_BYTES
+            e_part = torch.tensor(list(smem[se:se + wgmma.E_BYTES]), dtype=torch.uint8).reshape(wgmma.BM, 8)
+            for wg in range(2):
+                regs = [[wgmma.metadata_register(e_part, wg, w, lane) for lane in range(32)] for w in range(4)]
+                da = wgmma.descriptor(sa + wg * 64 * 64, wgmma.A_STRIDE, wgmma.SWIZZLE_64B)
+                db = wgmma.descriptor(sb, wgmma.B_STRIDE, wgmma.SWIZZLE_128B)
+                part = (_wgmma_sp(bytes(smem), da, db, regs, 0, bn, x.dtype)
+                        + _wgmma_sp(bytes(smem), da + 2, db + 4, regs, 1, bn, x.dtype))
+                for row in range(64):
+                    for token in range(bn):
+                        w, lane, i = _accumulator_index(row, token)
+                        d[wg, 32 * w + lane, i] += part[row, token]
+        # the epilogue: d[i] of thread (wg, w, g, t) -> feature fbase + 8 * ((i >> 1) & 1), token 8 * (i >> 2) + 2t + (i & 1)
+        for wg in range(2):
+            for thread in range(128):
+                w, lane = thread // 32, thread % 32
+                g, t = lane >> 2, lane & 3
+                fbase = row0 + wg * 64 + w * 16 + g
+                for i in range(bn // 2):
+                    row, token = fbase + 8 * ((i >> 1) & 1), tok0 + 8 * (i >> 2) + 2 * t + (i & 1)
+                    if row < n and token < m:
+                        assert torch.isnan(y[token, row]), "an output stored twice"
+                        y[token, row] = d[wg, thread, i]
+    assert seen == {(f, t) for f in range(ftiles) for t in range(ttiles)}
+    return y
+
+
+@pytest.mark.parametrize(("dtype", "config", "m"), [(torch.float16, "m128_n64_s4_i1", 37),
+                                                     (torch.bfloat16, "m128_n64_s4_i1", 33),
+                                                     (torch.float16, "m128_n128_s4_i0", 70)])
+def test_emulated_kernel_equals_the_dense_product(dtype, config, m):
+    """Odd token counts (a partial token tile), 200 features (a partial feature tile: clamped rows never stored),
+    K = 128 (two stages); every output written exactly once; the product exact to float64 rounding."""
+    w = _weight(200, 128, seed=1, dtype=dtype)
+    fmt = Sparse24.compress(w)
+    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = emulate(x, fmt, config)
+    torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
+
+
+def test_every_configuration_tiles_tokens_and_features_exactly_once():
+    """The block order (feature tiles grouped by 8) covers every (feature tile, token tile) once, for every config."""
+    for bn, _, _ in wgmma.CONFIGS.values():
+        for n, m in ((200, 37), (11008, 2048), (1024, 8192), (4096, 33)):
+            ftiles, ttiles = -(-n // wgmma.BM), -(-m // bn)
+            blocks = [_block(pid, ftiles, ttiles) for pid in range(ftiles * ttiles)]
+            assert sorted(blocks) == [(f, t) for f in range(ftiles) for t in range(ttiles)]
+
+
+@pytest.mark.parametrize("config", list(wgmma.CONFIGS))
+def test_ring_schedule(config):
+    """The kernel's pipeline, replayed: prologue copies AHEAD stages, each iteration waits until at most AHEAD - 1
+    copy groups are pending, multiplies slot kb % STAGES, copies stage kb + AHEAD into its slot and leaves INFLIGHT
+    wgmma groups in flight. Every multiply reads a slot holding its stage, complete; no copy overwrites a slot
+    that a wgmma still in flight (or being multiplied) reads."""
+    _, stages, inflight = wgmma.CONFIGS[config]
+    ahead = stages - 1 - inflight
+    assert ahead >= 1
+    for kb_total in (1, 2, 3, 5, 64, 172):
+        holds = [None] * stages  # slot -> stage copied there
+        groups: list[int | None] = []  # cp.async groups in commit order: the stage each copies (None: empty)
+        for s in range(ahead):
+            if s < kb_total:
+                holds[s % stages] = s
+            groups.append(s if s < kb_total else None)
+        for kb in range(kb_total):
+            done = groups[: len(groups) - (ahead - 1)]  # cp.async.wait_group AHEAD-1: all older groups are complete
+            assert kb in done
+            assert holds[kb % stages] == kb
+            in_flight = set(range(max(0, kb - inflight), kb + 1))  # wgmma groups not yet waited for
+            nxt = kb + ahead
+            if nxt < kb_total:
+                assert holds[nxt % stages] not in in_flight, "a copy over a slot still being read"
+                holds[nxt % stages] = nxt
+            groups.append(nxt if nxt < kb_total else None)
+    assert wgmma.shared_bytes(config) <= 227 * 1024  # the H100/H200 per-block limit
+
+
+def test_the_source_holds_the_modelled_expressions():
+    """The model above restates the kernel's index arithmetic; if the source changes, these fail first."""
+    for expression in ("sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4)", "(const char*)vals + row * K + kb * 64 + c * 16",
+                       "wg_cp8(se + tid * 8, meta + row * (K >> 3) + kb * 8)",
+                       "sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16",
+                       "const int er = wg * 64 + wq * 16 + g;",
+                       "lds_u16(se + er * 8 + t * 2) | (lds_u16(se + (er + 8) * 8 + t * 2) << 16)",
+                       "wg_desc(sa + wg * (64 * 64), 512, 2ull)", "wg_desc(sb, 1024, 1ull)",
+                       "<0>(d, da, db, e)", "<1>(d, da + 2, db + 4, e)",
+                       "const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);",
+                       "const int fbase = row0 + wg * 64 + wq * 16 + g;", "constexpr int AHEAD = STAGES - 1 - INFLIGHT;",
+                       "wg_cp_wait<AHEAD - 1>();", "const int next = kb + AHEAD;", "wgmma_wait<INFLIGHT>();"):
+        assert expression in SOURCE_TEXT, expression
+    # the descriptor encoding the model decodes
+    assert "((addr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(stride >> 4) << 32)" in SOURCE_TEXT
+    assert wgmma.descriptor(0x1400, 512, 2) == (0x140 | (1 << 16) | (32 << 32) | (2 << 62))
+    # every configuration is instantiated, for both dtypes, with the BN/STAGES/INFLIGHT the launcher assumes
+    for name, (bn, stages, inflight) in wgmma.CONFIGS.items():
+        assert re.search(rf"WGMMA24\(DT, BF, {bn}, {stages}, {inflight}\)", SOURCE_TEXT), name
+        assert name == f"m128_n{bn}_s{stages}_i{inflight}"
+    for bn in (64, 128, 256):
+        for dt in ("f16", "bf16"):
+            assert f"wgmma.mma_async.sp.sync.aligned.m64n{bn}k32.f32.{dt}.{dt}" in SOURCE_TEXT
+
+
+def test_stored_position_words_are_the_metadata_registers():
+    """The stored meta bytes, read as a lane's two 16-bit words, are the positions PTX expects in that register:
+    group q of word t at bits 4q (first | second << 2) is inputs 16t + 4q .. 16t + 4q + 3 of the stage."""
+    w = _weight(128, 64, seed=3, dtype=torch.float16)
+    fmt = Sparse24.compress(w)
+    positions = fmt.positions()  # (128, 16, 2)
+    for wg in range(2):
+        for warp in range(4):
+            for lane in range(32):
+                reg = wgmma.metadata_register(fmt.meta, wg, warp, lane)
+                g, t = lane >> 2, lane & 3
+                for high, row in ((0, wg * 64 + warp * 16 + g), (1, wg * 64 + warp * 16 + g + 8)):
+                    for q in range(4):
+                        bits = (reg >> (16 * high + 4 * q)) & 0xF
+                        assert (bits & 3, bits >> 2) == tuple(positions[row, 4 * t + q].tolist())
+
+
+def _gpu_like(monkeypatch, capability=(9, 0), unverified=True) -> None:
+    monkeypatch.setattr(cuda_ops, "_module", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: unverified)
+    monkeypatch.setattr(wgmma, "capability", lambda device: capability)
+
+
+def test_offered_only_on_hopper_and_on_request(monkeypatch):
+    """Prompts (32 tokens on) on a 9.0 GPU with SECATEURS_UNVERIFIED_KERNELS=1 get the wgmma candidates beside the
+    mma.sp GEMM and the expand path; not on an sm_80 or sm_100 GPU, not without the opt-in, not below 32 tokens,
+    not where K % 64 != 0."""
+    fmt = Sparse24.compress(_weight(256, 256, seed=4, dtype=torch.float16))
+    _gpu_like(monkeypatch)
+    names = {m: list(fmt.cuda_candidates(m)) for m in (8, 32, 128, 512, 2048, 8192)}
+    assert not any("wgmma" in name for name in names[8])
+    assert [n for n in names[32] if "wgmma" in n] == ["cuda_wgmma24_m128_n64_s4_i1", "cuda_wgmma24_m128_n128_s4_i0"]
+    assert [n for n in names[2048] if "wgmma" in n][0] == "cuda_wgmma24_m128_n256_s4_i1"
+    for m in (32, 128, 512, 2048, 8192):
+        assert any(n.startswith("cuda_gemm24") for n in names[m]) and "expand_cublas" in names[m]
+        assert names[m].index("expand_cublas") > max(i for i, n in enumerate(names[m]) if "wgmma" in n)
+    narrow = Sparse24.compress(_weight(256, 96, seed=5, dtype=torch.float16))  # K % 64 != 0
+    assert not any("wgmma" in n for n in narrow.cuda_candidates(512))
+    for capability in ((8, 0), (8, 9), (10, 0)):
+        _gpu_like(monkeypatch, capability=capability)
+        assert not any("wgmma" in n for n in fmt.cuda_candidates(512)), capability
+    _gpu_like(monkeypatch, unverified=False)
+    assert not any("wgmma" in n for n in fmt.cuda_candidates(512))
+
+
+def test_a_build_failure_offers_nothing(monkeypatch):
+    fmt = Sparse24.compress(_weight(256, 256, seed=6, dtype=torch.float16))
+    _gpu_like(monkeypatch)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("NVRTC cannot target sm_90a")
+
+    monkeypatch.setattr(cuda_ops, "_module", fail)
+    assert wgmma.candidates(fmt.values, fmt.meta, fmt.shape, 512) == {}
+
+
+def test_sm90a_target_only_for_the_wgmma_source_and_cache_keys_unchanged(monkeypatch, tmp_path):
+    """``_compile`` asks NVRTC for sm_90a only for the source registered with the suffix; the other sources'
+    options and cache file names are what they were (their cached cubins stay valid)."""
+    calls = []
+
+    class FakeNvrtc:
+        def nvrtcVersion(self):
+            return (0, 13, 5)
+
+        def nvrtcGetSupportedArchs(self):
+            return (0, [80, 90, 100])
+
+        def nvrtcCreateProgram(self, *args):
+            return (0, "program")
+
+        def nvrtcCompileProgram(self, program, count, options):
+            calls.append([o.decode() for o in options])
+            return (0,)
+
+        def nvrtcGetCUBINSize(self, program):
+            return (0, 4)
+
+        def nvrtcGetCUBIN(self, program, binary):
+            return (0,)
+
+        def nvrtcDestroyProgram(self, program):
+            return (0,)
+
+    monkeypatch.setattr(cuda_ops, "_bindings", lambda: (None, FakeNvrtc()))
+    monkeypatch.setenv("SECATEURS_KERNEL_CACHE", str(tmp_path))
+    cuda_ops.cache_dir.cache_clear()
+    try:
+        cuda_ops._compile((9, 0), cuda_ops.SOURCE)
+        cuda_ops._compile((9, 0), wgmma.SOURCE, cuda_ops.ARCH_SUFFIX[wgmma.SOURCE])
+        with pytest.raises(RuntimeError, match="sm_103a"):
+            cuda_ops._compile((10, 3), wgmma.SOURCE, "a")  # no native target: no PTX fallback for sm_XYa
+    finally:
+        cuda_ops.cache_dir.cache_clear()
+    assert calls[0][0] == "--gpu-architecture=sm_90" and calls[1][0] == "--gpu-architecture=sm_90a"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(n.split("-")[0] + " " + n.rsplit("-", 2)[1] for n in names) == ["sparse24_wgmma sm90a", "sparse_gemv sm90"]
+    assert cuda_ops.ARCH_SUFFIX == {wgmma.SOURCE: "a"}
