@@ -46,6 +46,11 @@ def unsupported(experts: nn.Module) -> str | None:
     return None
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s CUDA stream is being captured into a graph (never on the CPU)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class SparseExperts(nn.Module):
     """A fused experts module whose every expert matrix is a ``SparseLinear`` (``gate_up_proj[e]``,
     ``down_proj[e]``: (out, in) stored formats, the expert's bias with it where the family has one); no
@@ -82,7 +87,14 @@ class SparseExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Each routed expert on its tokens (an index past the last expert, a padding slot, is skipped as
-        the families do), weighted by the router and summed per token in expert order."""
+        the families do), weighted by the router and summed per token in expert order.
+
+        Which experts run is read on the host (one sync per call), so a step through this module cannot
+        be captured in a CUDA graph: under capture it raises before that sync (which would invalidate the
+        capture), and the decode loop falls back to eager steps (:meth:`StaticDecoder.capture`)."""
+        if _capturing(hidden_states):
+            raise RuntimeError(f"{self.family} on sparse kernels picks its routed experts on the host; "
+                               "a CUDA graph cannot capture it")
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hit = torch.unique(top_k_index[top_k_index < self.num_experts]).tolist()
