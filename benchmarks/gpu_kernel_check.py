@@ -13,7 +13,12 @@ script checks the compiled code on a CUDA device:
 
 Inputs are fresh random per case; the error is ‖y − ref‖ / ‖ref‖ with ref in float64.
 
+Kernels never yet run on a GPU (the Hopper ``wgmma.sp`` GEMM, kernels/wgmma.py) make their first launch, one per
+tile configuration and dtype, in a child process: one that faults (which would take the CUDA context, and this
+check, with it) or multiplies wrongly is reported and withheld from the rest of the check.
+
     python benchmarks/gpu_kernel_check.py [--part all|cuda|triton] [--formats 2:4,4:8,bitmap] [--only expand]
+    python benchmarks/gpu_kernel_check.py --part cuda --formats 2:4 --only cuda_wgmma24   # the wgmma GEMM alone
     # one line per case, exits 1 on any failure
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 import torch
@@ -28,7 +34,7 @@ import torch
 os.environ.setdefault("SECATEURS_UNVERIFIED_KERNELS", "1")  # this script is where such kernels are first run
 
 from secateurs.kernels import SEGMENT, Bitmap, Nm48, Sparse24, SparseFormat, SparseLinear, cuda_ops
-from secateurs.kernels import triton_ops
+from secateurs.kernels import triton_ops, wgmma
 from secateurs.kernels.linear import bucket
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
@@ -69,6 +75,50 @@ def stored(kind: str, base: torch.Tensor) -> dict[str, SparseFormat]:
     return {f"bitmap {int(s * 100)}%": Bitmap.compress(base * unstructured_mask(base.abs(), s)) for s in (0.5, 0.7)}
 
 
+FIRST_LAUNCH_SHAPE = (576, 1536)  # 4.5 feature tiles of 128: a partial tile
+FIRST_LAUNCH_TOKENS = 100  # a partial token tile for every configuration
+
+
+def first_launch(config: str, dtype_name: str) -> None:
+    """(Child process) one launch of a wgmma configuration against float64; exits 0 when it is right."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    gen = torch.Generator("cuda").manual_seed(0)
+    n, k = FIRST_LAUNCH_SHAPE
+    base = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
+    fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
+    x = torch.randn(FIRST_LAUNCH_TOKENS, k, device="cuda", dtype=dtype, generator=gen)
+    got = _poisoned_call(lambda x: wgmma.sparse24_wgmma(x, fmt.values, fmt.meta, config), x, n)
+    torch.cuda.synchronize()
+    err = relative_error(got, x.double() @ fmt.to_dense().double().T)
+    print(f"rel err {err:.1e}")
+    sys.exit(0 if err <= CUDA_TOLERANCE else 1)
+
+
+def first_launches() -> int:
+    """Each wgmma configuration's first launch, per dtype, in a child process (a fault there cannot end this check);
+    a configuration that fails in either dtype is withheld (``wgmma.WITHHELD``) from everything after. On a GPU
+    that is not sm_90 nothing is launched (the kernel is not offered there)."""
+    if not wgmma.offered(torch.device("cuda")):
+        print("wgmma 2:4 GEMM: not offered on this GPU (needs compute capability 9.0)")
+        return 0
+    failures = 0
+    for config in wgmma.CONFIGS:
+        for dtype_name in ("fp16", "bf16"):
+            try:
+                done = subprocess.run([sys.executable, __file__, "--first-launch", f"{config}:{dtype_name}"],
+                                      capture_output=True, text=True, timeout=300, check=False)
+                said = (done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or [""])[-1][:200]
+                ok = done.returncode == 0
+            except subprocess.TimeoutExpired:
+                said, ok = "timed out after 300 s", False
+            print(f"first launch (child process) cuda_wgmma24_{config} {dtype_name}: {'ok' if ok else 'FAIL'} ({said})",
+                  flush=True)
+            if not ok:
+                failures += 1
+                wgmma.WITHHELD.add(config)
+    return failures
+
+
 def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
     """Every CUDA candidate of each stored format, every bucket, fp16 and bf16, against float64; then the
     dispatcher and compile."""
@@ -76,7 +126,8 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
     if why:
         print(f"CUDA kernels: {why}")
         return 1
-    failures = checks = 0
+    failures = first_launches() if "2:4" in kinds and "cuda_wgmma24".startswith(only) else 0
+    checks = 0
     worst: dict[str, float] = {}
     for dtype in (torch.float16, torch.bfloat16):
         for n, k in CUDA_SHAPES:
@@ -120,9 +171,10 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                     print(f"SparseLinear {label_} {n}x{k} m={m}: rel err {err:.1e}, extra bytes {layer.extra_bytes()}, "
                           f"shared {cuda_ops.scratch_bytes()}", flush=True)
                 if n == 576:
-                    compiled += [(fmt, name, 8 if "mma" in name else 512) for name in
-                                 ("cuda_gemm24_m128_n128_s4", "expand_cublas", "cuda_mma24_r1_w8", "expand_cublas_c1",
-                                  "expand_cublas_c4") if name in cuda_ops.candidates(fmt, 8 if "mma" in name else 512)]
+                    compiled += [(fmt, name, 8 if "mma24" in name else 512) for name in
+                                 ("cuda_gemm24_m128_n128_s4", "cuda_wgmma24_m128_n256_s4_i1", "expand_cublas",
+                                  "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4")
+                                 if name in cuda_ops.candidates(fmt, 8 if "mma24" in name else 512)]
                 del layer, dense
     for fmt, name, m in compiled:
         if not name.startswith(only):
@@ -152,9 +204,12 @@ def main() -> None:
     parser.add_argument("--part", choices=("all", "cuda", "triton"), default="all")
     parser.add_argument("--only", default="", help="cuda part: only the candidates whose name starts with this")
     parser.add_argument("--formats", default=",".join(FORMATS), help="cuda part: the stored formats to check")
+    parser.add_argument("--first-launch", default=None, help=argparse.SUPPRESS)  # CONFIG:DTYPE, the child process
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
+    if args.first_launch:
+        first_launch(*args.first_launch.split(":"))
     gen = torch.Generator("cuda").manual_seed(0)
     failures = 0
     if args.part in ("all", "cuda"):

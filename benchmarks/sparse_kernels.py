@@ -2,6 +2,7 @@
 
     python benchmarks/sparse_kernels.py --part kernels     # GPU: kernel level (decode sizes), ratios vs F.linear
     python benchmarks/sparse_kernels.py --part gemm        # GPU: 2:4 prompt paths at 512/2048/8192 tokens vs cuBLAS and cuSPARSELt
+    python benchmarks/sparse_kernels.py --part gemm --wgmma  # the same with the Hopper wgmma.sp GEMM, no decode rows
     python benchmarks/sparse_kernels.py --part e2e         # GPU: Llama-2-7B shape (random fp16), dense vs 2:4 (no copies)
     python benchmarks/sparse_kernels.py --part 70b         # GPU (H200): 2:4 Llama-3-70B shape built straight into the stored format
     python benchmarks/sparse_kernels.py --part smollm2 [--model path/to.gguf]   # GPU: SmolLM2-135M real weights
@@ -236,7 +237,8 @@ def _timed_graph(call, flops: float) -> float:
     return graph_time_us([call] * count)
 
 
-def gemm_part(shapes: list[tuple[int, int]] | None = None, tokens: tuple[int, ...] = PROMPT_TOKENS) -> dict:
+def gemm_part(shapes: list[tuple[int, int]] | None = None, tokens: tuple[int, ...] = PROMPT_TOKENS,
+              decode: bool = True) -> dict:
     """The 2:4 prompt paths on the stored format (the tiled mma.sp GEMM, each tile shape; the expand path)
     against cuBLAS F.linear on the pruned dense weight and cuSPARSELt on it, same run, at prompt sizes on the
     seven Llama shapes; every path checked against float64 first. Weights rotate over copies that overflow
@@ -293,15 +295,28 @@ def gemm_part(shapes: list[tuple[int, int]] | None = None, tokens: tuple[int, ..
             if gemms:
                 fastest = min(gemms, key=lambda name: gemms[name]["us"])
                 row.update(gemm_best=fastest, gemm_speedup=row["cublas_us"] / gemms[fastest]["us"])
+            wgmmas = {k_: c for k_, c in good.items() if k_.startswith("cuda_wgmma24")}
+            if wgmmas:  # the Hopper wgmma.sp GEMM (--wgmma): against cuBLAS, cuSPARSELt and the mma.sp GEMM
+                fastest = min(wgmmas, key=lambda name: wgmmas[name]["us"])
+                row.update(wgmma_best=fastest, wgmma_speedup=row["cublas_us"] / wgmmas[fastest]["us"])
             row["max_rel_error"] = max((c["rel_error"] or math.inf) for c in row["candidates"].values())
             rows.append(row)
             print(_gemm_line(row, flops), flush=True)
+            if "wgmma_best" in row:
+                us = row["candidates"][row["wgmma_best"]]["us"]
+                semi = f", {row['cusparselt_us'] / us:.2f}x cuSPARSELt" if "cusparselt_us" in row else ""
+                gemm = f", {row['wgmma_speedup'] / row['gemm_speedup']:.2f}x mma.sp GEMM" if "gemm_speedup" in row else ""
+                print(f"  wgmma.sp {row['wgmma_best']}: {us:.1f} µs, {flops / us / 1e6:.0f} TFLOP/s, "
+                      f"{row['wgmma_speedup']:.2f}x cuBLAS{semi}{gemm}", flush=True)
+            wrong = [name for name, c in row["candidates"].items() if c["rel_error"] is None or c["rel_error"] >= 2e-3]
+            if wrong:
+                print(f"  wrong (not timed as a result): {', '.join(wrong)}", flush=True)
             del x, reference
         del fmt, semi, w24
         torch.cuda.empty_cache()
         cuda_ops.release_scratch()
     decode = []
-    for n, k in shapes or [shape for group in SHAPES.values() for shape in group.values()]:
+    for n, k in (shapes or [shape for group in SHAPES.values() for shape in group.values()]) if decode else ():
         base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
         dense_ws = rotating(lambda i, b=base: b.clone(), max(1, math.ceil(L2_BYTES / base.nbytes)))
         w24 = base * nm_mask(base.abs(), 2, 4)
@@ -641,6 +656,10 @@ def main() -> None:
     parser.add_argument("--layers-70b", type=int, default=80, help="70b: decoder layers (80 = Llama-3-70B; fewer for a smoke run)")
     parser.add_argument("--layers", type=int, default=32, help="e2e: decoder layers (32 = Llama-2-7B; fewer for a smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--wgmma", action="store_true",
+                        help="gemm part: time the Hopper wgmma.sp GEMM too (never yet validated: sets "
+                             f"{cuda_ops.UNVERIFIED_ENV}=1 and makes each configuration's first launch in a child "
+                             "process first, as gpu_kernel_check.py does); skips the decode rows")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_kernels_<part>.json)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -649,6 +668,13 @@ def main() -> None:
         sys.exit(f"the {args.part} benchmark needs a CUDA GPU")
     if args.part == "kernels":
         result = kernels_part()
+    elif args.part == "gemm" and args.wgmma:
+        os.environ[cuda_ops.UNVERIFIED_ENV] = "1"
+        cuda_ops.unverified_offered.cache_clear()
+        from gpu_kernel_check import first_launches
+
+        first_launches()  # a configuration that faults or multiplies wrongly is withheld from the timing
+        result = gemm_part(decode=False)
     elif args.part == "gemm":
         result = gemm_part()
     elif args.part == "70b":

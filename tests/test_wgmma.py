@@ -291,7 +291,7 @@ def test_offered_only_on_hopper_and_on_request(monkeypatch):
     names = {m: list(fmt.cuda_candidates(m)) for m in (8, 32, 128, 512, 2048, 8192)}
     assert not any("wgmma" in name for name in names[8])
     assert [n for n in names[32] if "wgmma" in n] == ["cuda_wgmma24_m128_n64_s4_i1", "cuda_wgmma24_m128_n128_s4_i0"]
-    assert [n for n in names[2048] if "wgmma" in n][0] == "cuda_wgmma24_m128_n256_s4_i1"
+    assert next(n for n in names[2048] if "wgmma" in n) == "cuda_wgmma24_m128_n256_s4_i1"
     for m in (32, 128, 512, 2048, 8192):
         assert any(n.startswith("cuda_gemm24") for n in names[m]) and "expand_cublas" in names[m]
         assert names[m].index("expand_cublas") > max(i for i, n in enumerate(names[m]) if "wgmma" in n)
@@ -357,3 +357,30 @@ def test_sm90a_target_only_for_the_wgmma_source_and_cache_keys_unchanged(monkeyp
     names = sorted(p.name for p in tmp_path.iterdir())
     assert sorted(n.split("-")[0] + " " + n.rsplit("-", 2)[1] for n in names) == ["sparse24_wgmma sm90a", "sparse_gemv sm90"]
     assert cuda_ops.ARCH_SUFFIX == {wgmma.SOURCE: "a"}
+
+
+def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatch):
+    """benchmarks/gpu_kernel_check.py makes each configuration's first launch in a child process per dtype; one
+    that dies there (a fault) is reported and never offered afterwards in the checking process."""
+    import importlib
+    import subprocess
+    from pathlib import Path
+
+    monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "0")  # the script defaults it to 1 for its own process only
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    check = importlib.import_module("gpu_kernel_check")
+    monkeypatch.setattr(wgmma, "WITHHELD", set())
+    monkeypatch.setattr(wgmma, "offered", lambda device: True)
+    children = []
+
+    def child(command, **kwargs):
+        children.append(command[-1])
+        faults = command[-1] == "m128_n256_s4_i1:bf16"
+        return subprocess.CompletedProcess(command, -11 if faults else 0, "" if faults else "rel err 3.1e-04\n",
+                                           "CUDA error: an illegal instruction was encountered\n" if faults else "")
+
+    monkeypatch.setattr(check.subprocess, "run", child)
+    assert check.first_launches() == 1
+    assert children == [f"{c}:{d}" for c in wgmma.CONFIGS for d in ("fp16", "bf16")]
+    assert wgmma.WITHHELD == {"m128_n256_s4_i1"}
+    assert wgmma.configs(2048) == ["m128_n128_s4_i1", "m128_n128_s4_i0"]
