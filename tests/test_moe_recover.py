@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from secateurs.recover.lora import recover_lora, train_adapters
 from secateurs.recover.loraprune import loraprune
 from secateurs.sparsity.masks import is_nm, nm_mask, unstructured_mask
 from secateurs.training.config import DistillConfig
+from secateurs.training.loop import TrainHook
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -261,3 +263,37 @@ def test_a_dense_moe_step_is_not_refused_by_the_capture_check(monkeypatch):
     fake = _FakeCapture(monkeypatch)
     assert StaticDecoder(loaded.model, 1, 16, CPU, "cuda-graph").capture() is True
     assert fake.refused == 0
+
+
+class _StopAt(TrainHook):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_backward(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_with_expert_adapters_resumes_to_the_same_weights(text_file, tmp_path):
+    """The expert adapters are in the checkpoint (the discarded run leaves the experts as they were),
+    the resumed run ends where an uninterrupted one does, and a checkpoint written without expert
+    adapters is refused by a run with them in one line."""
+    cfg = config(steps=6, save_every=2, data=str(text_file), checkpoint_dir=str(tmp_path / "ckpt"))
+    stopped = pruned("olmoe")
+    experts = fused(stopped)
+    with pytest.raises(KeyboardInterrupt):
+        recover_lora(stopped, cfg, CPU, hook=_StopAt(4))
+    assert all(torch.equal(a, b) for a, b in zip(experts, fused(stopped)))
+    resumed = pruned("olmoe")
+    report = recover_lora(resumed, cfg, CPU)
+    assert report.log.resumed_from == 4
+    straight = pruned("olmoe")
+    reference = recover_lora(straight, replace(cfg, checkpoint_dir=None), CPU)
+    assert report.log.losses == pytest.approx(reference.log.losses, rel=1e-5)
+    for a, b in zip(fused(resumed), fused(straight)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    without = replace(cfg, experts=False, checkpoint_dir=str(tmp_path / "without"))
+    with pytest.raises(KeyboardInterrupt):
+        recover_lora(pruned("olmoe"), without, CPU, hook=_StopAt(2))
+    with pytest.raises(UsageError, match="other settings"):
+        recover_lora(pruned("olmoe"), replace(without, experts=True), CPU)

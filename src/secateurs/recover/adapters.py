@@ -35,7 +35,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora.layer import LoraLayer, LoraVariant, ParamWrapper, _LoraParameterProxy
+from peft.tuners.lora.layer import (
+    LoraLayer,
+    LoraVariant,
+    ParamWrapper,
+    _LoraParameterProxy,
+)
 from peft.utils.other import transpose
 from torch import nn
 
