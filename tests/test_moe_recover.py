@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 
 
 def config(**overrides) -> RecoverConfig:
-    settings = dict(steps=4, lr=1e-2, seq_len=16, batch_size=2, data="self", warmup_steps=0)
+    settings = {"steps": 4, "lr": 1e-2, "seq_len": 16, "batch_size": 2, "data": "self", "warmup_steps": 0}
     return RecoverConfig(**{**settings, **overrides})
 
 
@@ -193,8 +193,8 @@ def test_loraprune_unstructured_prunes_every_expert_through_its_adapter(text_fil
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(target="channels"), "use --target unstructured"),
-    (dict(target="unstructured", experts=False), "drop --no-experts"),
+    ({"target": "channels"}, "use --target unstructured"),
+    ({"target": "unstructured", "experts": False}, "drop --no-experts"),
 ])
 def test_loraprune_on_an_moe_model_refuses_what_it_cannot_prune_in_one_line(overrides, message):
     loaded = tiny_model("olmoe")
@@ -297,3 +297,35 @@ def test_an_interrupted_run_with_expert_adapters_resumes_to_the_same_weights(tex
         recover_lora(pruned("olmoe"), without, CPU, hook=_StopAt(2))
     with pytest.raises(UsageError, match="other settings"):
         recover_lora(pruned("olmoe"), replace(without, experts=True), CPU)
+
+
+@pytest.mark.parametrize("flag, adapted", [([], True), (["--no-experts"], False)])
+def test_cli_recover_of_a_sparse_moe_folder_reloads_in_plain_transformers(text_file, tmp_path, flag, adapted):
+    """``secateurs recover`` on a saved 2:4 MoE: the record counts every expert matrix as masked (or none
+    with ``--no-experts``, whose experts come back bit for bit), and plain transformers loads OUT."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    loaded = pruned("qwen2_moe", "2:4")
+    loaded.model.save_pretrained(tmp_path / "in")
+    loaded.tokenizer.save_pretrained(tmp_path / "in")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["recover", str(tmp_path / "in"), "--out", str(out), "--steps", "2",
+                                      "--seq-len", "16", "--batch-size", "2", "--data", str(text_file),
+                                      "--device", "cpu", *flag])
+    assert result.exit_code == 0, result.output
+    stage = json.loads((out / "secateurs.json").read_text())["stages"][-1]
+    linears = loaded.spec.named_linears(loaded.model)
+    views = expert_views(loaded)
+    assert stage["zeros_kept"] and stage["masked_linears"] == len(linears) - (0 if adapted else len(views))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    for ours, theirs in zip(loaded.spec.blocks_of(loaded.model), loaded.spec.blocks_of(reloaded)):
+        for param in (GATE_UP, DOWN):
+            stored = getattr(loaded.spec.experts_of(theirs), param)
+            before = getattr(loaded.spec.experts_of(ours), param)
+            assert bool((stored[before == 0] == 0).all())
+            assert torch.equal(stored, before) is not adapted

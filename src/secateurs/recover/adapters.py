@@ -108,7 +108,8 @@ class MaskedParamWrapper(ParamWrapper):
     def get_delta_weight(self, adapter_name, *args, **kwargs) -> torch.Tensor:
         delta = super().get_delta_weight(adapter_name, *args, **kwargs)
         keep = self._buffers.get(KEEP)
-        return delta if keep is None else delta.masked_fill(~keep, 0.0)
+        # In place: the delta is a fresh tensor no backward needs, and it is the size of the whole expert stack.
+        return delta if keep is None else delta.masked_fill_(~keep, 0.0)
 
     @contextmanager
     def _activate_lora(self, active_adapters: list[str]):
