@@ -329,3 +329,21 @@ def test_cli_recover_of_a_sparse_moe_folder_reloads_in_plain_transformers(text_f
             before = getattr(loaded.spec.experts_of(ours), param)
             assert bool((stored[before == 0] == 0).all())
             assert torch.equal(stored, before) is not adapted
+
+
+def test_iterative_pruning_of_an_moe_model_recovers_its_experts_every_round(text_file):
+    """Each round prunes every expert matrix further and recovers it with masked expert adapters: the
+    experts reach the target and every round kept its zeros."""
+    from secateurs.api import PruneConfig
+    from secateurs.recover.iterative import prune_iterative
+
+    loaded = tiny_model("mixtral")
+    before = fused(loaded)
+    report = prune_iterative(loaded, PruneConfig("magnitude", 0.5, options={"per": "row"}), 2,
+                             config(steps=2, data=str(text_file)))
+    assert all(r["zeros_kept"] for r in report.rounds) and len(report.rounds) == 2
+    for name, view in expert_views(loaded).items():
+        assert sparsity_of(weight_matrix(view)) == pytest.approx(0.5), name
+    for original, after in zip(before, fused(loaded)):
+        kept = after != 0
+        assert bool((after[kept] != original[kept]).any())  # the kept expert weights were tuned, not only masked
