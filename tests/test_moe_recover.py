@@ -284,6 +284,8 @@ def test_an_interrupted_run_with_expert_adapters_resumes_to_the_same_weights(tex
     with pytest.raises(KeyboardInterrupt):
         recover_lora(stopped, cfg, CPU, hook=_StopAt(4))
     assert all(torch.equal(a, b) for a, b in zip(experts, fused(stopped)))
+    assert all(type(stopped.spec.experts_of(block)).__name__.endswith("Experts")  # the wrappers are gone
+               for block in stopped.spec.blocks_of(stopped.model))
     resumed = pruned("olmoe")
     report = recover_lora(resumed, cfg, CPU)
     assert report.log.resumed_from == 4

@@ -21,6 +21,10 @@ adapters are merged, structured groups are cut out physically by :mod:`secateurs
 giving a smaller dense model. Defaults follow the released code: lr 3e-4 (set on the
 :class:`RecoverConfig`), rank 8, alpha 16; the first ``int(0.1 × layers)`` layers and the last one
 are left whole. With distillation on, the teacher is the model as given (before any pruning).
+
+On a mixture-of-experts model, unstructured LoRAPrune scores each routed expert's matrix from that
+expert's own factors (Bₑ, Aₑ) of the fused parameter's adapter (:class:`.adapters.ExpertAdapter`) and
+prunes it per row like any linear; the structured targets are refused (experts are not dependency groups).
 """
 
 from __future__ import annotations
