@@ -19,7 +19,7 @@ from secateurs.engine.sequential import EngineOptions
 from secateurs.errors import UsageError
 from secateurs.model.experts import DOWN, GATE_UP, ExpertLinear
 from secateurs.model.linear import sparsity_of, weight_matrix
-from secateurs.recover.adapters import ExpertAdapter, attach
+from secateurs.recover.adapters import ExpertAdapter, attach, base_weight
 from secateurs.recover.config import LoRAPruneConfig, RecoverConfig
 from secateurs.recover.lora import recover_lora, train_adapters
 from secateurs.recover.loraprune import loraprune
@@ -349,3 +349,20 @@ def test_iterative_pruning_of_an_moe_model_recovers_its_experts_every_round(text
     for original, after in zip(before, fused(loaded)):
         kept = after != 0
         assert bool((after[kept] != original[kept]).any())  # the kept expert weights were tuned, not only masked
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_an_expert_adapters_factors_are_its_slice_of_the_fused_update(arch):
+    """What LoRAPrune scores an expert matrix from, scaling · Bₑ @ Aₑ, is that expert's (out, in) slice of
+    the fused parameter's update in either storage layout (gpt-oss's [E, in, out] transposed)."""
+    loaded = tiny_model(arch)
+    adapters = attach(loaded, config())
+    for wrapper in adapters.experts.values():
+        torch.nn.init.normal_(wrapper.lora_B["default"].weight)
+    for key, layer in adapters.layers.items():
+        if isinstance(layer, ExpertAdapter):
+            a, b, scaling = adapters.factors(key)
+            with torch.no_grad():
+                delta = layer.wrapper.get_delta_weight("default")[layer.index]
+            torch.testing.assert_close(scaling * b @ a, delta.t() if layer.transposed else delta)
+            assert (scaling * b @ a).shape == base_weight(layer).shape
