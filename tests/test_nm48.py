@@ -13,10 +13,24 @@ from tiny_models import random_ids, tiny_model
 
 import secateurs.sparsity.prune as sparsity_prune
 from secateurs import UsageError, load_model, save
-from secateurs.api import PruneConfig, PruneReport, export_sparse, prunable_linears, prune
+from secateurs.api import (
+    PruneConfig,
+    PruneReport,
+    export_sparse,
+    prunable_linears,
+    prune,
+)
 from secateurs.data.calib import CalibConfig
 from secateurs.engine.options import EngineOptions
-from secateurs.kernels import Bitmap, Nm48, Sparse24, SparseLinear, choose_format, reference_matmul, sparse_layers
+from secateurs.kernels import (
+    Bitmap,
+    Nm48,
+    Sparse24,
+    SparseLinear,
+    choose_format,
+    reference_matmul,
+    sparse_layers,
+)
 from secateurs.kernels.compressed import FORMAT_BITMASK
 from secateurs.model.linear import weight_matrix
 from secateurs.sparsity.masks import Pattern, nm_mask, unstructured_mask
@@ -306,7 +320,7 @@ def test_a_4of8_model_exports_as_a_bitmask_checkpoint_and_reloads_onto_4of8(tmp_
     torch.testing.assert_close(reloaded.model(ids).logits, expected)
 
 
-@pytest.mark.parametrize(("pattern", "stored"), [("4:8", "4:8"), ("8:16", "bitmap")])
+@pytest.mark.parametrize(("pattern", "stored"), [("4:8", "4:8"), ("8:16", "8:16"), ("3:16", "bitmap")])
 def test_prune_export_says_which_format_each_pattern_runs_as(tmp_path, tiny_folder, pattern, stored):
     from typer.testing import CliRunner
 
@@ -317,7 +331,7 @@ def test_prune_export_says_which_format_each_pattern_runs_as(tmp_path, tiny_fold
     assert result.exit_code == 0, result.output
     assert f"sparse ({stored})" in result.output
     named = f"{pattern} has no kernel of its own" in result.output
-    assert named == (pattern == "8:16")
+    assert named == (pattern == "3:16")
     assert {layer.kind for layer in sparse_layers(load_model(str(tmp_path / "out")).model).values()} == {stored}
 
 

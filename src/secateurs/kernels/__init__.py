@@ -7,6 +7,7 @@ from .compressed import export as export_compressed
 from .formats import SparseFormat, reference_matmul
 from .linear import SparseLinear
 from .nm48 import Nm48
+from .nm816 import Nm816
 from .registry import choose_format
 from .sparse24 import Sparse24
 from .swap import SparsifyReport, restore_sparse, sparse_layers, sparsify
@@ -17,6 +18,7 @@ __all__ = [
     "SEGMENT",
     "Bitmap",
     "Nm48",
+    "Nm816",
     "SparseFormat",
     "SparseLinear",
     "Sparse24",

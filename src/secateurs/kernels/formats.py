@@ -71,6 +71,15 @@ class SparseFormat(ABC):
         raise NotImplementedError(f"{self.kind} has no keep-mask of its own")
 
     @classmethod
+    def held_as(cls, weight: torch.Tensor) -> str | None:
+        """The kind of the first other structured format (in the order of preference) that holds ``weight``, for
+        the one line that refuses it here: a 4:8 or 8:16 weight asked for as 2:4 says what it is."""
+        from .registry import format_classes
+
+        return next((other.kind for other in format_classes()
+                     if other is not cls and other.any_sparsity and other.supports(weight) is None), None)
+
+    @classmethod
     def why(cls, sparsity: float) -> str:
         """Why a weight was stored in this format, for the export record."""
         return cls.kind

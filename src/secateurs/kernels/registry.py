@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 FORMATS: dict[str, str] = {
     "2:4": "secateurs.kernels.sparse24:Sparse24",
     "4:8": "secateurs.kernels.nm48:Nm48",
+    "8:16": "secateurs.kernels.nm816:Nm816",
     "banded": "secateurs.kernels.banded:Banded",  # stored only under SECATEURS_UNVERIFIED_KERNELS=1 (its kernels are unverified), else the bitmap
     "bitmap": "secateurs.kernels.bitmap:Bitmap",
 }

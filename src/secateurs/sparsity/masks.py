@@ -15,9 +15,11 @@ import torch
 from ..errors import UsageError
 
 COMPARISON_GROUPS = ("row", "layer")
-KERNEL_PATTERNS = ("2:4", "4:8")
-"""The N:M patterns with a stored format and decode kernel of their own (``kernels/registry.py``); any other
-N:M still prunes, and an export stores it in the format that holds it (``stages/prune.py`` says which)."""
+KERNEL_PATTERNS = ("2:4", "4:8", "8:16")
+"""The N:M patterns with a stored format and decode kernel of their own (the N:M kinds of
+``kernels/registry.py``, written out so that parsing a pattern does not import the kernels; a test keeps the
+two equal); any other N:M still prunes, and an export stores it in the format that holds it
+(``stages/prune.py`` says which)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Pattern:
             if 0 < n < m:
                 return cls(n, m)
         raise UsageError(f"unknown pattern {text!r}; use unstructured or N:M with 0 < N < M "
-                         f"(the sparse kernels run {' and '.join(KERNEL_PATTERNS)}), e.g. 4:8")
+                         f"(the sparse kernels run {', '.join(KERNEL_PATTERNS)}), e.g. 4:8")
 
     @property
     def is_nm(self) -> bool:

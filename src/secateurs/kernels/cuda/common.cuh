@@ -1,4 +1,4 @@
-// Helpers every kernel source shares (sparse_gemv.cu, sparse48.cu): halves travel as 16-bit integers and are
+// Helpers every kernel source shares (sparse_gemv.cu, sparse48.cu, sparse816.cu): halves travel as 16-bit integers and are
 // converted with inline PTX, so no CUDA header is needed; NVRTC receives this file as an in-memory header
 // (kernels/cuda_ops.py), nvcc finds it beside the sources.
 #pragma once
@@ -103,4 +103,84 @@ __device__ __forceinline__ void finish(float (&acc)[R][T], u16* __restrict__ y, 
 #pragma unroll
             for (int t = 0; t < T; ++t)
                 if (row0 + r < N && t < M) y[(size_t)t * N + row0 + r] = pack1<BF16>(acc[r][t]);
+}
+
+// ---- the N:M GEMV loop every stored N:M format shares (sparse48.cu, sparse816.cu): y (M, N) = x (M, K) @ W.T
+// for M = 1-4 activation rows, W stored as values (N, K/2) in column order plus position tables. A format is a
+// policy F: F::Tables (the tables' base pointers), F::Row (one row's pointers into them), F::Meta (the
+// positions of one 16-input step), F::row(tables, n, K), F::load(row, j) (step j's positions, evict-first) and
+// F::step<BF16, T>(acc, v, meta, xv): the eight stored values v of a step against xv[t][q] = the 8 inputs of
+// its group q (two 16-byte registers' worth) of token t.
+//
+// Lanes stride along K by 16-input steps (consecutive lanes read consecutive 16-byte value vectors, so every
+// load of a warp is one contiguous 512-byte run); each lane issues the loads of U steps per row before using
+// any, so enough bytes are in flight to cover memory latency. Work split: a block of 8 warps; S warps share R
+// output rows and split K between them (S > 1 for narrow shapes such as a 1024-row k/v projection, so every
+// SM has enough loads in flight); their partial sums meet in shared memory. Rows past N and tokens past M are
+// computed on clamped (valid) addresses, never stored.
+template <bool BF16, int T>
+__device__ __forceinline__ void load_x16(const char* const (&xp)[T], size_t j, u32 (&xv)[T][2][4]) {
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        ld_nc_v4(xp[t] + j * 32, xv[t][0]);
+        ld_nc_v4(xp[t] + j * 32 + 16, xv[t][1]);
+    }
+}
+
+template <class F, bool BF16, int T, int R, int U>
+__device__ __forceinline__ void gemv_nm(const u16* __restrict__ x, const u16* __restrict__ vals,
+                                        const typename F::Tables tables, u16* __restrict__ y, int M, int N,
+                                        int K, int S) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = warp / S, s = warp % S;
+    const int row0 = (blockIdx.x * (WARPS / S) + g) * R;
+    const int W = K >> 4;
+    const char* vp[R];
+    typename F::Row mp[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const size_t n = (size_t)min(row0 + r, N - 1);
+        vp[r] = (const char*)(vals + n * (K >> 1));
+        mp[r] = F::row(tables, n, K);
+    }
+    const char* xp[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) xp[t] = (const char*)(x + (size_t)min(t, M - 1) * K);
+    float acc[R][T];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
+    const int stride = 32 * S;
+    int j = s * 32 + lane;
+    for (; j + (U - 1) * stride < W; j += U * stride) {
+        u32 v[U][R][4];
+        typename F::Meta m[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const size_t jj = j + u * stride;
+                ld_stream_v4(vp[r] + jj * 16, v[u][r]);
+                m[u][r] = F::load(mp[r], jj);
+            }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            u32 xv[T][2][4];
+            load_x16<BF16, T>(xp, j + u * stride, xv);
+#pragma unroll
+            for (int r = 0; r < R; ++r) F::template step<BF16, T>(acc[r], v[u][r], m[u][r], xv);
+        }
+    }
+    for (; j < W; j += stride) {
+        u32 xv[T][2][4];
+        load_x16<BF16, T>(xp, j, xv);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            u32 v[4];
+            ld_stream_v4(vp[r] + (size_t)j * 16, v);
+            F::template step<BF16, T>(acc[r], v, F::load(mp[r], j), xv);
+        }
+    }
+    finish<BF16, T, R>(acc, y, M, N, row0, S);
 }

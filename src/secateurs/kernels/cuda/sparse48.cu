@@ -1,7 +1,7 @@
 // 4:8 GEMV for decode: y (M, N) = x (M, K) @ W.T with W in the 4:8 format of kernels/nm48.py, M = 1-4
 // activation rows; and the expand kernel of its prompt path (8 rows and more: the dense weight written into a
 // shared scratch buffer, then cuBLAS). Compiled at run time by NVRTC (kernels/cuda_ops.py) as a module of its own; its load / convert /
-// reduce helpers are common.cuh's, shared with sparse_gemv.cu.
+// reduce helpers and its GEMV loop (gemv_nm, the work split) are common.cuh's, shared with sparse816.cu.
 //
 // Decode is bound by the bytes read (4:8 moves 1.1875 bytes per dense fp16 weight: 1.68x fewer than dense),
 // and a Hopper SM receives only 13-18 bytes from memory per clock, so the instructions spent per stored
@@ -12,10 +12,6 @@
 // activations out of its group's low and high four inputs by the positions' low bits, the third chooses
 // between those by the third bits. No gather, no branch, fp32 accumulation.
 //
-// Work split: a block of 8 warps; S warps share R output rows and split K between them (S > 1 for narrow
-// shapes such as a 1024-row k/v projection, so every SM has enough loads in flight); their partial sums meet
-// in shared memory. Rows past N and tokens past M are computed on clamped (valid) addresses, never stored.
-
 #include "common.cuh"
 
 // ---- one 16-input step: v = the eight stored values (pair i in v[i]), m = the 16-bit word of low position
@@ -45,77 +41,32 @@ __device__ __forceinline__ void step48(float (&acc)[T], const u32 (&v)[4], u32 m
     }
 }
 
-template <bool BF16, int T>
-__device__ __forceinline__ void load_x(const char* const (&xp)[T], size_t j, u32 (&xv)[T][2][4]) {
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-        ld_nc_v4(xp[t] + j * 32, xv[t][0]);
-        ld_nc_v4(xp[t] + j * 32 + 16, xv[t][1]);
+// The format's policy for common.cuh's gemv_nm: per 16-input step a 2-byte word of low position bits and a byte
+// of third bits.
+struct Fmt48 {
+    struct Tables {
+        const u8* meta;
+        const u8* high;
+    };
+    struct Row {
+        const char* m;
+        const char* h;
+    };
+    struct Meta {
+        u32 m, h;
+    };
+    static __device__ __forceinline__ Row row(const Tables& t, size_t n, int K) {
+        return {(const char*)(t.meta + n * (K >> 3)), (const char*)(t.high + n * (K >> 4))};
     }
-}
-
-// Lanes stride along K by 16-input steps (consecutive lanes read consecutive 16-byte value vectors, so every
-// load of a warp is one contiguous 512-byte run); each lane issues the loads of U steps per row before using
-// any, so enough bytes are in flight to cover memory latency.
-template <bool BF16, int T, int R, int U>
-__device__ __forceinline__ void gemv48(const u16* __restrict__ x, const u16* __restrict__ vals,
-                                       const u8* __restrict__ meta, const u8* __restrict__ high,
-                                       u16* __restrict__ y, int M, int N, int K, int S) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = warp / S, s = warp % S;
-    const int row0 = (blockIdx.x * (WARPS / S) + g) * R;
-    const int W = K >> 4;
-    const char* vp[R];
-    const char* mp[R];
-    const char* hp[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const size_t n = (size_t)min(row0 + r, N - 1);
-        vp[r] = (const char*)(vals + n * (K >> 1));
-        mp[r] = (const char*)(meta + n * (K >> 3));
-        hp[r] = (const char*)(high + n * W);
+    static __device__ __forceinline__ Meta load(const Row& r, size_t j) {
+        return {ld_stream_u16(r.m + j * 2), ld_stream_u8(r.h + j)};
     }
-    const char* xp[T];
-#pragma unroll
-    for (int t = 0; t < T; ++t) xp[t] = (const char*)(x + (size_t)min(t, M - 1) * K);
-    float acc[R][T];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
-    const int stride = 32 * S;
-    int j = s * 32 + lane;
-    for (; j + (U - 1) * stride < W; j += U * stride) {
-        u32 v[U][R][4], m[U][R], h[U][R];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const size_t jj = j + u * stride;
-                ld_stream_v4(vp[r] + jj * 16, v[u][r]);
-                m[u][r] = ld_stream_u16(mp[r] + jj * 2);
-                h[u][r] = ld_stream_u8(hp[r] + jj);
-            }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            u32 xv[T][2][4];
-            load_x<BF16, T>(xp, j + u * stride, xv);
-#pragma unroll
-            for (int r = 0; r < R; ++r) step48<BF16, T>(acc[r], v[u][r], m[u][r], h[u][r], xv);
-        }
+    template <bool BF16, int T>
+    static __device__ __forceinline__ void step(float (&acc)[T], const u32 (&v)[4], const Meta& m,
+                                                const u32 (&xv)[T][2][4]) {
+        step48<BF16, T>(acc, v, m.m, m.h, xv);
     }
-    for (; j < W; j += stride) {
-        u32 xv[T][2][4];
-        load_x<BF16, T>(xp, j, xv);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            u32 v[4];
-            ld_stream_v4(vp[r] + (size_t)j * 16, v);
-            step48<BF16, T>(acc[r], v, ld_stream_u16(mp[r] + (size_t)j * 2), ld_stream_u8(hp[r] + j), xv);
-        }
-    }
-    finish<BF16, T, R>(acc, y, M, N, row0, S);
-}
+};
 
 // ---- expand: the stored 4:8 weight into a dense (N, K) buffer (the prompt path: kernels/cuda_ops.py's one shared
 // scratch, then cuBLAS) ----
@@ -171,7 +122,7 @@ EXPAND48(4)
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                              \
         gemv48_##DT##_t##T##_r##R(const u16* x, const u16* vals, const u8* meta, const u8* high, u16* y,    \
                                   int M, int N, int K, int S) {                                              \
-        gemv48<BF, T, R, U>(x, vals, meta, high, y, M, N, K, S);                                             \
+        gemv_nm<Fmt48, BF, T, R, U>(x, vals, {meta, high}, y, M, N, K, S);                                   \
     }
 #define ALL(DT, BF)                                                                                          \
     GEMV48(DT, BF, 1, 1, 4)                                                                                  \

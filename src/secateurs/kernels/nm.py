@@ -1,0 +1,176 @@
+"""What every N:M stored format beyond 2:4 shares (4:8 in ``nm48.py``, 8:16 in ``nm816.py``): at most N kept
+weights in every run of M inputs, stored as N values per group in column order (``values`` (out, in * N / M),
+a kept value may be zero) and their positions in position tables of the format's own layout.
+
+Everything but that layout lives here: which weights fit (``supports``: groups of M with at most N non-zeros,
+a width of whole 16-input chunks, the sparsity ceiling past which the bitmap is smaller), building from a weight
+or a keep-mask, the mask and the exact expansion, and the CUDA candidates (the format's GEMV for 1-4 rows at
+the rows-per-warp and split-K choices, the expand path into the shared scratch from row bucket 8). A format
+file says how its positions are packed (``_pack``) and read back (``positions``), which tensors its kernels
+need aligned how (``_tables_ready``, ``_wide_positions``), and launches its two kernels (``_gemv``,
+``_expand``); its CUDA source instantiates common.cuh's ``gemv_nm`` loop with a step of its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..errors import UsageError
+from . import cuda_ops
+from .formats import SparseFormat
+
+if TYPE_CHECKING:
+    from typing import Self
+
+CHUNK = 16  # inputs per 16-byte load of values (8 fp16 values at N/M = 1/2): the kernels' step and the width unit
+MAX_SPARSITY = 0.625
+"""Past 3:8's fraction of zeros the bitmap holds a weight in far fewer bytes (0.9 of 4:8's at 62.5%), so a
+very sparse weight that happens to fit an N:M format goes there instead."""
+
+
+class NmFormat(SparseFormat):
+    """An N:M weight: ``kept`` values per group of ``group`` inputs and their positions (subclasses are
+    dataclasses whose first field is ``values`` and the rest their position tables)."""
+
+    group: ClassVar[int]
+    kept: ClassVar[int]
+    source: ClassVar[Path]
+    tokens: ClassVar[tuple[int, ...]]
+    """Token counts the GEMV is instantiated for (m = 3 runs the 4 variant)."""
+    rows: ClassVar[dict[int, tuple[int, ...]]]
+    """Rows per warp group instantiated for each token count, the default first."""
+    expand_chunks: ClassVar[tuple[int, ...]]
+    """16-input chunks per thread of the expand kernel, in the order offered."""
+    gemv_name: ClassVar[str]
+    """The GEMV's candidate names: ``cuda_<gemv_name>_r<rows>_s<split>``."""
+    gemv_verified: ClassVar[bool]
+    """Whether the GEMV was run on a GPU; if not it is offered only with ``SECATEURS_UNVERIFIED_KERNELS=1``
+    (the expand path, never yet run on a GPU for any N:M format, is offered only so too)."""
+    any_sparsity = True
+    values: torch.Tensor
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> str | None:
+        """None when ``weight`` fits the format, else the reason it does not."""
+        rows, cols = weight.shape
+        if cols % CHUNK:
+            return f"{cls.kind} storage needs the input dimension to be a multiple of {CHUNK} (got {cols})"
+        nonzero = (weight != 0).reshape(rows, cols // cls.group, cls.group).sum(dim=2)
+        if bool((nonzero > cls.kept).any()):
+            return f"some group of {cls.group} inputs has more than {cls.kept} non-zeros"
+        if 1.0 - float(nonzero.sum()) / weight.numel() > MAX_SPARSITY:
+            return f"more than {MAX_SPARSITY:.1%} zeros: the bitmap stores it in fewer bytes"
+        return None
+
+    @classmethod
+    def compress(cls, weight: torch.Tensor) -> Self:
+        reason = cls.supports(weight)
+        if reason:
+            held = cls.held_as(weight)
+            runs = f"; it is {held} and is stored as {held}" if held else ""
+            raise UsageError(f"weight is not stored as {cls.kind} ({reason}){runs}; prune with --pattern {cls.kind} first")
+        rows, cols = weight.shape
+        groups = weight.reshape(rows, cols // cls.group, cls.group)
+        positions = cls._first_kept(groups != 0)
+        values = groups.gather(2, positions).reshape(rows, cols * cls.kept // cls.group).contiguous()
+        return cls(values, *cls._pack(positions), (rows, cols))
+
+    @classmethod
+    def from_mask(cls, values: torch.Tensor, mask: torch.Tensor) -> Self:
+        """The format from exactly ``kept`` positions per group (``mask``) and their values in row-major order."""
+        rows, cols = mask.shape
+        groups = mask.reshape(rows, cols // cls.group, cls.group)
+        if not bool((groups.sum(dim=2) == cls.kept).all()):
+            raise ValueError(f"some group of {cls.group} inputs does not keep exactly {cls.kept} positions")
+        values = values.reshape(rows, cols * cls.kept // cls.group).contiguous()
+        return cls(values, *cls._pack(cls._first_kept(groups)), (rows, cols))
+
+    def mask(self) -> torch.Tensor:
+        """(out, in) bool: the stored positions of every group (a stored value may be zero)."""
+        rows, cols = self.shape
+        kept = torch.zeros(rows, cols // self.group, self.group, dtype=torch.bool, device=self.values.device)
+        return kept.scatter_(2, self.positions(), True).reshape(rows, cols)
+
+    def to_dense(self) -> torch.Tensor:
+        rows, cols = self.shape
+        dense = torch.zeros(rows, cols // self.group, self.group, dtype=self.values.dtype, device=self.values.device)
+        dense.scatter_(2, self.positions(), self.values.reshape(rows, cols // self.group, self.kept))
+        return dense.reshape(rows, cols)
+
+    @classmethod
+    def _first_kept(cls, groups: torch.Tensor) -> torch.Tensor:
+        """(out, in/M, N) ascending positions of the first N kept entries of each group of a bool (out, in/M, M)
+        tensor, padded with unkept ones; a stable sort keeps the choice deterministic."""
+        return (~groups).to(torch.int8).argsort(dim=2, stable=True)[:, :, :cls.kept].sort(dim=2).values
+
+    @classmethod
+    def _pack(cls, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The position tables of (out, in/M, N) ascending positions, in the order of ``parts[1:]``."""
+        raise NotImplementedError
+
+    def positions(self) -> torch.Tensor:
+        """(out, in/M, N) int64 ascending positions of the kept values inside each group."""
+        raise NotImplementedError
+
+    def _tables_ready(self) -> bool:
+        """Whether the kernels can read every stored tensor as it is (contiguous, shaped, aligned)."""
+        raise NotImplementedError
+
+    def _wide_positions(self) -> bool:
+        """Whether the four-chunk expand can load four chunks' positions at once."""
+        raise NotImplementedError
+
+    def _gemv(self, x: torch.Tensor, rows: int, split: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _expand(self, out: torch.Tensor, chunks: int) -> None:
+        raise NotImplementedError
+
+    def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The format's GEMV for 1-4 rows: each row count's instantiated rows per warp group (default first), at
+        the split-K choices of :func:`cuda_ops.splits`; above 4 rows (row bucket 8 on) the expand path (the weight
+        expanded into the scratch every layer shares, then cuBLAS) at each chunks-per-thread choice the tables'
+        alignment allows. What was never run on a GPU is offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``.
+        Compiled on first offer (an error there offers nothing)."""
+        n, k = self.shape
+        if m < 1 or k % CHUNK or not cuda_ops.ready(self.values, 16, n, k * self.kept // self.group) \
+                or not self._tables_ready():
+            return {}
+        expanding = m > self.tokens[-1]  # row bucket 8 on
+        if (expanding or not self.gemv_verified) and not cuda_ops.unverified_offered():
+            return {}
+        cuda_ops._module(self.values.device.index, self.source)  # compiled once; raises where it cannot be
+        if expanding:
+            return {f"expand_cublas_c{c}": (lambda x, c=c: cuda_ops.scratch_matmul(
+                        x, self.shape, lambda out: self._expand(out, c)))
+                    for c in self.expand_chunks if c == 1 or self._wide_positions()}
+        tokens = next(t for t in self.tokens if t >= m)
+        return {f"cuda_{self.gemv_name}_r{rows}_s{split}": (lambda x, r=rows, s=split: self._gemv(x, r, s))
+                for split in cuda_ops.splits(n, k // CHUNK // 32) for rows in self.rows[tokens]}
+
+
+def gemv_launch(kernel: str, source: Path, tokens: tuple[int, ...], x: torch.Tensor, tables: tuple[torch.Tensor, ...],
+                rows: int, split: int) -> torch.Tensor:
+    """Launch an N:M GEMV of common.cuh's ``gemv_nm`` (``<kernel>_<dtype>_t<tokens>_r<rows>``) on x (1-4 rows) and
+    the stored tensors ``tables`` (values first): its arguments are (x, tables..., y, M, N, K, split)."""
+    x = cuda_ops._aligned(x)
+    m, k = x.shape
+    n = tables[0].shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    name = f"{kernel}_{cuda_ops._SUFFIX[x.dtype]}_t{next(t for t in tokens if t >= m)}_r{rows}"
+    cuda_ops._launch(name, cuda_ops._grid(n, rows, split), (x, *tables, y), (m, n, k, split), source=source)
+    return y
+
+
+def expand_launch(kernel: str, source: Path, tables: tuple[torch.Tensor, ...], out: torch.Tensor, chunks: int) -> None:
+    """Launch an N:M expand kernel (``<kernel>_c<chunks>``: tables (values first), out, units of ``chunks``
+    16-input chunks) writing the dense weight into the first N*K elements of ``out``."""
+    units = tables[0].numel() // (CHUNK // 2) // chunks
+    blocks = min((units + 255) // 256, 65535 * 8)
+    cuda_ops._launch(f"{kernel}_c{chunks}", blocks, (*tables, out), (units,), 8, source=source,
+                     int_type=ctypes.c_longlong)
