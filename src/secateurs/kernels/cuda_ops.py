@@ -18,10 +18,15 @@ Every kernel reads the stored tensors as they are (one position table in memory,
   of value, position and activation tiles, ``ldmatrix`` fragments, ``mma.sp`` in natural K order (where each
   lane's metadata register is two stored position words); a few tile shapes the dispatcher times;
 - expand: the stored 2:4 weight into one dense scratch buffer per device and dtype, shared by all layers
-  (:func:`scratch`), then cuBLAS: a prompt path with no persistent copy; the 4:8 format (``kernels/nm48.py``,
-  from 8 rows) and the bitmap (from 2 rows: a warp per 32 words, a popcount scan, its values staged in shared
-  memory by 16-byte loads) expand into the same buffer (:func:`scratch_matmul`);
-- bitmap GEMV (1 token): a lane walks the set bits of a 32-input word.
+  (:func:`scratch`), then cuBLAS: a prompt path with no persistent copy; the 4:8 and 8:16 formats
+  (``kernels/nm48.py``, ``kernels/nm816.py``, from 8 rows) and the bitmap (from 2 rows: a warp per 32 words,
+  a popcount scan, its values staged in shared memory by 16-byte loads) expand into the same buffer
+  (:func:`scratch_matmul`);
+- bitmap GEMV (1 token): a lane walks the set bits of a 32-input word;
+- N:M GEMVs (1-4 tokens; ``kernels/nm.py``): one loop (``common.cuh``'s ``gemv_nm``) with a decode step per format:
+  4:8 (``sparse48.cu``: three byte-permutes per value pair and token) and 8:16 (``sparse816.cu``: one 16-byte
+  load of values and one 32-bit position word per 16 inputs, four byte-permutes per value pair and token; never
+  yet run on a GPU, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, like every expand path but 2:4's).
 
 Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers):
 
@@ -30,7 +35,8 @@ Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` off
   to try them (the first is the measured default); ``{}`` where no kernel applies. Each format says which
   of these kernels it offers (``cuda_candidates`` in ``kernels/sparse24.py`` and ``kernels/bitmap.py``).
 - Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``sparse24_mma``,
-  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``; the 4:8 ones in ``kernels/nm48.py``) with a fake implementation, so CUDA graphs and
+  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``; the N:M ones in ``kernels/nm48.py`` and
+  ``kernels/nm816.py``) with a fake implementation, so CUDA graphs and
   ``torch.compile`` run over it without graph breaks.
 """
 

@@ -132,7 +132,7 @@ class PruneConfig:
         "Fraction of weights to remove in [0, 1), or one value per block, comma-separated. Default 0.5; N:M implies 1-N/M.",
         parse=parse_sparsity,
     )
-    pattern: str = option("unstructured", "unstructured, 2:4, 4:8 or any N:M.")
+    pattern: str = option("unstructured", "unstructured, 2:4, 4:8, 8:16 or any N:M.")
     options: dict[str, Any] = option(
         help="Method option key=value (repeatable).", decls=("--option", "-o"), parse=parse_options, cli=list[str] | None,
         default_factory=dict,
