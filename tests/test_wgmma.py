@@ -27,6 +27,7 @@ flight), and that the cp.async -> fence.proxy.async -> barrier -> wgmma order is
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,85 +112,93 @@ def _block(pid: int, ftiles: int, ttiles: int) -> tuple[int, int]:
 
 
 def _load_stage(smem: bytearray, slot_base: int, kb: int, vals: bytes, meta: bytes, x: bytes, row0: int, tok0: int,
-                n: int, m: int, k: int, bn: int) -> None:
+                n: int, m: int, k: int, config: str) -> None:
     """Every thread's cp.async of one stage: (destination, source) pairs as the kernel's load lambda forms them."""
-    sa, se = slot_base, slot_base + wgmma.A_BYTES
-    sb = se + wgmma.E_BYTES
+    bm, bn = wgmma.block_features(config), wgmma.CONFIGS[config][1]
+    sa = slot_base
+    se = sa + wgmma.a_bytes(config)
+    sb = se + wgmma.e_bytes(config)
     for tid in range(wgmma.THREADS):
-        for i in range(tid, wgmma.BM * 4, wgmma.THREADS):
+        for i in range(tid, bm * 4, wgmma.THREADS):
             r, c = i >> 2, i & 3
             row = min(row0 + r, n - 1)
             src = row * k + kb * 64 + c * 16
             dst = sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4)
+            assert dst - sa == wgmma.a_offset(r, c)
             smem[dst:dst + 16] = vals[src:src + 16]
-        if tid < wgmma.BM:
-            row = min(row0 + tid, n - 1)
+        for r in range(tid, bm, wgmma.THREADS):
+            row = min(row0 + r, n - 1)
             src = row * (k >> 3) + kb * 8
-            smem[se + tid * 8:se + tid * 8 + 8] = meta[src:src + 8]
+            smem[se + r * 8:se + r * 8 + 8] = meta[src:src + 8]
         for i in range(tid, bn * 8, wgmma.THREADS):
             r, c = i >> 3, i & 7
             tok = min(tok0 + r, m - 1)
             src = tok * k * 2 + kb * 128 + c * 16
             dst = sb + r * 128 + ((c ^ (r & 7)) << 4)
+            assert dst - sb == wgmma.b_offset(r, c)
             smem[dst:dst + 16] = x[src:src + 16]
 
 
 def emulate(x: torch.Tensor, fmt: Sparse24, config: str) -> torch.Tensor:
     """y as the kernel computes it, block by block and stage by stage (one slot is enough for the arithmetic; the
     ring's schedule is checked by :func:`test_ring_schedule`)."""
-    bn, _, _ = wgmma.CONFIGS[config]
+    mw, bn, _, _ = wgmma.CONFIGS[config]
+    bm = wgmma.block_features(config)
     m, k = x.shape
     n = fmt.shape[0]
     vals = fmt.values.contiguous().view(torch.uint8).numpy().tobytes()
     meta = fmt.meta.contiguous().numpy().tobytes()
     xb = x.contiguous().view(torch.uint8).numpy().tobytes()
     y = torch.full((m, n), float("nan"), dtype=torch.float64)
-    ftiles, ttiles = -(-n // wgmma.BM), -(-m // bn)
+    ftiles, ttiles = -(-n // bm), -(-m // bn)
     seen = set()
     base = 1024 * 5  # the kernel aligns the ring to 1024 bytes
     for pid in range(ftiles * ttiles):
         ft, tt = _block(pid, ftiles, ttiles)
         seen.add((ft, tt))
-        row0, tok0 = ft * wgmma.BM, tt * bn
-        d = torch.zeros(2, 128, bn // 2, dtype=torch.float64)  # [warpgroup][thread][register]
+        row0, tok0 = ft * bm, tt * bn
+        d = torch.zeros(2 * mw, 128, bn // 2, dtype=torch.float64)  # [64-feature tile][thread of its warpgroup][reg]
         for kb in range(k // 64):
             smem = bytearray(base + wgmma.stage_bytes(config))
-            _load_stage(smem, base, kb, vals, meta, xb, row0, tok0, n, m, k, bn)
-            sa, se = base, base + wgmma.A_BYTES
-            sb = se + wgmma.E_BYTES
-            e_part = torch.tensor(list(smem[se:se + wgmma.E_BYTES]), dtype=torch.uint8).reshape(wgmma.BM, 8)
-            for wg in range(2):
-                regs = [[wgmma.metadata_register(e_part, wg, w, lane) for lane in range(32)] for w in range(4)]
-                da = wgmma.descriptor(sa + wg * 64 * 64, wgmma.A_STRIDE, wgmma.SWIZZLE_64B)
-                db = wgmma.descriptor(sb, wgmma.B_STRIDE, wgmma.SWIZZLE_128B)
+            _load_stage(smem, base, kb, vals, meta, xb, row0, tok0, n, m, k, config)
+            sa = base
+            se = sa + wgmma.a_bytes(config)
+            sb = se + wgmma.e_bytes(config)
+            e_part = torch.tensor(list(smem[se:sb]), dtype=torch.uint8).reshape(bm, 8)
+            db = wgmma.descriptor(sb, wgmma.B_STRIDE, wgmma.SWIZZLE_128B)
+            for tile in range(2 * mw):  # the tile of warpgroup tile // mw
+                regs = [[wgmma.metadata_register(e_part, tile, w, lane) for lane in range(32)] for w in range(4)]
+                da = wgmma.descriptor(sa + tile * 64 * 64, wgmma.A_STRIDE, wgmma.SWIZZLE_64B)
                 part = (_wgmma_sp(bytes(smem), da, db, regs, 0, bn, x.dtype)
                         + _wgmma_sp(bytes(smem), da + 2, db + 4, regs, 1, bn, x.dtype))
                 for row in range(64):
                     for token in range(bn):
                         w, lane, i = _accumulator_index(row, token)
-                        d[wg, 32 * w + lane, i] += part[row, token]
-        # the epilogue: d[i] of thread (wg, w, g, t) -> feature fbase + 8 * ((i >> 1) & 1), token 8 * (i >> 2) + 2t + (i & 1)
-        for wg in range(2):
+                        d[tile, 32 * w + lane, i] += part[row, token]
+        # the epilogue: register i of thread (w, g, t) of a tile -> feature fbase + 8 ((i >> 1) & 1), token
+        # 8 (i >> 2) + 2t + (i & 1)
+        for tile in range(2 * mw):
             for thread in range(128):
                 w, lane = thread // 32, thread % 32
                 g, t = lane >> 2, lane & 3
-                fbase = row0 + wg * 64 + w * 16 + g
+                fbase = row0 + tile * 64 + w * 16 + g
                 for i in range(bn // 2):
                     row, token = fbase + 8 * ((i >> 1) & 1), tok0 + 8 * (i >> 2) + 2 * t + (i & 1)
                     if row < n and token < m:
                         assert torch.isnan(y[token, row]), "an output stored twice"
-                        y[token, row] = d[wg, thread, i]
+                        y[token, row] = d[tile, thread, i]
     assert seen == {(f, t) for f in range(ftiles) for t in range(ttiles)}
     return y
 
 
-@pytest.mark.parametrize(("dtype", "config", "m"), [(torch.float16, "m128_n64_s4_i1", 37),
-                                                     (torch.bfloat16, "m128_n64_s4_i1", 33),
-                                                     (torch.float16, "m128_n128_s4_i0", 70)])
-def test_emulated_kernel_equals_the_dense_product(dtype, config, m):
-    """Odd token counts (a partial token tile), 200 features (a partial feature tile: clamped rows never stored),
+@pytest.mark.parametrize(("dtype", "config", "n", "m"), [(torch.float16, "m128_n64_s4_i1", 200, 37),
+                                                          (torch.bfloat16, "m128_n64_s4_i1", 200, 33),
+                                                          (torch.float16, "m128_n128_s4_i0", 136, 70),
+                                                          (torch.bfloat16, "m256_n128_s4_i1", 264, 35)])
+def test_emulated_kernel_equals_the_dense_product(dtype, config, n, m):
+    """Odd token counts (a partial token tile), feature counts past a whole tile (clamped rows never stored),
     K = 128 (two stages); every output written exactly once; the product exact to float64 rounding."""
-    w = _weight(200, 128, seed=1, dtype=dtype)
+    w = _weight(n, 128, seed=1, dtype=dtype)
     fmt = Sparse24.compress(w)
     x = torch.randn(m, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
     got = emulate(x, fmt, config)
@@ -198,9 +207,9 @@ def test_emulated_kernel_equals_the_dense_product(dtype, config, m):
 
 def test_every_configuration_tiles_tokens_and_features_exactly_once():
     """The block order (feature tiles grouped by 8) covers every (feature tile, token tile) once, for every config."""
-    for bn, _, _ in wgmma.CONFIGS.values():
+    for config, (_, bn, _, _) in wgmma.CONFIGS.items():
         for n, m in ((200, 37), (11008, 2048), (1024, 8192), (4096, 33)):
-            ftiles, ttiles = -(-n // wgmma.BM), -(-m // bn)
+            ftiles, ttiles = -(-n // wgmma.block_features(config)), -(-m // bn)
             blocks = [_block(pid, ftiles, ttiles) for pid in range(ftiles * ttiles)]
             assert sorted(blocks) == [(f, t) for f in range(ftiles) for t in range(ttiles)]
 
@@ -211,7 +220,7 @@ def test_ring_schedule(config):
     copy groups are pending, multiplies slot kb % STAGES, copies stage kb + AHEAD into its slot and leaves INFLIGHT
     wgmma groups in flight. Every multiply reads a slot holding its stage, complete; no copy overwrites a slot
     that a wgmma still in flight (or being multiplied) reads."""
-    _, stages, inflight = wgmma.CONFIGS[config]
+    _, _, stages, inflight = wgmma.CONFIGS[config]
     ahead = stages - 1 - inflight
     assert ahead >= 1
     for kb_total in (1, 2, 3, 5, 64, 172):
@@ -237,23 +246,26 @@ def test_ring_schedule(config):
 def test_the_source_holds_the_modelled_expressions():
     """The model above restates the kernel's index arithmetic; if the source changes, these fail first."""
     for expression in ("sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4)", "(const char*)vals + row * K + kb * 64 + c * 16",
-                       "wg_cp8(se + tid * 8, meta + row * (K >> 3) + kb * 8)",
+                       "wg_cp8(se + r * 8, meta + row * (K >> 3) + kb * 8)",
                        "sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16",
-                       "const int er = wg * 64 + wq * 16 + g;",
+                       "constexpr int A_BYTES = BM * 64, E_BYTES = BM * 8, B_BYTES = BN * 128;",
+                       "se = sa + A_BYTES, sb = se + E_BYTES;", "constexpr int BM = 128 * MW;",
+                       "const int er = (wg * MW + mt) * 64 + wq * 16 + g;",
                        "lds_u16(se + er * 8 + t * 2) | (lds_u16(se + (er + 8) * 8 + t * 2) << 16)",
-                       "wg_desc(sa + wg * (64 * 64), 512, 2ull)", "wg_desc(sb, 1024, 1ull)",
+                       "wg_desc(sa + (wg * MW + mt) * (64 * 64), 512, 2ull)", "wg_desc(sb, 1024, 1ull)",
                        "<0>(d, da, db, e)", "<1>(d, da + 2, db + 4, e)",
                        "const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);",
-                       "const int fbase = row0 + wg * 64 + wq * 16 + g;", "constexpr int AHEAD = STAGES - 1 - INFLIGHT;",
+                       "const int fbase = row0 + (wg * MW + mt) * 64 + wq * 16 + g;",
+                       "constexpr int AHEAD = STAGES - 1 - INFLIGHT;",
                        "wg_cp_wait<AHEAD - 1>();", "const int next = kb + AHEAD;", "wgmma_wait<INFLIGHT>();"):
         assert expression in SOURCE_TEXT, expression
     # the descriptor encoding the model decodes
     assert "((addr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(stride >> 4) << 32)" in SOURCE_TEXT
     assert wgmma.descriptor(0x1400, 512, 2) == (0x140 | (1 << 16) | (32 << 32) | (2 << 62))
     # every configuration is instantiated, for both dtypes, with the BN/STAGES/INFLIGHT the launcher assumes
-    for name, (bn, stages, inflight) in wgmma.CONFIGS.items():
-        assert re.search(rf"WGMMA24\(DT, BF, {bn}, {stages}, {inflight}\)", SOURCE_TEXT), name
-        assert name == f"m128_n{bn}_s{stages}_i{inflight}"
+    for name, (mw, bn, stages, inflight) in wgmma.CONFIGS.items():
+        assert re.search(rf"WGMMA24\(DT, BF, {mw}, {128 * mw}, {bn}, {stages}, {inflight}\)", SOURCE_TEXT), name
+        assert name == f"m{128 * mw}_n{bn}_s{stages}_i{inflight}"
     for bn in (64, 128, 256):
         for dt in ("f16", "bf16"):
             assert f"wgmma.mma_async.sp.sync.aligned.m64n{bn}k32.f32.{dt}.{dt}" in SOURCE_TEXT
@@ -265,15 +277,48 @@ def test_stored_position_words_are_the_metadata_registers():
     w = _weight(128, 64, seed=3, dtype=torch.float16)
     fmt = Sparse24.compress(w)
     positions = fmt.positions()  # (128, 16, 2)
-    for wg in range(2):
+    for tile in range(2):
         for warp in range(4):
             for lane in range(32):
-                reg = wgmma.metadata_register(fmt.meta, wg, warp, lane)
+                reg = wgmma.metadata_register(fmt.meta, tile, warp, lane)
                 g, t = lane >> 2, lane & 3
-                for high, row in ((0, wg * 64 + warp * 16 + g), (1, wg * 64 + warp * 16 + g + 8)):
+                for high, row in ((0, tile * 64 + warp * 16 + g), (1, tile * 64 + warp * 16 + g + 8)):
                     for q in range(4):
                         bits = (reg >> (16 * high + 4 * q)) & 0xF
                         assert (bits & 3, bits >> 2) == tuple(positions[row, 4 * t + q].tolist())
+
+
+def test_ptx_readings_agree_with_cute_layouts():
+    """A second source for the two register layouts the model reads off PTX figures: CUTLASS's CuTe layouts
+    (thread, value) -> index m + 64 k of the 64 x K tile. The accumulator (CLayout_64xN): thread shape (4, 8, 4)
+    strides (128, 1, 16), value shape (2, 2, N/8) strides (64, 8, 512). The m64nNk32 f16 metadata (ELayout_64x32,
+    one bit per input): thread shape (2, 2, 8, 4) strides (1024, 0, 1, 16), value shape (16, 2) strides (64, 8)
+    (lanes 4g+2, 4g+3 repeat lanes 4g, 4g+1: the selector picks which pair the hardware reads)."""
+    def split(index: int, shape: tuple[int, ...]) -> list[int]:
+        out = []
+        for size in shape:
+            out.append(index % size)
+            index //= size
+        return out
+
+    for n in (64, 128, 256):
+        for thread in range(128):
+            for value in range(n // 2):
+                t0, g, w = split(thread, (4, 8, 4))
+                v0, v1, v2 = split(value, (2, 2, n // 8))
+                index = 128 * t0 + g + 16 * w + 64 * v0 + 8 * v1 + 512 * v2
+                row, token = index % 64, index // 64
+                assert _accumulator_index(row, token) == (w, thread % 32, value)
+    for thread in range(128):
+        t0, t1, g, w = split(thread, (2, 2, 8, 4))
+        for value in range(32):
+            v0, v1 = split(value, (16, 2))
+            index = 1024 * t0 + 0 * t1 + g + 16 * w + 64 * v0 + 8 * v1
+            row, k = index % 64, index // 64
+            # the model: the nibble of chunk k // 4 of row ``row`` sits in lane 4g + 2 * selector + (k // 16),
+            # bits 16 * (row % 16 >= 8) + 4 * ((k // 4) % 4); one ELayout bit per input of that nibble
+            assert (w, g, k // 16, (row % 16) >= 8) == (row // 16, row % 8, t0, v1)
+            assert 16 * v1 + v0 == 16 * ((row % 16) >= 8) + 4 * ((k // 4) % 4) + k % 4
 
 
 def _gpu_like(monkeypatch, capability=(9, 0), unverified=True) -> None:
@@ -364,7 +409,6 @@ def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatc
     that dies there (a fault) is reported and never offered afterwards in the checking process."""
     import importlib
     import subprocess
-    from pathlib import Path
 
     monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "0")  # the script defaults it to 1 for its own process only
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -383,4 +427,27 @@ def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatc
     assert check.first_launches() == 1
     assert children == [f"{c}:{d}" for c in wgmma.CONFIGS for d in ("fp16", "bf16")]
     assert wgmma.WITHHELD == {"m128_n256_s4_i1"}
-    assert wgmma.configs(2048) == ["m128_n128_s4_i1", "m128_n128_s4_i0"]
+    assert wgmma.configs(2048) == ["m256_n128_s4_i1", "m128_n128_s4_i1", "m128_n128_s4_i0"]
+
+
+def test_nvcc_builds_every_entry_point_for_sm90a_without_serialized_wgmma(tmp_path):
+    """nvcc (where a toolkit is installed) assembles the source for sm_90a: every entry point present, no register
+    spills, and no ptxas C7515 note (wgmma serialized because other instructions touch the accumulators between
+    a wgmma and its wait, which would cost the overlap the ring is built for)."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    out = tmp_path / "wgmma.cubin"
+    done = subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
+                           "-o", str(out), str(wgmma.SOURCE)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cubin = out.read_bytes()
+    for dtype in ("f16", "bf16"):
+        for config in wgmma.CONFIGS:
+            assert f"wgmma24_{dtype}_{config}".encode() in cubin
+    assert "C7515" not in done.stderr and "serialized" not in done.stderr
+    assert re.findall(r"(\d+) bytes spill stores", done.stderr) and all(
+        count == "0" for count in re.findall(r"(\d+) bytes spill stores", done.stderr))

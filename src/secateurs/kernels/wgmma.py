@@ -9,18 +9,20 @@ it, only under ``SECATEURS_UNVERIFIED_KERNELS=1`` (``cuda_ops.unverified_offered
 The layout, described here for the CPU model of the kernel (tests/test_wgmma.py) as well as for readers:
 
 - the weight is the sparse A operand (output features on M), the activations B (tokens on N); a block of two
-  warpgroups owns 128 features x ``BN`` tokens; K runs in 64-input stages;
-- a stage's shared-memory slot is ``A`` (128 rows x 64 bytes: the stage's 32 stored values of each row, 64-byte
-  swizzle: row ``r`` at ``64 r``, 16-byte chunk ``c`` at chunk ``c ^ ((r >> 1) & 3)``), ``E`` (128 rows x 8 bytes:
+  warpgroups owns ``BM = 128 MW`` features x ``BN`` tokens, warpgroup ``wg`` the ``MW`` 64-feature tiles
+  ``wg MW .. wg MW + MW - 1`` (one m64nBNk32 instruction each per 32 inputs); K runs in 64-input stages;
+- a stage's shared-memory slot is ``A`` (BM rows x 64 bytes: the stage's 32 stored values of each row, 64-byte
+  swizzle: row ``r`` at ``64 r``, 16-byte chunk ``c`` at chunk ``c ^ ((r >> 1) & 3)``), ``E`` (BM rows x 8 bytes:
   the stage's four stored 16-bit position words of each row, as stored) and ``B`` (``BN`` tokens x 128 bytes: the
   stage's 64 activations, 128-byte swizzle: chunk ``c`` of token ``r`` at chunk ``c ^ (r & 7)``);
-- the descriptors: A of warpgroup ``wg`` starts at ``A + 4096 wg``, stride byte offset 512, 64-byte swizzle; B at
-  ``B``, stride byte offset 1024, 128-byte swizzle; the second 32-input step of a stage 32 bytes (A) and 64 bytes
-  (B) further;
-- metadata: lane ``(g, t)`` of warp ``w`` of warpgroup ``wg`` passes stored position word ``t`` of the stage for
-  row ``64 wg + 16 w + g`` (bits 0-15) and row ``+ 8`` (bits 16-31); the stage's first 32 inputs run under sparsity
-  selector 0 (lanes ``t = 0, 1``), the next 32 under selector 1 (lanes ``t = 2, 3``). No derived metadata table: the
-  positions stay the one table in memory (``meta``, K/8 bytes per row, 1/8 of the value bytes).
+- the descriptors: A of 64-feature tile ``j`` starts at ``A + 4096 j``, stride byte offset 512, 64-byte swizzle;
+  B at ``B``, stride byte offset 1024, 128-byte swizzle; the second 32-input step of a stage 32 bytes (A) and 64
+  bytes (B) further;
+- metadata: for 64-feature tile ``j``, lane ``(g, t)`` of warp ``w`` of its warpgroup passes stored position word
+  ``t`` of the stage for row ``64 j + 16 w + g`` (bits 0-15) and row ``+ 8`` (bits 16-31); the stage's first 32
+  inputs run under sparsity selector 0 (lanes ``t = 0, 1``), the next 32 under selector 1 (lanes ``t = 2, 3``). No
+  derived metadata table: the positions stay the one table in memory (``meta``, K/8 bytes per row, 1/8 of the value
+  bytes).
 """
 
 from __future__ import annotations
@@ -32,34 +34,48 @@ from . import cuda_ops
 SOURCE = cuda_ops.SOURCE.with_name("sparse24_wgmma.cu")
 cuda_ops.ARCH_SUFFIX[SOURCE] = "a"  # wgmma exists only on sm_90a
 
-BM = 128  # output features per block (two warpgroups of 64)
 STAGE_K = 64  # inputs per shared-memory stage
-THREADS = 256
-A_BYTES = BM * 64  # a stage's values: 32 stored (kept) values of 2 bytes per row
-E_BYTES = BM * 8  # a stage's positions: four 16-bit words per row
+THREADS = 256  # two warpgroups
+ROW_A_BYTES = 64  # a stage's values of one feature row: 32 stored (kept) values of 2 bytes
+ROW_E_BYTES = 8  # a stage's positions of one feature row: four 16-bit words
 SWIZZLE_128B, SWIZZLE_64B = 1, 2  # descriptor bits 62-63 (PTX ISA, "Matrix Descriptor Format")
 A_STRIDE, B_STRIDE = 512, 1024  # descriptor stride byte offsets: between 8-row groups of A (64 B rows), B (128 B rows)
 
-# name -> (tokens per block BN, stages, wgmma groups left in flight while the next stage is copied)
+# name -> (64-feature tiles per warpgroup MW, tokens per block BN, stages, wgmma groups left in flight while the
+# next stage is copied). Operand bytes per stage against tensor-core time favour large tiles: 128 x 256 moves
+# 41 KB per 1024 tensor-core clocks of an SM, 256 x 128 34 KB (two m64 tiles per warpgroup share each B stage).
 CONFIGS = {
-    "m128_n256_s4_i1": (256, 4, 1),
-    "m128_n128_s4_i1": (128, 4, 1),
-    "m128_n64_s4_i1": (64, 4, 1),
-    "m128_n128_s4_i0": (128, 4, 0),
+    "m128_n256_s4_i1": (1, 256, 4, 1),
+    "m256_n128_s4_i1": (2, 128, 4, 1),
+    "m128_n128_s4_i1": (1, 128, 4, 1),
+    "m128_n64_s4_i1": (1, 64, 4, 1),
+    "m128_n128_s4_i0": (1, 128, 4, 0),
 }
 
 
+def block_features(config: str) -> int:
+    return 128 * CONFIGS[config][0]
+
+
+def a_bytes(config: str) -> int:
+    return block_features(config) * ROW_A_BYTES
+
+
+def e_bytes(config: str) -> int:
+    return block_features(config) * ROW_E_BYTES
+
+
 def b_bytes(config: str) -> int:
-    return CONFIGS[config][0] * 128
+    return CONFIGS[config][1] * 128
 
 
 def stage_bytes(config: str) -> int:
-    return A_BYTES + E_BYTES + b_bytes(config)
+    return a_bytes(config) + e_bytes(config) + b_bytes(config)
 
 
 def shared_bytes(config: str) -> int:
     """Dynamic shared memory of a launch: the ring plus 1024 bytes to align it to the 128-byte swizzle atom."""
-    return CONFIGS[config][1] * stage_bytes(config) + 1024
+    return CONFIGS[config][2] * stage_bytes(config) + 1024
 
 
 WITHHELD: set[str] = set()
@@ -73,15 +89,15 @@ def configs(m: int) -> list[str]:
     if m <= 64:
         shapes = ["m128_n64_s4_i1", "m128_n128_s4_i0"]
     elif m <= 256:
-        shapes = ["m128_n128_s4_i1", "m128_n64_s4_i1", "m128_n128_s4_i0"]
+        shapes = ["m128_n128_s4_i1", "m256_n128_s4_i1", "m128_n64_s4_i1", "m128_n128_s4_i0"]
     else:
-        shapes = ["m128_n256_s4_i1", "m128_n128_s4_i1", "m128_n128_s4_i0"]
+        shapes = ["m128_n256_s4_i1", "m256_n128_s4_i1", "m128_n128_s4_i1", "m128_n128_s4_i0"]
     return [c for c in shapes if c not in WITHHELD]
 
 
 # ---- the layout, as the kernel computes it (the CPU model in tests/test_wgmma.py reads these) ----
 def a_offset(r: int, chunk: int) -> int:
-    """Byte offset inside a slot's A part of 16-byte chunk ``chunk`` (0-3) of feature row ``r`` (0-127)."""
+    """Byte offset inside a slot's A part of 16-byte chunk ``chunk`` (0-3) of feature row ``r`` of the block."""
     return r * 64 + ((chunk ^ ((r >> 1) & 3)) << 4)
 
 
@@ -96,11 +112,11 @@ def descriptor(address: int, stride: int, swizzle: int) -> int:
     return ((address & 0x3FFFF) >> 4) | (1 << 16) | ((stride >> 4) << 32) | (swizzle << 62)
 
 
-def metadata_register(meta_stage: torch.Tensor, wg: int, warp: int, lane: int) -> int:
-    """The 32-bit metadata register of ``lane`` of ``warp`` (0-3) of warpgroup ``wg`` for one stage, from the slot's
-    E part (``meta_stage``: (128, 8) uint8, the stage's stored position bytes of each row)."""
+def metadata_register(meta_stage: torch.Tensor, tile: int, warp: int, lane: int) -> int:
+    """The 32-bit metadata register of ``lane`` of ``warp`` (0-3) for 64-feature tile ``tile`` of the block and one
+    stage, from the slot's E part (``meta_stage``: (BM, 8) uint8, the stage's stored position bytes of each row)."""
     g, t = lane >> 2, lane & 3
-    r = wg * 64 + warp * 16 + g
+    r = tile * 64 + warp * 16 + g
     words = [int(meta_stage[row, 2 * t]) | (int(meta_stage[row, 2 * t + 1]) << 8) for row in (r, r + 8)]
     return words[0] | (words[1] << 16)
 
@@ -136,8 +152,8 @@ def sparse24_wgmma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, co
     m, k = x.shape
     n = values.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bn = CONFIGS[config][0]
-    blocks = ((n + BM - 1) // BM) * ((m + bn - 1) // bn)
+    bm, bn = block_features(config), CONFIGS[config][1]
+    blocks = ((n + bm - 1) // bm) * ((m + bn - 1) // bn)
     cuda_ops._launch(f"wgmma24_{cuda_ops._SUFFIX[x.dtype]}_{config}", blocks, (x, values, meta, y), (m, n, k),
                      THREADS // 32, source=SOURCE, shared=shared_bytes(config))
     return y

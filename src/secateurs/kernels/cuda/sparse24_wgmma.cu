@@ -5,11 +5,12 @@
 // (first position | second << 2). Both are read as stored: no copy, no derived metadata table.
 //
 // The weight is the sparse A operand (output features on M), the activations the B operand (tokens on N).
-// A block of two warpgroups (256 threads) owns 128 features x BN tokens; warpgroup wg multiplies features
-// 64wg..64wg+63 by all BN tokens with one m64nBNk32 instruction per 32 inputs. K runs in stages of 64 inputs,
-// a ring of STAGES shared-memory slots filled by cp.async (all 256 threads copy; no producer warp):
+// A block of two warpgroups (256 threads) owns BM = 128 MW features x BN tokens; warpgroup wg multiplies its MW
+// 64-feature tiles (features 64 MW wg ..) by all BN tokens, one m64nBNk32 instruction per tile and 32 inputs. K
+// runs in stages of 64 inputs, a ring of STAGES shared-memory slots filled by cp.async (all 256 threads copy; no
+// producer warp):
 //
-//   slot = | A: 128 rows x 64 B (32 kept values) | E: 128 rows x 8 B (4 position words) | B: BN rows x 128 B |
+//   slot = | A: BM rows x 64 B (32 kept values) | E: BM rows x 8 B (4 position words) | B: BN rows x 128 B |
 //
 // A is laid out as the K-major 64-byte-swizzle canonical layout of the PTX ISA ("Shared Memory Matrix Layout" of the
 // asynchronous warpgroup-level MMA section; CUTLASS's Layout_K_SW64): row r at byte 64r, its 16-byte chunk c at chunk
@@ -21,18 +22,20 @@
 // 2 = 64 B). The second 32-input step of a stage starts 32 bytes (A: 16 kept values) and 64 bytes (B) further.
 //
 // Metadata ("Matrix fragments for warpgroup-level multiply-accumulate operation with sparse matrix A",
-// 9.7.15.6.2; its figure for m64nNk32 f16/bf16 is the one of mma.sp m16n8k32): warp w of a warpgroup gives
-// rows 16w..16w+15; lane (g = lane / 4, t = lane % 4) holds in bits 0-15 the positions of row 16w+g and in
-// bits 16-31 those of row 16w+g+8, for 16 inputs: inputs 0-15 (t = 0) and 16-31 (t = 1) of the instruction
-// under sparsity selector 0, lanes t = 2, 3 under selector 1. So with the first 32 inputs of a stage under
-// selector 0 and the next 32 under selector 1, lane t's register is stored position word t of the stage for
-// the two rows, as they are: the same register the mma.sp GEMM of sparse_gemv.cu builds (verified on GPUs).
+// 9.7.15.6.2; its figure for m64nNk32 f16/bf16 is the one of mma.sp m16n8k32): warp w of a warpgroup gives rows
+// 16w..16w+15 of the instruction's 64; lane (g = lane / 4, t = lane % 4) holds in bits 0-15 the positions of
+// row 16w+g and in bits 16-31 those of row 16w+g+8, for 16 inputs: inputs 0-15 (t = 0) and 16-31 (t = 1) of the
+// instruction under sparsity selector 0, lanes t = 2, 3 under selector 1. So with the first 32 inputs of a stage
+// under selector 0 and the next 32 under selector 1, lane t's register is stored position word t of the stage
+// for the two rows, as they are: the register the mma.sp GEMM of sparse_gemv.cu builds (verified on GPUs).
 //
-// Pipelining: wgmma.fence, two wgmma.mma_async.sp, commit, then the copy of the stage AHEAD further on, then
-// wgmma.wait_group INFLIGHT (0: each stage's products finish before the next stage; 1: one stage's products
-// stay in flight, the ring refills the slot two stages back). cp.async writes are made visible to the async
-// proxy (the tensor cores' reads) by fence.proxy.async.shared::cta in each copying thread before the barrier.
-// Rows past N and tokens past M load clamped (valid) rows and are never stored.
+// Pipelining, per stage: wgmma.fence, 2 MW wgmma.mma_async.sp, commit, then the copy of the stage AHEAD further
+// on, then wgmma.wait_group INFLIGHT (0: each stage's products finish before the next stage; 1: one stage's
+// products stay in flight and the ring refills the slot two stages back). The PTX ISA restricts only the
+// accumulator and A-fragment registers of a wgmma in flight ("wgmma.fence", "wgmma.wait_group"), so the metadata
+// register is rewritten for the next stage while one runs. cp.async writes are made visible to the async proxy
+// (the tensor cores' reads) by fence.proxy.async.shared::cta in each copying thread before the barrier. Rows past
+// N and tokens past M load clamped (valid) rows and are never stored.
 #include "common.cuh"
 
 __device__ __forceinline__ u32 wg_smem_u32(const void* p) {
@@ -223,42 +226,44 @@ __device__ __forceinline__ void wgmma_pair(float (&d)[BN / 2], unsigned long lon
     }
 }
 
-#define WG_BM 128
 #define WG_THREADS 256
-#define WG_A_BYTES (WG_BM * 64)
-#define WG_E_BYTES (WG_BM * 8)
 
-template <bool BF16, int BN, int STAGES, int INFLIGHT>
+// MW 64-feature tiles per warpgroup (BM = 128 MW features a block), BN tokens, STAGES slots, INFLIGHT wgmma groups
+// left running while the next stage is copied.
+template <bool BF16, int MW, int BN, int STAGES, int INFLIGHT>
 __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __restrict__ vals,
                                         const u8* __restrict__ meta, u16* __restrict__ y, int M, int N, int K) {
-    constexpr int B_BYTES = BN * 128;
-    constexpr int STAGE_BYTES = WG_A_BYTES + WG_E_BYTES + B_BYTES;  // a multiple of 1024
-    constexpr int AHEAD = STAGES - 1 - INFLIGHT;                   // stages being copied while one is multiplied
+    constexpr int BM = 128 * MW;
+    constexpr int A_BYTES = BM * 64, E_BYTES = BM * 8, B_BYTES = BN * 128;
+    constexpr int STAGE_BYTES = A_BYTES + E_BYTES + B_BYTES;  // a multiple of 1024
+    constexpr int AHEAD = STAGES - 1 - INFLIGHT;               // stages being copied while one is multiplied
     static_assert(AHEAD >= 1, "too few stages for the products in flight");
+    static_assert(MW * BN <= 256, "accumulators: at most 128 registers a thread");
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const u32 base = (wg_smem_u32(wg_smem) + 1023u) & ~1023u;  // the launch asks for 1024 bytes more
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it (PTX: %warpid % 4 names its 16 rows)
     const int g = lane >> 2, t = lane & 3;
     // Blocks walk token tiles inside groups of 8 feature tiles, so the blocks in flight share weight tiles.
-    const int ftiles = (N + WG_BM - 1) / WG_BM, ttiles = (M + BN - 1) / BN;
+    const int ftiles = (N + BM - 1) / BM, ttiles = (M + BN - 1) / BN;
     const int pid = blockIdx.x, per_group = 8 * ttiles;
     const int first = (pid / per_group) * 8, size = min(8, ftiles - first);
     const int ft = first + (pid % per_group) % size, tt = (pid % per_group) / size;
-    const int row0 = ft * WG_BM, tok0 = tt * BN;
+    const int row0 = ft * BM, tok0 = tt * BN;
     const int KB = K >> 6;
 
     auto load = [&](int slot, int kb) {
-        const u32 sa = base + slot * STAGE_BYTES, se = sa + WG_A_BYTES, sb = se + WG_E_BYTES;
+        const u32 sa = base + slot * STAGE_BYTES, se = sa + A_BYTES, sb = se + E_BYTES;
 #pragma unroll
-        for (int i = tid; i < WG_BM * 4; i += WG_THREADS) {  // values: 4 chunks of 16 bytes per row
+        for (int i = tid; i < BM * 4; i += WG_THREADS) {  // values: 4 chunks of 16 bytes per row
             const int r = i >> 2, c = i & 3;
             const size_t row = min(row0 + r, N - 1);
             wg_cp16(sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), (const char*)vals + row * K + kb * 64 + c * 16);
         }
-        if (tid < WG_BM) {  // positions: the stage's 8 bytes of each row
-            const size_t row = min(row0 + tid, N - 1);
-            wg_cp8(se + tid * 8, meta + row * (K >> 3) + kb * 8);
+#pragma unroll
+        for (int r = tid; r < BM; r += WG_THREADS) {  // positions: the stage's 8 bytes of each row
+            const size_t row = min(row0 + r, N - 1);
+            wg_cp8(se + r * 8, meta + row * (K >> 3) + kb * 8);
         }
 #pragma unroll
         for (int i = tid; i < BN * 8; i += WG_THREADS) {  // activations: 8 chunks of 16 bytes per token
@@ -268,29 +273,37 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         }
     };
 
-    float d[BN / 2];
+    float d[MW][BN / 2];
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
-    fence_regs(d);
+    for (int mt = 0; mt < MW; ++mt) {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) d[mt][i] = 0.f;
+        fence_regs(d[mt]);
+    }
 
 #pragma unroll
     for (int s = 0; s < AHEAD; ++s) {
         if (s < KB) load(s, s);
         wg_cp_commit();
     }
-    // This lane's metadata rows inside the block (PTX: row 16w + g in bits 0-15, row 16w + g + 8 in 16-31).
-    const int er = wg * 64 + wq * 16 + g;
     for (int kb = 0; kb < KB; ++kb) {
         wg_cp_wait<AHEAD - 1>();
         fence_proxy_async();
         __syncthreads();
         const int slot = kb % STAGES;
-        const u32 sa = base + slot * STAGE_BYTES, se = sa + WG_A_BYTES, sb = se + WG_E_BYTES;
-        const u32 e = lds_u16(se + er * 8 + t * 2) | (lds_u16(se + (er + 8) * 8 + t * 2) << 16);
-        const unsigned long long da = wg_desc(sa + wg * (64 * 64), 512, 2ull);
+        const u32 sa = base + slot * STAGE_BYTES, se = sa + A_BYTES, sb = se + E_BYTES;
         const unsigned long long db = wg_desc(sb, 1024, 1ull);
+        u32 e[MW];
+#pragma unroll
+        for (int mt = 0; mt < MW; ++mt) {
+            // This lane's metadata rows (PTX: row 16w + g of the 64 in bits 0-15, row 16w + g + 8 in 16-31).
+            const int er = (wg * MW + mt) * 64 + wq * 16 + g;
+            e[mt] = lds_u16(se + er * 8 + t * 2) | (lds_u16(se + (er + 8) * 8 + t * 2) << 16);
+        }
         wgmma_fence();
-        wgmma_pair<BF16, BN>(d, da, db, e);
+#pragma unroll
+        for (int mt = 0; mt < MW; ++mt)
+            wgmma_pair<BF16, BN>(d[mt], wg_desc(sa + (wg * MW + mt) * (64 * 64), 512, 2ull), db, e[mt]);
         wgmma_commit();
         {  // refill the slot whose products finished (the stage INFLIGHT + 1 back)
             const int next = kb + AHEAD;
@@ -300,28 +313,34 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         wgmma_wait<INFLIGHT>();
     }
     wgmma_wait<0>();
-    fence_regs(d);
-    wg_cp_wait<0>();
-    // d[i]: feature 16w + g + 8 * ((i >> 1) & 1) of the warpgroup's 64, token 8 * (i >> 2) + 2t + (i & 1).
-    const int fbase = row0 + wg * 64 + wq * 16 + g;
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) {
-        const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);
-        if (row < N && token < M) y[(size_t)token * N + row] = pack1<BF16>(d[i]);
+    for (int mt = 0; mt < MW; ++mt) fence_regs(d[mt]);
+    wg_cp_wait<0>();
+    // d[mt][i]: feature 16w + g + 8 * ((i >> 1) & 1) of 64-feature tile mt of the warpgroup, token
+    // 8 * (i >> 2) + 2t + (i & 1) of the block.
+#pragma unroll
+    for (int mt = 0; mt < MW; ++mt) {
+        const int fbase = row0 + (wg * MW + mt) * 64 + wq * 16 + g;
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) {
+            const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);
+            if (row < N && token < M) y[(size_t)token * N + row] = pack1<BF16>(d[mt][i]);
+        }
     }
 }
 
-// ---- entry points: wgmma24_<dtype>_m128_n<BN>_s<STAGES>_i<INFLIGHT> ----
-#define WGMMA24(DT, BF, BN, S, I)                                                                            \
+// ---- entry points: wgmma24_<dtype>_m<BM>_n<BN>_s<STAGES>_i<INFLIGHT> ----
+#define WGMMA24(DT, BF, MW, BM, BN, S, I)                                                                    \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                              \
-        wgmma24_##DT##_m128_n##BN##_s##S##_i##I(const u16* x, const u16* vals, const u8* meta, u16* y,      \
-                                                 int M, int N, int K) {                                     \
-        wgmma24<BF, BN, S, I>(x, vals, meta, y, M, N, K);                                                    \
+        wgmma24_##DT##_m##BM##_n##BN##_s##S##_i##I(const u16* x, const u16* vals, const u8* meta, u16* y,   \
+                                                    int M, int N, int K) {                                  \
+        wgmma24<BF, MW, BN, S, I>(x, vals, meta, y, M, N, K);                                                \
     }
 #define WG_ALL(DT, BF)                                                                                       \
-    WGMMA24(DT, BF, 256, 4, 1)                                                                               \
-    WGMMA24(DT, BF, 128, 4, 1)                                                                               \
-    WGMMA24(DT, BF, 64, 4, 1)                                                                                \
-    WGMMA24(DT, BF, 128, 4, 0)
+    WGMMA24(DT, BF, 1, 128, 256, 4, 1)                                                                       \
+    WGMMA24(DT, BF, 2, 256, 128, 4, 1)                                                                       \
+    WGMMA24(DT, BF, 1, 128, 128, 4, 1)                                                                       \
+    WGMMA24(DT, BF, 1, 128, 64, 4, 1)                                                                        \
+    WGMMA24(DT, BF, 1, 128, 128, 4, 0)
 WG_ALL(f16, false)
 WG_ALL(bf16, true)
