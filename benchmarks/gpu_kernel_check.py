@@ -82,18 +82,22 @@ FIRST_LAUNCH_TOKENS = 100  # a partial token tile for every configuration
 
 
 def first_launch(config: str, dtype_name: str) -> None:
-    """(Child process) one launch of a wgmma configuration against float64; exits 0 when it is right."""
+    """(Child process) the first launches of a wgmma configuration, whole K and K split in 3, against float64;
+    exits 0 when both are right."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     gen = torch.Generator("cuda").manual_seed(0)
     n, k = FIRST_LAUNCH_SHAPE
     base = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
     fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
     x = torch.randn(FIRST_LAUNCH_TOKENS, k, device="cuda", dtype=dtype, generator=gen)
-    got = _poisoned_call(lambda x: wgmma.sparse24_wgmma(x, fmt.values, fmt.meta, config), x, n)
-    torch.cuda.synchronize()
-    err = relative_error(got, x.double() @ fmt.to_dense().double().T)
-    print(f"rel err {err:.1e}")
-    sys.exit(0 if err <= CUDA_TOLERANCE else 1)
+    ref = x.double() @ fmt.to_dense().double().T
+    errors = []
+    for splits in (1, 3):
+        got = _poisoned_call(lambda x, s=splits: wgmma.sparse24_wgmma(x, fmt.values, fmt.meta, config, s), x, n)
+        torch.cuda.synchronize()
+        errors.append(relative_error(got, ref))
+    print(f"rel err {errors[0]:.1e}, split K in 3 {errors[1]:.1e}")
+    sys.exit(0 if all(err <= CUDA_TOLERANCE for err in errors) else 1)
 
 
 def first_launches() -> int:

@@ -139,9 +139,10 @@ def _load_stage(smem: bytearray, slot_base: int, kb: int, vals: bytes, meta: byt
             smem[dst:dst + 16] = x[src:src + 16]
 
 
-def emulate(x: torch.Tensor, fmt: Sparse24, config: str) -> torch.Tensor:
+def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> torch.Tensor:
     """y as the kernel computes it, block by block and stage by stage (one slot is enough for the arithmetic; the
-    ring's schedule is checked by :func:`test_ring_schedule`)."""
+    ring's schedule is checked by :func:`test_ring_schedule`); with ``splits`` > 1 each block's K range and its
+    split's workspace, then the launcher's sum over splits."""
     mw, bn, _, _ = wgmma.CONFIGS[config]
     bm = wgmma.block_features(config)
     m, k = x.shape
@@ -149,16 +150,20 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str) -> torch.Tensor:
     vals = fmt.values.contiguous().view(torch.uint8).numpy().tobytes()
     meta = fmt.meta.contiguous().numpy().tobytes()
     xb = x.contiguous().view(torch.uint8).numpy().tobytes()
-    y = torch.full((m, n), float("nan"), dtype=torch.float64)
+    out = torch.full((splits, m, n), float("nan"), dtype=torch.float64)  # y, or the splits' workspace
     ftiles, ttiles = -(-n // bm), -(-m // bn)
+    tiles = ftiles * ttiles
     seen = set()
     base = 1024 * 5  # the kernel aligns the ring to 1024 bytes
-    for pid in range(ftiles * ttiles):
+    for block in range(tiles * splits):
+        split, pid = block // tiles, block % tiles
         ft, tt = _block(pid, ftiles, ttiles)
-        seen.add((ft, tt))
+        seen.add((split, ft, tt))
         row0, tok0 = ft * bm, tt * bn
+        kb0 = (k // 64) * split // splits
+        stages = (k // 64) * (split + 1) // splits - kb0
         d = torch.zeros(2 * mw, 128, bn // 2, dtype=torch.float64)  # [64-feature tile][thread of its warpgroup][reg]
-        for kb in range(k // 64):
+        for kb in range(kb0, kb0 + stages):
             smem = bytearray(base + wgmma.stage_bytes(config))
             _load_stage(smem, base, kb, vals, meta, xb, row0, tok0, n, m, k, config)
             sa = base
@@ -185,10 +190,10 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str) -> torch.Tensor:
                 for i in range(bn // 2):
                     row, token = fbase + 8 * ((i >> 1) & 1), tok0 + 8 * (i >> 2) + 2 * t + (i & 1)
                     if row < n and token < m:
-                        assert torch.isnan(y[token, row]), "an output stored twice"
-                        y[token, row] = d[tile, thread, i]
-    assert seen == {(f, t) for f in range(ftiles) for t in range(ttiles)}
-    return y
+                        assert torch.isnan(out[split, token, row]), "an output stored twice"
+                        out[split, token, row] = d[tile, thread, i]
+    assert seen == {(s, f, t) for s in range(splits) for f in range(ftiles) for t in range(ttiles)}
+    return out.sum(dim=0)
 
 
 @pytest.mark.parametrize(("dtype", "config", "n", "m"), [(torch.float16, "m128_n64_s4_i1", 200, 37),
@@ -203,6 +208,28 @@ def test_emulated_kernel_equals_the_dense_product(dtype, config, n, m):
     x = torch.randn(m, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
     got = emulate(x, fmt, config)
     torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_emulated_split_k_equals_the_dense_product(splits):
+    """Split K: three 64-input stages over 2 or 3 splits (uneven shares included); every workspace element of every
+    split written once; their sum the dense product."""
+    w = _weight(136, 192, seed=7, dtype=torch.float16)
+    fmt = Sparse24.compress(w)
+    x = torch.randn(41, 192, generator=torch.Generator().manual_seed(8)).half()
+    got = emulate(x, fmt, "m128_n64_s4_i1", splits)
+    torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
+
+
+def test_split_k_only_where_the_tiles_leave_the_gpu_idle():
+    """132 SMs: the 1024 x 8192 k/v projection at 512 tokens (16-32 blocks) splits K; 4096 x 4096 at 2048 tokens and
+    11008 x 4096 at 512 tokens (over half the SMs busy) do not; a short K keeps at least 4 stages per split."""
+    assert wgmma.splits_for("m128_n256_s4_i1", (1024, 8192), 512, 132) == 8
+    assert wgmma.splits_for("m128_n128_s4_i1", (1024, 8192), 512, 132) == 4
+    assert wgmma.splits_for("m128_n256_s4_i1", (1024, 8192), 2048, 132) == 2
+    assert wgmma.splits_for("m128_n256_s4_i1", (4096, 4096), 2048, 132) == 1
+    assert wgmma.splits_for("m128_n128_s4_i1", (11008, 4096), 512, 132) == 1
+    assert wgmma.splits_for("m128_n64_s4_i1", (576, 512), 40, 132) == 2
 
 
 def test_every_configuration_tiles_tokens_and_features_exactly_once():
@@ -257,7 +284,12 @@ def test_the_source_holds_the_modelled_expressions():
                        "const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);",
                        "const int fbase = row0 + (wg * MW + mt) * 64 + wq * 16 + g;",
                        "constexpr int AHEAD = STAGES - 1 - INFLIGHT;",
-                       "wg_cp_wait<AHEAD - 1>();", "const int next = kb + AHEAD;", "wgmma_wait<INFLIGHT>();"):
+                       "wg_cp_wait<AHEAD - 1>();", "const int next = kb + AHEAD;", "wgmma_wait<INFLIGHT>();",
+                       "const int split = blockIdx.x / tiles, pid = blockIdx.x % tiles, per_group = 8 * ttiles;",
+                       "const int kb0 = (int)((long long)(K >> 6) * split / splits);",
+                       "const int KB = (int)((long long)(K >> 6) * (split + 1) / splits) - kb0;",
+                       "if (s < KB) load(s, kb0 + s);", "if (next < KB) load(next % STAGES, kb0 + next);",
+                       "else ws[((size_t)split * M + token) * N + row] = d[mt][i];"):
         assert expression in SOURCE_TEXT, expression
     # the descriptor encoding the model decodes
     assert "((addr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(stride >> 4) << 32)" in SOURCE_TEXT
@@ -325,6 +357,7 @@ def _gpu_like(monkeypatch, capability=(9, 0), unverified=True) -> None:
     monkeypatch.setattr(cuda_ops, "_module", lambda *args, **kwargs: None)
     monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: unverified)
     monkeypatch.setattr(wgmma, "capability", lambda device: capability)
+    monkeypatch.setattr(wgmma, "sm_count", lambda device: 132)
 
 
 def test_offered_only_on_hopper_and_on_request(monkeypatch):
@@ -340,6 +373,9 @@ def test_offered_only_on_hopper_and_on_request(monkeypatch):
     for m in (32, 128, 512, 2048, 8192):
         assert any(n.startswith("cuda_gemm24") for n in names[m]) and "expand_cublas" in names[m]
         assert names[m].index("expand_cublas") > max(i for i, n in enumerate(names[m]) if "wgmma" in n)
+    long_k = Sparse24.compress(_weight(256, 1024, seed=9, dtype=torch.float16))  # 4 blocks of 128 x 256 on 132 SMs
+    names_long = [n for n in long_k.cuda_candidates(512) if "wgmma" in n]
+    assert names_long[:2] == ["cuda_wgmma24_m128_n256_s4_i1", "cuda_wgmma24_m128_n256_s4_i1_k4"]
     narrow = Sparse24.compress(_weight(256, 96, seed=5, dtype=torch.float16))  # K % 64 != 0
     assert not any("wgmma" in n for n in narrow.cuda_candidates(512))
     for capability in ((8, 0), (8, 9), (10, 0)):

@@ -125,6 +125,24 @@ def capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+MIN_SPLIT_STAGES = 4  # each split of K keeps at least this many 64-input stages
+
+
+def splits_for(config: str, shape: tuple[int, int], m: int, sms: int) -> int:
+    """Split-K for a weight whose tiles fill less than half the GPU (the 1024-row k/v projection, short prompts on
+    4096-wide weights): enough splits for about one block per SM, at most 8, each keeping MIN_SPLIT_STAGES
+    stages; 1 where the tiles alone fill the GPU."""
+    n, k = shape
+    blocks = -(-n // block_features(config)) * -(-m // CONFIGS[config][1])
+    if 2 * blocks > sms:
+        return 1
+    return max(1, min(8, sms // blocks, k // STAGE_K // MIN_SPLIT_STAGES))
+
+
 def offered(device: torch.device) -> bool:
     """Whether the wgmma kernel may be offered on ``device`` (a GPU the CUDA kernels run on): a Hopper GPU (9.0:
     sm_90a code runs on no other) and, until it has been run on one, ``SECATEURS_UNVERIFIED_KERNELS=1``."""
@@ -141,24 +159,33 @@ def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
         cuda_ops._module(values.device.index, SOURCE)
     except Exception:  # noqa: BLE001  (an NVRTC without sm_90a, a driver that cannot load it)
         return {}
-    return {f"cuda_wgmma24_{c}": (lambda x, c=c: sparse24_wgmma(x, values, meta, c)) for c in configs(m)}
+    sms = sm_count(values.device)
+    offered_ = {}
+    for c in configs(m):
+        offered_[f"cuda_wgmma24_{c}"] = lambda x, c=c: sparse24_wgmma(x, values, meta, c, 1)
+        splits = splits_for(c, shape, m, sms)
+        if splits > 1:
+            offered_[f"cuda_wgmma24_{c}_k{splits}"] = lambda x, c=c, s=splits: sparse24_wgmma(x, values, meta, c, s)
+    return offered_
 
 
 @torch.library.custom_op("secateurs::sparse24_wgmma", mutates_args=())
-def sparse24_wgmma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: str) -> torch.Tensor:
+def sparse24_wgmma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: str, splits: int) -> torch.Tensor:
     """``x @ W.T`` for a 2:4 weight (values (N, K/2), meta (N, K/8) uint8, K % 64 == 0) and any number of rows of x,
-    by ``wgmma.mma_async.sp`` (sm_90a); ``config`` names a :data:`CONFIGS` entry."""
+    by ``wgmma.mma_async.sp`` (sm_90a); ``config`` names a :data:`CONFIGS` entry; ``splits`` > 1 splits K, the
+    blocks' fp32 sums added in split order (deterministic) and rounded once."""
     x = cuda_ops._aligned(x)
     m, k = x.shape
     n = values.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
     bm, bn = block_features(config), CONFIGS[config][1]
-    blocks = ((n + bm - 1) // bm) * ((m + bn - 1) // bn)
-    cuda_ops._launch(f"wgmma24_{cuda_ops._SUFFIX[x.dtype]}_{config}", blocks, (x, values, meta, y), (m, n, k),
-                     THREADS // 32, source=SOURCE, shared=shared_bytes(config))
-    return y
+    blocks = ((n + bm - 1) // bm) * ((m + bn - 1) // bn) * splits
+    cuda_ops._launch(f"wgmma24_{cuda_ops._SUFFIX[x.dtype]}_{config}", blocks, (x, values, meta, y, ws),
+                     (m, n, k, splits), THREADS // 32, source=SOURCE, shared=shared_bytes(config))
+    return ws.sum(dim=0).to(x.dtype) if splits > 1 else y
 
 
 @sparse24_wgmma.register_fake
-def _(x, values, meta, config):
+def _(x, values, meta, config, splits):
     return x.new_empty(x.shape[0], values.shape[0])

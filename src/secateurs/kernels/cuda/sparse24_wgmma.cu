@@ -229,10 +229,13 @@ __device__ __forceinline__ void wgmma_pair(float (&d)[BN / 2], unsigned long lon
 #define WG_THREADS 256
 
 // MW 64-feature tiles per warpgroup (BM = 128 MW features a block), BN tokens, STAGES slots, INFLIGHT wgmma groups
-// left running while the next stage is copied.
+// left running while the next stage is copied. Split K (splits > 1, for weights with few tiles): block b takes
+// tile b % tiles and the K stages [KB s / splits, KB (s + 1) / splits) of split s = b / tiles, and stores its fp32
+// sums in ws[s] (splits x M x N), which the launcher adds in split order (deterministic) and rounds once.
 template <bool BF16, int MW, int BN, int STAGES, int INFLIGHT>
 __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __restrict__ vals,
-                                        const u8* __restrict__ meta, u16* __restrict__ y, int M, int N, int K) {
+                                        const u8* __restrict__ meta, u16* __restrict__ y, float* __restrict__ ws,
+                                        int M, int N, int K, int splits) {
     constexpr int BM = 128 * MW;
     constexpr int A_BYTES = BM * 64, E_BYTES = BM * 8, B_BYTES = BN * 128;
     constexpr int STAGE_BYTES = A_BYTES + E_BYTES + B_BYTES;  // a multiple of 1024
@@ -245,14 +248,15 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
     const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it (PTX: %warpid % 4 names its 16 rows)
     const int g = lane >> 2, t = lane & 3;
     // Blocks walk token tiles inside groups of 8 feature tiles, so the blocks in flight share weight tiles.
-    const int ftiles = (N + BM - 1) / BM, ttiles = (M + BN - 1) / BN;
-    const int pid = blockIdx.x, per_group = 8 * ttiles;
+    const int ftiles = (N + BM - 1) / BM, ttiles = (M + BN - 1) / BN, tiles = ftiles * ttiles;
+    const int split = blockIdx.x / tiles, pid = blockIdx.x % tiles, per_group = 8 * ttiles;
     const int first = (pid / per_group) * 8, size = min(8, ftiles - first);
     const int ft = first + (pid % per_group) % size, tt = (pid % per_group) / size;
     const int row0 = ft * BM, tok0 = tt * BN;
-    const int KB = K >> 6;
+    const int kb0 = (int)((long long)(K >> 6) * split / splits);
+    const int KB = (int)((long long)(K >> 6) * (split + 1) / splits) - kb0;  // this block's stages
 
-    auto load = [&](int slot, int kb) {
+    auto load = [&](int slot, int kb) {  // kb: the stage's index in K
         const u32 sa = base + slot * STAGE_BYTES, se = sa + A_BYTES, sb = se + E_BYTES;
 #pragma unroll
         for (int i = tid; i < BM * 4; i += WG_THREADS) {  // values: 4 chunks of 16 bytes per row
@@ -283,7 +287,7 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
 
 #pragma unroll
     for (int s = 0; s < AHEAD; ++s) {
-        if (s < KB) load(s, s);
+        if (s < KB) load(s, kb0 + s);
         wg_cp_commit();
     }
     for (int kb = 0; kb < KB; ++kb) {
@@ -307,7 +311,7 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         wgmma_commit();
         {  // refill the slot whose products finished (the stage INFLIGHT + 1 back)
             const int next = kb + AHEAD;
-            if (next < KB) load(next % STAGES, next);
+            if (next < KB) load(next % STAGES, kb0 + next);
             wg_cp_commit();
         }
         wgmma_wait<INFLIGHT>();
@@ -324,7 +328,10 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) {
             const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);
-            if (row < N && token < M) y[(size_t)token * N + row] = pack1<BF16>(d[mt][i]);
+            if (row < N && token < M) {
+                if (splits == 1) y[(size_t)token * N + row] = pack1<BF16>(d[mt][i]);
+                else ws[((size_t)split * M + token) * N + row] = d[mt][i];
+            }
         }
     }
 }
@@ -333,8 +340,8 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
 #define WGMMA24(DT, BF, MW, BM, BN, S, I)                                                                    \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                              \
         wgmma24_##DT##_m##BM##_n##BN##_s##S##_i##I(const u16* x, const u16* vals, const u8* meta, u16* y,   \
-                                                    int M, int N, int K) {                                  \
-        wgmma24<BF, MW, BN, S, I>(x, vals, meta, y, M, N, K);                                                \
+                                                    float* ws, int M, int N, int K, int splits) {           \
+        wgmma24<BF, MW, BN, S, I>(x, vals, meta, y, ws, M, N, K, splits);                                    \
     }
 #define WG_ALL(DT, BF)                                                                                       \
     WGMMA24(DT, BF, 1, 128, 256, 4, 1)                                                                       \
