@@ -33,6 +33,27 @@ from secateurs.sparsity.masks import (
 )
 
 
+@pytest.fixture()
+def opted_in(monkeypatch):
+    """SECATEURS_UNVERIFIED_KERNELS=1: the 8:16 kernels are offered and choose_format stores 8:16 weights as 8:16."""
+    from secateurs.kernels import cuda_ops
+
+    monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "1")
+    cuda_ops.unverified_offered.cache_clear()
+    yield
+    cuda_ops.unverified_offered.cache_clear()
+
+
+@pytest.fixture()
+def not_opted_in(monkeypatch):
+    from secateurs.kernels import cuda_ops
+
+    monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
+    cuda_ops.unverified_offered.cache_clear()
+    yield
+    cuda_ops.unverified_offered.cache_clear()
+
+
 def _w816(rows: int, cols: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     return (w * nm_mask(w.abs(), 8, 16)).to(dtype)
@@ -306,7 +327,8 @@ def test_expand816_index_math_is_bit_exact(chunks, dtype):
     assert torch.equal(got, w)
 
 
-def test_supports_names_why_a_weight_is_not_8of16():
+def test_supports_names_why_a_weight_is_not_8of16(opted_in):
+    assert Nm816.supports(_w816(8, 64)) is None
     assert "more than 8 non-zeros" in Nm816.supports(torch.randn(8, 64))
     assert "multiple of 16" in Nm816.supports(_w816(8, 24 * 16)[:, :40])
     sparse = torch.zeros(8, 64)
@@ -318,7 +340,19 @@ def test_supports_names_why_a_weight_is_not_8of16():
         Nm816.from_mask(torch.zeros(8, 32), torch.zeros(8, 64, dtype=torch.bool))
 
 
-def test_the_order_of_preference_is_2of4_4of8_8of16_then_bitmap():
+def test_without_the_opt_in_an_8of16_weight_is_stored_as_the_bitmap_and_says_why(not_opted_in):
+    """Its kernels never ran on a GPU: without them only the reference would read an 8:16 weight, so it is held
+    where it was before 8:16 had a format (the bitmap), and compress still builds it on request."""
+    w = _w816(16, 256)
+    assert "SECATEURS_UNVERIFIED_KERNELS=1" in Nm816.supports(w) and Nm816.fits(w) is None
+    assert choose_format(w, 0.5)[0] is Bitmap
+    assert torch.equal(Nm816.compress(w).to_dense(), w)
+    assert Nm48.unavailable() is None  # the 4:8 GEMV was measured on an H100: 4:8 is stored either way
+    base = torch.randn(16, 256)
+    assert choose_format(base * nm_mask(base.abs(), 4, 8), 0.5)[0] is Nm48
+
+
+def test_the_order_of_preference_is_2of4_4of8_8of16_then_bitmap(opted_in):
     """A 2:4 weight is also 4:8 and 8:16, a 4:8 weight also 8:16: each stays in the most structured format."""
     kinds = list(FORMATS)
     assert kinds.index("2:4") < kinds.index("4:8") < kinds.index("8:16") < kinds.index("bitmap") == len(kinds) - 1
@@ -327,16 +361,22 @@ def test_the_order_of_preference_is_2of4_4of8_8of16_then_bitmap():
     assert choose_format(base * nm_mask(base.abs(), 4, 8), 0.5) == (Nm48, "4:8")
     assert choose_format(_w816(16, 256), 0.5) == (Nm816, "8:16")
     assert choose_format(base * nm_mask(base.abs(), 6, 16), 0.5) == (Nm816, "8:16")  # 62.5% zeros: still 8:16
+    structured = (Sparse24, Nm48, Nm816)  # the rest go to the unstructured formats (the bitmap, or another opt-in one)
     for sparsity in (0.5, 0.9):
-        assert choose_format(base * unstructured_mask(base.abs(), sparsity), 0.5)[0] is Bitmap
-    assert choose_format(base * nm_mask(base.abs(), 3, 16), 0.5)[0] is Bitmap  # 81% zeros: the bitmap is smaller
+        assert choose_format(base * unstructured_mask(base.abs(), sparsity), 0.5)[0] not in structured
+    assert choose_format(base * nm_mask(base.abs(), 3, 16), 0.5)[0] not in structured  # 81% zeros: smaller there
 
 
 @pytest.mark.parametrize("other", [Sparse24, Nm48])
-def test_an_8of16_weight_asked_for_as_2of4_or_4of8_says_it_is_8of16_in_one_line(other):
-    with pytest.raises(UsageError, match="it is 8:16 and is stored as 8:16") as caught:
+def test_an_8of16_weight_asked_for_as_2of4_or_4of8_says_it_is_8of16_in_one_line(other, opted_in):
+    with pytest.raises(UsageError, match="it is 8:16") as caught:
         other.compress(_w816(8, 64))
     assert "\n" not in str(caught.value)
+
+
+def test_the_4of8_refusal_names_8of16_without_the_opt_in_too(not_opted_in):
+    with pytest.raises(UsageError, match="it is 8:16; prune with --pattern 4:8"):
+        Nm48.compress(_w816(8, 64))
 
 
 def test_the_kernel_patterns_are_the_registrys_and_a_bad_pattern_names_them():
@@ -410,7 +450,7 @@ def test_expand_candidate_multiplies_through_the_shared_scratch(monkeypatch):
     assert cuda_ops.scratch(torch.device("cpu"), torch.float16, 1) is held
 
 
-def test_an_8of16_model_exports_as_a_bitmask_checkpoint_and_reloads_onto_8of16(tmp_path):
+def test_an_8of16_model_exports_as_a_bitmask_checkpoint_and_reloads_onto_8of16(tmp_path, opted_in):
     loaded = tiny_model("llama")
     _prune(loaded, PruneConfig("wanda", None, "8:16"), random_ids(4, 16))
     ids = random_ids(1, 12)
@@ -441,3 +481,31 @@ def test_every_kernel_the_format_launches_is_instantiated_and_the_source_compile
     for binary in nvcc_cubins(nm816.SOURCE).values():
         assert all(f"gemv816_{dtype}_t{t}_r{r}" in binary for dtype in ("f16", "bf16") for t, r in made)
         assert all(f"expand816_c{c}" in binary for c in expands)
+
+
+@pytest.mark.parametrize("opt_in", [True, False])
+def test_prune_export_says_what_an_8of16_model_runs_as(tmp_path, tiny_folder, monkeypatch, opt_in):
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+    from secateurs.kernels import cuda_ops
+
+    if opt_in:
+        monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "1")
+    else:
+        monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
+    cuda_ops.unverified_offered.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["prune", str(tiny_folder), "--out", str(tmp_path / "out"), "--device", "cpu",
+                                          "--method", "magnitude", "--pattern", "8:16", "--export", "sparse"])
+        assert result.exit_code == 0, result.output
+        kinds = {layer.kind for layer in sparse_layers(load_model(str(tmp_path / "out")).model).values()}
+    finally:
+        cuda_ops.unverified_offered.cache_clear()
+    said = " ".join(result.output.split())
+    if opt_in:
+        assert "8:16" in kinds and kinds <= {"8:16", "4:8", "2:4"} and "stored and run as" not in said
+    else:
+        assert kinds == {"bitmap"}
+        assert "8:16 linears are stored and run as bitmap: the 8:16 kernels are not yet verified on a GPU" in said
+        assert "SECATEURS_UNVERIFIED_KERNELS=1 stores 8:16 weights as 8:16" in said

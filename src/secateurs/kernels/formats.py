@@ -71,13 +71,15 @@ class SparseFormat(ABC):
         raise NotImplementedError(f"{self.kind} has no keep-mask of its own")
 
     @classmethod
-    def held_as(cls, weight: torch.Tensor) -> str | None:
-        """The kind of the first other structured format (in the order of preference) that holds ``weight``, for
-        the one line that refuses it here: a 4:8 or 8:16 weight asked for as 2:4 says what it is."""
-        from .registry import format_classes
+    def fits(cls, weight: torch.Tensor) -> str | None:
+        """None when the layout can hold ``weight`` (whether or not :func:`choose_format` would store it here, see
+        :meth:`unavailable`), else why not; what ``compress`` checks."""
+        return cls.supports(weight)
 
-        return next((other.kind for other in format_classes()
-                     if other is not cls and other.any_sparsity and other.supports(weight) is None), None)
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why :func:`choose_format` does not store weights in this format here and now (one line), or None."""
+        return None
 
     @classmethod
     def why(cls, sparsity: float) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..errors import UsageError
-from . import cuda_ops
+from . import cuda_ops, registry
 from .formats import SparseFormat
 
 if TYPE_CHECKING:
@@ -56,6 +56,22 @@ class NmFormat(SparseFormat):
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> str | None:
+        """None where :func:`choose_format` may store ``weight`` here: the format is :meth:`unavailable` nowhere,
+        and the weight :meth:`fits`."""
+        return cls.unavailable() or cls.fits(weight)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """A format whose GEMV was never run on a GPU stores weights only under the opt-in: without it the
+        reference would run at every token count (no other path reads it), far slower than the bitmap that holds
+        them otherwise."""
+        if cls.gemv_verified or cuda_ops.unverified_offered():
+            return None
+        return (f"the {cls.kind} kernels are not yet verified on a GPU ({cuda_ops.UNVERIFIED_ENV}=1 stores "
+                f"{cls.kind} weights as {cls.kind})")
+
+    @classmethod
+    def fits(cls, weight: torch.Tensor) -> str | None:
         """None when ``weight`` fits the format, else the reason it does not."""
         rows, cols = weight.shape
         if cols % CHUNK:
@@ -69,10 +85,11 @@ class NmFormat(SparseFormat):
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> Self:
-        reason = cls.supports(weight)
+        reason = cls.fits(weight)
         if reason:
-            held = cls.held_as(weight)
-            runs = f"; it is {held} and is stored as {held}" if held else ""
+            held = next((other.kind for other in registry.format_classes()
+                         if other is not cls and other.any_sparsity and other.fits(weight) is None), None)
+            runs = f"; it is {held}" if held else ""
             raise UsageError(f"weight is not stored as {cls.kind} ({reason}){runs}; prune with --pattern {cls.kind} first")
         rows, cols = weight.shape
         groups = weight.reshape(rows, cols // cls.group, cls.group)

@@ -124,6 +124,7 @@ class PruneStage(Stage):
 
     def records(self, loaded: LoadedModel, request: PruneRequest, report: PruneReport) -> tuple[list, list[list[str]]]:
         from ..api import export_sparse
+        from ..kernels.registry import format_class
         from ..sparsity.masks import KERNEL_PATTERNS
 
         if request.export != "sparse":
@@ -137,9 +138,13 @@ class PruneStage(Stage):
             err_console.print(f"[yellow]{count} expert matrices:[/] {reason}", highlight=False, soft_wrap=True)
         sizes = exported.weight_bytes
         kinds = sorted({info["kind"] for info in exported.layers.values()})
-        if str(report.target.pattern) not in (*KERNEL_PATTERNS, "unstructured"):
-            err_console.print(f"[yellow]{report.target.pattern} has no kernel of its own:[/] its linears are stored and run as "
+        pattern = str(report.target.pattern)
+        if pattern not in (*KERNEL_PATTERNS, "unstructured"):
+            err_console.print(f"[yellow]{pattern} has no kernel of its own:[/] its linears are stored and run as "
                               f"{' / '.join(kinds)} (the N:M kernels are {', '.join(KERNEL_PATTERNS)})", highlight=False, soft_wrap=True)
+        elif pattern in KERNEL_PATTERNS and pattern not in kinds and format_class(pattern).unavailable():
+            err_console.print(f"[yellow]{pattern} linears are stored and run as {' / '.join(kinds)}:[/] "
+                              f"{format_class(pattern).unavailable()}", highlight=False, soft_wrap=True)
         row = ["export", (f"sparse ({', '.join(kinds)}), {len(exported.layers)} linears at "
                           f"{sizes['compressed'] / sizes['dense']:.3f} of dense bytes")]
         return [report, exported], [row]
