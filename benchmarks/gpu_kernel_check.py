@@ -13,9 +13,9 @@ script checks the compiled code on a CUDA device:
 
 Inputs are fresh random per case; the error is ‖y − ref‖ / ‖ref‖ with ref in float64.
 
-Kernels never yet run on a GPU (the Hopper ``wgmma.sp`` GEMM, kernels/wgmma.py) make their first launch, one per
-tile configuration and dtype, in a child process: one that faults (which would take the CUDA context, and this
-check, with it) or multiplies wrongly is reported and withheld from the rest of the check.
+Kernels never yet run on a GPU (the Hopper ``wgmma.sp`` GEMM, kernels/wgmma.py) make their first launches (every
+tile configuration, fp16 and bf16, whole and split K) in a child process: a configuration that faults (which would
+take the CUDA context, and this check, with it) or multiplies wrongly is reported and withheld from the rest.
 
     python benchmarks/gpu_kernel_check.py [--part all|cuda|triton] [--formats 2:4,4:8,8:16,bitmap] [--only expand]
     python benchmarks/gpu_kernel_check.py --part cuda --formats 2:4 --only cuda_wgmma24   # the wgmma GEMM alone
@@ -81,47 +81,65 @@ FIRST_LAUNCH_SHAPE = (576, 1536)  # 4.5 feature tiles of 128: a partial tile
 FIRST_LAUNCH_TOKENS = 100  # a partial token tile for every configuration
 
 
-def first_launch(config: str, dtype_name: str) -> None:
-    """(Child process) the first launches of a wgmma configuration, whole K and K split in 3, against float64;
-    exits 0 when both are right."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+def first_launch(which: str) -> None:
+    """(Child process) the first launches of wgmma configurations (``CONFIG`` or ``all``), fp16 and bf16, whole K
+    and K split in 3, each against float64; a line per configuration; exits 0 when every one is right."""
     gen = torch.Generator("cuda").manual_seed(0)
     n, k = FIRST_LAUNCH_SHAPE
-    base = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
-    fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
-    x = torch.randn(FIRST_LAUNCH_TOKENS, k, device="cuda", dtype=dtype, generator=gen)
-    ref = x.double() @ fmt.to_dense().double().T
-    errors = []
-    for splits in (1, 3):
-        got = _poisoned_call(lambda x, s=splits: wgmma.sparse24_wgmma(x, fmt.values, fmt.meta, config, s), x, n)
-        torch.cuda.synchronize()
-        errors.append(relative_error(got, ref))
-    print(f"rel err {errors[0]:.1e}, split K in 3 {errors[1]:.1e}")
-    sys.exit(0 if all(err <= CUDA_TOLERANCE for err in errors) else 1)
+    wrong = 0
+    for config in wgmma.CONFIGS if which == "all" else (which,):
+        errors = []
+        for dtype in (torch.float16, torch.bfloat16):
+            base = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
+            fmt = Sparse24.compress(base * nm_mask(base.abs(), 2, 4))
+            x = torch.randn(FIRST_LAUNCH_TOKENS, k, device="cuda", dtype=dtype, generator=gen)
+            ref = x.double() @ fmt.to_dense().double().T
+            for splits in (1, 3):
+                got = _poisoned_call(lambda x, c=config, s=splits, f=fmt: wgmma.sparse24_wgmma(x, f.values, f.meta, c, s),
+                                     x, n)
+                torch.cuda.synchronize()
+                errors.append(relative_error(got, ref))
+        ok = all(err <= CUDA_TOLERANCE for err in errors)
+        wrong += not ok
+        print(f"{config}: {'ok' if ok else 'WRONG'}, rel err fp16 {errors[0]:.1e} (split K {errors[1]:.1e}), "
+              f"bf16 {errors[2]:.1e} (split K {errors[3]:.1e})", flush=True)
+    sys.exit(1 if wrong else 0)
+
+
+def _child(which: str) -> tuple[bool, list[str]]:
+    """Run :func:`first_launch` in a child process: (all right, its lines or why it died)."""
+    try:
+        done = subprocess.run([sys.executable, __file__, "--first-launch", which], capture_output=True, text=True,
+                              timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        return False, ["timed out after 300 s"]
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 and not lines:
+        lines = [(done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:200]]
+    return done.returncode == 0, lines
 
 
 def first_launches() -> int:
-    """Each wgmma configuration's first launch, per dtype, in a child process (a fault there cannot end this check);
-    a configuration that fails in either dtype is withheld (``wgmma.WITHHELD``) from everything after. On a GPU
-    that is not sm_90 nothing is launched (the kernel is not offered there)."""
+    """The wgmma configurations' first launches in a child process (a fault there cannot end this check): all in
+    one child; if it fails, one child per configuration, and each one that fails (faults or multiplies wrongly, in
+    either dtype) is withheld (``wgmma.WITHHELD``) from everything after. On a GPU that is not sm_90 nothing is
+    launched (the kernel is not offered there)."""
     if not wgmma.offered(torch.device("cuda")):
         print("wgmma 2:4 GEMM: not offered on this GPU (needs compute capability 9.0)")
         return 0
+    ok, lines = _child("all")
+    for line in lines:
+        print(f"first launch (child process): {line}", flush=True)
+    if ok:
+        return 0
     failures = 0
     for config in wgmma.CONFIGS:
-        for dtype_name in ("fp16", "bf16"):
-            try:
-                done = subprocess.run([sys.executable, __file__, "--first-launch", f"{config}:{dtype_name}"],
-                                      capture_output=True, text=True, timeout=300, check=False)
-                said = (done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or [""])[-1][:200]
-                ok = done.returncode == 0
-            except subprocess.TimeoutExpired:
-                said, ok = "timed out after 300 s", False
-            print(f"first launch (child process) cuda_wgmma24_{config} {dtype_name}: {'ok' if ok else 'FAIL'} ({said})",
-                  flush=True)
-            if not ok:
-                failures += 1
-                wgmma.WITHHELD.add(config)
+        ok, lines = _child(config)
+        print(f"first launch (child process) cuda_wgmma24_{config}: {'ok' if ok else 'FAIL'} ({'; '.join(lines)})",
+              flush=True)
+        if not ok:
+            failures += 1
+            wgmma.WITHHELD.add(config)
     return failures
 
 
@@ -211,12 +229,12 @@ def main() -> None:
     parser.add_argument("--part", choices=("all", "cuda", "triton"), default="all")
     parser.add_argument("--only", default="", help="cuda part: only the candidates whose name starts with this")
     parser.add_argument("--formats", default=",".join(FORMATS), help="cuda part: the stored formats to check")
-    parser.add_argument("--first-launch", default=None, help=argparse.SUPPRESS)  # CONFIG:DTYPE, the child process
+    parser.add_argument("--first-launch", default=None, help=argparse.SUPPRESS)  # CONFIG or all: the child process
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     if args.first_launch:
-        first_launch(*args.first_launch.split(":"))
+        first_launch(args.first_launch)
     gen = torch.Generator("cuda").manual_seed(0)
     failures = 0
     if args.part in ("all", "cuda"):

@@ -441,8 +441,9 @@ def test_sm90a_target_only_for_the_wgmma_source_and_cache_keys_unchanged(monkeyp
 
 
 def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatch):
-    """benchmarks/gpu_kernel_check.py makes each configuration's first launch in a child process per dtype; one
-    that dies there (a fault) is reported and never offered afterwards in the checking process."""
+    """benchmarks/gpu_kernel_check.py makes the wgmma first launches in a child process: all in one; when that one
+    dies (a fault), one child per configuration, and the one that dies again is reported and never offered
+    afterwards in the checking process."""
     import importlib
     import subprocess
 
@@ -455,15 +456,19 @@ def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatc
 
     def child(command, **kwargs):
         children.append(command[-1])
-        faults = command[-1] == "m128_n256_s4_i1:bf16"
-        return subprocess.CompletedProcess(command, -11 if faults else 0, "" if faults else "rel err 3.1e-04\n",
+        faults = command[-1] in ("all", "m128_n256_s4_i1")
+        return subprocess.CompletedProcess(command, -11 if faults else 0, "" if faults else f"{command[-1]}: ok\n",
                                            "CUDA error: an illegal instruction was encountered\n" if faults else "")
 
     monkeypatch.setattr(check.subprocess, "run", child)
     assert check.first_launches() == 1
-    assert children == [f"{c}:{d}" for c in wgmma.CONFIGS for d in ("fp16", "bf16")]
+    assert children == ["all", *wgmma.CONFIGS]
     assert wgmma.WITHHELD == {"m128_n256_s4_i1"}
     assert wgmma.configs(2048) == ["m256_n128_s4_i1", "m128_n128_s4_i1", "m128_n128_s4_i0"]
+    children.clear()
+    monkeypatch.setattr(check.subprocess, "run", lambda command, **kwargs: (
+        children.append(command[-1]), subprocess.CompletedProcess(command, 0, "ok\n", ""))[1])
+    assert check.first_launches() == 0 and children == ["all"]  # all right: one child only
 
 
 def test_nvcc_builds_every_entry_point_for_sm90a_without_serialized_wgmma(tmp_path):
