@@ -16,7 +16,10 @@ Every kernel reads the stored tensors as they are (one position table in memory,
   each lane's metadata register assembled from the stored positions by two byte-permutes;
 - 2:4 GEMM (prompts, 32-8192 tokens): block tiles over (features x tokens), a multi-stage ``cp.async`` ring
   of value, position and activation tiles, ``ldmatrix`` fragments, ``mma.sp`` in natural K order (where each
-  lane's metadata register is two stored position words); a few tile shapes the dispatcher times;
+  lane's metadata register is two stored position words); a few tile shapes the dispatcher times; on Hopper
+  (compute capability 9.0) also ``wgmma.mma_async.sp`` (``kernels/wgmma.py``, ``sparse24_wgmma.cu``, built for
+  ``sm_90a`` through :data:`ARCH_SUFFIX`; never yet run on a GPU, so offered only under
+  ``SECATEURS_UNVERIFIED_KERNELS=1``);
 - expand: the stored 2:4 weight into one dense scratch buffer per device and dtype, shared by all layers
   (:func:`scratch`), then cuBLAS: a prompt path with no persistent copy; the 4:8 and 8:16 formats
   (``kernels/nm48.py``, ``kernels/nm816.py``, from 8 rows) and the bitmap (from 2 rows: a warp per 32 words,

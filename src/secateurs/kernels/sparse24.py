@@ -9,8 +9,9 @@ same values in the same order, so it loads with no value moved.
 Kernels: a Triton tile kernel (each K step loads the compressed tile, expands it in registers and feeds
 ``tl.dot``) and a Triton GEMV for 1-4 rows (value ``j`` of a K block multiplies the activation its 2-bit
 position names, gathered from a vector in L1); the CUDA C++ GEMV, ``mma.sp`` decode kernel, tiled ``mma.sp``
-prompt GEMM and expand-into-scratch path of :mod:`secateurs.kernels.cuda_ops`, all reading ``values`` and
-``meta`` as stored (one position table in memory); and cuSPARSELt through torch's semi-structured layout
+prompt GEMM (and on Hopper the ``wgmma.sp`` one of :mod:`secateurs.kernels.wgmma`) and expand-into-scratch path of
+:mod:`secateurs.kernels.cuda_ops`, all reading ``values`` and ``meta`` as stored (one position table in memory);
+and cuSPARSELt through torch's semi-structured layout
 (only as an explicit copy, ``SECATEURS_SPARSE_COPIES=sparse``).
 """
 
