@@ -383,6 +383,10 @@ def test_offered_only_on_hopper_and_on_request(monkeypatch):
         assert not any("wgmma" in n for n in fmt.cuda_candidates(512)), capability
     _gpu_like(monkeypatch, unverified=False)
     assert not any("wgmma" in n for n in fmt.cuda_candidates(512))
+    monkeypatch.undo()  # a CPU weight under the opt-in alone (as other formats' tests run): nothing, no error
+    monkeypatch.setattr(cuda_ops, "_module", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: True)
+    assert not any("wgmma" in n for n in fmt.cuda_candidates(512))
 
 
 def test_a_build_failure_offers_nothing(monkeypatch):
