@@ -196,10 +196,10 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
     return out.sum(dim=0)
 
 
-@pytest.mark.parametrize(("dtype", "config", "n", "m"), [(torch.float16, "m128_n64_s4_i1", 200, 37),
-                                                          (torch.bfloat16, "m128_n64_s4_i1", 200, 33),
+@pytest.mark.parametrize(("dtype", "config", "n", "m"), [(torch.float16, "m128_n64_s6_i1", 200, 37),
+                                                          (torch.bfloat16, "m128_n64_s6_i1", 200, 33),
                                                           (torch.float16, "m128_n128_s4_i0", 136, 70),
-                                                          (torch.bfloat16, "m256_n128_s4_i1", 264, 35)])
+                                                          (torch.bfloat16, "m256_n128_s6_i1", 264, 35)])
 def test_emulated_kernel_equals_the_dense_product(dtype, config, n, m):
     """Odd token counts (a partial token tile), feature counts past a whole tile (clamped rows never stored),
     K = 128 (two stages); every output written exactly once; the product exact to float64 rounding."""
@@ -217,19 +217,19 @@ def test_emulated_split_k_equals_the_dense_product(splits):
     w = _weight(136, 192, seed=7, dtype=torch.float16)
     fmt = Sparse24.compress(w)
     x = torch.randn(41, 192, generator=torch.Generator().manual_seed(8)).half()
-    got = emulate(x, fmt, "m128_n64_s4_i1", splits)
+    got = emulate(x, fmt, "m128_n64_s6_i1", splits)
     torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
 
 def test_split_k_only_where_the_tiles_leave_the_gpu_idle():
     """132 SMs: the 1024 x 8192 k/v projection at 512 tokens (16-32 blocks) splits K; 4096 x 4096 at 2048 tokens and
     11008 x 4096 at 512 tokens (over half the SMs busy) do not; a short K keeps at least 4 stages per split."""
-    assert wgmma.splits_for("m128_n256_s4_i1", (1024, 8192), 512, 132) == 8
-    assert wgmma.splits_for("m128_n128_s4_i1", (1024, 8192), 512, 132) == 4
-    assert wgmma.splits_for("m128_n256_s4_i1", (1024, 8192), 2048, 132) == 2
-    assert wgmma.splits_for("m128_n256_s4_i1", (4096, 4096), 2048, 132) == 1
-    assert wgmma.splits_for("m128_n128_s4_i1", (11008, 4096), 512, 132) == 1
-    assert wgmma.splits_for("m128_n64_s4_i1", (576, 512), 40, 132) == 2
+    assert wgmma.splits_for("m128_n256_s5_i1", (1024, 8192), 512, 132) == 8
+    assert wgmma.splits_for("m128_n128_s6_i1", (1024, 8192), 512, 132) == 4
+    assert wgmma.splits_for("m128_n256_s5_i1", (1024, 8192), 2048, 132) == 2
+    assert wgmma.splits_for("m128_n256_s5_i1", (4096, 4096), 2048, 132) == 1
+    assert wgmma.splits_for("m128_n128_s6_i1", (11008, 4096), 512, 132) == 1
+    assert wgmma.splits_for("m128_n64_s6_i1", (576, 512), 40, 132) == 2
 
 
 def test_every_configuration_tiles_tokens_and_features_exactly_once():
@@ -368,14 +368,14 @@ def test_offered_only_on_hopper_and_on_request(monkeypatch):
     _gpu_like(monkeypatch)
     names = {m: list(fmt.cuda_candidates(m)) for m in (8, 32, 128, 512, 2048, 8192)}
     assert not any("wgmma" in name for name in names[8])
-    assert [n for n in names[32] if "wgmma" in n] == ["cuda_wgmma24_m128_n64_s4_i1", "cuda_wgmma24_m128_n128_s4_i0"]
-    assert next(n for n in names[2048] if "wgmma" in n) == "cuda_wgmma24_m128_n256_s4_i1"
+    assert [n for n in names[32] if "wgmma" in n] == ["cuda_wgmma24_m128_n64_s6_i1", "cuda_wgmma24_m128_n128_s4_i0"]
+    assert next(n for n in names[2048] if "wgmma" in n) == "cuda_wgmma24_m128_n256_s5_i1"
     for m in (32, 128, 512, 2048, 8192):
         assert any(n.startswith("cuda_gemm24") for n in names[m]) and "expand_cublas" in names[m]
         assert names[m].index("expand_cublas") > max(i for i, n in enumerate(names[m]) if "wgmma" in n)
     long_k = Sparse24.compress(_weight(256, 1024, seed=9, dtype=torch.float16))  # 4 blocks of 128 x 256 on 132 SMs
     names_long = [n for n in long_k.cuda_candidates(512) if "wgmma" in n]
-    assert names_long[:2] == ["cuda_wgmma24_m128_n256_s4_i1", "cuda_wgmma24_m128_n256_s4_i1_k4"]
+    assert names_long[:2] == ["cuda_wgmma24_m128_n256_s5_i1", "cuda_wgmma24_m128_n256_s5_i1_k4"]
     narrow = Sparse24.compress(_weight(256, 96, seed=5, dtype=torch.float16))  # K % 64 != 0
     assert not any("wgmma" in n for n in narrow.cuda_candidates(512))
     for capability in ((8, 0), (8, 9), (10, 0)):
@@ -460,15 +460,15 @@ def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatc
 
     def child(command, **kwargs):
         children.append(command[-1])
-        faults = command[-1] in ("all", "m128_n256_s4_i1")
+        faults = command[-1] in ("all", "m128_n256_s5_i1")
         return subprocess.CompletedProcess(command, -11 if faults else 0, "" if faults else f"{command[-1]}: ok\n",
                                            "CUDA error: an illegal instruction was encountered\n" if faults else "")
 
     monkeypatch.setattr(check.subprocess, "run", child)
     assert check.first_launches() == 1
     assert children == ["all", *wgmma.CONFIGS]
-    assert wgmma.WITHHELD == {"m128_n256_s4_i1"}
-    assert wgmma.configs(2048) == ["m256_n128_s4_i1", "m128_n128_s4_i1", "m128_n128_s4_i0"]
+    assert wgmma.WITHHELD == {"m128_n256_s5_i1"}
+    assert wgmma.configs(2048) == ["m256_n128_s6_i1", "m128_n128_s6_i1", "m128_n128_s4_i0"]
     children.clear()
     monkeypatch.setattr(check.subprocess, "run", lambda command, **kwargs: (
         children.append(command[-1]), subprocess.CompletedProcess(command, 0, "ok\n", ""))[1])

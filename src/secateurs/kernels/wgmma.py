@@ -44,11 +44,14 @@ A_STRIDE, B_STRIDE = 512, 1024  # descriptor stride byte offsets: between 8-row 
 # name -> (64-feature tiles per warpgroup MW, tokens per block BN, stages, wgmma groups left in flight while the
 # next stage is copied). Operand bytes per stage against tensor-core time favour large tiles: 128 x 256 moves
 # 41 KB per 1024 tensor-core clocks of an SM, 256 x 128 34 KB (two m64 tiles per warpgroup share each B stage).
+# Stages: as many as about 205 KB of shared memory hold (one block per SM: 150-240 registers a thread), so that
+# STAGES - 1 - INFLIGHT stages are in flight while one is multiplied; 128 x 64 stays at 105 KB for two blocks
+# per SM; the no-overlap variant is the plain 4-stage fallback.
 CONFIGS = {
-    "m128_n256_s4_i1": (1, 256, 4, 1),
-    "m256_n128_s4_i1": (2, 128, 4, 1),
-    "m128_n128_s4_i1": (1, 128, 4, 1),
-    "m128_n64_s4_i1": (1, 64, 4, 1),
+    "m128_n256_s5_i1": (1, 256, 5, 1),
+    "m256_n128_s6_i1": (2, 128, 6, 1),
+    "m128_n128_s6_i1": (1, 128, 6, 1),
+    "m128_n64_s6_i1": (1, 64, 6, 1),
     "m128_n128_s4_i0": (1, 128, 4, 0),
 }
 
@@ -87,11 +90,11 @@ def configs(m: int) -> list[str]:
     """Tile shapes for ``m`` tokens, in the order offered (none measured yet): 64-token tiles for short prompts,
     256 from 512 tokens on, the variant with no product in flight last (the fallback should one in flight be wrong)."""
     if m <= 64:
-        shapes = ["m128_n64_s4_i1", "m128_n128_s4_i0"]
+        shapes = ["m128_n64_s6_i1", "m128_n128_s4_i0"]
     elif m <= 256:
-        shapes = ["m128_n128_s4_i1", "m256_n128_s4_i1", "m128_n64_s4_i1", "m128_n128_s4_i0"]
+        shapes = ["m128_n128_s6_i1", "m256_n128_s6_i1", "m128_n64_s6_i1", "m128_n128_s4_i0"]
     else:
-        shapes = ["m128_n256_s4_i1", "m256_n128_s4_i1", "m128_n128_s4_i1", "m128_n128_s4_i0"]
+        shapes = ["m128_n256_s5_i1", "m256_n128_s6_i1", "m128_n128_s6_i1", "m128_n128_s4_i0"]
     return [c for c in shapes if c not in WITHHELD]
 
 

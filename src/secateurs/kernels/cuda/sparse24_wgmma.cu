@@ -344,10 +344,10 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         wgmma24<BF, MW, BN, S, I>(x, vals, meta, y, ws, M, N, K, splits);                                    \
     }
 #define WG_ALL(DT, BF)                                                                                       \
-    WGMMA24(DT, BF, 1, 128, 256, 4, 1)                                                                       \
-    WGMMA24(DT, BF, 2, 256, 128, 4, 1)                                                                       \
-    WGMMA24(DT, BF, 1, 128, 128, 4, 1)                                                                       \
-    WGMMA24(DT, BF, 1, 128, 64, 4, 1)                                                                        \
+    WGMMA24(DT, BF, 1, 128, 256, 5, 1)                                                                       \
+    WGMMA24(DT, BF, 2, 256, 128, 6, 1)                                                                       \
+    WGMMA24(DT, BF, 1, 128, 128, 6, 1)                                                                       \
+    WGMMA24(DT, BF, 1, 128, 64, 6, 1)                                                                        \
     WGMMA24(DT, BF, 1, 128, 128, 4, 0)
 WG_ALL(f16, false)
 WG_ALL(bf16, true)
