@@ -177,7 +177,7 @@ def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
 def sparse24_wgmma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: str, splits: int) -> torch.Tensor:
     """``x @ W.T`` for a 2:4 weight (values (N, K/2), meta (N, K/8) uint8, K % 64 == 0) and any number of rows of x,
     by ``wgmma.mma_async.sp`` (sm_90a); ``config`` names a :data:`CONFIGS` entry; ``splits`` > 1 splits K, the
-    blocks' fp32 sums added in split order (deterministic) and rounded once."""
+    blocks' fp32 sums added by one reduction (no atomics: deterministic) and rounded once."""
     x = cuda_ops._aligned(x)
     m, k = x.shape
     n = values.shape[0]

@@ -231,7 +231,7 @@ __device__ __forceinline__ void wgmma_pair(float (&d)[BN / 2], unsigned long lon
 // MW 64-feature tiles per warpgroup (BM = 128 MW features a block), BN tokens, STAGES slots, INFLIGHT wgmma groups
 // left running while the next stage is copied. Split K (splits > 1, for weights with few tiles): block b takes
 // tile b % tiles and the K stages [KB s / splits, KB (s + 1) / splits) of split s = b / tiles, and stores its fp32
-// sums in ws[s] (splits x M x N), which the launcher adds in split order (deterministic) and rounds once.
+// sums in ws[s] (splits x M x N), which the launcher sums by one reduction (deterministic) and rounds once.
 template <bool BF16, int MW, int BN, int STAGES, int INFLIGHT>
 __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __restrict__ vals,
                                         const u8* __restrict__ meta, u16* __restrict__ y, float* __restrict__ ws,
