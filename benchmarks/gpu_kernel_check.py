@@ -18,7 +18,7 @@ tile configuration, fp16 and bf16, whole and split K) in a child process: a conf
 take the CUDA context, and this check, with it) or multiplies wrongly is reported and withheld from the rest.
 
     python benchmarks/gpu_kernel_check.py [--part all|cuda|triton] [--formats 2:4,4:8,8:16,bitmap] [--only expand]
-    python benchmarks/gpu_kernel_check.py --part cuda --formats 2:4 --only cuda_wgmma24   # the wgmma GEMM alone
+    python benchmarks/gpu_kernel_check.py --part cuda --formats 2:4 --only wgmma   # the wgmma GEMM alone
     # one line per case, exits 1 on any failure
 """
 
@@ -143,6 +143,11 @@ def first_launches() -> int:
     return failures
 
 
+def selected(name: str, only: str) -> bool:
+    """Whether ``--only`` picks a candidate: a prefix of its name, with or without the ``cuda_`` (``wgmma``)."""
+    return name.startswith(only) or name.startswith(f"cuda_{only}")
+
+
 def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
     """Every CUDA candidate of each stored format, every bucket, fp16 and bf16, against float64; then the
     dispatcher and compile."""
@@ -150,7 +155,7 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
     if why:
         print(f"CUDA kernels: {why}")
         return 1
-    failures = first_launches() if "2:4" in kinds and "cuda_wgmma24".startswith(only) else 0
+    failures = first_launches() if "2:4" in kinds and selected("cuda_wgmma24", only) else 0
     checks = 0
     worst: dict[str, float] = {}
     for dtype in (torch.float16, torch.bfloat16):
@@ -165,7 +170,7 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                         ref = x.double() @ dense.T
                         for name, call in cuda_ops.candidates(fmt, bucket(m)).items():
-                            if not name.startswith(only):
+                            if not selected(name, only):
                                 continue
                             err = relative_error(_poisoned_call(call, x, n), ref)
                             checks += 1
@@ -202,7 +207,7 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                                  if name in cuda_ops.candidates(fmt, rows_for.get(name, 512))]
                 del layer, dense
     for fmt, name, m in compiled:
-        if not name.startswith(only):
+        if not selected(name, only):
             continue
         x = torch.randn(m, fmt.shape[1], device="cuda", dtype=torch.float16, generator=gen)
         call = fmt.cuda_candidates(bucket(m))[name]
@@ -227,7 +232,8 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "cuda", "triton"), default="all")
-    parser.add_argument("--only", default="", help="cuda part: only the candidates whose name starts with this")
+    parser.add_argument("--only", default="", help="cuda part: only the candidates whose name starts with this "
+                                                   "(a leading cuda_ may be left out: --only wgmma)")
     parser.add_argument("--formats", default=",".join(FORMATS), help="cuda part: the stored formats to check")
     parser.add_argument("--first-launch", default=None, help=argparse.SUPPRESS)  # CONFIG or all: the child process
     args = parser.parse_args()
