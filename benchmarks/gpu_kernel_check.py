@@ -145,7 +145,7 @@ def first_launches() -> int:
 
 def selected(name: str, only: str) -> bool:
     """Whether ``--only`` picks a candidate: a prefix of its name, with or without the ``cuda_`` (``wgmma``)."""
-    return name.startswith(only) or name.startswith(f"cuda_{only}")
+    return name.startswith((only, f"cuda_{only}"))
 
 
 def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
