@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_nm48 import _byte_perm, _emulate_gemv48, _prune
+from test_nm48 import _emulate_gemv48, _prune
 from tiny_models import random_ids, tiny_model
 
 from secateurs import UsageError, load_model, save
@@ -116,26 +116,40 @@ def _halves(register: int, dtype: torch.dtype = torch.float16) -> tuple[float, f
     return low, high
 
 
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 in its default mode: byte i of the result is byte (nibble i & 7) of the 8 bytes b:a, or that
+    byte's sign replicated (0x00 or 0xFF) where nibble i has bit 3 set; nibbles 0-3 of the selector only."""
+    pool = (b << 32) | a
+    out = 0
+    for i in range(4):
+        nibble = (selector >> (4 * i)) & 0xF
+        byte = (pool >> (8 * (nibble & 7))) & 0xFF
+        if nibble & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
 def _step816(v: list[int], p: int, xs: list[list[int]], dtype: torch.dtype = torch.float16) -> list[float]:
     """sparse816.cu's step816, word for word: v = the chunk's four value registers, p = its position word, xs[t] =
     the chunk's eight x registers of token t; returns each token's sum over the chunk's eight values."""
     rel = (p - 0x66442200) & 0xFFFFFFFF
-    lo, hi = rel & 0x0F0F0F0F, (rel >> 4) & 0x0F0F0F0F
-    s1lo, s1hi = (lo & 0x03030303) * 0x22 + 0x10101010, (hi & 0x03030303) * 0x22 + 0x10101010
-    s2lo, s2hi = (lo & 0x04040404) * 0x11 + 0x10101010, (hi & 0x04040404) * 0x11 + 0x32323232
-    b3lo, b3hi = (lo >> 3) & 0x01010101, (hi >> 3) & 0x01010101
-    s3lo = b3lo * 0x44 + 0x10101010
-    s3hi = (b3hi + (hi & b3hi)) * 0x22 + 0x32323232
+    idx3 = (rel & 0x11111111) | ((rel >> 2) & 0x22222222) | 0x40404040
     sums = [0.0] * len(xs)
-    for i in range(4):
-        gather = i | ((4 + i) << 4)
-        s1, s2, s3 = (_byte_perm(a & 0xFFFFFFFF, b & 0xFFFFFFFF, gather) for a, b in ((s1lo, s1hi), (s2lo, s2hi), (s3lo, s3hi)))
-        w0, w1 = _halves(v[i], dtype)
-        for t, x in enumerate(xs):
-            a = _byte_perm(x[i], x[i + 1], s1)
-            b = _byte_perm(x[i + 2], x[i + 3], s1)
-            xa, xb = _halves(_byte_perm(_byte_perm(a, b, s2), x[i + 4], s3), dtype)
-            sums[t] += w0 * xa + w1 * xb
+    for j in range(2):
+        r, q = rel >> (16 * j), idx3 >> (16 * j)
+        s1w = _prmt(0x76543210, 0x76543210, r)
+        s2w = (_prmt(0x10101010, 0x54545454, r) + 0x22002200) & 0xFFFFFFFF
+        s3w = _prmt(0x00541010, 0x76543232, q)
+        for h in range(2):
+            i = 2 * j + h
+            s1, s2, s3 = s1w >> (16 * h), s2w >> (16 * h), s3w >> (16 * h)
+            w0, w1 = _halves(v[i], dtype)
+            for t, x in enumerate(xs):
+                a = _prmt(x[i], x[i + 1], s1)
+                b = _prmt(x[i + 2], x[i + 3], s1)
+                xa, xb = _halves(_prmt(_prmt(a, b, s2), x[i + 4], s3), dtype)
+                sums[t] += w0 * xa + w1 * xb
     return sums
 
 

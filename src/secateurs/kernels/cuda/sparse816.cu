@@ -13,44 +13,55 @@
 // subtraction for the whole word, no borrow since positions ascend) gives offsets r0 in 0..8 and r1 in 1..9; per
 // token four byte-permutes pick the pair's two activations: two inside x registers (i, i+1) and (i+2, i+3) by the
 // offsets' low two bits, one between those by bit 2, one between that and register i+4 (inputs 2i+8, 2i+9) by
-// bit 3. The three selectors of each pair are built for all four pairs at once, byte i of a word for pair i (a
-// few integer operations per word), then one byte-permute per selector and pair gathers pair i's two bytes.
-// No gather from memory, no branch, fp32 accumulation.
+// bit 3. The selectors are table lookups (byte-permutes of constants) indexed by the offsets themselves, two
+// pairs per lookup: about 20 integer instructions per 16 inputs, shared by the tokens. No gather from memory, no
+// branch, fp32 accumulation. Main loop (nvcc 13, sm_90, benchmarks/sass_count.py): 9.4 / 14.4 / 22.7 SASS
+// instructions per stored value at 1 / 2 / 4 tokens (rows per warp 2), against 4:8's 10.0 / 14.6 / 21.5.
 
 #include "common.cuh"
+
+// PTX prmt in its default mode, not __byte_perm (which clears bit 3 of every selector nibble first, one more
+// instruction per dynamic selector): a nibble with bit 3 set gives its byte's sign (0x00 for the tables here).
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
+    return d;
+}
 
 // ---- one 16-input step: v = the eight stored values (pair i in v[i]), p = their ascending 4-bit positions (value
 // e at bits 4e), xv[t][q][k] = x register 4q + k (inputs 8q + 2k, 8q + 2k + 1) of token t.
 template <bool BF16, int T>
 __device__ __forceinline__ void step816(float (&acc)[T], const u32 (&v)[4], u32 p, const u32 (&xv)[T][2][4]) {
-    const u32 rel = p - 0x66442200u;          // nibble e: position - 2 * (e / 2), 0..9
-    const u32 lo = rel & 0x0f0f0f0fu;         // byte i: value 2i's offset r0 (0..8)
-    const u32 hi = (rel >> 4) & 0x0f0f0f0fu;  // byte i: value 2i+1's offset r1 (1..9)
-    // selector bytes, byte i for pair i (lo: for the result's low half, hi: its high half); no byte carries
-    const u32 s1lo = (lo & 0x03030303u) * 0x22u + 0x10101010u;  // inside a register pair: bytes 2 (r & 3), +1
-    const u32 s1hi = (hi & 0x03030303u) * 0x22u + 0x10101010u;
-    const u32 s2lo = (lo & 0x04040404u) * 0x11u + 0x10101010u;  // the first or the second register pair's result
-    const u32 s2hi = (hi & 0x04040404u) * 0x11u + 0x32323232u;
-    const u32 b3lo = (lo >> 3) & 0x01010101u, b3hi = (hi >> 3) & 0x01010101u;
-    const u32 s3lo = b3lo * 0x44u + 0x10101010u;  // r0 = 8: register i + 4's low half
-    const u32 s3hi = (b3hi + (hi & b3hi)) * 0x22u + 0x32323232u;  // r1 = 8 / 9: register i + 4's low / high half
+    const u32 rel = p - 0x66442200u;  // nibble e: r = position - 2 * (e / 2); value 2i's r0 in 0..8, 2i+1's r1 in 1..9
+    // The three selectors of pair i come from byte-permute table lookups indexed by the pair's two nibbles (a
+    // selector nibble picks a table byte; r >= 8 sets bit 3, giving 0x00, a selector whose result level 3
+    // overrides). One lookup serves two pairs: result bytes 0-1 for pair 2j, 2-3 for pair 2j+1.
+    // level 3: table index (r & 1) | (r >= 8) << 1 | (high half) << 2
+    const u32 idx3 = (rel & 0x11111111u) | ((rel >> 2) & 0x22222222u) | 0x40404040u;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const u32 gather = i | ((4 + i) << 4);  // byte i of the lo word, byte i of the hi word
-        const u32 s1 = __byte_perm(s1lo, s1hi, gather);
-        const u32 s2 = __byte_perm(s2lo, s2hi, gather);
-        const u32 s3 = __byte_perm(s3lo, s3hi, gather);
-        float w0, w1;
-        unpack2<BF16>(v[i], w0, w1);
+    for (int j = 0; j < 2; ++j) {
+        const u32 r = rel >> (16 * j), q = idx3 >> (16 * j);
+        // level 1: bytes 2 (r & 3), +1 of a register pair; level 2: the first (r < 4) or second register pair's
+        // result, + 0x22 in the high half's byte; level 3: the result of level 2 or register i + 4's low / high half
+        const u32 s1w = prmt(0x76543210u, 0x76543210u, r);
+        const u32 s2w = prmt(0x10101010u, 0x54545454u, r) + 0x22002200u;
+        const u32 s3w = prmt(0x00541010u, 0x76543232u, q);
 #pragma unroll
-        for (int t = 0; t < T; ++t) {
-            const u32 a = __byte_perm(xv[t][i >> 2][i & 3], xv[t][(i + 1) >> 2][(i + 1) & 3], s1);
-            const u32 b = __byte_perm(xv[t][(i + 2) >> 2][(i + 2) & 3], xv[t][(i + 3) >> 2][(i + 3) & 3], s1);
-            const u32 ab = __byte_perm(a, b, s2);
-            float xa, xb;
-            unpack2<BF16>(__byte_perm(ab, xv[t][(i + 4) >> 2][(i + 4) & 3], s3), xa, xb);
-            acc[t] = fmaf(w0, xa, acc[t]);
-            acc[t] = fmaf(w1, xb, acc[t]);
+        for (int h = 0; h < 2; ++h) {
+            const int i = 2 * j + h;
+            const u32 s1 = s1w >> (16 * h), s2 = s2w >> (16 * h), s3 = s3w >> (16 * h);
+            float w0, w1;
+            unpack2<BF16>(v[i], w0, w1);
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                const u32 a = prmt(xv[t][i >> 2][i & 3], xv[t][(i + 1) >> 2][(i + 1) & 3], s1);
+                const u32 b = prmt(xv[t][(i + 2) >> 2][(i + 2) & 3], xv[t][(i + 3) >> 2][(i + 3) & 3], s1);
+                const u32 ab = prmt(a, b, s2);
+                float xa, xb;
+                unpack2<BF16>(prmt(ab, xv[t][(i + 4) >> 2][(i + 4) & 3], s3), xa, xb);
+                acc[t] = fmaf(w0, xa, acc[t]);
+                acc[t] = fmaf(w1, xb, acc[t]);
+            }
         }
     }
 }
