@@ -6,7 +6,8 @@ script checks the compiled code on a CUDA device:
 - ``--part triton``: every Triton launch configuration the tuner may pick, for 2:4 and bitmap weights;
 - ``--part cuda``: every CUDA candidate each stored format offers (``--formats``, default all: 2:4's GEMV,
   ``mma.sp`` decode kernel, every tile shape of the ``mma.sp`` prompt GEMM and expand path; 4:8's and 8:16's
-  GEMV and expand paths; the 50% and 70% bitmap's GEMV and expand path) at every row bucket from 1 to 8192 tokens (and
+  GEMV and expand paths; the 50% and 70% bitmap's GEMV and expand path; the banded layout's GEMV and expand path at
+  50/60/70/80% zeros, one weight per density band) at every row bucket from 1 to 8192 tokens (and
   row counts inside buckets), fp16 and bf16, on the Llama shapes and on shapes that are not multiples of
   the tiles; the output is poisoned with NaN first, so an unwritten element fails; then the dispatcher
   (SparseLinear, tuned) and the ops under ``torch.compile(fullgraph=True)`` inside a CUDA graph.
@@ -17,7 +18,7 @@ Kernels never yet run on a GPU (the Hopper ``wgmma.sp`` GEMM, kernels/wgmma.py) 
 tile configuration, fp16 and bf16, whole and split K) in a child process: a configuration that faults (which would
 take the CUDA context, and this check, with it) or multiplies wrongly is reported and withheld from the rest.
 
-    python benchmarks/gpu_kernel_check.py [--part all|cuda|triton] [--formats 2:4,4:8,8:16,bitmap] [--only expand]
+    python benchmarks/gpu_kernel_check.py [--part all|cuda|triton] [--formats 2:4,4:8,8:16,bitmap,banded] [--only expand]
     python benchmarks/gpu_kernel_check.py --part cuda --formats 2:4 --only wgmma   # the wgmma GEMM alone
     # one line per case, exits 1 on any failure
 """
@@ -35,6 +36,7 @@ os.environ.setdefault("SECATEURS_UNVERIFIED_KERNELS", "1")  # this script is whe
 
 from secateurs.kernels import SEGMENT, Bitmap, Nm48, Nm816, Sparse24, SparseFormat, SparseLinear, cuda_ops
 from secateurs.kernels import triton_ops, wgmma
+from secateurs.kernels.banded import Banded
 from secateurs.kernels.linear import bucket
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
@@ -51,7 +53,7 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 CUDA_SHAPES = ((37, 1088), (200, 576), (576, 1536), (1536, 576), (4096, 4096), (11008, 4096), (4096, 11008),
                (1024, 8192), (37, 1040), (200, 1152))  # 37x1040: 4:8 without whole four-chunk expand units
-FORMATS = ("2:4", "4:8", "8:16", "bitmap")
+FORMATS = ("2:4", "4:8", "8:16", "bitmap", "banded")
 CUDA_ROWS = (1, 2, 3, 4, 7, 8, 9, 16, 17, 31, 32, 33, 64, 100, 128, 333, 512, 1000, 2048, 8192)
 CUDA_TOLERANCE = 5e-3
 
@@ -72,6 +74,9 @@ def stored(kind: str, base: torch.Tensor) -> dict[str, SparseFormat]:
         return {"4:8": Nm48.compress(base * nm_mask(base.abs(), 4, 8))} if k % 16 == 0 else {}
     if kind == "8:16":
         return {"8:16": Nm816.compress(base * nm_mask(base.abs(), 8, 16))} if k % 16 == 0 else {}
+    if kind == "banded":  # one weight per density band
+        return {f"banded {int(s * 100)}%": Banded.compress(base * unstructured_mask(base.abs(), s))
+                for s in (0.5, 0.6, 0.7, 0.8)} if k % 8 == 0 else {}
     if k % SEGMENT:
         return {}
     return {f"bitmap {int(s * 100)}%": Bitmap.compress(base * unstructured_mask(base.abs(), s)) for s in (0.5, 0.7)}
@@ -200,10 +205,12 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                     print(f"SparseLinear {label_} {n}x{k} m={m}: rel err {err:.1e}, extra bytes {layer.extra_bytes()}, "
                           f"shared {cuda_ops.scratch_bytes()}", flush=True)
                 if n == 576:
-                    rows_for = {"cuda_mma24_r1_w8": 8, "cuda_gemv816_r2_s1": 1}  # the rest at 512
+                    rows_for = {"cuda_mma24_r1_w8": 8, "cuda_gemv816_r2_s1": 1, "cuda_gemvbd_p32_r1_s1": 1,
+                                "cuda_gemvbd_p16_r1_s1": 1}  # the rest at 512
                     compiled += [(fmt, name, rows_for.get(name, 512)) for name in
                                  ("cuda_gemm24_m128_n128_s4", "cuda_wgmma24_m128_n256_s5_i1", "expand_cublas",
-                                  "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4", "cuda_gemv816_r2_s1")
+                                  "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4", "cuda_gemv816_r2_s1",
+                                  "cuda_gemvbd_p32_r1_s1", "cuda_gemvbd_p16_r1_s1")
                                  if name in cuda_ops.candidates(fmt, rows_for.get(name, 512))]
                 del layer, dense
     for fmt, name, m in compiled:

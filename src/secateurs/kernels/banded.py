@@ -109,7 +109,7 @@ class Banded(SparseFormat):
     @staticmethod
     def fits(weight: torch.Tensor) -> str | None:
         """None when the layout can hold ``weight``, else why not (one line, naming what runs instead)."""
-        rows, cols = weight.shape
+        cols = weight.shape[1]
         if cols % 8 or cols >= 2**16:
             return f"the banded layout needs an input dimension that is a multiple of 8 and below 65536 (got {cols})"
         sparsity = _sparsity(weight)
@@ -201,7 +201,6 @@ class Banded(SparseFormat):
         return torch.repeat_interleave(units // nseg, counts)
 
     def to_dense(self) -> torch.Tensor:
-        rows, cols = self.shape
         used = self.pieces()
         row = self.piece_rows()[:, None].expand(used, self.piece)
         dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
@@ -221,6 +220,17 @@ class Banded(SparseFormat):
     def entries(self) -> int:
         """Stored entries, padding and fillers included (pieces x P)."""
         return self.pieces() * self.piece
+
+    def overhead(self) -> dict[str, int]:
+        """Stored entries by kind: non-zeros, fillers (value zero bridging a gap of more than 15 inputs: a piece's
+        first entry or one of delta 15) and padding (value zero, delta 0, after a segment's last entry)."""
+        used = self.pieces()
+        zero = self.entry_values()[:used] == 0
+        delta = _unpack_deltas(self.deltas[:used])
+        padding = zero & (delta == 0)
+        padding[:, 0] = False
+        return {"entries": used * self.piece, "nonzeros": int((~zero).sum()), "fillers": int((zero & ~padding).sum()),
+                "padding": int(padding.sum())}
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Never yet run on a GPU: nothing without ``SECATEURS_UNVERIFIED_KERNELS=1``. With it: for 1-4 rows the banded

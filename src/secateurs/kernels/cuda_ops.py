@@ -29,7 +29,11 @@ Every kernel reads the stored tensors as they are (one position table in memory,
 - N:M GEMVs (1-4 tokens; ``kernels/nm.py``): one loop (``common.cuh``'s ``gemv_nm``) with a decode step per format:
   4:8 (``sparse48.cu``: three byte-permutes per value pair and token) and 8:16 (``sparse816.cu``: one 16-byte
   load of values and one 32-bit position word per 16 inputs, four byte-permutes per value pair and token; never
-  yet run on a GPU, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, like every expand path but 2:4's).
+  yet run on a GPU, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, like every expand path but 2:4's);
+- banded GEMV (1-4 tokens) and expand (``kernels/banded.py``, its own module ``banded.cu``): unstructured weights of
+  50-90% zeros as pieces of a band-fixed number of (value, 4-bit delta) entries, one piece per lane with a fixed
+  trip count, x staged in shared memory; compiled and CPU-emulated, never run on a GPU, so offered (and stored by
+  ``choose_format``) only under ``SECATEURS_UNVERIFIED_KERNELS=1``.
 
 Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers):
 
@@ -39,7 +43,7 @@ Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` off
   of these kernels it offers (``cuda_candidates`` in ``kernels/sparse24.py`` and ``kernels/bitmap.py``).
 - Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``sparse24_mma``,
   ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``; the N:M ones in ``kernels/nm48.py`` and
-  ``kernels/nm816.py``) with a fake implementation, so CUDA graphs and
+  ``kernels/nm816.py``, ``banded_gemv`` and ``banded_expand`` in ``kernels/banded.py``) with a fake implementation, so CUDA graphs and
   ``torch.compile`` run over it without graph breaks.
 """
 

@@ -1,0 +1,285 @@
+"""The banded unstructured GEMV (kernels/cuda/banded.cu) against cuBLAS and today's bitmap GEMV, per density band.
+
+    python benchmarks/banded.py [--out benchmarks/results/banded.json]     # GPU, about 4 minutes on an H100
+    python benchmarks/banded.py --quick                                      # one shape: a smoke run
+    python benchmarks/banded.py --storage [--model PATH.gguf]                # CPU: bytes on a real model's masks
+
+First, every candidate ``Banded.cuda_candidates`` offers (the GEMV at 1-4 rows, the expand path from 2) is checked
+against a float64 product on odd shapes (rows not a multiple of a block, widths that end in a partial segment or are
+not multiples of 16, a 3-row weight with a long K), fp16 and bf16, 50/60/70/80% zeros, m = 1..4 and 8, the output
+block NaN-poisoned first; and the GEMV op once under ``torch.compile(fullgraph=True)`` inside a CUDA graph. Any
+failure stops the script (exit 1) before any timing.
+
+Then, per band (50%, 60%, 70%, 80% zeros, magnitude-pruned random normal fp16 weights) and per Llama-2-7B /
+Llama-3-70B linear shape (``sparse_kernels.SHAPES``), at 1, 2 and 4 tokens: cuBLAS ``F.linear`` on the same pruned
+dense weight, the bitmap's best candidate (its GEMV at 1 token, its expand path from 2) and every banded candidate,
+each a CUDA graph of calls rotating over weight copies that overflow L2, median of replays (the protocol of
+``sparse_kernels.py --part kernels``, through its helpers); each candidate checked against float64 where it is timed.
+Reported: the ratios vs cuBLAS and vs the bitmap, bytes per weight of both layouts, the entries stored per non-zero
+(padding and fillers), and the bytes the fastest correct banded path must move (stored weight + x + y) per second as
+a fraction of this run's copy bandwidth. Results go to benchmarks/results/banded.json (records.py).
+
+``--storage`` (CPU, no kernel runs): the bytes per weight of the banded layout and of the bitmap, and the entries
+stored per non-zero (fillers, padding), over every prunable linear of a real model (the bitmap's bytes by its formula
+where its 128-input segments do not divide the width) pruned by magnitude and by Wanda
+(32 WikiText-2 calibration sequences of 128 tokens; SECATEURS_DATA names the local data) at each band's sparsity; to benchmarks/results/banded_storage.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("SECATEURS_UNVERIFIED_KERNELS", "1")  # this script is where the banded kernels are first run
+
+from secateurs.kernels import Bitmap, cuda_ops
+from secateurs.kernels.banded import Banded, band_of
+from secateurs.sparsity.masks import unstructured_mask
+
+from records import save_results
+from sparse_kernels import L2_BYTES, RESULTS, SHAPES, copy_bandwidth, graph_time_us, machine, rotating
+
+SPARSITIES = (0.5, 0.6, 0.7, 0.8)
+TOKENS = (1, 2, 4)
+CALLS = 24  # calls per graph replay, rotating over the copies
+GOOD = 2e-3  # relative error against float64 under which a candidate counts as correct
+CHECK_SHAPES = ((37, 1040), (37, 1088), (200, 4168), (576, 1536), (1536, 576), (3, 8192), (1024, 8192))
+
+
+def _pruned(n: int, k: int, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    base = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
+    return base * unstructured_mask(base.abs(), sparsity)
+
+
+def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    error = float((got.double() - reference).norm() / reference.norm())
+    return error if math.isfinite(error) else math.inf
+
+
+def _poisoned(call, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Fill the block the output will most likely reuse with NaN first, so an unwritten element shows."""
+    poison = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype, device=x.device)
+    del poison
+    return call(x)
+
+
+def checks(gen: torch.Generator) -> dict:
+    """Every banded candidate against float64 on odd shapes, both dtypes, every band, m = 1..4 and 8; and the GEMV
+    op compiled whole and replayed in a CUDA graph. Returns the errors and the failures."""
+    errors: dict[str, float] = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, k in CHECK_SHAPES:
+            for sparsity in SPARSITIES:
+                weight = _pruned(n, k, sparsity, dtype, gen)
+                fmt = Banded.compress(weight)
+                dense = weight.double()
+                for m in (1, 2, 3, 4, 8):
+                    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+                    reference = x.double() @ dense.T
+                    for name, call in fmt.cuda_candidates(m).items():
+                        errors[f"{str(dtype)[6:]} {n}x{k} {sparsity:.0%} m={m} {name}"] = _relative_error(
+                            _poisoned(call, x, n), reference)
+                cuda_ops.release_scratch()
+    weight = _pruned(256, 4096, 0.7, torch.float16, gen)
+    fmt = Banded.compress(weight)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16, generator=gen)
+    reference = x.double() @ weight.double().T
+    try:
+        step = torch.compile(lambda x: torch.ops.secateurs.banded_gemv(x, fmt.values, fmt.deltas, fmt.starts,
+                                                                      fmt.offsets, 1, 1) * 2, fullgraph=True)
+        step(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        compiled: float | str = _relative_error(out / 2, reference)
+    except Exception as exc:  # noqa: BLE001  (reported as a failure)
+        compiled = f"failed: {str(exc).splitlines()[0][:300]}"
+    failures = [name for name, error in errors.items() if not error < GOOD]
+    if not isinstance(compiled, float) or not compiled < GOOD:
+        failures.append(f"torch.compile in a CUDA graph: {compiled}")
+    worst = max(errors.values(), default=math.nan)
+    print(f"checks: {len(errors)} candidate x case products against float64 (fp16/bf16, {len(CHECK_SHAPES)} odd shapes, "
+          f"{', '.join(f'{s:.0%}' for s in SPARSITIES)} zeros, m = 1..4, 8), worst relative error {worst:.1e}; "
+          f"torch.compile(fullgraph) in a CUDA graph: {compiled}; {len(failures)} failures", flush=True)
+    for failure in failures[:40]:
+        print(f"FAIL {failure}: {errors.get(failure, '')}", flush=True)
+    return {"errors": errors, "worst": worst, "compiled_in_graph_rel_error": compiled, "failures": failures}
+
+
+def _time(calls: list) -> float:
+    return graph_time_us(calls * math.ceil(CALLS / len(calls)))
+
+
+def _candidates_us(fmt, fmts: list, m: int, x: torch.Tensor, reference: torch.Tensor) -> dict[str, dict]:
+    """Every CUDA candidate of ``fmt`` at ``m`` rows: its error against float64 and its time over the copies."""
+    out = {}
+    for name, call in cuda_ops.candidates(fmt, m).items():
+        paths = [cuda_ops.candidates(f, m)[name] for f in fmts]
+        out[name] = {"rel_error": _relative_error(call(x), reference),
+                     "us": _time([lambda p=p, x=x: p(x) for p in paths])}
+    return out
+
+
+def _best(candidates: dict[str, dict]) -> tuple[str, float] | None:
+    good = {name: c for name, c in candidates.items() if c["rel_error"] < GOOD}
+    if not good:
+        return None
+    name = min(good, key=lambda nm: good[nm]["us"])
+    return name, good[name]["us"]
+
+
+def shape_rows(n: int, k: int, bandwidth: float, gen: torch.Generator) -> list[dict]:
+    """cuBLAS (once per token count), then per band the bitmap's and the banded layout's candidates."""
+    rows = []
+    xs = {m: torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen) for m in TOKENS}
+    dense_probe = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
+    dense_ws = [dense_probe] + rotating(lambda i, d=dense_probe: d.clone(), max(0, math.ceil(L2_BYTES / dense_probe.nbytes) - 1))
+    cublas = {m: _time([lambda w=w, x=xs[m]: F.linear(x, w) for w in dense_ws]) for m in TOKENS}
+    del dense_ws, dense_probe
+    for sparsity in SPARSITIES:
+        weight = _pruned(n, k, sparsity, torch.float16, gen)
+        fmt, bitmap = Banded.compress(weight), Bitmap.compress(weight)
+        nonzeros = int((weight != 0).sum())
+        band = band_of(1.0 - nonzeros / weight.numel())
+        fmts = [fmt] + rotating(lambda i, f=fmt: f.clone(), math.ceil(L2_BYTES / fmt.nbytes()) - 1)
+        bitmaps = [bitmap] + rotating(lambda i, b=bitmap: b.clone(), math.ceil(L2_BYTES / bitmap.nbytes()) - 1)
+        for m in TOKENS:
+            x = xs[m]
+            reference = x.double() @ weight.double().T
+            moved = fmt.nbytes() + x.nbytes + m * n * 2
+            dense_bytes = n * k * 2 + x.nbytes + m * n * 2
+            row = {"N": n, "K": k, "sparsity": sparsity, "band": band.name if band else None, "tokens": m,
+                   "cublas_us": cublas[m], "bytes_per_weight": fmt.nbytes() / weight.numel(),
+                   "bitmap_bytes_per_weight": bitmap.nbytes() / weight.numel(),
+                   "entries_per_nonzero": fmt.entries() / max(nonzeros, 1), "byte_limit": dense_bytes / moved,
+                   "banded": _candidates_us(fmt, fmts, m, x, reference),
+                   "bitmap": _candidates_us(bitmap, bitmaps, m, x, reference)}
+            best, best_bitmap = _best(row["banded"]), _best(row["bitmap"])
+            if best:
+                row.update(best=best[0], us=best[1], speedup=cublas[m] / best[1],
+                           bw_fraction=moved / (best[1] * 1e-6) / bandwidth)
+            if best_bitmap:
+                row.update(bitmap_best=best_bitmap[0], bitmap_us=best_bitmap[1], bitmap_speedup=cublas[m] / best_bitmap[1])
+            if best and best_bitmap:
+                row["vs_bitmap"] = best_bitmap[1] / best[1]
+            row["max_rel_error"] = max((c["rel_error"] for c in row["banded"].values()), default=math.nan)
+            rows.append(row)
+            print(_line(row), flush=True)
+        del fmts, bitmaps, fmt, bitmap, weight
+        cuda_ops.release_scratch()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _line(row: dict) -> str:
+    banded = (f"{row['us']:.1f} | **{row['speedup']:.2f}×** | {row['bw_fraction']:.2f} | {row['best']}" if "best" in row
+              else "— | no correct kernel | — | —")
+    bitmap = f"{row['bitmap_us']:.1f} ({row['bitmap_speedup']:.2f}×)" if "bitmap_us" in row else "—"
+    versus = f"{row['vs_bitmap']:.2f}×" if "vs_bitmap" in row else "—"
+    return (f"| {row['sparsity']:.0%} | {row['N']}×{row['K']} | {row['tokens']} | {row['cublas_us']:.1f} | {banded} | "
+            f"{bitmap} | {versus} | {row['bytes_per_weight']:.3f} / {row['bitmap_bytes_per_weight']:.3f} | "
+            f"{row['entries_per_nonzero']:.3f} | {row['byte_limit']:.2f}× | {row['max_rel_error']:.1e} |")
+
+
+def _bitmap_bytes(weight: torch.Tensor) -> int:
+    """The bitmap's fp16 bytes for ``weight``: values, one bit per weight, an int32 offset per 128 inputs (by its
+    formula, so a width the bitmap refuses, not a multiple of 128, still compares)."""
+    rows, cols = weight.shape
+    return 2 * int((weight != 0).sum()) + rows * (-(-cols // 32)) * 4 + rows * (-(-cols // 128)) * 4
+
+
+def storage(model: str, calib_samples: int = 32) -> dict:
+    """Bytes per weight (fp16) of the banded layout and the bitmap over a real model's pruned linears."""
+    import copy
+
+    from secateurs.api import PruneConfig, prunable_linears, prune
+    from secateurs.data.calib import CalibConfig
+    from secateurs.engine.options import EngineOptions
+    from secateurs.model.linear import weight_matrix
+    from secateurs.model.load import load_model
+
+    loaded = load_model(model)
+    rows = []
+    print("| method | zeros | banded B/weight | bitmap B/weight | ratio | entries per non-zero | fillers | padding | "
+          "layers held |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for method in ("magnitude", "wanda"):
+        for sparsity in SPARSITIES:
+            pruned = copy.copy(loaded)
+            pruned.model = copy.deepcopy(loaded.model)
+            calib = CalibConfig("wikitext2", calib_samples, 128) if method == "wanda" else None
+            prune(pruned, PruneConfig(method, sparsity), calib, EngineOptions(device="cpu"))
+            total = {"weights": 0, "banded": 0, "bitmap": 0, "entries": 0, "nonzeros": 0, "fillers": 0, "padding": 0}
+            held = layers = 0
+            for module in prunable_linears(pruned).values():
+                weight = weight_matrix(module).detach().half()
+                layers += 1
+                if Banded.fits(weight) is not None:
+                    continue
+                held += 1
+                fmt = Banded.compress(weight)
+                for key, value in fmt.overhead().items():
+                    total[key] += value
+                total["weights"] += weight.numel()
+                total["banded"] += fmt.nbytes()
+                total["bitmap"] += _bitmap_bytes(weight)
+            row = {"method": method, "sparsity": sparsity, "layers": layers, "layers_held": held, **total,
+                   "banded_bytes_per_weight": total["banded"] / max(total["weights"], 1),
+                   "bitmap_bytes_per_weight": total["bitmap"] / max(total["weights"], 1),
+                   "entries_per_nonzero": total["entries"] / max(total["nonzeros"], 1)}
+            rows.append(row)
+            print(f"| {method} | {sparsity:.0%} | {row['banded_bytes_per_weight']:.3f} | {row['bitmap_bytes_per_weight']:.3f} | "
+                  f"{row['banded_bytes_per_weight'] / row['bitmap_bytes_per_weight']:.3f} | {row['entries_per_nonzero']:.3f} | "
+                  f"{total['fillers'] / max(total['nonzeros'], 1):.2%} | {total['padding'] / max(total['nonzeros'], 1):.2%} | "
+                  f"{held}/{layers} |", flush=True)
+            del pruned
+    return {"model": model, "calibration": f"wikitext2, {calib_samples} x 128 tokens (wanda)", "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "banded.json")
+    parser.add_argument("--quick", action="store_true", help="only the first shape (a smoke run)")
+    parser.add_argument("--storage", action="store_true", help="CPU: bytes per weight on a real model's masks")
+    parser.add_argument("--model", default="/tmp/models35/gguf/smollm2-135m.gguf", help="--storage: the model")
+    args = parser.parse_args()
+    if args.storage:
+        started = time.time()
+        out = args.out if args.out != RESULTS / "banded.json" else RESULTS / "banded_storage.json"
+        result = storage(args.model)
+        save_results(out, {**result, "machine": machine(), "seconds": round(time.time() - started, 1)})
+        print(f"saved {out}")
+        return
+    if not torch.cuda.is_available() or cuda_ops.status():
+        sys.exit(f"error: the banded kernel benchmark needs the CUDA kernels ({cuda_ops.status()})")
+    started = time.time()
+    gen = torch.Generator("cuda").manual_seed(0)
+    checked = checks(gen)
+    if checked["failures"]:
+        save_results(args.out, {"checks": checked, "machine": machine(), "seconds": round(time.time() - started, 1)})
+        sys.exit(f"error: {len(checked['failures'])} banded products disagree with float64; no timing (saved {args.out})")
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
+    print("| zeros | shape (N×K) | tokens | cuBLAS µs | banded µs | vs cuBLAS | BW (of copy) | kernel | bitmap µs (vs cuBLAS) "
+          "| banded vs bitmap | bytes/weight banded / bitmap | entries per non-zero | byte limit | max rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    shapes = [shape for group in SHAPES.values() for shape in group.values()]
+    rows = []
+    for n, k in shapes[:1] if args.quick else shapes:
+        rows += shape_rows(n, k, bandwidth, gen)
+    save_results(args.out, {"rows": rows, "copy_bandwidth_bytes_per_s": bandwidth, "checks": checked,
+                            "machine": machine(), "seconds": round(time.time() - started, 1)})
+    print(f"saved {args.out} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
