@@ -204,10 +204,12 @@ def _emulate_loop(x: torch.Tensor, n: int, k: int, rows: int, split: int, unroll
     striding along K by 16-input steps (U-unrolled main loop, then the tail), rows and tokens clamped to valid
     addresses, warp sums, the split-K sum of the first warp of a group, and the guarded stores. ``step(row, j,
     xrow)`` is a format's step on (clamped) row ``row``, chunk ``j``, for x row ``xrow``."""
+    from secateurs.kernels import cuda_ops
+
     m = x.shape[0]
-    warps, lanes = 8, 32
+    warps, lanes = cuda_ops.WARPS, 32
     groups_per_block = warps // split
-    grid = (n + groups_per_block * rows - 1) // (groups_per_block * rows)
+    grid = cuda_ops._grid(n, rows, split)  # what gemv_launch launches
     big_w = k >> 4
     y = torch.full((m, n), float("nan"), dtype=torch.float64)
     stored = set()
@@ -274,12 +276,12 @@ def _chunk_sums(fmt, x: torch.Tensor) -> dict[tuple[int, int, int], float]:
 @pytest.mark.parametrize("kind", ["8:16", "4:8"])
 @pytest.mark.parametrize(("n", "k"), [(37, 1040), (5, 2064)])
 def test_the_shared_gemv_loop_covers_every_output_once_at_every_variant(kind, n, k):
-    """The GEMV as launched (every instantiated rows-per-warp variant, the split-K choices up to 8, 1-4 tokens
+    """The GEMV as launched (every instantiated rows-per-warp variant, every split-K choice, 1-4 tokens
     on the instantiated token buckets) on odd shapes: 37 rows (a partial warp group and block), K of 65 and 129
     chunks (main loop plus tail, and a split whose warps get no full unrolled step), equals the dense product."""
     import re
 
-    from secateurs.kernels import nm48, nm816
+    from secateurs.kernels import cuda_ops, nm48, nm816
 
     base = torch.randn(n, k, generator=torch.Generator().manual_seed(7))
     if kind == "8:16":
@@ -295,7 +297,7 @@ def test_the_shared_gemv_loop_covers_every_output_once_at_every_variant(kind, n,
         tokens = next(t for t in module.TOKENS if t >= m)
         expected = x[:m].double() @ w.double().T
         for rows in module.ROWS[tokens]:
-            for split in (1, 2, 8):
+            for split in cuda_ops.SPLITS:
                 got = _emulate_loop(x[:m], n, k, rows, split, unrolls[tokens, rows], tokens,
                                     lambda row, j, t: sums[row, j, t])
                 torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=f"m={m} r={rows} s={split}")
