@@ -525,3 +525,50 @@ def test_prune_export_says_what_an_8of16_model_runs_as(tmp_path, tiny_folder, mo
         assert kinds == {"bitmap"}
         assert "8:16 linears are stored and run as bitmap: the 8:16 kernels are not yet verified on a GPU" in said
         assert "SECATEURS_UNVERIFIED_KERNELS=1 stores 8:16 weights as 8:16" in said
+
+
+def test_the_candidates_launch_the_source_kernels_with_their_signatures(monkeypatch, opted_in):
+    """The Python side of every 8:16 candidate on a CPU: cuda_ops._launch replaced by the kernels' emulations, fed
+    exactly what the launcher passes (kernel name, grid, tensors, integers, in the order of sparse816.cu's entry
+    points), so a wrong name, argument order, grid or unit count fails here, not on a GPU."""
+    import re
+
+    from secateurs.kernels import cuda_ops, nm816
+
+    source = nm816.SOURCE.read_text()
+    unrolls = {(int(t), int(r)): int(u) for t, r, u in re.findall(r"GEMV816\(DT, BF, (\d+), (\d+), (\d+)\)", source)}
+    assert "gemv816_##DT##_t##T##_r##R(const u16* x, const u16* vals, const u32* pos, u16* y, int M, int N," in source
+    assert "expand816_c##C(const u16* vals, const u32* pos, u16* out, long long units)" in source
+    w = _w816(37, 1040, seed=9, dtype=torch.float16)
+    fmt = Nm816.compress(w)
+    launched = []
+
+    def fake_launch(name, grid, tensors, ints, warps=cuda_ops.WARPS, source=None, shared=0, int_type=None):
+        launched.append(name)
+        assert source == nm816.SOURCE
+        gemv = re.fullmatch(r"gemv816_f16_t(\d)_r(\d)", name)
+        if gemv:
+            tokens, rows = int(gemv.group(1)), int(gemv.group(2))
+            x, values, meta, y = tensors
+            m, n, k, split = ints
+            assert grid == cuda_ops._grid(n, rows, split) and warps == cuda_ops.WARPS
+            sums = _chunk_sums(Nm816(values, meta, (n, k)), x)
+            y.copy_(_emulate_loop(x, n, k, rows, split, unrolls[tokens, rows], tokens,
+                                  lambda row, j, t: sums[row, j, t]).to(y.dtype))
+            return
+        chunks = int(re.fullmatch(r"expand816_c(\d)", name).group(1))
+        values, meta, out = tensors
+        (units,) = ints
+        assert units * chunks * 16 == w.numel() and int_type is not None
+        out[: w.numel()].copy_(_emulate_expand816(Nm816(values, meta, fmt.shape), chunks).reshape(-1))
+
+    monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
+    monkeypatch.setattr(cuda_ops, "_launch", fake_launch)
+    monkeypatch.setattr(cuda_ops, "_SCRATCH", {})
+    for m in (1, 3, 9):
+        x = torch.randn(m, 1040, generator=torch.Generator().manual_seed(m)).half()
+        candidates = fmt.cuda_candidates(m)
+        assert candidates
+        for name, call in candidates.items():
+            torch.testing.assert_close(call(x).double(), x.double() @ w.double().T, rtol=2e-3, atol=2e-3, msg=name)
+    assert {"gemv816_f16_t1_r2", "gemv816_f16_t4_r1", "expand816_c1"} <= set(launched)
