@@ -551,6 +551,7 @@ def test_the_candidates_launch_the_source_kernels_with_their_signatures(monkeypa
             tokens, rows = int(gemv.group(1)), int(gemv.group(2))
             x, values, meta, y = tensors
             m, n, k, split = ints
+            assert m == x.shape[0]
             assert grid == cuda_ops._grid(n, rows, split) and warps == cuda_ops.WARPS
             sums = _chunk_sums(Nm816(values, meta, (n, k)), x)
             y.copy_(_emulate_loop(x, n, k, rows, split, unrolls[tokens, rows], tokens,
