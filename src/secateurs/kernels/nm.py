@@ -2,8 +2,9 @@
 weights in every run of M inputs, stored as N values per group in column order (``values`` (out, in * N / M),
 a kept value may be zero) and their positions in position tables of the format's own layout.
 
-Everything but that layout lives here: which weights fit (``supports``: groups of M with at most N non-zeros,
-a width of whole 16-input chunks, the sparsity ceiling past which the bitmap is smaller), building from a weight
+Everything but that layout lives here: which weights fit (``fits``: groups of M with at most N non-zeros, a
+width of whole 16-input chunks, the sparsity ceiling past which the bitmap is smaller; ``supports`` adds that a
+format whose GEMV never ran on a GPU is stored only under the opt-in), building from a weight
 or a keep-mask, the mask and the exact expansion, and the CUDA candidates (the format's GEMV for 1-4 rows at
 the rows-per-warp and split-K choices, the expand path into the shared scratch from row bucket 8). A format
 file says how its positions are packed (``_pack``) and read back (``positions``), which tensors its kernels
@@ -56,8 +57,8 @@ class NmFormat(SparseFormat):
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> str | None:
-        """None where :func:`choose_format` may store ``weight`` here: the format is :meth:`unavailable` nowhere,
-        and the weight :meth:`fits`."""
+        """None where :func:`choose_format` may store ``weight`` here: the format is not :meth:`unavailable` and
+        the weight :meth:`fits`."""
         return cls.unavailable() or cls.fits(weight)
 
     @classmethod
