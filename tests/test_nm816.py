@@ -573,3 +573,34 @@ def test_the_candidates_launch_the_source_kernels_with_their_signatures(monkeypa
         for name, call in candidates.items():
             torch.testing.assert_close(call(x).double(), x.double() @ w.double().T, rtol=2e-3, atol=2e-3, msg=name)
     assert {"gemv816_f16_t1_r2", "gemv816_f16_t4_r1", "expand816_c1"} <= set(launched)
+
+
+def test_bench_and_generate_run_an_8of16_export_on_its_format(tmp_path, tiny_folder, opted_in):
+    """`prune --export sparse` writes 8:16 layers, `generate` greedy-decodes them like the dense-equivalent model
+    and says they run as 8:16, and `bench` runs the export with only its stored bytes (CPU: the reference path)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import secateurs
+    from secateurs.cli import app
+
+    out = tmp_path / "s816"
+    done = CliRunner().invoke(app, ["prune", str(tiny_folder), "--out", str(out), "--device", "cpu", "--method", "magnitude",
+                                    "--pattern", "8:16", "--export", "sparse"])
+    assert done.exit_code == 0, done.output
+    loaded = load_model(str(out))
+    kinds = [layer.kind for layer in sparse_layers(loaded.model).values()]
+    expected = secateurs.generate(loaded, "the quick brown", 6, device="cpu").text
+    done = CliRunner().invoke(app, ["generate", str(out), "--prompt", "the quick brown", "--max-new-tokens", "6"])
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith(expected + "\n")
+    assert f"8:16 × {kinds.count('8:16')} on sparse kernels" in done.stdout
+    report = tmp_path / "bench.json"
+    done = CliRunner().invoke(app, ["bench", str(out), "--baseline", str(tiny_folder), "--device", "cpu", "--prompt-lengths",
+                                    "8", "--batches", "1", "--new-tokens", "2", "--warmup", "0", "--repeats", "1",
+                                    "--json", str(report)])
+    assert done.exit_code == 0, done.output
+    sparse = json.loads(report.read_text())["results"][1]
+    assert sparse["extra_mib"] == 0
+    assert json.loads(report.read_text())["ratios"]["sparse"]["weight_fraction"]["all"] < 1.0
