@@ -117,6 +117,7 @@ def test_bands_and_what_runs_outside_them():
     assert [band_of(s).name for s in (0.5, 0.59, 0.6, 0.74, 0.75, 0.9)] == ["50-60%", "50-60%", "60-75%", "60-75%",
                                                                           "75-90%", "75-90%"]
     assert band_of(0.49) is None and band_of(0.91) is None
+    assert band_of(0.59996).name == "60-75%" and band_of(0.49996).name == "50-60%"  # pruned to 60% / 50%, rounded
     for sparsity in (0.3, 0.95):
         reason = Banded.fits(_weight(8, 256, sparsity))
         assert "outside every band" in reason and "bitmap" in reason and "\n" not in reason

@@ -73,7 +73,9 @@ BANDS = (
 
 
 def band_of(sparsity: float) -> Band | None:
-    """The band a weight with this fraction of zeros falls in, or None outside every band."""
+    """The band a weight with this fraction of zeros falls in, or None outside every band; taken to a tenth of a
+    percent, so a weight pruned to 60% whose count rounds to 59.99% is in the 60-75% band."""
+    sparsity = round(sparsity, 3)
     for band in BANDS:
         if band.low <= sparsity < band.high or (band is BANDS[-1] and sparsity == band.high):
             return band
@@ -244,7 +246,7 @@ class Banded(SparseFormat):
         if m < 1 or k % 8 or k >= 2**16 or self.piece not in PIECES or self.offsets.dtype != torch.int32 \
                 or self.starts.dtype != torch.int16 or self.deltas.dtype != torch.uint8 \
                 or not cuda_ops.ready(self.values.view(padded, self.piece), 16, padded, self.piece) \
-                or not cuda_ops.ready(self.deltas, 8, padded, self.piece // 2) \
+                or not cuda_ops.ready(self.deltas, self.piece // 2, padded, self.piece // 2) \
                 or not cuda_ops.ready(self.starts.view(padded, 1), 2, padded, 1) \
                 or not cuda_ops.ready(self.offsets.view(-1, 1), 4, n * nseg + 1, 1):
             return {}
