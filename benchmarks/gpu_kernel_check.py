@@ -205,11 +205,11 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                     print(f"SparseLinear {label_} {n}x{k} m={m}: rel err {err:.1e}, extra bytes {layer.extra_bytes()}, "
                           f"shared {cuda_ops.scratch_bytes()}", flush=True)
                 if n == 576:
-                    rows_for = {"cuda_mma24_r1_w8": 8, "cuda_gemv816_r2_s1": 1, "cuda_gemvbd_p32_r1_s1": 1,
+                    rows_for = {"cuda_mma24_r1_w8": 8, "cuda_gemv816_r2_s2": 1, "cuda_gemvbd_p32_r1_s1": 1,
                                 "cuda_gemvbd_p16_r1_s1": 1}  # the rest at 512
                     compiled += [(fmt, name, rows_for.get(name, 512)) for name in
                                  ("cuda_gemm24_m128_n128_s4", "cuda_wgmma24_m128_n256_s5_i1", "expand_cublas",
-                                  "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4", "cuda_gemv816_r2_s1",
+                                  "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4", "cuda_gemv816_r2_s2",
                                   "cuda_gemvbd_p32_r1_s1", "cuda_gemvbd_p16_r1_s1")
                                  if name in cuda_ops.candidates(fmt, rows_for.get(name, 512))]
                 del layer, dense
