@@ -138,15 +138,14 @@ def _best(candidates: dict[str, dict]) -> tuple[str, float] | None:
 
 
 def shape_rows(n: int, k: int, bandwidth: float, gen: torch.Generator) -> list[dict]:
-    """cuBLAS (once per token count), then per band the bitmap's and the banded layout's candidates."""
+    """Per band: cuBLAS on the pruned dense weight, the bitmap's and the banded layout's candidates, per token count."""
     rows = []
     xs = {m: torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen) for m in TOKENS}
-    dense_probe = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
-    dense_ws = [dense_probe] + rotating(lambda i, d=dense_probe: d.clone(), max(0, math.ceil(L2_BYTES / dense_probe.nbytes) - 1))
-    cublas = {m: _time([lambda w=w, x=xs[m]: F.linear(x, w) for w in dense_ws]) for m in TOKENS}
-    del dense_ws, dense_probe
     for sparsity in SPARSITIES:
         weight = _pruned(n, k, sparsity, torch.float16, gen)
+        dense_ws = [weight] + rotating(lambda i, w=weight: w.clone(), math.ceil(L2_BYTES / weight.nbytes) - 1)
+        cublas = {m: _time([lambda w=w, x=xs[m]: F.linear(x, w) for w in dense_ws]) for m in TOKENS}
+        del dense_ws
         fmt, bitmap = Banded.compress(weight), Bitmap.compress(weight)
         nonzeros = int((weight != 0).sum())
         band = band_of(1.0 - nonzeros / weight.numel())

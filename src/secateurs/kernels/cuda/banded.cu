@@ -21,7 +21,8 @@
 //   per entry:     one byte extract (PRMT), one add to the piece cursor (the shared-memory byte address), one
 //                  shared load per token (the token's array is an immediate offset), one fp16/bf16 -> fp32
 //                  conversion, one FMA per token.
-// The fourth entry's address is the next cursor. Rows past N and tokens past M are computed on clamped (valid)
+// The fourth entry's address is the next cursor. Each lane loads its next piece into a second register set before
+// multiplying the current one (the first before x is staged), so weight bytes stay in flight. Rows past N and tokens past M are computed on clamped (valid)
 // addresses and never stored.
 
 #include "common.cuh"
@@ -97,6 +98,33 @@ __device__ __forceinline__ void piece_dot(float (&ps)[T], const u32 (&v)[P / 8][
     }
 }
 
+// Piece i of a warp group's run (rows r = 0..R-1 after one another): its row r and its loads.
+template <int P, int R>
+__device__ __forceinline__ void fetch(const u16* vals, const u8* deltas, const u16* starts, const int (&a)[R],
+                                      const int (&c)[R + 1], int i, u32 (&v)[P / 8][4], u32 (&d)[P / 8], u32& st,
+                                      int& r) {
+    int base = a[0];
+    r = 0;
+#pragma unroll
+    for (int q = 1; q < R; ++q) {
+        r = i >= c[q] ? q : r;
+        base = i >= c[q] ? a[q] - c[q] : base;
+    }
+    load_piece<P>((const char*)vals, deltas, starts, (u32)(base + i), v, d, st);
+}
+
+// One piece's products added to its row's sums.
+template <bool BF16, int T, int P, int R, int KS>
+__device__ __forceinline__ void accumulate(float (&acc)[R][T], const u32 (&v)[P / 8][4], const u32 (&d)[P / 8], u32 cur,
+                                           int r, const float (*xs)[KS]) {
+    float ps[T];
+    piece_dot<BF16, T, P, KS>(ps, v, d, cur, xs);
+#pragma unroll
+    for (int q = 0; q < R; ++q)
+#pragma unroll
+        for (int t = 0; t < T; ++t) acc[q][t] += (R == 1 || r == q) ? ps[t] : 0.f;
+}
+
 template <bool BF16, int T, int P, int R>
 __device__ __forceinline__ void gemvbd(const u16* __restrict__ x, const u16* __restrict__ vals,
                                        const u8* __restrict__ deltas, const u16* __restrict__ starts,
@@ -114,23 +142,8 @@ __device__ __forceinline__ void gemvbd(const u16* __restrict__ x, const u16* __r
         for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
     for (int k0 = 0; k0 < K; k0 += KS) {
         const int kn = min(KS, K - k0);
-        __syncthreads();
-        // Stage: 8 inputs per thread and step, 16-byte loads, two 16-byte shared stores.
-        for (int i = threadIdx.x; i < (kn >> 3) * T; i += blockDim.x) {
-            const int t = i / (kn >> 3), q = i - t * (kn >> 3);
-            u32 h[4];
-            ld_nc_v4(x + (size_t)min(t, M - 1) * K + k0 + q * 8, h);
-            float f[8];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) unpack2<BF16>(h[e], f[2 * e], f[2 * e + 1]);
-            float* dst = &xs[t][q * 8];
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(bd_smem(dst)), "f"(f[0]), "f"(f[1]),
-                         "f"(f[2]), "f"(f[3]) : "memory");
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(bd_smem(dst + 4)), "f"(f[4]), "f"(f[5]),
-                         "f"(f[6]), "f"(f[7]) : "memory");
-        }
-        __syncthreads();
-        // The pieces of this group's R rows in this stage: row r's run [a[r], a[r] + c[r+1] - c[r]).
+        // The pieces of this group's R rows in this stage: row r's run [a[r], a[r] + c[r+1] - c[r]), dealt one per
+        // lane and step, row r's after row r-1's (only the last step leaves lanes idle).
         const int s0 = k0 / SEG, s1 = min(s0 + KS / SEG, nseg);
         int a[R], c[R + 1];
         c[0] = 0;
@@ -141,24 +154,38 @@ __device__ __forceinline__ void gemvbd(const u16* __restrict__ x, const u16* __r
             const int len = row0 + r < N ? ld_nc_s32(offs + n * nseg + s1) - a[r] : 0;
             c[r + 1] = c[r] + len;
         }
-        const int total = c[R];
+        const int total = c[R], step = 32 * S;
         const u32 k4 = (u32)k0 * 4u;
-        // One piece per lane and step (row r's pieces after row r-1's): only the last step leaves lanes idle.
-        for (int i = s * 32 + lane; i < total; i += 32 * S) {
-            int r = 0, base = a[0];
+        // Two register sets, A and B: the first piece's loads are issued before x is staged, and every step loads
+        // the next piece into the other set before multiplying this one, so weight bytes stay in flight.
+        u32 va[P / 8][4], da[P / 8], sa, vb[P / 8][4], db[P / 8], sb;
+        int ra = 0, rb = 0;
+        int i = s * 32 + lane;
+        if (i < total) fetch<P, R>(vals, deltas, starts, a, c, i, va, da, sa, ra);
+        __syncthreads();  // every warp is done with the previous stage's inputs
+        // Stage: 8 inputs per thread and step, 16-byte loads, two 16-byte shared stores.
+        for (int q = threadIdx.x; q < (kn >> 3) * T; q += blockDim.x) {
+            const int t = q / (kn >> 3), e8 = q - t * (kn >> 3);
+            u32 h[4];
+            ld_nc_v4(x + (size_t)min(t, M - 1) * K + k0 + e8 * 8, h);
+            float f[8];
 #pragma unroll
-            for (int q = 1; q < R; ++q) {
-                r = i >= c[q] ? q : r;
-                base = i >= c[q] ? a[q] - c[q] : base;
-            }
-            u32 v[P / 8][4], d[P / 8], st;
-            load_piece<P>((const char*)vals, deltas, starts, (u32)(base + i), v, d, st);
-            float ps[T];
-            piece_dot<BF16, T, P, KS>(ps, v, d, st * 4u - k4, xs);
-#pragma unroll
-            for (int q = 0; q < R; ++q)
-#pragma unroll
-                for (int t = 0; t < T; ++t) acc[q][t] += (R == 1 || r == q) ? ps[t] : 0.f;
+            for (int e = 0; e < 4; ++e) unpack2<BF16>(h[e], f[2 * e], f[2 * e + 1]);
+            float* dst = &xs[t][e8 * 8];
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(bd_smem(dst)), "f"(f[0]), "f"(f[1]),
+                         "f"(f[2]), "f"(f[3]) : "memory");
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(bd_smem(dst + 4)), "f"(f[4]), "f"(f[5]),
+                         "f"(f[6]), "f"(f[7]) : "memory");
+        }
+        __syncthreads();
+        while (i < total) {
+            if (i + step < total) fetch<P, R>(vals, deltas, starts, a, c, i + step, vb, db, sb, rb);
+            accumulate<BF16, T, P, R, KS>(acc, va, da, sa * 4u - k4, ra, xs);
+            i += step;
+            if (i >= total) break;
+            if (i + step < total) fetch<P, R>(vals, deltas, starts, a, c, i + step, va, da, sa, ra);
+            accumulate<BF16, T, P, R, KS>(acc, vb, db, sb * 4u - k4, rb, xs);
+            i += step;
         }
     }
     finish<BF16, T, R>(acc, y, M, N, row0, S);
