@@ -3,6 +3,7 @@
     python benchmarks/banded.py [--out benchmarks/results/banded.json]     # GPU, about 4 minutes on an H100
     python benchmarks/banded.py --quick                                      # one shape: a smoke run
     python benchmarks/banded.py --storage [--model PATH.gguf]                # CPU: bytes on a real model's masks
+    python benchmarks/banded.py --sass [--arch sm_90]                        # CPU + nvcc: instructions per value
 
 First, every candidate ``Banded.cuda_candidates`` offers (the GEMV at 1-4 rows, the expand path from 2) is checked
 against a float64 product on odd shapes (rows not a multiple of a block, widths that end in a partial segment or are
@@ -21,7 +22,10 @@ a fraction of this run's copy bandwidth. Results go to benchmarks/results/banded
 
 ``--storage`` (CPU, no kernel runs): the bytes per weight of the banded layout and of the bitmap, and the entries
 stored per non-zero (fillers, padding), over every prunable linear of a real model (the bitmap's bytes by its formula
-where its 128-input segments do not divide the width) pruned by magnitude and by Wanda
+where its 128-input segments do not divide the width)
+
+``--sass`` (nvcc, no GPU): SASS instructions per stored entry in each banded GEMV's main loop (two pieces of P
+entries per lane) and, for comparison, per non-zero in the one-row bitmap GEMV's bit loop (the loop holding its FMA). pruned by magnitude and by Wanda
 (32 WikiText-2 calibration sequences of 128 tokens; SECATEURS_DATA names the local data) at each band's sparsity; to benchmarks/results/banded_storage.json.
 """
 
@@ -244,13 +248,63 @@ def storage(model: str, calib_samples: int = 32) -> dict:
     return {"model": model, "calibration": f"wikitext2, {calib_samples} x 128 tokens (wanda)", "rows": rows}
 
 
+def _loop(body: list[tuple[int, str]]) -> int:
+    """Instructions of the innermost loop holding the most FMAs (a backward branch's span)."""
+    import re
+
+    best = (0, 0)
+    for address, text in body:
+        branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            span = [t for a, t in body if int(branch.group(1), 16) <= a <= address]
+            fmas = sum(t.split()[0 if not t.startswith("@") else 1].startswith("FFMA") for t in span)
+            if fmas > best[0] or (fmas == best[0] and len(span) < best[1]):
+                best = (fmas, len(span))
+    return best[1]
+
+
+def sass(arch: str) -> list[dict]:
+    """Main-loop SASS per stored entry of every banded GEMV, and per non-zero of the bitmap GEMV's bit loop."""
+    import re
+    import subprocess
+    import tempfile
+
+    from sass_count import cuobjdump, functions
+
+    from secateurs.kernels import banded
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for source, pattern, entries in ((banded.SOURCE, r"gemvbd_(f16|bf16)_t(\d+)_p(\d+)_r(\d+)", lambda m: 2 * int(m.group(3))),
+                                         (cuda_ops.SOURCE, r"gemvbm_(f16|bf16)_t(\d+)_r1", lambda m: 1)):
+            cubin = Path(folder) / f"{source.stem}.cubin"
+            subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-o", str(cubin), str(source)], check=True)
+            text = subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+            for name, body in sorted(functions(text).items()):
+                match = re.fullmatch(pattern, name)
+                if match:
+                    loop = _loop(body)
+                    rows.append({"kernel": name, "loop": loop, "entries": entries(match),
+                                 "per_entry": loop / entries(match)})
+    print(f"| kernel ({arch}) | main-loop instructions | stored entries per lane | per stored entry |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['kernel']} | {row['loop']} | {row['entries']} | {row['per_entry']:.2f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "banded.json")
     parser.add_argument("--quick", action="store_true", help="only the first shape (a smoke run)")
     parser.add_argument("--storage", action="store_true", help="CPU: bytes per weight on a real model's masks")
     parser.add_argument("--model", default="/tmp/models35/gguf/smollm2-135m.gguf", help="--storage: the model")
+    parser.add_argument("--sass", action="store_true", help="nvcc, no GPU: SASS instructions per stored entry")
+    parser.add_argument("--arch", default="sm_90", help="--sass: the architecture")
     args = parser.parse_args()
+    if args.sass:
+        sass(args.arch)
+        return
     if args.storage:
         started = time.time()
         out = args.out if args.out != RESULTS / "banded.json" else RESULTS / "banded_storage.json"

@@ -22,8 +22,8 @@
 //                  shared load per token (the token's array is an immediate offset), one fp16/bf16 -> fp32
 //                  conversion, one FMA per token.
 // The fourth entry's address is the next cursor. Each lane loads its next piece into a second register set before
-// multiplying the current one (the first before x is staged), so weight bytes stay in flight. Rows past N and tokens past M are computed on clamped (valid)
-// addresses and never stored.
+// multiplying the current one (the first before x is staged), so weight bytes stay in flight. Rows past N and
+// tokens past M are computed on clamped (valid) addresses and never stored.
 
 #include "common.cuh"
 
