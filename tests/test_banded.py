@@ -155,16 +155,16 @@ def _byte(word: int, j: int) -> int:
     return (word >> (8 * j)) & 0xFF
 
 
-def _piece_offsets(words_d: list[int], piece: int, p: int, cur: int, mult: int) -> list[int]:
-    """banded.cu's decode of piece p's deltas: per word, the low and high nibbles as bytes, times ``mult`` (the
-    running byte offsets), each entry's offset = the cursor plus its byte; the fourth becomes the cursor."""
+def _piece_offsets(words_d: list[int], piece: int, p: int, cur: int, mult: int, shift: int) -> list[int]:
+    """banded.cu's decode of piece p's deltas: per word, the low and high nibbles as bytes, times ``mult`` (running
+    sums), each entry's offset = the cursor plus its byte shifted left by ``shift``; the fourth becomes the cursor."""
     offs = []
     for g in range(piece // 8):
         d = words_d[p * piece // 8 + g]
         lo = ((d & 0x0F0F0F0F) * mult) & M32
         hi = (((d >> 4) & 0x0F0F0F0F) * mult) & M32
         for pre in (lo, hi):
-            four = [(cur + _byte(pre, j)) & M32 for j in range(4)]
+            four = [(cur + (_byte(pre, j) << shift)) & M32 for j in range(4)]
             cur = four[3]
             offs += four
     return offs
@@ -184,7 +184,8 @@ def _piece_values(words_v: list[int], piece: int, p: int, dtype: torch.dtype) ->
 
 def _emulate_gemv(x: torch.Tensor, fmt: Banded, tokens: int, rows: int, split: int) -> torch.Tensor:
     """gemvbd<BF16, T, P, R> for grid(n, rows, split) blocks of 8 warps, lane by lane: x staged per 8192/T inputs,
-    each warp group's R rows' pieces concatenated and dealt one per lane; accumulation in float64."""
+    a column's T tokens side by side (4T bytes a column), each warp group's R rows' pieces concatenated and dealt one
+    per lane; accumulation in float64."""
     n, k = fmt.shape
     m = x.shape[0]
     piece, dtype = fmt.piece, fmt.values.dtype
@@ -216,13 +217,14 @@ def _emulate_gemv(x: torch.Tensor, fmt: Banded, tokens: int, rows: int, split: i
                                 if i >= c[q]:
                                     r, base = q, a[q] - c[q]
                             p = base + i
-                            cur = (starts[p] * 4 - k0 * 4) & M32
-                            offsets = _piece_offsets(words_d, piece, p, cur, 0x04040404)
+                            column = 4 * tokens
+                            cur = (starts[p] * column - k0 * column) & M32
+                            offsets = _piece_offsets(words_d, piece, p, cur, 0x01010101, column.bit_length() - 1)
                             values = _piece_values(words_v, piece, p, dtype)
                             for off, w in zip(offsets, values):
-                                assert off % 4 == 0 and off < 4 * kn, "a read outside the staged inputs"
-                                for t in range(tokens):
-                                    acc[r][t] += w * float(xs_all[min(t, m - 1), k0 + off // 4])
+                                assert off % column == 0 and off < column * kn, "a read outside the staged inputs"
+                                for t in range(tokens):  # one 4T-byte load: token t at byte off + 4t
+                                    acc[r][t] += w * float(xs_all[min(t, m - 1), k0 + off // column])
             for r in range(rows):
                 for t in range(min(tokens, m)):
                     if row0 + r < n:
@@ -261,7 +263,7 @@ def _emulate_expand(fmt: Banded) -> torch.Tensor:
         buf = [0] * width
         for p in range(offs[unit], offs[unit + 1]):
             cur = ((starts[p] - c0) * 2) & M32
-            offsets = _piece_offsets(words_d, fmt.piece, p, cur, 0x02020202)
+            offsets = _piece_offsets(words_d, fmt.piece, p, cur, 0x02020202, 0)
             base = p * 16 + (p & ~7) * (2 * fmt.piece - 16)
             bits = []
             for c in range(fmt.piece // 8):

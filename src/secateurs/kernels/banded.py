@@ -30,9 +30,9 @@ the bitmap holds it.
 Kernels (never run on a GPU yet, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, which is also what lets
 :func:`secateurs.kernels.registry.choose_format` store unstructured weights in this layout; without it they go to the
 bitmap as before): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the
-rows per warp group, about 6.4 SASS instructions per stored entry at 1 token (the bitmap GEMV's loop: 13 per
-non-zero, nvcc 13 sm_90); and from 2 rows on an expand kernel into the scratch every format shares
-(``cuda_ops.scratch_matmul``), then cuBLAS.
+rows per warp group, about 6.6 / 7.6 / 9.6 SASS instructions per stored entry at 1 / 2 / 4 tokens (nvcc 13 sm_90,
+``python benchmarks/banded.py --sass``; the bitmap GEMV's loop: 13 / 16 per non-zero at 1 / 2); and from 2 rows on an
+expand kernel into the scratch every format shares (``cuda_ops.scratch_matmul``), then cuBLAS.
 """
 
 from __future__ import annotations

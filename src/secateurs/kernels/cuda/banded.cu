@@ -13,14 +13,14 @@
 // start.
 //
 // GEMV: a block of 8 warps; S warps share R output rows and take the pieces of those rows one per lane (balanced
-// by non-zero count, not by row). x is staged per 8192/T inputs (whole segments) in shared memory as fp32, one
-// array per token. Per piece a lane makes P/8 16-byte loads of values, one P/2-byte load of deltas and one 2-byte
-// load of the start; then, with no branch and a fixed trip count of P:
-//   per 4 entries: one AND (or shift + AND) isolating four deltas as bytes, one multiply by 0x04040404 that turns
-//                  them into four running byte offsets (prefix sums <= 240, no carry);
-//   per entry:     one byte extract (PRMT), one add to the piece cursor (the shared-memory byte address), one
-//                  shared load per token (the token's array is an immediate offset), one fp16/bf16 -> fp32
-//                  conversion, one FMA per token.
+// by non-zero count, not by row). x is staged per 8192/T inputs (whole segments) in shared memory as fp32, the T
+// tokens of a column side by side (one 4-, 8- or 16-byte shared load serves every token, which also spreads the
+// bank conflicts of random columns over fewer requests). Per piece a lane makes P/8 16-byte loads of values, one
+// P/2-byte load of deltas and one 2-byte load of the start; then, with no branch and a fixed trip count of P:
+//   per 4 entries: one AND (or shift + AND) isolating four deltas as bytes, one multiply by 0x01010101 that turns
+//                  them into four running column offsets (prefix sums <= 60, no carry);
+//   per entry:     one byte extract (PRMT), one shift-and-add (LEA) onto the piece cursor (the byte offset in the
+//                  staged inputs), one shared load, one fp16/bf16 -> fp32 conversion, one FMA per token.
 // The fourth entry's address is the next cursor. Each lane loads its next piece into a second register set before
 // multiplying the current one (the first before x is staged), so weight bytes stay in flight. Rows past N and
 // tokens past M are computed on clamped (valid) addresses and never stored.
@@ -65,33 +65,41 @@ __device__ __forceinline__ void load_piece(const char* vals, const u8* deltas, c
     start = ld_stream_u16(starts + p);
 }
 
+// The T tokens' inputs of one column, side by side in shared memory: one 4-, 8- or 16-byte load serves every token.
+template <int T> struct XCol;
+template <> struct __align__(4) XCol<1> { float t[1]; };
+template <> struct __align__(8) XCol<2> { float t[2]; };
+template <> struct __align__(16) XCol<4> { float t[4]; };
+
 // One piece: P entries, ps[t] = sum of value x x[t][column]. `cur` is the byte offset of the piece's first column
-// in a token's staged array.
-template <bool BF16, int T, int P, int KS>
+// in the staged inputs (4T bytes a column).
+template <bool BF16, int T, int P>
 __device__ __forceinline__ void piece_dot(float (&ps)[T], const u32 (&v)[P / 8][4], const u32 (&d)[P / 8], u32 cur,
-                                          const float (*xs)[KS]) {
+                                          const XCol<T>* xs) {
+    constexpr int SHIFT = T == 1 ? 2 : T == 2 ? 3 : 4;  // log2 of a column's bytes
 #pragma unroll
     for (int t = 0; t < T; ++t) ps[t] = 0.f;
 #pragma unroll
     for (int g = 0; g < P / 8; ++g) {
-        const u32 lo = (d[g] & 0x0f0f0f0fu) * 0x04040404u;         // byte j: 4 x (delta 0 + ... + delta j)
-        const u32 hi = ((d[g] >> 4) & 0x0f0f0f0fu) * 0x04040404u;  // the same for entries 4..7
+        const u32 lo = (d[g] & 0x0f0f0f0fu) * 0x01010101u;         // byte j: delta 0 + ... + delta j (<= 60)
+        const u32 hi = ((d[g] >> 4) & 0x0f0f0f0fu) * 0x01010101u;  // the same for entries 4..7
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const u32 pre = h ? hi : lo;
             u32 off[4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) off[j] = cur + __byte_perm(pre, 0u, 0x4440u + j);
+            for (int j = 0; j < 4; ++j) off[j] = cur + (__byte_perm(pre, 0u, 0x4440u + j) << SHIFT);
             cur = off[3];
 #pragma unroll
             for (int j = 0; j < 4; j += 2) {
                 float w0, w1;
                 unpack2<BF16>(v[g][2 * h + (j >> 1)], w0, w1);
+                const XCol<T> x0 = *(const XCol<T>*)((const char*)xs + off[j]);
+                const XCol<T> x1 = *(const XCol<T>*)((const char*)xs + off[j + 1]);
 #pragma unroll
                 for (int t = 0; t < T; ++t) {
-                    const char* base = (const char*)xs[t];
-                    ps[t] = fmaf(w0, *(const float*)(base + off[j]), ps[t]);
-                    ps[t] = fmaf(w1, *(const float*)(base + off[j + 1]), ps[t]);
+                    ps[t] = fmaf(w0, x0.t[t], ps[t]);
+                    ps[t] = fmaf(w1, x1.t[t], ps[t]);
                 }
             }
         }
@@ -114,11 +122,11 @@ __device__ __forceinline__ void fetch(const u16* vals, const u8* deltas, const u
 }
 
 // One piece's products added to its row's sums.
-template <bool BF16, int T, int P, int R, int KS>
+template <bool BF16, int T, int P, int R>
 __device__ __forceinline__ void accumulate(float (&acc)[R][T], const u32 (&v)[P / 8][4], const u32 (&d)[P / 8], u32 cur,
-                                           int r, const float (*xs)[KS]) {
+                                           int r, const XCol<T>* xs) {
     float ps[T];
-    piece_dot<BF16, T, P, KS>(ps, v, d, cur, xs);
+    piece_dot<BF16, T, P>(ps, v, d, cur, xs);
 #pragma unroll
     for (int q = 0; q < R; ++q)
 #pragma unroll
@@ -131,7 +139,7 @@ __device__ __forceinline__ void gemvbd(const u16* __restrict__ x, const u16* __r
                                        const int* __restrict__ offs, u16* __restrict__ y, int M, int N, int K, int S,
                                        int nseg) {
     constexpr int KS = STAGE / T;
-    __shared__ __align__(16) float xs[T][KS];
+    __shared__ XCol<T> xs[KS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = warp / S, s = warp % S;
     const int row0 = (blockIdx.x * (WARPS / S) + g) * R;
@@ -155,7 +163,7 @@ __device__ __forceinline__ void gemvbd(const u16* __restrict__ x, const u16* __r
             c[r + 1] = c[r] + len;
         }
         const int total = c[R], step = 32 * S;
-        const u32 k4 = (u32)k0 * 4u;
+        const u32 kb = (u32)k0 * (4u * T);  // the stage's first column, in staged bytes
         // Two register sets, A and B: the first piece's loads are issued before x is staged, and every step loads
         // the next piece into the other set before multiplying this one, so weight bytes stay in flight.
         u32 va[P / 8][4], da[P / 8], sa, vb[P / 8][4], db[P / 8], sb;
@@ -163,28 +171,32 @@ __device__ __forceinline__ void gemvbd(const u16* __restrict__ x, const u16* __r
         int i = s * 32 + lane;
         if (i < total) fetch<P, R>(vals, deltas, starts, a, c, i, va, da, sa, ra);
         __syncthreads();  // every warp is done with the previous stage's inputs
-        // Stage: 8 inputs per thread and step, 16-byte loads, two 16-byte shared stores.
-        for (int q = threadIdx.x; q < (kn >> 3) * T; q += blockDim.x) {
-            const int t = q / (kn >> 3), e8 = q - t * (kn >> 3);
-            u32 h[4];
-            ld_nc_v4(x + (size_t)min(t, M - 1) * K + k0 + e8 * 8, h);
-            float f[8];
+        // Stage: 8 columns of every token per thread and step (T 16-byte loads), 8T floats column-major into
+        // shared memory in 2T 16-byte stores.
+        for (int q = threadIdx.x; q < (kn >> 3); q += blockDim.x) {
+            float f[8][T];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) unpack2<BF16>(h[e], f[2 * e], f[2 * e + 1]);
-            float* dst = &xs[t][e8 * 8];
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(bd_smem(dst)), "f"(f[0]), "f"(f[1]),
-                         "f"(f[2]), "f"(f[3]) : "memory");
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(bd_smem(dst + 4)), "f"(f[4]), "f"(f[5]),
-                         "f"(f[6]), "f"(f[7]) : "memory");
+            for (int t = 0; t < T; ++t) {
+                u32 h[4];
+                ld_nc_v4(x + (size_t)min(t, M - 1) * K + k0 + q * 8, h);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) unpack2<BF16>(h[e], f[2 * e][t], f[2 * e + 1][t]);
+            }
+            const float* flat = &f[0][0];
+            const u32 dst = bd_smem(&xs[q * 8]);
+#pragma unroll
+            for (int e = 0; e < 2 * T; ++e)
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(dst + 16 * e), "f"(flat[4 * e]),
+                             "f"(flat[4 * e + 1]), "f"(flat[4 * e + 2]), "f"(flat[4 * e + 3]) : "memory");
         }
         __syncthreads();
         while (i < total) {
             if (i + step < total) fetch<P, R>(vals, deltas, starts, a, c, i + step, vb, db, sb, rb);
-            accumulate<BF16, T, P, R, KS>(acc, va, da, sa * 4u - k4, ra, xs);
+            accumulate<BF16, T, P, R>(acc, va, da, sa * (4u * T) - kb, ra, xs);
             i += step;
             if (i >= total) break;
             if (i + step < total) fetch<P, R>(vals, deltas, starts, a, c, i + step, va, da, sa, ra);
-            accumulate<BF16, T, P, R, KS>(acc, vb, db, sb * 4u - k4, rb, xs);
+            accumulate<BF16, T, P, R>(acc, vb, db, sb * (4u * T) - kb, rb, xs);
             i += step;
         }
     }
