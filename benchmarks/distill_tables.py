@@ -24,8 +24,12 @@ run cut off keeps what it measured; ``--table`` prints the table of a results fi
     SECATEURS_DATA=../shared/data python benchmarks/distill_tables.py --model MODEL.gguf --device cuda
 
 On an H100 one 2M-token recovery takes about 80 s (LoRA: 26k tokens/s), so the whole matrix (nine
-recoveries, shearing's mask learning, fourteen measurements) takes about 15 minutes: split it over
-calls with ``--cases a,b`` then ``--cases c,d,e --keep``.
+recoveries, shearing's mask learning, fourteen measurements) takes about 15 minutes in one process:
+split it over calls with ``--cases a,b`` then ``--cases c,d,e --keep``, or run the cases side by side
+with ``--jobs N`` (one child process per case, at most N at once, on the same GPU: a 135M model leaves
+an H100 mostly idle, launch-bound). Side by side, each row's tokens/s is measured while sharing the
+GPU (``concurrent_jobs`` in its row says with how many); the recovery-cost goal (tokens/s with and
+without the teacher) is read from a ``--jobs 1`` run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ import argparse
 import copy
 import json
 import platform
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -279,10 +287,15 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="Merge into the rows already in --results.")
     parser.add_argument("--table", type=Path, metavar="JSON", help="Print the table of a results file instead.")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Run the cases side by side, one child process per case, at most this many at once.")
+    parser.add_argument("--no-dense", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: the parent measures it
     args = parser.parse_args()
     if args.table:
         print_table(args.table)
         return
+    if args.jobs < 1:
+        raise SystemExit("--jobs needs at least 1")
     from secateurs.device import resolve_device
     from secateurs.model.load import load_model
     from secateurs.training.config import parse_tokens
@@ -295,14 +308,72 @@ def main() -> None:
     teacher.model.to(device).eval().requires_grad_(False)
     measure = Measure(teacher, args, device)
     table = Table(args)
-    table.add({"case": "dense", "recipe": "dense", "loss": "-", **measure(teacher), "tokens": 0,
-               "params": sum(p.numel() for p in teacher.model.parameters()),
-               "held_out_loss": measure.held_out_loss(teacher)})
-    for case in args.cases.split(","):
-        start = time.perf_counter()
-        run_case(case, base, teacher, measure, table, args, device)
-        print(f"case {case}: {time.perf_counter() - start:.1f} s", flush=True)
-    print_table(args.results)
+    if not args.no_dense:
+        table.add({"case": "dense", "recipe": "dense", "loss": "-", **measure(teacher), "tokens": 0,
+                   "params": sum(p.numel() for p in teacher.model.parameters()),
+                   "held_out_loss": measure.held_out_loss(teacher)})
+    cases = args.cases.split(",")
+    if args.jobs > 1 and len(cases) > 1:
+        del base, teacher, measure  # the children load their own; the parent only merges their rows
+        side_by_side(cases, table, args)
+    else:
+        for case in cases:
+            start = time.perf_counter()
+            run_case(case, base, teacher, measure, table, args, device)
+            print(f"case {case}: {time.perf_counter() - start:.1f} s", flush=True)
+    if not args.no_dense:
+        print_table(args.results)
+
+
+def side_by_side(cases: list[str], table: Table, args) -> None:
+    """Each case in a child process of this script (same settings, its own results file), at most
+    ``args.jobs`` at once; each child's lines are echoed with its case as prefix, and its rows merged into
+    ``table`` (marked with how many ran at once) as it ends. A child that fails is reported and the rest go on."""
+    passed = _without(sys.argv[1:], valued=("--jobs", "--cases", "--results"), flags=("--keep",))
+    concurrent = min(args.jobs, len(cases))
+    failed = []
+    lock = threading.Lock()  # rows arrive from several threads; the results file is rewritten per row
+    with tempfile.TemporaryDirectory(prefix="distill-jobs-") as folder:
+        def run(case: str) -> None:
+            out = Path(folder) / f"{case}.json"
+            child = subprocess.Popen(
+                [sys.executable, __file__, *passed, "--cases", case, "--results", str(out), "--no-dense"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in child.stdout:
+                print(f"[{case}] {line}", end="", flush=True)
+            if child.wait() != 0 or not out.is_file():
+                failed.append(case)
+                return
+            with lock:
+                for row in json.loads(out.read_text())["rows"]:
+                    table.add({**row, "concurrent_jobs": concurrent})
+
+        pending = list(cases)
+        running: list[threading.Thread] = []
+        while pending or running:
+            running = [t for t in running if t.is_alive()]
+            while pending and len(running) < concurrent:
+                thread = threading.Thread(target=run, args=(pending.pop(0),))
+                thread.start()
+                running.append(thread)
+            time.sleep(0.5)
+    if failed:
+        print(f"cases that failed: {', '.join(failed)} (their lines above say why)", flush=True)
+
+
+def _without(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` less the options ``valued`` (``--x V`` or ``--x=V``) and the bare ``flags``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in valued:
+            skip = "=" not in arg
+        elif name not in flags:
+            kept.append(arg)
+    return kept
 
 
 if __name__ == "__main__":
