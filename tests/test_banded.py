@@ -324,6 +324,22 @@ def test_registry_keeps_the_bitmap_without_the_opt_in(not_opted_in):
     assert "SECATEURS_UNVERIFIED_KERNELS=1" in Banded.supports(_weight(16, 256, 0.7))
 
 
+def test_every_format_choose_format_holds_back_says_why_in_unavailable(monkeypatch, not_opted_in):
+    """The contract (docs/CONTRIBUTING.md, "Adding a kernel format"): a format kept from storing weights for want of
+    the opt-in says so in ``unavailable()`` (what ``prune --export sparse`` reports), and ``fits`` stays the
+    layout's own check; with the opt-in neither holds it back."""
+    from secateurs.kernels.registry import format_classes
+
+    held = [cls.kind for cls in format_classes() if cls.unavailable()]
+    assert {"banded", "8:16"} <= set(held) and "bitmap" not in held and "2:4" not in held and "4:8" not in held
+    assert all(cuda_ops.UNVERIFIED_ENV in format_class.unavailable() for format_class in format_classes()
+               if format_class.kind in held)
+    assert Banded.fits(_weight(16, 256, 0.7)) is None
+    monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "1")
+    cuda_ops.unverified_offered.cache_clear()
+    assert not any(cls.unavailable() for cls in format_classes())
+
+
 def test_registry_stores_banded_with_the_opt_in_and_the_bitmap_outside_the_bands(opted_in):
     for sparsity in (0.5, 0.7, 0.85, 0.9):
         fmt_cls, why = choose_format(_weight(16, 256, sparsity), 0.5)

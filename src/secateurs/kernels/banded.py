@@ -22,9 +22,9 @@ Tensors (``kernels/cuda/banded.cu`` reads them as they are):
 - ``offsets`` (rows * segments + 1,) int32: where each (row, segment)'s pieces start.
 
 The piece count is padded to a multiple of 8 (at least 8). Bytes per weight at density d (fp16, P = 32 / 16):
-``d * (1 + f) * (2.5 + 2 / P)`` with f the padding and filler entries per non-zero; 50% zeros: about 1.29 (the
+``d * (1 + f) * (2.5 + 2 / P)`` with f the padding and filler entries per non-zero; 50% zeros: about 1.30 (the
 bitmap: 1.16; the 4-bit deltas cost 2 bits per weight where the bitmap spends 1); 70%: about 0.80 (bitmap 0.76);
-80%: 0.53 (bitmap 0.56). A weight outside every band (fewer than 50% or more than 90% zeros) is not stored here:
+80%: 0.56 (bitmap 0.56). A weight outside every band (fewer than 50% or more than 90% zeros) is not stored here:
 the bitmap holds it.
 
 Kernels (never run on a GPU yet, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, which is also what lets
@@ -99,14 +99,20 @@ class Banded(SparseFormat):
     kind = "banded"
     parts = ("values", "deltas", "starts", "offsets")
 
-    @staticmethod
-    def supports(weight: torch.Tensor) -> str | None:
-        """None where :func:`choose_format` may store the weight here: only with the opt-in (the kernels have never
-        run on a GPU), then where :meth:`fits` says it fits."""
-        if not cuda_ops.unverified_offered():
-            return (f"the banded layout's kernels are not yet verified on a GPU ({cuda_ops.UNVERIFIED_ENV}=1 "
-                    "stores unstructured weights in it)")
-        return Banded.fits(weight)
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> str | None:
+        """None where :func:`choose_format` may store the weight here: the layout is not :meth:`unavailable` and
+        the weight :meth:`fits`."""
+        return cls.unavailable() or cls.fits(weight)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Only with the opt-in: the kernels have never run on a GPU, and without them the reference would run at
+        every token count, far slower than the bitmap that holds these weights otherwise."""
+        if cuda_ops.unverified_offered():
+            return None
+        return (f"the banded layout's kernels are not yet verified on a GPU ({cuda_ops.UNVERIFIED_ENV}=1 "
+                "stores unstructured weights in it)")
 
     @staticmethod
     def fits(weight: torch.Tensor) -> str | None:
