@@ -429,3 +429,47 @@ def test_every_kernel_the_format_launches_is_instantiated_and_the_source_compile
     for binary in nvcc_cubins(banded.SOURCE).values():
         assert all(f"gemvbd_{dt}_t{t}_p{p}_r{r}" in binary for dt in ("f16", "bf16") for t, p, r in made)
         assert all(f"expandbd_p{p}" in binary for p in expands)
+
+
+def test_the_candidates_launch_the_source_kernels_with_their_signatures(monkeypatch, opted_in):
+    """The Python side of every banded candidate on a CPU: cuda_ops._launch replaced by the kernels' emulations, fed
+    exactly what the launchers pass (kernel name, grid, warps, tensors and integers in the order of banded.cu's entry
+    points), so a wrong name, argument order, grid or output width fails here, not on a GPU."""
+    source = banded.SOURCE.read_text()
+    assert ("gemvbd_##DT##_t##T##_p##P##_r##R(const u16* x, const u16* vals, const u8* deltas, const u16* starts, \\\n"
+            "                                         const int* offs, u16* y, int M, int N, int K, int S, int nseg)") in source
+    assert ("expandbd_p##P(const u16* vals, const u8* deltas, const u16* starts, const int* offs, u16* out, int N, \\\n"
+            "                      int K, int nseg)") in source
+    w = _weight(37, 4168, 0.7, seed=10, dtype=torch.float16)
+    fmt = Banded.compress(w)
+    launched = []
+
+    def fake_launch(name, grid, tensors, ints, warps=cuda_ops.WARPS, source=None, shared=0, int_type=None):
+        launched.append(name)
+        assert source == banded.SOURCE and warps == cuda_ops.WARPS and shared == 0 and int_type is None
+        gemv = re.fullmatch(r"gemvbd_f16_t(\d)_p(\d+)_r(\d)", name)
+        if gemv:
+            tokens, piece, rows = map(int, gemv.groups())
+            x, values, deltas, starts, offsets, y = tensors
+            m, n, k, split, nseg = ints
+            assert (m, k, nseg) == (x.shape[0], x.shape[1], -(-k // SEG)) and (n, k) == fmt.shape
+            assert piece == fmt.piece and y.shape == (m, n) and x.is_contiguous() and x.data_ptr() % 16 == 0
+            assert grid == -(-n // ((8 // split) * rows))  # what _emulate_gemv walks
+            y.copy_(_emulate_gemv(x, Banded(values, deltas, starts, offsets, (n, k)), tokens, rows, split).to(y.dtype))
+            return
+        assert name == f"expandbd_p{fmt.piece}"
+        values, deltas, starts, offsets, out = tensors
+        n, k, nseg = ints
+        assert (n, k, nseg) == (*fmt.shape, -(-k // SEG)) and grid * cuda_ops.WARPS >= n * nseg  # a warp per unit
+        out[: n * k].copy_(_emulate_expand(Banded(values, deltas, starts, offsets, (n, k))).reshape(-1))
+
+    monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
+    monkeypatch.setattr(cuda_ops, "_launch", fake_launch)
+    monkeypatch.setattr(cuda_ops, "_SCRATCH", {})
+    for m in (1, 3, 9):
+        x = torch.randn(m, 4168, generator=torch.Generator().manual_seed(m)).half()
+        candidates = fmt.cuda_candidates(m)
+        assert candidates
+        for name, call in candidates.items():
+            torch.testing.assert_close(call(x).double(), x.double() @ w.double().T, rtol=2e-3, atol=2e-3, msg=name)
+    assert {f"gemvbd_f16_t1_p{fmt.piece}_r1", f"gemvbd_f16_t4_p{fmt.piece}_r2", f"expandbd_p{fmt.piece}"} <= set(launched)
