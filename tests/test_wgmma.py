@@ -26,6 +26,7 @@ flight), and that the cp.async -> fence.proxy.async -> barrier -> wgmma order is
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -438,9 +439,14 @@ def test_sm90a_target_only_for_the_wgmma_source_and_cache_keys_unchanged(monkeyp
             cuda_ops._compile((10, 3), wgmma.SOURCE, "a")  # no native target: no PTX fallback for sm_XYa
     finally:
         cuda_ops.cache_dir.cache_clear()
-    assert calls[0][0] == "--gpu-architecture=sm_90" and calls[1][0] == "--gpu-architecture=sm_90a"
+    assert calls[0] == ["--gpu-architecture=sm_90", *cuda_ops.OPTIONS] and calls[1][0] == "--gpu-architecture=sm_90a"
     names = sorted(p.name for p in tmp_path.iterdir())
     assert sorted(n.split("-")[0] + " " + n.rsplit("-", 2)[1] for n in names) == ["sparse24_wgmma sm90a", "sparse_gemv sm90"]
+    # the key of a source without a suffix, computed as _compile did before ARCH_SUFFIX existed
+    text, common = cuda_ops.SOURCE.read_bytes(), cuda_ops.COMMON.read_bytes()
+    options = ("--gpu-architecture=sm_90", *cuda_ops.OPTIONS)
+    digest = hashlib.sha256(text + b"\0" + common + "\0".join(options).encode()).hexdigest()[:16]
+    assert f"sparse_gemv-{digest}-sm90-nvrtc13.5.cubin" in names
     assert cuda_ops.ARCH_SUFFIX == {wgmma.SOURCE: "a"}
 
 
