@@ -1,10 +1,11 @@
 """CUDA C++ sparse kernels, compiled at run time through NVRTC: no CUDA toolkit needed.
 
-The source (``kernels/cuda/sparse_gemv.cu``, shipped as package data) is compiled on first use for the
-GPU's architecture by NVRTC through NVIDIA's ``cuda-python`` bindings (``pip install 'secateurs[kernels]'``;
-NVRTC itself comes with PyTorch's CUDA wheels) and the binary is cached on disk under
-``~/.cache/secateurs/kernels`` (``SECATEURS_KERNEL_CACHE`` overrides), keyed by the source and options
-hash, the target architecture and the NVRTC version. Kernels launch on PyTorch's current stream.
+The sources (``kernels/cuda/*.cu``, one module each, all including ``common.cuh``; shipped as package data) are
+compiled on first use for the GPU's architecture by NVRTC through NVIDIA's ``cuda-python`` bindings
+(``pip install 'secateurs[kernels]'``; NVRTC itself comes with PyTorch's CUDA wheels) and each binary is cached on
+disk under ``~/.cache/secateurs/kernels`` (``SECATEURS_KERNEL_CACHE`` overrides), keyed by the hash of the source,
+``common.cuh`` and the options, the target architecture (``sm_90a`` for a source in :data:`ARCH_SUFFIX`) and the
+NVRTC version. Kernels launch on PyTorch's current stream.
 
 Every kernel reads the stored tensors as they are (one position table in memory, no derived copy):
 
@@ -39,11 +40,13 @@ Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` off
 
 - ``status()``: None when the kernels can run on the current GPU, else one line saying why not.
 - ``candidates(fmt, m)``: name -> callable ``x (m, K) -> y (m, N)`` for a weight on the GPU, in the order
-  to try them (the first is the measured default); ``{}`` where no kernel applies. Each format says which
-  of these kernels it offers (``cuda_candidates`` in ``kernels/sparse24.py`` and ``kernels/bitmap.py``).
+  to try them (the first is the untimed default: the measured best where the kernel has run on a GPU); ``{}``
+  where no kernel applies. Each format says which of these kernels it offers (``cuda_candidates`` in
+  ``kernels/sparse24.py``, ``kernels/bitmap.py``, ``kernels/nm.py`` for the N:M formats, ``kernels/banded.py``).
 - Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``sparse24_mma``,
-  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``; the N:M ones in ``kernels/nm48.py`` and
-  ``kernels/nm816.py``, ``banded_gemv`` and ``banded_expand`` in ``kernels/banded.py``) with a fake implementation, so CUDA graphs and
+  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``; ``sparse24_wgmma`` in ``kernels/wgmma.py``;
+  the N:M ones in ``kernels/nm48.py`` and ``kernels/nm816.py``; ``banded_gemv`` and ``banded_expand`` in
+  ``kernels/banded.py``) with a fake implementation, so CUDA graphs and
   ``torch.compile`` run over it without graph breaks.
 """
 

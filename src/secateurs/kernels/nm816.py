@@ -19,7 +19,7 @@ bit. The GEMV (1-4 rows) and the expand kernel of the prompt path (8 rows and mo
 every format shares, then cuBLAS) are compiled and emulated on a CPU but were never run on a GPU, so they are
 offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``. Checkpoints keep it in compressed-tensors
 ``sparse-bitmask`` (:mod:`secateurs.kernels.compressed`); a bitmask whose weight fits 8:16 (and not 4:8) loads
-as 8:16 again.
+as 8:16 again under the opt-in, as the bitmap without it (:meth:`NmFormat.unavailable`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-// Helpers every kernel source shares (sparse_gemv.cu, sparse48.cu, sparse816.cu): halves travel as 16-bit integers and are
-// converted with inline PTX, so no CUDA header is needed; NVRTC receives this file as an in-memory header
-// (kernels/cuda_ops.py), nvcc finds it beside the sources.
+// Helpers every kernel source shares (sparse_gemv.cu, sparse48.cu, sparse816.cu, banded.cu, sparse24_wgmma.cu):
+// halves travel as 16-bit integers and are converted with inline PTX, so no CUDA header is needed; NVRTC receives
+// this file as an in-memory header (kernels/cuda_ops.py), nvcc finds it beside the sources.
 #pragma once
 typedef unsigned short u16;
 typedef unsigned int u32;
