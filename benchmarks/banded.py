@@ -22,11 +22,12 @@ a fraction of this run's copy bandwidth. Results go to benchmarks/results/banded
 
 ``--storage`` (CPU, no kernel runs): the bytes per weight of the banded layout and of the bitmap, and the entries
 stored per non-zero (fillers, padding), over every prunable linear of a real model (the bitmap's bytes by its formula
-where its 128-input segments do not divide the width)
+where its 128-input segments do not divide the width), pruned by magnitude and by Wanda (32 WikiText-2 calibration
+sequences of 128 tokens; SECATEURS_DATA names the local data) at each band's sparsity; to
+benchmarks/results/banded_storage.json.
 
 ``--sass`` (nvcc, no GPU): SASS instructions per stored entry in each banded GEMV's main loop (two pieces of P
-entries per lane) and, for comparison, per non-zero in the one-row bitmap GEMV's bit loop (the loop holding its FMA). pruned by magnitude and by Wanda
-(32 WikiText-2 calibration sequences of 128 tokens; SECATEURS_DATA names the local data) at each band's sparsity; to benchmarks/results/banded_storage.json.
+entries per lane) and, for comparison, per non-zero in the one-row bitmap GEMV's bit loop (the loop holding its FMA).
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "banded.json")
     parser.add_argument("--quick", action="store_true", help="only the first shape (a smoke run)")
     parser.add_argument("--storage", action="store_true", help="CPU: bytes per weight on a real model's masks")
-    parser.add_argument("--model", default="/tmp/models35/gguf/smollm2-135m.gguf", help="--storage: the model")
+    parser.add_argument("--model", default="smollm2-135m", help="--storage: the model (the shortcut, a folder or a .gguf)")
     parser.add_argument("--sass", action="store_true", help="nvcc, no GPU: SASS instructions per stored entry")
     parser.add_argument("--arch", default="sm_90", help="--sass: the architecture")
     args = parser.parse_args()
