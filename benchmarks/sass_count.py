@@ -92,10 +92,16 @@ def main() -> None:
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--formats", default="4:8,8:16", help="comma-separated: " + ", ".join(SOURCES))
     args = parser.parse_args()
+    kinds = [kind.strip() for kind in args.formats.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in SOURCES]
+    if unknown or not kinds:
+        raise SystemExit(f"error: --formats {args.formats!r}: use a comma-separated list of {', '.join(SOURCES)}")
+    if shutil.which("nvcc") is None:
+        raise SystemExit("error: no nvcc on PATH: install the CUDA toolkit (no GPU needed)")
     print(f"| kernel ({args.arch}) | main-loop instructions | stored values per lane | per stored value |")
     print("|---|---|---|---|")
-    for kind in args.formats.split(","):
-        for row in count(kind.strip(), args.arch):
+    for kind in kinds:
+        for row in count(kind, args.arch):
             print(f"| {row['kernel']} | {row['loop']} | {row['values']} | {row['per_value']:.1f} |")
 
 
