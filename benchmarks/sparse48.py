@@ -115,12 +115,10 @@ def checks(cls: type[NmFormat], gen: torch.Generator) -> dict:
                     errors[f"{str(dtype)[6:]} {n}x{k} m={m} {name}"] = _relative_error(call(x), reference)
     weight = _wnm(cls, 256, 512, torch.float16, gen)
     fmt = cls.compress(weight)
-    tensors = tuple(fmt.tensors().values())  # the op's stored-tensor arguments, in ``parts`` order
-    op = getattr(torch.ops.secateurs, cls.gemv_name.replace("gemv", "nm") + "_gemv")
     x = torch.randn(1, 512, device="cuda", dtype=torch.float16, generator=gen)
     reference = x.double() @ weight.double().T
     try:
-        step = torch.compile(lambda x: op(x, *tensors, 1, 1) * 2, fullgraph=True)
+        step = torch.compile(lambda x: fmt._gemv(x, 1, 1) * 2, fullgraph=True)  # the format's GEMV op
         step(x)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
