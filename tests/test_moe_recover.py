@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from peft.tuners.lora.layer import LoraLayer
 from tiny_models import MOE_ARCHS, random_ids, tiny_model
 
 from secateurs.data.calib import CalibConfig
@@ -366,3 +367,75 @@ def test_an_expert_adapters_factors_are_its_slice_of_the_fused_update(arch):
                 delta = layer.wrapper.get_delta_weight("default")[layer.index]
             torch.testing.assert_close(scaling * b @ a, delta.t() if layer.transposed else delta)
             assert (scaling * b @ a).shape == base_weight(layer).shape
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_a_bf16_model_with_one_expert_and_dense_experts_trains_fp32_factors_and_keeps_its_masks(arch):
+    """On a bf16 model the expert factors are float32, as peft makes the linears' (bf16 factors would round
+    AdamW's steps away); a layer of one expert (peft's single-expert delta is 2-D) trains and merges; an
+    expert too dense for a mask is adapted whole while a pruned one keeps its zeros, in both layouts."""
+    loaded = tiny_model(arch, num_local_experts=1, num_experts_per_tok=1)
+    loaded.model.to(torch.bfloat16)
+    views = expert_views(loaded)
+    pruned_views = {name: view for name, view in views.items() if name.endswith(f".{DOWN}.0")}
+    with torch.no_grad():
+        for view in pruned_views.values():
+            w = weight_matrix(view)
+            w.mul_(unstructured_mask(w.abs(), 0.5).to(w.dtype))
+    zeros = {name: weight_matrix(view) == 0 for name, view in pruned_views.items()}
+    before = {name: weight_matrix(view).clone() for name, view in views.items()}
+    cfg = config()
+    adapters = attach(loaded, cfg)
+    assert {p.dtype for name, p in adapters.trainable().items()} == {torch.float32}
+    assert len(adapters.masked & {k for k, v in adapters.layers.items() if isinstance(v, ExpertAdapter)}) == len(zeros)
+    train_adapters(adapters, cfg, train_ids(), CPU)
+    assert adapters.merge()
+    for name, view in expert_views(loaded).items():
+        weight = weight_matrix(view)
+        assert weight.dtype == torch.bfloat16
+        kept = ~zeros[name] if name in zeros else torch.ones_like(weight, dtype=torch.bool)
+        assert bool((weight[~kept] == 0).all()), name
+        assert float((weight[kept] != before[name][kept]).float().mean()) > 0.5, name  # tuned where kept
+
+
+def test_a_peft_whose_parameter_lora_differs_is_refused_in_one_line(monkeypatch):
+    """The peft internals expert adapters rest on are checked on a toy expert stack before any model is
+    wrapped: a peft that lays the experts' factors out otherwise is one line naming the fix."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from secateurs.recover import adapters as module
+
+    original = ParamWrapper.get_delta_weight
+
+    def reordered(self, adapter_name, *args, **kwargs):  # experts as B's outer index instead of its inner one
+        b = self.lora_B[adapter_name].weight
+        with torch.no_grad():
+            interleaved = b.reshape(b.shape[0], self.num_experts, -1).transpose(1, 2).reshape(b.shape)
+        saved = b.data.clone()
+        b.data.copy_(interleaved)
+        try:
+            return original(self, adapter_name, *args, **kwargs)
+        finally:
+            b.data.copy_(saved)
+
+    monkeypatch.setattr(ParamWrapper, "get_delta_weight", reordered)
+    module._check_peft.cache_clear()
+    try:
+        with pytest.raises(UsageError, match="--no-experts") as err:
+            attach(tiny_model("olmoe"), config())
+    finally:
+        module._check_peft.cache_clear()
+    assert "\n" not in str(err.value) and "factors" in str(err.value)
+
+
+def test_a_peft_that_moves_the_given_targets_onto_the_experts_is_refused_in_one_line(monkeypatch):
+    """peft's v4-name rewrite (which would move DeepSeek's shared-expert adapters onto the routed experts) is
+    off during get_peft_model; were it to act anyway, attach stops in one line instead of training elsewhere."""
+    from secateurs.recover import adapters as module
+
+    monkeypatch.setattr(module, "_targets_as_given", contextlib.nullcontext)
+    loaded = tiny_model("deepseek_v3")
+    with pytest.raises(UsageError, match="moved the LoRA targets") as err:
+        attach(loaded, config(dropout=0.0))
+    assert "\n" not in str(err.value) and "shared_experts" in str(err.value)
+    assert not any(isinstance(m, LoraLayer) for m in loaded.model.modules())  # the model is left as it came

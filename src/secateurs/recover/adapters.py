@@ -28,10 +28,12 @@ factors, weight and keep-mask like a linear's, which is what LoRAPrune's unstruc
 
 from __future__ import annotations
 
+import functools
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+import peft
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
@@ -44,6 +46,7 @@ from peft.tuners.lora.layer import (
 from peft.utils.other import transpose
 from torch import nn
 
+from ..errors import UsageError, first_line
 from ..model.experts import DOWN, GATE_UP
 from ..model.linear import is_transposed, sparsity_of, weight_matrix
 from ..model.load import LoadedModel
@@ -105,8 +108,11 @@ class MaskedParamWrapper(ParamWrapper):
     (:meth:`get_delta_weight`, in the parameter's stored layout) is zero wherever the 3-D buffer
     ``secateurs_keep`` is False, in the forward and in the merge. Without that buffer it is peft's."""
 
-    def get_delta_weight(self, adapter_name, *args, **kwargs) -> torch.Tensor:
+    def get_delta_weight(self, adapter_name: str, *args, **kwargs) -> torch.Tensor:
         delta = super().get_delta_weight(adapter_name, *args, **kwargs)
+        if delta.dim() == 2 and self.get_param().dim() == 3:
+            # One expert: peft returns its (out, in) update (Linear's), not the stored [1, out, in] / [1, in, out].
+            delta = (delta if self._did_swap_in_out_features else delta.t()).unsqueeze(0)
         keep = self._buffers.get(KEEP)
         # In place: the delta is a fresh tensor no backward needs, and it is the size of the whole expert stack.
         return delta if keep is None else delta.masked_fill_(~keep, 0.0)
@@ -120,7 +126,9 @@ class MaskedParamWrapper(ParamWrapper):
             with super()._activate_lora(active_adapters):
                 yield
             return
-        delta = sum(self.get_delta_weight(a) for a in adapters)
+        delta = self.get_delta_weight(adapters[0])
+        for adapter in adapters[1:]:
+            delta += self.get_delta_weight(adapter)
         base = self.get_base_layer()
         requires_grad = self.get_param().requires_grad
         nn.utils.parametrize.register_parametrization(base, self.parameter_name, _LoraParameterProxy(delta))
@@ -260,14 +268,21 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if fused:
+        _check_peft()
     with torch.random.fork_rng(devices=[]):  # seeded adapter init without touching the caller's RNG
         torch.manual_seed(config.seed)
-        with _targets_as_given():
+        with _targets_as_given() if spec.moe is not None else nullcontext():
             peft_model = get_peft_model(loaded.model, lora)
         wrappers = {(i, f"{path}.{name}"): wrapper for i, path in fused.items()
                     for name, wrapper in _wrap_experts(loaded, f"{spec.blocks}.{i}.{path}", config).items()}
-    adapters = Adapters(peft_model, {key: loaded.model.get_submodule(path) for key, path in paths.items()},
-                        experts=wrappers)
+    layers = {key: loaded.model.get_submodule(path) for key, path in paths.items()}
+    moved = next((paths[key] for key, layer in layers.items() if not isinstance(layer, LoraLayer)), None)
+    if moved is not None or peft_model.peft_config[ADAPTER].target_parameters:
+        peft_model.unload()  # the model as it came
+        raise UsageError(f"peft {peft.__version__} moved the LoRA targets secateurs gave it (e.g. "
+                         f"{moved or 'onto fused parameters'}); install peft 0.21 (what secateurs is tested with)")
+    adapters = Adapters(peft_model, layers, experts=wrappers)
     transposed = spec.moe is not None and spec.moe.transposed
     for (i, path), wrapper in wrappers.items():
         for e in range(wrapper.num_experts):
@@ -285,7 +300,9 @@ def _targets_as_given():
     (``gate_proj``, ``up_proj``, ``down_proj`` in Qwen2-MoE-pattern families, DeepSeek-V2/V3 included)
     into targets on the fused expert parameters, so that adapters trained on v4 still load. Our
     targets are v5 module paths, and DeepSeek's shared expert really has those names: the rewrite
-    would move its adapters onto the routed experts (unmasked, and refused with dropout). Off here."""
+    would move its adapters onto the routed experts (unmasked, and refused with dropout). Off for the
+    length of one ``get_peft_model`` call on an MoE model; :func:`attach` then checks that every target
+    it gave is a LoRA layer, so a peft that rewrites elsewhere is one line, not a silent move."""
     import peft.utils.transformers_weight_conversion as conversion
 
     if not hasattr(conversion, "convert_peft_config_for_transformers"):
@@ -309,5 +326,68 @@ def _wrap_experts(loaded: LoadedModel, path: str, config: RecoverConfig) -> dict
     for name in (GATE_UP, DOWN):
         module = wrappers[name] = MaskedParamWrapper(module, ADAPTER, parameter_name=name, config=lora, r=config.rank,
                                                      lora_alpha=config.alpha)
+        if module.get_param().dtype in (torch.float16, torch.bfloat16):
+            # fp32 factors on a half-precision model, as get_peft_model makes the linears' (autocast_adapter_dtype):
+            # AdamW steps on bf16 factors would round most updates away.
+            module.lora_A.float()
+            module.lora_B.float()
     setattr(parent, child, module)
     return wrappers
+
+
+class _ProbeExperts(nn.Module):
+    """A toy fused-experts module for :func:`_check_peft`: its forward returns the weight it sees."""
+
+    def __init__(self, count: int, transposed: bool) -> None:
+        super().__init__()
+        self.is_transposed = transposed
+        self.weight = nn.Parameter(torch.randn((count, 5, 3) if transposed else (count, 3, 5)), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.clone()
+
+
+@functools.cache
+def _check_peft() -> None:
+    """Check, once, the peft internals expert adapters rest on, on a toy 3 x 5 expert stack of 1 and 2
+    experts in both storage orientations: the factors' layout :class:`ExpertAdapter` reads (Aₑ rows
+    e·r…, Bₑ columns e, e+E, …, an (out, in) product), the delta peft computes from them, and the
+    masked forward (a parametrization while ParamWrapper's forward runs) and merge. These are
+    private to peft and may change in any release; a peft whose behaviour differs is one line."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            for transposed in (False, True):
+                for count in (1, 2):
+                    _probe(count, transposed)
+    except Exception as exc:  # noqa: BLE001 - any failure here means peft is not the one checked
+        raise UsageError(f"peft {peft.__version__}'s parameter LoRA is not what secateurs' expert adapters were "
+                         f"built on ({first_line(exc)}); install peft 0.21, or recover with --no-experts") from None
+
+
+def _probe(count: int, transposed: bool) -> None:
+    experts = _ProbeExperts(count, transposed)
+    lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, bias="none")
+    wrapper = MaskedParamWrapper(experts, ADAPTER, parameter_name="weight", config=lora, r=2, lora_alpha=4)
+    if wrapper._did_swap_in_out_features == transposed:
+        raise AssertionError("in/out features read in the other orientation")
+    nn.init.normal_(wrapper.lora_B[ADAPTER].weight)
+    delta = wrapper.get_delta_weight(ADAPTER)
+    if delta.shape != experts.weight.shape:
+        raise AssertionError(f"delta of shape {tuple(delta.shape)} for a parameter of {tuple(experts.weight.shape)}")
+    for e in range(count):
+        a, b = ExpertAdapter(wrapper, e, transposed).factors()
+        if not torch.allclose(wrapper.scaling[ADAPTER] * b @ a, delta[e].t() if transposed else delta[e], atol=1e-5):
+            raise AssertionError("an expert's factors are not its slice of the delta")
+    keep = torch.rand(experts.weight.shape) < 0.5
+    experts.weight.mul_(keep)
+    wrapper.register_buffer(KEEP, keep, persistent=False)
+    expected = experts.weight + delta * keep
+    seen = wrapper(torch.zeros(1))
+    if not torch.allclose(seen, expected, atol=1e-5) or bool(seen[~keep].any()):
+        raise AssertionError("the masked forward does not use W + masked delta")
+    if nn.utils.parametrize.is_parametrized(experts):
+        raise AssertionError("the forward left its parametrization")
+    wrapper.merge()
+    if not torch.allclose(experts.weight, expected, atol=1e-5) or bool(experts.weight[~keep].any()):
+        raise AssertionError("the merge does not add the masked delta")
