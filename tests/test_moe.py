@@ -832,17 +832,22 @@ def test_lora_recovery_adapts_attention_and_shared_experts_and_keeps_the_experts
     assert report is not None
 
 
-def test_structured_loraprune_on_an_moe_model_is_one_line_and_writes_nothing(tmp_path, no_loading):
+@pytest.mark.parametrize("flags, message", [
+    (["--target", "channels"], "use --target unstructured"),
+    (["--target", "unstructured", "--no-experts"], "drop --no-experts"),
+])
+def test_loraprune_an_moe_model_cannot_take_is_one_line_before_loading(tmp_path, no_loading, flags, message):
+    """Structured targets, and unstructured without the expert adapters it prunes through, are refused
+    from the config and the model's skeleton, before any weight loads."""
     from typer.testing import CliRunner
 
     from secateurs.cli import app
 
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["recover", str(_folder(tmp_path, "qwen3_moe")), "--method", "loraprune",
-                                      "--target", "channels", "--steps", "2", "--seq-len", "16", "--device", "cpu",
-                                      "--out", str(out)])
+                                      *flags, "--steps", "2", "--seq-len", "16", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 2, result.output
-    assert "use --target unstructured" in " ".join(result.output.split()) and not out.exists()
+    assert message in " ".join(result.output.split()) and not out.exists()
 
 
 def test_interrupted_streamed_expert_pruning_resumes_to_the_in_memory_folder(sharded_moe, tmp_path, monkeypatch):

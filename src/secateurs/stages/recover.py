@@ -108,7 +108,8 @@ class RecoverStage(Stage):
             check_context(skeleton, seq_len=request.train.seq_len, calib_seq_len=calib_seq_len,
                           eval_seq_len=request.evaluation.seq_len if request.evaluation.datasets else None)
             if method == "loraprune":
-                request.config.layers(skeleton.spec.num_layers(skeleton.model.config), moe=skeleton.spec.moe is not None)
+                request.config.layers(skeleton.spec.num_layers(skeleton.model.config), moe=skeleton.spec.moe is not None,
+                                      experts=request.train.experts)
         if method == "iterative":
             from ..api import check_prune
 
