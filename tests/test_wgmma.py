@@ -390,6 +390,48 @@ def test_offered_only_on_hopper_and_on_request(monkeypatch):
     assert not any("wgmma" in n for n in fmt.cuda_candidates(512))
 
 
+def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch):
+    """The Python side of every wgmma candidate on a CPU, whole and split K: cuda_ops._launch replaced by the CPU model,
+    fed exactly what the launcher passes (kernel name, blocks, warps, dynamic shared memory, tensors and integers in
+    the order of sparse24_wgmma.cu's entry points), and the launcher's sum of the split workspace; so a wrong name,
+    argument order, grid, shared size or reduction fails here, not on a GPU."""
+    source = wgmma.SOURCE.read_text()
+    assert ("wgmma24_##DT##_m##BM##_n##BN##_s##S##_i##I(const u16* x, const u16* vals, const u8* meta, u16* y,   \\\n"
+            "                                                    float* ws, int M, int N, int K, int splits)") in source
+    w = _weight(100, 512, seed=11, dtype=torch.float16)
+    fmt = Sparse24.compress(w)
+    _gpu_like(monkeypatch)
+    launched = []
+
+    def fake_launch(name, grid, tensors, ints, warps=cuda_ops.WARPS, source=None, shared=0, int_type=None):
+        config = name.removeprefix("wgmma24_f16_")
+        x, values, meta, y, ws = tensors
+        m, n, k, splits = ints
+        launched.append((config, splits))
+        assert source == wgmma.SOURCE and warps == wgmma.THREADS // 32 and shared == wgmma.shared_bytes(config)
+        assert (m, k) == tuple(x.shape) and (n, k) == fmt.shape and x.is_contiguous() and x.data_ptr() % 16 == 0
+        assert values is fmt.values and meta is fmt.meta and y.shape == (m, n) and y.dtype == x.dtype
+        tiles = -(-n // wgmma.block_features(config)) * -(-m // wgmma.CONFIGS[config][1])
+        assert grid == tiles * splits and int_type is None
+        if splits == 1:
+            assert ws is y
+            y.copy_(emulate(x, fmt, config).to(y.dtype))
+        else:
+            assert ws.shape == (splits, m, n) and ws.dtype == torch.float32
+            ws.zero_()
+            ws[0].copy_(emulate(x, fmt, config, splits).float())
+
+    monkeypatch.setattr(cuda_ops, "_launch", fake_launch)
+    x = torch.randn(33, 512, generator=torch.Generator().manual_seed(12)).half()
+    candidates = {name: call for name, call in fmt.cuda_candidates(64).items() if "wgmma" in name}
+    assert any(name.endswith("_k2") for name in candidates) and any("_k" not in name for name in candidates)
+    for name, call in candidates.items():
+        got = call(x)
+        assert got.dtype == torch.float16 and got.shape == (33, 100)
+        torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=2e-3, atol=2e-3, msg=name)
+    assert {splits for _, splits in launched} == {1, 2}
+
+
 def test_a_build_failure_offers_nothing(monkeypatch):
     fmt = Sparse24.compress(_weight(256, 256, seed=6, dtype=torch.float16))
     _gpu_like(monkeypatch)
