@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import subprocess
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -257,7 +259,10 @@ def print_table(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: --jobs hands the children this command line less --jobs/--cases/--results/--keep
+    # (_without), which an abbreviated spelling (--job, --case) would slip past.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default="smollm2-135m", help="A .gguf file, folder or shortcut.")
     parser.add_argument("--cases", default="a,b,c,d,e", help=f"Comma-separated, run in this order: {', '.join(CASES)}.")
     parser.add_argument("--tokens", default="2M", help="Training tokens of every recovery.")
@@ -315,6 +320,9 @@ def main() -> None:
     cases = args.cases.split(",")
     if args.jobs > 1 and len(cases) > 1:
         del base, teacher, measure  # the children load their own; the parent only merges their rows
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the teacher's blocks back to the GPU the children share
         side_by_side(cases, table, args)
     else:
         for case in cases:
@@ -328,37 +336,42 @@ def main() -> None:
 def side_by_side(cases: list[str], table: Table, args) -> None:
     """Each case in a child process of this script (same settings, its own results file), at most
     ``args.jobs`` at once; each child's lines are echoed with its case as prefix, and its rows merged into
-    ``table`` (marked with how many ran at once) as it ends. A child that fails is reported and the rest go on."""
+    ``table`` (marked with how many ran at once) as it ends, a failed child's too (its file holds every row
+    it finished, as a cut-off run keeps what it measured). A child that fails is reported and the rest go on."""
     passed = _without(sys.argv[1:], valued=("--jobs", "--cases", "--results"), flags=("--keep",))
     concurrent = min(args.jobs, len(cases))
-    failed = []
     lock = threading.Lock()  # rows arrive from several threads; the results file is rewritten per row
     with tempfile.TemporaryDirectory(prefix="distill-jobs-") as folder:
-        def run(case: str) -> None:
-            out = Path(folder) / f"{case}.json"
+        def run(index: int, case: str) -> bool:
+            """Run one case's child; True if it ended well."""
+            out = Path(folder) / f"{index}-{case}.json"
             child = subprocess.Popen(
                 [sys.executable, __file__, *passed, "--cases", case, "--results", str(out), "--no-dense"],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             for line in child.stdout:
                 print(f"[{case}] {line}", end="", flush=True)
-            if child.wait() != 0 or not out.is_file():
-                failed.append(case)
-                return
+            code = child.wait()
+            if not out.is_file():
+                return False
             with lock:
                 for row in json.loads(out.read_text())["rows"]:
                     table.add({**row, "concurrent_jobs": concurrent})
+            return code == 0
 
-        pending = list(cases)
-        running: list[threading.Thread] = []
-        while pending or running:
-            running = [t for t in running if t.is_alive()]
-            while pending and len(running) < concurrent:
-                thread = threading.Thread(target=run, args=(pending.pop(0),))
-                thread.start()
-                running.append(thread)
-            time.sleep(0.5)
+        with ThreadPoolExecutor(max_workers=concurrent) as pool:
+            futures = [(case, pool.submit(run, index, case)) for index, case in enumerate(cases)]
+        failed = []
+        for case, future in futures:
+            try:
+                ok = future.result()
+            except Exception as exc:  # noqa: BLE001 - a child whose rows could not be read: reported with the rest
+                print(f"[{case}] {type(exc).__name__}: {exc}", flush=True)
+                ok = False
+            if not ok:
+                failed.append(case)
     if failed:
-        print(f"cases that failed: {', '.join(failed)} (their lines above say why)", flush=True)
+        print(f"cases that failed: {', '.join(failed)} (their lines above say why; rows they finished are kept)",
+              flush=True)
 
 
 def _without(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...]) -> list[str]:
