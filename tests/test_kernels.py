@@ -873,3 +873,24 @@ def test_cuda_source_compiles_for_hopper_and_ampere(nvcc_cubins):
 
     for binary in nvcc_cubins(cuda_ops.SOURCE).values():
         assert "gemm24_f16_m128_n128_s4" in binary and "expand24" in binary and "expandbm" in binary
+
+
+def test_cuda_candidates_read_nothing_back_from_the_device(monkeypatch):
+    """The dispatcher asks a format for its CUDA candidates on every call (``SparseLinear._run``), inside CUDA-graph
+    capture too, where a device-to-host read (``.item()``, ``int(tensor)``) fails the capture: every format decides
+    from shapes, dtypes and pointers alone. Checked on meta tensors, which refuse any read, with every kernel offered
+    (the opt-in on), at decode and prompt row counts."""
+    from secateurs.kernels import Nm48, Nm816, cuda_ops
+    from secateurs.kernels.banded import Banded
+
+    monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
+    monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: True)
+    base = torch.randn(64, 512, generator=torch.Generator().manual_seed(30))
+    weights = [(Sparse24, nm_mask(base.abs(), 2, 4)), (Nm48, nm_mask(base.abs(), 4, 8)),
+               (Nm816, nm_mask(base.abs(), 8, 16)), (Bitmap, unstructured_mask(base.abs(), 0.7))]
+    weights += [(Banded, unstructured_mask(base.abs(), sparsity)) for sparsity in (0.5, 0.7, 0.85)]
+    for cls, mask in weights:
+        fmt = cls.compress((base * mask).half())
+        on_meta = cls.from_parts({name: t.to("meta") for name, t in fmt.tensors().items()}, fmt.shape)
+        for m in (1, 2, 4, 8, 64):
+            assert on_meta.cuda_candidates(m), (cls.kind, m)

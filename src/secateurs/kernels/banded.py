@@ -259,7 +259,9 @@ class Banded(SparseFormat):
         cuda_ops._module(self.values.device.index, SOURCE)  # compiled once; raises where it cannot be
         found: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         if m <= TOKENS[-1]:
-            band = band_of(1.0 - self.pieces() * self.piece / max(n * k, 1)) or BANDS[0]
+            # the band from the stored piece count's shape (at most 7 padded pieces more than hold entries): the
+            # dispatcher asks for candidates on every call, inside CUDA-graph capture too, so no device read here
+            band = band_of(1.0 - padded * self.piece / max(n * k, 1)) or BANDS[0]
             rows = band.rows if self.piece == band.piece else ROWS
             splits = cuda_ops.splits(n, max(1, k // 1024))
             found.update({f"cuda_gemvbd_p{self.piece}_r{r}_s{s}": (
