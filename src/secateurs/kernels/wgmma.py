@@ -27,6 +27,8 @@ The layout, described here for the CPU model of the kernel (tests/test_wgmma.py)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import cuda_ops
@@ -153,7 +155,8 @@ def offered(device: torch.device) -> bool:
     return cuda_ops.unverified_offered() and capability(device) == (9, 0)
 
 
-def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int], m: int) -> dict:
+def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
+               m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """name -> ``x -> y`` for a 2:4 weight and ``m`` tokens (K % 64 == 0, 32 tokens and more); ``{}`` where not
     offered. Compiled on first offer (an error there offers nothing)."""
     k = shape[1]
@@ -164,7 +167,7 @@ def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
     except Exception:  # noqa: BLE001  (an NVRTC without sm_90a, a driver that cannot load it)
         return {}
     sms = sm_count(values.device)
-    offered_ = {}
+    offered_: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for c in configs(m):
         offered_[f"cuda_wgmma24_{c}"] = lambda x, c=c: sparse24_wgmma(x, values, meta, c, 1)
         splits = splits_for(c, shape, m, sms)
