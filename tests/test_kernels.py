@@ -894,3 +894,33 @@ def test_cuda_candidates_read_nothing_back_from_the_device(monkeypatch):
         on_meta = cls.from_parts({name: t.to("meta") for name, t in fmt.tensors().items()}, fmt.shape)
         for m in (1, 2, 4, 8, 64):
             assert on_meta.cuda_candidates(m), (cls.kind, m)
+
+
+def test_without_the_opt_in_only_kernels_run_on_a_gpu_are_offered(monkeypatch):
+    """Today's behaviour without SECATEURS_UNVERIFIED_KERNELS=1, on a Hopper GPU (faked: nothing compiled or
+    launched): at every row bucket every format offers only the kernels measured on a GPU (2:4's GEMV, mma.sp
+    kernel, mma.sp GEMM and expand path; 4:8's and the bitmap's GEMVs), never the wgmma GEMM, the 8:16 or banded
+    kernels, or the 4:8 / bitmap expand paths; and choose_format stores no weight in 8:16 or banded."""
+    from secateurs.kernels import Nm48, Nm816, cuda_ops, wgmma
+    from secateurs.kernels.banded import Banded
+
+    monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
+    cuda_ops.unverified_offered.cache_clear()
+    monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
+    monkeypatch.setattr(wgmma, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(wgmma, "sm_count", lambda device: 132)
+    measured = ("cuda_gemv24_", "cuda_mma24_", "cuda_gemm24_", "cuda_gemv48_", "cuda_gemv_bitmap_")
+    base = torch.randn(256, 512, generator=torch.Generator().manual_seed(31))
+    weights = [(Sparse24, nm_mask(base.abs(), 2, 4)), (Nm48, nm_mask(base.abs(), 4, 8)),
+               (Nm816, nm_mask(base.abs(), 8, 16)), (Bitmap, unstructured_mask(base.abs(), 0.7)),
+               (Banded, unstructured_mask(base.abs(), 0.7))]
+    try:
+        for cls, mask in weights:
+            w = (base * mask).half()
+            fmt = cls.compress(w)
+            for m in (1, 2, 4, 8, 32, 512, 8192):
+                for name in fmt.cuda_candidates(m):  # 2:4's expand path alone among the expand paths
+                    assert name.startswith(measured) or (cls is Sparse24 and name == "expand_cublas"), (cls.kind, m, name)
+            assert choose_format(w, 0.5)[0] in (Sparse24, Nm48, Bitmap)
+    finally:
+        cuda_ops.unverified_offered.cache_clear()
