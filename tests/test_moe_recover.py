@@ -439,3 +439,17 @@ def test_a_peft_that_moves_the_given_targets_onto_the_experts_is_refused_in_one_
         attach(loaded, config(dropout=0.0))
     assert "\n" not in str(err.value) and "shared_experts" in str(err.value)
     assert not any(isinstance(m, LoraLayer) for m in loaded.model.modules())  # the model is left as it came
+
+
+def test_an_experts_module_that_tells_peft_the_wrong_orientation_is_refused_and_left_unwrapped():
+    """peft reads a fused parameter's layout from the module's ``is_transposed``; one that disagrees with the
+    family's spec (gpt-oss's [E, in, out]) would train the factors across the wrong dimensions: one line."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    loaded = tiny_model("gpt_oss")
+    for block in loaded.spec.blocks_of(loaded.model):
+        loaded.spec.experts_of(block).is_transposed = False
+    with pytest.raises(UsageError, match="is_transposed.*--no-experts") as err:
+        attach(loaded, config())
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, BaseTunerLayer) for m in loaded.model.modules())

@@ -274,14 +274,17 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
         torch.manual_seed(config.seed)
         with _targets_as_given() if spec.moe is not None else nullcontext():
             peft_model = get_peft_model(loaded.model, lora)
-        wrappers = {(i, f"{path}.{name}"): wrapper for i, path in fused.items()
-                    for name, wrapper in _wrap_experts(loaded, f"{spec.blocks}.{i}.{path}", config).items()}
-    layers = {key: loaded.model.get_submodule(path) for key, path in paths.items()}
-    moved = next((paths[key] for key, layer in layers.items() if not isinstance(layer, LoraLayer)), None)
-    if moved is not None or peft_model.peft_config[ADAPTER].target_parameters:
-        peft_model.unload()  # the model as it came
-        raise UsageError(f"peft {peft.__version__} moved the LoRA targets secateurs gave it (e.g. "
-                         f"{moved or 'onto fused parameters'}); install peft 0.21 (what secateurs is tested with)")
+        try:  # a refusal leaves the model as it came
+            layers = {key: loaded.model.get_submodule(path) for key, path in paths.items()}
+            moved = next((paths[key] for key, layer in layers.items() if not isinstance(layer, LoraLayer)), None)
+            if moved is not None or peft_model.peft_config[ADAPTER].target_parameters:
+                raise UsageError(f"peft {peft.__version__} moved the LoRA targets secateurs gave it (e.g. "
+                                 f"{moved or 'onto fused parameters'}); install peft 0.21 (what secateurs is tested with)")
+            wrappers = {(i, f"{path}.{name}"): wrapper for i, path in fused.items()
+                        for name, wrapper in _wrap_experts(loaded, f"{spec.blocks}.{i}.{path}", config).items()}
+        except UsageError:
+            peft_model.unload()
+            raise
     adapters = Adapters(peft_model, layers, experts=wrappers)
     transposed = spec.moe is not None and spec.moe.transposed
     for (i, path), wrapper in wrappers.items():
@@ -323,9 +326,13 @@ def _wrap_experts(loaded: LoadedModel, path: str, config: RecoverConfig) -> dict
     parent = loaded.model.get_submodule(parent_path)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none")
     module, wrappers = getattr(parent, child), {}
+    transposed = loaded.spec.moe.transposed
     for name in (GATE_UP, DOWN):
         module = wrappers[name] = MaskedParamWrapper(module, ADAPTER, parameter_name=name, config=lora, r=config.rank,
                                                      lora_alpha=config.alpha)
+        if module._did_swap_in_out_features == transposed:  # peft reads the layout from the module's is_transposed
+            raise UsageError(f"{path}.{name} is stored {'[E, in, out]' if transposed else '[E, out, in]'} but its "
+                             "module tells peft otherwise (is_transposed); recover with --no-experts")
         if module.get_param().dtype in (torch.float16, torch.bfloat16):
             # fp32 factors on a half-precision model, as get_peft_model makes the linears' (autocast_adapter_dtype):
             # AdamW steps on bf16 factors would round most updates away.
