@@ -116,10 +116,12 @@ def test_a_few_steps_of_the_expert_adapters_alone_lower_the_loss_on_random_token
     assert sum(log.losses[-3:]) < sum(log.losses[:3])
 
 
-def test_experts_off_adds_no_expert_adapter_and_leaves_the_others_seeded_start_unchanged():
+def test_experts_off_adds_no_expert_adapter_and_leaves_the_others_seeded_start_unchanged(capsys):
     """``experts=False`` is the recovery before expert adapters: none attached, the experts untouched;
-    and turning them on does not move the other adapters' seeded initialisation."""
-    on = attach(pruned("qwen2_moe"), config())
+    and turning them on does not move the other adapters' seeded initialisation (the expert adapters,
+    which have no dropout, say so in one line)."""
+    on = attach(pruned("qwen2_moe"), config(dropout=0.05))
+    assert "routed experts' adapters train without dropout" in capsys.readouterr().err
     loaded = pruned("qwen2_moe")
     experts = fused(loaded)
     off = attach(loaded, config(experts=False))

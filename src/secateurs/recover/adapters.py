@@ -270,6 +270,9 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
     )
     if fused:
         _check_peft()
+        if config.dropout:
+            print(f"secateurs: the routed experts' adapters train without dropout (peft's parameter LoRA has none); "
+                  f"--dropout {config.dropout:g} applies to the other linears", file=sys.stderr)
     with torch.random.fork_rng(devices=[]):  # seeded adapter init without touching the caller's RNG
         torch.manual_seed(config.seed)
         with _targets_as_given() if spec.moe is not None else nullcontext():
