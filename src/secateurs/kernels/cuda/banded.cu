@@ -47,6 +47,7 @@ __device__ __forceinline__ u32 piece_byte(u32 p) {
 template <int P>
 __device__ __forceinline__ void load_piece(const char* vals, const u8* deltas, const u16* starts, u32 p,
                                            u32 (&v)[P / 8][4], u32 (&d)[P / 8], u32& start) {
+    static_assert(P == 16 || P == 32, "pieces of 16 or 32 entries (banded.py PIECES)");
     const char* vp = vals + piece_byte<P>(p);
 #pragma unroll
     for (int c = 0; c < P / 8; ++c) ld_stream_v4(vp + c * 128, v[c]);
@@ -55,12 +56,10 @@ __device__ __forceinline__ void load_piece(const char* vals, const u8* deltas, c
         ld_stream_v4(deltas + p * 16u, q);
 #pragma unroll
         for (int g = 0; g < P / 8; ++g) d[g] = q[g];
-    } else if (P == 16) {
+    } else {
         const unsigned long long q = ld_stream_u64(deltas + p * 8u);
         d[0] = (u32)q;
         d[P / 8 - 1] = (u32)(q >> 32);
-    } else {
-        d[0] = ld_stream_u32(deltas + p * 4u);
     }
     start = ld_stream_u16(starts + p);
 }
