@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -118,7 +119,7 @@ class MaskedParamWrapper(ParamWrapper):
         return delta if keep is None else delta.masked_fill_(~keep, 0.0)
 
     @contextmanager
-    def _activate_lora(self, active_adapters: list[str]):
+    def _activate_lora(self, active_adapters: list[str]) -> Iterator[None]:
         """peft's, except that a masked parameter always takes the delta path (peft folds a single
         adapter's unmasked factors in with ``baddbmm``, which would undo the mask)."""
         adapters = [a for a in active_adapters if a in self.lora_A]
@@ -301,7 +302,7 @@ def attach(loaded: LoadedModel, config: RecoverConfig, mask_all: bool = False) -
 
 
 @contextmanager
-def _targets_as_given():
+def _targets_as_given() -> Iterator[None]:
     """peft under transformers 5 rewrites LoRA targets named like transformers 4's MoE experts
     (``gate_proj``, ``up_proj``, ``down_proj`` in Qwen2-MoE-pattern families, DeepSeek-V2/V3 included)
     into targets on the fused expert parameters, so that adapters trained on v4 still load. Our
