@@ -76,7 +76,7 @@ def smollm2_folder() -> Path:
     return _shortcut_folder("smollm2-135m")
 
 
-TRAINING_MODULES = {"test_recover", "test_recover_loop", "test_shear"}
+TRAINING_MODULES = {"test_recover", "test_recover_loop", "test_shear", "test_moe_recover"}
 """Test files whose tests run training loops (LoRA, LoRAPrune, shearing, iterative pruning)."""
 
 
