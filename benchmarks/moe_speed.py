@@ -63,6 +63,7 @@ SHAPES = {
                            max_position_embeddings=256, eos_token_id=2, pad_token_id=1, bos_token_id=0)),
 }
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+VARIANTS = ("dense", "experts50", "24", "experts50+24")
 
 
 def build(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype, implementation: str):
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="olmoe-1b-7b")
     parser.add_argument("--layers", type=int, default=None, help="Keep only the first N blocks (default: all).")
     parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--variants", default="dense,experts50,24,experts50+24")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--decode-methods", default="cuda-graph", help="cuda-graph and/or compile (eager is the fallback).")
     parser.add_argument("--tiny", action="store_true", help="A tiny config on the CPU: checks the script, no speed claim.")
     args = parser.parse_args()
@@ -119,6 +120,9 @@ def main() -> None:
                         new_tokens=4 if args.tiny else 64, warmup=1 if args.tiny else 2, repeats=1 if args.tiny else 5,
                         decode_methods=tuple(args.decode_methods.split(",")))
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:  # an unknown name would otherwise be measured as the dense model under its label
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     results, notes, started = [], {}, time.time()
     for variant in variants:
         implementations = IMPLEMENTATIONS if variant == "dense" else ("grouped_mm",)
