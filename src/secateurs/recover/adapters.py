@@ -377,6 +377,7 @@ def _check_peft() -> None:
 
 
 def _probe(count: int, transposed: bool) -> None:
+    """One case of :func:`_check_peft`: raises (AssertionError or peft's own error) where peft differs."""
     experts = _ProbeExperts(count, transposed)
     lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, bias="none")
     wrapper = MaskedParamWrapper(experts, ADAPTER, parameter_name="weight", config=lora, r=2, lora_alpha=4)
