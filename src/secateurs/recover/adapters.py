@@ -310,8 +310,10 @@ def _targets_as_given() -> Iterator[None]:
     would move its adapters onto the routed experts (unmasked, and refused with dropout). Off for the
     length of one ``get_peft_model`` call on an MoE model; :func:`attach` then checks that every target
     it gave is a LoRA layer, so a peft that rewrites elsewhere is one line, not a silent move."""
-    import peft.utils.transformers_weight_conversion as conversion
-
+    try:
+        import peft.utils.transformers_weight_conversion as conversion
+    except ImportError:  # a peft without the rewrite (attach's check catches one that rewrites elsewhere)
+        conversion = None
     if not hasattr(conversion, "convert_peft_config_for_transformers"):
         yield
         return
