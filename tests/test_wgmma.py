@@ -441,6 +441,9 @@ def test_a_build_failure_offers_nothing(monkeypatch):
 
     monkeypatch.setattr(cuda_ops, "_module", fail)
     assert wgmma.candidates(fmt.values, fmt.meta, fmt.shape, 512) == {}
+    from secateurs.kernels.linear import fallback_notes
+
+    assert any("wgmma.sp GEMM was not built (NVRTC cannot target sm_90a)" in line for line in fallback_notes())
 
 
 def test_sm90a_target_only_for_the_wgmma_source_and_cache_keys_unchanged(monkeypatch, tmp_path):

@@ -164,7 +164,11 @@ def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
         return {}
     try:
         cuda_ops._module(values.device.index, SOURCE)
-    except Exception:  # noqa: BLE001  (an NVRTC without sm_90a, a driver that cannot load it)
+    except Exception as exc:  # noqa: BLE001  (an NVRTC without sm_90a, a driver that cannot load it)
+        from .linear import note  # linear imports the formats, which import this module
+
+        note(f"the wgmma.sp GEMM was not built ({str(exc).splitlines()[0][:120]}): prompts use the mma.sp GEMM "
+             "or the expand path")
         return {}
     sms = sm_count(values.device)
     offered_: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
