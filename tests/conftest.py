@@ -116,3 +116,27 @@ def nvcc_cubins(tmp_path):
 
     return compile_source
 
+
+
+def _unverified(monkeypatch, on: bool):
+    from secateurs.kernels import cuda_ops
+
+    if on:
+        monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "1")
+    else:
+        monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
+    cuda_ops.unverified_offered.cache_clear()
+    yield
+    cuda_ops.unverified_offered.cache_clear()
+
+
+@pytest.fixture()
+def opted_in(monkeypatch):
+    """SECATEURS_UNVERIFIED_KERNELS=1: kernels never run on a GPU are offered (and 8:16 / banded weights stored)."""
+    yield from _unverified(monkeypatch, True)
+
+
+@pytest.fixture()
+def not_opted_in(monkeypatch):
+    """The default: no SECATEURS_UNVERIFIED_KERNELS, only kernels measured on a GPU."""
+    yield from _unverified(monkeypatch, False)

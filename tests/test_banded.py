@@ -40,22 +40,6 @@ def _weight(rows: int, cols: int, sparsity: float, seed: int = 0, dtype: torch.d
     return (w * unstructured_mask(w.abs(), sparsity)).to(dtype)
 
 
-@pytest.fixture()
-def opted_in(monkeypatch):
-    monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "1")
-    cuda_ops.unverified_offered.cache_clear()
-    yield
-    cuda_ops.unverified_offered.cache_clear()
-
-
-@pytest.fixture()
-def not_opted_in(monkeypatch):
-    monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
-    cuda_ops.unverified_offered.cache_clear()
-    yield
-    cuda_ops.unverified_offered.cache_clear()
-
-
 def _awkward(dtype: torch.dtype) -> torch.Tensor:
     """37 x 4168 (three segments, the last 72 wide) at 70% zeros, with an all-zero row, a fully dense segment,
     long gaps (fillers), a lone value at the last column, negative values."""

@@ -33,27 +33,6 @@ from secateurs.sparsity.masks import (
 )
 
 
-@pytest.fixture()
-def opted_in(monkeypatch):
-    """SECATEURS_UNVERIFIED_KERNELS=1: the 8:16 kernels are offered and choose_format stores 8:16 weights as 8:16."""
-    from secateurs.kernels import cuda_ops
-
-    monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "1")
-    cuda_ops.unverified_offered.cache_clear()
-    yield
-    cuda_ops.unverified_offered.cache_clear()
-
-
-@pytest.fixture()
-def not_opted_in(monkeypatch):
-    from secateurs.kernels import cuda_ops
-
-    monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
-    cuda_ops.unverified_offered.cache_clear()
-    yield
-    cuda_ops.unverified_offered.cache_clear()
-
-
 def _w816(rows: int, cols: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     return (w * nm_mask(w.abs(), 8, 16)).to(dtype)
