@@ -147,9 +147,14 @@ class Measure:
             from secateurs.evaluate.zeroshot import zero_shot
 
             limit = None if args.zeroshot_limit == 0 else args.zeroshot_limit
-            scores = zero_shot(loaded, limit=limit, device=str(self.device), batch_size=args.eval_batch)
-            result["zeroshot_mean"] = scores.mean_acc
-            result["zeroshot"] = scores.to_dict()
+            try:
+                scores = zero_shot(loaded, limit=limit, device=str(self.device), batch_size=args.eval_batch)
+            except Exception as error:  # lm-eval's own failure must not cost the row its perplexities
+                result["zeroshot_error"] = f"{type(error).__name__}: {error}"
+                print(f"zero-shot failed: {result['zeroshot_error']}", flush=True)
+            else:
+                result["zeroshot_mean"] = scores.mean_acc
+                result["zeroshot"] = scores.to_dict()
         return result
 
 
