@@ -457,3 +457,21 @@ def test_the_candidates_launch_the_source_kernels_with_their_signatures(monkeypa
         for name, call in candidates.items():
             torch.testing.assert_close(call(x).double(), x.double() @ w.double().T, rtol=2e-3, atol=2e-3, msg=name)
     assert {f"gemvbd_f16_t1_p{fmt.piece}_r1", f"gemvbd_f16_t4_p{fmt.piece}_r2", f"expandbd_p{fmt.piece}"} <= set(launched)
+
+
+def test_weights_of_one_shape_in_other_bands_never_share_a_tuned_plan(monkeypatch, opted_in):
+    """The first GPU run of two banded models of one shape (50%, then 70% zeros) replayed the 50% model's plan, a p32
+    GEMV the 70% weight is not offered, so every 70% call ran the PyTorch reference: the plan key holds the band."""
+    x = torch.randn(1, 4096).half()
+    layers = {s: SparseLinear(Banded.compress(_weight(128, 4096, s, seed=i, dtype=torch.float16)))
+              for i, s in enumerate((0.5, 0.7, 0.72))}
+    keys = {s: layer.plan_key(layer.format(), x) for s, layer in layers.items()}
+    assert keys[0.5] != keys[0.7]  # p32 in 50-60%, p16 in 60-75%
+    assert keys[0.7] == keys[0.72]  # one band, one plan
+    _gpu_like(monkeypatch)
+    for s, layer in layers.items():  # what the key separates is what the candidates differ by
+        named = {name.split("_r")[0] for name in layer.format().cuda_candidates(1)}
+        assert named == {f"cuda_gemvbd_p{32 if s == 0.5 else 16}"}
+    monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV)
+    cuda_ops.unverified_offered.cache_clear()
+    assert layers[0.7].plan_key(layers[0.7].format(), x) != keys[0.7]  # the opt-in changes what is offered

@@ -37,7 +37,7 @@ expand kernel into the scratch every format shares (``cuda_ops.scratch_matmul``)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -240,6 +240,17 @@ class Banded(SparseFormat):
         return {"entries": used * self.piece, "nonzeros": int((~zero).sum()), "fillers": int((zero & ~padding).sum()),
                 "padding": int(padding.sum())}
 
+    def _band(self) -> Band:
+        """The band from the stored piece count's shape (at most 7 padded pieces more than hold entries): the
+        dispatcher asks for candidates on every call, inside CUDA-graph capture too, so no device read here."""
+        n, k = self.shape
+        return band_of(1.0 - self.starts.shape[0] * self.piece / max(n * k, 1)) or BANDS[0]
+
+    def plan_variant(self) -> Hashable:
+        """The piece and band: they name the GEMV variants offered, so a 50% and a 70% weight of one shape (two
+        models in one process, or OWL's per-layer budgets) must not share a tuned plan."""
+        return (self.piece, self._band().name)
+
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Never yet run on a GPU: nothing without ``SECATEURS_UNVERIFIED_KERNELS=1``. With it: for 1-4 rows the banded
         GEMV (the band's rows per warp group, the default first, at the split-K choices of :func:`cuda_ops.splits`),
@@ -259,9 +270,7 @@ class Banded(SparseFormat):
         cuda_ops._module(self.values.device.index, SOURCE)  # compiled once; raises where it cannot be
         found: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         if m <= TOKENS[-1]:
-            # the band from the stored piece count's shape (at most 7 padded pieces more than hold entries): the
-            # dispatcher asks for candidates on every call, inside CUDA-graph capture too, so no device read here
-            band = band_of(1.0 - padded * self.piece / max(n * k, 1)) or BANDS[0]
+            band = self._band()
             rows = band.rows if self.piece == band.piece else ROWS
             splits = cuda_ops.splits(n, max(1, k // 1024))
             found.update({f"cuda_gemvbd_p{self.piece}_r{r}_s{s}": (

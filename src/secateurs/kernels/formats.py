@@ -16,7 +16,7 @@ j of byte k = column 8k + j), the bitmask of the ``compressed-tensors`` checkpoi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -80,6 +80,12 @@ class SparseFormat(ABC):
     def unavailable(cls) -> str | None:
         """Why :func:`choose_format` does not store weights in this format here and now (one line), or None."""
         return None
+
+    def plan_variant(self) -> Hashable:
+        """What besides kind, shape, token bucket and dtype decides which kernels this weight is offered: part of the
+        dispatcher's plan key, so that a plan tuned on one weight is never replayed on another whose candidates differ
+        (a kernel name not offered there would fall back to the slow reference). Nothing, for most formats."""
+        return ()
 
     @classmethod
     def why(cls, sparsity: float) -> str:

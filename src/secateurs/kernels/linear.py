@@ -314,7 +314,7 @@ class SparseLinear(nn.Module):
             return reference_matmul(x, fmt)
         x = x.contiguous()
         m = x.shape[0]
-        key = (self.kind, self.out_features, self.in_features, bucket(m), x.dtype, x.device, copy_policy())
+        key = self.plan_key(fmt, x)
         plan = _PLANS.get(key)
         if plan is None:
             if torch.cuda.is_current_stream_capturing():
@@ -326,6 +326,13 @@ class SparseLinear(nn.Module):
             _PLANS[key] = plan
             _drop_unused_scratch()
         return self._run(plan, x, fmt)
+
+    def plan_key(self, fmt: SparseFormat, x: torch.Tensor) -> tuple:
+        """Which tuned plan a call of ``x`` replays: every layer of one kind and shape shares it, except where the
+        format offers this weight other kernels (:meth:`SparseFormat.plan_variant`) or the opt-in to unverified kernels
+        changed; a plan naming a kernel this weight is not offered would otherwise run the slow reference."""
+        return (self.kind, self.out_features, self.in_features, bucket(x.shape[0]), x.dtype, x.device, copy_policy(),
+                fmt.plan_variant(), cuda_ops is not None and cuda_ops.unverified_offered())
 
     def _default_plan(self, fmt: SparseFormat, m: int) -> Plan:
         """The untimed choice: a CUDA kernel if one applies, else Triton's first configuration, else the reference."""
