@@ -54,7 +54,10 @@ from sparse_kernels import L2_BYTES, RESULTS, SHAPES, copy_bandwidth, graph_time
 SPARSITIES = (0.5, 0.6, 0.7, 0.8)
 TOKENS = (1, 2, 4)
 CALLS = 24  # calls per graph replay, rotating over the copies
-GOOD = 2e-3  # relative error against float64 under which a candidate counts as correct
+# Relative error against float64 under which a candidate counts as correct: bf16's 8-bit significand rounds the output
+# alone by up to 2^-9, and on the first GPU run (H100) cuBLAS on the expanded bf16 weight reached 2.4e-3 on these
+# shapes, so bf16 gets gpu_kernel_check.py's 5e-3; fp16 keeps 2e-3.
+GOOD = {torch.float16: 2e-3, torch.bfloat16: 5e-3}
 CHECK_SHAPES = ((37, 1040), (37, 1088), (200, 4168), (576, 1536), (1536, 576), (3, 8192), (1024, 8192))
 
 
@@ -79,6 +82,7 @@ def checks(gen: torch.Generator) -> dict:
     """Every banded candidate against float64 on odd shapes, both dtypes, every band, m = 1..4 and 8; and the GEMV
     op compiled whole and replayed in a CUDA graph. Returns the errors and the failures."""
     errors: dict[str, float] = {}
+    failures: list[str] = []
     for dtype in (torch.float16, torch.bfloat16):
         for n, k in CHECK_SHAPES:
             for sparsity in SPARSITIES:
@@ -89,8 +93,10 @@ def checks(gen: torch.Generator) -> dict:
                     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                     reference = x.double() @ dense.T
                     for name, call in fmt.cuda_candidates(m).items():
-                        errors[f"{str(dtype)[6:]} {n}x{k} {sparsity:.0%} m={m} {name}"] = _relative_error(
-                            _poisoned(call, x, n), reference)
+                        case = f"{str(dtype)[6:]} {n}x{k} {sparsity:.0%} m={m} {name}"
+                        errors[case] = _relative_error(_poisoned(call, x, n), reference)
+                        if not errors[case] < GOOD[dtype]:
+                            failures.append(case)
                 cuda_ops.release_scratch()
     weight = _pruned(256, 4096, 0.7, torch.float16, gen)
     fmt = Banded.compress(weight)
@@ -108,8 +114,7 @@ def checks(gen: torch.Generator) -> dict:
         compiled: float | str = _relative_error(out / 2, reference)
     except Exception as exc:  # noqa: BLE001  (reported as a failure)
         compiled = f"failed: {str(exc).splitlines()[0][:300]}"
-    failures = [name for name, error in errors.items() if not error < GOOD]
-    if not isinstance(compiled, float) or not compiled < GOOD:
+    if not isinstance(compiled, float) or not compiled < GOOD[torch.float16]:
         failures.append(f"torch.compile in a CUDA graph: {compiled}")
     worst = max(errors.values(), default=math.nan)
     print(f"checks: {len(errors)} candidate x case products against float64 (fp16/bf16, {len(CHECK_SHAPES)} odd shapes, "
@@ -135,7 +140,7 @@ def _candidates_us(fmt, fmts: list, m: int, x: torch.Tensor, reference: torch.Te
 
 
 def _best(candidates: dict[str, dict]) -> tuple[str, float] | None:
-    good = {name: c for name, c in candidates.items() if c["rel_error"] < GOOD}
+    good = {name: c for name, c in candidates.items() if c["rel_error"] < GOOD[torch.float16]}  # the timing runs fp16
     if not good:
         return None
     name = min(good, key=lambda nm: good[nm]["us"])
