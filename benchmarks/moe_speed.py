@@ -22,7 +22,13 @@ of the same size, so batch-1 decode stays where it was and only weights and peak
 (and, at larger batches, fewer distinct experts are read per step). 2:4 shrinks the bytes every routed
 expert reads; ``SparseExperts`` picks its routed experts on the host (one ``.tolist()`` per layer), so
 its decode step cannot be captured in a CUDA graph and runs eager: the table says which method each
-variant's decode used. Results go to benchmarks/results/moe_speed.json.
+variant's decode used.
+
+A (variant, implementation) that runs out of GPU memory is recorded in the notes (where, and torch's
+first line) and the run goes on to the next. ``batched_mm`` copies each token's top-k expert matrices,
+so it is measured only at the prompt lengths and decode batches whose copies fit the free memory; the
+others are named in the notes. The baseline is the fastest dense run among those measured at every size.
+Results go to benchmarks/results/moe_speed.json (``--out`` to write elsewhere).
 """
 
 from __future__ import annotations
@@ -32,13 +38,14 @@ import gc
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from secateurs.evaluate.speed import SpeedConfig, measure, ratios
+from secateurs.evaluate.speed import SpeedConfig, SpeedResult, measure, ratios
 from secateurs.kernels import sparsify
 from secateurs.kernels.linear import fallback_notes
 from secateurs.model.arch import spec_for
@@ -101,7 +108,83 @@ def experts_to_24(model, spec) -> None:
             w.mul_(nm_mask(w.abs(), 2, 4).to(w.dtype))
 
 
-def main() -> None:
+def gathered_bytes_per_token(model, spec) -> int:
+    """Bytes transformers' ``batched_mm`` copies per token in one MoE layer: each of its top-k experts'
+    gate_up and down matrices (the down copies are made while the gate_up ones are still held)."""
+    experts = next(e for e in map(spec.experts_of, spec.blocks_of(model)) if e is not None)
+    _, top_k = spec.expert_counts(model.config)
+    return top_k * (experts.gate_up_proj[0].nbytes + experts.down_proj[0].nbytes)
+
+
+def fitting(config: SpeedConfig, per_token: int, free: int) -> tuple[SpeedConfig, list[str]]:
+    """``config`` without the prompt lengths and decode batches (their ``decode_prompt``-token prefill
+    counted) whose gathered expert copies exceed ``free`` bytes, and the skipped ones in words."""
+    lengths = tuple(n for n in config.prompt_lengths if n * per_token <= free)
+    batches = tuple(b for b in config.decode_batches if b * config.decode_prompt * per_token <= free)
+    skipped = [f"prefill at {n} tokens" for n in config.prompt_lengths if n not in lengths]
+    skipped += [f"decode at batch {b}" for b in config.decode_batches if b not in batches]
+    return replace(config, prompt_lengths=lengths, decode_batches=batches), skipped
+
+
+def prepare(model, spec, variant: str, implementation: str, device: torch.device, dtype: torch.dtype,
+            notes: dict) -> None:
+    """Prune the freshly built dense model into ``variant`` in place, checking a 2:4 variant's stored-format
+    logits against the masked dense model (the script exits if they disagree); facts go to ``notes``."""
+    if "experts50" in variant:
+        notes[variant] = f"{remove_half(model, spec)} experts kept per layer"
+    if "24" not in variant.replace("experts50", ""):
+        return
+    experts_to_24(model, spec)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    # The reference runs transformers' eager experts, the per-expert loop SparseExperts runs, so only the
+    # kernels' rounding differs: grouped_mm sums in another order, which in bf16 alone moves the logits
+    # by about 1.5e-2 of their largest at two OLMoE layers (CPU), half the tolerance below.
+    model.set_experts_implementation("eager")
+    with torch.inference_mode():
+        reference = model(ids).logits.float()
+    model.set_experts_implementation(implementation)
+    report = sparsify(model, spec)
+    with torch.inference_mode():
+        error = float((model(ids).logits.float() - reference).abs().max() / reference.abs().max())
+    print(f"{variant}: logits of the stored-format model vs the masked dense one: max rel error {error:.1e}")
+    if not error <= (1e-5 if dtype == torch.float32 else 3e-2):
+        sys.exit(f"{variant}: the stored-format model disagrees with the masked dense model ({error:.1e})")
+    notes[f"{variant} stored"] = f"{report.sparse_bytes / report.dense_bytes:.3f} of the dense bytes of the swapped matrices"
+    notes[f"{variant} logit error"] = error
+
+
+def run_one(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype, variant: str,
+            implementation: str, label: str, speed: SpeedConfig, notes: dict) -> SpeedResult | None:
+    """One (variant, implementation) built, pruned and measured, or None with the reason in
+    ``notes[f"{label} not measured"]`` when it cannot fit: running out of GPU memory must not cost the
+    variants after it. Its model is freed when this returns (the caller collects the garbage)."""
+    stage = "build"
+    try:
+        model, spec = build(shape, layers, device, dtype, implementation)
+        stage = "prune"
+        prepare(model, spec, variant, implementation, device, dtype, notes)
+        stage = "measure"
+        if implementation == "batched_mm" and device.type == "cuda":
+            # batched_mm copies each token's top-k expert matrices (memory grows with tokens x expert size), so
+            # only the sizes whose copies fit in nine tenths of the free memory are measured, the rest named.
+            gc.collect()
+            torch.cuda.empty_cache()
+            speed, skipped = fitting(speed, gathered_bytes_per_token(model, spec),
+                                     int(0.9 * torch.cuda.mem_get_info(device)[0]))
+            if skipped:
+                notes[f"{label} skipped"] = f"{', '.join(skipped)}: its expert copies would not fit in memory"
+                print(f"{label}: skipped {notes[f'{label} skipped']}", flush=True)
+            if not speed.prompt_lengths or not speed.decode_batches:
+                notes[f"{label} not measured"] = "no prompt length or no decode batch fits"
+                return None
+        return measure(model, label, device, speed)
+    except torch.OutOfMemoryError as error:
+        notes[f"{label} not measured"] = f"out of memory at {stage}: {str(error).splitlines()[0]}"
+        return None
+
+
+def main() -> dict:
+    """Measure every requested variant; returns what it saves (a ``--tiny`` run saves nothing)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="olmoe-1b-7b")
     parser.add_argument("--layers", type=int, default=None, help="Keep only the first N blocks (default: all).")
@@ -109,7 +192,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--decode-methods", default="cuda-graph", help="cuda-graph and/or compile (eager is the fallback).")
     parser.add_argument("--tiny", action="store_true", help="A tiny config on the CPU: checks the script, no speed claim.")
+    parser.add_argument("--out", type=Path, default=RESULTS / "moe_speed.json",
+                        help="Where the results JSON goes (default: benchmarks/results/moe_speed.json).")
     args = parser.parse_args()
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; name the JSON file, e.g. {args.out / 'moe_speed.json'}")
     shape = "tiny" if args.tiny else args.shape
     device = torch.device("cpu" if args.tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -127,39 +214,22 @@ def main() -> None:
     for variant in variants:
         implementations = IMPLEMENTATIONS if variant == "dense" else ("grouped_mm",)
         for implementation in implementations:
-            model, spec = build(shape, args.layers, device, dtype, implementation)
-            if "experts50" in variant:
-                notes[variant] = f"{remove_half(model, spec)} experts kept per layer"
-            if "24" in variant.replace("experts50", ""):
-                experts_to_24(model, spec)
-                ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
-                # The reference runs transformers' eager experts, the per-expert loop SparseExperts runs, so only the
-                # kernels' rounding differs: grouped_mm sums in another order, which in bf16 alone moves the logits
-                # by about 1.5e-2 of their largest at two OLMoE layers (CPU), half the tolerance below.
-                model.set_experts_implementation("eager")
-                with torch.inference_mode():
-                    reference = model(ids).logits.float()
-                model.set_experts_implementation(implementation)
-                report = sparsify(model, spec)
-                with torch.inference_mode():
-                    error = float((model(ids).logits.float() - reference).abs().max() / reference.abs().max())
-                print(f"{variant}: logits of the stored-format model vs the masked dense one: max rel error {error:.1e}")
-                if not error <= (1e-5 if dtype == torch.float32 else 3e-2):
-                    sys.exit(f"{variant}: the stored-format model disagrees with the masked dense model ({error:.1e})")
-                notes[f"{variant} stored"] = f"{report.sparse_bytes / report.dense_bytes:.3f} of the dense bytes of the swapped matrices"
-                notes[f"{variant} logit error"] = error
             label = variant if variant != "dense" else f"dense ({implementation})"
-            result = measure(model, label, device, speed)
-            results.append(result)
-            print(f"{label}: weights {result.weight_mib:.0f} MiB, decode {result.decode_tokens_per_s} "
-                  f"({result.decode_mode}), prefill ms {result.prefill_ms}, peak {result.peak_mib} MiB "
-                  f"[{time.time() - started:.0f}s]", flush=True)
-            del model, spec
-            gc.collect()
+            result = run_one(shape, args.layers, device, dtype, variant, implementation, label, speed, notes)
+            if result is None:
+                print(f"{label}: not measured: {notes[f'{label} not measured']} [{time.time() - started:.0f}s]", flush=True)
+            else:
+                results.append(result)
+                print(f"{label}: weights {result.weight_mib:.0f} MiB, decode {result.decode_tokens_per_s} "
+                      f"({result.decode_mode}), prefill ms {result.prefill_ms}, peak {result.peak_mib} MiB "
+                      f"[{time.time() - started:.0f}s]", flush=True)
+            gc.collect()  # the model (and, after an out-of-memory error, its traceback's tensors) goes before the next
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    dense = [r for r in results if r.label.startswith("dense")]
-    baseline = max(dense, key=lambda r: r.decode_tokens_per_s[batches[0]]) if dense else results[0]
+    # The most complete dense run (a batched_mm run may lack sizes that did not fit), the fastest at the first batch.
+    candidates = [r for r in results if r.label.startswith("dense")] or results
+    baseline = max(candidates, key=lambda r: (len(r.prefill_ms) + len(r.decode_tokens_per_s),
+                                              r.decode_tokens_per_s.get(batches[0], 0.0)), default=None)
     table = {r.label: ratios(baseline, r) for r in results if r is not baseline}
     for label, ratio in table.items():
         print(f"{label} / {baseline.label}: {ratio}", flush=True)
@@ -170,7 +240,7 @@ def main() -> None:
         "machine": {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                     "torch": torch.__version__, "python": platform.python_version()},
         "speed_config": vars(speed),
-        "baseline": baseline.label,
+        "baseline": baseline.label if baseline else None,
         "results": [r.to_dict() for r in results],
         "ratios_over_baseline": table,
         "notes": notes,
@@ -178,8 +248,9 @@ def main() -> None:
     }
     if args.tiny:
         print("tiny run: the script works; nothing saved (no speed claim from a tiny CPU model)")
-        return
-    print("saved", save_results(RESULTS / "moe_speed.json", payload))
+        return payload
+    print("saved", save_results(args.out, payload))
+    return payload
 
 
 if __name__ == "__main__":

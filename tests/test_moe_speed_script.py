@@ -20,3 +20,69 @@ def test_moe_speed_script_runs_every_variant_and_checks_the_stored_model():
     fractions = [line for line in out.splitlines() if line.startswith("experts50 /")]
     assert fractions and "'weight_fraction': {'all': 0.6" in fractions[0]
     assert "nothing saved" in out
+
+
+def _moe_speed(monkeypatch):
+    """The benchmark script as a module (it imports its sibling ``records``, so benchmarks/ goes on the path)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import moe_speed
+
+    return moe_speed
+
+
+def test_an_out_of_memory_implementation_is_recorded_and_the_other_variants_still_run(monkeypatch, capsys):
+    """torch.OutOfMemoryError while measuring dense batched_mm (as on the H100 at a 2048-token prompt) is
+    noted with torch's first line and printed, and every other variant is still measured."""
+    import torch
+
+    moe_speed = _moe_speed(monkeypatch)
+    real_measure = moe_speed.measure
+
+    def measure(model, label, *args, **kwargs):
+        if label == "dense (batched_mm)":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 GiB. GPU 0 has ...\nmore")
+        return real_measure(model, label, *args, **kwargs)
+
+    monkeypatch.setattr(moe_speed, "measure", measure)
+    monkeypatch.setattr(sys, "argv", ["moe_speed.py", "--tiny", "--batches", "1"])
+    payload = moe_speed.main()
+    measured = [r["label"] for r in payload["results"]]
+    assert measured == ["dense (grouped_mm)", "experts50", "24", "experts50+24"]
+    note = payload["notes"]["dense (batched_mm) not measured"]
+    assert note == "out of memory at measure: CUDA out of memory. Tried to allocate 128.00 GiB. GPU 0 has ..."
+    assert payload["baseline"] == "dense (grouped_mm)"
+    assert f"dense (batched_mm): not measured: {note}" in capsys.readouterr().out
+
+
+def test_batched_mm_is_measured_only_at_the_sizes_whose_expert_copies_fit(monkeypatch):
+    """OLMoE-1B-7B on an H100: batched_mm copies 96 MiB of expert matrices per token (8 experts x (8 + 4) MiB),
+    so with about 60 GiB free a 2048-token prompt (192 GiB) and batch 32's 1024-token decode prompt are
+    skipped and named, while 512 tokens and batches 1 and 8 are kept."""
+    moe_speed = _moe_speed(monkeypatch)
+    per_token = 8 * (2 * 1024 * 2048 + 2048 * 1024) * 2
+    config = moe_speed.SpeedConfig(prompt_lengths=(512, 2048), decode_batches=(1, 8, 32))
+    fitted, skipped = moe_speed.fitting(config, per_token, 60 * 2**30)
+    assert (fitted.prompt_lengths, fitted.decode_batches) == ((512,), (1, 8))
+    assert skipped == ["prefill at 2048 tokens", "decode at batch 32"]
+    assert fitted.new_tokens == config.new_tokens
+
+
+def test_gathered_bytes_per_token_counts_top_k_copies_of_an_experts_matrices(monkeypatch):
+    """On the tiny OLMoE config (hidden 64, expert width 32, top-2, fp32): 2 x (64x64 + 64x32) x 4 bytes."""
+    import torch
+
+    moe_speed = _moe_speed(monkeypatch)
+    model, spec = moe_speed.build("tiny", None, torch.device("cpu"), torch.float32, "batched_mm")
+    assert moe_speed.gathered_bytes_per_token(model, spec) == 2 * (64 * 64 + 64 * 32) * 4
+
+
+def test_out_naming_a_folder_is_a_one_line_usage_error(monkeypatch, tmp_path, capsys):
+    """``--out`` takes the JSON file's path; a folder is refused before any model is built, naming the fix."""
+    import pytest
+
+    moe_speed = _moe_speed(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["moe_speed.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        moe_speed.main()
+    assert exited.value.code == 2
+    assert f"name the JSON file, e.g. {tmp_path / 'moe_speed.json'}" in capsys.readouterr().err
