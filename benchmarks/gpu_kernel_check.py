@@ -208,7 +208,7 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                     rows_for = {"cuda_mma24_r1_w8": 8, "cuda_gemv816_r2_s2": 1, "cuda_gemvbd_p32_r1_s1": 1,
                                 "cuda_gemvbd_p16_r1_s1": 1}  # the rest at 512
                     compiled += [(fmt, name, rows_for.get(name, 512)) for name in
-                                 ("cuda_gemm24_m128_n128_s4", "cuda_wgmma24_m128_n256_s5_i1", "expand_cublas",
+                                 ("cuda_gemm24_m128_n128_s4", "cuda_wgmma24_m128_n128_s4", "expand_cublas",
                                   "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4", "cuda_gemv816_r2_s2",
                                   "cuda_gemvbd_p32_r1_s1", "cuda_gemvbd_p16_r1_s1")
                                  if name in cuda_ops.candidates(fmt, rows_for.get(name, 512))]
