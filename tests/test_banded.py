@@ -315,7 +315,7 @@ def test_every_format_choose_format_holds_back_says_why_in_unavailable(monkeypat
     from secateurs.kernels.registry import format_classes
 
     held = [cls.kind for cls in format_classes() if cls.unavailable()]
-    assert {"banded", "8:16"} <= set(held) and "bitmap" not in held and "2:4" not in held and "4:8" not in held
+    assert held == ["banded"]  # 2:4, 4:8, 8:16 and the bitmap all ran on an H100
     assert all(cuda_ops.UNVERIFIED_ENV in format_class.unavailable() for format_class in format_classes()
                if format_class.kind in held)
     assert Banded.fits(_weight(16, 256, 0.7)) is None

@@ -335,9 +335,17 @@ def test_supports_names_why_a_weight_is_not_8of16(opted_in):
         Nm816.from_mask(torch.zeros(8, 32), torch.zeros(8, 64, dtype=torch.bool))
 
 
-def test_without_the_opt_in_an_8of16_weight_is_stored_as_the_bitmap_and_says_why(not_opted_in):
-    """Its kernels never ran on a GPU: without them only the reference would read an 8:16 weight, so it is held
-    where it was before 8:16 had a format (the bitmap), and compress still builds it on request."""
+def test_an_8of16_weight_is_stored_as_8of16_without_the_opt_in(not_opted_in):
+    """Its GEMV and expand path matched float64 on an H100 (benchmarks/gpu_kernel_check.py), so no opt-in is needed."""
+    w = _w816(16, 256)
+    assert Nm816.unavailable() is None and Nm816.supports(w) is None
+    assert choose_format(w, 0.5) == (Nm816, "8:16")
+
+
+def test_an_nm_format_whose_gemv_never_ran_on_a_gpu_is_stored_as_the_bitmap_and_says_why(monkeypatch, not_opted_in):
+    """The rule a new N:M layout starts under: without a GPU-run GEMV only the reference would read its weights, so
+    they are held as the bitmap, and compress still builds the format on request."""
+    monkeypatch.setattr(Nm816, "gemv_verified", False)
     w = _w816(16, 256)
     assert "SECATEURS_UNVERIFIED_KERNELS=1" in Nm816.supports(w) and Nm816.fits(w) is None
     assert choose_format(w, 0.5)[0] is Bitmap
@@ -400,29 +408,23 @@ def test_gemv816_and_expand816_ops_have_fake_implementations():
     assert (tuple(y.shape), y.dtype) == ((3, 24), torch.bfloat16)
 
 
-def test_no_8of16_kernel_is_offered_without_the_unverified_opt_in(monkeypatch):
-    """Neither the GEMV nor the expand path was run on a GPU: without SECATEURS_UNVERIFIED_KERNELS=1 an 8:16 layer
-    gets no CUDA candidate at any row count (the dispatcher runs Triton-free reference paths), with it the GEMV
-    at 1-4 rows and the expand path from row bucket 8 on, four chunks per thread where the words are aligned."""
+def test_8of16_kernels_are_offered_without_the_opt_in_and_only_under_it_while_unverified(monkeypatch, not_opted_in):
+    """The GEMV at 1-4 rows and the expand path from row bucket 8 on (four chunks per thread where the words are
+    aligned), with no opt-in since both ran correctly on an H100; a format whose GEMV never ran on a GPU offers
+    nothing at any row count without SECATEURS_UNVERIFIED_KERNELS=1."""
     from secateurs.kernels import cuda_ops
 
     fmt = Nm816.compress(_w816(128, 256, dtype=torch.float16))
     monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
-    monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
-    cuda_ops.unverified_offered.cache_clear()
-    try:
+    names = {m: list(fmt.cuda_candidates(m)) for m in (1, 2, 3, 4, 8, 16, 2048)}
+    with monkeypatch.context() as unverified:
+        unverified.setattr(Nm816, "gemv_verified", False)
         assert all(fmt.cuda_candidates(m) == {} for m in (1, 2, 4, 8, 512))
-        monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "1")
-        cuda_ops.unverified_offered.cache_clear()
-        names = {m: list(fmt.cuda_candidates(m)) for m in (1, 2, 3, 4, 8, 16, 2048)}
-    finally:
-        cuda_ops.unverified_offered.cache_clear()
     for m in (1, 2, 3, 4):
         assert names[m] and all(name.startswith("cuda_gemv816_r") for name in names[m])
     assert names[1] == ["cuda_gemv816_r2_s1", "cuda_gemv816_r1_s1", "cuda_gemv816_r4_s1"]  # K = 256: no split-K
     for m in (8, 16, 2048):
         assert names[m] == ["expand_cublas_c1", "expand_cublas_c4"]
-    monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: True)
     odd = Nm816.compress(_w816(5, 48, dtype=torch.float16))  # 15 chunks: no whole four-chunk units
     assert list(odd.cuda_candidates(8)) == ["expand_cublas_c1"]
 
@@ -478,27 +480,19 @@ def test_every_kernel_the_format_launches_is_instantiated_and_the_source_compile
         assert all(f"expand816_c{c}" in binary for c in expands)
 
 
-@pytest.mark.parametrize("opt_in", [True, False])
-def test_prune_export_says_what_an_8of16_model_runs_as(tmp_path, tiny_folder, monkeypatch, opt_in):
+@pytest.mark.parametrize("verified", [True, False])
+def test_prune_export_says_what_an_8of16_model_runs_as(tmp_path, tiny_folder, monkeypatch, not_opted_in, verified):
     from typer.testing import CliRunner
 
     from secateurs.cli import app
-    from secateurs.kernels import cuda_ops
 
-    if opt_in:
-        monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "1")
-    else:
-        monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
-    cuda_ops.unverified_offered.cache_clear()
-    try:
-        result = CliRunner().invoke(app, ["prune", str(tiny_folder), "--out", str(tmp_path / "out"), "--device", "cpu",
-                                          "--method", "magnitude", "--pattern", "8:16", "--export", "sparse"])
-        assert result.exit_code == 0, result.output
-        kinds = {layer.kind for layer in sparse_layers(load_model(str(tmp_path / "out")).model).values()}
-    finally:
-        cuda_ops.unverified_offered.cache_clear()
+    monkeypatch.setattr(Nm816, "gemv_verified", verified)
+    result = CliRunner().invoke(app, ["prune", str(tiny_folder), "--out", str(tmp_path / "out"), "--device", "cpu",
+                                      "--method", "magnitude", "--pattern", "8:16", "--export", "sparse"])
+    assert result.exit_code == 0, result.output
+    kinds = {layer.kind for layer in sparse_layers(load_model(str(tmp_path / "out")).model).values()}
     said = " ".join(result.output.split())
-    if opt_in:
+    if verified:
         assert "8:16" in kinds and kinds <= {"8:16", "4:8", "2:4"} and "stored and run as" not in said
     else:
         assert kinds == {"bitmap"}

@@ -29,8 +29,7 @@ Every kernel reads the stored tensors as they are (one position table in memory,
 - bitmap GEMV (1 token): a lane walks the set bits of a 32-input word;
 - N:M GEMVs (1-4 tokens; ``kernels/nm.py``): one loop (``common.cuh``'s ``gemv_nm``) with a decode step per format:
   4:8 (``sparse48.cu``: three byte-permutes per value pair and token) and 8:16 (``sparse816.cu``: one 16-byte
-  load of values and one 32-bit position word per 16 inputs, four byte-permutes per value pair and token; never
-  yet run on a GPU, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, like every expand path but 2:4's);
+  load of values and one 32-bit position word per 16 inputs, four byte-permutes per value pair and token);
 - banded GEMV (1-4 tokens) and expand (``kernels/banded.py``, its own module ``banded.cu``): unstructured weights of
   50-90% zeros as pieces of a band-fixed number of (value, 4-bit delta) entries, one piece per lane with a fixed
   trip count, x staged in shared memory; compiled and CPU-emulated, never run on a GPU, so offered (and stored by

@@ -51,8 +51,8 @@ class NmFormat(SparseFormat):
     gemv_name: ClassVar[str]
     """The GEMV's candidate names: ``cuda_<gemv_name>_r<rows>_s<split>``."""
     gemv_verified: ClassVar[bool]
-    """Whether the GEMV was run on a GPU; if not it is offered only with ``SECATEURS_UNVERIFIED_KERNELS=1``
-    (the expand path, never yet run on a GPU for any N:M format, is offered only so too)."""
+    """Whether the GEMV was run on a GPU; if not it (and the format's expand path) is offered only with
+    ``SECATEURS_UNVERIFIED_KERNELS=1``."""
     any_sparsity = True
     values: torch.Tensor
 
@@ -154,15 +154,16 @@ class NmFormat(SparseFormat):
         """The format's GEMV for 1-4 rows: each row count's instantiated rows per warp group (default first), at
         the split-K choices of :func:`cuda_ops.splits`; above 4 rows (row bucket 8 on) the expand path (the weight
         expanded into the scratch every layer shares, then cuBLAS) at each chunks-per-thread choice the tables'
-        alignment allows. What was never run on a GPU is offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``.
+        alignment allows. A format whose GEMV was never run on a GPU is offered only under
+        ``SECATEURS_UNVERIFIED_KERNELS=1`` (4:8's and 8:16's GEMV and expand paths matched float64 on an H100).
         Compiled on first offer (an error there offers nothing)."""
         n, k = self.shape
         if m < 1 or k % CHUNK or not cuda_ops.ready(self.values, 16, n, k * self.kept // self.group) \
                 or not self._tables_ready():
             return {}
-        expanding = m > self.tokens[-1]  # row bucket 8 on
-        if (expanding or not self.gemv_verified) and not cuda_ops.unverified_offered():
+        if not self.gemv_verified and not cuda_ops.unverified_offered():
             return {}
+        expanding = m > self.tokens[-1]  # row bucket 8 on
         cuda_ops._module(self.values.device.index, self.source)  # compiled once; raises where it cannot be
         if expanding:
             return {f"expand_cublas_c{c}": (lambda x, c=c: cuda_ops.scratch_matmul(
