@@ -14,8 +14,9 @@ script checks the compiled code on a CUDA device:
 
 Inputs are fresh random per case; the error is ‖y − ref‖ / ‖ref‖ with ref in float64.
 
-Kernels never yet run on a GPU (the Hopper ``wgmma.sp`` GEMM, kernels/wgmma.py) make their first launches (every
-tile configuration, fp16 and bf16, whole and split K) in a child process: a configuration that faults (which would
+The Hopper ``wgmma.sp`` GEMM (kernels/wgmma.py; its in-flight configurations multiplied wrongly on the first H100
+run and were removed) makes its first launches (every tile configuration, fp16 and bf16, whole and split K) in a
+child process: a configuration that faults (which would
 take the CUDA context, and this check, with it) or multiplies wrongly is reported and withheld from the rest.
 
     python benchmarks/gpu_kernel_check.py [--part all|cuda|triton] [--formats 2:4,4:8,8:16,bitmap,banded] [--only expand]

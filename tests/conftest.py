@@ -132,7 +132,7 @@ def _unverified(monkeypatch, on: bool):
 
 @pytest.fixture()
 def opted_in(monkeypatch):
-    """SECATEURS_UNVERIFIED_KERNELS=1: kernels never run on a GPU are offered (and 8:16 / banded weights stored)."""
+    """SECATEURS_UNVERIFIED_KERNELS=1: kernels not yet cleared on a GPU (wgmma, banded) are offered (and banded weights stored)."""
     yield from _unverified(monkeypatch, True)
 
 

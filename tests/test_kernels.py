@@ -897,7 +897,7 @@ def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatc
     """Today's behaviour without SECATEURS_UNVERIFIED_KERNELS=1, on a Hopper GPU (faked: nothing compiled or
     launched): at every row bucket every format offers only the kernels that matched float64 on an H100 (2:4's GEMV,
     mma.sp kernel, mma.sp GEMM and expand path; 4:8's, 8:16's and the bitmap's GEMVs and expand paths), never the
-    wgmma GEMM (correct in one configuration there but never the fastest) or the banded kernels (never timed); and
+    wgmma GEMM (correct in its one configuration there but never timed) or the banded kernels (never timed); and
     choose_format stores no weight as banded."""
     from secateurs.kernels import Nm48, Nm816, cuda_ops, wgmma
     from secateurs.kernels.banded import Banded

@@ -27,9 +27,9 @@ bitmap: 1.16; the 4-bit deltas cost 2 bits per weight where the bitmap spends 1)
 80%: 0.56 (bitmap 0.56). A weight outside every band (fewer than 50% or more than 90% zeros) is not stored here:
 the bitmap holds it.
 
-Kernels (never run on a GPU yet, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, which is also what lets
-:func:`secateurs.kernels.registry.choose_format` store unstructured weights in this layout; without it they go to the
-bitmap as before): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the
+Kernels (correct on an H100 at every band and row bucket, but never yet timed against the bitmap, so offered only
+under ``SECATEURS_UNVERIFIED_KERNELS=1``, which is also what lets :func:`secateurs.kernels.registry.choose_format`
+store unstructured weights in this layout; without it they go to the bitmap, whose speed is measured): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the
 rows per warp group, about 6.6 / 7.6 / 9.6 SASS instructions per stored entry at 1 / 2 / 4 tokens (nvcc 13 sm_90,
 ``python benchmarks/banded.py --sass``; the bitmap GEMV's loop: 13 / 16 per non-zero at 1 / 2); and from 2 rows on an
 expand kernel into the scratch every format shares (``cuda_ops.scratch_matmul``), then cuBLAS.
@@ -107,11 +107,11 @@ class Banded(SparseFormat):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        """Only with the opt-in: the kernels have never run on a GPU, and without them the reference would run at
-        every token count, far slower than the bitmap that holds these weights otherwise."""
+        """Only with the opt-in: the kernels matched float64 on an H100 but were never timed, so nothing yet says
+        this layout runs faster than the bitmap that holds these weights otherwise."""
         if cuda_ops.unverified_offered():
             return None
-        return (f"the banded layout's kernels are not yet verified on a GPU ({cuda_ops.UNVERIFIED_ENV}=1 "
+        return (f"the banded layout's kernels are not yet timed on a GPU ({cuda_ops.UNVERIFIED_ENV}=1 "
                 "stores unstructured weights in it)")
 
     @staticmethod

@@ -19,8 +19,8 @@ Every kernel reads the stored tensors as they are (one position table in memory,
   of value, position and activation tiles, ``ldmatrix`` fragments, ``mma.sp`` in natural K order (where each
   lane's metadata register is two stored position words); a few tile shapes the dispatcher times; on Hopper
   (compute capability 9.0) also ``wgmma.mma_async.sp`` (``kernels/wgmma.py``, ``sparse24_wgmma.cu``, built for
-  ``sm_90a`` through :data:`ARCH_SUFFIX`; never yet run on a GPU, so offered only under
-  ``SECATEURS_UNVERIFIED_KERNELS=1``);
+  ``sm_90a`` through :data:`ARCH_SUFFIX`; its one configuration matched float64 on an H100 but was never yet
+  timed, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``);
 - expand: the stored 2:4 weight into one dense scratch buffer per device and dtype, shared by all layers
   (:func:`scratch`), then cuBLAS: a prompt path with no persistent copy; the 4:8 and 8:16 formats
   (``kernels/nm48.py``, ``kernels/nm816.py``, from 8 rows) and the bitmap (from 2 rows: a warp per 32 words,
@@ -32,7 +32,7 @@ Every kernel reads the stored tensors as they are (one position table in memory,
   load of values and one 32-bit position word per 16 inputs, four byte-permutes per value pair and token);
 - banded GEMV (1-4 tokens) and expand (``kernels/banded.py``, its own module ``banded.cu``): unstructured weights of
   50-90% zeros as pieces of a band-fixed number of (value, 4-bit delta) entries, one piece per lane with a fixed
-  trip count, x staged in shared memory; compiled and CPU-emulated, never run on a GPU, so offered (and stored by
+  trip count, x staged in shared memory; correct on an H100 but never yet timed, so offered (and stored by
   ``choose_format``) only under ``SECATEURS_UNVERIFIED_KERNELS=1``.
 
 Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` offers):
@@ -118,7 +118,7 @@ UNVERIFIED_ENV = "SECATEURS_UNVERIFIED_KERNELS"
 
 @cache
 def unverified_offered() -> bool:
-    """Whether kernels that are compiled and emulated on the CPU but were never run on a GPU are offered
+    """Whether kernels not yet cleared on a GPU (never run there, or run correctly but never timed) are offered
     (to the dispatcher's timed, reference-checked choice, like any other): only with
     ``SECATEURS_UNVERIFIED_KERNELS=1``, because a reference check catches a wrong product but not a kernel that
     faults and takes the CUDA context with it. ``benchmarks/gpu_kernel_check.py`` turns it on to validate them."""

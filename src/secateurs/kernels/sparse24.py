@@ -180,7 +180,8 @@ class Sparse24(SparseFormat):
         (benchmarks/sparse_kernels.py --part kernels: the tensor-core kernel first, except on narrow weights,
         N <= 2048, at 1-2 tokens, where the GEMV's split-K keeps more loads in flight); from 32 rows on the
         tiled ``mma.sp`` GEMM (a few tile shapes), on an H100/H200 the ``wgmma.mma_async.sp`` GEMM
-        (:mod:`secateurs.kernels.wgmma`; never yet run on a GPU, so only under ``SECATEURS_UNVERIFIED_KERNELS=1``)
+        (:mod:`secateurs.kernels.wgmma`; correct on an H100 but never yet timed, so only under
+        ``SECATEURS_UNVERIFIED_KERNELS=1``)
         and the expand path (the weight expanded into one scratch buffer shared by all layers, then cuBLAS)."""
         n, k = self.shape
         if k % 16 or not cuda_ops.ready(self.values, 16, n, k // 2) or not cuda_ops.ready(self.meta, 8, n, k // 8):
