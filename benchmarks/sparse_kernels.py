@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -459,12 +460,14 @@ def _logits(model, shapes, vocab: int) -> dict:
 
 
 def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str, ...], patterns: tuple[str, ...],
-               layers: int = 32, batches: tuple[int, ...] = (1, 8)) -> dict:
+               layers: int = 32, batches: tuple[int, ...] = (1, 8),
+               checkpoint: Callable[[dict], object] | None = None) -> dict:
     """Dense vs 2:4 vs 70% unstructured on the sparse dispatcher, one model on the device at a time, one run.
 
     Each pattern starts from the same dense weights (rebuilt with the same seed, or reloaded) and
     prunes every block linear by magnitude. On SmolLM2 the sparse path's logits are checked against
-    the dense-stored pruned model's first."""
+    the dense-stored pruned model's first. ``checkpoint`` gets the rows measured so far after each model,
+    so a run cut off by a time limit keeps them (one did: four models measured, none written)."""
     if device.type != "cuda":
         sys.exit("the end-to-end run needs a CUDA GPU")
     speed = SpeedConfig(prompt_lengths=(2048,), decode_batches=batches, new_tokens=64, warmup=2, repeats=5,
@@ -487,6 +490,15 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
     steps = {"dense": {b: linear_step(model, spec, b) for b in speed.decode_batches}}
     print(f"dense measured in {time.time() - started:.0f}s", flush=True)
     correctness, reports = {}, {}
+
+    def keep() -> None:
+        if checkpoint is not None:
+            checkpoint({"part": part, "partial": True, "speed_config": vars(speed),
+                        "results": [r.to_dict() for r in results], "linear_step": steps,
+                        "compressed_weight_fraction": reports, "resident_mib_before_measure": resident,
+                        "prefill_2048_peak_mib": prefill_peak, "logit_check": correctness})
+
+    keep()
     for entry in patterns:
         pattern, _, policy = entry.partition("@")  # e.g. "2:4@dense": dense or cuSPARSELt copies allowed
         if policy:
@@ -519,6 +531,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
         prefill_peak[label_] = _prefill_peak_mib(model, vocab, device)
         steps[label_] = {b: linear_step(model, spec, b) for b in speed.decode_batches}
         print(f"{label_} measured in {time.time() - started:.0f}s", flush=True)
+        keep()
     _print_speed(results, steps)
     print("resident before measuring (MiB):", {k: round(v) for k, v in resident.items()},
           "| peak - weights (MiB):", {r.label: round(r.peak_mib - r.weight_mib) for r in results if r.peak_mib},
@@ -664,6 +677,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.time()
+    out = Path(args.out) if args.out else RESULTS / f"sparse_kernels_{args.part}.json"
     if args.part in ("kernels", "gemm", "70b") and not torch.cuda.is_available():
         sys.exit(f"the {args.part} benchmark needs a CUDA GPU")
     if args.part == "kernels":
@@ -682,10 +696,11 @@ def main() -> None:
     else:
         result = end_to_end(args.part, torch.device(args.device), args.model, tuple(args.decode_methods.split(",")),
                             tuple(p for p in args.patterns.split(",") if p), args.layers,
-                            tuple(int(b) for b in args.batches.split(",")))
+                            tuple(int(b) for b in args.batches.split(",")),
+                            checkpoint=lambda partial: save_results(out, {**partial, "machine": machine(),
+                                                                          "seconds": round(time.time() - started, 1)}))
     result["machine"] = machine()
     result["seconds"] = round(time.time() - started, 1)
-    out = Path(args.out) if args.out else RESULTS / f"sparse_kernels_{args.part}.json"
     save_results(out, result)
     print(f"saved {out}")
 

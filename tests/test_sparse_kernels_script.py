@@ -1,0 +1,44 @@
+"""benchmarks/sparse_kernels.py's end-to-end part keeps what it measured when a run is cut off (its GPU runs are
+the BENCHMARKS rows; here everything that needs a GPU is replaced, so only the bookkeeping runs)."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from secateurs.evaluate.speed import SpeedResult
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_end_to_end_part_saves_every_model_measured_before_a_cut(monkeypatch):
+    """The first H100 run measured dense, 2:4, 4:8 and 50% and then hit its time limit on the next model, and
+    wrote nothing: now the rows measured so far reach the checkpoint after each model."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import sparse_kernels
+
+    measured = []
+
+    def fake_measure(model, label, device, speed):
+        if len(measured) == 2:
+            raise TimeoutError("the call's time limit")
+        measured.append(label)
+        return SpeedResult(label=label, device="cuda", decode_tokens_per_s={1: 100.0 + len(measured)})
+
+    monkeypatch.setattr(sparse_kernels, "_llama2_7b", lambda device, layers: tiny_model("llama").model)
+    monkeypatch.setattr(sparse_kernels, "measure", fake_measure)
+    monkeypatch.setattr(sparse_kernels, "_prefill_peak_mib", lambda model, vocab, device: 1.0)
+    monkeypatch.setattr(sparse_kernels, "linear_step", lambda model, spec, batch: {})
+    monkeypatch.setattr(sparse_kernels, "_prune", lambda model, spec, pattern: None)
+    monkeypatch.setattr(sparse_kernels, "sparsify", lambda model, spec: SimpleNamespace(sparse_bytes=1, dense_bytes=2))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    saved: list[dict] = []
+    with pytest.raises(TimeoutError):
+        sparse_kernels.end_to_end("e2e", torch.device("cuda"), "", ("cuda-graph",), ("2:4", "4:8", "70%"), layers=1,
+                                  checkpoint=saved.append)
+    assert measured == ["dense", "2:4 sparse"]
+    assert [row["label"] for row in saved[-1]["results"]] == ["dense", "2:4 sparse"] and saved[-1]["partial"]
+    assert saved[-1]["compressed_weight_fraction"] == {"2:4": 0.5, "4:8": 0.5}
