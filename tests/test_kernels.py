@@ -923,3 +923,19 @@ def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatc
             assert choose_format(w, 0.5)[0] in (Sparse24, Nm48, Nm816, Bitmap)
     finally:
         cuda_ops.unverified_offered.cache_clear()
+
+
+def test_a_plan_naming_a_kernel_this_weight_is_not_offered_runs_its_first_kernel_not_the_reference(monkeypatch):
+    """A tuned plan is shared by every layer of a kind and shape; where one weight is not offered its kernel (the
+    values' alignment decides some), that layer runs its own first CUDA candidate, not the slow PyTorch reference."""
+    from secateurs.kernels import linear
+
+    w = _wu(16, 2 * SEGMENT, 0.7, seed=23).half()
+    layer = SparseLinear(Bitmap.compress(w))
+    ran = []
+    monkeypatch.setattr(linear, "cuda_candidates", lambda fmt, m: {"own": lambda x: ran.append("own") or x @ w.T})
+    monkeypatch.setattr(linear, "reference_matmul", lambda x, fmt: ran.append("reference") or x @ w.T)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    x = torch.randn(1, 2 * SEGMENT).half()
+    layer._run(("cuda:other", None), x, layer.format())
+    assert ran == ["own"]

@@ -348,8 +348,13 @@ class SparseLinear(nn.Module):
         path, config = plan
         capturing = torch.cuda.is_current_stream_capturing()
         if path.startswith("cuda:"):
-            call = cuda_candidates(fmt, bucket(x.shape[0])).get(path[5:])
+            offered = cuda_candidates(fmt, bucket(x.shape[0]))
+            call = offered.get(path[5:])
             if call is not None:
+                return call(x)
+            if offered:  # a kernel this weight is not offered (its alignment, say): its own first, not the reference
+                name, call = next(iter(offered.items()))
+                note(f"sparse path {path} is not offered to every layer of its shape: those run cuda:{name}")
                 return call(x)
         elif path == "triton":
             return fmt.triton_matmul(x, config)
