@@ -443,7 +443,8 @@ def test_expand_candidate_multiplies_through_the_shared_scratch(monkeypatch):
         _emulate_expand816(Nm816(values, meta, tuple(w.shape)), chunks).reshape(-1)))
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(6)).half()
     for name, call in fmt.cuda_candidates(8).items():
-        torch.testing.assert_close(call(x).float(), x.float() @ w.float().T, rtol=2e-3, atol=2e-3, msg=name)
+        if name.startswith("expand_cublas"):  # the tensor-core kernel beside it: tests/test_nm_tensorcore.py
+            torch.testing.assert_close(call(x).float(), x.float() @ w.float().T, rtol=2e-3, atol=2e-3, msg=name)
     assert cuda_ops.scratch(torch.device("cpu"), torch.float16, 1) is held
 
 
@@ -544,6 +545,8 @@ def test_the_candidates_launch_the_source_kernels_with_their_signatures(monkeypa
         candidates = fmt.cuda_candidates(m)
         assert candidates
         for name, call in candidates.items():
+            if name.startswith("cuda_tc816_"):  # nm_tc.cu's, emulated in tests/test_nm_tensorcore.py
+                continue
             torch.testing.assert_close(call(x).double(), x.double() @ w.double().T, rtol=2e-3, atol=2e-3, msg=name)
     assert {"gemv816_f16_t1_r2", "gemv816_f16_t4_r1", "expand816_c1"} <= set(launched)
 

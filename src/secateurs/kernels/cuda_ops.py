@@ -30,6 +30,11 @@ Every kernel reads the stored tensors as they are (one position table in memory,
 - N:M GEMVs (1-4 tokens; ``kernels/nm.py``): one loop (``common.cuh``'s ``gemv_nm``) with a decode step per format:
   4:8 (``sparse48.cu``: three byte-permutes per value pair and token) and 8:16 (``sparse816.cu``: one 16-byte
   load of values and one 32-bit position word per 16 inputs, four byte-permutes per value pair and token);
+- N:M on tensor cores (5-64 tokens; ``kernels/nm.py``, its own module ``nm_tc.cu``, 4:8 and 8:16 alike): "load as
+  sparse, compute as dense": a block of 64 output features streams its rows' stored values and positions, expands
+  them in registers (the format's decode step) into a swizzled shared dense tile and runs dense ``mma.sync.m16n8k16``
+  against 16-64 tokens, split-K over blocks with a fixed-order fp32 sum; never yet run on a GPU, so offered (beside
+  the expand path) only under ``SECATEURS_UNVERIFIED_KERNELS=1``;
 - banded GEMV (1-4 tokens) and expand (``kernels/banded.py``, its own module ``banded.cu``): unstructured weights of
   50-90% zeros as pieces of a band-fixed number of (value, 4-bit delta) entries, one piece per lane with a fixed
   trip count, x staged in shared memory; correct on an H100 but never yet timed, so offered (and stored by

@@ -10,6 +10,15 @@ the rows-per-warp and split-K choices, the expand path into the shared scratch f
 file says how its positions are packed (``_pack``) and read back (``positions``), which tensors its kernels
 need aligned how (``_tables_ready``, ``_wide_positions``), and launches its two kernels (``_gemv``,
 ``_expand``); its CUDA source instantiates common.cuh's ``gemv_nm`` loop with a step of its own.
+
+Tensor cores for 5-64 tokens (``cuda/nm_tc.cu``, both formats in one module): "load as sparse, compute as dense".
+A block of 4 warps owns 64 output features, a tile of 16, 32 or 64 tokens (:data:`TC_TOKENS`) and a K-slice
+(split-K over blocks, fp32 partial sums added in a fixed order by a second kernel); it streams the stored values
+and positions of its rows in 16-byte loads, expands them in registers (the format's decode step, the expand
+kernel's) into a swizzled shared-memory dense tile, and multiplies it by the activation tile with dense
+``mma.sync.m16n8k16`` (``ldmatrix`` fragments, fp32 accumulation). It never ran on a GPU: its candidates
+(``cuda_tc48_n<tokens>_s<split>``, ``cuda_tc816_...``, beside the expand path at row buckets 8-64) are offered only
+under ``SECATEURS_UNVERIFIED_KERNELS=1``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,12 @@ if TYPE_CHECKING:
     from typing import Self
 
 CHUNK = 16  # inputs per 16-byte load of values (8 fp16 values at N/M = 1/2): the kernels' step and the width unit
+TC_SOURCE = Path(__file__).with_name("cuda") / "nm_tc.cu"
+TC_TOKENS = (16, 32, 64)  # token tiles the tensor-core kernel is instantiated for (tc<kind>_<dtype>_n<tokens>)
+TC_ROWS = 64  # output features per block of the tensor-core kernel
+TC_WARPS = 4
+TC_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)  # blocks sharing one feature tile (split-K over whole 64-input stages)
+TC_BLOCKS = 264  # blocks that keep an H100's 132 SMs busy twice over: the split-K choice aims at this many
 MAX_SPARSITY = 0.625
 """An N:M format is kept for its GEMV although the bitmap's bytes are a little fewer already at 50% zeros (fp16
 bytes per weight: bitmap 1.16, 4:8 1.19, 8:16 1.25); past 3:8's fraction of zeros the gap is wide (the bitmap
@@ -50,6 +65,8 @@ class NmFormat(SparseFormat):
     """16-input chunks per thread of the expand kernel, in the order offered."""
     gemv_name: ClassVar[str]
     """The GEMV's candidate names: ``cuda_<gemv_name>_r<rows>_s<split>``."""
+    tc_name: ClassVar[str]
+    """The tensor-core kernel's candidate names: ``cuda_<tc_name>_n<tokens>_s<split>`` (row buckets 8-64)."""
     gemv_verified: ClassVar[bool]
     """Whether the GEMV was run on a GPU; if not it (and the format's expand path) is offered only with
     ``SECATEURS_UNVERIFIED_KERNELS=1``."""
@@ -150,11 +167,16 @@ class NmFormat(SparseFormat):
     def _expand(self, out: torch.Tensor, chunks: int) -> None:
         raise NotImplementedError
 
+    def _tc(self, x: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
+        raise NotImplementedError
+
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The format's GEMV for 1-4 rows: each row count's instantiated rows per warp group (default first), at
         the split-K choices of :func:`cuda_ops.splits`; above 4 rows (row bucket 8 on) the expand path (the weight
         expanded into the scratch every layer shares, then cuBLAS) at each chunks-per-thread choice the tables'
-        alignment allows. A format whose GEMV was never run on a GPU is offered only under
+        alignment allows; at 5-64 rows, under ``SECATEURS_UNVERIFIED_KERNELS=1`` only, also the tensor-core kernel
+        (the smallest token tile that holds ``m`` rows, at the split-K choices of :func:`tc_splits`), after the
+        expand path since it never ran on a GPU. A format whose GEMV was never run on a GPU is offered only under
         ``SECATEURS_UNVERIFIED_KERNELS=1`` (4:8's and 8:16's GEMV and expand paths matched float64 on an H100).
         Compiled on first offer (an error there offers nothing)."""
         n, k = self.shape
@@ -166,9 +188,15 @@ class NmFormat(SparseFormat):
         expanding = m > self.tokens[-1]  # row bucket 8 on
         cuda_ops._module(self.values.device.index, self.source)  # compiled once; raises where it cannot be
         if expanding:
-            return {f"expand_cublas_c{c}": (lambda x, c=c: cuda_ops.scratch_matmul(
-                        x, self.shape, lambda out: self._expand(out, c)))
-                    for c in self.expand_chunks if c == 1 or self._wide_positions()}
+            paths = {f"expand_cublas_c{c}": (lambda x, c=c: cuda_ops.scratch_matmul(
+                         x, self.shape, lambda out: self._expand(out, c)))
+                     for c in self.expand_chunks if c == 1 or self._wide_positions()}
+            if m <= TC_TOKENS[-1] and cuda_ops.unverified_offered():
+                cuda_ops._module(self.values.device.index, TC_SOURCE)
+                tokens = next(t for t in TC_TOKENS if t >= m)
+                paths.update({f"cuda_{self.tc_name}_n{tokens}_s{split}": (
+                    lambda x, s=split: self._tc(x, tokens, s)) for split in tc_splits(n, k)})
+            return paths
         tokens = next(t for t in self.tokens if t >= m)
         return {f"cuda_{self.gemv_name}_r{rows}_s{split}": (lambda x, r=rows, s=split: self._gemv(x, r, s))
                 for split in cuda_ops.splits(n, k // CHUNK // 32) for rows in self.rows[tokens]}
@@ -194,3 +222,33 @@ def expand_launch(kernel: str, source: Path, tables: tuple[torch.Tensor, ...], o
     blocks = min((units + 255) // 256, 65535 * 8)
     cuda_ops._launch(f"{kernel}_c{chunks}", blocks, (*tables, out), (units,), 8, source=source,
                      int_type=ctypes.c_longlong)
+
+
+def tc_splits(n: int, k: int) -> list[int]:
+    """Split-K choices of the tensor-core kernel, the default first: the fewest blocks per feature tile that reach
+    :data:`TC_BLOCKS` blocks (where the feature tiles alone do not), and the next larger choice; each split keeps at
+    least one 64-input stage."""
+    tiles, stages = -(-n // TC_ROWS), -(-k // (4 * CHUNK))
+    usable = [s for s in TC_SPLITS if s <= stages]
+    preferred = next((s for s in usable if tiles * s >= TC_BLOCKS), usable[-1])
+    return usable[usable.index(preferred): usable.index(preferred) + 2]
+
+
+def tc_launch(kernel: str, x: torch.Tensor, tables: tuple[torch.Tensor, ...], tokens: int, split: int) -> torch.Tensor:
+    """Launch the tensor-core kernel ``<kernel>_<dtype>_n<tokens>`` of ``nm_tc.cu`` on x (any number of rows: token
+    tiles are blocks too) and the stored tensors ``tables`` (values first): its arguments are (x, tables..., y, work,
+    M, N, K, split). With ``split`` > 1 every block writes fp32 partial sums to its slice of ``work`` (split, M, N)
+    and ``tcsum_<dtype>`` adds them into y in split order (deterministic, no atomics)."""
+    x = cuda_ops._aligned(x)
+    m, k = x.shape
+    n = tables[0].shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    work = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    suffix = cuda_ops._SUFFIX[x.dtype]
+    blocks = -(-n // TC_ROWS) * split * -(-m // tokens)
+    cuda_ops._launch(f"{kernel}_{suffix}_n{tokens}", blocks, (x, *tables, y, work), (m, n, k, split), TC_WARPS,
+                     source=TC_SOURCE)
+    if split > 1:
+        threads = cuda_ops.WARPS * 32
+        cuda_ops._launch(f"tcsum_{suffix}", -(-m * n // threads), (work, y), (m * n, split), source=TC_SOURCE)
+    return y

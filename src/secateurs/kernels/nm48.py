@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from . import cuda_ops
-from .nm import CHUNK, NmFormat, expand_launch, gemv_launch
+from .nm import CHUNK, NmFormat, expand_launch, gemv_launch, tc_launch
 
 GROUP = 8
 KEPT = 4
@@ -57,6 +57,7 @@ class Nm48(NmFormat):
     parts = ("values", "meta", "high")
     group, kept, source, tokens, rows, expand_chunks = GROUP, KEPT, SOURCE, TOKENS, ROWS, EXPAND_CHUNKS
     gemv_name = "gemv48"
+    tc_name = "tc48"
     gemv_verified = True  # H100, benchmarks/sparse48.py: 1.60-1.86x cuBLAS at 1 token
 
     def positions(self) -> torch.Tensor:
@@ -99,6 +100,9 @@ class Nm48(NmFormat):
     def _expand(self, out: torch.Tensor, chunks: int) -> None:
         nm48_expand(self.values, self.meta, self.high, out, chunks)
 
+    def _tc(self, x: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
+        return nm48_tc(x, self.values, self.meta, self.high, tokens, split)
+
 
 @torch.library.custom_op("secateurs::nm48_gemv", mutates_args=())
 def nm48_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, high: torch.Tensor, rows: int,
@@ -123,3 +127,16 @@ def nm48_expand(values: torch.Tensor, meta: torch.Tensor, high: torch.Tensor, ou
 @nm48_expand.register_fake
 def _(values, meta, high, out, chunks):
     return None
+
+
+@torch.library.custom_op("secateurs::nm48_tc", mutates_args=())
+def nm48_tc(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, high: torch.Tensor, tokens: int,
+            split: int) -> torch.Tensor:
+    """``x @ W.T`` for a 4:8 weight on tensor cores (``nm_tc.cu``, unverified: opt-in): blocks of 64 output features x
+    ``tokens`` rows of x (16, 32 or 64), ``split`` blocks sharing each feature tile's K."""
+    return tc_launch("tc48", x, (values, meta, high), tokens, split)
+
+
+@nm48_tc.register_fake
+def _(x, values, meta, high, tokens, split):
+    return x.new_empty(x.shape[0], values.shape[0])

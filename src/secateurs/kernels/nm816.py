@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import cuda_ops
-from .nm import CHUNK, NmFormat, expand_launch, gemv_launch
+from .nm import CHUNK, NmFormat, expand_launch, gemv_launch, tc_launch
 
 GROUP = 16
 KEPT = 8
@@ -53,6 +53,7 @@ class Nm816(NmFormat):
     parts = ("values", "meta")
     group, kept, source, tokens, rows, expand_chunks = GROUP, KEPT, SOURCE, TOKENS, ROWS, EXPAND_CHUNKS
     gemv_name = "gemv816"
+    tc_name = "tc816"
     gemv_verified = True  # H100, benchmarks/sparse48.py: 1.56-1.89x cuBLAS at 1 token
 
     def positions(self) -> torch.Tensor:
@@ -82,6 +83,9 @@ class Nm816(NmFormat):
     def _expand(self, out: torch.Tensor, chunks: int) -> None:
         nm816_expand(self.values, self.meta, out, chunks)
 
+    def _tc(self, x: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
+        return nm816_tc(x, self.values, self.meta, tokens, split)
+
 
 @torch.library.custom_op("secateurs::nm816_gemv", mutates_args=())
 def nm816_gemv(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, rows: int, split: int) -> torch.Tensor:
@@ -105,3 +109,15 @@ def nm816_expand(values: torch.Tensor, positions: torch.Tensor, out: torch.Tenso
 @nm816_expand.register_fake
 def _(values, positions, out, chunks):
     return None
+
+
+@torch.library.custom_op("secateurs::nm816_tc", mutates_args=())
+def nm816_tc(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
+    """``x @ W.T`` for an 8:16 weight on tensor cores (``nm_tc.cu``, unverified: opt-in): blocks of 64 output features
+    x ``tokens`` rows of x (16, 32 or 64), ``split`` blocks sharing each feature tile's K."""
+    return tc_launch("tc816", x, (values, positions), tokens, split)
+
+
+@nm816_tc.register_fake
+def _(x, values, positions, tokens, split):
+    return x.new_empty(x.shape[0], values.shape[0])
