@@ -100,11 +100,11 @@ def _b_matrix(b: torch.Tensor) -> torch.Tensor:
 
 
 def emulate_tc(kind: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...], tokens: int,
-               read: Callable = swizzled, a_map=A_MAP) -> torch.Tensor:
+               read: Callable = swizzled, a_map=A_MAP, b_regs=(0, 1)) -> torch.Tensor:
     """nm_tc.cu's tc_nm for every block of ``grid``, lane by lane: (S, M, N) float64 of what each block stores
     (split s's partial sums; NaN where nothing is stored). Shared memory starts as NaN, so a read of a place no
-    thread wrote shows. ``read`` and ``a_map`` are the ldmatrix swizzle and A fragment map (broken on purpose by the
-    sensitivity test)."""
+    thread wrote shows. ``read``, ``a_map`` and ``b_regs`` are the ldmatrix swizzle, the A fragment map and which
+    ldmatrix registers are b0, b1 of the first k16 step (broken on purpose by the sensitivity test)."""
     x, vals, *tables = (t.reshape(-1) for t in tensors[:-2])
     m, n, k, splits = ints
     x, vals = x.double(), vals.double()
@@ -150,7 +150,8 @@ def emulate_tc(kind: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tu
                      for kk in range(2)]
                 for j in range(nt):  # every warp reads the same x fragments
                     b = _ldmatrix_x4(sx[cur], ((j * 8 + rb) * 64 + 8 * read(j * 8 + rb, 4 * h + (LANE >> 3))).unsqueeze(0))[0]
-                    d[j] += a[0] @ _b_matrix(b[:, 0:2]) + a[1] @ _b_matrix(b[:, 2:4])
+                    first, second = list(b_regs), [2 + r for r in b_regs]
+                    d[j] += a[0] @ _b_matrix(b[:, first]) + a[1] @ _b_matrix(b[:, second])
         for j in range(nt):  # the epilogue: c_q of lane (g, t) is row g + 8 (q / 2), token 2t + q % 2
             for q in range(4):
                 row = row0 + warp * 16 + G + (q >> 1) * 8
@@ -166,8 +167,8 @@ class Emulated:
     """``cuda_ops._launch`` replaced by the emulation: checks what the launcher passes and keeps each launch's
     float64 result (``results``, the product before the cast to the input dtype)."""
 
-    def __init__(self, read: Callable = swizzled, a_map=A_MAP) -> None:
-        self.read, self.a_map = read, a_map
+    def __init__(self, read: Callable = swizzled, a_map=A_MAP, b_regs=(0, 1)) -> None:
+        self.read, self.a_map, self.b_regs = read, a_map, b_regs
         self.partials: dict[int, torch.Tensor] = {}
         self.results: list[torch.Tensor] = []
         self.names: list[str] = []
@@ -193,7 +194,8 @@ class Emulated:
         assert cuda_ops._SUFFIX[x.dtype] == dtype and warps == WARPS and int(tokens) in nm.TC_TOKENS
         assert grid == -(-n // ROWS) * splits * -(-m // int(tokens))
         assert x.data_ptr() % 16 == 0 and tuple(x.shape) == (m, k) and tuple(y.shape) == (m, n)
-        out = emulate_tc("4:8" if kind == "48" else "8:16", grid, tensors, ints, int(tokens), self.read, self.a_map)
+        out = emulate_tc("4:8" if kind == "48" else "8:16", grid, tensors, ints, int(tokens), self.read, self.a_map,
+                         self.b_regs)
         if splits == 1:
             assert work.data_ptr() == y.data_ptr()
             y.copy_(out[0].to(y.dtype))
@@ -239,13 +241,13 @@ def test_bf16_more_rows_than_the_token_tile_and_two_slices(kind):
 
 
 @pytest.mark.parametrize("kind", ["4:8", "8:16"])
-@pytest.mark.parametrize("broken", ["unswizzled reads", "a1 and a2 swapped", "rows and halves swapped"])
+@pytest.mark.parametrize("broken", ["unswizzled reads", "a1 and a2 swapped", "b0 and b1 swapped"])
 def test_a_broken_swizzle_or_fragment_map_fails(kind, broken):
     """The emulation is sensitive: ldmatrix reading the tile without the swizzle the stores used, or an A fragment
-    map other than the ISA's, gives a different (or unwritten, NaN) product."""
+    or B fragment map other than the ISA's, gives a different (or unwritten, NaN) product."""
     emulated = {"unswizzled reads": Emulated(read=plain),
                 "a1 and a2 swapped": Emulated(a_map=(A_MAP[0], A_MAP[2], A_MAP[1], A_MAP[3])),
-                "rows and halves swapped": Emulated(a_map=((0, 0), (0, 8), (8, 0), (8, 8)))}[broken]
+                "b0 and b1 swapped": Emulated(b_regs=(1, 0))}[broken]
     _, result, reference = _run(kind, 72, 208, 9, 1, emulated=emulated)
     assert not torch.allclose(result, reference, rtol=1e-3, atol=1e-3, equal_nan=False)
 
