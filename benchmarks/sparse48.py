@@ -19,7 +19,8 @@ count, and on odd shapes (rows not a multiple of a block, K tails) in fp16 and b
 
 ``--part prompt``: per shape, the 4:8 and 8:16 weights (8-8192 tokens) and the 50% and 70% bitmap (2-8192 tokens) against
 cuBLAS ``F.linear`` on the same pruned dense weight, every candidate their ``cuda_candidates`` offer (the expand
-paths) checked against float64 first; each path a CUDA graph rotating over weight copies that overflow L2, of
+paths; for 4:8 and 8:16 at 8-64 tokens also the tensor-core kernel of ``nm_tc.cu``, at each of its token tiles)
+checked against float64 first; each path a CUDA graph rotating over weight copies that overflow L2, of
 enough calls for about 5 ms. Beside it, the expansion alone (stored bytes read + dense bytes written, as a
 fraction of the copy bandwidth), the figure that bounds the path: cuBLAS time + expansion time.
 """
@@ -134,7 +135,7 @@ def checks(cls: type[NmFormat], gen: torch.Generator) -> dict:
     return {"odd_shape_errors": errors, "worst": worst, "compiled_in_graph_rel_error": compiled}
 
 
-PROMPT_TOKENS = {"4:8": (8, 32, 128, 512, 2048, 8192), "8:16": (8, 32, 128, 512, 2048, 8192),
+PROMPT_TOKENS = {"4:8": (8, 16, 32, 64, 128, 512, 2048, 8192), "8:16": (8, 16, 32, 64, 128, 512, 2048, 8192),
                  "bitmap 50%": (2, 8, 32, 128, 512, 2048, 8192), "bitmap 70%": (2, 8, 32, 128, 512, 2048, 8192)}
 
 
