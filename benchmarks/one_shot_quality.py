@@ -43,6 +43,7 @@ VARIANTS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="MODEL as secateurs takes it (shortcut, folder, hub id or .gguf file).")
     parser.add_argument("--n-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=6)
@@ -63,15 +64,15 @@ def main() -> None:
         return secateurs.evaluate_perplexity(loaded, ["wikitext2"], args.seq_len, args.windows, device="cpu")["wikitext2"].ppl
 
     rows = [] if args.no_dense else [{"method": "dense", "pattern": "-", "sparsity": 0.0, "allocation": "-",
-                                      "ppl": ppl(secateurs.load_model("smollm2-135m")), "prune_s": 0.0}]
-    runs = [run_record("dense", "smollm2-135m", [], {"wikitext2": row["ppl"]}) for row in rows]
+                                      "ppl": ppl(secateurs.load_model(args.model)), "prune_s": 0.0}]
+    runs = [run_record("dense", args.model, [], {"wikitext2": row["ppl"]}) for row in rows]
     configs = [secateurs.PruneConfig(**json.loads(text)) for text in args.config] or [
         secateurs.PruneConfig(method, sparsity, pattern, allocation=allocation)
         for method, pattern, sparsity, allocation in VARIANTS
         if wanted is None or f"{method}:{pattern}:{sparsity}:{allocation}" in wanted
     ]
     for config in configs:
-        loaded = secateurs.load_model("smollm2-135m")
+        loaded = secateurs.load_model(args.model)
         start = time.perf_counter()
         report = secateurs.prune(loaded, config, calib, engine)
         seconds = time.perf_counter() - start
@@ -80,10 +81,10 @@ def main() -> None:
                      "permute": config.permute, "ppl": ppl(loaded), "prune_s": round(seconds, 1),
                      "stages": {k: round(v, 1) for k, v in report.stage_seconds.items()}})
         label = f"{config.method} {config.pattern} {rows[-1]['sparsity']:.2f} {config.allocation}"
-        runs.append(run_record(label, "smollm2-135m", [report.stage_record()], {"wikitext2": rows[-1]["ppl"]}))
+        runs.append(run_record(label, args.model, [report.stage_record()], {"wikitext2": rows[-1]["ppl"]}))
         print(rows[-1], flush=True)
     dense = rows[0]["ppl"] if rows and rows[0]["method"] == "dense" else float("nan")
-    print(f"\nSmolLM2-135M, WikiText-2 first {args.windows}×{args.seq_len} windows; calibration "
+    print(f"\n{args.model}, WikiText-2 first {args.windows}×{args.seq_len} windows; calibration "
           f"{args.n_samples}×{args.seq_len} WikiText-2 (validation file), seed {args.seed}")
     print(f"{'method':10s} {'pattern':13s} {'alloc':8s} {'steps':28s} {'sparsity':>8s} {'ppl':>10s} {'÷dense':>7s} {'prune s':>8s}")
     for r in rows:
