@@ -48,3 +48,22 @@ def test_side_by_side_filters_the_childrens_options_keeps_a_failed_childs_rows_a
     assert sorted((r["case"], r["loss"]) for r in table.rows) == [("broken", "pruned"), ("ok", "kl"), ("ok", "pruned")]
     assert all(r["concurrent_jobs"] == 2 for r in table.rows)
     assert "cases that failed: broken, silent" in out
+
+
+def test_each_recovery_loss_maps_to_its_objective_and_an_unknown_one_is_refused_before_any_work(monkeypatch):
+    """--losses picks the rows' objectives: lm trains without a teacher, kd is logit KD alone, kd+lm mixes the
+    two by --alpha (the mix for where KD alone lost the training corpus's own perplexity on the H100 run)."""
+    import pytest
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import distill_tables
+
+    args = argparse.Namespace(lora_lr=1e-3, batch_size=2, seq_len=64, seed=0, tokens=1024, epochs=1.0, eval_every=4,
+                              eval_windows=2, temperature=2.0, alpha=0.25)
+    objectives = {loss: distill_tables.recover_config(args, loss).distill for loss in distill_tables.LOSSES}
+    assert objectives["lm"].loss is None
+    assert (objectives["kd"].loss, objectives["kd"].temperature) == ("kl", 2.0)
+    assert (objectives["kd+lm"].loss, objectives["kd+lm"].alpha, objectives["kd+lm"].temperature) == ("kl+lm", 0.25, 2.0)
+    monkeypatch.setattr(sys, "argv", ["distill_tables.py", "--losses", "lm,kl"])
+    with pytest.raises(SystemExit, match="unknown --losses 'kl'; use any of lm, kd, kd\\+lm"):
+        distill_tables.main()
