@@ -372,3 +372,22 @@ def test_the_offered_candidates_launch_the_emulated_kernel(kind, monkeypatch, op
         torch.testing.assert_close(emulated.results[-1], x.double() @ w.double().T, rtol=1e-12, atol=1e-12, msg=name)
         assert torch.equal(y, emulated.results[-1].half())
     assert emulated.names == [f"{fmt.tc_name}_f16_n64", "tcsum_f16"]
+
+
+def test_a_tensor_core_module_that_does_not_build_leaves_the_expand_path(monkeypatch, opted_in):
+    """Under the opt-in a failing build of nm_tc.cu (never run on a GPU) offers no tensor-core kernel and says so,
+    but the layer keeps its GPU-checked expand path instead of losing every CUDA candidate."""
+    from secateurs.kernels import linear
+
+    fmt = _fmt("4:8", _weight("4:8", 128, 1024, 0, torch.float16))
+
+    def build(index, source=None):
+        if source == nm.TC_SOURCE:
+            raise RuntimeError("NVRTC 13.0 failed to compile nm_tc.cu: an error")
+
+    monkeypatch.setattr(cuda_ops, "_module", build)
+    said = []
+    monkeypatch.setattr(linear, "note", said.append)
+    assert list(fmt.cuda_candidates(16)) == ["expand_cublas_c1", "expand_cublas_c4"]
+    assert said == ["the 4:8 tensor-core kernel was not built (NVRTC 13.0 failed to compile nm_tc.cu: an error): "
+                    "5-64 tokens use the expand path"]

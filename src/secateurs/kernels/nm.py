@@ -170,6 +170,23 @@ class NmFormat(SparseFormat):
     def _tc(self, x: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _tc_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The tensor-core kernel at ``m`` rows (the smallest token tile that holds them, each split-K choice of
+        :func:`tc_splits`), or nothing, said once, where its module does not build: a kernel never run on a GPU must
+        not cost the layer the measured expand path offered beside it."""
+        try:
+            cuda_ops._module(self.values.device.index, TC_SOURCE)
+        except Exception as exc:  # noqa: BLE001  (NVRTC refusing the source, a driver that cannot load it)
+            from .linear import note  # linear imports the formats, which import this module
+
+            note(f"the {self.kind} tensor-core kernel was not built ({str(exc).splitlines()[0][:120]}): "
+                 "5-64 tokens use the expand path")
+            return {}
+        n, k = self.shape
+        tokens = next(t for t in TC_TOKENS if t >= m)
+        return {f"cuda_{self.tc_name}_n{tokens}_s{split}": (lambda x, s=split: self._tc(x, tokens, s))
+                for split in tc_splits(n, k)}
+
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The format's GEMV for 1-4 rows: each row count's instantiated rows per warp group (default first), at
         the split-K choices of :func:`cuda_ops.splits`; above 4 rows (row bucket 8 on) the expand path (the weight
@@ -192,10 +209,7 @@ class NmFormat(SparseFormat):
                          x, self.shape, lambda out: self._expand(out, c)))
                      for c in self.expand_chunks if c == 1 or self._wide_positions()}
             if m <= TC_TOKENS[-1] and cuda_ops.unverified_offered():
-                cuda_ops._module(self.values.device.index, TC_SOURCE)
-                tokens = next(t for t in TC_TOKENS if t >= m)
-                paths.update({f"cuda_{self.tc_name}_n{tokens}_s{split}": (
-                    lambda x, s=split: self._tc(x, tokens, s)) for split in tc_splits(n, k)})
+                paths.update(self._tc_candidates(m))
             return paths
         tokens = next(t for t in self.tokens if t >= m)
         return {f"cuda_{self.gemv_name}_r{rows}_s{split}": (lambda x, r=rows, s=split: self._gemv(x, r, s))
