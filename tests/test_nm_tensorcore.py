@@ -389,5 +389,5 @@ def test_a_tensor_core_module_that_does_not_build_leaves_the_expand_path(monkeyp
     said = []
     monkeypatch.setattr(linear, "note", said.append)
     assert list(fmt.cuda_candidates(16)) == ["expand_cublas_c1", "expand_cublas_c4"]
-    assert said == ["the 4:8 tensor-core kernel was not built (NVRTC 13.0 failed to compile nm_tc.cu: an error): "
-                    "5-64 tokens use the expand path"]
+    assert said == [("the 4:8 tensor-core kernel was not built (NVRTC 13.0 failed to compile nm_tc.cu: an error): "
+                     "5-64 tokens use the expand path")]
