@@ -1,7 +1,8 @@
 """``SparseLinear``: a drop-in for a pruned ``nn.Linear`` that stores only the compressed weight,
 and the dispatcher that makes it never slower than the dense layer it replaces.
 
-For each (format, shape, power-of-two row bucket, dtype, device) the first call times every path
+For each (format, shape, power-of-two row bucket, dtype, device, and what else decides the candidates: the
+format's ``plan_variant`` and the opt-in below; :meth:`SparseLinear.plan_key`) the first call times every path
 that can compute the product and caches the fastest correct one:
 
 - ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV, ``mma.sp`` decode kernel,
