@@ -49,7 +49,8 @@ from secateurs.kernels.banded import Banded, band_of
 from secateurs.sparsity.masks import unstructured_mask
 
 from records import save_results
-from sparse_kernels import L2_BYTES, RESULTS, SHAPES, copy_bandwidth, graph_time_us, machine, rotating
+from sparse_kernels import (L2_BYTES, RESULTS, SHAPES, compiled_in_graph_error, copy_bandwidth, graph_time_us, machine,
+                            relative_error, rotating)
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8)
 TOKENS = (1, 2, 4)
@@ -64,11 +65,6 @@ CHECK_SHAPES = ((37, 1040), (37, 1088), (200, 4168), (576, 1536), (1536, 576), (
 def _pruned(n: int, k: int, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     base = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
     return base * unstructured_mask(base.abs(), sparsity)
-
-
-def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
-    error = float((got.double() - reference).norm() / reference.norm())
-    return error if math.isfinite(error) else math.inf
 
 
 def _poisoned(call, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -94,26 +90,16 @@ def checks(gen: torch.Generator) -> dict:
                     reference = x.double() @ dense.T
                     for name, call in fmt.cuda_candidates(m).items():
                         case = f"{str(dtype)[6:]} {n}x{k} {sparsity:.0%} m={m} {name}"
-                        errors[case] = _relative_error(_poisoned(call, x, n), reference)
+                        errors[case] = relative_error(_poisoned(call, x, n), reference)
                         if not errors[case] < GOOD[dtype]:
                             failures.append(case)
                 cuda_ops.release_scratch()
     weight = _pruned(256, 4096, 0.7, torch.float16, gen)
     fmt = Banded.compress(weight)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16, generator=gen)
-    reference = x.double() @ weight.double().T
-    try:
-        step = torch.compile(lambda x: torch.ops.secateurs.banded_gemv(x, fmt.values, fmt.deltas, fmt.starts,
-                                                                      fmt.offsets, 1, 1) * 2, fullgraph=True)
-        step(x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        compiled: float | str = _relative_error(out / 2, reference)
-    except Exception as exc:  # noqa: BLE001  (reported as a failure)
-        compiled = f"failed: {str(exc).splitlines()[0][:300]}"
+    compiled = compiled_in_graph_error(
+        lambda x: torch.ops.secateurs.banded_gemv(x, fmt.values, fmt.deltas, fmt.starts, fmt.offsets, 1, 1), x,
+        x.double() @ weight.double().T)
     if not isinstance(compiled, float) or not compiled < GOOD[torch.float16]:
         failures.append(f"torch.compile in a CUDA graph: {compiled}")
     worst = max(errors.values(), default=math.nan)
@@ -134,7 +120,7 @@ def _candidates_us(fmt, fmts: list, m: int, x: torch.Tensor, reference: torch.Te
     out = {}
     for name, call in cuda_ops.candidates(fmt, m).items():
         paths = [cuda_ops.candidates(f, m)[name] for f in fmts]
-        out[name] = {"rel_error": _relative_error(call(x), reference),
+        out[name] = {"rel_error": relative_error(call(x), reference),
                      "us": _time([lambda p=p, x=x: p(x) for p in paths])}
     return out
 

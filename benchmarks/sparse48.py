@@ -44,7 +44,8 @@ from secateurs.kernels.nm import NmFormat
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
 from records import save_results
-from sparse_kernels import L2_BYTES, RESULTS, SHAPES, copy_bandwidth, graph_time_us, machine, rotating
+from sparse_kernels import (L2_BYTES, RESULTS, SHAPES, compiled_in_graph_error, copy_bandwidth, graph_time_us, machine,
+                            relative_error, rotating)
 
 TOKENS = (1, 2, 4)
 CALLS = 24  # calls per graph replay, rotating over the copies
@@ -61,11 +62,6 @@ def _wnm(cls: type[NmFormat], n: int, k: int, dtype: torch.dtype, gen: torch.Gen
 
 def _time(calls: list) -> float:
     return graph_time_us(calls * math.ceil(CALLS / len(calls)))
-
-
-def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
-    error = float((got.double() - reference).norm() / reference.norm())
-    return error if math.isfinite(error) else math.inf
 
 
 def shape_rows(cls: type[NmFormat], n: int, k: int, bandwidth: float, gen: torch.Generator) -> list[dict]:
@@ -85,7 +81,7 @@ def shape_rows(cls: type[NmFormat], n: int, k: int, bandwidth: float, gen: torch
                "byte_limit": dense_bytes / sparse_bytes, "candidates": {}}
         for name, call in fmt.cuda_candidates(m).items():
             paths = [f.cuda_candidates(m)[name] for f in fmts]
-            row["candidates"][name] = {"rel_error": _relative_error(call(x), reference),
+            row["candidates"][name] = {"rel_error": relative_error(call(x), reference),
                                        "us": _time([lambda p=p, x=x: p(x) for p in paths])}
         row["max_rel_error"] = max(c["rel_error"] for c in row["candidates"].values())
         good = {name: c for name, c in row["candidates"].items() if c["rel_error"] < GOOD}
@@ -113,22 +109,11 @@ def checks(cls: type[NmFormat], gen: torch.Generator) -> dict:
                 x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                 reference = x.double() @ weight.double().T
                 for name, call in fmt.cuda_candidates(m).items():
-                    errors[f"{str(dtype)[6:]} {n}x{k} m={m} {name}"] = _relative_error(call(x), reference)
+                    errors[f"{str(dtype)[6:]} {n}x{k} m={m} {name}"] = relative_error(call(x), reference)
     weight = _wnm(cls, 256, 512, torch.float16, gen)
     fmt = cls.compress(weight)
     x = torch.randn(1, 512, device="cuda", dtype=torch.float16, generator=gen)
-    reference = x.double() @ weight.double().T
-    try:
-        step = torch.compile(lambda x: fmt._gemv(x, 1, 1) * 2, fullgraph=True)  # the format's GEMV op
-        step(x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        compiled: float | str = _relative_error(out / 2, reference)
-    except Exception as exc:  # noqa: BLE001  (reported, not raised: the timing table still runs)
-        compiled = f"failed: {str(exc).splitlines()[0][:300]}"
+    compiled = compiled_in_graph_error(lambda x: fmt._gemv(x, 1, 1), x, x.double() @ weight.double().T)  # its GEMV op
     worst = max(errors.values())
     print(f"{cls.kind}: odd shapes, fp16/bf16, m=1..4: {len(errors)} checks, worst relative error {worst:.1e}; "
           f"torch.compile(fullgraph) in a CUDA graph: {compiled}", flush=True)
@@ -188,7 +173,7 @@ def prompt_rows(n: int, k: int, bandwidth: float, gen: torch.Generator, kinds: t
                    "candidates": {}}
             for name, call in fmt.cuda_candidates(m).items():
                 paths = [f.cuda_candidates(m)[name] for f in fmts]
-                row["candidates"][name] = {"rel_error": _relative_error(call(x), reference),
+                row["candidates"][name] = {"rel_error": relative_error(call(x), reference),
                                            "us": _rotated_us([lambda p=p, x=x: p(x) for p in paths], seconds)}
             good = {name: c for name, c in row["candidates"].items() if c["rel_error"] < GOOD}
             row["max_rel_error"] = max((c["rel_error"] for c in row["candidates"].values()), default=math.nan)
