@@ -105,12 +105,12 @@ __device__ __forceinline__ void finish(float (&acc)[R][T], u16* __restrict__ y, 
                 if (row0 + r < N && t < M) y[(size_t)t * N + row0 + r] = pack1<BF16>(acc[r][t]);
 }
 
-// ---- the N:M GEMV loop every stored N:M format shares (sparse48.cu, sparse816.cu): y (M, N) = x (M, K) @ W.T
-// for M = 1-4 activation rows, W stored as values (N, K/2) in column order plus position tables. A format is a
-// policy F: F::Tables (the tables' base pointers), F::Row (one row's pointers into them), F::Meta (the
-// positions of one 16-input step), F::row(tables, n, K), F::load(row, j) (step j's positions, evict-first) and
-// F::step<BF16, T>(acc, v, meta, xv): the eight stored values v of a step against xv[t][q] = the 8 inputs of
-// its group q (two 16-byte registers' worth) of token t.
+// ---- the N:M GEMV loop every stored N:M format shares (sparse_gemv.cu's 2:4, sparse48.cu, sparse816.cu):
+// y (M, N) = x (M, K) @ W.T for M = 1-4 activation rows, W stored as values (N, K/2) in column order plus
+// position tables. A format is a policy F: F::Tables (the tables' base pointers), F::Row (one row's pointers
+// into them), F::Meta (the positions of one 16-input step), F::row(tables, n, K), F::load(row, j) (step j's
+// positions, evict-first) and F::step<BF16, T>(acc, v, meta, xv): the eight stored values v of a step against
+// xv[t][q] = the 8 inputs of its group q (two 16-byte registers' worth) of token t.
 //
 // Lanes stride along K by 16-input steps (consecutive lanes read consecutive 16-byte value vectors, so every
 // load of a warp is one contiguous 512-byte run); each lane issues the loads of U steps per row before using

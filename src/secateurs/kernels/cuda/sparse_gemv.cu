@@ -1,6 +1,8 @@
 // Sparse kernels for decode: y (M, N) = x (M, K) @ W.T with W held compressed (kernels/formats.py),
-// M = 1-16 activation rows: a 2:4 GEMV and a bitmap GEMV on the CUDA cores, a 2:4 kernel on tensor cores. Compiled at run time by NVRTC (kernels/cuda_ops.py); the loads, conversions
-// and the split-K ending it shares with sparse48.cu are in common.cuh (no CUDA header needed).
+// M = 1-16 activation rows: a 2:4 GEMV and a bitmap GEMV on the CUDA cores, a 2:4 kernel on tensor cores.
+// Compiled at run time by NVRTC (kernels/cuda_ops.py); the loads, conversions, the split-K ending and the N:M
+// GEMV loop (gemv_nm, which the 2:4 GEMV shares with sparse48.cu and sparse816.cu) are in common.cuh (no CUDA
+// header needed).
 //
 // Both kernels are memory-bound: they read each compressed weight byte once, with as few instructions
 // per byte as the format allows, because a Hopper SM receives 13-18 bytes from memory per clock.
@@ -35,71 +37,19 @@ __device__ __forceinline__ void step24(float (&acc)[T], const u32 (&v)[4], u32 m
     }
 }
 
-template <bool BF16, int T, int R, int U>
-__device__ __forceinline__ void gemv24(const u16* __restrict__ x, const u16* __restrict__ vals,
-                                       const u16* __restrict__ meta, u16* __restrict__ y, int M, int N, int K,
-                                       int S) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = warp / S, s = warp % S;
-    const int row0 = (blockIdx.x * (WARPS / S) + g) * R;
-    const int W = K >> 4;
-    const char* vp[R];
-    const char* mp[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const size_t n = (size_t)min(row0 + r, N - 1);
-        vp[r] = (const char*)(vals + n * (K >> 1));
-        mp[r] = (const char*)(meta + n * W);
+// The format's policy for common.cuh's gemv_nm (the row split and loop the 4:8 and 8:16 GEMVs share): per
+// 16-input step one 16-bit word of positions.
+struct Fmt24 {
+    using Tables = const u16*;
+    using Row = const char*;
+    using Meta = u32;
+    static __device__ __forceinline__ Row row(Tables meta, size_t n, int K) { return (const char*)(meta + n * (K >> 4)); }
+    static __device__ __forceinline__ Meta load(Row r, size_t j) { return ld_stream_u16(r + j * 2); }
+    template <bool BF16, int T>
+    static __device__ __forceinline__ void step(float (&acc)[T], const u32 (&v)[4], Meta m, const u32 (&xv)[T][2][4]) {
+        step24<BF16, T>(acc, v, m, xv);
     }
-    const char* xp[T];
-#pragma unroll
-    for (int t = 0; t < T; ++t) xp[t] = (const char*)(x + (size_t)min(t, M - 1) * K);
-    float acc[R][T];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
-    const int stride = 32 * S;
-    int j = s * 32 + lane;
-    for (; j + (U - 1) * stride < W; j += U * stride) {
-        u32 v[U][R][4], m[U][R];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const size_t jj = j + u * stride;
-                ld_stream_v4(vp[r] + jj * 16, v[u][r]);
-                m[u][r] = ld_stream_u16(mp[r] + jj * 2);
-            }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            u32 xv[T][2][4];
-            const size_t jj = j + u * stride;
-#pragma unroll
-            for (int t = 0; t < T; ++t) {
-                ld_nc_v4(xp[t] + jj * 32, xv[t][0]);
-                ld_nc_v4(xp[t] + jj * 32 + 16, xv[t][1]);
-            }
-#pragma unroll
-            for (int r = 0; r < R; ++r) step24<BF16, T>(acc[r], v[u][r], m[u][r], xv);
-        }
-    }
-    for (; j < W; j += stride) {
-        u32 xv[T][2][4];
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-            ld_nc_v4(xp[t] + (size_t)j * 32, xv[t][0]);
-            ld_nc_v4(xp[t] + (size_t)j * 32 + 16, xv[t][1]);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            u32 v[4];
-            ld_stream_v4(vp[r] + (size_t)j * 16, v);
-            step24<BF16, T>(acc[r], v, ld_stream_u16(mp[r] + (size_t)j * 2), xv);
-        }
-    }
-    finish<BF16, T, R>(acc, y, M, N, row0, S);
-}
+};
 
 // ---- bitmap (unstructured) ----
 // bits (N, K/32) one bit per weight, values the non-zeros in row-major order, offsets (N, K/128) the index
@@ -572,7 +522,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) expandbm(const u16* __r
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                              \
         gemv24_##DT##_t##T##_r##R(const u16* x, const u16* vals, const u16* meta, u16* y, int M, int N,     \
                                   int K, int S) {                                                            \
-        gemv24<BF, T, R, U>(x, vals, meta, y, M, N, K, S);                                                   \
+        gemv_nm<Fmt24, BF, T, R, U>(x, vals, meta, y, M, N, K, S);                                       \
     }
 #define GEMVBM(DT, BF, T, R)                                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                 \
