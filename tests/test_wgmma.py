@@ -276,7 +276,7 @@ def test_ring_schedule(config):
 def test_the_source_holds_the_modelled_expressions():
     """The model above restates the kernel's index arithmetic; if the source changes, these fail first."""
     for expression in ("sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4)", "(const char*)vals + row * K + kb * 64 + c * 16",
-                       "wg_cp8(se + r * 8, meta + row * (K >> 3) + kb * 8)",
+                       "cp_async8(se + r * 8, meta + row * (K >> 3) + kb * 8)",
                        "sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16",
                        "constexpr int A_BYTES = BM * 64, E_BYTES = BM * 8, B_BYTES = BN * 128;",
                        "se = sa + A_BYTES, sb = se + E_BYTES;", "constexpr int BM = 128 * MW;",

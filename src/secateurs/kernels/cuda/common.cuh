@@ -1,4 +1,4 @@
-// Helpers every kernel source shares (sparse_gemv.cu, sparse48.cu, sparse816.cu, banded.cu, sparse24_wgmma.cu):
+// Helpers every kernel source shares (sparse_gemv.cu, sparse48.cu, sparse816.cu, banded.cu, sparse24_wgmma.cu, nm_tc.cu):
 // halves travel as 16-bit integers and are converted with inline PTX, so no CUDA header is needed; NVRTC receives
 // this file as an in-memory header (kernels/cuda_ops.py), nvcc finds it beside the sources.
 #pragma once
@@ -103,6 +103,21 @@ __device__ __forceinline__ void finish(float (&acc)[R][T], u16* __restrict__ y, 
 #pragma unroll
             for (int t = 0; t < T; ++t)
                 if (row0 + r < N && t < M) y[(size_t)t * N + row0 + r] = pack1<BF16>(acc[r][t]);
+}
+
+// ---- shared-memory staging for the tensor-core kernels (sparse_gemv.cu's GEMM, sparse24_wgmma.cu, nm_tc.cu) ----
+// The 32-bit shared-memory address cp.async, ldmatrix and wgmma descriptors take, of a generic pointer.
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+// Asynchronous global -> shared copies: 16 bytes past L1 (streamed tiles), 8 bytes through it.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async8(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
 }
 
 // ---- the N:M GEMV loop every stored N:M format shares (sparse_gemv.cu's 2:4, sparse48.cu, sparse816.cu):

@@ -92,11 +92,6 @@ struct Tc816 {  // per chunk (one group): a 32-bit word of ascending 4-bit posit
 };
 
 // ---- shared memory and tensor-core wrappers ----
-__device__ __forceinline__ u32 tc_smem(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
 __device__ __forceinline__ void tc_st_shared(u32 addr, u32 a, u32 b, u32 c, u32 d) {
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d)
                  : "memory");
@@ -141,7 +136,7 @@ __device__ __forceinline__ void tc_nm(const u16* __restrict__ x, const u16* __re
     const int row0 = tile * TC_ROWS, tok0 = tt * TN;
     const int W = K >> 4, KB = (W + 3) >> 2;
     const int kb0 = (int)((long long)s * KB / S), kb1 = (int)((long long)(s + 1) * KB / S);
-    const u32 base_w = tc_smem(sw), base_x = tc_smem(sx);
+    const u32 base_w = smem_u32(sw), base_x = smem_u32(sx);
 
     // unit i of this thread: tile row r = (tid + 128 i) / 4, chunk c = tid % 4 of each stage
     const int c = tid & 3;

@@ -38,17 +38,6 @@
 // N and tokens past M load clamped (valid) rows and are never stored.
 #include "common.cuh"
 
-__device__ __forceinline__ u32 wg_smem_u32(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ void wg_cp16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void wg_cp8(u32 dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
-}
 __device__ __forceinline__ void wg_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wg_cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
@@ -144,7 +133,7 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
     static_assert(AHEAD >= 1, "a ring of at least two slots");
     static_assert(MW * BN <= 256, "accumulators: at most 128 registers a thread");
     extern __shared__ __align__(1024) unsigned char wg_smem[];
-    const u32 base = (wg_smem_u32(wg_smem) + 1023u) & ~1023u;  // the launch asks for 1024 bytes more
+    const u32 base = (smem_u32(wg_smem) + 1023u) & ~1023u;  // the launch asks for 1024 bytes more
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it (PTX: %warpid % 4 names its 16 rows)
     const int g = lane >> 2, t = lane & 3;
@@ -163,18 +152,18 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         for (int i = tid; i < BM * 4; i += WG_THREADS) {  // values: 4 chunks of 16 bytes per row
             const int r = i >> 2, c = i & 3;
             const size_t row = min(row0 + r, N - 1);
-            wg_cp16(sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), (const char*)vals + row * K + kb * 64 + c * 16);
+            cp_async16(sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), (const char*)vals + row * K + kb * 64 + c * 16);
         }
 #pragma unroll
         for (int r = tid; r < BM; r += WG_THREADS) {  // positions: the stage's 8 bytes of each row
             const size_t row = min(row0 + r, N - 1);
-            wg_cp8(se + r * 8, meta + row * (K >> 3) + kb * 8);
+            cp_async8(se + r * 8, meta + row * (K >> 3) + kb * 8);
         }
 #pragma unroll
         for (int i = tid; i < BN * 8; i += WG_THREADS) {  // activations: 8 chunks of 16 bytes per token
             const int r = i >> 3, c = i & 7;
             const size_t tok = min(tok0 + r, M - 1);
-            wg_cp16(sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16);
+            cp_async16(sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16);
         }
     };
 

@@ -289,17 +289,6 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
 // bytes a copy) while the warps multiply the oldest one. Value rows (64 bytes a stage) and x rows (128
 // bytes) are XOR-swizzled by 16-byte chunk, so the eight 16-byte rows an ldmatrix phase reads sit in
 // distinct banks. Rows past N and tokens past M load clamped (valid) addresses and are never stored.
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async8(u32 dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
