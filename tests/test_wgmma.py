@@ -303,7 +303,9 @@ def test_the_source_holds_the_modelled_expressions():
     for name, (mw, bn, stages) in wgmma.CONFIGS.items():
         for dt, bf in (("f16", "false"), ("bf16", "true")):
             assert f"WGMMA24({dt}, {bf}, {mw}, {128 * mw}, {bn}, {stages})" in SOURCE_TEXT, (name, dt)
-            assert f"wgmma.mma_async.sp.sync.aligned.m64n{bn}k32.f32.{dt}.{dt}" in SOURCE_TEXT
+            # the instruction for this tile width and input type: the macro's text, then its use
+            assert f'"wgmma.mma_async.sp.sync.aligned.m64n{bn}k32.f32." TY "." TY' in SOURCE_TEXT
+            assert f'WGMMA_SP_N{bn}("{dt}")' in SOURCE_TEXT
         assert name == f"m{128 * mw}_n{bn}_s{stages}"
     assert SOURCE_TEXT.count("WGMMA24(") == 1 + 2 * len(wgmma.CONFIGS)  # the macro, then the instantiations
     assert "INFLIGHT" not in SOURCE_TEXT and re.findall(r"wgmma_wait<(\w+)>\(\)", SOURCE_TEXT) == ["0", "0"]

@@ -132,32 +132,23 @@ __device__ __forceinline__ void gemv_bitmap(const u16* __restrict__ x, const u16
 // The positions are read from the stored table itself (one table in memory): the 8 bytes of each of the
 // two rows for the block (four 16-input words), from which lane t takes nibble t of every word (meta24_word),
 // row g low, row g+8 high: what sparsity selector 0 (lanes t = 0, 1) and 1 (t = 2, 3) read.
+// One mma.sp.m16n8k32 (fp32 accumulate) on input type TY under sparsity selector SEL (an immediate).
+#define MMA_SP(TY, SEL)                                                                                      \
+    asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, " \
+                 "{%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, " SEL ";"                               \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e))
 template <bool BF16>
 __device__ __forceinline__ void mma_sp(float (&c)[4], const u32 (&a)[4], const u32 (&b)[4], u32 e, int selector) {
     if (BF16) {
-        if (selector == 0)
-            asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                         "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;"
-                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
-        else
-            asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                         "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x1;"
-                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+        if (selector == 0) MMA_SP("bf16", "0x0");
+        else MMA_SP("bf16", "0x1");
     } else {
-        if (selector == 0)
-            asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                         "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;"
-                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
-        else
-            asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                         "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x1;"
-                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+        if (selector == 0) MMA_SP("f16", "0x0");
+        else MMA_SP("f16", "0x1");
     }
 }
+#undef MMA_SP
 
 __device__ __forceinline__ void ld_nc_v2(const void* p, u32& a, u32& b) {
     asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
