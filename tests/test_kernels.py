@@ -455,7 +455,7 @@ class Coo(SparseFormat):
     any_sparsity = True
 
     @staticmethod
-    def supports(weight: torch.Tensor) -> str | None:
+    def fits(weight: torch.Tensor) -> str | None:
         return None
 
     @classmethod

@@ -100,12 +100,6 @@ class Banded(SparseFormat):
     parts = ("values", "deltas", "starts", "offsets")
 
     @classmethod
-    def supports(cls, weight: torch.Tensor) -> str | None:
-        """None where :func:`choose_format` may store the weight here: the layout is not :meth:`unavailable` and
-        the weight :meth:`fits`."""
-        return cls.unavailable() or cls.fits(weight)
-
-    @classmethod
     def unavailable(cls) -> str | None:
         """Only with the opt-in: the kernels matched float64 on an H100 but were never timed, so nothing yet says
         this layout runs faster than the bitmap that holds these weights otherwise."""

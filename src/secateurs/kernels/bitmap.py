@@ -99,8 +99,8 @@ class Bitmap(SparseFormat):
     k_blocks = KBlocks(tiles=(SEGMENT,), gemv=(SEGMENT,), medium=SEGMENT, large=(SEGMENT, SEGMENT, SEGMENT))
 
     @staticmethod
-    def supports(weight: torch.Tensor) -> str | None:
-        rows, cols = weight.shape
+    def fits(weight: torch.Tensor) -> str | None:
+        cols = weight.shape[1]
         if cols % SEGMENT:
             return f"bitmap storage needs the input dimension to be a multiple of {SEGMENT} (got {cols})"
         if int((weight != 0).sum()) >= 2**31:
@@ -109,7 +109,7 @@ class Bitmap(SparseFormat):
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> Bitmap:
-        reason = cls.supports(weight)
+        reason = cls.fits(weight)
         if reason:
             raise UsageError(f"cannot store this weight as a bitmap: {reason}; keep it dense")
         keep = weight != 0

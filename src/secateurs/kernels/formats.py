@@ -48,8 +48,8 @@ class SparseFormat(ABC):
 
     @staticmethod
     @abstractmethod
-    def supports(weight: torch.Tensor) -> str | None:
-        """None when ``weight`` fits the format, else the reason it does not (one line)."""
+    def fits(weight: torch.Tensor) -> str | None:
+        """None when the layout can hold ``weight``, else why not (one line): what ``compress`` checks."""
 
     @classmethod
     @abstractmethod
@@ -71,10 +71,10 @@ class SparseFormat(ABC):
         raise NotImplementedError(f"{self.kind} has no keep-mask of its own")
 
     @classmethod
-    def fits(cls, weight: torch.Tensor) -> str | None:
-        """None when the layout can hold ``weight`` (whether or not :func:`choose_format` would store it here, see
-        :meth:`unavailable`), else why not; what ``compress`` checks."""
-        return cls.supports(weight)
+    def supports(cls, weight: torch.Tensor) -> str | None:
+        """None where :func:`choose_format` may store ``weight`` here: the format is not :meth:`unavailable` and
+        the weight :meth:`fits`; else why not (one line)."""
+        return cls.unavailable() or cls.fits(weight)
 
     @classmethod
     def unavailable(cls) -> str | None:

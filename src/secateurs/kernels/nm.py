@@ -74,12 +74,6 @@ class NmFormat(SparseFormat):
     values: torch.Tensor
 
     @classmethod
-    def supports(cls, weight: torch.Tensor) -> str | None:
-        """None where :func:`choose_format` may store ``weight`` here: the format is not :meth:`unavailable` and
-        the weight :meth:`fits`."""
-        return cls.unavailable() or cls.fits(weight)
-
-    @classmethod
     def unavailable(cls) -> str | None:
         """A format whose GEMV was never run on a GPU stores weights only under the opt-in: without it the
         reference would run at every token count (no other path reads it), far slower than the bitmap that holds

@@ -116,7 +116,7 @@ class Sparse24(SparseFormat):
     k_blocks = KBlocks(tiles=(256, 128), gemv=(512, 256), medium=128, large=(64, 128, 128))
 
     @staticmethod
-    def supports(weight: torch.Tensor) -> str | None:
+    def fits(weight: torch.Tensor) -> str | None:
         """None when ``weight`` fits the format, else the reason it does not."""
         rows, cols = weight.shape
         if cols % 8:
@@ -127,7 +127,7 @@ class Sparse24(SparseFormat):
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> Sparse24:
-        reason = cls.supports(weight)
+        reason = cls.fits(weight)
         if reason:
             held = next((other.kind for other in registry.format_classes()
                          if other is not cls and other.any_sparsity and other.supports(weight) is None), None)
