@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..errors import UsageError
-from . import cuda_ops, registry
+from . import cuda_ops
 from .formats import SparseFormat
 
 if TYPE_CHECKING:
@@ -100,10 +99,7 @@ class NmFormat(SparseFormat):
     def compress(cls, weight: torch.Tensor) -> Self:
         reason = cls.fits(weight)
         if reason:
-            held = next((other.kind for other in registry.format_classes()
-                         if other is not cls and other.any_sparsity and other.fits(weight) is None), None)
-            runs = f"; it is {held}" if held else ""
-            raise UsageError(f"weight is not stored as {cls.kind} ({reason}){runs}; prune with --pattern {cls.kind} first")
+            raise cls.refusal(weight, reason)
         rows, cols = weight.shape
         groups = weight.reshape(rows, cols // cls.group, cls.group)
         positions = cls._first_kept(groups != 0)

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UsageError
-from . import cuda_ops, registry, wgmma
+from . import cuda_ops, wgmma
 from .formats import SparseFormat
 from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
 
@@ -129,10 +128,7 @@ class Sparse24(SparseFormat):
     def compress(cls, weight: torch.Tensor) -> Sparse24:
         reason = cls.fits(weight)
         if reason:
-            held = next((other.kind for other in registry.format_classes()
-                         if other is not cls and other.any_sparsity and other.supports(weight) is None), None)
-            runs = f"; it is {held} and is stored as {held}" if held else ""
-            raise UsageError(f"weight is not 2:4 sparse ({reason}){runs}; prune with --pattern 2:4 first")
+            raise cls.refusal(weight, reason)
         rows, cols = weight.shape
         groups = weight.reshape(rows, cols // 4, 4)
         positions = _first_two(groups != 0)
