@@ -21,9 +21,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..errors import UsageError
-from . import registry
-
 if TYPE_CHECKING:
     from typing import Self
 
@@ -78,15 +75,6 @@ class SparseFormat(ABC):
         """None where :func:`choose_format` may store ``weight`` here: the format is not :meth:`unavailable` and
         the weight :meth:`fits`; else why not (one line)."""
         return cls.unavailable() or cls.fits(weight)
-
-    @classmethod
-    def refusal(cls, weight: torch.Tensor, reason: str) -> UsageError:
-        """What ``compress`` raises for a weight that does not fit (``reason``): one line naming the pattern the
-        weight does have, where another any-sparsity (N:M) format holds it, and the pruning that fits this one."""
-        held = next((other.kind for other in registry.format_classes()
-                     if other is not cls and other.any_sparsity and other.fits(weight) is None), None)
-        runs = f"; it is {held}" if held else ""
-        return UsageError(f"weight is not {cls.kind} sparse ({reason}){runs}; prune with --pattern {cls.kind} first")
 
     @classmethod
     def unavailable(cls) -> str | None:

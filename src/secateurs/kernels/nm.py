@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from . import cuda_ops
+from . import cuda_ops, registry
 from .formats import SparseFormat
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class NmFormat(SparseFormat):
     def compress(cls, weight: torch.Tensor) -> Self:
         reason = cls.fits(weight)
         if reason:
-            raise cls.refusal(weight, reason)
+            raise registry.refusal(cls, weight, reason)
         rows, cols = weight.shape
         groups = weight.reshape(rows, cols // cls.group, cls.group)
         positions = cls._first_kept(groups != 0)

@@ -53,3 +53,12 @@ def choose_format(weight: torch.Tensor, min_sparsity: float) -> tuple[type[Spars
         if reason is None:
             return cls, cls.why(sparsity)
     return None, reason
+
+
+def refusal(fmt: type[SparseFormat], weight: torch.Tensor, reason: str) -> UsageError:
+    """What a format's ``compress`` raises for a weight that does not fit it (``reason``): one line naming the
+    pattern the weight does have, where another any-sparsity (N:M) format holds it, and the pruning that fits."""
+    held = next((other.kind for other in format_classes()
+                 if other is not fmt and other.any_sparsity and other.fits(weight) is None), None)
+    runs = f"; it is {held}" if held else ""
+    return UsageError(f"weight is not {fmt.kind} sparse ({reason}){runs}; prune with --pattern {fmt.kind} first")

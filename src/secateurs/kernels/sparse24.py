@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cuda_ops, wgmma
+from . import cuda_ops, registry, wgmma
 from .formats import SparseFormat
 from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
 
@@ -128,7 +128,7 @@ class Sparse24(SparseFormat):
     def compress(cls, weight: torch.Tensor) -> Sparse24:
         reason = cls.fits(weight)
         if reason:
-            raise cls.refusal(weight, reason)
+            raise registry.refusal(cls, weight, reason)
         rows, cols = weight.shape
         groups = weight.reshape(rows, cols // 4, 4)
         positions = _first_two(groups != 0)
