@@ -29,10 +29,11 @@ the bitmap holds it.
 
 Kernels (correct on an H100 at every band and row bucket, but never yet timed against the bitmap, so offered only
 under ``SECATEURS_UNVERIFIED_KERNELS=1``, which is also what lets :func:`secateurs.kernels.registry.choose_format`
-store unstructured weights in this layout; without it they go to the bitmap, whose speed is measured): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the
-rows per warp group, about 6.6 / 7.6 / 9.6 SASS instructions per stored entry at 1 / 2 / 4 tokens (nvcc 13 sm_90,
-``python benchmarks/banded.py --sass``; the bitmap GEMV's loop: 13 / 16 per non-zero at 1 / 2); and from 2 rows on an
-expand kernel into the scratch every format shares (``cuda_ops.scratch_matmul``), then cuBLAS.
+store unstructured weights in this layout; without it they go to the bitmap, whose speed is measured): a GEMV for 1, 2
+and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the rows per warp group, about 6.6 / 7.6
+/ 9.6 SASS instructions per stored entry at 1 / 2 / 4 tokens (nvcc 13 sm_90, ``python benchmarks/banded.py --sass``;
+the bitmap GEMV's loop: 13 / 16 per non-zero at 1 / 2); and from 2 rows on an expand kernel into the scratch every
+format shares (``cuda_ops.scratch_matmul``), then cuBLAS.
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ class Banded(SparseFormat):
         return (self.piece, self._band().name)
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """Never yet run on a GPU: nothing without ``SECATEURS_UNVERIFIED_KERNELS=1``. With it: for 1-4 rows the banded
+        """Correct on an H100 but never timed: nothing without ``SECATEURS_UNVERIFIED_KERNELS=1``. With it: for 1-4 rows the banded
         GEMV (the band's rows per warp group, the default first, at the split-K choices of :func:`cuda_ops.splits`),
         and from 2 rows the expand path (the weight expanded into the scratch every layer shares, then cuBLAS)."""
         if not cuda_ops.unverified_offered():
