@@ -2,7 +2,7 @@
 
     python benchmarks/sparse_kernels.py --part kernels     # GPU: kernel level (decode sizes), ratios vs F.linear
     python benchmarks/sparse_kernels.py --part gemm        # GPU: 2:4 prompt paths at 512/2048/8192 tokens vs cuBLAS and cuSPARSELt
-    python benchmarks/sparse_kernels.py --part gemm --wgmma  # the same with the Hopper wgmma.sp GEMM, no decode rows
+    python benchmarks/sparse_kernels.py --part gemm --wgmma  # the same with every wgmma.sp configuration, no decode rows
     python benchmarks/sparse_kernels.py --part e2e         # GPU: Llama-2-7B shape (random fp16), dense vs 2:4 (no copies)
     python benchmarks/sparse_kernels.py --part 70b         # GPU (H200): 2:4 Llama-3-70B shape built straight into the stored format
     python benchmarks/sparse_kernels.py --part smollm2 [--model path/to.gguf]   # GPU: SmolLM2-135M real weights
@@ -320,10 +320,10 @@ def gemm_part(shapes: list[tuple[int, int]] | None = None, tokens: tuple[int, ..
             print(_gemm_line(row, flops), flush=True)
             if "wgmma_best" in row:
                 us = row["candidates"][row["wgmma_best"]]["us"]
-                semi = f", {row['cusparselt_us'] / us:.2f}x cuSPARSELt" if "cusparselt_us" in row else ""
+                versus_lt = f", {row['cusparselt_us'] / us:.2f}x cuSPARSELt" if "cusparselt_us" in row else ""
                 gemm = f", {row['wgmma_speedup'] / row['gemm_speedup']:.2f}x mma.sp GEMM" if "gemm_speedup" in row else ""
                 print(f"  wgmma.sp {row['wgmma_best']}: {us:.1f} µs, {flops / us / 1e6:.0f} TFLOP/s, "
-                      f"{row['wgmma_speedup']:.2f}x cuBLAS{semi}{gemm}", flush=True)
+                      f"{row['wgmma_speedup']:.2f}x cuBLAS{versus_lt}{gemm}", flush=True)
             wrong = [name for name, c in row["candidates"].items() if c["rel_error"] is None or c["rel_error"] >= 2e-3]
             if wrong:
                 print(f"  wrong (not timed as a result): {', '.join(wrong)}", flush=True)
@@ -685,9 +685,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="e2e: decoder layers (32 = Llama-2-7B; fewer for a smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--wgmma", action="store_true",
-                        help="gemm part: time the Hopper wgmma.sp GEMM too (opt-in, not yet timed: sets "
-                             f"{cuda_ops.UNVERIFIED_ENV}=1 and makes each configuration's first launch in a child "
-                             "process first, as gpu_kernel_check.py does); skips the decode rows")
+                        help="gemm part: time every Hopper wgmma.sp GEMM configuration, those not yet cleared on a "
+                             f"GPU too (sets {cuda_ops.UNVERIFIED_ENV}=1 and makes each configuration's first launch "
+                             "in a child process first, as gpu_kernel_check.py does); skips the decode rows")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_kernels_<part>.json)")
     args = parser.parse_args()
     torch.manual_seed(0)
