@@ -260,18 +260,20 @@ def _gpu_like(fmt: Nm48, monkeypatch) -> None:
 
 def test_the_expand_path_is_offered_without_the_opt_in(monkeypatch, not_opted_in):
     """The 4:8 expand path matched float64 on an H100 at every row bucket 8-8192 (benchmarks/gpu_kernel_check.py),
-    so prompts get it without SECATEURS_UNVERIFIED_KERNELS=1, beside the GEMV for 1-4 rows."""
+    so prompts get it without SECATEURS_UNVERIFIED_KERNELS=1, beside the GEMV for 1-4 rows (and, at 5-64 rows, the
+    tensor-core kernel: tests/test_nm_tensorcore.py)."""
     from secateurs.kernels import cuda_ops
 
     fmt = Nm48.compress(_w48(128, 256, dtype=torch.float16))
     monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
-    assert list(fmt.cuda_candidates(8)) == ["expand_cublas_c1", "expand_cublas_c4"] and fmt.cuda_candidates(1)
+    assert list(fmt.cuda_candidates(8))[:2] == ["expand_cublas_c1", "expand_cublas_c4"] and fmt.cuda_candidates(1)
+    assert list(fmt.cuda_candidates(128)) == ["expand_cublas_c1", "expand_cublas_c4"]
 
 
 def test_candidates_per_token_count_include_the_expand_path_above_the_gemv(monkeypatch):
     """1-4 rows: the GEMV; row bucket 8 on (prompts included): expand into the shared scratch + cuBLAS, one chunk per
-    thread first, four where the position tables allow 8- and 4-byte loads; nothing else, and no dense copy (under
-    the opt-in row buckets 8-64 add the tensor-core kernel, tests/test_nm_tensorcore.py)."""
+    thread first, four where the position tables allow 8- and 4-byte loads; nothing else, and no dense copy (row
+    buckets 8-64 add the tensor-core kernel, tests/test_nm_tensorcore.py)."""
     fmt = Nm48.compress(_w48(128, 256, dtype=torch.float16))
     _gpu_like(fmt, monkeypatch)
     names = {m: list(fmt.cuda_candidates(m)) for m in (1, 2, 4, 8, 16, 512, 2048, 8192)}

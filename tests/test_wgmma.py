@@ -368,10 +368,10 @@ def _gpu_like(monkeypatch, capability=(9, 0), unverified=True) -> None:
     monkeypatch.setattr(wgmma, "sm_count", lambda device: 132)
 
 
-def test_offered_only_on_hopper_and_on_request(monkeypatch):
-    """Prompts (32 tokens on) on a 9.0 GPU with SECATEURS_UNVERIFIED_KERNELS=1 get the wgmma candidates beside the
-    mma.sp GEMM and the expand path; not on an sm_80 or sm_100 GPU, not without the opt-in, not below 32 tokens,
-    not where K % 64 != 0."""
+def test_offered_only_on_hopper_and_uncleared_configurations_only_on_request(monkeypatch):
+    """Prompts (32 tokens on) on a 9.0 GPU get the cleared wgmma configuration beside the mma.sp GEMM and the expand
+    path, with or without SECATEURS_UNVERIFIED_KERNELS=1; not on an sm_80 or sm_100 GPU, not below 32 tokens, not
+    where K % 64 != 0; a configuration not yet cleared on a GPU only under the opt-in."""
     fmt = Sparse24.compress(_weight(256, 256, seed=4, dtype=torch.float16))
     _gpu_like(monkeypatch)
     names = {m: list(fmt.cuda_candidates(m)) for m in (8, 32, 128, 512, 2048, 8192)}
@@ -389,7 +389,13 @@ def test_offered_only_on_hopper_and_on_request(monkeypatch):
         _gpu_like(monkeypatch, capability=capability)
         assert not any("wgmma" in n for n in fmt.cuda_candidates(512)), capability
     _gpu_like(monkeypatch, unverified=False)
-    assert not any("wgmma" in n for n in fmt.cuda_candidates(512))
+    assert [n for n in fmt.cuda_candidates(512) if "wgmma" in n] == ["cuda_wgmma24_m128_n128_s4"]
+    monkeypatch.setitem(wgmma.CONFIGS, "m128_n128_s5", (1, 128, 5))  # a configuration not yet run on a GPU
+    assert [n for n in fmt.cuda_candidates(512) if "wgmma" in n] == ["cuda_wgmma24_m128_n128_s4"]
+    _gpu_like(monkeypatch, unverified=True)
+    assert [n for n in fmt.cuda_candidates(512) if "wgmma" in n] == ["cuda_wgmma24_m128_n128_s4",
+                                                                       "cuda_wgmma24_m128_n128_s5"]
+    monkeypatch.delitem(wgmma.CONFIGS, "m128_n128_s5")
     monkeypatch.undo()  # a CPU weight under the opt-in alone (as other formats' tests run): nothing, no error
     monkeypatch.setattr(cuda_ops, "_module", lambda *args, **kwargs: None)
     monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: True)

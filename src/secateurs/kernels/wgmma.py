@@ -3,9 +3,9 @@
 Why: the tiled ``mma.sp`` GEMM (sm_80 form) reaches 0.19-0.67x cuBLAS on an H100 and the ``mma.sp`` instruction
 itself peaks near 956 TFLOP/s (benchmarks/mma_peak.py), so it cannot give the issue's >= 1.2x; cuSPARSELt, which
 uses ``wgmma.sp``, reaches 1.15-1.69x. The kernel (``kernels/cuda/sparse24_wgmma.cu``) is compiled by NVRTC for
-``sm_90a`` (``cuda_ops.ARCH_SUFFIX``) and offered only on compute capability 9.0 and only under
-``SECATEURS_UNVERIFIED_KERNELS=1`` (``cuda_ops.unverified_offered``): its one configuration multiplied correctly on
-an H100 but has not been timed (:data:`CONFIGS`). Four more that left one stage's products in flight while the
+``sm_90a`` (``cuda_ops.ARCH_SUFFIX``) and offered only on compute capability 9.0: its one configuration multiplied
+correctly on an H100 and was timed there (0.61-0.76x cuBLAS, :data:`CLEARED`), so the dispatcher offers it by
+default; a configuration not yet run and timed on a GPU only under ``SECATEURS_UNVERIFIED_KERNELS=1``. Four more that left one stage's products in flight while the
 metadata register was rewritten for the next multiplied wrongly there (relative error 0.11-0.57) and were removed.
 
 The layout, described here for the CPU model of the kernel (tests/test_wgmma.py) as well as for readers:
@@ -50,10 +50,16 @@ CONFIGS: dict[str, tuple[int, int, int]] = {"m128_n128_s4": (1, 128, 4)}
 tokens a block, a 4-slot ring, each stage's products waited for before the next stage. On one NVIDIA H100 80GB
 HBM3 (``gpu_kernel_check.py --part cuda --formats 2:4 --only wgmma``, named ``m128_n128_s4_i0`` then) its first
 launch gave relative error 2.1e-4 (fp16) and 1.7e-3 (bf16), split K the same, and all 360 checks of it (fp16/bf16,
-10 shapes, m = 1-8192, whole and split K) passed, worst 1.7e-3 (bf16 rounding). It has not been timed (the
-``sparse_kernels.py --part gemm --wgmma`` run of that day skipped every candidate whose name holds ``mma24``, a
-filter meant for the decode kernel), so it stays opt-in. The CPU model of tests/test_wgmma.py passed the four
-removed in-flight configurations as well: only a GPU run tells whether a configuration multiplies correctly."""
+10 shapes, m = 1-8192, whole and split K) passed, worst 1.7e-3 (bf16 rounding). The CPU model of tests/test_wgmma.py
+passed the four removed in-flight configurations as well: only a GPU run tells whether a configuration multiplies
+correctly."""
+
+CLEARED: frozenset[str] = frozenset({"m128_n128_s4"})
+"""Configurations offered without ``SECATEURS_UNVERIFIED_KERNELS=1``: correct on a Hopper GPU and timed there. On an
+H100 (``sparse_kernels.py --part gemm --wgmma``, 2026-12-06) ``m128_n128_s4`` ran at 0.61-0.76x cuBLAS on the seven
+Llama shapes at 512-8192 tokens (454-505 dense-equivalent TFLOP/s), 1.15-3.09x the mma.sp GEMM, and was the fastest
+stored-format path at 512 tokens on every shape (expand + cuBLAS 0.55-0.70x there): the dispatcher's timing picks it
+where it wins. A configuration added later stays opt-in until it has run and been timed on a GPU."""
 
 
 def block_features(config: str) -> int:
@@ -87,8 +93,9 @@ launch, made in a child process, faulted or gave a wrong product, so the rest of
 
 
 def configs() -> list[str]:
-    """The configurations offered at every prompt size: all of :data:`CONFIGS` but those withheld."""
-    return [c for c in CONFIGS if c not in WITHHELD]
+    """The configurations offered at every prompt size: the cleared ones (all of :data:`CONFIGS` under
+    ``SECATEURS_UNVERIFIED_KERNELS=1``) but those withheld."""
+    return [c for c in CONFIGS if c not in WITHHELD and (c in CLEARED or cuda_ops.unverified_offered())]
 
 
 # ---- the layout, as the kernel computes it (the CPU model in tests/test_wgmma.py reads these) ----
@@ -142,8 +149,8 @@ def splits_for(config: str, shape: tuple[int, int], m: int, sms: int) -> int:
 
 def offered(device: torch.device) -> bool:
     """Whether the wgmma kernel may be offered on ``device`` (a GPU the CUDA kernels run on): a Hopper GPU (9.0:
-    sm_90a code runs on no other) and, until it has been timed on one, ``SECATEURS_UNVERIFIED_KERNELS=1``."""
-    return cuda_ops.unverified_offered() and capability(device) == (9, 0)
+    sm_90a code runs on no other); which configurations, :func:`configs` says."""
+    return capability(device) == (9, 0)
 
 
 def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
@@ -151,7 +158,7 @@ def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
     """name -> ``x -> y`` for a 2:4 weight and ``m`` tokens (K % 64 == 0, 32 tokens and more); ``{}`` where not
     offered. Compiled on first offer (an error there offers nothing)."""
     k = shape[1]
-    if m < cuda_ops.GEMM_TOKENS or k % STAGE_K or not offered(values.device):
+    if m < cuda_ops.GEMM_TOKENS or k % STAGE_K or not offered(values.device) or not configs():
         return {}
     try:
         cuda_ops._module(values.device.index, SOURCE)
