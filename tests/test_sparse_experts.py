@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import MOE_ARCHS, random_ids, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import secateurs
 from secateurs.api import export_sparse
@@ -202,3 +203,65 @@ def test_a_checkpoint_missing_one_experts_linear_is_one_usage_line(tmp_path):
     with pytest.raises(UsageError, match=r"experts\.2\.up_proj is not stored compressed while other experts") as err:
         secateurs.load_model(str(tmp_path / "out"))
     assert "\n" not in str(err.value)
+
+
+def _per_expert_loop(experts: SparseExperts, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The families' eager experts loop (and SparseExperts' before it read its routing once): each routed
+    expert, in expert order, on the (token, slot) pairs ``torch.where`` finds for it, added per token."""
+    out = torch.zeros_like(hidden)
+    for e in torch.unique(index[index < experts.num_experts]).tolist():
+        token, slot = torch.where(index == e)
+        y = experts.down_proj[e](experts.apply_gate(experts, experts.gate_up_proj[e](hidden[token])))
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])
+def test_sparse_experts_add_in_the_per_expert_loops_order_bit_for_bit(arch):
+    """Random routing with padding slots (indices 4 and 6, past the 4 experts) and an expert no token picks:
+    the output is the per-expert loop's exactly (same rows, same order of additions), not just close."""
+    loaded = pruned(arch)
+    sparsify(loaded.model, loaded.spec)
+    experts = experts_of(loaded.model)[0]
+    gen = torch.Generator().manual_seed(3)
+    choices = torch.tensor([0, 1, 3, 4, 6])  # expert 2 unrouted; 4 and 6 are padding
+    index = choices[torch.randint(0, len(choices), (97, 2), generator=gen)]
+    hidden, weights = torch.randn(97, 64, generator=gen), torch.rand(97, 2, generator=gen)
+    with torch.no_grad():
+        got = experts(hidden, index, weights)
+        assert torch.equal(got, _per_expert_loop(experts, hidden, index, weights))
+        assert not torch.equal(got, experts(hidden, index.clamp(max=3), weights))  # padding really skipped
+
+
+class _SyncProneOps(TorchDispatchMode):
+    """Counts the ops whose output size (or value on the host) depends on tensor data: on a GPU each one waits
+    for the device (nonzero, unique, masked select, boolean indexing, ``.item()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith("aten.index.Tensor") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if bool_index or any(s in name for s in ("nonzero", "unique", "masked_select", "_local_scalar_dense")):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sparse_experts_read_their_routing_on_the_host_once_per_call(monkeypatch):
+    """A layer's forward reads the device once (one ``tolist`` of the experts' ranges) however many experts
+    are hit, and runs no data-dependent op (the old loop ran one ``nonzero`` per hit expert, each a
+    GPU-to-host sync: 64 per OLMoE layer at a long prompt)."""
+    loaded = pruned("qwen2_moe")
+    sparsify(loaded.model, loaded.spec)
+    experts = loaded.model.model.layers[0].mlp.experts
+    reads: list[int] = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or tolist(self))
+    index = torch.tensor([[0, 1], [1, 2], [0, 2], [1, 0], [2, 4]])  # experts 0-2 hit, one padding slot
+    with torch.no_grad(), _SyncProneOps() as ops:
+        experts(torch.randn(5, 64), index, torch.rand(5, 2))
+    assert ops.seen == []
+    assert reads == [experts.num_experts + 1]
