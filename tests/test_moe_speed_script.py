@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,11 @@ def test_moe_speed_script_runs_every_variant_and_checks_the_stored_model():
     for label in ("dense (grouped_mm)", "dense (batched_mm)", "experts50:", "24:", "experts50+24:"):
         assert label in out
     assert out.count("logits of the stored-format model vs the masked dense one") == 2
+    # every phase says when it starts and how long it took, with the seconds since the run began
+    assert "24: sparsify (stored formats) ... [" in out
+    assert "24: logits check (the first sparse forward): done in " in out
+    assert "experts50+24: prefill at 16 tokens (4 forwards): " in out
+    assert "24: decode at batch 2 by eager (8 steps): " in out and " tokens/s in " in out
     fractions = [line for line in out.splitlines() if line.startswith("experts50 /")]
     assert fractions and "'weight_fraction': {'all': 0.6" in fractions[0]
     assert "nothing saved" in out
@@ -78,11 +85,83 @@ def test_gathered_bytes_per_token_counts_top_k_copies_of_an_experts_matrices(mon
 
 def test_out_naming_a_folder_is_a_one_line_usage_error(monkeypatch, tmp_path, capsys):
     """``--out`` takes the JSON file's path; a folder is refused before any model is built, naming the fix."""
-    import pytest
-
     moe_speed = _moe_speed(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["moe_speed.py", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exited:
         moe_speed.main()
     assert exited.value.code == 2
     assert f"name the JSON file, e.g. {tmp_path / 'moe_speed.json'}" in capsys.readouterr().err
+
+
+def test_a_run_cut_off_mid_variant_keeps_every_variant_measured_before_it(monkeypatch, tmp_path, capsys):
+    """The JSON is rewritten after each variant and each phase, marked partial, with each finished phase's
+    seconds and the phase running: a run stopped while measuring the 2:4 variant (as the H100 calls were,
+    by their time limit) keeps the three rows before it and shows where the 2:4 one was; measure's phase
+    functions are put back."""
+    import json
+
+    import secateurs.evaluate.speed as speed_module
+
+    moe_speed = _moe_speed(monkeypatch)
+    real_prefill, real_warm = speed_module.prefill, speed_module.warm
+    calls = []
+
+    def prefill(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the fourth model's (tiny: one prompt length each): the 2:4 variant
+            raise KeyboardInterrupt  # what a time limit's signal leaves: nothing after this runs
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(speed_module, "prefill", prefill)
+    out = tmp_path / "moe.json"
+    monkeypatch.setattr(sys, "argv", ["moe_speed.py", "--tiny", "--batches", "1", "--variants", "dense,experts50,24",
+                                      "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        moe_speed.main()
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True
+    assert [r["label"] for r in saved["results"]] == ["dense (grouped_mm)", "dense (batched_mm)", "experts50"]
+    assert saved["phase_running"] == "24: prefill at 16 tokens (4 forwards)"
+    assert list(saved["phase_seconds"]["24"]) == ["build", "prune the experts to 2:4, reference logits",
+                                                  "sparsify (stored formats)", "logits check (the first sparse forward)",
+                                                  "warm-up forwards (each new kernel shape tuned)"]
+    assert "decode at batch 1 by eager (8 steps)" in saved["phase_seconds"]["experts50"]
+    assert (speed_module.prefill, speed_module.warm) == (prefill, real_warm)
+    assert "24: prefill at 16 tokens (4 forwards) ... [" in capsys.readouterr().out
+
+
+def test_the_measured_sizes_shrink_from_the_command_line_and_the_last_save_is_complete(monkeypatch, tmp_path):
+    """--prompt-lengths, --new-tokens, --warmup and --repeats set what measure runs (a short GPU call of the
+    2:4 variant), and the JSON written at the end is no longer partial."""
+    import json
+
+    moe_speed = _moe_speed(monkeypatch)
+    out = tmp_path / "moe.json"
+    monkeypatch.setattr(sys, "argv", ["moe_speed.py", "--tiny", "--variants", "24", "--batches", "2",
+                                      "--prompt-lengths", "8,12", "--new-tokens", "3", "--warmup", "0",
+                                      "--repeats", "2", "--out", str(out)])
+    payload = moe_speed.main()
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is False and saved["phase_running"] is None
+    assert [r["label"] for r in saved["results"]] == [r["label"] for r in payload["results"]] == ["24"]
+    config = saved["speed_config"]
+    assert (config["prompt_lengths"], config["decode_batches"], config["new_tokens"], config["warmup"],
+            config["repeats"]) == ([8, 12], [2], 3, 0, 2)
+    assert set(saved["results"][0]["prefill_ms"]) == {"8", "12"}
+    assert "decode at batch 2 by eager (6 steps)" in saved["phase_seconds"]["24"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--repeats", "0"], "--new-tokens and --repeats must be at least 1"),
+    (["--prompt-lengths", "512,2k"], "'512,2k' is not comma-separated integers, e.g. 512,2048"),
+    (["--batches", "0"], "--batches needs positive batch sizes"),
+])
+def test_sizes_that_cannot_be_measured_are_a_one_line_usage_error(monkeypatch, capsys, flags, message):
+    """Bad sizes stop the script before any model is built, in one line naming the flag."""
+    moe_speed = _moe_speed(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["moe_speed.py", "--tiny", *flags])
+    with pytest.raises(SystemExit) as exited:
+        moe_speed.main()
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # argparse's usage, then the error on one line
+    assert last.startswith("moe_speed.py: error: ") and message in last
