@@ -11,6 +11,14 @@ Kernels: a Triton tile kernel (per segment: the bits' prefix count gives each ke
 CUDA C++ bitmap GEMV of :mod:`secateurs.kernels.cuda_ops` for one row; from 2 rows on its expand kernel writes the
 dense weight into the scratch buffer every format shares (``cuda_ops.scratch``), then cuBLAS runs: prompts keep
 no dense copy per layer.
+
+At 5-64 rows also a tensor-core kernel (``cuda/bitmap_tc.cu`` on the engine of ``cuda/tc_tile.cuh`` that the 4:8 and
+8:16 kernel uses): a block of 64 output features reads each (row, 16-input chunk)'s bits, segment offset and values
+once per token tile, scatters the values into a swizzled dense shared tile and multiplies it by 16-64 tokens with
+``mma.sync.m16n8k16``, split-K over blocks with a fixed-order fp32 sum. The expand path it would replace moves about
+three times the dense bytes (a 70%-unstructured Llama-2-7B decoded at 0.49x dense at batch 8 on an H100). It never
+ran on a GPU, so its candidates (``cuda_tcbitmap_n<tokens>_s<split>``) are offered, after the expand path, only under
+``SECATEURS_UNVERIFIED_KERNELS=1``.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ import torch
 from ..errors import UsageError
 from . import cuda_ops
 from .formats import SparseFormat
+from .nm import TC_ROWS, TC_TOKENS, TC_WARPS, tc_splits
 from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
 
 SEGMENT = 128
+TC_SOURCE = cuda_ops.SOURCE.with_name("bitmap_tc.cu")
 
 if HAVE_TRITON:
 
@@ -150,7 +160,8 @@ class Bitmap(SparseFormat):
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The CUDA bitmap GEMV for one row (the two-row one measured slower than cuBLAS); from 2 rows the expand
         path (the weight expanded into the shared scratch, then cuBLAS; it matched float64 on an H100 at every
-        bucket), which stages the values with 16-byte loads and so needs them 16-byte aligned."""
+        bucket), which stages the values with 16-byte loads and so needs them 16-byte aligned; at 5-64 rows, under
+        ``SECATEURS_UNVERIFIED_KERNELS=1`` only, the tensor-core kernel after it (:meth:`_tc_candidates`)."""
         n, k = self.shape
         if m < 1 or k % SEGMENT or self.bits.dtype != torch.int32 \
                 or self.offsets.dtype != torch.int32 or not cuda_ops.ready(self.bits, 4, n, k // 32) \
@@ -159,8 +170,58 @@ class Bitmap(SparseFormat):
         if m > cuda_ops.BITMAP_OFFERED:
             if self.values.dim() != 1 or self.values.data_ptr() % 16:
                 return {}
-            return {"expand_cublas": lambda x: cuda_ops.scratch_matmul(
-                        x, self.shape, lambda out: cuda_ops.bitmap_expand(self.values, self.bits, self.offsets, out))}
+            paths = {"expand_cublas": lambda x: cuda_ops.scratch_matmul(
+                         x, self.shape, lambda out: cuda_ops.bitmap_expand(self.values, self.bits, self.offsets, out))}
+            if 4 < m <= TC_TOKENS[-1] and cuda_ops.unverified_offered():
+                paths.update(self._tc_candidates(m))
+            return paths
         return {f"cuda_gemv_bitmap_r{rows}_s{split}": (
                     lambda x, r=rows, s=split: cuda_ops.bitmap_gemv(x, self.values, self.bits, self.offsets, r, s))
                 for split in cuda_ops.splits(n, k // 32 // 32) for rows in (1, 2)}
+
+    def _tc_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The tensor-core kernel at ``m`` rows (5-64): the smallest token tile that holds them, each split-K choice of
+        :func:`~secateurs.kernels.nm.tc_splits`; nothing where the bits are not 16-byte aligned (a segment's four words
+        are one load) or the module does not build (said once: the layer keeps its expand path)."""
+        if self.bits.data_ptr() % 16:
+            return {}
+        try:
+            cuda_ops._module(self.values.device.index, TC_SOURCE)
+        except Exception as exc:  # noqa: BLE001  (NVRTC refusing the source, a driver that cannot load it)
+            from .linear import note  # linear imports the formats, which import this module
+
+            note(f"the bitmap tensor-core kernel was not built ({str(exc).splitlines()[0][:120]}): "
+                 "5-64 tokens use the expand path")
+            return {}
+        tokens = next(t for t in TC_TOKENS if t >= m)
+        return {f"cuda_tcbitmap_n{tokens}_s{split}": (
+                    lambda x, s=split: bitmap_tc(x, self.values, self.bits, self.offsets, tokens, s))
+                for split in tc_splits(*self.shape)}
+
+
+@torch.library.custom_op("secateurs::bitmap_tc", mutates_args=())
+def bitmap_tc(x: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, tokens: int,
+              split: int) -> torch.Tensor:
+    """``x @ W.T`` for a bitmap weight on tensor cores (``bitmap_tc.cu``, unverified: opt-in) and any number of rows of
+    x: blocks of 64 output features x ``tokens`` rows (16, 32 or 64), ``split`` blocks sharing each feature tile's K.
+    With ``split`` > 1 each block writes fp32 partial sums to its slice of a (split, M, N) workspace and
+    ``tcsum_<dtype>`` adds them in split order (deterministic, no atomics). ``values`` is passed with its length: the
+    kernel reads it in 16-byte vectors and never past its end."""
+    x = cuda_ops._aligned(x)
+    m, k = x.shape
+    n = bits.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    work = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    suffix = cuda_ops._SUFFIX[x.dtype]
+    blocks = -(-n // TC_ROWS) * split * -(-m // tokens)
+    cuda_ops._launch(f"tcbm_{suffix}_n{tokens}", blocks, (x, values, bits, offsets, y, work),
+                     (m, n, k, split, values.numel()), TC_WARPS, source=TC_SOURCE)
+    if split > 1:
+        threads = cuda_ops.WARPS * 32
+        cuda_ops._launch(f"tcsum_{suffix}", -(-m * n // threads), (work, y), (m * n, split), source=TC_SOURCE)
+    return y
+
+
+@bitmap_tc.register_fake
+def _(x, values, bits, offsets, tokens, split):
+    return x.new_empty(x.shape[0], bits.shape[0])

@@ -72,6 +72,10 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).with_name("cuda") / "sparse_gemv.cu"
 COMMON = SOURCE.with_name("common.cuh")  # the helpers every source includes, handed to NVRTC in memory
+TC_TILE = SOURCE.with_name("tc_tile.cuh")  # the tensor-core engine of nm_tc.cu and bitmap_tc.cu
+HEADERS = (COMMON, TC_TILE)
+"""Headers handed to NVRTC in memory; a source's cache key covers common.cuh and each other header it includes
+(so the keys of sources that include only common.cuh are what they always were)."""
 OPTIONS = ("-std=c++17",)
 WARPS = 8  # warps per block, as #defined in the source
 MIN_CAPABILITY = (8, 0)  # cvt.rn.bf16.f32 and the L2 cache hints the kernels use
@@ -182,14 +186,17 @@ def _compile(capability: tuple[int, int], source: Path = SOURCE, arch_suffix: st
     native = target == arch
     if arch_suffix and not native:
         raise RuntimeError(f"NVRTC {version} cannot target sm_{arch}{arch_suffix}")
-    text, common = source.read_bytes(), COMMON.read_bytes()
+    text = source.read_bytes()
+    headers = [h for h in HEADERS if h == COMMON or f'#include "{h.name}"'.encode() in text]
+    included = b"".join(h.read_bytes() for h in headers)
     options = (f"--gpu-architecture={'sm' if native else 'compute'}_{target}{arch_suffix}", *OPTIONS)
-    digest = hashlib.sha256(text + b"\0" + common + "\0".join(options).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(text + b"\0" + included + "\0".join(options).encode()).hexdigest()[:16]
     path = cache_dir() / (f"{source.stem}-{digest}-{'sm' if native else 'compute'}{target}{arch_suffix}-nvrtc{version}."
                           f"{'cubin' if native else 'ptx'}")
     if path.exists():
         return path.read_bytes()
-    program = _check(nvrtc.nvrtcCreateProgram(text, source.name.encode(), 1, [common], [COMMON.name.encode()]), "nvrtcCreateProgram")
+    program = _check(nvrtc.nvrtcCreateProgram(text, source.name.encode(), len(headers), [h.read_bytes() for h in headers],
+                                              [h.name.encode() for h in headers]), "nvrtcCreateProgram")
     try:
         encoded = [o.encode() for o in options]
         err, = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)

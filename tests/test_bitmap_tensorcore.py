@@ -1,0 +1,359 @@
+"""The bitmap tensor-core kernel (``kernels/cuda/bitmap_tc.cu`` on ``tc_tile.cuh``'s engine, 5-64 tokens) on a CPU: the
+bitmap unit's index math emulated lane by lane (which bit words and segment offset a thread reads, the first value's
+index, which 16-byte value vectors it loads and how it shifts them, where each value lands in the swizzled shared
+tile), inside test_nm_tensorcore's emulation of the shared engine (tiles, ldmatrix, mma fragments, split-K), run
+through the real launcher with ``cuda_ops._launch`` replaced and compared with the float64 dense product. A broken
+start index, window shift or scatter address fails it. Also: the candidates are offered only under
+``SECATEURS_UNVERIFIED_KERNELS=1``, only at 5-64 rows and after the expand path; a module that does not build offers
+none; NVRTC gets the engine header; nvcc builds the source with no spills."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import test_nm_tensorcore as engine
+import torch
+
+from secateurs.kernels import Bitmap, bitmap, cuda_ops, nm
+
+ROWS = 64
+
+
+def _popc(t: torch.Tensor) -> torch.Tensor:
+    """Popcount of each 32-bit pattern held in an int64 tensor."""
+    return ((t.unsqueeze(-1) >> torch.arange(32)) & 1).sum(-1)
+
+
+def bitmap_chunks(tables: list[torch.Tensor], vals: torch.Tensor, row: torch.Tensor, j: torch.Tensor, n: int, k: int,
+                  broken: str = "") -> torch.Tensor:
+    """(units, 16) float64: what TcBitmap::load reads for (row, chunk j) and TcBitmap::store writes, as logical inputs
+    of the chunk. ``broken`` replaces one step by a plausible mistake (the sensitivity test)."""
+    bits, offs = tables
+    nnz = len(vals)
+    seg = j.clamp(max=k // 16 - 1) >> 3
+    words = bits[(row * (k // 32) + seg * 4).unsqueeze(1) + torch.arange(4)]  # the segment's 16-byte load
+    off = offs[row * (k // 128) + seg]
+    q, half = (j >> 1) & 3, j & 1
+    word = words.gather(1, q.unsqueeze(1)).squeeze(1)
+    before = (_popc(words) * (torch.arange(4) < q.unsqueeze(1))).sum(1)
+    if broken != "start without the lower half's popcount":
+        before = before + torch.where(half == 1, _popc(word & 0xFFFF), 0)
+    start = off + before
+    ubits = torch.where(half == 1, word >> 16, word & 0xFFFF)
+    o = start & 7
+    a0, vecs = start - o, (o + _popc(ubits) + 7) >> 3
+    index = a0.unsqueeze(1) + torch.arange(24)  # the three vectors, halves 8i..8i+7 of vector i
+    loaded = (torch.arange(24) // 8 < vecs.unsqueeze(1)) & (index < nnz)  # only needed vectors, never past the end
+    window = torch.where(loaded, vals[index.clamp(max=nnz - 1)], 0.0)
+    # the shift by o halves: registers (two halves each) by o / 2 (two selects), then a byte-permute by o % 2
+    shift = torch.zeros_like(o) if broken == "window not shifted" else o
+    regs = window.view(-1, 12, 2)
+    a = (shift >> 1).view(-1, 1, 1)
+    t2 = torch.where((a & 2) != 0, regs[:, 2:12], regs[:, 0:10])
+    s1 = torch.where((a & 1) != 0, t2[:, 1:10], t2[:, 0:9])
+    odd = ((shift & 1) != 0).view(-1, 1)
+    lo = torch.where(odd, s1[:, :8, 1], s1[:, :8, 0])  # __byte_perm(s1[k], s1[k + 1], 0x5432 or 0x3210)
+    hi = torch.where(odd, s1[:, 1:9, 0], s1[:, :8, 1])
+    value = torch.stack([lo, hi], dim=2).reshape(-1, 16)  # value e of the chunk: half e
+    # the scatter: value e to the e-th lowest set bit p, at byte (2p) ^ (32c ^ (r & 7) << 4) of tile row r
+    c, r7 = j & 3, row & 7  # row0 is a multiple of 64: the tile row's r & 7 is the weight row's
+    key = 32 * c ^ (0 if broken == "scatter without the swizzle" else r7 << 4)
+    dense = torch.zeros(len(row), 16, dtype=torch.float64)
+    rest = ubits.clone()
+    for e in range(16):
+        low = rest & -rest
+        has = low != 0
+        p = torch.where(has, torch.log2(low.clamp(min=1).double()).long(), 0)
+        byte = (2 * p) ^ key
+        chunk, within = (byte >> 4) ^ r7, (byte & 15) >> 1  # the logical 8-input chunk and input tc_at reads it as
+        at = chunk * 8 + within - 16 * c
+        inside = (at >= 0) & (at < 16)
+        assert broken or bool((inside | ~has).all()), "a value stored outside its unit's two tile chunks"
+        dense[has & inside, at[has & inside]] = value[has & inside, e]  # (broken: one outside is lost)
+        rest = rest ^ low
+    return dense
+
+
+class Emulated:
+    """``cuda_ops._launch`` replaced by the emulation: checks what the launcher passes and keeps each launch's float64
+    result (``results``, the product before the cast to the input dtype)."""
+
+    def __init__(self, broken: str = "") -> None:
+        self.broken = broken
+        self.partials: dict[int, torch.Tensor] = {}
+        self.results: list[torch.Tensor] = []
+        self.names: list[str] = []
+
+    def __call__(self, name, grid, tensors, ints, warps=cuda_ops.WARPS, source=None, shared=0, int_type=None):
+        assert source == bitmap.TC_SOURCE and shared == 0
+        self.names.append(name)
+        if name.startswith("tcsum_"):
+            work, y = tensors
+            count, splits = ints
+            assert warps == cuda_ops.WARPS and grid * warps * 32 >= count > (grid - 1) * warps * 32
+            assert work.numel() == splits * count == splits * y.numel() and work.dtype == torch.float32
+            partial = self.partials.pop(work.data_ptr())
+            total = partial[0].clone()
+            for s in range(1, splits):  # tc_sum's order
+                total += partial[s]
+            y.copy_(total.to(y.dtype))
+            self.results.append(total)
+            return
+        dtype, tokens = re.fullmatch(r"tcbm_(f16|bf16)_n(\d+)", name).groups()
+        x, values, bits, offsets, y, work = tensors
+        m, n, k, splits, nnz = ints
+        assert cuda_ops._SUFFIX[x.dtype] == dtype and warps == 4 and int(tokens) in nm.TC_TOKENS
+        assert grid == -(-n // ROWS) * splits * -(-m // int(tokens)) and nnz == values.numel()
+        assert x.data_ptr() % 16 == 0 and tuple(x.shape) == (m, k) and tuple(y.shape) == (m, n)
+        assert values.data_ptr() % 16 == 0 and bits.data_ptr() % 16 == 0 and offsets.dtype == torch.int32
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "_dense_chunks", lambda kind, tables, vals, row, j, n_, k_: bitmap_chunks(
+                tables, vals, row, j, n_, k_, self.broken))
+            out = engine.emulate_tc("bitmap", grid, tensors, ints[:4], int(tokens))
+        if splits == 1:
+            assert work.data_ptr() == y.data_ptr()
+            y.copy_(out[0].to(y.dtype))
+            self.results.append(out[0])
+        else:
+            assert tuple(work.shape) == (splits, m, n) and work.dtype == torch.float32
+            work.copy_(out.float())
+            self.partials[work.data_ptr()] = out
+
+
+def _weight(rows: int, cols: int, sparsity: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unstructured: each weight kept with probability 1 - sparsity; row 1 entirely empty, row 2 entirely full
+    (a chunk of 16 values, the widest window); non-zeros not a multiple of 8 (the last vector runs past the end)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen)
+    w = w * (torch.rand(rows, cols, generator=gen) >= sparsity)
+    w[1] = 0.0
+    w[2] = torch.randn(cols, generator=gen)
+    w[-1, -3:] = torch.tensor([1.0, 2.0, 3.0])  # the last values of the array in the last unit
+    if int((w != 0).sum()) % 8 == 0:
+        w[-1, -4] = 4.0
+    return w.to(dtype)
+
+
+def _run(rows: int, cols: int, m: int, splits: int, sparsity: float = 0.7, dtype=torch.float16, tokens: int | None = None,
+         emulated: Emulated | None = None):
+    w = _weight(rows, cols, sparsity, seed=rows + cols + m, dtype=dtype)
+    fmt = Bitmap.compress(w)
+    assert fmt.values.numel() % 8 != 0
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)).to(dtype)
+    emulated = emulated or Emulated()
+    tokens = tokens or next(t for t in nm.TC_TOKENS if t >= m)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda_ops, "_launch", emulated)
+        y = bitmap.bitmap_tc(x, fmt.values, fmt.bits, fmt.offsets, tokens, splits)
+    return y, emulated.results[-1], x.double() @ w.double().T
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
+@pytest.mark.parametrize("m", [5, 17, 64])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_the_emulated_kernel_equals_the_dense_product_in_float64(sparsity, m, splits):
+    """72 features (a partial second tile), K = 512 (4 segments, 8 stages), whole K and four K-slices: every output
+    stored once, equal to the float64 product up to the order of the sums, and y is that product in fp16."""
+    y, result, reference = _run(72, 512, m, splits, sparsity)
+    assert not result.isnan().any()
+    torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(y, result.to(y.dtype))
+
+
+@pytest.mark.parametrize("m", [8, 33])
+def test_bf16_more_rows_than_the_token_tile_and_three_slices(m):
+    """bf16 at 50% zeros; rows of x on 16-token tiles (token tiles as blocks); 136 features x 384 inputs in 3 slices."""
+    y, result, reference = _run(136, 384, m, 3, 0.5, dtype=torch.bfloat16, tokens=16)
+    torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(y, result.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("broken", ["start without the lower half's popcount", "window not shifted",
+                                    "scatter without the swizzle"])
+def test_a_broken_start_window_or_scatter_fails(broken):
+    """The emulation is sensitive to the unit's index math: a first value index that skips the popcount of the word's
+    lower half, a window left unshifted by start % 8, or a scatter address without the tile's swizzle gives another
+    product."""
+    _, result, reference = _run(72, 256, 9, 1, 0.5, emulated=Emulated(broken))
+    assert not torch.allclose(result, reference, rtol=1e-3, atol=1e-3)
+
+
+def test_the_source_has_the_index_math_the_emulation_checks():
+    """The formulas the emulation follows, as written in bitmap_tc.cu (a change there must change the emulation)."""
+    source = bitmap.TC_SOURCE.read_text()
+    for line in ("const int seg = min(j, (K >> 4) - 1) >> 3;",
+                 "ld_nc_v4(t.bits + row * (K >> 5) + (size_t)seg * 4, u.w);",
+                 "u.off = ld_nc_s32(t.offs + row * (K >> 7) + seg);",
+                 "const int q = (j >> 1) & 3, half = j & 1;",
+                 "(q > 2 ? __popc(u.w[2]) : 0) + (half ? __popc(word & 0xffffu) : 0);",
+                 "u.bits = half ? word >> 16 : word & 0xffffu;",
+                 "const int a0 = start - (int)u.o, vecs = ((int)u.o + __popc(u.bits) + 7) >> 3;",
+                 "if (e + 8 <= t.nnz) {",
+                 "if (e + h < t.nnz) q4[h >> 1] |= ld_stream_u16(vals + e + h) << (16 * (h & 1));",
+                 "const u32 a = u.o >> 1, sel = (u.o & 1u) ? 0x5432u : 0x3210u;",
+                 "for (int k = 0; k < 10; ++k) t2[k] = (a & 2u) ? u.v[k + 2] : u.v[k];",
+                 "for (int k = 0; k < 9; ++k) s1[k] = (a & 1u) ? t2[k + 1] : t2[k];",
+                 "for (int k = 0; k < 8; ++k) w[k] = __byte_perm(s1[k], s1[k + 1], sel);",
+                 "const u32 row = at + (u32)r * 128u, key = (u32)((32 * c) ^ ((r & 7) << 4));",
+                 "const u32 low = bits & (0u - bits);",
+                 "const u16 h = (u16)(w[e >> 1] >> (16 * (e & 1)));",
+                 '"r"(row | ((2u * p) ^ key))',
+                 "meta(t, row, K, j + 4, u);",
+                 "tc_gemm<TcBitmap, BF, TN>(x, vals, {bits, offs, nnz}, y, work, M, N, K, S);"):
+        assert line in source, line
+
+
+def _gpu_like(monkeypatch) -> None:
+    monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
+
+
+def _fmt(rows: int = 128, cols: int = 1024) -> Bitmap:
+    return Bitmap.compress(_weight(rows, cols, 0.7, 0, torch.float16))
+
+
+def test_offered_only_under_the_opt_in(monkeypatch, not_opted_in):
+    """Never run on a GPU: without SECATEURS_UNVERIFIED_KERNELS=1 no bucket offers it."""
+    fmt = _fmt()
+    _gpu_like(monkeypatch)
+    for m in (1, 2, 4, 8, 16, 32, 64, 128, 512):
+        assert not any(name.startswith("cuda_tcbitmap") for name in fmt.cuda_candidates(m))
+
+
+def test_offered_at_5_to_64_rows_after_the_expand_path(monkeypatch, opted_in):
+    """Opted in: row buckets 8-64 offer the smallest token tile holding the rows at each split-K choice, after the
+    expand path; 1-4 rows and 128 on do not."""
+    fmt = _fmt()
+    _gpu_like(monkeypatch)
+    for m in (1, 2, 4, 128, 512, 2048):
+        assert not any(name.startswith("cuda_tcbitmap") for name in fmt.cuda_candidates(m))
+    for m, tile in ((5, 16), (8, 16), (16, 16), (17, 32), (32, 32), (64, 64)):
+        names = list(fmt.cuda_candidates(m))
+        assert names == ["expand_cublas"] + [f"cuda_tcbitmap_n{tile}_s{s}" for s in nm.tc_splits(128, 1024)], names
+
+
+def test_the_offered_candidates_launch_the_emulated_kernel(monkeypatch, opted_in):
+    """The candidates the dispatcher times (their bound token tile and split) run the emulated kernel to the float64
+    product: 37 rows of x at row bucket 64, a 200 x 384 weight (4 feature tiles, 6 stages: 6 slices of one)."""
+    w = _weight(200, 384, 0.7, 3, torch.float16)
+    fmt = Bitmap.compress(w)
+    _gpu_like(monkeypatch)
+    emulated = Emulated()
+    monkeypatch.setattr(cuda_ops, "_launch", emulated)
+    x = torch.randn(37, 384, generator=torch.Generator().manual_seed(4)).half()
+    offered = {name: call for name, call in fmt.cuda_candidates(64).items() if name.startswith("cuda_tc")}
+    assert list(offered) == [f"cuda_tcbitmap_n64_s{s}" for s in nm.tc_splits(200, 384)] == ["cuda_tcbitmap_n64_s6"]
+    for name, call in offered.items():
+        y = call(x)
+        torch.testing.assert_close(emulated.results[-1], x.double() @ w.double().T, rtol=1e-12, atol=1e-12, msg=name)
+        assert torch.equal(y, emulated.results[-1].half())
+    assert emulated.names == ["tcbm_f16_n64", "tcsum_f16"]
+
+
+def test_a_module_that_does_not_build_leaves_the_expand_path(monkeypatch, opted_in):
+    """A failing build of bitmap_tc.cu offers no tensor-core kernel and says so once; the expand path stays."""
+    from secateurs.kernels import linear
+
+    fmt = _fmt()
+
+    def build(index, source=None):
+        if source == bitmap.TC_SOURCE:
+            raise RuntimeError("NVRTC 13.0 failed to compile bitmap_tc.cu: an error")
+
+    monkeypatch.setattr(cuda_ops, "_module", build)
+    said = []
+    monkeypatch.setattr(linear, "note", said.append)
+    assert list(fmt.cuda_candidates(16)) == ["expand_cublas"]
+    assert said == [("the bitmap tensor-core kernel was not built (NVRTC 13.0 failed to compile bitmap_tc.cu: an "
+                     "error): 5-64 tokens use the expand path")]
+
+
+def test_unaligned_bits_offer_no_tensor_core_kernel(monkeypatch, opted_in):
+    """A segment's four bit words are one 16-byte load: bits at an address that is not 16-byte aligned get none."""
+    fmt = _fmt()
+    _gpu_like(monkeypatch)
+    store = torch.empty(fmt.bits.numel() + 1, dtype=torch.int32)
+    fmt.bits = store[1:].view(fmt.bits.shape).copy_(fmt.bits)
+    assert list(fmt.cuda_candidates(16)) == ["expand_cublas"]
+
+
+def test_the_op_has_a_fake_implementation():
+    """torch.compile(fullgraph=True) and CUDA graphs trace the custom op through its fake implementation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = torch.ops.secateurs.bitmap_tc(torch.empty(9, 256, dtype=torch.bfloat16), torch.empty(100, dtype=torch.bfloat16),
+                                          torch.empty(24, 8, dtype=torch.int32), torch.empty(24, 2, dtype=torch.int32),
+                                          16, 2)
+    assert (tuple(y.shape), y.dtype) == ((9, 24), torch.bfloat16)
+
+
+def test_nvrtc_gets_the_engine_header_and_other_sources_keep_their_cache_keys(monkeypatch, tmp_path):
+    """Sources that include tc_tile.cuh get it (and common.cuh) as in-memory headers and a cache key that covers it;
+    a source that includes only common.cuh gets only that, under the key it always had."""
+    created = []
+
+    class FakeNvrtc:
+        def nvrtcVersion(self):
+            return (0, 13, 5)
+
+        def nvrtcGetSupportedArchs(self):
+            return (0, [80, 90])
+
+        def nvrtcCreateProgram(self, text, name, count, headers, names):
+            created.append((name.decode(), count, list(names), [bytes(h) for h in headers]))
+            return (0, "program")
+
+        def nvrtcCompileProgram(self, program, count, options):
+            return (0,)
+
+        def nvrtcGetCUBINSize(self, program):
+            return (0, 4)
+
+        def nvrtcGetCUBIN(self, program, binary):
+            return (0,)
+
+        def nvrtcDestroyProgram(self, program):
+            return (0,)
+
+    monkeypatch.setattr(cuda_ops, "_bindings", lambda: (None, FakeNvrtc()))
+    monkeypatch.setenv("SECATEURS_KERNEL_CACHE", str(tmp_path))
+    cuda_ops.cache_dir.cache_clear()
+    try:
+        for source in (bitmap.TC_SOURCE, nm.TC_SOURCE, cuda_ops.SOURCE):
+            cuda_ops._compile((9, 0), source)
+    finally:
+        cuda_ops.cache_dir.cache_clear()
+    common, tile = cuda_ops.COMMON.read_bytes(), cuda_ops.TC_TILE.read_bytes()
+    assert created == [("bitmap_tc.cu", 2, [b"common.cuh", b"tc_tile.cuh"], [common, tile]),
+                       ("nm_tc.cu", 2, [b"common.cuh", b"tc_tile.cuh"], [common, tile]),
+                       ("sparse_gemv.cu", 1, [b"common.cuh"], [common])]
+    options = ("--gpu-architecture=sm_90", *cuda_ops.OPTIONS)
+    names = {p.name for p in tmp_path.iterdir()}
+    for source, included in ((bitmap.TC_SOURCE, common + tile), (cuda_ops.SOURCE, common)):
+        digest = hashlib.sha256(source.read_bytes() + b"\0" + included + "\0".join(options).encode()).hexdigest()[:16]
+        assert f"{source.stem}-{digest}-sm90-nvrtc13.5.cubin" in names
+
+
+def test_the_source_compiles_for_ampere_and_hopper_with_every_launched_kernel_and_no_spills(tmp_path):
+    """NVRTC compiles bitmap_tc.cu on users' GPUs; where nvcc is installed it is compiled here with ptxas's report:
+    every kernel the launcher names exists and none spills registers."""
+    nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    names = [f"tcbm_{dtype}_n{tokens}" for dtype in ("f16", "bf16") for tokens in nm.TC_TOKENS] + \
+        ["tcsum_f16", "tcsum_bf16"]
+    for arch in ("sm_90", "sm_80"):
+        out = tmp_path / f"bitmap_tc-{arch}.cubin"
+        done = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(out),
+                               str(bitmap.TC_SOURCE)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        binary = out.read_bytes().decode("latin-1")
+        assert all(name in binary for name in names)
+        report = done.stdout + done.stderr
+        assert report.count("Compiling entry function") == len(names)
+        assert report.count(" 0 bytes spill stores, 0 bytes spill loads") == len(names), report
