@@ -62,7 +62,6 @@ import torch
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import secateurs.evaluate.speed as speed_module
 from secateurs.errors import UsageError
 from secateurs.evaluate.speed import SpeedConfig, SpeedResult, measure, ratios
 from secateurs.kernels import sparsify
@@ -126,46 +125,6 @@ class Progress:
         self.running = None
         self.say(label, f"{name}: {', '.join(outcome) or 'done'} in {took:.1f}s")
         self._saved()
-
-
-@contextmanager
-def measure_phases(label: str, progress: Progress) -> Iterator[None]:
-    """While ``measure`` runs, its phases (the warm-up forwards that tune each new kernel plan, each prompt
-    length's prefill, each batch's decode by each method) print through ``progress``. ``measure`` has no
-    progress hook and its module is not this script's to change, so its phase functions are wrapped for the
-    duration and put back after; prefill is called one prompt length at a time, the same work in the same
-    order (each length's prompt is seeded on its own)."""
-    warm, prefill, decode_rate = speed_module.warm, speed_module.prefill, speed_module._decode_rate
-
-    def warm_phase(model, config: SpeedConfig, device: torch.device) -> None:
-        before = len(plans())
-        with progress.phase(label, "warm-up forwards (each new kernel shape tuned)") as outcome:
-            warm(model, config, device)
-            outcome.append(f"{len(plans()) - before} kernel plans tuned")
-
-    def prefill_phase(model, config: SpeedConfig, device: torch.device, timer) -> tuple[dict, dict]:
-        prefill_ms, ttft_ms = {}, {}
-        for length in config.prompt_lengths:
-            runs = 2 * (config.warmup + config.repeats)
-            with progress.phase(label, f"prefill at {length} tokens ({runs} forwards)") as outcome:
-                one, first = prefill(model, replace(config, prompt_lengths=(length,)), device, timer)
-                outcome.append(f"{one[length]:.1f} ms, first token {first[length]:.1f} ms")
-            prefill_ms.update(one)
-            ttft_ms.update(first)
-        return prefill_ms, ttft_ms
-
-    def decode_phase(model, batch: int, config: SpeedConfig, device: torch.device, timer, method: str) -> float | None:
-        steps = (config.warmup + config.repeats) * config.new_tokens
-        with progress.phase(label, f"decode at batch {batch} by {method} ({steps} steps)") as outcome:
-            rate = decode_rate(model, batch, config, device, timer, method)
-            outcome.append("could not run" if rate is None else f"{rate:.1f} tokens/s")
-        return rate
-
-    speed_module.warm, speed_module.prefill, speed_module._decode_rate = warm_phase, prefill_phase, decode_phase
-    try:
-        yield
-    finally:
-        speed_module.warm, speed_module.prefill, speed_module._decode_rate = warm, prefill, decode_rate
 
 
 def build(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype, implementation: str):
@@ -278,8 +237,7 @@ def run_one(shape: str, layers: int | None, device: torch.device, dtype: torch.d
             if not speed.prompt_lengths or not speed.decode_batches:
                 notes[f"{label} not measured"] = "no prompt length or no decode batch fits"
                 return None
-        with measure_phases(label, progress):
-            return measure(model, label, device, speed)
+        return measure(model, label, device, speed, phase=lambda name: progress.phase(label, name))
     except torch.OutOfMemoryError as error:
         notes[f"{label} not measured"] = f"out of memory at {stage}: {str(error).splitlines()[0]}"
         return None

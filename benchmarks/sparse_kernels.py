@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from secateurs.evaluate.speed import SpeedConfig, SpeedResult, measure, ratios
+from secateurs.evaluate.speed import SpeedConfig, SpeedResult, measure, printed, ratios
 from secateurs.kernels import Bitmap, Sparse24, SparseLinear, cuda_ops, sparsify
 from secateurs.kernels.linear import fallback_notes, label, plans, reread_policies, side_stream
 from secateurs.model.arch import spec_for
@@ -500,7 +500,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
     vocab = model.config.vocab_size
     started = time.time()
     resident = {"dense": torch.cuda.memory_allocated(device) / 2**20}  # MiB on the GPU before each model is measured
-    results = [measure(model, "dense", device, speed)]
+    results = [measure(model, "dense", device, speed, phase=printed("dense"))]
     prefill_peak = {"dense": _prefill_peak_mib(model, vocab, device)}
     steps = {"dense": {b: linear_step(model, spec, b) for b in speed.decode_batches}}
     print(f"dense measured in {time.time() - started:.0f}s", flush=True)
@@ -542,7 +542,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
         label_ = f"{pattern} sparse" + (f" ({policy} copies)" if policy else "")
         gc.collect()
         resident[label_] = torch.cuda.memory_allocated(device) / 2**20
-        results.append(measure(model, label_, device, speed))
+        results.append(measure(model, label_, device, speed, phase=printed(label_)))
         prefill_peak[label_] = _prefill_peak_mib(model, vocab, device)
         steps[label_] = {b: linear_step(model, spec, b) for b in speed.decode_batches}
         print(f"{label_} measured in {time.time() - started:.0f}s", flush=True)
@@ -644,7 +644,7 @@ def llama3_70b_part(layers: int, methods: tuple[str, ...]) -> dict:
           f"(peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB while building)", flush=True)
     speed = SpeedConfig(prompt_lengths=(2048,), decode_batches=(1,), new_tokens=32, warmup=1, repeats=3,
                         decode_methods=methods)
-    result = measure(model, "2:4 llama-3-70b shape", device, speed)
+    result = measure(model, "2:4 llama-3-70b shape", device, speed, phase=printed("70b"))
     floor = bandwidth / weight_bytes
     decode = result.decode_tokens_per_s[1]
     print(f"decode batch 1: {decode:.1f} tok/s (goal >= 35; weight-bandwidth floor {floor:.1f} tok/s at "

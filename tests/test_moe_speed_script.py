@@ -96,23 +96,23 @@ def test_out_naming_a_folder_is_a_one_line_usage_error(monkeypatch, tmp_path, ca
 def test_a_run_cut_off_mid_variant_keeps_every_variant_measured_before_it(monkeypatch, tmp_path, capsys):
     """The JSON is rewritten after each variant and each phase, marked partial, with each finished phase's
     seconds and the phase running: a run stopped while measuring the 2:4 variant (as the H100 calls were,
-    by their time limit) keeps the three rows before it and shows where the 2:4 one was; measure's phase
-    functions are put back."""
+    by their time limit) keeps the three rows before it and shows where the 2:4 one was (measure's phases come
+    through its phase hook)."""
     import json
 
     import secateurs.evaluate.speed as speed_module
 
     moe_speed = _moe_speed(monkeypatch)
-    real_prefill, real_warm = speed_module.prefill, speed_module.warm
+    real_median = speed_module._median
     calls = []
 
-    def prefill(*args, **kwargs):
+    def median(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4:  # the fourth model's (tiny: one prompt length each): the 2:4 variant
+        if len(calls) == 4:  # the fourth model's prefill (tiny: one prompt length each): the 2:4 variant
             raise KeyboardInterrupt  # what a time limit's signal leaves: nothing after this runs
-        return real_prefill(*args, **kwargs)
+        return real_median(*args, **kwargs)
 
-    monkeypatch.setattr(speed_module, "prefill", prefill)
+    monkeypatch.setattr(speed_module, "_median", median)
     out = tmp_path / "moe.json"
     monkeypatch.setattr(sys, "argv", ["moe_speed.py", "--tiny", "--batches", "1", "--variants", "dense,experts50,24",
                                       "--out", str(out)])
@@ -126,7 +126,6 @@ def test_a_run_cut_off_mid_variant_keeps_every_variant_measured_before_it(monkey
                                                   "sparsify (stored formats)", "logits check (the first sparse forward)",
                                                   "warm-up forwards (each new kernel shape tuned)"]
     assert "decode at batch 1 by eager (8 steps)" in saved["phase_seconds"]["experts50"]
-    assert (speed_module.prefill, speed_module.warm) == (prefill, real_warm)
     assert "24: prefill at 16 tokens (4 forwards) ... [" in capsys.readouterr().out
 
 

@@ -13,6 +13,11 @@ Before timing, one untimed forward per prompt length and decode batch lets spars
 their kernels (timing happens outside graph capture), so peak memory is the steady state's, and
 ``extra_mib`` reports the copies (dense or cuSPARSELt, under an explicit copy policy) they chose to keep
 beside their compressed weights, and once the expand path's shared scratch.
+
+A measurement of a large model takes minutes (kernel tuning in the warm-up, compiling, eager decode of a model
+a CUDA graph cannot capture); ``measure``'s ``phase`` hook wraps each phase (the warm-up, each prompt length, each
+decode batch by each method) so a caller can say what runs and for how long, and save what it has, before a
+time limit cuts it off.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +34,31 @@ import torch
 
 from .config import SpeedConfig
 from .decode import StaticDecoder
+
+Phase = Callable[[str], AbstractContextManager[list[str]]]
+"""A phase hook: ``with phase(name) as outcome:`` wraps one phase of a measurement, which appends its result in
+words to ``outcome`` (for the hook to print after the block)."""
+
+
+@contextmanager
+def quiet(name: str) -> Iterator[list[str]]:
+    """The default phase hook: runs the phase and tells nobody."""
+    yield []
+
+
+def printed(label: str) -> Phase:
+    """A phase hook that prints each phase of ``label``'s measurement as it starts and, after it, its outcome and
+    seconds (flushed, so a log read while a long run goes on, or cut off, shows where it is)."""
+
+    @contextmanager
+    def phase(name: str) -> Iterator[list[str]]:
+        print(f"{label}: {name} ...", flush=True)
+        start = time.perf_counter()
+        outcome: list[str] = []
+        yield outcome
+        print(f"{label}: {name}: {', '.join(outcome) or 'done'} in {time.perf_counter() - start:.1f}s", flush=True)
+
+    return phase
 
 @dataclass
 class SpeedResult:
@@ -103,22 +134,25 @@ def folder_bytes(path: Path | None) -> int | None:
 
 
 @torch.inference_mode()
-def prefill(model, config: SpeedConfig, device: torch.device, timer) -> tuple[dict[int, float], dict[int, float]]:
+def prefill(model, config: SpeedConfig, device: torch.device, timer,
+            phase: Phase = quiet) -> tuple[dict[int, float], dict[int, float]]:
     """Median forward time of one prompt per length, and time to first token (forward + argmax + copy to host)."""
     vocab = model.config.get_text_config().vocab_size
     prefill_ms, ttft_ms = {}, {}
     for length in config.prompt_lengths:
-        ids = _ids(1, length, vocab, config.seed, device)
-        prefill_ms[length] = _median(lambda: model(ids, use_cache=False), timer, config.warmup, config.repeats)
+        with phase(f"prefill at {length} tokens ({2 * (config.warmup + config.repeats)} forwards)") as outcome:
+            ids = _ids(1, length, vocab, config.seed, device)
+            prefill_ms[length] = _median(lambda: model(ids, use_cache=False), timer, config.warmup, config.repeats)
 
-        def first_token() -> int:
-            start = time.perf_counter()
-            int(model(ids, use_cache=True).logits[0, -1].argmax())
-            return (time.perf_counter() - start) * 1000
+            def first_token() -> int:
+                start = time.perf_counter()
+                int(model(ids, use_cache=True).logits[0, -1].argmax())
+                return (time.perf_counter() - start) * 1000
 
-        for _ in range(config.warmup):
-            first_token()
-        ttft_ms[length] = statistics.median(first_token() for _ in range(config.repeats))
+            for _ in range(config.warmup):
+                first_token()
+            ttft_ms[length] = statistics.median(first_token() for _ in range(config.repeats))
+            outcome.append(f"{prefill_ms[length]:.1f} ms, first token {ttft_ms[length]:.1f} ms")
     return prefill_ms, ttft_ms
 
 
@@ -149,19 +183,28 @@ def _decode_rate(model, batch: int, config: SpeedConfig, device: torch.device, t
 
 
 @torch.inference_mode()
-def decode(model, config: SpeedConfig, device: torch.device, timer) -> tuple[dict[int, float], str, dict[str, dict[int, float]]]:
+def decode(model, config: SpeedConfig, device: torch.device, timer,
+           phase: Phase = quiet) -> tuple[dict[int, float], str, dict[str, dict[int, float]]]:
     """Tokens/s per batch size over ``new_tokens`` greedy steps after a short prompt (the prompt is not timed),
     by the fastest of ``config.decode_methods`` (eager on CPU or when every method fails); also every method's rates."""
     methods = [m for m in config.decode_methods if device.type == "cuda" and config.cuda_graphs] or ["eager"]
     by_method: dict[str, dict[int, float]] = {}
     rates, modes = {}, {}
+
+    def rate_of(batch: int, method: str) -> float | None:
+        steps = (config.warmup + config.repeats) * config.new_tokens
+        with phase(f"decode at batch {batch} by {method} ({steps} steps)") as outcome:
+            rate = _decode_rate(model, batch, config, device, timer, method)
+            outcome.append("could not run" if rate is None else f"{rate:.1f} tokens/s")
+        return rate
+
     for batch in config.decode_batches:
         for method in methods:
-            rate = _decode_rate(model, batch, config, device, timer, method)
+            rate = rate_of(batch, method)
             if rate is not None:
                 by_method.setdefault(method, {})[batch] = rate
         if not any(batch in r for r in by_method.values()):
-            by_method.setdefault("eager", {})[batch] = _decode_rate(model, batch, config, device, timer, "eager")
+            by_method.setdefault("eager", {})[batch] = rate_of(batch, "eager")
         best = max((m for m in by_method if batch in by_method[m]), key=lambda m: by_method[m][batch])
         rates[batch], modes[batch] = by_method[best][batch], best
     mode = next(iter(set(modes.values()))) if len(set(modes.values())) == 1 else ", ".join(
@@ -191,15 +234,21 @@ def extra_bytes(model: torch.nn.Module) -> int:
     return sum(own) + shared_bytes()
 
 
-def measure(model, label: str, device: torch.device, config: SpeedConfig, checkpoint: Path | None = None) -> SpeedResult:
-    """All speed and memory numbers of one model on ``device`` (the model is moved there and left there)."""
+def measure(model, label: str, device: torch.device, config: SpeedConfig, checkpoint: Path | None = None,
+            phase: Phase = quiet) -> SpeedResult:
+    """All speed and memory numbers of one model on ``device`` (the model is moved there and left there);
+    ``phase`` wraps the warm-up, each prompt length and each decode batch by each method (:data:`Phase`)."""
+    from ..kernels.linear import plans
     config.check()
     model.to(device)
     result = SpeedResult(label=label, device=str(device))
     result.weight_mib = weight_bytes(model) / 2**20
     size = folder_bytes(checkpoint)
     result.checkpoint_mib = None if size is None else size / 2**20
-    warm(model, config, device)
+    with phase("warm-up forwards (each new kernel shape tuned)") as outcome:
+        tuned = len(plans())
+        warm(model, config, device)
+        outcome.append(f"{len(plans()) - tuned} kernel plans tuned")
     if device.type == "cuda":
         gc.collect()  # what an earlier model left behind must not count in this one's peak
         torch.cuda.synchronize(device)
@@ -207,8 +256,8 @@ def measure(model, label: str, device: torch.device, config: SpeedConfig, checkp
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(config.seed)
     timer = _timer(device)
-    result.prefill_ms, result.ttft_ms = prefill(model, config, device, timer)
-    result.decode_tokens_per_s, result.decode_mode, result.decode_by_method = decode(model, config, device, timer)
+    result.prefill_ms, result.ttft_ms = prefill(model, config, device, timer, phase)
+    result.decode_tokens_per_s, result.decode_mode, result.decode_by_method = decode(model, config, device, timer, phase)
     result.extra_mib = extra_bytes(model) / 2**20
     if device.type == "cuda":
         result.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
