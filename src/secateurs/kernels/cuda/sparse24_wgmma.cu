@@ -66,25 +66,34 @@ __device__ __forceinline__ unsigned long long wg_desc(u32 addr, u32 stride, unsi
 }
 
 // ---- wgmma.mma_async.sp wrappers: D (64 x N, fp32) += A (64 x 32, 2:4, from shared memory by descriptor) x
-// B (32 x N, K-major in shared memory), sparsity selector SEL; one macro holds the long operand list for both
-// input types ----
+// B (32 x N, K-major in shared memory), sparsity selector SEL; one macro per width holds the long operand list for
+// both input types, built from the same accumulator lists ----
+#define WG_ACC8(o)                                                                                           \
+    "+f"(d[(o)]), "+f"(d[(o) + 1]), "+f"(d[(o) + 2]), "+f"(d[(o) + 3]), "+f"(d[(o) + 4]), "+f"(d[(o) + 5]),  \
+        "+f"(d[(o) + 6]), "+f"(d[(o) + 7])
+#define WG_ACC64(o)                                                                                          \
+    WG_ACC8(o), WG_ACC8((o) + 8), WG_ACC8((o) + 16), WG_ACC8((o) + 24), WG_ACC8((o) + 32), WG_ACC8((o) + 40), \
+        WG_ACC8((o) + 48), WG_ACC8((o) + 56)
+#define WG_OPERANDS_0_63                                                                                     \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                                  \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                        \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                        \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define WG_OPERANDS_64_127                                                                                   \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"                        \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"                        \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"            \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
 #define WGMMA_SP_N128(TY)                                                                                    \
-    asm volatile(                                                                                            \
-        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." TY "." TY " {"                                     \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                              \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"                    \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"                    \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                   \
-        "%64, %65, %66, %67, 1, 1, 1, 0, 0;"                                                                 \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),   \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),\
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),\
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),\
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),\
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),\
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),\
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])\
-        : "l"(da), "l"(db), "r"(e), "n"(SEL))
+    asm volatile("wgmma.mma_async.sp.sync.aligned.m64n128k32.f32." TY "." TY " {" WG_OPERANDS_0_63 "}, "     \
+                 "%64, %65, %66, %67, 1, 1, 1, 0, 0;"                                                        \
+                 : WG_ACC64(0)                                                                               \
+                 : "l"(da), "l"(db), "r"(e), "n"(SEL))
+#define WGMMA_SP_N256(TY)                                                                                    \
+    asm volatile("wgmma.mma_async.sp.sync.aligned.m64n256k32.f32." TY "." TY " {" WG_OPERANDS_0_63 ","        \
+                 WG_OPERANDS_64_127 "}, %128, %129, %130, %131, 1, 1, 1, 0, 0;"                              \
+                 : WG_ACC64(0), WG_ACC64(64)                                                                 \
+                 : "l"(da), "l"(db), "r"(e), "n"(SEL))
 template <int SEL>
 __device__ __forceinline__ void wgmma_sp_n128_f16(float (&d)[64], unsigned long long da, unsigned long long db, u32 e) {
     WGMMA_SP_N128("f16");
@@ -93,14 +102,32 @@ template <int SEL>
 __device__ __forceinline__ void wgmma_sp_n128_bf16(float (&d)[64], unsigned long long da, unsigned long long db, u32 e) {
     WGMMA_SP_N128("bf16");
 }
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_n256_f16(float (&d)[128], unsigned long long da, unsigned long long db,
+                                                  u32 e) {
+    WGMMA_SP_N256("f16");
+}
+template <int SEL>
+__device__ __forceinline__ void wgmma_sp_n256_bf16(float (&d)[128], unsigned long long da, unsigned long long db,
+                                                   u32 e) {
+    WGMMA_SP_N256("bf16");
+}
 #undef WGMMA_SP_N128
+#undef WGMMA_SP_N256
+#undef WG_OPERANDS_0_63
+#undef WG_OPERANDS_64_127
+#undef WG_ACC64
+#undef WG_ACC8
 
 // ---- the kernel ----
 template <bool BF16, int BN>
 __device__ __forceinline__ void wgmma_pair(float (&d)[BN / 2], unsigned long long da, unsigned long long db, u32 e) {
     // 32 inputs under selector 0, the next 32 under selector 1: A 32 bytes (16 kept values) on, B 64 bytes on.
-    static_assert(BN == 128, "only the m64n128k32 wrappers are written");
-    if constexpr (BF16) { wgmma_sp_n128_bf16<0>(d, da, db, e); wgmma_sp_n128_bf16<1>(d, da + 2, db + 4, e); }
+    static_assert(BN == 128 || BN == 256, "only the m64n128k32 and m64n256k32 wrappers are written");
+    if constexpr (BN == 256) {
+        if constexpr (BF16) { wgmma_sp_n256_bf16<0>(d, da, db, e); wgmma_sp_n256_bf16<1>(d, da + 2, db + 4, e); }
+        else { wgmma_sp_n256_f16<0>(d, da, db, e); wgmma_sp_n256_f16<1>(d, da + 2, db + 4, e); }
+    } else if constexpr (BF16) { wgmma_sp_n128_bf16<0>(d, da, db, e); wgmma_sp_n128_bf16<1>(d, da + 2, db + 4, e); }
     else { wgmma_sp_n128_f16<0>(d, da, db, e); wgmma_sp_n128_f16<1>(d, da + 2, db + 4, e); }
 }
 
