@@ -21,16 +21,21 @@ What only a GPU run can confirm: that these readings are the hardware's (the des
 being ignored for swizzled K-major layouts; the start address advanced by 32/64 bytes inside a swizzle row for
 the second 32-input step; the sparse A tile being read as M x K/2 compressed values in the same canonical
 layout), and that the cp.async -> fence.proxy.async -> barrier -> wgmma order is enough. One H100 run confirmed
-them for the configuration kept (relative error 2.1e-4 fp16, 1.7e-3 bf16); the four configurations that rewrote
-the metadata register while the previous stage's wgmma was in flight passed this model but multiplied wrongly
-there (relative error 0.11-0.57): a CPU model cannot see the hazard of rewriting a register that a wgmma in
-flight still reads. They were removed.
+them for m128_n128_s4 (relative error 2.1e-4 fp16, 1.7e-3 bf16); four earlier configurations that rewrote the
+metadata register while the previous stage's wgmma was in flight passed this model but multiplied wrongly there
+(relative error 0.11-0.57): a CPU model cannot see the hazard of rewriting a register that a wgmma in flight still
+reads. They were removed. That hazard is checked here where nvcc is installed, in the SASS itself
+(:func:`test_no_metadata_register_is_written_while_its_wgmma_is_in_flight`); the configurations that leave a stage in
+flight (``_f1``) have not yet run on a GPU.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -118,7 +123,7 @@ def _block(pid: int, ftiles: int, ttiles: int) -> tuple[int, int]:
 def _load_stage(smem: bytearray, slot_base: int, kb: int, vals: bytes, meta: bytes, x: bytes, row0: int, tok0: int,
                 n: int, m: int, k: int, config: str) -> None:
     """Every thread's cp.async of one stage: (destination, source) pairs as the kernel's load lambda forms them."""
-    bm, bn = wgmma.block_features(config), wgmma.CONFIGS[config][1]
+    bm, bn = wgmma.block_features(config), wgmma.block_tokens(config)
     sa = slot_base
     se = sa + wgmma.a_bytes(config)
     sb = se + wgmma.e_bytes(config)
@@ -147,7 +152,7 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
     """y as the kernel computes it, block by block and stage by stage (one slot is enough for the arithmetic; the
     ring's schedule is checked by :func:`test_ring_schedule`); with ``splits`` > 1 each block's K range and its
     split's workspace, then the launcher's sum over splits."""
-    mw, bn, _ = wgmma.CONFIGS[config]
+    mw, bn = wgmma.CONFIGS[config][0], wgmma.block_tokens(config)
     bm = wgmma.block_features(config)
     m, k = x.shape
     n = fmt.shape[0]
@@ -200,25 +205,38 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
     return out.sum(dim=0)
 
 
+@pytest.mark.parametrize("config", list(wgmma.CONFIGS))
 @pytest.mark.parametrize(("dtype", "n", "m"), [(torch.float16, 136, 70), (torch.bfloat16, 200, 33)])
-def test_emulated_kernel_equals_the_dense_product(dtype, n, m):
-    """Odd token counts (a partial token tile), feature counts past a whole tile (clamped rows never stored),
-    K = 128 (two stages); every output written exactly once; the product exact to float64 rounding."""
+def test_emulated_kernel_equals_the_dense_product(config, dtype, n, m):
+    """Every configuration's tile: odd token counts (a partial token tile; the 256-token tile mostly empty), feature
+    counts past a whole tile (clamped rows never stored), K = 128 (two stages); every output written exactly once;
+    the product exact to float64 rounding."""
     w = _weight(n, 128, seed=1, dtype=dtype)
     fmt = Sparse24.compress(w)
     x = torch.randn(m, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
-    got = emulate(x, fmt, "m128_n128_s4")
+    got = emulate(x, fmt, config)
     torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
 
+def test_emulated_256_token_tile_over_two_token_tiles():
+    """The 256-token tile with more tokens than one tile holds (two token tiles, the second partial): the block order,
+    the B part of 256 rows and the accumulators of m64n256 (registers 64-127: tokens 128-255 of the tile)."""
+    w = _weight(136, 64, seed=13, dtype=torch.float16)
+    fmt = Sparse24.compress(w)
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(14)).half()
+    got = emulate(x, fmt, "m128_n256_s4_f1")
+    torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", list(wgmma.CONFIGS))
 @pytest.mark.parametrize("splits", [2, 3])
-def test_emulated_split_k_equals_the_dense_product(splits):
+def test_emulated_split_k_equals_the_dense_product(config, splits):
     """Split K: three 64-input stages over 2 or 3 splits (uneven shares included); every workspace element of every
     split written once; their sum the dense product."""
     w = _weight(136, 192, seed=7, dtype=torch.float16)
     fmt = Sparse24.compress(w)
     x = torch.randn(41, 192, generator=torch.Generator().manual_seed(8)).half()
-    got = emulate(x, fmt, "m128_n128_s4", splits)
+    got = emulate(x, fmt, config, splits)
     torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
 
@@ -233,44 +251,74 @@ def test_split_k_only_where_the_tiles_leave_the_gpu_idle():
     assert wgmma.splits_for(config, (4096, 4096), 2048, 132) == 1
     assert wgmma.splits_for(config, (11008, 4096), 512, 132) == 1
     assert wgmma.splits_for(config, (576, 512), 40, 132) == 2
+    assert wgmma.splits_for("m128_n128_s5_f1", (1024, 8192), 512, 132) == 4  # the same tile: the same splits
+    # 256 tokens a block: half the blocks of the 128-token tile, so more splits where the tiles are few
+    assert wgmma.splits_for("m128_n256_s4_f1", (1024, 8192), 512, 132) == 8
+    assert wgmma.splits_for("m128_n256_s4_f1", (1024, 8192), 2048, 132) == 2  # 64 blocks: two per SM
+    assert wgmma.splits_for("m128_n256_s4_f1", (4096, 4096), 2048, 132) == 1
 
 
 def test_every_configuration_tiles_tokens_and_features_exactly_once():
     """The block order (feature tiles grouped by 8) covers every (feature tile, token tile) once, for every config."""
-    for config, (_, bn, _) in wgmma.CONFIGS.items():
+    for config in wgmma.CONFIGS:
+        bn = wgmma.block_tokens(config)
         for n, m in ((200, 37), (11008, 2048), (1024, 8192), (4096, 33)):
             ftiles, ttiles = -(-n // wgmma.block_features(config)), -(-m // bn)
             blocks = [_block(pid, ftiles, ttiles) for pid in range(ftiles * ttiles)]
             assert sorted(blocks) == [(f, t) for f in range(ftiles) for t in range(ttiles)]
 
 
+def _ring_faults(stages: int, in_flight: int, ahead: int, kb_total: int) -> list[str]:
+    """The kernel's pipeline, replayed for one block: the prologue copies ``ahead`` stages; iteration kb waits until
+    at most ahead - 1 copy groups are pending, passes the barrier, multiplies slot kb % stages and commits its wgmma
+    group, then (one group in flight) waits until one group is pending, copies stage kb + ahead into its slot and
+    (none in flight) waits for all. What can still be reading shared memory when a thread copies: its own pending
+    groups, and the other warpgroup's, which the barrier of stage kb bounds only by that warpgroup's end of
+    iteration kb - 1 (groups it had not retired then) plus the group of stage kb it may have issued since."""
+    faults = []
+    holds: list[int | None] = [None] * stages  # slot -> stage copied there
+    groups: list[int | None] = []  # cp.async groups in commit order: the stage each copies (None: empty)
+    for s in range(ahead):
+        if s < kb_total:
+            holds[s % stages] = s
+        groups.append(s if s < kb_total else None)
+
+    def pending_at_end(j: int) -> set[int]:  # wgmma groups of iteration j and before not retired at its end
+        return set(range(max(0, j - in_flight + 1), j + 1))
+
+    for kb in range(kb_total):
+        done = groups[: len(groups) - (ahead - 1)]  # cp.async.wait_group ahead - 1: all older groups are complete
+        if kb not in done or holds[kb % stages] != kb:
+            faults.append(f"stage {kb} multiplied before its copy completed")
+        own = {kb}  # at the copy: in flight both after wait_group 1 and before wait_group 0
+        other = (pending_at_end(kb - 1) if kb else set()) | {kb}
+        nxt = kb + ahead
+        if nxt < kb_total:
+            if holds[nxt % stages] in own | other:
+                faults.append(f"stage {nxt} copied over stage {holds[nxt % stages]}, which a wgmma may still read")
+            holds[nxt % stages] = nxt
+        groups.append(nxt if nxt < kb_total else None)
+    return faults
+
+
 @pytest.mark.parametrize("config", list(wgmma.CONFIGS))
 def test_ring_schedule(config):
-    """The kernel's pipeline, replayed: prologue copies AHEAD = STAGES - 1 stages, each iteration waits until at most
-    AHEAD - 1 copy groups are pending, multiplies slot kb % STAGES, copies stage kb + AHEAD into its slot and waits
-    for its wgmma group. Every multiply reads a slot holding its stage, complete; no copy overwrites a slot that
-    the wgmma being multiplied reads."""
-    _, _, stages = wgmma.CONFIGS[config]
-    ahead = stages - 1
-    assert ahead >= 1
+    """Every configuration's ring: each multiply reads a slot holding its stage, complete; no copy overwrites a slot
+    that a wgmma of either warpgroup may still read; the ring fits the H100/H200 per-block shared memory."""
+    stages, in_flight, ahead = wgmma.stages(config), wgmma.in_flight(config), wgmma.copies_ahead(config)
+    assert ahead >= 1 and in_flight in (0, 1)
     for kb_total in (1, 2, 3, 5, 64, 172):
-        holds = [None] * stages  # slot -> stage copied there
-        groups: list[int | None] = []  # cp.async groups in commit order: the stage each copies (None: empty)
-        for s in range(ahead):
-            if s < kb_total:
-                holds[s % stages] = s
-            groups.append(s if s < kb_total else None)
-        for kb in range(kb_total):
-            done = groups[: len(groups) - (ahead - 1)]  # cp.async.wait_group AHEAD-1: all older groups are complete
-            assert kb in done
-            assert holds[kb % stages] == kb
-            in_flight = {kb}  # the wgmma group not yet waited for
-            nxt = kb + ahead
-            if nxt < kb_total:
-                assert holds[nxt % stages] not in in_flight, "a copy over a slot still being read"
-                holds[nxt % stages] = nxt
-            groups.append(nxt if nxt < kb_total else None)
-    assert wgmma.shared_bytes(config) <= 227 * 1024  # the H100/H200 per-block limit
+        assert _ring_faults(stages, in_flight, ahead, kb_total) == [], (config, kb_total)
+    assert wgmma.shared_bytes(config) <= 227 * 1024
+
+
+def test_ring_model_catches_a_copy_one_stage_too_far_ahead():
+    """The model is not vacuous: with one group in flight, copying STAGES - 1 stages ahead (into the slot of stage
+    kb - 1) would overwrite a slot the other warpgroup's wgmma of stage kb - 1 may still be reading; so would two
+    groups in flight with copies STAGES - 2 ahead."""
+    assert any("may still read" in f for f in _ring_faults(5, 1, 4, 64))
+    assert any("may still read" in f for f in _ring_faults(5, 2, 3, 64))
+    assert _ring_faults(5, 1, 3, 64) == [] and _ring_faults(4, 0, 3, 64) == []
 
 
 def test_the_source_holds_the_modelled_expressions():
@@ -286,9 +334,8 @@ def test_the_source_holds_the_modelled_expressions():
                        "<0>(d, da, db, e)", "<1>(d, da + 2, db + 4, e)",
                        "const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);",
                        "const int fbase = row0 + (wg * MW + mt) * 64 + wq * 16 + g;",
-                       "constexpr int AHEAD = STAGES - 1;",
+                       "constexpr int AHEAD = STAGES - 1 - INFLIGHT;",
                        "wg_cp_wait<AHEAD - 1>();", "const int next = kb + AHEAD;",
-                       "        wgmma_wait<0>();\n    }\n",
                        "const int split = blockIdx.x / tiles, pid = blockIdx.x % tiles, per_group = 8 * ttiles;",
                        "const int kb0 = (int)((long long)(K >> 6) * split / splits);",
                        "const int KB = (int)((long long)(K >> 6) * (split + 1) / splits) - kb0;",
@@ -298,17 +345,23 @@ def test_the_source_holds_the_modelled_expressions():
     # the descriptor encoding the model decodes
     assert "((addr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(stride >> 4) << 32)" in SOURCE_TEXT
     assert wgmma.descriptor(0x1400, 512, 2) == (0x140 | (1 << 16) | (32 << 32) | (2 << 62))
-    # every configuration is instantiated, for both dtypes, with the MW/BN/STAGES the launcher assumes; each stage's
-    # products are waited for before the next stage's metadata registers are loaded (no wgmma left in flight)
-    for name, (mw, bn, stages) in wgmma.CONFIGS.items():
-        for dt, bf in (("f16", "false"), ("bf16", "true")):
-            assert f"WGMMA24({dt}, {bf}, {mw}, {128 * mw}, {bn}, {stages})" in SOURCE_TEXT, (name, dt)
-            # the instruction for this tile width and input type: the macro's text, then its use
-            assert f'"wgmma.mma_async.sp.sync.aligned.m64n{bn}k32.f32." TY "." TY' in SOURCE_TEXT
-            assert f'WGMMA_SP_N{bn}("{dt}")' in SOURCE_TEXT
-        assert name == f"m{128 * mw}_n{bn}_s{stages}"
-    assert SOURCE_TEXT.count("WGMMA24(") == 1 + 2 * len(wgmma.CONFIGS)  # the macro, then the instantiations
-    assert "INFLIGHT" not in SOURCE_TEXT and re.findall(r"wgmma_wait<(\w+)>\(\)", SOURCE_TEXT) == ["0", "0"]
+    # every configuration is instantiated, for both dtypes (WG_ALL), with the MW/BN/STAGES/INFLIGHT the launcher
+    # and the model assume, under its own name
+    for name, (mw, bn, stages, in_flight) in wgmma.CONFIGS.items():
+        assert f"WGMMA24(DT, BF, {mw}, {bn}, {stages}, {in_flight}, {name})" in SOURCE_TEXT, name
+        # the instruction for this tile width: the macro's text, then its use for both input types
+        assert f'"wgmma.mma_async.sp.sync.aligned.m64n{bn}k32.f32." TY "." TY' in SOURCE_TEXT
+        assert f'WGMMA_SP_N{bn}("f16")' in SOURCE_TEXT and f'WGMMA_SP_N{bn}("bf16")' in SOURCE_TEXT
+        assert name == f"m{128 * mw}_n{bn}_s{stages}" + ("_f1" if in_flight else "")
+    assert SOURCE_TEXT.count("WGMMA24(") == 1 + len(wgmma.CONFIGS)  # the macro, then one line per configuration
+    assert "WG_ALL(f16, false)\nWG_ALL(bf16, true)" in SOURCE_TEXT
+    # the waits: none in flight after a stage (0), or one (1: the previous stage's group retired, the slot two stages
+    # back refilled after it), the last stage's products before the epilogue; with one in flight the body is
+    # unrolled twice and the metadata registers of the stage retired are kept alive up to its wait
+    assert re.findall(r"wgmma_wait<(\w+)>\(\)", SOURCE_TEXT) == ["1", "0", "0"]
+    assert "#pragma unroll(INFLIGHT + 1)\n    for (int kb = 0; kb < KB; ++kb) {" in SOURCE_TEXT
+    assert ("wgmma_wait<1>();  // stage kb - 1's products are finished, stage kb's still in flight\n#pragma unroll\n"
+            "            for (int mt = 0; mt < MW; ++mt) {\n                keep_alive(e_prev[mt], K, base);") in SOURCE_TEXT
 
 
 def test_stored_position_words_are_the_metadata_registers():
@@ -376,26 +429,22 @@ def test_offered_only_on_hopper_and_uncleared_configurations_only_on_request(mon
     _gpu_like(monkeypatch)
     names = {m: list(fmt.cuda_candidates(m)) for m in (8, 32, 128, 512, 2048, 8192)}
     assert not any("wgmma" in name for name in names[8])
+    every = [f"cuda_wgmma24_{c}" for c in wgmma.CONFIGS]
     for m in (32, 128, 512, 2048, 8192):
-        assert [n for n in names[m] if "wgmma" in n] == ["cuda_wgmma24_m128_n128_s4"], m
+        assert [n for n in names[m] if "wgmma" in n] == every, m
         assert any(n.startswith("cuda_gemm24") for n in names[m]) and "expand_cublas" in names[m]
         assert names[m].index("expand_cublas") > max(i for i, n in enumerate(names[m]) if "wgmma" in n)
     long_k = Sparse24.compress(_weight(256, 1024, seed=9, dtype=torch.float16))  # 8 blocks of 128 x 128 on 132 SMs
     names_long = [n for n in long_k.cuda_candidates(512) if "wgmma" in n]
-    assert names_long == ["cuda_wgmma24_m128_n128_s4", "cuda_wgmma24_m128_n128_s4_k4"]
+    assert names_long == [split for name in every for split in (name, f"{name}_k4")]
     narrow = Sparse24.compress(_weight(256, 96, seed=5, dtype=torch.float16))  # K % 64 != 0
     assert not any("wgmma" in n for n in narrow.cuda_candidates(512))
     for capability in ((8, 0), (8, 9), (10, 0)):
         _gpu_like(monkeypatch, capability=capability)
         assert not any("wgmma" in n for n in fmt.cuda_candidates(512)), capability
-    _gpu_like(monkeypatch, unverified=False)
+    _gpu_like(monkeypatch, unverified=False)  # the in-flight configurations have not run on a GPU
     assert [n for n in fmt.cuda_candidates(512) if "wgmma" in n] == ["cuda_wgmma24_m128_n128_s4"]
-    monkeypatch.setitem(wgmma.CONFIGS, "m128_n128_s5", (1, 128, 5))  # a configuration not yet run on a GPU
-    assert [n for n in fmt.cuda_candidates(512) if "wgmma" in n] == ["cuda_wgmma24_m128_n128_s4"]
-    _gpu_like(monkeypatch, unverified=True)
-    assert [n for n in fmt.cuda_candidates(512) if "wgmma" in n] == ["cuda_wgmma24_m128_n128_s4",
-                                                                       "cuda_wgmma24_m128_n128_s5"]
-    monkeypatch.delitem(wgmma.CONFIGS, "m128_n128_s5")
+    assert wgmma.CLEARED == {"m128_n128_s4"}
     monkeypatch.undo()  # a CPU weight under the opt-in alone (as other formats' tests run): nothing, no error
     monkeypatch.setattr(cuda_ops, "_module", lambda *args, **kwargs: None)
     monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: True)
@@ -408,8 +457,8 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
     the order of sparse24_wgmma.cu's entry points), and the launcher's sum of the split workspace; so a wrong name,
     argument order, grid, shared size or reduction fails here, not on a GPU."""
     source = wgmma.SOURCE.read_text()
-    assert ("wgmma24_##DT##_m##BM##_n##BN##_s##S(const u16* x, const u16* vals, const u8* meta, u16* y,           \\\n"
-            "                                            float* ws, int M, int N, int K, int splits)") in source
+    assert ("wgmma24_##DT##_##NAME(const u16* x, const u16* vals, const u8* meta, u16* y, float* ws, int M, int N,"
+            "\\\n                              int K, int splits)") in source
     w = _weight(100, 512, seed=11, dtype=torch.float16)
     fmt = Sparse24.compress(w)
     _gpu_like(monkeypatch)
@@ -423,7 +472,7 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
         assert source == wgmma.SOURCE and warps == wgmma.THREADS // 32 and shared == wgmma.shared_bytes(config)
         assert (m, k) == tuple(x.shape) and (n, k) == fmt.shape and x.is_contiguous() and x.data_ptr() % 16 == 0
         assert values is fmt.values and meta is fmt.meta and y.shape == (m, n) and y.dtype == x.dtype
-        tiles = -(-n // wgmma.block_features(config)) * -(-m // wgmma.CONFIGS[config][1])
+        tiles = -(-n // wgmma.block_features(config)) * -(-m // wgmma.block_tokens(config))
         assert grid == tiles * splits and int_type is None
         if splits == 1:
             assert ws is y
@@ -442,6 +491,7 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
         assert got.dtype == torch.float16 and got.shape == (33, 100)
         torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=2e-3, atol=2e-3, msg=name)
     assert {splits for _, splits in launched} == {1, 2}
+    assert {config for config, _ in launched} == set(wgmma.CONFIGS)
 
 
 def test_a_build_failure_offers_nothing(monkeypatch):
@@ -511,9 +561,6 @@ def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatc
     """benchmarks/gpu_kernel_check.py makes the wgmma first launches in a child process: all in one; when that one
     dies (a fault), one child per configuration, and the one that dies again is reported and never offered
     afterwards in the checking process."""
-    import importlib
-    import subprocess
-
     monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "0")  # the script defaults it to 1 for its own process only
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     check = importlib.import_module("gpu_kernel_check")
@@ -538,24 +585,156 @@ def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatc
     assert check.first_launches() == 0 and children == ["all"]  # all right: one child only
 
 
-def test_nvcc_builds_every_entry_point_for_sm90a_without_serialized_wgmma(tmp_path):
+def _tool(name: str) -> str | None:
+    """A CUDA toolkit program: on PATH, in /usr/local/bin or /usr/local/cuda/bin, or (cuobjdump) the copy Triton
+    ships with its NVIDIA backend; None where there is none (CI has no toolkit)."""
+    found = shutil.which(name)
+    places = [Path("/usr/local/bin") / name, Path("/usr/local/cuda/bin") / name]
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.submodule_search_locations:
+        places += [Path(where) / "backends" / "nvidia" / "bin" / name for where in triton.submodule_search_locations]
+    return found or next((str(place) for place in places if place.exists()), None)
+
+
+def _build_sm90a(source: Path, out: Path) -> subprocess.CompletedProcess:
+    """nvcc's sm_90a cubin of a kernel source (common.cuh beside it), with ptxas's resource report on stderr."""
+    nvcc = _tool("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    return subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
+                           "-o", str(out), str(source)], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def sm90a_cubin(tmp_path_factory) -> tuple[Path, str]:
+    """The source as it is, built once for the tests below: (cubin, ptxas's report)."""
+    out = tmp_path_factory.mktemp("wgmma") / "wgmma.cubin"
+    done = _build_sm90a(wgmma.SOURCE, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, done.stderr
+
+
+def test_nvcc_builds_every_entry_point_for_sm90a_without_serialized_wgmma(sm90a_cubin):
     """nvcc (where a toolkit is installed) assembles the source for sm_90a: every entry point present, no register
     spills, and no ptxas C7515 note (wgmma serialized because other instructions touch the accumulators between
     a wgmma and its wait, which would cost the overlap the ring is built for)."""
-    import shutil
-    import subprocess
-
-    nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
-    if nvcc is None:
-        pytest.skip("no nvcc here")
-    out = tmp_path / "wgmma.cubin"
-    done = subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin", "-Xptxas", "-v",
-                           "-o", str(out), str(wgmma.SOURCE)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+    out, report = sm90a_cubin
     cubin = out.read_bytes()
     for dtype in ("f16", "bf16"):
         for config in wgmma.CONFIGS:
             assert f"wgmma24_{dtype}_{config}".encode() in cubin
-    assert "C7515" not in done.stderr and "serialized" not in done.stderr
-    assert re.findall(r"(\d+) bytes spill stores", done.stderr) and all(
-        count == "0" for count in re.findall(r"(\d+) bytes spill stores", done.stderr))
+    assert "C7515" not in report and "serialized" not in report
+    assert re.findall(r"(\d+) bytes spill stores", report) and all(
+        count == "0" for count in re.findall(r"(\d+) bytes spill stores", report))
+
+
+# ---- the metadata register of a wgmma in flight, in the SASS ----
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+# Opcodes whose first register operand is read, not written (after any leading predicate operands).
+_NO_REGISTER_RESULT = ("ISETP", "FSETP", "DSETP", "HSETP2", "PSETP", "PLOP3", "R2P", "WARPSYNC", "BAR", "BRA",
+                       "BRX", "JMX", "CALL", "RET", "EXIT", "BSSY", "BSYNC", "WARPGROUP", "DEPBAR")
+
+
+def _sass(cubin: Path) -> dict[str, list[tuple[int, str, str, list[str]]]]:
+    """cuobjdump -sass of a cubin: entry point -> its instructions (address, predicate, opcode, operands)."""
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump here")
+    text = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    functions = {}
+    for chunk in re.split(r"\n\s*Function : ", text)[1:]:
+        name, body = chunk.split("\n", 1)
+        functions[name.strip()] = [(int(a, 16), (p or "").strip(), op, [o.strip() for o in args.split(",") if o.strip()])
+                                   for a, p, op, args in _SASS_LINE.findall(body)]
+    return functions
+
+
+def _registers_written(op: str, args: list[str]) -> set[int]:
+    """The general registers an instruction writes: its first register operand after any predicate results, over
+    the instruction's width (.64 / .WIDE: 2, .128: 4; an HGMMA's accumulators: N/2 of 64xNxK)."""
+    if op.split(".")[0] in _NO_REGISTER_RESULT:
+        return set()
+    operands = [a for a in args if not re.fullmatch(r"!?U?P(T|\d+)", a)]
+    first = re.fullmatch(r"R(\d+)(\.reuse)?", operands[0]) if operands else None
+    if first is None:
+        return set()
+    width = 1
+    if op.startswith("HGMMA"):
+        width = int(re.search(r"\.64x(\d+)x", op).group(1)) // 2
+    elif ".128" in op:
+        width = 4
+    elif ".64" in op or ".WIDE" in op:
+        width = 2
+    return set(range(int(first.group(1)), int(first.group(1)) + width))
+
+
+def _metadata_writes_in_flight(code: list[tuple[int, str, str, list[str]]]) -> list[str]:
+    """Every write of a sparse HGMMA's metadata register (its fourth operand) on any path from that HGMMA to the
+    WARPGROUP.DEPBAR that retires its group. Groups: an HGMMA marked gsb0 closes one (wgmma.commit_group), taking
+    the unmarked HGMMAs before it; ``WARPGROUP.DEPBAR.LE gsb0, N`` retires every group but the newest N. The walk
+    follows branches both ways and calls into their callees, so it sees every instruction that may run meanwhile."""
+    at = {address: i for i, (address, *_rest) in enumerate(code)}
+    faults = []
+    for i, (address, _, op, args) in enumerate(code):
+        if not op.startswith("HGMMA") or ".SP." not in op:
+            continue
+        meta = int(re.fullmatch(r"R(\d+)(\.reuse)?", args[3]).group(1))
+        seen, todo = set(), [(i + 1, "gsb0" in args, 0)]  # (next instruction, its group committed, groups after)
+        while todo:
+            state = todo.pop()
+            j, committed, after = state
+            if state in seen or j >= len(code):
+                continue
+            seen.add(state)
+            at_j, pred, op_j, args_j = code[j]
+            if pred == "@!PT":  # never executed
+                todo.append((j + 1, committed, after))
+                continue
+            if op_j.startswith("HGMMA") and "gsb0" in args_j:
+                committed, after = True, after + committed
+            if op_j.startswith("WARPGROUP.DEPBAR") and committed and after >= int(args_j[-1], 16):
+                continue  # retired on this path
+            if meta in _registers_written(op_j, args_j):
+                faults.append(f"{op} at {address:#x} reads R{meta}, written at {at_j:#x} ({op_j}) before its wait")
+            base = op_j.split(".")[0]
+            assert base not in ("BRX", "JMX"), "indirect branches are not followed"
+            if base in ("EXIT", "RET") and not pred:
+                continue
+            if base in ("BRA", "CALL"):
+                todo.append((at[int(args_j[-1], 16)], committed, after))
+                if base == "BRA" and not pred and len(args_j) == 1:
+                    continue
+            todo.append((j + 1, committed, after))
+    return faults
+
+
+def test_no_metadata_register_is_written_while_its_wgmma_is_in_flight(sm90a_cubin):
+    """The hazard that made four earlier in-flight configurations multiply wrongly on an H100, checked in nvcc's SASS
+    of every entry point: no instruction writes a sparse HGMMA's metadata register between that HGMMA and the wait
+    that retires its group. The in-flight configurations do leave a group running (a wait for all but one), the
+    others wait for all."""
+    functions = _sass(sm90a_cubin[0])
+    for config in wgmma.CONFIGS:
+        for dtype in ("f16", "bf16"):
+            code = functions[f"wgmma24_{dtype}_{config}"]
+            assert sum(op.startswith("HGMMA") and ".SP." in op for _, _, op, _ in code) >= 2, config
+            waits = {args[-1] for _, _, op, args in code if op.startswith("WARPGROUP.DEPBAR")}
+            assert waits == ({"0x0", "0x1"} if wgmma.in_flight(config) else {"0x0"}), (config, waits)
+            assert _metadata_writes_in_flight(code) == [], (config, dtype)
+
+
+def test_the_sass_check_catches_a_loop_with_one_wgmma_instruction(tmp_path):
+    """The check above is not vacuous: without the loop unrolled twice, the loop's one HGMMA reads one physical
+    register every trip, and ptxas writes the next stage's metadata into it while the previous stage's group is in
+    flight (keep_alive keeps the value, which ptxas then moves to another register), as in the four configurations
+    that multiplied wrongly on an H100; the configuration that waits for every group stays clean."""
+    source = SOURCE_TEXT.replace("#pragma unroll(INFLIGHT + 1)\n", "").replace("WG_ALL(bf16, true)\n", "")
+    assert source != SOURCE_TEXT
+    (tmp_path / "sparse24_wgmma.cu").write_text(source)
+    shutil.copy(cuda_ops.COMMON, tmp_path / "common.cuh")
+    done = _build_sm90a(tmp_path / "sparse24_wgmma.cu", tmp_path / "variant.cubin")
+    assert done.returncode == 0, done.stderr[-2000:]
+    functions = _sass(tmp_path / "variant.cubin")
+    for config in wgmma.CONFIGS:
+        faults = _metadata_writes_in_flight(functions[f"wgmma24_f16_{config}"])
+        assert bool(faults) == bool(wgmma.in_flight(config)), (config, faults)

@@ -3,10 +3,13 @@
 Why: the tiled ``mma.sp`` GEMM (sm_80 form) reaches 0.19-0.67x cuBLAS on an H100 and the ``mma.sp`` instruction
 itself peaks near 956 TFLOP/s (benchmarks/mma_peak.py), so it cannot give the issue's >= 1.2x; cuSPARSELt, which
 uses ``wgmma.sp``, reaches 1.15-1.69x. The kernel (``kernels/cuda/sparse24_wgmma.cu``) is compiled by NVRTC for
-``sm_90a`` (``cuda_ops.ARCH_SUFFIX``) and offered only on compute capability 9.0: its one configuration multiplied
-correctly on an H100 and was timed there (0.61-0.76x cuBLAS, :data:`CLEARED`), so the dispatcher offers it by
-default; a configuration not yet run and timed on a GPU only under ``SECATEURS_UNVERIFIED_KERNELS=1``. Four more that left one stage's products in flight while the
-metadata register was rewritten for the next multiplied wrongly there (relative error 0.11-0.57) and were removed.
+``sm_90a`` (``cuda_ops.ARCH_SUFFIX``) and offered only on compute capability 9.0: its configuration
+``m128_n128_s4`` multiplied correctly on an H100 and was timed there (0.61-0.76x cuBLAS, :data:`CLEARED`), so the
+dispatcher offers it by default; a configuration not yet run and timed on a GPU only under
+``SECATEURS_UNVERIFIED_KERNELS=1``. Four earlier ones that left one stage's products in flight while the next
+stage's metadata was written into the register the wgmma in flight reads multiplied wrongly there (relative error
+0.11-0.57) and were removed; the in-flight configurations of :data:`CONFIGS` keep that register apart (the kernel's
+header says how; tests/test_wgmma.py checks it in the SASS) and have not yet run on a GPU.
 
 The layout, described here for the CPU model of the kernel (tests/test_wgmma.py) as well as for readers:
 
@@ -45,13 +48,29 @@ ROW_E_BYTES = 8  # a stage's positions of one feature row: four 16-bit words
 SWIZZLE_128B, SWIZZLE_64B = 1, 2  # descriptor bits 62-63 (PTX ISA, "Matrix Descriptor Format")
 A_STRIDE, B_STRIDE = 512, 1024  # descriptor stride byte offsets: between 8-row groups of A (64 B rows), B (128 B rows)
 
-CONFIGS: dict[str, tuple[int, int, int]] = {"m128_n128_s4": (1, 128, 4)}
-"""name -> (64-feature tiles per warpgroup MW, tokens per block BN, stages). One configuration: 128 features x 128
-tokens a block, a 4-slot ring, each stage's products waited for before the next stage. On one NVIDIA H100 80GB
-HBM3 (``gpu_kernel_check.py --part cuda --formats 2:4 --only wgmma``, named ``m128_n128_s4_i0`` then) its first
-launch gave relative error 2.1e-4 (fp16) and 1.7e-3 (bf16), split K the same, and all 360 checks of it (fp16/bf16,
-10 shapes, m = 1-8192, whole and split K) passed, worst 1.7e-3 (bf16 rounding). The CPU model of tests/test_wgmma.py
-passed the four removed in-flight configurations as well: only a GPU run tells whether a configuration multiplies
+CONFIGS: dict[str, tuple[int, int, int, int]] = {
+    "m128_n128_s4": (1, 128, 4, 0),
+    "m128_n128_s5_f1": (1, 128, 5, 1),
+    "m128_n256_s4_f1": (1, 256, 4, 1),
+}
+"""name -> (64-feature tiles per warpgroup MW, tokens per block BN, stages, wgmma groups left in flight across a
+stage); the name is ``m<128 MW>_n<BN>_s<stages>``, then ``_f1`` for one group in flight.
+
+- ``m128_n128_s4``: 128 features x 128 tokens a block, a 4-slot ring (3 stages copied ahead), each stage's products
+  waited for before the next stage. On one NVIDIA H100 80GB HBM3 (``gpu_kernel_check.py --part cuda --formats 2:4
+  --only wgmma``, named ``m128_n128_s4_i0`` then) its first launch gave relative error 2.1e-4 (fp16) and 1.7e-3
+  (bf16), split K the same, and all 360 checks of it (fp16/bf16, 10 shapes, m = 1-8192, whole and split K) passed,
+  worst 1.7e-3 (bf16 rounding); timed there (:data:`CLEARED`).
+- ``m128_n128_s5_f1``: the same tile, a 5-slot ring (3 stages copied ahead, one multiplied, one whose products
+  are still in flight while the next stage's barrier, metadata loads and wgmma issue): 126 KB of shared memory,
+  116 registers a thread (nvcc 13.0, no spill).
+- ``m128_n256_s4_f1``: 128 features x 256 tokens (one m64n256k32 per warpgroup and 32 inputs: 128 accumulator
+  registers a thread), a 4-slot ring (2 ahead, one in flight): 41 KB of operands per stage for twice the products
+  of the 128 x 128 tile's 25 KB; 165 KB of shared memory, 220 registers a thread (nvcc 13.0, no spill).
+
+The two in-flight configurations have never run on a GPU: they are offered only under
+``SECATEURS_UNVERIFIED_KERNELS=1`` until a GPU run checks and times them. The CPU model of tests/test_wgmma.py passed
+the four removed in-flight configurations as well: only a GPU run tells whether a configuration multiplies
 correctly."""
 
 CLEARED: frozenset[str] = frozenset({"m128_n128_s4"})
@@ -66,6 +85,24 @@ def block_features(config: str) -> int:
     return 128 * CONFIGS[config][0]
 
 
+def block_tokens(config: str) -> int:
+    return CONFIGS[config][1]
+
+
+def stages(config: str) -> int:
+    return CONFIGS[config][2]
+
+
+def in_flight(config: str) -> int:
+    """wgmma groups a configuration leaves running across a stage (0 or 1)."""
+    return CONFIGS[config][3]
+
+
+def copies_ahead(config: str) -> int:
+    """Stages being copied while one is multiplied: the ring less the stage multiplied and the one in flight."""
+    return stages(config) - 1 - in_flight(config)
+
+
 def a_bytes(config: str) -> int:
     return block_features(config) * ROW_A_BYTES
 
@@ -75,7 +112,7 @@ def e_bytes(config: str) -> int:
 
 
 def b_bytes(config: str) -> int:
-    return CONFIGS[config][1] * 128
+    return block_tokens(config) * 128
 
 
 def stage_bytes(config: str) -> int:
@@ -84,7 +121,7 @@ def stage_bytes(config: str) -> int:
 
 def shared_bytes(config: str) -> int:
     """Dynamic shared memory of a launch: the ring plus 1024 bytes to align it to the 128-byte swizzle atom."""
-    return CONFIGS[config][2] * stage_bytes(config) + 1024
+    return stages(config) * stage_bytes(config) + 1024
 
 
 WITHHELD: set[str] = set()
@@ -141,7 +178,7 @@ def splits_for(config: str, shape: tuple[int, int], m: int, sms: int) -> int:
     4096-wide weights): enough splits for about one block per SM, at most 8, each keeping MIN_SPLIT_STAGES
     stages; 1 where the tiles alone fill the GPU."""
     n, k = shape
-    blocks = -(-n // block_features(config)) * -(-m // CONFIGS[config][1])
+    blocks = -(-n // block_features(config)) * -(-m // block_tokens(config))
     if 2 * blocks > sms:
         return 1
     return max(1, min(8, sms // blocks, k // STAGE_K // MIN_SPLIT_STAGES))
@@ -188,7 +225,7 @@ def sparse24_wgmma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, co
     n = values.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
-    bm, bn = block_features(config), CONFIGS[config][1]
+    bm, bn = block_features(config), block_tokens(config)
     blocks = ((n + bm - 1) // bm) * ((m + bn - 1) // bn) * splits
     cuda_ops._launch(f"wgmma24_{cuda_ops._SUFFIX[x.dtype]}_{config}", blocks, (x, values, meta, y, ws),
                      (m, n, k, splits), THREADS // 32, source=SOURCE, shared=shared_bytes(config))

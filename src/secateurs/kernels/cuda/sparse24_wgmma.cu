@@ -29,13 +29,34 @@
 // under selector 0 and the next 32 under selector 1, lane t's register is stored position word t of the stage
 // for the two rows, as they are: the register the mma.sp GEMM of sparse_gemv.cu builds (verified on GPUs).
 //
-// Pipelining, per stage: wgmma.fence, 2 MW wgmma.mma_async.sp, commit, then the copy of the stage STAGES - 1
-// further on into the slot of the stage before (its products finished at the last wait), then wgmma.wait_group 0:
-// each stage's products finish before the next stage's metadata registers are loaded. (Tile configurations that
-// left one stage's products in flight while rewriting the metadata register for the next multiplied wrongly on an
-// H100, relative error 0.11-0.57, and were removed.) cp.async writes are made visible to the async proxy
-// (the tensor cores' reads) by fence.proxy.async.shared::cta in each copying thread before the barrier. Rows past
-// N and tokens past M load clamped (valid) rows and are never stored.
+// Pipelining, per stage kb: wait for the stage's cp.async group, fence.proxy.async.shared::cta (cp.async writes made
+// visible to the async proxy, the tensor cores' reads, by each copying thread), barrier, the stage's metadata
+// registers, wgmma.fence, 2 MW wgmma.mma_async.sp, commit; then, by INFLIGHT (the wgmma groups left running):
+//
+// - 0 (m128_n128_s4, the configuration checked on an H100): the copy of stage kb + STAGES - 1 into the slot of
+//   stage kb - 1, whose products finished at the last wait, then wgmma.wait_group 0. The tensor cores idle while
+//   each stage's products drain, and the next stage's barrier and metadata loads wait for them.
+// - 1: wgmma.wait_group 1 (stage kb - 1's products finished, kb's still running), then the copy of stage
+//   kb + STAGES - 2 into the slot of stage kb - 2. Not kb - 1: a thread past stage kb's barrier knows that every
+//   thread of the block finished its iteration kb - 1, whose wait_group 1 retired stage kb - 2 in both warpgroups,
+//   but the other warpgroup's wgmma of stage kb - 1 may still be reading its slot (that warpgroup retires it in its
+//   own iteration kb, which this barrier does not order). So copies run STAGES - 2 stages ahead (STAGES >= 3).
+//
+// The metadata register with a group in flight: the PTX ISA restricts only the accumulator and A-fragment
+// registers of a wgmma not yet waited for, but four configurations that left one stage in flight multiplied wrongly
+// on an H100 (relative error 0.11-0.57), and nvcc 13.0's SASS of them shows the likely cause: the one HGMMA
+// instruction of the loop reads one physical register every trip, and the next stage's metadata was written into
+// it while the previous stage's HGMMA was pending, so the tensor cores evidently read the metadata register after
+// issue. (CUTLASS's sm90 sparse mainloop keeps no MMA in flight: K_PIPE_MMAS = 0.) With INFLIGHT 1 the loop body is
+// therefore unrolled twice (two HGMMA instructions, each reading its own register), and each stage's metadata
+// registers are kept alive (keep_alive) until the wait that retires their group, so the two stages' registers are
+// live together and ptxas must keep them apart. tests/test_wgmma.py checks the SASS of every entry point: no
+// metadata register is written between an HGMMA and the wait that retires it (only a GPU run shows the products
+// right). The descriptors need no such care: ptxas itself moves them into uniform registers and rewrites those
+// between the two HGMMAs of one group (nvcc 13.0's SASS of m128_n128_s4, which multiplied correctly on an H100), so
+// they are read at issue.
+//
+// Rows past N and tokens past M load clamped (valid) rows and are never stored.
 #include "common.cuh"
 
 __device__ __forceinline__ void wg_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -57,6 +78,16 @@ template <int R>
 __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 #pragma unroll
     for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Keeps register r allocated, its value intact, up to this point. ptxas, not the C++ front end, assigns physical
+// registers, from the uses it sees in PTX, and deletes instructions that have no side effect and whose result is
+// unused: an empty asm statement leaves no use in PTX, and a register-to-itself mov is deleted (both checked in
+// the SASS of nvcc 13.0). A shared-memory store of r predicated on K < 0 is a use ptxas keeps, and it never
+// stores (K is a positive multiple of 64): one predicated-off instruction.
+__device__ __forceinline__ void keep_alive(u32 r, int K, u32 addr) {
+    asm volatile("{\n\t.reg .pred never;\n\tsetp.lt.s32 never, %1, 0;\n\t@never st.shared.b32 [%2], %0;\n\t}"
+                 ::"r"(r), "r"(K), "r"(addr)
+                 : "memory");
 }
 // A shared-memory matrix descriptor (K-major, swizzled): start address, leading byte offset 1 (unused),
 // stride byte offset, swizzle mode (1 = 128 B, 2 = 64 B).
@@ -133,19 +164,21 @@ __device__ __forceinline__ void wgmma_pair(float (&d)[BN / 2], unsigned long lon
 
 #define WG_THREADS 256
 
-// MW 64-feature tiles per warpgroup (BM = 128 MW features a block), BN tokens, STAGES slots. Split K (splits > 1,
-// for weights with few tiles): block b takes tile b % tiles and the K stages [KB s / splits, KB (s + 1) / splits)
-// of split s = b / tiles, and stores its fp32 sums in ws[s] (splits x M x N), which the launcher sums by one
-// reduction (deterministic) and rounds once.
-template <bool BF16, int MW, int BN, int STAGES>
+// MW 64-feature tiles per warpgroup (BM = 128 MW features a block), BN tokens, STAGES slots, INFLIGHT wgmma groups
+// left running across a stage (0 or 1; the header says how the ring and the metadata registers follow). Split K
+// (splits > 1, for weights with few tiles): block b takes tile b % tiles and the K stages [KB s / splits,
+// KB (s + 1) / splits) of split s = b / tiles, and stores its fp32 sums in ws[s] (splits x M x N), which the
+// launcher sums by one reduction (deterministic) and rounds once.
+template <bool BF16, int MW, int BN, int STAGES, int INFLIGHT>
 __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __restrict__ vals,
                                         const u8* __restrict__ meta, u16* __restrict__ y, float* __restrict__ ws,
                                         int M, int N, int K, int splits) {
     constexpr int BM = 128 * MW;
     constexpr int A_BYTES = BM * 64, E_BYTES = BM * 8, B_BYTES = BN * 128;
     constexpr int STAGE_BYTES = A_BYTES + E_BYTES + B_BYTES;  // a multiple of 1024
-    constexpr int AHEAD = STAGES - 1;                          // stages being copied while one is multiplied
-    static_assert(AHEAD >= 1, "a ring of at least two slots");
+    constexpr int AHEAD = STAGES - 1 - INFLIGHT;               // stages being copied while one is multiplied
+    static_assert(INFLIGHT == 0 || INFLIGHT == 1, "at most one stage's products in flight");
+    static_assert(AHEAD >= 1, "a ring of at least two slots, three with one stage in flight");
     static_assert(MW * BN <= 256, "accumulators: at most 128 registers a thread");
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const u32 base = (smem_u32(wg_smem) + 1023u) & ~1023u;  // the launch asks for 1024 bytes more
@@ -195,6 +228,14 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         if (s < KB) load(s, kb0 + s);
         wg_cp_commit();
     }
+    u32 e_prev[MW];  // INFLIGHT 1: the metadata registers of the stage whose products may still be in flight
+#pragma unroll
+    for (int mt = 0; mt < MW; ++mt) e_prev[mt] = 0u;
+    // INFLIGHT 1: two copies of the body, so two HGMMA instructions, each reading its own metadata register. One
+    // instruction in a loop reads one physical register every trip, so the next stage's metadata would be written
+    // into the register the stage in flight reads: in nvcc 13.0's SASS of a loop not unrolled, keep_alive kept the
+    // value, but ptxas moved it to another register and wrote the next stage's metadata into the HGMMA's.
+#pragma unroll(INFLIGHT + 1)
     for (int kb = 0; kb < KB; ++kb) {
         wg_cp_wait<AHEAD - 1>();
         fence_proxy_async();
@@ -214,14 +255,27 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         for (int mt = 0; mt < MW; ++mt)
             wgmma_pair<BF16, BN>(d[mt], wg_desc(sa + (wg * MW + mt) * (64 * 64), 512, 2ull), db, e[mt]);
         wgmma_commit();
-        {  // refill the slot of the stage before, whose products finished at the last wait
+        if constexpr (INFLIGHT == 1) {
+            wgmma_wait<1>();  // stage kb - 1's products are finished, stage kb's still in flight
+#pragma unroll
+            for (int mt = 0; mt < MW; ++mt) {
+                keep_alive(e_prev[mt], K, base);  // read by stage kb - 1's wgmma until the wait above
+                e_prev[mt] = e[mt];
+            }
+        }
+        {  // refill the slot of stage kb - 1 - INFLIGHT, which no wgmma reads any more (the header says why)
             const int next = kb + AHEAD;
             if (next < KB) load(next % STAGES, kb0 + next);
             wg_cp_commit();
         }
-        wgmma_wait<0>();
+        if constexpr (INFLIGHT == 0) wgmma_wait<0>();
     }
-    wgmma_wait<0>();  // nothing pending after the last stage's wait; kept: the SASS is the one checked on an H100
+    wgmma_wait<0>();  // INFLIGHT 1: the last stage's products; INFLIGHT 0: none pending, kept (the SASS checked on
+                      // an H100)
+    if constexpr (INFLIGHT == 1) {
+#pragma unroll
+        for (int mt = 0; mt < MW; ++mt) keep_alive(e_prev[mt], K, base);
+    }
 #pragma unroll
     for (int mt = 0; mt < MW; ++mt) fence_regs(d[mt]);
     wg_cp_wait<0>();
@@ -241,12 +295,16 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
     }
 }
 
-// ---- entry points: wgmma24_<dtype>_m<BM>_n<BN>_s<STAGES> ----
-#define WGMMA24(DT, BF, MW, BM, BN, S)                                                                       \
+// ---- entry points: wgmma24_<dtype>_<configuration name of kernels/wgmma.py's CONFIGS> ----
+#define WGMMA24(DT, BF, MW, BN, S, F, NAME)                                                                  \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                              \
-        wgmma24_##DT##_m##BM##_n##BN##_s##S(const u16* x, const u16* vals, const u8* meta, u16* y,           \
-                                            float* ws, int M, int N, int K, int splits) {                   \
-        wgmma24<BF, MW, BN, S>(x, vals, meta, y, ws, M, N, K, splits);                                       \
+        wgmma24_##DT##_##NAME(const u16* x, const u16* vals, const u8* meta, u16* y, float* ws, int M, int N,\
+                              int K, int splits) {                                                          \
+        wgmma24<BF, MW, BN, S, F>(x, vals, meta, y, ws, M, N, K, splits);                                    \
     }
-WGMMA24(f16, false, 1, 128, 128, 4)
-WGMMA24(bf16, true, 1, 128, 128, 4)
+#define WG_ALL(DT, BF)                                                                                       \
+    WGMMA24(DT, BF, 1, 128, 4, 0, m128_n128_s4)                                                              \
+    WGMMA24(DT, BF, 1, 128, 5, 1, m128_n128_s5_f1)                                                           \
+    WGMMA24(DT, BF, 1, 256, 4, 1, m128_n256_s4_f1)
+WG_ALL(f16, false)
+WG_ALL(bf16, true)
