@@ -60,22 +60,22 @@ def bitmap_chunks(tables: list[torch.Tensor], vals: torch.Tensor, row: torch.Ten
     lo = torch.where(odd, s1[:, :8, 1], s1[:, :8, 0])  # __byte_perm(s1[k], s1[k + 1], 0x5432 or 0x3210)
     hi = torch.where(odd, s1[:, 1:9, 0], s1[:, :8, 1])
     value = torch.stack([lo, hi], dim=2).reshape(-1, 16)  # value e of the chunk: half e
-    # the scatter: value e to the e-th lowest set bit p, at byte (2p) ^ (32c ^ (r & 7) << 4) of tile row r
+    # the scatter, values from the highest down: value e (e < popcount) to the highest bit left, then cleared;
+    # byte (2p) ^ (32c ^ (r & 7) << 4) of tile row r
     c, r7 = j & 3, row & 7  # row0 is a multiple of 64: the tile row's r & 7 is the weight row's
     key = 32 * c ^ (0 if broken == "scatter without the swizzle" else r7 << 4)
     dense = torch.zeros(len(row), 16, dtype=torch.float64)
-    rest = ubits.clone()
-    for e in range(16):
-        low = rest & -rest
-        has = low != 0
-        p = torch.where(has, torch.log2(low.clamp(min=1).double()).long(), 0)
+    count, rest = _popc(ubits), ubits.clone()
+    for e in reversed(range(16)):
+        on = e < count
+        p = torch.where(on, torch.log2(rest.clamp(min=1).double()).floor().long(), 0)  # bfind
         byte = (2 * p) ^ key
         chunk, within = (byte >> 4) ^ r7, (byte & 15) >> 1  # the logical 8-input chunk and input tc_at reads it as
         at = chunk * 8 + within - 16 * c
         inside = (at >= 0) & (at < 16)
-        assert broken or bool((inside | ~has).all()), "a value stored outside its unit's two tile chunks"
-        dense[has & inside, at[has & inside]] = value[has & inside, e]  # (broken: one outside is lost)
-        rest = rest ^ low
+        assert broken or bool((inside | ~on).all()), "a value stored outside its unit's two tile chunks"
+        dense[on & inside, at[on & inside]] = value[on & inside, e]  # (broken: one outside is lost)
+        rest = torch.where(on, rest & ((1 << p) - 1), rest)  # bmsk: the bits below p
     return dense
 
 
@@ -134,8 +134,8 @@ def _weight(rows: int, cols: int, sparsity: float, seed: int, dtype: torch.dtype
     w[1] = 0.0
     w[2] = torch.randn(cols, generator=gen)
     w[-1, -3:] = torch.tensor([1.0, 2.0, 3.0])  # the last values of the array in the last unit
-    if int((w != 0).sum()) % 8 == 0:
-        w[-1, -4] = 4.0
+    if int((w != 0).sum()) % 8 == 0:  # one non-zero more or fewer
+        w[-1, -4] = 4.0 if w[-1, -4] == 0 else 0.0
     return w.to(dtype)
 
 
@@ -173,6 +173,13 @@ def test_bf16_more_rows_than_the_token_tile_and_three_slices(m):
     assert torch.equal(y, result.to(torch.bfloat16))
 
 
+def test_fewer_features_than_a_tile_and_one_segment():
+    """37 features (one partial tile), K = 128 (one segment, two stages), 64 tokens in two slices of one stage."""
+    y, result, reference = _run(37, 128, 64, 2, 0.7)
+    torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(y, result.to(y.dtype))
+
+
 @pytest.mark.parametrize("broken", ["start without the lower half's popcount", "window not shifted",
                                     "scatter without the swizzle"])
 def test_a_broken_start_window_or_scatter_fails(broken):
@@ -193,16 +200,24 @@ def test_the_source_has_the_index_math_the_emulation_checks():
                  "(q > 2 ? __popc(u.w[2]) : 0) + (half ? __popc(word & 0xffffu) : 0);",
                  "u.bits = half ? word >> 16 : word & 0xffffu;",
                  "const int a0 = start - (int)u.o, vecs = ((int)u.o + __popc(u.bits) + 7) >> 3;",
-                 "if (e + 8 <= t.nnz) {",
-                 "if (e + h < t.nnz) q4[h >> 1] |= ld_stream_u16(vals + e + h) << (16 * (h & 1));",
+                 "if (a0 + 24 <= t.nnz) {",
+                 "if (i < vecs) ld_stream_v4(vals + a0 + 8 * i, u.v[i]);",
+                 "if (h < 8 * vecs && a0 + h < t.nnz) u.v[h >> 3][(h >> 1) & 3] |= ld_stream_u16(vals + a0 + h) << (16 * (h & 1));",
                  "const u32 a = u.o >> 1, sel = (u.o & 1u) ? 0x5432u : 0x3210u;",
-                 "for (int k = 0; k < 10; ++k) t2[k] = (a & 2u) ? u.v[k + 2] : u.v[k];",
+                 "for (int k = 0; k < 10; ++k) t2[k] = (a & 2u) ? u.v[(k + 2) >> 2][(k + 2) & 3] : u.v[k >> 2][k & 3];",
                  "for (int k = 0; k < 9; ++k) s1[k] = (a & 1u) ? t2[k + 1] : t2[k];",
                  "for (int k = 0; k < 8; ++k) w[k] = __byte_perm(s1[k], s1[k + 1], sel);",
-                 "const u32 row = at + (u32)r * 128u, key = (u32)((32 * c) ^ ((r & 7) << 4));",
-                 "const u32 low = bits & (0u - bits);",
+                 "const u32 rowkey = (at + (u32)r * 128u) | (u32)((32 * c) ^ ((r & 7) << 4));",
                  "const u16 h = (u16)(w[e >> 1] >> (16 * (e & 1)));",
-                 '"r"(row | ((2u * p) ^ key))',
+                 '" setp.lt.u32 q, %3, %4;\\n"',
+                 '" bfind.u32 p, %0;\\n"',
+                 '" shl.b32 a, p, 1;\\n"',
+                 '" xor.b32 a, a, %2;\\n"',
+                 '" @q st.shared.u16 [a], %1;\\n"',
+                 '" bmsk.clamp.b32 p, 0, p;\\n"',
+                 '" @q and.b32 %0, %0, p; }"',
+                 "case 16: slot(15); [[fallthrough]];",
+                 "case 1: slot(0); [[fallthrough]];",
                  "meta(t, row, K, j + 4, u);",
                  "tc_gemm<TcBitmap, BF, TN>(x, vals, {bits, offs, nnz}, y, work, M, N, K, S);"):
         assert line in source, line

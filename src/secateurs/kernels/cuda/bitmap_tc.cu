@@ -15,14 +15,17 @@
 //   ahead (first() starts the chain; each load() reads those of the thread's next chunk, j + 4), so the values'
 //   addresses never wait on a load issued in the same stage;
 // - its values: at most 16, from `start` on; the 16-byte vectors that hold them (at most three, from start rounded
-//   down to 8 values; only those the chunk needs; the last vector of the array, if it is partial, value by value,
-//   never past the end) are loaded into registers, then shifted by start % 8 halves (selects and one byte-permute
+//   down to 8 values; only those the chunk needs; near the end of the array value by value, never past it) are
+//   loaded into registers, then shifted by start % 8 halves (selects and one byte-permute
 //   per register: no indexed register access), so value e of the chunk is half e of the shifted window;
-// - its store: the chunk's two 16-byte tile chunks are zeroed, then value e (e < popcount) goes to the position of
-//   the e-th set bit, one 16-bit shared store each: the lowest bit left (bits & -bits) is isolated, bfind names it,
-//   and the swizzled byte of position p in tile row r, chunk c, is r * 128 | ((2p) ^ (32c ^ (r & 7) << 4)) (tc_at
-//   of chunk 2c + p / 8, byte 2 (p % 8)). The loop runs to the warp's largest popcount (a uniform bound: register
-//   indices stay static), each lane storing while it has bits left.
+// - its store: the chunk's two 16-byte tile chunks are zeroed, then each value is written, one 16-bit shared store
+//   each, at its position: the e-th set bit. Values go from the highest down: bfind names the highest bit left,
+//   which is value e's once the values above e are placed, and bmsk clears it. The swizzled byte of position p in
+//   tile row r, chunk c, is r * 128 | ((2p) ^ (32c ^ (r & 7) << 4)) (tc_at of chunk 2c + p / 8, byte 2 (p % 8)).
+//   The chain of 16 value slots is entered once per unit at the warp's largest popcount (a switch: register
+//   indices stay static and no slot tests a bound); a lane with fewer values has its store and clear predicated
+//   off. Per value: bfind, a compare, a shift, an xor, a bmsk, the predicated and and store (and a shift for an
+//   odd value's high half).
 
 #include "tc_tile.cuh"
 
@@ -35,7 +38,7 @@ struct TcBitmap {
     struct Unit {
         u32 w[4];  // the bit words of the segment of the thread's next chunk, and that segment's offset
         int off;
-        u32 v[12];  // this chunk's values: the 16-byte vectors from (start & ~7) on, zero where not needed
+        u32 v[3][4];  // this chunk's values: the 16-byte vectors from (start & ~7) on, zero where not loaded
         u32 bits;   // this chunk's 16 position bits
         u32 o;      // start & 7: the chunk's first value is half o of v
     };
@@ -57,21 +60,15 @@ struct TcBitmap {
         u.o = (u32)start & 7u;
         const int a0 = start - (int)u.o, vecs = ((int)u.o + __popc(u.bits) + 7) >> 3;
 #pragma unroll
-        for (int i = 0; i < 3; ++i) {
-            const int e = a0 + 8 * i;
-            u32* q4 = u.v + 4 * i;
-            q4[0] = q4[1] = q4[2] = q4[3] = 0u;
-            if (i < vecs) {
-                if (e + 8 <= t.nnz) {
-                    u32 r[4];
-                    ld_stream_v4(vals + e, r);
-                    q4[0] = r[0], q4[1] = r[1], q4[2] = r[2], q4[3] = r[3];
-                } else {
+        for (int i = 0; i < 12; ++i) u.v[i >> 2][i & 3] = 0u;
+        if (a0 + 24 <= t.nnz) {  // all three vectors inside the array: one address, the needed vectors predicated
 #pragma unroll
-                    for (int h = 0; h < 8; ++h)
-                        if (e + h < t.nnz) q4[h >> 1] |= ld_stream_u16(vals + e + h) << (16 * (h & 1));
-                }
-            }
+            for (int i = 0; i < 3; ++i)
+                if (i < vecs) ld_stream_v4(vals + a0 + 8 * i, u.v[i]);
+        } else {  // the array's last values: never read past its end
+#pragma unroll
+            for (int h = 0; h < 24; ++h)
+                if (h < 8 * vecs && a0 + h < t.nnz) u.v[h >> 3][(h >> 1) & 3] |= ld_stream_u16(vals + a0 + h) << (16 * (h & 1));
         }
         meta(t, row, K, j + 4, u);  // the thread's chunk of the next stage
     }
@@ -80,7 +77,7 @@ struct TcBitmap {
         const u32 a = u.o >> 1, sel = (u.o & 1u) ? 0x5432u : 0x3210u;
         u32 t2[10], s1[9], w[8];
 #pragma unroll
-        for (int k = 0; k < 10; ++k) t2[k] = (a & 2u) ? u.v[k + 2] : u.v[k];
+        for (int k = 0; k < 10; ++k) t2[k] = (a & 2u) ? u.v[(k + 2) >> 2][(k + 2) & 3] : u.v[k >> 2][k & 3];
 #pragma unroll
         for (int k = 0; k < 9; ++k) s1[k] = (a & 1u) ? t2[k + 1] : t2[k];
 #pragma unroll
@@ -88,26 +85,50 @@ struct TcBitmap {
         tc_st_shared(at + tc_at(r, 2 * c), 0u, 0u, 0u, 0u);
         tc_st_shared(at + tc_at(r, 2 * c + 1), 0u, 0u, 0u, 0u);
         u32 bits = u.bits & z, most;
-        const u32 row = at + (u32)r * 128u, key = (u32)((32 * c) ^ ((r & 7) << 4));
-        asm("redux.sync.max.u32 %0, %1, %2;" : "=r"(most) : "r"((u32)__popc(bits)), "r"(FULL));
-#pragma unroll
-        for (int e = 0; e < 16; ++e) {
-            if ((u32)e >= most) break;
-            const u32 low = bits & (0u - bits);  // the lowest bit left: value e's position (none once bits is 0)
-            u32 p;
-            asm("bfind.u32 %0, %1;" : "=r"(p) : "r"(low));
-            if (low) {
-                const u16 h = (u16)(w[e >> 1] >> (16 * (e & 1)));
-                asm volatile("st.shared.u16 [%0], %1;" ::"r"(row | ((2u * p) ^ key)), "h"(h) : "memory");
-            }
-            bits ^= low;
+        const u32 count = __popc(bits);
+        const u32 rowkey = (at + (u32)r * 128u) | (u32)((32 * c) ^ ((r & 7) << 4));  // tile row base | swizzle key
+        asm("redux.sync.max.u32 %0, %1, %2;" : "=r"(most) : "r"(count), "r"(FULL));
+        auto slot = [&](int e) {  // branch-free: a lane with fewer values stores nothing and keeps its bits
+            const u16 h = (u16)(w[e >> 1] >> (16 * (e & 1)));
+            asm volatile(
+                "{ .reg .pred q; .reg .b32 p, a;\n"
+                " setp.lt.u32 q, %3, %4;\n"  // e < this lane's popcount
+                " bfind.u32 p, %0;\n"        // the highest bit left
+                " shl.b32 a, p, 1;\n"
+                " xor.b32 a, a, %2;\n"
+                " @q st.shared.u16 [a], %1;\n"
+                " bmsk.clamp.b32 p, 0, p;\n"  // the bits below it
+                " @q and.b32 %0, %0, p; }"
+                : "+r"(bits)
+                : "h"(h), "r"(rowkey), "r"((u32)e), "r"(count)
+                : "memory");
+        };
+        switch (most) {
+            case 16: slot(15); [[fallthrough]];
+            case 15: slot(14); [[fallthrough]];
+            case 14: slot(13); [[fallthrough]];
+            case 13: slot(12); [[fallthrough]];
+            case 12: slot(11); [[fallthrough]];
+            case 11: slot(10); [[fallthrough]];
+            case 10: slot(9); [[fallthrough]];
+            case 9: slot(8); [[fallthrough]];
+            case 8: slot(7); [[fallthrough]];
+            case 7: slot(6); [[fallthrough]];
+            case 6: slot(5); [[fallthrough]];
+            case 5: slot(4); [[fallthrough]];
+            case 4: slot(3); [[fallthrough]];
+            case 3: slot(2); [[fallthrough]];
+            case 2: slot(1); [[fallthrough]];
+            case 1: slot(0); [[fallthrough]];
+            default: break;
         }
     }
 };
 
 // ---- entry points: tcbm_<dtype>_n<tokens> (kernels/bitmap.py: TC_TOKENS), tcsum_<dtype> ----
+// (minimum 1 block per SM: without it ptxas caps sm_80's 64-token kernel at 128 registers and spills)
 #define TCBM(DT, BF, TN)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, 1)                                              \
         tcbm_##DT##_n##TN(const u16* x, const u16* vals, const u32* bits, const int* offs, u16* y,            \
                           float* work, int M, int N, int K, int S, int nnz) {                                \
         tc_gemm<TcBitmap, BF, TN>(x, vals, {bits, offs, nnz}, y, work, M, N, K, S);                          \
