@@ -139,8 +139,8 @@ def _weight(rows: int, cols: int, sparsity: float, seed: int, dtype: torch.dtype
     return w.to(dtype)
 
 
-def _run(rows: int, cols: int, m: int, splits: int, sparsity: float = 0.7, dtype=torch.float16, tokens: int | None = None,
-         emulated: Emulated | None = None):
+def _run(rows: int, cols: int, m: int, splits: int, sparsity: float = 0.7, dtype=torch.float16,
+         tokens: int | None = None, emulated: Emulated | None = None):
     w = _weight(rows, cols, sparsity, seed=rows + cols + m, dtype=dtype)
     fmt = Bitmap.compress(w)
     assert fmt.values.numel() % 8 != 0
@@ -202,7 +202,8 @@ def test_the_source_has_the_index_math_the_emulation_checks():
                  "const int a0 = start - (int)u.o, vecs = ((int)u.o + __popc(u.bits) + 7) >> 3;",
                  "if (a0 + 24 <= t.nnz) {",
                  "if (i < vecs) ld_stream_v4(vals + a0 + 8 * i, u.v[i]);",
-                 "if (h < 8 * vecs && a0 + h < t.nnz) u.v[h >> 3][(h >> 1) & 3] |= ld_stream_u16(vals + a0 + h) << (16 * (h & 1));",
+                 "if (h < 8 * vecs && a0 + h < t.nnz)",
+                 "u.v[h >> 3][(h >> 1) & 3] |= ld_stream_u16(vals + a0 + h) << (16 * (h & 1));",
                  "const u32 a = u.o >> 1, sel = (u.o & 1u) ? 0x5432u : 0x3210u;",
                  "for (int k = 0; k < 10; ++k) t2[k] = (a & 2u) ? u.v[(k + 2) >> 2][(k + 2) & 3] : u.v[k >> 2][k & 3];",
                  "for (int k = 0; k < 9; ++k) s1[k] = (a & 1u) ? t2[k + 1] : t2[k];",
@@ -301,9 +302,9 @@ def test_the_op_has_a_fake_implementation():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        y = torch.ops.secateurs.bitmap_tc(torch.empty(9, 256, dtype=torch.bfloat16), torch.empty(100, dtype=torch.bfloat16),
-                                          torch.empty(24, 8, dtype=torch.int32), torch.empty(24, 2, dtype=torch.int32),
-                                          16, 2)
+        y = torch.ops.secateurs.bitmap_tc(torch.empty(9, 256, dtype=torch.bfloat16),
+                                          torch.empty(100, dtype=torch.bfloat16), torch.empty(24, 8, dtype=torch.int32),
+                                          torch.empty(24, 2, dtype=torch.int32), 16, 2)
     assert (tuple(y.shape), y.dtype) == ((9, 24), torch.bfloat16)
 
 

@@ -16,8 +16,8 @@
 //   addresses never wait on a load issued in the same stage;
 // - its values: at most 16, from `start` on; the 16-byte vectors that hold them (at most three, from start rounded
 //   down to 8 values; only those the chunk needs; near the end of the array value by value, never past it) are
-//   loaded into registers, then shifted by start % 8 halves (selects and one byte-permute
-//   per register: no indexed register access), so value e of the chunk is half e of the shifted window;
+//   loaded into registers, then shifted by start % 8 halves (selects and one byte-permute per register: no indexed
+//   register access), so value e of the chunk is half e of the shifted window;
 // - its store: the chunk's two 16-byte tile chunks are zeroed, then each value is written, one 16-bit shared store
 //   each, at its position: the e-th set bit. Values go from the highest down: bfind names the highest bit left,
 //   which is value e's once the values above e are placed, and bmsk clears it. The swizzled byte of position p in
@@ -33,21 +33,21 @@ struct TcBitmap {
     struct Tables {
         const u32* bits;
         const int* offs;
-        int nnz;  // values' length: the last vector is read value by value where it runs past it
+        int nnz;  // values' length: near its end the values are read one by one, never past it
     };
     struct Unit {
         u32 w[4];  // the bit words of the segment of the thread's next chunk, and that segment's offset
         int off;
         u32 v[3][4];  // this chunk's values: the 16-byte vectors from (start & ~7) on, zero where not loaded
-        u32 bits;   // this chunk's 16 position bits
-        u32 o;      // start & 7: the chunk's first value is half o of v
+        u32 bits;     // this chunk's 16 position bits
+        u32 o;        // start & 7: the chunk's first value is half o of v
     };
     static __device__ __forceinline__ void meta(const Tables& t, size_t row, int K, int j, Unit& u) {
         const int seg = min(j, (K >> 4) - 1) >> 3;
         ld_nc_v4(t.bits + row * (K >> 5) + (size_t)seg * 4, u.w);
         u.off = ld_nc_s32(t.offs + row * (K >> 7) + seg);
     }
-    static __device__ __forceinline__ void first(const u16* vals, const Tables& t, size_t row, int K, int j, Unit& u) {
+    static __device__ __forceinline__ void first(const u16*, const Tables& t, size_t row, int K, int j, Unit& u) {
         meta(t, row, K, j, u);
     }
     static __device__ __forceinline__ void load(const u16* vals, const Tables& t, size_t row, int K, int j, Unit& u) {
@@ -68,7 +68,8 @@ struct TcBitmap {
         } else {  // the array's last values: never read past its end
 #pragma unroll
             for (int h = 0; h < 24; ++h)
-                if (h < 8 * vecs && a0 + h < t.nnz) u.v[h >> 3][(h >> 1) & 3] |= ld_stream_u16(vals + a0 + h) << (16 * (h & 1));
+                if (h < 8 * vecs && a0 + h < t.nnz)
+                    u.v[h >> 3][(h >> 1) & 3] |= ld_stream_u16(vals + a0 + h) << (16 * (h & 1));
         }
         meta(t, row, K, j + 4, u);  // the thread's chunk of the next stage
     }
