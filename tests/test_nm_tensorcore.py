@@ -270,8 +270,9 @@ def test_the_swizzle_spreads_every_ldmatrix_phase_and_store_over_all_bank_groups
 
 
 def test_the_source_has_the_index_math_the_emulation_checks():
-    """The formulas the emulation follows, as written in nm_tc.cu (a change there must change the emulation)."""
-    source = nm.TC_SOURCE.read_text()
+    """The formulas the emulation follows, as written in nm_tc.cu and the tensor-core engine it shares with
+    bitmap_tc.cu, tc_tile.cuh (a change there must change the emulation)."""
+    source = nm.TC_SOURCE.read_text() + cuda_ops.TC_TILE.read_text()
     for line in ("return (u32)(r * 128 + ((c ^ (r & 7)) << 4));",
                  "const int r = (tid + TC_THREADS * i) >> 2;",
                  "const int idx = tid + TC_THREADS * i, r = idx >> 3, cx = idx & 7;",
