@@ -38,6 +38,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -74,12 +75,12 @@ def _read_k_major(smem: bytes, desc: int, rows: int, k_bytes: int) -> torch.Tens
     mode = desc >> 62
     assert (desc >> 49) & 7 == 0, "base offset: the kernel aligns every atom"
     width = 128 if mode == wgmma.SWIZZLE_128B else 64
-    out = torch.empty(rows, k_bytes // 2, dtype=torch.int64)
+    out = [[0] * (k_bytes // 2) for _ in range(rows)]  # lists: element-wise tensor indexing is slow
     for r in range(rows):
         for c in range(k_bytes // 2):
             a = _swizzle(start + (r // 8) * stride + (r % 8) * width + 2 * c, mode)
-            out[r, c] = smem[a] | (smem[a + 1] << 8)
-    return out
+            out[r][c] = smem[a] | (smem[a + 1] << 8)
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def _as_float(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -90,9 +91,9 @@ def _wgmma_sp(smem: bytes, da: int, db: int, meta_regs: list[list[int]], selecto
               dtype: torch.dtype) -> torch.Tensor:
     """D (64, bn) of one wgmma.mma_async.sp.m64n{bn}k32: A (64 rows x 16 kept values) and B (bn tokens x 32 inputs)
     through their descriptors, the kept values placed by the metadata of lanes 4g + 2*selector (+1)."""
-    kept = _as_float(_read_k_major(smem, da, 64, 32), dtype)  # 16 kept values per row
+    kept = _as_float(_read_k_major(smem, da, 64, 32), dtype).tolist()  # 16 kept values per row
     b = _as_float(_read_k_major(smem, db, bn, 64), dtype)  # 32 inputs per token
-    dense = torch.zeros(64, 32, dtype=torch.float64)
+    dense = [[0.0] * 32 for _ in range(64)]
     for row in range(64):
         w, g, high = row // 16, row % 8, (row % 16) >= 8
         for j in range(8):  # 4-input chunk j of the instruction's 32
@@ -100,9 +101,9 @@ def _wgmma_sp(smem: bytes, da: int, db: int, meta_regs: list[list[int]], selecto
             bits = (reg >> (16 * high + 4 * (j % 4))) & 0xF
             first, second = bits & 3, bits >> 2
             assert first != second, "metadata 0b0000/0b0101/0b1010/0b1111 is undefined behaviour"
-            dense[row, 4 * j + first] += kept[row, 2 * j]
-            dense[row, 4 * j + second] += kept[row, 2 * j + 1]
-    return dense @ b.T
+            dense[row][4 * j + first] += kept[row][2 * j]
+            dense[row][4 * j + second] += kept[row][2 * j + 1]
+    return torch.tensor(dense, dtype=torch.float64) @ b.T
 
 
 def _accumulator_index(row: int, token: int) -> tuple[int, int, int]:
@@ -148,6 +149,18 @@ def _load_stage(smem: bytearray, slot_base: int, kb: int, vals: bytes, meta: byt
             smem[dst:dst + 16] = x[src:src + 16]
 
 
+def _one_per_tile() -> list[str]:
+    """The first configuration of each tile (MW, BN): the model's arithmetic depends on the tile alone (the ring,
+    the in-flight count and the blocks an SM are checked apart), so the slow model tests run once per tile."""
+    tiles: dict[tuple[int, int], str] = {}
+    for config, (mw, bn, *_ring) in wgmma.CONFIGS.items():
+        tiles.setdefault((mw, bn), config)
+    return list(tiles.values())
+
+
+TILE_CONFIGS = _one_per_tile()
+
+
 def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> torch.Tensor:
     """y as the kernel computes it, block by block and stage by stage (one slot is enough for the arithmetic; the
     ring's schedule is checked by :func:`test_ring_schedule`); with ``splits`` > 1 each block's K range and its
@@ -159,7 +172,8 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
     vals = fmt.values.contiguous().view(torch.uint8).numpy().tobytes()
     meta = fmt.meta.contiguous().numpy().tobytes()
     xb = x.contiguous().view(torch.uint8).numpy().tobytes()
-    out = torch.full((splits, m, n), float("nan"), dtype=torch.float64)  # y, or the splits' workspace
+    # y, or the splits' workspace; numpy arrays and lists below, as element-wise tensor indexing is slow
+    out = numpy.full((splits, m, n), numpy.nan)
     ftiles, ttiles = -(-n // bm), -(-m // bn)
     tiles = ftiles * ttiles
     seen = set()
@@ -171,7 +185,7 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
         row0, tok0 = ft * bm, tt * bn
         kb0 = (k // 64) * split // splits
         stages = (k // 64) * (split + 1) // splits - kb0
-        d = torch.zeros(2 * mw, 128, bn // 2, dtype=torch.float64)  # [64-feature tile][thread of its warpgroup][reg]
+        d = numpy.zeros((2 * mw, 128, bn // 2))  # [64-feature tile][thread of its warpgroup][register]
         for kb in range(kb0, kb0 + stages):
             smem = bytearray(base + wgmma.stage_bytes(config))
             _load_stage(smem, base, kb, vals, meta, xb, row0, tok0, n, m, k, config)
@@ -184,11 +198,11 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
                 regs = [[wgmma.metadata_register(e_part, tile, w, lane) for lane in range(32)] for w in range(4)]
                 da = wgmma.descriptor(sa + tile * 64 * 64, wgmma.A_STRIDE, wgmma.SWIZZLE_64B)
                 part = (_wgmma_sp(bytes(smem), da, db, regs, 0, bn, x.dtype)
-                        + _wgmma_sp(bytes(smem), da + 2, db + 4, regs, 1, bn, x.dtype))
+                        + _wgmma_sp(bytes(smem), da + 2, db + 4, regs, 1, bn, x.dtype)).tolist()
                 for row in range(64):
                     for token in range(bn):
                         w, lane, i = _accumulator_index(row, token)
-                        d[tile, 32 * w + lane, i] += part[row, token]
+                        d[tile, 32 * w + lane, i] += part[row][token]
         # the epilogue: register i of thread (w, g, t) of a tile -> feature fbase + 8 ((i >> 1) & 1), token
         # 8 (i >> 2) + 2t + (i & 1)
         for tile in range(2 * mw):
@@ -199,18 +213,19 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
                 for i in range(bn // 2):
                     row, token = fbase + 8 * ((i >> 1) & 1), tok0 + 8 * (i >> 2) + 2 * t + (i & 1)
                     if row < n and token < m:
-                        assert torch.isnan(out[split, token, row]), "an output stored twice"
+                        assert numpy.isnan(out[split, token, row]), "an output stored twice"
                         out[split, token, row] = d[tile, thread, i]
     assert seen == {(s, f, t) for s in range(splits) for f in range(ftiles) for t in range(ttiles)}
-    return out.sum(dim=0)
+    return torch.from_numpy(out).sum(dim=0)
 
 
-@pytest.mark.parametrize("config", list(wgmma.CONFIGS))
+@pytest.mark.parametrize("config", TILE_CONFIGS)
 @pytest.mark.parametrize(("dtype", "n", "m"), [(torch.float16, 136, 70), (torch.bfloat16, 200, 33)])
 def test_emulated_kernel_equals_the_dense_product(config, dtype, n, m):
-    """Every configuration's tile: odd token counts (a partial token tile; the 256-token tile mostly empty), feature
-    counts past a whole tile (clamped rows never stored), K = 128 (two stages); every output written exactly once;
-    the product exact to float64 rounding."""
+    """Every tile: odd token counts (a partial token tile; the 256-token tile mostly empty), feature counts past a
+    whole 128-feature tile (clamped rows never stored; the 256-feature tile's second warpgroup's tiles partly or
+    wholly clamped), K = 128 (two stages); every output written exactly once; the product exact to float64
+    rounding."""
     w = _weight(n, 128, seed=1, dtype=dtype)
     fmt = Sparse24.compress(w)
     x = torch.randn(m, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -218,17 +233,20 @@ def test_emulated_kernel_equals_the_dense_product(config, dtype, n, m):
     torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
 
-def test_emulated_256_token_tile_over_two_token_tiles():
-    """The 256-token tile with more tokens than one tile holds (two token tiles, the second partial): the block order,
-    the B part of 256 rows and the accumulators of m64n256 (registers 64-127: tokens 128-255 of the tile)."""
-    w = _weight(136, 64, seed=13, dtype=torch.float16)
+@pytest.mark.parametrize(("config", "n", "m"), [("m128_n256_s4_f1", 136, 300), ("m256_n128_s4_f1", 300, 40)])
+def test_emulated_large_tile_over_two_tiles(config, n, m):
+    """A tile larger than 128 x 128 over two tiles along its larger side, the second partial: the block order, and
+    for 256 tokens the B part of 256 rows and the accumulators of m64n256 (registers 64-127: tokens 128-255 of the
+    tile); for 256 features the A and E parts of 256 rows, the second 256-feature tile's rows (row0 = 256) and each
+    warpgroup's two 64-feature tiles, descriptors and metadata rows."""
+    w = _weight(n, 64, seed=13, dtype=torch.float16)
     fmt = Sparse24.compress(w)
-    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(14)).half()
-    got = emulate(x, fmt, "m128_n256_s4_f1")
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(14)).half()
+    got = emulate(x, fmt, config)
     torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("config", list(wgmma.CONFIGS))
+@pytest.mark.parametrize("config", TILE_CONFIGS)
 @pytest.mark.parametrize("splits", [2, 3])
 def test_emulated_split_k_equals_the_dense_product(config, splits):
     """Split K: three 64-input stages over 2 or 3 splits (uneven shares included); every workspace element of every
@@ -256,6 +274,13 @@ def test_split_k_only_where_the_tiles_leave_the_gpu_idle():
     assert wgmma.splits_for("m128_n256_s4_f1", (1024, 8192), 512, 132) == 8
     assert wgmma.splits_for("m128_n256_s4_f1", (1024, 8192), 2048, 132) == 2  # 64 blocks: two per SM
     assert wgmma.splits_for("m128_n256_s4_f1", (4096, 4096), 2048, 132) == 1
+    # 256 features a block: half the blocks of the 128-feature tile as well
+    assert wgmma.splits_for("m256_n128_s4_f1", (1024, 8192), 512, 132) == 8
+    assert wgmma.splits_for("m256_n128_s4_f1", (1024, 8192), 2048, 132) == 2
+    # two blocks an SM: 264 places, so the 128-block k/v projection at 2048 tokens splits where one a SM does not
+    assert wgmma.splits_for("m128_n128_s4_f1", (1024, 8192), 512, 132) == 8
+    assert wgmma.splits_for("m128_n128_s4_f1", (1024, 8192), 2048, 132) == 2
+    assert wgmma.splits_for("m128_n128_s4_f1", (4096, 4096), 2048, 132) == 1
 
 
 def test_every_configuration_tiles_tokens_and_features_exactly_once():
@@ -304,12 +329,15 @@ def _ring_faults(stages: int, in_flight: int, ahead: int, kb_total: int) -> list
 @pytest.mark.parametrize("config", list(wgmma.CONFIGS))
 def test_ring_schedule(config):
     """Every configuration's ring: each multiply reads a slot holding its stage, complete; no copy overwrites a slot
-    that a wgmma of either warpgroup may still read; the ring fits the H100/H200 per-block shared memory."""
+    that a wgmma of either warpgroup may still read; the ring fits the H100/H200 per-block shared memory (227 KB),
+    and the rings of the blocks an SM it is built for fit the SM's 228 KB with the 1 KB reserved per block."""
     stages, in_flight, ahead = wgmma.stages(config), wgmma.in_flight(config), wgmma.copies_ahead(config)
     assert ahead >= 1 and in_flight in (0, 1)
     for kb_total in (1, 2, 3, 5, 64, 172):
         assert _ring_faults(stages, in_flight, ahead, kb_total) == [], (config, kb_total)
     assert wgmma.shared_bytes(config) <= 227 * 1024
+    assert wgmma.blocks_per_sm(config) in (1, 2)
+    assert wgmma.blocks_per_sm(config) * (wgmma.shared_bytes(config) + 1024) <= 228 * 1024
 
 
 def test_ring_model_catches_a_copy_one_stage_too_far_ahead():
@@ -347,14 +375,19 @@ def test_the_source_holds_the_modelled_expressions():
     assert wgmma.descriptor(0x1400, 512, 2) == (0x140 | (1 << 16) | (32 << 32) | (2 << 62))
     # every configuration is instantiated, for both dtypes (WG_ALL), with the MW/BN/STAGES/INFLIGHT the launcher
     # and the model assume, under its own name
-    for name, (mw, bn, stages, in_flight) in wgmma.CONFIGS.items():
-        assert f"WGMMA24(DT, BF, {mw}, {bn}, {stages}, {in_flight}, {name})" in SOURCE_TEXT, name
+    for name, (mw, bn, stages, in_flight, blocks) in wgmma.CONFIGS.items():
+        assert f"WGMMA24(DT, BF, {mw}, {bn}, {stages}, {in_flight}, {blocks}, {name})" in SOURCE_TEXT, name
         # the instruction for this tile width: the macro's text, then its use for both input types
         assert f'"wgmma.mma_async.sp.sync.aligned.m64n{bn}k32.f32." TY "." TY' in SOURCE_TEXT
         assert f'WGMMA_SP_N{bn}("f16")' in SOURCE_TEXT and f'WGMMA_SP_N{bn}("bf16")' in SOURCE_TEXT
         assert name == f"m{128 * mw}_n{bn}_s{stages}" + ("_f1" if in_flight else "")
     assert SOURCE_TEXT.count("WGMMA24(") == 1 + len(wgmma.CONFIGS)  # the macro, then one line per configuration
     assert "WG_ALL(f16, false)\nWG_ALL(bf16, true)" in SOURCE_TEXT
+    # the blocks an SM reach the entry point's launch bounds and the template's checks of registers and shared memory
+    assert "extern \"C\" __global__ void __launch_bounds__(WG_THREADS, B)" in SOURCE_TEXT
+    assert "wgmma24<BF, MW, BN, S, F, B>(x, vals, meta, y, ws, M, N, K, splits);" in SOURCE_TEXT
+    assert "static_assert(MINB == 1 || (MINB == 2 && MW * BN <= 128)" in SOURCE_TEXT
+    assert "static_assert(MINB * (STAGES * STAGE_BYTES + 1024 + 1024) <= 228 * 1024" in SOURCE_TEXT
     # the waits: none in flight after a stage (0), or one (1: the previous stage's group retired, the slot two stages
     # back refilled after it), the last stage's products before the epilogue; with one in flight the body is
     # unrolled twice and the metadata registers of the stage retired are kept alive up to its wait
@@ -455,7 +488,8 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
     """The Python side of every wgmma candidate on a CPU, whole and split K: cuda_ops._launch replaced by the CPU model,
     fed exactly what the launcher passes (kernel name, blocks, warps, dynamic shared memory, tensors and integers in
     the order of sparse24_wgmma.cu's entry points), and the launcher's sum of the split workspace; so a wrong name,
-    argument order, grid, shared size or reduction fails here, not on a GPU."""
+    argument order, grid, shared size or reduction fails here, not on a GPU. Every candidate multiplies the same x,
+    so the model's product is computed once per tile and split count (the configurations of one tile share it)."""
     source = wgmma.SOURCE.read_text()
     assert ("wgmma24_##DT##_##NAME(const u16* x, const u16* vals, const u8* meta, u16* y, float* ws, int M, int N,"
             "\\\n                              int K, int splits)") in source
@@ -463,12 +497,16 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
     fmt = Sparse24.compress(w)
     _gpu_like(monkeypatch)
     launched = []
+    products: dict[tuple[int, int, int], torch.Tensor] = {}  # (MW, BN, splits) -> the model's product
 
     def fake_launch(name, grid, tensors, ints, warps=cuda_ops.WARPS, source=None, shared=0, int_type=None):
         config = name.removeprefix("wgmma24_f16_")
         x, values, meta, y, ws = tensors
         m, n, k, splits = ints
         launched.append((config, splits))
+        mw, bn = wgmma.CONFIGS[config][:2]
+        if (mw, bn, splits) not in products:
+            products[mw, bn, splits] = emulate(x, fmt, config, splits)
         assert source == wgmma.SOURCE and warps == wgmma.THREADS // 32 and shared == wgmma.shared_bytes(config)
         assert (m, k) == tuple(x.shape) and (n, k) == fmt.shape and x.is_contiguous() and x.data_ptr() % 16 == 0
         assert values is fmt.values and meta is fmt.meta and y.shape == (m, n) and y.dtype == x.dtype
@@ -476,11 +514,11 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
         assert grid == tiles * splits and int_type is None
         if splits == 1:
             assert ws is y
-            y.copy_(emulate(x, fmt, config).to(y.dtype))
+            y.copy_(products[mw, bn, splits].to(y.dtype))
         else:
             assert ws.shape == (splits, m, n) and ws.dtype == torch.float32
             ws.zero_()
-            ws[0].copy_(emulate(x, fmt, config, splits).float())
+            ws[0].copy_(products[mw, bn, splits].float())
 
     monkeypatch.setattr(cuda_ops, "_launch", fake_launch)
     x = torch.randn(33, 512, generator=torch.Generator().manual_seed(12)).half()
@@ -616,13 +654,17 @@ def sm90a_cubin(tmp_path_factory) -> tuple[Path, str]:
 
 def test_nvcc_builds_every_entry_point_for_sm90a_without_serialized_wgmma(sm90a_cubin):
     """nvcc (where a toolkit is installed) assembles the source for sm_90a: every entry point present, no register
-    spills, and no ptxas C7515 note (wgmma serialized because other instructions touch the accumulators between
-    a wgmma and its wait, which would cost the overlap the ring is built for)."""
+    spills, registers for the blocks an SM it is built for (two blocks of 256 threads: 128 a thread of the
+    64K-register file), and no ptxas C7515 note (wgmma serialized because other instructions touch the accumulators
+    between a wgmma and its wait, which would cost the overlap the ring is built for)."""
     out, report = sm90a_cubin
     cubin = out.read_bytes()
+    used = dict(re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", report, re.DOTALL))
     for dtype in ("f16", "bf16"):
         for config in wgmma.CONFIGS:
             assert f"wgmma24_{dtype}_{config}".encode() in cubin
+            registers = int(used[f"wgmma24_{dtype}_{config}"])
+            assert registers * wgmma.THREADS * wgmma.blocks_per_sm(config) <= 65536, (config, registers)
     assert "C7515" not in report and "serialized" not in report
     assert re.findall(r"(\d+) bytes spill stores", report) and all(
         count == "0" for count in re.findall(r"(\d+) bytes spill stores", report))

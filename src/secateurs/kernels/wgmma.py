@@ -48,13 +48,17 @@ ROW_E_BYTES = 8  # a stage's positions of one feature row: four 16-bit words
 SWIZZLE_128B, SWIZZLE_64B = 1, 2  # descriptor bits 62-63 (PTX ISA, "Matrix Descriptor Format")
 A_STRIDE, B_STRIDE = 512, 1024  # descriptor stride byte offsets: between 8-row groups of A (64 B rows), B (128 B rows)
 
-CONFIGS: dict[str, tuple[int, int, int, int]] = {
-    "m128_n128_s4": (1, 128, 4, 0),
-    "m128_n128_s5_f1": (1, 128, 5, 1),
-    "m128_n256_s4_f1": (1, 256, 4, 1),
+CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
+    "m128_n128_s4": (1, 128, 4, 0, 1),
+    "m128_n128_s5_f1": (1, 128, 5, 1, 1),
+    "m128_n256_s4_f1": (1, 256, 4, 1, 1),
+    "m256_n128_s4_f1": (2, 128, 4, 1, 1),
+    "m128_n128_s4_f1": (1, 128, 4, 1, 2),
 }
 """name -> (64-feature tiles per warpgroup MW, tokens per block BN, stages, wgmma groups left in flight across a
-stage); the name is ``m<128 MW>_n<BN>_s<stages>``, then ``_f1`` for one group in flight.
+stage, blocks an SM); the name is ``m<128 MW>_n<BN>_s<stages>``, then ``_f1`` for one group in flight. Blocks an SM
+is the entry point's ``__launch_bounds__`` minimum: 2 holds ptxas to 128 registers a thread (two blocks of 256
+threads fill the 64K-register file) and needs two rings in an SM's shared memory.
 
 - ``m128_n128_s4``: 128 features x 128 tokens a block, a 4-slot ring (3 stages copied ahead), each stage's products
   waited for before the next stage. On one NVIDIA H100 80GB HBM3 (``gpu_kernel_check.py --part cuda --formats 2:4
@@ -67,8 +71,16 @@ stage); the name is ``m<128 MW>_n<BN>_s<stages>``, then ``_f1`` for one group in
 - ``m128_n256_s4_f1``: 128 features x 256 tokens (one m64n256k32 per warpgroup and 32 inputs: 128 accumulator
   registers a thread), a 4-slot ring (2 ahead, one in flight): 41 KB of operands per stage for twice the products
   of the 128 x 128 tile's 25 KB; 165 KB of shared memory, 220 registers a thread (nvcc 13.0, no spill).
+- ``m256_n128_s4_f1``: 256 features x 128 tokens (each warpgroup two 64-feature tiles: 4 m64n128k32 a stage
+  between barriers instead of 2, 128 accumulator registers a thread), a 4-slot ring (2 ahead, one in flight): 34 KB
+  of operands per stage for twice the products of the 128 x 128 tile; 137 KB of shared memory, 244 registers a
+  thread (nvcc 13.0, no spill).
+- ``m128_n128_s4_f1``: the 128 x 128 tile with one group in flight and two blocks an SM, so one block's barrier and
+  metadata loads can overlap the other's wgmma: a 4-slot ring (2 ahead, one in flight), 101 KB of shared memory a
+  block (two blocks and the 1 KB each reserved: 204 of the SM's 228 KB), 116 registers a thread under the cap of
+  128 (nvcc 13.0, no spill).
 
-The two in-flight configurations have never run on a GPU: they are offered only under
+The in-flight configurations have never run on a GPU: they are offered only under
 ``SECATEURS_UNVERIFIED_KERNELS=1`` until a GPU run checks and times them. The CPU model of tests/test_wgmma.py passed
 the four removed in-flight configurations as well: only a GPU run tells whether a configuration multiplies
 correctly."""
@@ -96,6 +108,11 @@ def stages(config: str) -> int:
 def in_flight(config: str) -> int:
     """wgmma groups a configuration leaves running across a stage (0 or 1)."""
     return CONFIGS[config][3]
+
+
+def blocks_per_sm(config: str) -> int:
+    """The blocks an SM the entry point is built for (its ``__launch_bounds__`` minimum: 1 or 2)."""
+    return CONFIGS[config][4]
 
 
 def copies_ahead(config: str) -> int:
@@ -174,14 +191,15 @@ MIN_SPLIT_STAGES = 4  # each split of K keeps at least this many 64-input stages
 
 
 def splits_for(config: str, shape: tuple[int, int], m: int, sms: int) -> int:
-    """Split-K for a weight whose tiles fill less than half the GPU (the 1024-row k/v projection, short prompts on
-    4096-wide weights): enough splits for about one block per SM, at most 8, each keeping MIN_SPLIT_STAGES
-    stages; 1 where the tiles alone fill the GPU."""
+    """Split-K for a weight whose tiles fill less than half the GPU's block places (SMs x the configuration's blocks
+    an SM; the 1024-row k/v projection, short prompts on 4096-wide weights): enough splits for about one block per
+    place, at most 8, each keeping MIN_SPLIT_STAGES stages; 1 where the tiles alone fill the GPU."""
     n, k = shape
     blocks = -(-n // block_features(config)) * -(-m // block_tokens(config))
-    if 2 * blocks > sms:
+    places = sms * blocks_per_sm(config)
+    if 2 * blocks > places:
         return 1
-    return max(1, min(8, sms // blocks, k // STAGE_K // MIN_SPLIT_STAGES))
+    return max(1, min(8, places // blocks, k // STAGE_K // MIN_SPLIT_STAGES))
 
 
 def offered(device: torch.device) -> bool:

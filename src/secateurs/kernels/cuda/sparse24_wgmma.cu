@@ -165,11 +165,13 @@ __device__ __forceinline__ void wgmma_pair(float (&d)[BN / 2], unsigned long lon
 #define WG_THREADS 256
 
 // MW 64-feature tiles per warpgroup (BM = 128 MW features a block), BN tokens, STAGES slots, INFLIGHT wgmma groups
-// left running across a stage (0 or 1; the header says how the ring and the metadata registers follow). Split K
+// left running across a stage (0 or 1; the header says how the ring and the metadata registers follow), MINB blocks
+// an SM (the entry point's __launch_bounds__: 2 caps ptxas at 128 registers a thread, so two blocks' 256 threads
+// share the 64K-register file, and one block's barrier and metadata loads overlap the other's wgmma). Split K
 // (splits > 1, for weights with few tiles): block b takes tile b % tiles and the K stages [KB s / splits,
 // KB (s + 1) / splits) of split s = b / tiles, and stores its fp32 sums in ws[s] (splits x M x N), which the
 // launcher sums by one reduction (deterministic) and rounds once.
-template <bool BF16, int MW, int BN, int STAGES, int INFLIGHT>
+template <bool BF16, int MW, int BN, int STAGES, int INFLIGHT, int MINB>
 __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __restrict__ vals,
                                         const u8* __restrict__ meta, u16* __restrict__ y, float* __restrict__ ws,
                                         int M, int N, int K, int splits) {
@@ -180,6 +182,9 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
     static_assert(INFLIGHT == 0 || INFLIGHT == 1, "at most one stage's products in flight");
     static_assert(AHEAD >= 1, "a ring of at least two slots, three with one stage in flight");
     static_assert(MW * BN <= 256, "accumulators: at most 128 registers a thread");
+    static_assert(MINB == 1 || (MINB == 2 && MW * BN <= 128), "two blocks an SM: 64 accumulators of 128 registers");
+    // Hopper: 228 KB of shared memory an SM, 1 KB of it reserved per block; the ring plus its alignment slack
+    static_assert(MINB * (STAGES * STAGE_BYTES + 1024 + 1024) <= 228 * 1024, "the ring of MINB blocks fits an SM");
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const u32 base = (smem_u32(wg_smem) + 1023u) & ~1023u;  // the launch asks for 1024 bytes more
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -296,15 +301,17 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
 }
 
 // ---- entry points: wgmma24_<dtype>_<configuration name of kernels/wgmma.py's CONFIGS> ----
-#define WGMMA24(DT, BF, MW, BN, S, F, NAME)                                                                  \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                              \
+#define WGMMA24(DT, BF, MW, BN, S, F, B, NAME)                                                               \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, B)                                              \
         wgmma24_##DT##_##NAME(const u16* x, const u16* vals, const u8* meta, u16* y, float* ws, int M, int N,\
                               int K, int splits) {                                                          \
-        wgmma24<BF, MW, BN, S, F>(x, vals, meta, y, ws, M, N, K, splits);                                    \
+        wgmma24<BF, MW, BN, S, F, B>(x, vals, meta, y, ws, M, N, K, splits);                                 \
     }
 #define WG_ALL(DT, BF)                                                                                       \
-    WGMMA24(DT, BF, 1, 128, 4, 0, m128_n128_s4)                                                              \
-    WGMMA24(DT, BF, 1, 128, 5, 1, m128_n128_s5_f1)                                                           \
-    WGMMA24(DT, BF, 1, 256, 4, 1, m128_n256_s4_f1)
+    WGMMA24(DT, BF, 1, 128, 4, 0, 1, m128_n128_s4)                                                           \
+    WGMMA24(DT, BF, 1, 128, 5, 1, 1, m128_n128_s5_f1)                                                        \
+    WGMMA24(DT, BF, 1, 256, 4, 1, 1, m128_n256_s4_f1)                                                        \
+    WGMMA24(DT, BF, 2, 128, 4, 1, 1, m256_n128_s4_f1)                                                        \
+    WGMMA24(DT, BF, 1, 128, 4, 1, 2, m128_n128_s4_f1)
 WG_ALL(f16, false)
 WG_ALL(bf16, true)
