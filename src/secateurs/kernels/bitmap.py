@@ -31,7 +31,7 @@ import torch
 from ..errors import UsageError
 from . import cuda_ops
 from .formats import SparseFormat
-from .nm import TC_ROWS, TC_TOKENS, TC_WARPS, tc_splits
+from .nm import TC_ROWS, TC_TOKENS, TC_WARPS, tc_built, tc_splits
 from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
 
 SEGMENT = 128
@@ -183,15 +183,7 @@ class Bitmap(SparseFormat):
         """The tensor-core kernel at ``m`` rows (5-64): the smallest token tile that holds them, each split-K choice of
         :func:`~secateurs.kernels.nm.tc_splits`; nothing where the bits are not 16-byte aligned (a segment's four words
         are one load) or the module does not build (said once: the layer keeps its expand path)."""
-        if self.bits.data_ptr() % 16:
-            return {}
-        try:
-            cuda_ops._module(self.values.device.index, TC_SOURCE)
-        except Exception as exc:  # noqa: BLE001  (NVRTC refusing the source, a driver that cannot load it)
-            from .linear import note  # linear imports the formats, which import this module
-
-            note(f"the bitmap tensor-core kernel was not built ({str(exc).splitlines()[0][:120]}): "
-                 "5-64 tokens use the expand path")
+        if self.bits.data_ptr() % 16 or not tc_built(self.values.device, TC_SOURCE, "bitmap"):
             return {}
         tokens = next(t for t in TC_TOKENS if t >= m)
         return {f"cuda_tcbitmap_n{tokens}_s{split}": (

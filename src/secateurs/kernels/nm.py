@@ -165,15 +165,8 @@ class NmFormat(SparseFormat):
 
     def _tc_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The tensor-core kernel at ``m`` rows (the smallest token tile that holds them, each split-K choice of
-        :func:`tc_splits`), or nothing, said once, where its module does not build (an NVRTC or driver that refuses it):
-        that must not cost the layer the expand path offered beside it."""
-        try:
-            cuda_ops._module(self.values.device.index, TC_SOURCE)
-        except Exception as exc:  # noqa: BLE001  (NVRTC refusing the source, a driver that cannot load it)
-            from .linear import note  # linear imports the formats, which import this module
-
-            note(f"the {self.kind} tensor-core kernel was not built ({str(exc).splitlines()[0][:120]}): "
-                 "5-64 tokens use the expand path")
+        :func:`tc_splits`), or nothing where its module does not build (:func:`tc_built`)."""
+        if not tc_built(self.values.device, TC_SOURCE, self.kind):
             return {}
         n, k = self.shape
         tokens = next(t for t in TC_TOKENS if t >= m)
@@ -229,6 +222,21 @@ def expand_launch(kernel: str, source: Path, tables: tuple[torch.Tensor, ...], o
     blocks = min((units + 255) // 256, 65535 * 8)
     cuda_ops._launch(f"{kernel}_c{chunks}", blocks, (*tables, out), (units,), 8, source=source,
                      int_type=ctypes.c_longlong)
+
+
+def tc_built(device: torch.device, source: Path, kind: str) -> bool:
+    """Whether a tensor-core module (``source``) builds for ``device``; where it does not (NVRTC refusing the source,
+    a driver that cannot load it) it says so, once, and the caller offers none of its kernels: that must not cost
+    the layer the expand path offered beside them."""
+    try:
+        cuda_ops._module(device.index, source)
+    except Exception as exc:  # noqa: BLE001
+        from .linear import note  # linear imports the formats, which import this module
+
+        note(f"the {kind} tensor-core kernel was not built ({str(exc).splitlines()[0][:120]}): 5-64 tokens use the "
+             "expand path")
+        return False
+    return True
 
 
 def tc_splits(n: int, k: int) -> list[int]:
