@@ -125,36 +125,42 @@ def _load_stage(smem: bytearray, slot_base: int, kb: int, vals: bytes, meta: byt
                 n: int, m: int, k: int, config: str) -> None:
     """Every thread's cp.async of one stage: (destination, source) pairs as the kernel's load lambda forms them."""
     bm, bn = wgmma.block_features(config), wgmma.block_tokens(config)
+    ks = wgmma.stage_k(config)
+    kh, a_row, e_row = ks // 64, wgmma.a_row_bytes(config), wgmma.e_row_bytes(config)
+    b_part = wgmma.b_part_bytes(config)
     sa = slot_base
     se = sa + wgmma.a_bytes(config)
     sb = se + wgmma.e_bytes(config)
     for tid in range(wgmma.THREADS):
-        for i in range(tid, bm * 4, wgmma.THREADS):
-            r, c = i >> 2, i & 3
+        for i in range(tid, bm * 4 * kh, wgmma.THREADS):
+            r, c = i >> (1 + kh), i & (4 * kh - 1)
             row = min(row0 + r, n - 1)
-            src = row * k + kb * 64 + c * 16
-            dst = sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4)
-            assert dst - sa == wgmma.a_offset(r, c)
+            src = row * k + kb * ks + c * 16
+            dst = sa + r * a_row + ((c ^ ((r >> 1) & 3) if kh == 1 else c ^ (r & 7)) << 4)
+            assert dst - sa == wgmma.a_offset(r, c, a_row)
             smem[dst:dst + 16] = vals[src:src + 16]
-        for r in range(tid, bm, wgmma.THREADS):
+        for i in range(tid, bm * kh, wgmma.THREADS):
+            r, h = i >> (kh - 1), i & (kh - 1)
             row = min(row0 + r, n - 1)
-            src = row * (k >> 3) + kb * 8
-            smem[se + r * 8:se + r * 8 + 8] = meta[src:src + 8]
-        for i in range(tid, bn * 8, wgmma.THREADS):
-            r, c = i >> 3, i & 7
+            src = row * (k >> 3) + kb * e_row + h * 8
+            dst = se + r * e_row + h * 8
+            smem[dst:dst + 8] = meta[src:src + 8]
+        for i in range(tid, bn * 8 * kh, wgmma.THREADS):
+            r, c = i >> (2 + kh), i & (8 * kh - 1)
             tok = min(tok0 + r, m - 1)
-            src = tok * k * 2 + kb * 128 + c * 16
-            dst = sb + r * 128 + ((c ^ (r & 7)) << 4)
-            assert dst - sb == wgmma.b_offset(r, c)
+            src = tok * k * 2 + kb * (2 * ks) + c * 16
+            dst = sb + (c >> 3) * b_part + r * 128 + (((c & 7) ^ (r & 7)) << 4)
+            assert dst - sb == wgmma.b_offset(r, c, bn)
             smem[dst:dst + 16] = x[src:src + 16]
 
 
 def _one_per_tile() -> list[str]:
-    """The first configuration of each tile (MW, BN): the model's arithmetic depends on the tile alone (the ring,
-    the in-flight count and the blocks an SM are checked apart), so the slow model tests run once per tile."""
-    tiles: dict[tuple[int, int], str] = {}
-    for config, (mw, bn, *_ring) in wgmma.CONFIGS.items():
-        tiles.setdefault((mw, bn), config)
+    """The first configuration of each tile and stage (MW, BN, inputs a stage): the model's arithmetic depends on
+    these alone (the ring, the in-flight count and the blocks an SM are checked apart), so the slow model tests run
+    once per tile and stage."""
+    tiles: dict[tuple[int, int, int], str] = {}
+    for config, (mw, bn, ks, *_ring) in wgmma.CONFIGS.items():
+        tiles.setdefault((mw, bn, ks), config)
     return list(tiles.values())
 
 
@@ -183,8 +189,9 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
         ft, tt = _block(pid, ftiles, ttiles)
         seen.add((split, ft, tt))
         row0, tok0 = ft * bm, tt * bn
-        kb0 = (k // 64) * split // splits
-        stages = (k // 64) * (split + 1) // splits - kb0
+        ks = wgmma.stage_k(config)
+        kb0 = (k // ks) * split // splits
+        stages = (k // ks) * (split + 1) // splits - kb0
         d = numpy.zeros((2 * mw, 128, bn // 2))  # [64-feature tile][thread of its warpgroup][register]
         for kb in range(kb0, kb0 + stages):
             smem = bytearray(base + wgmma.stage_bytes(config))
@@ -192,17 +199,21 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
             sa = base
             se = sa + wgmma.a_bytes(config)
             sb = se + wgmma.e_bytes(config)
-            e_part = torch.tensor(list(smem[se:sb]), dtype=torch.uint8).reshape(bm, 8)
+            e_part = torch.tensor(list(smem[se:sb]), dtype=torch.uint8).reshape(bm, wgmma.e_row_bytes(config))
             db = wgmma.descriptor(sb, wgmma.B_STRIDE, wgmma.SWIZZLE_128B)
             for tile in range(2 * mw):  # the tile of warpgroup tile // mw
-                regs = [[wgmma.metadata_register(e_part, tile, w, lane) for lane in range(32)] for w in range(4)]
-                da = wgmma.descriptor(sa + tile * 64 * 64, wgmma.A_STRIDE, wgmma.SWIZZLE_64B)
-                part = (_wgmma_sp(bytes(smem), da, db, regs, 0, bn, x.dtype)
-                        + _wgmma_sp(bytes(smem), da + 2, db + 4, regs, 1, bn, x.dtype)).tolist()
-                for row in range(64):
-                    for token in range(bn):
-                        w, lane, i = _accumulator_index(row, token)
-                        d[tile, 32 * w + lane, i] += part[row][token]
+                da = wgmma.descriptor(sa + tile * 64 * wgmma.a_row_bytes(config), wgmma.a_stride(config),
+                                      wgmma.a_swizzle(config))
+                for h in range(ks // 64):  # half h: A 64 bytes on, B part h, position word 4h + t
+                    regs = [[wgmma.metadata_register(e_part, tile, w, lane, h) for lane in range(32)]
+                            for w in range(4)]
+                    dah, dbh = da + h * 4, db + h * (wgmma.b_part_bytes(config) >> 4)
+                    part = (_wgmma_sp(bytes(smem), dah, dbh, regs, 0, bn, x.dtype)
+                            + _wgmma_sp(bytes(smem), dah + 2, dbh + 4, regs, 1, bn, x.dtype)).tolist()
+                    for row in range(64):
+                        for token in range(bn):
+                            w, lane, i = _accumulator_index(row, token)
+                            d[tile, 32 * w + lane, i] += part[row][token]
         # the epilogue: register i of thread (w, g, t) of a tile -> feature fbase + 8 ((i >> 1) & 1), token
         # 8 (i >> 2) + 2t + (i & 1)
         for tile in range(2 * mw):
@@ -224,11 +235,12 @@ def emulate(x: torch.Tensor, fmt: Sparse24, config: str, splits: int = 1) -> tor
 def test_emulated_kernel_equals_the_dense_product(config, dtype, n, m):
     """Every tile: odd token counts (a partial token tile; the 256-token tile mostly empty), feature counts past a
     whole 128-feature tile (clamped rows never stored; the 256-feature tile's second warpgroup's tiles partly or
-    wholly clamped), K = 128 (two stages); every output written exactly once; the product exact to float64
-    rounding."""
-    w = _weight(n, 128, seed=1, dtype=dtype)
+    wholly clamped), K of two stages (128 or 256 inputs); every output written exactly once; the product exact to
+    float64 rounding."""
+    k = 2 * wgmma.stage_k(config)
+    w = _weight(n, k, seed=1, dtype=dtype)
     fmt = Sparse24.compress(w)
-    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).to(dtype)
     got = emulate(x, fmt, config)
     torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
@@ -249,11 +261,12 @@ def test_emulated_large_tile_over_two_tiles(config, n, m):
 @pytest.mark.parametrize("config", TILE_CONFIGS)
 @pytest.mark.parametrize("splits", [2, 3])
 def test_emulated_split_k_equals_the_dense_product(config, splits):
-    """Split K: three 64-input stages over 2 or 3 splits (uneven shares included); every workspace element of every
-    split written once; their sum the dense product."""
-    w = _weight(136, 192, seed=7, dtype=torch.float16)
+    """Split K: three stages over 2 or 3 splits (uneven shares included); every workspace element of every split
+    written once; their sum the dense product."""
+    k = 3 * wgmma.stage_k(config)
+    w = _weight(136, k, seed=7, dtype=torch.float16)
     fmt = Sparse24.compress(w)
-    x = torch.randn(41, 192, generator=torch.Generator().manual_seed(8)).half()
+    x = torch.randn(41, k, generator=torch.Generator().manual_seed(8)).half()
     got = emulate(x, fmt, config, splits)
     torch.testing.assert_close(got, x.double() @ w.double().T, rtol=1e-12, atol=1e-12)
 
@@ -281,6 +294,9 @@ def test_split_k_only_where_the_tiles_leave_the_gpu_idle():
     assert wgmma.splits_for("m128_n128_s4_f1", (1024, 8192), 512, 132) == 8
     assert wgmma.splits_for("m128_n128_s4_f1", (1024, 8192), 2048, 132) == 2
     assert wgmma.splits_for("m128_n128_s4_f1", (4096, 4096), 2048, 132) == 1
+    # 128-input stages: the same 4 stages a split are twice the inputs
+    assert wgmma.splits_for("m128_n128_s4_sk128", (1024, 8192), 512, 132) == 4
+    assert wgmma.splits_for("m128_n128_s4_sk128", (576, 512), 40, 132) == 1
 
 
 def test_every_configuration_tiles_tokens_and_features_exactly_once():
@@ -351,41 +367,55 @@ def test_ring_model_catches_a_copy_one_stage_too_far_ahead():
 
 def test_the_source_holds_the_modelled_expressions():
     """The model above restates the kernel's index arithmetic; if the source changes, these fail first."""
-    for expression in ("sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4)", "(const char*)vals + row * K + kb * 64 + c * 16",
-                       "cp_async8(se + r * 8, meta + row * (K >> 3) + kb * 8)",
-                       "sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16",
-                       "constexpr int A_BYTES = BM * 64, E_BYTES = BM * 8, B_BYTES = BN * 128;",
-                       "se = sa + A_BYTES, sb = se + E_BYTES;", "constexpr int BM = 128 * MW;",
+    for expression in ("const int r = i >> (1 + KH), c = i & (4 * KH - 1);",
+                       "sa + r * A_ROW + ((KH == 1 ? c ^ ((r >> 1) & 3) : c ^ (r & 7)) << 4),",
+                       "(const char*)vals + row * K + kb * KS + c * 16",
+                       "const int r = i >> (KH - 1), h = i & (KH - 1);",
+                       "cp_async8(se + r * E_ROW + h * 8, meta + row * (K >> 3) + kb * E_ROW + h * 8)",
+                       "const int r = i >> (2 + KH), c = i & (8 * KH - 1);",
+                       "sb + (c >> 3) * B_PART + r * 128 + (((c & 7) ^ (r & 7)) << 4),",
+                       "(const char*)x + tok * K * 2 + kb * (2 * KS) + c * 16",
+                       "for (int i = tid; i < BM * 4 * KH; i += WG_THREADS)",
+                       "for (int i = tid; i < BM * KH; i += WG_THREADS)",
+                       "for (int i = tid; i < BN * 8 * KH; i += WG_THREADS)",
+                       "constexpr int BM = 128 * MW, KH = KS / 64, KS_LOG = 5 + KH;",
+                       "constexpr int A_ROW = KS, E_ROW = KS / 8, B_PART = BN * 128;",
+                       "constexpr int A_BYTES = BM * A_ROW, E_BYTES = BM * E_ROW, B_BYTES = KH * B_PART;",
+                       "constexpr unsigned long long A_SWIZZLE = KH == 1 ? 2ull : 1ull;",
+                       "se = sa + A_BYTES, sb = se + E_BYTES;",
                        "const int er = (wg * MW + mt) * 64 + wq * 16 + g;",
-                       "lds_u16(se + er * 8 + t * 2) | (lds_u16(se + (er + 8) * 8 + t * 2) << 16)",
-                       "wg_desc(sa + (wg * MW + mt) * (64 * 64), 512, 2ull)", "wg_desc(sb, 1024, 1ull)",
+                       ("lds_u16(se + er * E_ROW + h * 8 + t * 2) |\n"
+                        "                           (lds_u16(se + (er + 8) * E_ROW + h * 8 + t * 2) << 16)"),
+                       "wg_desc(sa + (wg * MW + mt) * (64 * A_ROW), 8 * A_ROW, A_SWIZZLE)", "wg_desc(sb, 1024, 1ull)",
+                       "wgmma_pair<BF16, BN>(d[mt], da + h * 4, db + h * (B_PART >> 4), e[mt][h]);",
                        "<0>(d, da, db, e)", "<1>(d, da + 2, db + 4, e)",
                        "const int row = fbase + 8 * ((i >> 1) & 1), token = tok0 + 8 * (i >> 2) + 2 * t + (i & 1);",
                        "const int fbase = row0 + (wg * MW + mt) * 64 + wq * 16 + g;",
                        "constexpr int AHEAD = STAGES - 1 - INFLIGHT;",
                        "wg_cp_wait<AHEAD - 1>();", "const int next = kb + AHEAD;",
                        "const int split = blockIdx.x / tiles, pid = blockIdx.x % tiles, per_group = 8 * ttiles;",
-                       "const int kb0 = (int)((long long)(K >> 6) * split / splits);",
-                       "const int KB = (int)((long long)(K >> 6) * (split + 1) / splits) - kb0;",
+                       "const int kb0 = (int)((long long)(K >> KS_LOG) * split / splits);",
+                       "const int KB = (int)((long long)(K >> KS_LOG) * (split + 1) / splits) - kb0;",
                        "if (s < KB) load(s, kb0 + s);", "if (next < KB) load(next % STAGES, kb0 + next);",
                        "else ws[((size_t)split * M + token) * N + row] = d[mt][i];"):
         assert expression in SOURCE_TEXT, expression
     # the descriptor encoding the model decodes
     assert "((addr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(stride >> 4) << 32)" in SOURCE_TEXT
     assert wgmma.descriptor(0x1400, 512, 2) == (0x140 | (1 << 16) | (32 << 32) | (2 << 62))
-    # every configuration is instantiated, for both dtypes (WG_ALL), with the MW/BN/STAGES/INFLIGHT the launcher
-    # and the model assume, under its own name
-    for name, (mw, bn, stages, in_flight, blocks) in wgmma.CONFIGS.items():
-        assert f"WGMMA24(DT, BF, {mw}, {bn}, {stages}, {in_flight}, {blocks}, {name})" in SOURCE_TEXT, name
+    # every configuration is instantiated, for both dtypes (WG_ALL), with the MW/BN/KS/STAGES/INFLIGHT/MINB the
+    # launcher and the model assume, under its own name
+    for name, (mw, bn, ks, stages, in_flight, blocks) in wgmma.CONFIGS.items():
+        assert f"WGMMA24(DT, BF, {mw}, {bn}, {ks}, {stages}, {in_flight}, {blocks}, {name})" in SOURCE_TEXT, name
         # the instruction for this tile width: the macro's text, then its use for both input types
         assert f'"wgmma.mma_async.sp.sync.aligned.m64n{bn}k32.f32." TY "." TY' in SOURCE_TEXT
         assert f'WGMMA_SP_N{bn}("f16")' in SOURCE_TEXT and f'WGMMA_SP_N{bn}("bf16")' in SOURCE_TEXT
-        assert name == f"m{128 * mw}_n{bn}_s{stages}" + ("_f1" if in_flight else "")
+        assert name == f"m{128 * mw}_n{bn}_s{stages}" + ("_f1" if in_flight else "") + ("_sk128" if ks == 128 else "")
+        assert ks in (64, 128)
     assert SOURCE_TEXT.count("WGMMA24(") == 1 + len(wgmma.CONFIGS)  # the macro, then one line per configuration
     assert "WG_ALL(f16, false)\nWG_ALL(bf16, true)" in SOURCE_TEXT
     # the blocks an SM reach the entry point's launch bounds and the template's checks of registers and shared memory
     assert "extern \"C\" __global__ void __launch_bounds__(WG_THREADS, B)" in SOURCE_TEXT
-    assert "wgmma24<BF, MW, BN, S, F, B>(x, vals, meta, y, ws, M, N, K, splits);" in SOURCE_TEXT
+    assert "wgmma24<BF, MW, BN, KS, S, F, B>(x, vals, meta, y, ws, M, N, K, splits);" in SOURCE_TEXT
     assert "static_assert(MINB == 1 || (MINB == 2 && MW * BN <= 128)" in SOURCE_TEXT
     assert "static_assert(MINB * (STAGES * STAGE_BYTES + 1024 + 1024) <= 228 * 1024" in SOURCE_TEXT
     # the waits: none in flight after a stage (0), or one (1: the previous stage's group retired, the slot two stages
@@ -394,24 +424,27 @@ def test_the_source_holds_the_modelled_expressions():
     assert re.findall(r"wgmma_wait<(\w+)>\(\)", SOURCE_TEXT) == ["1", "0", "0"]
     assert "#pragma unroll(INFLIGHT + 1)\n    for (int kb = 0; kb < KB; ++kb) {" in SOURCE_TEXT
     assert ("wgmma_wait<1>();  // stage kb - 1's products are finished, stage kb's still in flight\n#pragma unroll\n"
-            "            for (int mt = 0; mt < MW; ++mt) {\n                keep_alive(e_prev[mt], K, base);") in SOURCE_TEXT
+            "            for (int mt = 0; mt < MW; ++mt) {\n#pragma unroll\n                for (int h = 0; h < KH; ++h) {\n"
+            "                    keep_alive(e_prev[mt][h], K, base);") in SOURCE_TEXT
 
 
 def test_stored_position_words_are_the_metadata_registers():
     """The stored meta bytes, read as a lane's two 16-bit words, are the positions PTX expects in that register:
-    group q of word t at bits 4q (first | second << 2) is inputs 16t + 4q .. 16t + 4q + 3 of the stage."""
-    w = _weight(128, 64, seed=3, dtype=torch.float16)
+    group q of word 4h + t at bits 4q (first | second << 2) is inputs 64h + 16t + 4q .. + 3 of the stage (h: the
+    64-input half of a 128-input stage; 0 for a 64-input one)."""
+    w = _weight(128, 128, seed=3, dtype=torch.float16)
     fmt = Sparse24.compress(w)
-    positions = fmt.positions()  # (128, 16, 2)
-    for tile in range(2):
-        for warp in range(4):
-            for lane in range(32):
-                reg = wgmma.metadata_register(fmt.meta, tile, warp, lane)
-                g, t = lane >> 2, lane & 3
-                for high, row in ((0, tile * 64 + warp * 16 + g), (1, tile * 64 + warp * 16 + g + 8)):
-                    for q in range(4):
-                        bits = (reg >> (16 * high + 4 * q)) & 0xF
-                        assert (bits & 3, bits >> 2) == tuple(positions[row, 4 * t + q].tolist())
+    positions = fmt.positions()  # (128, 32, 2)
+    for half in range(2):
+        for tile in range(2):
+            for warp in range(4):
+                for lane in range(32):
+                    reg = wgmma.metadata_register(fmt.meta, tile, warp, lane, half)
+                    g, t = lane >> 2, lane & 3
+                    for high, row in ((0, tile * 64 + warp * 16 + g), (1, tile * 64 + warp * 16 + g + 8)):
+                        for q in range(4):
+                            bits = (reg >> (16 * high + 4 * q)) & 0xF
+                            assert (bits & 3, bits >> 2) == tuple(positions[row, 16 * half + 4 * t + q].tolist())
 
 
 def test_ptx_readings_agree_with_cute_layouts():
@@ -469,9 +502,16 @@ def test_offered_only_on_hopper_and_uncleared_configurations_only_on_request(mon
         assert names[m].index("expand_cublas") > max(i for i, n in enumerate(names[m]) if "wgmma" in n)
     long_k = Sparse24.compress(_weight(256, 1024, seed=9, dtype=torch.float16))  # 8 blocks of 128 x 128 on 132 SMs
     names_long = [n for n in long_k.cuda_candidates(512) if "wgmma" in n]
-    assert names_long == [split for name in every for split in (name, f"{name}_k4")]
+    # at least 4 stages a split: 1024 inputs are 16 stages of 64, 8 of 128
+    assert names_long == [split for c in wgmma.CONFIGS for split in
+                          (f"cuda_wgmma24_{c}", f"cuda_wgmma24_{c}_k{4 if wgmma.stage_k(c) == 64 else 2}")]
     narrow = Sparse24.compress(_weight(256, 96, seed=5, dtype=torch.float16))  # K % 64 != 0
     assert not any("wgmma" in n for n in narrow.cuda_candidates(512))
+    odd = Sparse24.compress(_weight(256, 192, seed=5, dtype=torch.float16))  # K % 128 != 0: 64-input stages only
+    assert [n for n in odd.cuda_candidates(512) if "wgmma" in n] == [
+        f"cuda_wgmma24_{c}" for c in wgmma.CONFIGS if wgmma.stage_k(c) == 64]
+    with pytest.raises(ValueError, match="K % 128 == 0"):
+        wgmma.sparse24_wgmma(torch.zeros(40, 192, dtype=torch.float16), odd.values, odd.meta, "m128_n128_s4_sk128", 1)
     for capability in ((8, 0), (8, 9), (10, 0)):
         _gpu_like(monkeypatch, capability=capability)
         assert not any("wgmma" in n for n in fmt.cuda_candidates(512)), capability
@@ -489,7 +529,8 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
     fed exactly what the launcher passes (kernel name, blocks, warps, dynamic shared memory, tensors and integers in
     the order of sparse24_wgmma.cu's entry points), and the launcher's sum of the split workspace; so a wrong name,
     argument order, grid, shared size or reduction fails here, not on a GPU. Every candidate multiplies the same x,
-    so the model's product is computed once per tile and split count (the configurations of one tile share it)."""
+    so the model's product is computed once per tile, stage and split count (configurations differing only in their
+    ring share it)."""
     source = wgmma.SOURCE.read_text()
     assert ("wgmma24_##DT##_##NAME(const u16* x, const u16* vals, const u8* meta, u16* y, float* ws, int M, int N,"
             "\\\n                              int K, int splits)") in source
@@ -497,16 +538,16 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
     fmt = Sparse24.compress(w)
     _gpu_like(monkeypatch)
     launched = []
-    products: dict[tuple[int, int, int], torch.Tensor] = {}  # (MW, BN, splits) -> the model's product
+    products: dict[tuple[int, ...], torch.Tensor] = {}  # (MW, BN, inputs a stage, splits) -> the model's product
 
     def fake_launch(name, grid, tensors, ints, warps=cuda_ops.WARPS, source=None, shared=0, int_type=None):
         config = name.removeprefix("wgmma24_f16_")
         x, values, meta, y, ws = tensors
         m, n, k, splits = ints
         launched.append((config, splits))
-        mw, bn = wgmma.CONFIGS[config][:2]
-        if (mw, bn, splits) not in products:
-            products[mw, bn, splits] = emulate(x, fmt, config, splits)
+        key = (*wgmma.CONFIGS[config][:3], splits)
+        if key not in products:
+            products[key] = emulate(x, fmt, config, splits)
         assert source == wgmma.SOURCE and warps == wgmma.THREADS // 32 and shared == wgmma.shared_bytes(config)
         assert (m, k) == tuple(x.shape) and (n, k) == fmt.shape and x.is_contiguous() and x.data_ptr() % 16 == 0
         assert values is fmt.values and meta is fmt.meta and y.shape == (m, n) and y.dtype == x.dtype
@@ -514,11 +555,11 @@ def test_the_candidates_launch_the_source_kernel_with_its_signature(monkeypatch)
         assert grid == tiles * splits and int_type is None
         if splits == 1:
             assert ws is y
-            y.copy_(products[mw, bn, splits].to(y.dtype))
+            y.copy_(products[key].to(y.dtype))
         else:
             assert ws.shape == (splits, m, n) and ws.dtype == torch.float32
             ws.zero_()
-            ws[0].copy_(products[mw, bn, splits].float())
+            ws[0].copy_(products[key].float())
 
     monkeypatch.setattr(cuda_ops, "_launch", fake_launch)
     x = torch.randn(33, 512, generator=torch.Generator().manual_seed(12)).half()

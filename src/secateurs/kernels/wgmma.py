@@ -15,7 +15,8 @@ The layout, described here for the CPU model of the kernel (tests/test_wgmma.py)
 
 - the weight is the sparse A operand (output features on M), the activations B (tokens on N); a block of two
   warpgroups owns ``BM = 128 MW`` features x ``BN`` tokens, warpgroup ``wg`` the ``MW`` 64-feature tiles
-  ``wg MW .. wg MW + MW - 1`` (one m64nBNk32 instruction each per 32 inputs); K runs in 64-input stages;
+  ``wg MW .. wg MW + MW - 1`` (one m64nBNk32 instruction each per 32 inputs); K runs in 64-input stages (128-input
+  ones: below);
 - a stage's shared-memory slot is ``A`` (BM rows x 64 bytes: the stage's 32 stored values of each row, 64-byte
   swizzle: row ``r`` at ``64 r``, 16-byte chunk ``c`` at chunk ``c ^ ((r >> 1) & 3)``), ``E`` (BM rows x 8 bytes:
   the stage's four stored 16-bit position words of each row, as stored) and ``B`` (``BN`` tokens x 128 bytes: the
@@ -27,7 +28,11 @@ The layout, described here for the CPU model of the kernel (tests/test_wgmma.py)
   ``t`` of the stage for row ``64 j + 16 w + g`` (bits 0-15) and row ``+ 8`` (bits 16-31); the stage's first 32
   inputs run under sparsity selector 0 (lanes ``t = 0, 1``), the next 32 under selector 1 (lanes ``t = 2, 3``). No
   derived metadata table: the positions stay the one table in memory (``meta``, K/8 bytes per row, 1/8 of the value
-  bytes).
+  bytes);
+- a 128-input stage: ``A`` rows of 128 bytes (64 stored values, 128-byte swizzle: chunk ``c`` of row ``r`` at chunk
+  ``c ^ (r & 7)``; tile ``j`` at ``A + 8192 j``, stride byte offset 1024), ``E`` rows of 16 bytes (8 words), ``B``
+  two 64-input parts of ``BN`` tokens x 128 bytes; half ``h`` of the stage runs as a 64-input stage from A byte
+  ``64 h`` of the rows, B part ``h`` and position word ``4 h + t``.
 """
 
 from __future__ import annotations
@@ -41,22 +46,22 @@ from . import cuda_ops
 SOURCE = cuda_ops.SOURCE.with_name("sparse24_wgmma.cu")
 cuda_ops.ARCH_SUFFIX[SOURCE] = "a"  # wgmma exists only on sm_90a
 
-STAGE_K = 64  # inputs per shared-memory stage
+STAGE_K = 64  # inputs of the shorter shared-memory stage (a configuration's own: stage_k), so K % 64 == 0
 THREADS = 256  # two warpgroups
-ROW_A_BYTES = 64  # a stage's values of one feature row: 32 stored (kept) values of 2 bytes
-ROW_E_BYTES = 8  # a stage's positions of one feature row: four 16-bit words
 SWIZZLE_128B, SWIZZLE_64B = 1, 2  # descriptor bits 62-63 (PTX ISA, "Matrix Descriptor Format")
-A_STRIDE, B_STRIDE = 512, 1024  # descriptor stride byte offsets: between 8-row groups of A (64 B rows), B (128 B rows)
+B_STRIDE = 1024  # descriptor stride byte offset of B: between 8-row groups of 128-byte rows
 
-CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
-    "m128_n128_s4": (1, 128, 4, 0, 1),
-    "m128_n128_s5_f1": (1, 128, 5, 1, 1),
-    "m128_n256_s4_f1": (1, 256, 4, 1, 1),
-    "m256_n128_s4_f1": (2, 128, 4, 1, 1),
-    "m128_n128_s4_f1": (1, 128, 4, 1, 2),
+CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
+    "m128_n128_s4": (1, 128, 64, 4, 0, 1),
+    "m128_n128_s5_f1": (1, 128, 64, 5, 1, 1),
+    "m128_n256_s4_f1": (1, 256, 64, 4, 1, 1),
+    "m256_n128_s4_f1": (2, 128, 64, 4, 1, 1),
+    "m128_n128_s4_f1": (1, 128, 64, 4, 1, 2),
+    "m128_n128_s4_sk128": (1, 128, 128, 4, 0, 1),
 }
-"""name -> (64-feature tiles per warpgroup MW, tokens per block BN, stages, wgmma groups left in flight across a
-stage, blocks an SM); the name is ``m<128 MW>_n<BN>_s<stages>``, then ``_f1`` for one group in flight. Blocks an SM
+"""name -> (64-feature tiles per warpgroup MW, tokens per block BN, inputs a stage (64 or 128), stages, wgmma groups
+left in flight across a stage, blocks an SM), the order of the kernel's entry-point macro; the name is
+``m<128 MW>_n<BN>_s<stages>``, then ``_f1`` for one group in flight, then ``_sk128`` for 128-input stages. Blocks an SM
 is the entry point's ``__launch_bounds__`` minimum: 2 holds ptxas to 128 registers a thread (two blocks of 256
 threads fill the 64K-register file) and needs two rings in an SM's shared memory.
 
@@ -79,8 +84,12 @@ threads fill the 64K-register file) and needs two rings in an SM's shared memory
   metadata loads can overlap the other's wgmma: a 4-slot ring (2 ahead, one in flight), 101 KB of shared memory a
   block (two blocks and the 1 KB each reserved: 204 of the SM's 228 KB), 116 registers a thread under the cap of
   128 (nvcc 13.0, no spill).
+- ``m128_n128_s4_sk128``: the 128 x 128 tile of ``m128_n128_s4`` (a 4-slot ring, 3 ahead, each stage's products
+  waited for) with 128-input stages: half the barriers and waits per K, 4 m64n128k32 a warpgroup between them; A in
+  the 128-byte swizzle (:func:`a_offset`), 50 KB a stage, 201 KB of shared memory, 167 registers a thread (nvcc
+  13.0, no spill); offered only where K % 128 == 0.
 
-The in-flight configurations have never run on a GPU: they are offered only under
+The in-flight and 128-input configurations have never run on a GPU: they are offered only under
 ``SECATEURS_UNVERIFIED_KERNELS=1`` until a GPU run checks and times them. The CPU model of tests/test_wgmma.py passed
 the four removed in-flight configurations as well: only a GPU run tells whether a configuration multiplies
 correctly."""
@@ -101,18 +110,23 @@ def block_tokens(config: str) -> int:
     return CONFIGS[config][1]
 
 
-def stages(config: str) -> int:
+def stage_k(config: str) -> int:
+    """Inputs a stage: 64, or 128 (two 64-input halves, each one metadata register and one wgmma pair a tile)."""
     return CONFIGS[config][2]
+
+
+def stages(config: str) -> int:
+    return CONFIGS[config][3]
 
 
 def in_flight(config: str) -> int:
     """wgmma groups a configuration leaves running across a stage (0 or 1)."""
-    return CONFIGS[config][3]
+    return CONFIGS[config][4]
 
 
 def blocks_per_sm(config: str) -> int:
     """The blocks an SM the entry point is built for (its ``__launch_bounds__`` minimum: 1 or 2)."""
-    return CONFIGS[config][4]
+    return CONFIGS[config][5]
 
 
 def copies_ahead(config: str) -> int:
@@ -120,16 +134,41 @@ def copies_ahead(config: str) -> int:
     return stages(config) - 1 - in_flight(config)
 
 
+def a_row_bytes(config: str) -> int:
+    """A stage's values of one feature row: stage_k / 2 stored (kept) values of 2 bytes."""
+    return stage_k(config)
+
+
+def a_stride(config: str) -> int:
+    """A's descriptor stride byte offset: between 8-row groups."""
+    return 8 * a_row_bytes(config)
+
+
+def a_swizzle(config: str) -> int:
+    """A's descriptor swizzle mode: the swizzle as wide as A's rows."""
+    return SWIZZLE_64B if a_row_bytes(config) == 64 else SWIZZLE_128B
+
+
+def e_row_bytes(config: str) -> int:
+    """A stage's positions of one feature row: stage_k / 16 words of 16 bits."""
+    return stage_k(config) // 8
+
+
+def b_part_bytes(config: str) -> int:
+    """One 64-input part of B: BN tokens x 128 bytes (a 128-input stage has two)."""
+    return block_tokens(config) * 128
+
+
 def a_bytes(config: str) -> int:
-    return block_features(config) * ROW_A_BYTES
+    return block_features(config) * a_row_bytes(config)
 
 
 def e_bytes(config: str) -> int:
-    return block_features(config) * ROW_E_BYTES
+    return block_features(config) * e_row_bytes(config)
 
 
 def b_bytes(config: str) -> int:
-    return block_tokens(config) * 128
+    return stage_k(config) // 64 * b_part_bytes(config)
 
 
 def stage_bytes(config: str) -> int:
@@ -153,14 +192,18 @@ def configs() -> list[str]:
 
 
 # ---- the layout, as the kernel computes it (the CPU model in tests/test_wgmma.py reads these) ----
-def a_offset(r: int, chunk: int) -> int:
-    """Byte offset inside a slot's A part of 16-byte chunk ``chunk`` (0-3) of feature row ``r`` of the block."""
-    return r * 64 + ((chunk ^ ((r >> 1) & 3)) << 4)
-
-
-def b_offset(r: int, chunk: int) -> int:
-    """Byte offset inside a slot's B part of 16-byte chunk ``chunk`` (0-7) of token row ``r``."""
+def a_offset(r: int, chunk: int, row_bytes: int = 64) -> int:
+    """Byte offset inside a slot's A part of 16-byte chunk ``chunk`` of feature row ``r`` of the block: rows of 64
+    bytes (chunks 0-3, 64-byte swizzle) or 128 (chunks 0-7, 128-byte swizzle)."""
+    if row_bytes == 64:
+        return r * 64 + ((chunk ^ ((r >> 1) & 3)) << 4)
     return r * 128 + ((chunk ^ (r & 7)) << 4)
+
+
+def b_offset(r: int, chunk: int, tokens: int = 128) -> int:
+    """Byte offset inside a slot's B part of 16-byte chunk ``chunk`` (0-7, 8-15 for a 128-input stage's second
+    64-input part, ``tokens`` x 128 bytes on) of token row ``r``."""
+    return (chunk >> 3) * tokens * 128 + r * 128 + (((chunk & 7) ^ (r & 7)) << 4)
 
 
 def descriptor(address: int, stride: int, swizzle: int) -> int:
@@ -169,12 +212,14 @@ def descriptor(address: int, stride: int, swizzle: int) -> int:
     return ((address & 0x3FFFF) >> 4) | (1 << 16) | ((stride >> 4) << 32) | (swizzle << 62)
 
 
-def metadata_register(meta_stage: torch.Tensor, tile: int, warp: int, lane: int) -> int:
-    """The 32-bit metadata register of ``lane`` of ``warp`` (0-3) for 64-feature tile ``tile`` of the block and one
-    stage, from the slot's E part (``meta_stage``: (BM, 8) uint8, the stage's stored position bytes of each row)."""
+def metadata_register(meta_stage: torch.Tensor, tile: int, warp: int, lane: int, half: int = 0) -> int:
+    """The 32-bit metadata register of ``lane`` of ``warp`` (0-3) for 64-feature tile ``tile`` of the block and 64-input
+    half ``half`` of one stage, from the slot's E part (``meta_stage``: (BM, 8 or 16) uint8, the stage's stored
+    position bytes of each row): position word ``4 half + t`` of two rows."""
     g, t = lane >> 2, lane & 3
     r = tile * 64 + warp * 16 + g
-    words = [int(meta_stage[row, 2 * t]) | (int(meta_stage[row, 2 * t + 1]) << 8) for row in (r, r + 8)]
+    byte = 8 * half + 2 * t
+    words = [int(meta_stage[row, byte]) | (int(meta_stage[row, byte + 1]) << 8) for row in (r, r + 8)]
     return words[0] | (words[1] << 16)
 
 
@@ -187,7 +232,7 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-MIN_SPLIT_STAGES = 4  # each split of K keeps at least this many 64-input stages
+MIN_SPLIT_STAGES = 4  # each split of K keeps at least this many stages
 
 
 def splits_for(config: str, shape: tuple[int, int], m: int, sms: int) -> int:
@@ -199,7 +244,7 @@ def splits_for(config: str, shape: tuple[int, int], m: int, sms: int) -> int:
     places = sms * blocks_per_sm(config)
     if 2 * blocks > places:
         return 1
-    return max(1, min(8, places // blocks, k // STAGE_K // MIN_SPLIT_STAGES))
+    return max(1, min(8, places // blocks, k // stage_k(config) // MIN_SPLIT_STAGES))
 
 
 def offered(device: torch.device) -> bool:
@@ -226,6 +271,8 @@ def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
     sms = sm_count(values.device)
     offered_: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for c in configs():
+        if k % stage_k(c):
+            continue
         offered_[f"cuda_wgmma24_{c}"] = lambda x, c=c: sparse24_wgmma(x, values, meta, c, 1)
         splits = splits_for(c, shape, m, sms)
         if splits > 1:
@@ -235,11 +282,14 @@ def candidates(values: torch.Tensor, meta: torch.Tensor, shape: tuple[int, int],
 
 @torch.library.custom_op("secateurs::sparse24_wgmma", mutates_args=())
 def sparse24_wgmma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: str, splits: int) -> torch.Tensor:
-    """``x @ W.T`` for a 2:4 weight (values (N, K/2), meta (N, K/8) uint8, K % 64 == 0) and any number of rows of x,
-    by ``wgmma.mma_async.sp`` (sm_90a); ``config`` names a :data:`CONFIGS` entry; ``splits`` > 1 splits K, the
-    blocks' fp32 sums added by one reduction (no atomics: deterministic) and rounded once."""
+    """``x @ W.T`` for a 2:4 weight (values (N, K/2), meta (N, K/8) uint8, K a multiple of the configuration's
+    stage) and any number of rows of x, by ``wgmma.mma_async.sp`` (sm_90a); ``config`` names a :data:`CONFIGS`
+    entry; ``splits`` > 1 splits K, the blocks' fp32 sums added by one reduction (no atomics: deterministic) and
+    rounded once."""
     x = cuda_ops._aligned(x)
     m, k = x.shape
+    if k % stage_k(config):  # the kernel would drop the inputs past the last whole stage
+        raise ValueError(f"{config} needs K % {stage_k(config)} == 0, not K = {k}")
     n = values.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y

@@ -29,6 +29,13 @@
 // under selector 0 and the next 32 under selector 1, lane t's register is stored position word t of the stage
 // for the two rows, as they are: the register the mma.sp GEMM of sparse_gemv.cu builds (verified on GPUs).
 //
+// Stages of 128 inputs (KS = 128: half the barriers and cp.async waits per K, four wgmma a tile between them): a
+// slot is | A: BM rows x 128 B (64 kept values) | E: BM rows x 16 B (8 position words) | B: 2 parts of BN rows x
+// 128 B |, A in the 128-byte-swizzle layout (chunk c of row r at c ^ (r & 7), stride byte offset 1024, swizzle mode
+// 1), B part h holding inputs 64h..64h+63 of each token as the 64-input B part. Half h of the stage is a 64-input
+// stage's two steps: A from byte 64h of the rows (then 32 bytes on), B from part h, and lane t's register is
+// position word 4h + t of the stage for its two rows.
+//
 // Pipelining, per stage kb: wait for the stage's cp.async group, fence.proxy.async.shared::cta (cp.async writes made
 // visible to the async proxy, the tensor cores' reads, by each copying thread), barrier, the stage's metadata
 // registers, wgmma.fence, 2 MW wgmma.mma_async.sp, commit; then, by INFLIGHT (the wgmma groups left running):
@@ -164,20 +171,25 @@ __device__ __forceinline__ void wgmma_pair(float (&d)[BN / 2], unsigned long lon
 
 #define WG_THREADS 256
 
-// MW 64-feature tiles per warpgroup (BM = 128 MW features a block), BN tokens, STAGES slots, INFLIGHT wgmma groups
-// left running across a stage (0 or 1; the header says how the ring and the metadata registers follow), MINB blocks
-// an SM (the entry point's __launch_bounds__: 2 caps ptxas at 128 registers a thread, so two blocks' 256 threads
-// share the 64K-register file, and one block's barrier and metadata loads overlap the other's wgmma). Split K
-// (splits > 1, for weights with few tiles): block b takes tile b % tiles and the K stages [KB s / splits,
-// KB (s + 1) / splits) of split s = b / tiles, and stores its fp32 sums in ws[s] (splits x M x N), which the
-// launcher sums by one reduction (deterministic) and rounds once.
-template <bool BF16, int MW, int BN, int STAGES, int INFLIGHT, int MINB>
+// MW 64-feature tiles per warpgroup (BM = 128 MW features a block), BN tokens, KS inputs a stage (64 or 128: KH =
+// KS / 64 halves, each one metadata register and one wgmma pair a tile; the header gives both slot layouts), STAGES
+// slots, INFLIGHT wgmma groups left running across a stage (0 or 1; the header says how the ring and the metadata
+// registers follow), MINB blocks an SM (the entry point's __launch_bounds__: 2 caps ptxas at 128 registers a
+// thread, so two blocks' 256 threads share the 64K-register file, and one block's barrier and metadata loads overlap
+// the other's wgmma). Split K (splits > 1, for weights with few tiles): block b takes tile b % tiles and the K
+// stages [KB s / splits, KB (s + 1) / splits) of split s = b / tiles, and stores its fp32 sums in ws[s] (splits x M
+// x N), which the launcher sums by one reduction (deterministic) and rounds once.
+template <bool BF16, int MW, int BN, int KS, int STAGES, int INFLIGHT, int MINB>
 __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __restrict__ vals,
                                         const u8* __restrict__ meta, u16* __restrict__ y, float* __restrict__ ws,
                                         int M, int N, int K, int splits) {
-    constexpr int BM = 128 * MW;
-    constexpr int A_BYTES = BM * 64, E_BYTES = BM * 8, B_BYTES = BN * 128;
+    constexpr int BM = 128 * MW, KH = KS / 64, KS_LOG = 5 + KH;
+    // rows: A KS bytes (KS / 2 kept values), E KS / 8 bytes; B KH parts of BN tokens x 128 bytes (64 inputs each)
+    constexpr int A_ROW = KS, E_ROW = KS / 8, B_PART = BN * 128;
+    constexpr int A_BYTES = BM * A_ROW, E_BYTES = BM * E_ROW, B_BYTES = KH * B_PART;
     constexpr int STAGE_BYTES = A_BYTES + E_BYTES + B_BYTES;  // a multiple of 1024
+    constexpr unsigned long long A_SWIZZLE = KH == 1 ? 2ull : 1ull;  // descriptor modes: 64-byte, 128-byte swizzle
+    static_assert(KS == 64 || KS == 128, "stages of 64 or 128 inputs");
     constexpr int AHEAD = STAGES - 1 - INFLIGHT;               // stages being copied while one is multiplied
     static_assert(INFLIGHT == 0 || INFLIGHT == 1, "at most one stage's products in flight");
     static_assert(AHEAD >= 1, "a ring of at least two slots, three with one stage in flight");
@@ -196,27 +208,32 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
     const int first = (pid / per_group) * 8, size = min(8, ftiles - first);
     const int ft = first + (pid % per_group) % size, tt = (pid % per_group) / size;
     const int row0 = ft * BM, tok0 = tt * BN;
-    const int kb0 = (int)((long long)(K >> 6) * split / splits);
-    const int KB = (int)((long long)(K >> 6) * (split + 1) / splits) - kb0;  // this block's stages
+    const int kb0 = (int)((long long)(K >> KS_LOG) * split / splits);
+    const int KB = (int)((long long)(K >> KS_LOG) * (split + 1) / splits) - kb0;  // this block's stages
 
     auto load = [&](int slot, int kb) {  // kb: the stage's index in K
         const u32 sa = base + slot * STAGE_BYTES, se = sa + A_BYTES, sb = se + E_BYTES;
 #pragma unroll
-        for (int i = tid; i < BM * 4; i += WG_THREADS) {  // values: 4 chunks of 16 bytes per row
-            const int r = i >> 2, c = i & 3;
+        for (int i = tid; i < BM * 4 * KH; i += WG_THREADS) {  // values: 4 KH chunks of 16 bytes per row
+            const int r = i >> (1 + KH), c = i & (4 * KH - 1);
             const size_t row = min(row0 + r, N - 1);
-            cp_async16(sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), (const char*)vals + row * K + kb * 64 + c * 16);
+            // 64-byte swizzle for 64-input stages, 128-byte for 128, written out here: through a helper or a named
+            // variable nvcc 13.0 assembled the 64-input kernels to other SASS than the kernel checked on an H100
+            cp_async16(sa + r * A_ROW + ((KH == 1 ? c ^ ((r >> 1) & 3) : c ^ (r & 7)) << 4),
+                       (const char*)vals + row * K + kb * KS + c * 16);
         }
 #pragma unroll
-        for (int r = tid; r < BM; r += WG_THREADS) {  // positions: the stage's 8 bytes of each row
+        for (int i = tid; i < BM * KH; i += WG_THREADS) {  // positions: the stage's KS / 8 bytes of each row, by 8
+            const int r = i >> (KH - 1), h = i & (KH - 1);
             const size_t row = min(row0 + r, N - 1);
-            cp_async8(se + r * 8, meta + row * (K >> 3) + kb * 8);
+            cp_async8(se + r * E_ROW + h * 8, meta + row * (K >> 3) + kb * E_ROW + h * 8);
         }
 #pragma unroll
-        for (int i = tid; i < BN * 8; i += WG_THREADS) {  // activations: 8 chunks of 16 bytes per token
-            const int r = i >> 3, c = i & 7;
+        for (int i = tid; i < BN * 8 * KH; i += WG_THREADS) {  // activations: 8 KH chunks of 16 bytes per token
+            const int r = i >> (2 + KH), c = i & (8 * KH - 1);  // chunk c of part c >> 3
             const size_t tok = min(tok0 + r, M - 1);
-            cp_async16(sb + r * 128 + ((c ^ (r & 7)) << 4), (const char*)x + tok * K * 2 + kb * 128 + c * 16);
+            cp_async16(sb + (c >> 3) * B_PART + r * 128 + (((c & 7) ^ (r & 7)) << 4),
+                       (const char*)x + tok * K * 2 + kb * (2 * KS) + c * 16);
         }
     };
 
@@ -233,9 +250,12 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         if (s < KB) load(s, kb0 + s);
         wg_cp_commit();
     }
-    u32 e_prev[MW];  // INFLIGHT 1: the metadata registers of the stage whose products may still be in flight
+    u32 e_prev[MW][KH];  // INFLIGHT 1: the metadata registers of the stage whose products may still be in flight
 #pragma unroll
-    for (int mt = 0; mt < MW; ++mt) e_prev[mt] = 0u;
+    for (int mt = 0; mt < MW; ++mt) {
+#pragma unroll
+        for (int h = 0; h < KH; ++h) e_prev[mt][h] = 0u;
+    }
     // INFLIGHT 1: two copies of the body, so two HGMMA instructions, each reading its own metadata register. One
     // instruction in a loop reads one physical register every trip, so the next stage's metadata would be written
     // into the register the stage in flight reads: in nvcc 13.0's SASS of a loop not unrolled, keep_alive kept the
@@ -248,24 +268,35 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
         const int slot = kb % STAGES;
         const u32 sa = base + slot * STAGE_BYTES, se = sa + A_BYTES, sb = se + E_BYTES;
         const unsigned long long db = wg_desc(sb, 1024, 1ull);
-        u32 e[MW];
+        u32 e[MW][KH];
 #pragma unroll
         for (int mt = 0; mt < MW; ++mt) {
-            // This lane's metadata rows (PTX: row 16w + g of the 64 in bits 0-15, row 16w + g + 8 in 16-31).
+            // This lane's metadata rows (PTX: row 16w + g of the 64 in bits 0-15, row 16w + g + 8 in 16-31); half h:
+            // position word 4h + t of the row.
             const int er = (wg * MW + mt) * 64 + wq * 16 + g;
-            e[mt] = lds_u16(se + er * 8 + t * 2) | (lds_u16(se + (er + 8) * 8 + t * 2) << 16);
+#pragma unroll
+            for (int h = 0; h < KH; ++h)
+                e[mt][h] = lds_u16(se + er * E_ROW + h * 8 + t * 2) |
+                           (lds_u16(se + (er + 8) * E_ROW + h * 8 + t * 2) << 16);
         }
         wgmma_fence();
 #pragma unroll
-        for (int mt = 0; mt < MW; ++mt)
-            wgmma_pair<BF16, BN>(d[mt], wg_desc(sa + (wg * MW + mt) * (64 * 64), 512, 2ull), db, e[mt]);
+        for (int mt = 0; mt < MW; ++mt) {
+            const unsigned long long da = wg_desc(sa + (wg * MW + mt) * (64 * A_ROW), 8 * A_ROW, A_SWIZZLE);
+#pragma unroll
+            for (int h = 0; h < KH; ++h)  // half h: A 64 bytes (32 kept values) on, B the next part
+                wgmma_pair<BF16, BN>(d[mt], da + h * 4, db + h * (B_PART >> 4), e[mt][h]);
+        }
         wgmma_commit();
         if constexpr (INFLIGHT == 1) {
             wgmma_wait<1>();  // stage kb - 1's products are finished, stage kb's still in flight
 #pragma unroll
             for (int mt = 0; mt < MW; ++mt) {
-                keep_alive(e_prev[mt], K, base);  // read by stage kb - 1's wgmma until the wait above
-                e_prev[mt] = e[mt];
+#pragma unroll
+                for (int h = 0; h < KH; ++h) {
+                    keep_alive(e_prev[mt][h], K, base);  // read by stage kb - 1's wgmma until the wait above
+                    e_prev[mt][h] = e[mt][h];
+                }
             }
         }
         {  // refill the slot of stage kb - 1 - INFLIGHT, which no wgmma reads any more (the header says why)
@@ -279,7 +310,10 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
                       // an H100)
     if constexpr (INFLIGHT == 1) {
 #pragma unroll
-        for (int mt = 0; mt < MW; ++mt) keep_alive(e_prev[mt], K, base);
+        for (int mt = 0; mt < MW; ++mt) {
+#pragma unroll
+            for (int h = 0; h < KH; ++h) keep_alive(e_prev[mt][h], K, base);
+        }
     }
 #pragma unroll
     for (int mt = 0; mt < MW; ++mt) fence_regs(d[mt]);
@@ -301,17 +335,18 @@ __device__ __forceinline__ void wgmma24(const u16* __restrict__ x, const u16* __
 }
 
 // ---- entry points: wgmma24_<dtype>_<configuration name of kernels/wgmma.py's CONFIGS> ----
-#define WGMMA24(DT, BF, MW, BN, S, F, B, NAME)                                                               \
+#define WGMMA24(DT, BF, MW, BN, KS, S, F, B, NAME)                                                           \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, B)                                              \
         wgmma24_##DT##_##NAME(const u16* x, const u16* vals, const u8* meta, u16* y, float* ws, int M, int N,\
                               int K, int splits) {                                                          \
-        wgmma24<BF, MW, BN, S, F, B>(x, vals, meta, y, ws, M, N, K, splits);                                 \
+        wgmma24<BF, MW, BN, KS, S, F, B>(x, vals, meta, y, ws, M, N, K, splits);                             \
     }
 #define WG_ALL(DT, BF)                                                                                       \
-    WGMMA24(DT, BF, 1, 128, 4, 0, 1, m128_n128_s4)                                                           \
-    WGMMA24(DT, BF, 1, 128, 5, 1, 1, m128_n128_s5_f1)                                                        \
-    WGMMA24(DT, BF, 1, 256, 4, 1, 1, m128_n256_s4_f1)                                                        \
-    WGMMA24(DT, BF, 2, 128, 4, 1, 1, m256_n128_s4_f1)                                                        \
-    WGMMA24(DT, BF, 1, 128, 4, 1, 2, m128_n128_s4_f1)
+    WGMMA24(DT, BF, 1, 128, 64, 4, 0, 1, m128_n128_s4)                                                       \
+    WGMMA24(DT, BF, 1, 128, 64, 5, 1, 1, m128_n128_s5_f1)                                                    \
+    WGMMA24(DT, BF, 1, 256, 64, 4, 1, 1, m128_n256_s4_f1)                                                    \
+    WGMMA24(DT, BF, 2, 128, 64, 4, 1, 1, m256_n128_s4_f1)                                                    \
+    WGMMA24(DT, BF, 1, 128, 64, 4, 1, 2, m128_n128_s4_f1)                                                    \
+    WGMMA24(DT, BF, 1, 128, 128, 4, 0, 1, m128_n128_s4_sk128)
 WG_ALL(f16, false)
 WG_ALL(bf16, true)
