@@ -16,8 +16,8 @@ script checks the compiled code on a CUDA device:
 Inputs are fresh random per case; the error is ‖y − ref‖ / ‖ref‖ with ref in float64.
 
 The Hopper ``wgmma.sp`` GEMM (kernels/wgmma.py; the first in-flight configurations multiplied wrongly on an H100
-and were removed; ``m128_n128_s5_f1`` and ``m128_n256_s4_f1`` keep one group in flight with unrolled metadata
-registers and have not yet run) makes its first launches (every tile configuration, fp16 and bf16, whole and split K) in a
+and were removed; ``m128_n128_s5_f1``, ``m128_n256_s4_f1``, ``m256_n128_s4_f1`` and ``m128_n128_s4_f1`` keep one
+group in flight with unrolled metadata registers, ``m128_n128_s4_sk128`` runs 128-input stages; none has yet run) makes its first launches (every tile configuration, fp16 and bf16, whole and split K) in a
 child process: a configuration that faults (which would
 take the CUDA context, and this check, with it) or multiplies wrongly is reported and withheld from the rest.
 
@@ -213,7 +213,9 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                                 "cuda_tc816_n16_s16": 8, "cuda_tcbitmap_n16_s16": 8}  # the rest at 512
                     compiled += [(fmt, name, rows_for.get(name, 512)) for name in
                                  ("cuda_gemm24_m128_n128_s4", "cuda_wgmma24_m128_n128_s4",
-                                  "cuda_wgmma24_m128_n128_s5_f1", "cuda_wgmma24_m128_n256_s4_f1", "expand_cublas",
+                                  "cuda_wgmma24_m128_n128_s5_f1", "cuda_wgmma24_m128_n256_s4_f1",
+                                  "cuda_wgmma24_m256_n128_s4_f1", "cuda_wgmma24_m128_n128_s4_f1",
+                                  "cuda_wgmma24_m128_n128_s4_sk128", "expand_cublas",
                                   "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4", "cuda_gemv816_r2_s2",
                                   "cuda_gemvbd_p32_r1_s1", "cuda_gemvbd_p16_r1_s1", "cuda_tc48_n16_s16",
                                   "cuda_tc816_n16_s16", "cuda_tcbitmap_n16_s16")
