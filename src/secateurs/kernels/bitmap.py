@@ -161,7 +161,8 @@ class Bitmap(SparseFormat):
         """The CUDA bitmap GEMV for one row (the two-row one measured slower than cuBLAS); from 2 rows the expand
         path (the weight expanded into the shared scratch, then cuBLAS; it matched float64 on an H100 at every
         bucket), which stages the values with 16-byte loads and so needs them 16-byte aligned; at 5-64 rows, under
-        ``SECATEURS_UNVERIFIED_KERNELS=1`` only, the tensor-core kernel after it (:meth:`_tc_candidates`)."""
+        ``SECATEURS_UNVERIFIED_KERNELS=1`` only, the tensor-core kernel after it (:meth:`_tc_candidates`); at prompt
+        sizes, under the opt-in too, the pipelined expand path (:func:`cuda_ops.pipelined_candidates`)."""
         n, k = self.shape
         if m < 1 or k % SEGMENT or self.bits.dtype != torch.int32 \
                 or self.offsets.dtype != torch.int32 or not cuda_ops.ready(self.bits, 4, n, k // 32) \
@@ -174,10 +175,19 @@ class Bitmap(SparseFormat):
                          x, self.shape, lambda out: cuda_ops.bitmap_expand(self.values, self.bits, self.offsets, out))}
             if 4 < m <= TC_TOKENS[-1] and cuda_ops.unverified_offered():
                 paths.update(self._tc_candidates(m))
+            paths.update(cuda_ops.pipelined_candidates(self, m))  # prompts, unverified: opt-in
             return paths
         return {f"cuda_gemv_bitmap_r{rows}_s{split}": (
                     lambda x, r=rows, s=split: cuda_ops.bitmap_gemv(x, self.values, self.bits, self.offsets, r, s))
                 for split in cuda_ops.splits(n, k // 32 // 32) for rows in (1, 2)}
+
+    def expand_rows(self, start: int, stop: int, out: torch.Tensor, variant: int) -> None:
+        """Rows ``[start, stop)`` of the dense weight into the first ``(stop - start) * K`` elements of ``out`` (the
+        pipelined expand path's chunk): the expand kernel on the row slices of ``bits`` and ``offsets`` and the whole
+        ``values``, since each offset is an absolute index into ``values`` (``expandbm`` adds it to the popcounts
+        before a word and bounds its reads by the length of ``values``, never by a row's). ``variant``: the bitmap has
+        one expand kernel."""
+        cuda_ops.bitmap_expand(self.values, self.bits[start:stop], self.offsets[start:stop], out)
 
     def _tc_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The tensor-core kernel at ``m`` rows (5-64): the smallest token tile that holds them, each split-K choice of

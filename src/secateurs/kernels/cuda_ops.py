@@ -26,6 +26,10 @@ Every kernel reads the stored tensors as they are (one position table in memory,
   (``kernels/nm48.py``, ``kernels/nm816.py``, from 8 rows) and the bitmap (from 2 rows: a warp per 32 words,
   a popcount scan, its values staged in shared memory by 16-byte loads) expand into the same buffer
   (:func:`scratch_matmul`);
+- pipelined expand (prompts, 32 tokens on; 2:4, 4:8, 8:16, bitmap): the output rows in 2 or 4 chunks, a side stream
+  expanding chunk j + 1 into one of two chunk slots of the same scratch while cuBLAS multiplies chunk j from the
+  other into its columns of y (:func:`pipelined_candidates`); never yet run on a GPU, so offered only under
+  ``SECATEURS_UNVERIFIED_KERNELS=1``;
 - bitmap GEMV (1 token): a lane walks the set bits of a 32-input word;
 - N:M GEMVs (1-4 tokens; ``kernels/nm.py``): one loop (``common.cuh``'s ``gemv_nm``) with a decode step per format:
   4:8 (``sparse48.cu``: three byte-permutes per value pair and token) and 8:16 (``sparse816.cu``: one 16-byte
@@ -48,7 +52,8 @@ Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` off
   where no kernel applies. Each format says which of these kernels it offers (``cuda_candidates`` in
   ``kernels/sparse24.py``, ``kernels/bitmap.py``, ``kernels/nm.py`` for the N:M formats, ``kernels/banded.py``).
 - Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``sparse24_mma``,
-  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``; ``sparse24_wgmma`` in ``kernels/wgmma.py``;
+  ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``, ``pipelined_expand_matmul``;
+  ``sparse24_wgmma`` in ``kernels/wgmma.py``;
   the N:M ones in ``kernels/nm48.py`` and ``kernels/nm816.py``; ``banded_gemv`` and ``banded_expand`` in
   ``kernels/banded.py``) with a fake implementation, so CUDA graphs and
   ``torch.compile`` run over it without graph breaks.
@@ -60,13 +65,15 @@ import ctypes
 import hashlib
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ..files import write_atomic
+from .registry import format_class
 if TYPE_CHECKING:
     from .formats import SparseFormat
 
@@ -392,7 +399,8 @@ def _(values, meta, out):
 
 # One dense scratch per (device, dtype), sized to the largest weight it served, shared by every layer of every format:
 # layers run one after another on one stream, so each expands into it and multiplies before the next
-# starts (inside a CUDA graph too). A buffer that grew is kept (a captured graph may still point into it).
+# starts (inside a CUDA graph too; the pipelined path's side stream forks from that stream and joins it again within
+# the call). A buffer that grew is kept (a captured graph may still point into it).
 _SCRATCH: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
 
 
@@ -445,6 +453,189 @@ def bitmap_expand(values: torch.Tensor, bits: torch.Tensor, offsets: torch.Tenso
 @bitmap_expand.register_fake
 def _(values, bits, offsets, out):
     return None
+
+
+# ---- the pipelined expand path: the expansion hidden behind cuBLAS ----
+# At prompt sizes the GEMM is bound by the tensor cores and the expansion by memory, yet ``scratch_matmul`` runs
+# them one after the other. ``expand_pipelined_c<chunks>`` splits the output rows into chunks: a side stream expands
+# chunk j + 1 into one slot of a two-slot chunk scratch while the caller's stream multiplies chunk j from the other
+# slot, straight into the columns of y that chunk owns. The order lives in a pure schedule (:func:`pipeline_schedule`)
+# so it is tested exactly on a CPU; a GPU runs it on two streams ordered by events.
+
+PIPELINE_CHUNKS = (2, 4)
+"""Row chunks of the pipelined expand path's candidates (``expand_pipelined_c<chunks>``)."""
+PIPELINE_ALIGN = 64
+"""Chunk boundaries fall on multiples of 64 rows: every format's row slices then keep the alignment their expand
+kernel's vector loads need (the widest, 8:16's four position words, is 16 bytes: 64 rows x K/16 words x 4 bytes) and
+each scratch slot starts 16-byte aligned."""
+PIPELINE_MIN_ROWS = 512
+"""Offered only where every chunk holds at least this many rows (N >= 1024 for two chunks, 2048 for four): a narrower
+chunk's GEMM leaves SMs idle even at thousands of tokens (512 x 2048 outputs are 64 tiles of 128 x 128 for an H100's
+132 SMs), and a small weight's expansion leaves little to hide. A guess, not a measurement: the GPU timing decides."""
+PIPELINE_TOKENS = GEMM_TOKENS
+"""The pipelined candidates start at the prompt row buckets: below them the GEMM is bound by memory too."""
+
+
+class Step(NamedTuple):
+    """One step of the pipelined product, in the order the host issues it."""
+
+    lane: str
+    """``"main"``: the caller's stream (the GEMMs); ``"side"``: the stream of the expansions."""
+    action: str
+    """``"record"`` or ``"wait"`` (an event), ``"expand"`` or ``"gemm"`` (a chunk)."""
+    target: str | int
+    """The event's name (``forked``, ``expanded<j>``, ``multiplied<j>``) or the chunk's index."""
+
+
+def pipeline_rows(n: int, chunks: int) -> list[tuple[int, int]]:
+    """The output rows ``[start, stop)`` of each chunk: near-equal runs with every boundary on a multiple of
+    :data:`PIPELINE_ALIGN`, the last one shorter where N is not a multiple (fewer than ``chunks`` runs where N is
+    too small to give each one)."""
+    step = -(-n // chunks)
+    step = -(-step // PIPELINE_ALIGN) * PIPELINE_ALIGN
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def pipeline_slot(chunk: int) -> int:
+    """The half of the two-slot chunk scratch that chunk ``chunk`` is expanded into and multiplied from."""
+    return chunk % 2
+
+
+def pipeline_slot_rows(rows: list[tuple[int, int]]) -> tuple[int, int]:
+    """Rows each slot of the chunk scratch holds: its largest chunk. Two chunks then take exactly the whole weight's
+    rows (the second slot only the shorter last chunk), more chunks about ``2 / chunks`` of them, so the scratch the
+    dispatcher reserves for the largest weight before timing is never outgrown."""
+    return tuple(max((stop - start for j, (start, stop) in enumerate(rows) if pipeline_slot(j) == slot), default=0)
+                 for slot in (0, 1))
+
+
+def pipeline_schedule(chunks: int) -> list[Step]:
+    """The steps of a pipelined product of ``chunks`` chunks in host issue order. The side stream forks from the
+    caller's stream (so it starts after everything before the call, the previous layer's use of the shared scratch
+    included), expands chunks 0 and 1 ahead, and expands chunk j + 2 into chunk j's slot only after chunk j's GEMM
+    (``multiplied<j>``); GEMM j waits for its expansion (``expanded<j>``). An event is recorded before any wait on it
+    is issued (a wait issued first would wait for nothing). The last expansion is the side stream's last work and the
+    caller's stream waits for it, so the side stream joins back (CUDA-graph capture requires it) and anything after
+    the call is ordered after all of it."""
+    steps = [Step("main", "record", "forked"), Step("side", "wait", "forked")]
+
+    def expand(chunk: int) -> None:
+        if chunk >= 2:
+            steps.append(Step("side", "wait", f"multiplied{chunk - 2}"))
+        steps.extend((Step("side", "expand", chunk), Step("side", "record", f"expanded{chunk}")))
+
+    for chunk in range(min(2, chunks)):
+        expand(chunk)
+    for chunk in range(chunks):
+        steps.extend((Step("main", "wait", f"expanded{chunk}"), Step("main", "gemm", chunk)))
+        if chunk + 2 < chunks:
+            steps.append(Step("main", "record", f"multiplied{chunk}"))
+            expand(chunk + 2)
+    return steps
+
+
+class Lanes:
+    """Where the schedule runs on a CPU (the tests): one sequence in schedule order, which that order makes correct
+    without streams; :class:`CudaLanes` is the GPU's."""
+
+    def on(self, lane: str) -> AbstractContextManager:
+        return nullcontext()
+
+    def record(self, lane: str, event: str) -> None:
+        """Nothing to record: every step runs in issue order."""
+
+    def wait(self, lane: str, event: str) -> None:
+        """Nothing to wait for: every step runs in issue order."""
+
+
+_PIPELINE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_PIPELINE_EVENTS: dict[int, dict[str, torch.cuda.Event]] = {}
+
+
+class CudaLanes(Lanes):
+    """The caller's current stream (``main``) and one side stream per device (``side``), ordered by one set of events
+    per device. Stream and events are made on the first (eager: the dispatcher calls a candidate before it captures
+    one) call and reused, so a capture creates nothing; a wait binds to the record issued before it, so a later record
+    of the same event disturbs no earlier wait, and inside CUDA-graph capture the events become graph edges. The side
+    stream runs no cuBLAS call, so it holds no cuBLAS workspace (``linear.side_stream`` says why that matters)."""
+
+    def __init__(self, device: torch.device) -> None:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _PIPELINE_STREAMS:
+            _PIPELINE_STREAMS[index] = torch.cuda.Stream(index)
+        self.streams = {"main": torch.cuda.current_stream(index), "side": _PIPELINE_STREAMS[index]}
+        self.events = _PIPELINE_EVENTS.setdefault(index, {})
+
+    def on(self, lane: str) -> AbstractContextManager:
+        return torch.cuda.stream(self.streams[lane])
+
+    def record(self, lane: str, event: str) -> None:
+        if event not in self.events:
+            self.events[event] = torch.cuda.Event()
+        self.events[event].record(self.streams[lane])
+
+    def wait(self, lane: str, event: str) -> None:
+        self.streams[lane].wait_event(self.events[event])
+
+
+def run_pipeline(x: torch.Tensor, shape: tuple[int, int], chunks: int,
+                 expand_rows: Callable[[int, int, torch.Tensor], None], lanes: Lanes) -> torch.Tensor:
+    """``x @ W.T`` by :func:`pipeline_schedule`: ``expand_rows(start, stop, out)`` writes rows ``[start, stop)`` of W
+    into a slot of the shared scratch (:func:`pipeline_slot_rows` rows each, :func:`scratch`, taken before the side
+    stream forks: it never grows inside capture), and each GEMM writes ``y[:, start:stop]`` in place. cuBLAS writes that
+    column slice with no copy: PyTorch's addmm path (``cublasCommonArgs`` / ``prepare_matrix_for_cublas`` in
+    aten/src/ATen/native/cuda) takes an output whose column stride is 1 and row stride at least its width as is, a
+    transposed column-major matrix with leading dimension N, and copies back only an output it had to clone."""
+    n, k = shape
+    rows = pipeline_rows(n, chunks)
+    first, second = pipeline_slot_rows(rows)
+    buffer = scratch(x.device, x.dtype, (first + second) * k)
+    slots = [buffer[: first * k], buffer[first * k: (first + second) * k]]
+    y = x.new_empty(x.shape[0], n)
+    for step in pipeline_schedule(len(rows)):
+        if step.action == "record":
+            lanes.record(step.lane, step.target)
+        elif step.action == "wait":
+            lanes.wait(step.lane, step.target)
+        else:
+            start, stop = rows[step.target]
+            slot = slots[pipeline_slot(step.target)]
+            with lanes.on(step.lane):
+                if step.action == "expand":
+                    expand_rows(start, stop, slot)
+                else:
+                    torch.mm(x, slot[: (stop - start) * k].view(stop - start, k).t(), out=y[:, start:stop])
+    return y
+
+
+@torch.library.custom_op("secateurs::pipelined_expand_matmul", mutates_args=())
+def pipelined_expand_matmul(x: torch.Tensor, parts: list[torch.Tensor], kind: str, n: int, k: int, chunks: int,
+                            variant: int) -> torch.Tensor:
+    """``x @ W.T`` for a stored weight (``parts`` of format ``kind``, shape (n, k)) by the pipelined expand path in
+    ``chunks`` row chunks: one op, opaque to ``torch.compile``, so the streams and events never reach a tracer. The
+    format expands a row range itself (``expand_rows``; ``variant`` picks among its expand kernels)."""
+    fmt = format_class(kind).from_parts(parts, (n, k))
+    lanes = CudaLanes(x.device) if x.device.type == "cuda" else Lanes()
+    return run_pipeline(x, (n, k), chunks, lambda start, stop, out: fmt.expand_rows(start, stop, out, variant), lanes)
+
+
+@pipelined_expand_matmul.register_fake
+def _(x, parts, kind, n, k, chunks, variant):
+    return x.new_empty(x.shape[0], n)
+
+
+def pipelined_candidates(fmt: SparseFormat, m: int,
+                         variant: int = 0) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The pipelined expand path at ``m`` rows (``expand_pipelined_c<chunks>``, each of :data:`PIPELINE_CHUNKS` whose
+    chunks keep :data:`PIPELINE_MIN_ROWS` rows), from :data:`PIPELINE_TOKENS` on: never run on a GPU (a stream or event
+    mistake could fault, which a reference check cannot catch), so only under ``SECATEURS_UNVERIFIED_KERNELS=1``. The
+    format offers it after its other expand candidates, having checked its tensors as for those."""
+    if m < PIPELINE_TOKENS or not unverified_offered():
+        return {}
+    n, k = fmt.shape
+    parts = list(fmt.tensors().values())
+    return {f"expand_pipelined_c{c}": (lambda x, c=c: pipelined_expand_matmul(x, parts, fmt.kind, n, k, c, variant))
+            for c in PIPELINE_CHUNKS if n >= c * PIPELINE_MIN_ROWS}
 
 
 def extra_bytes(fmt: SparseFormat) -> int:

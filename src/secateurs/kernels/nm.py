@@ -163,6 +163,14 @@ class NmFormat(SparseFormat):
     def _tc(self, x: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def expand_rows(self, start: int, stop: int, out: torch.Tensor, variant: int) -> None:
+        """Rows ``[start, stop)`` of the dense weight into the first ``(stop - start) * K`` elements of ``out`` (the
+        pipelined expand path's chunk): the values and position tables are per-row, so the expand kernel runs on their
+        row slices as on a whole weight, ``variant`` 16-input chunks per thread (rows from a multiple of
+        ``cuda_ops.PIPELINE_ALIGN`` keep the four-chunk kernel's 8- and 16-byte position loads aligned)."""
+        chunk = self.from_parts([t[start:stop] for t in self.tensors().values()], (stop - start, self.shape[1]))
+        chunk._expand(out, variant)
+
     def _tc_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The tensor-core kernel at ``m`` rows (the smallest token tile that holds them, each split-K choice of
         :func:`tc_splits`), or nothing where its module does not build (:func:`tc_built`)."""
@@ -179,8 +187,10 @@ class NmFormat(SparseFormat):
         expanded into the scratch every layer shares, then cuBLAS) at each chunks-per-thread choice the tables'
         alignment allows; at 5-64 rows also the tensor-core kernel (the smallest token tile that holds ``m`` rows, at
         the split-K choices of :func:`tc_splits`; correct on an H100, its speed left to the dispatcher's timing),
-        after the expand path. A format whose GEMV was never run on a GPU is offered only under
-        ``SECATEURS_UNVERIFIED_KERNELS=1`` (4:8's and 8:16's GEMV and expand paths matched float64 on an H100).
+        after the expand path; at prompt sizes, under ``SECATEURS_UNVERIFIED_KERNELS=1``, the pipelined expand path
+        (:func:`cuda_ops.pipelined_candidates`, with the widest chunks per thread the tables allow). A format whose GEMV
+        was never run on a GPU is offered only under ``SECATEURS_UNVERIFIED_KERNELS=1`` (4:8's and 8:16's GEMV and
+        expand paths matched float64 on an H100).
         Compiled on first offer (an error there offers nothing)."""
         n, k = self.shape
         if m < 1 or k % CHUNK or not cuda_ops.ready(self.values, 16, n, k * self.kept // self.group) \
@@ -191,11 +201,13 @@ class NmFormat(SparseFormat):
         expanding = m > self.tokens[-1]  # row bucket 8 on
         cuda_ops._module(self.values.device.index, self.source)  # compiled once; raises where it cannot be
         if expanding:
+            usable = [c for c in self.expand_chunks if c == 1 or self._wide_positions()]
             paths = {f"expand_cublas_c{c}": (lambda x, c=c: cuda_ops.scratch_matmul(
                          x, self.shape, lambda out: self._expand(out, c)))
-                     for c in self.expand_chunks if c == 1 or self._wide_positions()}
+                     for c in usable}
             if m <= TC_TOKENS[-1]:
                 paths.update(self._tc_candidates(m))
+            paths.update(cuda_ops.pipelined_candidates(self, m, max(usable)))  # prompts, unverified: opt-in
             return paths
         tokens = next(t for t in self.tokens if t >= m)
         return {f"cuda_{self.gemv_name}_r{rows}_s{split}": (lambda x, r=rows, s=split: self._gemv(x, r, s))

@@ -178,7 +178,8 @@ class Sparse24(SparseFormat):
         tiled ``mma.sp`` GEMM (a few tile shapes), on an H100/H200 the ``wgmma.mma_async.sp`` GEMM
         (:mod:`secateurs.kernels.wgmma`; correct on an H100 but never yet timed, so only under
         ``SECATEURS_UNVERIFIED_KERNELS=1``)
-        and the expand path (the weight expanded into one scratch buffer shared by all layers, then cuBLAS)."""
+        and the expand path (the weight expanded into one scratch buffer shared by all layers, then cuBLAS); under the
+        opt-in also its pipelined form (:func:`cuda_ops.pipelined_candidates`, never run on a GPU)."""
         n, k = self.shape
         if k % 16 or not cuda_ops.ready(self.values, 16, n, k // 2) or not cuda_ops.ready(self.meta, 8, n, k // 8):
             return {}
@@ -201,8 +202,15 @@ class Sparse24(SparseFormat):
                         lambda x, c=config: cuda_ops.sparse24_gemm(x, self.values, self.meta, c))
             prompt.update(wgmma.candidates(self.values, self.meta, self.shape, m))  # Hopper, unverified: opt-in
             prompt["expand_cublas"] = lambda x: cuda_ops.expand_matmul(x, self.values, self.meta, self.shape)
+            prompt.update(cuda_ops.pipelined_candidates(self, m))  # unverified: opt-in
             return {**prompt, **mma}
         return {**gemv, **mma} if n <= 2048 and m <= 2 else {**mma, **gemv}
+
+    def expand_rows(self, start: int, stop: int, out: torch.Tensor, variant: int) -> None:
+        """Rows ``[start, stop)`` of the dense weight into the first ``(stop - start) * K`` elements of ``out`` (the
+        pipelined expand path's chunk): values and positions are per-row tables, so the expand kernel runs on their
+        row slices as on a whole weight. ``variant``: 2:4 has one expand kernel."""
+        cuda_ops.sparse24_expand(self.values[start:stop], self.meta[start:stop], out)
 
 
 def gemm_configs(n: int, m: int) -> list[str]:
