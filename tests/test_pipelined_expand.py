@@ -22,6 +22,12 @@ CLASSES = {"2:4": Sparse24, "4:8": Nm48, "8:16": Nm816, "bitmap": Bitmap}
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def own_scratch(monkeypatch):
+    """Each test its own expansion scratch: one left behind would count as shared bytes in later tests' reports."""
+    monkeypatch.setattr(cuda_ops, "_SCRATCH", {})
+
+
 def _weight(kind: str, n: int, k: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     base = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     if kind == "bitmap":
