@@ -93,6 +93,53 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+class FakeNvrtc:
+    """NVRTC as ``cuda_ops._compile`` calls it (cuda-bindings' ``nvrtc`` module), compiling nothing: records each
+    program created (name, header count, header names, header texts) and each compile's options, and offers the
+    architectures ``archs``; tests of the compile step's options, headers and cache keys need no toolkit."""
+
+    def __init__(self, archs: tuple[int, ...] = (80, 90)) -> None:
+        self.archs = list(archs)
+        self.created: list[tuple] = []
+        self.options: list[list[str]] = []
+
+    def nvrtcVersion(self):
+        return (0, 13, 5)
+
+    def nvrtcGetSupportedArchs(self):
+        return (0, self.archs)
+
+    def nvrtcCreateProgram(self, text, name, count, headers, names):
+        self.created.append((name.decode(), count, list(names), [bytes(h) for h in headers]))
+        return (0, "program")
+
+    def nvrtcCompileProgram(self, program, count, options):
+        self.options.append([o.decode() for o in options])
+        return (0,)
+
+    def nvrtcGetCUBINSize(self, program):
+        return (0, 4)
+
+    def nvrtcGetCUBIN(self, program, binary):
+        return (0,)
+
+    def nvrtcDestroyProgram(self, program):
+        return (0,)
+
+
+@pytest.fixture()
+def fake_nvrtc(monkeypatch, tmp_path):
+    """``cuda_ops._compile`` on a :class:`FakeNvrtc` (set its ``archs`` as needed), caching into ``tmp_path``."""
+    from secateurs.kernels import cuda_ops
+
+    fake = FakeNvrtc()
+    monkeypatch.setattr(cuda_ops, "_bindings", lambda: (None, fake))
+    monkeypatch.setenv("SECATEURS_KERNEL_CACHE", str(tmp_path))
+    cuda_ops.cache_dir.cache_clear()
+    yield fake
+    cuda_ops.cache_dir.cache_clear()
+
+
 @pytest.fixture()
 def nvcc_cubins(tmp_path):
     """Compile a kernel source with nvcc for Hopper and Ampere (NVRTC compiles it at run time on users'

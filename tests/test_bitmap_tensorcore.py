@@ -308,42 +308,12 @@ def test_the_op_has_a_fake_implementation():
     assert (tuple(y.shape), y.dtype) == ((9, 24), torch.bfloat16)
 
 
-def test_nvrtc_gets_the_engine_header_and_other_sources_keep_their_cache_keys(monkeypatch, tmp_path):
+def test_nvrtc_gets_the_engine_header_and_other_sources_keep_their_cache_keys(fake_nvrtc, tmp_path):
     """Sources that include tc_tile.cuh get it (and common.cuh) as in-memory headers and a cache key that covers it;
     a source that includes only common.cuh gets only that, under the key it always had."""
-    created = []
-
-    class FakeNvrtc:
-        def nvrtcVersion(self):
-            return (0, 13, 5)
-
-        def nvrtcGetSupportedArchs(self):
-            return (0, [80, 90])
-
-        def nvrtcCreateProgram(self, text, name, count, headers, names):
-            created.append((name.decode(), count, list(names), [bytes(h) for h in headers]))
-            return (0, "program")
-
-        def nvrtcCompileProgram(self, program, count, options):
-            return (0,)
-
-        def nvrtcGetCUBINSize(self, program):
-            return (0, 4)
-
-        def nvrtcGetCUBIN(self, program, binary):
-            return (0,)
-
-        def nvrtcDestroyProgram(self, program):
-            return (0,)
-
-    monkeypatch.setattr(cuda_ops, "_bindings", lambda: (None, FakeNvrtc()))
-    monkeypatch.setenv("SECATEURS_KERNEL_CACHE", str(tmp_path))
-    cuda_ops.cache_dir.cache_clear()
-    try:
-        for source in (bitmap.TC_SOURCE, nm.TC_SOURCE, cuda_ops.SOURCE):
-            cuda_ops._compile((9, 0), source)
-    finally:
-        cuda_ops.cache_dir.cache_clear()
+    created = fake_nvrtc.created
+    for source in (bitmap.TC_SOURCE, nm.TC_SOURCE, cuda_ops.SOURCE):
+        cuda_ops._compile((9, 0), source)
     common, tile = cuda_ops.COMMON.read_bytes(), cuda_ops.TC_TILE.read_bytes()
     assert created == [("bitmap_tc.cu", 2, [b"common.cuh", b"tc_tile.cuh"], [common, tile]),
                        ("nm_tc.cu", 2, [b"common.cuh", b"tc_tile.cuh"], [common, tile]),

@@ -587,44 +587,15 @@ def test_a_build_failure_offers_nothing(monkeypatch):
     assert any("wgmma.sp GEMM was not built (NVRTC cannot target sm_90a)" in line for line in fallback_notes())
 
 
-def test_sm90a_target_only_for_the_wgmma_source_and_cache_keys_unchanged(monkeypatch, tmp_path):
+def test_sm90a_target_only_for_the_wgmma_source_and_cache_keys_unchanged(fake_nvrtc, tmp_path):
     """``_compile`` asks NVRTC for sm_90a only for the source registered with the suffix; the other sources'
     options and cache file names are what they were (their cached cubins stay valid)."""
-    calls = []
-
-    class FakeNvrtc:
-        def nvrtcVersion(self):
-            return (0, 13, 5)
-
-        def nvrtcGetSupportedArchs(self):
-            return (0, [80, 90, 100])
-
-        def nvrtcCreateProgram(self, *args):
-            return (0, "program")
-
-        def nvrtcCompileProgram(self, program, count, options):
-            calls.append([o.decode() for o in options])
-            return (0,)
-
-        def nvrtcGetCUBINSize(self, program):
-            return (0, 4)
-
-        def nvrtcGetCUBIN(self, program, binary):
-            return (0,)
-
-        def nvrtcDestroyProgram(self, program):
-            return (0,)
-
-    monkeypatch.setattr(cuda_ops, "_bindings", lambda: (None, FakeNvrtc()))
-    monkeypatch.setenv("SECATEURS_KERNEL_CACHE", str(tmp_path))
-    cuda_ops.cache_dir.cache_clear()
-    try:
-        cuda_ops._compile((9, 0), cuda_ops.SOURCE)
-        cuda_ops._compile((9, 0), wgmma.SOURCE, cuda_ops.ARCH_SUFFIX[wgmma.SOURCE])
-        with pytest.raises(RuntimeError, match="sm_103a"):
-            cuda_ops._compile((10, 3), wgmma.SOURCE, "a")  # no native target: no PTX fallback for sm_XYa
-    finally:
-        cuda_ops.cache_dir.cache_clear()
+    fake_nvrtc.archs = [80, 90, 100]
+    calls = fake_nvrtc.options
+    cuda_ops._compile((9, 0), cuda_ops.SOURCE)
+    cuda_ops._compile((9, 0), wgmma.SOURCE, cuda_ops.ARCH_SUFFIX[wgmma.SOURCE])
+    with pytest.raises(RuntimeError, match="sm_103a"):
+        cuda_ops._compile((10, 3), wgmma.SOURCE, "a")  # no native target: no PTX fallback for sm_XYa
     assert calls[0] == ["--gpu-architecture=sm_90", *cuda_ops.OPTIONS] and calls[1][0] == "--gpu-architecture=sm_90a"
     names = sorted(p.name for p in tmp_path.iterdir())
     assert sorted(n.split("-")[0] + " " + n.rsplit("-", 2)[1] for n in names) == ["sparse24_wgmma sm90a", "sparse_gemv sm90"]
