@@ -152,8 +152,10 @@ def first_launches() -> int:
 
 
 def selected(name: str, only: str) -> bool:
-    """Whether ``--only`` picks a candidate: a prefix of its name, with or without the ``cuda_`` (``wgmma``)."""
-    return name.startswith((only, f"cuda_{only}"))
+    """Whether ``--only`` picks a candidate: one of its comma-separated prefixes of the name, with or without the
+    ``cuda_`` (``wgmma,expand_pipelined``); an empty ``--only`` picks all."""
+    prefixes = only.split(",")
+    return name.startswith((*prefixes, *(f"cuda_{p}" for p in prefixes)))
 
 
 def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
@@ -247,8 +249,9 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "cuda", "triton"), default="all")
-    parser.add_argument("--only", default="", help="cuda part: only the candidates whose name starts with this "
-                                                   "(a leading cuda_ may be left out: --only wgmma)")
+    parser.add_argument("--only", default="", help="cuda part: only the candidates whose name starts with one of "
+                                                   "these comma-separated prefixes (a leading cuda_ may be left out: "
+                                                   "--only wgmma,tcbitmap)")
     parser.add_argument("--formats", default=",".join(FORMATS), help="cuda part: the stored formats to check")
     parser.add_argument("--first-launch", default=None, help=argparse.SUPPRESS)  # CONFIG or all: the child process
     args = parser.parse_args()

@@ -635,6 +635,18 @@ def test_gpu_check_withholds_a_configuration_whose_first_launch_fails(monkeypatc
     assert check.first_launches() == 0 and children == ["all"]  # all right: one child only
 
 
+def test_gpu_check_only_takes_comma_separated_prefixes(monkeypatch):
+    """``--only wgmma,expand_pipelined`` picks the candidates of either prefix (with or without ``cuda_``) and no
+    other, so one call checks the new kernels of several formats; an empty ``--only`` picks every candidate."""
+    monkeypatch.setenv(cuda_ops.UNVERIFIED_ENV, "0")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    check = importlib.import_module("gpu_kernel_check")
+    only = "wgmma,expand_pipelined"
+    assert check.selected("cuda_wgmma24_m128_n128_s4", only) and check.selected("expand_pipelined_c2", only)
+    assert not check.selected("expand_cublas", only) and not check.selected("cuda_gemm24_m128_n128_s4", only)
+    assert check.selected("expand_cublas", "")
+
+
 def _tool(name: str) -> str | None:
     """A CUDA toolkit program: on PATH, in /usr/local/bin or /usr/local/cuda/bin, or (cuobjdump) the copy Triton
     ships with its NVIDIA backend; None where there is none (CI has no toolkit)."""
