@@ -140,16 +140,46 @@ def fake_nvrtc(monkeypatch, tmp_path):
     cuda_ops.cache_dir.cache_clear()
 
 
-@pytest.fixture()
-def nvcc_cubins(tmp_path):
-    """Compile a kernel source with nvcc for Hopper and Ampere (NVRTC compiles it at run time on users'
-    GPUs); returns each architecture's cubin as text to search for kernel names. Skips without a toolkit."""
+def _nvcc() -> str:
+    """The nvcc of this machine; skips the test where there is none (CI has no CUDA toolkit)."""
     import shutil
-    import subprocess
 
     nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
     if nvcc is None:
         pytest.skip("no nvcc here")
+    return nvcc
+
+
+@pytest.fixture()
+def nvcc_builds_without_spills(tmp_path):
+    """Compile a kernel source with nvcc and ptxas's report for Hopper and Ampere (NVRTC compiles it at run time on
+    users' GPUs) and check every named kernel exists, is compiled, and spills no register. Skips without a toolkit."""
+    import subprocess
+
+    nvcc = _nvcc()
+
+    def check(source: Path, names: list[str]) -> None:
+        for arch in ("sm_90", "sm_80"):
+            out = tmp_path / f"{source.stem}-{arch}.cubin"
+            done = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o", str(out),
+                                   str(source)], capture_output=True, text=True, check=False)
+            assert done.returncode == 0, done.stderr[-2000:]
+            binary = out.read_bytes().decode("latin-1")
+            assert all(name in binary for name in names)
+            report = done.stdout + done.stderr
+            assert report.count("Compiling entry function") == len(names)
+            assert report.count(" 0 bytes spill stores, 0 bytes spill loads") == len(names), report
+
+    return check
+
+
+@pytest.fixture()
+def nvcc_cubins(tmp_path):
+    """Compile a kernel source with nvcc for Hopper and Ampere (NVRTC compiles it at run time on users'
+    GPUs); returns each architecture's cubin as text to search for kernel names. Skips without a toolkit."""
+    import subprocess
+
+    nvcc = _nvcc()
 
     def compile_source(source: Path) -> dict[str, str]:
         cubins = {}
