@@ -3,9 +3,9 @@ bitmap unit's index math emulated lane by lane (which bit words and segment offs
 index, which 16-byte value vectors it loads and how it shifts them, where each value lands in the swizzled shared
 tile), inside test_nm_tensorcore's emulation of the shared engine (tiles, ldmatrix, mma fragments, split-K), run
 through the real launcher with ``cuda_ops._launch`` replaced and compared with the float64 dense product. A broken
-start index, window shift or scatter address fails it. Also: the candidates are offered only under
-``SECATEURS_UNVERIFIED_KERNELS=1``, only at 5-64 rows and after the expand path; a module that does not build offers
-none; NVRTC gets the engine header; nvcc builds the source with no spills."""
+start index, window shift or scatter address fails it. Also: the candidates (cleared on an H100) are offered with or
+without ``SECATEURS_UNVERIFIED_KERNELS=1``, only at 5-64 rows and after the expand path; a module that does not build
+offers none; NVRTC gets the engine header; nvcc builds the source with no spills."""
 
 from __future__ import annotations
 
@@ -208,17 +208,11 @@ def _fmt(rows: int = 128, cols: int = 1024) -> Bitmap:
     return Bitmap.compress(_weight(rows, cols, 0.7, 0, torch.float16))
 
 
-def test_offered_only_under_the_opt_in(monkeypatch, not_opted_in):
-    """Never run on a GPU: without SECATEURS_UNVERIFIED_KERNELS=1 no bucket offers it."""
-    fmt = _fmt()
-    _gpu_like(monkeypatch)
-    for m in (1, 2, 4, 8, 16, 32, 64, 128, 512):
-        assert not any(name.startswith("cuda_tcbitmap") for name in fmt.cuda_candidates(m))
-
-
-def test_offered_at_5_to_64_rows_after_the_expand_path(monkeypatch, opted_in):
-    """Opted in: row buckets 8-64 offer the smallest token tile holding the rows at each split-K choice, after the
-    expand path; 1-4 rows and 128 on do not."""
+@pytest.mark.parametrize("opted", [False, True])
+def test_offered_at_5_to_64_rows_after_the_expand_path(monkeypatch, opted):
+    """Cleared on an H100, so with or without SECATEURS_UNVERIFIED_KERNELS=1 row buckets 8-64 offer the smallest token
+    tile holding the rows at each split-K choice, after the expand path; 1-4 rows and 128 on do not."""
+    monkeypatch.setattr(cuda_ops, "unverified_offered", lambda: opted)
     fmt = _fmt()
     _gpu_like(monkeypatch)
     for m in (1, 2, 4, 128, 512, 2048):

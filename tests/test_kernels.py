@@ -897,9 +897,9 @@ def test_cuda_candidates_read_nothing_back_from_the_device(monkeypatch):
 def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatch):
     """Today's behaviour without SECATEURS_UNVERIFIED_KERNELS=1, on a Hopper GPU (faked: nothing compiled or
     launched): at every row bucket every format offers only the kernels that matched float64 on an H100 (2:4's GEMV,
-    mma.sp kernel, mma.sp GEMM, expand path and timed wgmma configuration; 4:8's, 8:16's and the bitmap's GEMVs and
-    expand paths; the 4:8 / 8:16 tensor-core kernel), never the banded kernels (never timed); and choose_format
-    stores no weight as banded."""
+    mma.sp kernel, mma.sp GEMM, expand path and timed wgmma configurations; 4:8's, 8:16's and the bitmap's GEMVs and
+    expand paths; the pipelined expand path; the 4:8 / 8:16 and bitmap tensor-core kernels), never the banded kernels
+    (never timed); and choose_format stores no weight as banded."""
     from secateurs.kernels import Nm48, Nm816, cuda_ops, wgmma
     from secateurs.kernels.banded import Banded
 
@@ -909,8 +909,8 @@ def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatc
     monkeypatch.setattr(wgmma, "capability", lambda device: (9, 0))
     monkeypatch.setattr(wgmma, "sm_count", lambda device: 132)
     measured = ("cuda_gemv24_", "cuda_mma24_", "cuda_gemm24_", "cuda_gemv48_", "cuda_gemv816_", "cuda_tc48_",
-                "cuda_tc816_", "cuda_gemv_bitmap_", "expand_cublas")
-    cleared_wgmma = re.compile(r"cuda_wgmma24_m128_n128_s4(_k\d+)?")  # the timed configuration, whole or split K
+                "cuda_tc816_", "cuda_gemv_bitmap_", "cuda_tcbitmap_", "expand_cublas", "expand_pipelined_")
+    cleared_wgmma = re.compile(rf"cuda_wgmma24_({'|'.join(sorted(wgmma.CLEARED))})(_k\d+)?")  # whole or split K
     base = torch.randn(256, 512, generator=torch.Generator().manual_seed(31))
     weights = [(Sparse24, nm_mask(base.abs(), 2, 4)), (Nm48, nm_mask(base.abs(), 4, 8)),
                (Nm816, nm_mask(base.abs(), 8, 16)), (Bitmap, unstructured_mask(base.abs(), 0.7)),

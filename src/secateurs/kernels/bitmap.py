@@ -16,9 +16,11 @@ At 5-64 rows also a tensor-core kernel (``cuda/bitmap_tc.cu`` on the engine of `
 8:16 kernel uses): a block of 64 output features reads each (row, 16-input chunk)'s bits, segment offset and values
 once per token tile, scatters the values into a swizzled dense shared tile and multiplies it by 16-64 tokens with
 ``mma.sync.m16n8k16``, split-K over blocks with a fixed-order fp32 sum. The expand path it would replace moves about
-three times the dense bytes (a 70%-unstructured Llama-2-7B decoded at 0.49x dense at batch 8 on an H100). It never
-ran on a GPU, so its candidates (``cuda_tcbitmap_n<tokens>_s<split>``) are offered, after the expand path, only under
-``SECATEURS_UNVERIFIED_KERNELS=1``.
+three times the dense bytes (a 70%-unstructured Llama-2-7B decoded at 0.49x dense at batch 8 on an H100). On an
+H100 it matched float64 at every bucket and ran at 0.35-0.77x cuBLAS at 8-64 tokens (50% and 70%, seven Llama
+shapes), against 0.36-0.67x for the expand path, so its candidates (``cuda_tcbitmap_n<tokens>_s<split>``) are offered
+by default, after the expand path: still slower than dense, bound by the scatter's instructions (about 7 a stored
+value), not by bytes.
 """
 
 from __future__ import annotations
@@ -160,9 +162,9 @@ class Bitmap(SparseFormat):
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The CUDA bitmap GEMV for one row (the two-row one measured slower than cuBLAS); from 2 rows the expand
         path (the weight expanded into the shared scratch, then cuBLAS; it matched float64 on an H100 at every
-        bucket), which stages the values with 16-byte loads and so needs them 16-byte aligned; at 5-64 rows, under
-        ``SECATEURS_UNVERIFIED_KERNELS=1`` only, the tensor-core kernel after it (:meth:`_tc_candidates`); at prompt
-        sizes, under the opt-in too, the pipelined expand path (:func:`cuda_ops.pipelined_candidates`)."""
+        bucket), which stages the values with 16-byte loads and so needs them 16-byte aligned; at 5-64 rows the
+        tensor-core kernel after it (:meth:`_tc_candidates`); at prompt sizes the pipelined expand path
+        (:func:`cuda_ops.pipelined_candidates`)."""
         n, k = self.shape
         if m < 1 or k % SEGMENT or self.bits.dtype != torch.int32 \
                 or self.offsets.dtype != torch.int32 or not cuda_ops.ready(self.bits, 4, n, k // 32) \
@@ -173,9 +175,9 @@ class Bitmap(SparseFormat):
                 return {}
             paths = {"expand_cublas": lambda x: cuda_ops.scratch_matmul(
                          x, self.shape, lambda out: cuda_ops.bitmap_expand(self.values, self.bits, self.offsets, out))}
-            if 4 < m <= TC_TOKENS[-1] and cuda_ops.unverified_offered():
+            if 4 < m <= TC_TOKENS[-1]:
                 paths.update(self._tc_candidates(m))
-            paths.update(cuda_ops.pipelined_candidates(self, m))  # prompts, unverified: opt-in
+            paths.update(cuda_ops.pipelined_candidates(self, m))
             return paths
         return {f"cuda_gemv_bitmap_r{rows}_s{split}": (
                     lambda x, r=rows, s=split: cuda_ops.bitmap_gemv(x, self.values, self.bits, self.offsets, r, s))
@@ -204,7 +206,7 @@ class Bitmap(SparseFormat):
 @torch.library.custom_op("secateurs::bitmap_tc", mutates_args=())
 def bitmap_tc(x: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, offsets: torch.Tensor, tokens: int,
               split: int) -> torch.Tensor:
-    """``x @ W.T`` for a bitmap weight on tensor cores (``bitmap_tc.cu``, unverified: opt-in) and any number of rows of
+    """``x @ W.T`` for a bitmap weight on tensor cores (``bitmap_tc.cu``) and any number of rows of
     x: blocks of 64 output features x ``tokens`` rows (16, 32 or 64), ``split`` blocks sharing each feature tile's K.
     With ``split`` > 1 each block writes fp32 partial sums to its slice of a (split, M, N) workspace and
     ``tcsum_<dtype>`` adds them in split order (deterministic, no atomics). ``values`` is passed with its length: the

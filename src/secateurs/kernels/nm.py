@@ -187,7 +187,7 @@ class NmFormat(SparseFormat):
         expanded into the scratch every layer shares, then cuBLAS) at each chunks-per-thread choice the tables'
         alignment allows; at 5-64 rows also the tensor-core kernel (the smallest token tile that holds ``m`` rows, at
         the split-K choices of :func:`tc_splits`; correct on an H100, its speed left to the dispatcher's timing),
-        after the expand path; at prompt sizes, under ``SECATEURS_UNVERIFIED_KERNELS=1``, the pipelined expand path
+        after the expand path; at prompt sizes the pipelined expand path
         (:func:`cuda_ops.pipelined_candidates`, with the widest chunks per thread the tables allow). A format whose GEMV
         was never run on a GPU is offered only under ``SECATEURS_UNVERIFIED_KERNELS=1`` (4:8's and 8:16's GEMV and
         expand paths matched float64 on an H100).
@@ -207,7 +207,7 @@ class NmFormat(SparseFormat):
                      for c in usable}
             if m <= TC_TOKENS[-1]:
                 paths.update(self._tc_candidates(m))
-            paths.update(cuda_ops.pipelined_candidates(self, m, max(usable)))  # prompts, unverified: opt-in
+            paths.update(cuda_ops.pipelined_candidates(self, m, max(usable)))  # prompts
             return paths
         tokens = next(t for t in self.tokens if t >= m)
         return {f"cuda_{self.gemv_name}_r{rows}_s{split}": (lambda x, r=rows, s=split: self._gemv(x, r, s))

@@ -132,7 +132,7 @@ def _(values, meta, high, out, chunks):
 @torch.library.custom_op("secateurs::nm48_tc", mutates_args=())
 def nm48_tc(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, high: torch.Tensor, tokens: int,
             split: int) -> torch.Tensor:
-    """``x @ W.T`` for a 4:8 weight on tensor cores (``nm_tc.cu``, unverified: opt-in): blocks of 64 output features x
+    """``x @ W.T`` for a 4:8 weight on tensor cores (``nm_tc.cu``): blocks of 64 output features x
     ``tokens`` rows of x (16, 32 or 64), ``split`` blocks sharing each feature tile's K."""
     return tc_launch("tc48", x, (values, meta, high), tokens, split)
 

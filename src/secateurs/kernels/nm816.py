@@ -113,7 +113,7 @@ def _(values, positions, out, chunks):
 
 @torch.library.custom_op("secateurs::nm816_tc", mutates_args=())
 def nm816_tc(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
-    """``x @ W.T`` for an 8:16 weight on tensor cores (``nm_tc.cu``, unverified: opt-in): blocks of 64 output features
+    """``x @ W.T`` for an 8:16 weight on tensor cores (``nm_tc.cu``): blocks of 64 output features
     x ``tokens`` rows of x (16, 32 or 64), ``split`` blocks sharing each feature tile's K."""
     return tc_launch("tc816", x, (values, positions), tokens, split)
 

@@ -176,10 +176,9 @@ class Sparse24(SparseFormat):
         (benchmarks/sparse_kernels.py --part kernels: the tensor-core kernel first, except on narrow weights,
         N <= 2048, at 1-2 tokens, where the GEMV's split-K keeps more loads in flight); from 32 rows on the
         tiled ``mma.sp`` GEMM (a few tile shapes), on an H100/H200 the ``wgmma.mma_async.sp`` GEMM
-        (:mod:`secateurs.kernels.wgmma`; correct on an H100 but never yet timed, so only under
-        ``SECATEURS_UNVERIFIED_KERNELS=1``)
-        and the expand path (the weight expanded into one scratch buffer shared by all layers, then cuBLAS); under the
-        opt-in also its pipelined form (:func:`cuda_ops.pipelined_candidates`, never run on a GPU)."""
+        (:mod:`secateurs.kernels.wgmma`, its configurations cleared on an H100: :data:`wgmma.CLEARED`) and the expand
+        path (the weight expanded into one scratch buffer shared by all layers, then cuBLAS), also in its pipelined
+        form (:func:`cuda_ops.pipelined_candidates`)."""
         n, k = self.shape
         if k % 16 or not cuda_ops.ready(self.values, 16, n, k // 2) or not cuda_ops.ready(self.meta, 8, n, k // 8):
             return {}
@@ -200,9 +199,9 @@ class Sparse24(SparseFormat):
                 for config in gemm_configs(n, m):
                     prompt[f"cuda_gemm24_{config}"] = (
                         lambda x, c=config: cuda_ops.sparse24_gemm(x, self.values, self.meta, c))
-            prompt.update(wgmma.candidates(self.values, self.meta, self.shape, m))  # Hopper, unverified: opt-in
+            prompt.update(wgmma.candidates(self.values, self.meta, self.shape, m))  # Hopper only
             prompt["expand_cublas"] = lambda x: cuda_ops.expand_matmul(x, self.values, self.meta, self.shape)
-            prompt.update(cuda_ops.pipelined_candidates(self, m))  # unverified: opt-in
+            prompt.update(cuda_ops.pipelined_candidates(self, m))
             return {**prompt, **mma}
         return {**gemv, **mma} if n <= 2048 and m <= 2 else {**mma, **gemv}
 

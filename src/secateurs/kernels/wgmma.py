@@ -3,13 +3,13 @@
 Why: the tiled ``mma.sp`` GEMM (sm_80 form) reaches 0.19-0.67x cuBLAS on an H100 and the ``mma.sp`` instruction
 itself peaks near 956 TFLOP/s (benchmarks/mma_peak.py), so it cannot give the issue's >= 1.2x; cuSPARSELt, which
 uses ``wgmma.sp``, reaches 1.15-1.69x. The kernel (``kernels/cuda/sparse24_wgmma.cu``) is compiled by NVRTC for
-``sm_90a`` (``cuda_ops.ARCH_SUFFIX``) and offered only on compute capability 9.0: its configuration
-``m128_n128_s4`` multiplied correctly on an H100 and was timed there (0.61-0.76x cuBLAS, :data:`CLEARED`), so the
-dispatcher offers it by default; a configuration not yet run and timed on a GPU only under
-``SECATEURS_UNVERIFIED_KERNELS=1``. Four earlier ones that left one stage's products in flight while the next
-stage's metadata was written into the register the wgmma in flight reads multiplied wrongly there (relative error
-0.11-0.57) and were removed; the in-flight configurations of :data:`CONFIGS` keep that register apart (the kernel's
-header says how; tests/test_wgmma.py checks it in the SASS) and have not yet run on a GPU.
+``sm_90a`` (``cuda_ops.ARCH_SUFFIX``) and offered only on compute capability 9.0. Every configuration of
+:data:`CONFIGS` multiplied correctly on an H100 and was timed there (:data:`CLEARED`), so the dispatcher offers them all
+by default and its timing picks per shape; a configuration added later is offered only under
+``SECATEURS_UNVERIFIED_KERNELS=1`` until a GPU run checks and times it. Four earlier ones that left one stage's products
+in flight while the next stage's metadata was written into the register the wgmma in flight reads multiplied wrongly
+there (relative error 0.11-0.57) and were removed; the in-flight configurations of :data:`CONFIGS` keep that register
+apart (the kernel's header says how; tests/test_wgmma.py checks it in the SASS) and matched float64 on the H100.
 
 The layout, described here for the CPU model of the kernel (tests/test_wgmma.py) as well as for readers:
 
@@ -89,17 +89,21 @@ threads fill the 64K-register file) and needs two rings in an SM's shared memory
   the 128-byte swizzle (:func:`a_offset`), 50 KB a stage, 201 KB of shared memory, 167 registers a thread (nvcc
   13.0, no spill); offered only where K % 128 == 0.
 
-The in-flight and 128-input configurations have never run on a GPU: they are offered only under
-``SECATEURS_UNVERIFIED_KERNELS=1`` until a GPU run checks and times them. The CPU model of tests/test_wgmma.py passed
-the four removed in-flight configurations as well: only a GPU run tells whether a configuration multiplies
-correctly."""
+All six matched float64 on one NVIDIA H100 80GB HBM3 (``gpu_kernel_check.py --part cuda --formats 2:4 --only wgmma``,
+2026-12-06: 2,104 checks, fp16/bf16, 10 shapes, m = 1-8192, whole and split K, 0 failures, worst 1.7e-3 in bf16) and
+were timed there (:data:`CLEARED`). The CPU model of tests/test_wgmma.py passed the four removed in-flight
+configurations as well: only a GPU run tells whether a configuration multiplies correctly."""
 
-CLEARED: frozenset[str] = frozenset({"m128_n128_s4"})
+CLEARED: frozenset[str] = frozenset(CONFIGS)
 """Configurations offered without ``SECATEURS_UNVERIFIED_KERNELS=1``: correct on a Hopper GPU and timed there. On an
-H100 (``sparse_kernels.py --part gemm --wgmma``, 2026-12-06) ``m128_n128_s4`` ran at 0.61-0.76x cuBLAS on the seven
-Llama shapes at 512-8192 tokens (454-505 dense-equivalent TFLOP/s), 1.15-3.09x the mma.sp GEMM, and was the fastest
-stored-format path at 512 tokens on every shape (expand + cuBLAS 0.55-0.70x there): the dispatcher's timing picks it
-where it wins. A configuration added later stays opt-in until it has run and been timed on a GPU."""
+H100 (``sparse_kernels.py --part gemm --wgmma``, 2026-12-06, seven Llama shapes at 512-8192 tokens) the first,
+``m128_n128_s4``, ran at 0.61-0.76x cuBLAS (454-505 dense-equivalent TFLOP/s); in a later run the in-flight and
+128-input ones lifted the best wgmma time to 0.70-0.91x cuBLAS (319-673 TFLOP/s, 1.41-3.30x the mma.sp GEMM):
+``m128_n128_s4_sk128`` fastest at 512 tokens on the three Llama-2-7B shapes and the 1024-output one,
+``m128_n256_s4_f1`` at 512 tokens on the three others and at 2048 tokens on six of seven, ``m256_n128_s4_f1`` at 8192
+tokens on the three 8192 x 8192 and larger shapes. The dispatcher's timing picks among them per shape; where
+expand + cuBLAS is faster (most shapes at 8192 tokens) it takes that. A configuration added later stays opt-in until
+it has run and been timed on a GPU."""
 
 
 def block_features(config: str) -> int:
