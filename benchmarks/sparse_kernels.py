@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.evaluate.speed import SpeedConfig, SpeedResult, measure, printed, ratios
 from secateurs.kernels import Bitmap, Sparse24, SparseLinear, cuda_ops, sparsify
-from secateurs.kernels.linear import fallback_notes, label, plans, reread_policies, side_stream
+from secateurs.kernels.linear import clear_plans, fallback_notes, label, plans, reread_policies, side_stream
 from secateurs.model.arch import spec_for
 from secateurs.model.linear import weight_matrix
 from secateurs.model.load import load_model
@@ -506,7 +506,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
     prefill_peak = {"dense": _prefill_peak_mib(model, vocab, device)}
     steps = {"dense": {b: linear_step(model, spec, b) for b in speed.decode_batches}}
     print(f"dense measured in {time.time() - started:.0f}s", flush=True)
-    correctness, reports = {}, {}
+    correctness, reports, kernel_plans = {}, {}, {}
 
     def keep() -> None:
         if checkpoint is not None:
@@ -531,6 +531,8 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
             torch._C._cuda_clearCublasWorkspaces()  # (no graph of it is alive any more)
         torch.cuda.empty_cache()
         model, spec = build()
+        clear_plans()  # each model tunes its own plans, as alone in a user's process: a 70% bitmap model must not
+        # replay the plans timed on the 50% model's weights (the bitmap's plan key has no density band)
         _prune(model, spec, pattern)
         if part == "smollm2":
             reference = _logits(model, check_shapes, vocab)
@@ -547,6 +549,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
         results.append(measure(model, label_, device, speed, phase=printed(label_)))
         prefill_peak[label_] = _prefill_peak_mib(model, vocab, device)
         steps[label_] = {b: linear_step(model, spec, b) for b in speed.decode_batches}
+        kernel_plans[label_] = _paths(model)
         print(f"{label_} measured in {time.time() - started:.0f}s", flush=True)
         keep()
     _print_speed(results, steps)
@@ -578,7 +581,7 @@ def end_to_end(part: str, device: torch.device, source: str, methods: tuple[str,
         "prefill_2048_peak_mib": prefill_peak,
         "logit_check": correctness,
         "goals": goals if part == "e2e" else {},
-        "kernel_plans": _paths(model),
+        "kernel_plans": kernel_plans,
         "fallback_notes": fallback_notes(),
     }
 
