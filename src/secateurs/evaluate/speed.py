@@ -176,7 +176,7 @@ def _decode_rate(model, batch: int, config: SpeedConfig, device: torch.device, t
             raise
         return None
     finally:
-        del decoder
+        decoder = None  # its graphs and caches go before dynamo's reset drops the compiled code
         if method == "compile":
             torch._dynamo.reset()  # compiled code holds the model (and its memory) until reset
     return batch * config.new_tokens / (statistics.median(times) / 1000)
