@@ -20,7 +20,7 @@ Every kernel reads the stored tensors as they are (one position table in memory,
   lane's metadata register is two stored position words); a few tile shapes the dispatcher times; on Hopper
   (compute capability 9.0) also ``wgmma.mma_async.sp`` (``kernels/wgmma.py``, ``sparse24_wgmma.cu``, built for
   ``sm_90a`` through :data:`ARCH_SUFFIX`; its six configurations matched float64 on an H100 and were timed there,
-  0.70-0.91x cuBLAS at best);
+  0.70-0.91x cuBLAS at best; the three fastest somewhere are offered by default);
 - expand: the stored 2:4 weight into one dense scratch buffer per device and dtype, shared by all layers
   (:func:`scratch`), then cuBLAS: a prompt path with no persistent copy; the 4:8 and 8:16 formats
   (``kernels/nm48.py``, ``kernels/nm816.py``, from 8 rows) and the bitmap (from 2 rows: a warp per 32 words,

@@ -6,8 +6,9 @@ format's ``plan_variant`` and the opt-in below; :meth:`SparseLinear.plan_key`) t
 that can compute the product and caches the fastest correct one:
 
 - ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV, ``mma.sp`` decode kernel,
-  tiled ``mma.sp`` prompt GEMM and the Hopper ``wgmma.sp`` one, 4:8, 8:16, bitmap and banded GEMVs, every format's
-  expand path; the two not yet cleared on a GPU, the wgmma GEMM and the banded layout, only under
+  tiled ``mma.sp`` prompt GEMM and the Hopper ``wgmma.sp`` one, 4:8, 8:16, bitmap and banded GEMVs, the tensor-core
+  kernels for 4:8, 8:16 and the bitmap, every format's expand path, plain and pipelined; what is not cleared on a GPU,
+  today the banded layout and the wgmma configurations never the fastest, only under
   ``SECATEURS_UNVERIFIED_KERNELS=1``), when ``cuda_ops.status()``
   says they can run here; all read the stored tensors, and the expand path's dense scratch is one buffer per device
   and dtype shared by every layer (:func:`shared_bytes`), not a copy per layer;
