@@ -1,21 +1,26 @@
-"""The banded unstructured GEMV (kernels/cuda/banded.cu) against cuBLAS and today's bitmap GEMV, per density band.
+"""The banded unstructured kernels (kernels/cuda/banded.cu, banded_tc.cu) against cuBLAS and the bitmap's, per band.
 
-    python benchmarks/banded.py [--out benchmarks/results/banded.json]     # GPU, about 4 minutes on an H100
+    python benchmarks/banded.py [--out benchmarks/results/banded.json]     # GPU, about 5-5.5 minutes on an H100 (estimated)
     python benchmarks/banded.py --quick                                      # one shape: a smoke run
     python benchmarks/banded.py --storage [--model PATH.gguf]                # CPU: bytes on a real model's masks
     python benchmarks/banded.py --sass [--arch sm_90]                        # CPU + nvcc: instructions per value
 
-First, every candidate ``Banded.cuda_candidates`` offers (the GEMV at 1-4 rows, the expand path from 2) is checked
-against a float64 product on odd shapes (rows not a multiple of a block, widths that end in a partial segment or are
-not multiples of 16, a 3-row weight with a long K), fp16 and bf16, 50/60/70/80% zeros, m = 1..4 and 8, the output
-block NaN-poisoned first; and the GEMV op once under ``torch.compile(fullgraph=True)`` inside a CUDA graph. Any
-failure stops the script (exit 1) before any timing.
+First, every candidate ``Banded.cuda_candidates`` offers (the GEMV at 1-4 rows, the expand path from 2, the
+tensor-core kernel at 5-64 rows, every split-K choice) is checked against a float64 product on odd shapes (rows not a
+multiple of a block, widths that end in a partial segment or are not multiples of 16, a 3-row weight with a long K),
+fp16 and bf16, 50/60/70/80% zeros, m = 1..4, 8, 9, 17, 33 and 64 (every token tile of the tensor-core kernel, full and
+partial), the output block NaN-poisoned first; and the GEMV op and the tensor-core op (split K, added by its second
+kernel) once each under ``torch.compile(fullgraph=True)`` inside a CUDA graph. Any failure stops the script (exit 1)
+before any timing.
 
 Then, per band (50%, 60%, 70%, 80% zeros, magnitude-pruned random normal fp16 weights) and per Llama-2-7B /
 Llama-3-70B linear shape (``sparse_kernels.SHAPES``), at 1, 2 and 4 tokens: cuBLAS ``F.linear`` on the same pruned
-dense weight, the bitmap's best candidate (its GEMV at 1 token, its expand path from 2) and every banded candidate,
-each a CUDA graph of calls rotating over weight copies that overflow L2, median of replays (the protocol of
-``sparse_kernels.py --part kernels``, through its helpers); each candidate checked against float64 where it is timed.
+dense weight, the bitmap's best candidate (its GEMV at 1 token, its expand path from 2) and every banded candidate;
+and on the Llama-2-7B shapes only (:data:`TC_SHAPES`, to keep the run near 5 minutes) at 8, 16, 32 and 64 tokens:
+cuBLAS, the bitmap's best tensor-core candidate and every banded candidate (its expand path and its tensor-core kernel
+at each split); each a CUDA graph of calls rotating over weight copies that overflow L2, median of replays (the
+protocol of ``sparse_kernels.py --part kernels``, through its helpers); each candidate checked against float64 where
+it is timed.
 Reported: the ratios vs cuBLAS and vs the bitmap, bytes per weight of both layouts, the entries stored per non-zero
 (padding and fillers), and the bytes the fastest correct banded path must move (stored weight + x + y) per second as
 a fraction of this run's copy bandwidth. Results go to benchmarks/results/banded.json (records.py).
@@ -27,7 +32,11 @@ sequences of 128 tokens; SECATEURS_DATA names the local data) at each band's spa
 benchmarks/results/banded_storage.json.
 
 ``--sass`` (nvcc, no GPU): SASS instructions per stored entry in each banded GEMV's main loop (two pieces of P
-entries per lane) and, for comparison, per non-zero in the one-row bitmap GEMV's bit loop (the loop holding its FMA).
+entries per lane) and, for comparison, per non-zero in the one-row bitmap GEMV's bit loop (the loop holding its FMA);
+and per scattered entry of the tensor-core kernels: banded_tc.cu's round loop (one grain of 8 entries per lane, its
+load, decode, scatter and ballots: the loop that holds 8 of its 16-bit shared stores) and that loop's scatter alone,
+against bitmap_tc.cu's slot chain (the instructions between a unit's first and last of its 16 value stores, over 15
+slots).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,6 +64,9 @@ from sparse_kernels import (L2_BYTES, RESULTS, SHAPES, compiled_in_graph_error, 
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8)
 TOKENS = (1, 2, 4)
+TC_TOKENS = (8, 16, 32, 64)  # the tensor-core kernel's row buckets
+TC_SHAPES = tuple(SHAPES["llama2-7b"].values())  # where they are timed (the 70B shapes would add about 3 minutes)
+CHECK_TOKENS = (1, 2, 3, 4, 8, 9, 17, 33, 64)
 CALLS = 24  # calls per graph replay, rotating over the copies
 # Relative error against float64 under which a candidate counts as correct: bf16's 8-bit significand rounds the output
 # alone by up to 2^-9, and on the first GPU run (H100) cuBLAS on the expanded bf16 weight reached 2.4e-3 on these
@@ -75,8 +88,8 @@ def _poisoned(call, x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def checks(gen: torch.Generator) -> dict:
-    """Every banded candidate against float64 on odd shapes, both dtypes, every band, m = 1..4 and 8; and the GEMV
-    op compiled whole and replayed in a CUDA graph. Returns the errors and the failures."""
+    """Every banded candidate against float64 on odd shapes, both dtypes, every band, m = :data:`CHECK_TOKENS`; and
+    the GEMV and tensor-core ops compiled whole and replayed in a CUDA graph. Returns the errors and the failures."""
     errors: dict[str, float] = {}
     failures: list[str] = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -85,7 +98,7 @@ def checks(gen: torch.Generator) -> dict:
                 weight = _pruned(n, k, sparsity, dtype, gen)
                 fmt = Banded.compress(weight)
                 dense = weight.double()
-                for m in (1, 2, 3, 4, 8):
+                for m in CHECK_TOKENS:
                     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                     reference = x.double() @ dense.T
                     for name, call in fmt.cuda_candidates(m).items():
@@ -102,23 +115,34 @@ def checks(gen: torch.Generator) -> dict:
         x.double() @ weight.double().T)
     if not isinstance(compiled, float) or not compiled < GOOD[torch.float16]:
         failures.append(f"torch.compile in a CUDA graph: {compiled}")
+    x = torch.randn(9, 4096, device="cuda", dtype=torch.float16, generator=gen)
+    compiled_tc = compiled_in_graph_error(
+        lambda x: torch.ops.secateurs.banded_tc(x, fmt.values, fmt.deltas, fmt.starts, fmt.offsets, 16, 2), x,
+        x.double() @ weight.double().T)
+    if not isinstance(compiled_tc, float) or not compiled_tc < GOOD[torch.float16]:
+        failures.append(f"torch.compile in a CUDA graph (tensor-core op): {compiled_tc}")
     worst = max(errors.values(), default=math.nan)
     print(f"checks: {len(errors)} candidate x case products against float64 (fp16/bf16, {len(CHECK_SHAPES)} odd shapes, "
-          f"{', '.join(f'{s:.0%}' for s in SPARSITIES)} zeros, m = 1..4, 8), worst relative error {worst:.1e}; "
-          f"torch.compile(fullgraph) in a CUDA graph: {compiled}; {len(failures)} failures", flush=True)
+          f"{', '.join(f'{s:.0%}' for s in SPARSITIES)} zeros, m = {', '.join(map(str, CHECK_TOKENS))}), worst "
+          f"relative error {worst:.1e}; torch.compile(fullgraph) in a CUDA graph: GEMV {compiled}, tensor-core "
+          f"{compiled_tc}; {len(failures)} failures", flush=True)
     for failure in failures[:40]:
         print(f"FAIL {failure}: {errors.get(failure, '')}", flush=True)
-    return {"errors": errors, "worst": worst, "compiled_in_graph_rel_error": compiled, "failures": failures}
+    return {"errors": errors, "worst": worst, "compiled_in_graph_rel_error": compiled,
+            "compiled_in_graph_tc_rel_error": compiled_tc, "failures": failures}
 
 
 def _time(calls: list) -> float:
     return graph_time_us(calls * math.ceil(CALLS / len(calls)))
 
 
-def _candidates_us(fmt, fmts: list, m: int, x: torch.Tensor, reference: torch.Tensor) -> dict[str, dict]:
-    """Every CUDA candidate of ``fmt`` at ``m`` rows: its error against float64 and its time over the copies."""
+def _candidates_us(fmt, fmts: list, m: int, x: torch.Tensor, reference: torch.Tensor, prefix: str = "") -> dict[str, dict]:
+    """Every CUDA candidate of ``fmt`` at ``m`` rows (whose name starts with ``prefix``): its error against float64
+    and its time over the copies."""
     out = {}
     for name, call in cuda_ops.candidates(fmt, m).items():
+        if not name.startswith(prefix):
+            continue
         paths = [cuda_ops.candidates(f, m)[name] for f in fmts]
         out[name] = {"rel_error": relative_error(call(x), reference),
                      "us": _time([lambda p=p, x=x: p(x) for p in paths])}
@@ -134,20 +158,22 @@ def _best(candidates: dict[str, dict]) -> tuple[str, float] | None:
 
 
 def shape_rows(n: int, k: int, bandwidth: float, gen: torch.Generator) -> list[dict]:
-    """Per band: cuBLAS on the pruned dense weight, the bitmap's and the banded layout's candidates, per token count."""
+    """Per band: cuBLAS on the pruned dense weight, the bitmap's and the banded layout's candidates, per token count
+    (1, 2, 4; and 8-64 on :data:`TC_SHAPES`, where the bitmap is timed by its tensor-core kernel alone)."""
     rows = []
-    xs = {m: torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen) for m in TOKENS}
+    tokens = TOKENS + (TC_TOKENS if (n, k) in TC_SHAPES else ())
+    xs = {m: torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen) for m in tokens}
     for sparsity in SPARSITIES:
         weight = _pruned(n, k, sparsity, torch.float16, gen)
         dense_ws = [weight] + rotating(lambda i, w=weight: w.clone(), math.ceil(L2_BYTES / weight.nbytes) - 1)
-        cublas = {m: _time([lambda w=w, x=xs[m]: F.linear(x, w) for w in dense_ws]) for m in TOKENS}
+        cublas = {m: _time([lambda w=w, x=xs[m]: F.linear(x, w) for w in dense_ws]) for m in tokens}
         del dense_ws
         fmt, bitmap = Banded.compress(weight), Bitmap.compress(weight)
         nonzeros = int((weight != 0).sum())
         band = band_of(1.0 - nonzeros / weight.numel())
         fmts = [fmt] + rotating(lambda i, f=fmt: f.clone(), math.ceil(L2_BYTES / fmt.nbytes()) - 1)
         bitmaps = [bitmap] + rotating(lambda i, b=bitmap: b.clone(), math.ceil(L2_BYTES / bitmap.nbytes()) - 1)
-        for m in TOKENS:
+        for m in tokens:
             x = xs[m]
             reference = x.double() @ weight.double().T
             moved = fmt.nbytes() + x.nbytes + m * n * 2
@@ -157,8 +183,14 @@ def shape_rows(n: int, k: int, bandwidth: float, gen: torch.Generator) -> list[d
                    "bitmap_bytes_per_weight": bitmap.nbytes() / weight.numel(),
                    "entries_per_nonzero": fmt.entries() / max(nonzeros, 1), "byte_limit": dense_bytes / moved,
                    "banded": _candidates_us(fmt, fmts, m, x, reference),
-                   "bitmap": _candidates_us(bitmap, bitmaps, m, x, reference)}
+                   "bitmap": _candidates_us(bitmap, bitmaps, m, x, reference,
+                                            "cuda_tcbitmap" if m in TC_TOKENS else "")}
             best, best_bitmap = _best(row["banded"]), _best(row["bitmap"])
+            best_tc = _best({name: c for name, c in row["banded"].items() if name.startswith("cuda_tcbanded")})
+            if best_tc:
+                row.update(tc_best=best_tc[0], tc_us=best_tc[1], tc_speedup=cublas[m] / best_tc[1])
+            if "expand_cublas" in row["banded"]:
+                row["expand_us"] = row["banded"]["expand_cublas"]["us"]
             if best:
                 row.update(best=best[0], us=best[1], speedup=cublas[m] / best[1],
                            bw_fraction=moved / (best[1] * 1e-6) / bandwidth)
@@ -180,8 +212,10 @@ def _line(row: dict) -> str:
               else "— | no correct kernel | — | —")
     bitmap = f"{row['bitmap_us']:.1f} ({row['bitmap_speedup']:.2f}×)" if "bitmap_us" in row else "—"
     versus = f"{row['vs_bitmap']:.2f}×" if "vs_bitmap" in row else "—"
+    paths = (f"{row['tc_us']:.1f} ({row['tc_speedup']:.2f}×)" if "tc_us" in row else "—") + " / " + \
+        (f"{row['expand_us']:.1f}" if "expand_us" in row else "—")
     return (f"| {row['sparsity']:.0%} | {row['N']}×{row['K']} | {row['tokens']} | {row['cublas_us']:.1f} | {banded} | "
-            f"{bitmap} | {versus} | {row['bytes_per_weight']:.3f} / {row['bitmap_bytes_per_weight']:.3f} | "
+            f"{paths} | {bitmap} | {versus} | {row['bytes_per_weight']:.3f} / {row['bitmap_bytes_per_weight']:.3f} | "
             f"{row['entries_per_nonzero']:.3f} | {row['byte_limit']:.2f}× | {row['max_rel_error']:.1e} |")
 
 
@@ -242,8 +276,6 @@ def storage(model: str, calib_samples: int = 32) -> dict:
 
 def _loop(body: list[tuple[int, str]]) -> int:
     """Instructions of the innermost loop holding the most FMAs (a backward branch's span)."""
-    import re
-
     best = (0, 0)
     for address, text in body:
         branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
@@ -257,7 +289,6 @@ def _loop(body: list[tuple[int, str]]) -> int:
 
 def sass(arch: str) -> list[dict]:
     """Main-loop SASS per stored entry of every banded GEMV, and per non-zero of the bitmap GEMV's bit loop."""
-    import re
     import subprocess
     import tempfile
 
@@ -282,6 +313,57 @@ def sass(arch: str) -> list[dict]:
     print("|---|---|---|---|")
     for row in rows:
         print(f"| {row['kernel']} | {row['loop']} | {row['entries']} | {row['per_entry']:.2f} |")
+    tc = tc_sass(arch)
+    print(f"| tensor-core kernel ({arch}) | instructions | what they span | per scattered entry |")
+    print("|---|---|---|---|")
+    for row in tc:
+        print(f"| {row['kernel']} | {row['instructions']} | {row['span']} | {row['per_entry']:.2f} |")
+    return rows + tc
+
+
+def _stores(body: list[tuple[int, str]]) -> list[int]:
+    """Positions of the 16-bit shared stores (the scatter's) in a kernel's instruction list."""
+    return [i for i, (_, text) in enumerate(body) if re.search(r"\bSTS\.U16\b", text)]
+
+
+def tc_sass(arch: str) -> list[dict]:
+    """SASS per scattered entry of the tensor-core kernels at 16 tokens: banded_tc.cu's round loop (the backward
+    branch whose span holds 8 of its stores: a lane's grain loaded, decoded, scattered, its quad's ballots) over 8
+    entries, and that loop's scatter alone (first to last store, over 7); against bitmap_tc.cu's slot chain (a unit's
+    first to last of 16 value stores, over 15 slots; its popcounts and window shift come before)."""
+    import subprocess
+    import tempfile
+
+    from sass_count import cuobjdump, functions
+
+    from secateurs.kernels import banded, bitmap
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for source in (banded.TC_SOURCE, bitmap.TC_SOURCE):
+            cubin = Path(folder) / f"{source.stem}.cubin"
+            subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "-cubin", "-o", str(cubin), str(source)], check=True)
+            text = subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+            for name, body in sorted(functions(text).items()):
+                stores = _stores(body)
+                if re.fullmatch(r"tcbd_f16_p\d+_n16", name):
+                    spans = []
+                    for end, (address, text_) in enumerate(body):
+                        branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text_)
+                        if branch and int(branch.group(1), 16) < address:
+                            start = next(i for i, (a, _) in enumerate(body) if a >= int(branch.group(1), 16))
+                            inside = [i for i in stores if start <= i <= end]
+                            if len(inside) == 8:
+                                spans.append((end - start + 1, inside[-1] - inside[0]))
+                    loop, chain = min(spans)
+                    rows.append({"kernel": name, "instructions": loop, "span": "round loop, 8 entries",
+                                 "per_entry": loop / 8})
+                    rows.append({"kernel": name, "instructions": chain, "span": "its scatter: first to last store, 7 entries",
+                                 "per_entry": chain / 7})
+                elif name == "tcbm_f16_n16":
+                    chain = stores[15] - stores[0]
+                    rows.append({"kernel": name, "instructions": chain, "span": "slot chain, 15 slots",
+                                 "per_entry": chain / 15})
     return rows
 
 
@@ -314,9 +396,10 @@ def main() -> None:
         sys.exit(f"error: {len(checked['failures'])} banded products disagree with float64; no timing (saved {args.out})")
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
-    print("| zeros | shape (N×K) | tokens | cuBLAS µs | banded µs | vs cuBLAS | BW (of copy) | kernel | bitmap µs (vs cuBLAS) "
-          "| banded vs bitmap | bytes/weight banded / bitmap | entries per non-zero | byte limit | max rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| zeros | shape (N×K) | tokens | cuBLAS µs | banded µs | vs cuBLAS | BW (of copy) | kernel | banded tensor-core µs "
+          "(vs cuBLAS) / expand µs | bitmap µs (vs cuBLAS; 8-64 tokens: its tensor-core kernel) | banded vs bitmap "
+          "| bytes/weight banded / bitmap | entries per non-zero | byte limit | max rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     shapes = [shape for group in SHAPES.values() for shape in group.values()]
     rows = []
     for n, k in shapes[:1] if args.quick else shapes:

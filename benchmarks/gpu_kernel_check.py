@@ -7,8 +7,9 @@ script checks the compiled code on a CUDA device:
 - ``--part cuda``: every CUDA candidate each stored format offers (``--formats``, default all: 2:4's GEMV,
   ``mma.sp`` decode kernel, every tile shape of the ``mma.sp`` prompt GEMM and expand path; 4:8's and 8:16's
   GEMV and expand paths and, at 5-64 rows, their tensor-core kernel (nm_tc.cu); the 50% and 70% bitmap's GEMV, expand path and, at
-  5-64 rows, its tensor-core kernel (bitmap_tc.cu); the banded layout's GEMV and expand path at
-  50/60/70/80% zeros, one weight per density band) at every row bucket from 1 to 8192 tokens (and
+  5-64 rows, its tensor-core kernel (bitmap_tc.cu); the banded layout's GEMV, expand path and, at 5-64 rows,
+  tensor-core kernel (banded_tc.cu) at 50/60/70/80% zeros, one weight per density band) at every row bucket from 1 to
+  8192 tokens (and
   row counts inside buckets), fp16 and bf16, on the Llama shapes and on shapes that are not multiples of
   the tiles; the output is poisoned with NaN first, so an unwritten element fails; then the dispatcher
   (SparseLinear, tuned) and the ops under ``torch.compile(fullgraph=True)`` inside a CUDA graph.
@@ -23,6 +24,7 @@ take the CUDA context, and this check, with it) or multiplies wrongly is reporte
 
     python benchmarks/gpu_kernel_check.py [--part all|cuda|triton] [--formats 2:4,4:8,8:16,bitmap,banded] [--only expand]
     python benchmarks/gpu_kernel_check.py --part cuda --formats 2:4 --only wgmma   # the wgmma GEMM alone
+    python benchmarks/gpu_kernel_check.py --part cuda --formats banded --only tcbanded   # banded_tc.cu alone
     # one line per case, exits 1 on any failure
 """
 
@@ -212,7 +214,8 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                 if n == 576:
                     rows_for = {"cuda_mma24_r1_w8": 8, "cuda_gemv816_r2_s2": 1, "cuda_gemvbd_p32_r1_s1": 1,
                                 "cuda_gemvbd_p16_r1_s1": 1, "cuda_tc48_n16_s16": 8,
-                                "cuda_tc816_n16_s16": 8, "cuda_tcbitmap_n16_s16": 8}  # the rest at 512
+                                "cuda_tc816_n16_s16": 8, "cuda_tcbitmap_n16_s16": 8,
+                                "cuda_tcbanded_n16_s16": 8}  # the rest at 512
                     compiled += [(fmt, name, rows_for.get(name, 512)) for name in
                                  ("cuda_gemm24_m128_n128_s4", "cuda_wgmma24_m128_n128_s4",
                                   "cuda_wgmma24_m128_n128_s5_f1", "cuda_wgmma24_m128_n256_s4_f1",
@@ -220,7 +223,7 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                                   "cuda_wgmma24_m128_n128_s4_sk128", "expand_cublas",
                                   "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4", "cuda_gemv816_r2_s2",
                                   "cuda_gemvbd_p32_r1_s1", "cuda_gemvbd_p16_r1_s1", "cuda_tc48_n16_s16",
-                                  "cuda_tc816_n16_s16", "cuda_tcbitmap_n16_s16")
+                                  "cuda_tc816_n16_s16", "cuda_tcbitmap_n16_s16", "cuda_tcbanded_n16_s16")
                                  if name in cuda_ops.candidates(fmt, rows_for.get(name, 512))]
                 del layer, dense
     for fmt, name, m in compiled:

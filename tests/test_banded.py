@@ -290,7 +290,9 @@ def test_kernels_are_offered_only_with_the_opt_in(monkeypatch, not_opted_in):
     assert names[1][0].startswith("cuda_gemvbd_p16_r1")  # 60-75%: one row per warp group first
     for m in (2, 3, 4):
         assert names[m][-1] == "expand_cublas" and names[m][:-1] == names[1]
-    assert names[8] == names[2048] == ["expand_cublas"]
+    assert names[2048] == ["expand_cublas"]
+    assert names[8][0] == "expand_cublas" and len(names[8]) > 1  # then the tensor-core kernel (test_banded_tensorcore)
+    assert all(name.startswith("cuda_tcbanded_n16_s") for name in names[8][1:])
     high = Banded.compress(_weight(128, 4096, 0.85, dtype=torch.float16))
     assert next(iter(high.cuda_candidates(1))).startswith("cuda_gemvbd_p16_r2")  # 75-90%: two rows first
     low = Banded.compress(_weight(128, 4096, 0.5, dtype=torch.float16))

@@ -33,7 +33,19 @@ store unstructured weights in this layout; without it they go to the bitmap, who
 and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the rows per warp group, about 6.6 / 7.6
 / 9.6 SASS instructions per stored entry at 1 / 2 / 4 tokens (nvcc 13 sm_90, ``python benchmarks/banded.py --sass``;
 the bitmap GEMV's loop: 13 / 16 per non-zero at 1 / 2); and from 2 rows on an expand kernel into the scratch every
-format shares (``cuda_ops.scratch_matmul``), then cuBLAS.
+format shares (``cuda_ops.scratch_matmul``), then cuBLAS; at 5-64 rows after it a tensor-core kernel
+(``kernels/cuda/banded_tc.cu``, a decode step over the engine of ``cuda/tc_tile.cuh`` that the bitmap's and the N:M
+formats' tensor-core kernels use): per 64-input stage each row's four lanes scatter the entries of the stage's window,
+eight at a time, into the engine's dense shared tile, which ``mma.sync.m16n8k16`` multiplies by 16-64 tokens. It reads
+the stored tensors as they are, for the reason the bitmap's has one: the expand path moves about three times the dense
+bytes (a 70%-unstructured Llama-2-7B decoded at 0.45-0.48x dense at batch 8 on the bitmap's), and a banded default
+must not lose batch 8-64. Never run on a GPU (matched float64 only in a CPU emulation,
+``tests/test_banded_tensorcore.py``), so offered only under the same opt-in, as ``cuda_tcbanded_n<tokens>_s<split>``.
+Its decode is not cheaper than the bitmap's by static count: a lane's round (one 8-entry grain loaded, decoded,
+scattered, its quad's ballots) is 95 SASS instructions at sm_90 (about 12 an entry; the bitmap kernel's slot chain
+7.3 a slot; ``python benchmarks/banded.py --sass``), and a grain that straddles two stages is read in both, so in the
+CPU emulation (128 x 4096, random magnitude masks) the lanes process 1.9-2.5 entries per stored non-zero at 50-80%
+zeros where the bitmap kernel issues 1.5-2.1 slots: the GPU timing decides.
 """
 
 from __future__ import annotations
@@ -48,11 +60,13 @@ import torch
 from ..errors import UsageError
 from . import cuda_ops
 from .formats import SparseFormat
+from .nm import TC_ROWS, TC_TOKENS, TC_WARPS, tc_built, tc_splits
 
 SEG = 2048  # inputs per segment: pieces never cross one (the kernels stage x by whole segments)
 MAX_DELTA = 15
 GROUP = 8  # pieces per 16-byte-chunk interleave group (8 x 16 bytes = one 128-byte line)
 SOURCE = Path(__file__).with_name("cuda") / "banded.cu"
+TC_SOURCE = SOURCE.with_name("banded_tc.cu")
 TOKENS = (1, 2, 4)  # token counts the GEMV is instantiated for
 PIECES = (16, 32)  # piece sizes the kernels are instantiated for
 ROWS = (1, 2)  # rows per warp group instantiated
@@ -249,7 +263,8 @@ class Banded(SparseFormat):
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Correct on an H100 but never timed: nothing without ``SECATEURS_UNVERIFIED_KERNELS=1``. With it: for 1-4 rows the banded
         GEMV (the band's rows per warp group, the default first, at the split-K choices of :func:`cuda_ops.splits`),
-        and from 2 rows the expand path (the weight expanded into the scratch every layer shares, then cuBLAS)."""
+        from 2 rows the expand path (the weight expanded into the scratch every layer shares, then cuBLAS), and at 5-64
+        rows after it the tensor-core kernel (:meth:`_tc_candidates`; never run on a GPU)."""
         if not cuda_ops.unverified_offered():
             return {}
         n, k = self.shape
@@ -274,7 +289,20 @@ class Banded(SparseFormat):
         if m >= 2:
             found["expand_cublas"] = lambda x: cuda_ops.scratch_matmul(
                 x, self.shape, lambda out: banded_expand(self.values, self.deltas, self.starts, self.offsets, out, n, k))
+        if TOKENS[-1] < m <= TC_TOKENS[-1]:
+            found.update(self._tc_candidates(m))
         return found
+
+    def _tc_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The tensor-core kernel at ``m`` rows (5-64): the smallest token tile that holds them, each split-K choice of
+        :func:`~secateurs.kernels.nm.tc_splits`; nothing where K is not a multiple of 16 (the engine's stages are
+        whole 16-input chunks) or the module does not build (said once: the layer keeps its expand path)."""
+        if self.shape[1] % 16 or not tc_built(self.values.device, TC_SOURCE, "banded"):
+            return {}
+        tokens = next(t for t in TC_TOKENS if t >= m)
+        return {f"cuda_tcbanded_n{tokens}_s{split}": (
+                    lambda x, s=split: banded_tc(x, self.values, self.deltas, self.starts, self.offsets, tokens, s))
+                for split in tc_splits(*self.shape)}
 
 
 @torch.library.custom_op("secateurs::banded_gemv", mutates_args=())
@@ -316,6 +344,35 @@ def banded_expand(values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tens
 @banded_expand.register_fake
 def _(values, deltas, starts, offsets, out, n, k):
     return None
+
+
+@torch.library.custom_op("secateurs::banded_tc", mutates_args=())
+def banded_tc(x: torch.Tensor, values: torch.Tensor, deltas: torch.Tensor, starts: torch.Tensor,
+              offsets: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
+    """``x @ W.T`` for a banded weight on tensor cores (``banded_tc.cu``) and any number of rows of x: blocks of 64
+    output features x ``tokens`` rows (16, 32 or 64), ``split`` blocks sharing each feature tile's K (fp32 partial
+    sums in a (split, M, N) workspace, added in split order by ``tcsum_<dtype>``: deterministic, no atomics). The
+    output width is read from ``offsets`` (rows * segments + 1), the piece size from ``deltas`` (P/2 bytes a piece)."""
+    x = cuda_ops._aligned(x)
+    m, k = x.shape
+    nseg = -(-k // SEG)
+    n = (offsets.shape[0] - 1) // nseg
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    work = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    suffix = cuda_ops._SUFFIX[x.dtype]
+    blocks = -(-n // TC_ROWS) * split * -(-m // tokens)
+    cuda_ops._launch(f"tcbd_{suffix}_p{deltas.shape[1] * 2}_n{tokens}", blocks,
+                     (x, values, deltas, starts, offsets, y, work), (m, n, k, split, nseg), TC_WARPS, source=TC_SOURCE)
+    if split > 1:
+        threads = cuda_ops.WARPS * 32
+        cuda_ops._launch(f"tcsum_{suffix}", -(-m * n // threads), (work, y), (m * n, split), source=TC_SOURCE)
+    return y
+
+
+@banded_tc.register_fake
+def _(x, values, deltas, starts, offsets, tokens, split):
+    nseg = -(-x.shape[1] // SEG)
+    return x.new_empty(x.shape[0], (offsets.shape[0] - 1) // nseg)
 
 
 def _interleave(vals: torch.Tensor) -> torch.Tensor:
