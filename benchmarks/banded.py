@@ -34,9 +34,8 @@ benchmarks/results/banded_storage.json.
 ``--sass`` (nvcc, no GPU): SASS instructions per stored entry in each banded GEMV's main loop (two pieces of P
 entries per lane) and, for comparison, per non-zero in the one-row bitmap GEMV's bit loop (the loop holding its FMA);
 and per scattered entry of the tensor-core kernels: banded_tc.cu's round loop (one grain of 8 entries per lane, its
-load, decode, scatter and ballots: the loop that holds 8 of its 16-bit shared stores) and that loop's scatter alone,
-against bitmap_tc.cu's slot chain (the instructions between a unit's first and last of its 16 value stores, over 15
-slots).
+load, decode, scatter and ballots: the loop that holds 8 of its 16-bit shared stores) against bitmap_tc.cu's slot
+chain (the instructions between a unit's first and last of its 16 value stores, over 15 slots).
 """
 
 from __future__ import annotations
@@ -329,8 +328,9 @@ def _stores(body: list[tuple[int, str]]) -> list[int]:
 def tc_sass(arch: str) -> list[dict]:
     """SASS per scattered entry of the tensor-core kernels at 16 tokens: banded_tc.cu's round loop (the backward
     branch whose span holds 8 of its stores: a lane's grain loaded, decoded, scattered, its quad's ballots) over 8
-    entries, and that loop's scatter alone (first to last store, over 7); against bitmap_tc.cu's slot chain (a unit's
-    first to last of 16 value stores, over 15 slots; its popcounts and window shift come before)."""
+    entries, against bitmap_tc.cu's slot chain (a unit's first to last of 16 value stores, over 15 slots; its
+    popcounts and window shift come before it, so the chain alone undercounts the bitmap's unit). The banded
+    scatter's stores are interleaved with its decode, so only the whole round is counted there."""
     import subprocess
     import tempfile
 
@@ -352,14 +352,10 @@ def tc_sass(arch: str) -> list[dict]:
                         branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text_)
                         if branch and int(branch.group(1), 16) < address:
                             start = next(i for i, (a, _) in enumerate(body) if a >= int(branch.group(1), 16))
-                            inside = [i for i in stores if start <= i <= end]
-                            if len(inside) == 8:
-                                spans.append((end - start + 1, inside[-1] - inside[0]))
-                    loop, chain = min(spans)
-                    rows.append({"kernel": name, "instructions": loop, "span": "round loop, 8 entries",
-                                 "per_entry": loop / 8})
-                    rows.append({"kernel": name, "instructions": chain, "span": "its scatter: first to last store, 7 entries",
-                                 "per_entry": chain / 7})
+                            if sum(start <= i <= end for i in stores) == 8:
+                                spans.append(end - start + 1)
+                    rows.append({"kernel": name, "instructions": min(spans), "span": "round loop, 8 entries",
+                                 "per_entry": min(spans) / 8})
                 elif name == "tcbm_f16_n16":
                     chain = stores[15] - stores[0]
                     rows.append({"kernel": name, "instructions": chain, "span": "slot chain, 15 slots",
