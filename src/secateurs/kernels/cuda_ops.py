@@ -15,6 +15,9 @@ Every kernel reads the stored tensors as they are (one position table in memory,
 - 2:4 on tensor cores (1-32 tokens): ``mma.sp.m16n8k32`` with the weight as the sparse operand, tokens on
   the N side, warps splitting K; values read in the stored layout (K is permuted inside each MMA instead),
   each lane's metadata register assembled from the stored positions by two byte-permutes;
+- 2:4 wide decode (17-64 tokens, :func:`sparse24_wide`): the decode kernel's fragments with several 64-input steps of
+  weights in flight a warp, x staged once per block in shared memory by ``cp.async``, split-K over blocks with an
+  in-kernel fixed-order sum; never run on a GPU, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``;
 - 2:4 GEMM (prompts, 32-8192 tokens): block tiles over (features x tokens), a multi-stage ``cp.async`` ring
   of value, position and activation tiles, ``ldmatrix`` fragments, ``mma.sp`` in natural K order (where each
   lane's metadata register is two stored position words); a few tile shapes the dispatcher times; on Hopper
@@ -52,7 +55,7 @@ Interface (the dispatcher in ``kernels/linear.py`` times what ``candidates`` off
   to try them (the first is the untimed default: the measured best where the kernel has run on a GPU); ``{}``
   where no kernel applies. Each format says which of these kernels it offers (``cuda_candidates`` in
   ``kernels/sparse24.py``, ``kernels/bitmap.py``, ``kernels/nm.py`` for the N:M formats, ``kernels/banded.py``).
-- Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``sparse24_mma``,
+- Every kernel is a ``torch.library.custom_op`` (``secateurs::sparse24_gemv``, ``sparse24_mma``, ``sparse24_wide``,
   ``sparse24_gemm``, ``sparse24_expand``, ``bitmap_gemv``, ``bitmap_expand``, ``pipelined_expand_matmul``;
   ``sparse24_wgmma`` in ``kernels/wgmma.py``;
   the N:M ones in ``kernels/nm48.py`` and ``kernels/nm816.py``; ``banded_gemv`` and ``banded_expand`` in
@@ -343,6 +346,120 @@ def sparse24_mma(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, row_
 
 @sparse24_mma.register_fake
 def _(x, values, meta, row_tiles, warps):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+# The wide 2:4 decode kernel (sparse_gemv.cu's wide24, 17-64 rows): never run on a GPU, so offered only under
+# SECATEURS_UNVERIFIED_KERNELS=1 (kernels/sparse24.py). Why it exists: on an H100 the block linears of a batch-32 decode
+# step read their stored bytes at 1.34 TB/s against 2.25 at batch 8; the kernel the dispatcher picked there
+# (cuda_mma24_r2_w8) uses each step's weight loads within 2 MMAs of issuing them and issues the next step's only after
+# its loop's back edge, and its registers allow 16 warps an SM of one 2.3 KB step each, half the bytes in flight of its
+# batch-8 form (32 warps, two 1.15 KB steps each). This one keeps U steps a warp in flight across 7 MMAs or more
+# (tests/test_mma24_wide.py reads it in the SASS), stages x once per block in shared memory, and splits K over blocks
+# so that every SM streams weights on narrow shapes.
+WIDE_CONFIGS: dict[str, tuple[int, int, int, int]] = {
+    "n4_r1_k1_u2": (4, 1, 1, 2),
+    "n4_r1_k1_u4": (4, 1, 1, 4),
+    "n4_r1_k2_u2": (4, 1, 2, 2),
+    "n8_r1_k1_u2": (8, 1, 1, 2),
+    "n8_r1_k1_u4": (8, 1, 1, 4),
+    "n8_r1_k2_u2": (8, 1, 2, 2),
+}
+"""name -> (8-token tiles NT, 16-row tiles a warp R, K-groups a block WK, 64-input steps in flight a warp U), the
+entry points' order (``wide24_<dtype>_<name>``); a block is :data:`WARPS` warps, ``WARPS / WK`` a K-group."""
+WIDE_TOKENS = (16, 64)
+"""Offered above the first and up to the second row count (row buckets 32 and 64): one token tile of 32 or 64."""
+WIDE_BLOCKS_PER_SM = 2  # the entry points' __launch_bounds__ minimum (at most 128 registers a thread)
+WIDE_MAX_SPLITS = 16
+WIDE_STEP = 64  # inputs of one step, so K % 64 == 0
+
+
+def wide_tokens(config: str) -> int:
+    """Tokens of the configuration's one token tile: it takes up to this many rows of x."""
+    return 8 * WIDE_CONFIGS[config][0]
+
+
+def wide_rows(config: str) -> int:
+    """Output rows of one block: its ``WARPS / WK`` warps of ``R`` 16-row tiles each."""
+    _, r, wk, _ = WIDE_CONFIGS[config]
+    return WARPS // wk * r * 16
+
+
+def wide_step_bytes(config: str) -> int:
+    """Bytes of one 64-input step's x tile in shared memory: a 128-byte row per token."""
+    return wide_tokens(config) * 128
+
+
+def wide_slot_bytes(config: str) -> int:
+    """One of the two x buffers: ``U`` steps of each of the ``WK`` K-groups."""
+    _, _, wk, u = WIDE_CONFIGS[config]
+    return wk * u * wide_step_bytes(config)
+
+
+def wide_shared_bytes(config: str) -> int:
+    """Dynamic shared memory of a block: the two x buffers, or (if more) the K-groups' fp32 sums that reuse them."""
+    nt, r, wk, _ = WIDE_CONFIGS[config]
+    return max(2 * wide_slot_bytes(config), WARPS * r * nt * 4 * 32 * 4 if wk > 1 else 0)
+
+
+def wide_x_offset(row: int, group: int) -> int:
+    """Byte offset in a step's x tile of 4-input group ``group`` (0-15) of token ``row``: 16-byte chunk
+    ``2 (group % 4) + group // 8`` holds groups ``8j + s`` and ``8j + 4 + s``, swizzled by the row (the kernel's
+    wide_x_at; one ldmatrix.x4 over chunks 0-3 or 4-7 then gives each lane the decode kernel's B fragment)."""
+    chunk = 2 * (group & 3) + (group >> 3)
+    return row * 128 + ((chunk ^ (row & 7)) << 4) + ((group >> 2) & 1) * 8
+
+
+def wide_splits(config: str, n: int, k: int, sms: int) -> list[int]:
+    """Split-K choices over blocks, the default first: the fewest splits whose blocks fill every block place (SMs x
+    :data:`WIDE_BLOCKS_PER_SM`) where the row tiles alone do not, and half as many (fewer partial sums through L2);
+    each split keeps at least one x buffer of steps per K-group, at most :data:`WIDE_MAX_SPLITS`."""
+    _, _, wk, u = WIDE_CONFIGS[config]
+    tiles = -(-n // wide_rows(config))
+    most = max(1, min(WIDE_MAX_SPLITS, k // WIDE_STEP // (wk * u)))
+    fill = min(most, -(-sms * WIDE_BLOCKS_PER_SM // tiles))
+    return [fill] if fill == 1 else [fill, max(1, fill // 2)]
+
+
+# Per-tile arrival counters of the wide kernel's split-K, one buffer per device: every launch leaves them at zero (the
+# last block of a tile resets its counter), so launches one after another on a stream share it. Zeroed when made, and
+# made or grown only outside CUDA-graph capture.
+_WIDE_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def wide_counts(device: torch.device, tiles: int) -> torch.Tensor:
+    """At least ``tiles`` zeroed int32 counters on ``device`` (the shared buffer, grown outside capture only)."""
+    held = _WIDE_COUNTS.get(device)
+    if held is None or held.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the wide kernel's split-K counters cannot grow inside CUDA-graph capture")
+        held = _WIDE_COUNTS[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return held
+
+
+@torch.library.custom_op("secateurs::sparse24_wide", mutates_args=())
+def sparse24_wide(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: str, splits: int) -> torch.Tensor:
+    """``x @ W.T`` for a 2:4 weight (values (N, K/2), meta (N, K/8) uint8, K % 64 == 0) and up to the configuration's
+    token tile of rows of x (:data:`WIDE_CONFIGS`), reading the stored tensors as they are; ``splits`` blocks share
+    each row tile's K, their fp32 partial sums added in split order by the last of them (deterministic)."""
+    x = _aligned(x)
+    m, k = x.shape
+    if not 1 <= m <= wide_tokens(config):
+        raise ValueError(f"wide24_{config} takes 1-{wide_tokens(config)} rows of x, not {m}: pick a configuration "
+                         "with more token tiles")
+    if k % WIDE_STEP or splits < 1:
+        raise ValueError(f"wide24 needs K % {WIDE_STEP} == 0 and splits >= 1, not K = {k}, splits = {splits}")
+    n = values.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    tiles = -(-n // wide_rows(config))
+    work = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
+    _launch(f"wide24_{_SUFFIX[x.dtype]}_{config}", tiles * splits, (x, values, meta, y, work,
+            wide_counts(x.device, tiles)), (m, n, k, splits), WARPS, source=SOURCE, shared=wide_shared_bytes(config))
+    return y
+
+
+@sparse24_wide.register_fake
+def _(x, values, meta, config, splits):
     return x.new_empty(x.shape[0], values.shape[0])
 
 

@@ -178,7 +178,8 @@ class Sparse24(SparseFormat):
         tiled ``mma.sp`` GEMM (a few tile shapes), on an H100/H200 the ``wgmma.mma_async.sp`` GEMM
         (:mod:`secateurs.kernels.wgmma`, its configurations cleared on an H100: :data:`wgmma.CLEARED`) and the expand
         path (the weight expanded into one scratch buffer shared by all layers, then cuBLAS), also in its pipelined
-        form (:func:`cuda_ops.pipelined_candidates`)."""
+        form (:func:`cuda_ops.pipelined_candidates`); under ``SECATEURS_UNVERIFIED_KERNELS=1`` also, last, the wide
+        decode kernel at row buckets 32 and 64 (:meth:`_wide_candidates`)."""
         n, k = self.shape
         if k % 16 or not cuda_ops.ready(self.values, 16, n, k // 2) or not cuda_ops.ready(self.meta, 8, n, k // 8):
             return {}
@@ -202,8 +203,27 @@ class Sparse24(SparseFormat):
             prompt.update(wgmma.candidates(self.values, self.meta, self.shape, m))  # Hopper only
             prompt["expand_cublas"] = lambda x: cuda_ops.expand_matmul(x, self.values, self.meta, self.shape)
             prompt.update(cuda_ops.pipelined_candidates(self, m))
-            return {**prompt, **mma}
+            return {**prompt, **mma, **self._wide_candidates(m)}
         return {**gemv, **mma} if n <= 2048 and m <= 2 else {**mma, **gemv}
+
+    def _wide_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The wide decode kernel (``cuda_wide24_<config>_s<splits>``, :func:`cuda_ops.sparse24_wide`) at row buckets
+        32 and 64: each configuration whose token tile is the bucket, at its split-K choices
+        (:func:`cuda_ops.wide_splits`). Never run on a GPU, so offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``,
+        after every other candidate, until ``benchmarks/gpu_kernel_check.py`` has checked it and a GPU run has timed
+        it."""
+        n, k = self.shape
+        low, high = cuda_ops.WIDE_TOKENS
+        device = self.values.device
+        if not low < m <= high or k % cuda_ops.WIDE_STEP or not cuda_ops.unverified_offered() \
+                or wgmma.capability(device) < cuda_ops.MIN_CAPABILITY:  # mma.sp: sm_80 on; a CPU weight: none
+            return {}
+        tile = min(t for t in map(cuda_ops.wide_tokens, cuda_ops.WIDE_CONFIGS) if t >= m)
+        sms = wgmma.sm_count(device)
+        return {f"cuda_wide24_{config}_s{split}": (
+                    lambda x, c=config, s=split: cuda_ops.sparse24_wide(x, self.values, self.meta, c, s))
+                for config in cuda_ops.WIDE_CONFIGS if cuda_ops.wide_tokens(config) == tile
+                for split in cuda_ops.wide_splits(config, n, k, sms)}
 
     def expand_rows(self, start: int, stop: int, out: torch.Tensor, variant: int) -> None:
         """Rows ``[start, stop)`` of the dense weight into the first ``(stop - start) * K`` elements of ``out`` (the

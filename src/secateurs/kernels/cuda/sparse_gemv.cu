@@ -401,6 +401,223 @@ __device__ __forceinline__ void gemm24(const u16* __restrict__ x, const u16* __r
     }
 }
 
+// ---- 2:4 on tensor cores for 17-64 tokens (wide24): every SM streams weights, x staged in shared memory ----
+// Why beside mma24: at four 8-token tiles mma24 (the kernel picked at 32 rows on an H100, where the batch-32 linears
+// read 1.34 TB/s) keeps one 64-input step of weights in flight per warp (its SASS uses each step's loads within 2 MMAs
+// and issues the next step's only after the loop's back edge; its accumulators and x registers leave no room for
+// more): 16 warps x 2.3 KB = 37 KB in flight per SM, half of what its 8-token form keeps (32 warps x 2 steps x 1.15 KB),
+// while every warp also re-reads x from L1 by 16 16-byte loads a step, each touching 8 token rows. Here:
+//  - weights go from memory into registers in mma24's fragment layout (lane (g, t) loads the 16 bytes of inputs
+//    16t..16t+15 of rows g and g+8 of each of its R 16-row tiles per 64-input step, and both rows' 8 position bytes,
+//    made into its metadata register by meta24_nibbles as mma24 does), U steps ahead: step kb + WK U is loaded into
+//    step kb's registers right after step kb's MMAs (ptxas may issue some later; tests/test_mma24_wide.py checks in
+//    the SASS that every weight load is issued 7 MMAs or more before its first use), so every warp keeps loads in
+//    flight through its compute phase;
+//  - x goes to shared memory by cp.async (8 bytes a copy, zero-filled for tokens past M and steps past the block's
+//    K-slice), double-buffered, one slot
+//    holding U steps of each of the block's WK K-groups, shared by the WR warps of a K-group. A step's x tile is TN
+//    token rows of 128 bytes; 16-byte chunk c = 2 sigma + j of a row holds the 4-input groups 8j + sigma and 8j + 4 +
+//    sigma (bytes 0-7, 8-15), at chunk c ^ (row & 7). One ldmatrix.x4 over chunks 0-3 (4-7) of an 8-token tile then
+//    gives lane (g, t) exactly mma24's B fragment of MMA 0 (MMA 1): word t of chunk 2 sigma + j is word t & 1 of group
+//    8j + 4 (t >> 1) + sigma, the inputs mma24 reads from global memory for b[2 (sigma & 1) + j]; the eight rows of a
+//    phase fall in distinct bank groups;
+//  - K is split twice: the WK K-groups of a block take interleaved runs of U steps of the block's K-slice and meet in
+//    shared memory at the end in K-group order; the S blocks of a row tile (split-K over blocks, enough to give every
+//    SM blocks to run on narrow weights) write fp32 partial sums to their slice of a workspace (S, M, N), and the last
+//    of them to finish (a per-tile counter, incremented after a fence, then reset to 0 for the next launch) adds the
+//    S slices in split order and stores y: no second kernel, and both sums in a fixed order, so the result is
+//    deterministic whichever block finishes last. The counters are one buffer shared by every launch on the stream.
+// Block b: row tile b % tiles (WR R 16 rows), split b / tiles. Rows past N load a clamped (valid) row, never stored.
+
+__device__ __forceinline__ void wide_cp_async8(u32 dst, const void* src, u32 bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+// Another block's partial sum, read from L2 (its writes are not in this SM's L1).
+__device__ __forceinline__ float wide_ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+    return v;
+}
+// The split-K hand-over in inline PTX (no CUDA header): a device-wide fence, and a tile counter's old value after +1.
+__device__ __forceinline__ void wide_fence() { asm volatile("membar.gl;" ::: "memory"); }
+__device__ __forceinline__ u32 wide_arrive(unsigned* p) {
+    u32 old;
+    asm volatile("atom.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+    return old;
+}
+// Byte offset of the 4-input group gi (inputs 4 gi..4 gi + 3 of a 64-input step) of token row r in a step's x tile.
+__device__ __forceinline__ u32 wide_x_at(int r, int gi) {
+    const int c = 2 * (gi & 3) + (gi >> 3);
+    return (u32)(r * 128 + ((c ^ (r & 7)) << 4) + ((gi >> 2) & 1) * 8);
+}
+
+template <bool BF16, int NT, int R, int WR, int WK, int U>
+__device__ __forceinline__ void wide24(const u16* __restrict__ x, const u16* __restrict__ vals,
+                                       const u8* __restrict__ meta, u16* __restrict__ y, float* __restrict__ work,
+                                       unsigned* __restrict__ count, int M, int N, int K, int S) {
+    constexpr int TN = NT * 8, THREADS = WR * WK * 32;
+    constexpr int STEP_X = TN * 128;       // bytes of one step's x tile
+    constexpr int SLOT = WK * U * STEP_X;  // one buffer: U steps of every K-group
+    extern __shared__ __align__(128) unsigned char wide_smem[];
+    const u32 base = smem_u32(wide_smem);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int q = warp / WR, rw = warp % WR;
+    const int tiles = (N + WR * R * 16 - 1) / (WR * R * 16);
+    const int tile = blockIdx.x % tiles, s = blockIdx.x / tiles;
+    const int KB = K >> 6;
+    const int kb0 = (int)((long long)s * KB / S), kb1 = (int)((long long)(s + 1) * KB / S);
+    const int iters = (kb1 - kb0 + WK * U - 1) / (WK * U);
+    const int row0 = (tile * WR + rw) * R * 16;
+    const char* va[R];
+    const char* vb[R];
+    const char* ma[R];
+    const char* mb[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const size_t rg = min(row0 + r * 16 + g, N - 1), rg8 = min(row0 + r * 16 + g + 8, N - 1);
+        va[r] = (const char*)(vals + rg * (K >> 1)) + t * 16;
+        vb[r] = (const char*)(vals + rg8 * (K >> 1)) + t * 16;
+        ma[r] = (const char*)(meta + rg * (K >> 3));
+        mb[r] = (const char*)(meta + rg8 * (K >> 3));
+    }
+    u32 wa[U][R][4], wb[U][R][4], ea[U][R][2], eb[U][R][2];
+    auto load_w = [&](int u, int kb) {  // step kb (clamped into the slice) into register set u
+        const size_t k = (size_t)min(kb, kb1 - 1);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            ld_stream_v4(va[r] + k * 64, wa[u][r]);
+            ld_stream_v4(vb[r] + k * 64, wb[u][r]);
+            ld_nc_v2(ma[r] + k * 8, ea[u][r][0], ea[u][r][1]);
+            ld_nc_v2(mb[r] + k * 8, eb[u][r][0], eb[u][r][1]);
+        }
+    };
+    // x copies: 16 threads a token row (thread % 16 copies 4-input group gi of each step), THREADS / 16 rows at once,
+    // so a thread copies rows r_0 + RT jr of every step of the slot.
+    constexpr int RT = THREADS / 16, RJ = TN / RT;
+    const int gi = threadIdx.x & 15, r_0 = threadIdx.x >> 4;
+    const u16* xrow[RJ];
+    u32 xdst[RJ], xlen[RJ];
+#pragma unroll
+    for (int jr = 0; jr < RJ; ++jr) {
+        const int r = r_0 + RT * jr;
+        xrow[jr] = x + (size_t)min(r, M - 1) * K + gi * 4;
+        xdst[jr] = base + wide_x_at(r, gi);
+        xlen[jr] = r < M ? 8u : 0u;
+    }
+    auto load_x = [&](int buf, int i) {  // iteration i's x: K-group qq's step u (qu = qq U + u) is step kb0 + i WK U + qu
+#pragma unroll
+        for (int qu = 0; qu < WK * U; ++qu) {
+            const int kb = kb0 + i * WK * U + qu;
+            const size_t k = (size_t)min(kb, kb1 - 1) * 64;
+#pragma unroll
+            for (int jr = 0; jr < RJ; ++jr)
+                wide_cp_async8(xdst[jr] + buf * SLOT + qu * STEP_X, xrow[jr] + k, kb < kb1 ? xlen[jr] : 0u);
+        }
+        cp_async_commit();
+    };
+
+    float c[R][NT][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) c[r][nt][i] = 0.f;
+    if (iters > 0) {
+        load_x(0, 0);
+#pragma unroll
+        for (int u = 0; u < U; ++u) load_w(u, kb0 + q * U + u);
+    }
+    // ldmatrix row of this lane: token lane % 8 of an 8-token tile, chunk lane / 8 (MMA 0) or 4 + lane / 8 (MMA 1)
+    const u32 xa0 = (u32)((lane & 7) * 128 + (((lane >> 3) ^ (lane & 7)) << 4));
+    const u32 xa1 = (u32)((lane & 7) * 128 + (((4 + (lane >> 3)) ^ (lane & 7)) << 4));
+    for (int i = 0; i < iters; ++i) {
+        cp_async_wait<0>();
+        __syncthreads();  // iteration i's x is in; every warp is done with the other buffer
+        if (i + 1 < iters) load_x((i + 1) & 1, i + 1);
+        const u32 xs = base + (i & 1) * SLOT + q * U * STEP_X;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            // A step past the slice (the last iteration's) multiplies the slice's last step again against an x tile
+            // of zeros: no branch, so ptxas keeps every weight load in flight across the step.
+            u32 e[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                e[r] = __byte_perm(meta24_nibbles(ea[u][r][0], ea[u][r][1], t),
+                                   meta24_nibbles(eb[u][r][0], eb[u][r][1], t), 0x6420u);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                u32 b0[4], b1[4];
+                ldmatrix_x4(b0, xs + u * STEP_X + nt * 1024 + xa0);
+                ldmatrix_x4(b1, xs + u * STEP_X + nt * 1024 + xa1);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const u32 a0[4] = {wa[u][r][0], wb[u][r][0], wa[u][r][1], wb[u][r][1]};
+                    mma_sp<BF16>(c[r][nt], a0, b0, e[r], 0);
+                    const u32 a1[4] = {wa[u][r][2], wb[u][r][2], wa[u][r][3], wb[u][r][3]};
+                    mma_sp<BF16>(c[r][nt], a1, b1, e[r], 1);
+                }
+            }
+            load_w(u, kb0 + ((i + 1) * WK + q) * U + u);
+        }
+    }
+    bool owner = true;  // K-group 0's warps store the block's sums
+    if (WK > 1) {  // the K-groups' sums meet in shared memory (the x buffers' space), added in K-group order
+        float* red = (float*)wide_smem;  // [warp][R NT 4][32]
+        cp_async_wait<0>();
+        __syncthreads();
+        if (q > 0)
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) red[(warp * R * NT * 4 + (r * NT + nt) * 4 + i) * 32 + lane] = c[r][nt][i];
+        __syncthreads();
+        owner = q == 0;
+        if (owner)
+            for (int qq = 1; qq < WK; ++qq)
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i)
+                            c[r][nt][i] += red[((qq * WR + rw) * R * NT * 4 + (r * NT + nt) * 4 + i) * 32 + lane];
+    }
+    // c[r][nt][i]: row row0 + 16 r + g + 8 (i / 2), token 8 nt + 2 t + i % 2
+    if (owner)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int row = row0 + r * 16 + g + (i >> 1) * 8, token = nt * 8 + 2 * t + (i & 1);
+                    if (row < N && token < M) {
+                        if (S == 1) y[(size_t)token * N + row] = pack1<BF16>(c[r][nt][i]);
+                        else work[((size_t)s * M + token) * N + row] = c[r][nt][i];
+                    }
+                }
+    if (S == 1) return;  // S is the same for every thread: the whole block leaves
+    __shared__ unsigned last;
+    wide_fence();  // this block's partial sums are visible before its count
+    __syncthreads();
+    if (threadIdx.x == 0) last = wide_arrive(count + tile) == (u32)S - 1u;
+    __syncthreads();
+    if (!last) return;
+    wide_fence();  // every other split's partial sums are visible to the loads below
+    const int first = tile * WR * R * 16;
+    for (int idx = threadIdx.x; idx < WR * R * 16 * M; idx += THREADS) {
+        const int row = first + idx % (WR * R * 16), token = idx / (WR * R * 16);
+        if (row >= N) continue;
+        float sum = 0.f;
+        for (int k = 0; k < S; ++k) sum += wide_ld_cg(work + ((size_t)k * M + token) * N + row);
+        y[(size_t)token * N + row] = pack1<BF16>(sum);
+    }
+    if (threadIdx.x == 0) count[tile] = 0u;  // the next launch on the stream starts from 0
+}
+
 // ---- expand: the stored 2:4 weight into a dense (N, K) buffer (for cuBLAS on one shared scratch) ----
 // Flat over 16-input chunks: chunk i is 16 bytes of values (four groups' two values), position word i and
 // 32 bytes of output, whatever the shape (rows hold whole chunks since K % 16 == 0). Works on raw 16-bit
@@ -556,3 +773,22 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) expandbm(const u16* __r
     GEMVBM(DT, BF, 2, 2)
 ALL(f16, false)
 ALL(bf16, true)
+
+// wide24_<dtype>_n<token tiles>_r<row tiles a warp>_k<K-groups a block>_u<steps in flight a warp>: 8 warps a block
+// (8 / WK a K-group), at least 2 blocks an SM (<= 128 registers a thread); dynamic shared memory as
+// cuda_ops.wide_shared_bytes says.
+#define WIDE24(DT, BF, NT, R, WK, U)                                                                         \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2)                                              \
+        wide24_##DT##_n##NT##_r##R##_k##WK##_u##U(const u16* x, const u16* vals, const u8* meta, u16* y,    \
+                                                  float* work, unsigned* count, int M, int N, int K, int S) { \
+        wide24<BF, NT, R, WARPS / WK, WK, U>(x, vals, meta, y, work, count, M, N, K, S);                     \
+    }
+#define WIDE(DT, BF)                                                                                         \
+    WIDE24(DT, BF, 4, 1, 1, 2)                                                                               \
+    WIDE24(DT, BF, 4, 1, 1, 4)                                                                               \
+    WIDE24(DT, BF, 4, 1, 2, 2)                                                                               \
+    WIDE24(DT, BF, 8, 1, 1, 2)                                                                               \
+    WIDE24(DT, BF, 8, 1, 1, 4)                                                                               \
+    WIDE24(DT, BF, 8, 1, 2, 2)
+WIDE(f16, false)
+WIDE(bf16, true)
