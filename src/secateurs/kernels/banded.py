@@ -44,8 +44,9 @@ must not lose batch 8-64. Never run on a GPU (matched float64 only in a CPU emul
 Its decode is not cheaper than the bitmap's by static count: a lane's round (one 8-entry grain loaded, decoded,
 scattered, its quad's ballots) is 95 SASS instructions at sm_90 (about 12 an entry; the bitmap kernel's slot chain
 7.3 a slot; ``python benchmarks/banded.py --sass``), and a grain that straddles two stages is read in both, so in the
-CPU emulation (128 x 4096, random magnitude masks) the lanes process 1.9-2.5 entries per stored non-zero at 50-80%
-zeros where the bitmap kernel issues 1.5-2.1 slots: the GPU timing decides.
+test's CPU emulation (a 128 x 4096 magnitude-pruned random weight, 16 tokens, one slice) the lanes process 1.9-2.5
+entries per stored non-zero at 50-80% zeros, where the bitmap kernel issues 1.5-2.1 value slots per non-zero (its
+warp's largest chunk popcount, on the same masks): the GPU timing decides.
 """
 
 from __future__ import annotations

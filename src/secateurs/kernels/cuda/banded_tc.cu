@@ -16,14 +16,16 @@
 // The unit. The engine gives the four lanes of a quad (tid & 3 = c) one tile row and a 64-input stage [x, x + 64);
 // the entries of that window are a run of the row's entry stream, which here is read in grains of 8 entries (one
 // 16-byte value chunk and one delta word). Each row keeps a cursor (all four lanes hold it): its first grain not
-// consumed by the slice's earlier stages, or at the slice's first stage the first grain of the piece first() finds. Per stage lane c takes grains cursor + c + 4k, k = 0, 1, ... (a round each): R rounds are loaded
-// one stage ahead by load(); a round past R is loaded in store() itself, entered only while some quad of the warp
-// has consumed all four grains of its last round and has more (R = 2; in the CPU emulation, 128 x 4096 at 16 tokens,
-// a stage took about 2 rounds at 50-60% zeros, 1.5 at 70%, 1 at 80-90%, and a window of more than eight grains (a
-// dense run of inputs) the rounds past R). A grain is consumed when its last column is below x + 64; the quad's count
-// of consumed grains (a ballot) moves the cursor. first() finds a K-slice's first cursor: the row's pieces of x's
-// segment (two offsets), then the last one starting at or before x, by a 9-ary search over their starts (at most
-// 129 pieces a segment: 3 steps of 8 independent loads); a slice starting on a segment skips the search.
+// consumed by the slice's earlier stages, or at the slice's first stage the first grain of the piece first() finds.
+// Per stage lane c takes grains cursor + c + 4k, k = 0, 1, ... (a round each): R rounds are loaded one stage ahead by
+// load(); a round past R is loaded in store() itself, entered only while some quad of the warp has consumed all four
+// grains of its last round and has more (R = 2; in the CPU emulation, 128 x 4096 at 16 tokens, the busiest of a
+// block's four warps took about 2 rounds a stage at 50-60% zeros, 1.5 at 70%, 1 at 80-90%; a window of more than
+// eight grains, a dense run of inputs, takes rounds past R). A grain is consumed when its last column is below the
+// window's end (x + 64); the quad's count of consumed grains (a ballot) moves the cursor. first() finds a K-slice's
+// first cursor: the row's pieces of x's segment (two offsets), then the last one starting at or before x, by a 9-ary
+// search over their starts (at most 129 pieces a segment: 3 steps of 8 independent loads); a slice starting on a
+// segment skips the search.
 //
 // The scatter: the lane's two tile chunks are zeroed, the warp synchronised, then each entry of the lane's grain
 // is written (one 16-bit shared store) if it is non-zero and in the window. Per grain: the base column (the
