@@ -354,12 +354,13 @@ def _(x, values, meta, row_tiles, warps):
 # step read their stored bytes at 1.34 TB/s against 2.25 at batch 8; the kernel the dispatcher picked there
 # (cuda_mma24_r2_w8) uses each step's weight loads within 2 MMAs of issuing them and issues the next step's only after
 # its loop's back edge, and its registers allow 16 warps an SM of one 2.3 KB step each, half the bytes in flight of its
-# batch-8 form (32 warps, two 1.15 KB steps each). This one keeps U steps a warp in flight across 7 MMAs or more
-# (tests/test_mma24_wide.py reads it in the SASS), stages x once per block in shared memory, and splits K over blocks
-# so that every SM streams weights on narrow shapes.
+# batch-8 form (32 warps, two 1.15 KB steps each). This one keeps U (2-6) steps a warp in flight, each load issued 5
+# MMAs or more before its first use (tests/test_mma24_wide.py reads it in the SASS), stages x once per block in shared
+# memory, and splits K over blocks so that every SM streams weights on narrow shapes.
 WIDE_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "n4_r1_k1_u2": (4, 1, 1, 2),
     "n4_r1_k1_u4": (4, 1, 1, 4),
+    "n4_r1_k1_u6": (4, 1, 1, 6),
     "n4_r1_k2_u2": (4, 1, 2, 2),
     "n8_r1_k1_u2": (8, 1, 1, 2),
     "n8_r1_k1_u4": (8, 1, 1, 4),

@@ -411,7 +411,7 @@ __device__ __forceinline__ void gemm24(const u16* __restrict__ x, const u16* __r
 //    16t..16t+15 of rows g and g+8 of each of its R 16-row tiles per 64-input step, and both rows' 8 position bytes,
 //    made into its metadata register by meta24_nibbles as mma24 does), U steps ahead: step kb + WK U is loaded into
 //    step kb's registers right after step kb's MMAs (ptxas may issue some later; tests/test_mma24_wide.py checks in
-//    the SASS that every weight load is issued 7 MMAs or more before its first use), so every warp keeps loads in
+//    the SASS that every weight load is issued 5 MMAs or more before its first use), so every warp keeps loads in
 //    flight through its compute phase;
 //  - x goes to shared memory by cp.async (8 bytes a copy, zero-filled for tokens past M and steps past the block's
 //    K-slice), double-buffered, one slot
@@ -786,6 +786,7 @@ ALL(bf16, true)
 #define WIDE(DT, BF)                                                                                         \
     WIDE24(DT, BF, 4, 1, 1, 2)                                                                               \
     WIDE24(DT, BF, 4, 1, 1, 4)                                                                               \
+    WIDE24(DT, BF, 4, 1, 1, 6)                                                                               \
     WIDE24(DT, BF, 4, 1, 2, 2)                                                                               \
     WIDE24(DT, BF, 8, 1, 1, 2)                                                                               \
     WIDE24(DT, BF, 8, 1, 1, 4)                                                                               \
