@@ -6,7 +6,8 @@ script checks the compiled code on a CUDA device:
 - ``--part triton``: every Triton launch configuration the tuner may pick, for 2:4 and bitmap weights;
 - ``--part cuda``: every CUDA candidate each stored format offers (``--formats``, default all: 2:4's GEMV,
   ``mma.sp`` decode kernel, every tile shape of the ``mma.sp`` prompt GEMM and expand path; 4:8's and 8:16's
-  GEMV and expand paths and, at 5-64 rows, their tensor-core kernel (nm_tc.cu); the 50% and 70% bitmap's GEMV, expand path and, at
+  GEMV and expand paths and, at 5-64 rows, their tensor-core kernel (nm_tc.cu) and its opt-in ring form
+  (``--only tcr48,tcr816``); the 50% and 70% bitmap's GEMV, expand path and, at
   5-64 rows, its tensor-core kernel (bitmap_tc.cu); the banded layout's GEMV, expand path and, at 5-64 rows,
   tensor-core kernel (banded_tc.cu) at 50/60/70/80% zeros, one weight per density band) at every row bucket from 1 to
   8192 tokens (and
@@ -215,7 +216,8 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                     rows_for = {"cuda_mma24_r1_w8": 8, "cuda_gemv816_r2_s2": 1, "cuda_gemvbd_p32_r1_s1": 1,
                                 "cuda_gemvbd_p16_r1_s1": 1, "cuda_tc48_n16_s16": 8,
                                 "cuda_tc816_n16_s16": 8, "cuda_tcbitmap_n16_s16": 8,
-                                "cuda_tcbanded_n16_s16": 8}  # the rest at 512
+                                "cuda_tcbanded_n16_s16": 8, "cuda_tcr48_n16_d3_s16": 8,
+                                "cuda_tcr816_n16_d4_s16": 8}  # the rest at 512
                     compiled += [(fmt, name, rows_for.get(name, 512)) for name in
                                  ("cuda_gemm24_m128_n128_s4", "cuda_wgmma24_m128_n128_s4",
                                   "cuda_wgmma24_m128_n128_s5_f1", "cuda_wgmma24_m128_n256_s4_f1",
@@ -223,7 +225,8 @@ def check_cuda(gen, only: str = "", kinds: tuple[str, ...] = FORMATS) -> int:
                                   "cuda_wgmma24_m128_n128_s4_sk128", "expand_cublas",
                                   "cuda_mma24_r1_w8", "expand_cublas_c1", "expand_cublas_c4", "cuda_gemv816_r2_s2",
                                   "cuda_gemvbd_p32_r1_s1", "cuda_gemvbd_p16_r1_s1", "cuda_tc48_n16_s16",
-                                  "cuda_tc816_n16_s16", "cuda_tcbitmap_n16_s16", "cuda_tcbanded_n16_s16")
+                                  "cuda_tc816_n16_s16", "cuda_tcbitmap_n16_s16", "cuda_tcbanded_n16_s16",
+                                  "cuda_tcr48_n16_d3_s16", "cuda_tcr816_n16_d4_s16")
                                  if name in cuda_ops.candidates(fmt, rows_for.get(name, 512))]
                 del layer, dense
     for fmt, name, m in compiled:

@@ -5,6 +5,7 @@ shared scratch, then cuBLAS) at 2-8192 tokens.
     python benchmarks/sparse48.py [--formats 4:8,8:16] [--out benchmarks/results/sparse48.json]      # GPU: the GEMVs
     python benchmarks/sparse48.py --part prompt [--formats 4:8,8:16,bitmap]                          # GPU: prompts
     python benchmarks/sparse48.py --formats 8:16 --shapes 3                                          # the first 3 shapes
+    python benchmarks/sparse48.py --part tc --shapes 3                 # GPU: tensor-core kernels, old and ring, 8-64 tokens
 
 ``--formats`` picks the formats (default: all of the part's); results go to ``sparse48[_prompt].json`` for 4:8
 alone, else a name with the formats in it (``sparse48_4-8_8-16.json``).
@@ -23,6 +24,11 @@ paths; for 4:8 and 8:16 at 8-64 tokens also the tensor-core kernel of ``nm_tc.cu
 checked against float64 first; each path a CUDA graph rotating over weight copies that overflow L2, of
 enough calls for about 5 ms. Beside it, the expansion alone (stored bytes read + dense bytes written, as a
 fraction of the copy bandwidth), the figure that bounds the path: cuBLAS time + expansion time.
+
+``--part tc``: per shape, the 4:8 and 8:16 weights at 8, 16, 32 and 64 tokens: cuBLAS ``F.linear`` against every
+tensor-core candidate, nm_tc.cu's kernel (``cuda_tc48_...``) and its ring form (``cuda_tcr48_...``, offered under
+the opt-in this script sets), each checked against float64 first and timed as the prompt part times its paths; per
+row the best of each family, its speed against cuBLAS and its stored bytes (+ x + y) over the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -193,23 +199,71 @@ def prompt_rows(n: int, k: int, bandwidth: float, gen: torch.Generator, kinds: t
     return rows
 
 
+TC_TOKENS = (8, 16, 32, 64)
+"""Token counts of ``--part tc``: decode batches 8-64, where the tensor-core kernels run (row buckets 8-64)."""
+
+
+def tc_rows(n: int, k: int, bandwidth: float, gen: torch.Generator, kinds: tuple[str, ...]) -> list[dict]:
+    """cuBLAS on each pruned dense weight against every tensor-core candidate of its stored format (nm_tc.cu's
+    ``cuda_tc<kind>_...`` and, opted in, the ring kernels ``cuda_tcr<kind>_...``), each checked against float64
+    first, at 8-64 tokens: the old kernel against the ring one at the decode batches where the 4:8 block linears
+    read 1.22 TB/s. Bandwidth = stored bytes + x + y per second over the copy bandwidth."""
+    base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
+    rows = []
+    for label, (weight, fmt) in _prompt_formats(base, kinds).items():
+        dense_ws = [weight] + rotating(lambda i, w=weight: w.clone(), math.ceil(L2_BYTES / weight.nbytes) - 1)
+        fmts = [fmt] + rotating(lambda i, f=fmt: f.clone(), math.ceil(L2_BYTES / fmt.nbytes()) - 1)
+        for m in TC_TOKENS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+            reference = x.double() @ weight.double().T
+            moved = fmt.nbytes() + x.nbytes + m * n * 2
+            seconds = moved / bandwidth
+            row = {"format": label, "N": n, "K": k, "tokens": m, "stored_bytes": fmt.nbytes(),
+                   "byte_limit": (weight.nbytes + x.nbytes + m * n * 2) / moved,
+                   "cublas_us": _rotated_us([lambda w=w, x=x: F.linear(x, w) for w in dense_ws], seconds),
+                   "candidates": {}}
+            for name, call in fmt.cuda_candidates(m).items():
+                if not name.startswith("cuda_tc"):
+                    continue
+                paths = [f.cuda_candidates(m)[name] for f in fmts]
+                us = _rotated_us([lambda p=p, x=x: p(x) for p in paths], seconds)
+                row["candidates"][name] = {"rel_error": relative_error(call(x), reference), "us": us,
+                                           "speedup": row["cublas_us"] / us,
+                                           "bw_fraction": moved / (us * 1e-6) / bandwidth}
+            row["max_rel_error"] = max((c["rel_error"] for c in row["candidates"].values()), default=math.nan)
+            cells = []
+            for family in (f"cuda_{fmt.tc_name}_", f"cuda_{fmt.tc_ring_name}_"):
+                good = {nm: c for nm, c in row["candidates"].items() if nm.startswith(family) and c["rel_error"] < GOOD}
+                best = min(good, key=lambda nm: good[nm]["us"], default=None)
+                row[f"best_{family[5:-1]}"] = best
+                cells.append(f"{good[best]['us']:.1f} | **{good[best]['speedup']:.2f}×** | "
+                             f"{good[best]['bw_fraction']:.2f} | {best}" if best else "— | none correct | — | —")
+            rows.append(row)
+            print(f"| {label} | {n}×{k} | {m} | {row['cublas_us']:.1f} | {' | '.join(cells)} | {row['byte_limit']:.2f}× "
+                  f"| {row['max_rel_error']:.1e} |", flush=True)
+            del x, reference
+        del dense_ws, fmts
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _out(part: str, kinds: tuple[str, ...], given: Path | None) -> Path:
-    """``sparse48[_prompt].json`` for 4:8 alone (the recorded runs), else the formats in the name."""
+    """``sparse48[_prompt|_tc].json`` for 4:8 alone (the recorded runs), else the formats in the name."""
     if given:
         return given
     suffix = "" if kinds == ("4:8",) else "_" + "_".join(kind.replace(":", "-") for kind in kinds)
-    return RESULTS / f"sparse48{'_prompt' if part == 'prompt' else ''}{suffix}.json"
+    return RESULTS / f"sparse48{'' if part == 'gemv' else '_' + part}{suffix}.json"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("gemv", "prompt"), default="gemv")
+    parser.add_argument("--part", choices=("gemv", "prompt", "tc"), default="gemv")
     parser.add_argument("--formats", default=None, help="comma-separated: 4:8, 8:16 (and bitmap for --part prompt); "
                                                          "default all of the part's")
     parser.add_argument("--shapes", type=int, default=None, help="only the first SHAPES Llama shapes (a shorter run)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/sparse48[_prompt][_formats].json")
     args = parser.parse_args()
-    known = (*NM, "bitmap") if args.part == "prompt" else tuple(NM)
+    known = (*NM, "bitmap") if args.part == "prompt" else tuple(NM)  # tc: the N:M tensor-core kernels
     kinds = tuple(args.formats.split(",")) if args.formats else known
     if not set(kinds) <= set(known):
         sys.exit(f"error: --formats for --part {args.part}: choose among {', '.join(known)}")
@@ -219,6 +273,19 @@ def main() -> None:
     gen = torch.Generator("cuda").manual_seed(0)
     shapes = [shape for group in SHAPES.values() for shape in group.values()][: args.shapes]
     out = _out(args.part, kinds, args.out)
+    if args.part == "tc":
+        bandwidth = copy_bandwidth()
+        print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
+        print("| format | shape (N×K) | tokens | cuBLAS µs | tc µs | vs cuBLAS | BW (of copy) | tc kernel | ring µs "
+              "| vs cuBLAS | BW (of copy) | ring kernel | byte limit | max rel. error |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        rows = []
+        for n, k in shapes:
+            rows += tc_rows(n, k, bandwidth, gen, kinds)
+        save_results(out, {"rows": rows, "copy_bandwidth_bytes_per_s": bandwidth, "machine": machine(),
+                           "seconds": round(time.time() - started, 1)})
+        print(f"saved {out}")
+        return
     if args.part == "prompt":
         bandwidth = copy_bandwidth()
         print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)

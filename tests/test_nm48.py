@@ -273,15 +273,16 @@ def test_the_expand_path_is_offered_without_the_opt_in(monkeypatch, not_opted_in
 def test_candidates_per_token_count_include_the_expand_path_above_the_gemv(monkeypatch):
     """1-4 rows: the GEMV; row bucket 8 on (prompts included): expand into the shared scratch + cuBLAS, one chunk per
     thread first, four where the position tables allow 8- and 4-byte loads; nothing else, and no dense copy (row
-    buckets 8-64 add the tensor-core kernel, tests/test_nm_tensorcore.py)."""
+    buckets 8-64 add the tensor-core kernel and, opted in, its ring form: tests/test_nm_tensorcore.py)."""
     fmt = Nm48.compress(_w48(128, 256, dtype=torch.float16))
     _gpu_like(fmt, monkeypatch)
     names = {m: list(fmt.cuda_candidates(m)) for m in (1, 2, 4, 8, 16, 512, 2048, 8192)}
     assert all(n.startswith("cuda_gemv48") for m in (1, 2, 4) for n in names[m]) and names[1]
     for m in (8, 16, 512, 2048, 8192):
-        assert [n for n in names[m] if not n.startswith("cuda_tc48_")] == ["expand_cublas_c1", "expand_cublas_c4"]
+        assert [n for n in names[m] if not n.startswith(("cuda_tc48_", "cuda_tcr48_"))] == ["expand_cublas_c1",
+                                                                                             "expand_cublas_c4"]
     odd = Nm48.compress(_w48(5, 48, dtype=torch.float16))  # 15 chunks: no whole four-chunk units
-    assert [n for n in odd.cuda_candidates(8) if not n.startswith("cuda_tc48_")] == ["expand_cublas_c1"]
+    assert [n for n in odd.cuda_candidates(8) if not n.startswith(("cuda_tc48_", "cuda_tcr48_"))] == ["expand_cublas_c1"]
 
 
 def test_expand_candidate_multiplies_through_the_shared_scratch(monkeypatch):

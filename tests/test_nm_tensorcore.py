@@ -1,10 +1,12 @@
-"""The N:M tensor-core kernel (``kernels/cuda/nm_tc.cu``, 4:8 and 8:16 at 5-64 tokens) on a CPU: its index math
+"""The N:M tensor-core kernel (``kernels/cuda/nm_tc.cu``, 4:8 and 8:16 at 5-64 tokens) and its opt-in ring form
+(``tc_gemm_ring``: stages of stored values and positions in a register ring) on a CPU: their index math
 emulated lane by lane (which stored values and positions each thread loads, where it writes them in the swizzled
 shared tile, what each ``ldmatrix`` gives each lane, the ``mma.m16n8k16`` fragment ownership of the PTX ISA, the
 split-K workspace and its fixed-order sum), run through the real launcher with ``cuda_ops._launch`` replaced by the
 emulation and compared with the float64 dense product; a broken swizzle or fragment map fails it; the candidates
-are offered (by default: they matched float64 on an H100) only at 5-64 rows; the source compiles with nvcc where it is installed,
-with no spills."""
+are offered (by default: they matched float64 on an H100) only at 5-64 rows, the ring candidates only under the
+opt-in and last; the source compiles with nvcc where it is installed, with no spills, and in the ring kernels' SASS
+every load of stored bytes is issued stages ahead of its first use."""
 
 from __future__ import annotations
 
@@ -96,12 +98,41 @@ def _b_matrix(b: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
+def ring_slot(q: int, depth: int) -> int:
+    """tc_gemm_ring's slot for the load issued at unrolled step q: the one stage k - 1 left, ``(q + D - 1) % D``."""
+    return (q + depth - 1) % depth
+
+
+def _stages(kb0: int, kb1: int, load: Callable[[int], list], depth: int, slot: Callable[[int, int], int]):
+    """(stage, its units) in the order the kernel stores them. depth 0: tc_gemm (stage kb's units loaded one stage
+    ahead into the one register set); depth D: tc_gemm_ring's register ring, its prologue (stages kb0 .. kb0 + D - 2
+    into slots 0 .. D - 2) and its loop unrolled D times (step q stores slot q after loading stage k + D - 1 into
+    ``slot(q, D)``), so a load into a slot still to be stored shows as a wrong product."""
+    if not depth:
+        yield from ((kb, load(kb)) for kb in range(kb0, kb1))
+        return
+    ring: list = [None] * depth
+    for p in range(depth - 1):
+        if kb0 + p < kb1:
+            ring[p] = load(kb0 + p)
+    for kb in range(kb0, kb1, depth):
+        for q in range(depth):
+            k = kb + q
+            if k < kb1:
+                if k + depth - 1 < kb1:
+                    ring[slot(q, depth)] = load(k + depth - 1)
+                yield k, ring[q]
+
+
 def emulate_tc(kind: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple[int, ...], tokens: int,
-               read: Callable = swizzled, a_map=A_MAP, b_regs=(0, 1)) -> torch.Tensor:
-    """nm_tc.cu's tc_nm for every block of ``grid``, lane by lane: (S, M, N) float64 of what each block stores
+               read: Callable = swizzled, a_map=A_MAP, b_regs=(0, 1), depth: int = 0,
+               slot: Callable[[int, int], int] = ring_slot) -> torch.Tensor:
+    """nm_tc.cu's tc_nm (``depth`` 0) or its ring form (``depth`` stages in registers, ``slot`` the ring's load slot)
+    for every block of ``grid``, lane by lane: (S, M, N) float64 of what each block stores
     (split s's partial sums; NaN where nothing is stored). Shared memory starts as NaN, so a read of a place no
-    thread wrote shows. ``read``, ``a_map`` and ``b_regs`` are the ldmatrix swizzle, the A fragment map and which
-    ldmatrix registers are b0, b1 of the first k16 step (broken on purpose by the sensitivity test)."""
+    thread wrote shows. ``read``, ``a_map``, ``b_regs`` and ``slot`` are the ldmatrix swizzle, the A fragment map,
+    which ldmatrix registers are b0, b1 of the first k16 step and the ring's slot (broken on purpose by the
+    sensitivity tests)."""
     x, vals, *tables = (t.reshape(-1) for t in tensors[:-2])
     m, n, k, splits = ints
     x, vals = x.double(), vals.double()
@@ -112,6 +143,8 @@ def emulate_tc(kind: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tu
     stages = -(-chunks // 4)
     tid = torch.arange(THREADS)
     warp = torch.arange(WARPS).unsqueeze(1)
+    c = tid & 3
+    units = range(ROWS * 4 // THREADS)  # unit i of each thread: tile row (tid + 128 i) / 4, chunk c
     for block in range(grid):
         tile, rest = block % tiles, block // tiles
         s, tt = rest % splits, rest // splits
@@ -120,15 +153,18 @@ def emulate_tc(kind: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tu
         sw = torch.full((2, ROWS * 64), float("nan"), dtype=torch.float64)
         sx = torch.full((2, tokens * 64), float("nan"), dtype=torch.float64)
         d = torch.zeros(nt, WARPS, 16, 8, dtype=torch.float64)
-        for kb in range(kb0, kb1):
+
+        def load_w(kb: int, row0: int = row0) -> list[torch.Tensor]:
+            """F::load of stage kb's units (a clamped chunk past K): the dense chunks their stored bytes give."""
+            return [_dense_chunks(kind, tables, vals, (row0 + ((tid + THREADS * i) >> 2)).clamp(max=n - 1),
+                                  (kb * 4 + c).clamp(max=chunks - 1), n, k) for i in units]
+
+        for kb, loaded in _stages(kb0, kb1, load_w, depth, slot):
             cur = (kb - kb0) & 1
-            c = tid & 3
-            for i in range(ROWS * 4 // THREADS):  # store_w: unit i of each thread
+            for i in units:  # store_w: zeros for a row past N or a chunk past K
                 r = (tid + THREADS * i) >> 2
-                row = (row0 + r).clamp(max=n - 1)
                 live = (row0 + r < n) & (kb * 4 + c < chunks)
-                dense = _dense_chunks(kind, tables, vals, row, (kb * 4 + c).clamp(max=chunks - 1), n, k)
-                dense = torch.where(live.unsqueeze(1), dense, torch.zeros_like(dense))
+                dense = torch.where(live.unsqueeze(1), loaded[i], torch.zeros_like(loaded[i]))
                 for half in range(2):
                     at = r * 64 + 8 * swizzled(r, 2 * c + half)
                     sw[cur][at.unsqueeze(1) + torch.arange(8)] = dense[:, 8 * half: 8 * half + 8]
@@ -164,8 +200,9 @@ class Emulated:
     """``cuda_ops._launch`` replaced by the emulation: checks what the launcher passes and keeps each launch's
     float64 result (``results``, the product before the cast to the input dtype)."""
 
-    def __init__(self, read: Callable = swizzled, a_map=A_MAP, b_regs=(0, 1)) -> None:
-        self.read, self.a_map, self.b_regs = read, a_map, b_regs
+    def __init__(self, read: Callable = swizzled, a_map=A_MAP, b_regs=(0, 1),
+                 slot: Callable[[int, int], int] = ring_slot) -> None:
+        self.read, self.a_map, self.b_regs, self.slot = read, a_map, b_regs, slot
         self.partials: dict[int, torch.Tensor] = {}
         self.results: list[torch.Tensor] = []
         self.names: list[str] = []
@@ -201,19 +238,22 @@ class Emulated:
     def product(self, name, grid, tensors, ints, warps):
         """The kernel launch checked against the launcher's contract and emulated: (y, work, splits, the float64
         product per split); a format's kernel overrides it, the tcsum reduction and the stores stay shared."""
-        kind, dtype, tokens = re.fullmatch(r"tc(48|816)_(f16|bf16)_n(\d+)", name).groups()
+        ring, kind, dtype, tokens, depth = re.fullmatch(r"tc(r?)(48|816)_(f16|bf16)_n(\d+)(?:_d(\d+))?", name).groups()
+        assert bool(ring) == (depth is not None) and (not ring or int(depth) in nm.TC_RING_DEPTHS[int(tokens)])
         x, *_, y, work = tensors
         m, n, k, splits = ints
         assert cuda_ops._SUFFIX[x.dtype] == dtype and warps == WARPS and int(tokens) in nm.TC_TOKENS
         assert grid == -(-n // ROWS) * splits * -(-m // int(tokens))
         assert x.data_ptr() % 16 == 0 and tuple(x.shape) == (m, k) and tuple(y.shape) == (m, n)
         out = emulate_tc("4:8" if kind == "48" else "8:16", grid, tensors, ints, int(tokens), self.read, self.a_map,
-                         self.b_regs)
+                         self.b_regs, int(depth or 0), self.slot)
         return y, work, splits, out
 
 
 def _run(kind: str, rows: int, cols: int, m: int, splits: int, dtype=torch.float16, emulated: Emulated | None = None,
-         tokens: int | None = None):
+         tokens: int | None = None, depth: int = 0):
+    """The launcher (``depth`` > 0: the ring kernel's) on an emulated GPU: (y, the float64 result, x @ W.T in
+    float64)."""
     w = _weight(kind, rows, cols, seed=rows + cols + m, dtype=dtype)
     fmt = _fmt(kind, w)
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -221,7 +261,7 @@ def _run(kind: str, rows: int, cols: int, m: int, splits: int, dtype=torch.float
     tokens = tokens or next(t for t in nm.TC_TOKENS if t >= m)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cuda_ops, "_launch", emulated)
-        y = fmt._tc(x, tokens, splits)
+        y = fmt._tc_ring(x, tokens, depth, splits) if depth else fmt._tc(x, tokens, splits)
     return y, emulated.results[-1], x.double() @ w.double().T
 
 
@@ -341,8 +381,14 @@ def test_the_source_compiles_for_ampere_and_hopper_with_every_launched_kernel_an
     of conftest.py does, skipping without a toolkit) with ptxas's report: every kernel the launcher names exists and
     none spills registers."""
     names = [f"tc{kind}_{dtype}_n{tokens}" for kind in ("48", "816") for dtype in ("f16", "bf16")
-             for tokens in nm.TC_TOKENS] + ["tcsum_f16", "tcsum_bf16"]
+             for tokens in nm.TC_TOKENS] + ["tcsum_f16", "tcsum_bf16"] + _ring_kernels()
     nvcc_builds_without_spills(nm.TC_SOURCE, names)
+
+
+def _ring_kernels(dtypes=("f16", "bf16")) -> list[str]:
+    """Every ring kernel the candidates launch: each format, dtype, token tile and its depths."""
+    return [f"tcr{kind}_{dtype}_n{tokens}_d{depth}" for kind in ("48", "816") for dtype in dtypes
+            for tokens, depths in nm.TC_RING_DEPTHS.items() for depth in depths]
 
 
 @pytest.mark.parametrize("kind", ["4:8", "8:16"])
@@ -356,7 +402,7 @@ def test_the_offered_candidates_launch_the_emulated_kernel(kind, monkeypatch, op
     emulated = Emulated()
     monkeypatch.setattr(cuda_ops, "_launch", emulated)
     x = torch.randn(37, 320, generator=torch.Generator().manual_seed(4)).half()
-    offered = {name: call for name, call in fmt.cuda_candidates(64).items() if name.startswith("cuda_tc")}
+    offered = {name: call for name, call in fmt.cuda_candidates(64).items() if name.startswith(f"cuda_{fmt.tc_name}_")}
     assert list(offered) == [f"cuda_{fmt.tc_name}_n64_s{s}" for s in nm.tc_splits(200, 320)] == \
         [f"cuda_{fmt.tc_name}_n64_s4"]
     for name, call in offered.items():
@@ -383,3 +429,177 @@ def test_a_tensor_core_module_that_does_not_build_leaves_the_expand_path(monkeyp
     assert list(fmt.cuda_candidates(16)) == ["expand_cublas_c1", "expand_cublas_c4"]
     assert said == [("the 4:8 tensor-core kernel was not built (NVRTC 13.0 failed to compile nm_tc.cu: an error): "
                      "5-64 tokens use the expand path")]
+
+
+RING = [(tokens, depth) for tokens, depths in nm.TC_RING_DEPTHS.items() for depth in depths]
+
+
+@pytest.mark.parametrize("kind", ["4:8", "8:16"])
+@pytest.mark.parametrize(("tokens", "depth"), RING)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_the_emulated_ring_kernel_equals_the_dense_product_in_float64(kind, tokens, depth, splits):
+    """The ring form at each token tile and depth: 72 features (a partial second tile), K = 720 (45 chunks: twelve
+    stages, the last holding one chunk) whole (the ring wraps around its slots three or more times) and in three
+    K-slices of four stages (a slice ending mid-ring); as many rows as the tile holds less three."""
+    y, result, reference = _run(kind, 72, 720, tokens - 3, splits, depth=depth)
+    assert not result.isnan().any()
+    torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(y, result.to(y.dtype))
+
+
+@pytest.mark.parametrize("kind", ["4:8", "8:16"])
+@pytest.mark.parametrize(("tokens", "depth"), RING)
+def test_the_ring_kernel_in_bf16_with_odd_shapes_and_short_slices(kind, tokens, depth):
+    """bf16; 40 rows on 16-token tiles where that is the tile (three token tiles as blocks); 136 features x 400
+    inputs (seven stages) in five slices of one or two stages: a slice shorter than the ring's prologue."""
+    m = 40 if tokens == 16 else tokens - 1
+    y, result, reference = _run(kind, 136, 400, m, 5, dtype=torch.bfloat16, tokens=tokens, depth=depth)
+    torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(y, result.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", ["4:8", "8:16"])
+@pytest.mark.parametrize(("tokens", "depth"), RING)
+@pytest.mark.parametrize("broken", ["into the slot stored now", "into the next stage's slot"])
+def test_a_broken_ring_slot_fails(kind, tokens, depth, broken):
+    """The emulation is sensitive to the ring's index: a load into the slot this step stores (so a stage is stored
+    with the units of one D - 1 stages later) or, at depth 3 and more, into the slot of the stage stored next, gives
+    a different product. At depth 2 the next stage's slot is the one stage k - 1 left: the right slot."""
+    slot = {"into the slot stored now": lambda q, d: q % d, "into the next stage's slot": lambda q, d: (q + 1) % d}
+    _, result, reference = _run(kind, 72, 720, tokens - 3, 1, emulated=Emulated(slot=slot[broken]), depth=depth)
+    if broken == "into the next stage's slot" and depth == 2:
+        torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-12)
+    else:
+        assert not torch.allclose(result, reference, rtol=1e-3, atol=1e-3, equal_nan=False)
+
+
+def test_the_source_has_the_ring_index_math_the_emulation_checks():
+    """The ring's formulas as written in tc_tile.cuh's tc_gemm_ring (a change there must change the emulation); the
+    rest of the engine is the helpers tc_gemm calls too (tc_load_x, tc_mma_stage, tc_store_y)."""
+    source = cuda_ops.TC_TILE.read_text()
+    ring = source[source.index("__device__ __forceinline__ void tc_gemm_ring"):]
+    for line in ("if (kb0 + p < kb1) load_w(ring[p], kb0 + p);",
+                 "for (int kb = kb0; kb < kb1; kb += D) {",
+                 "const int k = kb + q, cur = (k - kb0) & 1;",
+                 "if (k + D - 1 < kb1) load_w(ring[(q + D - 1) % D], k + D - 1);",
+                 "store_w(ring[q], cur, k);",
+                 "if (k + 1 < kb1) tc_load_x<TN>(x, base_x, cur ^ 1, k + 1, tid, tok0, M, K);",
+                 "tc_store_y<BF16, NT>(acc, y, work, row0, warp, g, t, tok0, M, N, S, s);"):
+        assert line in ring, line
+    assert "tc_mma_stage<BF16, NT>(acc, base_w + cur * (TC_ROWS * 128), base_x + cur * (TN * 128), ra, ca, rb," in ring
+
+
+@pytest.mark.parametrize("kind", ["4:8", "8:16"])
+def test_ring_candidates_offered_only_on_request_last_and_at_5_to_64_rows(kind, monkeypatch, opted_in):
+    """Never run on a GPU, so under SECATEURS_UNVERIFIED_KERNELS=1 only: at row buckets 8-64 each depth of the
+    smallest token tile holding the rows at tc_splits, after every other candidate; none at 1-4 rows or 128 on."""
+    fmt = _fmt(kind, _weight(kind, 128, 1024, 0, torch.float16))
+    _gpu_like(monkeypatch)
+    ring = f"cuda_{fmt.tc_ring_name}"
+    for m in (1, 2, 4, 128, 512):
+        assert not any(name.startswith(ring) for name in fmt.cuda_candidates(m))
+    for m, tile in ((5, 16), (8, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64)):
+        names = list(fmt.cuda_candidates(m))
+        expected = [f"{ring}_n{tile}_d{d}_s{s}" for d in nm.TC_RING_DEPTHS[tile] for s in nm.tc_splits(128, 1024)]
+        assert names[-len(expected):] == expected and sum(name.startswith(ring) for name in names) == len(expected)
+        assert any(name.startswith(f"cuda_{fmt.tc_name}_n{tile}_s") for name in names[:-len(expected)])
+
+
+@pytest.mark.parametrize("kind", ["4:8", "8:16"])
+def test_ring_candidates_not_offered_without_the_opt_in(kind, monkeypatch, not_opted_in):
+    fmt = _fmt(kind, _weight(kind, 128, 1024, 0, torch.float16))
+    _gpu_like(monkeypatch)
+    for m in (5, 8, 16, 32, 64):
+        assert not any(name.startswith(f"cuda_{fmt.tc_ring_name}") for name in fmt.cuda_candidates(m))
+
+
+@pytest.mark.parametrize("kind", ["4:8", "8:16"])
+def test_the_offered_ring_candidates_launch_the_emulated_kernel(kind, monkeypatch, opted_in):
+    """The ring candidates the dispatcher times at row bucket 16 (9 rows) launch their kernel (its depth, the bound
+    split) to the float64 product: a 200 x 1024 weight (4 feature tiles, 16 stages: 4 slices of four)."""
+    w = _weight(kind, 200, 1024, 5, torch.float16)
+    fmt = _fmt(kind, w)
+    _gpu_like(monkeypatch)
+    emulated = Emulated()
+    monkeypatch.setattr(cuda_ops, "_launch", emulated)
+    x = torch.randn(9, 1024, generator=torch.Generator().manual_seed(6)).half()
+    offered = {name: call for name, call in fmt.cuda_candidates(16).items() if name.startswith("cuda_tcr")}
+    assert list(offered) == [f"cuda_{fmt.tc_ring_name}_n16_d{d}_s{s}" for d in (3, 4) for s in nm.tc_splits(200, 1024)]
+    for name, call in offered.items():
+        y = call(x)
+        torch.testing.assert_close(emulated.results[-1], x.double() @ w.double().T, rtol=1e-12, atol=1e-12, msg=name)
+        assert torch.equal(y, emulated.results[-1].half())
+    launched = [name for name in emulated.names if not name.startswith("tcsum_")]
+    assert launched == [f"{fmt.tc_ring_name}_f16_n16_d{d}" for d in (3, 4) for _ in nm.tc_splits(200, 1024)]
+
+
+def test_the_ring_ops_have_fake_implementations():
+    """torch.compile(fullgraph=True) and CUDA graphs trace the ring ops through their fake implementations."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(9, 64, dtype=torch.float16)
+        y48 = torch.ops.secateurs.nm48_tc_ring(x, torch.empty(24, 32, dtype=torch.float16),
+                                               torch.empty(24, 8, dtype=torch.uint8),
+                                               torch.empty(24, 4, dtype=torch.uint8), 16, 3, 1)
+        y816 = torch.ops.secateurs.nm816_tc_ring(x.bfloat16(), torch.empty(24, 32, dtype=torch.bfloat16),
+                                                 torch.empty(24, 4, dtype=torch.int32), 64, 2, 2)
+    assert (tuple(y48.shape), y48.dtype, tuple(y816.shape), y816.dtype) == ((9, 24), torch.float16, (9, 24), torch.bfloat16)
+
+
+def _stored_load_distances(body: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """For each load of stored bytes (LDG.E.EF: the streamed values and positions; x goes by LDGSTS) of the kernel's
+    main loop (the longest loop holding an HMMA): (HMMAs, instructions) issued between it and the first instruction
+    reading its registers, around the back edge."""
+    loop: list[str] = []
+    for address, text in body:
+        branch = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            span = [t for a, t in body if int(branch.group(1), 16) <= a <= address]
+            if any("HMMA" in t for t in span) and len(span) > len(loop):
+                loop = span
+    distances = []
+    for i, text in enumerate(loop):
+        load = re.search(r"LDG\.E\.EF(?:\.(\w+))? R(\d+),", text)
+        if not load:
+            continue
+        registers = {f"R{int(load.group(2)) + j}" for j in range({"128": 4, "64": 2}.get(load.group(1), 1))}
+        mmas = 0
+        for step in range(1, len(loop)):
+            later = loop[(i + step) % len(loop)]
+            if registers & {o.split(".")[0] for o in re.split(r"[ ,\[\]]+", later)[2:]}:
+                distances.append((mmas, step - 1))
+                break
+            mmas += "HMMA" in later
+    return distances
+
+
+def test_every_stored_load_of_the_ring_kernels_is_issued_stages_ahead(tmp_path):
+    """What the ring is for, checked in the SASS nvcc makes for sm_90: between each load of stored values or positions
+    in the main loop and the first instruction reading it, the warp issues the MMAs of D - 1 whole stages (4 TN / 8
+    each) and at least 150 instructions per stage ahead; tc_gemm's loads are read within its one stage (at most its 4 TN / 8 MMAs,
+    34-206 instructions at 16-64 tokens when this was written). D x 2 units x the format's loads per unit are in the
+    loop (4:8: values, low and high position bits; 8:16: values, positions)."""
+    import subprocess
+    import sys
+
+    from conftest import _nvcc
+
+    nvcc = _nvcc()
+    sys.path.insert(0, str(nm.TC_SOURCE.parents[4] / "benchmarks"))
+    from sass_count import cuobjdump, functions
+
+    cubin = tmp_path / "nm_tc.cubin"
+    subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(cubin), str(nm.TC_SOURCE)], check=True)
+    bodies = functions(subprocess.run([cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True,
+                                      check=True).stdout)
+    for kind, loads in (("48", 3), ("816", 2)):
+        for tokens, depths in nm.TC_RING_DEPTHS.items():
+            per_stage = 4 * tokens // 8
+            old = _stored_load_distances(bodies[f"tc{kind}_f16_n{tokens}"])
+            assert len(old) == 2 * loads and max(mmas for mmas, _ in old) <= per_stage, (kind, tokens, old)
+            for depth in depths:
+                ring = _stored_load_distances(bodies[f"tcr{kind}_f16_n{tokens}_d{depth}"])
+                assert len(ring) == depth * 2 * loads, (kind, tokens, depth, ring)
+                assert min(mmas for mmas, _ in ring) >= (depth - 1) * per_stage, (kind, tokens, depth, ring)
+                assert min(steps for _, steps in ring) >= 150 * (depth - 1), (kind, tokens, depth, ring)

@@ -21,7 +21,10 @@ kernel's) into a swizzled shared-memory dense tile, and multiplies it by the act
 ``gpu_kernel_check.py --part cuda --formats 4:8,8:16 --only cuda_tc``) every one matched float64 in 468 checks (fp16
 and bf16, 10 shapes, m = 1-8192; worst 1.9e-3, bf16 rounding), also under ``torch.compile`` in a CUDA graph, so
 none faults; its speed is left to the dispatcher's timing (not yet measured on its own: the expand path it competes
-with made 4:8 decode at batch 8 0.48x dense end to end, benchmarks/sections/sparse_kernels.md).
+with made 4:8 decode at batch 8 0.48x dense end to end, benchmarks/sections/sparse_kernels.md). Its ring form
+(``cuda_tcr48_n<tokens>_d<depth>_s<split>``, ``cuda_tcr816_...``: tc_tile.cuh's ``tc_gemm_ring``, stages of stored
+bytes loaded ``depth - 1`` stages ahead of their decode) was never run on a GPU, so it is offered only under
+``SECATEURS_UNVERIFIED_KERNELS=1``, after every other candidate.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ TC_SOURCE = Path(__file__).with_name("cuda") / "nm_tc.cu"
 TC_TOKENS = (16, 32, 64)  # token tiles the tensor-core kernel is instantiated for (tc<kind>_<dtype>_n<tokens>)
 TC_ROWS = 64  # output features per block of the tensor-core kernel
 TC_WARPS = 4
+TC_RING_DEPTHS = {16: (3, 4), 32: (3, 4), 64: (2,)}
+"""Stages in registers of the ring kernels per token tile (``tcr<kind>_<dtype>_n<tokens>_d<depth>``): as many as
+compile without a spill on sm_80 and sm_90 (at 64 tokens the accumulators leave room for two)."""
 TC_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)  # blocks sharing one feature tile (split-K over whole 64-input stages)
 TC_BLOCKS = 264  # blocks that keep an H100's 132 SMs busy twice over: the split-K choice aims at this many
 MAX_SPARSITY = 0.625
@@ -69,6 +75,8 @@ class NmFormat(SparseFormat):
     """The GEMV's candidate names: ``cuda_<gemv_name>_r<rows>_s<split>``."""
     tc_name: ClassVar[str]
     """The tensor-core kernel's candidate names: ``cuda_<tc_name>_n<tokens>_s<split>`` (row buckets 8-64)."""
+    tc_ring_name: ClassVar[str]
+    """The ring kernel's candidate names (opt-in): ``cuda_<tc_ring_name>_n<tokens>_d<depth>_s<split>``."""
     gemv_verified: ClassVar[bool]
     """Whether the GEMV was run on a GPU; if not it (and the format's expand path) is offered only with
     ``SECATEURS_UNVERIFIED_KERNELS=1``."""
@@ -163,6 +171,9 @@ class NmFormat(SparseFormat):
     def _tc(self, x: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _tc_ring(self, x: torch.Tensor, tokens: int, depth: int, split: int) -> torch.Tensor:
+        raise NotImplementedError
+
     def expand_rows(self, start: int, stop: int, out: torch.Tensor, variant: int) -> None:
         """Rows ``[start, stop)`` of the dense weight into the first ``(stop - start) * K`` elements of ``out`` (the
         pipelined expand path's chunk): the values and position tables are per-row, so the expand kernel runs on their
@@ -181,14 +192,29 @@ class NmFormat(SparseFormat):
         return {f"cuda_{self.tc_name}_n{tokens}_s{split}": (lambda x, s=split: self._tc(x, tokens, s))
                 for split in tc_splits(n, k)}
 
+    def _tc_ring_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The ring kernel (``tc_gemm_ring`` of ``cuda/tc_tile.cuh``) at ``m`` rows, only under
+        ``SECATEURS_UNVERIFIED_KERNELS=1``: it was never run on a GPU. Why it exists: at 8 tokens the tensor-core
+        kernel's block linears read 1.22 TB/s on an H100, its stored bytes waited for ~30-130 instructions after
+        their load with one 64-input stage in flight per block; this one keeps ``depth - 1`` stages in flight. Each
+        depth of :data:`TC_RING_DEPTHS` for the smallest token tile holding ``m`` rows, at :func:`tc_splits`."""
+        if not cuda_ops.unverified_offered() or not tc_built(self.values.device, TC_SOURCE, self.kind):
+            return {}
+        n, k = self.shape
+        tokens = next(t for t in TC_TOKENS if t >= m)
+        return {f"cuda_{self.tc_ring_name}_n{tokens}_d{depth}_s{split}":
+                (lambda x, d=depth, s=split: self._tc_ring(x, tokens, d, s))
+                for depth in TC_RING_DEPTHS[tokens] for split in tc_splits(n, k)}
+
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The format's GEMV for 1-4 rows: each row count's instantiated rows per warp group (default first), at
         the split-K choices of :func:`cuda_ops.splits`; above 4 rows (row bucket 8 on) the expand path (the weight
         expanded into the scratch every layer shares, then cuBLAS) at each chunks-per-thread choice the tables'
         alignment allows; at 5-64 rows also the tensor-core kernel (the smallest token tile that holds ``m`` rows, at
         the split-K choices of :func:`tc_splits`; correct on an H100, its speed left to the dispatcher's timing),
-        after the expand path; at prompt sizes the pipelined expand path
-        (:func:`cuda_ops.pipelined_candidates`, with the widest chunks per thread the tables allow). A format whose GEMV
+        after the expand path, and under the opt-in its ring form (:meth:`_tc_ring_candidates`) last; at prompt
+        sizes the pipelined expand path (:func:`cuda_ops.pipelined_candidates`, with the widest chunks per thread the
+        tables allow). A format whose GEMV
         was never run on a GPU is offered only under ``SECATEURS_UNVERIFIED_KERNELS=1`` (4:8's and 8:16's GEMV and
         expand paths matched float64 on an H100).
         Compiled on first offer (an error there offers nothing)."""
@@ -208,6 +234,8 @@ class NmFormat(SparseFormat):
             if m <= TC_TOKENS[-1]:
                 paths.update(self._tc_candidates(m))
             paths.update(cuda_ops.pipelined_candidates(self, m, max(usable)))  # prompts
+            if m <= TC_TOKENS[-1]:
+                paths.update(self._tc_ring_candidates(m))  # opt-in, after every other candidate
             return paths
         tokens = next(t for t in self.tokens if t >= m)
         return {f"cuda_{self.gemv_name}_r{rows}_s{split}": (lambda x, r=rows, s=split: self._gemv(x, r, s))
@@ -261,8 +289,10 @@ def tc_splits(n: int, k: int) -> list[int]:
     return usable[usable.index(preferred): usable.index(preferred) + 2]
 
 
-def tc_launch(kernel: str, x: torch.Tensor, tables: tuple[torch.Tensor, ...], tokens: int, split: int) -> torch.Tensor:
-    """Launch the tensor-core kernel ``<kernel>_<dtype>_n<tokens>`` of ``nm_tc.cu`` on x (any number of rows: token
+def tc_launch(kernel: str, x: torch.Tensor, tables: tuple[torch.Tensor, ...], tokens: int, split: int,
+              depth: int = 0) -> torch.Tensor:
+    """Launch the tensor-core kernel ``<kernel>_<dtype>_n<tokens>`` (a ring kernel with ``depth``:
+    ``..._n<tokens>_d<depth>``, same arguments) of ``nm_tc.cu`` on x (any number of rows: token
     tiles are blocks too) and the stored tensors ``tables`` (values first): its arguments are (x, tables..., y, work,
     M, N, K, split). With ``split`` > 1 every block writes fp32 partial sums to its slice of ``work`` (split, M, N)
     and ``tcsum_<dtype>`` adds them into y in split order (deterministic, no atomics)."""
@@ -273,7 +303,8 @@ def tc_launch(kernel: str, x: torch.Tensor, tables: tuple[torch.Tensor, ...], to
     work = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     suffix = cuda_ops._SUFFIX[x.dtype]
     blocks = -(-n // TC_ROWS) * split * -(-m // tokens)
-    cuda_ops._launch(f"{kernel}_{suffix}_n{tokens}", blocks, (x, *tables, y, work), (m, n, k, split), TC_WARPS,
+    name = f"{kernel}_{suffix}_n{tokens}" + (f"_d{depth}" if depth else "")
+    cuda_ops._launch(name, blocks, (x, *tables, y, work), (m, n, k, split), TC_WARPS,
                      source=TC_SOURCE)
     if split > 1:
         threads = cuda_ops.WARPS * 32

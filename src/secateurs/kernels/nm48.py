@@ -58,6 +58,7 @@ class Nm48(NmFormat):
     group, kept, source, tokens, rows, expand_chunks = GROUP, KEPT, SOURCE, TOKENS, ROWS, EXPAND_CHUNKS
     gemv_name = "gemv48"
     tc_name = "tc48"
+    tc_ring_name = "tcr48"
     gemv_verified = True  # H100, benchmarks/sparse48.py: 1.60-1.86x cuBLAS at 1 token
 
     def positions(self) -> torch.Tensor:
@@ -103,6 +104,9 @@ class Nm48(NmFormat):
     def _tc(self, x: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
         return nm48_tc(x, self.values, self.meta, self.high, tokens, split)
 
+    def _tc_ring(self, x: torch.Tensor, tokens: int, depth: int, split: int) -> torch.Tensor:
+        return nm48_tc_ring(x, self.values, self.meta, self.high, tokens, depth, split)
+
 
 @torch.library.custom_op("secateurs::nm48_gemv", mutates_args=())
 def nm48_gemv(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, high: torch.Tensor, rows: int,
@@ -139,4 +143,17 @@ def nm48_tc(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, high: tor
 
 @nm48_tc.register_fake
 def _(x, values, meta, high, tokens, split):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@torch.library.custom_op("secateurs::nm48_tc_ring", mutates_args=())
+def nm48_tc_ring(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, high: torch.Tensor, tokens: int,
+                 depth: int, split: int) -> torch.Tensor:
+    """:func:`nm48_tc` with ``depth`` stages of stored values and positions in registers (``tc_gemm_ring``: loads
+    issued ``depth - 1`` stages ahead); never run on a GPU, offered only under the opt-in."""
+    return tc_launch("tcr48", x, (values, meta, high), tokens, split, depth)
+
+
+@nm48_tc_ring.register_fake
+def _(x, values, meta, high, tokens, depth, split):
     return x.new_empty(x.shape[0], values.shape[0])

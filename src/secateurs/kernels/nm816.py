@@ -54,6 +54,7 @@ class Nm816(NmFormat):
     group, kept, source, tokens, rows, expand_chunks = GROUP, KEPT, SOURCE, TOKENS, ROWS, EXPAND_CHUNKS
     gemv_name = "gemv816"
     tc_name = "tc816"
+    tc_ring_name = "tcr816"
     gemv_verified = True  # H100, benchmarks/sparse48.py: 1.56-1.89x cuBLAS at 1 token
 
     def positions(self) -> torch.Tensor:
@@ -85,6 +86,9 @@ class Nm816(NmFormat):
 
     def _tc(self, x: torch.Tensor, tokens: int, split: int) -> torch.Tensor:
         return nm816_tc(x, self.values, self.meta, tokens, split)
+
+    def _tc_ring(self, x: torch.Tensor, tokens: int, depth: int, split: int) -> torch.Tensor:
+        return nm816_tc_ring(x, self.values, self.meta, tokens, depth, split)
 
 
 @torch.library.custom_op("secateurs::nm816_gemv", mutates_args=())
@@ -120,4 +124,17 @@ def nm816_tc(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, tok
 
 @nm816_tc.register_fake
 def _(x, values, positions, tokens, split):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@torch.library.custom_op("secateurs::nm816_tc_ring", mutates_args=())
+def nm816_tc_ring(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, tokens: int, depth: int,
+                  split: int) -> torch.Tensor:
+    """:func:`nm816_tc` with ``depth`` stages of stored values and positions in registers (``tc_gemm_ring``: loads
+    issued ``depth - 1`` stages ahead); never run on a GPU, offered only under the opt-in."""
+    return tc_launch("tcr816", x, (values, positions), tokens, split, depth)
+
+
+@nm816_tc_ring.register_fake
+def _(x, values, positions, tokens, depth, split):
     return x.new_empty(x.shape[0], values.shape[0])

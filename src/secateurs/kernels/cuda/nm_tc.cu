@@ -11,6 +11,14 @@
 // N:M unit it loads and stores: per (feature row, 16-input chunk) one 16-byte load of the chunk's eight stored values
 // and its positions (the format's F::load), decoded by F::expand into the chunk's 16 dense halves and written as the
 // two 16-byte chunks of its tile row.
+//
+// The ring entry points (tcr48_*, tcr816_*; opt-in, never run on a GPU) run the same units through tc_tile.cuh's
+// tc_gemm_ring: D stages of units in registers, each stage's loads issued D - 1 stages before its decode. Why: on an
+// H100 the 4:8 block linears of a batch-8 decode read 1.22 TB/s with tc_gemm; in its sm_90 SASS at 16 tokens each
+// stored-byte load is first read 34-131 instructions after it is issued (the stage's 8 MMAs between), and one stage
+// (64 rows x 64 inputs, 4,864 stored bytes) is in flight per block, with ~3 blocks per SM at the Llama-2-7B split-K
+// grids: ~14 KB per SM. Depths: 3 and 4 at 16 and 32 tokens, 2 at 64 (its accumulators leave no room for more
+// without a spill on sm_80).
 
 #include "tc_tile.cuh"
 
@@ -108,6 +116,19 @@ struct TcNm {
                            int K, int S) {                                                                   \
         tc_gemm<TcNm<Tc816>, BF, TN>(x, vals, {pos}, y, work, M, N, K, S);                                   \
     }
+// ring entry points (opt-in): tcr48_<dtype>_n<tokens>_d<stages>, tcr816_..., tc_gemm_ring's D stages in registers
+#define TCR48(DT, BF, TN, D)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                 \
+        tcr48_##DT##_n##TN##_d##D(const u16* x, const u16* vals, const u8* meta, const u8* high, u16* y,       \
+                                  float* work, int M, int N, int K, int S) {                                 \
+        tc_gemm_ring<TcNm<Tc48>, BF, TN, D>(x, vals, {meta, high}, y, work, M, N, K, S);                     \
+    }
+#define TCR816(DT, BF, TN, D)                                                                                \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                 \
+        tcr816_##DT##_n##TN##_d##D(const u16* x, const u16* vals, const u32* pos, u16* y, float* work, int M,  \
+                                   int N, int K, int S) {                                                    \
+        tc_gemm_ring<TcNm<Tc816>, BF, TN, D>(x, vals, {pos}, y, work, M, N, K, S);                           \
+    }
 #define ALL(DT, BF)                                                                                          \
     TC48(DT, BF, 16)                                                                                         \
     TC48(DT, BF, 32)                                                                                         \
@@ -115,6 +136,16 @@ struct TcNm {
     TC816(DT, BF, 16)                                                                                        \
     TC816(DT, BF, 32)                                                                                        \
     TC816(DT, BF, 64)                                                                                        \
-    TCSUM(DT, BF)
+    TCSUM(DT, BF)                                                                                            \
+    TCR48(DT, BF, 16, 3)                                                                                     \
+    TCR48(DT, BF, 16, 4)                                                                                     \
+    TCR48(DT, BF, 32, 3)                                                                                     \
+    TCR48(DT, BF, 32, 4)                                                                                     \
+    TCR48(DT, BF, 64, 2)                                                                                     \
+    TCR816(DT, BF, 16, 3)                                                                                    \
+    TCR816(DT, BF, 16, 4)                                                                                    \
+    TCR816(DT, BF, 32, 3)                                                                                    \
+    TCR816(DT, BF, 32, 4)                                                                                    \
+    TCR816(DT, BF, 64, 2)
 ALL(f16, false)
 ALL(bf16, true)

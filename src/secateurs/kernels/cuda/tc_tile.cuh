@@ -72,12 +72,63 @@ __device__ __forceinline__ void tc_mma(float (&c)[4], const u32 (&a)[4], u32 b0,
 // byte offset of 16-byte chunk c (0-7) of 128-byte row r in a swizzled tile
 __device__ __forceinline__ u32 tc_at(int r, int c) { return (u32)(r * 128 + ((c ^ (r & 7)) << 4)); }
 
+// ---- the engine's pieces, shared by its two loops (tc_gemm, tc_gemm_ring) ----
+// x's stage kb (TN tokens x 64 inputs) into buffer buf of its tile by cp.async, one commit group
+template <int TN>
+__device__ __forceinline__ void tc_load_x(const u16* __restrict__ x, u32 base_x, int buf, int kb, int tid, int tok0,
+                                          int M, int K) {
+    constexpr int XU = TN * 8 / TC_THREADS;
+#pragma unroll
+    for (int i = 0; i < XU; ++i) {
+        const int idx = tid + TC_THREADS * i, r = idx >> 3, cx = idx & 7;
+        const int token = tok0 + r, input = kb * 64 + cx * 8;
+        const bool ok = token < M && input < K;
+        const u16* src = x + (size_t)min(token, M - 1) * K + (ok ? input : 0);
+        tc_cp_async16(base_x + buf * (TN * 128) + tc_at(r, cx), src, ok ? 16u : 0u);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// one stage's four k16 steps of this warp: acc += the weight tile at aw (its 16 features) x the x tile at ax
+template <bool BF16, int NT>
+__device__ __forceinline__ void tc_mma_stage(float (&acc)[NT][4], u32 aw, u32 ax, int ra, int ca, int rb, int cb) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // inputs 32h .. 32h + 31: two k16 steps
+        u32 a[2][4];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) tc_ldmatrix_x4(a[k], aw + tc_at(ra, 4 * h + 2 * k + ca));
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            u32 b[4];
+            tc_ldmatrix_x4(b, ax + tc_at(n * 8 + rb, 4 * h + cb));
+            tc_mma<BF16>(acc[n], a[0], b[0], b[1]);
+            tc_mma<BF16>(acc[n], a[1], b[2], b[3]);
+        }
+    }
+}
+
+// the warp's sums: into y (S = 1) or split s's fp32 slice of work
+template <bool BF16, int NT>
+__device__ __forceinline__ void tc_store_y(const float (&acc)[NT][4], u16* __restrict__ y, float* __restrict__ work,
+                                           int row0, int warp, int g, int t, int tok0, int M, int N, int S, int s) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int row = row0 + warp * 16 + g + (q >> 1) * 8, token = tok0 + n * 8 + 2 * t + (q & 1);
+            if (row < N && token < M) {
+                if (S == 1) y[(size_t)token * N + row] = pack1<BF16>(acc[n][q]);
+                else work[((size_t)s * M + token) * N + row] = acc[n][q];
+            }
+        }
+}
+
 // ---- the engine: one loop, F's load and store per (row, 16-input chunk) unit ----
 template <class F, bool BF16, int TN>
 __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __restrict__ vals,
                                         const typename F::Tables tables, u16* __restrict__ y, float* __restrict__ work,
                                         int M, int N, int K, int S) {
-    constexpr int NT = TN / 8, XU = TN * 8 / TC_THREADS, UNITS = TC_ROWS * 4 / TC_THREADS;
+    constexpr int NT = TN / 8, UNITS = TC_ROWS * 4 / TC_THREADS;
     __shared__ __align__(128) u16 sw[2][TC_ROWS * 64];
     __shared__ __align__(128) u16 sx[2][TN * 64];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -112,17 +163,6 @@ __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __
             F::store(unit[i], z, at, r, c);
         }
     };
-    auto load_x = [&](int buf, int kb) {
-#pragma unroll
-        for (int i = 0; i < XU; ++i) {
-            const int idx = tid + TC_THREADS * i, r = idx >> 3, cx = idx & 7;
-            const int token = tok0 + r, input = kb * 64 + cx * 8;
-            const bool ok = token < M && input < K;
-            const u16* src = x + (size_t)min(token, M - 1) * K + (ok ? input : 0);
-            tc_cp_async16(base_x + buf * (TN * 128) + tc_at(r, cx), src, ok ? 16u : 0u);
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    };
 
     float acc[NT][4];
 #pragma unroll
@@ -134,7 +174,7 @@ __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __
 #pragma unroll
         for (int i = 0; i < UNITS; ++i) F::first(vals, tables, vrow[i], K, min(kb0 * 4 + c, W - 1), unit[i]);
         load_w(kb0);
-        load_x(0, kb0);
+        tc_load_x<TN>(x, base_x, 0, kb0, tid, tok0, M, K);
     }
     // ldmatrix row of this lane: matrix lane / 8, its row lane % 8
     const int ra = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ca = lane >> 4;
@@ -146,33 +186,90 @@ __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __
         __syncthreads();  // the tile and x of this stage are in; every warp is done with the other buffers
         if (kb + 1 < kb1) {
             load_w(kb + 1);
-            load_x(cur ^ 1, kb + 1);
+            tc_load_x<TN>(x, base_x, cur ^ 1, kb + 1, tid, tok0, M, K);
         }
-        const u32 aw = base_w + cur * (TC_ROWS * 128), ax = base_x + cur * (TN * 128);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // inputs 32h .. 32h + 31: two k16 steps
-            u32 a[2][4];
-#pragma unroll
-            for (int k = 0; k < 2; ++k) tc_ldmatrix_x4(a[k], aw + tc_at(ra, 4 * h + 2 * k + ca));
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                u32 b[4];
-                tc_ldmatrix_x4(b, ax + tc_at(n * 8 + rb, 4 * h + cb));
-                tc_mma<BF16>(acc[n], a[0], b[0], b[1]);
-                tc_mma<BF16>(acc[n], a[1], b[2], b[3]);
-            }
-        }
+        tc_mma_stage<BF16, NT>(acc, base_w + cur * (TC_ROWS * 128), base_x + cur * (TN * 128), ra, ca, rb, cb);
     }
+    tc_store_y<BF16, NT>(acc, y, work, row0, warp, g, t, tok0, M, N, S, s);
+}
+
+// ---- the ring engine (opt-in, never run on a GPU): tc_gemm's tiles, fragments, split-K and stores, with D
+// stages of units in registers. tc_gemm issues stage kb + 1's loads after stage kb's barrier and decodes them right
+// after stage kb's 16 MMAs of a warp: each load is waited for after ~30 instructions, one stage (64 rows x 64
+// inputs: ~4.8 KB of stored 4:8 bytes) is in flight per block, and a K-slice runs latency + decode per stage. Here
+// stage k + D - 1 is loaded before stage k is decoded, into the slot stage k - 1 left (slot = stage index % D from
+// the slice's first stage; the loop is unrolled D times so a slot is a register set, not an indexed array): D - 1
+// stages in flight per block, each load first read D - 1 stages of decode and MMA after it is issued.
+template <class F, bool BF16, int TN, int D>
+__device__ __forceinline__ void tc_gemm_ring(const u16* __restrict__ x, const u16* __restrict__ vals,
+                                             const typename F::Tables tables, u16* __restrict__ y,
+                                             float* __restrict__ work, int M, int N, int K, int S) {
+    constexpr int NT = TN / 8, UNITS = TC_ROWS * 4 / TC_THREADS;
+    __shared__ __align__(128) u16 sw[2][TC_ROWS * 64];
+    __shared__ __align__(128) u16 sx[2][TN * 64];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int tiles = (N + TC_ROWS - 1) / TC_ROWS;
+    const int tile = blockIdx.x % tiles, rest = blockIdx.x / tiles, s = rest % S, tt = rest / S;
+    const int row0 = tile * TC_ROWS, tok0 = tt * TN;
+    const int W = K >> 4, KB = (W + 3) >> 2;
+    const int kb0 = (int)((long long)s * KB / S), kb1 = (int)((long long)(s + 1) * KB / S);
+    const u32 base_w = smem_u32(sw), base_x = smem_u32(sx);
+
+    const int c = tid & 3;
+    size_t vrow[UNITS];
+    bool live[UNITS];
+#pragma unroll
+    for (int i = 0; i < UNITS; ++i) {
+        const int r = (tid + TC_THREADS * i) >> 2;
+        live[i] = row0 + r < N;
+        vrow[i] = (size_t)min(row0 + r, N - 1);
+    }
+    typename F::Unit ring[D][UNITS];
+    auto load_w = [&](typename F::Unit (&unit)[UNITS], int kb) {
+#pragma unroll
+        for (int i = 0; i < UNITS; ++i) F::load(vals, tables, vrow[i], K, min(kb * 4 + c, W - 1), unit[i]);
+    };
+    auto store_w = [&](const typename F::Unit (&unit)[UNITS], int buf, int kb) {
+#pragma unroll
+        for (int i = 0; i < UNITS; ++i) {
+            const u32 z = (live[i] && kb * 4 + c < W) ? 0xffffffffu : 0u;
+            const int r = (tid + TC_THREADS * i) >> 2;
+            F::store(unit[i], z, base_w + buf * (TC_ROWS * 128), r, c);
+        }
+    };
+
+    float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int row = row0 + warp * 16 + g + (q >> 1) * 8, token = tok0 + n * 8 + 2 * t + (q & 1);
-            if (row < N && token < M) {
-                if (S == 1) y[(size_t)token * N + row] = pack1<BF16>(acc[n][q]);
-                else work[((size_t)s * M + token) * N + row] = acc[n][q];
+        for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+
+    if (kb0 < kb1) {
+#pragma unroll
+        for (int i = 0; i < UNITS; ++i) F::first(vals, tables, vrow[i], K, min(kb0 * 4 + c, W - 1), ring[0][i]);
+#pragma unroll
+        for (int p = 0; p < D - 1; ++p)  // stages kb0 .. kb0 + D - 2 into slots 0 .. D - 2
+            if (kb0 + p < kb1) load_w(ring[p], kb0 + p);
+        tc_load_x<TN>(x, base_x, 0, kb0, tid, tok0, M, K);
+    }
+    const int ra = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, ca = lane >> 4;
+    const int rb = lane & 7, cb = lane >> 3;
+    for (int kb = kb0; kb < kb1; kb += D) {
+#pragma unroll
+        for (int q = 0; q < D; ++q) {  // stage k = kb + q sits in slot q
+            const int k = kb + q, cur = (k - kb0) & 1;
+            if (k < kb1) {
+                if (k + D - 1 < kb1) load_w(ring[(q + D - 1) % D], k + D - 1);  // the slot stage k - 1 left
+                store_w(ring[q], cur, k);  // this tile buffer was last read two stages ago, before the last barrier
+                asm volatile("cp.async.wait_group 0;" ::: "memory");
+                __syncthreads();
+                if (k + 1 < kb1) tc_load_x<TN>(x, base_x, cur ^ 1, k + 1, tid, tok0, M, K);
+                tc_mma_stage<BF16, NT>(acc, base_w + cur * (TC_ROWS * 128), base_x + cur * (TN * 128), ra, ca, rb,
+                                       cb);
             }
         }
+    }
+    tc_store_y<BF16, NT>(acc, y, work, row0, warp, g, t, tok0, M, N, S, s);
 }
 
 // ---- split-K ending: y = the S partial sums of work (S, M * N), added in split order ----
