@@ -195,11 +195,14 @@ __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __
 
 // ---- the ring engine (opt-in, never run on a GPU): tc_gemm's tiles, fragments, split-K and stores, with D
 // stages of units in registers. tc_gemm issues stage kb + 1's loads after stage kb's barrier and decodes them right
-// after stage kb's 16 MMAs of a warp: each load is waited for after ~30 instructions, one stage (64 rows x 64
-// inputs: ~4.8 KB of stored 4:8 bytes) is in flight per block, and a K-slice runs latency + decode per stage. Here
+// after stage kb's MMAs (8-32 a warp at 16-64 tokens): in its sm_90 SASS each load is first read 34-218 instructions
+// after it is issued, one stage (64 rows x 64 inputs: 4,864 stored 4:8 bytes) is in flight per block, and a K-slice
+// runs load latency + decode per stage. Here
 // stage k + D - 1 is loaded before stage k is decoded, into the slot stage k - 1 left (slot = stage index % D from
 // the slice's first stage; the loop is unrolled D times so a slot is a register set, not an indexed array): D - 1
-// stages in flight per block, each load first read D - 1 stages of decode and MMA after it is issued.
+// stages in flight per block, each load first read D - 1 stages of decode and MMA after it is issued. Each slot is
+// a unit of its own, so F::load must need nothing an earlier load left in the unit (true of nm_tc.cu's TcNm, whose
+// F::first is empty; a format that chains its loads, like bitmap_tc.cu's, cannot use this loop as it is).
 template <class F, bool BF16, int TN, int D>
 __device__ __forceinline__ void tc_gemm_ring(const u16* __restrict__ x, const u16* __restrict__ vals,
                                              const typename F::Tables tables, u16* __restrict__ y,
