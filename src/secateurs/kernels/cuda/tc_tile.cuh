@@ -123,6 +123,45 @@ __device__ __forceinline__ void tc_store_y(const float (&acc)[NT][4], u16* __res
         }
 }
 
+// The block's place in the launch (blockIdx.x = row tile + tiles (split + S token tile)): its first output row and
+// token, its split and that split's K-slice [kb_begin, kb_end) of 64-input stages (chunks = K / 16 a row); the two
+// loops split a launch the same way, the way the host sizes the grid and tcsum adds the splits' slices.
+template <int TN>
+__device__ __forceinline__ void tc_place(int N, int K, int S, int& first_row, int& first_token, int& split, int& chunks,
+                                         int& kb_begin, int& kb_end) {
+    const int tiles = (N + TC_ROWS - 1) / TC_ROWS;
+    const int tile = blockIdx.x % tiles, rest = blockIdx.x / tiles, s = rest % S, tt = rest / S;
+    split = s;
+    first_row = tile * TC_ROWS;
+    first_token = tt * TN;
+    chunks = K >> 4;
+    const int KB = (chunks + 3) >> 2;
+    const int kb0 = (int)((long long)s * KB / S), kb1 = (int)((long long)(s + 1) * KB / S);
+    kb_begin = kb0;
+    kb_end = kb1;
+}
+
+// unit i of thread tid: tile row r = (tid + 128 i) / 4 (chunk tid % 4 of each stage); rows past N read row N - 1
+// (live false: stored as zeros)
+template <int UNITS>
+__device__ __forceinline__ void tc_unit_rows(int tid, int row0, int N, size_t (&vrow)[UNITS], bool (&live)[UNITS]) {
+#pragma unroll
+    for (int i = 0; i < UNITS; ++i) {
+        const int r = (tid + TC_THREADS * i) >> 2;
+        live[i] = row0 + r < N;
+        vrow[i] = (size_t)min(row0 + r, N - 1);
+    }
+}
+
+// the warp's NT 8-token accumulators, zeroed before a K-slice (both loops start from 0)
+template <int NT>
+__device__ __forceinline__ void tc_zero(float (&acc)[NT][4]) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+}
+
 // ---- the engine: one loop, F's load and store per (row, 16-input chunk) unit ----
 template <class F, bool BF16, int TN>
 __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __restrict__ vals,
@@ -132,23 +171,14 @@ __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __
     __shared__ __align__(128) u16 sw[2][TC_ROWS * 64];
     __shared__ __align__(128) u16 sx[2][TN * 64];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int tiles = (N + TC_ROWS - 1) / TC_ROWS;
-    const int tile = blockIdx.x % tiles, rest = blockIdx.x / tiles, s = rest % S, tt = rest / S;
-    const int row0 = tile * TC_ROWS, tok0 = tt * TN;
-    const int W = K >> 4, KB = (W + 3) >> 2;
-    const int kb0 = (int)((long long)s * KB / S), kb1 = (int)((long long)(s + 1) * KB / S);
+    int row0, tok0, s, W, kb0, kb1;
+    tc_place<TN>(N, K, S, row0, tok0, s, W, kb0, kb1);
     const u32 base_w = smem_u32(sw), base_x = smem_u32(sx);
 
-    // unit i of this thread: tile row r = (tid + 128 i) / 4, chunk c = tid % 4 of each stage
     const int c = tid & 3;
     size_t vrow[UNITS];
     bool live[UNITS];
-#pragma unroll
-    for (int i = 0; i < UNITS; ++i) {
-        const int r = (tid + TC_THREADS * i) >> 2;
-        live[i] = row0 + r < N;
-        vrow[i] = (size_t)min(row0 + r, N - 1);
-    }
+    tc_unit_rows(tid, row0, N, vrow, live);
     typename F::Unit unit[UNITS];
     auto load_w = [&](int kb) {
 #pragma unroll
@@ -165,10 +195,7 @@ __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __
     };
 
     float acc[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+    tc_zero(acc);
 
     if (kb0 < kb1) {
 #pragma unroll
@@ -211,22 +238,14 @@ __device__ __forceinline__ void tc_gemm_ring(const u16* __restrict__ x, const u1
     __shared__ __align__(128) u16 sw[2][TC_ROWS * 64];
     __shared__ __align__(128) u16 sx[2][TN * 64];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int tiles = (N + TC_ROWS - 1) / TC_ROWS;
-    const int tile = blockIdx.x % tiles, rest = blockIdx.x / tiles, s = rest % S, tt = rest / S;
-    const int row0 = tile * TC_ROWS, tok0 = tt * TN;
-    const int W = K >> 4, KB = (W + 3) >> 2;
-    const int kb0 = (int)((long long)s * KB / S), kb1 = (int)((long long)(s + 1) * KB / S);
+    int row0, tok0, s, W, kb0, kb1;
+    tc_place<TN>(N, K, S, row0, tok0, s, W, kb0, kb1);
     const u32 base_w = smem_u32(sw), base_x = smem_u32(sx);
 
     const int c = tid & 3;
     size_t vrow[UNITS];
     bool live[UNITS];
-#pragma unroll
-    for (int i = 0; i < UNITS; ++i) {
-        const int r = (tid + TC_THREADS * i) >> 2;
-        live[i] = row0 + r < N;
-        vrow[i] = (size_t)min(row0 + r, N - 1);
-    }
+    tc_unit_rows(tid, row0, N, vrow, live);
     typename F::Unit ring[D][UNITS];
     auto load_w = [&](typename F::Unit (&unit)[UNITS], int kb) {
 #pragma unroll
@@ -242,10 +261,7 @@ __device__ __forceinline__ void tc_gemm_ring(const u16* __restrict__ x, const u1
     };
 
     float acc[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[n][q] = 0.f;
+    tc_zero(acc);
 
     if (kb0 < kb1) {
 #pragma unroll
