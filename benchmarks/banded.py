@@ -58,8 +58,8 @@ from secateurs.kernels.banded import Banded, band_of
 from secateurs.sparsity.masks import unstructured_mask
 
 from records import save_results
-from sparse_kernels import (L2_BYTES, RESULTS, SHAPES, compiled_in_graph_error, copy_bandwidth, graph_time_us, machine,
-                            relative_error, rotating)
+from sparse_kernels import (L2_BYTES, RESULTS, SHAPES, compiled_in_graph_error, graph_time_us, machine,
+                            relative_error, rotating, table_head)
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8)
 TOKENS = (1, 2, 4)
@@ -108,27 +108,27 @@ def checks(gen: torch.Generator) -> dict:
                 cuda_ops.release_scratch()
     weight = _pruned(256, 4096, 0.7, torch.float16, gen)
     fmt = Banded.compress(weight)
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16, generator=gen)
-    compiled = compiled_in_graph_error(
-        lambda x: torch.ops.secateurs.banded_gemv(x, fmt.values, fmt.deltas, fmt.starts, fmt.offsets, 1, 1), x,
-        x.double() @ weight.double().T)
-    if not isinstance(compiled, float) or not compiled < GOOD[torch.float16]:
-        failures.append(f"torch.compile in a CUDA graph: {compiled}")
-    x = torch.randn(9, 4096, device="cuda", dtype=torch.float16, generator=gen)
-    compiled_tc = compiled_in_graph_error(
-        lambda x: torch.ops.secateurs.banded_tc(x, fmt.values, fmt.deltas, fmt.starts, fmt.offsets, 16, 2), x,
-        x.double() @ weight.double().T)
-    if not isinstance(compiled_tc, float) or not compiled_tc < GOOD[torch.float16]:
-        failures.append(f"torch.compile in a CUDA graph (tensor-core op): {compiled_tc}")
+    ops = {  # each custom op under torch.compile in a CUDA graph, at a size it serves: result key, label, tokens, op
+        "compiled_in_graph_rel_error": ("", 1, lambda x: torch.ops.secateurs.banded_gemv(
+            x, fmt.values, fmt.deltas, fmt.starts, fmt.offsets, 1, 1)),
+        "compiled_in_graph_tc_rel_error": (" (tensor-core op)", 9, lambda x: torch.ops.secateurs.banded_tc(
+            x, fmt.values, fmt.deltas, fmt.starts, fmt.offsets, 16, 2)),
+    }
+    compiled = {}
+    for key, (what, m, op) in ops.items():
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16, generator=gen)
+        compiled[key] = compiled_in_graph_error(op, x, x.double() @ weight.double().T)
+        if not isinstance(compiled[key], float) or not compiled[key] < GOOD[torch.float16]:
+            failures.append(f"torch.compile in a CUDA graph{what}: {compiled[key]}")
     worst = max(errors.values(), default=math.nan)
     print(f"checks: {len(errors)} candidate x case products against float64 (fp16/bf16, {len(CHECK_SHAPES)} odd shapes, "
           f"{', '.join(f'{s:.0%}' for s in SPARSITIES)} zeros, m = {', '.join(map(str, CHECK_TOKENS))}), worst "
-          f"relative error {worst:.1e}; torch.compile(fullgraph) in a CUDA graph: GEMV {compiled}, tensor-core "
-          f"{compiled_tc}; {len(failures)} failures", flush=True)
+          f"relative error {worst:.1e}; torch.compile(fullgraph) in a CUDA graph: GEMV "
+          f"{compiled['compiled_in_graph_rel_error']}, tensor-core {compiled['compiled_in_graph_tc_rel_error']}; "
+          f"{len(failures)} failures", flush=True)
     for failure in failures[:40]:
         print(f"FAIL {failure}: {errors.get(failure, '')}", flush=True)
-    return {"errors": errors, "worst": worst, "compiled_in_graph_rel_error": compiled,
-            "compiled_in_graph_tc_rel_error": compiled_tc, "failures": failures}
+    return {"errors": errors, "worst": worst, **compiled, "failures": failures}
 
 
 def _time(calls: list) -> float:
@@ -390,12 +390,10 @@ def main() -> None:
     if checked["failures"]:
         save_results(args.out, {"checks": checked, "machine": machine(), "seconds": round(time.time() - started, 1)})
         sys.exit(f"error: {len(checked['failures'])} banded products disagree with float64; no timing (saved {args.out})")
-    bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
-    print("| zeros | shape (N×K) | tokens | cuBLAS µs | banded µs | vs cuBLAS | BW (of copy) | kernel | banded tensor-core µs "
-          "(vs cuBLAS) / expand µs | bitmap µs (vs cuBLAS; 8-64 tokens: its tensor-core kernel) | banded vs bitmap "
-          "| bytes/weight banded / bitmap | entries per non-zero | byte limit | max rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    bandwidth = table_head("| zeros | shape (N×K) | tokens | cuBLAS µs | banded µs | vs cuBLAS | BW (of copy) | kernel "
+                           "| banded tensor-core µs (vs cuBLAS) / expand µs "
+                           "| bitmap µs (vs cuBLAS; 8-64 tokens: its tensor-core kernel) | banded vs bitmap "
+                           "| bytes/weight banded / bitmap | entries per non-zero | byte limit | max rel. error |")
     shapes = [shape for group in SHAPES.values() for shape in group.values()]
     rows = []
     for n, k in shapes[:1] if args.quick else shapes:

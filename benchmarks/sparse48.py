@@ -50,8 +50,8 @@ from secateurs.kernels.nm import NmFormat
 from secateurs.sparsity.masks import nm_mask, unstructured_mask
 
 from records import save_results
-from sparse_kernels import (L2_BYTES, RESULTS, SHAPES, compiled_in_graph_error, copy_bandwidth, graph_time_us, machine,
-                            relative_error, rotating)
+from sparse_kernels import (L2_BYTES, RESULTS, SHAPES, compiled_in_graph_error, graph_time_us, machine,
+                            relative_error, rotating, table_head)
 
 TOKENS = (1, 2, 4)
 CALLS = 24  # calls per graph replay, rotating over the copies
@@ -247,6 +247,15 @@ def tc_rows(n: int, k: int, bandwidth: float, gen: torch.Generator, kinds: tuple
     return rows
 
 
+# --part tc and --part prompt: each table's header row and the rows of one shape (N, K), on one measured bandwidth
+TABLES = {
+    "tc": ("| format | shape (N×K) | tokens | cuBLAS µs | tc µs | vs cuBLAS | BW (of copy) | tc kernel | ring µs "
+           "| vs cuBLAS | BW (of copy) | ring kernel | byte limit | max rel. error |", tc_rows),
+    "prompt": ("| format | shape (N×K) | tokens | cuBLAS µs | best µs | vs cuBLAS | path "
+               "| expansion alone (of copy BW) | max rel. error |", prompt_rows),
+}
+
+
 def _out(part: str, kinds: tuple[str, ...], given: Path | None) -> Path:
     """``sparse48[_prompt|_tc].json`` for 4:8 alone (the recorded runs), else the formats in the name."""
     if given:
@@ -273,38 +282,19 @@ def main() -> None:
     gen = torch.Generator("cuda").manual_seed(0)
     shapes = [shape for group in SHAPES.values() for shape in group.values()][: args.shapes]
     out = _out(args.part, kinds, args.out)
-    if args.part == "tc":
-        bandwidth = copy_bandwidth()
-        print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
-        print("| format | shape (N×K) | tokens | cuBLAS µs | tc µs | vs cuBLAS | BW (of copy) | tc kernel | ring µs "
-              "| vs cuBLAS | BW (of copy) | ring kernel | byte limit | max rel. error |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if args.part in TABLES:
+        columns, part_rows = TABLES[args.part]
+        bandwidth = table_head(columns)
         rows = []
         for n, k in shapes:
-            rows += tc_rows(n, k, bandwidth, gen, kinds)
-        save_results(out, {"rows": rows, "copy_bandwidth_bytes_per_s": bandwidth, "machine": machine(),
-                           "seconds": round(time.time() - started, 1)})
-        print(f"saved {out}")
-        return
-    if args.part == "prompt":
-        bandwidth = copy_bandwidth()
-        print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
-        print("| format | shape (N×K) | tokens | cuBLAS µs | best µs | vs cuBLAS | path | expansion alone (of copy BW) "
-              "| max rel. error |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        rows = []
-        for n, k in shapes:
-            rows += prompt_rows(n, k, bandwidth, gen, kinds)
+            rows += part_rows(n, k, bandwidth, gen, kinds)
         save_results(out, {"rows": rows, "copy_bandwidth_bytes_per_s": bandwidth, "machine": machine(),
                            "seconds": round(time.time() - started, 1)})
         print(f"saved {out}")
         return
     checked = {kind: checks(NM[kind], gen) for kind in kinds}
-    bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}; copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
-    print("| format | shape (N×K) | tokens | cuBLAS µs | cuBLAS BW | µs | speedup | BW (of copy) | kernel | byte limit "
-          "| max rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    bandwidth = table_head("| format | shape (N×K) | tokens | cuBLAS µs | cuBLAS BW | µs | speedup | BW (of copy) | kernel "
+                           "| byte limit | max rel. error |")
     rows = []
     for n, k in shapes:
         for kind in kinds:

@@ -115,6 +115,17 @@ def copy_bandwidth() -> float:
     return 2 * 2**31 / statistics.median(times)
 
 
+def table_head(columns: str, device: bool = True) -> float:
+    """This run's copy bandwidth, printed (after the GPU's name where ``device``) above a markdown table's header
+    row ``columns`` and its separator: every kernel table's bandwidth figures are fractions of it."""
+    bandwidth = copy_bandwidth()
+    prefix = f"{torch.cuda.get_device_name()}; " if device else ""
+    print(f"{prefix}copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
+    print(columns)
+    print("|---" * (columns.count("|") - 1) + "|")
+    return bandwidth
+
+
 def _cycle(calls: list, length: int = 24) -> list:
     """At least ``length`` calls rotating over the weight copies, so one graph replay is long enough to time."""
     return [calls[i % len(calls)] for i in range(max(length, len(calls)))]
@@ -214,10 +225,8 @@ def kernels_part() -> dict:
         sys.exit(f"error: {why}")
     gen = torch.Generator("cuda").manual_seed(0)
     checks = _extra_checks(gen)
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
-    print("| format | shape (N×K) | tokens | cuBLAS µs | cuBLAS BW | best kernel | µs | speedup | BW (of copy) | byte limit | rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    bandwidth = table_head("| format | shape (N×K) | tokens | cuBLAS µs | cuBLAS BW | best kernel | µs | speedup "
+                           "| BW (of copy) | byte limit | rel. error |", device=False)
     rows = []
     for n, k in [shape for shapes in SHAPES.values() for shape in shapes.values()]:
         base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
@@ -268,11 +277,9 @@ def gemm_part(shapes: list[tuple[int, int]] | None = None, tokens: tuple[int, ..
     if why:
         sys.exit(f"error: {why}")
     gen = torch.Generator("cuda").manual_seed(0)
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
-    print("| shape (N×K) | tokens | cuBLAS µs | cuBLAS TFLOP/s | cuSPARSELt µs | cuSPARSELt / cuBLAS | best stored-format path | µs | "
-          "TFLOP/s | vs cuBLAS | vs cuSPARSELt | expand+cuBLAS vs cuBLAS | rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    bandwidth = table_head("| shape (N×K) | tokens | cuBLAS µs | cuBLAS TFLOP/s | cuSPARSELt µs | cuSPARSELt / cuBLAS "
+                           "| best stored-format path | µs | TFLOP/s | vs cuBLAS | vs cuSPARSELt | expand+cuBLAS vs cuBLAS "
+                           "| rel. error |", device=False)
     rows = []
     for n, k in shapes or [shape for group in SHAPES.values() for shape in group.values()]:
         base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
