@@ -67,6 +67,42 @@ def main_loop(body: list[tuple[int, str]]) -> int:
     return longest
 
 
+def mma_loop(body: list[tuple[int, str]]) -> list[str]:
+    """The instructions of a kernel's main loop: the longest loop (a backward branch's target to the branch) that
+    holds an HMMA."""
+    loop: list[str] = []
+    for address, text in body:
+        branch = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            span = [t for a, t in body if int(branch.group(1), 16) <= a <= address]
+            if any("HMMA" in t for t in span) and len(span) > len(loop):
+                loop = span
+    return loop
+
+
+def load_uses(loop: list[str], load: str) -> list[tuple[int, int | None]]:
+    """For each load of ``loop`` matching ``load`` (a pattern whose group 1 is the width suffix, 128 or 64 or none,
+    and group 2 the first destination register's number): (HMMAs, instructions) issued between it and the first
+    instruction reading its registers, around the back edge; instructions None where nothing reads them within one
+    trip (the HMMAs are then the whole trip's). How far ahead a kernel issues its loads is what the decode kernels'
+    SASS tests check."""
+    uses: list[tuple[int, int | None]] = []
+    for i, text in enumerate(loop):
+        found = re.search(load, text)
+        if not found:
+            continue
+        registers = {f"R{int(found.group(2)) + j}" for j in range({"128": 4, "64": 2}.get(found.group(1), 1))}
+        mmas, steps = 0, None
+        for step in range(1, len(loop)):
+            later = loop[(i + step) % len(loop)]
+            if registers & {o.split(".")[0] for o in re.split(r"[ ,\[\]]+", later)[2:]}:
+                steps = step - 1
+                break
+            mmas += "HMMA" in later
+        uses.append((mmas, steps))
+    return uses
+
+
 def count(kind: str, arch: str) -> list[dict]:
     source, macro, prefix = SOURCES[kind]
     made = {(int(t), int(r)): int(u) for t, r, u in re.findall(rf"{macro}\(DT, BF, (\d+), (\d+), (\d+)\)", source.read_text())}

@@ -470,30 +470,9 @@ def test_the_source_compiles_for_ampere_and_hopper_with_every_kernel_and_no_spil
 def _loop_load_distances(sass: str, name: str) -> list[int]:
     """For each weight load (LDG.E.EF.128) of the kernel's main loop (the longest loop holding an HMMA): the HMMAs
     issued between it and the first instruction reading its registers, around the back edge."""
-    from sass_count import functions
+    from sass_count import functions, load_uses, mma_loop
 
-    body = functions(sass)[name]
-    loop: list[str] = []
-    for address, text in body:
-        branch = re.search(r"BRA\s+0x([0-9a-f]+)", text)
-        if branch and int(branch.group(1), 16) < address:
-            span = [t for a, t in body if int(branch.group(1), 16) <= a <= address]
-            if any("HMMA" in t for t in span) and len(span) > len(loop):
-                loop = span
-    distances = []
-    for i, text in enumerate(loop):
-        load = re.search(r"LDG\.E\.EF\.128 R(\d+),", text)
-        if not load:
-            continue
-        registers = {f"R{int(load.group(1)) + j}" for j in range(4)}
-        count = 0
-        for step in range(1, len(loop)):
-            later = loop[(i + step) % len(loop)]
-            if registers & {o.split(".")[0] for o in re.split(r"[ ,\[\]]+", later)[2:]}:
-                break
-            count += "HMMA" in later
-        distances.append(count)
-    return distances
+    return [mmas for mmas, _ in load_uses(mma_loop(functions(sass)[name]), r"LDG\.E\.EF\.(128) R(\d+),")]
 
 
 def test_every_weight_load_stays_in_flight_across_mmas(tmp_path):

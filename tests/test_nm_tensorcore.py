@@ -391,24 +391,34 @@ def _ring_kernels(dtypes=("f16", "bf16")) -> list[str]:
             for tokens, depths in nm.TC_RING_DEPTHS.items() for depth in depths]
 
 
+def _run_offered(kind: str, k: int, seed: int, rows: int, bucket: int, keep: Callable[[str, object], bool],
+                 monkeypatch) -> tuple[object, Emulated, list[str]]:
+    """Runs every candidate the dispatcher times at row bucket ``bucket`` that ``keep`` (its name, the format) picks,
+    through the emulated kernel, on ``rows`` rows of x against a 200 x ``k`` weight (seed ``seed``, x's ``seed + 1``):
+    each must give the float64 product, which the op returns in fp16. Returns the format, the emulation (its
+    launches) and the names run, for the tests of the old and the ring kernels to check."""
+    w = _weight(kind, 200, k, seed, torch.float16)
+    fmt = _fmt(kind, w)
+    _gpu_like(monkeypatch)
+    emulated = Emulated()
+    monkeypatch.setattr(cuda_ops, "_launch", emulated)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed + 1)).half()
+    offered = {name: call for name, call in fmt.cuda_candidates(bucket).items() if keep(name, fmt)}
+    for name, call in offered.items():
+        y = call(x)
+        torch.testing.assert_close(emulated.results[-1], x.double() @ w.double().T, rtol=1e-12, atol=1e-12, msg=name)
+        assert torch.equal(y, emulated.results[-1].half())
+    return fmt, emulated, list(offered)
+
+
 @pytest.mark.parametrize("kind", ["4:8", "8:16"])
 def test_the_offered_candidates_launch_the_emulated_kernel(kind, monkeypatch, opted_in):
     """The candidates the dispatcher times (their bound token tile and split) run the emulated kernel to the float64
     product: 37 rows of x at row bucket 64, a 200 x 320 weight (4 feature tiles, 5 stages: 4 slices of 1, 1, 1 and 2
     stages)."""
-    w = _weight(kind, 200, 320, 3, torch.float16)
-    fmt = _fmt(kind, w)
-    _gpu_like(monkeypatch)
-    emulated = Emulated()
-    monkeypatch.setattr(cuda_ops, "_launch", emulated)
-    x = torch.randn(37, 320, generator=torch.Generator().manual_seed(4)).half()
-    offered = {name: call for name, call in fmt.cuda_candidates(64).items() if name.startswith(f"cuda_{fmt.tc_name}_")}
-    assert list(offered) == [f"cuda_{fmt.tc_name}_n64_s{s}" for s in nm.tc_splits(200, 320)] == \
-        [f"cuda_{fmt.tc_name}_n64_s4"]
-    for name, call in offered.items():
-        y = call(x)
-        torch.testing.assert_close(emulated.results[-1], x.double() @ w.double().T, rtol=1e-12, atol=1e-12, msg=name)
-        assert torch.equal(y, emulated.results[-1].half())
+    fmt, emulated, offered = _run_offered(kind, 320, 3, 37, 64,
+                                          lambda name, fmt: name.startswith(f"cuda_{fmt.tc_name}_"), monkeypatch)
+    assert offered == [f"cuda_{fmt.tc_name}_n64_s{s}" for s in nm.tc_splits(200, 320)] == [f"cuda_{fmt.tc_name}_n64_s4"]
     assert emulated.names == [f"{fmt.tc_name}_f16_n64", "tcsum_f16"]
 
 
@@ -517,18 +527,9 @@ def test_ring_candidates_not_offered_without_the_opt_in(kind, monkeypatch, not_o
 def test_the_offered_ring_candidates_launch_the_emulated_kernel(kind, monkeypatch, opted_in):
     """The ring candidates the dispatcher times at row bucket 16 (9 rows) launch their kernel (its depth, the bound
     split) to the float64 product: a 200 x 1024 weight (4 feature tiles, 16 stages: 4 slices of four)."""
-    w = _weight(kind, 200, 1024, 5, torch.float16)
-    fmt = _fmt(kind, w)
-    _gpu_like(monkeypatch)
-    emulated = Emulated()
-    monkeypatch.setattr(cuda_ops, "_launch", emulated)
-    x = torch.randn(9, 1024, generator=torch.Generator().manual_seed(6)).half()
-    offered = {name: call for name, call in fmt.cuda_candidates(16).items() if name.startswith("cuda_tcr")}
-    assert list(offered) == [f"cuda_{fmt.tc_ring_name}_n16_d{d}_s{s}" for d in (3, 4) for s in nm.tc_splits(200, 1024)]
-    for name, call in offered.items():
-        y = call(x)
-        torch.testing.assert_close(emulated.results[-1], x.double() @ w.double().T, rtol=1e-12, atol=1e-12, msg=name)
-        assert torch.equal(y, emulated.results[-1].half())
+    fmt, emulated, offered = _run_offered(kind, 1024, 5, 9, 16, lambda name, fmt: name.startswith("cuda_tcr"),
+                                          monkeypatch)
+    assert offered == [f"cuda_{fmt.tc_ring_name}_n16_d{d}_s{s}" for d in (3, 4) for s in nm.tc_splits(200, 1024)]
     launched = [name for name in emulated.names if not name.startswith("tcsum_")]
     assert launched == [f"{fmt.tc_ring_name}_f16_n16_d{d}" for d in (3, 4) for _ in nm.tc_splits(200, 1024)]
 
@@ -552,27 +553,10 @@ def _stored_load_distances(body: list[tuple[int, str]]) -> list[tuple[int, int]]
     """For each load of stored bytes (LDG.E.EF: the streamed values and positions; x goes by LDGSTS) of the kernel's
     main loop (the longest loop holding an HMMA): (HMMAs, instructions) issued between it and the first instruction
     reading its registers, around the back edge."""
-    loop: list[str] = []
-    for address, text in body:
-        branch = re.search(r"BRA\s+0x([0-9a-f]+)", text)
-        if branch and int(branch.group(1), 16) < address:
-            span = [t for a, t in body if int(branch.group(1), 16) <= a <= address]
-            if any("HMMA" in t for t in span) and len(span) > len(loop):
-                loop = span
-    distances = []
-    for i, text in enumerate(loop):
-        load = re.search(r"LDG\.E\.EF(?:\.(\w+))? R(\d+),", text)
-        if not load:
-            continue
-        registers = {f"R{int(load.group(2)) + j}" for j in range({"128": 4, "64": 2}.get(load.group(1), 1))}
-        mmas = 0
-        for step in range(1, len(loop)):
-            later = loop[(i + step) % len(loop)]
-            if registers & {o.split(".")[0] for o in re.split(r"[ ,\[\]]+", later)[2:]}:
-                distances.append((mmas, step - 1))
-                break
-            mmas += "HMMA" in later
-    return distances
+    from sass_count import load_uses, mma_loop
+
+    return [(mmas, steps) for mmas, steps in load_uses(mma_loop(body), r"LDG\.E\.EF(?:\.(\w+))? R(\d+),")
+            if steps is not None]
 
 
 def test_every_stored_load_of_the_ring_kernels_is_issued_stages_ahead(tmp_path):
