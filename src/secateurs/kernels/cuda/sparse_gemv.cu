@@ -169,6 +169,17 @@ __device__ __forceinline__ u32 meta24_word(const char* row_g, const char* row_g8
     return __byte_perm(meta24_nibbles(a0, a1, t), meta24_nibbles(b0, b1, t), 0x6420u);
 }
 
+// The R x NT MMA accumulators of mma24 and wide24, zeroed before their K loops.
+template <int R, int NT>
+__device__ __forceinline__ void mma24_zero(float (&c)[R][NT][4]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) c[r][nt][i] = 0.f;
+}
+
 template <bool BF16, int NT, int R, int W, int U>
 __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __restrict__ vals,
                                       const u8* __restrict__ meta, u16* __restrict__ y, int M, int N, int K) {
@@ -201,12 +212,7 @@ __device__ __forceinline__ void mma24(const u16* __restrict__ x, const u16* __re
         xp[nt] = (const char*)(x + (size_t)min(token, M - 1) * K) + (t >> 1) * 32;
     }
     float c[R][NT][4];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) c[r][nt][i] = 0.f;
+    mma24_zero(c);
     for (int kb0 = warp; kb0 < KB; kb0 += U * W) {
         u32 ra[U][R][4], rb[U][R][4], e[U][R];
 #pragma unroll
@@ -517,12 +523,7 @@ __device__ __forceinline__ void wide24(const u16* __restrict__ x, const u16* __r
     };
 
     float c[R][NT][4];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) c[r][nt][i] = 0.f;
+    mma24_zero(c);
     if (iters > 0) {
         load_x(0, 0);
 #pragma unroll
