@@ -31,8 +31,8 @@ Every kernel reads the stored tensors as they are (one position table in memory,
   (:func:`scratch_matmul`);
 - pipelined expand (prompts, 32 tokens on; 2:4, 4:8, 8:16, bitmap): the output rows in 2 or 4 chunks, a side stream
   expanding chunk j + 1 into one of two chunk slots of the same scratch while cuBLAS multiplies chunk j from the
-  other into its columns of y (:func:`pipelined_candidates`); correct on an H100 and timed there (0.82-1.01x
-  cuBLAS, the fastest stored-format path on two of 21 prompt shapes, by 1-5%);
+  other into its columns of y (:func:`pipelined_candidates`); correct on an H100 and timed there (0.41-1.01x
+  cuBLAS, the fastest stored-format path on two of 21 prompt shapes, by 0.1% and 1.1%);
 - bitmap GEMV (1 token): a lane walks the set bits of a 32-input word;
 - N:M GEMVs (1-4 tokens; ``kernels/nm.py``): one loop (``common.cuh``'s ``gemv_nm``) with a decode step per format:
   4:8 (``sparse48.cu``: three byte-permutes per value pair and token) and 8:16 (``sparse816.cu``: one 16-byte
