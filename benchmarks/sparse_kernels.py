@@ -375,6 +375,7 @@ def _gemm_line(row: dict, flops: float) -> str:
 
 
 PATTERNS = {"2:4": lambda w: nm_mask(w.abs(), 2, 4), "4:8": lambda w: nm_mask(w.abs(), 4, 8),
+            "8:16": lambda w: nm_mask(w.abs(), 8, 16),
             "70%": lambda w: unstructured_mask(w.abs(), 0.7), "50%": lambda w: unstructured_mask(w.abs(), 0.5)}
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -693,7 +694,7 @@ def main() -> None:
     parser.add_argument("--decode-methods", default="cuda-graph,compile", help="e2e/smollm2: decode methods timed")
     parser.add_argument("--patterns", default="2:4", help="e2e/smollm2: pruning patterns, comma-separated; PATTERN@POLICY "
                         "runs it under SECATEURS_SPARSE_COPIES=POLICY (default: none, the stored format only; "
-                        "sparse: cuSPARSELt copies allowed; dense: dense or cuSPARSELt copies), e.g. 2:4,2:4@dense,70%%; also 4:8, 50%% (issue 29)")
+                        "sparse: cuSPARSELt copies allowed; dense: dense or cuSPARSELt copies), e.g. 2:4,2:4@dense,70%%; also 4:8, 8:16, 50%% (issue 29)")
     parser.add_argument("--batches", default="1,8,32", help="e2e/smollm2: decode batch sizes")
     parser.add_argument("--layers-70b", type=int, default=80, help="70b: decoder layers (80 = Llama-3-70B; fewer for a smoke run)")
     parser.add_argument("--layers", type=int, default=32, help="e2e: decoder layers (32 = Llama-2-7B; fewer for a smoke run)")
@@ -707,6 +708,9 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.time()
     out = Path(args.out) if args.out else RESULTS / f"sparse_kernels_{args.part}.json"
+    unknown = [p for p in args.patterns.split(",") if p and p.partition("@")[0] not in PATTERNS]
+    if unknown:  # checked before the dense model's minutes, not after them
+        parser.error(f"unknown pattern(s) {', '.join(unknown)}: pick from {', '.join(PATTERNS)}")
     if args.part in ("kernels", "gemm", "70b") and not torch.cuda.is_available():
         sys.exit(f"the {args.part} benchmark needs a CUDA GPU")
     if args.part == "kernels":

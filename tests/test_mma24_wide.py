@@ -495,3 +495,28 @@ def test_every_weight_load_stays_in_flight_across_mmas(tmp_path):
         distances = _loop_load_distances(sass, f"wide24_f16_{config}")
         assert len(distances) == 2 * cuda_ops.WIDE_CONFIGS[config][3] and min(distances) >= 5, (config, distances)
     assert max(_loop_load_distances(sass, "mma24_f16_n4_r2_w8")) <= 2
+
+
+@pytest.mark.parametrize(("shared", "static", "raised"), [(49152, 4, True), (49152, 0, False), (65536, 0, True),
+                                                          (1024, 4, False)])
+def test_the_launcher_raises_the_shared_limit_counting_static_shared_memory(monkeypatch, shared, static, raised):
+    """wide24_n4_r1_k1_u6 asks for exactly 48 KB of dynamic shared memory, and its split-K flag is 4 static bytes:
+    the H100 refused the launch (CUDA_ERROR_INVALID_VALUE) because the launcher raised the limit only above 48 KB
+    of dynamic memory. The limit is raised whenever dynamic and static shared memory together pass 48 KB."""
+    from types import SimpleNamespace
+
+    calls: list[str] = []
+    attribute = SimpleNamespace(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES="static",
+                                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="max dynamic")
+    driver = SimpleNamespace(CUfunction_attribute=attribute,
+                             cuFuncGetAttribute=lambda what, function: (0, static),
+                             cuFuncSetAttribute=lambda function, what, value: calls.append(f"{what}={value}") or (0,),
+                             cuLaunchKernel=lambda *args: calls.append("launch") or (0,))
+    monkeypatch.setattr(cuda_ops, "_bindings", lambda: (driver, None))
+    monkeypatch.setattr(cuda_ops, "_function", lambda index, name, source: "function")
+    monkeypatch.setattr(cuda_ops, "_SHARED_SET", set())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=0))
+    cuda_ops._launch("wide24_f16_n4_r1_k1_u6", 1, (torch.zeros(1),), (1,), shared=shared)
+    cuda_ops._launch("wide24_f16_n4_r1_k1_u6", 1, (torch.zeros(1),), (1,), shared=shared)
+    assert calls == ([f"max dynamic={shared}"] if raised else []) + ["launch", "launch"]

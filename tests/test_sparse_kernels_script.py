@@ -77,3 +77,22 @@ def test_each_sparse_model_tunes_its_own_kernel_plans(monkeypatch):
     assert seen == [0, 0, 0]  # dense, 50%, 70%: none found the previous model's plan
     assert list(result["kernel_plans"]) == ["50% sparse", "70% sparse"]
     assert list(result["kernel_plans"]["70% sparse"].values()) == ["a plan tuned on this model"]
+
+
+def test_every_pattern_the_help_names_prunes_and_an_unknown_one_stops_before_the_dense_model(monkeypatch, capsys):
+    """The H100 run of ``--patterns 8:16`` spent 30 s on the dense model and then raised a KeyError: 8:16 was in
+    the kernels but not in the benchmark's pruning table. Each N:M pattern now prunes to exactly N of every M, and
+    an unknown pattern is refused by the parser before anything is built."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import sparse_kernels
+
+    w = torch.randn(8, 64)
+    for pattern in ("2:4", "4:8", "8:16"):
+        n, m = (int(v) for v in pattern.split(":"))
+        kept = sparse_kernels.PATTERNS[pattern](w).reshape(8, -1, m).sum(-1)
+        assert torch.equal(kept, torch.full_like(kept, n))
+    monkeypatch.setattr("sys.argv", ["sparse_kernels.py", "--part", "e2e", "--patterns", "8:16,3:8@dense"])
+    monkeypatch.setattr(sparse_kernels, "end_to_end", lambda *a, **k: pytest.fail("ran before checking the patterns"))
+    with pytest.raises(SystemExit):
+        sparse_kernels.main()
+    assert "unknown pattern(s) 3:8@dense" in capsys.readouterr().err

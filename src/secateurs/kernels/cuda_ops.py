@@ -264,10 +264,13 @@ def _launch(name: str, grid: int, tensors: tuple[torch.Tensor, ...], ints: tuple
               (ctypes.c_void_p,) * len(tensors) + (int_type,) * len(ints))
     stream = torch.cuda.current_stream(device).cuda_stream
     function = _function(device.index, name, source)
-    if shared > 48 * 1024 and (device.index, name, shared) not in _SHARED_SET:  # above 48 KB only once raised
-        _check(driver.cuFuncSetAttribute(
-            function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
-            f"raising the shared-memory limit of {name}")
+    if shared and (device.index, name, shared) not in _SHARED_SET:  # the 48 KB limit counts static shared too
+        static = _check(driver.cuFuncGetAttribute(
+            driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, function), f"reading {name}'s shared size")
+        if shared + static > 48 * 1024:
+            _check(driver.cuFuncSetAttribute(
+                function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
+                f"raising the shared-memory limit of {name}")
         _SHARED_SET.add((device.index, name, shared))
     _check(driver.cuLaunchKernel(function, grid, 1, 1, warps * 32, 1, 1, shared, stream, params, 0),
            f"launching {name}")
