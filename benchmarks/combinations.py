@@ -1,7 +1,7 @@
 """Which pruning families, alone or combined, give the best model at one parameter budget (issue #12).
 
-    SECATEURS_DATA=/work/shared/data nice -n 10 python benchmarks/combinations.py      # full run
-    SECATEURS_DATA=/work/shared/data nice -n 10 python benchmarks/combinations.py --quick  # smoke test
+    SECATEURS_DATA=../shared/data nice -n 10 python benchmarks/combinations.py      # full run
+    SECATEURS_DATA=../shared/data nice -n 10 python benchmarks/combinations.py --quick  # smoke test
 
 Every configuration is one recipe (``secateurs.run``) on SmolLM2-135M: its pruning stages, then the
 same short masked-LoRA recovery (which measures WikiText-2 perplexity before and after it), then a

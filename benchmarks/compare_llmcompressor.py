@@ -33,7 +33,7 @@ from pathlib import Path
 from records import save_results
 
 RESULTS = Path(__file__).parent / "results"
-LLMC_VENV = Path(os.environ.get("LLMC_VENV", "/work/llmc-venv"))
+LLMC_VENV = Path(os.environ.get("LLMC_VENV", Path(__file__).resolve().parents[2] / "llmc-venv"))  # beside the checkout
 TORCH_WHEEL_INDEX = "https://download.pytorch.org/whl/cpu"
 
 # (method, pattern, sparsity, allocation, tools[, extra PruneConfig fields]), most important first: the

@@ -1,6 +1,6 @@
 """Projection compensation under each way of deciding what to fold, on layer sets already chosen.
 
-    SECATEURS_DATA=/work/shared/data python benchmarks/compensation_selection.py \\
+    SECATEURS_DATA=../shared/data python benchmarks/compensation_selection.py \\
         --from benchmarks/results/layer_pruning_cpu_token_gate.json --cases gradmap:6 \\
         --n-samples 16 --seq-len 256 --batch-size 4 --windows 10 --out compensation_rules_cpu.json
 

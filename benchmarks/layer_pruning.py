@@ -1,6 +1,6 @@
 """Layer pruning on one model: every criterion × removal count × (with / without compensation).
 
-    SECATEURS_DATA=/work/shared/data python benchmarks/layer_pruning.py \
+    SECATEURS_DATA=../shared/data python benchmarks/layer_pruning.py \
         --model smollm2-135m --removes 3,6,9 --n-samples 32 --seq-len 512 --windows 40
 
 Every criterion sees the very same calibration windows. Iterative criteria (GradMAP, SLEB-style

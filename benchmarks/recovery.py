@@ -1,7 +1,7 @@
 """Recovery after pruning on one model: perplexity before and after masked-LoRA recovery for three
 pruning kinds, and LoRAPrune against one-shot LLM-Pruner + the same LoRA at an equal budget.
 
-    SECATEURS_DATA=/work/shared/data nice -n 10 python benchmarks/recovery.py \
+    SECATEURS_DATA=../shared/data nice -n 10 python benchmarks/recovery.py \
         --model smollm2-135m --steps 24 --batch-size 1 --seq-len 256 --windows 16
 
 Rows (each from a fresh copy of the model): SparseGPT 2:4, LLM-Pruner 30% width, GradMAP minus

@@ -1,6 +1,6 @@
 """LLM-Shearing vs LLM-Pruner vs GradMAP layer removal at the same size and the same training tokens.
 
-    SECATEURS_DATA=/work/shared/data OMP_NUM_THREADS=1 nice -n 10 python benchmarks/shearing.py \
+    SECATEURS_DATA=../shared/data OMP_NUM_THREADS=1 nice -n 10 python benchmarks/shearing.py \
         --model smollm2-135m --target layers=24,hidden=528,heads=6,kv_heads=2,intermediate=1344 \
         --prune-steps 16 --continue-steps 16 --batch-size 2 --seq-len 256 --windows 8
 

@@ -11,8 +11,8 @@ falls on both sides. ``--round-to 1,16`` also prunes every method with its kept 
 to a multiple of 16 (``secateurs width --round-to``), because an odd width can make the smaller model
 slower than the dense one on a CPU.
 
-    SECATEURS_DATA=/work/shared/data nice -n 10 python benchmarks/width_pruning.py
-    SECATEURS_DATA=/work/shared/data python benchmarks/width_pruning.py --methods llm-pruner,flap \
+    SECATEURS_DATA=../shared/data nice -n 10 python benchmarks/width_pruning.py
+    SECATEURS_DATA=../shared/data python benchmarks/width_pruning.py --methods llm-pruner,flap \
         --round-to 1,16 --out benchmarks/results/width_pruning_round.json
 """
 
