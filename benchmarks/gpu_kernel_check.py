@@ -6,7 +6,7 @@ script checks the compiled code on a CUDA device:
 - ``--part triton``: every Triton launch configuration the tuner may pick, for 2:4 and bitmap weights;
 - ``--part cuda``: every CUDA candidate each stored format offers (``--formats``, default all: 2:4's GEMV,
   ``mma.sp`` decode kernel, every tile shape of the ``mma.sp`` prompt GEMM and expand path; 4:8's and 8:16's
-  GEMV and expand paths and, at 5-64 rows, their tensor-core kernel (nm_tc.cu) and its opt-in ring form
+  GEMV and expand paths and, at 5-64 rows, their tensor-core kernel (nm_tc.cu) and its ring form at every depth
   (``--only tcr48,tcr816``); the 50% and 70% bitmap's GEMV, expand path and, at
   5-64 rows, its tensor-core kernel (bitmap_tc.cu); the banded layout's GEMV, expand path and, at 5-64 rows,
   tensor-core kernel (banded_tc.cu) at 50/60/70/80% zeros, one weight per density band) at every row bucket from 1 to

@@ -26,9 +26,10 @@ enough calls for about 5 ms. Beside it, the expansion alone (stored bytes read +
 fraction of the copy bandwidth), the figure that bounds the path: cuBLAS time + expansion time.
 
 ``--part tc``: per shape, the 4:8 and 8:16 weights at 8, 16, 32 and 64 tokens: cuBLAS ``F.linear`` against every
-tensor-core candidate, nm_tc.cu's kernel (``cuda_tc48_...``) and its ring form (``cuda_tcr48_...``, offered under
-the opt-in this script sets), each checked against float64 first and timed as the prompt part times its paths; per
-row the best of each family, its speed against cuBLAS and its stored bytes (+ x + y) over the copy bandwidth.
+tensor-core candidate, nm_tc.cu's kernel (``cuda_tc48_...``) and its ring form (``cuda_tcr48_...``: every depth,
+the one offered only under the opt-in too, which this script sets), each checked against float64 first and timed as
+the prompt part times its paths; per row the best of each family, its speed against cuBLAS and its stored bytes
+(+ x + y) over the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ TC_TOKENS = (8, 16, 32, 64)
 
 def tc_rows(n: int, k: int, bandwidth: float, gen: torch.Generator, kinds: tuple[str, ...]) -> list[dict]:
     """cuBLAS on each pruned dense weight against every tensor-core candidate of its stored format (nm_tc.cu's
-    ``cuda_tc<kind>_...`` and, opted in, the ring kernels ``cuda_tcr<kind>_...``), each checked against float64
+    ``cuda_tc<kind>_...`` and the ring kernels ``cuda_tcr<kind>_...`` at every depth), each checked against float64
     first, at 8-64 tokens: the old kernel against the ring one at the decode batches where the 4:8 block linears
     read 1.22 TB/s. Bandwidth = stored bytes + x + y per second over the copy bandwidth."""
     base = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)

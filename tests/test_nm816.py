@@ -410,9 +410,10 @@ def test_gemv816_and_expand816_ops_have_fake_implementations():
 
 def test_8of16_kernels_are_offered_without_the_opt_in_and_only_under_it_while_unverified(monkeypatch, not_opted_in):
     """The GEMV at 1-4 rows and the expand path from row bucket 8 on (four chunks per thread where the words are
-    aligned), with no opt-in since both ran correctly on an H100; a format whose GEMV never ran on a GPU offers
+    aligned), with no opt-in since both ran correctly on an H100, and at 8-64 rows the tensor-core kernel and its
+    ring form at the depth timed fastest there (3 at a 16-token tile); a format whose GEMV never ran on a GPU offers
     nothing at any row count without SECATEURS_UNVERIFIED_KERNELS=1."""
-    from secateurs.kernels import cuda_ops
+    from secateurs.kernels import cuda_ops, nm
 
     fmt = Nm816.compress(_w816(128, 256, dtype=torch.float16))
     monkeypatch.setattr(cuda_ops, "_module", lambda index, source=None: None)
@@ -423,11 +424,15 @@ def test_8of16_kernels_are_offered_without_the_opt_in_and_only_under_it_while_un
     for m in (1, 2, 3, 4):
         assert names[m] and all(name.startswith("cuda_gemv816_r") for name in names[m])
     assert names[1] == ["cuda_gemv816_r2_s1", "cuda_gemv816_r1_s1", "cuda_gemv816_r4_s1"]  # K = 256: no split-K
-    for m in (8, 16, 2048):  # 8-64 rows add the tensor-core kernel after the expand path (tests/test_nm_tensorcore.py)
-        assert [n for n in names[m] if not n.startswith("cuda_tc816_")] == ["expand_cublas_c1", "expand_cublas_c4"]
+    tensor_core = ("cuda_tc816_", "cuda_tcr816_")  # after the expand path at 8-64 rows (tests/test_nm_tensorcore.py)
+    for m in (8, 16, 2048):
+        assert [n for n in names[m] if not n.startswith(tensor_core)] == ["expand_cublas_c1", "expand_cublas_c4"]
+    for m in (8, 16):
+        assert [n for n in names[m] if n.startswith("cuda_tcr816_")] == [
+            f"cuda_tcr816_n16_d3_s{s}" for s in nm.tc_splits(128, 256)]
     assert names[2048] == ["expand_cublas_c1", "expand_cublas_c4"]
     odd = Nm816.compress(_w816(5, 48, dtype=torch.float16))  # 15 chunks: no whole four-chunk units
-    assert [n for n in odd.cuda_candidates(8) if not n.startswith("cuda_tc816_")] == ["expand_cublas_c1"]
+    assert [n for n in odd.cuda_candidates(8) if not n.startswith(tensor_core)] == ["expand_cublas_c1"]
 
 
 def test_expand_candidate_multiplies_through_the_shared_scratch(monkeypatch):

@@ -1,12 +1,13 @@
-"""The N:M tensor-core kernel (``kernels/cuda/nm_tc.cu``, 4:8 and 8:16 at 5-64 tokens) and its opt-in ring form
+"""The N:M tensor-core kernel (``kernels/cuda/nm_tc.cu``, 4:8 and 8:16 at 5-64 tokens) and its ring form
 (``tc_gemm_ring``: stages of stored values and positions in a register ring) on a CPU: their index math
 emulated lane by lane (which stored values and positions each thread loads, where it writes them in the swizzled
 shared tile, what each ``ldmatrix`` gives each lane, the ``mma.m16n8k16`` fragment ownership of the PTX ISA, the
 split-K workspace and its fixed-order sum), run through the real launcher with ``cuda_ops._launch`` replaced by the
 emulation and compared with the float64 dense product; a broken swizzle or fragment map fails it; the candidates
-are offered (by default: they matched float64 on an H100) only at 5-64 rows, the ring candidates only under the
-opt-in and last; the source compiles with nvcc where it is installed, with no spills, and in the ring kernels' SASS
-every load of stored bytes is issued stages ahead of its first use."""
+are offered (by default: they matched float64 on an H100) only at 5-64 rows, the ring candidates last (by default
+the depth timed fastest on an H100, every depth under the opt-in; never for a CPU weight); the source compiles with
+nvcc where it is installed, with no spills, and in the ring kernels' SASS every load of stored bytes is issued stages
+ahead of its first use."""
 
 from __future__ import annotations
 
@@ -499,10 +500,18 @@ def test_the_source_has_the_ring_index_math_the_emulation_checks():
     assert "tc_mma_stage<BF16, NT>(acc, base_w + cur * (TC_ROWS * 128), base_x + cur * (TN * 128), ra, ca, rb," in ring
 
 
+RING_OFFERED = {False: {16: (3,), 32: (3,), 64: (2,)}, True: {16: (3, 4), 32: (3, 4), 64: (2,)}}
+"""Ring depths offered per token tile, without and with SECATEURS_UNVERIFIED_KERNELS=1: by default the depth that was
+the fastest ring candidate on every row of the H100 run (sparse48.py --part tc), depth 4 (never the fastest) only
+opted in."""
+
+
+@pytest.mark.parametrize("opt_in", [False, True], ids=["default", "opted-in"])
 @pytest.mark.parametrize("kind", ["4:8", "8:16"])
-def test_ring_candidates_offered_only_on_request_last_and_at_5_to_64_rows(kind, monkeypatch, opted_in):
-    """Never run on a GPU, so under SECATEURS_UNVERIFIED_KERNELS=1 only: at row buckets 8-64 each depth of the
-    smallest token tile holding the rows at tc_splits, after every other candidate; none at 1-4 rows or 128 on."""
+def test_ring_candidates_offered_last_and_at_5_to_64_rows(kind, opt_in, monkeypatch, request):
+    """At row buckets 8-64, for the smallest token tile holding the rows, after every other candidate (the old
+    kernel's at that tile among them): the depths of RING_OFFERED at tc_splits; none at 1-4 rows or 128 on."""
+    request.getfixturevalue("opted_in" if opt_in else "not_opted_in")
     fmt = _fmt(kind, _weight(kind, 128, 1024, 0, torch.float16))
     _gpu_like(monkeypatch)
     ring = f"cuda_{fmt.tc_ring_name}"
@@ -510,28 +519,58 @@ def test_ring_candidates_offered_only_on_request_last_and_at_5_to_64_rows(kind, 
         assert not any(name.startswith(ring) for name in fmt.cuda_candidates(m))
     for m, tile in ((5, 16), (8, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64)):
         names = list(fmt.cuda_candidates(m))
-        expected = [f"{ring}_n{tile}_d{d}_s{s}" for d in nm.TC_RING_DEPTHS[tile] for s in nm.tc_splits(128, 1024)]
+        expected = [f"{ring}_n{tile}_d{d}_s{s}" for d in RING_OFFERED[opt_in][tile] for s in nm.tc_splits(128, 1024)]
         assert names[-len(expected):] == expected and sum(name.startswith(ring) for name in names) == len(expected)
         assert any(name.startswith(f"cuda_{fmt.tc_name}_n{tile}_s") for name in names[:-len(expected)])
 
 
+def test_the_cleared_and_dominated_ring_depths_split_the_compiled_ones():
+    """Every compiled (token tile, depth) is either cleared (offered by default) or dominated (opted in only)."""
+    compiled = {(tokens, depth) for tokens, depths in nm.TC_RING_DEPTHS.items() for depth in depths}
+    assert nm.TC_RING_CLEARED.isdisjoint(nm.TC_RING_DOMINATED)
+    assert nm.TC_RING_CLEARED | nm.TC_RING_DOMINATED == compiled
+
+
 @pytest.mark.parametrize("kind", ["4:8", "8:16"])
-def test_ring_candidates_not_offered_without_the_opt_in(kind, monkeypatch, not_opted_in):
+def test_a_ring_depth_not_cleared_stays_behind_the_opt_in(kind, monkeypatch, not_opted_in):
+    """A depth added later (here: every depth but 16 tokens' 3 taken out of the cleared set) is not offered
+    without SECATEURS_UNVERIFIED_KERNELS=1 until a GPU run clears it."""
     fmt = _fmt(kind, _weight(kind, 128, 1024, 0, torch.float16))
     _gpu_like(monkeypatch)
-    for m in (5, 8, 16, 32, 64):
-        assert not any(name.startswith(f"cuda_{fmt.tc_ring_name}") for name in fmt.cuda_candidates(m))
+    monkeypatch.setattr(nm, "TC_RING_CLEARED", frozenset({(16, 3)}))
+    ring = f"cuda_{fmt.tc_ring_name}"
+    assert [name for name in fmt.cuda_candidates(16) if name.startswith(ring)] == [
+        f"{ring}_n16_d3_s{s}" for s in nm.tc_splits(128, 1024)]
+    for m in (32, 64):
+        assert not any(name.startswith(ring) for name in fmt.cuda_candidates(m))
 
 
+@pytest.mark.parametrize("opt_in", [False, True], ids=["default", "opted-in"])
 @pytest.mark.parametrize("kind", ["4:8", "8:16"])
-def test_the_offered_ring_candidates_launch_the_emulated_kernel(kind, monkeypatch, opted_in):
+def test_the_ring_is_never_offered_for_a_cpu_weight(kind, opt_in, monkeypatch, request):
+    """The dispatcher asks cuda_ops.candidates, which offers no CUDA kernel for a weight on the CPU: the ring
+    candidates the format itself lists (its module faked as built) never reach it there."""
+    request.getfixturevalue("opted_in" if opt_in else "not_opted_in")
+    fmt = _fmt(kind, _weight(kind, 128, 1024, 0, torch.float16))
+    _gpu_like(monkeypatch)
+    for m in (8, 16, 32, 64):
+        assert any(name.startswith(f"cuda_{fmt.tc_ring_name}_") for name in fmt.cuda_candidates(m))
+        assert cuda_ops.candidates(fmt, m) == {}
+
+
+@pytest.mark.parametrize("opt_in", [False, True], ids=["default", "opted-in"])
+@pytest.mark.parametrize("kind", ["4:8", "8:16"])
+def test_the_offered_ring_candidates_launch_the_emulated_kernel(kind, opt_in, monkeypatch, request):
     """The ring candidates the dispatcher times at row bucket 16 (9 rows) launch their kernel (its depth, the bound
-    split) to the float64 product: a 200 x 1024 weight (4 feature tiles, 16 stages: 4 slices of four)."""
+    split) to the float64 product: a 200 x 1024 weight (4 feature tiles, 16 stages: 4 slices of four); depth 3 by
+    default, 3 and 4 opted in."""
+    request.getfixturevalue("opted_in" if opt_in else "not_opted_in")
     fmt, emulated, offered = _run_offered(kind, 1024, 5, 9, 16, lambda name, fmt: name.startswith("cuda_tcr"),
                                           monkeypatch)
-    assert offered == [f"cuda_{fmt.tc_ring_name}_n16_d{d}_s{s}" for d in (3, 4) for s in nm.tc_splits(200, 1024)]
+    depths = RING_OFFERED[opt_in][16]
+    assert offered == [f"cuda_{fmt.tc_ring_name}_n16_d{d}_s{s}" for d in depths for s in nm.tc_splits(200, 1024)]
     launched = [name for name in emulated.names if not name.startswith("tcsum_")]
-    assert launched == [f"{fmt.tc_ring_name}_f16_n16_d{d}" for d in (3, 4) for _ in nm.tc_splits(200, 1024)]
+    assert launched == [f"{fmt.tc_ring_name}_f16_n16_d{d}" for d in depths for _ in nm.tc_splits(200, 1024)]
 
 
 def test_the_ring_ops_have_fake_implementations():

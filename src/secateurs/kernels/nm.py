@@ -23,8 +23,12 @@ and bf16, 10 shapes, m = 1-8192; worst 1.9e-3, bf16 rounding), also under ``torc
 none faults; its speed is left to the dispatcher's timing (not yet measured on its own: the expand path it competes
 with made 4:8 decode at batch 8 0.48x dense end to end, benchmarks/sections/sparse_kernels.md). Its ring form
 (``cuda_tcr48_n<tokens>_d<depth>_s<split>``, ``cuda_tcr816_...``: tc_tile.cuh's ``tc_gemm_ring``, stages of stored
-bytes loaded ``depth - 1`` stages ahead of their decode) was never run on a GPU, so it is offered only under
-``SECATEURS_UNVERIFIED_KERNELS=1``, after every other candidate.
+bytes loaded ``depth - 1`` stages ahead of their decode) matched float64 on one H100 (2026-12-06,
+``gpu_kernel_check.py --part cuda --formats 4:8,8:16 --only tcr48,tcr816``: 832 checks, fp16 and bf16, 10 shapes,
+m = 1-8192, 0 failures, worst 1.8e-3; under ``torch.compile(fullgraph=True)`` in a CUDA graph relative error 2.1e-4)
+and was timed there against the old kernel (``sparse48.py --part tc``): the depth that was the fastest ring candidate
+at each token tile (:data:`TC_RING_CLEARED`) is offered by default, the one never the fastest
+(:data:`TC_RING_DOMINATED`) only under ``SECATEURS_UNVERIFIED_KERNELS=1``; either comes after every other candidate.
 """
 
 from __future__ import annotations
@@ -49,7 +53,23 @@ TC_ROWS = 64  # output features per block of the tensor-core kernel
 TC_WARPS = 4
 TC_RING_DEPTHS = {16: (3, 4), 32: (3, 4), 64: (2,)}
 """Stages in registers of the ring kernels per token tile (``tcr<kind>_<dtype>_n<tokens>_d<depth>``): as many as
-compile without a spill on sm_80 and sm_90 (at 64 tokens the accumulators leave room for two)."""
+compile without a spill on sm_80 and sm_90 (at 64 tokens the accumulators leave room for two). Which of them are
+offered without the opt-in: :data:`TC_RING_CLEARED`."""
+TC_RING_CLEARED: frozenset[tuple[int, int]] = frozenset({(16, 3), (32, 3), (64, 2)})
+"""(token tile, depth) of the ring kernels offered without ``SECATEURS_UNVERIFIED_KERNELS=1``: correct on an H100,
+timed there, and the fastest ring candidate on every row (the others: :data:`TC_RING_DOMINATED`). On one NVIDIA H100
+80GB HBM3 (``sparse48.py --part tc --formats 4:8,8:16 --shapes 3``, 2026-12-06: the three Llama-2-7B shapes 4096x4096,
+11008x4096 and 4096x11008 at 8, 16, 32 and 64 tokens), the best ring candidate against the best old ``tc48`` /
+``tc816`` one (time ratio old / ring): 4:8 faster on all 12 rows, by 1.006-1.159x (8 and 16 tokens 1.074-1.159x, 32
+tokens 1.006-1.038x, 64 tokens 1.050-1.113x), the best ring 0.70-1.02x cuBLAS; 8:16 faster at 8-32 tokens on all 9
+rows, by 1.005-1.038x, and slower at 64 tokens on all 3 (0.969-0.988x), where the dispatcher's timing keeps the old
+kernel. End to end (a Llama-2-7B-shaped model pruned 8:16, opted in) the dispatcher picked
+``cuda_tcr816_n32_d3_s8`` / ``_s3`` at rows <= 32 for all three shapes. A depth added later stays opt-in until it
+has run and been timed on a GPU."""
+TC_RING_DOMINATED: frozenset[tuple[int, int]] = frozenset({(16, 4), (32, 4)})
+"""Correct on the H100 but never the fastest ring candidate on any of that run's rows (depth 3 was, every time):
+offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, where the benchmarks time every depth, because each candidate
+offered adds to the dispatcher's first-call tuning (every shape and row bucket times each one)."""
 TC_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)  # blocks sharing one feature tile (split-K over whole 64-input stages)
 TC_BLOCKS = 264  # blocks that keep an H100's 132 SMs busy twice over: the split-K choice aims at this many
 MAX_SPARSITY = 0.625
@@ -76,7 +96,7 @@ class NmFormat(SparseFormat):
     tc_name: ClassVar[str]
     """The tensor-core kernel's candidate names: ``cuda_<tc_name>_n<tokens>_s<split>`` (row buckets 8-64)."""
     tc_ring_name: ClassVar[str]
-    """The ring kernel's candidate names (opt-in): ``cuda_<tc_ring_name>_n<tokens>_d<depth>_s<split>``."""
+    """The ring kernel's candidate names: ``cuda_<tc_ring_name>_n<tokens>_d<depth>_s<split>`` (row buckets 8-64)."""
     gemv_verified: ClassVar[bool]
     """Whether the GEMV was run on a GPU; if not it (and the format's expand path) is offered only with
     ``SECATEURS_UNVERIFIED_KERNELS=1``."""
@@ -184,27 +204,27 @@ class NmFormat(SparseFormat):
 
     def _tc_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The tensor-core kernel at ``m`` rows (the smallest token tile that holds them, each split-K choice of
-        :func:`tc_splits`), or nothing where its module does not build (:func:`tc_built`)."""
-        if not tc_built(self.values.device, TC_SOURCE, self.kind):
-            return {}
+        :func:`tc_splits`); the caller offers it only where its module builds (:func:`tc_built`)."""
         n, k = self.shape
         tokens = next(t for t in TC_TOKENS if t >= m)
         return {f"cuda_{self.tc_name}_n{tokens}_s{split}": (lambda x, s=split: self._tc(x, tokens, s))
                 for split in tc_splits(n, k)}
 
     def _tc_ring_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """The ring kernel (``tc_gemm_ring`` of ``cuda/tc_tile.cuh``) at ``m`` rows, only under
-        ``SECATEURS_UNVERIFIED_KERNELS=1``: it was never run on a GPU. Why it exists: at 8 tokens the tensor-core
-        kernel's block linears read 1.22 TB/s on an H100, its stored bytes waited for ~30-130 instructions after
-        their load with one 64-input stage in flight per block; this one keeps ``depth - 1`` stages in flight. Each
-        depth of :data:`TC_RING_DEPTHS` for the smallest token tile holding ``m`` rows, at :func:`tc_splits`."""
-        if not cuda_ops.unverified_offered() or not tc_built(self.values.device, TC_SOURCE, self.kind):
-            return {}
+        """The ring kernel (``tc_gemm_ring`` of ``cuda/tc_tile.cuh``) at ``m`` rows, for the smallest token tile
+        holding them: its depths of :data:`TC_RING_DEPTHS` that were the fastest ring candidate on an H100
+        (:data:`TC_RING_CLEARED`: 3 at 16 and 32 tokens, 2 at 64), every depth under
+        ``SECATEURS_UNVERIFIED_KERNELS=1``, each at :func:`tc_splits`; the caller offers them only where the module
+        builds (:func:`tc_built`). Why it exists: at 8 tokens the tensor-core kernel's block linears read 1.22 TB/s
+        on an H100, its stored bytes waited for ~30-130 instructions after their load with one 64-input stage in
+        flight per block; this one keeps ``depth - 1`` stages in flight (on the Llama-2-7B shapes 1.006-1.159x
+        faster than the old kernel for 4:8 at 8-64 tokens, 1.005-1.038x for 8:16 at 8-32)."""
         n, k = self.shape
         tokens = next(t for t in TC_TOKENS if t >= m)
+        depths = [d for d in TC_RING_DEPTHS[tokens] if (tokens, d) in TC_RING_CLEARED or cuda_ops.unverified_offered()]
         return {f"cuda_{self.tc_ring_name}_n{tokens}_d{depth}_s{split}":
                 (lambda x, d=depth, s=split: self._tc_ring(x, tokens, d, s))
-                for depth in TC_RING_DEPTHS[tokens] for split in tc_splits(n, k)}
+                for depth in depths for split in tc_splits(n, k)}
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """The format's GEMV for 1-4 rows: each row count's instantiated rows per warp group (default first), at
@@ -212,12 +232,14 @@ class NmFormat(SparseFormat):
         expanded into the scratch every layer shares, then cuBLAS) at each chunks-per-thread choice the tables'
         alignment allows; at 5-64 rows also the tensor-core kernel (the smallest token tile that holds ``m`` rows, at
         the split-K choices of :func:`tc_splits`; correct on an H100, its speed left to the dispatcher's timing),
-        after the expand path, and under the opt-in its ring form (:meth:`_tc_ring_candidates`) last; at prompt
-        sizes the pipelined expand path (:func:`cuda_ops.pipelined_candidates`, with the widest chunks per thread the
-        tables allow). A format whose GEMV
-        was never run on a GPU is offered only under ``SECATEURS_UNVERIFIED_KERNELS=1`` (4:8's and 8:16's GEMV and
-        expand paths matched float64 on an H100).
-        Compiled on first offer (an error there offers nothing)."""
+        after the expand path, and its ring form (:meth:`_tc_ring_candidates`: the depths timed fastest on an H100,
+        every depth under the opt-in) last; at prompt sizes the pipelined expand path
+        (:func:`cuda_ops.pipelined_candidates`, with the widest chunks per thread the tables allow). The ring comes
+        after every other candidate so that offering it changes nothing it does not win: the untimed default (the
+        first candidate, run where a bucket is first met inside CUDA-graph capture) stays the expand path, and a tie
+        in the dispatcher's timing keeps the earlier path. A format whose GEMV was never run on a GPU is offered only
+        under ``SECATEURS_UNVERIFIED_KERNELS=1`` (4:8's and 8:16's GEMV and expand paths matched float64 on an
+        H100). Compiled on first offer (an error there offers nothing)."""
         n, k = self.shape
         if m < 1 or k % CHUNK or not cuda_ops.ready(self.values, 16, n, k * self.kept // self.group) \
                 or not self._tables_ready():
@@ -231,11 +253,12 @@ class NmFormat(SparseFormat):
             paths = {f"expand_cublas_c{c}": (lambda x, c=c: cuda_ops.scratch_matmul(
                          x, self.shape, lambda out: self._expand(out, c)))
                      for c in usable}
-            if m <= TC_TOKENS[-1]:
+            tc = m <= TC_TOKENS[-1] and tc_built(self.values.device, TC_SOURCE, self.kind)  # checked (and said) once
+            if tc:
                 paths.update(self._tc_candidates(m))
             paths.update(cuda_ops.pipelined_candidates(self, m, max(usable)))  # prompts
-            if m <= TC_TOKENS[-1]:
-                paths.update(self._tc_ring_candidates(m))  # opt-in, after every other candidate
+            if tc:
+                paths.update(self._tc_ring_candidates(m))  # after every other candidate: ties keep those
             return paths
         tokens = next(t for t in self.tokens if t >= m)
         return {f"cuda_{self.gemv_name}_r{rows}_s{split}": (lambda x, r=rows, s=split: self._gemv(x, r, s))
