@@ -5,8 +5,8 @@ scatter address, the quad's ballot of consumed grains and the warp's extra round
 emulation of the shared engine (tiles, ldmatrix, mma fragments, split-K), run through the real launcher with
 ``cuda_ops._launch`` replaced and compared with the float64 dense product at 50/60/70/80% zeros, fp16 and bf16, on
 shapes with partial segments, partial feature tiles and a partial last stage. A broken search, base, value address,
-swizzle or non-zero test fails it. Also: offered only under ``SECATEURS_UNVERIFIED_KERNELS=1``, at 5-64 rows, after
-the expand path, never where K is not a multiple of 16; a module that does not build offers none; nvcc builds the
+swizzle or non-zero test fails it. Also: offered without any opt-in (it matched float64 on an H100), at 5-64 rows,
+after the expand path, never where K is not a multiple of 16; a module that does not build offers none; nvcc builds the
 source with no spills."""
 
 from __future__ import annotations
@@ -294,9 +294,9 @@ def _fmt(rows: int = 128, cols: int = 4096, sparsity: float = 0.7) -> Banded:
     return Banded.compress(_weight(rows, cols, sparsity, 0, torch.float16))
 
 
-def test_offered_only_with_the_opt_in_at_5_to_64_rows_after_the_expand_path(monkeypatch, opted_in):
+def test_offered_without_the_opt_in_at_5_to_64_rows_after_the_expand_path(monkeypatch, not_opted_in):
     """Row buckets 8-64 offer the smallest token tile holding the rows at each split-K choice, after the expand path;
-    1-4 rows and 128 on do not; without the opt-in nothing banded is offered at all."""
+    1-4 rows and 128 on do not; no SECATEURS_UNVERIFIED_KERNELS needed."""
     fmt = _fmt()
     _gpu_like(monkeypatch)
     for m in (1, 2, 4, 128, 512, 2048):
@@ -304,12 +304,9 @@ def test_offered_only_with_the_opt_in_at_5_to_64_rows_after_the_expand_path(monk
     for m, tile in ((5, 16), (8, 16), (16, 16), (17, 32), (32, 32), (64, 64)):
         names = list(fmt.cuda_candidates(m))
         assert names == ["expand_cublas"] + [f"cuda_tcbanded_n{tile}_s{s}" for s in nm.tc_splits(128, 4096)], names
-    monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV)
-    cuda_ops.unverified_offered.cache_clear()
-    assert fmt.cuda_candidates(16) == {}
 
 
-def test_no_tensor_core_kernel_where_k_is_not_a_multiple_of_16(monkeypatch, opted_in):
+def test_no_tensor_core_kernel_where_k_is_not_a_multiple_of_16(monkeypatch, not_opted_in):
     """The engine's stages are whole 16-input chunks: a width of 8 mod 16 (which the layout holds) keeps the expand
     path only."""
     fmt = _fmt(64, 1048)
@@ -317,7 +314,7 @@ def test_no_tensor_core_kernel_where_k_is_not_a_multiple_of_16(monkeypatch, opte
     assert list(fmt.cuda_candidates(16)) == ["expand_cublas"]
 
 
-def test_the_offered_candidates_launch_the_emulated_kernel(monkeypatch, opted_in):
+def test_the_offered_candidates_launch_the_emulated_kernel(monkeypatch, not_opted_in):
     """The candidates the dispatcher times (their bound token tile and split) run the emulated kernel to the float64
     product: 37 rows of x at row bucket 64, a 200 x 2112 weight at 50% zeros (p32; 4 feature tiles, 33 stages in 16
     slices of two or three)."""
@@ -336,7 +333,7 @@ def test_the_offered_candidates_launch_the_emulated_kernel(monkeypatch, opted_in
     assert emulated.names[0] == "tcbd_f16_p32_n64"
 
 
-def test_a_module_that_does_not_build_leaves_the_expand_path(monkeypatch, opted_in):
+def test_a_module_that_does_not_build_leaves_the_expand_path(monkeypatch, not_opted_in):
     """A failing build of banded_tc.cu offers no tensor-core kernel and says so once; the expand path stays."""
     from secateurs.kernels import linear
 

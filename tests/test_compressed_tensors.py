@@ -33,12 +33,19 @@ ct_utils = pytest.importorskip("compressed_tensors.utils")
 
 
 def pruned(arch: str = "llama", pattern: str = "2:4", dtype: torch.dtype = torch.float32):
-    """A tiny model whose block linears are 2:4 or 70% unstructured sparse."""
+    """A tiny model whose block linears are 2:4 or unstructured sparse: ``u<percent>`` zeros (u70 goes to the banded
+    layout, u95, outside its bands, to the bitmap)."""
     loaded = tiny_model(arch)
     loaded.model.to(dtype)
     for module in loaded.spec.named_linears(loaded.model).values():
         w = weight_matrix(module)
-        w.mul_(nm_mask(w.abs(), 2, 4) if pattern == "2:4" else unstructured_mask(w.abs(), 0.7))
+        if pattern == "2:4":
+            w.mul_(nm_mask(w.abs(), 2, 4))
+            continue
+        sparsity, group = int(pattern[1:]) / 100, w[0, 4:8].clone()
+        w.mul_(unstructured_mask(w.abs(), sparsity))
+        if sparsity > 0.9:  # so sparse that most weights are 2:4 too: one whole group of 4 kept makes them unstructured
+            w[0, 4:8] = group
     return loaded
 
 
@@ -109,7 +116,8 @@ def test_bit_packing_is_the_packages(cols):
     assert torch.equal(unpack_bits(packed, cols), ct_utils.unpack_bitmasks(packed, [5, cols]))
 
 
-@pytest.mark.parametrize("pattern,storage,kinds", [("2:4", FORMAT_24, {"2:4"}), ("u70", FORMAT_BITMASK, {"bitmap"})])
+@pytest.mark.parametrize("pattern,storage,kinds", [("2:4", FORMAT_24, {"2:4"}), ("u70", FORMAT_BITMASK, {"banded"}),
+                                                  ("u95", FORMAT_BITMASK, {"bitmap"})])
 def test_export_is_the_package_layout_and_reloads_onto_the_kernels(tmp_path, pattern, storage, kinds):
     loaded = pruned(pattern=pattern)
     ids = random_ids(2, 12)
@@ -141,9 +149,10 @@ def test_2_4_weights_store_in_0_5625_of_their_fp16_bytes(tmp_path):
     assert sparse_bytes == dense_bytes * 9 // 16
 
 
-@pytest.mark.parametrize("storage,kind", [(FORMAT_24, "2:4"), (FORMAT_BITMASK, "bitmap")])
-def test_a_package_written_checkpoint_loads_onto_the_kernels(tmp_path, storage, kind):
-    loaded = pruned(pattern="2:4" if storage == FORMAT_24 else "u70", dtype=torch.float16)
+@pytest.mark.parametrize("pattern,storage,kind", [("2:4", FORMAT_24, "2:4"), ("u70", FORMAT_BITMASK, "banded"),
+                                                 ("u95", FORMAT_BITMASK, "bitmap")])
+def test_a_package_written_checkpoint_loads_onto_the_kernels(tmp_path, pattern, storage, kind):
+    loaded = pruned(pattern=pattern, dtype=torch.float16)
     names = list(loaded.spec.named_linears(loaded.model))
     weight_matrix(loaded.spec.named_linears(loaded.model)[names[0]])[:, :4] = 0  # groups keeping zeros
     folder = tmp_path / "ct"
@@ -154,8 +163,8 @@ def test_a_package_written_checkpoint_loads_onto_the_kernels(tmp_path, storage, 
     ids = random_ids(2, 12)
     expected = loaded.model.float()(ids).logits
     reloaded = load_model(str(folder), dtype="float16")
-    layers = sparse_layers(reloaded.model)  # a bitmap needs 128-wide inputs: narrower layers load dense
-    wide = [n for n in names if storage == FORMAT_24 or weight_matrix(loaded.spec.named_linears(loaded.model)[n]).shape[1] % 128 == 0]
+    layers = sparse_layers(reloaded.model)  # a bitmap needs 128-wide inputs (banded: 8): narrower layers load dense
+    wide = [n for n in names if kind != "bitmap" or weight_matrix(loaded.spec.named_linears(loaded.model)[n]).shape[1] % 128 == 0]
     assert set(layers) == set(wide) and {layer.kind for layer in layers.values()} == {kind}
     torch.testing.assert_close(reloaded.model(ids).logits.float(), expected, rtol=2e-2, atol=2e-2)
 

@@ -23,7 +23,6 @@ from secateurs.api import (
 from secateurs.data.calib import CalibConfig
 from secateurs.engine.options import EngineOptions
 from secateurs.kernels import (
-    Bitmap,
     Nm48,
     Sparse24,
     SparseLinear,
@@ -31,6 +30,7 @@ from secateurs.kernels import (
     reference_matmul,
     sparse_layers,
 )
+from secateurs.kernels.banded import Banded
 from secateurs.kernels.compressed import FORMAT_BITMASK
 from secateurs.model.linear import weight_matrix
 from secateurs.sparsity.masks import Pattern, nm_mask, unstructured_mask
@@ -156,14 +156,14 @@ def test_supports_names_why_a_weight_is_not_4of8():
         Nm48.from_mask(torch.zeros(8, 32), torch.zeros(8, 64, dtype=torch.bool))
 
 
-def test_registry_stores_2of4_as_2of4_4of8_as_4of8_and_the_rest_as_bitmap():
+def test_registry_stores_2of4_as_2of4_4of8_as_4of8_and_unstructured_in_the_bands_as_banded():
     w24 = torch.randn(16, 256)
     w24 = w24 * nm_mask(w24.abs(), 2, 4)
     assert choose_format(w24, 0.5) == (Sparse24, "2:4")
     assert choose_format(_w48(16, 256), 0.5) == (Nm48, "4:8")
     unstructured = torch.randn(16, 256)
     for sparsity in (0.5, 0.9):
-        assert choose_format(unstructured * unstructured_mask(unstructured.abs(), sparsity), 0.5)[0] is Bitmap
+        assert choose_format(unstructured * unstructured_mask(unstructured.abs(), sparsity), 0.5)[0] is Banded
 
 
 def test_a_4of8_weight_asked_for_as_2of4_says_what_it_is_in_one_line():
@@ -273,7 +273,7 @@ def test_the_expand_path_is_offered_without_the_opt_in(monkeypatch, not_opted_in
 def test_candidates_per_token_count_include_the_expand_path_above_the_gemv(monkeypatch):
     """1-4 rows: the GEMV; row bucket 8 on (prompts included): expand into the shared scratch + cuBLAS, one chunk per
     thread first, four where the position tables allow 8- and 4-byte loads; nothing else, and no dense copy (row
-    buckets 8-64 add the tensor-core kernel and, opted in, its ring form: tests/test_nm_tensorcore.py)."""
+    buckets 8-64 add the tensor-core kernel and its ring form: tests/test_nm_tensorcore.py)."""
     fmt = Nm48.compress(_w48(128, 256, dtype=torch.float16))
     _gpu_like(fmt, monkeypatch)
     names = {m: list(fmt.cuda_candidates(m)) for m in (1, 2, 4, 8, 16, 512, 2048, 8192)}
@@ -319,7 +319,8 @@ def test_a_4of8_model_exports_as_a_bitmask_checkpoint_and_reloads_onto_4of8(tmp_
     torch.testing.assert_close(reloaded.model(ids).logits, expected)
 
 
-@pytest.mark.parametrize(("pattern", "stored"), [("4:8", "4:8"), ("3:16", "bitmap")])  # 8:16: test_nm816.py
+# 3:16 (81% zeros) runs as the banded layout; 8:16: test_nm816.py
+@pytest.mark.parametrize(("pattern", "stored"), [("4:8", "4:8"), ("3:16", "banded")])
 def test_prune_export_says_which_format_each_pattern_runs_as(tmp_path, tiny_folder, pattern, stored):
     from typer.testing import CliRunner
 

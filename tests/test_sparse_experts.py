@@ -89,11 +89,11 @@ def test_sparse_experts_equal_the_masked_model_and_survive_export_and_reload(arc
 
 
 @pytest.mark.parametrize(("arch", "pattern", "kind", "sizes"), [
-    ("mixtral", "unstructured", "bitmap", {"hidden_size": 128, "intermediate_size": 128}),  # bitmap: 128-wide inputs
+    ("mixtral", "unstructured", "banded", {"hidden_size": 128, "intermediate_size": 128}),  # 60% zeros: banded
     ("qwen3_moe", "4:8", "4:8", {"moe_intermediate_size": 32}),
 ])
 def test_other_formats_write_gate_and_up_apart_and_reload(arch, pattern, kind, sizes, tmp_path):
-    """Bitmap and 4:8 experts: the fused gate/up matrix is written as the checkpoint's two linears (gate rows,
+    """Banded and 4:8 experts: the fused gate/up matrix is written as the checkpoint's two linears (gate rows,
     then up rows, each with its own row offsets), and read back into one stored-format matrix."""
     loaded = pruned(arch, pattern, **sizes)
     ids = random_ids(2, 12)

@@ -27,26 +27,33 @@ bitmap: 1.16; the 4-bit deltas cost 2 bits per weight where the bitmap spends 1)
 80%: 0.56 (bitmap 0.56). A weight outside every band (fewer than 50% or more than 90% zeros) is not stored here:
 the bitmap holds it.
 
-Kernels (correct on an H100 at every band and row bucket, but never yet timed against the bitmap, so offered only
-under ``SECATEURS_UNVERIFIED_KERNELS=1``, which is also what lets :func:`secateurs.kernels.registry.choose_format`
-store unstructured weights in this layout; without it they go to the bitmap, whose speed is measured): a GEMV for 1, 2
-and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the rows per warp group, about 6.6 / 7.6
-/ 9.6 SASS instructions per stored entry at 1 / 2 / 4 tokens (nvcc 13 sm_90, ``python benchmarks/banded.py --sass``;
-the bitmap GEMV's loop: 13 / 16 per non-zero at 1 / 2); and from 2 rows on an expand kernel into the scratch every
-format shares (``cuda_ops.scratch_matmul``), then cuBLAS; at 5-64 rows after it a tensor-core kernel
-(``kernels/cuda/banded_tc.cu``, a decode step over the engine of ``cuda/tc_tile.cuh`` that the bitmap's and the N:M
-formats' tensor-core kernels use): per 64-input stage each row's four lanes scatter the entries of the stage's window,
-eight at a time, into the engine's dense shared tile, which ``mma.sync.m16n8k16`` multiplies by 16-64 tokens. It reads
-the stored tensors as they are, for the reason the bitmap's has one: the expand path moves about three times the dense
-bytes (a 70%-unstructured Llama-2-7B decoded at 0.45-0.48x dense at batch 8 on the bitmap's), and a banded default
-must not lose batch 8-64. Never run on a GPU (matched float64 only in a CPU emulation,
-``tests/test_banded_tensorcore.py``), so offered only under the same opt-in, as ``cuda_tcbanded_n<tokens>_s<split>``.
-Its decode is not cheaper than the bitmap's by static count: a lane's round (one 8-entry grain loaded, decoded,
-scattered, its quad's ballots) is 95 SASS instructions at sm_90 (about 12 an entry; the bitmap kernel's slot chain
-7.3 a slot; ``python benchmarks/banded.py --sass``), and a grain that straddles two stages is read in both, so in the
-test's CPU emulation (a 128 x 4096 magnitude-pruned random weight, 16 tokens, one slice) the lanes process 1.9-2.5
-entries per stored non-zero at 50-80% zeros, where the bitmap kernel issues 1.5-2.1 value slots per non-zero (its
-warp's largest chunk popcount, on the same masks): the GPU timing decides.
+The default store of an unstructured weight in a band (:func:`secateurs.kernels.registry.choose_format` tries
+it before the bitmap), because on an H100 (``python benchmarks/banded.py``, seven Llama shapes) its GEMV beat cuBLAS
+and the bitmap's GEMV on every shape and band at 1 token (70% zeros: 1.86-2.49x cuBLAS, the bitmap 1.22-1.85x; 50%:
+1.32-1.53x, the bitmap 0.99-1.33x) and at 2 tokens ran 1.31-1.91x cuBLAS at 70% where the bitmap runs its expand
+path at about 0.4x; at 8-32 tokens its tensor-core kernel runs at about 0.96x the bitmap's, at 64 tokens 0.94-1.12x
+of it. A Llama-2-7B-shaped model (torch.compile'd dense) decoded 1.81x dense at batch 1 at 70% zeros (the bitmap:
+1.35x) and 1.26x at 50% (the bitmap 1.08x). The price is bytes at the low band (1.30 fp16 bytes per weight at 50%
+zeros against the bitmap's 1.16); no option stores such a weight as the bitmap instead.
+
+Kernels (every one matched float64 on an H100: ``python benchmarks/gpu_kernel_check.py --part cuda --formats
+banded``): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the rows per
+warp group, about 6.6 / 7.6 / 9.6 SASS instructions per stored entry at 1 / 2 / 4 tokens (nvcc 13 sm_90, ``python
+benchmarks/banded.py --sass``; the bitmap GEMV's loop: 13 / 16 per non-zero at 1 / 2); and from 2 rows on an expand
+kernel into the scratch every format shares (``cuda_ops.scratch_matmul``), then cuBLAS; at 5-64 rows after it a
+tensor-core kernel (``kernels/cuda/banded_tc.cu``, a decode step over the engine of ``cuda/tc_tile.cuh`` that the
+bitmap's and the N:M formats' tensor-core kernels use), as ``cuda_tcbanded_n<tokens>_s<split>``: per 64-input stage
+each row's four lanes scatter the entries of the stage's window, eight at a time, into the engine's dense shared
+tile, which ``mma.sync.m16n8k16`` multiplies by 16-64 tokens. It reads the stored tensors as they are, for the reason
+the bitmap's has one: the expand path moves about three times the dense bytes (a 70%-unstructured Llama-2-7B decoded
+at 0.45-0.48x dense at batch 8 on the bitmap's). Its decode is not cheaper than the bitmap's by static count: a
+lane's round (one 8-entry grain loaded, decoded, scattered, its quad's ballots) is 95 SASS instructions at sm_90
+(about 12 an entry; the bitmap kernel's slot chain 7.3 a slot; ``python benchmarks/banded.py --sass``), and a grain
+that straddles two stages is read in both, so in the test's CPU emulation (a 128 x 4096 magnitude-pruned random
+weight, 16 tokens, one slice) the lanes process 1.9-2.5 entries per stored non-zero at 50-80% zeros, where the bitmap
+kernel issues 1.5-2.1 value slots per non-zero (its warp's largest chunk popcount, on the same masks); on the GPU it
+ran at about the bitmap kernel's speed. Prompts (more than 64 rows) take the plain expand path: the
+layout has no pipelined expand (:func:`cuda_ops.pipelined_candidates`) yet.
 """
 
 from __future__ import annotations
@@ -114,15 +121,6 @@ class Banded(SparseFormat):
 
     kind = "banded"
     parts = ("values", "deltas", "starts", "offsets")
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        """Only with the opt-in: the kernels matched float64 on an H100 but were never timed, so nothing yet says
-        this layout runs faster than the bitmap that holds these weights otherwise."""
-        if cuda_ops.unverified_offered():
-            return None
-        return (f"the banded layout's kernels are not yet timed on a GPU ({cuda_ops.UNVERIFIED_ENV}=1 "
-                "stores unstructured weights in it)")
 
     @staticmethod
     def fits(weight: torch.Tensor) -> str | None:
@@ -232,8 +230,10 @@ class Banded(SparseFormat):
 
     @classmethod
     def why(cls, sparsity: float) -> str:
+        """The band and why banded, not the bitmap, holds it: the measured GEMV (the decode path of batch 1)."""
         band = band_of(sparsity)
-        return f"unstructured {sparsity:.2f}, band {band.name if band else '?'}"
+        return (f"unstructured {sparsity:.2f}, band {band.name if band else '?'}: banded, not the bitmap, since its "
+                "1-token GEMV beat the bitmap's on every H100 shape and band measured")
 
     def entries(self) -> int:
         """Stored entries, padding and fillers included (pieces x P)."""
@@ -262,12 +262,10 @@ class Banded(SparseFormat):
         return (self.piece, self._band().name)
 
     def cuda_candidates(self, m: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """Correct on an H100 but never timed: nothing without ``SECATEURS_UNVERIFIED_KERNELS=1``. With it: for 1-4 rows the banded
-        GEMV (the band's rows per warp group, the default first, at the split-K choices of :func:`cuda_ops.splits`),
-        from 2 rows the expand path (the weight expanded into the scratch every layer shares, then cuBLAS), and at 5-64
-        rows after it the tensor-core kernel (:meth:`_tc_candidates`; never run on a GPU)."""
-        if not cuda_ops.unverified_offered():
-            return {}
+        """For 1-4 rows the banded GEMV (the band's rows per warp group, the default first, at the split-K choices of
+        :func:`cuda_ops.splits`), from 2 rows the expand path (the weight expanded into the scratch every layer
+        shares, then cuBLAS), and at 5-64 rows after it the tensor-core kernel (:meth:`_tc_candidates`); all matched
+        float64 on an H100, so offered without any opt-in."""
         n, k = self.shape
         nseg = -(-k // SEG)
         padded = self.starts.shape[0]

@@ -1,6 +1,12 @@
 """The bitmap format, for unstructured sparsity, in the spirit of Flash-LLM's "load as sparse, compute as
 dense" (Xia et al., VLDB 2024) with a bitmap instead of its Tiled-CSL index.
 
+It holds the unstructured weights the banded layout (:mod:`secateurs.kernels.banded`, tried first by
+:func:`~secateurs.kernels.registry.choose_format`) does not: fewer than 50% or more than 90% zeros, or a weight its
+``fits`` refuses. In the bands the banded GEMV was measured faster on an H100 (at 1 token on every shape and band),
+although the bitmap is smaller at 50% zeros (1.16 fp16 bytes per weight against 1.30); no option picks the bitmap
+there today.
+
 ``bits`` (out, in/32) int32 has one bit per weight (1 = stored), ``values`` holds the non-zeros in
 row-major order, and ``offsets`` (out, in/SEGMENT) int32 is the index in ``values`` where each row segment
 starts, so a kernel can expand any segment alone with a prefix count of its bits. At 70% sparsity fp16
@@ -32,6 +38,7 @@ import torch
 
 from ..errors import UsageError
 from . import cuda_ops
+from .banded import BANDS, band_of
 from .formats import SparseFormat
 from .nm import TC_ROWS, TC_TOKENS, TC_WARPS, tc_built, tc_splits
 from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
@@ -151,7 +158,12 @@ class Bitmap(SparseFormat):
 
     @classmethod
     def why(cls, sparsity: float) -> str:
-        return f"unstructured {sparsity:.2f}"
+        """Why the bitmap and not the banded layout, which ``choose_format`` tries first: outside its bands, or a weight
+        its ``fits`` refuses (an input width of 65536 or more, or too many non-zeros for its 32-bit offsets)."""
+        if band_of(sparsity) is None:
+            bands = f"{BANDS[0].low * 100:.0f}-{BANDS[-1].high:.0%}"
+            return f"unstructured {sparsity:.2f}, outside the banded layout's {bands} zeros"
+        return f"unstructured {sparsity:.2f}, a width or non-zero count the banded layout does not hold"
 
     def triton_matmul(self, x: torch.Tensor, config: Config) -> torch.Tensor:
         """``x @ W.T`` for a 2-D contiguous ``x`` of the weight's dtype (K step = SEGMENT)."""

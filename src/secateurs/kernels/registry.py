@@ -22,7 +22,9 @@ FORMATS: dict[str, str] = {
     "2:4": "secateurs.kernels.sparse24:Sparse24",
     "4:8": "secateurs.kernels.nm48:Nm48",
     "8:16": "secateurs.kernels.nm816:Nm816",
-    "banded": "secateurs.kernels.banded:Banded",  # stored only under SECATEURS_UNVERIFIED_KERNELS=1 (its kernels are unverified), else the bitmap
+    # unstructured 50-90% zeros: its 1-token GEMV beat the bitmap's on every H100 shape and band measured
+    "banded": "secateurs.kernels.banded:Banded",
+    # unstructured weights the banded layout refuses: outside its bands, or one its fits() refuses
     "bitmap": "secateurs.kernels.bitmap:Bitmap",
 }
 
