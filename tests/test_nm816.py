@@ -14,7 +14,6 @@ from tiny_models import random_ids, tiny_model
 from secateurs import UsageError, load_model, save
 from secateurs.api import PruneConfig, export_sparse
 from secateurs.kernels import (
-    Bitmap,
     Nm48,
     Nm816,
     Sparse24,
@@ -23,6 +22,7 @@ from secateurs.kernels import (
     reference_matmul,
     sparse_layers,
 )
+from secateurs.kernels.banded import Banded
 from secateurs.kernels.compressed import FORMAT_BITMASK
 from secateurs.kernels.registry import FORMATS
 from secateurs.sparsity.masks import (
@@ -342,13 +342,13 @@ def test_an_8of16_weight_is_stored_as_8of16_without_the_opt_in(not_opted_in):
     assert choose_format(w, 0.5) == (Nm816, "8:16")
 
 
-def test_an_nm_format_whose_gemv_never_ran_on_a_gpu_is_stored_as_the_bitmap_and_says_why(monkeypatch, not_opted_in):
+def test_an_nm_format_whose_gemv_never_ran_on_a_gpu_is_stored_unstructured_and_says_why(monkeypatch, not_opted_in):
     """The rule a new N:M layout starts under: without a GPU-run GEMV only the reference would read its weights, so
-    they are held as the bitmap, and compress still builds the format on request."""
+    they are held unstructured (banded, at 8:16's 50% zeros), and compress still builds the format on request."""
     monkeypatch.setattr(Nm816, "gemv_verified", False)
     w = _w816(16, 256)
     assert "SECATEURS_UNVERIFIED_KERNELS=1" in Nm816.supports(w) and Nm816.fits(w) is None
-    assert choose_format(w, 0.5)[0] is Bitmap
+    assert choose_format(w, 0.5)[0] is Banded
     assert torch.equal(Nm816.compress(w).to_dense(), w)
     assert Nm48.unavailable() is None  # the 4:8 GEMV was measured on an H100: 4:8 is stored either way
     base = torch.randn(16, 256)
@@ -502,8 +502,8 @@ def test_prune_export_says_what_an_8of16_model_runs_as(tmp_path, tiny_folder, mo
     if verified:
         assert "8:16" in kinds and kinds <= {"8:16", "4:8", "2:4"} and "stored and run as" not in said
     else:
-        assert kinds == {"bitmap"}
-        assert "8:16 linears are stored and run as bitmap: the 8:16 kernels are not yet verified on a GPU" in said
+        assert kinds == {"banded"}
+        assert "8:16 linears are stored and run as banded: the 8:16 kernels are not yet verified on a GPU" in said
         assert "SECATEURS_UNVERIFIED_KERNELS=1 stores 8:16 weights as 8:16" in said
 
 
