@@ -32,12 +32,13 @@ it before the bitmap), because on an H100 (``python benchmarks/banded.py``, seve
 and the bitmap's GEMV on every shape and band at 1 token (70% zeros: 1.86-2.49x cuBLAS, the bitmap 1.22-1.85x; 50%:
 1.32-1.53x, the bitmap 0.99-1.33x) and at 2 tokens ran 1.31-1.91x cuBLAS at 70% where the bitmap runs its expand
 path at about 0.4x; at 8-32 tokens its tensor-core kernel runs at about 0.96x the bitmap's, at 64 tokens 0.94-1.12x
-of it. A Llama-2-7B-shaped model (torch.compile'd dense) decoded 1.81x dense at batch 1 at 70% zeros (the bitmap:
-1.35x) and 1.26x at 50% (the bitmap 1.08x). The price is bytes at the low band (1.30 fp16 bytes per weight at 50%
-zeros against the bitmap's 1.16); no option stores such a weight as the bitmap instead.
+of it. A Llama-2-7B-shaped model decoded at 1.81x the torch.compile'd dense model at batch 1 at 70% zeros (the
+bitmap: 1.35x) and 0.70x at batch 8 (the bitmap 0.48x), at 50% 1.26x and 0.53x (the bitmap 1.08x and 0.45x). The
+price is bytes at the low band (1.30 fp16 bytes per weight at 50% zeros against the bitmap's 1.16); no option stores
+such a weight as the bitmap instead.
 
 Kernels (every one matched float64 on an H100: ``python benchmarks/gpu_kernel_check.py --part cuda --formats
-banded``): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the rows per
+banded``, the tensor-core kernel's 936 checks with ``--only tcbanded``): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant) templated on the band's ``P`` and on the rows per
 warp group, about 6.6 / 7.6 / 9.6 SASS instructions per stored entry at 1 / 2 / 4 tokens (nvcc 13 sm_90, ``python
 benchmarks/banded.py --sass``; the bitmap GEMV's loop: 13 / 16 per non-zero at 1 / 2); and from 2 rows on an expand
 kernel into the scratch every format shares (``cuda_ops.scratch_matmul``), then cuBLAS; at 5-64 rows after it a
@@ -52,8 +53,8 @@ lane's round (one 8-entry grain loaded, decoded, scattered, its quad's ballots) 
 that straddles two stages is read in both, so in the test's CPU emulation (a 128 x 4096 magnitude-pruned random
 weight, 16 tokens, one slice) the lanes process 1.9-2.5 entries per stored non-zero at 50-80% zeros, where the bitmap
 kernel issues 1.5-2.1 value slots per non-zero (its warp's largest chunk popcount, on the same masks); on the GPU it
-ran at about the bitmap kernel's speed. Prompts (more than 64 rows) take the plain expand path: the
-layout has no pipelined expand (:func:`cuda_ops.pipelined_candidates`) yet.
+ran at about the bitmap kernel's speed. Prompts (more than 64 rows) take the plain expand path: the layout has no
+pipelined expand (:func:`cuda_ops.pipelined_candidates`) yet.
 """
 
 from __future__ import annotations
