@@ -47,14 +47,15 @@ a decode step over the engine of ``cuda/tc_tile.cuh`` that the bitmap's and the 
 as ``cuda_tcbanded_n<tokens>_s<split>``: per 64-input stage each row's four lanes scatter the entries of the stage's
 window, eight at a time, into the engine's dense shared tile, which ``mma.sync.m16n8k16`` multiplies by 16-64 tokens.
 It reads the stored tensors as they are, for the reason the bitmap's has one: the expand path moves about three times
-the dense bytes (a 70%-unstructured Llama-2-7B decoded at 0.45-0.48x dense at batch 8 on the bitmap's expand path). Its decode is
-not cheaper than the bitmap's by static count: a lane's round (one 8-entry grain loaded, decoded, scattered, its
-quad's ballots) is 95 SASS instructions at sm_90 (about 12 an entry; the bitmap kernel's slot chain 7.3 a slot;
-``python benchmarks/banded.py --sass``), and a grain that straddles two stages is read in both, so in the test's CPU
-emulation (a 128 x 4096 magnitude-pruned random weight, 16 tokens, one slice) the lanes process 1.9-2.5 entries per
-stored non-zero at 50-80% zeros, where the bitmap kernel issues 1.5-2.1 value slots per non-zero (its warp's largest
-chunk popcount, on the same masks); on the GPU it ran at about the bitmap kernel's speed. Prompts (more than 64 rows)
-take the plain expand path: the layout has no pipelined expand (:func:`cuda_ops.pipelined_candidates`) yet.
+the dense bytes (a 70%-unstructured Llama-2-7B decoded at 0.45-0.48x dense at batch 8 on the bitmap's expand path).
+Its decode is not cheaper than the bitmap's by static count: a lane's round (one 8-entry grain loaded, decoded,
+scattered, its quad's ballots) is 95 SASS instructions at sm_90 (about 12 an entry; the bitmap kernel's slot chain 7.3
+a slot; ``python benchmarks/banded.py --sass``), and a grain that straddles two stages is read in both, so in the
+test's CPU emulation (a 128 x 4096 magnitude-pruned random weight, 16 tokens, one slice) the lanes process 1.9-2.5
+entries per stored non-zero at 50-80% zeros, where the bitmap kernel issues 1.5-2.1 value slots per non-zero (its
+warp's largest chunk popcount, on the same masks); on the GPU it ran at about the bitmap kernel's speed. Prompts (more
+than 64 rows) take the plain expand path: the layout has no pipelined expand (:func:`cuda_ops.pipelined_candidates`)
+yet.
 """
 
 from __future__ import annotations
