@@ -91,9 +91,9 @@ def rotating(make, copies: int) -> list:
 
 KERNEL_TOKENS = {"2:4": (1, 2, 4, 8, 16, 32, 64), "bitmap": (1, 2, 8, 16, 32, 64)}
 """Token counts of the kernels part: 2:4's 32 and 64 (batch-32 decode, where its linears fell to 1.34 TB/s) show the
-decode MMA, prompt GEMMs and expand path and, under SECATEURS_UNVERIFIED_KERNELS=1, the wide decode kernel against
-cuBLAS; the bitmap's 2-64 show its expand path and, under the opt-in, its tensor-core kernel (5-64 rows) against cuBLAS
-(issue 29's 2-16-token goal)."""
+decode MMA, prompt GEMMs, expand path and wide decode kernel (its one configuration never near the fastest only under
+SECATEURS_UNVERIFIED_KERNELS=1) against cuBLAS; the bitmap's 2-64 show its expand path and its tensor-core kernel
+(5-64 rows) against cuBLAS (issue 29's 2-16-token goal)."""
 BITMAP_SPARSITIES = (0.5, 0.7)
 
 
