@@ -897,10 +897,11 @@ def test_cuda_candidates_read_nothing_back_from_the_device(monkeypatch):
 def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatch):
     """Today's behaviour without SECATEURS_UNVERIFIED_KERNELS=1, on a Hopper GPU (faked: nothing compiled or
     launched): at every row bucket every format offers only the kernels that matched float64 on an H100 (2:4's GEMV,
-    mma.sp kernel, mma.sp GEMM, expand path and timed wgmma configurations; 4:8's, 8:16's and the bitmap's GEMVs and
-    expand paths; the pipelined expand path; the 4:8 / 8:16 and bitmap tensor-core kernels), never the banded kernels
-    (never timed); and choose_format stores no weight as banded."""
-    from secateurs.kernels import Nm48, Nm816, cuda_ops, wgmma
+    mma.sp kernel, mma.sp GEMM, expand path and timed wgmma and wide decode configurations; 4:8's, 8:16's and the
+    bitmap's GEMVs and expand paths; the pipelined expand path; the 4:8 / 8:16 and bitmap tensor-core kernels and
+    the 4:8 / 8:16 ring depths timed fastest), never the banded kernels (never timed); and choose_format stores no
+    weight as banded."""
+    from secateurs.kernels import Nm48, Nm816, cuda_ops, nm, wgmma
     from secateurs.kernels.banded import Banded
 
     monkeypatch.delenv(cuda_ops.UNVERIFIED_ENV, raising=False)
@@ -911,6 +912,8 @@ def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatc
     measured = ("cuda_gemv24_", "cuda_mma24_", "cuda_gemm24_", "cuda_gemv48_", "cuda_gemv816_", "cuda_tc48_",
                 "cuda_tc816_", "cuda_gemv_bitmap_", "cuda_tcbitmap_", "expand_cublas", "expand_pipelined_")
     cleared_wgmma = re.compile(rf"cuda_wgmma24_({'|'.join(sorted(wgmma.CLEARED))})(_k\d+)?")  # whole or split K
+    cleared_ring = re.compile("|".join(rf"cuda_tcr(48|816)_n{t}_d{d}_s\d+" for t, d in sorted(nm.TC_RING_CLEARED)))
+    cleared_wide = re.compile(rf"cuda_wide24_({'|'.join(sorted(cuda_ops.WIDE_CLEARED))})_s\d+")  # its split-K choices
     base = torch.randn(256, 512, generator=torch.Generator().manual_seed(31))
     weights = [(Sparse24, nm_mask(base.abs(), 2, 4)), (Nm48, nm_mask(base.abs(), 4, 8)),
                (Nm816, nm_mask(base.abs(), 8, 16)), (Bitmap, unstructured_mask(base.abs(), 0.7)),
@@ -921,7 +924,9 @@ def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatc
             fmt = cls.compress(w)
             for m in (1, 2, 4, 8, 32, 512, 8192):
                 for name in fmt.cuda_candidates(m):
-                    assert name.startswith(measured) or cleared_wgmma.fullmatch(name), (cls.kind, m, name)
+                    cleared = name.startswith(measured) or any(
+                        r.fullmatch(name) for r in (cleared_wgmma, cleared_ring, cleared_wide))
+                    assert cleared, (cls.kind, m, name)
                     assert cls is not Banded, (cls.kind, m, name)
             assert choose_format(w, 0.5)[0] in (Sparse24, Nm48, Nm816, Bitmap)
     finally:

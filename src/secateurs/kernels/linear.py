@@ -5,13 +5,14 @@ For each (format, shape, power-of-two row bucket, dtype, device, and what else d
 format's ``plan_variant`` and the opt-in below; :meth:`SparseLinear.plan_key`) the first call times every path
 that can compute the product and caches the fastest correct one:
 
-- ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV, ``mma.sp`` decode kernel,
-  tiled ``mma.sp`` prompt GEMM and the Hopper ``wgmma.sp`` one, 4:8, 8:16, bitmap and banded GEMVs, the tensor-core
-  kernels for 4:8, 8:16 and the bitmap, every format's expand path, plain and pipelined; what is not cleared on a GPU,
-  today the banded layout and the wgmma configurations never the fastest, only under
-  ``SECATEURS_UNVERIFIED_KERNELS=1``), when ``cuda_ops.status()``
-  says they can run here; all read the stored tensors, and the expand path's dense scratch is one buffer per device
-  and dtype shared by every layer (:func:`shared_bytes`), not a copy per layer;
+- ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV, ``mma.sp`` decode kernel and its
+  wide form for 17-64 rows, tiled ``mma.sp`` prompt GEMM and the Hopper ``wgmma.sp`` one, 4:8, 8:16, bitmap and banded
+  GEMVs, the tensor-core kernels for 4:8 and 8:16 (each also in a ring form) and the bitmap, every format's expand
+  path, plain and pipelined; what is not cleared on a GPU, today the banded layout, the wgmma configurations never the
+  fastest, the wide decode configuration never within 3% of the fastest and the 4:8 / 8:16 ring depth never the
+  fastest, only under ``SECATEURS_UNVERIFIED_KERNELS=1``), when
+  ``cuda_ops.status()`` says they can run here; all read the stored tensors, and the expand path's dense scratch
+  is one buffer per device and dtype shared by every layer (:func:`shared_bytes`), not a copy per layer;
 - ``triton``: our Triton kernels, one entry per launch configuration;
 - ``cusparselt``: cuSPARSELt through ``torch.sparse.to_sparse_semi_structured`` (2:4 only; a copy, so only
   under the ``sparse`` or ``dense`` copy policy); its packed copy is built once per weight, and the call
