@@ -66,9 +66,12 @@ def test_bitmap_round_trip_is_exact(sparsity):
     assert torch.equal(fmt.offsets.flatten().long(), counts.cumsum(0) - counts)
 
 
-def test_choose_format_prefers_24_then_bitmap_then_dense():
+def test_choose_format_prefers_24_then_banded_then_bitmap_then_dense():
+    from secateurs.kernels.banded import Banded
+
     assert choose_format(_w24(8, 128), 0.5)[0] is Sparse24
-    assert choose_format(_wu(8, 128, 0.7), 0.5)[0] is Bitmap
+    assert choose_format(_wu(8, 128, 0.7), 0.5)[0] is Banded  # 50-90% zeros
+    assert choose_format(_wu(8, 128, 0.4), 0.3)[0] is Bitmap  # outside the banded layout's bands
     fmt, why = choose_format(_wu(8, 128, 0.3), 0.5)
     assert fmt is None and "0.30" in why
 
@@ -104,11 +107,11 @@ def test_sparsify_without_sparse_layers_says_to_prune_first():
 def test_mixed_model_keeps_too_dense_layers_dense():
     loaded = tiny_model("llama")
     linears = loaded.spec.named_linears(loaded.model)
-    target = "model.layers.1.mlp.down_proj"  # 128 inputs: one bitmap segment
+    target = "model.layers.1.mlp.down_proj"
     w = weight_matrix(linears[target])
     w.mul_(unstructured_mask(w.abs(), 0.7))
     report = sparsify(loaded.model, loaded.spec)
-    assert list(report.swapped) == [target] and report.swapped[target]["kind"] == "bitmap"
+    assert list(report.swapped) == [target] and report.swapped[target]["kind"] == "banded"
     assert len(report.kept_dense) == len(linears) - 1
 
 
@@ -526,7 +529,7 @@ def test_unstructured_sparse_export_reloads_with_the_same_logits(tmp_path):
     ids = random_ids(2, 9)
     expected = loaded.model(ids).logits
     stage = export_sparse(loaded)
-    assert "bitmap" in {info["kind"] for info in stage.layers.values()}
+    assert {info["kind"] for info in stage.layers.values()} == {"banded"}  # every width here is a multiple of 8
     reloaded = load_model(str(save(loaded, tmp_path / "u70", stages=[stage])))
     assert set(sparse_layers(reloaded.model)) == set(stage.layers)
     torch.testing.assert_close(reloaded.model(ids).logits, expected)
@@ -899,8 +902,8 @@ def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatc
     launched): at every row bucket every format offers only the kernels that matched float64 on an H100 (2:4's GEMV,
     mma.sp kernel, mma.sp GEMM, expand path and timed wgmma and wide decode configurations; 4:8's, 8:16's and the
     bitmap's GEMVs and expand paths; the pipelined expand path; the 4:8 / 8:16 and bitmap tensor-core kernels and
-    the 4:8 / 8:16 ring depths timed fastest), never the banded kernels (never timed); and choose_format stores no
-    weight as banded."""
+    the 4:8 / 8:16 ring depths timed fastest; the banded GEMV and tensor-core kernel); and choose_format stores a
+    70% unstructured weight as banded."""
     from secateurs.kernels import Nm48, Nm816, cuda_ops, nm, wgmma
     from secateurs.kernels.banded import Banded
 
@@ -910,7 +913,8 @@ def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatc
     monkeypatch.setattr(wgmma, "capability", lambda device: (9, 0))
     monkeypatch.setattr(wgmma, "sm_count", lambda device: 132)
     measured = ("cuda_gemv24_", "cuda_mma24_", "cuda_gemm24_", "cuda_gemv48_", "cuda_gemv816_", "cuda_tc48_",
-                "cuda_tc816_", "cuda_gemv_bitmap_", "cuda_tcbitmap_", "expand_cublas", "expand_pipelined_")
+                "cuda_tc816_", "cuda_gemv_bitmap_", "cuda_tcbitmap_", "cuda_gemvbd_", "cuda_tcbanded_", "expand_cublas",
+                "expand_pipelined_")
     cleared_wgmma = re.compile(rf"cuda_wgmma24_({'|'.join(sorted(wgmma.CLEARED))})(_k\d+)?")  # whole or split K
     cleared_ring = re.compile("|".join(rf"cuda_tcr(48|816)_n{t}_d{d}_s\d+" for t, d in sorted(nm.TC_RING_CLEARED)))
     cleared_wide = re.compile(rf"cuda_wide24_({'|'.join(sorted(cuda_ops.WIDE_CLEARED))})_s\d+")  # its split-K choices
@@ -927,8 +931,8 @@ def test_without_the_opt_in_only_kernels_cleared_on_a_gpu_are_offered(monkeypatc
                     cleared = name.startswith(measured) or any(
                         r.fullmatch(name) for r in (cleared_wgmma, cleared_ring, cleared_wide))
                     assert cleared, (cls.kind, m, name)
-                    assert cls is not Banded, (cls.kind, m, name)
-            assert choose_format(w, 0.5)[0] in (Sparse24, Nm48, Nm816, Bitmap)
+            assert choose_format(w, 0.5)[0] in (Sparse24, Nm48, Nm816, Banded)
+        assert Banded.compress((base * unstructured_mask(base.abs(), 0.7)).half()).cuda_candidates(1)
     finally:
         cuda_ops.unverified_offered.cache_clear()
 

@@ -7,8 +7,8 @@ that can compute the product and caches the fastest correct one:
 
 - ``cuda:<name>``: the CUDA kernels compiled at run time (``cuda_ops``; 2:4 GEMV, ``mma.sp`` decode kernel and its
   wide form for 17-64 rows, tiled ``mma.sp`` prompt GEMM and the Hopper ``wgmma.sp`` one, 4:8, 8:16, bitmap and banded
-  GEMVs, the tensor-core kernels for 4:8 and 8:16 (each also in a ring form) and the bitmap, every format's expand
-  path, plain and pipelined; what is not cleared on a GPU, today the banded layout, the wgmma configurations never the
+  GEMVs, the tensor-core kernels for 4:8 and 8:16 (each also in a ring form), the bitmap and the banded layout, every
+  format's expand path, plain and pipelined; what is not cleared on a GPU, today the wgmma configurations never the
   fastest, the wide decode configuration never within 3% of the fastest and the 4:8 / 8:16 ring depth never the
   fastest, only under ``SECATEURS_UNVERIFIED_KERNELS=1``), when
   ``cuda_ops.status()`` says they can run here; all read the stored tensors, and the expand path's dense scratch
