@@ -133,7 +133,7 @@ class BenchRequest(StageConfig):
 
     model: str = option(help="The (pruned) model: HF folder, sparse export, hub id, .gguf, or smollm2-135m.", argument=True)
     baseline: str | None = option(None, "Dense model to compare against, measured in the same run.")
-    sparse: bool = option(True, "Also run MODEL with its pruned linears swapped for sparse kernels (2:4 / 4:8 / 8:16 / bitmap).")
+    sparse: bool = option(True, "Also run MODEL with its pruned linears swapped for sparse kernels (2:4 / 4:8 / 8:16 / banded / bitmap).")
     min_sparsity: float = option(0.5, "Unstructured linears below this sparsity stay dense.")
     evaluation: Evaluation = group(
         Evaluation, exclude=("datasets", "seq_len", "limit_windows", "data_dir", "batch_size", "before")
