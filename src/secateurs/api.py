@@ -244,9 +244,9 @@ def save(
 
 
 def export_sparse(loaded: LoadedModel, min_sparsity: float = 0.5) -> ExportStage:
-    """Swap the pruned linears for SparseLinear (2:4 or bitmap) in place; returns the stage to record,
-    so that ``save`` writes the compressed-tensors layout (``sparse-24-bitmask`` / ``sparse-bitmask``,
-    kernels/compressed.py) and ``load_model`` brings it back onto the kernels."""
+    """Swap the pruned linears for SparseLinear (2:4, 4:8, 8:16, banded or bitmap: ``choose_format``) in place;
+    returns the stage to record, so that ``save`` writes the compressed-tensors layout (``sparse-24-bitmask`` /
+    ``sparse-bitmask``, kernels/compressed.py) and ``load_model`` brings it back onto the kernels."""
     from .kernels import export_compressed
 
     return export_compressed(loaded.model, loaded.spec, min_sparsity)
