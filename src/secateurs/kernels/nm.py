@@ -3,7 +3,7 @@ weights in every run of M inputs, stored as N values per group in column order (
 a kept value may be zero) and their positions in position tables of the format's own layout.
 
 Everything but that layout lives here: which weights fit (``fits``: groups of M with at most N non-zeros, a
-width of whole 16-input chunks, the sparsity ceiling past which the bitmap is smaller; ``supports`` adds that a
+width of whole 16-input chunks, the sparsity ceiling past which the unstructured layouts are smaller; ``supports`` adds that a
 format whose GEMV never ran on a GPU is stored only under the opt-in), building from a weight
 or a keep-mask, the mask and the exact expansion, and the CUDA candidates (the format's GEMV for 1-4 rows at
 the rows-per-warp and split-K choices, the expand path into the shared scratch from row bucket 8). A format
@@ -20,8 +20,8 @@ kernel's) into a swizzled shared-memory dense tile, and multiplies it by the act
 ``cuda_tc816_...``) are offered beside the expand path at row buckets 8-64: on one H100 (2026-12-06,
 ``gpu_kernel_check.py --part cuda --formats 4:8,8:16 --only cuda_tc``) every one matched float64 in 468 checks (fp16
 and bf16, 10 shapes, m = 1-8192; worst 1.9e-3, bf16 rounding), also under ``torch.compile`` in a CUDA graph, so
-none faults; its speed is left to the dispatcher's timing (not yet measured on its own: the expand path it competes
-with made 4:8 decode at batch 8 0.48x dense end to end, benchmarks/sections/sparse_kernels.md). Its ring form
+none faults; timed there on its own (``sparse48.py --part tc``, the three Llama-2-7B shapes at 8-64 tokens) at
+0.60-0.88x cuBLAS, it took 4:8 decode at batch 8 from 0.48x dense end to end (the expand path) to 0.80x. Its ring form
 (``cuda_tcr48_n<tokens>_d<depth>_s<split>``, ``cuda_tcr816_...``: tc_tile.cuh's ``tc_gemm_ring``, stages of stored
 bytes loaded ``depth - 1`` stages ahead of their decode) matched float64 on one H100 (2026-12-06,
 ``gpu_kernel_check.py --part cuda --formats 4:8,8:16 --only tcr48,tcr816``: 832 checks, fp16 and bf16, 10 shapes,
@@ -75,7 +75,8 @@ TC_BLOCKS = 264  # blocks that keep an H100's 132 SMs busy twice over: the split
 MAX_SPARSITY = 0.625
 """An N:M format is kept for its GEMV although the bitmap's bytes are a little fewer already at 50% zeros (fp16
 bytes per weight: bitmap 1.16, 4:8 1.19, 8:16 1.25); past 3:8's fraction of zeros the gap is wide (the bitmap
-0.91 at 62.5%, and falling), so a very sparse weight that happens to fit an N:M format goes to the bitmap."""
+0.91 at 62.5%, and falling; the banded layout 0.80 at 70%), so a very sparse weight that happens to fit an N:M format
+goes to the banded layout (or, outside its 50-90% zeros, the bitmap)."""
 
 
 class NmFormat(SparseFormat):
@@ -106,8 +107,8 @@ class NmFormat(SparseFormat):
     @classmethod
     def unavailable(cls) -> str | None:
         """A format whose GEMV was never run on a GPU stores weights only under the opt-in: without it the
-        reference would run at every token count (no other path reads it), far slower than the bitmap that holds
-        them otherwise."""
+        reference would run at every token count (no other path reads it), far slower than the banded layout or
+        the bitmap that holds them otherwise."""
         if cls.gemv_verified or cuda_ops.unverified_offered():
             return None
         return (f"the {cls.kind} kernels are not yet verified on a GPU ({cuda_ops.UNVERIFIED_ENV}=1 stores "
@@ -123,7 +124,7 @@ class NmFormat(SparseFormat):
         if bool((nonzero > cls.kept).any()):
             return f"some group of {cls.group} inputs has more than {cls.kept} non-zeros"
         if 1.0 - float(nonzero.sum()) / weight.numel() > MAX_SPARSITY:
-            return f"more than {MAX_SPARSITY:.1%} zeros: the bitmap stores it in fewer bytes"
+            return f"more than {MAX_SPARSITY:.1%} zeros: the banded layout or the bitmap stores it in fewer bytes"
         return None
 
     @classmethod

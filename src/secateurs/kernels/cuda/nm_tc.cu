@@ -12,7 +12,7 @@
 // and its positions (the format's F::load), decoded by F::expand into the chunk's 16 dense halves and written as the
 // two 16-byte chunks of its tile row.
 //
-// The ring entry points (tcr48_*, tcr816_*; opt-in, never run on a GPU) run the same units through tc_tile.cuh's
+// The ring entry points (tcr48_*, tcr816_*; checked on an H100; depth 4 opt-in) run the units through tc_tile.cuh's
 // tc_gemm_ring: D stages of units in registers, each stage's loads issued D - 1 stages before its decode. Why: on an
 // H100 the 4:8 block linears of a batch-8 decode read 1.22 TB/s with tc_gemm; in its sm_90 SASS at 16 tokens each
 // stored-byte load is first read 34-131 instructions after it is issued (the stage's 8 MMAs between), and one stage
@@ -116,7 +116,7 @@ struct TcNm {
                            int K, int S) {                                                                   \
         tc_gemm<TcNm<Tc816>, BF, TN>(x, vals, {pos}, y, work, M, N, K, S);                                   \
     }
-// ring entry points (opt-in): tcr48_<dtype>_n<tokens>_d<stages>, tcr816_..., tc_gemm_ring's D stages in registers
+// ring entry points: tcr48_<dtype>_n<tokens>_d<stages>, tcr816_..., tc_gemm_ring's D stages in registers
 #define TCR48(DT, BF, TN, D)                                                                                 \
     extern "C" __global__ void __launch_bounds__(TC_THREADS)                                                 \
         tcr48_##DT##_n##TN##_d##D(const u16* x, const u16* vals, const u8* meta, const u8* high, u16* y,       \

@@ -220,7 +220,7 @@ __device__ __forceinline__ void tc_gemm(const u16* __restrict__ x, const u16* __
     tc_store_y<BF16, NT>(acc, y, work, row0, warp, g, t, tok0, M, N, S, s);
 }
 
-// ---- the ring engine (opt-in, never run on a GPU): tc_gemm's tiles, fragments, split-K and stores, with D
+// ---- the ring engine (matched float64 on an H100): tc_gemm's tiles, fragments, split-K and stores, with D
 // stages of units in registers. tc_gemm issues stage kb + 1's loads after stage kb's barrier and decodes them right
 // after stage kb's MMAs (8-32 a warp at 16-64 tokens): in its sm_90 SASS each load is first read 34-218 instructions
 // after it is issued, one stage (64 rows x 64 inputs: 4,864 stored 4:8 bytes) is in flight per block, and a K-slice
