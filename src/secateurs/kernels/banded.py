@@ -34,8 +34,9 @@ and the bitmap's GEMV on every shape and band at 1 token (70% zeros: 1.86-2.49x 
 path at about 0.4x; at 8-32 tokens its tensor-core kernel runs at about 0.96x the bitmap's, at 64 tokens 0.94-1.12x
 of it. A Llama-2-7B-shaped model decoded at 1.81x the torch.compile'd dense model at batch 1 at 70% zeros (the
 bitmap: 1.35x) and 0.70x at batch 8 (the bitmap 0.48x), at 50% 1.26x and 0.53x (the bitmap 1.08x and 0.45x). The
-price is bytes at the low band (1.30 fp16 bytes per weight at 50% zeros against the bitmap's 1.16); no option stores
-such a weight as the bitmap instead.
+price is bytes at the low band (1.30 fp16 bytes per weight at 50% zeros against the bitmap's 1.16), and at 50% zeros
+up to 23% per linear at 8-32 tokens: ``SECATEURS_UNSTRUCTURED_LAYOUT=bitmap`` (:data:`LAYOUT_ENV`) stores every
+unstructured weight as the bitmap instead, for whoever serves batches or counts bytes first.
 
 Kernels (every one matched float64 on an H100: ``python benchmarks/gpu_kernel_check.py --part cuda --formats banded``,
 the tensor-core kernel's 936 checks with ``--only tcbanded``): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant)
@@ -65,6 +66,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import os
+from functools import cache
+
 import torch
 
 from ..errors import UsageError
@@ -72,6 +76,9 @@ from . import cuda_ops
 from .formats import SparseFormat
 from .nm import TC_ROWS, TC_TOKENS, TC_WARPS, tc_built, tc_splits
 
+LAYOUT_ENV = "SECATEURS_UNSTRUCTURED_LAYOUT"
+LAYOUTS = ("banded", "bitmap")
+"""Where ``choose_format`` stores an unstructured weight of 50-90% zeros: ``banded`` (the default) or ``bitmap``."""
 SEG = 2048  # inputs per segment: pieces never cross one (the kernels stage x by whole segments)
 MAX_DELTA = 15
 GROUP = 8  # pieces per 16-byte-chunk interleave group (8 x 16 bytes = one 128-byte line)
@@ -111,6 +118,15 @@ def _sparsity(weight: torch.Tensor) -> float:
     return 1.0 - float((weight != 0).sum()) / max(weight.numel(), 1)
 
 
+@cache
+def layout() -> str:
+    """The unstructured layout asked for (:data:`LAYOUT_ENV`), read once: every weight of a model gets the same."""
+    chosen = os.environ.get(LAYOUT_ENV, LAYOUTS[0])
+    if chosen not in LAYOUTS:
+        raise UsageError(f"{LAYOUT_ENV}={chosen!r} is not a layout: set it to {' or '.join(LAYOUTS)}")
+    return chosen
+
+
 @dataclass
 class Banded(SparseFormat):
     """An unstructured weight as pieces of ``P`` (value, 4-bit delta) entries per row segment."""
@@ -123,6 +139,12 @@ class Banded(SparseFormat):
 
     kind = "banded"
     parts = ("values", "deltas", "starts", "offsets")
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Not where the user asked for the bitmap (:data:`LAYOUT_ENV`): the choice is the user's, since the banded
+        layout trades bytes at the low band and batch speed for the 1-token GEMV."""
+        return f"{LAYOUT_ENV}=bitmap asks for the bitmap" if layout() == "bitmap" else None
 
     @staticmethod
     def fits(weight: torch.Tensor) -> str | None:

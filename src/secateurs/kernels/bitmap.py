@@ -38,7 +38,7 @@ import torch
 
 from ..errors import UsageError
 from . import cuda_ops
-from .banded import BANDS, band_of
+from .banded import BANDS, LAYOUT_ENV, band_of, layout
 from .formats import SparseFormat
 from .nm import TC_ROWS, TC_TOKENS, TC_WARPS, tc_built, tc_splits
 from .triton_ops import HAVE_TRITON, Config, KBlocks, launch, store_row, store_tile, tl, triton
@@ -159,7 +159,10 @@ class Bitmap(SparseFormat):
     @classmethod
     def why(cls, sparsity: float) -> str:
         """Why the bitmap and not the banded layout, which ``choose_format`` tries first: outside its bands, or a weight
-        its ``fits`` refuses (an input width of 65536 or more, or too many non-zeros for its 32-bit offsets)."""
+        its ``fits`` refuses (an input width of 65536 or more, or too many non-zeros for its 32-bit offsets), or the
+        user's choice (``SECATEURS_UNSTRUCTURED_LAYOUT=bitmap``)."""
+        if layout() == "bitmap":
+            return f"unstructured {sparsity:.2f}, the bitmap asked for by {LAYOUT_ENV}=bitmap"
         if band_of(sparsity) is None:
             bands = f"{BANDS[0].low * 100:.0f}-{BANDS[-1].high:.0%}"
             return f"unstructured {sparsity:.2f}, outside the banded layout's {bands} zeros"
