@@ -34,9 +34,10 @@ and the bitmap's GEMV on every shape and band at 1 token (70% zeros: 1.86-2.49x 
 path at about 0.4x; at 8-32 tokens its tensor-core kernel runs at 0.77-1.02x the bitmap's (0.77-0.83x at 50%), at
 64 tokens 0.94-1.29x of it. A Llama-2-7B-shaped model decoded at 1.81x the torch.compile'd dense model at batch 1
 at 70% zeros (the bitmap: 1.35x) and 0.70x at batch 8 (the bitmap 0.48x), at 50% 1.26x and 0.53x (the bitmap
-1.08x and 0.45x). The price is bytes at the low band (1.30 fp16 bytes per weight at 50% zeros against the bitmap's 1.16), and at 50% zeros
-up to 23% per linear at 8-32 tokens: ``SECATEURS_UNSTRUCTURED_LAYOUT=bitmap`` (:data:`LAYOUT_ENV`) stores every
-unstructured weight as the bitmap instead, for whoever serves batches or counts bytes first.
+1.08x and 0.45x). The price is bytes at the low band (1.30 fp16 bytes per weight at 50% zeros against the
+bitmap's 1.16), and at 50% zeros up to 23% per linear at 8-32 tokens: ``SECATEURS_UNSTRUCTURED_LAYOUT=bitmap``
+(:data:`LAYOUT_ENV`) stores every unstructured weight as the bitmap instead, for whoever serves batches or counts
+bytes first.
 
 Kernels (every one matched float64 on an H100: ``python benchmarks/gpu_kernel_check.py --part cuda --formats banded``,
 the tensor-core kernel's 936 checks with ``--only tcbanded``): a GEMV for 1, 2 and 4 tokens (m = 3 runs the 4 variant)
